@@ -1,0 +1,98 @@
+// Package datapath is the kernel side of weft: the bridge of each network, one veth pair
+// per container attachment, and (in subpackages) one driver per link mode between hosts.
+// Every operation is idempotent: called again, it converges to the same state and treats
+// "already exists" as success when what exists is right.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+
+	"github.com/vishvananda/netlink"
+)
+
+// Sentinel errors.
+var (
+	ErrIncompatibleLink = errors.New("link exists with an incompatible type")
+	ErrIfNameExists     = errors.New("interface name already exists in the container")
+	ErrNotNetNS         = errors.New("not a network namespace")
+	ErrCheckFailed      = errors.New("attachment check failed")
+)
+
+// BridgeConfig is the desired state of one network's bridge on this host.
+type BridgeConfig struct {
+	Name string
+	// Gateway is the gateway address with the network's prefix length, e.g. 10.40.0.1/16.
+	Gateway netip.Prefix
+	MTU     int
+}
+
+// EnsureBridge converges the bridge to cfg: present, up, holding the gateway address, with
+// the MTU. It also turns on IPv4 forwarding, which the host needs to route for containers.
+// A link of that name that is not a bridge is an error, never silently replaced.
+func EnsureBridge(cfg BridgeConfig) (*netlink.Bridge, error) {
+	link, err := netlink.LinkByName(cfg.Name)
+	var notFound netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &notFound):
+		br := &netlink.Bridge{LinkAttrs: netlink.NewLinkAttrs()}
+		br.Name = cfg.Name
+		br.MTU = cfg.MTU
+		if err := netlink.LinkAdd(br); err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("create bridge %s: %w", cfg.Name, err)
+		}
+		if link, err = netlink.LinkByName(cfg.Name); err != nil {
+			return nil, fmt.Errorf("look up bridge %s: %w", cfg.Name, err)
+		}
+	case err != nil:
+		return nil, fmt.Errorf("look up bridge %s: %w", cfg.Name, err)
+	}
+	br, ok := link.(*netlink.Bridge)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s is a %s, want a bridge", ErrIncompatibleLink, cfg.Name, link.Type())
+	}
+	if cfg.MTU > 0 && br.MTU != cfg.MTU {
+		if err := netlink.LinkSetMTU(br, cfg.MTU); err != nil {
+			return nil, fmt.Errorf("set MTU %d on %s: %w", cfg.MTU, cfg.Name, err)
+		}
+	}
+	if err := netlink.AddrReplace(br, &netlink.Addr{IPNet: prefixToIPNet(cfg.Gateway)}); err != nil {
+		return nil, fmt.Errorf("set gateway %s on %s: %w", cfg.Gateway, cfg.Name, err)
+	}
+	if err := netlink.LinkSetUp(br); err != nil {
+		return nil, fmt.Errorf("bring up %s: %w", cfg.Name, err)
+	}
+	if err := writeSysctl("net/ipv4/ip_forward", "1"); err != nil {
+		return nil, err
+	}
+	return br, nil
+}
+
+// DeleteLink removes a link by name; a link that is already gone is success.
+func DeleteLink(name string) error {
+	link, err := netlink.LinkByName(name)
+	var notFound netlink.LinkNotFoundError
+	if errors.As(err, &notFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look up %s: %w", name, err)
+	}
+	if err := netlink.LinkDel(link); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
+func writeSysctl(key, value string) error {
+	path := "/proc/sys/" + key
+	if cur, err := os.ReadFile(path); err == nil && string(cur) == value+"\n" {
+		return nil
+	}
+	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
+		return fmt.Errorf("set sysctl %s=%s: %w", key, value, err)
+	}
+	return nil
+}

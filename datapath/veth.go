@@ -1,0 +1,271 @@
+package datapath
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Attachment is the desired state of one container interface.
+type Attachment struct {
+	NetNS      string // path of the container's network namespace
+	IfName     string // interface name inside the container
+	HostIfName string // host end of the veth pair (see HostIfName)
+	Bridge     string
+	Address    netip.Prefix // container address with the network's prefix length
+	Gateway    netip.Addr
+	MTU        int
+}
+
+// AttachResult describes what Attach set up.
+type AttachResult struct {
+	HostMAC      string
+	ContainerMAC string
+	BridgeMAC    string
+}
+
+// HostIfName derives the host end's name from the attachment's key, so DEL can find it
+// without the container's namespace (which may be gone by then). 4 + 11 hex fits IFNAMSIZ.
+func HostIfName(containerID, ifName string) string {
+	sum := sha256.Sum256([]byte(containerID + "/" + ifName))
+	return "weft" + hex.EncodeToString(sum[:])[:11]
+}
+
+// openNetNS opens path and checks it is a network namespace.
+func openNetNS(path string) (netns.NsHandle, error) {
+	nsh, err := ns.GetNS(path)
+	if err != nil {
+		var notNS ns.NSPathNotNSErr
+		var notExist ns.NSPathNotExistErr
+		if errors.As(err, &notNS) || errors.As(err, &notExist) {
+			return 0, fmt.Errorf("%w: %s: %v", ErrNotNetNS, path, err)
+		}
+		return 0, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	// ns.GetNS gives an *os.File-backed handle; keep our own dup so its lifetime is ours.
+	fd, err := unix.Dup(int(nsh.Fd()))
+	nsh.Close()
+	if err != nil {
+		return 0, fmt.Errorf("dup netns fd %s: %w", path, err)
+	}
+	return netns.NsHandle(fd), nil
+}
+
+// Attach converges one container interface: a veth pair whose host end is on the bridge
+// (hairpin on, up) and whose container end is named IfName, up, with the address, MTU and a
+// default route via the gateway. If IfName already exists in the container and is not the
+// peer of our host end, it fails with ErrIfNameExists and touches nothing.
+func Attach(a Attachment) (AttachResult, error) {
+	nsh, err := openNetNS(a.NetNS)
+	if err != nil {
+		return AttachResult{}, err
+	}
+	defer nsh.Close()
+	cnh, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return AttachResult{}, fmt.Errorf("netlink handle in %s: %w", a.NetNS, err)
+	}
+	defer cnh.Close()
+
+	br, err := netlink.LinkByName(a.Bridge)
+	if err != nil {
+		return AttachResult{}, fmt.Errorf("look up bridge %s: %w", a.Bridge, err)
+	}
+
+	host, cont, err := ensureVethPair(a, nsh, cnh)
+	if err != nil {
+		return AttachResult{}, err
+	}
+	if host.Attrs().MasterIndex != br.Attrs().Index {
+		if err := netlink.LinkSetMaster(host, br); err != nil {
+			return AttachResult{}, fmt.Errorf("put %s on %s: %w", a.HostIfName, a.Bridge, err)
+		}
+	}
+	// Hairpin lets a container reach itself through a service address that is NATed back.
+	if err := netlink.LinkSetHairpin(host, true); err != nil {
+		return AttachResult{}, fmt.Errorf("hairpin on %s: %w", a.HostIfName, err)
+	}
+	if err := netlink.LinkSetUp(host); err != nil {
+		return AttachResult{}, fmt.Errorf("bring up %s: %w", a.HostIfName, err)
+	}
+	if err := cnh.LinkSetUp(cont); err != nil {
+		return AttachResult{}, fmt.Errorf("bring up %s in %s: %w", a.IfName, a.NetNS, err)
+	}
+	if err := cnh.AddrReplace(cont, &netlink.Addr{IPNet: prefixToIPNet(a.Address)}); err != nil {
+		return AttachResult{}, fmt.Errorf("address %s on %s: %w", a.Address, a.IfName, err)
+	}
+	defRoute := &netlink.Route{
+		LinkIndex: cont.Attrs().Index,
+		Dst:       &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)},
+		Gw:        a.Gateway.AsSlice(),
+	}
+	if err := cnh.RouteReplace(defRoute); err != nil {
+		return AttachResult{}, fmt.Errorf("default route via %s in %s: %w", a.Gateway, a.NetNS, err)
+	}
+	return AttachResult{
+		HostMAC:      host.Attrs().HardwareAddr.String(),
+		ContainerMAC: cont.Attrs().HardwareAddr.String(),
+		BridgeMAC:    br.Attrs().HardwareAddr.String(),
+	}, nil
+}
+
+// ensureVethPair returns our veth pair, creating it when missing and keeping it when it is
+// already there and right.
+func ensureVethPair(a Attachment, nsh netns.NsHandle, cnh *netlink.Handle) (host, cont netlink.Link, err error) {
+	host, hostErr := netlink.LinkByName(a.HostIfName)
+	cont, contErr := cnh.LinkByName(a.IfName)
+	var notFound netlink.LinkNotFoundError
+	if hostErr != nil && !errors.As(hostErr, &notFound) {
+		return nil, nil, fmt.Errorf("look up %s: %w", a.HostIfName, hostErr)
+	}
+	if contErr != nil && !errors.As(contErr, &notFound) {
+		return nil, nil, fmt.Errorf("look up %s in %s: %w", a.IfName, a.NetNS, contErr)
+	}
+	if contErr == nil {
+		// Something named IfName is in the container: ours only if it is our host end's peer.
+		if hostErr == nil && isPeerOf(cont, host) {
+			if cont.Attrs().MTU != a.MTU && a.MTU > 0 {
+				if err := cnh.LinkSetMTU(cont, a.MTU); err != nil {
+					return nil, nil, fmt.Errorf("set MTU on %s: %w", a.IfName, err)
+				}
+				if err := netlink.LinkSetMTU(host, a.MTU); err != nil {
+					return nil, nil, fmt.Errorf("set MTU on %s: %w", a.HostIfName, err)
+				}
+			}
+			return host, cont, nil
+		}
+		return nil, nil, fmt.Errorf("%w: %s in %s", ErrIfNameExists, a.IfName, a.NetNS)
+	}
+	if hostErr == nil {
+		// A host end without its container end is left over from an interrupted attach
+		// whose namespace went away: replace it.
+		if err := netlink.LinkDel(host); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, nil, fmt.Errorf("delete stale %s: %w", a.HostIfName, err)
+		}
+	}
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: a.HostIfName, MTU: a.MTU},
+		PeerName:      a.IfName,
+		PeerNamespace: netlink.NsFd(int(nsh)),
+	}
+	if err := netlink.LinkAdd(veth); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return nil, nil, fmt.Errorf("%w: %s in %s (created concurrently)", ErrIfNameExists, a.IfName, a.NetNS)
+		}
+		return nil, nil, fmt.Errorf("create veth %s/%s: %w", a.HostIfName, a.IfName, err)
+	}
+	if host, err = netlink.LinkByName(a.HostIfName); err != nil {
+		return nil, nil, fmt.Errorf("look up new %s: %w", a.HostIfName, err)
+	}
+	if cont, err = cnh.LinkByName(a.IfName); err != nil {
+		return nil, nil, fmt.Errorf("look up new %s in %s: %w", a.IfName, a.NetNS, err)
+	}
+	return host, cont, nil
+}
+
+// isPeerOf says whether cont is the other end of the veth host. A veth's ParentIndex is its
+// peer's ifindex (in the peer's namespace).
+func isPeerOf(cont, host netlink.Link) bool {
+	if _, ok := cont.(*netlink.Veth); !ok {
+		return false
+	}
+	return cont.Attrs().ParentIndex == host.Attrs().Index && host.Attrs().ParentIndex == cont.Attrs().Index
+}
+
+// Detach removes the attachment's veth pair by its host end; deleting one end deletes both.
+// Already gone is success.
+func Detach(hostIfName string) error {
+	return DeleteLink(hostIfName)
+}
+
+// Check verifies that the attachment is in place: the container interface exists, is our
+// veth peer, is up, holds the address and has the default route; the host end is on the
+// bridge. The error names the first thing missing.
+func Check(a Attachment) error {
+	nsh, err := openNetNS(a.NetNS)
+	if err != nil {
+		return err
+	}
+	defer nsh.Close()
+	cnh, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return fmt.Errorf("netlink handle in %s: %w", a.NetNS, err)
+	}
+	defer cnh.Close()
+
+	cont, err := cnh.LinkByName(a.IfName)
+	if err != nil {
+		return fmt.Errorf("%w: interface %s missing in %s", ErrCheckFailed, a.IfName, a.NetNS)
+	}
+	host, err := netlink.LinkByName(a.HostIfName)
+	if err != nil {
+		return fmt.Errorf("%w: host interface %s missing", ErrCheckFailed, a.HostIfName)
+	}
+	if !isPeerOf(cont, host) {
+		return fmt.Errorf("%w: %s in %s is not the peer of %s", ErrCheckFailed, a.IfName, a.NetNS, a.HostIfName)
+	}
+	br, err := netlink.LinkByName(a.Bridge)
+	if err != nil || host.Attrs().MasterIndex != br.Attrs().Index {
+		return fmt.Errorf("%w: %s is not on bridge %s", ErrCheckFailed, a.HostIfName, a.Bridge)
+	}
+	if cont.Attrs().Flags&net.FlagUp == 0 {
+		return fmt.Errorf("%w: %s in %s is down", ErrCheckFailed, a.IfName, a.NetNS)
+	}
+	addrs, err := cnh.AddrList(cont, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list addresses of %s: %w", a.IfName, err)
+	}
+	found := false
+	for _, addr := range addrs {
+		if p, ok := ipNetToPrefix(addr.IPNet); ok && p == a.Address {
+			found = true
+		}
+	}
+	if !found {
+		return fmt.Errorf("%w: address %s missing on %s in %s", ErrCheckFailed, a.Address, a.IfName, a.NetNS)
+	}
+	routes, err := cnh.RouteList(cont, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list routes of %s: %w", a.IfName, err)
+	}
+	for _, r := range routes {
+		isDefault := r.Dst == nil || (r.Dst.IP.IsUnspecified() && maskBits(r.Dst) == 0)
+		if gw, ok := netip.AddrFromSlice(r.Gw); isDefault && ok && gw.Unmap() == a.Gateway {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: default route via %s missing in %s", ErrCheckFailed, a.Gateway, a.NetNS)
+}
+
+func maskBits(n *net.IPNet) int {
+	ones, _ := n.Mask.Size()
+	return ones
+}
+
+func prefixToIPNet(p netip.Prefix) *net.IPNet {
+	bits := 32
+	if p.Addr().Is6() {
+		bits = 128
+	}
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), bits)}
+}
+
+func ipNetToPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	addr, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(addr.Unmap(), maskBits(n)), true
+}

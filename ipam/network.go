@@ -1,0 +1,105 @@
+// Package ipam hands out container addresses. A network's range is split into fixed-size
+// blocks; a peer owns whole blocks (who owns which is decided behind BlockOwner, so the
+// single-peer owner here can be replaced by a replicated one) and allocates addresses from
+// its own blocks locally, persisting every attachment so a restart neither loses nor reuses
+// an address.
+package ipam
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+)
+
+// Sentinel errors; wrapped with detail, matched with errors.Is.
+var (
+	ErrRangeFull      = errors.New("address range is full")
+	ErrUnknownNetwork = errors.New("unknown network")
+	ErrInvalidNetwork = errors.New("invalid network definition")
+	ErrNotFound       = errors.New("attachment not found")
+	ErrNoQuorum       = errors.New("no quorum to claim a new block")
+)
+
+// DefaultBlockBits is the prefix length of one block: a /26 holds 64 addresses.
+const DefaultBlockBits = 26
+
+var networkNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$`)
+
+// Network is one address range that containers attach to.
+type Network struct {
+	Name      string       `json:"name"`
+	Subnet    netip.Prefix `json:"subnet"`
+	BlockBits int          `json:"block_bits"`
+}
+
+// Validate reports what is wrong with the definition, naming the field.
+func (n Network) Validate() error {
+	if !networkNameRE.MatchString(n.Name) {
+		return fmt.Errorf("%w: name %q must be 1-32 lower-case letters, digits or '-'", ErrInvalidNetwork, n.Name)
+	}
+	if !n.Subnet.IsValid() || !n.Subnet.Addr().Is4() {
+		return fmt.Errorf("%w: subnet %q of network %s must be an IPv4 CIDR", ErrInvalidNetwork, n.Subnet, n.Name)
+	}
+	if n.Subnet.Masked() != n.Subnet {
+		return fmt.Errorf("%w: subnet %s of network %s has host bits set (did you mean %s?)", ErrInvalidNetwork, n.Subnet, n.Name, n.Subnet.Masked())
+	}
+	if n.Subnet.Bits() > 24 {
+		return fmt.Errorf("%w: subnet %s of network %s is smaller than a /24", ErrInvalidNetwork, n.Subnet, n.Name)
+	}
+	if n.BlockBits < n.Subnet.Bits() || n.BlockBits > 30 {
+		return fmt.Errorf("%w: block size /%d of network %s must be between /%d and /30", ErrInvalidNetwork, n.BlockBits, n.Name, n.Subnet.Bits())
+	}
+	return nil
+}
+
+// Gateway is the first host address of the subnet. Every peer's bridge for this network holds
+// it, so a container's default route and DNS server are the same wherever it runs.
+func (n Network) Gateway() netip.Addr { return n.Subnet.Addr().Next() }
+
+// GatewayPrefix is the gateway address with the subnet's length, as set on the bridge.
+func (n Network) GatewayPrefix() netip.Prefix { return netip.PrefixFrom(n.Gateway(), n.Subnet.Bits()) }
+
+// reserved says whether addr may never be handed out: the subnet's network address, the
+// gateway and the broadcast address.
+func (n Network) reserved(addr netip.Addr) bool {
+	return addr == n.Subnet.Addr() || addr == n.Gateway() || addr == lastAddr(n.Subnet)
+}
+
+// NumBlocks is how many blocks the subnet splits into.
+func (n Network) NumBlocks() int { return 1 << (n.BlockBits - n.Subnet.Bits()) }
+
+// Block returns the i-th block of the subnet.
+func (n Network) Block(i int) netip.Prefix {
+	base := addrToUint32(n.Subnet.Addr()) + uint32(i)<<(32-n.BlockBits)
+	return netip.PrefixFrom(uint32ToAddr(base), n.BlockBits)
+}
+
+// ContainsBlock says whether b is one of the subnet's blocks.
+func (n Network) ContainsBlock(b netip.Prefix) bool {
+	return b.Bits() == n.BlockBits && b.Masked() == b && n.Subnet.Contains(b.Addr())
+}
+
+// usable is the number of addresses of block b that may be handed out.
+func (n Network) usable(b netip.Prefix) int {
+	count := 0
+	for a := b.Addr(); b.Contains(a); a = a.Next() {
+		if !n.reserved(a) {
+			count++
+		}
+	}
+	return count
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	return uint32ToAddr(addrToUint32(p.Addr()) | (1<<(32-p.Bits()) - 1))
+}
+
+func addrToUint32(a netip.Addr) uint32 {
+	b := a.As4()
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+func uint32ToAddr(v uint32) netip.Addr {
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}

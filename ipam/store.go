@@ -1,0 +1,86 @@
+package ipam
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+var bucketAttachments = []byte("ipam-attachments")
+
+// Key names one attachment the way CNI does: container ID plus interface name.
+type Key struct {
+	ContainerID string `json:"container_id"`
+	IfName      string `json:"ifname"`
+}
+
+func (k Key) String() string { return k.ContainerID + "/" + k.IfName }
+
+// Attachment is one container interface with its address. It is persisted before the kernel
+// is touched, so a crash between the two leaves a record that DEL or GC can clean up.
+type Attachment struct {
+	ContainerID string `json:"container_id"`
+	IfName      string `json:"ifname"`
+	// Network is the weft network; CNINetwork the runtime's conflist name, which scopes GC.
+	Network    string     `json:"network"`
+	CNINetwork string     `json:"cni_network"`
+	Name       string     `json:"name"`
+	Address    netip.Addr `json:"address"`
+	NetNS      string     `json:"netns"`
+	HostIfName string     `json:"host_ifname"`
+	MTU        int        `json:"mtu,omitempty"`
+	Created    time.Time  `json:"created"`
+}
+
+// Key returns the attachment's key.
+func (a Attachment) Key() Key { return Key{ContainerID: a.ContainerID, IfName: a.IfName} }
+
+// store persists attachments in bbolt. Every write is one fsync'd transaction.
+type store struct {
+	db *bolt.DB
+}
+
+func newStore(db *bolt.DB) (*store, error) {
+	err := db.Update(func(tx *bolt.Tx) error {
+		_, err := tx.CreateBucketIfNotExists(bucketAttachments)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create attachment table: %w", err)
+	}
+	return &store{db: db}, nil
+}
+
+func (s *store) put(a Attachment) error {
+	v, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAttachments).Put([]byte(a.Key().String()), v)
+	})
+}
+
+func (s *store) delete(k Key) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAttachments).Delete([]byte(k.String()))
+	})
+}
+
+func (s *store) all() ([]Attachment, error) {
+	var out []Attachment
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAttachments).ForEach(func(k, v []byte) error {
+			var a Attachment
+			if err := json.Unmarshal(v, &a); err != nil {
+				return fmt.Errorf("corrupt attachment record %q: %w", k, err)
+			}
+			out = append(out, a)
+			return nil
+		})
+	})
+	return out, err
+}
