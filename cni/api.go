@@ -54,7 +54,7 @@ type DNSInfo struct {
 
 // GCRequest asks the peer to release every attachment of CNINetwork not listed in Valid.
 type GCRequest struct {
-	CNINetwork string          `json:"cni_network"`
+	CNINetwork string         `json:"cni_network"`
 	Valid      []GCAttachment `json:"valid"`
 }
 
@@ -89,3 +89,14 @@ func (e *Error) Error() string {
 	}
 	return e.Message
 }
+
+// Error codes beyond the spec's well-known ones (the spec leaves 100+ to plugins).
+const (
+	// CodeCheckFailed: CHECK found the attachment not as ADD left it.
+	CodeCheckFailed uint = 100
+	// CodeInternal: anything the peer could not classify; the message says what happened.
+	CodeInternal uint = 999
+)
+
+// CodePluginNotAvailable is the spec's code for "cannot serve ADDs right now" (STATUS).
+const CodePluginNotAvailable uint = 50

@@ -5,8 +5,10 @@
 package datapath
 
 import (
+	"crypto/rand"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 
@@ -40,6 +42,9 @@ func EnsureBridge(cfg BridgeConfig) (*netlink.Bridge, error) {
 		br := &netlink.Bridge{LinkAttrs: netlink.NewLinkAttrs()}
 		br.Name = cfg.Name
 		br.MTU = cfg.MTU
+		// Without a MAC of its own a bridge takes its lowest port's, which changes as
+		// containers come and go and breaks neighbours' ARP caches.
+		br.HardwareAddr = randomMAC()
 		if err := netlink.LinkAdd(br); err != nil && !errors.Is(err, os.ErrExist) {
 			return nil, fmt.Errorf("create bridge %s: %w", cfg.Name, err)
 		}
@@ -84,6 +89,14 @@ func DeleteLink(name string) error {
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	return nil
+}
+
+// randomMAC is a random unicast, locally administered MAC address.
+func randomMAC() net.HardwareAddr {
+	mac := make(net.HardwareAddr, 6)
+	rand.Read(mac)
+	mac[0] = mac[0]&0xfe | 0x02
+	return mac
 }
 
 func writeSysctl(key, value string) error {

@@ -3,6 +3,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -69,8 +70,11 @@ func TestEnsureBridgeIsIdempotent(t *testing.T) {
 		if len(addrs) != 1 || addrs[0].IPNet.String() != "10.40.0.1/16" {
 			return fmt.Errorf("bridge addresses = %v, want exactly 10.40.0.1/16", addrs)
 		}
-		if br.Attrs().MTU != 1400 || br.Attrs().OperState == netlink.OperDown {
-			return fmt.Errorf("bridge mtu=%d state=%v", br.Attrs().MTU, br.Attrs().OperState)
+		if br.Attrs().HardwareAddr[0]&0x02 == 0 {
+			return fmt.Errorf("bridge MAC %s is not the locally administered one weft sets", br.Attrs().HardwareAddr)
+		}
+		if br.Attrs().MTU != 1400 || br.Attrs().Flags&net.FlagUp == 0 {
+			return fmt.Errorf("bridge mtu=%d flags=%v", br.Attrs().MTU, br.Attrs().Flags)
 		}
 		fwd, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
 		if strings.TrimSpace(string(fwd)) != "1" {

@@ -269,3 +269,30 @@ func ipNetToPrefix(n *net.IPNet) (netip.Prefix, bool) {
 	}
 	return netip.PrefixFrom(addr.Unmap(), maskBits(n)), true
 }
+
+// Preflight checks, changing nothing, that Attach can succeed: NetNS is a network namespace
+// and IfName is free in it, or already is our host end's peer.
+func Preflight(a Attachment) error {
+	nsh, err := openNetNS(a.NetNS)
+	if err != nil {
+		return err
+	}
+	defer nsh.Close()
+	cnh, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return fmt.Errorf("netlink handle in %s: %w", a.NetNS, err)
+	}
+	defer cnh.Close()
+	cont, err := cnh.LinkByName(a.IfName)
+	var notFound netlink.LinkNotFoundError
+	if errors.As(err, &notFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look up %s in %s: %w", a.IfName, a.NetNS, err)
+	}
+	if host, err := netlink.LinkByName(a.HostIfName); err == nil && isPeerOf(cont, host) {
+		return nil
+	}
+	return fmt.Errorf("%w: %s in %s", ErrIfNameExists, a.IfName, a.NetNS)
+}

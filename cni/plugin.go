@@ -1,0 +1,215 @@
+package cni
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+)
+
+// Plugin holds what the verbs need from outside, so tests can run them in-process.
+type Plugin struct {
+	// Timeout bounds one call to the peer. ADD may wait on a block claim.
+	Timeout time.Duration
+	// Stdout receives the result; nil means os.Stdout.
+	Stdout io.Writer
+}
+
+// Funcs returns the verbs for skel.PluginMainFuncs. Every verb is real: skel treats a nil
+// verb as success, which would claim support the plugin does not have.
+func (p Plugin) Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: p.Add, Del: p.Del, Check: p.Check, GC: p.GC, Status: p.Status}
+}
+
+// VersionInfo lists the spec versions the plugin answers in.
+func VersionInfo() version.PluginInfo { return version.PluginSupports(SupportedVersions...) }
+
+func (p Plugin) stdout() io.Writer {
+	if p.Stdout != nil {
+		return p.Stdout
+	}
+	return os.Stdout
+}
+
+func (p Plugin) client(conf *NetConf) (*Client, context.Context, context.CancelFunc) {
+	timeout := p.Timeout
+	if timeout == 0 {
+		timeout = 60 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	return NewClient(conf.Socket, timeout), ctx, cancel
+}
+
+func attachRequest(conf *NetConf, args *skel.CmdArgs) (AttachRequest, error) {
+	name, err := ContainerName(args.Args, args.ContainerID)
+	if err != nil {
+		return AttachRequest{}, err
+	}
+	return AttachRequest{
+		ContainerID: args.ContainerID, IfName: args.IfName, NetNS: args.Netns,
+		CNINetwork: conf.Name, Network: conf.Network, Name: name, MTU: conf.MTU,
+	}, nil
+}
+
+// Add attaches the container through the peer and prints the result.
+func (p Plugin) Add(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	req, err := attachRequest(conf, args)
+	if err != nil {
+		return err
+	}
+	c, ctx, cancel := p.client(conf)
+	defer cancel()
+	res, err := c.Add(ctx, req)
+	if err != nil {
+		return toCNIError(err, types.ErrTryAgainLater)
+	}
+	result, err := buildResult(res)
+	if err != nil {
+		return err
+	}
+	out, err := result.GetAsVersion(conf.CNIVersion)
+	if err != nil {
+		return types.NewError(types.ErrIncompatibleCNIVersion, fmt.Sprintf("cannot answer in cniVersion %q", conf.CNIVersion), err.Error())
+	}
+	return out.PrintTo(p.stdout())
+}
+
+// Del detaches the container. It succeeds when there is nothing left to undo; when the peer
+// is down it fails with "try again" so the runtime retries and the address is not leaked.
+func (p Plugin) Del(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	req, err := attachRequest(conf, args)
+	if err != nil {
+		return err
+	}
+	c, ctx, cancel := p.client(conf)
+	defer cancel()
+	return toCNIError(c.Del(ctx, req), types.ErrTryAgainLater)
+}
+
+// Check asks the peer to verify the attachment in the kernel and compares the address with
+// the runtime's prevResult.
+func (p Plugin) Check(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
+		return types.NewError(types.ErrDecodingFailure, "decode prevResult", err.Error())
+	}
+	req, err := attachRequest(conf, args)
+	if err != nil {
+		return err
+	}
+	c, ctx, cancel := p.client(conf)
+	defer cancel()
+	res, err := c.Check(ctx, req)
+	if err != nil {
+		return toCNIError(err, types.ErrTryAgainLater)
+	}
+	if conf.PrevResult == nil {
+		return nil
+	}
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "convert prevResult", err.Error())
+	}
+	for _, ip := range prev.IPs {
+		if ip.Address.String() == res.Address {
+			return nil
+		}
+	}
+	return types.NewError(CodeCheckFailed, fmt.Sprintf("prevResult does not hold the attached address %s", res.Address), "")
+}
+
+// GC releases every attachment of this network the runtime no longer lists.
+func (p Plugin) GC(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	valid := make([]GCAttachment, 0, len(conf.ValidAttachments))
+	for _, v := range conf.ValidAttachments {
+		valid = append(valid, GCAttachment{ContainerID: v.ContainerID, IfName: v.IfName})
+	}
+	c, ctx, cancel := p.client(conf)
+	defer cancel()
+	_, err = c.GC(ctx, GCRequest{CNINetwork: conf.Name, Valid: valid})
+	return toCNIError(err, types.ErrTryAgainLater)
+}
+
+// Status says whether ADDs can succeed now: code 50 when the peer is unreachable.
+func (p Plugin) Status(args *skel.CmdArgs) error {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	c, ctx, cancel := p.client(conf)
+	defer cancel()
+	return toCNIError(c.Status(ctx, StatusRequest{Network: conf.Network}), CodePluginNotAvailable)
+}
+
+// toCNIError passes the peer's CNI errors through and turns an unreachable peer into
+// unreachableCode.
+func toCNIError(err error, unreachableCode uint) error {
+	if err == nil {
+		return nil
+	}
+	var apiErr *Error
+	if errors.As(err, &apiErr) {
+		return types.NewError(apiErr.Code, apiErr.Message, apiErr.Details)
+	}
+	if errors.Is(err, ErrPeerUnreachable) {
+		return types.NewError(unreachableCode, "weft peer is not reachable (is `weft peer` running?)",
+			strings.TrimPrefix(err.Error(), ErrPeerUnreachable.Error()+": "))
+	}
+	return types.NewError(CodeInternal, err.Error(), "")
+}
+
+// buildResult turns the peer's answer into a CNI result: the bridge, the host end and the
+// container end (in the sandbox), the address on the container end, and a default route.
+func buildResult(res *AttachResult) (*current.Result, error) {
+	prefix, err := netip.ParsePrefix(res.Address)
+	if err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "the weft peer answered a bad address", res.Address)
+	}
+	gw := net.ParseIP(res.Gateway)
+	if gw == nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "the weft peer answered a bad gateway", res.Gateway)
+	}
+	result := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{
+			{Name: res.Bridge, Mac: res.BridgeMAC},
+			{Name: res.HostIfName, Mac: res.HostMAC},
+			{Name: res.IfName, Mac: res.ContainerMAC, Mtu: res.MTU, Sandbox: res.NetNS},
+		},
+		IPs: []*current.IPConfig{{
+			Interface: current.Int(2),
+			Address:   net.IPNet{IP: prefix.Addr().AsSlice(), Mask: net.CIDRMask(prefix.Bits(), 32)},
+			Gateway:   gw,
+		}},
+		Routes: []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, GW: gw}},
+	}
+	if res.DNS != nil {
+		result.DNS = types.DNS{Nameservers: res.DNS.Nameservers, Domain: res.DNS.Domain, Search: res.DNS.Search}
+	}
+	return result, nil
+}

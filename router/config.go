@@ -1,0 +1,96 @@
+// Package router is the weft peer: it wires ipam, datapath (and, as they land, mesh and dns)
+// together under one root context with an ordered start and stop, and serves the control API
+// on a unix socket plus metrics and status over loopback HTTP.
+package router
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"path/filepath"
+	"time"
+
+	"github.com/weftnet/weft/ipam"
+)
+
+// Defaults, as documented in the README.
+const (
+	DefaultSocket      = "/run/weft/weft.sock"
+	DefaultDataDir     = "/var/lib/weft"
+	DefaultHTTPAddr    = "127.0.0.1:6782"
+	DefaultNetwork     = "default"
+	DefaultBridge      = "weft"
+	DefaultMTU         = 1420 // 1500 minus room for the WireGuard/VXLAN encapsulation to come
+	defaultBlockBits   = ipam.DefaultBlockBits
+	defaultStopTimeout = 10 * time.Second
+)
+
+// DefaultRange is the default network's address range.
+var DefaultRange = netip.MustParsePrefix("10.40.0.0/16")
+
+// ErrInvalidConfig wraps every configuration error.
+var ErrInvalidConfig = errors.New("invalid configuration")
+
+// Config configures a Peer.
+type Config struct {
+	Name         string
+	DataDir      string
+	Socket       string
+	HTTPAddr     string // empty disables the HTTP listener
+	IPAllocRange netip.Prefix
+	BlockBits    int
+	MTU          int
+	Version      string
+	Logger       *slog.Logger
+}
+
+// DefaultConfig returns the documented defaults; Name must still be set.
+func DefaultConfig() Config {
+	return Config{
+		DataDir:      DefaultDataDir,
+		Socket:       DefaultSocket,
+		HTTPAddr:     DefaultHTTPAddr,
+		IPAllocRange: DefaultRange,
+		BlockBits:    defaultBlockBits,
+		MTU:          DefaultMTU,
+		Version:      "dev",
+	}
+}
+
+// Validate names the first setting that is wrong.
+func (c Config) Validate() error {
+	switch {
+	case c.Name == "":
+		return fmt.Errorf("%w: --name is empty", ErrInvalidConfig)
+	case !filepath.IsAbs(c.DataDir):
+		return fmt.Errorf("%w: --data-dir %q must be an absolute path", ErrInvalidConfig, c.DataDir)
+	case !filepath.IsAbs(c.Socket):
+		return fmt.Errorf("%w: --socket %q must be an absolute path", ErrInvalidConfig, c.Socket)
+	case len(c.Socket) > 107:
+		return fmt.Errorf("%w: --socket path is %d bytes, unix sockets allow 107", ErrInvalidConfig, len(c.Socket))
+	case c.MTU < 576 || c.MTU > 65535:
+		return fmt.Errorf("%w: --mtu %d must be between 576 and 65535", ErrInvalidConfig, c.MTU)
+	}
+	if err := c.defaultNetwork().Validate(); err != nil {
+		return fmt.Errorf("%w: --ipalloc-range: %v", ErrInvalidConfig, err)
+	}
+	return nil
+}
+
+func (c Config) defaultNetwork() ipam.Network {
+	return ipam.Network{Name: DefaultNetwork, Subnet: c.IPAllocRange, BlockBits: c.BlockBits}
+}
+
+// bridgeName is the bridge of a network on every host: "weft" for the default network,
+// "weft-<name>" (cut to the kernel's 15 characters) for the others.
+func bridgeName(network string) string {
+	if network == DefaultNetwork {
+		return DefaultBridge
+	}
+	name := "weft-" + network
+	if len(name) > 15 {
+		name = name[:15]
+	}
+	return name
+}

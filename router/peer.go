@@ -1,0 +1,197 @@
+package router
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/ipam"
+)
+
+// Peer is one weft peer: the daemon that owns this host's part of the mesh.
+type Peer struct {
+	cfg     Config
+	log     *slog.Logger
+	reg     *prometheus.Registry
+	metrics *metrics
+	ready   chan struct{}
+
+	// Set during start, read-only afterwards.
+	db      *bolt.DB
+	alloc   *ipam.Allocator
+	started time.Time
+
+	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
+	// without serialising different containers.
+	keyLocks [64]sync.Mutex
+}
+
+// New checks cfg and builds a Peer; nothing is touched until Run.
+func New(cfg Config) (*Peer, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return &Peer{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		reg:     reg,
+		metrics: newMetrics(reg),
+		ready:   make(chan struct{}),
+	}, nil
+}
+
+// Ready is closed once the control API accepts requests.
+func (p *Peer) Ready() <-chan struct{} { return p.ready }
+
+// Run starts every component in order, serves until ctx is cancelled, then stops them in
+// reverse order. It returns the first start error, or nil after a clean stop.
+func (p *Peer) Run(ctx context.Context) error {
+	var stops []func()
+	defer func() {
+		for i := len(stops) - 1; i >= 0; i-- {
+			stops[i]()
+		}
+		p.log.Info("peer stopped")
+	}()
+
+	if err := os.MkdirAll(p.cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("create data dir: %w", err)
+	}
+	db, err := bolt.Open(filepath.Join(p.cfg.DataDir, "weft.db"), 0o600, &bolt.Options{Timeout: time.Second})
+	if errors.Is(err, bolt.ErrTimeout) {
+		return fmt.Errorf("data dir %s is in use by another weft peer", p.cfg.DataDir)
+	}
+	if err != nil {
+		return fmt.Errorf("open database: %w", err)
+	}
+	p.db = db
+	stops = append(stops, func() { db.Close() })
+
+	owner, err := ipam.NewLocalOwner(db)
+	if err != nil {
+		return err
+	}
+	p.alloc, err = ipam.NewAllocator(ipam.Config{
+		Peer:       p.cfg.Name,
+		Networks:   []ipam.Network{p.cfg.defaultNetwork()},
+		Logger:     p.log.With("component", "ipam"),
+		Registerer: p.reg,
+	}, db, owner)
+	if err != nil {
+		return err
+	}
+	if err := p.ensureKernel(); err != nil {
+		return err
+	}
+
+	api, err := p.listenAPI()
+	if err != nil {
+		return err
+	}
+	stops = append(stops, p.serve("control API", api, p.apiHandler()))
+	if p.cfg.HTTPAddr != "" {
+		ln, err := net.Listen("tcp", p.cfg.HTTPAddr)
+		if err != nil {
+			return fmt.Errorf("listen on --http-addr %s: %w", p.cfg.HTTPAddr, err)
+		}
+		stops = append(stops, p.serve("http", ln, p.httpHandler()))
+	}
+	p.started = time.Now()
+	close(p.ready)
+	p.log.Info("peer started", "name", p.cfg.Name, "socket", p.cfg.Socket, "http", p.cfg.HTTPAddr,
+		"range", p.cfg.IPAllocRange, "attachments", len(p.alloc.Attachments()))
+
+	<-ctx.Done()
+	p.log.Info("peer stopping")
+	return nil
+}
+
+// ensureKernel converges the host's kernel state to what the database says: the bridge of
+// every network. Attachments' veths outlive the peer, so a restart leaves them alone.
+func (p *Peer) ensureKernel() error {
+	for _, n := range p.alloc.Networks() {
+		_, err := datapath.EnsureBridge(datapath.BridgeConfig{
+			Name: bridgeName(n.Name), Gateway: n.GatewayPrefix(), MTU: p.cfg.MTU,
+		})
+		if err != nil {
+			return fmt.Errorf("network %s: %w", n.Name, err)
+		}
+	}
+	return nil
+}
+
+// listenAPI opens the control socket with mode 0600, replacing a stale socket file but never
+// one a live peer still answers on.
+func (p *Peer) listenAPI() (net.Listener, error) {
+	path := p.cfg.Socket
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket dir: %w", err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another weft peer is listening on %s", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// serve runs an HTTP server on ln and returns its stop function, which waits for in-flight
+// requests up to a bound.
+func (p *Peer) serve(what string, ln net.Listener, h http.Handler) func() {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ErrorLog: slog.NewLogLogger(p.log.Handler(), slog.LevelWarn)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			p.log.Error("server failed", "server", what, "err", err)
+		}
+	}()
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), defaultStopTimeout)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			p.log.Warn("server did not stop cleanly", "server", what, "err", err)
+			srv.Close()
+		}
+		<-done
+	}
+}
+
+func (p *Peer) lockKey(k ipam.Key) func() {
+	var h uint32 = 2166136261
+	for _, c := range []byte(k.String()) {
+		h = (h ^ uint32(c)) * 16777619
+	}
+	mu := &p.keyLocks[h%uint32(len(p.keyLocks))]
+	mu.Lock()
+	return mu.Unlock
+}
