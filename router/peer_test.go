@@ -384,4 +384,3 @@ func TestConfigValidate(t *testing.T) {
 		t.Errorf("defaults invalid: %v", err)
 	}
 }
-
