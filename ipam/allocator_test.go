@@ -13,7 +13,9 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-func openDB(t *testing.T, path string) *bolt.DB {
+func openDB(t *testing.T, path string) *bolt.DB { return openDBB(t, path) }
+
+func openDBB(t testing.TB, path string) *bolt.DB {
 	t.Helper()
 	db, err := bolt.Open(path, 0o600, nil)
 	if err != nil {
