@@ -152,18 +152,50 @@ func (a *Allocator) claimBlock(ctx context.Context, n Network) error {
 	if free {
 		return nil
 	}
+	// The owner may know of blocks the allocator does not yet (a restarted peer catching up
+	// with the Raft log): use those before claiming another.
+	owned, err := a.owner.Owned(n, a.cfg.Peer)
+	if err != nil {
+		return fmt.Errorf("read blocks of %s: %w", n.Name, err)
+	}
+	a.mu.Lock()
+	ns := a.networks[n.Name]
+	known := len(ns.blocks)
+	ns.blocks = mergeBlocks(ns.blocks, owned)
+	_, free = ns.nextFree()
+	a.mu.Unlock()
+	if free {
+		if len(ns.blocks) > known {
+			a.cfg.Logger.Info("found blocks owned since start", "network", n.Name, "blocks", len(ns.blocks)-known)
+		}
+		return nil
+	}
 	b, err := a.owner.Claim(ctx, n, a.cfg.Peer)
 	if err != nil {
 		return fmt.Errorf("claim a block of %s: %w", n.Name, err)
 	}
 	a.mu.Lock()
-	ns := a.networks[n.Name]
-	ns.blocks = append(ns.blocks, b)
-	sort.Slice(ns.blocks, func(i, j int) bool { return ns.blocks[i].Addr().Less(ns.blocks[j].Addr()) })
+	ns.blocks = mergeBlocks(ns.blocks, []netip.Prefix{b})
 	a.mu.Unlock()
 	a.metrics.claims.Inc()
 	a.cfg.Logger.Info("claimed block", "network", n.Name, "block", b)
 	return nil
+}
+
+// mergeBlocks returns the union of have and more, in address order.
+func mergeBlocks(have, more []netip.Prefix) []netip.Prefix {
+	seen := make(map[netip.Prefix]bool, len(have))
+	for _, b := range have {
+		seen[b] = true
+	}
+	for _, b := range more {
+		if !seen[b] {
+			have = append(have, b)
+			seen[b] = true
+		}
+	}
+	sort.Slice(have, func(i, j int) bool { return have[i].Addr().Less(have[j].Addr()) })
+	return have
 }
 
 // Release forgets the attachment and frees its address. It returns the released record and

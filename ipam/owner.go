@@ -91,3 +91,10 @@ func (o *LocalOwner) Claim(ctx context.Context, network Network, peer string) (n
 func hasPrefix(b, prefix []byte) bool {
 	return len(b) >= len(prefix) && string(b[:len(prefix)]) == string(prefix)
 }
+
+// record notes that peer owns block b of network (the Raft owner keeps its own claims here).
+func (o *LocalOwner) record(network string, b netip.Prefix, peer string) error {
+	return o.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketBlocks).Put(blockKey(network, b), []byte(peer))
+	})
+}

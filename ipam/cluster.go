@@ -1,0 +1,484 @@
+package ipam
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	bolt "go.etcd.io/bbolt"
+)
+
+// ErrNotLeader is answered to a forwarded command that reached a peer no longer leading.
+var ErrNotLeader = errors.New("not the raft leader")
+
+// ForwardFunc sends an encoded command to the leader at addr and returns its encoded result.
+type ForwardFunc func(ctx context.Context, leader raft.ServerAddress, cmd []byte) ([]byte, error)
+
+// ClusterConfig configures a Cluster.
+type ClusterConfig struct {
+	Name string
+	// Dir holds raft.db (log and stable store) and the snapshots.
+	Dir       string
+	Transport raft.Transport
+	// Forward reaches the leader from a follower.
+	Forward ForwardFunc
+	// DB is the peer's local database; the cluster keeps its own claims there too, so a
+	// restarted peer knows its blocks before it has caught up with the log.
+	DB *bolt.DB
+	// Voters is how many peers vote (the first ones up); the rest are non-voters.
+	Voters int
+	// DeadVoterGrace is how long a voter may be dead before the leader replaces it with a
+	// healthy non-voter.
+	DeadVoterGrace time.Duration
+	// ReclaimAfter, when non-zero, returns the blocks of peers dead that long to the pool.
+	ReclaimAfter time.Duration
+	// ApplyTimeout bounds one command.
+	ApplyTimeout time.Duration
+	Logger       *slog.Logger
+	// Tune adjusts raft's configuration (tests shorten the timeouts).
+	Tune func(*raft.Config)
+}
+
+// Cluster is this peer's Raft node for IPAM: a BlockOwner backed by the replicated log.
+// Safe for concurrent use.
+type Cluster struct {
+	cfg   ClusterConfig
+	log   *slog.Logger
+	raft  *raft.Raft
+	fsm   *fsm
+	store *raftboltdb.BoltStore
+	cache *LocalOwner // this peer's own claims, kept locally
+	// hadState: this node found Raft state on disk, so it is (or was) part of a cluster.
+	hadState bool
+
+	mu           sync.Mutex // guards bootstrapped
+	bootstrapped bool
+}
+
+// NewCluster opens the Raft stores under cfg.Dir and starts the node. A node with no state
+// waits, as a follower with an empty configuration, until it bootstraps or a leader adds it.
+func NewCluster(cfg ClusterConfig) (*Cluster, error) {
+	if cfg.Voters <= 0 {
+		cfg.Voters = 3
+	}
+	if cfg.ApplyTimeout <= 0 {
+		cfg.ApplyTimeout = 5 * time.Second
+	}
+	if cfg.DeadVoterGrace <= 0 {
+		cfg.DeadVoterGrace = time.Minute
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create raft dir: %w", err)
+	}
+	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.Dir, "raft.db"), BoltOptions: &bolt.Options{Timeout: time.Second}})
+	if err != nil {
+		return nil, fmt.Errorf("open raft log: %w", err)
+	}
+	logOut := &slogWriter{log: cfg.Logger}
+	snaps, err := raft.NewFileSnapshotStore(cfg.Dir, 2, logOut)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("open raft snapshots: %w", err)
+	}
+	hadState, err := raft.HasExistingState(store, store, snaps)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("read raft state: %w", err)
+	}
+	cache, err := NewLocalOwner(cfg.DB)
+	if err != nil {
+		store.Close()
+		return nil, err
+	}
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.Name)
+	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Output: logOut, Level: hclog.Info, DisableTime: true})
+	if cfg.Tune != nil {
+		cfg.Tune(rc)
+	}
+	f := newFSM()
+	r, err := raft.NewRaft(rc, f, store, store, snaps, cfg.Transport)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("start raft: %w", err)
+	}
+	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState}, nil
+}
+
+// Close stops the node and closes its stores. Safe twice.
+func (c *Cluster) Close() error {
+	err := c.raft.Shutdown().Error()
+	if cerr := c.store.Close(); err == nil && cerr != nil && !errors.Is(cerr, bolt.ErrDatabaseNotOpen) {
+		err = cerr
+	}
+	return err
+}
+
+// InCluster says whether this node belongs to a Raft cluster (it had state on disk, it
+// bootstrapped, or a leader added it).
+func (c *Cluster) InCluster() bool {
+	c.mu.Lock()
+	boot := c.bootstrapped
+	c.mu.Unlock()
+	if c.hadState || boot {
+		return true
+	}
+	return len(c.configuration().Servers) > 0
+}
+
+func (c *Cluster) configuration() raft.Configuration {
+	f := c.raft.GetConfiguration()
+	if f.Error() != nil {
+		return raft.Configuration{}
+	}
+	return f.Configuration()
+}
+
+// Member is what the mesh knows of one peer, as the cluster needs it.
+type Member struct {
+	Name     string
+	RaftAddr string
+	Alive    bool
+	// Since is when the member's liveness last changed (for a dead member: when it died).
+	Since time.Time
+	// InCluster: the member says it belongs to a Raft cluster.
+	InCluster bool
+}
+
+// MaybeBootstrap starts a one-voter cluster when nobody else will: this node has no state, no
+// live member says it is in a cluster, and this node has the lowest name of the live members.
+// The caller must only ask once the mesh has settled (joined its seeds and seen no change for
+// a while), so that every starting peer sees the same members and exactly one bootstraps.
+// The leader then adds the others (see Reconcile).
+func (c *Cluster) MaybeBootstrap(members []Member) (bool, error) {
+	if c.InCluster() {
+		return false, nil
+	}
+	for _, m := range members {
+		if m.Name == c.cfg.Name || !m.Alive {
+			continue
+		}
+		if m.InCluster || m.Name < c.cfg.Name {
+			return false, nil
+		}
+	}
+	conf := raft.Configuration{Servers: []raft.Server{{
+		Suffrage: raft.Voter, ID: raft.ServerID(c.cfg.Name), Address: c.cfg.Transport.LocalAddr(),
+	}}}
+	if err := c.raft.BootstrapCluster(conf).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+		return false, fmt.Errorf("bootstrap raft: %w", err)
+	}
+	c.mu.Lock()
+	c.bootstrapped = true
+	c.mu.Unlock()
+	c.log.Info("bootstrapped the raft cluster", "voter", c.cfg.Name)
+	return true, nil
+}
+
+// Reconcile is the leader's membership duty, called whenever the mesh changes and
+// periodically: add live members that are not in the configuration (as voters until there
+// are cfg.Voters, then as non-voters), replace a voter dead longer than the grace period with
+// a healthy non-voter, and, with ReclaimAfter, release the blocks of long-dead peers.
+// On a follower it does nothing.
+func (c *Cluster) Reconcile(ctx context.Context, members []Member, now time.Time) error {
+	if c.raft.State() != raft.Leader {
+		return nil
+	}
+	conf := c.configuration()
+	inConf := map[raft.ServerID]raft.Server{}
+	voters := 0
+	for _, s := range conf.Servers {
+		inConf[s.ID] = s
+		if s.Suffrage == raft.Voter {
+			voters++
+		}
+	}
+	// The first peers up become the voters: consider members in the order they came alive.
+	members = append([]Member(nil), members...)
+	sort.SliceStable(members, func(i, j int) bool {
+		if !members[i].Since.Equal(members[j].Since) {
+			return members[i].Since.Before(members[j].Since)
+		}
+		return members[i].Name < members[j].Name
+	})
+	byName := map[string]Member{}
+	for _, m := range members {
+		byName[m.Name] = m
+	}
+	var errs []error
+	for _, m := range members {
+		if !m.Alive || m.RaftAddr == "" {
+			continue
+		}
+		s, ok := inConf[raft.ServerID(m.Name)]
+		switch {
+		case !ok && voters < c.cfg.Voters:
+			errs = append(errs, c.raft.AddVoter(raft.ServerID(m.Name), raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error())
+			voters++
+			c.log.Info("added raft voter", "peer", m.Name, "addr", m.RaftAddr)
+		case !ok:
+			errs = append(errs, c.raft.AddNonvoter(raft.ServerID(m.Name), raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error())
+			c.log.Info("added raft non-voter", "peer", m.Name, "addr", m.RaftAddr)
+		case string(s.Address) != m.RaftAddr:
+			// The peer came back on another address: same suffrage, new address.
+			if s.Suffrage == raft.Voter {
+				errs = append(errs, c.raft.AddVoter(s.ID, raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error())
+			} else {
+				errs = append(errs, c.raft.AddNonvoter(s.ID, raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error())
+			}
+		}
+	}
+	// Replace dead voters, one per round, oldest death first.
+	var dead []Member
+	for _, s := range conf.Servers {
+		m, known := byName[string(s.ID)]
+		if s.Suffrage == raft.Voter && s.ID != raft.ServerID(c.cfg.Name) && known && !m.Alive && now.Sub(m.Since) >= c.cfg.DeadVoterGrace {
+			dead = append(dead, m)
+		}
+	}
+	sort.Slice(dead, func(i, j int) bool { return dead[i].Since.Before(dead[j].Since) })
+	if len(dead) > 0 {
+		if spare, ok := c.healthyNonvoter(conf, byName); ok {
+			if err := c.raft.AddVoter(spare.ID, spare.Address, 0, c.cfg.ApplyTimeout).Error(); err != nil {
+				errs = append(errs, err)
+			} else {
+				errs = append(errs, c.raft.RemoveServer(raft.ServerID(dead[0].Name), 0, c.cfg.ApplyTimeout).Error())
+				c.log.Info("replaced dead raft voter", "dead", dead[0].Name, "promoted", spare.ID)
+			}
+		}
+	}
+	if c.cfg.ReclaimAfter > 0 {
+		for _, m := range members {
+			if m.Alive || now.Sub(m.Since) < c.cfg.ReclaimAfter || len(c.ownedByPeer(m.Name)) == 0 {
+				continue
+			}
+			released, err := c.RemovePeer(ctx, m.Name)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			c.log.Info("reclaimed the blocks of a dead peer", "peer", m.Name, "dead_for", now.Sub(m.Since).Round(time.Second), "blocks", len(released))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Cluster) healthyNonvoter(conf raft.Configuration, byName map[string]Member) (raft.Server, bool) {
+	for _, s := range conf.Servers {
+		if m, ok := byName[string(s.ID)]; ok && s.Suffrage == raft.Nonvoter && m.Alive {
+			return s, true
+		}
+	}
+	return raft.Server{}, false
+}
+
+func (c *Cluster) ownedByPeer(peer string) []BlockOwnership {
+	var out []BlockOwnership
+	for _, row := range c.fsm.table() {
+		if row.Owner == peer {
+			out = append(out, row)
+		}
+	}
+	return out
+}
+
+// apply runs cmd through the log: directly on the leader, forwarded from a follower.
+func (c *Cluster) apply(ctx context.Context, cmd command) (commandResult, error) {
+	data, err := json.Marshal(cmd)
+	if err != nil {
+		return commandResult{}, err
+	}
+	if c.raft.State() == raft.Leader {
+		return c.applyLocal(data)
+	}
+	if c.cfg.Forward == nil {
+		return commandResult{}, fmt.Errorf("%w: %s is not the leader and cannot forward", ErrNoQuorum, c.cfg.Name)
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.ApplyTimeout)
+	defer cancel()
+	// An election takes a moment: wait for a leader, but no longer than one apply may take.
+	leader, _ := c.raft.LeaderWithID()
+	for leader == "" {
+		select {
+		case <-ctx.Done():
+			return commandResult{}, fmt.Errorf("%w: no raft leader is reachable from %s", ErrNoQuorum, c.cfg.Name)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if c.raft.State() == raft.Leader {
+			return c.applyLocal(data)
+		}
+		leader, _ = c.raft.LeaderWithID()
+	}
+	out, err := c.cfg.Forward(ctx, leader, data)
+	if err != nil {
+		return commandResult{}, fmt.Errorf("%w: forward to leader %s: %v", ErrNoQuorum, leader, err)
+	}
+	var res commandResult
+	if err := json.Unmarshal(out, &res); err != nil {
+		return commandResult{}, fmt.Errorf("decode the leader's answer: %w", err)
+	}
+	return res, nil
+}
+
+func (c *Cluster) applyLocal(data []byte) (commandResult, error) {
+	f := c.raft.Apply(data, c.cfg.ApplyTimeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipLost) {
+			return commandResult{}, fmt.Errorf("%w: %v", ErrNoQuorum, err)
+		}
+		return commandResult{}, fmt.Errorf("%w: raft apply: %v", ErrNoQuorum, err)
+	}
+	res, ok := f.Response().(commandResult)
+	if !ok {
+		return commandResult{}, fmt.Errorf("raft apply answered %T", f.Response())
+	}
+	return res, nil
+}
+
+// ApplyForwarded applies an encoded command forwarded by a follower; only the leader does.
+func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
+	if c.raft.State() != raft.Leader {
+		return nil, ErrNotLeader
+	}
+	var cmd command
+	if err := json.Unmarshal(data, &cmd); err != nil {
+		return nil, fmt.Errorf("decode forwarded command: %w", err)
+	}
+	if cmd.Op != opClaim && cmd.Op != opRemovePeer {
+		return nil, fmt.Errorf("forwarded command has unknown operation %q", cmd.Op)
+	}
+	res, err := c.applyLocal(data)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(res)
+}
+
+// Owned implements BlockOwner: what the log gives peer, plus this peer's own claims recorded
+// locally that the log (maybe not caught up yet) gives nobody else.
+func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
+	owned := c.fsm.owned(n.Name, peer)
+	if peer != c.cfg.Name {
+		return owned, nil
+	}
+	cached, err := c.cache.Owned(n, peer)
+	if err != nil {
+		return nil, err
+	}
+	seen := map[netip.Prefix]bool{}
+	for _, b := range owned {
+		seen[b] = true
+	}
+	for _, b := range cached {
+		if owner, ok := c.fsm.ownerOf(n.Name, b); seen[b] || (ok && owner != peer) {
+			continue
+		}
+		owned = append(owned, b)
+	}
+	sort.Slice(owned, func(i, j int) bool { return owned[i].Addr().Less(owned[j].Addr()) })
+	return owned, nil
+}
+
+// Claim implements BlockOwner through the log. Without a reachable leader it fails with
+// ErrNoQuorum.
+func (c *Cluster) Claim(ctx context.Context, n Network, peer string) (netip.Prefix, error) {
+	res, err := c.apply(ctx, command{Op: opClaim, Network: n, Peer: peer})
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	if err := res.err(); err != nil {
+		return netip.Prefix{}, err
+	}
+	if peer == c.cfg.Name {
+		if err := c.cache.record(n.Name, res.Block, peer); err != nil {
+			return netip.Prefix{}, err
+		}
+	}
+	return res.Block, nil
+}
+
+// RemovePeer returns every block of peer to the pool. Removing a peer that owns nothing
+// succeeds, so it can be repeated.
+func (c *Cluster) RemovePeer(ctx context.Context, peer string) ([]netip.Prefix, error) {
+	if peer == "" {
+		return nil, errors.New("remove peer: empty name")
+	}
+	res, err := c.apply(ctx, command{Op: opRemovePeer, Peer: peer})
+	if err != nil {
+		return nil, err
+	}
+	return res.Released, res.err()
+}
+
+// ClusterStatus describes the Raft side of IPAM.
+type ClusterStatus struct {
+	Leader    string           `json:"leader"`
+	State     string           `json:"state"`
+	Voters    []string         `json:"voters"`
+	Nonvoters []string         `json:"nonvoters"`
+	Blocks    []BlockOwnership `json:"blocks"`
+}
+
+// Status reports leader, voters and the block table as this node knows them.
+func (c *Cluster) Status() ClusterStatus {
+	_, leader := c.raft.LeaderWithID()
+	st := ClusterStatus{Leader: string(leader), State: c.raft.State().String(), Voters: []string{}, Nonvoters: []string{}, Blocks: c.fsm.table()}
+	for _, s := range c.configuration().Servers {
+		if s.Suffrage == raft.Voter {
+			st.Voters = append(st.Voters, string(s.ID))
+		} else {
+			st.Nonvoters = append(st.Nonvoters, string(s.ID))
+		}
+	}
+	sort.Strings(st.Voters)
+	sort.Strings(st.Nonvoters)
+	if st.Blocks == nil {
+		st.Blocks = []BlockOwnership{}
+	}
+	return st
+}
+
+// IsLeader says whether this node leads.
+func (c *Cluster) IsLeader() bool { return c.raft.State() == raft.Leader }
+
+// LeaderCh signals leadership changes of this node.
+func (c *Cluster) LeaderCh() <-chan bool { return c.raft.LeaderCh() }
+
+// slogWriter carries raft's hclog lines into slog at their own level.
+type slogWriter struct {
+	log *slog.Logger
+}
+
+func (w *slogWriter) Write(p []byte) (int, error) {
+	sc := bufio.NewScanner(strings.NewReader(string(p)))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		level := slog.LevelInfo
+		for tag, l := range map[string]slog.Level{"[DEBUG]": slog.LevelDebug, "[TRACE]": slog.LevelDebug, "[WARN]": slog.LevelWarn, "[ERROR]": slog.LevelError} {
+			if strings.HasPrefix(line, tag) {
+				level = l
+			}
+		}
+		w.log.Log(context.Background(), level, strings.TrimSpace(line[strings.Index(line, "]")+1:]), "component", "raft")
+	}
+	return len(p), nil
+}
+
+var _ io.Writer = (*slogWriter)(nil)

@@ -1,0 +1,409 @@
+package ipam
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+	bolt "go.etcd.io/bbolt"
+)
+
+// testCluster is a set of Raft IPAM nodes on raft's in-memory transport, which can be
+// partitioned (CONVENTIONS 5: raft logic on InmemTransport, real stores on disk).
+type testCluster struct {
+	t     *testing.T
+	mu    sync.Mutex // guards nodes
+	nodes map[string]*testNode
+}
+
+type testNode struct {
+	name  string
+	dir   string
+	trans *raft.InmemTransport
+	c     *Cluster
+	db    *bolt.DB
+	alive bool
+	since time.Time
+}
+
+func newTestCluster(t *testing.T) *testCluster {
+	tc := &testCluster{t: t, nodes: map[string]*testNode{}}
+	t.Cleanup(func() {
+		tc.mu.Lock()
+		defer tc.mu.Unlock()
+		for _, n := range tc.nodes {
+			if n.alive {
+				n.c.Close()
+				n.db.Close()
+			}
+		}
+	})
+	return tc
+}
+
+func fastRaft(c *raft.Config) {
+	c.HeartbeatTimeout = 100 * time.Millisecond
+	c.ElectionTimeout = 100 * time.Millisecond
+	c.LeaderLeaseTimeout = 50 * time.Millisecond
+	c.CommitTimeout = 5 * time.Millisecond
+}
+
+// start runs (or restarts, keeping its dir) the named node and connects it to every live node.
+func (tc *testCluster) start(name string) *testNode {
+	tc.t.Helper()
+	tc.mu.Lock()
+	n, ok := tc.nodes[name]
+	if !ok {
+		n = &testNode{name: name, dir: tc.t.TempDir()}
+		tc.nodes[name] = n
+	}
+	tc.mu.Unlock()
+	_, n.trans = raft.NewInmemTransport(raft.ServerAddress(name))
+	db, err := bolt.Open(filepath.Join(n.dir, "weft.db"), 0o600, nil)
+	if err != nil {
+		tc.t.Fatal(err)
+	}
+	n.db = db
+	c, err := NewCluster(ClusterConfig{
+		Name: name, Dir: filepath.Join(n.dir, "raft"), Transport: n.trans, DB: db, Voters: 3,
+		DeadVoterGrace: 300 * time.Millisecond, ApplyTimeout: 2 * time.Second, Tune: fastRaft,
+		Forward: tc.forward,
+	})
+	if err != nil {
+		tc.t.Fatal(err)
+	}
+	n.c = c
+	tc.mu.Lock()
+	n.alive, n.since = true, time.Now()
+	for _, o := range tc.nodes {
+		if o != n && o.alive {
+			n.trans.Connect(raft.ServerAddress(o.name), o.trans)
+			o.trans.Connect(raft.ServerAddress(n.name), n.trans)
+		}
+	}
+	tc.mu.Unlock()
+	return n
+}
+
+func (tc *testCluster) kill(name string) {
+	tc.mu.Lock()
+	n := tc.nodes[name]
+	n.alive, n.since = false, time.Now()
+	for _, o := range tc.nodes {
+		if o != n {
+			o.trans.Disconnect(raft.ServerAddress(name))
+		}
+	}
+	tc.mu.Unlock()
+	n.c.Close()
+	n.db.Close()
+}
+
+// partition cuts every link between the two groups.
+func (tc *testCluster) partition(a, b []string) {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	for _, x := range a {
+		for _, y := range b {
+			tc.nodes[x].trans.Disconnect(raft.ServerAddress(y))
+			tc.nodes[y].trans.Disconnect(raft.ServerAddress(x))
+		}
+	}
+}
+
+func (tc *testCluster) heal() {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	for _, x := range tc.nodes {
+		for _, y := range tc.nodes {
+			if x != y && x.alive && y.alive {
+				x.trans.Connect(raft.ServerAddress(y.name), y.trans)
+			}
+		}
+	}
+}
+
+// forward stands in for the RPC: it hands the command to the node at addr, if reachable.
+func (tc *testCluster) forward(ctx context.Context, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
+	tc.mu.Lock()
+	n, ok := tc.nodes[string(addr)]
+	alive := ok && n.alive
+	tc.mu.Unlock()
+	if !alive {
+		return nil, fmt.Errorf("%s unreachable", addr)
+	}
+	return n.c.ApplyForwarded(cmd)
+}
+
+func (tc *testCluster) members() []Member {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	var out []Member
+	for _, n := range tc.nodes {
+		out = append(out, Member{Name: n.name, RaftAddr: n.name, Alive: n.alive, Since: n.since, InCluster: n.alive && n.c.InCluster()})
+	}
+	return out
+}
+
+// reconcileUntil runs every live node's Reconcile until cond holds or the deadline passes.
+func (tc *testCluster) reconcileUntil(what string, cond func() bool) {
+	tc.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			for _, n := range tc.liveNodes() {
+				tc.t.Logf("%s: %+v", n.name, n.c.Status())
+			}
+			tc.t.Fatalf("timed out waiting for %s", what)
+		}
+		for _, n := range tc.liveNodes() {
+			n.c.Reconcile(context.Background(), tc.members(), time.Now())
+		}
+		time.Sleep(20 * time.Millisecond) // poll interval, not a wait for a result
+	}
+}
+
+func (tc *testCluster) liveNodes() []*testNode {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	var out []*testNode
+	for _, n := range tc.nodes {
+		if n.alive {
+			out = append(out, n)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+func (tc *testCluster) leader() string {
+	for _, n := range tc.liveNodes() {
+		if n.c.IsLeader() {
+			return n.name
+		}
+	}
+	return ""
+}
+
+// bootstrap starts names, lets each decide whether to bootstrap, and waits for all of them
+// to be in the configuration.
+func (tc *testCluster) bootstrap(names ...string) {
+	tc.t.Helper()
+	for _, name := range names {
+		tc.start(name)
+	}
+	booted := 0
+	for _, n := range tc.liveNodes() {
+		ok, err := n.c.MaybeBootstrap(tc.members())
+		if err != nil {
+			tc.t.Fatal(err)
+		}
+		if ok {
+			booted++
+		}
+	}
+	if booted != 1 {
+		tc.t.Fatalf("%d nodes bootstrapped, want exactly 1", booted)
+	}
+	tc.reconcileUntil("every node in the raft configuration", func() bool {
+		st := tc.nodes[names[0]].c.Status()
+		return st.Leader != "" && len(st.Voters)+len(st.Nonvoters) == len(names)
+	})
+}
+
+var clusterNet = Network{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16"), BlockBits: 26}
+
+func TestBootstrapVotersAndNonvoters(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2", "p3", "p4", "p5")
+	st := tc.nodes["p1"].c.Status()
+	if st.Leader != "p1" || len(st.Voters) != 3 || len(st.Nonvoters) != 2 {
+		t.Fatalf("status %+v: want p1 leading 3 voters and 2 non-voters", st)
+	}
+	// A node that sees a member already in a cluster never bootstraps its own.
+	late := tc.start("a0")
+	if ok, _ := late.c.MaybeBootstrap(tc.members()); ok {
+		t.Fatal("a late node bootstrapped a second cluster")
+	}
+}
+
+func TestClaimsFromEveryPeerAreDistinct(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2", "p3", "p4")
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	got := map[netip.Prefix]string{}
+	for _, n := range tc.liveNodes() {
+		for i := 0; i < 5; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				b, err := n.c.Claim(context.Background(), clusterNet, n.name)
+				if err != nil {
+					t.Errorf("%s claim: %v", n.name, err)
+					return
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				if prev, dup := got[b]; dup {
+					t.Errorf("block %s given to %s and %s", b, prev, n.name)
+				}
+				got[b] = n.name
+			}()
+		}
+	}
+	wg.Wait()
+	if len(got) != 20 {
+		t.Fatalf("%d distinct blocks, want 20", len(got))
+	}
+	// Every node's table agrees with what the claimers were told, once it has caught up.
+	tc.reconcileUntil("every table to hold 20 blocks", func() bool {
+		for _, n := range tc.liveNodes() {
+			if len(n.c.Status().Blocks) != 20 {
+				return false
+			}
+		}
+		return true
+	})
+	for _, n := range tc.liveNodes() {
+		for _, row := range n.c.Status().Blocks {
+			if got[row.CIDR] != row.Owner {
+				t.Fatalf("%s says %s is %s's, the claimer was %s", n.name, row.CIDR, row.Owner, got[row.CIDR])
+			}
+		}
+	}
+}
+
+func TestConflictingNetworkDefinitionIsRefused(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2")
+	if _, err := tc.nodes["p1"].c.Claim(context.Background(), clusterNet, "p1"); err != nil {
+		t.Fatal(err)
+	}
+	other := clusterNet
+	other.Subnet = netip.MustParsePrefix("10.50.0.0/16")
+	_, err := tc.nodes["p2"].c.Claim(context.Background(), other, "p2")
+	if !errors.Is(err, ErrConflict) {
+		t.Fatalf("claim with another range: %v, want ErrConflict", err)
+	}
+}
+
+func TestMinorityCannotClaimMajorityCan(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2", "p3", "p4", "p5")
+	// p1 (leader) and p4 (non-voter) on one side: one voter of three.
+	tc.partition([]string{"p1", "p4"}, []string{"p2", "p3", "p5"})
+	tc.reconcileUntil("a leader on the majority side", func() bool {
+		l := tc.leader()
+		return l == "p2" || l == "p3"
+	})
+	ctx := context.Background()
+	for _, name := range []string{"p1", "p4"} {
+		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		_, err := tc.nodes[name].c.Claim(cctx, clusterNet, name)
+		cancel()
+		if !errors.Is(err, ErrNoQuorum) {
+			t.Fatalf("minority %s claimed: %v, want ErrNoQuorum", name, err)
+		}
+	}
+	for _, name := range []string{"p2", "p3", "p5"} {
+		if _, err := tc.nodes[name].c.Claim(ctx, clusterNet, name); err != nil {
+			t.Fatalf("majority %s: %v", name, err)
+		}
+	}
+	tc.heal()
+	tc.reconcileUntil("the minority to catch up", func() bool {
+		return len(tc.nodes["p1"].c.Status().Blocks) == 3 && len(tc.nodes["p4"].c.Status().Blocks) == 3
+	})
+	seen := map[netip.Prefix]bool{}
+	for _, row := range tc.nodes["p1"].c.Status().Blocks {
+		if seen[row.CIDR] {
+			t.Fatalf("%s owned twice", row.CIDR)
+		}
+		seen[row.CIDR] = true
+	}
+}
+
+func TestDeadVoterIsReplacedByHealthyNonvoter(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2", "p3", "p4")
+	tc.kill("p3")
+	tc.reconcileUntil("p4 to replace p3 as a voter", func() bool {
+		l := tc.leader()
+		if l == "" {
+			return false
+		}
+		st := tc.nodes[l].c.Status()
+		return fmt.Sprint(st.Voters) == "[p1 p2 p4]" && len(st.Nonvoters) == 0
+	})
+}
+
+func TestLeaderKilledNewLeaderAndRestartKeepsBlocks(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2", "p3")
+	ctx := context.Background()
+	var mine []netip.Prefix
+	for i := 0; i < 3; i++ {
+		b, err := tc.nodes["p1"].c.Claim(ctx, clusterNet, "p1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		mine = append(mine, b)
+	}
+	tc.kill("p1")
+	tc.reconcileUntil("a new leader", func() bool { l := tc.leader(); return l == "p2" || l == "p3" })
+	if _, err := tc.nodes["p2"].c.Claim(ctx, clusterNet, "p2"); err != nil {
+		t.Fatalf("claim after the leader died: %v", err)
+	}
+	// Restarted, p1 knows its blocks at once, before it has heard from the new leader.
+	p1 := tc.start("p1")
+	owned, err := p1.c.Owned(clusterNet, "p1")
+	if err != nil || fmt.Sprint(owned) != fmt.Sprint(mine) {
+		t.Fatalf("restarted p1 owns %v (%v), want %v", owned, err, mine)
+	}
+	tc.reconcileUntil("p1 to catch up", func() bool { return len(p1.c.Status().Blocks) == 4 })
+}
+
+func TestRemovePeerIsRepeatable(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2")
+	ctx := context.Background()
+	for i := 0; i < 2; i++ {
+		if _, err := tc.nodes["p2"].c.Claim(ctx, clusterNet, "p2"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	released, err := tc.nodes["p1"].c.RemovePeer(ctx, "p2")
+	if err != nil || len(released) != 2 {
+		t.Fatalf("remove p2: %v, %v; want 2 blocks back", released, err)
+	}
+	released, err = tc.nodes["p2"].c.RemovePeer(ctx, "p2") // from a follower, again
+	if err != nil || len(released) != 0 {
+		t.Fatalf("second remove: %v, %v; want nothing and no error", released, err)
+	}
+	b, err := tc.nodes["p1"].c.Claim(ctx, clusterNet, "p1")
+	if err != nil || b.String() != "10.40.0.0/26" {
+		t.Fatalf("claim after reclaim = %v, %v; want the freed 10.40.0.0/26", b, err)
+	}
+}
+
+func TestReclaimAfterReleasesDeadPeersBlocks(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2", "p3")
+	ctx := context.Background()
+	if _, err := tc.nodes["p3"].c.Claim(ctx, clusterNet, "p3"); err != nil {
+		t.Fatal(err)
+	}
+	tc.nodes["p1"].c.cfg.ReclaimAfter = 200 * time.Millisecond
+	tc.kill("p3")
+	tc.reconcileUntil("p3's block back in the pool", func() bool {
+		return len(tc.nodes["p1"].c.ownedByPeer("p3")) == 0
+	})
+}
