@@ -1,0 +1,183 @@
+// Command demo is what `make demo` runs: it builds a weft lab (hosts are network
+// namespaces on a shared underlay, each running a real `weft peer`), attaches containers
+// through libcni and the real plugin, shows the CNI results, pings between the
+// containers, prints `weft status`, and keeps everything up until Ctrl-C.
+//
+//	go build -o bin/ ./cmd/... && go run ./chaos-tests/demo -bin bin
+//	go run ./chaos-tests/demo -down     # remove a lab left by a killed demo
+//
+// It needs root. Every namespace is named weftdemo-…; the lab directory (peer data,
+// sockets, logs, pid files) is /tmp/weftdemo unless -dir says otherwise.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/weftnet/weft/chaos-tests/lab"
+)
+
+const prefix = "weftdemo"
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		binDir     = flag.String("bin", "bin", "directory holding the weft and weft-cni binaries")
+		hosts      = flag.Int("hosts", 1, "number of hosts (peers)")
+		containers = flag.Int("containers", 3, "number of containers, spread over the hosts")
+		dir        = flag.String("dir", filepath.Join(os.TempDir(), prefix), "lab directory (removed on exit)")
+		down       = flag.Bool("down", false, "remove a leftover demo lab (namespaces, peers recorded in -dir) and exit")
+		verbose    = flag.Bool("v", false, "log the lab's own steps")
+		noWait     = flag.Bool("no-wait", false, "tear down right after the demo instead of waiting for Ctrl-C")
+	)
+	flag.Parse()
+	level := slog.LevelWarn
+	if *verbose {
+		level = slog.LevelInfo
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	if os.Geteuid() != 0 {
+		return errors.New("the demo needs root (network namespaces); try sudo")
+	}
+	if *down {
+		step("removing leftover demo lab (prefix %s, dir %s)", prefix, *dir)
+		return lab.Cleanup(prefix, *dir, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	}
+	if _, err := os.Stat(*dir); err == nil {
+		return fmt.Errorf("%s exists: a demo is running or was killed; run with -down first", *dir)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	step("building a lab: %d host(s) on underlay 198.18.0.0/24, each running `weft peer`", *hosts)
+	l, err := lab.New(ctx, lab.Config{Prefix: prefix, Hosts: *hosts, BinDir: *binDir, Logger: logger, Dir: *dir})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		step("tearing down")
+		if err := l.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "teardown:", err)
+		}
+	}()
+	for _, h := range l.Hosts() {
+		fmt.Printf("    %s: netns %s, eth0 %s, peer pid %d, socket %s, log %s\n",
+			h.Name, h.Name, h.Addr, h.PID(), h.Socket, h.LogPath)
+	}
+
+	type attached struct {
+		ctr  *lab.Container
+		addr netip.Prefix
+	}
+	var all []attached
+	for j := range *containers {
+		h := l.Host(j % *hosts)
+		cni, err := h.CNI(lab.CNIOptions{})
+		if err != nil {
+			return err
+		}
+		ctr, err := h.NewContainer()
+		if err != nil {
+			return err
+		}
+		step("CNI ADD %s (netns %s) on %s through libcni → weft-cni → peer", ctr.ID, ctr.Name, h.Name)
+		res, err := cni.Add(ctx, ctr.RuntimeConf("eth0"))
+		if err != nil {
+			return fmt.Errorf("ADD %s: %w\n%s", ctr.ID, err, h.LogTail(20))
+		}
+		r, err := current.GetResult(res)
+		if err != nil {
+			return err
+		}
+		js, _ := json.MarshalIndent(r, "    ", "  ")
+		fmt.Printf("    result (cniVersion %s):\n    %s\n", res.Version(), js)
+		a, err := lab.ResultAddress(res)
+		if err != nil {
+			return err
+		}
+		all = append(all, attached{ctr, a})
+	}
+
+	failed := 0
+	for _, src := range all {
+		for _, dst := range all {
+			if src.ctr == dst.ctr {
+				continue
+			}
+			if src.addr.Addr() == dst.addr.Addr() {
+				// Without a mesh every peer allocates on its own; a ping would only
+				// reach the sender itself.
+				failed++
+				step("ping %s → %s: SKIPPED: both hold %s (are the peers meshed?)", src.ctr.ID, dst.ctr.ID, src.addr.Addr())
+				continue
+			}
+			pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := lab.Poll(pctx, 200*time.Millisecond, func() error { return src.ctr.Ping(pctx, dst.addr.Addr()) })
+			cancel()
+			if err != nil {
+				failed++
+				step("ping %s (%s) → %s (%s): FAILED: %v", src.ctr.ID, src.addr.Addr(), dst.ctr.ID, dst.addr.Addr(), err)
+			} else {
+				step("ping %s (%s) → %s (%s): ok", src.ctr.ID, src.addr.Addr(), dst.ctr.ID, dst.addr.Addr())
+			}
+		}
+	}
+
+	for _, h := range l.Hosts() {
+		step("weft status --socket %s   (on %s)", h.Socket, h.Name)
+		out, err := h.StatusText(ctx)
+		if err != nil {
+			return err
+		}
+		fmt.Println(indent(strings.TrimRight(out, "\n")))
+	}
+	if failed > 0 {
+		step("%d ping(s) failed", failed)
+	}
+	if *noWait {
+		return nil
+	}
+	if len(all) > 1 {
+		step("lab is up. Try: sudo ip netns exec %s ping %s", all[0].ctr.Name, all[len(all)-1].addr.Addr())
+	}
+	step("Ctrl-C tears it down")
+	<-ctx.Done()
+	fmt.Println()
+	return nil
+}
+
+func step(format string, args ...any) {
+	fmt.Printf("==> "+format+"\n", args...)
+}
+
+func indent(s string) string {
+	out := "    "
+	for _, r := range s {
+		out += string(r)
+		if r == '\n' {
+			out += "    "
+		}
+	}
+	return out
+}
