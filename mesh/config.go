@@ -1,0 +1,267 @@
+package mesh
+
+import (
+	"crypto/hkdf"
+	"crypto/sha256"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// DefaultPort is the memberlist gossip port (tcp and udp), and the port a
+// seed without one is assumed to listen on.
+const DefaultPort = 6783
+
+// Config configures a Mesh. Start from DefaultConfig; New calls Validate.
+type Config struct {
+	// Name identifies this peer in the mesh; it must be unique and stable
+	// across restarts (a restarted peer with the same name and address
+	// takes its old place). 1–64 characters of [A-Za-z0-9._:-].
+	Name string
+
+	// BindAddr is the address the gossip listeners bind to. The zero
+	// value binds all IPv4 addresses (0.0.0.0).
+	BindAddr netip.Addr
+	// BindPort is the gossip port, tcp and udp. 0 picks a free port (tests).
+	BindPort int
+
+	// AdvertiseAddr is the address other peers reach this one at. The
+	// zero value means BindAddr when that is a specific address, else
+	// DefaultAdvertiseAddr().
+	AdvertiseAddr netip.Addr
+	// AdvertisePort is the port advertised to other peers; 0 means the
+	// bound port.
+	AdvertisePort int
+
+	// Seeds are the peers to join, "host" or "host:port" (port defaults
+	// to DefaultPort; IPv6 literals as "[::1]:6783" or bare "::1").
+	// Connect and Forget change the set at run time.
+	Seeds []string
+
+	// Password, when not empty, encrypts and authenticates all gossip.
+	// The AES-256 key is HKDF-SHA256(password, info "weft gossip v1"),
+	// see GossipKey. Peers with a different or no password are refused.
+	Password []byte
+
+	// Logger receives the mesh's logs and memberlist's own log lines
+	// (mapped onto slog levels). nil discards.
+	Logger *slog.Logger
+	// Registerer receives the mesh's metrics (see metrics.go). nil means a
+	// private registry, i.e. the metrics are not exported.
+	Registerer prometheus.Registerer
+
+	// JoinBackoffMin and JoinBackoffMax bound the exponential backoff
+	// (with jitter) between join attempts while this peer is alone.
+	JoinBackoffMin time.Duration
+	JoinBackoffMax time.Duration
+	// RejoinInterval is how often a peer that is part of a mesh retries
+	// targets that are not (or no longer) members, which heals partitions
+	// between seeds. It is also the idle wake-up of the join loop.
+	RejoinInterval time.Duration
+
+	// Gossip timings, passed to memberlist. The defaults are memberlist's
+	// LAN defaults; tests shorten them.
+	GossipInterval   time.Duration
+	ProbeInterval    time.Duration
+	ProbeTimeout     time.Duration
+	PushPullInterval time.Duration
+	// SuspicionMult scales how long a peer stays suspect before it is
+	// declared dead: SuspicionMult * log10(N+1) * ProbeInterval at least.
+	SuspicionMult int
+
+	// Metadata is the local peer's initial metadata. Name defaults to
+	// Config.Name (and must equal it); Underlay defaults to the advertise
+	// address. Change it later with Mesh.UpdateMetadata.
+	Metadata Metadata
+
+	// EventBuffer is the capacity of each Subscribe channel.
+	EventBuffer int
+	// DeadPeerRetention is how long dead and left peers stay in Peers();
+	// 0 keeps them until the process ends.
+	DeadPeerRetention time.Duration
+	// MaxQueuedBroadcasts bounds the broadcast queue; the oldest messages
+	// are dropped past it (weft_mesh_broadcasts_dropped_total).
+	MaxQueuedBroadcasts int
+}
+
+// DefaultConfig returns production defaults. Name, Seeds and Password are
+// left for the caller.
+func DefaultConfig() Config {
+	return Config{
+		BindPort:            DefaultPort,
+		JoinBackoffMin:      time.Second,
+		JoinBackoffMax:      30 * time.Second,
+		RejoinInterval:      60 * time.Second,
+		GossipInterval:      200 * time.Millisecond,
+		ProbeInterval:       time.Second,
+		ProbeTimeout:        500 * time.Millisecond,
+		PushPullInterval:    30 * time.Second,
+		SuspicionMult:       4,
+		EventBuffer:         256,
+		DeadPeerRetention:   time.Hour,
+		MaxQueuedBroadcasts: 4096,
+	}
+}
+
+// Validate reports the first invalid field, wrapping ErrInvalidConfig.
+// It does not check Metadata fields that New fills in (Name, Underlay).
+func (c *Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: %s", ErrInvalidConfig, fmt.Sprintf(format, a...))
+	}
+	if err := validName(c.Name); err != nil {
+		return bad("name: %v", err)
+	}
+	if c.BindAddr.IsValid() && c.BindAddr.Zone() != "" {
+		return bad("bind address %s: zones are not supported", c.BindAddr)
+	}
+	if c.BindPort < 0 || c.BindPort > 65535 {
+		return bad("bind port %d out of range 0-65535", c.BindPort)
+	}
+	if c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified() || c.AdvertiseAddr.Zone() != "") {
+		return bad("advertise address %s must be a specific address without zone", c.AdvertiseAddr)
+	}
+	if c.AdvertisePort < 0 || c.AdvertisePort > 65535 {
+		return bad("advertise port %d out of range 0-65535", c.AdvertisePort)
+	}
+	for _, s := range c.Seeds {
+		if _, err := normalizeTarget(s); err != nil {
+			return bad("seed: %v", err)
+		}
+	}
+	if c.JoinBackoffMin <= 0 || c.JoinBackoffMax < c.JoinBackoffMin {
+		return bad("join backoff %v..%v: need 0 < min <= max", c.JoinBackoffMin, c.JoinBackoffMax)
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"rejoin interval", c.RejoinInterval},
+		{"gossip interval", c.GossipInterval},
+		{"probe interval", c.ProbeInterval},
+		{"probe timeout", c.ProbeTimeout},
+		{"push/pull interval", c.PushPullInterval},
+	} {
+		if d.v <= 0 {
+			return bad("%s %v must be positive", d.name, d.v)
+		}
+	}
+	if c.ProbeTimeout >= c.ProbeInterval {
+		return bad("probe timeout %v must be shorter than probe interval %v", c.ProbeTimeout, c.ProbeInterval)
+	}
+	if c.SuspicionMult < 1 {
+		return bad("suspicion multiplier %d must be at least 1", c.SuspicionMult)
+	}
+	if c.EventBuffer < 1 {
+		return bad("event buffer %d must be at least 1", c.EventBuffer)
+	}
+	if c.DeadPeerRetention < 0 {
+		return bad("dead peer retention %v must not be negative", c.DeadPeerRetention)
+	}
+	if c.MaxQueuedBroadcasts < 1 {
+		return bad("max queued broadcasts %d must be at least 1", c.MaxQueuedBroadcasts)
+	}
+	if c.Metadata.Name != "" && c.Metadata.Name != c.Name {
+		return bad("metadata name %q differs from name %q", c.Metadata.Name, c.Name)
+	}
+	return nil
+}
+
+// GossipKey derives the 32-byte AES-256-GCM memberlist key from a password:
+// HKDF-SHA256 with no salt and info "weft gossip v1". Every peer derives the
+// same key with nothing exchanged, so the password's strength is the key's
+// strength; the info string separates it from the other keys weft derives
+// from the same password (Raft, control traffic).
+func GossipKey(password []byte) []byte {
+	key, err := hkdf.Key(sha256.New, password, nil, "weft gossip v1", 32)
+	if err != nil {
+		// hkdf.Key fails only for lengths beyond 255*32 bytes.
+		panic("mesh: hkdf: " + err.Error())
+	}
+	return key
+}
+
+// normalizeTarget turns "host", "host:port", "v6addr" or "[v6addr]:port"
+// into "host:port" with the default port, so targets compare equal however
+// they were written.
+func normalizeTarget(s string) (string, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return "", fmt.Errorf("empty address")
+	}
+	// A bare IPv6 literal has colons but no brackets.
+	if a, err := netip.ParseAddr(s); err == nil {
+		if a.Zone() != "" {
+			return "", fmt.Errorf("address %q: zones are not supported", s)
+		}
+		return netip.AddrPortFrom(a.Unmap(), DefaultPort).String(), nil
+	}
+	host, port := s, strconv.Itoa(DefaultPort)
+	if strings.Contains(s, ":") {
+		h, p, err := net.SplitHostPort(s)
+		if err != nil {
+			return "", fmt.Errorf("address %q: %v", s, err)
+		}
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 1 || n > 65535 {
+			return "", fmt.Errorf("address %q: port must be 1-65535", s)
+		}
+		host, port = h, strconv.Itoa(n)
+	}
+	if host == "" {
+		return "", fmt.Errorf("address %q: empty host", s)
+	}
+	if a, err := netip.ParseAddr(host); err == nil {
+		if a.Zone() != "" {
+			return "", fmt.Errorf("address %q: zones are not supported", s)
+		}
+		return net.JoinHostPort(a.Unmap().String(), port), nil
+	}
+	if !validHostname(host) {
+		return "", fmt.Errorf("address %q: %q is neither an IP address nor a host name", s, host)
+	}
+	return net.JoinHostPort(strings.ToLower(host), port), nil
+}
+
+func validHostname(h string) bool {
+	if len(h) == 0 || len(h) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(strings.TrimSuffix(h, "."), ".") {
+		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// validName checks a peer name: 1–64 bytes of [A-Za-z0-9._:-].
+func validName(s string) error {
+	if s == "" {
+		return fmt.Errorf("empty")
+	}
+	if len(s) > maxNameLen {
+		return fmt.Errorf("%d bytes, at most %d", len(s), maxNameLen)
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == ':' || c == '-') {
+			return fmt.Errorf("%q: byte %d (%q) is not one of [A-Za-z0-9._:-]", s, i, c)
+		}
+	}
+	return nil
+}
+
+const maxNameLen = 64

@@ -1,0 +1,218 @@
+package mesh
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// delegate adapts the Mesh to memberlist's Delegate, EventDelegate and
+// AliveDelegate without putting those methods on *Mesh.
+//
+// memberlist calls the EventDelegate and AliveDelegate methods while
+// holding its node lock, one at a time; the Delegate and PingDelegate
+// methods concurrently from its packet, stream and probe goroutines. None
+// of them may block or call into memberlist.
+type delegate struct{ m *Mesh }
+
+var (
+	_ memberlist.Delegate      = delegate{}
+	_ memberlist.EventDelegate = delegate{}
+	_ memberlist.AliveDelegate = delegate{}
+	_ memberlist.PingDelegate  = delegate{}
+)
+
+// NodeMeta returns the encoded local metadata (Encode keeps it within
+// MaxMetadataSize, which is the limit memberlist passes).
+func (d delegate) NodeMeta(limit int) []byte {
+	d.m.metaMu.Lock()
+	defer d.m.metaMu.Unlock()
+	if len(d.m.metaBytes) > limit {
+		d.m.log.Error("mesh: metadata exceeds memberlist's limit", "size", len(d.m.metaBytes), "limit", limit)
+		return nil
+	}
+	return append([]byte(nil), d.m.metaBytes...)
+}
+
+func (d delegate) NotifyMsg(b []byte) { d.m.notifyMsg(b) }
+
+func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return d.m.queue.GetBroadcasts(overhead, limit)
+}
+
+func (d delegate) LocalState(join bool) []byte { return d.m.localState(join) }
+
+func (d delegate) MergeRemoteState(b []byte, join bool) { d.m.mergeRemoteState(b, join) }
+
+// NotifyAlive refuses peers whose metadata does not decode or names another
+// peer: they never become members. memberlist logs the refusal ("ignoring
+// alive message for 'x': <our error>") at warning level.
+func (d delegate) NotifyAlive(n *memberlist.Node) error {
+	md, err := DecodeMetadata(n.Meta)
+	if err == nil && md.Name != n.Name {
+		err = fmt.Errorf("%w: metadata names %q", ErrBadMetadata, md.Name)
+	}
+	if err != nil {
+		d.m.metrics.metadataRejected.Inc()
+		return err
+	}
+	return nil
+}
+
+func (d delegate) NotifyJoin(n *memberlist.Node) {
+	d.m.observe(n.Name, nodeAddr(n), n.Meta, StateAlive, EventJoin)
+}
+
+func (d delegate) NotifyUpdate(n *memberlist.Node) {
+	d.m.observe(n.Name, nodeAddr(n), n.Meta, StateAlive, EventUpdate)
+}
+
+// NotifyLeave reports a peer that memberlist declared dead or that left.
+// memberlist knows which (a leave is a dead message sent by the node about
+// itself) but does not say: the Node it passes has State StateAlive
+// whatever happened (nodeState shadows Node.State, hashicorp/memberlist#266).
+// So Leave first broadcasts a leave intent on the internal channel, like
+// Serf does, and a peer with a recent intent is recorded as left.
+func (d delegate) NotifyLeave(n *memberlist.Node) {
+	d.m.observe(n.Name, nodeAddr(n), n.Meta, StateDead, EventDead)
+}
+
+// NotifyPingComplete: a direct probe of the peer was acknowledged, so it
+// is alive now: clears our suspicion of it (memberlist clears its own when
+// the peer's refutation arrives).
+func (d delegate) NotifyPingComplete(n *memberlist.Node, _ time.Duration, _ []byte) {
+	d.m.markAlive(n.Name)
+}
+
+// AckPayload adds nothing to acks.
+func (d delegate) AckPayload() []byte { return nil }
+
+// nodeAddr copies a node's address. Only call it inside memberlist's
+// callbacks, where the node lock makes reading Node fields safe.
+func nodeAddr(n *memberlist.Node) netip.AddrPort {
+	a, _ := netip.AddrFromSlice(n.Addr)
+	return netip.AddrPortFrom(a.Unmap(), n.Port)
+}
+
+// observe records what an EventDelegate callback reported and publishes
+// the event.
+func (m *Mesh) observe(name string, addr netip.AddrPort, meta []byte, state State, ev EventType) {
+	md, err := DecodeMetadata(meta)
+	if err != nil && state == StateAlive {
+		// NotifyAlive refused such nodes; only a node that was alive
+		// before could get here (e.g. metadata from a dead message).
+		m.log.Warn("mesh: peer metadata did not decode", "peer", name, "err", err)
+	}
+	now := time.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.shut {
+		return
+	}
+	p, ok := m.peers[name]
+	if !ok {
+		p = &Peer{Name: name, Self: name == m.cfg.Name, State: StateDead}
+		m.peers[name] = p
+	}
+	prev := p.State
+	switch ev {
+	case EventDead:
+		if _, ok := m.leaving[name]; ok {
+			state, ev = StateLeft, EventLeave
+		}
+	case EventJoin:
+		delete(m.leaving, name)
+	}
+	if err == nil {
+		p.Meta = md
+	}
+	if addr.IsValid() {
+		p.Addr = addr
+	}
+	if state != prev || !ok {
+		p.State, p.Since = state, now
+	}
+	m.emitLocked(ev, p, prev)
+}
+
+// emitLocked counts an event, publishes it to subscribers and refreshes the
+// members gauge. Events about the local peer are not published.
+func (m *Mesh) emitLocked(t EventType, p *Peer, prev State) {
+	m.metrics.events.WithLabelValues(t.String()).Inc()
+	m.updateGaugeLocked()
+	if p.Self {
+		return
+	}
+	switch t {
+	case EventJoin, EventDead, EventLeave:
+		m.log.Info("mesh: peer "+t.String(), "peer", p.Name, "addr", p.Addr, "prev", prev)
+	case EventSuspect, EventAlive:
+		m.log.Info("mesh: peer "+t.String(), "peer", p.Name, "addr", p.Addr)
+	default:
+		m.log.Debug("mesh: peer "+t.String(), "peer", p.Name)
+	}
+	ev := Event{Type: t, Peer: p.clone(), Prev: prev}
+	for s := range m.subs {
+		if s.lost {
+			select {
+			case s.ch <- Event{Type: EventOverflow}:
+				s.lost = false
+			default:
+				m.metrics.eventsDropped.Inc()
+				continue
+			}
+		}
+		select {
+		case s.ch <- ev:
+		default:
+			s.lost = true
+			m.metrics.eventsDropped.Inc()
+		}
+	}
+}
+
+func (m *Mesh) updateGaugeLocked() {
+	var n [len(stateNames)]int
+	for _, p := range m.peers {
+		n[p.State]++
+	}
+	for s, c := range n {
+		m.metrics.members.WithLabelValues(State(s).String()).Set(float64(c))
+	}
+}
+
+// stateLoop prunes dead and left peers past Config.DeadPeerRetention.
+func (m *Mesh) stateLoop(ctx context.Context) {
+	tick := time.NewTicker(max(m.cfg.ProbeInterval, 10*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			m.prune(time.Now())
+		}
+	}
+}
+
+func (m *Mesh) prune(now time.Time) {
+	r := m.cfg.DeadPeerRetention
+	if r <= 0 {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	pruned := false
+	for name, p := range m.peers {
+		if !p.Self && (p.State == StateDead || p.State == StateLeft) && now.Sub(p.Since) > r {
+			delete(m.peers, name)
+			pruned = true
+		}
+	}
+	if pruned {
+		m.updateGaugeLocked()
+	}
+}
