@@ -47,6 +47,9 @@ type Metadata struct {
 	// Version is the weft version the peer runs (printable ASCII, at most
 	// 64 bytes).
 	Version string
+	// RaftMember says the peer belongs to a Raft cluster (it has Raft state);
+	// a peer without state waits to be added rather than bootstrap a second one.
+	RaftMember bool
 }
 
 // Field tags of the encoding. Tags 1–63 are defined by this version;
@@ -59,6 +62,7 @@ const (
 	tagWGKey      = 5
 	tagRaftAddr   = 6
 	tagVersion    = 7
+	tagRaftMember = 8 // one byte, 1; absent means false
 )
 
 // HasCapability reports whether c is among the capabilities.
@@ -151,6 +155,9 @@ func (md *Metadata) Encode() ([]byte, error) {
 	if md.Version != "" {
 		field(tagVersion, []byte(md.Version))
 	}
+	if md.RaftMember {
+		field(tagRaftMember, []byte{1})
+	}
 	if len(b) > MaxMetadataSize {
 		return nil, fmt.Errorf("%w: encoded size %d exceeds %d bytes", ErrBadMetadata, len(b), MaxMetadataSize)
 	}
@@ -228,6 +235,11 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 				return bad("empty version field")
 			}
 			md.Version = string(v)
+		case tagRaftMember:
+			if len(v) != 1 || v[0] != 1 {
+				return bad("raft member flag: want the single byte 1, got %x", v)
+			}
+			md.RaftMember = true
 		default:
 			// An optional field from a later version: skip it.
 		}

@@ -19,6 +19,7 @@ func fullMetadata() Metadata {
 		VTEPMAC:      mac,
 		WireGuardKey: [32]byte{0: 9, 31: 7},
 		RaftAddr:     netip.MustParseAddrPort("192.0.2.10:6785"),
+		RaftMember:   true,
 		Version:      "0.1.0-dev+abc",
 	}
 }
@@ -94,6 +95,7 @@ func TestDecodeMetadataRejects(t *testing.T) {
 		"bad mac":       {1, tagName, 1, 'a', tagUnderlay, 4, 10, 0, 0, 1, tagVTEPMAC, 2, 1, 2},
 		"zero wg key":   append([]byte{1, tagName, 1, 'a', tagUnderlay, 4, 10, 0, 0, 1, tagWGKey, 32}, make([]byte, 32)...),
 		"bad raft":      {1, tagName, 1, 'a', tagUnderlay, 4, 10, 0, 0, 1, tagRaftAddr, 4, 10, 0, 0, 1},
+		"bad member":    {1, tagName, 1, 'a', tagUnderlay, 4, 10, 0, 0, 1, tagRaftMember, 1, 2},
 		"empty version": {1, tagName, 1, 'a', tagUnderlay, 4, 10, 0, 0, 1, tagVersion, 0},
 		"bad name":      {1, tagName, 2, 'a', ' ', tagUnderlay, 4, 10, 0, 0, 1},
 		"too long":      append(bytes.Clone(good), make([]byte, MaxMetadataSize)...),

@@ -1,0 +1,330 @@
+package dns
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	mdns "github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Server answers service DNS on UDP and TCP at each listen address: weft
+// names from the Records, everything else forwarded upstream. Build it with
+// NewServer, then Start; Close stops it.
+type Server struct {
+	cfg     Config
+	records *Records
+	log     *slog.Logger
+	m       *metrics
+	zone    *zone
+	fwd     *forwarder
+	chain   Handler
+
+	ctx    context.Context // cancelled by Close: aborts forwards in flight
+	cancel context.CancelFunc
+
+	mu        sync.Mutex // guards the fields below
+	listeners map[string]*listener
+	closed    bool
+}
+
+// Deps are the collaborators of a Server.
+type Deps struct {
+	Logger   *slog.Logger          // nil: discard
+	Registry prometheus.Registerer // nil: metrics not exported
+	Now      func() time.Time      // nil: time.Now; used by the cache and resolv.conf checks
+}
+
+type listener struct {
+	addr     net.Addr // the UDP address; TCP listens on the same ip:port
+	udp, tcp *mdns.Server
+	done     sync.WaitGroup // the two serve goroutines
+}
+
+// ErrClosed is returned by methods called after Close.
+var ErrClosed = errors.New("dns server closed")
+
+// NewServer checks cfg and builds a server over records. It listens on
+// nothing until Start.
+func NewServer(cfg Config, records *Records, deps Deps) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if records == nil {
+		return nil, fmt.Errorf("%w: no records", ErrConfig)
+	}
+	log := deps.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	now := deps.Now
+	if now == nil {
+		now = time.Now
+	}
+	s := &Server{cfg: cfg, records: records, log: log, listeners: make(map[string]*listener)}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	c := newCache(cfg.CacheSize, cfg.CacheMaxTTL, cfg.CacheMaxNegativeTTL, now)
+	m, err := newMetrics(deps.Registry, c.len, records.Len)
+	if err != nil {
+		s.cancel()
+		return nil, err
+	}
+	s.m = m
+	var static []string
+	for _, u := range cfg.Upstreams {
+		a, _ := upstreamAddr(u, "53") // checked by Validate
+		static = append(static, a)
+	}
+	s.fwd = &forwarder{
+		static: static, resolvPath: cfg.ResolvConf, check: cfg.ResolvConfCheck,
+		timeout: cfg.ForwardTimeout, udpSize: cfg.UDPSize, defPort: "53",
+		now: now, log: log, m: m, cache: c,
+		selfAddrs: func() map[string]bool { return selfAddrSet(s.Addrs()) },
+	}
+	s.zone = &zone{
+		domain: cfg.Domain, ttl: uint32(cfg.TTL / time.Second), networks: slices.Clone(cfg.Networks),
+		records: records, udpSize: cfg.UDPSize, m: m, next: s.fwd,
+	}
+	s.chain = sanitize{next: s.zone}
+	return s, nil
+}
+
+// SetNearest sets (or, with nil, clears) the function that orders addresses
+// nearest peer first. Safe to call at any time.
+func (s *Server) SetNearest(f NearestFunc) {
+	if f == nil {
+		s.zone.nearest.Store(nil)
+		return
+	}
+	s.zone.nearest.Store(&f)
+}
+
+// Start listens on every address of the config.
+func (s *Server) Start() error {
+	for _, a := range s.cfg.Listen {
+		if _, err := s.AddListener(a); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// AddListener serves UDP and TCP on addr (host:port; port 0 picks a port
+// free for both) and returns the bound address. It is how a network created
+// later gets DNS on its gateway.
+func (s *Server) AddListener(addr string) (net.Addr, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrClosed
+	}
+	pc, l, err := listenBoth(addr)
+	if err != nil {
+		return nil, fmt.Errorf("dns listen %s: %w", addr, err)
+	}
+	ln := &listener{addr: pc.LocalAddr()}
+	if _, dup := s.listeners[ln.addr.String()]; dup {
+		pc.Close()
+		l.Close()
+		return nil, fmt.Errorf("dns listen %s: already listening", addr)
+	}
+	h := mdns.HandlerFunc(s.serveMiekg)
+	ln.udp = &mdns.Server{PacketConn: pc, Handler: h, UDPSize: 4096} // read buffer: queries are small
+	ln.tcp = &mdns.Server{
+		Listener: l, Handler: h, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
+		IdleTimeout: func() time.Duration { return s.cfg.TCPIdleTimeout },
+	}
+	for _, srv := range []*mdns.Server{ln.udp, ln.tcp} {
+		if err := s.serve(ln, srv); err != nil {
+			ln.shutdown()
+			return nil, fmt.Errorf("dns serve %s: %w", addr, err)
+		}
+	}
+	s.listeners[ln.addr.String()] = ln
+	s.log.Info("dns listening", "addr", ln.addr.String())
+	return ln.addr, nil
+}
+
+// serve starts srv and waits until it is serving.
+func (s *Server) serve(ln *listener, srv *mdns.Server) error {
+	started := make(chan struct{})
+	errc := make(chan error, 1)
+	srv.NotifyStartedFunc = func() { close(started) }
+	ln.done.Add(1)
+	go func() {
+		defer ln.done.Done()
+		errc <- srv.ActivateAndServe()
+	}()
+	select {
+	case <-started:
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+// listenBoth binds UDP and TCP on the same ip:port.
+func listenBoth(addr string) (net.PacketConn, net.Listener, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	for try := 0; ; try++ {
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, nil, err
+		}
+		p := strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)
+		l, err := net.Listen("tcp", net.JoinHostPort(host, p))
+		if err == nil {
+			return pc, l, nil
+		}
+		pc.Close()
+		if port != "0" || try == 9 {
+			return nil, nil, err
+		}
+	}
+}
+
+func (ln *listener) shutdown() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, srv := range []*mdns.Server{ln.udp, ln.tcp} {
+		if err := srv.ShutdownContext(ctx); err != nil {
+			// Not started: close the socket ourselves.
+			if srv.PacketConn != nil {
+				srv.PacketConn.Close()
+			}
+			if srv.Listener != nil {
+				srv.Listener.Close()
+			}
+		}
+	}
+	ln.done.Wait()
+}
+
+// RemoveListener stops serving on addr, an address AddListener returned.
+func (s *Server) RemoveListener(addr net.Addr) error {
+	s.mu.Lock()
+	ln, ok := s.listeners[addr.String()]
+	delete(s.listeners, addr.String())
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("dns: not listening on %s", addr)
+	}
+	ln.shutdown()
+	return nil
+}
+
+// Addrs returns the bound UDP addresses (TCP uses the same), sorted.
+func (s *Server) Addrs() []net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]net.Addr, 0, len(s.listeners))
+	for _, ln := range s.listeners {
+		out = append(out, ln.addr)
+	}
+	slices.SortFunc(out, func(a, b net.Addr) int {
+		if a.String() < b.String() {
+			return -1
+		}
+		if a.String() > b.String() {
+			return 1
+		}
+		return 0
+	})
+	return out
+}
+
+// Close stops every listener, aborts forwards in flight and waits for the
+// serving goroutines. It is safe to call more than once.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	lns := s.listeners
+	s.listeners = make(map[string]*listener)
+	s.mu.Unlock()
+	s.cancel()
+	for _, ln := range lns {
+		ln.shutdown()
+	}
+	return nil
+}
+
+// ServeDNS runs the handler chain (sanitize → weft zone → forward) for r,
+// writing the answer to w. It never panics: a panic is logged, counted, and
+// answered with SERVFAIL. It is the in-process entry point (tests,
+// benchmarks); the listeners call it too.
+func (s *Server) ServeDNS(ctx context.Context, w mdns.ResponseWriter, r *mdns.Msg) (rcode int, err error) {
+	rw := &recordingWriter{ResponseWriter: w, rcode: -1}
+	qtype := "none"
+	if r != nil && len(r.Question) > 0 {
+		qtype = typeLabel(r.Question[0].Qtype)
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			s.m.panics.Inc()
+			s.log.Error("dns handler panic", "panic", p, "stack", string(debug.Stack()))
+			rcode, err = mdns.RcodeServerFailure, fmt.Errorf("dns handler panic: %v", p)
+			if rw.rcode < 0 && r != nil {
+				s.writeError(rw, r, rcode)
+			}
+		}
+		label := "dropped"
+		if rw.rcode >= 0 {
+			label = rcodeLabel(rw.rcode)
+		}
+		s.m.queries.WithLabelValues(qtype, label).Inc()
+	}()
+	if r == nil {
+		return mdns.RcodeFormatError, errDrop
+	}
+	rcode, err = s.chain.ServeDNS(ctx, rw, r)
+	if errors.Is(err, errDrop) {
+		return rcode, err
+	}
+	if err != nil {
+		s.log.Debug("dns query failed", "err", err)
+	}
+	if !clientWrites(rcode) && rw.rcode < 0 {
+		s.writeError(rw, r, rcode)
+	}
+	return rcode, err
+}
+
+func (s *Server) writeError(w mdns.ResponseWriter, r *mdns.Msg, rcode int) {
+	m := new(mdns.Msg)
+	m.SetRcode(r, rcode)
+	m.RecursionAvailable = true
+	if len(m.Question) == 1 {
+		// A name that cannot be packed is not echoed.
+		if _, ok := mdns.IsDomainName(m.Question[0].Name); !ok || !mdns.IsFqdn(m.Question[0].Name) {
+			m.Question = nil
+		}
+	}
+	writeResponse(w, r, m, s.cfg.UDPSize, s.m)
+}
+
+// serveMiekg adapts the chain to miekg/dns.
+func (s *Server) serveMiekg(w mdns.ResponseWriter, r *mdns.Msg) {
+	_, _ = s.ServeDNS(s.ctx, w, r)
+}
+
+// recordingWriter remembers the rcode written.
+type recordingWriter struct {
+	mdns.ResponseWriter
+	rcode int // -1 until written
+}
+
+func (w *recordingWriter) WriteMsg(m *mdns.Msg) error {
+	w.rcode = m.Rcode
+	return w.ResponseWriter.WriteMsg(m)
+}
