@@ -154,16 +154,22 @@ func TestGC(t *testing.T) {
 	}
 }
 
-// STATUS answers 50 (plugin not available) while the peer is down, success otherwise.
+// STATUS answers 50 (plugin not available) while the peer is down, success once it can
+// serve ADDs (right after a start that is when its Raft node has a leader: a runtime polls).
 func TestStatusVerb(t *testing.T) {
 	l := newLab(t, lab.Config{Prefix: "wcstat"})
 	ctx := testCtx(t, 2*time.Minute)
 	h := l.Host(0)
 	c := mustCNI(t, h, lab.CNIOptions{})
-
-	if err := c.Status(ctx); err != nil {
-		t.Fatalf("STATUS with peer running: %v", err)
+	ready := func(what string) {
+		t.Helper()
+		pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
+		if err := lab.Poll(pctx, 100*time.Millisecond, func() error { return c.Status(pctx) }); err != nil {
+			t.Fatalf("STATUS %s: %v", what, err)
+		}
 	}
+	ready("with peer running")
 	if err := h.Stop(ctx); err != nil {
 		t.Fatalf("stop peer: %v", err)
 	}
@@ -174,9 +180,7 @@ func TestStatusVerb(t *testing.T) {
 	if err := h.Start(ctx); err != nil {
 		t.Fatalf("start peer: %v", err)
 	}
-	if err := c.Status(ctx); err != nil {
-		t.Fatalf("STATUS after restart: %v", err)
-	}
+	ready("after restart")
 }
 
 // The chain weft → bandwidth → portmap (cniVersion 1.0.0) works through libcni.

@@ -276,7 +276,7 @@ func (a *Allocator) Networks() []NetworkStatus {
 					used++
 				}
 			}
-			st.Blocks = append(st.Blocks, BlockStatus{CIDR: b, Used: used, Free: ns.def.usable(b) - used})
+			st.Blocks = append(st.Blocks, BlockStatus{CIDR: b, Used: used, Free: ns.def.Usable(b) - used})
 		}
 		out = append(out, st)
 	}

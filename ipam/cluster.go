@@ -245,6 +245,13 @@ func (c *Cluster) Reconcile(ctx context.Context, members []Member, now time.Time
 			}
 		}
 	}
+	// Peers removed with rmpeer leave the configuration once they are down.
+	for _, s := range conf.Servers {
+		if m, known := byName[string(s.ID)]; s.ID != raft.ServerID(c.cfg.Name) && c.fsm.removed(string(s.ID)) && (!known || !m.Alive) {
+			errs = append(errs, c.raft.RemoveServer(s.ID, 0, c.cfg.ApplyTimeout).Error())
+			c.log.Info("removed peer left the raft configuration", "peer", s.ID)
+		}
+	}
 	// Replace dead voters, one per round, oldest death first.
 	var dead []Member
 	for _, s := range conf.Servers {

@@ -380,14 +380,19 @@ func TestRemovePeerIsRepeatable(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	released, err := tc.nodes["p1"].c.RemovePeer(ctx, "p2")
+	released, err := tc.nodes["p2"].c.RemovePeer(ctx, "p2") // from a follower
 	if err != nil || len(released) != 2 {
 		t.Fatalf("remove p2: %v, %v; want 2 blocks back", released, err)
 	}
-	released, err = tc.nodes["p2"].c.RemovePeer(ctx, "p2") // from a follower, again
+	released, err = tc.nodes["p1"].c.RemovePeer(ctx, "p2") // again, from the leader
 	if err != nil || len(released) != 0 {
 		t.Fatalf("second remove: %v, %v; want nothing and no error", released, err)
 	}
+	tc.kill("p2")
+	tc.reconcileUntil("p2 out of the raft configuration", func() bool {
+		st := tc.nodes["p1"].c.Status()
+		return fmt.Sprint(st.Voters) == "[p1]"
+	})
 	b, err := tc.nodes["p1"].c.Claim(ctx, clusterNet, "p1")
 	if err != nil || b.String() != "10.40.0.0/26" {
 		t.Fatalf("claim after reclaim = %v, %v; want the freed 10.40.0.0/26", b, err)

@@ -63,6 +63,9 @@ type fsmState struct {
 	Networks map[string]Network `json:"networks"`
 	// Owners maps network name → block → owning peer.
 	Owners map[string]map[netip.Prefix]string `json:"owners"`
+	// Removed lists peers removed with rmpeer (or reclaimed) and not back since; the
+	// leader takes them out of the Raft configuration.
+	Removed map[string]bool `json:"removed,omitempty"`
 }
 
 // fsm implements raft.FSM. Apply runs on raft's single FSM goroutine; reads come from any
@@ -73,7 +76,7 @@ type fsm struct {
 }
 
 func newFSM() *fsm {
-	return &fsm{state: fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}}}
+	return &fsm{state: fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}, Removed: map[string]bool{}}}
 }
 
 // Apply implements raft.FSM.
@@ -107,6 +110,7 @@ func (f *fsm) claim(cmd command) commandResult {
 			n.Name, def.Subnet, def.BlockBits, cmd.Peer, n.Subnet, n.BlockBits)}
 	}
 	f.state.Networks[n.Name] = n
+	delete(f.state.Removed, cmd.Peer) // it is back
 	owners := f.state.Owners[n.Name]
 	if owners == nil {
 		owners = map[netip.Prefix]string{}
@@ -135,6 +139,7 @@ func (f *fsm) removePeer(peer string) commandResult {
 		}
 	}
 	sort.Slice(released, func(i, j int) bool { return released[i].Addr().Less(released[j].Addr()) })
+	f.state.Removed[peer] = true
 	return commandResult{Released: released}
 }
 
@@ -158,6 +163,13 @@ func (f *fsm) ownerOf(network string, b netip.Prefix) (string, bool) {
 	defer f.mu.RUnlock()
 	owner, ok := f.state.Owners[network][b]
 	return owner, ok
+}
+
+// removed says whether peer was removed and has not claimed since.
+func (f *fsm) removed(peer string) bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.Removed[peer]
 }
 
 // BlockOwnership is one row of the replicated table.
@@ -210,6 +222,9 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	}
 	if st.Owners == nil {
 		st.Owners = map[string]map[netip.Prefix]string{}
+	}
+	if st.Removed == nil {
+		st.Removed = map[string]bool{}
 	}
 	for name, owners := range st.Owners {
 		n, ok := st.Networks[name]

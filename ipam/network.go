@@ -80,8 +80,8 @@ func (n Network) ContainsBlock(b netip.Prefix) bool {
 	return b.Bits() == n.BlockBits && b.Masked() == b && n.Subnet.Contains(b.Addr())
 }
 
-// usable is the number of addresses of block b that may be handed out.
-func (n Network) usable(b netip.Prefix) int {
+// Usable is the number of addresses of block b that may be handed out.
+func (n Network) Usable(b netip.Prefix) int {
 	count := 0
 	for a := b.Addr(); b.Contains(a); a = a.Next() {
 		if !n.reserved(a) {

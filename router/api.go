@@ -16,6 +16,7 @@ import (
 	"github.com/weftnet/weft/cni"
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/ipam"
+	"github.com/weftnet/weft/mesh"
 )
 
 const maxRequestBytes = 1 << 20
@@ -112,10 +113,36 @@ func (p *Peer) apiHandler() http.Handler {
 		if err := decode(r, &req); err != nil {
 			return nil, err
 		}
-		if _, ok := p.alloc.Network(req.Network); !ok {
-			return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "network %q is not defined on peer %s", req.Network, p.cfg.Name)
+		return struct{}{}, p.cniStatus(req)
+	})
+	route(http.MethodGet, "/v1/peers", "peers", func(*http.Request) (any, error) { return p.peerStatus(), nil })
+	route(http.MethodGet, "/v1/ipam", "ipam", func(*http.Request) (any, error) { return p.ipamStatus(), nil })
+	route(http.MethodPost, "/v1/connect", "connect", func(r *http.Request) (any, error) {
+		var req AddressRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		if err := p.mesh.Connect(req.Address); err != nil {
+			return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "connect %q: %v", req.Address, err)
 		}
 		return struct{}{}, nil
+	})
+	route(http.MethodPost, "/v1/forget", "forget", func(r *http.Request) (any, error) {
+		var req AddressRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		if err := p.mesh.Forget(req.Address); err != nil {
+			return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "forget %q: %v", req.Address, err)
+		}
+		return struct{}{}, nil
+	})
+	route(http.MethodPost, "/v1/rmpeer", "rmpeer", func(r *http.Request) (any, error) {
+		var req RemovePeerRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return p.removePeer(r.Context(), req)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
@@ -223,6 +250,70 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 		Bridge: want.Bridge, BridgeMAC: res.BridgeMAC,
 		Address: want.Address.String(), Gateway: want.Gateway.String(), MTU: mtu,
 	}, nil
+}
+
+// cniStatus says whether an ADD can succeed now: the network exists, and either an owned
+// block has a free address or a new block can be claimed (a Raft leader is reachable).
+func (p *Peer) cniStatus(req cni.StatusRequest) error {
+	if _, ok := p.alloc.Network(req.Network); !ok {
+		return newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "network %q is not defined on peer %s", req.Network, p.cfg.Name)
+	}
+	for _, n := range p.alloc.Networks() {
+		if n.Name != req.Network {
+			continue
+		}
+		for _, b := range n.Blocks {
+			if b.Free > 0 {
+				return nil
+			}
+		}
+	}
+	if p.cluster.Status().Leader == "" {
+		return newAPIError(http.StatusServiceUnavailable, cni.CodePluginNotAvailable,
+			"peer %s has no free address in its blocks and no raft leader to claim another from", p.cfg.Name)
+	}
+	return nil
+}
+
+// AddressRequest names a seed address for connect and forget.
+type AddressRequest struct {
+	Address string `json:"address"`
+}
+
+// RemovePeerRequest asks to return a gone peer's blocks to the pool.
+type RemovePeerRequest struct {
+	Name string `json:"name"`
+	// Force removes a peer the mesh still sees alive (its addresses may then be handed out
+	// twice: only for a peer that is gone for good but not yet declared dead).
+	Force bool `json:"force"`
+}
+
+// RemovePeerResult lists the blocks returned to the pool.
+type RemovePeerResult struct {
+	Released []string `json:"released"`
+}
+
+func (p *Peer) removePeer(ctx context.Context, req RemovePeerRequest) (*RemovePeerResult, error) {
+	if req.Name == "" {
+		return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "rmpeer: no peer name")
+	}
+	if req.Name == p.cfg.Name {
+		return nil, newAPIError(http.StatusConflict, types.ErrInvalidNetworkConfig, "rmpeer: %s is this peer; run it on another", req.Name)
+	}
+	if pr, ok := p.mesh.Peer(req.Name); ok && !req.Force && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) {
+		return nil, newAPIError(http.StatusConflict, types.ErrInvalidNetworkConfig,
+			"rmpeer: %s is %s in the mesh; stop it first (or --force if it is gone for good)", req.Name, pr.State)
+	}
+	released, err := p.cluster.RemovePeer(ctx, req.Name)
+	if err != nil {
+		return nil, err
+	}
+	res := &RemovePeerResult{Released: []string{}}
+	for _, b := range released {
+		res.Released = append(res.Released, b.String())
+	}
+	p.log.Info("removed peer", "peer", req.Name, "released", len(released))
+	return res, nil
 }
 
 // cniDel detaches a container. It succeeds when there is nothing left to undo: no record, no

@@ -16,12 +16,19 @@ import (
 
 // Defaults, as documented in the README.
 const (
-	DefaultSocket      = "/run/weft/weft.sock"
-	DefaultDataDir     = "/var/lib/weft"
-	DefaultHTTPAddr    = "127.0.0.1:6782"
-	DefaultNetwork     = "default"
-	DefaultBridge      = "weft"
-	DefaultMTU         = 1420 // 1500 minus room for the WireGuard/VXLAN encapsulation to come
+	DefaultSocket     = "/run/weft/weft.sock"
+	DefaultDataDir    = "/var/lib/weft"
+	DefaultHTTPAddr   = "127.0.0.1:6782"
+	DefaultNetwork    = "default"
+	DefaultBridge     = "weft"
+	DefaultMTU        = 1420 // 1500 minus room for the WireGuard/VXLAN encapsulation to come
+	DefaultMeshPort   = 6783
+	DefaultRaftPort   = 6785
+	DefaultRaftVoters = 3
+	DefaultVoterGrace = time.Minute
+	// defaultSettle is how long membership must stay unchanged before a peer without Raft
+	// state may bootstrap, so that peers starting together agree on who does.
+	defaultSettle      = 3 * time.Second
 	defaultBlockBits   = ipam.DefaultBlockBits
 	defaultStopTimeout = 10 * time.Second
 )
@@ -43,6 +50,24 @@ type Config struct {
 	MTU          int
 	Version      string
 	Logger       *slog.Logger
+
+	// Seeds are the peers to join ("host[:port]"); empty for the first peer.
+	Seeds []string
+	// AdvertiseAddr is this host's underlay address; zero means the address of the
+	// default-route interface.
+	AdvertiseAddr netip.Addr
+	MeshPort      int
+	RaftPort      int
+	// Password encrypts gossip and authenticates Raft between peers; empty means neither.
+	Password []byte
+	// RaftVoters is how many of the first peers vote.
+	RaftVoters int
+	// VoterGrace is how long a voter may be dead before a healthy non-voter replaces it.
+	VoterGrace time.Duration
+	// ReclaimAfter, when set, returns the blocks of peers dead that long to the pool.
+	ReclaimAfter time.Duration
+	// SettleTime overrides defaultSettle (tests).
+	SettleTime time.Duration
 }
 
 // DefaultConfig returns the documented defaults; Name must still be set.
@@ -55,6 +80,11 @@ func DefaultConfig() Config {
 		BlockBits:    defaultBlockBits,
 		MTU:          DefaultMTU,
 		Version:      "dev",
+		MeshPort:     DefaultMeshPort,
+		RaftPort:     DefaultRaftPort,
+		RaftVoters:   DefaultRaftVoters,
+		VoterGrace:   DefaultVoterGrace,
+		SettleTime:   defaultSettle,
 	}
 }
 
@@ -71,6 +101,18 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --socket path is %d bytes, unix sockets allow 107", ErrInvalidConfig, len(c.Socket))
 	case c.MTU < 576 || c.MTU > 65535:
 		return fmt.Errorf("%w: --mtu %d must be between 576 and 65535", ErrInvalidConfig, c.MTU)
+	case c.MeshPort < 0 || c.MeshPort > 65535:
+		return fmt.Errorf("%w: --mesh-port %d is not a port", ErrInvalidConfig, c.MeshPort)
+	case c.RaftPort < 0 || c.RaftPort > 65535:
+		return fmt.Errorf("%w: --raft-port %d is not a port", ErrInvalidConfig, c.RaftPort)
+	case c.RaftVoters < 1:
+		return fmt.Errorf("%w: --raft-voters %d must be at least 1", ErrInvalidConfig, c.RaftVoters)
+	case c.VoterGrace <= 0:
+		return fmt.Errorf("%w: --raft-voter-grace %s must be positive", ErrInvalidConfig, c.VoterGrace)
+	case c.ReclaimAfter < 0:
+		return fmt.Errorf("%w: --reclaim-after %s must not be negative", ErrInvalidConfig, c.ReclaimAfter)
+	case c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified()):
+		return fmt.Errorf("%w: --advertise-addr %s must be a specific address", ErrInvalidConfig, c.AdvertiseAddr)
 	}
 	if err := c.defaultNetwork().Validate(); err != nil {
 		return fmt.Errorf("%w: --ipalloc-range: %v", ErrInvalidConfig, err)

@@ -4,20 +4,25 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/ipam"
+	"github.com/weftnet/weft/mesh"
 )
 
 // Peer is one weft peer: the daemon that owns this host's part of the mesh.
@@ -29,9 +34,13 @@ type Peer struct {
 	ready   chan struct{}
 
 	// Set during start, read-only afterwards.
-	db      *bolt.DB
-	alloc   *ipam.Allocator
-	started time.Time
+	db        *bolt.DB
+	alloc     *ipam.Allocator
+	transport *ipam.PeerTransport
+	cluster   *ipam.Cluster
+	mesh      *mesh.Mesh
+	usage     *usageTable
+	started   time.Time
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.
@@ -54,6 +63,7 @@ func New(cfg Config) (*Peer, error) {
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
+		usage:   newUsageTable(),
 	}, nil
 }
 
@@ -84,8 +94,13 @@ func (p *Peer) Run(ctx context.Context) error {
 	p.db = db
 	stops = append(stops, func() { db.Close() })
 
-	owner, err := ipam.NewLocalOwner(db)
-	if err != nil {
+	advertise := p.cfg.AdvertiseAddr
+	if !advertise.IsValid() {
+		if advertise, err = mesh.DefaultAdvertiseAddr(); err != nil {
+			return fmt.Errorf("find the underlay address (set --advertise-addr): %w", err)
+		}
+	}
+	if err := p.startCluster(advertise, &stops); err != nil {
 		return err
 	}
 	p.alloc, err = ipam.NewAllocator(ipam.Config{
@@ -93,13 +108,32 @@ func (p *Peer) Run(ctx context.Context) error {
 		Networks:   []ipam.Network{p.cfg.defaultNetwork()},
 		Logger:     p.log.With("component", "ipam"),
 		Registerer: p.reg,
-	}, db, owner)
+	}, db, p.cluster)
 	if err != nil {
 		return err
 	}
 	if err := p.ensureKernel(); err != nil {
 		return err
 	}
+	meshCtx, stopMesh := context.WithCancel(ctx)
+	p.mesh, err = p.startMesh(meshCtx, advertise)
+	if err != nil {
+		stopMesh()
+		return fmt.Errorf("start mesh: %w", err)
+	}
+	stops = append(stops, func() {
+		if err := p.mesh.Leave(2 * time.Second); err != nil {
+			p.log.Warn("leaving the mesh", "err", err)
+		}
+		stopMesh()
+		p.mesh.Close()
+	})
+	loopDone := make(chan struct{})
+	go func() {
+		defer close(loopDone)
+		p.runMembership(meshCtx)
+	}()
+	stops = append(stops, func() { stopMesh(); <-loopDone })
 
 	api, err := p.listenAPI()
 	if err != nil {
@@ -116,10 +150,54 @@ func (p *Peer) Run(ctx context.Context) error {
 	p.started = time.Now()
 	close(p.ready)
 	p.log.Info("peer started", "name", p.cfg.Name, "socket", p.cfg.Socket, "http", p.cfg.HTTPAddr,
-		"range", p.cfg.IPAllocRange, "attachments", len(p.alloc.Attachments()))
+		"range", p.cfg.IPAllocRange, "advertise", advertise, "seeds", p.cfg.Seeds,
+		"attachments", len(p.alloc.Attachments()))
 
 	<-ctx.Done()
 	p.log.Info("peer stopping")
+	return nil
+}
+
+// startCluster opens the peer transport, the Raft node and the forwarding server; their
+// stops are appended to stops in start order.
+func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
+	tr, err := ipam.NewPeerTransport(ipam.TransportConfig{
+		BindAddr: netip.AddrPortFrom(advertise, uint16(p.cfg.RaftPort)).String(),
+		Key:      ipam.DeriveKey(p.cfg.Password),
+		Logger:   p.log.With("component", "transport"),
+	})
+	if err != nil {
+		return fmt.Errorf("listen on --raft-port %d: %w", p.cfg.RaftPort, err)
+	}
+	p.transport = tr
+	*stops = append(*stops, func() { tr.Close() })
+	netTrans := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream:  tr,
+		MaxPool: 3,
+		Timeout: 10 * time.Second,
+		Logger:  hclog.New(&hclog.LoggerOptions{Name: "raft-net", Output: io.Discard}),
+	})
+	*stops = append(*stops, func() { netTrans.Close() })
+	p.cluster, err = ipam.NewCluster(ipam.ClusterConfig{
+		Name:           p.cfg.Name,
+		Dir:            filepath.Join(p.cfg.DataDir, "raft"),
+		Transport:      netTrans,
+		Forward:        ipam.HTTPForwarder(tr.DialRPC),
+		DB:             p.db,
+		Voters:         p.cfg.RaftVoters,
+		DeadVoterGrace: p.cfg.VoterGrace,
+		ReclaimAfter:   p.cfg.ReclaimAfter,
+		Logger:         p.log.With("component", "raft"),
+	})
+	if err != nil {
+		return err
+	}
+	*stops = append(*stops, func() {
+		if err := p.cluster.Close(); err != nil {
+			p.log.Warn("raft shutdown", "err", err)
+		}
+	})
+	*stops = append(*stops, p.cluster.ServeForwarded(tr.RPCListener()))
 	return nil
 }
 

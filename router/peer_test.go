@@ -70,6 +70,8 @@ func startPeer(t *testing.T, dataDir string) *testPeer {
 	cfg.DataDir = dataDir
 	cfg.Socket = filepath.Join(dataDir, "weft.sock")
 	cfg.HTTPAddr = "127.0.0.1:0"
+	cfg.AdvertiseAddr = netip.MustParseAddr("127.0.0.1")
+	cfg.MeshPort, cfg.RaftPort = 0, 0
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	p, err := New(cfg)
 	if err != nil {
@@ -353,6 +355,7 @@ func TestDataDirUsedByAnotherPeer(t *testing.T) {
 	startPeer(t, dir)
 	cfg := DefaultConfig()
 	cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = "p2", dir, filepath.Join(t.TempDir(), "s"), ""
+	cfg.AdvertiseAddr, cfg.MeshPort, cfg.RaftPort = netip.MustParseAddr("127.0.0.1"), 0, 0
 	p, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -99,6 +99,7 @@ func (h *Host) PeerArgs() []string {
 		"--http-addr", "127.0.0.1:6782",
 		"--ipalloc-range", cfg.IPAllocRange.String(),
 		"--log-level", cfg.LogLevel,
+		"--advertise-addr", h.Addr.Addr().String(),
 	}
 	if cfg.PeerArgs != nil {
 		args = append(args, cfg.PeerArgs(h.Index)...)

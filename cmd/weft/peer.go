@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -16,7 +18,10 @@ func newPeerCmd() *cobra.Command {
 	host, _ := os.Hostname()
 	var (
 		name, dataDir, httpAddr, ipRange, logLevel string
-		mtu                                        int
+		advertise, password, passwordFile          string
+		mtu, meshPort, raftPort, voters            int
+		seeds                                      []string
+		voterGrace, reclaimAfter                   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "peer",
@@ -35,6 +40,16 @@ func newPeerCmd() *cobra.Command {
 			cfg := def
 			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = name, dataDir, socket, httpAddr
 			cfg.IPAllocRange, cfg.MTU, cfg.Version = prefix, mtu, version
+			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
+			cfg.VoterGrace, cfg.ReclaimAfter = voterGrace, reclaimAfter
+			if advertise != "" {
+				if cfg.AdvertiseAddr, err = netip.ParseAddr(advertise); err != nil {
+					return fmt.Errorf("--advertise-addr %q: %w", advertise, err)
+				}
+			}
+			if cfg.Password, err = readPassword(password, passwordFile); err != nil {
+				return err
+			}
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("peer", name)
 			p, err := router.New(cfg)
 			if err != nil {
@@ -50,5 +65,34 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&ipRange, "ipalloc-range", def.IPAllocRange.String(), "address range of the default network")
 	f.IntVar(&mtu, "mtu", def.MTU, "MTU of container interfaces and bridges")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringSliceVar(&seeds, "peers", nil, "peers to join, host[:port] separated by commas (empty for the first peer)")
+	f.StringVar(&advertise, "advertise-addr", "", "this host's underlay address (default: the address of the default-route interface)")
+	f.IntVar(&meshPort, "mesh-port", def.MeshPort, "gossip port, tcp and udp")
+	f.IntVar(&raftPort, "raft-port", def.RaftPort, "Raft and peer RPC port, tcp")
+	f.StringVar(&password, "password", "", "encrypt gossip and authenticate Raft between peers (prefer --password-file)")
+	f.StringVar(&passwordFile, "password-file", "", "read the password from this file")
+	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
+	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
+	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
 	return cmd
+}
+
+// readPassword takes the password from the flag or the file, never both; a file's trailing
+// newline is not part of it.
+func readPassword(password, file string) ([]byte, error) {
+	switch {
+	case password != "" && file != "":
+		return nil, fmt.Errorf("--password and --password-file are both set; use one")
+	case file != "":
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return nil, fmt.Errorf("--password-file: %w", err)
+		}
+		b = bytes.TrimRight(b, "\r\n")
+		if len(b) == 0 {
+			return nil, fmt.Errorf("--password-file %s is empty", file)
+		}
+		return b, nil
+	}
+	return []byte(password), nil
 }

@@ -15,28 +15,90 @@ import (
 )
 
 func newStatusCmd() *cobra.Command {
+	cmd := statusCommand("status", "Show the peer's networks, address blocks and attachments", "/v1/status",
+		func() any { return &router.Status{} }, func(out io.Writer, v any) { printStatus(out, *v.(*router.Status)) })
+	cmd.AddCommand(
+		statusCommand("peers", "List the peers of the mesh with state, address and capabilities", "/v1/peers",
+			func() any { return &[]router.PeerStatus{} }, func(out io.Writer, v any) { printPeers(out, *v.(*[]router.PeerStatus)) }),
+		statusCommand("ipam", "Show the address range, every peer's blocks, the Raft leader and voters", "/v1/ipam",
+			func() any { return &router.IPAMStatus{} }, func(out io.Writer, v any) { printIPAM(out, *v.(*router.IPAMStatus)) }),
+	)
+	return cmd
+}
+
+// statusCommand fetches path from the peer and prints it as a table, or as JSON with --json.
+func statusCommand(use, short, path string, newValue func() any, print func(io.Writer, any)) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "status",
-		Short: "Show the peer's networks, address blocks and attachments",
+		Use:   use,
+		Short: short,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			socket, _ := cmd.Flags().GetString("socket")
-			var st router.Status
-			if err := cni.NewClient(socket, 10*time.Second).Get(cmd.Context(), "/v1/status", &st); err != nil {
+			v := newValue()
+			if err := client(cmd).Get(cmd.Context(), path, v); err != nil {
 				return err
 			}
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
-				return enc.Encode(st)
+				return enc.Encode(v)
 			}
-			printStatus(cmd.OutOrStdout(), st)
+			print(cmd.OutOrStdout(), v)
 			return nil
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	return cmd
+}
+
+func client(cmd *cobra.Command) *cni.Client {
+	socket, _ := cmd.Flags().GetString("socket")
+	return cni.NewClient(socket, 30*time.Second)
+}
+
+func printPeers(out io.Writer, peers []router.PeerStatus) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tSTATE\tADDRESS\tRAFT\tCAPABILITIES\tSINCE")
+	for _, p := range peers {
+		name := p.Name
+		if p.Self {
+			name += " (self)"
+		}
+		raft := "-"
+		if p.RaftMember {
+			raft = "member"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", name, p.State, p.Address, raft, strings.Join(p.Capabilities, ","), p.Since.Format(time.RFC3339))
+	}
+	tw.Flush()
+}
+
+func printIPAM(out io.Writer, st router.IPAMStatus) {
+	leader := st.Leader
+	if leader == "" {
+		leader = "none (no quorum)"
+	}
+	fmt.Fprintf(out, "range %s  leader %s  this peer %s\nvoters %s  non-voters %s\n\n", st.Range, leader, st.State,
+		strings.Join(st.Voters, ","), strings.Join(st.Nonvoters, ","))
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tBLOCKS\tUSED\tFREE")
+	for _, p := range st.Peers {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\n", p.Name, p.Blocks, p.Used, p.Free)
+	}
+	tw.Flush()
+	fmt.Fprintln(out)
+	fmt.Fprintln(tw, "BLOCK\tNETWORK\tOWNER\tUSED\tFREE")
+	for _, b := range st.Blocks {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", b.CIDR, b.Network, b.Owner, optInt(b.Used), optInt(b.Free))
+	}
+	tw.Flush()
+}
+
+func optInt(v *int) string {
+	if v == nil {
+		return "?"
+	}
+	return fmt.Sprint(*v)
 }
 
 func printStatus(out io.Writer, st router.Status) {

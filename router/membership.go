@@ -1,0 +1,342 @@
+package router
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/weftnet/weft/ipam"
+	"github.com/weftnet/weft/mesh"
+)
+
+// reconcileInterval is how often the membership loop runs without a mesh event.
+const reconcileInterval = 500 * time.Millisecond
+
+// startMesh joins the gossip mesh, advertising this peer's Raft address.
+func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh, error) {
+	cfg := mesh.DefaultConfig()
+	cfg.Name = p.cfg.Name
+	cfg.BindPort = p.cfg.MeshPort
+	cfg.AdvertiseAddr = advertise
+	cfg.Seeds = p.cfg.Seeds
+	cfg.Password = p.cfg.Password
+	cfg.Logger = p.log.With("component", "mesh")
+	cfg.Registerer = p.reg
+	cfg.Metadata = mesh.Metadata{
+		Name:         p.cfg.Name,
+		Underlay:     advertise,
+		Capabilities: []string{"bridge"},
+		RaftAddr:     netip.AddrPortFrom(advertise, uint16(p.raftPort())),
+		RaftMember:   p.cluster.InCluster(),
+		Version:      strings.Map(printableOnly, p.cfg.Version),
+	}
+	m, err := mesh.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.RegisterChannel(usageChannel, p.usage); err != nil {
+		return nil, err
+	}
+	if err := m.Start(ctx); err != nil {
+		m.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+func printableOnly(r rune) rune {
+	if r > ' ' && r <= '~' {
+		return r
+	}
+	return '_'
+}
+
+func (p *Peer) raftPort() int {
+	if p.transport != nil {
+		if a, ok := p.transport.Addr().(*net.TCPAddr); ok {
+			return a.Port
+		}
+	}
+	return p.cfg.RaftPort
+}
+
+// runMembership keeps Raft membership in step with the mesh: it bootstraps the cluster when
+// this peer is the one to, and on the leader adds, promotes and removes servers. It also
+// publishes this peer's block usage. It returns when ctx ends.
+func (p *Peer) runMembership(ctx context.Context) {
+	events, cancel := p.mesh.Subscribe()
+	defer cancel()
+	tick := time.NewTicker(reconcileInterval)
+	defer tick.Stop()
+	var settle settleTracker
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-events:
+		case <-tick.C:
+		}
+		now := time.Now()
+		peers := p.mesh.Peers()
+		members := toMembers(peers)
+		if !p.cluster.InCluster() {
+			if settle.settled(peers, now, p.cfg.SettleTime, len(p.cfg.Seeds) > 0) {
+				if _, err := p.cluster.MaybeBootstrap(members); err != nil {
+					p.log.Error("raft bootstrap failed", "err", err)
+				}
+			}
+		} else {
+			if !p.mesh.Local().Meta.RaftMember {
+				p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember = true })
+			}
+			if err := p.cluster.Reconcile(ctx, members, now); err != nil {
+				p.log.Warn("raft membership change failed; will retry", "err", err)
+			}
+		}
+		p.publishUsage()
+	}
+}
+
+// settleTracker says when the set of live peers has stopped changing.
+type settleTracker struct {
+	alive string
+	since time.Time
+}
+
+// settled is true once membership has been unchanged for d and, if this peer has seeds, it
+// has met at least one other peer: a peer whose seeds are not up yet must not bootstrap a
+// cluster of its own.
+func (s *settleTracker) settled(peers []mesh.Peer, now time.Time, d time.Duration, hasSeeds bool) bool {
+	var names []string
+	for _, pr := range peers {
+		if pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect {
+			names = append(names, pr.Name)
+		}
+	}
+	key := strings.Join(names, ",")
+	if key != s.alive {
+		s.alive, s.since = key, now
+	}
+	switch {
+	case !hasSeeds && len(names) == 1:
+		return true // the first peer: nobody to wait for
+	case hasSeeds && len(names) < 2:
+		return false
+	}
+	return now.Sub(s.since) >= d
+}
+
+func toMembers(peers []mesh.Peer) []ipam.Member {
+	out := make([]ipam.Member, 0, len(peers))
+	for _, pr := range peers {
+		m := ipam.Member{
+			Name:      pr.Name,
+			Alive:     pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect,
+			Since:     pr.Since,
+			InCluster: pr.Meta.RaftMember,
+		}
+		if pr.Meta.RaftAddr.IsValid() {
+			m.RaftAddr = pr.Meta.RaftAddr.String()
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// Block usage travels by gossip so that `weft status ipam` on any peer shows how full every
+// peer's blocks are. Each peer sends its own report when it changes (a delta: one peer's
+// counts), and full state is exchanged on join and push/pull.
+
+const usageChannel = "ipam-usage"
+
+// usageReport is one peer's block usage. Version orders reports from the same peer.
+type usageReport struct {
+	Peer    string         `json:"peer"`
+	Version int64          `json:"version"`
+	Used    map[string]int `json:"used"` // block CIDR → addresses in use
+}
+
+// usageTable holds the latest report of every peer. It implements mesh.ChannelHandler.
+type usageTable struct {
+	mu      sync.Mutex // guards reports and lastSent
+	reports map[string]usageReport
+	// lastSent is the local report last broadcast, to send only changes.
+	lastSent string
+}
+
+func newUsageTable() *usageTable { return &usageTable{reports: map[string]usageReport{}} }
+
+// merge keeps r if it is newer than what is known of its peer; it says whether it did.
+func (u *usageTable) merge(r usageReport) bool {
+	if r.Peer == "" {
+		return false
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if cur, ok := u.reports[r.Peer]; ok && cur.Version >= r.Version {
+		return false
+	}
+	u.reports[r.Peer] = r
+	return true
+}
+
+func (u *usageTable) used(peer, cidr string) (int, bool) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	r, ok := u.reports[peer]
+	if !ok {
+		return 0, false
+	}
+	n, ok := r.Used[cidr]
+	return n, ok
+}
+
+// NotifyMsg implements mesh.ChannelHandler; a message that does not decode is dropped.
+func (u *usageTable) NotifyMsg(b []byte) {
+	var r usageReport
+	if json.Unmarshal(b, &r) == nil {
+		u.merge(r)
+	}
+}
+
+// LocalState implements mesh.ChannelHandler: every report known.
+func (u *usageTable) LocalState(bool) []byte {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	all := make([]usageReport, 0, len(u.reports))
+	for _, r := range u.reports {
+		all = append(all, r)
+	}
+	b, _ := json.Marshal(all)
+	return b
+}
+
+// MergeRemoteState implements mesh.ChannelHandler.
+func (u *usageTable) MergeRemoteState(b []byte, _ bool) {
+	var all []usageReport
+	if json.Unmarshal(b, &all) != nil {
+		return
+	}
+	for _, r := range all {
+		u.merge(r)
+	}
+}
+
+// publishUsage broadcasts this peer's usage if it changed since the last broadcast.
+func (p *Peer) publishUsage() {
+	r := usageReport{Peer: p.cfg.Name, Version: time.Now().UnixNano(), Used: map[string]int{}}
+	for _, n := range p.alloc.Networks() {
+		for _, b := range n.Blocks {
+			r.Used[b.CIDR.String()] = b.Used
+		}
+	}
+	key := fmt.Sprint(r.Used)
+	p.usage.mu.Lock()
+	changed := key != p.usage.lastSent
+	p.usage.lastSent = key
+	p.usage.mu.Unlock()
+	if !changed {
+		return
+	}
+	p.usage.merge(r)
+	b, _ := json.Marshal(r)
+	if err := p.mesh.Broadcast(usageChannel, b); err != nil {
+		// Too large for one message: the periodic push/pull carries it instead.
+		p.log.Debug("usage broadcast skipped", "err", err)
+	}
+}
+
+// PeerStatus is one row of `weft status peers`.
+type PeerStatus struct {
+	Name         string    `json:"name"`
+	Address      string    `json:"address"`
+	GossipAddr   string    `json:"gossip_address"`
+	State        string    `json:"state"`
+	Capabilities []string  `json:"capabilities"`
+	Since        time.Time `json:"since"`
+	Self         bool      `json:"self"`
+	RaftMember   bool      `json:"raft_member"`
+	Version      string    `json:"version"`
+}
+
+func (p *Peer) peerStatus() []PeerStatus {
+	out := []PeerStatus{}
+	for _, pr := range p.mesh.Peers() {
+		caps := slices.Clone(pr.Meta.Capabilities)
+		if caps == nil {
+			caps = []string{}
+		}
+		out = append(out, PeerStatus{
+			Name: pr.Name, Address: pr.Meta.Underlay.String(), GossipAddr: pr.Addr.String(),
+			State: pr.State.String(), Capabilities: caps, Since: pr.Since, Self: pr.Self,
+			RaftMember: pr.Meta.RaftMember, Version: pr.Meta.Version,
+		})
+	}
+	return out
+}
+
+// IPAMStatus is `weft status ipam`.
+type IPAMStatus struct {
+	Range     string           `json:"range"`
+	Leader    string           `json:"leader"`
+	State     string           `json:"raft_state"`
+	Voters    []string         `json:"voters"`
+	Nonvoters []string         `json:"nonvoters"`
+	Blocks    []IPAMBlock      `json:"blocks"`
+	Peers     []IPAMPeerTotals `json:"peers"`
+}
+
+// IPAMBlock is one owned block. Used is nil when the owner's usage is not known here (yet).
+type IPAMBlock struct {
+	Network string `json:"network"`
+	CIDR    string `json:"cidr"`
+	Owner   string `json:"owner"`
+	Used    *int   `json:"used"`
+	Free    *int   `json:"free"`
+}
+
+// IPAMPeerTotals sums one peer's blocks.
+type IPAMPeerTotals struct {
+	Name   string `json:"name"`
+	Blocks int    `json:"blocks"`
+	Used   int    `json:"used"`
+	Free   int    `json:"free"`
+}
+
+func (p *Peer) ipamStatus() IPAMStatus {
+	cs := p.cluster.Status()
+	st := IPAMStatus{Range: p.cfg.IPAllocRange.String(), Leader: cs.Leader, State: cs.State,
+		Voters: cs.Voters, Nonvoters: cs.Nonvoters, Blocks: []IPAMBlock{}, Peers: []IPAMPeerTotals{}}
+	totals := map[string]*IPAMPeerTotals{}
+	for _, row := range cs.Blocks {
+		blk := IPAMBlock{Network: row.Network, CIDR: row.CIDR.String(), Owner: row.Owner}
+		t := totals[row.Owner]
+		if t == nil {
+			t = &IPAMPeerTotals{Name: row.Owner}
+			totals[row.Owner] = t
+		}
+		t.Blocks++
+		if used, ok := p.usage.used(row.Owner, blk.CIDR); ok {
+			free := 0
+			if n, ok := p.alloc.Network(row.Network); ok {
+				free = n.Usable(row.CIDR) - used
+			}
+			blk.Used, blk.Free = &used, &free
+			t.Used += used
+			t.Free += free
+		}
+		st.Blocks = append(st.Blocks, blk)
+	}
+	for _, t := range totals {
+		st.Peers = append(st.Peers, *t)
+	}
+	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Name < st.Peers[j].Name })
+	return st
+}
