@@ -18,7 +18,7 @@ var (
 	ErrUnknownNetwork = errors.New("unknown network")
 	ErrInvalidNetwork = errors.New("invalid network definition")
 	ErrNotFound       = errors.New("attachment not found")
-	ErrNoQuorum       = errors.New("no quorum to claim a new block")
+	ErrNoQuorum       = errors.New("no raft quorum")
 )
 
 // DefaultBlockBits is the prefix length of one block: a /26 holds 64 addresses.

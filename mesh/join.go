@@ -112,7 +112,10 @@ func (m *Mesh) joinLoop(ctx context.Context) {
 				}
 				m.tryJoin(t)
 			}
-			if m.alone() && len(m.Targets()) > 0 {
+			// While any target is not a member, retry with backoff, whether or not this
+			// peer already belongs to some mesh: two groups that formed while their
+			// seeds were still starting must merge in seconds, not at the rejoin interval.
+			if m.missingTargets() {
 				wait = b.next()
 			} else {
 				b.reset()
@@ -151,7 +154,13 @@ func (m *Mesh) dueTargets(lastFull time.Time) (due []string, full bool) {
 			alone = false
 		}
 	}
-	full = alone || time.Since(lastFull) >= m.cfg.RejoinInterval
+	missing := false
+	for _, t := range m.targets {
+		if t.addr != self && !members[t.addr] {
+			missing = true
+		}
+	}
+	full = alone || missing || time.Since(lastFull) >= m.cfg.RejoinInterval
 	for _, t := range m.targets {
 		// A seed list shared by every host names this one too.
 		if t.addr == self {
@@ -167,6 +176,27 @@ func (m *Mesh) dueTargets(lastFull time.Time) (due []string, full bool) {
 }
 
 // alone reports whether no other peer is alive or suspect.
+// missingTargets says whether some target (other than this peer) is not an alive member.
+func (m *Mesh) missingTargets() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	members := make(map[string]bool)
+	self := ""
+	for _, p := range m.peers {
+		if p.Self {
+			self = p.Addr.String()
+		} else if p.State == StateAlive || p.State == StateSuspect {
+			members[p.Addr.String()] = true
+		}
+	}
+	for _, t := range m.targets {
+		if t.addr != self && !members[t.addr] {
+			return true
+		}
+	}
+	return false
+}
+
 func (m *Mesh) alone() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()

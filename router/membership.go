@@ -87,7 +87,7 @@ func (p *Peer) runMembership(ctx context.Context) {
 		peers := p.mesh.Peers()
 		members := toMembers(peers)
 		if !p.cluster.InCluster() {
-			if settle.settled(peers, now, p.cfg.SettleTime, len(p.cfg.Seeds) > 0) {
+			if settle.settled(peers, now, p.cfg.SettleTime, len(p.cfg.Seeds) > 0, p.cfg.RaftVoters) {
 				if _, err := p.cluster.MaybeBootstrap(members); err != nil {
 					p.log.Error("raft bootstrap failed", "err", err)
 				}
@@ -110,10 +110,14 @@ type settleTracker struct {
 	since time.Time
 }
 
-// settled is true once membership has been unchanged for d and, if this peer has seeds, it
-// has met at least one other peer: a peer whose seeds are not up yet must not bootstrap a
-// cluster of its own.
-func (s *settleTracker) settled(peers []mesh.Peer, now time.Time, d time.Duration, hasSeeds bool) bool {
+// settled is true once membership has been unchanged for d and this peer may take part in a
+// bootstrap. A peer without seeds is the first peer: it may bootstrap alone. A peer with
+// seeds waits until it sees at least `voters` live peers (Consul's bootstrap-expect rule):
+// a smaller group that formed while other seeds were still starting must not start a
+// cluster of its own, which would split the address space when the groups merge. Two
+// disjoint groups of `voters` peers each that never hear of each other would still each
+// bootstrap; seeding every peer with the same list rules that out.
+func (s *settleTracker) settled(peers []mesh.Peer, now time.Time, d time.Duration, hasSeeds bool, voters int) bool {
 	var names []string
 	for _, pr := range peers {
 		if pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect {
@@ -127,7 +131,7 @@ func (s *settleTracker) settled(peers []mesh.Peer, now time.Time, d time.Duratio
 	switch {
 	case !hasSeeds && len(names) == 1:
 		return true // the first peer: nobody to wait for
-	case hasSeeds && len(names) < 2:
+	case hasSeeds && len(names) < max(voters, 2):
 		return false
 	}
 	return now.Sub(s.since) >= d

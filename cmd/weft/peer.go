@@ -19,7 +19,7 @@ func newPeerCmd() *cobra.Command {
 	var (
 		name, dataDir, httpAddr, ipRange, logLevel string
 		advertise, password, passwordFile          string
-		mtu, meshPort, raftPort, voters            int
+		mtu, meshPort, raftPort, voters, blockBits int
 		seeds                                      []string
 		voterGrace, reclaimAfter                   time.Duration
 	)
@@ -39,7 +39,7 @@ func newPeerCmd() *cobra.Command {
 			socket, _ := cmd.Flags().GetString("socket")
 			cfg := def
 			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = name, dataDir, socket, httpAddr
-			cfg.IPAllocRange, cfg.MTU, cfg.Version = prefix, mtu, version
+			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
 			cfg.VoterGrace, cfg.ReclaimAfter = voterGrace, reclaimAfter
 			if advertise != "" {
@@ -63,6 +63,7 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&dataDir, "data-dir", def.DataDir, "where the peer keeps its database")
 	f.StringVar(&httpAddr, "http-addr", def.HTTPAddr, "loopback address for /metrics, /status and the status page (empty: off)")
 	f.StringVar(&ipRange, "ipalloc-range", def.IPAllocRange.String(), "address range of the default network")
+	f.IntVar(&blockBits, "ipalloc-block", def.BlockBits, "prefix length of the blocks peers claim (the same on every peer)")
 	f.IntVar(&mtu, "mtu", def.MTU, "MTU of container interfaces and bridges")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringSliceVar(&seeds, "peers", nil, "peers to join, host[:port] separated by commas (empty for the first peer)")
