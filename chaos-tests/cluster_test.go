@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -201,6 +204,21 @@ func TestCluster(t *testing.T) {
 		if n := checkOwnership(t, ctx, hosts); n != 500 {
 			t.Fatalf("%d distinct attachments, want 500", n)
 		}
+		waitFor(t, ctx, 20*time.Second, "status ipam on every peer to count 500 used", func() error {
+			for _, h := range hosts {
+				used := 0
+				for _, b := range ipamOf(t, ctx, h).Blocks {
+					if b.Used == nil {
+						return fmt.Errorf("%s does not know the usage of %s yet", h.Name, b.CIDR)
+					}
+					used += *b.Used
+				}
+				if used != 500 {
+					return fmt.Errorf("%s counts %d used", h.Name, used)
+				}
+			}
+			return nil
+		})
 	})
 
 	t.Run("a partitioned minority attaches from its blocks and reports no quorum for new ones", func(t *testing.T) {
@@ -263,7 +281,8 @@ func TestCluster(t *testing.T) {
 	t.Run("kill -9 the leader: a new one is elected and claims work again; the peer restarts intact", func(t *testing.T) {
 		st := ipamOf(t, ctx, hosts[0])
 		victim := hostByName(l, st.Leader)
-		before := mustStatus(t, ctx, victim).SortedAttachments()
+		beforeStatus := mustStatus(t, ctx, victim)
+		before, blocks := beforeStatus.SortedAttachments(), fmt.Sprint(beforeStatus.Networks[0].Blocks)
 		var other *lab.Host
 		for _, h := range hosts {
 			if h != victim {
@@ -292,9 +311,12 @@ func TestCluster(t *testing.T) {
 		if err := victim.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
-		after := mustStatus(t, ctx, victim).SortedAttachments()
-		if fmt.Sprint(before) != fmt.Sprint(after) {
+		afterStatus := mustStatus(t, ctx, victim)
+		if after := afterStatus.SortedAttachments(); fmt.Sprint(before) != fmt.Sprint(after) {
 			t.Fatalf("attachments of %s changed across kill -9:\nbefore %v\nafter  %v", victim.Name, before, after)
+		}
+		if after := fmt.Sprint(afterStatus.Networks[0].Blocks); after != blocks {
+			t.Fatalf("blocks of %s changed across kill -9:\nbefore %s\nafter  %s", victim.Name, blocks, after)
 		}
 		waitFor(t, ctx, 60*time.Second, "the restarted peer back in the mesh", func() error { return aliveEverywhere(ctx, hosts) })
 		checkOwnership(t, ctx, hosts)
@@ -319,5 +341,81 @@ func TestCluster(t *testing.T) {
 				t.Fatalf("block %s still owned by the removed %s", b.CIDR, gone.Name)
 			}
 		}
+	})
+}
+
+// A peer with the wrong password is refused and says why; weft connect adds a seed at run
+// time.
+func TestPasswordAndConnect(t *testing.T) {
+	pwFile := func(pw string) string {
+		f := filepath.Join(t.TempDir(), "pw")
+		if err := os.WriteFile(f, []byte(pw+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	right, wrong := pwFile("correct horse battery staple"), pwFile("hunter2")
+	var l *lab.Lab
+	l = newLab(t, lab.Config{Prefix: "wpw", Hosts: 3, NoStart: true, PeerArgs: func(i int) []string {
+		switch i {
+		case 0: // the first peer: no seeds
+			return []string{"--password-file", right}
+		case 1:
+			return []string{"--password-file", right, "--peers", l.Host(0).Addr.Addr().String()}
+		}
+		return []string{"--password-file", wrong, "--peers", l.Host(0).Addr.Addr().String()}
+	}})
+	ctx := testCtx(t, 3*time.Minute)
+	if err := l.StartAll(ctx); err != nil {
+		t.Fatal(err)
+	}
+	h0, h1, h2 := l.Host(0), l.Host(1), l.Host(2)
+	waitFor(t, ctx, 30*time.Second, "the two peers with the right password to meet", func() error {
+		return aliveEverywhere(ctx, []*lab.Host{h0, h1})
+	})
+	waitFor(t, ctx, 30*time.Second, "the wrong password to be logged", func() error {
+		if !strings.Contains(h2.LogTail(200), "password") {
+			return fmt.Errorf("%s log does not mention the password yet", h2.Name)
+		}
+		return nil
+	})
+	var peers []router.PeerStatus
+	if err := cliJSON(ctx, h0, &peers, "status", "peers"); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range peers {
+		if p.Name == h2.Name {
+			t.Fatalf("%s with the wrong password is a member on %s: %+v", h2.Name, h0.Name, p)
+		}
+	}
+
+	// Restart h2 with the right password but a seed that answers nothing; weft connect
+	// brings it in.
+	if err := h2.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	l2cfg := []string{"--password-file", right, "--peers", "198.18.0.99"}
+	if err := h2.StartWith(ctx, l2cfg...); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := h2.CLI(ctx, "connect", h1.Addr.Addr().String()); err != nil {
+		t.Fatalf("weft connect: %v %s", err, out)
+	}
+	waitFor(t, ctx, 30*time.Second, "all three peers to meet after weft connect", func() error {
+		return aliveEverywhere(ctx, []*lab.Host{h0, h1, h2})
+	})
+	if out, err := h2.CLI(ctx, "forget", "198.18.0.99"); err != nil {
+		t.Fatalf("weft forget: %v %s", err, out)
+	}
+	if out, err := h2.CLI(ctx, "connect", "not a host!"); err == nil {
+		t.Fatalf("weft connect with garbage succeeded: %s", out)
+	}
+	// h2 joined a cluster that exists: it did not bootstrap its own.
+	waitFor(t, ctx, 30*time.Second, h2.Name+" added to the Raft cluster", func() error {
+		st := ipamOf(t, ctx, h0)
+		if !slices.Contains(append(st.Voters, st.Nonvoters...), h2.Name) {
+			return fmt.Errorf("voters %v non-voters %v", st.Voters, st.Nonvoters)
+		}
+		return nil
 	})
 }

@@ -306,40 +306,51 @@ type IPAMBlock struct {
 	Free    *int   `json:"free"`
 }
 
-// IPAMPeerTotals sums one peer's blocks.
+// IPAMPeerTotals sums one peer's blocks. Used and Free are nil until the usage of every one
+// of its blocks is known here.
 type IPAMPeerTotals struct {
 	Name   string `json:"name"`
 	Blocks int    `json:"blocks"`
-	Used   int    `json:"used"`
-	Free   int    `json:"free"`
+	Used   *int   `json:"used"`
+	Free   *int   `json:"free"`
 }
 
 func (p *Peer) ipamStatus() IPAMStatus {
 	cs := p.cluster.Status()
 	st := IPAMStatus{Range: p.cfg.IPAllocRange.String(), Leader: cs.Leader, State: cs.State,
 		Voters: cs.Voters, Nonvoters: cs.Nonvoters, Blocks: []IPAMBlock{}, Peers: []IPAMPeerTotals{}}
-	totals := map[string]*IPAMPeerTotals{}
+	type sums struct {
+		blocks, used, free int
+		unknown            bool
+	}
+	totals := map[string]*sums{}
 	for _, row := range cs.Blocks {
 		blk := IPAMBlock{Network: row.Network, CIDR: row.CIDR.String(), Owner: row.Owner}
 		t := totals[row.Owner]
 		if t == nil {
-			t = &IPAMPeerTotals{Name: row.Owner}
+			t = &sums{}
 			totals[row.Owner] = t
 		}
-		t.Blocks++
+		t.blocks++
 		if used, ok := p.usage.used(row.Owner, blk.CIDR); ok {
 			free := 0
 			if n, ok := p.alloc.Network(row.Network); ok {
 				free = n.Usable(row.CIDR) - used
 			}
 			blk.Used, blk.Free = &used, &free
-			t.Used += used
-			t.Free += free
+			t.used += used
+			t.free += free
+		} else {
+			t.unknown = true
 		}
 		st.Blocks = append(st.Blocks, blk)
 	}
-	for _, t := range totals {
-		st.Peers = append(st.Peers, *t)
+	for name, t := range totals {
+		row := IPAMPeerTotals{Name: name, Blocks: t.blocks}
+		if !t.unknown {
+			row.Used, row.Free = &t.used, &t.free
+		}
+		st.Peers = append(st.Peers, row)
 	}
 	sort.Slice(st.Peers, func(i, j int) bool { return st.Peers[i].Name < st.Peers[j].Name })
 	return st

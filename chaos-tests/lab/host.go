@@ -44,10 +44,11 @@ type Host struct {
 	log      *slog.Logger
 	nsHandle ns.NetNS // open handle on the host namespace, for Do
 
-	mu         sync.Mutex // guards the fields below
-	peer       *peerProc  // nil when no peer process is running
-	containers []*Container
-	nextCtr    int
+	mu           sync.Mutex // guards the fields below
+	peer         *peerProc  // nil when no peer process is running
+	argsOverride []string   // replaces Config.PeerArgs when set (StartWith)
+	containers   []*Container
+	nextCtr      int
 }
 
 // peerProc is one run of the peer. Its reaper goroutine waits for the process and then
@@ -91,6 +92,13 @@ func (l *Lab) newHost(i int) (*Host, error) {
 
 // PeerArgs returns the full argument list of this host's `weft peer` (after the binary).
 func (h *Host) PeerArgs() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.peerArgsLocked()
+}
+
+// peerArgsLocked is PeerArgs for a caller that holds h.mu.
+func (h *Host) peerArgsLocked() []string {
 	cfg := h.lab.cfg
 	args := []string{"peer",
 		"--name", h.Name,
@@ -101,10 +109,22 @@ func (h *Host) PeerArgs() []string {
 		"--log-level", cfg.LogLevel,
 		"--advertise-addr", h.Addr.Addr().String(),
 	}
-	if cfg.PeerArgs != nil {
+	switch {
+	case h.argsOverride != nil:
+		args = append(args, h.argsOverride...)
+	case cfg.PeerArgs != nil:
 		args = append(args, cfg.PeerArgs(h.Index)...)
 	}
 	return args
+}
+
+// StartWith starts the peer with extra flags that replace Config.PeerArgs for this host,
+// now and on later starts.
+func (h *Host) StartWith(ctx context.Context, extra ...string) error {
+	h.mu.Lock()
+	h.argsOverride = append([]string{}, extra...)
+	h.mu.Unlock()
+	return h.Start(ctx)
 }
 
 // Start starts the peer inside the host namespace and waits until `weft status` answers.
@@ -122,7 +142,7 @@ func (h *Host) Start(ctx context.Context) error {
 	fmt.Fprintf(logf, "=== lab: starting peer %s at %s ===\n", h.Name, time.Now().Format(time.RFC3339Nano))
 	// `ip netns exec` enters the namespace (and a private mount namespace with this
 	// namespace's /sys) and then execs the peer, so the PID we hold is the peer's.
-	args := append([]string{"netns", "exec", h.Name, filepath.Join(h.lab.cfg.BinDir, "weft")}, h.PeerArgs()...)
+	args := append([]string{"netns", "exec", h.Name, filepath.Join(h.lab.cfg.BinDir, "weft")}, h.peerArgsLocked()...)
 	cmd := exec.Command("ip", args...)
 	cmd.Stdout = logf
 	cmd.Stderr = logf

@@ -83,7 +83,7 @@ func printIPAM(out io.Writer, st router.IPAMStatus) {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "PEER\tBLOCKS\tUSED\tFREE")
 	for _, p := range st.Peers {
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\n", p.Name, p.Blocks, p.Used, p.Free)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\n", p.Name, p.Blocks, optInt(p.Used), optInt(p.Free))
 	}
 	tw.Flush()
 	fmt.Fprintln(out)
@@ -94,6 +94,7 @@ func printIPAM(out io.Writer, st router.IPAMStatus) {
 	tw.Flush()
 }
 
+// optInt prints a count that may not be known yet (usage travels by gossip).
 func optInt(v *int) string {
 	if v == nil {
 		return "?"
