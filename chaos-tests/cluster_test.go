@@ -3,6 +3,7 @@ package chaostest
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -259,9 +260,12 @@ func TestCluster(t *testing.T) {
 		if _, err := attachN(ctx, cnis[majority[0]], majority[0], 20); err != nil {
 			t.Fatalf("majority %s: %v", majority[0].Name, err)
 		}
-		if after := len(ipamOf(t, ctx, majority[0]).Blocks); after <= before {
-			t.Fatalf("the majority claimed no block (%d → %d)", before, after)
-		}
+		waitFor(t, ctx, 10*time.Second, "the majority's new block in its table", func() error {
+			if after := len(ipamOf(t, ctx, majority[0]).Blocks); after <= before {
+				return fmt.Errorf("no new block (%d → %d)", before, after)
+			}
+			return nil
+		})
 		if err := l.Heal(); err != nil {
 			t.Fatal(err)
 		}
@@ -320,6 +324,50 @@ func TestCluster(t *testing.T) {
 		}
 		waitFor(t, ctx, 60*time.Second, "the restarted peer back in the mesh", func() error { return aliveEverywhere(ctx, hosts) })
 		checkOwnership(t, ctx, hosts)
+	})
+
+	t.Run("a voter dead past the grace period is replaced by a healthy non-voter", func(t *testing.T) {
+		st := ipamOf(t, ctx, hosts[0])
+		var victim *lab.Host
+		for _, v := range st.Voters {
+			if v != st.Leader {
+				victim = hostByName(l, v)
+				break
+			}
+		}
+		formerNonvoters := st.Nonvoters
+		if err := victim.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		var survivor *lab.Host
+		for _, h := range hosts {
+			if h != victim {
+				survivor = h
+				break
+			}
+		}
+		waitFor(t, ctx, 90*time.Second, "a non-voter promoted in place of "+victim.Name, func() error {
+			st := ipamOf(t, ctx, survivor)
+			if len(st.Voters) != 3 || slices.Contains(st.Voters, victim.Name) {
+				return fmt.Errorf("voters %v", st.Voters)
+			}
+			for _, v := range st.Voters {
+				if slices.Contains(formerNonvoters, v) {
+					return nil
+				}
+			}
+			return fmt.Errorf("voters %v include none of the non-voters %v", st.Voters, formerNonvoters)
+		})
+		if err := victim.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, ctx, 60*time.Second, victim.Name+" back, as a non-voter", func() error {
+			st := ipamOf(t, ctx, survivor)
+			if !slices.Contains(st.Nonvoters, victim.Name) {
+				return fmt.Errorf("voters %v non-voters %v", st.Voters, st.Nonvoters)
+			}
+			return aliveEverywhere(ctx, hosts)
+		})
 	})
 
 	t.Run("rmpeer returns a stopped peer's blocks, twice and from any peer", func(t *testing.T) {
@@ -418,4 +466,44 @@ func TestPasswordAndConnect(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// Two first peers (no seeds) each bootstrap a cluster of their own; connecting them later
+// must not merge them, since both own the same range in their own Raft logs.
+func TestSeparateClustersDoNotMerge(t *testing.T) {
+	l := newLab(t, lab.Config{Prefix: "wsep", Hosts: 2})
+	ctx := testCtx(t, 2*time.Minute)
+	h0, h1 := l.Host(0), l.Host(1)
+	waitFor(t, ctx, 30*time.Second, "both peers to name their clusters", func() error {
+		for _, h := range []*lab.Host{h0, h1} {
+			var peers []router.PeerStatus
+			if err := cliJSON(ctx, h, &peers, "status", "peers"); err != nil {
+				return err
+			}
+			if len(peers) != 1 || !peers[0].RaftMember || peers[0].ClusterID == "" {
+				return fmt.Errorf("%s: %+v", h.Name, peers)
+			}
+		}
+		return nil
+	})
+	if out, err := h1.CLI(ctx, "connect", h0.Addr.Addr().String()); err != nil {
+		t.Fatalf("weft connect: %v %s", err, out)
+	}
+	waitFor(t, ctx, 30*time.Second, "the refusal in the log", func() error {
+		if !strings.Contains(h0.LogTail(200)+h1.LogTail(200), "another weft cluster") {
+			return errors.New("no refusal logged yet")
+		}
+		return nil
+	})
+	for _, h := range []*lab.Host{h0, h1} {
+		var peers []router.PeerStatus
+		if err := cliJSON(ctx, h, &peers, "status", "peers"); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range peers {
+			if !p.Self && p.State == "alive" {
+				t.Fatalf("%s accepted %s from another cluster", h.Name, p.Name)
+			}
+		}
+	}
 }

@@ -3,6 +3,8 @@ package ipam
 import (
 	"bufio"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -477,6 +479,27 @@ func (c *Cluster) Status() ClusterStatus {
 		st.Blocks = []BlockOwnership{}
 	}
 	return st
+}
+
+// ClusterID names the cluster this node belongs to; empty until the log says (a leader sets it
+// with EnsureClusterID).
+func (c *Cluster) ClusterID() string { return c.fsm.clusterID() }
+
+// EnsureClusterID gives the cluster its ID if it has none yet; only the leader does.
+func (c *Cluster) EnsureClusterID() error {
+	if c.raft.State() != raft.Leader || c.fsm.clusterID() != "" {
+		return nil
+	}
+	id := make([]byte, 8)
+	if _, err := rand.Read(id); err != nil {
+		return err
+	}
+	data, err := json.Marshal(command{Op: opInit, ClusterID: hex.EncodeToString(id)})
+	if err != nil {
+		return err
+	}
+	_, err = c.applyLocal(data)
+	return err
 }
 
 // IsLeader says whether this node leads.

@@ -20,6 +20,7 @@ import (
 const (
 	opClaim      = "claim"
 	opRemovePeer = "remove-peer"
+	opInit       = "init"
 )
 
 // ErrConflict means a command disagrees with the replicated state (e.g. a network defined with
@@ -33,6 +34,8 @@ type command struct {
 	// claim with a different definition is refused rather than silently merged.
 	Network Network `json:"network,omitzero"`
 	Peer    string  `json:"peer"`
+	// ClusterID travels with init, the first command the bootstrapping leader applies.
+	ClusterID string `json:"cluster_id,omitempty"`
 }
 
 // commandResult is what applying a command answers; Err is a string so it can cross the
@@ -60,7 +63,9 @@ func (r commandResult) err() error {
 
 // fsmState is the whole replicated table; it is also the snapshot format.
 type fsmState struct {
-	Networks map[string]Network `json:"networks"`
+	// ClusterID names this cluster; peers gossip it so two clusters never merge.
+	ClusterID string             `json:"cluster_id,omitempty"`
+	Networks  map[string]Network `json:"networks"`
 	// Owners maps network name → block → owning peer.
 	Owners map[string]map[netip.Prefix]string `json:"owners"`
 	// Removed lists peers removed with rmpeer (or reclaimed) and not back since; the
@@ -92,6 +97,11 @@ func (f *fsm) Apply(l *raft.Log) any {
 		return f.claim(cmd)
 	case opRemovePeer:
 		return f.removePeer(cmd.Peer)
+	case opInit:
+		if f.state.ClusterID == "" { // the first init wins; later ones are no-ops
+			f.state.ClusterID = cmd.ClusterID
+		}
+		return commandResult{}
 	}
 	return commandResult{Err: fmt.Sprintf("unknown operation %q in log entry %d", cmd.Op, l.Index)}
 }
@@ -163,6 +173,12 @@ func (f *fsm) ownerOf(network string, b netip.Prefix) (string, bool) {
 	defer f.mu.RUnlock()
 	owner, ok := f.state.Owners[network][b]
 	return owner, ok
+}
+
+func (f *fsm) clusterID() string {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.ClusterID
 }
 
 // removed says whether peer was removed and has not claimed since.

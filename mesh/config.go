@@ -80,6 +80,13 @@ type Config struct {
 	// address. Change it later with Mesh.UpdateMetadata.
 	Metadata Metadata
 
+	// AcceptPeer, when set, decides whether a remote peer may be a member, given
+	// this peer's metadata and the remote's. It is asked for every alive message
+	// and for every node of a push/pull merge (a join); an error refuses the peer
+	// (or the whole merge) and is logged. It runs under memberlist's node lock:
+	// it must be quick and must not call the Mesh.
+	AcceptPeer func(local, remote Metadata) error
+
 	// EventBuffer is the capacity of each Subscribe channel.
 	EventBuffer int
 	// DeadPeerRetention is how long dead and left peers stay in Peers();

@@ -23,6 +23,7 @@ var (
 	_ memberlist.EventDelegate = delegate{}
 	_ memberlist.AliveDelegate = delegate{}
 	_ memberlist.PingDelegate  = delegate{}
+	_ memberlist.MergeDelegate = delegate{}
 )
 
 // NodeMeta returns the encoded local metadata (Encode keeps it within
@@ -59,7 +60,30 @@ func (d delegate) NotifyAlive(n *memberlist.Node) error {
 		d.m.metrics.metadataRejected.Inc()
 		return err
 	}
+	return d.accept(md)
+}
+
+// NotifyMerge refuses a push/pull merge (a join) that would bring in a peer the
+// AcceptPeer hook refuses: the two sides stay apart and both log why.
+func (d delegate) NotifyMerge(nodes []*memberlist.Node) error {
+	for _, n := range nodes {
+		md, err := DecodeMetadata(n.Meta)
+		if err != nil {
+			continue // NotifyAlive refuses it on its own
+		}
+		if err := d.accept(md); err != nil {
+			d.m.log.Error("mesh: merge refused", "peer", n.Name, "err", err)
+			return err
+		}
+	}
 	return nil
+}
+
+func (d delegate) accept(remote Metadata) error {
+	if d.m.cfg.AcceptPeer == nil || remote.Name == d.m.cfg.Name {
+		return nil
+	}
+	return d.m.cfg.AcceptPeer(d.m.localMeta(), remote)
 }
 
 func (d delegate) NotifyJoin(n *memberlist.Node) {

@@ -153,6 +153,7 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 	mc.Events = d
 	mc.Alive = d
 	mc.Ping = d
+	mc.Merge = d
 	mc.Logger = newMemberlistLogger(m.log, m.onMemberlistLog)
 	if len(c.Password) > 0 {
 		kr, err := memberlist.NewKeyring(nil, GossipKey(c.Password))
@@ -260,6 +261,13 @@ func (m *Mesh) Peer(name string) (Peer, bool) {
 		return Peer{}, false
 	}
 	return p.clone(), true
+}
+
+// localMeta returns a copy of the local metadata; safe under memberlist's node lock.
+func (m *Mesh) localMeta() Metadata {
+	m.metaMu.Lock()
+	defer m.metaMu.Unlock()
+	return m.meta.Clone()
 }
 
 // UpdateMetadata changes the local metadata: fn edits a copy, which must

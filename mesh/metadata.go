@@ -50,6 +50,10 @@ type Metadata struct {
 	// RaftMember says the peer belongs to a Raft cluster (it has Raft state);
 	// a peer without state waits to be added rather than bootstrap a second one.
 	RaftMember bool
+	// ClusterID names the Raft cluster the peer belongs to, once it knows it
+	// (lower-case [a-z0-9._-], at most 32 bytes); peers of different clusters
+	// refuse to merge.
+	ClusterID string
 }
 
 // Field tags of the encoding. Tags 1–63 are defined by this version;
@@ -63,6 +67,7 @@ const (
 	tagRaftAddr   = 6
 	tagVersion    = 7
 	tagRaftMember = 8 // one byte, 1; absent means false
+	tagClusterID  = 9
 )
 
 // HasCapability reports whether c is among the capabilities.
@@ -108,6 +113,11 @@ func (md *Metadata) Validate() error {
 		a := md.RaftAddr.Addr()
 		if a.IsUnspecified() || a.Zone() != "" || md.RaftAddr.Port() == 0 {
 			return bad("raft address %v must be a specific address without zone and a non-zero port", md.RaftAddr)
+		}
+	}
+	if md.ClusterID != "" {
+		if err := validToken(md.ClusterID, maxCapabilityLen); err != nil {
+			return bad("cluster ID: %v", err)
 		}
 	}
 	if len(md.Version) > maxVersionLen {
@@ -157,6 +167,9 @@ func (md *Metadata) Encode() ([]byte, error) {
 	}
 	if md.RaftMember {
 		field(tagRaftMember, []byte{1})
+	}
+	if md.ClusterID != "" {
+		field(tagClusterID, []byte(md.ClusterID))
 	}
 	if len(b) > MaxMetadataSize {
 		return nil, fmt.Errorf("%w: encoded size %d exceeds %d bytes", ErrBadMetadata, len(b), MaxMetadataSize)
@@ -240,6 +253,11 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 				return bad("raft member flag: want the single byte 1, got %x", v)
 			}
 			md.RaftMember = true
+		case tagClusterID:
+			if len(v) == 0 {
+				return bad("empty cluster ID field")
+			}
+			md.ClusterID = string(v)
 		default:
 			// An optional field from a later version: skip it.
 		}

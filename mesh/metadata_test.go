@@ -20,6 +20,7 @@ func fullMetadata() Metadata {
 		WireGuardKey: [32]byte{0: 9, 31: 7},
 		RaftAddr:     netip.MustParseAddrPort("192.0.2.10:6785"),
 		RaftMember:   true,
+		ClusterID:    "0123456789abcdef",
 		Version:      "0.1.0-dev+abc",
 	}
 }

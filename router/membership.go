@@ -37,6 +37,8 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 		RaftMember:   p.cluster.InCluster(),
 		Version:      strings.Map(printableOnly, p.cfg.Version),
 	}
+	cfg.Metadata.ClusterID = p.cluster.ClusterID()
+	cfg.AcceptPeer = acceptPeer
 	m, err := mesh.New(cfg)
 	if err != nil {
 		return nil, err
@@ -49,6 +51,17 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 		return nil, err
 	}
 	return m, nil
+}
+
+// acceptPeer keeps two separately bootstrapped weft clusters apart: each owns the whole
+// range in its own Raft log, so merging them would hand out addresses twice.
+func acceptPeer(local, remote mesh.Metadata) error {
+	if local.ClusterID != "" && remote.ClusterID != "" && local.ClusterID != remote.ClusterID {
+		return fmt.Errorf("peer %s belongs to another weft cluster (%s, ours %s): it was bootstrapped separately; "+
+			"to move it into this cluster, stop it, empty its --data-dir and start it with --peers pointing here",
+			remote.Name, remote.ClusterID, local.ClusterID)
+	}
+	return nil
 }
 
 func printableOnly(r rune) rune {
@@ -93,8 +106,12 @@ func (p *Peer) runMembership(ctx context.Context) {
 				}
 			}
 		} else {
-			if !p.mesh.Local().Meta.RaftMember {
-				p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember = true })
+			if err := p.cluster.EnsureClusterID(); err != nil {
+				p.log.Warn("could not name the raft cluster; will retry", "err", err)
+			}
+			if md := p.mesh.Local().Meta; !md.RaftMember || md.ClusterID != p.cluster.ClusterID() {
+				id := p.cluster.ClusterID()
+				p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember, md.ClusterID = true, id })
 			}
 			if err := p.cluster.Reconcile(ctx, members, now); err != nil {
 				p.log.Warn("raft membership change failed; will retry", "err", err)
@@ -267,6 +284,7 @@ type PeerStatus struct {
 	Since        time.Time `json:"since"`
 	Self         bool      `json:"self"`
 	RaftMember   bool      `json:"raft_member"`
+	ClusterID    string    `json:"cluster_id,omitempty"`
 	Version      string    `json:"version"`
 }
 
@@ -280,7 +298,7 @@ func (p *Peer) peerStatus() []PeerStatus {
 		out = append(out, PeerStatus{
 			Name: pr.Name, Address: pr.Meta.Underlay.String(), GossipAddr: pr.Addr.String(),
 			State: pr.State.String(), Capabilities: caps, Since: pr.Since, Self: pr.Self,
-			RaftMember: pr.Meta.RaftMember, Version: pr.Meta.Version,
+			RaftMember: pr.Meta.RaftMember, ClusterID: pr.Meta.ClusterID, Version: pr.Meta.Version,
 		})
 	}
 	return out
