@@ -27,6 +27,9 @@ type AttachRequest struct {
 	Name string `json:"name,omitempty"`
 	// MTU overrides the network's MTU for this attachment when non-zero.
 	MTU int `json:"mtu,omitempty"`
+	// Services are published as SRV records of Name: SERVICE/PROTO/PORT, e.g. http/tcp/80
+	// (CNI_ARGS WEFT_SERVICES=http/tcp/80,dns/udp/53).
+	Services []string `json:"services,omitempty"`
 }
 
 // AttachResult is the peer's answer to an ADD or CHECK: everything a CNI result needs.

@@ -63,33 +63,49 @@ func ParseConf(stdin []byte) (*NetConf, error) {
 	return conf, nil
 }
 
-// ContainerName picks the container's DNS name from CNI_ARGS: K8S_POD_NAME, else "name",
-// else the container ID.
+// ContainerArgs is what weft reads from CNI_ARGS.
+type ContainerArgs struct {
+	// Name is the container's DNS name: K8S_POD_NAME, else "name", else the container ID.
+	Name string
+	// Services come from WEFT_SERVICES, a comma-separated list of SERVICE/PROTO/PORT.
+	Services []string
+}
+
+// ParseArgs reads CNI_ARGS.
 //
 // CNI_ARGS is parsed here rather than with types.LoadArgs because LoadArgs rejects every key
 // its struct does not name unless the runtime also sends IgnoreUnknown, and runtimes pass
 // arbitrary keys.
-func ContainerName(cniArgs, containerID string) (string, error) {
+func ParseArgs(cniArgs, containerID string) (ContainerArgs, error) {
 	var pod, name string
+	var out ContainerArgs
 	if cniArgs != "" {
 		for _, pair := range strings.Split(cniArgs, ";") {
 			k, v, ok := strings.Cut(pair, "=")
 			if !ok || k == "" {
-				return "", types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %q is not KEY=VALUE", pair), "")
+				return out, types.NewError(types.ErrInvalidEnvironmentVariables, fmt.Sprintf("CNI_ARGS: %q is not KEY=VALUE", pair), "")
 			}
 			switch k {
 			case "K8S_POD_NAME":
 				pod = v
 			case "name":
 				name = v
+			case "WEFT_SERVICES":
+				for _, s := range strings.Split(v, ",") {
+					if s = strings.TrimSpace(s); s != "" {
+						out.Services = append(out.Services, s)
+					}
+				}
 			}
 		}
 	}
 	switch {
 	case pod != "":
-		return pod, nil
+		out.Name = pod
 	case name != "":
-		return name, nil
+		out.Name = name
+	default:
+		out.Name = containerID
 	}
-	return containerID, nil
+	return out, nil
 }

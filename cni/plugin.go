@@ -51,13 +51,13 @@ func (p Plugin) client(conf *NetConf) (*Client, context.Context, context.CancelF
 }
 
 func attachRequest(conf *NetConf, args *skel.CmdArgs) (AttachRequest, error) {
-	name, err := ContainerName(args.Args, args.ContainerID)
+	ca, err := ParseArgs(args.Args, args.ContainerID)
 	if err != nil {
 		return AttachRequest{}, err
 	}
 	return AttachRequest{
 		ContainerID: args.ContainerID, IfName: args.IfName, NetNS: args.Netns,
-		CNINetwork: conf.Name, Network: conf.Network, Name: name, MTU: conf.MTU,
+		CNINetwork: conf.Name, Network: conf.Network, Name: ca.Name, MTU: conf.MTU, Services: ca.Services,
 	}, nil
 }
 

@@ -40,7 +40,7 @@ func TestParseConf(t *testing.T) {
 	}
 }
 
-func TestContainerName(t *testing.T) {
+func TestParseArgs(t *testing.T) {
 	cases := []struct{ args, want string }{
 		{"", "cid"},
 		{"IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=web-0", "web-0"},
@@ -49,12 +49,16 @@ func TestContainerName(t *testing.T) {
 		{"FOO=bar", "cid"},
 	}
 	for _, c := range cases {
-		got, err := ContainerName(c.args, "cid")
-		if err != nil || got != c.want {
-			t.Errorf("ContainerName(%q) = %q, %v; want %q", c.args, got, err, c.want)
+		got, err := ParseArgs(c.args, "cid")
+		if err != nil || got.Name != c.want {
+			t.Errorf("ParseArgs(%q).Name = %q, %v; want %q", c.args, got.Name, err, c.want)
 		}
 	}
-	if _, err := ContainerName("broken", "cid"); err == nil || !strings.Contains(err.Error(), "CNI_ARGS") {
+	got, err := ParseArgs("K8S_POD_NAME=web;WEFT_SERVICES=http/tcp/80, dns/udp/53", "cid")
+	if err != nil || strings.Join(got.Services, " ") != "http/tcp/80 dns/udp/53" {
+		t.Errorf("WEFT_SERVICES: %+v, %v", got, err)
+	}
+	if _, err := ParseArgs("broken", "cid"); err == nil || !strings.Contains(err.Error(), "CNI_ARGS") {
 		t.Errorf("malformed CNI_ARGS: %v", err)
 	}
 }

@@ -32,7 +32,9 @@ type Attachment struct {
 	NetNS      string     `json:"netns"`
 	HostIfName string     `json:"host_ifname"`
 	MTU        int        `json:"mtu,omitempty"`
-	Created    time.Time  `json:"created"`
+	// Services are SRV entries published for Name, SERVICE/PROTO/PORT.
+	Services []string  `json:"services,omitempty"`
+	Created  time.Time `json:"created"`
 }
 
 // Key returns the attachment's key.

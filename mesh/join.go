@@ -176,6 +176,25 @@ func (m *Mesh) dueTargets(lastFull time.Time) (due []string, full bool) {
 }
 
 // alone reports whether no other peer is alive or suspect.
+// Sync exchanges full state (push/pull) with the named peer now. A subsystem that has just
+// marked a peer as back calls it, so that state the peer sent while it was still considered
+// gone (and so was refused) arrives again instead of at the next periodic push/pull. It
+// blocks for one TCP exchange; call it off the event loop.
+func (m *Mesh) Sync(name string) error {
+	p, ok := m.Peer(name)
+	if !ok {
+		return fmt.Errorf("mesh: sync: unknown peer %q", name)
+	}
+	ml := m.ml.Load()
+	if ml == nil {
+		return errors.New("mesh: sync: not started")
+	}
+	if _, err := ml.Join([]string{p.Addr.String()}); err != nil {
+		return fmt.Errorf("mesh: sync with %s: %w", name, err)
+	}
+	return nil
+}
+
 // missingTargets says whether some target (other than this peer) is not an alive member.
 func (m *Mesh) missingTargets() bool {
 	m.mu.Lock()

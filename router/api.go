@@ -137,6 +137,23 @@ func (p *Peer) apiHandler() http.Handler {
 		}
 		return struct{}{}, nil
 	})
+	route(http.MethodPost, "/v1/dns/add", "dns_add", func(r *http.Request) (any, error) {
+		var req DNSRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return struct{}{}, p.dnsAdd(req)
+	})
+	route(http.MethodPost, "/v1/dns/remove", "dns_remove", func(r *http.Request) (any, error) {
+		var req DNSRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return struct{}{}, p.dnsRemove(req)
+	})
+	route(http.MethodGet, "/v1/dns/lookup", "dns_lookup", func(r *http.Request) (any, error) {
+		return p.dnsLookup(r.URL.Query().Get("name"))
+	})
 	route(http.MethodPost, "/v1/rmpeer", "rmpeer", func(r *http.Request) (any, error) {
 		var req RemovePeerRequest
 		if err := decode(r, &req); err != nil {
@@ -225,9 +242,14 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	if name == "" {
 		name = req.ContainerID
 	}
+	for _, s := range req.Services {
+		if _, _, _, err := parseService(s); err != nil {
+			return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidEnvironmentVariables, "CNI_ARGS WEFT_SERVICES: %v", err)
+		}
+	}
 	rec, existed, err := p.alloc.Allocate(ctx, ipam.Attachment{
 		ContainerID: req.ContainerID, IfName: req.IfName, Network: network.Name, CNINetwork: req.CNINetwork,
-		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu,
+		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu, Services: req.Services,
 	})
 	if err != nil {
 		return nil, err
@@ -243,12 +265,14 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 		}
 		return nil, err
 	}
-	p.log.Info("attached", "container", req.ContainerID, "ifname", req.IfName, "address", want.Address, "name", name)
+	p.registerName(rec.Name, rec.Address, rec.Services)
+	p.log.Info("attached", "container", req.ContainerID, "ifname", req.IfName, "address", want.Address, "name", rec.Name)
 	return &cni.AttachResult{
 		ContainerID: req.ContainerID, IfName: req.IfName, NetNS: req.NetNS,
 		HostIfName: want.HostIfName, HostMAC: res.HostMAC, ContainerMAC: res.ContainerMAC,
 		Bridge: want.Bridge, BridgeMAC: res.BridgeMAC,
 		Address: want.Address.String(), Gateway: want.Gateway.String(), MTU: mtu,
+		DNS: p.dnsInfo(network.Gateway()),
 	}, nil
 }
 
@@ -335,6 +359,7 @@ func (p *Peer) detach(key ipam.Key) error {
 		return err
 	}
 	if released {
+		p.dnsRep.RemoveContainer(rec.Name, []netip.Addr{rec.Address})
 		p.log.Info("detached", "container", key.ContainerID, "ifname", key.IfName, "address", rec.Address)
 	}
 	return nil

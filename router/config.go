@@ -68,6 +68,17 @@ type Config struct {
 	ReclaimAfter time.Duration
 	// SettleTime overrides defaultSettle (tests).
 	SettleTime time.Duration
+
+	// DNSDomain is the domain of container names (fully qualified).
+	DNSDomain string
+	// DNSPort is where the DNS server listens on each network's gateway address.
+	DNSPort int
+	// DNSTTL is the TTL of weft answers.
+	DNSTTL time.Duration
+	// DNSUpstreams are the resolvers for other names; empty means /etc/resolv.conf's.
+	DNSUpstreams []string
+	// DNSDownGrace is how long a dead peer's names stay in answers.
+	DNSDownGrace time.Duration
 }
 
 // DefaultConfig returns the documented defaults; Name must still be set.
@@ -85,6 +96,10 @@ func DefaultConfig() Config {
 		RaftVoters:   DefaultRaftVoters,
 		VoterGrace:   DefaultVoterGrace,
 		SettleTime:   defaultSettle,
+		DNSDomain:    "weft.local.",
+		DNSPort:      53,
+		DNSTTL:       30 * time.Second,
+		DNSDownGrace: 30 * time.Second,
 	}
 }
 
@@ -109,6 +124,12 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --raft-voters %d must be at least 1", ErrInvalidConfig, c.RaftVoters)
 	case c.VoterGrace <= 0:
 		return fmt.Errorf("%w: --raft-voter-grace %s must be positive", ErrInvalidConfig, c.VoterGrace)
+	case c.DNSPort < 0 || c.DNSPort > 65535:
+		return fmt.Errorf("%w: --dns-port %d is not a port", ErrInvalidConfig, c.DNSPort)
+	case c.DNSTTL <= 0:
+		return fmt.Errorf("%w: --dns-ttl %s must be positive", ErrInvalidConfig, c.DNSTTL)
+	case c.DNSDownGrace <= 0:
+		return fmt.Errorf("%w: --dns-down-grace %s must be positive", ErrInvalidConfig, c.DNSDownGrace)
 	case c.ReclaimAfter < 0:
 		return fmt.Errorf("%w: --reclaim-after %s must not be negative", ErrInvalidConfig, c.ReclaimAfter)
 	case c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified()):

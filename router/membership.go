@@ -46,6 +46,9 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err := m.RegisterChannel(usageChannel, p.usage); err != nil {
 		return nil, err
 	}
+	if err := m.RegisterChannel(dnsChannel, p.dnsRep); err != nil {
+		return nil, err
+	}
 	if err := m.Start(ctx); err != nil {
 		m.Close()
 		return nil, err
@@ -93,7 +96,8 @@ func (p *Peer) runMembership(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-events:
+		case ev := <-events:
+			p.peerEvent(ev)
 		case <-tick.C:
 		}
 		now := time.Now()
@@ -118,6 +122,25 @@ func (p *Peer) runMembership(ctx context.Context) {
 			}
 		}
 		p.publishUsage()
+	}
+}
+
+// peerEvent passes liveness changes to the parts that keep per-peer state.
+func (p *Peer) peerEvent(ev mesh.Event) {
+	switch ev.Type {
+	case mesh.EventJoin:
+		// The join's state exchange may have reached the DNS records before this event
+		// and been refused (a peer forgotten while it was gone): exchange again.
+		p.dnsRep.PeerUp(ev.Peer.Name)
+		go func() {
+			if err := p.mesh.Sync(ev.Peer.Name); err != nil {
+				p.log.Debug("state sync with a returning peer failed; push/pull will repair", "peer", ev.Peer.Name, "err", err)
+			}
+		}()
+	case mesh.EventAlive:
+		p.dnsRep.PeerUp(ev.Peer.Name)
+	case mesh.EventDead, mesh.EventLeave:
+		p.dnsRep.PeerDown(ev.Peer.Name)
 	}
 }
 

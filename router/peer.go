@@ -21,6 +21,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/dns"
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
 )
@@ -40,6 +41,8 @@ type Peer struct {
 	cluster   *ipam.Cluster
 	mesh      *mesh.Mesh
 	usage     *usageTable
+	dnsRep    *dns.Replicator
+	dnsServer *dns.Server
 	started   time.Time
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
@@ -113,6 +116,9 @@ func (p *Peer) Run(ctx context.Context) error {
 		return err
 	}
 	if err := p.ensureKernel(); err != nil {
+		return err
+	}
+	if err := p.startDNS(ctx, &stops); err != nil {
 		return err
 	}
 	meshCtx, stopMesh := context.WithCancel(ctx)

@@ -39,7 +39,7 @@ func newRootCmd() *cobra.Command {
 		},
 	}
 	root.PersistentFlags().String("socket", "/run/weft/weft.sock", "control socket of the peer")
-	root.AddCommand(newPeerCmd(), newStatusCmd(), newConnectCmd(), newForgetCmd(), newRmpeerCmd(), newVersionCmd())
+	root.AddCommand(newPeerCmd(), newStatusCmd(), newConnectCmd(), newForgetCmd(), newRmpeerCmd(), newDNSCmd(), newVersionCmd())
 	return root
 }
 

@@ -20,8 +20,11 @@ func newPeerCmd() *cobra.Command {
 		name, dataDir, httpAddr, ipRange, logLevel string
 		advertise, password, passwordFile          string
 		mtu, meshPort, raftPort, voters, blockBits int
-		seeds                                      []string
+		seeds, dnsUpstreams                        []string
 		voterGrace, reclaimAfter                   time.Duration
+		dnsDomain                                  string
+		dnsPort                                    int
+		dnsTTL, dnsDownGrace                       time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "peer",
@@ -42,6 +45,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
 			cfg.VoterGrace, cfg.ReclaimAfter = voterGrace, reclaimAfter
+			cfg.DNSDomain, cfg.DNSPort, cfg.DNSTTL, cfg.DNSUpstreams, cfg.DNSDownGrace = dnsDomain, dnsPort, dnsTTL, dnsUpstreams, dnsDownGrace
 			if advertise != "" {
 				if cfg.AdvertiseAddr, err = netip.ParseAddr(advertise); err != nil {
 					return fmt.Errorf("--advertise-addr %q: %w", advertise, err)
@@ -75,6 +79,11 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
+	f.StringVar(&dnsDomain, "dns-domain", def.DNSDomain, "domain of container names")
+	f.IntVar(&dnsPort, "dns-port", def.DNSPort, "DNS port on each network's gateway address")
+	f.DurationVar(&dnsTTL, "dns-ttl", def.DNSTTL, "TTL of weft DNS answers")
+	f.StringSliceVar(&dnsUpstreams, "dns-upstream", nil, "resolvers for other names, host[:port] (default: the nameservers of /etc/resolv.conf, re-read on change)")
+	f.DurationVar(&dnsDownGrace, "dns-down-grace", def.DNSDownGrace, "how long a dead peer's names stay in answers")
 	return cmd
 }
 

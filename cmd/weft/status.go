@@ -39,9 +39,7 @@ func statusCommand(use, short, path string, newValue func() any, print func(io.W
 				return err
 			}
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(v)
+				return printJSON(cmd, v)
 			}
 			print(cmd.OutOrStdout(), v)
 			return nil
@@ -49,6 +47,12 @@ func statusCommand(use, short, path string, newValue func() any, print func(io.W
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	return cmd
+}
+
+func printJSON(cmd *cobra.Command, v any) error {
+	enc := json.NewEncoder(cmd.OutOrStdout())
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 func client(cmd *cobra.Command) *cni.Client {
