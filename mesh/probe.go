@@ -1,0 +1,643 @@
+package mesh
+
+// Probing: each peer measures its links to the others with small UDP
+// probes carrying four timestamps (as in NTP and TWAMP):
+//
+//	T1  the prober sends the request          (prober's clock)
+//	T2  the responder receives it              (responder's clock)
+//	T3  the responder sends the reply          (responder's clock)
+//	T4  the prober receives the reply          (prober's clock)
+//
+//	RTT = (T4 − T1) − (T3 − T2)
+//
+// Only differences of one clock are used, so the peers' clocks need not
+// agree, and the responder's processing time is taken out.
+//
+// Wire format (big endian), fixed header then two bounded names and an
+// optional MAC:
+//
+//	offset size
+//	0      2    magic "wP" (0x77 0x50)
+//	2      1    version (1)
+//	3      1    kind: 1 request, 2 reply
+//	4      1    flags: bit 0 = authenticated (a 16-byte MAC trails the packet)
+//	5      3    reserved, zero
+//	8      8    seq
+//	16     8    T1 (ns, prober's clock)
+//	24     8    T2 (ns, responder's clock; 0 in a request)
+//	32     8    T3 (ns, responder's clock; 0 in a request)
+//	40     1+n  from: the sender's peer name (1..64 bytes, see validName)
+//	       1+m  path: the prober's name for this target (1..64 bytes of
+//	            [A-Za-z0-9._:/-]), echoed back unchanged in the reply
+//	       16   MAC (only with the flag): HMAC-SHA256 truncated to 128 bits
+//	            over every byte before it, keyed with ProberConfig.Key
+//
+// A packet is at most 40+65+65+16 = 186 bytes. When a key is set, packets
+// without a valid MAC are dropped and counted; without a key, packets that
+// carry a MAC are dropped too (the two sides disagree on authentication).
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// ErrBadProbe: a probe packet could not be decoded (garbage, truncated,
+// unknown version, bad names) or failed authentication.
+var ErrBadProbe = errors.New("mesh: bad probe packet")
+
+// Probe kinds.
+const (
+	ProbeRequest = 1
+	ProbeReply   = 2
+)
+
+const (
+	probeVersion    = 1
+	probeHeaderLen  = 40
+	probeMACLen     = 16
+	probeFlagAuth   = 1
+	maxProbePathLen = 64
+	// MaxProbeSize bounds an encoded probe.
+	MaxProbeSize = probeHeaderLen + 1 + maxNameLen + 1 + maxProbePathLen + probeMACLen
+)
+
+var probeMagic = [2]byte{'w', 'P'}
+
+// Probe is one decoded probe packet.
+type Probe struct {
+	Kind       byte   // ProbeRequest or ProbeReply
+	Seq        uint64 // chosen by the prober
+	T1, T2, T3 int64  // ns; see the package comment of probe.go
+	From       string // sender's peer name
+	Path       string // prober's name for the target, echoed in the reply
+}
+
+// AppendProbe appends p's encoding to b, with a MAC when key is not empty.
+func AppendProbe(b []byte, p Probe, key []byte) ([]byte, error) {
+	if p.Kind != ProbeRequest && p.Kind != ProbeReply {
+		return b, fmt.Errorf("%w: kind %d", ErrBadProbe, p.Kind)
+	}
+	if err := validName(p.From); err != nil {
+		return b, fmt.Errorf("%w: from name %q: %v", ErrBadProbe, p.From, err)
+	}
+	if err := validProbePath(p.Path); err != nil {
+		return b, fmt.Errorf("%w: path name %q: %v", ErrBadProbe, p.Path, err)
+	}
+	start := len(b)
+	var flags byte
+	if len(key) > 0 {
+		flags |= probeFlagAuth
+	}
+	b = append(b, probeMagic[0], probeMagic[1], probeVersion, p.Kind, flags, 0, 0, 0)
+	b = binary.BigEndian.AppendUint64(b, p.Seq)
+	b = binary.BigEndian.AppendUint64(b, uint64(p.T1))
+	b = binary.BigEndian.AppendUint64(b, uint64(p.T2))
+	b = binary.BigEndian.AppendUint64(b, uint64(p.T3))
+	b = append(b, byte(len(p.From)))
+	b = append(b, p.From...)
+	b = append(b, byte(len(p.Path)))
+	b = append(b, p.Path...)
+	if len(key) > 0 {
+		b = append(b, probeMAC(key, b[start:])...)
+	}
+	return b, nil
+}
+
+// DecodeProbe parses and, when key is not empty, authenticates one probe
+// packet. Every error wraps ErrBadProbe. The result does not alias b.
+func DecodeProbe(b, key []byte) (Probe, error) {
+	bad := func(format string, a ...any) (Probe, error) {
+		return Probe{}, fmt.Errorf("%w: %s", ErrBadProbe, fmt.Sprintf(format, a...))
+	}
+	if len(b) < probeHeaderLen+2 {
+		return bad("%d bytes, too short", len(b))
+	}
+	if b[0] != probeMagic[0] || b[1] != probeMagic[1] {
+		return bad("wrong magic %#x%02x", b[0], b[1])
+	}
+	if b[2] != probeVersion {
+		return bad("version %d, this peer understands %d", b[2], probeVersion)
+	}
+	kind, flags := b[3], b[4]
+	if kind != ProbeRequest && kind != ProbeReply {
+		return bad("kind %d", kind)
+	}
+	if flags&^probeFlagAuth != 0 || b[5]|b[6]|b[7] != 0 {
+		return bad("unknown flags %#x", b[4:8])
+	}
+	authed := flags&probeFlagAuth != 0
+	switch {
+	case authed && len(key) == 0:
+		return bad("authenticated probe, but this peer has no probe key")
+	case !authed && len(key) > 0:
+		return bad("unauthenticated probe, but this peer requires authentication")
+	}
+	body := b
+	if authed {
+		if len(b) < probeHeaderLen+2+probeMACLen {
+			return bad("%d bytes, too short for a MAC", len(b))
+		}
+		body = b[:len(b)-probeMACLen]
+		if !hmac.Equal(b[len(body):], probeMAC(key, body)) {
+			return bad("MAC mismatch (wrong key or forged packet)")
+		}
+	}
+	p := Probe{
+		Kind: kind,
+		Seq:  binary.BigEndian.Uint64(b[8:]),
+		T1:   int64(binary.BigEndian.Uint64(b[16:])),
+		T2:   int64(binary.BigEndian.Uint64(b[24:])),
+		T3:   int64(binary.BigEndian.Uint64(b[32:])),
+	}
+	off := probeHeaderLen
+	readName := func() (string, bool) {
+		if off >= len(body) {
+			return "", false
+		}
+		n := int(body[off])
+		if len(body)-off-1 < n {
+			return "", false
+		}
+		s := string(body[off+1 : off+1+n])
+		off += 1 + n
+		return s, true
+	}
+	var ok bool
+	if p.From, ok = readName(); !ok {
+		return bad("from name overruns the packet")
+	}
+	if err := validName(p.From); err != nil {
+		return bad("from name %q: %v", p.From, err)
+	}
+	if p.Path, ok = readName(); !ok {
+		return bad("path name overruns the packet")
+	}
+	if err := validProbePath(p.Path); err != nil {
+		return bad("path name %q: %v", p.Path, err)
+	}
+	if off != len(body) {
+		return bad("%d trailing bytes", len(body)-off)
+	}
+	if kind == ProbeReply && p.T3 < p.T2 {
+		return bad("reply sent (T3) before the request was received (T2)")
+	}
+	return p, nil
+}
+
+func probeMAC(key, msg []byte) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write(msg)
+	return m.Sum(nil)[:probeMACLen]
+}
+
+// validProbePath checks a target name: 1–64 bytes of [A-Za-z0-9._:/-], so
+// that a caller can name several paths to one peer ("b/underlay").
+func validProbePath(s string) error {
+	if s == "" {
+		return errors.New("empty")
+	}
+	if len(s) > maxProbePathLen {
+		return fmt.Errorf("%d bytes, at most %d", len(s), maxProbePathLen)
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == ':' || c == '-' || c == '/') {
+			return fmt.Errorf("byte %q not allowed", c)
+		}
+	}
+	return nil
+}
+
+// ProberConfig configures a Prober. Self and Conn are required.
+type ProberConfig struct {
+	// Self is this peer's name, sent in every probe.
+	Self string
+	// Conn is the UDP socket probes are sent from and replies (to this
+	// peer's probes and others') are read on. The caller binds it and
+	// closes it after Run returns; Run sets its read deadline to stop.
+	Conn net.PacketConn
+	// Interval between two probes to one target; each wait is jittered by
+	// ±20% so that peers do not synchronise. Default 1s.
+	Interval time.Duration
+	// Timeout after which an unanswered probe counts as lost. Default 1s.
+	Timeout time.Duration
+	// Window is the number of recent probes that Loss and MinRTT are
+	// computed over. Default 20.
+	Window int
+	// DownAfter consecutive lost probes mark a link down (LinkStats.Up).
+	// Default 3.
+	DownAfter int
+	// Key, when set, authenticates probes with HMAC-SHA256: probes and
+	// replies without a valid MAC are dropped (and counted). All peers must
+	// use the same key (the daemon derives it from the gossip password).
+	Key []byte
+	// Now is the clock for the timestamps. Default time.Now. It must return
+	// times with a monotonic reading for RTTs to be immune to clock steps.
+	Now func() time.Time
+	// Logger receives debug lines about dropped packets. Default: discard.
+	Logger *slog.Logger
+}
+
+func (c *ProberConfig) validate() error {
+	if err := validName(c.Self); err != nil {
+		return fmt.Errorf("%w: prober self name %q: %v", ErrInvalidConfig, c.Self, err)
+	}
+	if c.Conn == nil {
+		return fmt.Errorf("%w: prober needs a Conn", ErrInvalidConfig)
+	}
+	if c.Interval == 0 {
+		c.Interval = time.Second
+	}
+	if c.Timeout == 0 {
+		c.Timeout = time.Second
+	}
+	if c.Window == 0 {
+		c.Window = 20
+	}
+	if c.DownAfter == 0 {
+		c.DownAfter = 3
+	}
+	switch {
+	case c.Interval < time.Millisecond:
+		return fmt.Errorf("%w: probe interval %v below 1ms", ErrInvalidConfig, c.Interval)
+	case c.Timeout < time.Millisecond:
+		return fmt.Errorf("%w: probe timeout %v below 1ms", ErrInvalidConfig, c.Timeout)
+	case c.Window < 1 || c.Window > 1000:
+		return fmt.Errorf("%w: probe window %d out of range 1..1000", ErrInvalidConfig, c.Window)
+	case c.DownAfter < 1 || c.DownAfter > c.Window:
+		return fmt.Errorf("%w: probe DownAfter %d out of range 1..Window(%d)", ErrInvalidConfig, c.DownAfter, c.Window)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return nil
+}
+
+// LinkStats are one target's measured figures.
+type LinkStats struct {
+	// RTT is an exponentially weighted moving average of the samples
+	// (weight 1/8 for the new sample, as TCP's SRTT).
+	RTT time.Duration
+	// MinRTT is the smallest RTT among the last Window probes.
+	MinRTT time.Duration
+	// Jitter is a moving average of |RTT(i) − RTT(i−1)| (weight 1/16, as
+	// RFC 3550's interarrival jitter).
+	Jitter time.Duration
+	// Loss is the fraction of the last Window probes (answered or timed
+	// out; probes still in flight are not counted) that got no reply.
+	Loss float64
+	// Up is false before the first reply and after DownAfter consecutive
+	// probes were lost.
+	Up bool
+	// LastHeard is when the last valid reply arrived (zero: never).
+	LastHeard time.Time
+	// Samples counts the replies received since the target was added.
+	Samples int
+}
+
+// ProberCounters count a Prober's packets since it was created.
+type ProberCounters struct {
+	Sent       uint64 // requests sent
+	Replies    uint64 // valid replies to our requests
+	Answered   uint64 // requests of others answered
+	Timeouts   uint64 // our requests that got no reply in time
+	Bad        uint64 // packets dropped: garbage or failed authentication
+	Unexpected uint64 // valid replies matching no outstanding request (late, duplicate, spoofed)
+	SendErrors uint64 // failed writes
+}
+
+// Prober measures RTT, jitter and loss to a set of targets, and answers
+// other peers' probes on the same socket.
+//
+// Concurrency: all methods are safe for concurrent use. Run owns the
+// socket's reads; mu guards the target table.
+type Prober struct {
+	cfg ProberConfig
+
+	mu      sync.Mutex // guards following
+	targets map[string]*probeTarget
+	pending map[uint64]*pendingProbe
+	seq     uint64
+	kick    chan struct{} // SetTargets wakes the send loop
+
+	sent, replies, answered, timeouts, bad, unexpected, sendErrors atomic.Uint64
+}
+
+type probeTarget struct {
+	addr     netip.AddrPort
+	next     time.Time // when the next probe is due
+	outcomes []bool    // ring of the last Window outcomes (true: answered)
+	rtts     []time.Duration
+	pos, n   int // ring write position, filled entries
+	lostRun  int // consecutive losses
+	srtt     time.Duration
+	jitter   time.Duration
+	last     time.Duration // previous sample, for jitter
+	heard    time.Time
+	samples  int
+}
+
+type pendingProbe struct {
+	target string
+	t1     time.Time
+}
+
+// NewProber validates cfg; it does no I/O until Run.
+func NewProber(cfg ProberConfig) (*Prober, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	return &Prober{
+		cfg:     cfg,
+		targets: map[string]*probeTarget{},
+		pending: map[uint64]*pendingProbe{},
+		seq:     rand.Uint64(),
+		kick:    make(chan struct{}, 1),
+	}, nil
+}
+
+// SetTargets replaces the set of targets (name → address). Targets that
+// stay keep their statistics; a target whose address changed starts over.
+// Names are 1–64 bytes of [A-Za-z0-9._:/-]; several names may point at one
+// peer to measure several paths to it ("b/underlay", "b/overlay").
+func (p *Prober) SetTargets(targets map[string]netip.AddrPort) error {
+	for name, a := range targets {
+		if err := validProbePath(name); err != nil {
+			return fmt.Errorf("%w: probe target name %q: %v", ErrInvalidConfig, name, err)
+		}
+		if !a.IsValid() || a.Port() == 0 {
+			return fmt.Errorf("%w: probe target %q: invalid address %v", ErrInvalidConfig, name, a)
+		}
+	}
+	now := p.cfg.Now()
+	p.mu.Lock()
+	for name, t := range p.targets {
+		if a, ok := targets[name]; !ok || a != t.addr {
+			delete(p.targets, name)
+		}
+	}
+	for name, a := range targets {
+		if _, ok := p.targets[name]; ok {
+			continue
+		}
+		p.targets[name] = &probeTarget{
+			addr:     a,
+			next:     now.Add(time.Duration(rand.Int64N(int64(p.cfg.Interval/10) + 1))), // spread the first probes
+			outcomes: make([]bool, p.cfg.Window),
+			rtts:     make([]time.Duration, p.cfg.Window),
+		}
+	}
+	for seq, pp := range p.pending {
+		if _, ok := p.targets[pp.target]; !ok {
+			delete(p.pending, seq)
+		}
+	}
+	p.mu.Unlock()
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// Stats returns one target's figures.
+func (p *Prober) Stats(name string) (LinkStats, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	t, ok := p.targets[name]
+	if !ok {
+		return LinkStats{}, false
+	}
+	return p.statsLocked(t), true
+}
+
+// All returns every target's figures.
+func (p *Prober) All() map[string]LinkStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[string]LinkStats, len(p.targets))
+	for name, t := range p.targets {
+		out[name] = p.statsLocked(t)
+	}
+	return out
+}
+
+func (p *Prober) statsLocked(t *probeTarget) LinkStats {
+	s := LinkStats{RTT: t.srtt, Jitter: t.jitter, LastHeard: t.heard, Samples: t.samples}
+	lost := 0
+	for i := 0; i < t.n; i++ {
+		if !t.outcomes[i] {
+			lost++
+			continue
+		}
+		if r := t.rtts[i]; s.MinRTT == 0 || r < s.MinRTT {
+			s.MinRTT = r
+		}
+	}
+	if t.n > 0 {
+		s.Loss = float64(lost) / float64(t.n)
+	}
+	s.Up = t.samples > 0 && t.lostRun < p.cfg.DownAfter
+	return s
+}
+
+// Counters returns the packet counters.
+func (p *Prober) Counters() ProberCounters {
+	return ProberCounters{
+		Sent: p.sent.Load(), Replies: p.replies.Load(), Answered: p.answered.Load(),
+		Timeouts: p.timeouts.Load(), Bad: p.bad.Load(), Unexpected: p.unexpected.Load(),
+		SendErrors: p.sendErrors.Load(),
+	}
+}
+
+// record adds one outcome to a target's window.
+func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
+	t.outcomes[t.pos], t.rtts[t.pos] = ok, rtt
+	t.pos = (t.pos + 1) % len(t.outcomes)
+	if t.n < len(t.outcomes) {
+		t.n++
+	}
+	if !ok {
+		t.lostRun++
+		return
+	}
+	t.lostRun = 0
+	if t.samples == 0 {
+		t.srtt, t.jitter = rtt, 0
+	} else {
+		t.srtt += (rtt - t.srtt) / 8
+		d := rtt - t.last
+		if d < 0 {
+			d = -d
+		}
+		t.jitter += (d - t.jitter) / 16
+	}
+	t.last = rtt
+	t.samples++
+}
+
+// Run sends probes and answers others' until ctx is cancelled (then it
+// returns nil) or the socket fails (then it returns the error). Run must
+// be called once.
+func (p *Prober) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	readErr := make(chan error, 1)
+	go func() { readErr <- p.readLoop() }()
+	stop := func() {
+		// Unblock ReadFrom; the caller owns (and closes) the socket.
+		p.cfg.Conn.SetReadDeadline(time.Unix(1, 0))
+	}
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	buf := make([]byte, 0, MaxProbeSize)
+	for {
+		select {
+		case <-ctx.Done():
+			stop()
+			<-readErr
+			return nil
+		case err := <-readErr:
+			return err
+		case <-p.kick:
+		case <-timer.C:
+		}
+		wait := p.tick(&buf)
+		timer.Reset(wait)
+	}
+}
+
+// tick sends the probes that are due, expires lost ones, and returns how
+// long to wait until the next thing is due.
+func (p *Prober) tick(buf *[]byte) time.Duration {
+	now := p.cfg.Now()
+	type send struct {
+		to  netip.AddrPort
+		msg []byte
+	}
+	var sends []send
+	p.mu.Lock()
+	next := now.Add(p.cfg.Interval)
+	for seq, pp := range p.pending {
+		deadline := pp.t1.Add(p.cfg.Timeout)
+		if !now.Before(deadline) {
+			delete(p.pending, seq)
+			if t := p.targets[pp.target]; t != nil {
+				p.recordLocked(t, false, 0)
+			}
+			p.timeouts.Add(1)
+		} else if deadline.Before(next) {
+			next = deadline
+		}
+	}
+	for name, t := range p.targets {
+		if !now.Before(t.next) {
+			p.seq++
+			msg, err := AppendProbe((*buf)[:0], Probe{Kind: ProbeRequest, Seq: p.seq, T1: now.UnixNano(), From: p.cfg.Self, Path: name}, p.cfg.Key)
+			if err == nil {
+				p.pending[p.seq] = &pendingProbe{target: name, t1: now}
+				sends = append(sends, send{t.addr, append([]byte(nil), msg...)})
+			}
+			t.next = now.Add(jittered(p.cfg.Interval))
+		}
+		if t.next.Before(next) {
+			next = t.next
+		}
+	}
+	p.mu.Unlock()
+	for _, s := range sends {
+		if _, err := p.cfg.Conn.WriteTo(s.msg, net.UDPAddrFromAddrPort(s.to)); err != nil {
+			p.sendErrors.Add(1)
+			p.cfg.Logger.Debug("probe: send failed", "to", s.to, "err", err)
+			continue
+		}
+		p.sent.Add(1)
+	}
+	return max(next.Sub(now), time.Millisecond)
+}
+
+// jittered returns d ± 20%.
+func jittered(d time.Duration) time.Duration {
+	return d*4/5 + time.Duration(rand.Int64N(int64(d)*2/5+1))
+}
+
+// readLoop reads the socket until it fails; a deadline error after Run
+// stopped is the normal end.
+func (p *Prober) readLoop() error {
+	buf := make([]byte, 2048)
+	out := make([]byte, 0, MaxProbeSize)
+	for {
+		n, from, err := p.cfg.Conn.ReadFrom(buf)
+		now := p.cfg.Now()
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil
+			}
+			return fmt.Errorf("mesh: probe socket: %w", err)
+		}
+		out = p.handle(buf[:n], from, now, out)
+	}
+}
+
+// handle processes one received packet: answers a request, or accounts a
+// reply. It returns the scratch buffer for reuse.
+func (p *Prober) handle(pkt []byte, from net.Addr, now time.Time, out []byte) []byte {
+	m, err := DecodeProbe(pkt, p.cfg.Key)
+	if err != nil {
+		p.bad.Add(1)
+		p.cfg.Logger.Debug("probe: dropped packet", "from", from, "err", err)
+		return out
+	}
+	switch m.Kind {
+	case ProbeRequest:
+		rep := Probe{Kind: ProbeReply, Seq: m.Seq, T1: m.T1, T2: now.UnixNano(), From: p.cfg.Self, Path: m.Path}
+		rep.T3 = p.cfg.Now().UnixNano()
+		rep.T3 = max(rep.T3, rep.T2)
+		out, err = AppendProbe(out[:0], rep, p.cfg.Key)
+		if err != nil {
+			return out
+		}
+		if _, err := p.cfg.Conn.WriteTo(out, from); err != nil {
+			p.sendErrors.Add(1)
+			return out
+		}
+		p.answered.Add(1)
+	case ProbeReply:
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		pp, ok := p.pending[m.Seq]
+		if !ok || pp.target != m.Path || pp.t1.UnixNano() != m.T1 {
+			p.unexpected.Add(1)
+			return out
+		}
+		delete(p.pending, m.Seq)
+		t := p.targets[pp.target]
+		if t == nil {
+			p.unexpected.Add(1)
+			return out
+		}
+		rtt := now.Sub(pp.t1) - time.Duration(m.T3-m.T2)
+		if rtt < 0 {
+			rtt = 0 // the responder claims more processing time than elapsed
+		}
+		p.recordLocked(t, true, rtt)
+		t.heard = now
+		p.replies.Add(1)
+	}
+	return out
+}

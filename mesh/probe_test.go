@@ -1,0 +1,433 @@
+package mesh
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+func TestProbeRoundTrip(t *testing.T) {
+	for _, key := range [][]byte{nil, []byte("secret")} {
+		p := Probe{Kind: ProbeReply, Seq: 1<<63 + 5, T1: -3, T2: 1e18, T3: 1e18 + 7, From: "peer-b", Path: "peer-b/underlay"}
+		b, err := AppendProbe(nil, p, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) > MaxProbeSize {
+			t.Errorf("%d bytes, more than MaxProbeSize %d", len(b), MaxProbeSize)
+		}
+		got, err := DecodeProbe(b, key)
+		if err != nil {
+			t.Fatalf("key %q: %v", key, err)
+		}
+		if got != p {
+			t.Errorf("key %q: got %+v, want %+v", key, got, p)
+		}
+	}
+}
+
+func TestDecodeProbeRejects(t *testing.T) {
+	key := []byte("k")
+	good, _ := AppendProbe(nil, Probe{Kind: ProbeRequest, Seq: 1, T1: 10, From: "a", Path: "b"}, nil)
+	goodAuth, _ := AppendProbe(nil, Probe{Kind: ProbeRequest, Seq: 1, T1: 10, From: "a", Path: "b"}, key)
+	mod := func(b []byte, i int, v byte) []byte { c := bytes.Clone(b); c[i] = v; return c }
+	badReply, _ := AppendProbe(nil, Probe{Kind: ProbeReply, T2: 10, T3: 5, From: "a", Path: "b"}, nil)
+	for _, c := range []struct {
+		name string
+		b    []byte
+		key  []byte
+		want string
+	}{
+		{"empty", nil, nil, "too short"},
+		{"truncated", good[:len(good)-1], nil, "overruns"},
+		{"magic", mod(good, 0, 'x'), nil, "magic"},
+		{"version", mod(good, 2, 9), nil, "version 9"},
+		{"kind", mod(good, 3, 7), nil, "kind 7"},
+		{"flags", mod(good, 4, 0x80), nil, "flags"},
+		{"reserved", mod(good, 6, 1), nil, "flags"},
+		{"trailing", append(bytes.Clone(good), 0), nil, "trailing"},
+		{"from name", mod(good, probeHeaderLen+1, '!'), nil, "from name"},
+		{"empty path", append(bytes.Clone(good[:len(good)-2]), 0), nil, "path name"},
+		{"unauthenticated", good, key, "requires authentication"},
+		{"authenticated without key", goodAuth, nil, "no probe key"},
+		{"wrong key", goodAuth, []byte("other"), "MAC mismatch"},
+		{"forged", mod(goodAuth, 8, 1), key, "MAC mismatch"},
+		{"reply T3<T2", badReply, nil, "T3"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := DecodeProbe(c.b, c.key)
+			if !errors.Is(err, ErrBadProbe) || !bytes.Contains([]byte(err.Error()), []byte(c.want)) {
+				t.Errorf("err %v, want ErrBadProbe mentioning %q", err, c.want)
+			}
+		})
+	}
+}
+
+func FuzzDecodeProbe(f *testing.F) {
+	key := []byte("fuzz")
+	for _, k := range [][]byte{nil, key} {
+		b, _ := AppendProbe(nil, Probe{Kind: ProbeRequest, Seq: 9, T1: 1, From: "a", Path: "b/c"}, k)
+		f.Add(b, k != nil)
+		b, _ = AppendProbe(nil, Probe{Kind: ProbeReply, Seq: 9, T1: 1, T2: 2, T3: 3, From: "peer", Path: "x"}, k)
+		f.Add(b, k != nil)
+	}
+	f.Add([]byte("wP\x01\x01"), false)
+	f.Fuzz(func(t *testing.T, b []byte, auth bool) {
+		var k []byte
+		if auth {
+			k = key
+		}
+		p, err := DecodeProbe(b, k)
+		if err != nil {
+			if !errors.Is(err, ErrBadProbe) {
+				t.Fatalf("error %v does not wrap ErrBadProbe", err)
+			}
+			return
+		}
+		again, err := AppendProbe(nil, p, k)
+		if err != nil {
+			t.Fatalf("decoded probe %+v does not encode: %v", p, err)
+		}
+		if !bytes.Equal(again, b) {
+			t.Fatalf("re-encoding differs:\n%x\n%x", again, b)
+		}
+	})
+}
+
+// fakeClock is a settable clock for the prober's timestamps.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+// TestProberAccounting drives the prober's bookkeeping with a fake clock
+// and hand-made replies: RTT subtracts the responder's hold time, EWMA,
+// jitter, MinRTT, loss window, Up.
+func TestProberAccounting(t *testing.T) {
+	clk := &fakeClock{now: time.Unix(1000, 0)}
+	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	p, err := NewProber(ProberConfig{Self: "a", Conn: conn, Window: 4, DownAfter: 2, Timeout: 100 * time.Millisecond, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := conn.LocalAddr().(*net.UDPAddr).AddrPort() // replies to ourselves are answered, and not "ours"
+	if err := p.SetTargets(map[string]netip.AddrPort{"b": target}); err != nil {
+		t.Fatal(err)
+	}
+	// probe sends one request by hand and answers it after rtt, of which
+	// hold was spent at the responder; rtt 0 means it is lost.
+	probe := func(rtt, hold time.Duration) {
+		t.Helper()
+		p.mu.Lock()
+		p.seq++
+		seq := p.seq
+		t1 := clk.Now()
+		p.pending[seq] = &pendingProbe{target: "b", t1: t1}
+		p.mu.Unlock()
+		if rtt == 0 {
+			clk.Add(p.cfg.Timeout)
+			var buf []byte
+			p.tick(&buf) // expires it (and sends a real probe nobody answers in time)
+			p.mu.Lock()
+			clear(p.pending)
+			p.mu.Unlock()
+			return
+		}
+		t2 := t1.Add(50 * time.Hour) // the responder's clock is far off; only T3−T2 matters
+		rep, err := AppendProbe(nil, Probe{Kind: ProbeReply, Seq: seq, T1: t1.UnixNano(), T2: t2.UnixNano(), T3: t2.Add(hold).UnixNano(), From: "b", Path: "b"}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clk.Add(rtt + hold)
+		p.handle(rep, nil, clk.Now(), nil)
+	}
+	if s, _ := p.Stats("b"); s.Up || s.Samples != 0 {
+		t.Fatalf("before any reply: %+v", s)
+	}
+	probe(10*time.Millisecond, 5*time.Millisecond)
+	s, _ := p.Stats("b")
+	if s.RTT != 10*time.Millisecond || s.MinRTT != 10*time.Millisecond || s.Jitter != 0 || !s.Up || s.Loss != 0 || s.Samples != 1 {
+		t.Fatalf("after one reply: %+v", s)
+	}
+	probe(18*time.Millisecond, time.Millisecond)
+	s, _ = p.Stats("b")
+	if want := 10*time.Millisecond + 8*time.Millisecond/8; s.RTT != want || s.Jitter != 8*time.Millisecond/16 {
+		t.Fatalf("after two replies: %+v, want RTT %v jitter %v", s, want, 8*time.Millisecond/16)
+	}
+	probe(0, 0)
+	s, _ = p.Stats("b")
+	if s.Loss != 1.0/3 || !s.Up {
+		t.Fatalf("after a loss: %+v", s)
+	}
+	probe(0, 0)
+	s, _ = p.Stats("b")
+	if s.Loss != 0.5 || s.Up {
+		t.Fatalf("after two losses in a row (DownAfter 2): %+v", s)
+	}
+	probe(20*time.Millisecond, 0) // the window of 4 forgets the 10ms sample
+	s, _ = p.Stats("b")
+	if s.Loss != 0.5 || !s.Up || s.MinRTT != 18*time.Millisecond {
+		t.Fatalf("after recovery: %+v", s)
+	}
+	// A reply nobody asked for, or for another target, is not counted.
+	before := p.Counters().Unexpected
+	rep, _ := AppendProbe(nil, Probe{Kind: ProbeReply, Seq: 12345, From: "b", Path: "b"}, nil)
+	p.handle(rep, nil, clk.Now(), nil)
+	if p.Counters().Unexpected != before+1 {
+		t.Error("unexpected reply not counted")
+	}
+}
+
+// runProber starts a prober on a fresh loopback socket, stopped at the end
+// of the test.
+func runProber(t testing.TB, name string, edit func(*ProberConfig)) (*Prober, netip.AddrPort) {
+	t.Helper()
+	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := ProberConfig{Self: name, Conn: conn, Interval: 20 * time.Millisecond, Timeout: 200 * time.Millisecond}
+	if edit != nil {
+		edit(&cfg)
+	}
+	p, err := NewProber(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run(%s): %v", name, err)
+		}
+		conn.Close()
+	})
+	return p, conn.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+func TestProberMeasuresLoopback(t *testing.T) {
+	t.Parallel()
+	a, _ := runProber(t, "a", nil)
+	b, bAddr := runProber(t, "b", nil)
+	// Two named paths to the same peer, and one to a port nobody answers.
+	silent, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	if err := a.SetTargets(map[string]netip.AddrPort{
+		"b/underlay": bAddr, "b/overlay": bAddr,
+		"c": silent.LocalAddr().(*net.UDPAddr).AddrPort(),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, func() string {
+		all := a.All()
+		for _, n := range []string{"b/underlay", "b/overlay"} {
+			if s := all[n]; s.Samples < 5 || !s.Up {
+				return fmt.Sprintf("%s: %+v", n, s)
+			}
+		}
+		if s := all["c"]; s.Loss < 0.99 || s.Up || s.Samples != 0 {
+			return fmt.Sprintf("c: %+v", s)
+		}
+		return ""
+	})
+	s, _ := a.Stats("b/underlay")
+	if s.RTT <= 0 || s.RTT > 50*time.Millisecond || s.MinRTT > s.RTT*4 || s.Loss != 0 || time.Since(s.LastHeard) > time.Second {
+		t.Errorf("loopback stats %+v", s)
+	}
+	if c := b.Counters(); c.Answered < 10 || c.Bad != 0 {
+		t.Errorf("b counters %+v", c)
+	}
+	t.Logf("loopback: %+v; a %+v", s, a.Counters())
+
+	// Dropping a target forgets it.
+	if err := a.SetTargets(map[string]netip.AddrPort{"b/underlay": bAddr}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := a.Stats("c"); ok {
+		t.Error("removed target still has stats")
+	}
+	if s2, _ := a.Stats("b/underlay"); s2.Samples < s.Samples {
+		t.Errorf("kept target lost its samples: %d < %d", s2.Samples, s.Samples)
+	}
+	if err := a.SetTargets(map[string]netip.AddrPort{"bad name!": bAddr}); !errors.Is(err, ErrInvalidConfig) {
+		t.Errorf("bad target name: %v", err)
+	}
+}
+
+func TestProberAuthenticationAndGarbage(t *testing.T) {
+	t.Parallel()
+	a, aAddr := runProber(t, "a", func(c *ProberConfig) { c.Key = []byte("k1") })
+	b, bAddr := runProber(t, "b", func(c *ProberConfig) { c.Key = []byte("k1") })
+	x, _ := runProber(t, "x", func(c *ProberConfig) { c.Key = []byte("other") })
+	n, _ := runProber(t, "n", nil) // no key
+	for _, p := range []*Prober{a, x, n} {
+		if err := p.SetTargets(map[string]netip.AddrPort{"b": bAddr}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Garbage at a's socket.
+	g, err := net.Dial("udp", aAddr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	for _, junk := range []string{"", "hello", "wP\x01\x01\x00\x00\x00\x00"} {
+		g.Write([]byte(junk))
+	}
+	waitFor(t, 5*time.Second, func() string {
+		if s, _ := a.Stats("b"); s.Samples < 3 {
+			return fmt.Sprintf("a→b (same key): %+v", s)
+		}
+		if c := b.Counters(); c.Bad < 4 {
+			return fmt.Sprintf("b has dropped only %d bad probes (x and n should be refused)", c.Bad)
+		}
+		if c := a.Counters(); c.Bad < 2 {
+			return fmt.Sprintf("a counted %d garbage packets", c.Bad)
+		}
+		return ""
+	})
+	for _, p := range []*Prober{x, n} {
+		if s, _ := p.Stats("b"); s.Samples != 0 || s.Up {
+			t.Errorf("%s got answers from b despite the key mismatch: %+v", p.cfg.Self, s)
+		}
+	}
+}
+
+func TestProberRunEnds(t *testing.T) {
+	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := NewProber(ProberConfig{Self: "a", Conn: conn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.Run(context.Background()) }()
+	conn.Close() // the owner closing the socket ends Run with an error
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("Run returned nil after its socket was closed")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after the socket closed")
+	}
+	if _, err := NewProber(ProberConfig{Self: "a"}); !errors.Is(err, ErrInvalidConfig) {
+		t.Errorf("no conn: %v", err)
+	}
+	if _, err := NewProber(ProberConfig{Self: "a", Conn: conn, Window: 5, DownAfter: 6}); !errors.Is(err, ErrInvalidConfig) {
+		t.Errorf("DownAfter > Window: %v", err)
+	}
+}
+
+// countingConn counts the bytes and packets a prober writes and reads.
+type countingConn struct {
+	net.PacketConn
+	outPkts, outBytes, inPkts, inBytes *atomic.Uint64
+}
+
+func (c countingConn) WriteTo(b []byte, a net.Addr) (int, error) {
+	n, err := c.PacketConn.WriteTo(b, a)
+	if err == nil {
+		c.outPkts.Add(1)
+		c.outBytes.Add(uint64(n) + 28) // + IPv4 and UDP headers
+	}
+	return n, err
+}
+
+func (c countingConn) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, a, err := c.PacketConn.ReadFrom(b)
+	if err == nil {
+		c.inPkts.Add(1)
+		c.inBytes.Add(uint64(n) + 28)
+	}
+	return n, a, err
+}
+
+// BenchmarkProbeOverhead runs 50 peers in one process on loopback, each
+// probing the 49 others with the default 1s interval, and reports what one
+// peer sends and receives per second (requests and replies, IPv4+UDP
+// headers included) and the CPU the whole process spends. Each iteration is
+// one probe interval.
+func BenchmarkProbeOverhead(b *testing.B) {
+	const n = 50
+	var outPkts, outBytes, inPkts, inBytes atomic.Uint64
+	probers := make([]*Prober, n)
+	addrs := map[string]netip.AddrPort{}
+	for i := range probers {
+		name := fmt.Sprintf("weft-peer-%02d", i)
+		probers[i], addrs[name] = runProber(b, name, func(c *ProberConfig) {
+			c.Conn = countingConn{c.Conn, &outPkts, &outBytes, &inPkts, &inBytes}
+			c.Interval, c.Timeout = time.Second, time.Second
+			c.Key = []byte("bench-key")
+		})
+	}
+	for i, p := range probers {
+		targets := map[string]netip.AddrPort{}
+		for name, a := range addrs {
+			if name != fmt.Sprintf("weft-peer-%02d", i) {
+				targets[name] = a
+			}
+		}
+		p.SetTargets(targets)
+	}
+	// Warm up: every peer has measured every other.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ok := true
+		for _, p := range probers {
+			for _, s := range p.All() {
+				ok = ok && s.Samples > 0
+			}
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("probers did not measure each other within 10s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	var ru0, ru1 syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru0)
+	o0, ob0, i0, ib0 := outPkts.Load(), outBytes.Load(), inPkts.Load(), inBytes.Load()
+	start := time.Now()
+	for b.Loop() {
+		time.Sleep(time.Second) // one probe interval of the running probers
+	}
+	secs := time.Since(start).Seconds()
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru1)
+	per := func(v uint64) float64 { return float64(v) / secs / n }
+	b.ReportMetric(per(outPkts.Load()-o0), "out-pkts/s/peer")
+	b.ReportMetric(per(outBytes.Load()-ob0), "out-B/s/peer")
+	b.ReportMetric(per(inPkts.Load()-i0), "in-pkts/s/peer")
+	b.ReportMetric(per(inBytes.Load()-ib0), "in-B/s/peer")
+	cpu := time.Duration(ru1.Utime.Nano() + ru1.Stime.Nano() - ru0.Utime.Nano() - ru0.Stime.Nano())
+	b.ReportMetric(float64(cpu.Microseconds())/secs/n, "cpu-µs/s/peer")
+	b.ReportMetric(0, "ns/op")
+}
