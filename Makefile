@@ -9,7 +9,7 @@ PREFIX   ?= /usr/local
 CNI_BIN  ?= /opt/cni/bin
 CNI_CONF ?= /etc/cni/net.d
 
-.PHONY: all build test bench demo demo-down lint install clean
+.PHONY: all build test bench bench-deps demo demo-down lint install clean
 
 all: build
 
@@ -22,10 +22,18 @@ build:
 test:
 	$(GO) test -p 1 -count=1 -timeout 20m ./...
 
-# Go benchmarks, then the side-by-side comparisons against the reference implementations.
-bench: build
+# Go benchmarks, then the side-by-side comparisons against the reference implementations,
+# each measured in one run on this machine (medians and ratios, never one absolute time).
+BENCH_PKGS := containernetworking-plugins iperf3 qperf dnsperf dnsmasq-base
+bench: build bench-deps
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./...
 	$(GO) run ./chaos-tests/bench/cni -bin $(BIN)
+	$(GO) run ./chaos-tests/bench/dns
+	@if [ -d chaos-tests/bench/datapath ]; then $(GO) run ./chaos-tests/bench/datapath -bin $(BIN); fi
+
+bench-deps:
+	@missing=$$(for p in $(BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 # A lab on this machine: hosts and containers in network namespaces, real weft peers.
 demo: build

@@ -98,10 +98,11 @@ type fakeUpstream struct {
 
 func startUpstream(t testing.TB, h func(w mdns.ResponseWriter, r *mdns.Msg)) *fakeUpstream {
 	t.Helper()
-	pc, l, err := listenBoth("127.0.0.1:0")
+	pcs, l, err := listenBoth("127.0.0.1:0", 1)
 	if err != nil {
 		t.Fatal(err)
 	}
+	pc := pcs[0]
 	u := &fakeUpstream{addr: pc.LocalAddr().String()}
 	handler := mdns.HandlerFunc(func(w mdns.ResponseWriter, r *mdns.Msg) {
 		u.queries.Add(1)

@@ -1,9 +1,13 @@
 package dns
 
 import (
+	"runtime"
+	"syscall"
+
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"log/slog"
 	"net"
 	"runtime/debug"
@@ -44,9 +48,17 @@ type Deps struct {
 }
 
 type listener struct {
-	addr     net.Addr // the UDP address; TCP listens on the same ip:port
-	udp, tcp *mdns.Server
-	done     sync.WaitGroup // the two serve goroutines
+	addr net.Addr // the UDP address; TCP listens on the same ip:port
+	// udp holds one server per UDP socket: the sockets share the port with SO_REUSEPORT,
+	// one per CPU, so that queries from many clients are read and answered in parallel
+	// (miekg reads one socket from one goroutine).
+	udp  []*mdns.Server
+	tcp  *mdns.Server
+	done sync.WaitGroup // the serve goroutines
+}
+
+func (ln *listener) servers() []*mdns.Server {
+	return append(append([]*mdns.Server(nil), ln.udp...), ln.tcp)
 }
 
 // ErrClosed is returned by methods called after Close.
@@ -126,23 +138,27 @@ func (s *Server) AddListener(addr string) (net.Addr, error) {
 	if s.closed {
 		return nil, ErrClosed
 	}
-	pc, l, err := listenBoth(addr)
+	pcs, l, err := listenBoth(addr, runtime.GOMAXPROCS(0))
 	if err != nil {
 		return nil, fmt.Errorf("dns listen %s: %w", addr, err)
 	}
-	ln := &listener{addr: pc.LocalAddr()}
+	ln := &listener{addr: pcs[0].LocalAddr()}
 	if _, dup := s.listeners[ln.addr.String()]; dup {
-		pc.Close()
+		for _, pc := range pcs {
+			pc.Close()
+		}
 		l.Close()
 		return nil, fmt.Errorf("dns listen %s: already listening", addr)
 	}
 	h := mdns.HandlerFunc(s.serveMiekg)
-	ln.udp = &mdns.Server{PacketConn: pc, Handler: h, UDPSize: 4096} // read buffer: queries are small
+	for _, pc := range pcs {
+		ln.udp = append(ln.udp, &mdns.Server{PacketConn: pc, Handler: h, UDPSize: 4096}) // read buffer: queries are small
+	}
 	ln.tcp = &mdns.Server{
 		Listener: l, Handler: h, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
 		IdleTimeout: func() time.Duration { return s.cfg.TCPIdleTimeout },
 	}
-	for _, srv := range []*mdns.Server{ln.udp, ln.tcp} {
+	for _, srv := range ln.servers() {
 		if err := s.serve(ln, srv); err != nil {
 			ln.shutdown()
 			return nil, fmt.Errorf("dns serve %s: %w", addr, err)
@@ -171,23 +187,50 @@ func (s *Server) serve(ln *listener, srv *mdns.Server) error {
 	}
 }
 
-// listenBoth binds UDP and TCP on the same ip:port.
-func listenBoth(addr string) (net.PacketConn, net.Listener, error) {
+// reusePort lets several UDP sockets of this process share one port.
+var reusePort = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}}
+
+// listenBoth binds n UDP sockets (sharing the port) and one TCP listener on the same ip:port.
+func listenBoth(addr string, n int) ([]net.PacketConn, net.Listener, error) {
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, nil, err
 	}
+	closeAll := func(pcs []net.PacketConn) {
+		for _, pc := range pcs {
+			pc.Close()
+		}
+	}
 	for try := 0; ; try++ {
-		pc, err := net.ListenPacket("udp", addr)
+		first, err := reusePort.ListenPacket(context.Background(), "udp", addr)
 		if err != nil {
 			return nil, nil, err
 		}
-		p := strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)
+		pcs := []net.PacketConn{first}
+		bound := first.LocalAddr().String()
+		for len(pcs) < n {
+			pc, err := reusePort.ListenPacket(context.Background(), "udp", bound)
+			if err != nil {
+				closeAll(pcs)
+				return nil, nil, err
+			}
+			pcs = append(pcs, pc)
+		}
+		p := strconv.Itoa(first.LocalAddr().(*net.UDPAddr).Port)
 		l, err := net.Listen("tcp", net.JoinHostPort(host, p))
 		if err == nil {
-			return pc, l, nil
+			return pcs, l, nil
 		}
-		pc.Close()
+		closeAll(pcs)
 		if port != "0" || try == 9 {
 			return nil, nil, err
 		}
@@ -197,7 +240,7 @@ func listenBoth(addr string) (net.PacketConn, net.Listener, error) {
 func (ln *listener) shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	for _, srv := range []*mdns.Server{ln.udp, ln.tcp} {
+	for _, srv := range ln.servers() {
 		if err := srv.ShutdownContext(ctx); err != nil {
 			// Not started: close the socket ourselves.
 			if srv.PacketConn != nil {

@@ -69,6 +69,9 @@ type Config struct {
 	// SettleTime overrides defaultSettle (tests).
 	SettleTime time.Duration
 
+	// NoDirect turns off plain routing to peers on the same L2 segment (VXLAN instead).
+	NoDirect bool
+
 	// DNSDomain is the domain of container names (fully qualified).
 	DNSDomain string
 	// DNSPort is where the DNS server listens on each network's gateway address.

@@ -41,6 +41,7 @@ type Peer struct {
 	cluster   *ipam.Cluster
 	mesh      *mesh.Mesh
 	usage     *usageTable
+	links     *links
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
 	started   time.Time
@@ -121,6 +122,9 @@ func (p *Peer) Run(ctx context.Context) error {
 	if err := p.startDNS(ctx, &stops); err != nil {
 		return err
 	}
+	if err := p.startDatapath(ctx, advertise); err != nil {
+		return err
+	}
 	meshCtx, stopMesh := context.WithCancel(ctx)
 	p.mesh, err = p.startMesh(meshCtx, advertise)
 	if err != nil {
@@ -140,6 +144,12 @@ func (p *Peer) Run(ctx context.Context) error {
 		p.runMembership(meshCtx)
 	}()
 	stops = append(stops, func() { stopMesh(); <-loopDone })
+	dpDone := make(chan struct{})
+	go func() {
+		defer close(dpDone)
+		p.runDatapath(meshCtx)
+	}()
+	stops = append(stops, func() { stopMesh(); <-dpDone })
 
 	api, err := p.listenAPI()
 	if err != nil {

@@ -23,6 +23,7 @@ func newPeerCmd() *cobra.Command {
 		seeds, dnsUpstreams                        []string
 		voterGrace, reclaimAfter                   time.Duration
 		dnsDomain                                  string
+		noDirect                                   bool
 		dnsPort                                    int
 		dnsTTL, dnsDownGrace                       time.Duration
 	)
@@ -44,7 +45,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = name, dataDir, socket, httpAddr
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
-			cfg.VoterGrace, cfg.ReclaimAfter = voterGrace, reclaimAfter
+			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
 			cfg.DNSDomain, cfg.DNSPort, cfg.DNSTTL, cfg.DNSUpstreams, cfg.DNSDownGrace = dnsDomain, dnsPort, dnsTTL, dnsUpstreams, dnsDownGrace
 			if advertise != "" {
 				if cfg.AdvertiseAddr, err = netip.ParseAddr(advertise); err != nil {
@@ -79,6 +80,7 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
+	f.BoolVar(&noDirect, "no-direct", false, "never route plainly to peers on the same L2 segment; use VXLAN")
 	f.StringVar(&dnsDomain, "dns-domain", def.DNSDomain, "domain of container names")
 	f.IntVar(&dnsPort, "dns-port", def.DNSPort, "DNS port on each network's gateway address")
 	f.DurationVar(&dnsTTL, "dns-ttl", def.DNSTTL, "TTL of weft DNS answers")

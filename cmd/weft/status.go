@@ -20,6 +20,8 @@ func newStatusCmd() *cobra.Command {
 	cmd.AddCommand(
 		statusCommand("peers", "List the peers of the mesh with state, address and capabilities", "/v1/peers",
 			func() any { return &[]router.PeerStatus{} }, func(out io.Writer, v any) { printPeers(out, *v.(*[]router.PeerStatus)) }),
+		statusCommand("connections", "Show, per remote peer, the link mode, underlay address, state and why", "/v1/connections",
+			func() any { return &[]router.Connection{} }, func(out io.Writer, v any) { printConnections(out, *v.(*[]router.Connection)) }),
 		statusCommand("ipam", "Show the address range, every peer's blocks, the Raft leader and voters", "/v1/ipam",
 			func() any { return &router.IPAMStatus{} }, func(out io.Writer, v any) { printIPAM(out, *v.(*router.IPAMStatus)) }),
 	)
@@ -73,6 +75,19 @@ func printPeers(out io.Writer, peers []router.PeerStatus) {
 			raft = "member"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", name, p.State, p.Address, raft, strings.Join(p.Capabilities, ","), p.Since.Format(time.RFC3339))
+	}
+	tw.Flush()
+}
+
+func printConnections(out io.Writer, conns []router.Connection) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tMODE\tSTATE\tBLOCKS\tREASON")
+	for _, c := range conns {
+		mode := c.Mode
+		if mode == "" {
+			mode = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", c.Peer, c.Address, mode, c.State, len(c.Blocks), c.Reason)
 	}
 	tw.Flush()
 }

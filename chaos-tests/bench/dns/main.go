@@ -403,8 +403,10 @@ func checkAnswers(addr string, names []string) error {
 // else at rate qps with every answer's latency printed (-v) and collected.
 func dnsperf(ctx context.Context, addr, queries string, d time.Duration, rate, outstanding int) (*perf, error) {
 	host, port, _ := net.SplitHostPort(addr)
+	// -c 4: four client sockets, as many containers asking at once would be; both servers
+	// get the same load.
 	args := []string{"-s", host, "-p", port, "-d", queries, "-l", strconv.Itoa(int(d / time.Second)),
-		"-q", strconv.Itoa(outstanding), "-t", "2"}
+		"-q", strconv.Itoa(outstanding), "-t", "2", "-c", "4"}
 	if rate > 0 {
 		args = append(args, "-Q", strconv.Itoa(rate), "-v")
 	}

@@ -1,0 +1,170 @@
+package router
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/direct"
+	"github.com/weftnet/weft/datapath/vxlan"
+)
+
+const (
+	// peerDownGrace is how long a dead or departed peer keeps its routes: long enough for a
+	// restart, short enough that a dead peer's routes go within seconds.
+	peerDownGrace = 5 * time.Second
+	// liveAfter bounds the start-up phase in which the datapath only adds (see runDatapath).
+	liveAfter = 30 * time.Second
+	// reapplyEvery re-sends the whole desired state to the drivers so that routes someone
+	// deleted by hand come back.
+	reapplyEvery = 30 * time.Second
+)
+
+// links is the datapath side of the peer: the link drivers and what was last applied.
+type links struct {
+	pol     linkPolicy
+	drivers map[string]datapath.Driver
+	vtepMAC net.HardwareAddr
+
+	mu    sync.Mutex // guards conns
+	conns []Connection
+}
+
+// startDatapath creates the link drivers and brings them up. It runs before the mesh starts
+// so that the VXLAN MAC and the capabilities are in the first gossip.
+func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
+	prefix, dev, err := direct.UnderlayPrefix(advertise)
+	if err != nil {
+		return fmt.Errorf("underlay %s: %w", advertise, err)
+	}
+	log := p.log.With("component", "datapath")
+	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, Logger: log})
+	if err != nil {
+		return err
+	}
+	l := &links{drivers: map[string]datapath.Driver{datapath.ModeVXLAN: vx}, vtepMAC: vx.MAC()}
+	l.pol = linkPolicy{UnderlayPrefix: prefix, NoDirect: p.cfg.NoDirect, Modes: []string{datapath.ModeVXLAN}}
+	if !p.cfg.NoDirect {
+		dr, err := direct.New(direct.Config{Underlay: advertise, UnderlayDev: dev, Logger: log})
+		if err != nil {
+			return err
+		}
+		l.drivers[datapath.ModeDirect] = dr
+		l.pol.Modes = append([]string{datapath.ModeDirect}, l.pol.Modes...)
+	}
+	for mode, d := range l.drivers {
+		if err := d.Up(ctx); err != nil {
+			return fmt.Errorf("datapath %s: %w", mode, err)
+		}
+	}
+	// Containers see the whole range on-link; the bridge answers ARP for remote ones.
+	for _, n := range p.alloc.Networks() {
+		if err := direct.EnableProxyARP(bridgeName(n.Name)); err != nil {
+			return err
+		}
+	}
+	p.links = l
+	return nil
+}
+
+// runDatapath keeps the kernel's routes to remote peers in step with the mesh and the block
+// table until ctx ends. Drivers are not closed on the way out: a stopped peer leaves the
+// datapath in place, so containers keep talking while it restarts.
+//
+// Right after a start the mesh and the Raft log have not caught up; removing routes then
+// would cut traffic the peer simply has not heard about yet. So it first reinstalls what
+// it applied last time (kept in the database), and until the cluster has settled it only
+// adds; after that it converges exactly.
+func (p *Peer) runDatapath(ctx context.Context) {
+	l := p.links
+	applied, err := loadApplied(p.db)
+	if err != nil {
+		p.log.Warn("last datapath state unreadable; starting from scratch", "err", err)
+	}
+	p.applyLinks(applied)
+	start, lastApply := time.Now(), time.Now()
+	live := false
+	tick := time.NewTicker(reconcileInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		now := time.Now()
+		want, conns := desiredState(p.cfg.Name, l.pol, p.mesh.Peers(), p.remoteBlocks(), now, peerDownGrace)
+		l.mu.Lock()
+		l.conns = conns
+		l.mu.Unlock()
+		if !live {
+			live = now.Sub(start) >= liveAfter || (p.cluster.Status().Leader != "" && now.Sub(start) >= p.cfg.SettleTime+peerDownGrace)
+			if !live {
+				want = unionPeers(applied, want)
+			}
+		}
+		if sameDesired(want, applied) && now.Sub(lastApply) < reapplyEvery {
+			continue
+		}
+		p.applyLinks(want)
+		applied, lastApply = want, now
+		if err := saveApplied(p.db, want); err != nil {
+			p.log.Warn("could not save the datapath state", "err", err)
+		}
+	}
+}
+
+// applyLinks hands every driver its peers (none for a driver without any).
+func (p *Peer) applyLinks(want map[string][]datapath.RemotePeer) {
+	for mode, d := range p.links.drivers {
+		if err := d.Set(want[mode]); err != nil {
+			p.log.Warn("datapath not fully converged; will retry", "mode", mode, "err", err)
+		}
+	}
+}
+
+// remoteBlocks groups the Raft block table by owner.
+func (p *Peer) remoteBlocks() map[string][]netip.Prefix {
+	out := map[string][]netip.Prefix{}
+	for _, row := range p.cluster.Status().Blocks {
+		out[row.Owner] = append(out[row.Owner], row.CIDR)
+	}
+	return out
+}
+
+// unionPeers is a, with b's entries added or (same peer name) taking precedence.
+func unionPeers(a, b map[string][]datapath.RemotePeer) map[string][]datapath.RemotePeer {
+	out := map[string][]datapath.RemotePeer{}
+	seen := map[string]bool{}
+	for mode, list := range b {
+		for _, rp := range list {
+			out[mode] = append(out[mode], rp)
+			seen[rp.Name] = true
+		}
+	}
+	for mode, list := range a {
+		for _, rp := range list {
+			if !seen[rp.Name] {
+				out[mode] = append(out[mode], rp)
+			}
+		}
+	}
+	return out
+}
+
+func sameDesired(a, b map[string][]datapath.RemotePeer) bool {
+	ja, _ := json.Marshal(a)
+	jb, _ := json.Marshal(b)
+	return string(ja) == string(jb)
+}
+
+func (p *Peer) connections() []Connection {
+	p.links.mu.Lock()
+	defer p.links.mu.Unlock()
+	return append([]Connection{}, p.links.conns...)
+}
