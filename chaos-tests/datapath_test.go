@@ -255,6 +255,101 @@ type zeroReader struct{}
 
 func (zeroReader) Read(p []byte) (int, error) { clear(p); return len(p), nil }
 
+// stream is a TCP stream from one container to another that writes 1 KiB every 10 ms, so a
+// test can check it keeps flowing, without a reset, through a disturbance.
+type stream struct {
+	t        *testing.T
+	received atomic.Int64
+	readErr  atomic.Value
+	writeErr atomic.Value
+	stop     chan struct{}
+	wg       sync.WaitGroup
+	ln       net.Listener
+}
+
+func startStream(t *testing.T, src, dst placed, port string) *stream {
+	t.Helper()
+	st := &stream{t: t, stop: make(chan struct{})}
+	if err := inNetNS(dst.ctr, func() (err error) { st.ln, err = net.Listen("tcp", net.JoinHostPort(dst.addr.String(), port)); return }); err != nil {
+		t.Fatal(err)
+	}
+	st.wg.Add(1)
+	go func() {
+		defer st.wg.Done()
+		c, err := st.ln.Accept()
+		if err != nil {
+			st.readErr.Store(err)
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 4096)
+		for {
+			k, err := c.Read(buf)
+			st.received.Add(int64(k))
+			if err != nil {
+				if err != io.EOF {
+					st.readErr.Store(err)
+				}
+				return
+			}
+		}
+	}()
+	var conn net.Conn
+	if err := inNetNS(src.ctr, func() (err error) {
+		conn, err = net.DialTimeout("tcp", net.JoinHostPort(dst.addr.String(), port), 5*time.Second)
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	st.wg.Add(1)
+	go func() {
+		defer st.wg.Done()
+		chunk := make([]byte, 1024)
+		tick := time.NewTicker(10 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-st.stop:
+				conn.Close()
+				return
+			case <-tick.C:
+			}
+			conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			if _, err := conn.Write(chunk); err != nil {
+				st.writeErr.Store(err)
+				return
+			}
+		}
+	}()
+	return st
+}
+
+// flowing waits until another 50 KiB have arrived.
+func (st *stream) flowing(ctx context.Context, what string) {
+	st.t.Helper()
+	before := st.received.Load()
+	waitFor(st.t, ctx, 30*time.Second, "the stream to flow "+what, func() error {
+		if st.received.Load() < before+50*1024 {
+			return fmt.Errorf("%d bytes so far", st.received.Load())
+		}
+		return nil
+	})
+}
+
+// finish stops the stream and fails the test if either end saw an error (a reset).
+func (st *stream) finish() {
+	st.t.Helper()
+	close(st.stop)
+	st.wg.Wait()
+	st.ln.Close()
+	if err, _ := st.writeErr.Load().(error); err != nil {
+		st.t.Fatalf("sender saw %v", err)
+	}
+	if err, _ := st.readErr.Load().(error); err != nil {
+		st.t.Fatalf("receiver saw %v", err)
+	}
+}
+
 // A TCP stream between containers on two hosts keeps flowing, without a reset, while the
 // peer of one host is killed with SIGKILL and started again.
 func TestStreamSurvivesPeerKill(t *testing.T) {
@@ -262,91 +357,17 @@ func TestStreamSurvivesPeerKill(t *testing.T) {
 	ctx := testCtx(t, 3*time.Minute)
 	cs := onePerHost(t, ctx, l)
 	pingAll(t, ctx, cs)
-
-	var ln net.Listener
-	if err := inNetNS(cs[1].ctr, func() (err error) { ln, err = net.Listen("tcp", net.JoinHostPort(cs[1].addr.String(), "5002")); return }); err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var received atomic.Int64
-	var readErr atomic.Value
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		c, err := ln.Accept()
-		if err != nil {
-			readErr.Store(err)
-			return
-		}
-		defer c.Close()
-		buf := make([]byte, 4096)
-		for {
-			k, err := c.Read(buf)
-			received.Add(int64(k))
-			if err != nil {
-				if err != io.EOF {
-					readErr.Store(err)
-				}
-				return
-			}
-		}
-	}()
-	var conn net.Conn
-	if err := inNetNS(cs[0].ctr, func() (err error) {
-		conn, err = net.DialTimeout("tcp", net.JoinHostPort(cs[1].addr.String(), "5002"), 5*time.Second)
-		return
-	}); err != nil {
-		t.Fatal(err)
-	}
-	stop := make(chan struct{})
-	var writeErr error
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		chunk := make([]byte, 1024)
-		tick := time.NewTicker(10 * time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				conn.Close()
-				return
-			case <-tick.C:
-			}
-			conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			if _, err := conn.Write(chunk); err != nil {
-				writeErr = err
-				return
-			}
-		}
-	}()
-	flowing := func(what string) {
-		before := received.Load()
-		waitFor(t, ctx, 30*time.Second, "the stream to flow "+what, func() error {
-			if received.Load() < before+50*1024 {
-				return fmt.Errorf("%d bytes so far", received.Load())
-			}
-			return nil
-		})
-	}
-	flowing("before the kill")
+	st := startStream(t, cs[0], cs[1], "5002")
+	st.flowing(ctx, "before the kill")
 	h1 := l.Host(1)
 	if err := h1.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	flowing("while the peer is down")
+	st.flowing(ctx, "while the peer is down")
 	if err := h1.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, ctx, 45*time.Second, "the restarted peer back in the mesh", func() error { return aliveEverywhere(ctx, l.Hosts()) })
-	flowing("after the restart")
-	close(stop)
-	wg.Wait()
-	if writeErr != nil {
-		t.Fatalf("sender saw %v", writeErr)
-	}
-	if err, _ := readErr.Load().(error); err != nil {
-		t.Fatalf("receiver saw %v", err)
-	}
+	st.flowing(ctx, "after the restart")
+	st.finish()
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
@@ -135,8 +136,11 @@ func waitPing(t *testing.T, ctx context.Context, src *lab.Container, dst netip.A
 	}
 }
 
-// weftLinks returns the host-side veths of attachments: links named weft<something>,
-// which excludes the bridge "weft" itself.
+// hostVethName is how the peer names the host end of an attachment: "weft" and 11 hex
+// digits (not the bridge "weft", nor the link drivers' devices).
+var hostVethName = regexp.MustCompile(`^weft[0-9a-f]{11}$`)
+
+// weftLinks returns the host-side veths of attachments.
 func weftLinks(t *testing.T, h *lab.Host) []string {
 	t.Helper()
 	names, err := h.LinkNames()
@@ -145,7 +149,7 @@ func weftLinks(t *testing.T, h *lab.Host) []string {
 	}
 	var out []string
 	for _, n := range names {
-		if strings.HasPrefix(n, "weft") && n != "weft" {
+		if hostVethName.MatchString(n) {
 			out = append(out, n)
 		}
 	}

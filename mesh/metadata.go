@@ -50,6 +50,11 @@ type Metadata struct {
 	// RaftMember says the peer belongs to a Raft cluster (it has Raft state);
 	// a peer without state waits to be added rather than bootstrap a second one.
 	RaftMember bool
+	// Encrypt says the peer wants its links encrypted, except to peers inside its
+	// TrustedSubnets (Weave's rule: plaintext only when each end trusts the other).
+	Encrypt bool
+	// TrustedSubnets are the underlay ranges this peer trusts (at most 16).
+	TrustedSubnets []netip.Prefix
 	// ClusterID names the Raft cluster the peer belongs to, once it knows it
 	// (lower-case [a-z0-9._-], at most 32 bytes); peers of different clusters
 	// refuse to merge.
@@ -68,7 +73,11 @@ const (
 	tagVersion    = 7
 	tagRaftMember = 8 // one byte, 1; absent means false
 	tagClusterID  = 9
+	tagEncrypt    = 10 // one byte, 1; absent means false
+	tagTrusted    = 11 // repeated: address (4 or 16 bytes) then prefix length
 )
+
+const maxTrustedSubnets = 16
 
 // HasCapability reports whether c is among the capabilities.
 func (md *Metadata) HasCapability(c string) bool {
@@ -78,6 +87,7 @@ func (md *Metadata) HasCapability(c string) bool {
 // Clone returns a deep copy.
 func (md Metadata) Clone() Metadata {
 	md.Capabilities = slices.Clone(md.Capabilities)
+	md.TrustedSubnets = slices.Clone(md.TrustedSubnets)
 	if md.VTEPMAC != nil {
 		md.VTEPMAC = slices.Clone(md.VTEPMAC)
 	}
@@ -113,6 +123,14 @@ func (md *Metadata) Validate() error {
 		a := md.RaftAddr.Addr()
 		if a.IsUnspecified() || a.Zone() != "" || md.RaftAddr.Port() == 0 {
 			return bad("raft address %v must be a specific address without zone and a non-zero port", md.RaftAddr)
+		}
+	}
+	if len(md.TrustedSubnets) > maxTrustedSubnets {
+		return bad("%d trusted subnets, at most %d", len(md.TrustedSubnets), maxTrustedSubnets)
+	}
+	for _, p := range md.TrustedSubnets {
+		if !p.IsValid() || p.Masked() != p {
+			return bad("trusted subnet %v must be a masked prefix", p)
 		}
 	}
 	if md.ClusterID != "" {
@@ -171,6 +189,12 @@ func (md *Metadata) Encode() ([]byte, error) {
 	if md.ClusterID != "" {
 		field(tagClusterID, []byte(md.ClusterID))
 	}
+	if md.Encrypt {
+		field(tagEncrypt, []byte{1})
+	}
+	for _, p := range md.TrustedSubnets {
+		field(tagTrusted, append(addrBytes(p.Addr()), byte(p.Bits())))
+	}
 	if len(b) > MaxMetadataSize {
 		return nil, fmt.Errorf("%w: encoded size %d exceeds %d bytes", ErrBadMetadata, len(b), MaxMetadataSize)
 	}
@@ -207,7 +231,7 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 		}
 		v := b[off : off+n]
 		off += n
-		if tag != tagCapability && tag < 64 {
+		if tag != tagCapability && tag != tagTrusted && tag < 64 {
 			if seen&(1<<tag) != 0 {
 				return bad("field %d repeated", tag)
 			}
@@ -253,6 +277,21 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 				return bad("raft member flag: want the single byte 1, got %x", v)
 			}
 			md.RaftMember = true
+		case tagEncrypt:
+			if len(v) != 1 || v[0] != 1 {
+				return bad("encrypt flag: want the single byte 1, got %x", v)
+			}
+			md.Encrypt = true
+		case tagTrusted:
+			if len(v) != 5 && len(v) != 17 {
+				return bad("trusted subnet: %d bytes, need 5 or 17", len(v))
+			}
+			a, _ := addrFromBytes(v[:len(v)-1])
+			p, err := a.Prefix(int(v[len(v)-1]))
+			if err != nil || p.Bits() != int(v[len(v)-1]) {
+				return bad("trusted subnet %v/%d: bad prefix length", a, v[len(v)-1])
+			}
+			md.TrustedSubnets = append(md.TrustedSubnets, p)
 		case tagClusterID:
 			if len(v) == 0 {
 				return bad("empty cluster ID field")

@@ -13,15 +13,17 @@ import (
 func fullMetadata() Metadata {
 	mac, _ := net.ParseMAC("02:42:ac:11:00:02")
 	return Metadata{
-		Name:         "host-1",
-		Underlay:     netip.MustParseAddr("192.0.2.10"),
-		Capabilities: []string{"direct", "vxlan", "wireguard"},
-		VTEPMAC:      mac,
-		WireGuardKey: [32]byte{0: 9, 31: 7},
-		RaftAddr:     netip.MustParseAddrPort("192.0.2.10:6785"),
-		RaftMember:   true,
-		ClusterID:    "0123456789abcdef",
-		Version:      "0.1.0-dev+abc",
+		Name:           "host-1",
+		Underlay:       netip.MustParseAddr("192.0.2.10"),
+		Capabilities:   []string{"direct", "vxlan", "wireguard"},
+		VTEPMAC:        mac,
+		WireGuardKey:   [32]byte{0: 9, 31: 7},
+		RaftAddr:       netip.MustParseAddrPort("192.0.2.10:6785"),
+		RaftMember:     true,
+		ClusterID:      "0123456789abcdef",
+		Encrypt:        true,
+		TrustedSubnets: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8::/32")},
+		Version:        "0.1.0-dev+abc",
 	}
 }
 
@@ -46,7 +48,7 @@ func TestMetadataRoundTrip(t *testing.T) {
 		})
 	}
 	full := fullMetadata()
-	if b, _ := full.Encode(); len(b) > 128 {
+	if b, _ := full.Encode(); len(b) > 192 {
 		t.Errorf("full metadata takes %d bytes; the encoding should stay compact", len(b))
 	}
 }

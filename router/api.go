@@ -117,6 +117,10 @@ func (p *Peer) apiHandler() http.Handler {
 	})
 	route(http.MethodGet, "/v1/peers", "peers", func(*http.Request) (any, error) { return p.peerStatus(), nil })
 	route(http.MethodGet, "/v1/ipam", "ipam", func(*http.Request) (any, error) { return p.ipamStatus(), nil })
+	route(http.MethodPost, "/v1/rotate-key", "rotate_key", func(*http.Request) (any, error) {
+		pub, err := p.rotateKey()
+		return map[string]string{"public_key": pub}, err
+	})
 	route(http.MethodGet, "/v1/connections", "connections", func(*http.Request) (any, error) { return p.connections(), nil })
 	route(http.MethodPost, "/v1/connect", "connect", func(r *http.Request) (any, error) {
 		var req AddressRequest

@@ -69,6 +69,14 @@ type Config struct {
 	// SettleTime overrides defaultSettle (tests).
 	SettleTime time.Duration
 
+	// Encrypt is the link encryption policy: "never", "auto" (encrypt when a password is
+	// set) or "always"; links to peers both ends trust stay plaintext either way.
+	Encrypt string
+	// TrustedSubnets are underlay ranges whose peers may get plaintext links.
+	TrustedSubnets []netip.Prefix
+	// WireGuardPort is the WireGuard UDP port, the same on every peer.
+	WireGuardPort int
+
 	// NoDirect turns off plain routing to peers on the same L2 segment (VXLAN instead).
 	NoDirect bool
 
@@ -87,22 +95,24 @@ type Config struct {
 // DefaultConfig returns the documented defaults; Name must still be set.
 func DefaultConfig() Config {
 	return Config{
-		DataDir:      DefaultDataDir,
-		Socket:       DefaultSocket,
-		HTTPAddr:     DefaultHTTPAddr,
-		IPAllocRange: DefaultRange,
-		BlockBits:    defaultBlockBits,
-		MTU:          DefaultMTU,
-		Version:      "dev",
-		MeshPort:     DefaultMeshPort,
-		RaftPort:     DefaultRaftPort,
-		RaftVoters:   DefaultRaftVoters,
-		VoterGrace:   DefaultVoterGrace,
-		SettleTime:   defaultSettle,
-		DNSDomain:    "weft.local.",
-		DNSPort:      53,
-		DNSTTL:       30 * time.Second,
-		DNSDownGrace: 30 * time.Second,
+		DataDir:       DefaultDataDir,
+		Socket:        DefaultSocket,
+		HTTPAddr:      DefaultHTTPAddr,
+		IPAllocRange:  DefaultRange,
+		BlockBits:     defaultBlockBits,
+		MTU:           DefaultMTU,
+		Version:       "dev",
+		MeshPort:      DefaultMeshPort,
+		RaftPort:      DefaultRaftPort,
+		RaftVoters:    DefaultRaftVoters,
+		VoterGrace:    DefaultVoterGrace,
+		SettleTime:    defaultSettle,
+		Encrypt:       "auto",
+		WireGuardPort: 6786,
+		DNSDomain:     "weft.local.",
+		DNSPort:       53,
+		DNSTTL:        30 * time.Second,
+		DNSDownGrace:  30 * time.Second,
 	}
 }
 
@@ -127,6 +137,12 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --raft-voters %d must be at least 1", ErrInvalidConfig, c.RaftVoters)
 	case c.VoterGrace <= 0:
 		return fmt.Errorf("%w: --raft-voter-grace %s must be positive", ErrInvalidConfig, c.VoterGrace)
+	case c.Encrypt != "never" && c.Encrypt != "auto" && c.Encrypt != "always":
+		return fmt.Errorf("%w: --encrypt %q must be never, auto or always", ErrInvalidConfig, c.Encrypt)
+	case c.Encrypt == "always" && len(c.Password) == 0:
+		return fmt.Errorf("%w: --encrypt=always needs --password or --password-file: WireGuard keys must travel in authenticated gossip", ErrInvalidConfig)
+	case c.WireGuardPort <= 0 || c.WireGuardPort > 65535:
+		return fmt.Errorf("%w: --wireguard-port %d is not a port", ErrInvalidConfig, c.WireGuardPort)
 	case c.DNSPort < 0 || c.DNSPort > 65535:
 		return fmt.Errorf("%w: --dns-port %d is not a port", ErrInvalidConfig, c.DNSPort)
 	case c.DNSTTL <= 0:
@@ -142,6 +158,11 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --ipalloc-range: %v", ErrInvalidConfig, err)
 	}
 	return nil
+}
+
+// encrypts says whether this peer wants its links encrypted (to peers it does not trust).
+func (c Config) encrypts() bool {
+	return c.Encrypt == "always" || c.Encrypt == "auto" && len(c.Password) > 0
 }
 
 func (c Config) defaultNetwork() ipam.Network {

@@ -2,16 +2,23 @@ package router
 
 import (
 	"context"
+	"encoding/base64"
+	"net/http"
+
 	"encoding/json"
 	"fmt"
+	"github.com/containernetworking/cni/pkg/types"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/direct"
 	"github.com/weftnet/weft/datapath/vxlan"
+	"github.com/weftnet/weft/datapath/wireguard"
+	"github.com/weftnet/weft/mesh"
 )
 
 const (
@@ -30,6 +37,7 @@ type links struct {
 	pol     linkPolicy
 	drivers map[string]datapath.Driver
 	vtepMAC net.HardwareAddr
+	wg      *wireguard.Driver // nil with --encrypt=never
 
 	mu    sync.Mutex // guards conns
 	conns []Connection
@@ -57,6 +65,19 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 		l.drivers[datapath.ModeDirect] = dr
 		l.pol.Modes = append([]string{datapath.ModeDirect}, l.pol.Modes...)
 	}
+	l.pol.Encrypt, l.pol.Trusted = p.cfg.encrypts(), p.cfg.TrustedSubnets
+	if p.cfg.Encrypt != "never" {
+		wg, err := wireguard.New(wireguard.Config{
+			PeerName: p.cfg.Name, KeyFile: filepath.Join(p.cfg.DataDir, "wireguard.key"),
+			Port: p.cfg.WireGuardPort, Underlay: advertise, Logger: log,
+		})
+		if err != nil {
+			return err
+		}
+		l.wg = wg
+		l.drivers[datapath.ModeWireGuard] = wg
+		l.pol.Modes = append(l.pol.Modes, datapath.ModeWireGuard)
+	}
 	for mode, d := range l.drivers {
 		if err := d.Up(ctx); err != nil {
 			return fmt.Errorf("datapath %s: %w", mode, err)
@@ -70,6 +91,17 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	}
 	p.links = l
 	return nil
+}
+
+// stopDatapath leaves the kernel datapath in place (see runDatapath), except a userspace
+// WireGuard device: it lives in this process and cannot outlive it, so it is closed cleanly.
+func (p *Peer) stopDatapath() {
+	if p.links == nil || p.links.wg == nil || p.links.wg.Kernel() {
+		return
+	}
+	if err := p.links.wg.Close(); err != nil {
+		p.log.Warn("closing the WireGuard device", "err", err)
+	}
 }
 
 // runDatapath keeps the kernel's routes to remote peers in step with the mesh and the block
@@ -98,7 +130,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		case <-tick.C:
 		}
 		now := time.Now()
-		want, conns := desiredState(p.cfg.Name, l.pol, p.mesh.Peers(), p.remoteBlocks(), now, peerDownGrace)
+		want, conns := desiredState(p.cfg.Name, l.pol, p.mesh.Peers(), p.remoteBlocks(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
 		l.mu.Lock()
 		l.conns = conns
 		l.mu.Unlock()
@@ -161,6 +193,23 @@ func sameDesired(a, b map[string][]datapath.RemotePeer) bool {
 	ja, _ := json.Marshal(a)
 	jb, _ := json.Marshal(b)
 	return string(ja) == string(jb)
+}
+
+// rotateKey makes a new WireGuard key and announces its public half; peers switch as the
+// gossip reaches them, and WireGuard re-handshakes without resetting flows.
+func (p *Peer) rotateKey() (string, error) {
+	if p.links.wg == nil {
+		return "", newAPIError(http.StatusConflict, types.ErrInvalidNetworkConfig, "rotate-key: WireGuard is off (--encrypt=never)")
+	}
+	pub, err := p.links.wg.RotateKey()
+	if err != nil {
+		return "", err
+	}
+	if err := p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.WireGuardKey = pub }); err != nil {
+		return "", err
+	}
+	p.log.Info("rotated the WireGuard key")
+	return base64.StdEncoding.EncodeToString(pub[:]), nil
 }
 
 func (p *Peer) connections() []Connection {

@@ -27,6 +27,19 @@ type linkPolicy struct {
 	NoDirect       bool
 	// Modes are the link modes this peer can run, cheapest first.
 	Modes []string
+	// Encrypt: this peer wants encrypted links to the peers outside Trusted.
+	Encrypt bool
+	Trusted []netip.Prefix
+}
+
+// trusts says whether a peer with these trusted subnets trusts addr.
+func trusts(trusted []netip.Prefix, addr netip.Addr) bool {
+	for _, p := range trusted {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
 }
 
 // linkChoice is the decision for one remote peer.
@@ -35,14 +48,37 @@ type linkChoice struct {
 	Reason string
 }
 
-// chooseLink picks the cheapest mode both ends support: direct when the peer is on our L2
-// segment (and neither side turned direct off), else VXLAN. Both ends compute the same answer
-// from the same gossip, so links are symmetric.
+// chooseLink decides one link as Weave does: encryption policy first — the link is
+// encrypted unless each end trusts the other's underlay address, and if either end wants
+// encryption without trusting the other, only WireGuard will do (or nothing, and the reason
+// says why) — then the cheapest plaintext mode both ends support: direct when the peer is on
+// our L2 segment, else VXLAN. Both ends compute the same answer from the same gossip, so
+// links are symmetric.
 func chooseLink(pol linkPolicy, remote mesh.Metadata) linkChoice {
 	both := func(mode string) bool {
 		return slices.Contains(pol.Modes, mode) && remote.HasCapability(mode)
 	}
+	local := pol.UnderlayPrefix.Addr()
+	var must []string
+	if pol.Encrypt && !trusts(pol.Trusted, remote.Underlay) {
+		must = append(must, fmt.Sprintf("we do not trust %s", remote.Underlay))
+	}
+	if remote.Encrypt && !trusts(remote.TrustedSubnets, local) {
+		must = append(must, fmt.Sprintf("%s does not trust %s", remote.Name, local))
+	}
+	if len(must) > 0 {
+		switch {
+		case !both(datapath.ModeWireGuard):
+			return linkChoice{Reason: "encryption required (" + joinReasons(must) + ") but one side cannot run WireGuard (--encrypt=never?)"}
+		case remote.WireGuardKey == [32]byte{}:
+			return linkChoice{Reason: "encryption required but the peer has announced no WireGuard key yet"}
+		}
+		return linkChoice{Mode: datapath.ModeWireGuard, Reason: "encrypted: " + joinReasons(must)}
+	}
 	var why []string
+	if pol.Encrypt || remote.Encrypt {
+		why = append(why, "plaintext: both ends trust each other")
+	}
 	if both(datapath.ModeDirect) {
 		if pol.UnderlayPrefix.Contains(remote.Underlay) {
 			return linkChoice{Mode: datapath.ModeDirect, Reason: fmt.Sprintf("same L2 segment %s", pol.UnderlayPrefix.Masked())}
@@ -58,6 +94,9 @@ func chooseLink(pol linkPolicy, remote mesh.Metadata) linkChoice {
 		return linkChoice{Mode: datapath.ModeVXLAN, Reason: joinReasons(why) + "; vxlan"}
 	}
 	why = append(why, "no vxlan on one side")
+	if both(datapath.ModeWireGuard) && remote.WireGuardKey != [32]byte{} {
+		return linkChoice{Mode: datapath.ModeWireGuard, Reason: joinReasons(why) + "; wireguard"}
+	}
 	return linkChoice{Reason: "no link mode both peers support: " + joinReasons(why)}
 }
 
@@ -86,7 +125,7 @@ type Connection struct {
 // desiredState computes, for every mode, the remote peers its driver must serve, plus the
 // connection table. A peer dead or gone for less than downGrace keeps its routes: a peer
 // restarting must not disturb its containers' traffic.
-func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[string][]netip.Prefix, now time.Time, downGrace time.Duration) (map[string][]datapath.RemotePeer, []Connection) {
+func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[string][]netip.Prefix, now time.Time, downGrace time.Duration, wgPort uint16) (map[string][]datapath.RemotePeer, []Connection) {
 	want := map[string][]datapath.RemotePeer{}
 	conns := []Connection{}
 	for _, pr := range peers {
@@ -112,7 +151,7 @@ func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[str
 			}
 			want[choice.Mode] = append(want[choice.Mode], datapath.RemotePeer{
 				Name: pr.Name, Underlay: pr.Meta.Underlay, VTEPMAC: pr.Meta.VTEPMAC,
-				WireGuardKey: pr.Meta.WireGuardKey, Blocks: blocks[pr.Name],
+				WireGuardKey: pr.Meta.WireGuardKey, WireGuardPort: wgPort, Blocks: blocks[pr.Name],
 			})
 		}
 		conns = append(conns, c)

@@ -30,15 +30,20 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	cfg.Logger = p.log.With("component", "mesh")
 	cfg.Registerer = p.reg
 	cfg.Metadata = mesh.Metadata{
-		Name:         p.cfg.Name,
-		Underlay:     advertise,
-		Capabilities: p.links.pol.Modes,
-		VTEPMAC:      p.links.vtepMAC,
-		RaftAddr:     netip.AddrPortFrom(advertise, uint16(p.raftPort())),
-		RaftMember:   p.cluster.InCluster(),
-		Version:      strings.Map(printableOnly, p.cfg.Version),
+		Name:           p.cfg.Name,
+		Underlay:       advertise,
+		Capabilities:   p.links.pol.Modes,
+		VTEPMAC:        p.links.vtepMAC,
+		Encrypt:        p.links.pol.Encrypt,
+		TrustedSubnets: p.cfg.TrustedSubnets,
+		RaftAddr:       netip.AddrPortFrom(advertise, uint16(p.raftPort())),
+		RaftMember:     p.cluster.InCluster(),
+		Version:        strings.Map(printableOnly, p.cfg.Version),
 	}
 	cfg.Metadata.ClusterID = p.cluster.ClusterID()
+	if p.links.wg != nil {
+		cfg.Metadata.WireGuardKey = p.links.wg.PublicKey()
+	}
 	cfg.AcceptPeer = acceptPeer
 	m, err := mesh.New(cfg)
 	if err != nil {

@@ -125,6 +125,7 @@ func (p *Peer) Run(ctx context.Context) error {
 	if err := p.startDatapath(ctx, advertise); err != nil {
 		return err
 	}
+	stops = append(stops, p.stopDatapath)
 	meshCtx, stopMesh := context.WithCancel(ctx)
 	p.mesh, err = p.startMesh(meshCtx, advertise)
 	if err != nil {

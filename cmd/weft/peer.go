@@ -24,6 +24,9 @@ func newPeerCmd() *cobra.Command {
 		voterGrace, reclaimAfter                   time.Duration
 		dnsDomain                                  string
 		noDirect                                   bool
+		encrypt                                    string
+		trusted                                    []string
+		wgPort                                     int
 		dnsPort                                    int
 		dnsTTL, dnsDownGrace                       time.Duration
 	)
@@ -46,6 +49,14 @@ func newPeerCmd() *cobra.Command {
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
+			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
+			for _, s := range trusted {
+				p, err := netip.ParsePrefix(s)
+				if err != nil {
+					return fmt.Errorf("--trusted-subnets %q: %w", s, err)
+				}
+				cfg.TrustedSubnets = append(cfg.TrustedSubnets, p.Masked())
+			}
 			cfg.DNSDomain, cfg.DNSPort, cfg.DNSTTL, cfg.DNSUpstreams, cfg.DNSDownGrace = dnsDomain, dnsPort, dnsTTL, dnsUpstreams, dnsDownGrace
 			if advertise != "" {
 				if cfg.AdvertiseAddr, err = netip.ParseAddr(advertise); err != nil {
@@ -80,6 +91,9 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
+	f.StringVar(&encrypt, "encrypt", def.Encrypt, "link encryption: never, auto (when a password is set) or always; plaintext only between peers that trust each other")
+	f.StringSliceVar(&trusted, "trusted-subnets", nil, "underlay CIDRs whose peers may get plaintext links (both ends must trust each other)")
+	f.IntVar(&wgPort, "wireguard-port", def.WireGuardPort, "WireGuard UDP port, the same on every peer")
 	f.BoolVar(&noDirect, "no-direct", false, "never route plainly to peers on the same L2 segment; use VXLAN")
 	f.StringVar(&dnsDomain, "dns-domain", def.DNSDomain, "domain of container names")
 	f.IntVar(&dnsPort, "dns-port", def.DNSPort, "DNS port on each network's gateway address")

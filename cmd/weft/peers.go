@@ -31,6 +31,22 @@ func newForgetCmd() *cobra.Command {
 	}
 }
 
+func newRotateKeyCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "rotate-key",
+		Short: "Make a new WireGuard key; peers switch to it as the gossip reaches them",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var res map[string]string
+			if err := client(cmd).Post(cmd.Context(), "/v1/rotate-key", struct{}{}, &res); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), "new public key", res["public_key"])
+			return nil
+		},
+	}
+}
+
 func newRmpeerCmd() *cobra.Command {
 	var force bool
 	cmd := &cobra.Command{
