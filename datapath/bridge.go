@@ -75,6 +75,24 @@ func EnsureBridge(cfg BridgeConfig) (*netlink.Bridge, error) {
 	return br, nil
 }
 
+// EnableRelaying prepares the host to forward for other peers: no ICMP redirects (a relay
+// would otherwise tell senders to go around it, straight into the broken link) and loose
+// reverse-path filtering (a relayed packet may arrive on another interface than the route
+// back to its source uses).
+func EnableRelaying(underlayDev string) error {
+	for key, value := range map[string]string{
+		"net/ipv4/conf/all/send_redirects":                 "0",
+		"net/ipv4/conf/" + underlayDev + "/send_redirects": "0",
+		"net/ipv4/conf/all/rp_filter":                      "2",
+		"net/ipv4/conf/" + underlayDev + "/rp_filter":      "2",
+	} {
+		if err := writeSysctl(key, value); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // DeleteLink removes a link by name; a link that is already gone is success.
 func DeleteLink(name string) error {
 	link, err := netlink.LinkByName(name)

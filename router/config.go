@@ -77,6 +77,14 @@ type Config struct {
 	// WireGuardPort is the WireGuard UDP port, the same on every peer.
 	WireGuardPort int
 
+	// ProbePort is where peers measure each other (UDP), the same on every peer.
+	ProbePort int
+	// ProbeInterval is the time between two probes to one peer (jittered).
+	ProbeInterval time.Duration
+	// SLA is this peer's class, e.g. "gold: rtt<=5ms,loss<=0.1%"; empty means any working
+	// link will do.
+	SLA string
+
 	// NoDirect turns off plain routing to peers on the same L2 segment (VXLAN instead).
 	NoDirect bool
 
@@ -109,6 +117,8 @@ func DefaultConfig() Config {
 		SettleTime:    defaultSettle,
 		Encrypt:       "auto",
 		WireGuardPort: 6786,
+		ProbePort:     6787,
+		ProbeInterval: time.Second,
 		DNSDomain:     "weft.local.",
 		DNSPort:       53,
 		DNSTTL:        30 * time.Second,
@@ -143,6 +153,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --encrypt=always needs --password or --password-file: WireGuard keys must travel in authenticated gossip", ErrInvalidConfig)
 	case c.WireGuardPort <= 0 || c.WireGuardPort > 65535:
 		return fmt.Errorf("%w: --wireguard-port %d is not a port", ErrInvalidConfig, c.WireGuardPort)
+	case c.ProbePort < 0 || c.ProbePort > 65535:
+		return fmt.Errorf("%w: --probe-port %d is not a port", ErrInvalidConfig, c.ProbePort)
+	case c.ProbeInterval < 50*time.Millisecond:
+		return fmt.Errorf("%w: --probe-interval %s: at most 20 probes a second per peer", ErrInvalidConfig, c.ProbeInterval)
 	case c.DNSPort < 0 || c.DNSPort > 65535:
 		return fmt.Errorf("%w: --dns-port %d is not a port", ErrInvalidConfig, c.DNSPort)
 	case c.DNSTTL <= 0:

@@ -83,6 +83,9 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 			return fmt.Errorf("datapath %s: %w", mode, err)
 		}
 	}
+	if err := datapath.EnableRelaying(dev); err != nil {
+		return err
+	}
 	// Containers see the whole range on-link; the bridge answers ARP for remote ones.
 	for _, n := range p.alloc.Networks() {
 		if err := direct.EnableProxyARP(bridgeName(n.Name)); err != nil {
@@ -130,7 +133,10 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		case <-tick.C:
 		}
 		now := time.Now()
-		want, conns := desiredState(p.cfg.Name, l.pol, p.mesh.Peers(), p.remoteBlocks(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
+		peers := p.mesh.Peers()
+		relays := p.updatePaths(peers, now)
+		want, conns := desiredState(p.cfg.Name, l.pol, peers, p.remoteBlocks(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
+		want, conns = applyRelays(want, conns, relays)
 		l.mu.Lock()
 		l.conns = conns
 		l.mu.Unlock()

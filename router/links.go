@@ -162,6 +162,57 @@ func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[str
 	return want, conns
 }
 
+// applyRelays sends the blocks of each relayed destination to its relay: they join the
+// relay's entry in the relay's link mode (routes and WireGuard AllowedIPs follow), and the
+// destination's own entry goes. A relay without an established link of its own is not
+// used. The relay forwards with its own routes.
+func applyRelays(want map[string][]datapath.RemotePeer, conns []Connection, relays map[string]string) (map[string][]datapath.RemotePeer, []Connection) {
+	if len(relays) == 0 {
+		return want, conns
+	}
+	where := map[string]string{} // peer → mode it is served in
+	for mode, list := range want {
+		for _, rp := range list {
+			where[rp.Name] = mode
+		}
+	}
+	out := map[string][]datapath.RemotePeer{}
+	moved := map[string][]netip.Prefix{} // relay → blocks it carries for others
+	used := map[string]string{}          // destination → relay actually used
+	for dest, relay := range relays {
+		if _, ok := where[relay]; !ok || relay == dest {
+			continue
+		}
+		for _, list := range want {
+			for _, rp := range list {
+				if rp.Name == dest {
+					moved[relay] = append(moved[relay], rp.Blocks...)
+					used[dest] = relay
+				}
+			}
+		}
+	}
+	for mode, list := range want {
+		for _, rp := range list {
+			if _, relayed := used[rp.Name]; relayed {
+				continue
+			}
+			if extra := moved[rp.Name]; len(extra) > 0 {
+				rp.Blocks = append(slices.Clone(rp.Blocks), extra...)
+			}
+			out[mode] = append(out[mode], rp)
+		}
+	}
+	for i, c := range conns {
+		if relay, ok := used[c.Peer]; ok {
+			conns[i].State = "relayed"
+			conns[i].Mode = where[relay]
+			conns[i].Reason = fmt.Sprintf("via %s (measured paths: the direct link is down or misses the SLA)", relay)
+		}
+	}
+	return out, conns
+}
+
 // The last state applied to the drivers is kept in the database so that a restarted peer
 // reinstalls it at once, before the mesh and the Raft log have caught up, and removes
 // nothing it cannot yet know to be stale.

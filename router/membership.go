@@ -55,6 +55,9 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err := m.RegisterChannel(dnsChannel, p.dnsRep); err != nil {
 		return nil, err
 	}
+	if err := m.RegisterChannel(mesh.LinkStateChannelName, &mesh.LinkStateChannel{Table: p.paths.table, Logger: p.log}); err != nil {
+		return nil, err
+	}
 	if err := m.Start(ctx); err != nil {
 		m.Close()
 		return nil, err

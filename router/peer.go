@@ -42,6 +42,7 @@ type Peer struct {
 	mesh      *mesh.Mesh
 	usage     *usageTable
 	links     *links
+	paths     *paths
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
 	started   time.Time
@@ -125,6 +126,10 @@ func (p *Peer) Run(ctx context.Context) error {
 	if err := p.startDatapath(ctx, advertise); err != nil {
 		return err
 	}
+	if err := p.startPaths(ctx, advertise, &stops); err != nil {
+		return err
+	}
+	p.dnsServer.SetNearest(p.nearest)
 	stops = append(stops, p.stopDatapath)
 	meshCtx, stopMesh := context.WithCancel(ctx)
 	p.mesh, err = p.startMesh(meshCtx, advertise)

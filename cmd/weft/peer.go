@@ -26,7 +26,9 @@ func newPeerCmd() *cobra.Command {
 		noDirect                                   bool
 		encrypt                                    string
 		trusted                                    []string
-		wgPort                                     int
+		wgPort, probePort                          int
+		probeInterval                              time.Duration
+		sla                                        string
 		dnsPort                                    int
 		dnsTTL, dnsDownGrace                       time.Duration
 	)
@@ -50,6 +52,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
 			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
+			cfg.ProbePort, cfg.ProbeInterval, cfg.SLA = probePort, probeInterval, sla
 			for _, s := range trusted {
 				p, err := netip.ParsePrefix(s)
 				if err != nil {
@@ -94,6 +97,9 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&encrypt, "encrypt", def.Encrypt, "link encryption: never, auto (when a password is set) or always; plaintext only between peers that trust each other")
 	f.StringSliceVar(&trusted, "trusted-subnets", nil, "underlay CIDRs whose peers may get plaintext links (both ends must trust each other)")
 	f.IntVar(&wgPort, "wireguard-port", def.WireGuardPort, "WireGuard UDP port, the same on every peer")
+	f.IntVar(&probePort, "probe-port", def.ProbePort, "UDP port peers measure RTT and loss on, the same on every peer")
+	f.DurationVar(&probeInterval, "probe-interval", def.ProbeInterval, "time between two probes to one peer (jittered ±20%)")
+	f.StringVar(&sla, "sla", "", `this peer's SLA class, e.g. "gold: rtt<=5ms,jitter<=2ms,loss<=0.1%" (default: any working link)`)
 	f.BoolVar(&noDirect, "no-direct", false, "never route plainly to peers on the same L2 segment; use VXLAN")
 	f.StringVar(&dnsDomain, "dns-domain", def.DNSDomain, "domain of container names")
 	f.IntVar(&dnsPort, "dns-port", def.DNSPort, "DNS port on each network's gateway address")

@@ -22,6 +22,8 @@ func newStatusCmd() *cobra.Command {
 			func() any { return &[]router.PeerStatus{} }, func(out io.Writer, v any) { printPeers(out, *v.(*[]router.PeerStatus)) }),
 		statusCommand("connections", "Show, per remote peer, the link mode, underlay address, state and why", "/v1/connections",
 			func() any { return &[]router.Connection{} }, func(out io.Writer, v any) { printConnections(out, *v.(*[]router.Connection)) }),
+		statusCommand("routes", "Show, per remote peer, the chosen path, its measured RTT, jitter and loss, and whether the SLA holds", "/v1/routes",
+			func() any { return &[]router.Route{} }, func(out io.Writer, v any) { printRoutes(out, *v.(*[]router.Route)) }),
 		statusCommand("ipam", "Show the address range, every peer's blocks, the Raft leader and voters", "/v1/ipam",
 			func() any { return &router.IPAMStatus{} }, func(out io.Writer, v any) { printIPAM(out, *v.(*router.IPAMStatus)) }),
 	)
@@ -88,6 +90,27 @@ func printConnections(out io.Writer, conns []router.Connection) {
 			mode = "-"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", c.Peer, c.Address, mode, c.State, len(c.Blocks), c.Reason)
+	}
+	tw.Flush()
+}
+
+func printRoutes(out io.Writer, routes []router.Route) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tPATH\tRTT\tJITTER\tLOSS\tSLA\tSINCE\tWHY")
+	for _, r := range routes {
+		path := strings.Join(r.Path, " → ")
+		if path == "" {
+			path = "none"
+		}
+		ok := "ok"
+		if !r.SLAOK {
+			ok = "VIOLATED"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%.2fms\t%.2fms\t%.1f%%\t%s %s\t%s\t%s\n", r.Peer, path, r.RTTms, r.JitterMs, r.Loss*100,
+			r.SLA, ok, r.Since.Format(time.TimeOnly), r.Reason)
+		for _, h := range r.Hops {
+			fmt.Fprintf(tw, "\t  %s → %s\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", h.From, h.To, h.RTTms, h.JitterMs, h.Loss*100)
+		}
 	}
 	tw.Flush()
 }

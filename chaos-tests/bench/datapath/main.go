@@ -3,17 +3,30 @@
 //
 //	go run ./chaos-tests/bench/datapath -bin bin [-t 3s] [-runs 3]
 //
-// Four cases, each between two containers (namespaces, MTU 1400) on two hosts:
+// Seven cases, each between two containers (namespaces, MTU 1400) on two hosts:
 //
-//	raw veth     the two containers joined by one plain veth pair: the floor of any datapath
-//	raw vxlan    two hosts on an L2 underlay, containers on a bridge, a kernel VXLAN device
-//	             per host configured by hand with ip(8) (static FDB and neighbour, routes)
-//	raw routes   the same two hosts, plain routes over the underlay added by hand with ip(8)
-//	weft direct  the same two hosts, forwarding with datapath/direct
-//	weft vxlan   the same two hosts, forwarding with datapath/vxlan
+//	raw veth                 the two containers joined by one plain veth pair: the floor
+//	                         of any datapath
+//	raw vxlan                two hosts on an L2 underlay, containers on a bridge, a kernel
+//	                         VXLAN device per host configured by hand with ip(8) (static
+//	                         FDB and neighbour, routes)
+//	raw routes               the same two hosts, plain routes over the underlay added by
+//	                         hand with ip(8)
+//	weft direct              the same two hosts, forwarding with datapath/direct
+//	weft vxlan               the same two hosts, forwarding with datapath/vxlan
+//	standalone wireguard-go  the same two hosts, a userspace WireGuard tunnel per host made
+//	                         with golang.zx2c4.com/wireguard directly (TUN, NewDevice,
+//	                         IpcSet, Up; a route per remote block), no weft code
+//	weft wireguard           the same two hosts, forwarding with datapath/wireguard
+//	                         (userspace, wireguard-go on TUN)
 //
 // The weft cases use the drivers as libraries (bridge and veths from package datapath, then
-// the driver's Up and Set), so they measure weft's datapath, not the daemon. Throughput is
+// the driver's Up and Set), so they measure weft's datapath, not the daemon. The two
+// WireGuard cases run each host's tunnel in a child process (this binary re-run with
+// -wg-child inside the host namespace, see wireguard.go), so both link the same
+// wireguard-go and run under identical conditions: same topology, port, MTU, peer settings
+// and process layout; the only difference is weft's driver and its wgctrl/UAPI control path.
+// Throughput is
 // iperf3's TCP receive rate (-J, -O 1 to skip slow start), latency qperf's tcp_lat (one
 // byte ping-pong, half the round trip); each is the median of -runs runs. The runs of the
 // cases are interleaved, each round starting with another case, so that noise hits all
@@ -21,7 +34,9 @@
 //
 // It prints the medians and the ratios weft/baseline with the targets (throughput ≥ 95 %,
 // latency within +10 %): direct against raw veth, vxlan against raw vxlan, and direct
-// against raw routes. Raw veth is a floor no multi-host topology reaches (every packet
+// against raw routes; and weft wireguard against standalone wireguard-go with throughput
+// ≥ 100 % (same crypto and library, so weft's own overhead must be about zero) and latency
+// within +10 %. Raw veth is a floor no multi-host topology reaches (every packet
 // crosses two bridges, three veth pairs and two routing decisions); raw routes is the
 // same topology done by hand, which tells weft's cost from the topology's.
 //
@@ -43,6 +58,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"regexp"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -56,14 +72,16 @@ import (
 	"github.com/weftnet/weft/datapath/direct"
 	"github.com/weftnet/weft/datapath/direct/nslab"
 	"github.com/weftnet/weft/datapath/vxlan"
+	"github.com/weftnet/weft/datapath/wireguard"
 )
 
 const (
-	mtu        = 1400 // containers' MTU in every case
-	iperfPort  = "5201"
-	qperfPort  = "19765"
-	minThrough = 0.95 // target: weft's throughput at least this share of the baseline's
-	maxLatency = 1.10 // target: weft's latency at most this multiple of the baseline's
+	mtu         = 1400 // containers' MTU in every case
+	underlayMTU = 1500 // hosts' underlay MTU in every case
+	iperfPort   = "5201"
+	qperfPort   = "19765"
+	minThrough  = 0.95 // target: weft's throughput at least this share of the baseline's
+	maxLatency  = 1.10 // target: weft's latency at most this multiple of the baseline's
 )
 
 func main() {
@@ -88,8 +106,24 @@ func run() error {
 		runs     = flag.Int("runs", 3, "runs per case and measure; the median is reported")
 		prefix   = flag.String("prefix", fmt.Sprintf("wbdp-%d-", os.Getpid()%100000), "namespace name prefix")
 		showLogs = flag.Bool("v", false, "log the drivers' changes")
+
+		// A WireGuard child (see wireguard.go), run by the bench itself.
+		child         = flag.String("wg-child", "", "internal: run as a WireGuard child, weft or standalone")
+		childName     = flag.String("wg-name", "", "internal: the child's peer name")
+		childUnderlay = flag.String("wg-underlay", "", "internal: the child's underlay address")
+		childPort     = flag.Int("wg-port", wireguard.DefaultPort, "internal: the child's UDP port")
+		childMTU      = flag.Int("wg-mtu", underlayMTU-wireguard.Overhead, "internal: the standalone child's TUN MTU")
+		childKey      = flag.String("wg-key", "", "internal: the weft child's private key file")
 	)
 	flag.Parse()
+	if *child != "" {
+		u, err := netip.ParseAddr(*childUnderlay)
+		if err != nil {
+			return fmt.Errorf("-wg-underlay: %w", err)
+		}
+		return runChild(childConfig{mode: *child, name: *childName, underlay: u, port: *childPort,
+			mtu: *childMTU, keyFile: *childKey, verbose: *showLogs})
+	}
 	if *runs < 1 || *dur < time.Second {
 		return errors.New("-runs must be ≥ 1 and -t ≥ 1s")
 	}
@@ -121,12 +155,24 @@ func run() error {
 		}
 	}()
 	newLab := func(tag string, hosts int) (*nslab.Lab, error) {
-		l, err := nslab.New(nslab.Config{Prefix: *prefix + tag + "-", Hosts: hosts, MTU: mtu})
+		l, err := nslab.New(nslab.Config{Prefix: *prefix + tag + "-", Hosts: hosts, MTU: mtu, UnderlayMTU: underlayMTU})
 		if err == nil {
 			labs = append(labs, l)
 		}
 		return l, err
 	}
+	keyDir, err := os.MkdirTemp("", "wbdp-wg-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(keyDir)
+	wg, err := newWGCases(keyDir)
+	if err != nil {
+		return err
+	}
+	// Deferred after the labs' Close, so it runs before: children leave their
+	// namespaces before those are deleted.
+	defer wg.stop()
 
 	// (a) raw veth.
 	s, err := rawVeth(newLab)
@@ -134,7 +180,7 @@ func run() error {
 		return fmt.Errorf("raw veth: %w", err)
 	}
 	subjects = append(subjects, s)
-	// (b)–(d) two hosts each.
+	// (b)–(g) two hosts each.
 	for _, c := range []struct {
 		name, tag string
 		setup     func(ctx context.Context, l *nslab.Lab, verbose bool) error
@@ -143,6 +189,8 @@ func run() error {
 		{"raw routes", "rr", rawRoutes},
 		{"weft direct", "wd", weftDirect},
 		{"weft vxlan", "wv", weftVXLAN},
+		{"standalone wireguard-go", "sw", wg.setup(modeStandalone)},
+		{"weft wireguard", "ww", wg.setup(modeWeft)},
 	} {
 		l, err := newLab(c.tag, 2)
 		if err != nil {
@@ -158,6 +206,9 @@ func run() error {
 		}
 		cl, sv := l.Hosts[0].Containers[0], l.Hosts[1].Containers[0]
 		subjects = append(subjects, &subject{name: c.name, client: cl.NS, server: sv.NS, serverAddr: sv.Addr.Addr()})
+	}
+	if err := wg.sameMTU(); err != nil {
+		return err
 	}
 
 	// Servers, and a check that every case forwards at all before timing anything.
@@ -177,7 +228,8 @@ func run() error {
 		}
 	}
 
-	fmt.Printf("datapath benchmark: %d runs of %s each, interleaved; containers' MTU %d\n", *runs, *dur, mtu)
+	fmt.Printf("datapath benchmark: %d runs of %s each, interleaved; containers' MTU %d; WireGuard tunnels' MTU %d, wireguard-go %s\n",
+		*runs, *dur, mtu, wg.mtu[modeWeft], moduleVersion("golang.zx2c4.com/wireguard"))
 	for r := 0; r < *runs; r++ {
 		// Each round starts with another case, so that no case always follows the same one.
 		for k := range subjects {
@@ -191,7 +243,7 @@ func run() error {
 				return fmt.Errorf("%s: qperf: %w", s.name, err)
 			}
 			s.bps, s.lat = append(s.bps, bps), append(s.lat, lat)
-			fmt.Fprintf(os.Stderr, "  run %d %-12s %8.2f Gbit/s %8.1f µs\n", r+1, s.name, bps/1e9, lat*1e6)
+			fmt.Fprintf(os.Stderr, "  run %d %-24s %8.2f Gbit/s %8.1f µs\n", r+1, s.name, bps/1e9, lat*1e6)
 		}
 	}
 
@@ -210,16 +262,40 @@ func run() error {
 	for _, s := range subjects {
 		by[s.name] = s
 	}
-	for _, pair := range [][2]string{{"weft direct", "raw veth"}, {"weft vxlan", "raw vxlan"}, {"weft direct", "raw routes"}} {
-		w, b := by[pair[0]], by[pair[1]]
+	for _, pair := range []struct {
+		weft, base string
+		minThrough float64
+	}{
+		{"weft direct", "raw veth", minThrough},
+		{"weft vxlan", "raw vxlan", minThrough},
+		{"weft direct", "raw routes", minThrough},
+		// Same library, same crypto: weft must add nothing.
+		{"weft wireguard", "standalone wireguard-go", 1.00},
+	} {
+		w, b := by[pair.weft], by[pair.base]
 		tr := median(w.bps) / median(b.bps)
 		lr := median(w.lat) / median(b.lat)
 		fmt.Fprintf(tw, "%s / %s\t%.1f%%\t≥ %.0f%%\t%s\t%+.1f%%\t≤ +%.0f%%\t%s\t\n",
-			pair[0], pair[1], tr*100, minThrough*100, verdict(tr >= minThrough),
+			pair.weft, pair.base, tr*100, pair.minThrough*100, verdict(tr >= pair.minThrough),
 			(lr-1)*100, (maxLatency-1)*100, verdict(lr <= maxLatency))
 	}
 	tw.Flush()
 	return nil
+}
+
+// moduleVersion is the version of module path linked into this binary.
+func moduleVersion(path string) string {
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, m := range bi.Deps {
+			if m.Path == path {
+				if m.Replace != nil {
+					return m.Version + " => " + m.Replace.Path + " " + m.Replace.Version
+				}
+				return m.Version
+			}
+		}
+	}
+	return "(unknown version)"
 }
 
 func verdict(ok bool) string {

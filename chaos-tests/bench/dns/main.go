@@ -49,6 +49,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -64,6 +65,10 @@ import (
 // childEnv, when set in the environment, makes this binary the weft server
 // child; its value is the number of names.
 const childEnv = "WEFT_DNSBENCH_SERVE"
+
+// profileEnv, when set for the child, names the file it writes a CPU
+// profile of its whole life to (-cpuprofile).
+const profileEnv = "WEFT_DNSBENCH_CPUPROFILE"
 
 func main() {
 	if v := os.Getenv(childEnv); v != "" {
@@ -86,6 +91,7 @@ type options struct {
 	rate        int
 	outstanding int
 	procs       int
+	cpuprofile  string
 }
 
 func run() error {
@@ -97,6 +103,7 @@ func run() error {
 	flag.IntVar(&o.rate, "rate", 10000, "queries per second of the latency runs")
 	flag.IntVar(&o.outstanding, "q", 100, "dnsperf's outstanding queries in the throughput runs")
 	flag.IntVar(&o.procs, "procs", 0, "GOMAXPROCS of the weft server (0: Go's default, the CPU count)")
+	flag.StringVar(&o.cpuprofile, "cpuprofile", "", "write a CPU profile of the weft server process to this file")
 	flag.Parse()
 	if o.n < 1 || o.n > 60000 || o.rounds < 1 || o.rate < 1 || o.dur < time.Second || o.latDur < time.Second {
 		return errors.New("need 1 ≤ -n ≤ 60000, -rounds ≥ 1, -rate ≥ 1, -d and -ld ≥ 1s")
@@ -267,6 +274,13 @@ func startWeft(ctx context.Context, o options) (*server, error) {
 	cmd.Env = append(os.Environ(), childEnv+"="+strconv.Itoa(o.n))
 	if o.procs > 0 {
 		cmd.Env = append(cmd.Env, "GOMAXPROCS="+strconv.Itoa(o.procs))
+	}
+	if o.cpuprofile != "" {
+		p, err := filepath.Abs(o.cpuprofile)
+		if err != nil {
+			return nil, err
+		}
+		cmd.Env = append(cmd.Env, profileEnv+"="+p)
 	}
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
@@ -604,6 +618,17 @@ func serveChild(v string) error {
 	n, err := strconv.Atoi(v)
 	if err != nil || n < 1 {
 		return fmt.Errorf("bad %s=%q", childEnv, v)
+	}
+	if p := os.Getenv(profileEnv); p != "" {
+		f, err := os.Create(p)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

@@ -1,0 +1,252 @@
+package router
+
+import (
+	"context"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/weftnet/weft/mesh"
+)
+
+// Measured paths: every peer probes every other (UDP, timestamps T1..T4), publishes its
+// neighbour table as link-state deltas, and picks for each destination the path that meets
+// its SLA — relaying through a third peer when the direct link is down or too slow.
+
+// paths holds the measuring and path-choice state. The datapath loop is its only writer.
+type paths struct {
+	prober *mesh.Prober
+	table  *mesh.LinkTable
+	sel    *mesh.PathSelector
+	sla    mesh.SLA
+
+	targets map[string]netip.AddrPort // what the prober probes now
+
+	mu      sync.Mutex // guards choices
+	choices map[string]mesh.PathChoice
+
+	rtt, loss, jitter, slaOK, hops *prometheus.GaugeVec
+	violations                     *prometheus.CounterVec
+}
+
+// probeKey authenticates probes; derived from the password with a label of its own.
+func probeKey(password []byte) []byte {
+	if len(password) == 0 {
+		return nil
+	}
+	key, err := hkdf.Key(sha256.New, password, nil, "weft probe v1", 32)
+	if err != nil {
+		panic("router: hkdf: " + err.Error()) // only for lengths over 255*32
+	}
+	return key
+}
+
+// startPaths opens the probe socket and starts the prober; its stops go on stops.
+func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]func()) error {
+	sla := mesh.DefaultSLA()
+	if p.cfg.SLA != "" {
+		var err error
+		if sla, err = mesh.ParseSLA(p.cfg.SLA); err != nil {
+			return fmt.Errorf("%w: --sla: %v", ErrInvalidConfig, err)
+		}
+	}
+	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(advertise, uint16(p.cfg.ProbePort)).String())
+	if err != nil {
+		return fmt.Errorf("listen on --probe-port %d: %w", p.cfg.ProbePort, err)
+	}
+	prober, err := mesh.NewProber(mesh.ProberConfig{
+		Self: p.cfg.Name, Conn: conn, Interval: p.cfg.ProbeInterval, Key: probeKey(p.cfg.Password),
+		Logger: p.log.With("component", "probe"),
+	})
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	sel, err := mesh.NewPathSelector(mesh.DefaultPathSelectorConfig())
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	pt := &paths{
+		prober: prober, table: mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate")}),
+		sel: sel, sla: sla, targets: map[string]netip.AddrPort{}, choices: map[string]mesh.PathChoice{},
+		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer."}, []string{"peer"}),
+		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
+		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
+		slaOK:      prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_sla_ok", Help: "1 when the chosen path to the peer meets the SLA."}, []string{"peer", "sla"}),
+		hops:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_hops", Help: "Links in the chosen path to each peer (2 = relayed)."}, []string{"peer"}),
+		violations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_sla_violations_total", Help: "Times the chosen path to a peer started violating the SLA."}, []string{"peer", "sla"}),
+	}
+	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.violations)
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		prober.Run(runCtx)
+	}()
+	*stops = append(*stops, func() { cancel(); <-done; conn.Close() })
+	p.paths = pt
+	return nil
+}
+
+// updatePaths probes the live peers, publishes this peer's links when they moved, and
+// chooses a path to every live peer. It returns, for each destination that goes through a
+// relay, the relay's name.
+func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
+	pt := p.paths
+	targets := map[string]netip.AddrPort{}
+	for _, pr := range peers {
+		if !pr.Self && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) && pr.Meta.Underlay.IsValid() {
+			targets[pr.Name] = netip.AddrPortFrom(pr.Meta.Underlay, uint16(p.cfg.ProbePort))
+		}
+	}
+	if !mapsEqual(targets, pt.targets) {
+		if err := pt.prober.SetTargets(targets); err != nil {
+			p.log.Warn("probe targets", "err", err)
+		}
+		for name := range pt.targets {
+			if _, ok := targets[name]; !ok {
+				pt.table.Remove(name)
+				pt.sel.Forget(name)
+			}
+		}
+		pt.targets = targets
+	}
+	if delta, changed := pt.table.Publish(p.cfg.Name, pt.prober.All()); changed && delta != nil {
+		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, delta); err != nil {
+			p.log.Debug("link-state broadcast skipped; push/pull carries it", "err", err)
+		}
+	}
+	graph := pt.table.Graph()
+	relays := map[string]string{}
+	choices := map[string]mesh.PathChoice{}
+	for name := range targets {
+		c := pt.sel.Select(graph, p.cfg.Name, name, pt.sla, now)
+		choices[name] = c
+		if len(c.Path) == 2 {
+			relays[name] = c.Path[0]
+		}
+		prev, had := pt.current(name)
+		if !c.SLAOK && len(c.Path) > 0 && (!had || prev.SLAOK) {
+			pt.violations.WithLabelValues(name, pt.sla.Name).Inc()
+		}
+		pt.rtt.WithLabelValues(name).Set(c.RTT.Seconds())
+		pt.jitter.WithLabelValues(name).Set(c.Jitter.Seconds())
+		pt.loss.WithLabelValues(name).Set(c.Loss)
+		pt.hops.WithLabelValues(name).Set(float64(len(c.Path)))
+		ok := 0.0
+		if c.SLAOK {
+			ok = 1
+		}
+		pt.slaOK.WithLabelValues(name, pt.sla.Name).Set(ok)
+	}
+	pt.mu.Lock()
+	for name := range pt.choices {
+		if _, ok := choices[name]; !ok {
+			pt.rtt.DeleteLabelValues(name)
+			pt.jitter.DeleteLabelValues(name)
+			pt.loss.DeleteLabelValues(name)
+			pt.hops.DeleteLabelValues(name)
+			pt.slaOK.DeleteLabelValues(name, pt.sla.Name)
+		}
+	}
+	pt.choices = choices
+	pt.mu.Unlock()
+	return relays
+}
+
+func (pt *paths) current(dest string) (mesh.PathChoice, bool) {
+	pt.mu.Lock()
+	defer pt.mu.Unlock()
+	c, ok := pt.choices[dest]
+	return c, ok
+}
+
+func mapsEqual(a, b map[string]netip.AddrPort) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// nearest gives DNS the measured RTT to a peer, so answers list nearby containers first.
+func (p *Peer) nearest(peer string) (time.Duration, bool) {
+	if peer == p.cfg.Name {
+		return 0, true
+	}
+	if p.paths == nil {
+		return 0, false
+	}
+	c, ok := p.paths.current(peer)
+	if !ok || len(c.Path) == 0 {
+		return 0, false
+	}
+	return c.RTT, true
+}
+
+// Route is one row of `weft status routes`.
+type Route struct {
+	Peer     string    `json:"peer"`
+	Path     []string  `json:"path"`
+	Hops     []Hop     `json:"hops"`
+	RTTms    float64   `json:"rtt_ms"`
+	JitterMs float64   `json:"jitter_ms"`
+	Loss     float64   `json:"loss"`
+	SLA      string    `json:"sla"`
+	SLAOK    bool      `json:"sla_ok"`
+	Since    time.Time `json:"since"`
+	Reason   string    `json:"reason"`
+	// Direct is the measured direct link, whether or not the path uses it.
+	Direct Hop `json:"direct"`
+}
+
+// Hop is one measured link of a path.
+type Hop struct {
+	From     string  `json:"from"`
+	To       string  `json:"to"`
+	RTTms    float64 `json:"rtt_ms"`
+	JitterMs float64 `json:"jitter_ms"`
+	Loss     float64 `json:"loss"`
+	Up       bool    `json:"up"`
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func (p *Peer) routes() []Route {
+	pt := p.paths
+	graph := pt.table.Graph()
+	pt.mu.Lock()
+	defer pt.mu.Unlock()
+	out := []Route{}
+	for dest, c := range pt.choices {
+		r := Route{Peer: dest, Path: slices.Clone(c.Path), Hops: []Hop{}, RTTms: ms(c.RTT), JitterMs: ms(c.Jitter),
+			Loss: c.Loss, SLA: pt.sla.String(), SLAOK: c.SLAOK, Since: c.Since, Reason: c.Reason}
+		if r.Path == nil {
+			r.Path = []string{}
+		}
+		lm, _ := graph.Link(p.cfg.Name, dest)
+		r.Direct = Hop{From: p.cfg.Name, To: dest, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up}
+		from := p.cfg.Name
+		for _, to := range c.Path {
+			lm, _ := graph.Link(from, to)
+			r.Hops = append(r.Hops, Hop{From: from, To: to, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up})
+			from = to
+		}
+		out = append(out, r)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
+	return out
+}
