@@ -45,26 +45,7 @@ func TestRelays(t *testing.T) {
 	waitFor(t, ctx, 30*time.Second, "a measured direct path A → C", pathIs(c.Name))
 
 	t.Run("a blocked direct link goes through the third peer", func(t *testing.T) {
-		if err := l.Partition([]*lab.Host{a}, []*lab.Host{c}); err != nil {
-			t.Fatal(err)
-		}
-		waitFor(t, ctx, 20*time.Second, "A's path to C through B", pathIs(b.Name, c.Name))
-		waitPing(t, ctx, cs[0].ctr, cs[2].addr)
-		waitPing(t, ctx, cs[2].ctr, cs[0].addr)
-		found := false
-		for _, conn := range connectionsOf(t, ctx, a) {
-			if conn.Peer == c.Name && conn.State == "relayed" {
-				found = true
-			}
-		}
-		if !found {
-			t.Fatalf("status connections on A does not show C relayed: %+v", connectionsOf(t, ctx, a))
-		}
-		if err := l.Heal(); err != nil {
-			t.Fatal(err)
-		}
-		waitFor(t, ctx, 30*time.Second, "back to the direct path", pathIs(c.Name))
-		waitPing(t, ctx, cs[0].ctr, cs[2].addr)
+		blockedLinkRelays(t, l, cs, pathIs)
 	})
 
 	t.Run("a direct link slower than the SLA goes through the third peer", func(t *testing.T) {
@@ -112,4 +93,51 @@ func TestRelays(t *testing.T) {
 		}
 		waitFor(t, ctx, 30*time.Second, "back to the direct path without the delay", pathIs(c.Name))
 	})
+}
+
+// blockedLinkRelays cuts A↔C on the underlay while A↔B and B↔C work: A and C must keep
+// talking through B, and go back to the direct link once it heals.
+func blockedLinkRelays(t *testing.T, l *lab.Lab, cs []placed, pathIs func(...string) func() error) {
+	ctx := testCtx(t, 2*time.Minute)
+	a, b, c := l.Host(0), l.Host(1), l.Host(2)
+	if err := l.Partition([]*lab.Host{a}, []*lab.Host{c}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, 20*time.Second, "A's path to C through B", pathIs(b.Name, c.Name))
+	waitPing(t, ctx, cs[0].ctr, cs[2].addr)
+	waitPing(t, ctx, cs[2].ctr, cs[0].addr)
+	found := false
+	for _, conn := range connectionsOf(t, ctx, a) {
+		if conn.Peer == c.Name && conn.State == "relayed" {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("status connections on A does not show C relayed: %+v", connectionsOf(t, ctx, a))
+	}
+	if err := l.Heal(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, 30*time.Second, "back to the direct path", pathIs(c.Name))
+	waitPing(t, ctx, cs[0].ctr, cs[2].addr)
+}
+
+// The same over WireGuard: the relay's AllowedIPs must take over C's blocks.
+func TestRelaysOverWireGuard(t *testing.T) {
+	pw := passwordFile(t, "relay test password, long enough")
+	l := newMeshLab(t, "wrwg", 3, "--password-file", pw, "--encrypt", "always", "--probe-interval", "200ms")
+	ctx := testCtx(t, 3*time.Minute)
+	a, c := l.Host(0), l.Host(2)
+	cs := onePerHost(t, ctx, l)
+	pingAll(t, ctx, cs)
+	pathIs := func(want ...string) func() error {
+		return func() error {
+			if r := routeTo(t, a, c.Name); !slices.Equal(r.Path, want) {
+				return fmt.Errorf("path %v (%s)", r.Path, r.Reason)
+			}
+			return nil
+		}
+	}
+	waitFor(t, ctx, 30*time.Second, "a measured direct path A → C", pathIs(c.Name))
+	blockedLinkRelays(t, l, cs, pathIs)
 }
