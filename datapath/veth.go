@@ -60,20 +60,31 @@ func openNetNS(path string) (netns.NsHandle, error) {
 	return netns.NsHandle(fd), nil
 }
 
+// containerHandle opens the container's namespace and a netlink handle inside it, so the
+// container side is configured without moving any thread into the namespace.
+func containerHandle(path string) (netns.NsHandle, *netlink.Handle, error) {
+	nsh, err := openNetNS(path)
+	if err != nil {
+		return 0, nil, err
+	}
+	cnh, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		nsh.Close()
+		return 0, nil, fmt.Errorf("netlink handle in %s: %w", path, err)
+	}
+	return nsh, cnh, nil
+}
+
 // Attach converges one container interface: a veth pair whose host end is on the bridge
 // (hairpin on, up) and whose container end is named IfName, up, with the address, MTU and a
 // default route via the gateway. If IfName already exists in the container and is not the
 // peer of our host end, it fails with ErrIfNameExists and touches nothing.
 func Attach(a Attachment) (AttachResult, error) {
-	nsh, err := openNetNS(a.NetNS)
+	nsh, cnh, err := containerHandle(a.NetNS)
 	if err != nil {
 		return AttachResult{}, err
 	}
 	defer nsh.Close()
-	cnh, err := netlink.NewHandleAt(nsh)
-	if err != nil {
-		return AttachResult{}, fmt.Errorf("netlink handle in %s: %w", a.NetNS, err)
-	}
 	defer cnh.Close()
 
 	br, err := netlink.LinkByName(a.Bridge)
@@ -191,15 +202,11 @@ func Detach(hostIfName string) error {
 // veth peer, is up, holds the address and has the default route; the host end is on the
 // bridge. The error names the first thing missing.
 func Check(a Attachment) error {
-	nsh, err := openNetNS(a.NetNS)
+	nsh, cnh, err := containerHandle(a.NetNS)
 	if err != nil {
 		return err
 	}
 	defer nsh.Close()
-	cnh, err := netlink.NewHandleAt(nsh)
-	if err != nil {
-		return fmt.Errorf("netlink handle in %s: %w", a.NetNS, err)
-	}
 	defer cnh.Close()
 
 	cont, err := cnh.LinkByName(a.IfName)
@@ -273,15 +280,11 @@ func ipNetToPrefix(n *net.IPNet) (netip.Prefix, bool) {
 // Preflight checks, changing nothing, that Attach can succeed: NetNS is a network namespace
 // and IfName is free in it, or already is our host end's peer.
 func Preflight(a Attachment) error {
-	nsh, err := openNetNS(a.NetNS)
+	nsh, cnh, err := containerHandle(a.NetNS)
 	if err != nil {
 		return err
 	}
 	defer nsh.Close()
-	cnh, err := netlink.NewHandleAt(nsh)
-	if err != nil {
-		return fmt.Errorf("netlink handle in %s: %w", a.NetNS, err)
-	}
 	defer cnh.Close()
 	cont, err := cnh.LinkByName(a.IfName)
 	var notFound netlink.LinkNotFoundError
