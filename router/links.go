@@ -81,7 +81,7 @@ func chooseLink(pol linkPolicy, remote mesh.Metadata) linkChoice {
 	}
 	if both(datapath.ModeDirect) {
 		if pol.UnderlayPrefix.Contains(remote.Underlay) {
-			return linkChoice{Mode: datapath.ModeDirect, Reason: fmt.Sprintf("same L2 segment %s", pol.UnderlayPrefix.Masked())}
+			return linkChoice{Mode: datapath.ModeDirect, Reason: joinReasons(append(why, fmt.Sprintf("same L2 segment %s", pol.UnderlayPrefix.Masked())))}
 		}
 		why = append(why, fmt.Sprintf("not on our L2 segment %s", pol.UnderlayPrefix.Masked()))
 	} else {
@@ -165,7 +165,10 @@ func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[str
 // applyRelays sends the blocks of each relayed destination to its relay: they join the
 // relay's entry in the relay's link mode (routes and WireGuard AllowedIPs follow), and the
 // destination's own entry goes. A relay without an established link of its own is not
-// used. The relay forwards with its own routes.
+// used. The relay forwards with its own routes. A destination that must be reached
+// encrypted is relayed only over an encrypted link: the encryption policy holds for every
+// hop, and the WireGuard peer of the destination stays in place to receive its replies
+// unless the relay takes its AllowedIPs.
 func applyRelays(want map[string][]datapath.RemotePeer, conns []Connection, relays map[string]string) (map[string][]datapath.RemotePeer, []Connection) {
 	if len(relays) == 0 {
 		return want, conns
@@ -181,6 +184,9 @@ func applyRelays(want map[string][]datapath.RemotePeer, conns []Connection, rela
 	used := map[string]string{}          // destination → relay actually used
 	for dest, relay := range relays {
 		if _, ok := where[relay]; !ok || relay == dest {
+			continue
+		}
+		if where[dest] == datapath.ModeWireGuard && where[relay] != datapath.ModeWireGuard {
 			continue
 		}
 		for _, list := range want {
