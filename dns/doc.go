@@ -36,6 +36,15 @@
 //     positive answers for their TTL and negative ones for their SOA
 //     minimum. SERVFAIL when every upstream fails.
 //
+// UDP: each listen address has one SO_REUSEPORT socket per CPU, each read
+// by one goroutine. That goroutine answers A and AAAA queries for weft names
+// itself, from the wire bytes and a per-socket cache of answer records that
+// is rebuilt when Records.Generation changes (fastpath.go): no allocation, no
+// goroutine, no miekg unpack or pack, answers identical to the handler
+// chain's. Everything else (other types, forwarding, EDNS0 options,
+// malformed queries, answers needing truncation) is handed, as before, to a
+// goroutine of its own running the handler chain. TCP is miekg's server.
+//
 // Robustness: malformed queries get FORMERR (or NOTIMP, REFUSED, BADVERS) or
 // are dropped; a panic in a handler is recovered and answered SERVFAIL; UDP
 // answers are truncated with TC to 512 bytes, or to the client's EDNS0

@@ -3,6 +3,7 @@ package dns
 import (
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
@@ -11,7 +12,8 @@ import (
 // metrics of one Server. Registered on the registry passed to NewServer;
 // with a nil registry they are kept but not exported.
 type metrics struct {
-	queries       *prometheus.CounterVec // type, rcode
+	queries       *prometheus.CounterVec // type, rcode; use query() on the hot path
+	queryCache    [len(typeLabels)][numRcodeSlots]atomic.Pointer[queryCounter]
 	forwards      *prometheus.CounterVec // result
 	forwardTime   prometheus.Histogram
 	cacheHits     prometheus.Counter
@@ -87,15 +89,83 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int, recordsLen func(
 	return m, nil
 }
 
-// typeLabel bounds the type label to well-known types.
-func typeLabel(qtype uint16) string {
-	switch qtype {
-	case mdns.TypeA, mdns.TypeAAAA, mdns.TypePTR, mdns.TypeSRV, mdns.TypeSOA, mdns.TypeNS,
-		mdns.TypeCNAME, mdns.TypeMX, mdns.TypeTXT, mdns.TypeANY, mdns.TypeHTTPS, mdns.TypeSVCB,
-		mdns.TypeDS, mdns.TypeDNSKEY, mdns.TypeCAA:
-		return mdns.TypeToString[qtype]
+// queryCounter is one child of weft_dns_queries_total.
+type queryCounter struct{ prometheus.Counter }
+
+// Slots of the query counter cache: rcodes 0-23 by value, then these.
+const (
+	rcodeSlotOther   = 24 // an rcode outside 0-23
+	rcodeSlotDropped = 25 // nothing answered
+	numRcodeSlots    = 26
+)
+
+// query returns the counter of weft_dns_queries_total for a query of type
+// index ti (typeIndex) answered with rcode (rcode < 0: dropped). Children are
+// created on first use, as WithLabelValues would, and then cached, so that
+// the hot path does no label hashing or map lookup.
+func (m *metrics) query(ti int, rcode int) prometheus.Counter {
+	slot, label := rcodeSlotDropped, "dropped"
+	switch {
+	case rcode >= 0 && rcode < rcodeSlotOther:
+		slot, label = rcode, rcodeLabel(rcode)
+	case rcode >= 0:
+		slot, label = rcodeSlotOther, "other"
 	}
-	return "other"
+	p := &m.queryCache[ti][slot]
+	if c := p.Load(); c != nil {
+		return c.Counter
+	}
+	c := &queryCounter{m.queries.WithLabelValues(typeLabels[ti], label)}
+	p.Store(c) // a racing Store stores the same child
+	return c.Counter
+}
+
+// typeLabels are the values of the type label: well-known types, then
+// "other", then "none" (no question).
+var typeLabels = [...]string{"A", "AAAA", "PTR", "SRV", "SOA", "NS", "CNAME", "MX", "TXT", "ANY",
+	"HTTPS", "SVCB", "DS", "DNSKEY", "CAA", "other", "none"}
+
+const (
+	typeIndexOther = 15
+	typeIndexNone  = 16
+)
+
+// typeIndex bounds the type label to well-known types: it returns the index
+// of qtype's label in typeLabels.
+func typeIndex(qtype uint16) int {
+	switch qtype {
+	case mdns.TypeA:
+		return 0
+	case mdns.TypeAAAA:
+		return 1
+	case mdns.TypePTR:
+		return 2
+	case mdns.TypeSRV:
+		return 3
+	case mdns.TypeSOA:
+		return 4
+	case mdns.TypeNS:
+		return 5
+	case mdns.TypeCNAME:
+		return 6
+	case mdns.TypeMX:
+		return 7
+	case mdns.TypeTXT:
+		return 8
+	case mdns.TypeANY:
+		return 9
+	case mdns.TypeHTTPS:
+		return 10
+	case mdns.TypeSVCB:
+		return 11
+	case mdns.TypeDS:
+		return 12
+	case mdns.TypeDNSKEY:
+		return 13
+	case mdns.TypeCAA:
+		return 14
+	}
+	return typeIndexOther
 }
 
 func rcodeLabel(rcode int) string {

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -50,8 +51,10 @@ type Records struct {
 	// forgotten holds peers whose entries were dropped; Merge refuses their
 	// entries until PeerUp.
 	forgotten map[string]struct{}
-	// generation counts changes; the SOA serial is derived from it.
-	generation uint64
+	// generation counts changes; the SOA serial is derived from it. It is
+	// written under mu but read without it (Generation), so that the UDP fast
+	// path can check its answer cache on every query without taking mu.
+	generation atomic.Uint64
 }
 
 // Kind says what an Entry holds.
@@ -371,7 +374,7 @@ func (r *Records) putLocked(e Entry) {
 	if e.Kind == KindAddr {
 		addIndex(r.byAddr, e.Addr, k)
 	}
-	r.generation++
+	r.generation.Add(1)
 }
 
 func (r *Records) deleteLocked(k entryKey) {
@@ -380,7 +383,7 @@ func (r *Records) deleteLocked(k entryKey) {
 	if k.kind == KindAddr {
 		delIndex(r.byAddr, k.addr, k)
 	}
-	r.generation++
+	r.generation.Add(1)
 }
 
 func addIndex[K comparable](idx map[K]map[entryKey]struct{}, at K, k entryKey) {
@@ -476,10 +479,9 @@ func (r *Records) State() *Delta {
 func (r *Records) Encode() []byte { return r.State().Encode() }
 
 // Generation returns a counter that grows with every change to the store.
+// It does not take the store's lock.
 func (r *Records) Generation() uint64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.generation
+	return r.generation.Load()
 }
 
 // Len returns the number of live entries.

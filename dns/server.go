@@ -49,16 +49,12 @@ type Deps struct {
 
 type listener struct {
 	addr net.Addr // the UDP address; TCP listens on the same ip:port
-	// udp holds one server per UDP socket: the sockets share the port with SO_REUSEPORT,
-	// one per CPU, so that queries from many clients are read and answered in parallel
-	// (miekg reads one socket from one goroutine).
-	udp  []*mdns.Server
-	tcp  *mdns.Server
-	done sync.WaitGroup // the serve goroutines
-}
-
-func (ln *listener) servers() []*mdns.Server {
-	return append(append([]*mdns.Server(nil), ln.udp...), ln.tcp)
+	// udp serves the UDP sockets: they share the port with SO_REUSEPORT, one
+	// per CPU, so that queries from many clients are read and answered in
+	// parallel, each by its own reader goroutine (udp.go).
+	udp  []*udpServer
+	tcp  *mdns.Server   // miekg/dns
+	done sync.WaitGroup // the UDP readers and their slow-path goroutines, the TCP server
 }
 
 // ErrClosed is returned by methods called after Close.
@@ -150,19 +146,24 @@ func (s *Server) AddListener(addr string) (net.Addr, error) {
 		l.Close()
 		return nil, fmt.Errorf("dns listen %s: already listening", addr)
 	}
-	h := mdns.HandlerFunc(s.serveMiekg)
 	for _, pc := range pcs {
-		ln.udp = append(ln.udp, &mdns.Server{PacketConn: pc, Handler: h, UDPSize: 4096}) // read buffer: queries are small
+		ln.udp = append(ln.udp, newUDPServer(s, pc.(*net.UDPConn), &ln.done))
 	}
 	ln.tcp = &mdns.Server{
-		Listener: l, Handler: h, ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
+		Listener: l, Handler: mdns.HandlerFunc(s.serveMiekg), ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
 		IdleTimeout: func() time.Duration { return s.cfg.TCPIdleTimeout },
 	}
-	for _, srv := range ln.servers() {
-		if err := s.serve(ln, srv); err != nil {
-			ln.shutdown()
-			return nil, fmt.Errorf("dns serve %s: %w", addr, err)
+	if err := s.serve(ln, ln.tcp); err != nil {
+		for _, u := range ln.udp {
+			u.conn.Close()
 		}
+		l.Close()
+		ln.done.Wait()
+		return nil, fmt.Errorf("dns serve %s: %w", addr, err)
+	}
+	for _, u := range ln.udp {
+		ln.done.Add(1)
+		go u.serve()
 	}
 	s.listeners[ln.addr.String()] = ln
 	s.log.Info("dns listening", "addr", ln.addr.String())
@@ -237,19 +238,16 @@ func listenBoth(addr string, n int) ([]net.PacketConn, net.Listener, error) {
 	}
 }
 
+// shutdown closes the sockets and waits for every goroutine serving them,
+// including queries in flight on the full path.
 func (ln *listener) shutdown() {
+	for _, u := range ln.udp {
+		u.conn.Close()
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	for _, srv := range ln.servers() {
-		if err := srv.ShutdownContext(ctx); err != nil {
-			// Not started: close the socket ourselves.
-			if srv.PacketConn != nil {
-				srv.PacketConn.Close()
-			}
-			if srv.Listener != nil {
-				srv.Listener.Close()
-			}
-		}
+	if err := ln.tcp.ShutdownContext(ctx); err != nil {
+		ln.tcp.Listener.Close() // not started: close it ourselves
 	}
 	ln.done.Wait()
 }
@@ -308,9 +306,9 @@ func (s *Server) Close() error {
 // benchmarks); the listeners call it too.
 func (s *Server) ServeDNS(ctx context.Context, w mdns.ResponseWriter, r *mdns.Msg) (rcode int, err error) {
 	rw := &recordingWriter{ResponseWriter: w, rcode: -1}
-	qtype := "none"
+	ti := typeIndexNone
 	if r != nil && len(r.Question) > 0 {
-		qtype = typeLabel(r.Question[0].Qtype)
+		ti = typeIndex(r.Question[0].Qtype)
 	}
 	defer func() {
 		if p := recover(); p != nil {
@@ -321,11 +319,7 @@ func (s *Server) ServeDNS(ctx context.Context, w mdns.ResponseWriter, r *mdns.Ms
 				s.writeError(rw, r, rcode)
 			}
 		}
-		label := "dropped"
-		if rw.rcode >= 0 {
-			label = rcodeLabel(rw.rcode)
-		}
-		s.m.queries.WithLabelValues(qtype, label).Inc()
+		s.m.query(ti, rw.rcode).Inc() // rcode -1: dropped
 	}()
 	if r == nil {
 		return mdns.RcodeFormatError, errDrop
