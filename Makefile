@@ -29,7 +29,8 @@ bench: build bench-deps
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./...
 	$(GO) run ./chaos-tests/bench/cni -bin $(BIN)
 	$(GO) run ./chaos-tests/bench/dns
-	@if [ -d chaos-tests/bench/datapath ]; then $(GO) run ./chaos-tests/bench/datapath -bin $(BIN); fi
+	$(GO) run ./chaos-tests/bench/datapath -bin $(BIN)
+	$(GO) run ./chaos-tests/bench/relay -bin $(BIN)
 
 bench-deps:
 	@missing=$$(for p in $(BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
