@@ -61,12 +61,16 @@ func addrsOf(ctr *lab.Container, name string) ([]string, error) {
 	return out, nil
 }
 
-// attachNamed attaches a container under a DNS name (CNI_ARGS name=…).
-func attachNamed(t *testing.T, ctx context.Context, h *lab.Host, name string) (*lab.Container, string, *current.Result) {
+// attachNamed attaches a container under a DNS name (CNI_ARGS name=…, and WEFT_SERVICES when
+// services are given).
+func attachNamed(t *testing.T, ctx context.Context, h *lab.Host, name string, services ...string) (*lab.Container, string, *current.Result) {
 	t.Helper()
 	ctr := mustContainer(t, h)
 	rt := ctr.RuntimeConf("eth0")
 	rt.Args = append(rt.Args, [2]string{"name", name})
+	if len(services) > 0 {
+		rt.Args = append(rt.Args, [2]string{"WEFT_SERVICES", strings.Join(services, ",")})
+	}
 	c := mustCNI(t, h, lab.CNIOptions{})
 	res, err := c.Add(ctx, rt)
 	if err != nil {
@@ -142,7 +146,7 @@ func TestServiceDNS(t *testing.T) {
 	}
 	sort.Strings(webAddrs)
 	client, _, _ := attachNamed(t, ctx, h0, "client")
-	lone, loneAddr, _ := attachNamed(t, ctx, h2, "lone")
+	lone, loneAddr, _ := attachNamed(t, ctx, h2, "lone", "http/tcp/8080")
 
 	t.Run("a container on one host resolves a container on another", func(t *testing.T) {
 		waitFor(t, ctx, 10*time.Second, "lone.weft.local from host 0", func() error {
@@ -167,6 +171,20 @@ func TestServiceDNS(t *testing.T) {
 		r, err = query(client, "lone.weft.local", mdns.TypeA)
 		if err != nil || len(r.Answer) != 1 || r.Answer[0].Header().Ttl != 30 {
 			t.Fatalf("TTL: %v, %v; want 30", r, err)
+		}
+		// WEFT_SERVICES in CNI_ARGS became an SRV record, its target's address alongside.
+		r, err = query(client, "_http._tcp.lone.weft.local", mdns.TypeSRV)
+		if err != nil || len(r.Answer) != 1 {
+			t.Fatalf("SRV: %v, %v; want one answer", r, err)
+		}
+		if srv, ok := r.Answer[0].(*mdns.SRV); !ok || srv.Port != 8080 || srv.Target != "lone.weft.local." {
+			t.Fatalf("SRV answer %v; want port 8080 on lone.weft.local.", r.Answer[0])
+		}
+		// A reverse lookup of a weft address names the container.
+		rev, _ := mdns.ReverseAddr(loneAddr)
+		r, err = query(client, rev, mdns.TypePTR)
+		if err != nil || len(r.Answer) != 1 || r.Answer[0].(*mdns.PTR).Ptr != "lone.weft.local." {
+			t.Fatalf("PTR for %s: %v, %v", loneAddr, r, err)
 		}
 	})
 
