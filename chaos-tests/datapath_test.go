@@ -40,7 +40,23 @@ func newMeshLab(t *testing.T, prefix string, n int, extra ...string) *lab.Lab {
 		t.Fatal(err)
 	}
 	waitFor(t, ctx, 45*time.Second, "the mesh", func() error { return aliveEverywhere(ctx, l.Hosts()) })
+	waitLeader(t, ctx, l.Hosts())
 	return l
+}
+
+// waitLeader waits until every host knows the Raft leader: before that, an ADD that needs a
+// new block fails with "try again" (CNI 11), which a runtime would retry but a test should
+// not have to.
+func waitLeader(t *testing.T, ctx context.Context, hosts []*lab.Host) {
+	t.Helper()
+	waitFor(t, ctx, 45*time.Second, "a raft leader known everywhere", func() error {
+		for _, h := range hosts {
+			if st := ipamOf(t, ctx, h); st.Leader == "" {
+				return fmt.Errorf("%s knows no leader yet", h.Name)
+			}
+		}
+		return nil
+	})
 }
 
 type placed struct {

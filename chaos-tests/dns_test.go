@@ -132,6 +132,7 @@ func TestServiceDNS(t *testing.T) {
 	}
 	hosts := l.Hosts()
 	waitFor(t, ctx, 45*time.Second, "the mesh", func() error { return aliveEverywhere(ctx, hosts) })
+	waitLeader(t, ctx, hosts)
 
 	// Three containers named "web", one per host, and a client container on host 0.
 	var webs []*lab.Container

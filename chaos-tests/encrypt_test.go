@@ -227,6 +227,7 @@ func TestMixedTrust(t *testing.T) {
 	}
 	a, b, c := l.Host(0), l.Host(1), l.Host(2)
 	waitFor(t, ctx, 45*time.Second, "the mesh of A, B and C", func() error { return aliveEverywhere(ctx, []*lab.Host{a, b, c}) })
+	waitLeader(t, ctx, []*lab.Host{a, b, c})
 	var cs []placed
 	for _, h := range []*lab.Host{a, b, c} {
 		ctr := mustContainer(t, h)

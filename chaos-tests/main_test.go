@@ -116,6 +116,9 @@ func newLab(t *testing.T, cfg lab.Config) *lab.Lab {
 			}
 		}
 	})
+	if !cfg.NoStart {
+		waitLeader(t, ctx, l.Hosts())
+	}
 	return l
 }
 
