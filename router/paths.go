@@ -21,6 +21,10 @@ import (
 // neighbour table as link-state deltas, and picks for each destination the path that meets
 // its SLA — relaying through a third peer when the direct link is down or too slow.
 
+// unknownGrace is how long a newly probed peer that has not answered yet counts as unknown
+// rather than unreachable: a few probe timeouts.
+const unknownGrace = 5 * time.Second
+
 // paths holds the measuring and path-choice state. The datapath loop is its only writer.
 type paths struct {
 	prober *mesh.Prober
@@ -29,6 +33,7 @@ type paths struct {
 	sla    mesh.SLA
 
 	targets map[string]netip.AddrPort // what the prober probes now
+	added   map[string]time.Time      // when each target was first probed
 
 	mu      sync.Mutex // guards choices
 	choices map[string]mesh.PathChoice
@@ -77,7 +82,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	}
 	pt := &paths{
 		prober: prober, table: mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate")}),
-		sel: sel, sla: sla, targets: map[string]netip.AddrPort{}, choices: map[string]mesh.PathChoice{},
+		sel: sel, sla: sla, targets: map[string]netip.AddrPort{}, added: map[string]time.Time{}, choices: map[string]mesh.PathChoice{},
 		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
 		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
@@ -116,6 +121,12 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 			if _, ok := targets[name]; !ok {
 				pt.table.Remove(name)
 				pt.sel.Forget(name)
+				delete(pt.added, name)
+			}
+		}
+		for name := range targets {
+			if _, ok := pt.added[name]; !ok {
+				pt.added[name] = now
 			}
 		}
 		pt.targets = targets
@@ -129,6 +140,15 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	relays := map[string]string{}
 	choices := map[string]mesh.PathChoice{}
 	for name := range targets {
+		// A link not measured yet is unknown, not broken: until the first probe answer (or
+		// unknownGrace, after which silence does mean down), traffic takes the direct link,
+		// and the selector starts from a fresh state (its hysteresis would otherwise keep a
+		// start-up relay for seconds).
+		if st, ok := pt.prober.Stats(name); (!ok || st.Samples == 0) && now.Sub(pt.added[name]) < unknownGrace {
+			pt.sel.Forget(name)
+			choices[name] = mesh.PathChoice{Path: []string{name}, Since: now, SLAOK: true, Reason: "not measured yet"}
+			continue
+		}
 		c := pt.sel.Select(graph, p.cfg.Name, name, pt.sla, now)
 		choices[name] = c
 		if len(c.Path) == 2 {
