@@ -50,6 +50,17 @@ func (p Plugin) client(conf *NetConf) (*Client, context.Context, context.CancelF
 	return NewClient(conf.Socket, timeout), ctx, cancel
 }
 
+// parseAttach reads the configuration and CNI_ARGS of an ADD, DEL or CHECK into the request
+// for the peer.
+func parseAttach(args *skel.CmdArgs) (*NetConf, AttachRequest, error) {
+	conf, err := ParseConf(args.StdinData)
+	if err != nil {
+		return nil, AttachRequest{}, err
+	}
+	req, err := attachRequest(conf, args)
+	return conf, req, err
+}
+
 func attachRequest(conf *NetConf, args *skel.CmdArgs) (AttachRequest, error) {
 	ca, err := ParseArgs(args.Args, args.ContainerID)
 	if err != nil {
@@ -63,11 +74,7 @@ func attachRequest(conf *NetConf, args *skel.CmdArgs) (AttachRequest, error) {
 
 // Add attaches the container through the peer and prints the result.
 func (p Plugin) Add(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData)
-	if err != nil {
-		return err
-	}
-	req, err := attachRequest(conf, args)
+	conf, req, err := parseAttach(args)
 	if err != nil {
 		return err
 	}
@@ -91,11 +98,7 @@ func (p Plugin) Add(args *skel.CmdArgs) error {
 // Del detaches the container. It succeeds when there is nothing left to undo; when the peer
 // is down it fails with "try again" so the runtime retries and the address is not leaked.
 func (p Plugin) Del(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData)
-	if err != nil {
-		return err
-	}
-	req, err := attachRequest(conf, args)
+	conf, req, err := parseAttach(args)
 	if err != nil {
 		return err
 	}
@@ -107,16 +110,12 @@ func (p Plugin) Del(args *skel.CmdArgs) error {
 // Check asks the peer to verify the attachment in the kernel and compares the address with
 // the runtime's prevResult.
 func (p Plugin) Check(args *skel.CmdArgs) error {
-	conf, err := ParseConf(args.StdinData)
+	conf, req, err := parseAttach(args)
 	if err != nil {
 		return err
 	}
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 		return types.NewError(types.ErrDecodingFailure, "decode prevResult", err.Error())
-	}
-	req, err := attachRequest(conf, args)
-	if err != nil {
-		return err
 	}
 	c, ctx, cancel := p.client(conf)
 	defer cancel()

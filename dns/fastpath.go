@@ -273,20 +273,7 @@ func (z *zone) orderIdx(c *answerCache, set *addrRRs) []int {
 		rtt, ok := nearest(set.peers[i])
 		c.ranked = append(c.ranked, rankedIdx{i, rtt, ok})
 	}
-	slices.SortStableFunc(c.ranked, func(a, b rankedIdx) int {
-		switch {
-		case a.ok != b.ok:
-			if a.ok {
-				return -1
-			}
-			return 1
-		case a.rtt < b.rtt:
-			return -1
-		case a.rtt > b.rtt:
-			return 1
-		}
-		return 0
-	})
+	slices.SortStableFunc(c.ranked, func(a, b rankedIdx) int { return nearer(a.rtt, a.ok, b.rtt, b.ok) })
 	c.idx = c.idx[:0]
 	for _, r := range c.ranked {
 		c.idx = append(c.idx, r.i)

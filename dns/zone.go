@@ -135,6 +135,23 @@ func (z *zone) addrRRs(owner string, qtype uint16, targets []Target) []mdns.RR {
 	return rrs
 }
 
+// nearer orders two peers for nearest-first answers: a known RTT before an unknown one,
+// then the smaller RTT first; 0 keeps their rotated order.
+func nearer(aRTT time.Duration, aOK bool, bRTT time.Duration, bOK bool) int {
+	switch {
+	case aOK != bOK:
+		if aOK {
+			return -1
+		}
+		return 1
+	case aRTT < bRTT:
+		return -1
+	case aRTT > bRTT:
+		return 1
+	}
+	return 0
+}
+
 // order rotates ts by one step per query, then, with a NearestFunc, sorts
 // stably by RTT (unknown RTTs last), so that equally near addresses keep
 // rotating.
@@ -162,20 +179,7 @@ func (z *zone) order(ts []Target) {
 		rtt, ok := nearest(t.Peer)
 		rk[i] = ranked{t, rtt, ok}
 	}
-	slices.SortStableFunc(rk, func(a, b ranked) int {
-		switch {
-		case a.ok != b.ok:
-			if a.ok {
-				return -1
-			}
-			return 1
-		case a.rtt < b.rtt:
-			return -1
-		case a.rtt > b.rtt:
-			return 1
-		}
-		return 0
-	})
+	slices.SortStableFunc(rk, func(a, b ranked) int { return nearer(a.rtt, a.ok, b.rtt, b.ok) })
 	for i := range rk {
 		ts[i] = rk[i].t
 	}
