@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/weftnet/weft/chaos-tests/lab"
+	"github.com/weftnet/weft/datapath/wireguard"
 )
 
 // binDir holds weft and weft-cni, built once by TestMain (or taken from WEFT_BIN_DIR).
@@ -107,6 +108,12 @@ func newLab(t *testing.T, cfg lab.Config) *lab.Lab {
 		}
 		if left, _ := filepath.Glob("/run/netns/" + cfg.Prefix + "-*"); len(left) > 0 {
 			t.Errorf("namespaces left after Close: %v", left)
+		}
+		for _, h := range l.Hosts() {
+			sock := filepath.Join("/var/run/wireguard", wireguard.DeriveName(h.Name)+".sock")
+			if _, err := os.Stat(sock); err == nil {
+				t.Errorf("WireGuard socket %s left after Close", sock)
+			}
 		}
 	})
 	t.Cleanup(func() {

@@ -15,7 +15,9 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
 	"github.com/vishvananda/netns"
+	"github.com/weftnet/weft/datapath/wireguard"
 )
 
 // Config describes a lab. Prefix, Hosts and BinDir are required; the rest has defaults.
@@ -299,6 +301,12 @@ func (l *Lab) Close() error {
 		}
 	}
 	for _, h := range l.hosts {
+		// A peer killed with SIGKILL cannot remove its userspace WireGuard UAPI socket, and
+		// /var/run/wireguard is shared by every namespace: remove it with the lab.
+		sock := filepath.Join("/var/run/wireguard", wireguard.DeriveName(h.Name)+".sock")
+		if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
 		if err := h.deleteContainers(); err != nil {
 			errs = append(errs, err)
 		}
