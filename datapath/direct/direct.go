@@ -30,10 +30,8 @@ import (
 	"github.com/weftnet/weft/datapath"
 )
 
-// RouteProtocol marks every route a weft driver installs (rtm_protocol 0x57, 'W'; shown by
-// `ip route` as "proto 87"). Drivers only ever delete routes that carry it and leave via
-// their own device, so routes made by the operator or other software are never touched.
-const RouteProtocol netlink.RouteProtocol = 0x57
+// RouteProtocol is datapath.RouteProtocol, the mark of every route a weft driver installs.
+const RouteProtocol = datapath.RouteProtocol
 
 // Sentinel errors.
 var (
@@ -161,74 +159,14 @@ func (d *Driver) Close() error {
 	return SyncRoutes(link.Attrs().Index, nil, d.log)
 }
 
-// SyncRoutes converges the weft routes (main table, RouteProtocol) leaving through the
-// interface linkIndex to want: each route of want is installed (RouteReplace, so a route of
-// the same destination installed by anyone else is taken over) unless an identical one is
-// there, and every other weft route through linkIndex is deleted. Want's routes need Dst,
-// Gw and LinkIndex; Flags and Src are kept; Protocol and Table are set here. Deleting a
-// route that is already gone is success. Errors of single routes are joined; the others
-// still converge.
+// SyncRoutes is datapath.SyncRoutes on the main table, in the calling thread's namespace.
 func SyncRoutes(linkIndex int, want []netlink.Route, log *slog.Logger) error {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	have, err := ListRoutes(linkIndex)
-	if err != nil {
-		return err
-	}
-	byDst := make(map[netip.Prefix]netlink.Route, len(have))
-	for _, r := range have {
-		if p, ok := ipNetToPrefix(r.Dst); ok {
-			byDst[p] = r
-		}
-	}
-	var errs []error
-	keep := map[netip.Prefix]bool{}
-	for _, r := range want {
-		r.Protocol = RouteProtocol
-		r.Table = unix.RT_TABLE_MAIN
-		dst, _ := ipNetToPrefix(r.Dst)
-		keep[dst] = true
-		if cur, ok := byDst[dst]; ok && sameRoute(cur, r) {
-			continue
-		}
-		if err := netlink.RouteReplace(&r); err != nil {
-			errs = append(errs, fmt.Errorf("route %s via %s: %w", dst, r.Gw, err))
-			continue
-		}
-		log.Info("route installed", "dst", dst.String(), "via", r.Gw.String())
-	}
-	for dst, r := range byDst {
-		if keep[dst] {
-			continue
-		}
-		if err := netlink.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("delete route %s via %s: %w", dst, r.Gw, err))
-			continue
-		}
-		log.Info("stale route removed", "dst", dst.String(), "via", r.Gw.String())
-	}
-	return errors.Join(errs...)
+	return datapath.SyncRoutes(nil, unix.RT_TABLE_MAIN, linkIndex, want, log)
 }
 
-// ListRoutes lists the weft routes (main table, RouteProtocol, both families) that leave
-// through the interface linkIndex.
+// ListRoutes lists the weft routes of the main table that leave through linkIndex.
 func ListRoutes(linkIndex int) ([]netlink.Route, error) {
-	filter := &netlink.Route{LinkIndex: linkIndex, Protocol: RouteProtocol, Table: unix.RT_TABLE_MAIN}
-	mask := netlink.RT_FILTER_OIF | netlink.RT_FILTER_PROTOCOL | netlink.RT_FILTER_TABLE
-	routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, filter, mask)
-	if err != nil {
-		return nil, fmt.Errorf("list weft routes: %w", err)
-	}
-	return routes, nil
-}
-
-// sameRoute says whether the installed route cur already is r.
-func sameRoute(cur, r netlink.Route) bool {
-	const onlink = unix.RTNH_F_ONLINK
-	return cur.LinkIndex == r.LinkIndex && cur.Gw.Equal(r.Gw) &&
-		cur.Flags&onlink == r.Flags&onlink &&
-		(r.Src == nil || cur.Src.Equal(r.Src)) && len(cur.MultiPath) == 0
+	return datapath.ListRoutes(nil, unix.RT_TABLE_MAIN, linkIndex)
 }
 
 // UnderlayPrefix finds the interface holding addr and returns addr with that interface's

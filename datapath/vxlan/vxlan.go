@@ -6,7 +6,8 @@
 //	ip neigh replace <peer underlay IP> lladdr <peer VTEP MAC> dev weft-vxlan nud permanent
 //	ip route replace <block> via <peer underlay IP> dev weft-vxlan onlink src <our underlay IP> proto 87
 //
-// (one route per block of the peer). A packet to a remote block is routed to the peer's
+// (one route per block of the peer), and with Config.LinkProbes one more in the link-probe
+// table (datapath.ProbeTable): <peer underlay IP>/32 via itself on the device. A packet to a remote block is routed to the peer's
 // underlay address "on link" on the VXLAN device; the neighbour entry gives that next hop
 // the peer's VTEP MAC without ARP, and the FDB entry tells the device which underlay address
 // to send frames for that MAC to. The peer's underlay address is only a label here: the
@@ -85,6 +86,10 @@ type Config struct {
 	MTU int
 	// MAC is the device's (VTEP) MAC; nil derives a stable one (see the package doc).
 	MAC net.HardwareAddr
+	// LinkProbes also routes every peer's underlay address through the device in
+	// datapath.ProbeTable, so that link probes travel through the tunnel (see
+	// datapath.EnsureProbeRule).
+	LinkProbes bool
 	// Logger receives one line per change; nil discards.
 	Logger *slog.Logger
 }
@@ -317,7 +322,7 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	idx := link.Attrs().Index
 	var errs []error
 	var want []peerState
-	var routes []netlink.Route
+	var routes, probeRoutes []netlink.Route
 	macs := map[string]string{}
 	ips := map[netip.Addr]string{}
 	blocks := map[netip.Prefix]string{}
@@ -339,6 +344,9 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 		}
 		macs[p.VTEPMAC.String()], ips[ip] = p.Name, p.Name
 		want = append(want, peerState{name: p.Name, mac: p.VTEPMAC, ip: ip})
+		if d.cfg.LinkProbes {
+			probeRoutes = append(probeRoutes, datapath.ProbeRoute(idx, ip, true))
+		}
 		for _, b := range p.Blocks {
 			b = b.Masked()
 			if owner := blocks[b]; owner != "" {
@@ -371,6 +379,9 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	}
 	if err := direct.SyncRoutes(idx, routes, d.log); err != nil {
 		errs = append(errs, fmt.Errorf("vxlan: %w", err))
+	}
+	if err := datapath.SyncRoutes(nil, datapath.ProbeTable, idx, probeRoutes, d.log); err != nil {
+		errs = append(errs, fmt.Errorf("vxlan: link-probe routes: %w", err))
 	}
 	return errors.Join(errs...)
 }

@@ -441,3 +441,126 @@ func TestNewDefaultsAndMAC(t *testing.T) {
 		}
 	}
 }
+
+// TestLinkProbesGoThroughTheTunnel checks the link-probe contract on the kernel: with
+// LinkProbes, a UDP packet from and to the probe port travels through the VXLAN device both
+// ways (so a broken tunnel is measured as broken), while every other packet between the
+// hosts' underlay addresses stays on the underlay; the rule is installed once however often
+// it is ensured, and the routes follow the peer set.
+func TestLinkProbesGoThroughTheTunnel(t *testing.T) {
+	const port = 6788
+	l := newLab(t, "p", 2, true)
+	ctx := deadline(t, 20*time.Second)
+	drivers := make([]*Driver, len(l.Hosts))
+	for i, h := range l.Hosts {
+		d, err := New(Config{Underlay: h.Underlay.Addr(), LinkProbes: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		drivers[i] = d
+		if err := h.Do(func() error { return d.Up(ctx) }); err != nil {
+			t.Fatalf("%s: up: %v", h.Name, err)
+		}
+		t.Cleanup(func() { h.Do(d.Close) })
+		for range 2 {
+			if err := h.Do(func() error { return datapath.EnsureProbeRule(netlink.FAMILY_V4, port) }); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var rules []netlink.Rule
+		h.Do(func() (err error) {
+			rules, err = netlink.RuleListFiltered(netlink.FAMILY_V4, &netlink.Rule{Table: datapath.ProbeTable}, netlink.RT_FILTER_TABLE)
+			return err
+		})
+		if len(rules) != 1 || rules[0].Priority != datapath.ProbeRulePriority || rules[0].Sport == nil || rules[0].Sport.Start != port {
+			t.Fatalf("%s: probe rules %+v, want one for port %d", h.Name, rules, port)
+		}
+	}
+	for i, h := range l.Hosts {
+		if err := h.Do(func() error { return drivers[i].Set(peersOf(l, drivers, i)) }); err != nil {
+			t.Fatalf("%s: set: %v", h.Name, err)
+		}
+	}
+	h0, h1 := l.Hosts[0], l.Hosts[1]
+	probeRoutes := func(h *nslab.Host) []string {
+		var out []string
+		err := h.Do(func() error {
+			link, err := netlink.LinkByName(DefaultName)
+			if err != nil {
+				return err
+			}
+			routes, err := datapath.ListRoutes(nil, datapath.ProbeTable, link.Attrs().Index)
+			for _, r := range routes {
+				out = append(out, fmt.Sprintf("%s via %s onlink=%v", r.Dst, r.Gw, r.Flags&unix.RTNH_F_ONLINK != 0))
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	want := fmt.Sprintf("%s/32 via %s onlink=true", h1.Underlay.Addr(), h1.Underlay.Addr())
+	if got := probeRoutes(h0); !slices.Equal(got, []string{want}) {
+		t.Fatalf("h0's link-probe routes %v, want [%s]", got, want)
+	}
+
+	listen := func(h *nslab.Host, port int) net.PacketConn {
+		var c net.PacketConn
+		if err := h.Do(func() (err error) {
+			c, err = net.ListenPacket("udp4", netip.AddrPortFrom(h.Underlay.Addr(), uint16(port)).String())
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	counters := func(h *nslab.Host) (tx, rx uint64) {
+		h.Do(func() error {
+			link, err := netlink.LinkByName(DefaultName)
+			if err == nil {
+				tx, rx = link.Attrs().Statistics.TxPackets, link.Attrs().Statistics.RxPackets
+			}
+			return err
+		})
+		return tx, rx
+	}
+	exchange := func(from, to net.PacketConn, toAddr netip.AddrPort) {
+		t.Helper()
+		msg := []byte(fmt.Sprintf("probe %d", time.Now().UnixNano()))
+		if _, err := from.WriteTo(msg, net.UDPAddrFromAddrPort(toAddr)); err != nil {
+			t.Fatal(err)
+		}
+		to.SetReadDeadline(time.Now().Add(3 * time.Second))
+		buf := make([]byte, 64)
+		n, _, err := to.ReadFrom(buf)
+		if err != nil || string(buf[:n]) != string(msg) {
+			t.Fatalf("%q not received: %q, %v", msg, buf[:n], err)
+		}
+	}
+	p0, p1 := listen(h0, port), listen(h1, port)
+	tx0, _ := counters(h0)
+	_, rx1 := counters(h1)
+	exchange(p0, p1, netip.AddrPortFrom(h1.Underlay.Addr(), port))
+	exchange(p1, p0, netip.AddrPortFrom(h0.Underlay.Addr(), port))
+	tx0b, rx0b := counters(h0)
+	tx1b, rx1b := counters(h1)
+	if tx0b <= tx0 || rx1b <= rx1 || rx0b == 0 || tx1b == 0 {
+		t.Fatalf("probe-port packets did not cross the VXLAN device: h0 tx %d→%d rx %d, h1 rx %d→%d tx %d", tx0, tx0b, rx0b, rx1, rx1b, tx1b)
+	}
+	// Another source port to the probe port stays on the underlay.
+	other := listen(h0, port+1)
+	exchange(other, p1, netip.AddrPortFrom(h1.Underlay.Addr(), port))
+	if tx, _ := counters(h0); tx != tx0b {
+		t.Fatalf("a packet from port %d went through the VXLAN device (tx %d→%d)", port+1, tx0b, tx)
+	}
+
+	// The routes follow the peer set.
+	if err := h0.Do(func() error { return drivers[0].Set(nil) }); err != nil {
+		t.Fatal(err)
+	}
+	if got := probeRoutes(h0); len(got) != 0 {
+		t.Fatalf("link-probe routes left after the peer went: %v", got)
+	}
+}

@@ -31,6 +31,8 @@ type lab struct {
 	prefix string
 	ul     string // underlay namespace name
 	hosts  []*host
+	// linkProbes turns on Config.LinkProbes in every host's driver.
+	linkProbes bool
 }
 
 type host struct {
@@ -92,8 +94,13 @@ func (l *lab) noIPv6(name string) {
 // userspace[i] forces userspace WireGuard on host i (otherwise the kernel is tried first).
 func newLab(t *testing.T, n int, forceUserspace func(i int) bool) *lab {
 	t.Helper()
+	return newLabWith(t, n, forceUserspace, false)
+}
+
+func newLabWith(t *testing.T, n int, forceUserspace func(i int) bool, linkProbes bool) *lab {
+	t.Helper()
 	requireRoot(t)
-	l := &lab{t: t, prefix: fmt.Sprintf("wwg-%d-", os.Getpid())}
+	l := &lab{t: t, prefix: fmt.Sprintf("wwg-%d-", os.Getpid()), linkProbes: linkProbes}
 	l.ul = l.prefix + "ul"
 	l.addNS(l.ul)
 	l.noIPv6(l.ul)
@@ -151,7 +158,7 @@ func (l *lab) addHost(i int, forceUserspace bool) *host {
 		}
 		drv, err := New(Config{
 			PeerName: h.name, KeyFile: h.keyFile, Underlay: h.underlay,
-			Logger: testLogger(t, h.name), ForceUserspace: forceUserspace,
+			Logger: testLogger(t, h.name), ForceUserspace: forceUserspace, LinkProbes: l.linkProbes,
 		})
 		if err != nil {
 			return err

@@ -106,6 +106,11 @@ type Config struct {
 	Logger *slog.Logger
 	// ForceUserspace skips kernel WireGuard (tests).
 	ForceUserspace bool
+	// LinkProbes also allows every peer's underlay address (a host prefix) in its AllowedIPs
+	// and routes it through the device in datapath.ProbeTable only — not in the main table,
+	// where the underlay address must keep reaching the peer's endpoint — so that link
+	// probes travel through the tunnel (see datapath.EnsureProbeRule).
+	LinkProbes bool
 }
 
 var ifNameRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
@@ -343,7 +348,7 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	if d.wg == nil {
 		return ErrNotUp
 	}
-	want, blocks := d.desired(peers)
+	want, blocks, probes := d.desired(peers)
 
 	dev, err := d.wg.Device(d.name)
 	if err != nil {
@@ -375,15 +380,17 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 			return fmt.Errorf("configure peers of %s: %w", d.name, err)
 		}
 	}
-	return d.syncRoutes(blocks)
+	return d.syncRoutes(blocks, probes)
 }
 
-// desired turns the remote peers into wgctrl peer configs (keyed by public key) and the set
-// of blocks to route.
-func (d *Driver) desired(peers []datapath.RemotePeer) (map[wgtypes.Key]wgtypes.PeerConfig, map[netip.Prefix]bool) {
+// desired turns the remote peers into wgctrl peer configs (keyed by public key), the set
+// of blocks to route, and (with LinkProbes) the underlay addresses to route in the
+// link-probe table.
+func (d *Driver) desired(peers []datapath.RemotePeer) (map[wgtypes.Key]wgtypes.PeerConfig, map[netip.Prefix]bool, []netip.Addr) {
 	own := wgtypes.Key(d.key.PublicKey())
 	want := make(map[wgtypes.Key]wgtypes.PeerConfig, len(peers))
 	blocks := make(map[netip.Prefix]bool)
+	var probes []netip.Addr
 	for _, p := range peers {
 		key := wgtypes.Key(p.WireGuardKey)
 		switch {
@@ -424,9 +431,13 @@ func (d *Driver) desired(peers []datapath.RemotePeer) (map[wgtypes.Key]wgtypes.P
 			blocks[b] = true
 			pc.AllowedIPs = append(pc.AllowedIPs, prefixToIPNet(b))
 		}
+		if u := p.Underlay.Unmap(); d.cfg.LinkProbes && !blocks[netip.PrefixFrom(u, u.BitLen())] {
+			pc.AllowedIPs = append(pc.AllowedIPs, prefixToIPNet(netip.PrefixFrom(u, u.BitLen())))
+			probes = append(probes, u)
+		}
 		want[key] = pc
 	}
-	return want, blocks
+	return want, blocks, probes
 }
 
 // samePeer says whether the device's peer already matches the desired config.
@@ -460,8 +471,9 @@ func prefixSet(nets []net.IPNet) []netip.Prefix {
 	return slices.Compact(out)
 }
 
-// syncRoutes makes the routes of RouteProtocol through the device exactly blocks.
-func (d *Driver) syncRoutes(blocks map[netip.Prefix]bool) error {
+// syncRoutes makes the main table's routes of RouteProtocol through the device exactly
+// blocks, and the link-probe table's exactly probes.
+func (d *Driver) syncRoutes(blocks map[netip.Prefix]bool, probes []netip.Addr) error {
 	link, err := d.nl.LinkByName(d.name)
 	if err != nil {
 		return fmt.Errorf("look up %s: %w", d.name, err)
@@ -495,6 +507,13 @@ func (d *Driver) syncRoutes(blocks map[netip.Prefix]bool) error {
 		if err := d.nl.RouteReplace(r); err != nil {
 			errs = append(errs, fmt.Errorf("route %s dev %s: %w", b, d.name, err))
 		}
+	}
+	probeRoutes := make([]netlink.Route, 0, len(probes))
+	for _, a := range probes {
+		probeRoutes = append(probeRoutes, datapath.ProbeRoute(link.Attrs().Index, a, false))
+	}
+	if err := datapath.SyncRoutes(d.nl, datapath.ProbeTable, link.Attrs().Index, probeRoutes, d.log); err != nil {
+		errs = append(errs, fmt.Errorf("link-probe routes: %w", err))
 	}
 	return errors.Join(errs...)
 }

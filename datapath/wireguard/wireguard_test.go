@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -672,4 +673,105 @@ func (s *stream) stop() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.err
+}
+
+// TestLinkProbesGoThroughTheTunnel: with LinkProbes each peer's underlay address is in its
+// AllowedIPs and routed through the device in the link-probe table only, so UDP packets from
+// and to the probe port cross the tunnel both ways while everything else between the
+// underlay addresses (WireGuard's own packets first of all) stays on the underlay.
+func TestLinkProbesGoThroughTheTunnel(t *testing.T) {
+	checkLeaks(t)
+	const port = 6788
+	l := newLabWith(t, 2, func(int) bool { return true }, true)
+	for _, h := range l.hosts {
+		if err := h.ns.Do(func(ns.NetNS) error { return datapath.EnsureProbeRule(netlink.FAMILY_V4, port) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.setMesh()
+	h1, h2 := l.hosts[0], l.hosts[1]
+	waitFor(t, 15*time.Second, "h1 -> h2", func() error { return h1.ping(h2.contAddr) })
+
+	peer := peerConfigs(wgDevice(t, h1.drv.Name()))[wgtypes.Key(h2.drv.PublicKey())]
+	if !strings.Contains(peer, h2.block.String()+","+h2.underlay.String()+"/32") {
+		t.Fatalf("h1's peer h2 is %q, want AllowedIPs %s and %s/32", peer, h2.block, h2.underlay)
+	}
+	if got := h1.routes(t); !slices.Equal(got, []string{h2.block.String()}) {
+		t.Fatalf("h1's main-table routes through WireGuard %v: the underlay address must not be there", got)
+	}
+	var probeRoutes []string
+	h1.ns.Do(func(ns.NetNS) error {
+		link, err := netlink.LinkByName(h1.drv.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		rs, err := datapath.ListRoutes(nil, datapath.ProbeTable, link.Attrs().Index)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rs {
+			probeRoutes = append(probeRoutes, r.Dst.String())
+		}
+		return nil
+	})
+	if !slices.Equal(probeRoutes, []string{h2.underlay.String() + "/32"}) {
+		t.Fatalf("h1's link-probe routes %v, want [%s/32]", probeRoutes, h2.underlay)
+	}
+
+	listen := func(h *host, port int) net.PacketConn {
+		var c net.PacketConn
+		if err := h.ns.Do(func(ns.NetNS) (err error) {
+			c, err = net.ListenPacket("udp4", netip.AddrPortFrom(h.underlay, uint16(port)).String())
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	counters := func(h *host) (tx, rx uint64) {
+		h.ns.Do(func(ns.NetNS) error {
+			link, err := netlink.LinkByName(h.drv.Name())
+			if err != nil {
+				t.Fatal(err)
+			}
+			tx, rx = link.Attrs().Statistics.TxPackets, link.Attrs().Statistics.RxPackets
+			return nil
+		})
+		return tx, rx
+	}
+	exchange := func(from, to net.PacketConn, toAddr netip.AddrPort) {
+		t.Helper()
+		msg := []byte(fmt.Sprintf("probe %d", time.Now().UnixNano()))
+		if _, err := from.WriteTo(msg, net.UDPAddrFromAddrPort(toAddr)); err != nil {
+			t.Fatal(err)
+		}
+		to.SetReadDeadline(time.Now().Add(3 * time.Second))
+		buf := make([]byte, 64)
+		n, _, err := to.ReadFrom(buf)
+		if err != nil || string(buf[:n]) != string(msg) {
+			t.Fatalf("%q not received: %q, %v", msg, buf[:n], err)
+		}
+	}
+	p1, p2 := listen(h1, port), listen(h2, port)
+	tx1, rx1 := counters(h1)
+	tx2, rx2 := counters(h2)
+	exchange(p1, p2, netip.AddrPortFrom(h2.underlay, port))
+	exchange(p2, p1, netip.AddrPortFrom(h1.underlay, port))
+	tx1b, rx1b := counters(h1)
+	tx2b, rx2b := counters(h2)
+	if tx1b <= tx1 || rx2b <= rx2 || tx2b <= tx2 || rx1b <= rx1 {
+		t.Fatalf("probe-port packets did not cross the WireGuard devices: h1 tx %d→%d rx %d→%d, h2 tx %d→%d rx %d→%d",
+			tx1, tx1b, rx1, rx1b, tx2, tx2b, rx2, rx2b)
+	}
+	other := listen(h1, port+1)
+	exchange(other, p2, netip.AddrPortFrom(h2.underlay, port))
+	if tx, _ := counters(h1); tx != tx1b {
+		t.Fatalf("a packet from port %d went through WireGuard (tx %d→%d)", port+1, tx1b, tx)
+	}
+	for _, h := range l.hosts {
+		if err := h.drv.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
