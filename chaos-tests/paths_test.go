@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,6 +47,10 @@ func TestRelays(t *testing.T) {
 
 	t.Run("a blocked direct link goes through the third peer", func(t *testing.T) {
 		blockedLinkRelays(t, l, cs, pathIs)
+	})
+
+	t.Run("a broken VXLAN tunnel goes through the third peer while the underlay works", func(t *testing.T) {
+		brokenTunnelRelays(t, l, cs, pathIs, 6784, "vxlan")
 	})
 
 	t.Run("a direct link slower than the SLA goes through the third peer", func(t *testing.T) {
@@ -122,6 +127,40 @@ func blockedLinkRelays(t *testing.T, l *lab.Lab, cs []placed, pathIs func(...str
 	waitPing(t, ctx, cs[0].ctr, cs[2].addr)
 }
 
+// brokenTunnelRelays breaks only the tunnel between A and C (its UDP port), so that gossip
+// and underlay probes still work: the link probes through the tunnel must notice, A and C
+// must keep talking through B, `status routes` must say why, and traffic must go back to the
+// direct link once the tunnel works again.
+func brokenTunnelRelays(t *testing.T, l *lab.Lab, cs []placed, pathIs func(...string) func() error, port uint16, mode string) {
+	ctx := testCtx(t, 2*time.Minute)
+	a, b, c := l.Host(0), l.Host(1), l.Host(2)
+	if err := l.BreakTunnel(port, []*lab.Host{a}, []*lab.Host{c}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, 20*time.Second, "A's path to C through B", pathIs(b.Name, c.Name))
+	waitPing(t, ctx, cs[0].ctr, cs[2].addr)
+	waitPing(t, ctx, cs[2].ctr, cs[0].addr)
+	r := routeTo(t, a, c.Name)
+	if !r.Underlay.Up || r.Direct.Up || r.Link != mode || !strings.Contains(r.Reason, "broken while the underlay answers") {
+		t.Fatalf("A's route to C: underlay up %v, %s link up %v (%q); want the underlay up, the link down and the reason given",
+			r.Underlay.Up, r.Link, r.Direct.Up, r.Reason)
+	}
+	var peers []router.PeerStatus
+	if err := cliJSON(ctx, a, &peers, "status", "peers"); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range peers {
+		if p.Name == c.Name && p.State != "alive" {
+			t.Fatalf("gossip to C should still work with only the tunnel broken: %+v", p)
+		}
+	}
+	if err := l.Heal(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, ctx, 40*time.Second, "back to the direct path once the tunnel works", pathIs(c.Name))
+	waitPing(t, ctx, cs[0].ctr, cs[2].addr)
+}
+
 // The same over WireGuard: the relay's AllowedIPs must take over C's blocks.
 func TestRelaysOverWireGuard(t *testing.T) {
 	pw := passwordFile(t, "relay test password, long enough")
@@ -139,5 +178,10 @@ func TestRelaysOverWireGuard(t *testing.T) {
 		}
 	}
 	waitFor(t, ctx, 30*time.Second, "a measured direct path A → C", pathIs(c.Name))
-	blockedLinkRelays(t, l, cs, pathIs)
+	t.Run("a blocked direct link goes through the third peer", func(t *testing.T) {
+		blockedLinkRelays(t, l, cs, pathIs)
+	})
+	t.Run("a broken WireGuard tunnel goes through the third peer while the underlay works", func(t *testing.T) {
+		brokenTunnelRelays(t, l, cs, pathIs, 6786, "wireguard")
+	})
 }

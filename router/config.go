@@ -79,8 +79,16 @@ type Config struct {
 
 	// ProbePort is where peers measure each other (UDP), the same on every peer.
 	ProbePort int
+	// LinkProbePort is where peers measure the link in use (VXLAN, WireGuard or direct)
+	// rather than the underlay: UDP from and to this port is routed through the tunnel to
+	// each peer (datapath.EnsureProbeRule). The same on every peer; 0 turns link probes off
+	// and paths are chosen on underlay probes alone.
+	LinkProbePort int
 	// ProbeInterval is the time between two probes to one peer (jittered).
 	ProbeInterval time.Duration
+	// ProbeTimeout is how long a probe may go unanswered before it counts as lost; 0 means
+	// twice ProbeInterval, at most 1s. Three lost in a row mark a link down.
+	ProbeTimeout time.Duration
 	// SLA is this peer's class, e.g. "gold: rtt<=5ms,loss<=0.1%"; empty means any working
 	// link will do.
 	SLA string
@@ -118,6 +126,7 @@ func DefaultConfig() Config {
 		Encrypt:       "auto",
 		WireGuardPort: 6786,
 		ProbePort:     6787,
+		LinkProbePort: 6788,
 		ProbeInterval: time.Second,
 		DNSDomain:     "weft.local.",
 		DNSPort:       53,
@@ -155,6 +164,12 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --wireguard-port %d is not a port", ErrInvalidConfig, c.WireGuardPort)
 	case c.ProbePort < 0 || c.ProbePort > 65535:
 		return fmt.Errorf("%w: --probe-port %d is not a port", ErrInvalidConfig, c.ProbePort)
+	case c.LinkProbePort < 0 || c.LinkProbePort > 65535:
+		return fmt.Errorf("%w: --link-probe-port %d is not a port", ErrInvalidConfig, c.LinkProbePort)
+	case c.LinkProbePort != 0 && c.LinkProbePort == c.ProbePort:
+		return fmt.Errorf("%w: --link-probe-port %d must differ from --probe-port", ErrInvalidConfig, c.LinkProbePort)
+	case c.ProbeTimeout != 0 && c.ProbeTimeout < 10*time.Millisecond:
+		return fmt.Errorf("%w: --probe-timeout %s: at least 10ms (0: twice --probe-interval, at most 1s)", ErrInvalidConfig, c.ProbeTimeout)
 	case c.ProbeInterval < 50*time.Millisecond:
 		return fmt.Errorf("%w: --probe-interval %s: at most 20 probes a second per peer", ErrInvalidConfig, c.ProbeInterval)
 	case c.DNSPort < 0 || c.DNSPort > 65535:
@@ -172,6 +187,14 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --ipalloc-range: %v", ErrInvalidConfig, err)
 	}
 	return nil
+}
+
+// probeTimeout is ProbeTimeout with its default filled in.
+func (c Config) probeTimeout() time.Duration {
+	if c.ProbeTimeout != 0 {
+		return c.ProbeTimeout
+	}
+	return min(2*c.ProbeInterval, time.Second)
 }
 
 // encrypts says whether this peer wants its links encrypted (to peers it does not trust).

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/vishvananda/netlink"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -51,7 +52,17 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 		return fmt.Errorf("underlay %s: %w", advertise, err)
 	}
 	log := p.log.With("component", "datapath")
-	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, Logger: log})
+	linkProbes := p.cfg.LinkProbePort != 0
+	if linkProbes {
+		family := netlink.FAMILY_V4
+		if advertise.Is6() {
+			family = netlink.FAMILY_V6
+		}
+		if err := datapath.EnsureProbeRule(family, p.cfg.LinkProbePort); err != nil {
+			return err
+		}
+	}
+	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, LinkProbes: linkProbes, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -69,7 +80,7 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	if p.cfg.Encrypt != "never" {
 		wg, err := wireguard.New(wireguard.Config{
 			PeerName: p.cfg.Name, KeyFile: filepath.Join(p.cfg.DataDir, "wireguard.key"),
-			Port: p.cfg.WireGuardPort, Underlay: advertise, Logger: log,
+			Port: p.cfg.WireGuardPort, Underlay: advertise, LinkProbes: linkProbes, Logger: log,
 		})
 		if err != nil {
 			return err

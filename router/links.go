@@ -164,11 +164,11 @@ func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[str
 
 // applyRelays sends the blocks of each relayed destination to its relay: they join the
 // relay's entry in the relay's link mode (routes and WireGuard AllowedIPs follow), and the
-// destination's own entry goes. A relay without an established link of its own is not
-// used. The relay forwards with its own routes. A destination that must be reached
-// encrypted is relayed only over an encrypted link: the encryption policy holds for every
-// hop, and the WireGuard peer of the destination stays in place to receive its replies
-// unless the relay takes its AllowedIPs.
+// destination keeps its own entry without blocks — its tunnel stays up and keeps carrying
+// the link probes, so the direct link is measured while it is not used and traffic comes
+// back when it heals. A relay without an established link of its own is not used. The relay
+// forwards with its own routes. A destination that must be reached encrypted is relayed only
+// over an encrypted link: the encryption policy holds for every hop.
 func applyRelays(want map[string][]datapath.RemotePeer, conns []Connection, relays map[string]string) (map[string][]datapath.RemotePeer, []Connection) {
 	if len(relays) == 0 {
 		return want, conns
@@ -201,7 +201,7 @@ func applyRelays(want map[string][]datapath.RemotePeer, conns []Connection, rela
 	for mode, list := range want {
 		for _, rp := range list {
 			if _, relayed := used[rp.Name]; relayed {
-				continue
+				rp.Blocks = nil
 			}
 			if extra := moved[rp.Name]; len(extra) > 0 {
 				rp.Blocks = append(slices.Clone(rp.Blocks), extra...)

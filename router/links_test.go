@@ -63,8 +63,12 @@ func TestApplyRelays(t *testing.T) {
 	}
 	conns := []Connection{{Peer: "b", Mode: "vxlan"}, {Peer: "c", Mode: "vxlan"}, {Peer: "d", Mode: "wireguard"}}
 	got, gotConns := applyRelays(want, conns, map[string]string{"c": "b", "d": "b", "b": "b"})
-	if len(got["vxlan"]) != 1 || got["vxlan"][0].Name != "b" || len(got["vxlan"][0].Blocks) != 2 {
+	if len(got["vxlan"]) != 2 || got["vxlan"][0].Name != "b" || len(got["vxlan"][0].Blocks) != 2 {
 		t.Fatalf("c's block must ride on b's vxlan entry: %+v", got["vxlan"])
+	}
+	// c keeps its tunnel, without blocks, for the link probes.
+	if c := got["vxlan"][1]; c.Name != "c" || len(c.Blocks) != 0 {
+		t.Fatalf("c must keep a vxlan entry without blocks: %+v", c)
 	}
 	// d must be reached encrypted: never over b's plaintext link.
 	if len(got["wireguard"]) != 1 || got["wireguard"][0].Name != "d" {

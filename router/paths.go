@@ -5,6 +5,7 @@ import (
 	"crypto/hkdf"
 	"crypto/sha256"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/mesh"
 )
 
@@ -27,19 +29,32 @@ const unknownGrace = 5 * time.Second
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer.
 type paths struct {
-	prober *mesh.Prober
-	table  *mesh.LinkTable
-	sel    *mesh.PathSelector
-	sla    mesh.SLA
+	// underlay probes go over the underlay (--probe-port); link probes through the link in
+	// use to each peer (--link-probe-port, routed by datapath.EnsureProbeRule). Path choice
+	// and link-state gossip use the link probes, so a broken tunnel counts as a broken link
+	// even while the underlay answers; without them (port 0), the underlay probes.
+	underlay, link *mesh.Prober
+	table          *mesh.LinkTable
+	sel            *mesh.PathSelector
+	sla            mesh.SLA
 
-	targets map[string]netip.AddrPort // what the prober probes now
-	added   map[string]time.Time      // when each target was first probed
+	targets map[string]netip.Addr // peers probed now, by underlay address
+	added   map[string]time.Time  // when each target was first probed
 
 	mu      sync.Mutex // guards choices
 	choices map[string]mesh.PathChoice
 
 	rtt, loss, jitter, slaOK, hops *prometheus.GaugeVec
 	violations                     *prometheus.CounterVec
+	linkRTT, linkLoss, linkUp      *prometheus.GaugeVec
+}
+
+// measured is the prober whose figures choose paths: link probes when they are on.
+func (pt *paths) measured() *mesh.Prober {
+	if pt.link != nil {
+		return pt.link
+	}
+	return pt.underlay
 }
 
 // probeKey authenticates probes; derived from the password with a label of its own.
@@ -54,7 +69,7 @@ func probeKey(password []byte) []byte {
 	return key
 }
 
-// startPaths opens the probe socket and starts the prober; its stops go on stops.
+// startPaths opens the probe sockets and starts the probers; their stops go on stops.
 func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]func()) error {
 	sla := mesh.DefaultSLA()
 	if p.cfg.SLA != "" {
@@ -63,34 +78,50 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 			return fmt.Errorf("%w: --sla: %v", ErrInvalidConfig, err)
 		}
 	}
-	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(advertise, uint16(p.cfg.ProbePort)).String())
-	if err != nil {
-		return fmt.Errorf("listen on --probe-port %d: %w", p.cfg.ProbePort, err)
-	}
-	prober, err := mesh.NewProber(mesh.ProberConfig{
-		Self: p.cfg.Name, Conn: conn, Interval: p.cfg.ProbeInterval, Key: probeKey(p.cfg.Password),
-		Logger: p.log.With("component", "probe"),
-	})
-	if err != nil {
-		conn.Close()
-		return err
-	}
 	sel, err := mesh.NewPathSelector(mesh.DefaultPathSelectorConfig())
 	if err != nil {
-		conn.Close()
 		return err
 	}
 	pt := &paths{
-		prober: prober, table: mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate")}),
-		sel: sel, sla: sla, targets: map[string]netip.AddrPort{}, added: map[string]time.Time{}, choices: map[string]mesh.PathChoice{},
+		table: mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate")}),
+		sel:   sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, choices: map[string]mesh.PathChoice{},
 		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
 		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
 		slaOK:      prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_sla_ok", Help: "1 when the chosen path to the peer meets the SLA."}, []string{"peer", "sla"}),
 		hops:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_hops", Help: "Links in the chosen path to each peer (2 = relayed)."}, []string{"peer"}),
 		violations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_sla_violations_total", Help: "Times the chosen path to a peer started violating the SLA."}, []string{"peer", "sla"}),
+		linkRTT:    prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_rtt_seconds", Help: "Measured RTT (moving average) of the direct link to each peer, over the underlay or through the link in use."}, []string{"peer", "via"}),
+		linkLoss:   prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_ratio", Help: "Probe loss over the recent window on the direct link to each peer."}, []string{"peer", "via"}),
+		linkUp:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_up", Help: "1 when the direct link to the peer answers probes."}, []string{"peer", "via"}),
 	}
-	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.violations)
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, "--probe-port", stops); err != nil {
+		return err
+	}
+	if p.cfg.LinkProbePort != 0 {
+		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, "--link-probe-port", stops); err != nil {
+			return err
+		}
+	}
+	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp)
+	p.paths = pt
+	return nil
+}
+
+// startProber binds one probe socket on the underlay address and runs a prober on it.
+func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, flag string, stops *[]func()) (*mesh.Prober, error) {
+	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(advertise, uint16(port)).String())
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s %d: %w", flag, port, err)
+	}
+	prober, err := mesh.NewProber(mesh.ProberConfig{
+		Self: p.cfg.Name, Conn: conn, Interval: p.cfg.ProbeInterval, Timeout: p.cfg.probeTimeout(),
+		Key: probeKey(p.cfg.Password), Logger: p.log.With("component", "probe", "port", port),
+	})
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
@@ -98,8 +129,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		prober.Run(runCtx)
 	}()
 	*stops = append(*stops, func() { cancel(); <-done; conn.Close() })
-	p.paths = pt
-	return nil
+	return prober, nil
 }
 
 // updatePaths probes the live peers, publishes this peer's links when they moved, and
@@ -107,21 +137,31 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 // relay, the relay's name.
 func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	pt := p.paths
-	targets := map[string]netip.AddrPort{}
+	targets := map[string]netip.Addr{}
 	for _, pr := range peers {
 		if !pr.Self && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) && pr.Meta.Underlay.IsValid() {
-			targets[pr.Name] = netip.AddrPortFrom(pr.Meta.Underlay, uint16(p.cfg.ProbePort))
+			targets[pr.Name] = pr.Meta.Underlay
 		}
 	}
-	if !mapsEqual(targets, pt.targets) {
-		if err := pt.prober.SetTargets(targets); err != nil {
+	if !maps.Equal(targets, pt.targets) {
+		if err := pt.underlay.SetTargets(withPort(targets, p.cfg.ProbePort)); err != nil {
 			p.log.Warn("probe targets", "err", err)
+		}
+		if pt.link != nil {
+			if err := pt.link.SetTargets(withPort(targets, p.cfg.LinkProbePort)); err != nil {
+				p.log.Warn("link-probe targets", "err", err)
+			}
 		}
 		for name := range pt.targets {
 			if _, ok := targets[name]; !ok {
 				pt.table.Remove(name)
 				pt.sel.Forget(name)
 				delete(pt.added, name)
+				for _, via := range []string{"underlay", "link"} {
+					pt.linkRTT.DeleteLabelValues(name, via)
+					pt.linkLoss.DeleteLabelValues(name, via)
+					pt.linkUp.DeleteLabelValues(name, via)
+				}
 			}
 		}
 		for name := range targets {
@@ -131,10 +171,15 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 		pt.targets = targets
 	}
-	if delta, changed := pt.table.Publish(p.cfg.Name, pt.prober.All()); changed && delta != nil {
+	measured := pt.measured().All()
+	if delta, changed := pt.table.Publish(p.cfg.Name, measured); changed && delta != nil {
 		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, delta); err != nil {
 			p.log.Debug("link-state broadcast skipped; push/pull carries it", "err", err)
 		}
+	}
+	pt.exportLinks("underlay", pt.underlay.All())
+	if pt.link != nil {
+		pt.exportLinks("link", measured)
 	}
 	graph := pt.table.Graph()
 	relays := map[string]string{}
@@ -144,7 +189,7 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		// unknownGrace, after which silence does mean down), traffic takes the direct link,
 		// and the selector starts from a fresh state (its hysteresis would otherwise keep a
 		// start-up relay for seconds).
-		if st, ok := pt.prober.Stats(name); (!ok || st.Samples == 0) && now.Sub(pt.added[name]) < unknownGrace {
+		if st, ok := pt.measured().Stats(name); (!ok || st.Samples == 0) && now.Sub(pt.added[name]) < unknownGrace {
 			pt.sel.Forget(name)
 			choices[name] = mesh.PathChoice{Path: []string{name}, Since: now, SLAOK: true, Reason: "not measured yet"}
 			continue
@@ -190,16 +235,24 @@ func (pt *paths) current(dest string) (mesh.PathChoice, bool) {
 	return c, ok
 }
 
-func mapsEqual(a, b map[string]netip.AddrPort) bool {
-	if len(a) != len(b) {
-		return false
+func withPort(addrs map[string]netip.Addr, port int) map[string]netip.AddrPort {
+	out := make(map[string]netip.AddrPort, len(addrs))
+	for name, a := range addrs {
+		out[name] = netip.AddrPortFrom(a, uint16(port))
 	}
-	for k, v := range a {
-		if b[k] != v {
-			return false
+	return out
+}
+
+func (pt *paths) exportLinks(via string, stats map[string]mesh.LinkStats) {
+	for name, st := range stats {
+		up := 0.0
+		if st.Up {
+			up = 1
 		}
+		pt.linkUp.WithLabelValues(name, via).Set(up)
+		pt.linkRTT.WithLabelValues(name, via).Set(st.RTT.Seconds())
+		pt.linkLoss.WithLabelValues(name, via).Set(st.Loss)
 	}
-	return true
 }
 
 // nearest gives DNS the measured RTT to a peer, so answers list nearby containers first.
@@ -229,8 +282,11 @@ type Route struct {
 	SLAOK    bool      `json:"sla_ok"`
 	Since    time.Time `json:"since"`
 	Reason   string    `json:"reason"`
-	// Direct is the measured direct link, whether or not the path uses it.
-	Direct Hop `json:"direct"`
+	// Direct is the measured direct link (through the link in use, see Link), whether or
+	// not the path uses it; Underlay is the same peer measured over the underlay.
+	Direct   Hop    `json:"direct"`
+	Underlay Hop    `json:"underlay"`
+	Link     string `json:"link"` // the direct link's mode: direct, vxlan, wireguard
 }
 
 // Hop is one measured link of a path.
@@ -248,6 +304,11 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 func (p *Peer) routes() []Route {
 	pt := p.paths
 	graph := pt.table.Graph()
+	under := pt.underlay.All()
+	modes := map[string]string{}
+	for _, c := range p.connections() {
+		modes[c.Peer] = c.Mode
+	}
 	pt.mu.Lock()
 	defer pt.mu.Unlock()
 	out := []Route{}
@@ -259,6 +320,12 @@ func (p *Peer) routes() []Route {
 		}
 		lm, _ := graph.Link(p.cfg.Name, dest)
 		r.Direct = Hop{From: p.cfg.Name, To: dest, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up}
+		u := under[dest]
+		r.Underlay = Hop{From: p.cfg.Name, To: dest, RTTms: ms(u.RTT), JitterMs: ms(u.Jitter), Loss: u.Loss, Up: u.Up}
+		r.Link = modes[dest]
+		if pt.link != nil && u.Up && !lm.Up && r.Link != "" && r.Link != datapath.ModeDirect {
+			r.Reason += fmt.Sprintf("; the %s link is broken while the underlay answers", r.Link)
+		}
 		from := p.cfg.Name
 		for _, to := range c.Path {
 			lm, _ := graph.Link(from, to)

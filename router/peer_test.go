@@ -370,11 +370,13 @@ func TestConfigValidate(t *testing.T) {
 	base := DefaultConfig()
 	base.Name = "p"
 	cases := map[string]func(*Config){
-		"--name":          func(c *Config) { c.Name = "" },
-		"--data-dir":      func(c *Config) { c.DataDir = "relative" },
-		"--socket":        func(c *Config) { c.Socket = "weft.sock" },
-		"--mtu":           func(c *Config) { c.MTU = 100 },
-		"--ipalloc-range": func(c *Config) { c.IPAllocRange = netip.MustParsePrefix("10.40.0.1/16") },
+		"--name":            func(c *Config) { c.Name = "" },
+		"--data-dir":        func(c *Config) { c.DataDir = "relative" },
+		"--socket":          func(c *Config) { c.Socket = "weft.sock" },
+		"--mtu":             func(c *Config) { c.MTU = 100 },
+		"--ipalloc-range":   func(c *Config) { c.IPAllocRange = netip.MustParsePrefix("10.40.0.1/16") },
+		"--link-probe-port": func(c *Config) { c.LinkProbePort = c.ProbePort },
+		"--probe-timeout":   func(c *Config) { c.ProbeTimeout = time.Millisecond },
 	}
 	for flag, mutate := range cases {
 		cfg := base
@@ -385,5 +387,16 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if err := base.Validate(); err != nil {
 		t.Errorf("defaults invalid: %v", err)
+	}
+	// The probe timeout follows the interval unless set: twice it, at most a second.
+	for _, c := range []struct{ interval, timeout, want time.Duration }{
+		{time.Second, 0, time.Second}, {200 * time.Millisecond, 0, 400 * time.Millisecond},
+		{200 * time.Millisecond, 300 * time.Millisecond, 300 * time.Millisecond},
+	} {
+		cfg := base
+		cfg.ProbeInterval, cfg.ProbeTimeout = c.interval, c.timeout
+		if got := cfg.probeTimeout(); got != c.want {
+			t.Errorf("interval %s, timeout %s: probe timeout %s, want %s", c.interval, c.timeout, got, c.want)
+		}
 	}
 }

@@ -26,8 +26,8 @@ func newPeerCmd() *cobra.Command {
 		noDirect                                   bool
 		encrypt                                    string
 		trusted                                    []string
-		wgPort, probePort                          int
-		probeInterval                              time.Duration
+		wgPort, probePort, linkProbePort           int
+		probeInterval, probeTimeout                time.Duration
 		sla                                        string
 		dnsPort                                    int
 		dnsTTL, dnsDownGrace                       time.Duration
@@ -52,7 +52,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
 			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
-			cfg.ProbePort, cfg.ProbeInterval, cfg.SLA = probePort, probeInterval, sla
+			cfg.ProbePort, cfg.LinkProbePort, cfg.ProbeInterval, cfg.ProbeTimeout, cfg.SLA = probePort, linkProbePort, probeInterval, probeTimeout, sla
 			for _, s := range trusted {
 				p, err := netip.ParsePrefix(s)
 				if err != nil {
@@ -98,7 +98,9 @@ func newPeerCmd() *cobra.Command {
 	f.StringSliceVar(&trusted, "trusted-subnets", nil, "underlay CIDRs whose peers may get plaintext links (both ends must trust each other)")
 	f.IntVar(&wgPort, "wireguard-port", def.WireGuardPort, "WireGuard UDP port, the same on every peer")
 	f.IntVar(&probePort, "probe-port", def.ProbePort, "UDP port peers measure RTT and loss on, the same on every peer")
+	f.IntVar(&linkProbePort, "link-probe-port", def.LinkProbePort, "UDP port of the probes sent through the link in use (VXLAN, WireGuard), the same on every peer (0: underlay probes only)")
 	f.DurationVar(&probeInterval, "probe-interval", def.ProbeInterval, "time between two probes to one peer (jittered ±20%)")
+	f.DurationVar(&probeTimeout, "probe-timeout", 0, "how long a probe may go unanswered before it counts as lost; 3 lost mark a link down (0: twice --probe-interval, at most 1s)")
 	f.StringVar(&sla, "sla", "", `this peer's SLA class, e.g. "gold: rtt<=5ms,jitter<=2ms,loss<=0.1%" (default: any working link)`)
 	f.BoolVar(&noDirect, "no-direct", false, "never route plainly to peers on the same L2 segment; use VXLAN")
 	f.StringVar(&dnsDomain, "dns-domain", def.DNSDomain, "domain of container names")

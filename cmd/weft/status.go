@@ -111,8 +111,30 @@ func printRoutes(out io.Writer, routes []router.Route) {
 		for _, h := range r.Hops {
 			fmt.Fprintf(tw, "\t  %s → %s\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", h.From, h.To, h.RTTms, h.JitterMs, h.Loss*100)
 		}
+		// The direct link and the underlay under it, when the path does not show them.
+		if len(r.Path) != 1 {
+			printLink(tw, "direct link ("+orDash(r.Link)+")", r.Direct)
+		}
+		if len(r.Path) != 1 || r.Underlay.Up != r.Direct.Up {
+			printLink(tw, "underlay", r.Underlay)
+		}
 	}
 	tw.Flush()
+}
+
+func printLink(tw io.Writer, what string, h router.Hop) {
+	state := "up"
+	if !h.Up {
+		state = "down"
+	}
+	fmt.Fprintf(tw, "\t  %s: %s\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", what, state, h.RTTms, h.JitterMs, h.Loss*100)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func printIPAM(out io.Writer, st router.IPAMStatus) {
