@@ -1,7 +1,11 @@
 package main
 
 import (
+	"fmt"
+	"os"
+
 	"bytes"
+	"github.com/spf13/pflag"
 	"strings"
 	"testing"
 	"time"
@@ -61,4 +65,23 @@ func TestPrintStatus(t *testing.T) {
 	if strings.Contains(out.String(), "0123456789abcdef") {
 		t.Errorf("container IDs should be shortened:\n%s", out.String())
 	}
+}
+
+// TestReadmeDocumentsEveryPeerFlag keeps the README's table of `weft peer` flags complete:
+// every flag with its environment variable.
+func TestReadmeDocumentsEveryPeerFlag(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, _, err := newRootCmd().Find([]string{"peer"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer.Flags().VisitAll(func(f *pflag.Flag) {
+		row := fmt.Sprintf("| `--%s` | `%s` |", f.Name, envName(f.Name))
+		if f.Name != "help" && !bytes.Contains(readme, []byte(row)) {
+			t.Errorf("README has no row starting %q", row)
+		}
+	})
 }
