@@ -30,7 +30,8 @@ bench: build bench-deps
 	$(GO) run ./chaos-tests/bench/cni -bin $(BIN)
 	$(GO) run ./chaos-tests/bench/dns
 	$(GO) run ./chaos-tests/bench/datapath -bin $(BIN)
-	$(GO) run ./chaos-tests/bench/relay -bin $(BIN)
+	$(GO) run ./chaos-tests/bench/relay -bin $(BIN) -n 5 -break link
+	$(GO) run ./chaos-tests/bench/relay -bin $(BIN) -n 5 -break tunnel
 
 bench-deps:
 	@missing=$$(for p in $(BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

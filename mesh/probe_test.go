@@ -370,31 +370,36 @@ func (c countingConn) ReadFrom(b []byte) (int, net.Addr, error) {
 }
 
 // BenchmarkProbeOverhead runs 50 peers in one process on loopback, each
-// probing the 49 others with the default 1s interval, and reports what one
-// peer sends and receives per second (requests and replies, IPv4+UDP
-// headers included) and the CPU the whole process spends. Each iteration is
-// one probe interval.
+// probing the 49 others with the default 1s interval twice over, as the
+// daemon does (one prober over the underlay, one through the link in use),
+// and reports what one peer sends and receives per second (requests and
+// replies of both probers, IPv4+UDP headers included) and the CPU the whole
+// process spends. Each iteration is one probe interval.
 func BenchmarkProbeOverhead(b *testing.B) {
-	const n = 50
+	const n, perPeer = 50, 2
 	var outPkts, outBytes, inPkts, inBytes atomic.Uint64
-	probers := make([]*Prober, n)
-	addrs := map[string]netip.AddrPort{}
-	for i := range probers {
-		name := fmt.Sprintf("weft-peer-%02d", i)
-		probers[i], addrs[name] = runProber(b, name, func(c *ProberConfig) {
-			c.Conn = countingConn{c.Conn, &outPkts, &outBytes, &inPkts, &inBytes}
-			c.Interval, c.Timeout = time.Second, time.Second
-			c.Key = []byte("bench-key")
-		})
-	}
-	for i, p := range probers {
-		targets := map[string]netip.AddrPort{}
-		for name, a := range addrs {
-			if name != fmt.Sprintf("weft-peer-%02d", i) {
-				targets[name] = a
-			}
+	var probers []*Prober
+	for range perPeer {
+		addrs := map[string]netip.AddrPort{}
+		group := make([]*Prober, n)
+		for i := range group {
+			name := fmt.Sprintf("weft-peer-%02d", i)
+			group[i], addrs[name] = runProber(b, name, func(c *ProberConfig) {
+				c.Conn = countingConn{c.Conn, &outPkts, &outBytes, &inPkts, &inBytes}
+				c.Interval, c.Timeout = time.Second, time.Second
+				c.Key = []byte("bench-key")
+			})
 		}
-		p.SetTargets(targets)
+		for i, p := range group {
+			targets := map[string]netip.AddrPort{}
+			for name, a := range addrs {
+				if name != fmt.Sprintf("weft-peer-%02d", i) {
+					targets[name] = a
+				}
+			}
+			p.SetTargets(targets)
+		}
+		probers = append(probers, group...)
 	}
 	// Warm up: every peer has measured every other.
 	deadline := time.Now().Add(10 * time.Second)

@@ -1,7 +1,7 @@
 // Command relay measures how long traffic stops when a direct link between two weft hosts
 // breaks and the mesh moves it onto a relay through a third host (issue 7):
 //
-//	go build -o bin/ ./cmd/... && go run ./chaos-tests/bench/relay -bin bin [-n 7]
+//	go build -o bin/ ./cmd/... && go run ./chaos-tests/bench/relay -bin bin [-n 7] [-break link|tunnel]
 //
 // It builds a 3-host lab (A, B, C; real `weft peer` processes started with --no-direct
 // --probe-interval 200ms --raft-voters 3, B and C seeded with A), waits until every peer
@@ -9,8 +9,11 @@
 // container on A and one on C. A UDP echo server runs in C's container; a prober in A's
 // container sends it a 16-byte datagram every -interval (10 ms) and records every echo.
 //
-// Each trial cuts A↔C with nftables drops on both ends (lab.Partition; B still reaches
-// both) and measures, from the moment both ends' drop rules are in place:
+// Each trial cuts A↔C with nftables drops on both ends (B still reaches both) and measures,
+// from the moment both ends' drop rules are in place. With -break link (the default) every
+// packet between A and C is dropped (lab.Partition); with -break tunnel only VXLAN's UDP
+// port (lab.BreakTunnel), so gossip and underlay probes still work and only the probes
+// through the tunnel can notice:
 //
 //	A→C route      when A's peer chose the path [B C]: the "since" of the route in
 //	               `weft status routes --json` on A, which is the reconcile tick that made
@@ -25,8 +28,9 @@
 // Then it heals the link and waits, untimed, until both peers are back on the direct path
 // and echoes flow again, before the next trial. It prints each trial, then the median,
 // minimum and maximum of each column, with the probe settings that bound detection: a
-// peer probe every 200 ms (±20 % jitter), counted lost after 1 s without an answer, a link
-// down after 3 consecutive lost probes, and paths re-chosen every 500 ms.
+// peer probe every 200 ms (±20 % jitter), counted lost after 400 ms without an answer (the
+// default: twice the interval), a link down after 3 consecutive lost probes, and paths
+// re-chosen every 500 ms.
 //
 // It exits non-zero only when something fails. Needs root. All traffic stays inside the
 // lab's namespaces; Ctrl-C tears the lab down.
@@ -53,16 +57,17 @@ import (
 	"github.com/weftnet/weft/router"
 )
 
-// What the peers run with. The probe timeout, DownAfter and the reconcile interval are
-// the daemon's defaults (mesh.ProberConfig, router's reconcileInterval); they are not
-// flags, so they are restated here for the report only.
+// What the peers run with. The probe timeout is the default for this interval (twice it);
+// DownAfter and the reconcile interval are the daemon's defaults (mesh.ProberConfig,
+// router's reconcileInterval), not flags, so they are restated here for the report only.
 const (
 	peerProbeInterval = 200 * time.Millisecond
-	peerProbeTimeout  = time.Second
+	peerProbeTimeout  = 2 * peerProbeInterval
 	peerDownAfter     = 3
 	peerReconcile     = 500 * time.Millisecond
 
 	echoPort  = 7007
+	vxlanPort = 6784
 	routePoll = 100 * time.Millisecond
 )
 
@@ -81,16 +86,20 @@ type trial struct {
 
 func run() (err error) {
 	var (
-		binDir   = flag.String("bin", "bin", "directory holding the weft and weft-cni binaries")
-		n        = flag.Int("n", 7, "number of trials (link cuts)")
-		interval = flag.Duration("interval", 10*time.Millisecond, "time between two application probes")
-		prefix   = flag.String("prefix", "wbrel", "lab name prefix")
-		timeout  = flag.Duration("timeout", 60*time.Second, "longest wait for any one step")
-		verbose  = flag.Bool("v", false, "log the lab's steps")
+		binDir    = flag.String("bin", "bin", "directory holding the weft and weft-cni binaries")
+		n         = flag.Int("n", 7, "number of trials (link cuts)")
+		interval  = flag.Duration("interval", 10*time.Millisecond, "time between two application probes")
+		prefix    = flag.String("prefix", "wbrel", "lab name prefix")
+		breakWhat = flag.String("break", "link", "what each trial breaks between A and C: link (every packet) or tunnel (VXLAN's UDP port only)")
+		timeout   = flag.Duration("timeout", 60*time.Second, "longest wait for any one step")
+		verbose   = flag.Bool("v", false, "log the lab's steps")
 	)
 	flag.Parse()
 	if *n < 1 || *interval < time.Millisecond || *timeout < time.Second {
 		return errors.New("-n must be ≥ 1, -interval ≥ 1ms and -timeout ≥ 1s")
+	}
+	if *breakWhat != "link" && *breakWhat != "tunnel" {
+		return fmt.Errorf("-break %q: want link or tunnel", *breakWhat)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("the benchmark needs root (network namespaces)")
@@ -215,7 +224,7 @@ func run() (err error) {
 			return err
 		}
 		pr.forget()
-		tr, err := cutOnce(ctx, l, pr, *timeout)
+		tr, err := cutOnce(ctx, l, pr, *timeout, *breakWhat)
 		if err != nil {
 			return fmt.Errorf("trial %d: %w", i+1, err)
 		}
@@ -232,13 +241,13 @@ func run() (err error) {
 		}
 	}
 	sent, sendErrs := pr.counts()
-	report(trials, *interval, sent, sendErrs)
+	report(trials, *interval, sent, sendErrs, *breakWhat)
 	return nil
 }
 
 // cutOnce cuts A↔C, waits for the first echo through B and for both peers' relayed
 // routes, and returns the times measured from the cut. It leaves the cut in place.
-func cutOnce(ctx context.Context, l *lab.Lab, pr *prober, timeout time.Duration) (trial, error) {
+func cutOnce(ctx context.Context, l *lab.Lab, pr *prober, timeout time.Duration, breakWhat string) (trial, error) {
 	a, b, c := l.Host(0), l.Host(1), l.Host(2)
 	var wg sync.WaitGroup
 	defer wg.Wait() // after cancel below: the watchers stop before cutOnce returns
@@ -248,24 +257,28 @@ func cutOnce(ctx context.Context, l *lab.Lab, pr *prober, timeout time.Duration)
 	seenC := watchRoute(wctx, &wg, c, a.Name, []string{b.Name, a.Name})
 
 	start := time.Now()
-	if err := l.Partition([]*lab.Host{a}, []*lab.Host{c}); err != nil {
+	cut := l.Partition
+	if breakWhat == "tunnel" {
+		cut = func(x, y []*lab.Host) error { return l.BreakTunnel(vxlanPort, x, y) }
+	}
+	if err := cut([]*lab.Host{a}, []*lab.Host{c}); err != nil {
 		return trial{}, fmt.Errorf("cut A↔C: %w", err)
 	}
 	// Time zero: both ends drop A↔C. A datagram sent from here on cannot take the
 	// direct link, so its echo proves the relay works.
-	cut := time.Now()
-	tr := trial{cutTook: cut.Sub(start)}
+	cutAt := time.Now()
+	tr := trial{cutTook: cutAt.Sub(start)}
 
 	err := lab.Poll(wctx, 2*time.Millisecond, func() error {
-		r, ok := pr.firstSentAfter(cut)
+		r, ok := pr.firstSentAfter(cutAt)
 		if !ok {
 			return errors.New("no echo since the cut")
 		}
-		tr.reply = r.recv.Sub(cut)
+		tr.reply = r.recv.Sub(cutAt)
 		return nil
 	})
 	if err != nil {
-		last, _ := pr.lastBefore(cut)
+		last, _ := pr.lastBefore(cutAt)
 		return tr, fmt.Errorf("first echo through the relay: %w (last echo before the cut: seq %d)", err, last.seq)
 	}
 	for _, w := range []struct {
@@ -282,15 +295,15 @@ func cutOnce(ctx context.Context, l *lab.Lab, pr *prober, timeout time.Duration)
 		if s.err != nil {
 			return tr, fmt.Errorf("%s: %w", w.name, s.err)
 		}
-		*w.dec = s.seen.Sub(cut)
+		*w.dec = s.seen.Sub(cutAt)
 		// The route's "since" is the peer's choice; it lies between the cut and the
 		// poll that showed it. Outside that (clock step, path flapped in between) keep
 		// the poll's time.
-		if !s.since.Before(cut) && !s.since.After(s.seen) {
-			*w.dec = s.since.Sub(cut)
+		if !s.since.Before(cutAt) && !s.since.After(s.seen) {
+			*w.dec = s.since.Sub(cutAt)
 		}
 		if w.see != nil {
-			*w.see = s.seen.Sub(cut)
+			*w.see = s.seen.Sub(cutAt)
 		}
 	}
 	return tr, nil
@@ -400,8 +413,13 @@ func cliJSON(ctx context.Context, h *lab.Host, v any, args ...string) error {
 	return nil
 }
 
-func report(trials []trial, interval time.Duration, sent, sendErrs uint64) {
+func report(trials []trial, interval time.Duration, sent, sendErrs uint64, breakWhat string) {
 	fmt.Println()
+	what := "every packet between A and C dropped"
+	if breakWhat == "tunnel" {
+		what = fmt.Sprintf("only VXLAN (udp %d) between A and C dropped; gossip and underlay probes still pass", vxlanPort)
+	}
+	fmt.Printf("break: %s\n", what)
 	fmt.Println("time from the cut (both ends' nftables drops in place) to:")
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(w, "trial\tA→C route via B\t(seen by poll)\tC→A route via B\tfirst reply via relay\tcut took\t")
