@@ -339,8 +339,13 @@ type Prober struct {
 }
 
 type probeTarget struct {
-	addr     netip.AddrPort
-	next     time.Time // when the next probe is due
+	addr netip.AddrPort
+	// primed: a reply has come since the target was added or last went down. The first
+	// reply only primes the path — it often waited for ARP, a WireGuard handshake or a
+	// cold cache — so it counts as answered but is no RTT sample.
+	primed   bool
+	recent   [3]time.Duration // last RTT samples, for the despiking median
+	next     time.Time        // when the next probe is due
 	outcomes []bool    // ring of the last Window outcomes (true: answered)
 	rtts     []time.Duration
 	pos, n   int // ring write position, filled entries
@@ -445,7 +450,7 @@ func (p *Prober) statsLocked(t *probeTarget) LinkStats {
 			lost++
 			continue
 		}
-		if r := t.rtts[i]; s.MinRTT == 0 || r < s.MinRTT {
+		if r := t.rtts[i]; r >= 0 && (s.MinRTT == 0 || r < s.MinRTT) {
 			s.MinRTT = r
 		}
 	}
@@ -465,22 +470,31 @@ func (p *Prober) Counters() ProberCounters {
 	}
 }
 
-// record adds one outcome to a target's window.
+// record adds one outcome to a target's window. The moving average is fed the median of
+// the last three samples, so that one late reply (a pause, a burst) does not inflate the
+// RTT for the dozens of samples an EWMA takes to forget it, while a lasting change passes
+// after two samples. Jitter is computed on the raw samples.
 func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
-	t.outcomes[t.pos], t.rtts[t.pos] = ok, rtt
-	t.pos = (t.pos + 1) % len(t.outcomes)
-	if t.n < len(t.outcomes) {
-		t.n++
+	if ok && !t.primed {
+		t.primed, t.lostRun = true, 0
+		p.recordOutcomeLocked(t, true, -1) // answered, no sample
+		return
 	}
+	p.recordOutcomeLocked(t, ok, rtt)
 	if !ok {
 		t.lostRun++
+		if t.lostRun >= p.cfg.DownAfter {
+			t.primed = false
+		}
 		return
 	}
 	t.lostRun = 0
+	t.recent[t.samples%len(t.recent)] = rtt
+	filtered := median(t.recent[:min(t.samples+1, len(t.recent))])
 	if t.samples == 0 {
 		t.srtt, t.jitter = rtt, 0
 	} else {
-		t.srtt += (rtt - t.srtt) / 8
+		t.srtt += (filtered - t.srtt) / 8
 		d := rtt - t.last
 		if d < 0 {
 			d = -d
@@ -489,6 +503,26 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 	}
 	t.last = rtt
 	t.samples++
+}
+
+// recordOutcomeLocked adds one outcome to the loss and MinRTT window.
+func (p *Prober) recordOutcomeLocked(t *probeTarget, ok bool, rtt time.Duration) {
+	t.outcomes[t.pos], t.rtts[t.pos] = ok, rtt
+	t.pos = (t.pos + 1) % len(t.outcomes)
+	if t.n < len(t.outcomes) {
+		t.n++
+	}
+}
+
+// median of up to three samples; of two, the smaller (a spike is the larger one).
+func median(d []time.Duration) time.Duration {
+	switch len(d) {
+	case 1:
+		return d[0]
+	case 2:
+		return min(d[0], d[1])
+	}
+	return max(min(d[0], d[1]), min(max(d[0], d[1]), d[2]))
 }
 
 // Run sends probes and answers others' until ctx is cancelled (then it

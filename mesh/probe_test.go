@@ -163,19 +163,37 @@ func TestProberAccounting(t *testing.T) {
 	if s, _ := p.Stats("b"); s.Up || s.Samples != 0 {
 		t.Fatalf("before any reply: %+v", s)
 	}
-	probe(10*time.Millisecond, 5*time.Millisecond)
+	// The first reply primes the path (it may have waited for a handshake): answered, no sample.
+	probe(80*time.Millisecond, 0)
 	s, _ := p.Stats("b")
-	if s.RTT != 10*time.Millisecond || s.MinRTT != 10*time.Millisecond || s.Jitter != 0 || !s.Up || s.Loss != 0 || s.Samples != 1 {
-		t.Fatalf("after one reply: %+v", s)
+	if s.Up || s.Samples != 0 || s.Loss != 0 || s.MinRTT != 0 || s.LastHeard.IsZero() {
+		t.Fatalf("after the priming reply: %+v", s)
 	}
+	probe(10*time.Millisecond, 5*time.Millisecond)
+	s, _ = p.Stats("b")
+	if s.RTT != 10*time.Millisecond || s.MinRTT != 10*time.Millisecond || s.Jitter != 0 || !s.Up || s.Loss != 0 || s.Samples != 1 {
+		t.Fatalf("after one sample: %+v", s)
+	}
+	// The average is fed the median of the last three samples (of two, the smaller).
 	probe(18*time.Millisecond, time.Millisecond)
 	s, _ = p.Stats("b")
-	if want := 10*time.Millisecond + 8*time.Millisecond/8; s.RTT != want || s.Jitter != 8*time.Millisecond/16 {
-		t.Fatalf("after two replies: %+v, want RTT %v jitter %v", s, want, 8*time.Millisecond/16)
+	if s.RTT != 10*time.Millisecond || s.Jitter != 8*time.Millisecond/16 {
+		t.Fatalf("after two samples: %+v, want RTT 10ms jitter %v", s, 8*time.Millisecond/16)
+	}
+	probe(30*time.Millisecond, 0)
+	s, _ = p.Stats("b")
+	if want := 10*time.Millisecond + 8*time.Millisecond/8; s.RTT != want {
+		t.Fatalf("after three samples: RTT %v, want %v (median 18ms)", s.RTT, want)
+	}
+	// One spike moves the average by its median (30ms), not by itself (500ms).
+	probe(500*time.Millisecond, 0)
+	s, _ = p.Stats("b")
+	if want := 11*time.Millisecond + 19*time.Millisecond/8; s.RTT != want || s.MinRTT != 10*time.Millisecond {
+		t.Fatalf("after a spike: %+v, want RTT %v", s, want)
 	}
 	probe(0, 0)
 	s, _ = p.Stats("b")
-	if s.Loss != 1.0/3 || !s.Up {
+	if s.Loss != 1.0/4 || !s.Up {
 		t.Fatalf("after a loss: %+v", s)
 	}
 	probe(0, 0)
@@ -183,10 +201,17 @@ func TestProberAccounting(t *testing.T) {
 	if s.Loss != 0.5 || s.Up {
 		t.Fatalf("after two losses in a row (DownAfter 2): %+v", s)
 	}
-	probe(20*time.Millisecond, 0) // the window of 4 forgets the 10ms sample
+	// The first reply after the link went down primes again: up, but no sample.
+	samples := s.Samples
+	probe(20*time.Millisecond, 0)
 	s, _ = p.Stats("b")
-	if s.Loss != 0.5 || !s.Up || s.MinRTT != 18*time.Millisecond {
+	if !s.Up || s.Samples != samples || s.MinRTT != 500*time.Millisecond {
 		t.Fatalf("after recovery: %+v", s)
+	}
+	probe(20*time.Millisecond, 0) // the window of 4 forgets the 500ms sample
+	s, _ = p.Stats("b")
+	if s.Loss != 0.5 || !s.Up || s.Samples != samples+1 || s.MinRTT != 20*time.Millisecond {
+		t.Fatalf("after a sample past recovery: %+v", s)
 	}
 	// A reply nobody asked for, or for another target, is not counted.
 	before := p.Counters().Unexpected
