@@ -93,6 +93,27 @@ func (g Graph) Link(from, to string) (LinkMetrics, bool) {
 	return m, ok
 }
 
+// Symmetric returns the graph with each link taken as the worse of its two
+// directions where both ends have published it: up only when both say up,
+// the larger RTT, jitter and loss. Path choice runs on it so that both ends
+// of a pair see the same costs and choose mirror paths — WireGuard accepts a
+// peer's packets only from the peer its blocks are routed to, so a pair
+// relayed one way and direct the other would drop its replies.
+func (g Graph) Symmetric() Graph {
+	out := make(Graph, len(g))
+	for from, links := range g {
+		out[from] = make(map[string]LinkMetrics, len(links))
+		for to, m := range links {
+			if back, ok := g[to][from]; ok {
+				m = LinkMetrics{RTT: max(m.RTT, back.RTT), Jitter: max(m.Jitter, back.Jitter),
+					Loss: max(m.Loss, back.Loss), Up: m.Up && back.Up}
+			}
+			out[from][to] = m
+		}
+	}
+	return out
+}
+
 // LinkTableConfig sets when Publish considers a link changed. Zero fields
 // take the defaults.
 type LinkTableConfig struct {

@@ -384,3 +384,27 @@ func TestLinkStateOverMesh(t *testing.T) {
 		return ""
 	})
 }
+
+func TestGraphSymmetric(t *testing.T) {
+	ms := time.Millisecond
+	g := Graph{
+		"a": {"b": {RTT: ms, Up: true}, "c": {RTT: 2 * ms, Loss: 0.1, Up: true}},
+		"b": {"a": {RTT: 3 * ms, Jitter: ms, Up: true}},
+		"c": {"a": {RTT: ms, Up: false}},
+	}
+	s := g.Symmetric()
+	if ab, ba := s["a"]["b"], s["b"]["a"]; ab != ba || ab != (LinkMetrics{RTT: 3 * ms, Jitter: ms, Up: true}) {
+		t.Errorf("a–b: %+v and %+v, want both the worse direction", ab, ba)
+	}
+	if ac := s["a"]["c"]; ac.Up || ac.Loss != 0.1 || ac.RTT != 2*ms {
+		t.Errorf("a–c: %+v, want down (c says so), with a's loss and RTT", ac)
+	}
+	if g["a"]["c"].Up != true {
+		t.Error("Symmetric changed its receiver")
+	}
+	// A link only one end has published is taken as published.
+	g["a"]["d"] = LinkMetrics{RTT: ms, Up: true}
+	if ad := g.Symmetric()["a"]["d"]; ad != g["a"]["d"] {
+		t.Errorf("a–d: %+v", ad)
+	}
+}

@@ -181,7 +181,7 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	if pt.link != nil {
 		pt.exportLinks("link", measured)
 	}
-	graph := pt.table.Graph()
+	graph := pt.table.Graph().Symmetric()
 	relays := map[string]string{}
 	choices := map[string]mesh.PathChoice{}
 	for name := range targets {
