@@ -63,6 +63,7 @@ const (
 	maxLinkDuration  = time.Hour
 	lossUnits        = 10000 // loss is carried in 1/10000 (0.01%)
 	flagUp           = 1
+	flagEncrypted    = 2
 )
 
 // LinkMetrics are one directed link's published figures, as measured by the
@@ -72,6 +73,9 @@ type LinkMetrics struct {
 	Jitter time.Duration
 	Loss   float64 // fraction, 0..1
 	Up     bool
+	// Encrypted: the link runs over WireGuard, so it may carry traffic that must stay
+	// encrypted (see Graph.Encrypted).
+	Encrypted bool
 }
 
 // quantize rounds m to what the wire carries, so the origin and the others
@@ -106,9 +110,24 @@ func (g Graph) Symmetric() Graph {
 		for to, m := range links {
 			if back, ok := g[to][from]; ok {
 				m = LinkMetrics{RTT: max(m.RTT, back.RTT), Jitter: max(m.Jitter, back.Jitter),
-					Loss: max(m.Loss, back.Loss), Up: m.Up && back.Up}
+					Loss: max(m.Loss, back.Loss), Up: m.Up && back.Up, Encrypted: m.Encrypted && back.Encrypted}
 			}
 			out[from][to] = m
+		}
+	}
+	return out
+}
+
+// Encrypted returns the graph of the encrypted links only: the paths a pair
+// that must be encrypted may take, every hop of a relay included.
+func (g Graph) Encrypted() Graph {
+	out := make(Graph, len(g))
+	for from, links := range g {
+		out[from] = map[string]LinkMetrics{}
+		for to, m := range links {
+			if m.Encrypted {
+				out[from][to] = m
+			}
 		}
 	}
 	return out
@@ -189,17 +208,26 @@ func NewLinkTable(cfg LinkTableConfig) *LinkTable {
 // with changed true when the LSA is larger than MaxDelta: the table has it
 // and push/pull carries it.
 func (t *LinkTable) Publish(self string, stats map[string]LinkStats) (delta []byte, changed bool) {
+	links := make(map[string]LinkMetrics, len(stats))
+	for name, s := range stats {
+		links[name] = LinkMetrics{RTT: s.RTT, Jitter: s.Jitter, Loss: s.Loss, Up: s.Up}
+	}
+	return t.PublishLinks(self, links)
+}
+
+// PublishLinks is Publish with the links' metrics given whole (with Encrypted).
+func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (delta []byte, changed bool) {
 	if err := validName(self); err != nil {
 		t.cfg.Logger.Warn("linkstate: publish with invalid self name", "self", self, "err", err)
 		return nil, false
 	}
-	links := make(map[string]LinkMetrics, len(stats))
-	for name, s := range stats {
+	links := make(map[string]LinkMetrics, len(metrics))
+	for name, m := range metrics {
 		if err := validName(name); err != nil || name == self {
 			t.cfg.Logger.Warn("linkstate: not publishing link with invalid neighbour name", "name", name)
 			continue
 		}
-		links[name] = LinkMetrics{RTT: s.RTT, Jitter: s.Jitter, Loss: s.Loss, Up: s.Up}.quantize()
+		links[name] = m.quantize()
 	}
 	if len(links) > maxLSALinks {
 		names := slices.Sorted(maps.Keys(links))
@@ -243,7 +271,7 @@ func (t *LinkTable) moved(prev, next map[string]LinkMetrics) bool {
 	}
 	for name, n := range next {
 		p, ok := prev[name]
-		if !ok || p.Up != n.Up ||
+		if !ok || p.Up != n.Up || p.Encrypted != n.Encrypted ||
 			t.durMoved(p.RTT, n.RTT) || t.durMoved(p.Jitter, n.Jitter) ||
 			math.Abs(p.Loss-n.Loss) >= t.cfg.LossChange-1e-9 {
 			return true
@@ -388,6 +416,9 @@ func appendLSA(b []byte, l *lsa) []byte {
 		var flags byte
 		if m.Up {
 			flags |= flagUp
+		}
+		if m.Encrypted {
+			flags |= flagEncrypted
 		}
 		b = append(b, flags)
 		b = binary.AppendUvarint(b, uint64(m.RTT/time.Microsecond))
@@ -548,10 +579,10 @@ func (d *lsDecoder) readLSA() *lsa {
 			return nil
 		}
 		flags := d.u8("flags")
-		if d.err == nil && flags&^flagUp != 0 {
+		if d.err == nil && flags&^(flagUp|flagEncrypted) != 0 {
 			d.fail("origin %q: neighbour %q: unknown flags %#x", l.origin, name, flags)
 		}
-		m := LinkMetrics{Up: flags&flagUp != 0}
+		m := LinkMetrics{Up: flags&flagUp != 0, Encrypted: flags&flagEncrypted != 0}
 		m.RTT = d.duration("rtt")
 		m.Jitter = d.duration("jitter")
 		loss := d.uvarint("loss")

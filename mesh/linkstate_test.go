@@ -408,3 +408,42 @@ func TestGraphSymmetric(t *testing.T) {
 		t.Errorf("a–d: %+v", ad)
 	}
 }
+
+// Encrypted links travel in gossip, count as a change, and filter the graph; a link is
+// encrypted in the symmetric graph only when both ends say so.
+func TestEncryptedLinks(t *testing.T) {
+	a := NewLinkTable(LinkTableConfig{})
+	b := NewLinkTable(LinkTableConfig{})
+	links := map[string]LinkMetrics{"b": {RTT: time.Millisecond, Up: true, Encrypted: true}, "c": {RTT: time.Millisecond, Up: true}}
+	delta, changed := a.PublishLinks("a", links)
+	if !changed || delta == nil {
+		t.Fatal("first publication must emit")
+	}
+	if _, err := b.Merge(delta); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := b.Graph().Link("a", "b"); !m.Encrypted {
+		t.Fatalf("a→b arrived as %+v, want encrypted", m)
+	}
+	if m, _ := b.Graph().Link("a", "c"); m.Encrypted {
+		t.Fatalf("a→c arrived as %+v, want plaintext", m)
+	}
+	links["c"] = LinkMetrics{RTT: time.Millisecond, Up: true, Encrypted: true}
+	if _, changed := a.PublishLinks("a", links); !changed {
+		t.Fatal("a link becoming encrypted must be published")
+	}
+	g := Graph{
+		"a": {"b": {Up: true, Encrypted: true}, "c": {Up: true, Encrypted: true}},
+		"c": {"a": {Up: true}},
+	}
+	enc := g.Encrypted()
+	if _, ok := enc.Link("a", "b"); !ok {
+		t.Error("encrypted a→b dropped")
+	}
+	if _, ok := enc.Link("c", "a"); ok {
+		t.Error("plaintext c→a kept")
+	}
+	if m := g.Symmetric()["a"]["c"]; m.Encrypted {
+		t.Error("a–c encrypted one way only must not count as encrypted")
+	}
+}

@@ -24,8 +24,9 @@ import (
 // its SLA — relaying through a third peer when the direct link is down or too slow.
 
 // unknownGrace is how long a newly probed peer that has not answered yet counts as unknown
-// rather than unreachable: a few probe timeouts.
-const unknownGrace = 5 * time.Second
+// rather than unreachable: a few probe intervals, plus WireGuard's 5 s handshake retry (a
+// first handshake is lost when the other end has not configured us yet).
+const unknownGrace = 10 * time.Second
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer.
 type paths struct {
@@ -138,9 +139,11 @@ func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, 
 func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	pt := p.paths
 	targets := map[string]netip.Addr{}
+	encrypted := map[string]bool{} // the direct link runs over WireGuard
 	for _, pr := range peers {
 		if !pr.Self && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) && pr.Meta.Underlay.IsValid() {
 			targets[pr.Name] = pr.Meta.Underlay
+			encrypted[pr.Name] = chooseLink(p.links.pol, pr.Meta).Mode == datapath.ModeWireGuard
 		}
 	}
 	if !maps.Equal(targets, pt.targets) {
@@ -172,7 +175,11 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		pt.targets = targets
 	}
 	measured := pt.measured().All()
-	if delta, changed := pt.table.Publish(p.cfg.Name, measured); changed && delta != nil {
+	links := make(map[string]mesh.LinkMetrics, len(measured))
+	for name, st := range measured {
+		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: encrypted[name]}
+	}
+	if delta, changed := pt.table.PublishLinks(p.cfg.Name, links); changed && delta != nil {
 		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, delta); err != nil {
 			p.log.Debug("link-state broadcast skipped; push/pull carries it", "err", err)
 		}
@@ -181,7 +188,12 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	if pt.link != nil {
 		pt.exportLinks("link", measured)
 	}
+	// Both ends of a pair choose on the same symmetric graph, and a pair that must be
+	// encrypted only over encrypted links, every hop included: so the two ends pick mirror
+	// paths (WireGuard drops a peer's packets that arrive from another peer than the one
+	// its blocks are routed to) and a relay never carries them in plaintext.
 	graph := pt.table.Graph().Symmetric()
+	encGraph := graph.Encrypted()
 	relays := map[string]string{}
 	choices := map[string]mesh.PathChoice{}
 	for name := range targets {
@@ -194,7 +206,11 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 			choices[name] = mesh.PathChoice{Path: []string{name}, Since: now, SLAOK: true, Reason: "not measured yet"}
 			continue
 		}
-		c := pt.sel.Select(graph, p.cfg.Name, name, pt.sla, now)
+		g := graph
+		if encrypted[name] {
+			g = encGraph
+		}
+		c := pt.sel.Select(g, p.cfg.Name, name, pt.sla, now)
 		choices[name] = c
 		if len(c.Path) == 2 {
 			relays[name] = c.Path[0]
