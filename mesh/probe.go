@@ -346,7 +346,7 @@ type probeTarget struct {
 	primed   bool
 	recent   [3]time.Duration // last RTT samples, for the despiking median
 	next     time.Time        // when the next probe is due
-	outcomes []bool    // ring of the last Window outcomes (true: answered)
+	outcomes []bool           // ring of the last Window outcomes (true: answered)
 	rtts     []time.Duration
 	pos, n   int // ring write position, filled entries
 	lostRun  int // consecutive losses
