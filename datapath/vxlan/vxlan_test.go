@@ -528,15 +528,8 @@ func TestLinkProbesGoThroughTheTunnel(t *testing.T) {
 	}
 	exchange := func(from, to net.PacketConn, toAddr netip.AddrPort) {
 		t.Helper()
-		msg := []byte(fmt.Sprintf("probe %d", time.Now().UnixNano()))
-		if _, err := from.WriteTo(msg, net.UDPAddrFromAddrPort(toAddr)); err != nil {
+		if err := nslab.SendAndReceive(from, to, toAddr, 3*time.Second); err != nil {
 			t.Fatal(err)
-		}
-		to.SetReadDeadline(time.Now().Add(3 * time.Second))
-		buf := make([]byte, 64)
-		n, _, err := to.ReadFrom(buf)
-		if err != nil || string(buf[:n]) != string(msg) {
-			t.Fatalf("%q not received: %q, %v", msg, buf[:n], err)
 		}
 	}
 	p0, p1 := listen(h0, port), listen(h1, port)

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -28,6 +27,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/direct/nslab"
 )
 
 // testLogger logs through t until the test's cleanups are over; wireguard-go logs from its
@@ -742,15 +742,8 @@ func TestLinkProbesGoThroughTheTunnel(t *testing.T) {
 	}
 	exchange := func(from, to net.PacketConn, toAddr netip.AddrPort) {
 		t.Helper()
-		msg := []byte(fmt.Sprintf("probe %d", time.Now().UnixNano()))
-		if _, err := from.WriteTo(msg, net.UDPAddrFromAddrPort(toAddr)); err != nil {
+		if err := nslab.SendAndReceive(from, to, toAddr, 3*time.Second); err != nil {
 			t.Fatal(err)
-		}
-		to.SetReadDeadline(time.Now().Add(3 * time.Second))
-		buf := make([]byte, 64)
-		n, _, err := to.ReadFrom(buf)
-		if err != nil || string(buf[:n]) != string(msg) {
-			t.Fatalf("%q not received: %q, %v", msg, buf[:n], err)
 		}
 	}
 	p1, p2 := listen(h1, port), listen(h2, port)

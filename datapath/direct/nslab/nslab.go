@@ -415,3 +415,23 @@ func Transfer(ctx context.Context, from, to *Container, size int64) (bitsPerSeco
 	}
 	return float64(size*8) / r.took.Seconds(), nil
 }
+
+// SendAndReceive sends one fresh datagram from one socket to toAddr and reads it on the
+// socket bound there (within timeout), so a test can check which way it went; it fails
+// when the datagram does not arrive intact.
+func SendAndReceive(from, to net.PacketConn, toAddr netip.AddrPort, timeout time.Duration) error {
+	msg := fmt.Appendf(nil, "weft test datagram %d", rand.Uint64())
+	if _, err := from.WriteTo(msg, net.UDPAddrFromAddrPort(toAddr)); err != nil {
+		return err
+	}
+	to.SetReadDeadline(time.Now().Add(timeout))
+	buf := make([]byte, 128)
+	n, _, err := to.ReadFrom(buf)
+	if err != nil {
+		return fmt.Errorf("%q sent to %s not received: %w", msg, toAddr, err)
+	}
+	if string(buf[:n]) != string(msg) {
+		return fmt.Errorf("sent %q to %s, received %q", msg, toAddr, buf[:n])
+	}
+	return nil
+}
