@@ -175,8 +175,14 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		pt.targets = targets
 	}
 	measured := pt.measured().All()
+	// A link not measured yet is not advertised until unknownGrace says it is down: the
+	// other end takes each link as the worse of both directions, and "not measured yet"
+	// must not count there as "down".
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
+		if st.Samples == 0 && now.Sub(pt.added[name]) < unknownGrace {
+			continue
+		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: encrypted[name]}
 	}
 	if delta, changed := pt.table.PublishLinks(p.cfg.Name, links); changed && delta != nil {
