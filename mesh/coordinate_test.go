@@ -245,6 +245,24 @@ func BenchmarkCoordinateUpdate(b *testing.B) {
 	}
 }
 
+// BenchmarkEstimateRTTBetween is one pair estimate from cached coordinates.
+func BenchmarkEstimateRTTBetween(b *testing.B) {
+	cfg := DefaultConfig()
+	cfg.Name = "self"
+	m := &Mesh{cfg: cfg, coords: newCoords()}
+	for i, p := range []string{"a", "b"} {
+		c := coordinate.NewCoordinate(coordinate.DefaultConfig())
+		c.Vec[i] = 1e-3
+		m.coords.peers[p] = peerCoord{c: c}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := m.EstimateRTTBetween("a", "b"); !ok {
+			b.Fatal("no estimate")
+		}
+	}
+}
+
 func withDims(b []byte, dims byte) []byte {
 	out := append([]byte(nil), b...)
 	out[1] = dims

@@ -46,7 +46,9 @@ import (
 // indirect probes too), and ends at the next direct ack by any peer, which
 // comes within about one probe interval for a healthy peer, since the N
 // probers each probe one of N peers per interval. Messages can be lost or
-// reordered; a later ack corrects the state.
+// reordered; a later ack corrects the state. A peer that answers only
+// indirect or TCP probes (its UDP path from the probers is broken) stays
+// suspect while memberlist keeps it alive: still up, and worth showing.
 
 // internalChannel carries the mesh's own messages. RegisterChannel refuses
 // names starting with "_".
