@@ -66,7 +66,9 @@ type Config struct {
 	AdvertiseAddr netip.Addr
 	MeshPort      int
 	RaftPort      int
-	// Password encrypts gossip and authenticates Raft between peers; empty means neither.
+	// Password encrypts and authenticates gossip, Raft and leader forwarding, and probes
+	// (a key derived per use), and with Encrypt "auto" asks for WireGuard links; empty
+	// means none of these.
 	Password []byte
 	// RaftVoters is how many of the first peers vote.
 	RaftVoters int
