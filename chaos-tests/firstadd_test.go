@@ -3,6 +3,7 @@ package chaostest
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,13 +15,32 @@ import (
 // new block, so it must wait for the cluster to form (--attach-wait, default 15s) instead of
 // failing with "try again" (CNI 11). Nothing here waits for the mesh or the leader first.
 func TestFirstAddRightAfterStart(t *testing.T) {
+	// All three peers start at once, with the defaults (the case): the cluster forms
+	// about 4-5s after the sockets answer.
+	t.Run("together", func(t *testing.T) { firstAdds(t, "wnewfa", 0) })
+	// Hosts 1 and 2 boot first and attach at once; host 0 boots 6s later (a rolling start).
+	// The cluster, which needs all three voters, forms about 13s after the first ADDs, well
+	// after one Raft apply's own 5s retry would have given up: those ADDs pass only because
+	// they wait for the cluster. --attach-wait 30s leaves room on a loaded machine.
+	t.Run("rolling", func(t *testing.T) { firstAdds(t, "wnewfr", 6*time.Second, "--attach-wait", "30s") })
+}
+
+// firstAdds starts a 3-host lab, every peer seeded with the others and expecting three
+// voters, and attaches one container per host as soon as that host's socket answers. With
+// lateStart, host 0 starts that much after hosts 1 and 2, whose ADDs must still be waiting
+// then. Every ADD must succeed, with distinct addresses that reach each other.
+func firstAdds(t *testing.T, prefix string, lateStart time.Duration, extra ...string) {
 	const hosts = 3
 	var l *lab.Lab
-	l = newLab(t, lab.Config{Prefix: "wnewfa", Hosts: hosts, NoStart: true, PeerArgs: func(i int) []string {
-		if i == 0 {
-			return nil // the first peer: it bootstraps the cluster once the mesh has settled
+	l = newLab(t, lab.Config{Prefix: prefix, Hosts: hosts, NoStart: true, PeerArgs: func(i int) []string {
+		var seeds []string
+		for j := range hosts {
+			if j != i {
+				seeds = append(seeds, l.Host(j).Addr.Addr().String())
+			}
 		}
-		return []string{"--peers", l.Host(0).Addr.Addr().String(), "--raft-voters", fmt.Sprint(hosts)}
+		// Nobody bootstraps until all three are up.
+		return append([]string{"--peers", strings.Join(seeds, ","), "--raft-voters", fmt.Sprint(hosts)}, extra...)
 	}})
 	ctx := testCtx(t, 2*time.Minute)
 
@@ -37,17 +57,14 @@ func TestFirstAddRightAfterStart(t *testing.T) {
 		ctrs[i], cnis[i] = mustContainer(t, h), mustCNI(t, h, lab.CNIOptions{})
 	}
 	results := make(chan result, hosts)
-	for i, h := range l.Hosts() {
+	startAndAttach := func(i int) {
+		h := l.Host(i)
 		// Start returns as soon as the peer answers on its socket.
 		if err := h.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if i == 0 {
-			// The test exercises the wait only if the first ADD goes out before the cluster
-			// has a leader.
-			if st := ipamOf(t, ctx, h); st.Leader != "" {
-				t.Fatalf("%s already knows leader %s when its socket answers: the first ADD would not wait", h.Name, st.Leader)
-			}
+		if st := ipamOf(t, ctx, h); st.Leader != "" {
+			t.Fatalf("%s already knows leader %s when its socket answers: its first ADD would not wait", h.Name, st.Leader)
 		}
 		go func() {
 			start := time.Now()
@@ -59,6 +76,19 @@ func TestFirstAddRightAfterStart(t *testing.T) {
 			results <- r
 		}()
 	}
+	startAndAttach(1)
+	startAndAttach(2)
+	if lateStart > 0 {
+		// No cluster can form while host 0 is down: the ADDs must still be waiting.
+		select {
+		case r := <-results:
+			t.Fatalf("ADD on %s returned after %s (err %v) while only two of three voters were up: it must wait for the cluster",
+				r.host, r.took.Round(time.Millisecond), r.err)
+		case <-time.After(lateStart):
+		}
+	}
+	startAndAttach(0)
+
 	addrs := make([]netip.Addr, hosts)
 	seen := map[netip.Addr]string{}
 	for range hosts {
