@@ -3,7 +3,9 @@ package router
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/ipam"
 )
@@ -19,9 +22,10 @@ import (
 type fakeOwner struct {
 	claims   atomic.Int32
 	noQuorum bool
+	owned    []netip.Prefix
 }
 
-func (o *fakeOwner) Owned(ipam.Network, string) ([]netip.Prefix, error) { return nil, nil }
+func (o *fakeOwner) Owned(ipam.Network, string) ([]netip.Prefix, error) { return o.owned, nil }
 
 func (o *fakeOwner) Claim(context.Context, ipam.Network, string) (netip.Prefix, error) {
 	o.claims.Add(1)
@@ -182,5 +186,52 @@ func TestConfigRejectsBadAttachWait(t *testing.T) {
 		if err := cfg.Validate(); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "--attach-wait") {
 			t.Errorf("--attach-wait %s: %v, want an error naming --attach-wait", d, err)
 		}
+	}
+}
+
+// An ADD served from an owned block never waits for a leader, even while the cluster is
+// forming; the one that needs a new block does, through the allocator's claim.
+func TestOwnedBlockServesWithoutLeaderAndOnlyTheClaimWaits(t *testing.T) {
+	db, err := bolt.Open(filepath.Join(t.TempDir(), "weft.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	n := ipam.Network{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16"), BlockBits: 30}
+	owner := &fakeOwner{noQuorum: true, owned: []netip.Prefix{netip.MustParsePrefix("10.40.0.0/30")}}
+	var l leaderAfter
+	const bound = 300 * time.Millisecond
+	w := newLeaderWait(owner, leaderWaitConfig{Peer: "p1", Leader: l.get, Bound: bound, Poll: 10 * time.Millisecond})
+	alloc, err := ipam.NewAllocator(ipam.Config{Peer: "p1", Networks: []ipam.Network{n}}, db, w)
+	if err != nil {
+		t.Fatal(err)
+	}
+	att := func(i int) ipam.Attachment {
+		return ipam.Attachment{ContainerID: fmt.Sprintf("c%d", i), IfName: "eth0", Network: "default", CNINetwork: "n"}
+	}
+	// A /30 block of this network holds as many addresses as the allocator hands out from it;
+	// every one of them comes at once, without a leader.
+	i := 0
+	for ; ; i++ {
+		start := time.Now()
+		_, _, err := alloc.Allocate(context.Background(), att(i))
+		if err != nil {
+			if !errors.Is(err, ipam.ErrNoQuorum) || time.Since(start) < bound {
+				t.Fatalf("ADD %d needing a new block: %v after %s; want ErrNoQuorum after the %s wait", i, err, time.Since(start), bound)
+			}
+			break
+		}
+		if d := time.Since(start); d >= bound {
+			t.Fatalf("ADD %d from an owned block took %s: it waited for a leader", i, d)
+		}
+		if i > 4 {
+			t.Fatal("a /30 block served more than 4 addresses")
+		}
+	}
+	if i == 0 {
+		t.Fatal("the owned block served no address")
+	}
+	if owner.claims.Load() != 0 {
+		t.Fatalf("the owner was asked to claim %d times without a leader", owner.claims.Load())
 	}
 }
