@@ -74,6 +74,7 @@ func checkAttach(req cni.AttachRequest) (cni.AttachRequest, error) {
 // address (claiming a block only if none is free), build the veth, and undo the address if the
 // kernel work fails, so a failed ADD leaves the peer as it was.
 func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachResult, error) {
+	arrived := time.Now()
 	req, err := checkAttach(req)
 	if err != nil {
 		return nil, err
@@ -118,7 +119,7 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	// Allocate claims a new block only when the owned ones are full; that claim, and only
 	// it, may wait for a Raft leader while this peer is still forming or joining its cluster
 	// (leaderWait).
-	rec, existed, err := p.alloc.Allocate(ctx, ipam.Attachment{
+	rec, existed, err := p.alloc.Allocate(withArrival(ctx, arrived), ipam.Attachment{
 		ContainerID: req.ContainerID, IfName: req.IfName, Network: network.Name, CNINetwork: req.CNINetwork,
 		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu, Services: req.Services,
 	})
@@ -324,14 +325,28 @@ func (w *leaderWait) hasLeader() bool {
 	return true
 }
 
+// arrivalKey is the context key of the time an ADD arrived (withArrival).
+type arrivalKey struct{}
+
+// withArrival records when an ADD arrived. Its wait for a leader counts from then, so an ADD
+// queued behind another's claim (the allocator serialises claims) does not wait Bound again
+// after the first one gave up: every ADD fails at most Bound after it arrived.
+func withArrival(ctx context.Context, t time.Time) context.Context {
+	return context.WithValue(ctx, arrivalKey{}, t)
+}
+
 // wait returns nil as soon as a leader is known, at once when the cluster has formed, and
-// ipam.ErrNoQuorum naming what it waited for when Bound passes or ctx ends first.
+// ipam.ErrNoQuorum naming what it waited for when Bound has passed since the ADD arrived
+// (or since the call, without withArrival) or ctx ends first.
 func (w *leaderWait) wait(ctx context.Context) error {
 	if w.cfg.Bound <= 0 || w.formed.Load() || w.hasLeader() {
 		return nil
 	}
 	start := time.Now()
-	bound := time.NewTimer(w.cfg.Bound)
+	if t, ok := ctx.Value(arrivalKey{}).(time.Time); ok && t.Before(start) {
+		start = t
+	}
+	bound := time.NewTimer(w.cfg.Bound - time.Since(start)) // fires at once when already past
 	defer bound.Stop()
 	tick := time.NewTicker(w.cfg.Poll)
 	defer tick.Stop()

@@ -200,7 +200,7 @@ func TestOwnedBlockServesWithoutLeaderAndOnlyTheClaimWaits(t *testing.T) {
 	n := ipam.Network{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16"), BlockBits: 30}
 	owner := &fakeOwner{noQuorum: true, owned: []netip.Prefix{netip.MustParsePrefix("10.40.0.0/30")}}
 	var l leaderAfter
-	const bound = 300 * time.Millisecond
+	const bound = 2 * time.Second // far above one bbolt write, even on a loaded machine
 	w := newLeaderWait(owner, leaderWaitConfig{Peer: "p1", Leader: l.get, Bound: bound, Poll: 10 * time.Millisecond})
 	alloc, err := ipam.NewAllocator(ipam.Config{Peer: "p1", Networks: []ipam.Network{n}}, db, w)
 	if err != nil {
@@ -230,6 +230,30 @@ func TestOwnedBlockServesWithoutLeaderAndOnlyTheClaimWaits(t *testing.T) {
 	}
 	if i == 0 {
 		t.Fatal("the owned block served no address")
+	}
+	if owner.claims.Load() != 0 {
+		t.Fatalf("the owner was asked to claim %d times without a leader", owner.claims.Load())
+	}
+}
+
+// An ADD queued behind another's claim counts its wait from its arrival: it fails at most
+// Bound after it arrived, not Bound after it got its turn.
+func TestLeaderWaitCountsFromTheArrival(t *testing.T) {
+	owner := &fakeOwner{}
+	var l leaderAfter
+	// Wide margins: a loaded machine delays timers, but not by seconds.
+	const bound = 3 * time.Second
+	w := newLeaderWait(owner, leaderWaitConfig{Peer: "p1", Leader: l.get, Bound: bound, Poll: 10 * time.Millisecond})
+	ctx := withArrival(context.Background(), time.Now().Add(-2*time.Second))
+	start := time.Now()
+	_, err := w.Claim(ctx, testNet, "p1")
+	if d := time.Since(start); !errors.Is(err, ipam.ErrNoQuorum) || d >= 2500*time.Millisecond || d < 500*time.Millisecond {
+		t.Fatalf("claim of an ADD that arrived 2s ago: %v after %s; want ErrNoQuorum after about 1s", err, d)
+	}
+	ctx = withArrival(context.Background(), time.Now().Add(-time.Minute))
+	start = time.Now()
+	if _, err := w.Claim(ctx, testNet, "p1"); !errors.Is(err, ipam.ErrNoQuorum) || !strings.Contains(err.Error(), "waited 3s") || time.Since(start) > time.Second {
+		t.Fatalf("claim of an ADD past its bound: %v after %s; want ErrNoQuorum at once, saying it waited 3s", err, time.Since(start))
 	}
 	if owner.claims.Load() != 0 {
 		t.Fatalf("the owner was asked to claim %d times without a leader", owner.claims.Load())
