@@ -1,6 +1,7 @@
-// Package router is the weft peer: it wires ipam, datapath (and, as they land, mesh and dns)
+// Package router is the weft peer: it wires mesh, ipam, datapath, dns and the path choice
 // together under one root context with an ordered start and stop, and serves the control API
-// on a unix socket plus metrics and status over loopback HTTP.
+// (the CNI verbs and the operator commands) on a unix socket plus metrics and status over
+// loopback HTTP.
 package router
 
 import (
@@ -16,16 +17,23 @@ import (
 
 // Defaults, as documented in the README.
 const (
-	DefaultSocket     = "/run/weft/weft.sock"
-	DefaultDataDir    = "/var/lib/weft"
-	DefaultHTTPAddr   = "127.0.0.1:6782"
-	DefaultNetwork    = "default"
-	DefaultBridge     = "weft"
-	DefaultMTU        = 1420 // 1500 minus room for the WireGuard/VXLAN encapsulation to come
+	DefaultSocket   = "/run/weft/weft.sock"
+	DefaultDataDir  = "/var/lib/weft"
+	DefaultHTTPAddr = "127.0.0.1:6782"
+	DefaultNetwork  = "default"
+	DefaultBridge   = "weft"
+	// DefaultMTU fits every link mode on a 1500-byte underlay: VXLAN takes 50 bytes and
+	// WireGuard 80, so their devices are 1450 and 1420.
+	DefaultMTU        = 1420
 	DefaultMeshPort   = 6783
 	DefaultRaftPort   = 6785
 	DefaultRaftVoters = 3
 	DefaultVoterGrace = time.Minute
+	// DefaultAttachWait is how long an ADD that needs a new block waits for a Raft leader
+	// while the peer is still forming or joining its cluster.
+	DefaultAttachWait = 15 * time.Second
+	// maxAttachWait keeps --attach-wait below the plugin's own 60s bound on one call.
+	maxAttachWait = 50 * time.Second
 	// defaultSettle is how long membership must stay unchanged before a peer without Raft
 	// state may bootstrap, so that peers starting together agree on who does.
 	defaultSettle      = 3 * time.Second
@@ -58,7 +66,9 @@ type Config struct {
 	AdvertiseAddr netip.Addr
 	MeshPort      int
 	RaftPort      int
-	// Password encrypts gossip and authenticates Raft between peers; empty means neither.
+	// Password encrypts and authenticates gossip, Raft and leader forwarding, and probes
+	// (a key derived per use), and with Encrypt "auto" asks for WireGuard links; empty
+	// means none of these.
 	Password []byte
 	// RaftVoters is how many of the first peers vote.
 	RaftVoters int
@@ -66,6 +76,10 @@ type Config struct {
 	VoterGrace time.Duration
 	// ReclaimAfter, when set, returns the blocks of peers dead that long to the pool.
 	ReclaimAfter time.Duration
+	// AttachWait is how long an ADD that needs a new block waits for a Raft leader while
+	// this peer is still forming or joining its cluster, before it fails with CNI 11; 0
+	// fails at once.
+	AttachWait time.Duration
 	// SettleTime overrides defaultSettle (tests).
 	SettleTime time.Duration
 
@@ -122,6 +136,7 @@ func DefaultConfig() Config {
 		RaftPort:      DefaultRaftPort,
 		RaftVoters:    DefaultRaftVoters,
 		VoterGrace:    DefaultVoterGrace,
+		AttachWait:    DefaultAttachWait,
 		SettleTime:    defaultSettle,
 		Encrypt:       "auto",
 		WireGuardPort: 6786,
@@ -178,6 +193,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --dns-ttl %s must be positive", ErrInvalidConfig, c.DNSTTL)
 	case c.DNSDownGrace <= 0:
 		return fmt.Errorf("%w: --dns-down-grace %s must be positive", ErrInvalidConfig, c.DNSDownGrace)
+	case c.AttachWait < 0 || c.AttachWait > maxAttachWait:
+		return fmt.Errorf("%w: --attach-wait %s must be between 0 and %s (the CNI plugin gives one call 60s)", ErrInvalidConfig, c.AttachWait, maxAttachWait)
 	case c.ReclaimAfter < 0:
 		return fmt.Errorf("%w: --reclaim-after %s must not be negative", ErrInvalidConfig, c.ReclaimAfter)
 	case c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified()):

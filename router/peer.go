@@ -113,7 +113,7 @@ func (p *Peer) Run(ctx context.Context) error {
 		Networks:   []ipam.Network{p.cfg.defaultNetwork()},
 		Logger:     p.log.With("component", "ipam"),
 		Registerer: p.reg,
-	}, db, p.cluster)
+	}, db, p.startLeaderWait(ctx, &stops))
 	if err != nil {
 		return err
 	}

@@ -21,7 +21,7 @@ func newPeerCmd() *cobra.Command {
 		advertise, password, passwordFile          string
 		mtu, meshPort, raftPort, voters, blockBits int
 		seeds, dnsUpstreams                        []string
-		voterGrace, reclaimAfter                   time.Duration
+		voterGrace, reclaimAfter, attachWait       time.Duration
 		dnsDomain                                  string
 		noDirect                                   bool
 		encrypt                                    string
@@ -51,6 +51,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
+			cfg.AttachWait = attachWait
 			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
 			cfg.ProbePort, cfg.LinkProbePort, cfg.ProbeInterval, cfg.ProbeTimeout, cfg.SLA = probePort, linkProbePort, probeInterval, probeTimeout, sla
 			for _, s := range trusted {
@@ -83,7 +84,7 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&httpAddr, "http-addr", def.HTTPAddr, "loopback address for /metrics, /status and the status page (empty: off)")
 	f.StringVar(&ipRange, "ipalloc-range", def.IPAllocRange.String(), "address range of the default network")
 	f.IntVar(&blockBits, "ipalloc-block", def.BlockBits, "prefix length of the blocks peers claim (the same on every peer)")
-	f.IntVar(&mtu, "mtu", def.MTU, "MTU of container interfaces and bridges")
+	f.IntVar(&mtu, "mtu", def.MTU, "MTU of container interfaces and bridges (1420 fits VXLAN's 50 and WireGuard's 80 bytes of encapsulation on a 1500-byte underlay)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringSliceVar(&seeds, "peers", nil, "peers to join, host[:port] separated by commas (empty for the first peer)")
 	f.StringVar(&advertise, "advertise-addr", "", "this host's underlay address (default: the address of the default-route interface)")
@@ -93,6 +94,7 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&passwordFile, "password-file", "", "read the password from this file")
 	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
+	f.DurationVar(&attachWait, "attach-wait", def.AttachWait, "how long an ADD that needs a new block waits for a Raft leader while this peer is still forming or joining its cluster (0: fail at once with CNI 11)")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
 	f.StringVar(&encrypt, "encrypt", def.Encrypt, "link encryption: never, auto (when a password is set) or always; plaintext only between peers that trust each other")
 	f.StringSliceVar(&trusted, "trusted-subnets", nil, "underlay CIDRs whose peers may get plaintext links (both ends must trust each other)")

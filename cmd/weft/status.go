@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -188,16 +189,45 @@ func printStatus(out io.Writer, st router.Status) {
 		fmt.Fprintln(out, "no attachments")
 		return
 	}
+	ids := make([]string, len(st.Attachments))
+	for i, a := range st.Attachments {
+		ids[i] = a.ContainerID
+	}
+	short := shortIDs(ids, 12)
 	fmt.Fprintln(tw, "NAME\tADDRESS\tNETWORK\tCONTAINER\tIFNAME\tHOST-IF")
 	for _, a := range st.Attachments {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, a.Address, a.Network, shortID(a.ContainerID), a.IfName, a.HostIfName)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, a.Address, a.Network, short[a.ContainerID], a.IfName, a.HostIfName)
 	}
 	tw.Flush()
 }
 
-func shortID(id string) string {
-	if len(id) > 12 {
-		return id[:12]
+// shortIDs maps every ID to its shortest prefix of at least minLen characters that no other
+// (different) ID starts with, like docker's and git's short IDs: two containers never read
+// the same, and an ID no longer than that prefix is shown whole. O(n log n) in the number of
+// IDs: after sorting, the longest prefix an ID shares with any other is the one it shares
+// with a neighbour.
+func shortIDs(ids []string, minLen int) map[string]string {
+	sorted := slices.Clone(ids)
+	slices.Sort(sorted)
+	sorted = slices.Compact(sorted)
+	out := make(map[string]string, len(sorted))
+	for i, id := range sorted {
+		n := minLen
+		if i > 0 {
+			n = max(n, commonPrefixLen(id, sorted[i-1])+1)
+		}
+		if i+1 < len(sorted) {
+			n = max(n, commonPrefixLen(id, sorted[i+1])+1)
+		}
+		out[id] = id[:min(n, len(id))]
 	}
-	return id
+	return out
+}
+
+func commonPrefixLen(a, b string) int {
+	n := 0
+	for n < len(a) && n < len(b) && a[n] == b[n] {
+		n++
+	}
+	return n
 }
