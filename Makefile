@@ -9,7 +9,7 @@ PREFIX   ?= /usr/local
 CNI_BIN  ?= /opt/cni/bin
 CNI_CONF ?= /etc/cni/net.d
 
-.PHONY: all build test bench bench-deps demo demo-down lint install clean
+.PHONY: all build test bench bench-deps scale scale-deps demo demo-down lint install clean
 
 all: build
 
@@ -35,6 +35,20 @@ bench: build bench-deps
 
 bench-deps:
 	@missing=$$(for p in $(BENCH_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+# The control plane at scale with real processes (issue 11): N `weft peer` processes in
+# network namespaces, then N Debian `serf` agents on the same kind of lab as the anchor;
+# see-all time, idle CPU and RSS per peer, container pings, side by side. Minutes per N;
+# never part of `make test`. SCALE_N=25,50 and SCALE_FLAGS='-window 10s' to shorten it.
+SCALE_PKGS  := serf containernetworking-plugins iputils-ping iproute2
+SCALE_N     ?= 50,100
+SCALE_FLAGS ?=
+scale: build scale-deps
+	$(GO) run ./chaos-tests/bench/scale -bin $(BIN) -n $(SCALE_N) -serf $(SCALE_FLAGS)
+
+scale-deps:
+	@missing=$$(for p in $(SCALE_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 # A lab on this machine: hosts and containers in network namespaces, real weft peers.
