@@ -185,7 +185,7 @@ func teardown(o options, l *lab.Lab, c cluster, system string, err *error) {
 
 func runWeft(ctx context.Context, o options, n int) (r *result, err error) {
 	r = &result{system: "weft", n: n}
-	fmt.Printf("weft N=%d: building the lab…\n", n)
+	progress("weft N=%d: building the lab", n)
 	var l *lab.Lab
 	l, err = newLab(ctx, o, o.weftPrefix, n, weftPeerArgs(&l))
 	if err != nil {
@@ -201,7 +201,7 @@ func runWeft(ctx context.Context, o options, n int) (r *result, err error) {
 
 func runSerf(ctx context.Context, o options, n int) (r *result, err error) {
 	r = &result{system: "serf", n: n}
-	fmt.Printf("serf N=%d: building the lab…\n", n)
+	progress("serf N=%d: building the lab", n)
 	l, err := newLab(ctx, o, o.serfPrefix, n, nil)
 	if err != nil {
 		return r, err

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"runtime"
 	"sync"
 	"time"
 
@@ -90,6 +92,7 @@ func measure(ctx context.Context, cfg measureConfig, l *lab.Lab, c cluster, r *r
 		}
 	}
 	r.startTook = lastStart.Sub(first)
+	progress("%s N=%d: %d started in %s; waiting until every peer sees all alive (at most %s)", r.system, r.n, r.started, secs(r.startTook), cfg.seeAllWait)
 
 	// All see all: each peer is polled until it sees n alive; from then on it is left
 	// alone, so that polling does not load the peers more than needed. The time of the
@@ -152,6 +155,7 @@ func measure(ctx context.Context, cfg measureConfig, l *lab.Lab, c cluster, r *r
 	}
 
 	// Idle: no polling from here on.
+	progress("%s N=%d: all see all: %s; idle window of %s after %s", r.system, r.n, r.seeAllText(), cfg.window, cfg.settle)
 	if err := sleep(ctx, cfg.settle); err != nil {
 		return err
 	}
@@ -197,12 +201,17 @@ func idle(ctx context.Context, window time.Duration, hosts []*lab.Host, c cluste
 		}
 		before[i] = probe{pid, t}
 	}
+	busy0, total0, cerr := cpuTimes()
 	start := time.Now()
 	if err := sleep(ctx, window); err != nil {
 		return err
 	}
 	r.window = time.Since(start).Round(100 * time.Millisecond)
 	r.loadWindow = loadAvg()
+	if busy1, total1, err := cpuTimes(); err == nil && cerr == nil && total1 > total0 {
+		// Busy share of all cores, times the core count: % of one core, like the peers.
+		r.machineBusy = float64(busy1-busy0) / float64(total1-total0) * 100 * float64(runtime.NumCPU())
+	}
 	for i, h := range hosts {
 		b := before[i]
 		if b.pid == 0 {
@@ -226,6 +235,11 @@ func idle(ctx context.Context, window time.Duration, hosts []*lab.Host, c cluste
 		r.rss = append(r.rss, float64(rss)/(1<<20))
 	}
 	return nil
+}
+
+// progress tells the operator what the run is doing (stderr, so stdout is the report).
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "%s  %s\n", time.Now().UTC().Format("15:04:05"), fmt.Sprintf(format, args...))
 }
 
 // parallel calls fn for every item, at most workers at a time, and waits for all.

@@ -77,6 +77,36 @@ func rssBytes(pid int) (uint64, error) {
 	return parseVmRSS(string(b))
 }
 
+// cpuTimes returns the machine's busy and total time from the first line of /proc/stat,
+// in USER_HZ ticks over all cores; idle and iowait count as not busy.
+func cpuTimes() (busy, total uint64, err error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	return parseCPULine(strings.SplitN(string(b), "\n", 2)[0])
+}
+
+// parseCPULine parses the aggregate "cpu  user nice system idle iowait irq softirq steal
+// ..." line of /proc/stat. Guest time is already inside user and nice.
+func parseCPULine(line string) (busy, total uint64, err error) {
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		return 0, 0, fmt.Errorf("%w: /proc/stat cpu line %q", errProcFormat, line)
+	}
+	for i, s := range f[1:min(len(f), 9)] { // user..steal
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			return 0, 0, fmt.Errorf("%w: /proc/stat field %d %q", errProcFormat, i+1, s)
+		}
+		total += v
+		if i != 3 && i != 4 { // idle, iowait
+			busy += v
+		}
+	}
+	return busy, total, nil
+}
+
 // loadAvg returns the 1-minute load average.
 func loadAvg() float64 {
 	b, err := os.ReadFile("/proc/loadavg")

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -23,10 +24,11 @@ type result struct {
 	reached  int // peers that saw all n alive (== n when seeAllOK)
 	minSeen  int // the fewest alive members any peer saw at its last poll
 
-	window     time.Duration
-	cpu        []float64 // idle CPU per peer over window, % of one core
-	rss        []float64 // RSS per peer at the end of window, MB
-	loadWindow float64   // 1-minute load average at the end of window
+	window      time.Duration
+	cpu         []float64 // idle CPU per peer over window, % of one core
+	rss         []float64 // RSS per peer at the end of window, MB
+	loadWindow  float64   // 1-minute load average at the end of window
+	machineBusy float64   // CPU the whole machine used over window, % of one core
 
 	leader     string
 	leaderTook time.Duration // from convergence (or its timeout) until a leader was known
@@ -142,8 +144,8 @@ func writeDetail(w io.Writer, r *result) {
 	fmt.Fprintf(w, "%s N=%d: %d/%d started in %s (load average before %.1f)\n", r.system, r.n, r.started, r.n, secs(r.startTook), r.loadStart)
 	fmt.Fprintf(w, "  all see all %d alive: %s after the last start\n", r.n, r.seeAllText())
 	if len(r.cpu) > 0 {
-		fmt.Fprintf(w, "  idle CPU over %s, %% of one core: median %.2f%%, max %.2f%%, all %d together %.1f%% (load average at the end %.1f)\n",
-			r.window, median(r.cpu), maxOf(r.cpu), len(r.cpu), sum(r.cpu), r.loadWindow)
+		fmt.Fprintf(w, "  idle CPU over %s, %% of one core: median %.2f%%, max %.2f%%, all %d together %.1f%% (the whole machine: %.0f%% of %d cores' %d%%; load average at the end %.1f)\n",
+			r.window, median(r.cpu), maxOf(r.cpu), len(r.cpu), sum(r.cpu), r.machineBusy, runtime.NumCPU(), 100*runtime.NumCPU(), r.loadWindow)
 		fmt.Fprintf(w, "  RSS: median %.1f MB, max %.1f MB\n", median(r.rss), maxOf(r.rss))
 	}
 	if r.system == "weft" {

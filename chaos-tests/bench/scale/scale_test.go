@@ -35,6 +35,18 @@ func TestParseVmRSS(t *testing.T) {
 	}
 }
 
+func TestParseCPULine(t *testing.T) {
+	busy, total, err := parseCPULine("cpu  100 5 50 800 40 3 2 0 0 0")
+	if err != nil || busy != 160 || total != 1000 {
+		t.Fatalf("parseCPULine = %d, %d, %v; want 160, 1000", busy, total, err)
+	}
+	for _, bad := range []string{"", "cpu0 1 2 3 4 5 6 7", "cpu 1 2 3", "cpu 1 2 3 x 5 6 7"} {
+		if _, _, err := parseCPULine(bad); !errors.Is(err, errProcFormat) {
+			t.Errorf("parseCPULine(%q) = %v, want errProcFormat", bad, err)
+		}
+	}
+}
+
 func TestMedian(t *testing.T) {
 	xs := []float64{5, 1, 3}
 	if m := median(xs); m != 3 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -141,9 +142,40 @@ func sampleIndexes(n, k int) []int {
 	return out
 }
 
+// ctr is an attached container and its address.
+type ctr struct {
+	c    *lab.Container
+	addr netip.Addr
+}
+
+// attach makes a container on h and attaches it through the weft CNI plugin.
+func attach(ctx context.Context, w *weftCluster, h *lab.Host) (ctr, error) {
+	if w.pid(h) == 0 {
+		return ctr{}, errors.New("its peer does not run")
+	}
+	c, err := h.NewContainer()
+	if err != nil {
+		return ctr{}, err
+	}
+	cn, err := h.CNI(lab.CNIOptions{})
+	if err != nil {
+		return ctr{}, err
+	}
+	res, err := cn.Add(ctx, c.RuntimeConf("eth0"))
+	if err != nil {
+		return ctr{}, fmt.Errorf("attach: %w", err)
+	}
+	pfx, err := lab.ResultAddress(res)
+	if err != nil {
+		return ctr{}, fmt.Errorf("attach: %w", err)
+	}
+	return ctr{c, pfx.Addr()}, nil
+}
+
 // containerPings waits for a Raft leader, attaches one container on each sampled host
 // and pings every ordered pair of them until each answers once or wait passes.
 func containerPings(ctx context.Context, l *lab.Lab, w *weftCluster, sample int, wait time.Duration, r *result) error {
+	progress("weft N=%d: waiting for the raft leader, attaching %d containers, pinging", r.n, sample)
 	t0 := time.Now()
 	lctx, cancel := context.WithTimeout(ctx, wait)
 	err := lab.Poll(lctx, 200*time.Millisecond, func() error {
@@ -160,42 +192,28 @@ func containerPings(ctx context.Context, l *lab.Lab, w *weftCluster, sample int,
 	}
 	r.leaderTook = time.Since(t0)
 
-	type ctr struct {
-		c    *lab.Container
-		addr netip.Addr
-	}
-	var ctrs []ctr
-	for _, i := range sampleIndexes(len(l.Hosts()), sample) {
+	// Attach all at once, each bounded by wait: one slow claim must not hold up the rest.
+	var (
+		mu   sync.Mutex // guards ctrs and r's notes
+		ctrs []ctr
+	)
+	actx, cancel := context.WithTimeout(ctx, wait)
+	parallel(sampleIndexes(len(l.Hosts()), sample), sample, func(i int) {
 		h := l.Host(i)
-		if w.pid(h) == 0 {
-			r.note("no container on %s: its peer does not run", h.Name)
-			continue
-		}
-		c, err := h.NewContainer()
+		c, err := attach(actx, w, h)
+		mu.Lock()
+		defer mu.Unlock()
 		if err != nil {
-			return err
+			r.note("no container on %s: %v", h.Name, err)
+			return
 		}
-		cn, err := h.CNI(lab.CNIOptions{})
-		if err != nil {
-			return err
-		}
-		actx, cancel := context.WithTimeout(ctx, wait)
-		res, err := cn.Add(actx, c.RuntimeConf("eth0"))
-		cancel()
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if err != nil {
-			r.note("attach a container on %s: %v", h.Name, err)
-			continue
-		}
-		pfx, err := lab.ResultAddress(res)
-		if err != nil {
-			r.note("attach a container on %s: %v", h.Name, err)
-			continue
-		}
-		ctrs = append(ctrs, ctr{c, pfx.Addr()})
+		ctrs = append(ctrs, c)
+	})
+	cancel()
+	if ctx.Err() != nil {
+		return ctx.Err()
 	}
+	slices.SortFunc(ctrs, func(a, b ctr) int { return a.c.Host.Index - b.c.Host.Index })
 	type pair struct{ a, b ctr }
 	var pairs []pair
 	for _, a := range ctrs {
@@ -205,6 +223,7 @@ func containerPings(ctx context.Context, l *lab.Lab, w *weftCluster, sample int,
 			}
 		}
 	}
+	// Pairs with a host whose container did not attach count as failed.
 	n := len(sampleIndexes(len(l.Hosts()), sample))
 	r.pingsTotal = n * (n - 1)
 	if len(pairs) == 0 {
@@ -213,7 +232,6 @@ func containerPings(ctx context.Context, l *lab.Lab, w *weftCluster, sample int,
 	t1 := time.Now()
 	pctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	var mu sync.Mutex
 	var failed []string
 	parallel(pairs, 4, func(p pair) {
 		err := lab.Poll(pctx, 200*time.Millisecond, func() error { return p.a.c.Ping(pctx, p.b.addr) })
