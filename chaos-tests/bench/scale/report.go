@@ -171,7 +171,11 @@ func writeSummary(w io.Writer, ns []int, weft, serf map[int]*result) {
 		var b strings.Builder
 		fmt.Fprintf(&b, "N=%-4d see-all weft %s", n, wr.seeAllText())
 		if sr != nil {
-			fmt.Fprintf(&b, " serf %s (%s)", sr.seeAllText(), ratio(wr.seeAllSecs(), sr.seeAllSecs()))
+			rt := ratio(wr.seeAllSecs(), sr.seeAllSecs())
+			if wr != nil && !wr.seeAllOK && sr.seeAllOK {
+				rt = ">" + ratio(wr.seeAll.Seconds(), sr.seeAllSecs()) // a lower bound
+			}
+			fmt.Fprintf(&b, " serf %s (%s)", sr.seeAllText(), rt)
 		}
 		fmt.Fprintf(&b, " | idle CPU/peer weft %.2f%%", wr.cpuMedian())
 		if sr != nil {

@@ -135,6 +135,13 @@ func TestSummaryTargets(t *testing.T) {
 	if !strings.Contains(n100, ">90.00s (40/100 peers saw all, fewest seen 61)") {
 		t.Errorf("N=100 line does not say what the timeout reached: %q", n100)
 	}
+	slow50 := *slow
+	slow50.n = 50
+	b.Reset()
+	writeSummary(&b, []int{50}, map[int]*result{50: &slow50}, map[int]*result{50: serf})
+	if !strings.Contains(b.String(), "serf 0.50s (>180.0×)") {
+		t.Errorf("a timed-out see-all is not shown as a lower bound of the ratio: %q", b.String())
+	}
 	if strings.Count(t100, "MISSED") != 4 {
 		t.Errorf("N=100 missed all four targets, got %q", t100)
 	}
