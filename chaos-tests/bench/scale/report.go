@@ -150,7 +150,7 @@ func writeDetail(w io.Writer, r *result) {
 	}
 	if r.system == "weft" {
 		if r.leader != "" {
-			fmt.Fprintf(w, "  raft leader %s, known %s after the mesh converged\n", r.leader, secs(r.leaderTook))
+			fmt.Fprintf(w, "  raft leader %s, known %s after the see-all step\n", r.leader, secs(r.leaderTook))
 		}
 		if r.pingsTotal > 0 {
 			fmt.Fprintf(w, "  container pings between sampled hosts: %d/%d ok (last pair answered %s after the attachments)\n",
