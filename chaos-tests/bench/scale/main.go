@@ -64,6 +64,7 @@ type options struct {
 	weftPrefix string
 	serfPrefix string
 	keepLogs   string
+	weftArgs   []string // extra `weft peer` flags for every host
 	mc         measureConfig
 	pingWait   time.Duration
 	logger     *slog.Logger
@@ -102,6 +103,7 @@ func run() error {
 	flag.StringVar(&o.weftPrefix, "prefix", "wscl", "namespace prefix of the weft labs")
 	flag.StringVar(&o.serfPrefix, "serf-prefix", "wsrf", "namespace prefix of the serf labs")
 	flag.StringVar(&o.keepLogs, "keep-logs", "", "copy every peer's log into this directory before teardown")
+	weftArgs := flag.String("weft-args", "", "extra `weft peer` flags for every host, space-separated (e.g. \"--log-level warn\")")
 	flag.IntVar(&o.mc.batch, "batch", 10, "processes started together after the three seeds")
 	flag.DurationVar(&o.mc.startTimeout, "start-timeout", 60*time.Second, "longest wait for one batch to answer")
 	flag.DurationVar(&o.mc.seeAllWait, "timeout", 90*time.Second, "longest wait for all peers to see all")
@@ -110,6 +112,7 @@ func run() error {
 	flag.DurationVar(&o.mc.window, "window", 30*time.Second, "idle CPU window")
 	flag.DurationVar(&o.pingWait, "ping-timeout", 60*time.Second, "longest wait for the Raft leader, each attachment, and the ping matrix")
 	flag.Parse()
+	o.weftArgs = strings.Fields(*weftArgs)
 	var err error
 	if o.ns, err = parseNs(*nsFlag); err != nil {
 		return err
@@ -187,7 +190,7 @@ func runWeft(ctx context.Context, o options, n int) (r *result, err error) {
 	r = &result{system: "weft", n: n}
 	progress("weft N=%d: building the lab", n)
 	var l *lab.Lab
-	l, err = newLab(ctx, o, o.weftPrefix, n, weftPeerArgs(&l))
+	l, err = newLab(ctx, o, o.weftPrefix, n, weftPeerArgs(&l, o.weftArgs))
 	if err != nil {
 		return r, err
 	}

@@ -27,10 +27,12 @@ func newWeftCluster(l *lab.Lab) *weftCluster {
 }
 
 // weftPeerArgs returns the extra flags of host i: the control plane alone
-// (--encrypt=never), the first peer without seeds, every other seeded with hosts 0..2.
-func weftPeerArgs(l **lab.Lab) func(i int) []string {
+// (--encrypt=never), the first peer without seeds, every other seeded with hosts 0..2,
+// then extra.
+func weftPeerArgs(l **lab.Lab, extra []string) func(i int) []string {
 	return func(i int) []string {
 		args := []string{"--encrypt=never"}
+		args = append(args, extra...)
 		if i > 0 {
 			args = append(args, "--peers", seedList(*l, i, 6783))
 		}
