@@ -103,7 +103,7 @@ func run() error {
 	flag.StringVar(&o.weftPrefix, "prefix", "wscl", "namespace prefix of the weft labs")
 	flag.StringVar(&o.serfPrefix, "serf-prefix", "wsrf", "namespace prefix of the serf labs")
 	flag.StringVar(&o.keepLogs, "keep-logs", "", "copy every peer's log into this directory before teardown")
-	weftArgs := flag.String("weft-args", "", "extra `weft peer` flags for every host, space-separated (e.g. \"--log-level warn\")")
+	weftArgs := flag.String("weft-args", "", "extra weft peer flags for every host, space-separated (e.g. \"--log-level warn\")")
 	flag.IntVar(&o.mc.batch, "batch", 10, "processes started together after the three seeds")
 	flag.DurationVar(&o.mc.startTimeout, "start-timeout", 60*time.Second, "longest wait for one batch to answer")
 	flag.DurationVar(&o.mc.seeAllWait, "timeout", 90*time.Second, "longest wait for all peers to see all")
