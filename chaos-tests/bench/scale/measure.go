@@ -212,7 +212,7 @@ func idle(ctx context.Context, window time.Duration, hosts []*lab.Host, c cluste
 		// Busy share of all cores, times the core count: % of one core, like the peers.
 		r.machineBusy = float64(busy1-busy0) / float64(total1-total0) * 100 * float64(runtime.NumCPU())
 		if r.machineBusy >= 95*float64(runtime.NumCPU()) {
-			r.note("the machine was saturated during the idle window (%.0f%% of %d cores' %d%%): the peers got less CPU than they asked for, so their figures are lower bounds",
+			r.note("the machine was saturated during the idle window (%.0f%% of %d cores' %d%%): the peers may have got less CPU than they asked for, so their figures may be lower bounds",
 				r.machineBusy, runtime.NumCPU(), 100*runtime.NumCPU())
 		}
 	}
