@@ -9,7 +9,7 @@ PREFIX   ?= /usr/local
 CNI_BIN  ?= /opt/cni/bin
 CNI_CONF ?= /etc/cni/net.d
 
-.PHONY: all build test bench bench-deps demo demo-deps demo-down lint install clean
+.PHONY: all build test bench bench-deps scale scale-deps demo demo-deps demo-down lint install clean
 
 # apt_install installs the Debian packages of $(1) that are missing (as root, on Debian or
 # Ubuntu), so a target works on a fresh machine whatever ran before it.
@@ -40,6 +40,19 @@ bench: build bench-deps
 
 bench-deps:
 	@$(call apt_install,$(BENCH_PKGS))
+
+# The control plane at scale with real processes (issue 11): N `weft peer` processes in
+# network namespaces, then N Debian `serf` agents on the same kind of lab as the anchor;
+# see-all time, idle CPU and RSS per peer, container pings, side by side. Minutes per N;
+# never part of `make test`. SCALE_N=25,50 and SCALE_FLAGS='-window 10s' to shorten it.
+SCALE_PKGS  := serf containernetworking-plugins iputils-ping iproute2
+SCALE_N     ?= 50,100
+SCALE_FLAGS ?=
+scale: build scale-deps
+	$(GO) run ./chaos-tests/bench/scale -bin $(BIN) -n $(SCALE_N) -serf $(SCALE_FLAGS)
+
+scale-deps:
+	@$(call apt_install,$(SCALE_PKGS))
 
 # A lab on this machine: hosts and containers in network namespaces, real weft peers. The
 # lab shells out to `ip` (netns exec) and the demo to `ping`, so demo-deps installs them.

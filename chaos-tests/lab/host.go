@@ -129,7 +129,10 @@ func (h *Host) StartWith(ctx context.Context, extra ...string) error {
 
 // Start starts the peer inside the host namespace and waits until `weft status` answers.
 // It fails if the peer is already running. On failure the error carries the log's tail.
-func (h *Host) Start(ctx context.Context) error {
+func (h *Host) Start(ctx context.Context) error { return h.start(ctx, true) }
+
+// start is Start; with wait false it returns once the process runs (see Launch).
+func (h *Host) start(ctx context.Context, wait bool) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.peer != nil {
@@ -176,6 +179,9 @@ func (h *Host) Start(ctx context.Context) error {
 		h.log.Warn("write pid file", "err", err)
 	}
 	h.log.Info("peer started", "pid", pid)
+	if !wait {
+		return nil
+	}
 
 	if err := h.waitReadyLocked(ctx, p); err != nil {
 		return err
