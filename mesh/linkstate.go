@@ -578,6 +578,17 @@ func (t *LinkTable) Remove(name string) []LinkChange {
 	return out
 }
 
+// Restore undoes Remove for a peer that came back: its entries are taken
+// again whatever their versions, so the next push/pull brings back the
+// links it did not change meanwhile (those it did change come anyway).
+func (t *LinkTable) Restore(name string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if o := t.origins[name]; o != nil && o.removed {
+		delete(t.origins, name)
+	}
+}
+
 // Digest returns the anti-entropy digest (push/pull's LocalState) naming
 // self as the sender. O(N).
 func (t *LinkTable) Digest(self string) []byte {

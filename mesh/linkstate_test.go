@@ -336,6 +336,13 @@ func TestRemoveAndTombstones(t *testing.T) {
 	if _, msgsB, _ := newTableWith(t, clock, msgs).Missing(a.Digest("a")); len(msgsB) != 0 {
 		t.Error("a peer still holding c's links offers them to one that removed c")
 	}
+	// Restore: a peer back after a Remove has its unchanged links taken again.
+	b := newTableWith(t, clock, msgs)
+	b.Remove("c")
+	b.Restore("c")
+	if got := mergeAll(t, b, msgs); len(got) != 1 {
+		t.Errorf("after Restore: %v", got)
+	}
 	now = now.Add(time.Second)
 	newer, _ := c.Publish("c", map[string]LinkStats{"a": up(ms(7), 0), "b": up(ms(1), 0)})
 	if got := mergeAll(t, a, newer); len(got) != 2 {
