@@ -55,7 +55,7 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err := m.RegisterChannel(dnsChannel, p.dnsRep); err != nil {
 		return nil, err
 	}
-	if err := m.RegisterChannel(mesh.LinkStateChannelName, &mesh.LinkStateChannel{Table: p.paths.table, Logger: p.log}); err != nil {
+	if err := m.RegisterChannel(mesh.LinkStateChannelName, p.linkStateChannel(m)); err != nil {
 		return nil, err
 	}
 	if err := m.Start(ctx); err != nil {

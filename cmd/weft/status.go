@@ -107,7 +107,14 @@ func printRoutes(out io.Writer, routes []router.Route) {
 		if !r.SLAOK {
 			ok = "VIOLATED"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2fms\t%.2fms\t%.1f%%\t%s %s\t%s\t%s\n", r.Peer, path, r.RTTms, r.JitterMs, r.Loss*100,
+		rtt := fmt.Sprintf("%.2fms", r.RTTms)
+		switch {
+		case r.Unmeasured:
+			rtt, ok = "?", "unknown"
+		case r.Estimated:
+			rtt, ok = "~"+rtt+" (est.)", ok+" (est.)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%.2fms\t%.1f%%\t%s %s\t%s\t%s\n", r.Peer, path, rtt, r.JitterMs, r.Loss*100,
 			r.SLA, ok, r.Since.Format(time.TimeOnly), r.Reason)
 		for _, h := range r.Hops {
 			fmt.Fprintf(tw, "\t  %s → %s\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", h.From, h.To, h.RTTms, h.JitterMs, h.Loss*100)
