@@ -100,6 +100,11 @@ type Config struct {
 	LinkProbePort int
 	// ProbeInterval is the time between two probes to one peer (jittered).
 	ProbeInterval time.Duration
+	// ProbeTargets is how many peers this peer measures directly by choice (the nearest by
+	// network coordinates and a few random ones; peers it relays through are measured on top).
+	// Every other peer's figures are estimated from coordinates, so probe traffic per peer
+	// does not grow with the mesh.
+	ProbeTargets int
 	// ProbeTimeout is how long a probe may go unanswered before it counts as lost; 0 means
 	// twice ProbeInterval, at most 1s. Three lost in a row mark a link down.
 	ProbeTimeout time.Duration
@@ -143,6 +148,7 @@ func DefaultConfig() Config {
 		ProbePort:     6787,
 		LinkProbePort: 6788,
 		ProbeInterval: time.Second,
+		ProbeTargets:  16,
 		DNSDomain:     "weft.local.",
 		DNSPort:       53,
 		DNSTTL:        30 * time.Second,
@@ -185,6 +191,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --link-probe-port %d must differ from --probe-port", ErrInvalidConfig, c.LinkProbePort)
 	case c.ProbeTimeout != 0 && c.ProbeTimeout < 10*time.Millisecond:
 		return fmt.Errorf("%w: --probe-timeout %s: at least 10ms (0: twice --probe-interval, at most 1s)", ErrInvalidConfig, c.ProbeTimeout)
+	case c.ProbeTargets < 1 || c.ProbeTargets > 1024:
+		return fmt.Errorf("%w: --probe-targets %d out of range 1..1024", ErrInvalidConfig, c.ProbeTargets)
 	case c.ProbeInterval < 50*time.Millisecond:
 		return fmt.Errorf("%w: --probe-interval %s: at most 20 probes a second per peer", ErrInvalidConfig, c.ProbeInterval)
 	case c.DNSPort < 0 || c.DNSPort > 65535:

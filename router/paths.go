@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -46,10 +48,12 @@ type paths struct {
 	sel            *pathsel.Selector
 	sla            pathsel.SLA
 
-	targets map[string]netip.Addr   // peers probed now, by underlay address
-	added   map[string]time.Time    // when each target was first probed
-	dests   map[string]pathsel.Dest // destinations as last given to sel
-	live    map[string]struct{}     // live peers as of the last tick
+	targets  map[string]netip.Addr   // peers probed now, by underlay address
+	probeSet mesh.ProbeTargets       // why each target is probed; input to the next choice
+	rnd      *rand.Rand              // random probe picks
+	added    map[string]time.Time    // when each target was first probed
+	dests    map[string]pathsel.Dest // destinations as last given to sel
+	live     map[string]struct{}     // live peers as of the last tick
 
 	mu      sync.Mutex // guards following
 	choices map[string]pathsel.Choice
@@ -90,9 +94,8 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 			return fmt.Errorf("%w: --sla: %v", ErrInvalidConfig, err)
 		}
 	}
-	// The coordinate estimator (Vivaldi) plugs in here as pathsel.Config.Estimator: with it,
-	// destinations that are not probed get an estimated RTT instead of "unmeasured".
-	sel, err := pathsel.New(pathsel.Config{Self: p.cfg.Name, SLA: sla})
+	// Destinations that are not probed get an RTT estimated from Vivaldi coordinates.
+	sel, err := pathsel.New(pathsel.Config{Self: p.cfg.Name, SLA: sla, Estimator: &p.coords})
 	if err != nil {
 		return err
 	}
@@ -101,7 +104,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		return err
 	}
 	pt := &paths{
-		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{},
+		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 		dests: map[string]pathsel.Dest{}, live: map[string]struct{}{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
 		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
@@ -151,17 +154,60 @@ func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
 	}
 }
 
-// probeTargets returns the peers to probe, by underlay address. Today every live peer;
-// bounded probing (nearest by coordinates, some random, every peer carrying our traffic or
-// relaying it) plugs in here. O(N).
+// probeTargets returns the peers to probe, by underlay address: a bounded set (--probe-targets
+// nearest by coordinates and some random ones, mesh.ChooseProbeTargets) plus every peer this
+// one relays through and every destination it relays (so a healed direct link is seen), so
+// probe traffic per peer does not grow with N. O(N log k).
 func (p *Peer) probeTargets(peers []mesh.Peer) map[string]netip.Addr {
-	targets := map[string]netip.Addr{}
+	pt := p.paths
+	under := make(map[string]netip.Addr, len(peers))
+	live := make([]string, 0, len(peers))
 	for _, pr := range peers {
 		if isLiveRemote(pr) {
-			targets[pr.Name] = pr.Meta.Underlay
+			live = append(live, pr.Name)
+			under[pr.Name] = pr.Meta.Underlay
+		}
+	}
+	pt.mu.Lock()
+	must := make([]string, 0, 2*len(pt.relays))
+	for dest, relay := range pt.relays {
+		must = append(must, dest, relay)
+	}
+	pt.mu.Unlock()
+	pt.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
+		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Must: must,
+		Current: pt.probeSet, Now: time.Now(), Rand: pt.rnd,
+	}, mesh.ProbeTargetConfig{K: p.cfg.ProbeTargets})
+	targets := make(map[string]netip.Addr, p.cfg.ProbeTargets+len(must))
+	for _, name := range pt.probeSet.All() {
+		if a, ok := under[name]; ok {
+			targets[name] = a
 		}
 	}
 	return targets
+}
+
+// coordEstimator estimates RTTs from the mesh's Vivaldi coordinates. Path selection is built
+// before the mesh starts, so the mesh is bound late; until then there are no estimates.
+type coordEstimator struct {
+	mesh atomic.Pointer[mesh.Mesh]
+}
+
+// EstimateRTT implements pathsel.Estimator.
+func (e *coordEstimator) EstimateRTT(a, b string) (time.Duration, bool) {
+	m := e.mesh.Load()
+	if m == nil {
+		return 0, false
+	}
+	return m.EstimateRTTBetween(a, b)
+}
+
+func (e *coordEstimator) estimateFromSelf(peer string) (time.Duration, bool) {
+	m := e.mesh.Load()
+	if m == nil {
+		return 0, false
+	}
+	return m.EstimateRTT(peer)
 }
 
 func isLiveRemote(pr mesh.Peer) bool {

@@ -43,6 +43,7 @@ type Peer struct {
 	usage     *usageTable
 	links     *links
 	paths     *paths
+	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
 	started   time.Time
@@ -137,6 +138,7 @@ func (p *Peer) Run(ctx context.Context) error {
 		stopMesh()
 		return fmt.Errorf("start mesh: %w", err)
 	}
+	p.coords.mesh.Store(p.mesh)
 	stops = append(stops, func() {
 		if err := p.mesh.Leave(2 * time.Second); err != nil {
 			p.log.Warn("leaving the mesh", "err", err)

@@ -27,6 +27,7 @@ func newPeerCmd() *cobra.Command {
 		encrypt                                    string
 		trusted                                    []string
 		wgPort, probePort, linkProbePort           int
+		probeTargets                               int
 		probeInterval, probeTimeout                time.Duration
 		sla                                        string
 		dnsPort                                    int
@@ -54,6 +55,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.AttachWait = attachWait
 			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
 			cfg.ProbePort, cfg.LinkProbePort, cfg.ProbeInterval, cfg.ProbeTimeout, cfg.SLA = probePort, linkProbePort, probeInterval, probeTimeout, sla
+			cfg.ProbeTargets = probeTargets
 			for _, s := range trusted {
 				p, err := netip.ParsePrefix(s)
 				if err != nil {
@@ -102,6 +104,7 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&probePort, "probe-port", def.ProbePort, "UDP port peers measure RTT and loss on, the same on every peer")
 	f.IntVar(&linkProbePort, "link-probe-port", def.LinkProbePort, "UDP port of the probes sent through the link in use (VXLAN, WireGuard), the same on every peer (0: underlay probes only)")
 	f.DurationVar(&probeInterval, "probe-interval", def.ProbeInterval, "time between two probes to one peer (jittered ±20%)")
+	f.IntVar(&probeTargets, "probe-targets", def.ProbeTargets, "how many peers to measure directly (the nearest by network coordinates and a few random ones, plus every relay in use); the rest are estimated from coordinates")
 	f.DurationVar(&probeTimeout, "probe-timeout", 0, "how long a probe may go unanswered before it counts as lost; 3 lost mark a link down (0: twice --probe-interval, at most 1s)")
 	f.StringVar(&sla, "sla", "", `this peer's SLA class, e.g. "gold: rtt<=5ms,jitter<=2ms,loss<=0.1%" (default: any working link)`)
 	f.BoolVar(&noDirect, "no-direct", false, "never route plainly to peers on the same L2 segment; use VXLAN")
