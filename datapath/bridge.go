@@ -63,13 +63,13 @@ func EnsureBridge(cfg BridgeConfig) (*netlink.Bridge, error) {
 			return nil, fmt.Errorf("set MTU %d on %s: %w", cfg.MTU, cfg.Name, err)
 		}
 	}
-	if err := netlink.AddrReplace(br, &netlink.Addr{IPNet: prefixToIPNet(cfg.Gateway)}); err != nil {
+	if err := netlink.AddrReplace(br, &netlink.Addr{IPNet: PrefixToIPNet(cfg.Gateway)}); err != nil {
 		return nil, fmt.Errorf("set gateway %s on %s: %w", cfg.Gateway, cfg.Name, err)
 	}
 	if err := netlink.LinkSetUp(br); err != nil {
 		return nil, fmt.Errorf("bring up %s: %w", cfg.Name, err)
 	}
-	if err := writeSysctl("net/ipv4/ip_forward", "1"); err != nil {
+	if err := WriteSysctl("net/ipv4/ip_forward", "1"); err != nil {
 		return nil, err
 	}
 	return br, nil
@@ -86,7 +86,7 @@ func EnableRelaying(underlayDev string) error {
 		"net/ipv4/conf/all/rp_filter":                      "2",
 		"net/ipv4/conf/" + underlayDev + "/rp_filter":      "2",
 	} {
-		if err := writeSysctl(key, value); err != nil {
+		if err := WriteSysctl(key, value); err != nil {
 			return err
 		}
 	}
@@ -115,15 +115,4 @@ func randomMAC() net.HardwareAddr {
 	rand.Read(mac)
 	mac[0] = mac[0]&0xfe | 0x02
 	return mac
-}
-
-func writeSysctl(key, value string) error {
-	path := "/proc/sys/" + key
-	if cur, err := os.ReadFile(path); err == nil && string(cur) == value+"\n" {
-		return nil
-	}
-	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
-		return fmt.Errorf("set sysctl %s=%s: %w", key, value, err)
-	}
-	return nil
 }

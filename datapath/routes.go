@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -57,7 +56,7 @@ func EnsureProbeRule(family, port int) error {
 			found = true
 			continue
 		}
-		if err := netlink.RuleDel(&r); err != nil && !isGone(err) {
+		if err := netlink.RuleDel(&r); err != nil && !IsGone(err) {
 			return fmt.Errorf("probe rule: delete stale rule (priority %d): %w", r.Priority, err)
 		}
 	}
@@ -115,7 +114,7 @@ func SyncRoutes(h *netlink.Handle, table, linkIndex int, want []netlink.Route, l
 	}
 	byDst := make(map[netip.Prefix]netlink.Route, len(have))
 	for _, r := range have {
-		if p, ok := ipNetToPrefix(r.Dst); ok {
+		if p, ok := IPNetToPrefix(r.Dst); ok {
 			byDst[p] = r
 		}
 	}
@@ -124,7 +123,7 @@ func SyncRoutes(h *netlink.Handle, table, linkIndex int, want []netlink.Route, l
 	for _, r := range want {
 		r.Protocol = RouteProtocol
 		r.Table = table
-		dst, ok := ipNetToPrefix(r.Dst)
+		dst, ok := IPNetToPrefix(r.Dst)
 		if !ok {
 			errs = append(errs, fmt.Errorf("route without a destination through ifindex %d", linkIndex))
 			continue
@@ -143,7 +142,7 @@ func SyncRoutes(h *netlink.Handle, table, linkIndex int, want []netlink.Route, l
 		if keep[dst] {
 			continue
 		}
-		if err := h.RouteDel(&r); err != nil && !isGone(err) {
+		if err := h.RouteDel(&r); err != nil && !IsGone(err) {
 			errs = append(errs, fmt.Errorf("delete route %s via %s table %d: %w", dst, r.Gw, table, err))
 			continue
 		}
@@ -173,8 +172,4 @@ func sameRoute(cur, r netlink.Route) bool {
 	return cur.LinkIndex == r.LinkIndex && cur.Gw.Equal(r.Gw) &&
 		cur.Flags&onlink == r.Flags&onlink &&
 		(r.Src == nil || cur.Src.Equal(r.Src)) && len(cur.MultiPath) == 0
-}
-
-func isGone(err error) bool {
-	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH)
 }

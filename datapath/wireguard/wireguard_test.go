@@ -27,7 +27,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/datapath/direct/nslab"
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 // testLogger logs through t until the test's cleanups are over; wireguard-go logs from its
@@ -99,7 +99,7 @@ func (h *host) routes(t *testing.T) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs, err := nh.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: link.Attrs().Index, Protocol: RouteProtocol},
+	rs, err := nh.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: link.Attrs().Index, Protocol: datapath.RouteProtocol},
 		netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL)
 	if err != nil {
 		t.Fatal(err)
@@ -192,7 +192,7 @@ func TestNewKeyFileAndNames(t *testing.T) {
 		}
 	}
 
-	if err := d.Set(nil); !errors.Is(err, ErrNotUp) {
+	if err := d.Set(nil); !errors.Is(err, datapath.ErrNotUp) {
 		t.Fatalf("Set before Up = %v, want ErrNotUp", err)
 	}
 	if err := d.Close(); err != nil {
@@ -472,13 +472,14 @@ func TestThreeHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// A block that moves from h3 to h2 follows it; a peer without a key is skipped.
+	// A block that moves from h3 to h2 follows it; a peer without a key is left out and
+	// reported (the bad-peer rule of datapath.Driver), and the good one still converges.
 	moved := h2.peer()
 	moved.Blocks = append(moved.Blocks, h3.block)
 	noKey := h3.peer()
 	noKey.WireGuardKey = [32]byte{}
-	if err := h1.drv.Set([]datapath.RemotePeer{moved, noKey}); err != nil {
-		t.Fatal(err)
+	if err := h1.drv.Set([]datapath.RemotePeer{moved, noKey}); !errors.Is(err, datapath.ErrBadPeer) || !strings.Contains(err.Error(), noKey.Name) {
+		t.Fatalf("Set with a keyless peer = %v, want ErrBadPeer naming %s", err, noKey.Name)
 	}
 	dev := wgDevice(t, h1.drv.Name())
 	if len(dev.Peers) != 1 || len(dev.Peers[0].AllowedIPs) != 2 {

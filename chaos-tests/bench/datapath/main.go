@@ -70,7 +70,7 @@ import (
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/direct"
-	"github.com/weftnet/weft/datapath/direct/nslab"
+	"github.com/weftnet/weft/datapath/nslab"
 	"github.com/weftnet/weft/datapath/vxlan"
 	"github.com/weftnet/weft/datapath/wireguard"
 )

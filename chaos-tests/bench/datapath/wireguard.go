@@ -48,7 +48,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/datapath/direct/nslab"
+	"github.com/weftnet/weft/datapath/nslab"
 	"github.com/weftnet/weft/datapath/wireguard"
 )
 

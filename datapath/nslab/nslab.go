@@ -35,7 +35,6 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/datapath/direct"
 )
 
 // Names and addresses every lab uses.
@@ -250,7 +249,7 @@ func (l *Lab) addHost(i int) (*Host, error) {
 		if _, err := datapath.EnsureBridge(datapath.BridgeConfig{Name: Bridge, Gateway: Gateway, MTU: l.cfg.MTU}); err != nil {
 			return err
 		}
-		return direct.EnableProxyARP(Bridge)
+		return datapath.EnableProxyARP(Bridge)
 	})
 	if err != nil {
 		return nil, err
