@@ -1,4 +1,4 @@
-package lab
+package nslab
 
 import (
 	"fmt"
@@ -6,11 +6,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 )
 
-// Capture records every frame on one interface of a host's namespace (AF_PACKET, both
-// directions), so tests can check what crosses the underlay.
+// Capture records every frame on one interface of a namespace (AF_PACKET, both
+// directions), so tests can check what crosses a link.
 type Capture struct {
 	fd   int
 	stop atomic.Bool
@@ -20,11 +21,16 @@ type Capture struct {
 	frames [][]byte
 }
 
-// Capture starts recording frames on ifname in h's namespace.
-func (h *Host) Capture(ifname string) (*Capture, error) {
+// StartCapture starts recording frames on ifname in the namespace at nsPath. Stop ends it.
+func StartCapture(nsPath, ifname string) (*Capture, error) {
+	n, err := ns.GetNS(nsPath)
+	if err != nil {
+		return nil, fmt.Errorf("capture: open %s: %w", nsPath, err)
+	}
+	defer n.Close()
 	c := &Capture{done: make(chan struct{})}
-	err := h.Do(func() error {
-		link, err := netlinkLinkIndex(ifname)
+	err = n.Do(func(ns.NetNS) error {
+		ifi, err := ifIndex(ifname)
 		if err != nil {
 			return err
 		}
@@ -32,16 +38,21 @@ func (h *Host) Capture(ifname string) (*Capture, error) {
 		if err != nil {
 			return err
 		}
-		c.fd = fd
-		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: link}); err != nil {
+		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi}); err != nil {
 			unix.Close(fd)
 			return err
 		}
+		// A short receive timeout lets the reader notice Stop.
 		tv := unix.NsecToTimeval((50 * time.Millisecond).Nanoseconds())
-		return unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+			unix.Close(fd)
+			return err
+		}
+		c.fd = fd
+		return nil
 	})
 	if err != nil {
-		return nil, fmt.Errorf("lab: capture on %s/%s: %w", h.Name, ifname, err)
+		return nil, fmt.Errorf("capture on %s in %s: %w", ifname, nsPath, err)
 	}
 	go func() {
 		defer close(c.done)
@@ -49,7 +60,8 @@ func (h *Host) Capture(ifname string) (*Capture, error) {
 		for {
 			n, _, err := unix.Recvfrom(c.fd, buf, 0)
 			if err != nil {
-				// A timeout means the queue is empty: the end, once stopped.
+				// A timeout means the queue is empty: the end, once stopped. Frames queued
+				// before Stop are all read first.
 				if c.stop.Load() {
 					return
 				}
@@ -74,7 +86,8 @@ func (c *Capture) Stop() [][]byte {
 	return c.frames
 }
 
-func netlinkLinkIndex(name string) (int, error) {
+// ifIndex is the index of the interface name in the calling thread's namespace.
+func ifIndex(name string) (int, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return 0, err
