@@ -46,6 +46,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 // DelayConfig describes a delay line. NSPath, Name and Routes are required.
@@ -187,7 +189,7 @@ func NewDelayLine(cfg DelayConfig) (_ *DelayLine, err error) {
 		}
 	}()
 
-	h, err := handleAt(cfg.NSPath)
+	h, err := nslab.HandleAt(cfg.NSPath)
 	if err != nil {
 		return nil, err
 	}
@@ -298,7 +300,7 @@ func (d *DelayLine) teardown() error {
 		errs = append(errs, d.tun.Close())
 	}
 	d.wg.Wait()
-	h, err := handleAt(d.cfg.NSPath)
+	h, err := nslab.HandleAt(d.cfg.NSPath)
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
