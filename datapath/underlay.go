@@ -125,3 +125,30 @@ func IPNetToPrefix(n *net.IPNet) (netip.Prefix, bool) {
 func IsGone(err error) bool {
 	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH) || errors.Is(err, unix.ENODEV)
 }
+
+// BlockClaims gives each block of one Set to the first peer of the set that has it (the
+// bad-peer rule on Driver). The zero value is ready; O(1) per block.
+type BlockClaims struct {
+	owner map[netip.Prefix]string
+}
+
+// Claim masks b and gives it to peer. It returns why not instead ("" when claimed): b is
+// not a prefix, another peer of the set has it, or it is not of the family of underlay
+// (unless underlay is the zero Addr: a tunnel may carry either family).
+func (c *BlockClaims) Claim(peer string, b netip.Prefix, underlay netip.Addr) (netip.Prefix, string) {
+	if !b.IsValid() {
+		return b, fmt.Sprintf("block %v is not a prefix", b)
+	}
+	b = b.Masked()
+	if owner, dup := c.owner[b]; dup {
+		return b, fmt.Sprintf("block %s already routed to %s", b, owner)
+	}
+	if underlay.IsValid() && b.Addr().Is4() != underlay.Unmap().Is4() {
+		return b, fmt.Sprintf("block %s and underlay %s differ in family", b, underlay)
+	}
+	if c.owner == nil {
+		c.owner = map[netip.Prefix]string{}
+	}
+	c.owner[b] = peer
+	return b, ""
+}

@@ -101,7 +101,7 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	}
 	var errs []error
 	var want []netlink.Route
-	seen := map[netip.Prefix]string{}
+	var claims datapath.BlockClaims
 	for _, p := range peers {
 		if !p.Underlay.IsValid() || p.Underlay.Unmap().Is4() != d.cfg.Underlay.Is4() {
 			errs = append(errs, d.reject(p.Name, "underlay %v unusable from %v", p.Underlay, d.cfg.Underlay))
@@ -109,16 +109,11 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 		}
 		gw := p.Underlay.Unmap()
 		for _, b := range p.Blocks {
-			b = b.Masked()
-			if owner, dup := seen[b]; dup {
-				errs = append(errs, d.reject(p.Name, "block %s already routed to %s", b, owner))
+			b, why := claims.Claim(p.Name, b, gw)
+			if why != "" {
+				errs = append(errs, d.reject(p.Name, "%s", why))
 				continue
 			}
-			if b.Addr().Is4() != gw.Is4() {
-				errs = append(errs, d.reject(p.Name, "block %s and underlay %s differ in family", b, gw))
-				continue
-			}
-			seen[b] = p.Name
 			want = append(want, netlink.Route{
 				LinkIndex: link.Attrs().Index,
 				Dst:       datapath.PrefixToIPNet(b),

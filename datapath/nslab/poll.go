@@ -3,6 +3,7 @@ package nslab
 import (
 	"context"
 	"fmt"
+	"os"
 	"testing"
 	"time"
 )
@@ -35,4 +36,23 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() er
 	if err := Poll(ctx, 100*time.Millisecond, cond); err != nil {
 		t.Fatalf("%s: not within %s: %v", what, timeout, err)
 	}
+}
+
+// NewTest builds a lab for a test and removes it when the test ends. Not being root is a
+// failure, not a skip: CI runs as root.
+func NewTest(t testing.TB, cfg Config) *Lab {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("this test needs root: it builds network namespaces, veths and bridges")
+	}
+	l, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return l
 }

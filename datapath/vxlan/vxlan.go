@@ -318,7 +318,7 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	var routes, probeRoutes []netlink.Route
 	macs := map[string]string{}
 	ips := map[netip.Addr]string{}
-	blocks := map[netip.Prefix]string{}
+	var claims datapath.BlockClaims
 	for _, p := range peers {
 		ip := p.Underlay.Unmap()
 		switch {
@@ -341,16 +341,11 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 			probeRoutes = append(probeRoutes, datapath.ProbeRoute(idx, ip, true))
 		}
 		for _, b := range p.Blocks {
-			b = b.Masked()
-			if owner := blocks[b]; owner != "" {
-				errs = append(errs, d.reject(p.Name, "block %s already routed to %s", b, owner))
+			b, why := claims.Claim(p.Name, b, ip)
+			if why != "" {
+				errs = append(errs, d.reject(p.Name, "%s", why))
 				continue
 			}
-			if b.Addr().Is4() != ip.Is4() {
-				errs = append(errs, d.reject(p.Name, "block %s and underlay %s differ in family", b, ip))
-				continue
-			}
-			blocks[b] = p.Name
 			routes = append(routes, netlink.Route{
 				LinkIndex: idx,
 				Dst:       datapath.PrefixToIPNet(b),

@@ -25,19 +25,7 @@ import (
 
 func newLab(t *testing.T, tag string, hosts int, routed bool) *nslab.Lab {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root: it builds network namespaces, veths, bridges and VXLAN devices")
-	}
-	l, err := nslab.New(nslab.Config{Prefix: fmt.Sprintf("wvx-%d-%s-", os.Getpid()%100000, tag), Hosts: hosts, Routed: routed})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := l.Close(); err != nil {
-			t.Error(err)
-		}
-	})
-	return l
+	return nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wvx-%d-%s-", os.Getpid()%100000, tag), Hosts: hosts, Routed: routed})
 }
 
 func deadline(t *testing.T, d time.Duration) context.Context {

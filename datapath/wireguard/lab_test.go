@@ -44,13 +44,6 @@ type host struct {
 	drv      *Driver
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("these tests need root (network namespaces, TUN, netlink); run them as root")
-	}
-}
-
 func run(args ...string) (string, error) {
 	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
 	if err != nil {
@@ -69,12 +62,7 @@ func newLab(t *testing.T, n int, forceUserspace func(i int) bool) *lab {
 
 func newLabWith(t *testing.T, n int, forceUserspace func(i int) bool, linkProbes bool) *lab {
 	t.Helper()
-	requireRoot(t)
-	nl, err := nslab.New(nslab.Config{Prefix: fmt.Sprintf("wwg-%d-", os.Getpid()), Hosts: n, NoIPv6: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { nl.Close() })
+	nl := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wwg-%d-", os.Getpid()), Hosts: n, NoIPv6: true})
 	l := &lab{t: t}
 	for i, nh := range nl.Hosts {
 		l.hosts = append(l.hosts, l.addHost(nh, forceUserspace(i+1), linkProbes))

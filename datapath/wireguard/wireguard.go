@@ -392,6 +392,7 @@ func (d *Driver) desired(peers []datapath.RemotePeer) (want map[wgtypes.Key]wgty
 	want = make(map[wgtypes.Key]wgtypes.PeerConfig, len(peers))
 	blocks = make(map[netip.Prefix]bool)
 	var errs []error
+	var claims datapath.BlockClaims
 	for _, p := range peers {
 		key := wgtypes.Key(p.WireGuardKey)
 		switch {
@@ -421,12 +422,9 @@ func (d *Driver) desired(peers []datapath.RemotePeer) (want map[wgtypes.Key]wgty
 			AllowedIPs:                  []net.IPNet{},
 		}
 		for _, b := range p.Blocks {
-			if !b.IsValid() {
-				continue
-			}
-			b = b.Masked()
-			if blocks[b] {
-				errs = append(errs, d.reject(p.Name, "block %s already routed to another peer", b))
+			b, why := claims.Claim(p.Name, b, netip.Addr{})
+			if why != "" {
+				errs = append(errs, d.reject(p.Name, "%s", why))
 				continue
 			}
 			blocks[b] = true
