@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
@@ -83,7 +82,7 @@ func ProbeRoute(linkIndex int, peer netip.Addr, onlinkVia bool) netlink.Route {
 	peer = peer.Unmap()
 	r := netlink.Route{
 		LinkIndex: linkIndex,
-		Dst:       &net.IPNet{IP: peer.AsSlice(), Mask: net.CIDRMask(peer.BitLen(), peer.BitLen())},
+		Dst:       PrefixToIPNet(netip.PrefixFrom(peer, peer.BitLen())),
 		Table:     ProbeTable,
 	}
 	if onlinkVia {

@@ -36,7 +36,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"sync"
@@ -47,6 +46,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
@@ -208,7 +208,7 @@ func NewDelayLine(cfg DelayConfig) (_ *DelayLine, err error) {
 		p = p.Masked()
 		r := &netlink.Route{
 			LinkIndex: d.link.Attrs().Index,
-			Dst:       &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())},
+			Dst:       datapath.PrefixToIPNet(p),
 			Table:     d.cfg.Table,
 			Scope:     netlink.SCOPE_LINK,
 		}

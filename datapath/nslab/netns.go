@@ -11,6 +11,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath"
 )
 
 // NetNSDir is where iproute2 keeps named network namespaces; using it makes every lab
@@ -166,7 +168,7 @@ func AddUplink(u Uplink) error {
 		return fmt.Errorf("add veth %s: %w", u.Name, err)
 	}
 	if u.Bridge == nil && u.Gateway.IsValid() {
-		if err := u.Underlay.AddrAdd(ve, &netlink.Addr{IPNet: ipNet(u.Gateway)}); err != nil {
+		if err := u.Underlay.AddrAdd(ve, &netlink.Addr{IPNet: datapath.PrefixToIPNet(u.Gateway)}); err != nil {
 			return fmt.Errorf("add %s to %s: %w", u.Gateway, u.Name, err)
 		}
 	}
@@ -190,7 +192,7 @@ func AddUplink(u Uplink) error {
 			return fmt.Errorf("set MTU %d on %s: %w", u.MTU, u.HostDev, err)
 		}
 	}
-	if err := h.AddrAdd(eth, &netlink.Addr{IPNet: ipNet(u.Addr)}); err != nil {
+	if err := h.AddrAdd(eth, &netlink.Addr{IPNet: datapath.PrefixToIPNet(u.Addr)}); err != nil {
 		return fmt.Errorf("add %s to %s: %w", u.Addr, u.HostDev, err)
 	}
 	if err := h.LinkSetUp(eth); err != nil {

@@ -299,10 +299,6 @@ func setUp(name string) error {
 	return netlink.LinkSetUp(link)
 }
 
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
 // WaitPing pings to from n (one echo request a try, `ping -c1 -W1` plus extra, e.g. "-M",
 // "do", "-s", "1372") until one is answered or ctx ends; the error has the last output.
 func (n *NS) WaitPing(ctx context.Context, to netip.Addr, extra ...string) error {
