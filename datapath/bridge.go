@@ -21,6 +21,17 @@ var (
 	ErrIfNameExists     = errors.New("interface name already exists in the container")
 	ErrNotNetNS         = errors.New("not a network namespace")
 	ErrCheckFailed      = errors.New("attachment check failed")
+
+	// Shared by the link drivers, so that a caller matches one error whichever driver
+	// returned it.
+
+	// ErrNoUnderlay: no interface holds the configured underlay address.
+	ErrNoUnderlay = errors.New("no interface holds the underlay address")
+	// ErrNotUp: Set was called before Up, or the driver's device has gone.
+	ErrNotUp = errors.New("driver is not up")
+	// ErrBadPeer: a remote peer cannot be served by a driver (missing or unusable fields,
+	// or fields another peer of the same set has). See Driver for the rule.
+	ErrBadPeer = errors.New("bad remote peer")
 )
 
 // BridgeConfig is the desired state of one network's bridge on this host.

@@ -12,18 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Sentinel errors shared by the link drivers, so that a caller matches one error whichever
-// driver returned it.
-var (
-	// ErrNoUnderlay: no interface holds the configured underlay address.
-	ErrNoUnderlay = errors.New("no interface holds the underlay address")
-	// ErrNotUp: Set was called before Up, or the driver's device has gone.
-	ErrNotUp = errors.New("driver is not up")
-	// ErrBadPeer: a remote peer cannot be served by a driver (missing or unusable fields,
-	// or fields another peer of the same set has). See Driver for the rule.
-	ErrBadPeer = errors.New("bad remote peer")
-)
-
 // UnderlayPrefix finds the interface holding addr and returns addr with that interface's
 // prefix length (e.g. 192.0.2.10/24) and the interface's name. It fails with ErrNoUnderlay
 // when no interface holds addr.
