@@ -1,5 +1,10 @@
 // Package datapath is the kernel side of weft: the bridge of each network, one veth pair
-// per container attachment, and (in subpackages) one driver per link mode between hosts.
+// per container attachment, and (in subpackages) one driver per link mode between hosts
+// (direct, vxlan, wireguard). What the drivers share lives here — the Driver contract and
+// its bad-peer rule, the route sync, the sentinels, the underlay and sysctl helpers — so
+// that the drivers stand side by side and none imports another (deps_test.go checks).
+// Package datapath/plan decides what each driver gets; datapath/nslab builds the network
+// namespaces the kernel tests run in.
 // Every operation is idempotent: called again, it converges to the same state and treats
 // "already exists" as success when what exists is right.
 package datapath
