@@ -47,7 +47,7 @@ type links struct {
 // startDatapath creates the link drivers and brings them up. It runs before the mesh starts
 // so that the VXLAN MAC and the capabilities are in the first gossip.
 func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
-	prefix, dev, err := direct.UnderlayPrefix(advertise)
+	prefix, dev, err := datapath.UnderlayPrefix(advertise)
 	if err != nil {
 		return fmt.Errorf("underlay %s: %w", advertise, err)
 	}
@@ -99,7 +99,7 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	}
 	// Containers see the whole range on-link; the bridge answers ARP for remote ones.
 	for _, n := range p.alloc.Networks() {
-		if err := direct.EnableProxyARP(bridgeName(n.Name)); err != nil {
+		if err := datapath.EnableProxyARP(bridgeName(n.Name)); err != nil {
 			return err
 		}
 	}
