@@ -62,14 +62,15 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 			return err
 		}
 	}
-	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, LinkProbes: linkProbes, Logger: log})
+	dm := datapath.NewMetrics(p.reg)
+	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, LinkProbes: linkProbes, Logger: log, Metrics: dm})
 	if err != nil {
 		return err
 	}
 	l := &links{drivers: map[string]datapath.Driver{datapath.ModeVXLAN: vx}, vtepMAC: vx.MAC()}
 	l.pol = linkPolicy{UnderlayPrefix: prefix, NoDirect: p.cfg.NoDirect, Modes: []string{datapath.ModeVXLAN}}
 	if !p.cfg.NoDirect {
-		dr, err := direct.New(direct.Config{Underlay: advertise, UnderlayDev: dev, Logger: log})
+		dr, err := direct.New(direct.Config{Underlay: advertise, UnderlayDev: dev, Logger: log, Metrics: dm})
 		if err != nil {
 			return err
 		}
@@ -78,7 +79,7 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	}
 	l.pol.Encrypt, l.pol.Trusted = p.cfg.encrypts(), p.cfg.TrustedSubnets
 	if p.cfg.Encrypt != "never" {
-		wg, err := wireguard.New(wireguard.Config{
+		wg, err := wireguard.New(wireguard.Config{Metrics: dm,
 			PeerName: p.cfg.Name, KeyFile: filepath.Join(p.cfg.DataDir, "wireguard.key"),
 			Port: p.cfg.WireGuardPort, Underlay: advertise, LinkProbes: linkProbes, Logger: log,
 		})
