@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -239,19 +240,47 @@ func (p *Peer) remoteBlocks() map[string][]netip.Prefix {
 	return out
 }
 
-// unionPeers is a, with b's entries added or (same peer name) taking precedence.
+// unionPeers is b (the state wanted now) plus what a (applied before) routes and b does
+// not: a's peers missing from b, and a's blocks that b routes nowhere, added to the entry
+// of the peer a routed them to. It is the start-up phase's "only add": right after a
+// restart the mesh knows a peer before the Raft log has caught up with its blocks, and b
+// then has the peer without them. b wins where both speak (mode, addresses, keys, a block
+// b routes to another peer). O(blocks) in both.
 func unionPeers(a, b map[string][]datapath.RemotePeer) map[string][]datapath.RemotePeer {
+	inB := map[string]bool{}
+	routed := map[netip.Prefix]bool{}
+	for _, list := range b {
+		for _, rp := range list {
+			inB[rp.Name] = true
+			for _, blk := range rp.Blocks {
+				routed[blk] = true
+			}
+		}
+	}
+	extra := map[string][]netip.Prefix{} // peer → a's blocks that b routes nowhere
+	for _, list := range a {
+		for _, rp := range list {
+			for _, blk := range rp.Blocks {
+				if !routed[blk] {
+					extra[rp.Name] = append(extra[rp.Name], blk)
+					routed[blk] = true
+				}
+			}
+		}
+	}
 	out := map[string][]datapath.RemotePeer{}
-	seen := map[string]bool{}
 	for mode, list := range b {
 		for _, rp := range list {
+			if more := extra[rp.Name]; len(more) > 0 {
+				rp.Blocks = append(slices.Clone(rp.Blocks), more...)
+			}
 			out[mode] = append(out[mode], rp)
-			seen[rp.Name] = true
 		}
 	}
 	for mode, list := range a {
 		for _, rp := range list {
-			if !seen[rp.Name] {
+			if !inB[rp.Name] {
+				rp.Blocks = extra[rp.Name]
 				out[mode] = append(out[mode], rp)
 			}
 		}

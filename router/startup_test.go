@@ -1,9 +1,12 @@
 package router
 
 import (
+	"fmt"
+	"net/netip"
 	"testing"
 	"time"
 
+	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/mesh"
 )
 
@@ -52,5 +55,51 @@ func TestStartupEndsOnRejoinNotOnATimer(t *testing.T) {
 	}
 	if !lone.over(t0.Add(keepAppliedFor), []mesh.Peer{self}, false, settle) || !lone.joined.IsZero() {
 		t.Fatal("not over at keepAppliedFor while alone")
+	}
+}
+
+// During start-up the datapath only adds: a peer the mesh knows before the Raft log has
+// caught up with its blocks keeps the blocks applied before the restart.
+func TestUnionPeersKeepsAppliedBlocks(t *testing.T) {
+	pfx := netip.MustParsePrefix
+	applied := map[string][]datapath.RemotePeer{
+		datapath.ModeDirect: {
+			{Name: "b", Underlay: netip.MustParseAddr("10.0.0.2"), Blocks: []netip.Prefix{pfx("10.40.0.64/26")}},
+			{Name: "c", Underlay: netip.MustParseAddr("10.0.0.3"), Blocks: []netip.Prefix{pfx("10.40.0.128/26"), pfx("10.40.1.0/26")}},
+			{Name: "gone", Underlay: netip.MustParseAddr("10.0.0.9"), Blocks: []netip.Prefix{pfx("10.40.2.0/26")}},
+		},
+	}
+	want := map[string][]datapath.RemotePeer{
+		// b known without blocks yet (Raft behind), now over VXLAN.
+		datapath.ModeVXLAN: {{Name: "b", Underlay: netip.MustParseAddr("10.0.0.2")}},
+		// c known with one block; 10.40.1.0/26 now belongs to d.
+		datapath.ModeDirect: {
+			{Name: "c", Underlay: netip.MustParseAddr("10.0.0.3"), Blocks: []netip.Prefix{pfx("10.40.0.128/26")}},
+			{Name: "d", Underlay: netip.MustParseAddr("10.0.0.4"), Blocks: []netip.Prefix{pfx("10.40.1.0/26")}},
+		},
+	}
+	got := unionPeers(applied, want)
+	flat := map[string]string{}
+	for mode, list := range got {
+		for _, rp := range list {
+			flat[rp.Name] = fmt.Sprintf("%s %v", mode, rp.Blocks)
+		}
+	}
+	for name, w := range map[string]string{
+		"b":    "vxlan [10.40.0.64/26]",   // new mode, applied block kept
+		"c":    "direct [10.40.0.128/26]", // the block now routed to d is not kept here
+		"d":    "direct [10.40.1.0/26]",   // new
+		"gone": "direct [10.40.2.0/26]",   // unknown to the mesh yet: kept
+	} {
+		if flat[name] != w {
+			t.Errorf("%s: %q, want %q", name, flat[name], w)
+		}
+	}
+	if len(flat) != 4 {
+		t.Errorf("union has %d peers: %v", len(flat), flat)
+	}
+	// Nothing applied: the union is what is wanted.
+	if got := unionPeers(nil, want); !sameDesired(got, want) {
+		t.Errorf("union with nothing applied = %v, want %v", got, want)
 	}
 }
