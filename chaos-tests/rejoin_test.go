@@ -21,16 +21,32 @@ import (
 )
 
 // The first peer of a cluster (started without --peers) is stopped, stays down for 10 s and
-// is started again: it must find the others through its member snapshot and be seen alive
-// by all within 5 s of its start, no route to another host's blocks may vanish from its
-// kernel (nor the others' routes to its blocks) while it is down and rejoining, and its
-// containers keep talking to the others'.
+// is started again: it must find the others — through its member snapshot, or, with the
+// snapshot lost, because they retry it — and be seen alive by all within 5 s of its start;
+// no route to another host's blocks may vanish from its kernel (nor host 1's routes) while
+// it is down and rejoining, and its containers keep talking to the others'.
 func TestFirstPeerRestartKeepsForwarding(t *testing.T) {
+	for _, tc := range []struct {
+		name, prefix string
+		down         func(ctx context.Context, h *lab.Host) error
+		loseSnapshot bool
+	}{
+		{"SIGTERM", "wrjnterm", func(ctx context.Context, h *lab.Host) error { return h.Stop(ctx) }, false},
+		{"SIGKILL", "wrjnkill", func(_ context.Context, h *lab.Host) error { return h.Kill() }, false},
+		{"snapshot lost", "wrjnnosn", func(ctx context.Context, h *lab.Host) error { return h.Stop(ctx) }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			firstPeerRestart(t, tc.prefix, tc.down, tc.loseSnapshot)
+		})
+	}
+}
+
+func firstPeerRestart(t *testing.T, prefix string, stop func(context.Context, *lab.Host) error, loseSnapshot bool) {
 	const (
 		down       = 10 * time.Second
 		seenWithin = 5 * time.Second
 	)
-	l := newMeshLab(t, "wrjn", 3)
+	l := newMeshLab(t, prefix, 3)
 	ctx := testCtx(t, 4*time.Minute)
 	h0, h1 := l.Host(0), l.Host(1)
 	cs := onePerHost(t, ctx, l)
@@ -114,10 +130,15 @@ func TestFirstPeerRestartKeepsForwarding(t *testing.T) {
 		}()
 	}
 
-	if err := h0.Stop(ctx); err != nil {
+	if err := stop(ctx, h0); err != nil {
 		t.Fatalf("stop host 0's peer: %v", err)
 	}
 	stopped := time.Now()
+	if loseSnapshot {
+		if err := os.Remove(snapshot); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// Down for a fixed time: the scenario itself, not a wait for a condition.
 	select {
 	case <-time.After(down):
