@@ -231,7 +231,10 @@ func (m *Mesh) joinSnapshotMembers(ctx context.Context, addrs []string) bool {
 // Retrying dead members. memberlist never contacts a node it declared dead again, and a
 // restarted peer without seeds knows nobody (before its snapshot, or without one), so
 // without this a peer that comes back alone stays alone until someone's seeds or
-// RejoinInterval reach it. Serf's reconnect does the same.
+// RejoinInterval reach it (a seed's own retries back off to JoinBackoffMax meanwhile,
+// which is how a first peer down for 10 s took 28–49 s to be seen again). Serf's reconnect
+// does the same, for failed members only; weft retries members that left too, because
+// `weft peer` leaves on SIGTERM, which is also how a peer is restarted.
 //
 // Cost: each peer makes at most deadRetryMax attempts per round, about
 // deadRetryFanout·dead/alive of them on average, so the mesh as a whole tries each dead
