@@ -192,7 +192,9 @@ func firstPeerRestart(t *testing.T, prefix string, stop func(context.Context, *l
 		switch {
 		case p.err != nil:
 			t.Errorf("ping %s: %v", cs[i].ctr.Name, p.err)
-		case p.sent < 50:
+		case p.sent < 20:
+			// Five a second for 15 s or more; a loaded machine delays ping's timer, so only
+			// check that the pings covered the down time at all.
 			t.Errorf("ping %s sent only %d", cs[i].ctr.Name, p.sent)
 		case lost > p.sent/20:
 			t.Errorf("ping %s lost %d of %d, want at most 5%%", cs[i].ctr.Name, lost, p.sent)
