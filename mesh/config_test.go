@@ -37,6 +37,9 @@ func TestConfigValidate(t *testing.T) {
 		"retention":       func(c *Config) { c.DeadPeerRetention = -time.Second },
 		"queue":           func(c *Config) { c.MaxQueuedBroadcasts = 0 },
 		"meta name":       func(c *Config) { c.Metadata.Name = "other" },
+		"dead retry":      func(c *Config) { c.DeadRetryInterval = 0 },
+		"dead retry for":  func(c *Config) { c.DeadRetryFor = -time.Second },
+		"snapshot path":   func(c *Config) { c.SnapshotPath = "a\x00b" },
 	} {
 		c := good
 		edit(&c)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -45,6 +46,8 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 		cfg.Metadata.WireGuardKey = p.links.wg.PublicKey()
 	}
 	cfg.AcceptPeer = acceptPeer
+	// The members this peer knew, so that it rejoins them after a restart without seeds.
+	cfg.SnapshotPath = filepath.Join(p.cfg.DataDir, "members.json")
 	m, err := mesh.New(cfg)
 	if err != nil {
 		return nil, err
