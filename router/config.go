@@ -53,6 +53,9 @@ type Config struct {
 	DataDir      string
 	Socket       string
 	HTTPAddr     string // empty disables the HTTP listener
+	// Pprof serves Go's profiler at /debug/pprof/ on HTTPAddr, for operators measuring the
+	// peer's own cost; off by default since profiles reveal internals.
+	Pprof bool
 	IPAllocRange netip.Prefix
 	BlockBits    int
 	MTU          int

@@ -23,7 +23,7 @@ func newPeerCmd() *cobra.Command {
 		seeds, dnsUpstreams                        []string
 		voterGrace, reclaimAfter, attachWait       time.Duration
 		dnsDomain                                  string
-		noDirect                                   bool
+		noDirect, pprof                            bool
 		encrypt                                    string
 		trusted                                    []string
 		wgPort, probePort, linkProbePort           int
@@ -48,7 +48,7 @@ func newPeerCmd() *cobra.Command {
 			}
 			socket, _ := cmd.Flags().GetString("socket")
 			cfg := def
-			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = name, dataDir, socket, httpAddr
+			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr, cfg.Pprof = name, dataDir, socket, httpAddr, pprof
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
@@ -83,6 +83,7 @@ func newPeerCmd() *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&name, "name", host, "this peer's name, unique in the mesh")
 	f.StringVar(&dataDir, "data-dir", def.DataDir, "where the peer keeps its database")
+	f.BoolVar(&pprof, "pprof", false, "serve Go's profiler at /debug/pprof/ on --http-addr")
 	f.StringVar(&httpAddr, "http-addr", def.HTTPAddr, "loopback address for /metrics, /status and the status page (empty: off)")
 	f.StringVar(&ipRange, "ipalloc-range", def.IPAllocRange.String(), "address range of the default network")
 	f.IntVar(&blockBits, "ipalloc-block", def.BlockBits, "prefix length of the blocks peers claim (the same on every peer)")
