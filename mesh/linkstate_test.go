@@ -499,7 +499,6 @@ func TestMergeRejects(t *testing.T) {
 	}
 }
 
-
 func FuzzLinkState(f *testing.F) {
 	now := time.Unix(1_700_000_000, 0)
 	clock := func() time.Time { return now }

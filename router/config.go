@@ -49,13 +49,13 @@ var ErrInvalidConfig = errors.New("invalid configuration")
 
 // Config configures a Peer.
 type Config struct {
-	Name         string
-	DataDir      string
-	Socket       string
-	HTTPAddr     string // empty disables the HTTP listener
+	Name     string
+	DataDir  string
+	Socket   string
+	HTTPAddr string // empty disables the HTTP listener
 	// Pprof serves Go's profiler at /debug/pprof/ on HTTPAddr, for operators measuring the
 	// peer's own cost; off by default since profiles reveal internals.
-	Pprof bool
+	Pprof        bool
 	IPAllocRange netip.Prefix
 	BlockBits    int
 	MTU          int
