@@ -36,6 +36,15 @@ import (
 // first handshake is lost when the other end has not configured us yet).
 const unknownGrace = 10 * time.Second
 
+// underlayProbeSlowdown: underlay probes run this many times slower than link probes when
+// both are on (see startPaths).
+const underlayProbeSlowdown = 5
+
+// linkStateMinChange: an RTT or jitter moving by less than this is not republished. Path
+// choice switches only on gains of 20% and 1 ms, so smaller moves would be gossip to all for
+// nothing (they are still measured and shown locally).
+const linkStateMinChange = 500 * time.Microsecond
+
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
 // except for the link-state channel feeding sel (which is safe for concurrent use).
 type paths struct {
@@ -99,7 +108,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if err != nil {
 		return err
 	}
-	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg})
+	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg, RTTMinChange: linkStateMinChange})
 	if err != nil {
 		return err
 	}
@@ -119,11 +128,18 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		rejectedLinks: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_path_links_rejected_total",
 			Help: "Link-state entries path selection refused (out of range, or over the per-peer link bound)."}),
 	}
-	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, "--probe-port", stops); err != nil {
+	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
+	// whether a broken link is the tunnel or the underlay, so they run at a fifth of the rate
+	// (probe packets are most of an idle peer's CPU).
+	underlayEvery := p.cfg.ProbeInterval
+	if p.cfg.LinkProbePort != 0 {
+		underlayEvery *= underlayProbeSlowdown
+	}
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, "--probe-port", stops); err != nil {
 		return err
 	}
 	if p.cfg.LinkProbePort != 0 {
-		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, "--link-probe-port", stops); err != nil {
+		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, p.cfg.ProbeInterval, "--link-probe-port", stops); err != nil {
 			return err
 		}
 	}
@@ -215,13 +231,13 @@ func isLiveRemote(pr mesh.Peer) bool {
 }
 
 // startProber binds one probe socket on the underlay address and runs a prober on it.
-func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, flag string, stops *[]func()) (*mesh.Prober, error) {
+func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, every time.Duration, flag string, stops *[]func()) (*mesh.Prober, error) {
 	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(advertise, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s %d: %w", flag, port, err)
 	}
 	prober, err := mesh.NewProber(mesh.ProberConfig{
-		Self: p.cfg.Name, Conn: conn, Interval: p.cfg.ProbeInterval, Timeout: p.cfg.probeTimeout(),
+		Self: p.cfg.Name, Conn: conn, Interval: every, Timeout: p.cfg.probeTimeout(),
 		Key: probeKey(p.cfg.Password), Logger: p.log.With("component", "probe", "port", port),
 	})
 	if err != nil {
