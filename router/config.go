@@ -25,7 +25,10 @@ const (
 	DefaultMeshPort   = 6783
 	DefaultRaftPort   = 6785
 	DefaultRaftVoters = 3
-	DefaultVoterGrace = time.Minute
+	// DefaultRaftNonvoters spares follow the log, ready to replace a dead voter; every other
+	// peer is a Raft client.
+	DefaultRaftNonvoters = 2
+	DefaultVoterGrace    = time.Minute
 	// defaultSettle is how long membership must stay unchanged before a peer without Raft
 	// state may bootstrap, so that peers starting together agree on who does.
 	defaultSettle      = 3 * time.Second
@@ -62,6 +65,9 @@ type Config struct {
 	Password []byte
 	// RaftVoters is how many of the first peers vote.
 	RaftVoters int
+	// RaftNonvoters is how many more peers follow the Raft log without voting; the others are
+	// clients that forward writes and learn the block table by gossip.
+	RaftNonvoters int
 	// VoterGrace is how long a voter may be dead before a healthy non-voter replaces it.
 	VoterGrace time.Duration
 	// ReclaimAfter, when set, returns the blocks of peers dead that long to the pool.
@@ -121,6 +127,7 @@ func DefaultConfig() Config {
 		MeshPort:      DefaultMeshPort,
 		RaftPort:      DefaultRaftPort,
 		RaftVoters:    DefaultRaftVoters,
+		RaftNonvoters: DefaultRaftNonvoters,
 		VoterGrace:    DefaultVoterGrace,
 		SettleTime:    defaultSettle,
 		Encrypt:       "auto",
@@ -154,6 +161,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --raft-port %d is not a port", ErrInvalidConfig, c.RaftPort)
 	case c.RaftVoters < 1:
 		return fmt.Errorf("%w: --raft-voters %d must be at least 1", ErrInvalidConfig, c.RaftVoters)
+	case c.RaftNonvoters < 0 || c.RaftNonvoters > 16:
+		return fmt.Errorf("%w: --raft-nonvoters %d must be between 0 and 16", ErrInvalidConfig, c.RaftNonvoters)
 	case c.VoterGrace <= 0:
 		return fmt.Errorf("%w: --raft-voter-grace %s must be positive", ErrInvalidConfig, c.VoterGrace)
 	case c.Encrypt != "never" && c.Encrypt != "auto" && c.Encrypt != "always":

@@ -52,6 +52,9 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err := m.RegisterChannel(usageChannel, p.usage); err != nil {
 		return nil, err
 	}
+	if err := m.RegisterChannel(ipam.TableChannel, p.cluster.TableHandler()); err != nil {
+		return nil, err
+	}
 	if err := m.RegisterChannel(dnsChannel, p.dnsRep); err != nil {
 		return nil, err
 	}
@@ -93,20 +96,31 @@ func (p *Peer) raftPort() int {
 }
 
 // runMembership keeps Raft membership in step with the mesh: it bootstraps the cluster when
-// this peer is the one to, and on the leader adds, promotes and removes servers. It also
-// publishes this peer's block usage. It returns when ctx ends.
+// this peer is the one to, and on the leader adds, promotes and removes servers. It gossips
+// the block table (the leader its changes, a client fetches when behind) and publishes this
+// peer's block usage. It returns when ctx ends. O(N) per round (toMembers, Observe).
 func (p *Peer) runMembership(ctx context.Context) {
 	events, cancel := p.mesh.Subscribe()
 	defer cancel()
 	tick := time.NewTicker(reconcileInterval)
 	defer tick.Stop()
 	var settle settleTracker
+	syncWith := func(name string) {
+		go func() {
+			if err := p.mesh.Sync(name); err != nil {
+				p.log.Debug("state sync with a returning peer failed; push/pull will repair", "peer", name, "err", err)
+			}
+		}()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case ev := <-events:
-			p.peerEvent(ev)
+			p.peerEvent(ev, syncWith)
+		case <-p.cluster.TableChanged():
+			p.broadcastTable()
+			continue
 		case <-tick.C:
 		}
 		now := time.Now()
@@ -122,32 +136,43 @@ func (p *Peer) runMembership(ctx context.Context) {
 			if err := p.cluster.EnsureClusterID(); err != nil {
 				p.log.Warn("could not name the raft cluster; will retry", "err", err)
 			}
-			if md := p.mesh.Local().Meta; !md.RaftMember || md.ClusterID != p.cluster.ClusterID() {
-				id := p.cluster.ClusterID()
-				p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember, md.ClusterID = true, id })
-			}
 			if err := p.cluster.Reconcile(ctx, members, now); err != nil {
 				p.log.Warn("raft membership change failed; will retry", "err", err)
 			}
 		}
+		// A client names the cluster too (learnt from the table), so that the mesh keeps
+		// other clusters out and the leader knows it may promote it.
+		member, id := p.cluster.InCluster(), p.cluster.ClusterID()
+		if md := p.mesh.Local().Meta; md.RaftMember != member || md.ClusterID != id {
+			p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember, md.ClusterID = member, id })
+		}
+		p.cluster.Observe(members)
+		p.cluster.SyncTable(ctx, now)
+		p.broadcastTable()
 		p.publishUsage()
 	}
 }
 
-// peerEvent passes liveness changes to the parts that keep per-peer state.
-func (p *Peer) peerEvent(ev mesh.Event) {
+// broadcastTable gossips the block-table changes this peer (as leader) has not sent yet.
+func (p *Peer) broadcastTable() {
+	for _, msg := range p.cluster.TableBroadcasts() {
+		if err := p.mesh.Broadcast(ipam.TableChannel, msg); err != nil {
+			// Clients notice the gap through push/pull and fetch the table.
+			p.log.Warn("block table delta not gossiped", "err", err)
+		}
+	}
+}
+
+// peerEvent passes liveness changes to the parts that keep per-peer state. A joiner's state
+// was exchanged by memberlist's own join push/pull with the peer it joined through; a full
+// sync is started only when this peer refused some of the joiner's DNS records while it
+// counted the joiner as gone (so not N syncs per join).
+func (p *Peer) peerEvent(ev mesh.Event, sync func(name string)) {
 	switch ev.Type {
-	case mesh.EventJoin:
-		// The join's state exchange may have reached the DNS records before this event
-		// and been refused (a peer forgotten while it was gone): exchange again.
-		p.dnsRep.PeerUp(ev.Peer.Name)
-		go func() {
-			if err := p.mesh.Sync(ev.Peer.Name); err != nil {
-				p.log.Debug("state sync with a returning peer failed; push/pull will repair", "peer", ev.Peer.Name, "err", err)
-			}
-		}()
-	case mesh.EventAlive:
-		p.dnsRep.PeerUp(ev.Peer.Name)
+	case mesh.EventJoin, mesh.EventAlive:
+		if p.dnsRep.PeerUp(ev.Peer.Name) {
+			sync(ev.Peer.Name)
+		}
 	case mesh.EventDead, mesh.EventLeave:
 		p.dnsRep.PeerDown(ev.Peer.Name)
 	}
@@ -194,6 +219,7 @@ func toMembers(peers []mesh.Peer) []ipam.Member {
 			Alive:     pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect,
 			Since:     pr.Since,
 			InCluster: pr.Meta.RaftMember,
+			ClusterID: pr.Meta.ClusterID,
 		}
 		if pr.Meta.RaftAddr.IsValid() {
 			m.RaftAddr = pr.Meta.RaftAddr.String()
@@ -316,12 +342,16 @@ type PeerStatus struct {
 	Since        time.Time `json:"since"`
 	Self         bool      `json:"self"`
 	RaftMember   bool      `json:"raft_member"`
-	ClusterID    string    `json:"cluster_id,omitempty"`
-	Version      string    `json:"version"`
+	// RaftRole is voter, non-voter or client, from the Raft configuration this peer knows
+	// (the same one `weft status ipam` lists), else "member" when gossip only says it is in.
+	RaftRole  string `json:"raft_role"`
+	ClusterID string `json:"cluster_id,omitempty"`
+	Version   string `json:"version"`
 }
 
 func (p *Peer) peerStatus() []PeerStatus {
 	out := []PeerStatus{}
+	cs := p.cluster.Status()
 	for _, pr := range p.mesh.Peers() {
 		caps := slices.Clone(pr.Meta.Capabilities)
 		if caps == nil {
@@ -331,9 +361,24 @@ func (p *Peer) peerStatus() []PeerStatus {
 			Name: pr.Name, Address: pr.Meta.Underlay.String(), GossipAddr: pr.Addr.String(),
 			State: pr.State.String(), Capabilities: caps, Since: pr.Since, Self: pr.Self,
 			RaftMember: pr.Meta.RaftMember, ClusterID: pr.Meta.ClusterID, Version: pr.Meta.Version,
+			RaftRole: raftRole(pr.Name, pr.Meta.RaftMember, cs),
 		})
 	}
 	return out
+}
+
+// raftRole says what part peer plays in Raft: as the configuration in cs says when it is known
+// (so `status peers` agrees with `status ipam`), else from the peer's gossip.
+func raftRole(peer string, gossipMember bool, cs ipam.ClusterStatus) string {
+	switch {
+	case slices.Contains(cs.Voters, peer):
+		return ipam.RoleVoter
+	case slices.Contains(cs.Nonvoters, peer):
+		return ipam.RoleNonvoter
+	case len(cs.Voters) > 0 || !gossipMember:
+		return ipam.RoleClient
+	}
+	return "member"
 }
 
 // IPAMStatus is `weft status ipam`.

@@ -19,7 +19,7 @@ func newPeerCmd() *cobra.Command {
 	var (
 		name, dataDir, httpAddr, ipRange, logLevel string
 		advertise, password, passwordFile          string
-		mtu, meshPort, raftPort, voters, blockBits int
+		mtu, meshPort, raftPort, voters, nonvoters, blockBits int
 		seeds, dnsUpstreams                        []string
 		voterGrace, reclaimAfter                   time.Duration
 		dnsDomain                                  string
@@ -50,6 +50,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = name, dataDir, socket, httpAddr
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
+			cfg.RaftNonvoters = nonvoters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
 			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
 			cfg.ProbePort, cfg.LinkProbePort, cfg.ProbeInterval, cfg.ProbeTimeout, cfg.SLA = probePort, linkProbePort, probeInterval, probeTimeout, sla
@@ -91,7 +92,8 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&raftPort, "raft-port", def.RaftPort, "Raft and peer RPC port, tcp")
 	f.StringVar(&password, "password", "", "encrypt gossip and authenticate Raft between peers (prefer --password-file)")
 	f.StringVar(&passwordFile, "password-file", "", "read the password from this file")
-	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
+	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft")
+	f.IntVar(&nonvoters, "raft-nonvoters", def.RaftNonvoters, "how many more peers follow the Raft log as spare voters; all others are clients")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
 	f.StringVar(&encrypt, "encrypt", def.Encrypt, "link encryption: never, auto (when a password is set) or always; plaintext only between peers that trust each other")
