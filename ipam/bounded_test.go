@@ -327,7 +327,12 @@ func TestForwardIsBoundedToOneHop(t *testing.T) {
 	tc := newTestCluster(t)
 	tc.bootstrap("p1", "p2", "p3")
 	data, _ := json.Marshal(command{Op: opClaim, Network: clusterNet, Peer: "c9"})
-	out, err := tc.nodes["p2"].c.ApplyForwarded(data)
+	var out []byte
+	var err error
+	pollUntil(t, 10*time.Second, func() bool { // p2 must first hear of its leader
+		out, err = tc.nodes["p2"].c.ApplyForwarded(data)
+		return err == nil || tc.nodes["p2"].c.IsLeader()
+	}, "a follower passing a client's claim on")
 	if err != nil {
 		t.Fatalf("follower passing a client's claim on: %v", err)
 	}

@@ -95,6 +95,8 @@ type Cluster struct {
 	lastFetch time.Time
 	// refused remembers the foreign members already logged (name → cluster id), to log once.
 	refused map[string]string
+	// savedID is the cluster ID as persisted in the local database.
+	savedID string
 }
 
 // NewCluster opens the Raft stores under cfg.Dir and starts the node. A node with no state
@@ -161,8 +163,14 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		store.Close()
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
+	savedID, err := loadClusterID(cfg.DB)
+	if err != nil {
+		r.Shutdown()
+		store.Close()
+		return nil, err
+	}
 	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState,
-		view: newTableView(), metrics: newClusterMetrics(cfg.Registerer), refused: map[string]string{}}, nil
+		view: newTableView(), metrics: newClusterMetrics(cfg.Registerer), refused: map[string]string{}, savedID: savedID}, nil
 }
 
 // Close stops the node and closes its stores. A leader first hands leadership to another
@@ -621,11 +629,52 @@ func (c *Cluster) Status() ClusterStatus {
 }
 
 // ClusterID names the cluster this node belongs to; empty until the log (or, on a client, the
-// gossiped table) says (a leader sets it with EnsureClusterID).
+// gossiped table) says (a leader sets it with EnsureClusterID). Once known it is kept in the
+// local database: a restarted peer, whose FSM is empty until the leader reaches it (or forever,
+// if it was removed meanwhile), still says which cluster it is of.
 func (c *Cluster) ClusterID() string {
 	var id string
 	c.readTable(func(st *fsmState) { id = st.ClusterID })
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if id == "" {
+		return c.savedID
+	}
+	if id != c.savedID {
+		if err := saveClusterID(c.cfg.DB, id); err != nil {
+			c.log.Warn("could not persist the cluster id", "err", err)
+		} else {
+			c.savedID = id
+		}
+	}
 	return id
+}
+
+var (
+	bucketCluster = []byte("ipam-cluster")
+	keyClusterID  = []byte("id")
+)
+
+func loadClusterID(db *bolt.DB) (string, error) {
+	var id string
+	err := db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bucketCluster)
+		if err != nil {
+			return err
+		}
+		id = string(b.Get(keyClusterID))
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("read the cluster id: %w", err)
+	}
+	return id, nil
+}
+
+func saveClusterID(db *bolt.DB, id string) error {
+	return db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketCluster).Put(keyClusterID, []byte(id))
+	})
 }
 
 // EnsureClusterID gives the cluster its ID if it has none yet; only the leader does.
