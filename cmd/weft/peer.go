@@ -17,20 +17,20 @@ func newPeerCmd() *cobra.Command {
 	def := router.DefaultConfig()
 	host, _ := os.Hostname()
 	var (
-		name, dataDir, httpAddr, ipRange, logLevel string
-		advertise, password, passwordFile          string
+		name, dataDir, httpAddr, ipRange, logLevel            string
+		advertise, password, passwordFile                     string
 		mtu, meshPort, raftPort, voters, nonvoters, blockBits int
-		seeds, dnsUpstreams                        []string
-		voterGrace, reclaimAfter                   time.Duration
-		dnsDomain                                  string
-		noDirect                                   bool
-		encrypt                                    string
-		trusted                                    []string
-		wgPort, probePort, linkProbePort           int
-		probeInterval, probeTimeout                time.Duration
-		sla                                        string
-		dnsPort                                    int
-		dnsTTL, dnsDownGrace                       time.Duration
+		seeds, dnsUpstreams                                   []string
+		voterGrace, reclaimAfter                              time.Duration
+		dnsDomain                                             string
+		noDirect                                              bool
+		encrypt                                               string
+		trusted                                               []string
+		wgPort, probePort, linkProbePort                      int
+		probeInterval, probeTimeout                           time.Duration
+		sla                                                   string
+		dnsPort                                               int
+		dnsTTL, dnsDownGrace                                  time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "peer",
