@@ -2,14 +2,12 @@ package router
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/weftnet/weft/ipam"
@@ -49,7 +47,7 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err != nil {
 		return nil, err
 	}
-	if err := m.RegisterChannel(usageChannel, p.usage); err != nil {
+	if err := m.RegisterChannel(ipam.UsageChannel, p.usage); err != nil {
 		return nil, err
 	}
 	if err := m.RegisterChannel(ipam.TableChannel, p.cluster.TableHandler()); err != nil {
@@ -149,6 +147,11 @@ func (p *Peer) runMembership(ctx context.Context) {
 		p.cluster.Observe(members)
 		p.cluster.SyncTable(ctx, now)
 		p.broadcastTable()
+		known := make(map[string]bool, len(peers))
+		for _, pr := range peers {
+			known[pr.Name] = true
+		}
+		p.usage.Prune(func(name string) bool { return known[name] })
 		p.publishUsage()
 	}
 }
@@ -229,104 +232,19 @@ func toMembers(peers []mesh.Peer) []ipam.Member {
 	return out
 }
 
-// Block usage travels by gossip so that `weft status ipam` on any peer shows how full every
-// peer's blocks are. Each peer sends its own report when it changes (a delta: one peer's
-// counts), and full state is exchanged on join and push/pull.
-
-const usageChannel = "ipam-usage"
-
-// usageReport is one peer's block usage. Version orders reports from the same peer.
-type usageReport struct {
-	Peer    string         `json:"peer"`
-	Version int64          `json:"version"`
-	Used    map[string]int `json:"used"` // block CIDR → addresses in use
-}
-
-// usageTable holds the latest report of every peer. It implements mesh.ChannelHandler.
-type usageTable struct {
-	mu      sync.Mutex // guards reports and lastSent
-	reports map[string]usageReport
-	// lastSent is the local report last broadcast, to send only changes.
-	lastSent string
-}
-
-func newUsageTable() *usageTable { return &usageTable{reports: map[string]usageReport{}} }
-
-// merge keeps r if it is newer than what is known of its peer; it says whether it did.
-func (u *usageTable) merge(r usageReport) bool {
-	if r.Peer == "" {
-		return false
-	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if cur, ok := u.reports[r.Peer]; ok && cur.Version >= r.Version {
-		return false
-	}
-	u.reports[r.Peer] = r
-	return true
-}
-
-func (u *usageTable) used(peer, cidr string) (int, bool) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	r, ok := u.reports[peer]
-	if !ok {
-		return 0, false
-	}
-	n, ok := r.Used[cidr]
-	return n, ok
-}
-
-// NotifyMsg implements mesh.ChannelHandler; a message that does not decode is dropped.
-func (u *usageTable) NotifyMsg(b []byte) {
-	var r usageReport
-	if json.Unmarshal(b, &r) == nil {
-		u.merge(r)
-	}
-}
-
-// LocalState implements mesh.ChannelHandler: every report known.
-func (u *usageTable) LocalState(bool) []byte {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	all := make([]usageReport, 0, len(u.reports))
-	for _, r := range u.reports {
-		all = append(all, r)
-	}
-	b, _ := json.Marshal(all)
-	return b
-}
-
-// MergeRemoteState implements mesh.ChannelHandler.
-func (u *usageTable) MergeRemoteState(b []byte, _ bool) {
-	var all []usageReport
-	if json.Unmarshal(b, &all) != nil {
-		return
-	}
-	for _, r := range all {
-		u.merge(r)
-	}
-}
-
-// publishUsage broadcasts this peer's usage if it changed since the last broadcast.
+// publishUsage broadcasts this peer's block usage if it changed since the last broadcast.
 func (p *Peer) publishUsage() {
-	r := usageReport{Peer: p.cfg.Name, Version: time.Now().UnixNano(), Used: map[string]int{}}
+	used := map[string]int{}
 	for _, n := range p.alloc.Networks() {
 		for _, b := range n.Blocks {
-			r.Used[b.CIDR.String()] = b.Used
+			used[b.CIDR.String()] = b.Used
 		}
 	}
-	key := fmt.Sprint(r.Used)
-	p.usage.mu.Lock()
-	changed := key != p.usage.lastSent
-	p.usage.lastSent = key
-	p.usage.mu.Unlock()
-	if !changed {
+	msg := p.usage.Publish(p.cfg.Name, used)
+	if msg == nil {
 		return
 	}
-	p.usage.merge(r)
-	b, _ := json.Marshal(r)
-	if err := p.mesh.Broadcast(usageChannel, b); err != nil {
+	if err := p.mesh.Broadcast(ipam.UsageChannel, msg); err != nil {
 		// Too large for one message: the periodic push/pull carries it instead.
 		p.log.Debug("usage broadcast skipped", "err", err)
 	}
@@ -427,7 +345,7 @@ func (p *Peer) ipamStatus() IPAMStatus {
 			totals[row.Owner] = t
 		}
 		t.blocks++
-		if used, ok := p.usage.used(row.Owner, blk.CIDR); ok {
+		if used, ok := p.usage.Used(row.Owner, blk.CIDR); ok {
 			free := 0
 			if n, ok := p.alloc.Network(row.Network); ok {
 				free = n.Usable(row.CIDR) - used

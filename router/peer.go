@@ -40,7 +40,7 @@ type Peer struct {
 	transport *ipam.PeerTransport
 	cluster   *ipam.Cluster
 	mesh      *mesh.Mesh
-	usage     *usageTable
+	usage     *ipam.UsageTable
 	links     *links
 	paths     *paths
 	dnsRep    *dns.Replicator
@@ -68,7 +68,7 @@ func New(cfg Config) (*Peer, error) {
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
-		usage:   newUsageTable(),
+		usage:   ipam.NewUsageTable(ipam.UsageConfig{Logger: cfg.Logger.With("component", "ipam"), Registerer: reg}),
 	}, nil
 }
 
