@@ -302,6 +302,10 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 			}
 		}
 	}
+	// A client that knows its cluster never bootstraps another, even seeing no member alive.
+	if ok, err := tc.nodes["c1"].c.MaybeBootstrap([]Member{{Name: "c1", Alive: true}}); ok || err != nil {
+		t.Fatalf("a client bootstrapped a second cluster (%v)", err)
+	}
 	// A client's status names the same voters as the leader's.
 	tc.converge("c1 to know the configuration", func() bool {
 		return fmt.Sprint(tc.nodes["c1"].c.Status().Voters) == fmt.Sprint(st.Voters)

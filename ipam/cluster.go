@@ -238,14 +238,16 @@ func admissible(m Member, ourID string) bool {
 // a while), so that every starting peer sees the same members and exactly one bootstraps.
 // The leader then adds the others (see Reconcile).
 func (c *Cluster) MaybeBootstrap(members []Member) (bool, error) {
-	if c.InCluster() {
+	// A client knows the cluster it belongs to (from the table) even when no member is alive:
+	// it must wait for them rather than start a second cluster over the same range.
+	if c.InCluster() || c.ClusterID() != "" {
 		return false, nil
 	}
 	for _, m := range members {
 		if m.Name == c.cfg.Name || !m.Alive {
 			continue
 		}
-		if m.InCluster || m.Name < c.cfg.Name {
+		if m.InCluster || m.ClusterID != "" || m.Name < c.cfg.Name {
 			return false, nil
 		}
 	}
