@@ -178,11 +178,13 @@ func TestClusterForeignPeerIsRefused(t *testing.T) {
 		return args // host 0 and host 3: first peers of their own clusters
 	}})
 	ctx := testCtx(t, 5*time.Minute)
-	if err := l.StartAll(ctx); err != nil {
-		t.Fatalf("start peers: %v", err)
-	}
 	a := []*lab.Host{l.Host(0), l.Host(1), l.Host(2)}
 	b := l.Host(3)
+	for _, h := range a {
+		if err := h.Start(ctx); err != nil {
+			t.Fatalf("start %s: %v", h.Name, err)
+		}
+	}
 	waitFor(t, ctx, 60*time.Second, "cluster a: 3 peers, 3 voters", func() error {
 		if err := aliveEverywhere(ctx, a); err != nil {
 			return err
@@ -194,28 +196,40 @@ func TestClusterForeignPeerIsRefused(t *testing.T) {
 		}
 		return nil
 	})
+	if err := b.Start(ctx); err != nil {
+		t.Fatalf("start %s: %v", b.Name, err)
+	}
+	// Connect b as early as possible after it bootstrapped: best in the window where it is in a
+	// cluster that has no ID yet, which the mesh cannot tell apart from ours (only Raft's own
+	// check keeps it out); otherwise once it is named.
+	unnamed := false
+	waitFor(t, ctx, 30*time.Second, b.Name+" to bootstrap its own cluster", func() error {
+		var peers []router.PeerStatus
+		if err := cliJSON(ctx, b, &peers, "status", "peers"); err != nil {
+			return err
+		}
+		if len(peers) == 0 || !peers[0].RaftMember {
+			return fmt.Errorf("%s: %+v", b.Name, peers)
+		}
+		unnamed = peers[0].ClusterID == ""
+		if out, err := b.CLI(ctx, "connect", a[0].Addr.Addr().String()); err != nil {
+			t.Fatalf("weft connect: %v %s", err, out)
+		}
+		return nil
+	})
+	t.Logf("%s connected while its cluster had no ID yet: %v", b.Name, unnamed)
 	waitFor(t, ctx, 30*time.Second, b.Name+" to lead and name its own cluster", func() error {
 		var peers []router.PeerStatus
 		if err := cliJSON(ctx, b, &peers, "status", "peers"); err != nil {
 			return err
 		}
-		if len(peers) != 1 || peers[0].ClusterID == "" || ipamOf(t, ctx, b).Leader != b.Name {
-			return fmt.Errorf("%s: %+v", b.Name, peers)
+		for _, p := range peers {
+			if p.Self && p.ClusterID != "" && ipamOf(t, ctx, b).Leader == b.Name {
+				return nil
+			}
 		}
-		return nil
+		return fmt.Errorf("%s: %+v", b.Name, peers)
 	})
-	// Both sides hand out addresses before the connect.
-	attachSome := func(h *lab.Host, k int) {
-		t.Helper()
-		if _, err := attachN(ctx, mustCNI(t, h, lab.CNIOptions{}), h, k); err != nil {
-			t.Fatalf("attach on %s: %v", h.Name, err)
-		}
-	}
-	attachSome(b, 3)
-	attachSome(a[1], 3)
-	if out, err := b.CLI(ctx, "connect", a[0].Addr.Addr().String()); err != nil {
-		t.Fatalf("weft connect: %v %s", err, out)
-	}
 	waitFor(t, ctx, 30*time.Second, "the refusal in a log", func() error {
 		logs := b.LogTail(300)
 		for _, h := range a {
@@ -226,6 +240,14 @@ func TestClusterForeignPeerIsRefused(t *testing.T) {
 		}
 		return nil
 	})
+	attachSome := func(h *lab.Host, k int) {
+		t.Helper()
+		if _, err := attachN(ctx, mustCNI(t, h, lab.CNIOptions{}), h, k); err != nil {
+			t.Fatalf("attach on %s: %v", h.Name, err)
+		}
+	}
+	attachSome(b, 3)
+	attachSome(a[1], 3)
 	// Keep handing out addresses on both sides while the mesh is told to merge; watch that
 	// neither Raft configuration ever takes a peer of the other.
 	for round := 0; round < 5; round++ {
