@@ -310,6 +310,17 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 	tc.converge("c1 to know the configuration", func() bool {
 		return fmt.Sprint(tc.nodes["c1"].c.Status().Voters) == fmt.Sprint(st.Voters)
 	})
+	// A client that cannot reach the leader (its underlay blocked) claims through a member.
+	leader := tc.leader()
+	tc.mu.Lock()
+	tc.blocked[[2]string{"c3", leader}] = true
+	tc.mu.Unlock()
+	tc.nodes["c3"].c.view.mu.Lock()
+	tc.nodes["c3"].c.view.leader = leader // it would try the leader first
+	tc.nodes["c3"].c.view.mu.Unlock()
+	if _, err := tc.nodes["c3"].c.Claim(ctx, clusterNet, "c3"); err != nil {
+		t.Fatalf("client cut off from the leader: %v", err)
+	}
 	// The leader dies: a healthy non-voter is promoted, a client becomes the spare non-voter,
 	// and clients still claim.
 	tc.kill("p1")

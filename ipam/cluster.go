@@ -446,9 +446,18 @@ func (c *Cluster) apply(ctx context.Context, cmd command) (commandResult, error)
 		} else if c.isMember() {
 			targets = nil // an election is under way: wait for its leader
 		}
+		// With several targets, one whose address does not answer (its underlay blocked from
+		// here) must not use up the whole apply: each try gets a share.
+		perTry := c.cfg.ApplyTimeout
+		if len(targets) > 1 {
+			perTry /= 4
+		}
 		for _, t := range targets {
 			var err error
-			if out, err = c.cfg.Forward(ctx, t, data); err == nil {
+			tctx, cancel := context.WithTimeout(ctx, perTry)
+			out, err = c.cfg.Forward(tctx, t, data)
+			cancel()
+			if err == nil {
 				break
 			}
 			out = nil

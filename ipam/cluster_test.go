@@ -22,8 +22,9 @@ type testCluster struct {
 	t         *testing.T
 	nonvoters int
 	tune      func(*raft.Config)
-	mu        sync.Mutex // guards nodes
+	mu        sync.Mutex // guards nodes and blocked
 	nodes     map[string]*testNode
+	blocked   map[[2]string]bool // from → to pairs whose forwarding hangs
 }
 
 type testNode struct {
@@ -37,7 +38,7 @@ type testNode struct {
 }
 
 func newTestCluster(t *testing.T) *testCluster {
-	tc := &testCluster{t: t, nodes: map[string]*testNode{}, nonvoters: 2, tune: fastRaft}
+	tc := &testCluster{t: t, nodes: map[string]*testNode{}, blocked: map[[2]string]bool{}, nonvoters: 2, tune: fastRaft}
 	t.Cleanup(func() {
 		tc.mu.Lock()
 		defer tc.mu.Unlock()
@@ -77,7 +78,10 @@ func (tc *testCluster) start(name string) *testNode {
 	c, err := NewCluster(ClusterConfig{
 		Name: name, Dir: filepath.Join(n.dir, "raft"), Transport: n.trans, DB: db, Voters: 3, Nonvoters: tc.nonvoters,
 		DeadVoterGrace: 300 * time.Millisecond, ApplyTimeout: 2 * time.Second, Tune: tc.tune,
-		Forward: tc.forward, FetchTable: tc.fetch, Registerer: prometheus.NewRegistry(),
+		Forward: func(ctx context.Context, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
+			return tc.forwardFrom(ctx, name, addr, cmd)
+		},
+		FetchTable: tc.fetch, Registerer: prometheus.NewRegistry(),
 	})
 	if err != nil {
 		tc.t.Fatal(err)
@@ -133,8 +137,16 @@ func (tc *testCluster) heal() {
 	}
 }
 
-// forward stands in for the RPC: it hands the command to the node at addr, if reachable.
-func (tc *testCluster) forward(ctx context.Context, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
+// forwardFrom stands in for the RPC from node from: it hands the command to the node at addr,
+// if reachable; a blocked pair hangs until ctx ends, as a dial into a dropped underlay does.
+func (tc *testCluster) forwardFrom(ctx context.Context, from string, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
+	tc.mu.Lock()
+	blocked := tc.blocked[[2]string{from, string(addr)}]
+	tc.mu.Unlock()
+	if blocked {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	tc.mu.Lock()
 	n, ok := tc.nodes[string(addr)]
 	alive := ok && n.alive
