@@ -330,7 +330,8 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 			return false
 		}
 		s := tc.nodes[l].c.Status()
-		return len(s.Voters) == 3 && len(s.Nonvoters) == 1 && !strings.Contains(fmt.Sprint(s.Voters), "p1")
+		return len(s.Voters) == 3 && len(s.Nonvoters) == 1 && !strings.Contains(fmt.Sprint(s.Voters), "p1") &&
+			(tc.nodes["c1"].c.Role() != RoleClient || tc.nodes["c1"].c.Status().Leader == l) // a client names the new leader
 	})
 	if _, err := tc.nodes["c2"].c.Claim(ctx, clusterNet, "c2"); err != nil {
 		t.Fatalf("client claim after the leader died: %v", err)

@@ -312,8 +312,9 @@ func (c *Cluster) rejectTable(reason string, err error) {
 	c.log.Warn("rejected block table input", "reason", reason, "err", err)
 }
 
-// confHash identifies the Raft configuration this member knows (raft does not expose its
-// index cheaply); a client refetches when a member's hash differs from its own. O(members).
+// confHash identifies the Raft configuration and leader this member knows (raft does not
+// expose the configuration's index cheaply); a client refetches when a member's hash differs
+// from its own. O(members).
 func (c *Cluster) confHash() uint64 {
 	h := fnv.New64a()
 	servers := c.configuration().Servers
@@ -322,6 +323,9 @@ func (c *Cluster) confHash() uint64 {
 		ids = append(ids, fmt.Sprintf("%s/%d", s.ID, s.Suffrage))
 	}
 	slices.Sort(ids)
+	// The leader too: a client's status then names the new leader after an election.
+	_, leader := c.raft.LeaderWithID()
+	ids = append(ids, "leader="+string(leader))
 	for _, id := range ids {
 		h.Write([]byte(id + ","))
 	}
