@@ -276,3 +276,65 @@ func TestClusterForeignPeerIsRefused(t *testing.T) {
 		t.Fatalf("%s holds %d attachments (%d distinct), want 18: %v", b.Name, len(bAddrs), len(slices.Compact(slices.Clone(bAddrs))), bAddrs)
 	}
 }
+
+// A client whose underlay to the Raft leader is blocked still claims blocks: it forwards to a
+// member it reaches, which passes the claim on to its leader (one hop), and it learns the
+// table from gossip and from members it reaches.
+func TestClusterClientCutOffFromLeader(t *testing.T) {
+	const n = 4
+	var l *lab.Lab
+	l = newLab(t, lab.Config{Prefix: "wrafc", Hosts: n, NoStart: true, PeerArgs: func(i int) []string {
+		return []string{"--peers", l.Host((i + 1) % n).Addr.Addr().String(), "--ipalloc-block", "28",
+			"--raft-voters", "3", "--raft-nonvoters", "0"}
+	}})
+	ctx := testCtx(t, 5*time.Minute)
+	if err := l.StartAll(ctx); err != nil {
+		t.Fatalf("start peers: %v", err)
+	}
+	hosts := l.Hosts()
+	waitFor(t, ctx, 90*time.Second, "every peer sees 4 alive", func() error { return aliveEverywhere(ctx, hosts) })
+	waitFor(t, ctx, 60*time.Second, "3 voters and 1 client, agreed by every peer", func() error {
+		return rolesAgree(ctx, hosts, 3, 0)
+	})
+	st := ipamOf(t, ctx, hosts[0])
+	var client *lab.Host
+	for _, h := range hosts {
+		if !slices.Contains(st.Voters, h.Name) {
+			client = h
+		}
+	}
+	leader := hostByName(l, st.Leader)
+	other := voterOtherThan(l, st, leader)
+	if err := l.Partition([]*lab.Host{client}, []*lab.Host{leader}); err != nil {
+		t.Fatal(err)
+	}
+	// Two blocks' worth: the second claim is made well after the cut.
+	addrs, err := attachN(ctx, mustCNI(t, client, lab.CNIOptions{}), client, 16)
+	if err != nil {
+		t.Fatalf("client %s cut off from leader %s: attached %d: %v", client.Name, leader.Name, len(addrs), err)
+	}
+	if blocks := len(mustStatus(t, ctx, client).Networks[0].Blocks); blocks < 2 {
+		t.Fatalf("client %s owns %d blocks, want 2", client.Name, blocks)
+	}
+	waitFor(t, ctx, 30*time.Second, "the client and a member to agree on the table", func() error {
+		owners := func(h *lab.Host) string {
+			var out []string
+			for _, b := range ipamOf(t, ctx, h).Blocks {
+				out = append(out, b.CIDR+"="+b.Owner)
+			}
+			return strings.Join(out, " ")
+		}
+		a, b := owners(client), owners(other)
+		if a != b {
+			return fmt.Errorf("%s: %v, %s: %v", client.Name, a, other.Name, b)
+		}
+		return nil
+	})
+	checkOwnership(t, ctx, hosts)
+	// Its containers reach a member's container over the underlay it still has.
+	ctr := mustContainer(t, other)
+	dst := mustAdd(t, ctx, mustCNI(t, other, lab.CNIOptions{}), ctr).Addr()
+	src := mustContainer(t, client)
+	mustAdd(t, ctx, mustCNI(t, client, lab.CNIOptions{}), src)
+	waitPing(t, ctx, src, dst)
+}
