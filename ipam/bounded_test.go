@@ -421,11 +421,14 @@ func TestReconcileLogsOnlyWhatSucceeded(t *testing.T) {
 	p1.cfg.Voters = 5
 	tc.partition([]string{"p1"}, []string{"p2", "p3"}) // p1 still thinks it leads for a moment
 	members := append(tc.members(), Member{Name: "p9", RaftAddr: "p9", Alive: true, Since: time.Now()})
+	if !p1.IsLeader() {
+		t.Skip("p1 lost leadership before the test could ask it to add a voter")
+	}
 	err := p1.Reconcile(context.Background(), members, time.Now())
-	if p1.IsLeader() && err == nil {
+	if err == nil {
 		t.Skip("p1 added p9 before it noticed the partition; nothing to check")
 	}
-	if strings.Contains(logs.String(), "added raft voter") && err != nil {
+	if strings.Contains(logs.String(), "added raft voter") {
 		t.Fatalf("logged an addition that failed (%v):\n%s", err, logs.String())
 	}
 }
