@@ -133,14 +133,25 @@ func (c *Cluster) TableChanged() <-chan struct{} { return c.fsm.changed }
 // other node). O(changes) per call: leader cost does not depend on N.
 func (c *Cluster) TableBroadcasts() [][]byte {
 	leader := c.IsLeader()
+	var conf uint64
+	if leader {
+		conf = c.confHash()
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !leader {
 		// A node that becomes leader gossips only what it applies from then on.
-		c.lastSent = c.fsm.version()
+		c.lastSent, c.lastConf = c.fsm.version(), 0
 		return nil
 	}
 	var out [][]byte
+	if conf != c.lastConf {
+		// The configuration or the leader changed: tell clients to refetch (a few bytes).
+		if b, err := json.Marshal(tableDelta{Op: opConf, Conf: conf}); err == nil {
+			out = append(out, b)
+			c.lastConf = conf
+		}
+	}
 	for _, d := range c.fsm.deltasAfter(c.lastSent) {
 		b, err := json.Marshal(d)
 		if err != nil {
@@ -172,6 +183,12 @@ func (h *TableHandler) NotifyMsg(msg []byte) {
 	}
 	c.view.mu.Lock()
 	defer c.view.mu.Unlock()
+	if d.Op == opConf {
+		if d.Conf != c.view.confHash {
+			c.view.wantFetch = true
+		}
+		return
+	}
 	if d.Index <= c.view.state.Version {
 		return // old news
 	}
@@ -236,7 +253,9 @@ func (c *Cluster) SyncTable(ctx context.Context, now time.Time) {
 		return
 	}
 	c.view.mu.Lock()
-	want, wantIndex := c.view.wantFetch, c.view.wantIndex
+	// A client that never fetched knows no configuration (voters, leader): it fetches once
+	// even if gossip gave it the whole table.
+	want, wantIndex := c.view.wantFetch || c.view.confHash == 0, c.view.wantIndex
 	c.view.mu.Unlock()
 	c.mu.Lock()
 	if !want || c.fetching || now.Sub(c.lastFetch) < fetchInterval || len(c.raftPeers) == 0 {

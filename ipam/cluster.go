@@ -88,8 +88,10 @@ type Cluster struct {
 	bootstrapped bool
 	// raftPeers are the live Raft members of this cluster, as the mesh reports them.
 	raftPeers []Member
-	// lastSent is the index of the last delta this leader gossiped.
+	// lastSent is the index of the last delta this leader gossiped, lastConf the last
+	// configuration hash.
 	lastSent uint64
+	lastConf uint64
 	// fetching and lastFetch pace table fetches.
 	fetching  bool
 	lastFetch time.Time

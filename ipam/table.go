@@ -66,7 +66,12 @@ type tableDelta struct {
 	Network   *Network     `json:"network,omitempty"`
 	Block     netip.Prefix `json:"block,omitzero"`
 	ClusterID string       `json:"cluster_id,omitempty"`
+	// Conf, with Op opConf, is the leader's confHash: not a table change, a hint to refetch.
+	Conf uint64 `json:"conf,omitempty"`
 }
+
+// opConf marks a gossiped hint that the Raft configuration or leader changed.
+const opConf = "conf"
 
 // validate checks a whole table received from elsewhere (a snapshot or a fetch).
 func (st *fsmState) validate() error {
