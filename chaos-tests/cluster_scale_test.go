@@ -305,6 +305,18 @@ func TestClusterClientCutOffFromLeader(t *testing.T) {
 	}
 	leader := hostByName(l, st.Leader)
 	other := voterOtherThan(l, st, leader)
+	waitFor(t, ctx, 30*time.Second, client.Name+" to see every voter's cluster id", func() error {
+		var peers []router.PeerStatus
+		if err := cliJSON(ctx, client, &peers, "status", "peers"); err != nil {
+			return err
+		}
+		for _, p := range peers {
+			if slices.Contains(st.Voters, p.Name) && (!p.RaftMember || p.ClusterID == "") {
+				return fmt.Errorf("%s: %+v", client.Name, p)
+			}
+		}
+		return nil
+	})
 	if err := l.Partition([]*lab.Host{client}, []*lab.Host{leader}); err != nil {
 		t.Fatal(err)
 	}

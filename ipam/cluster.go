@@ -448,10 +448,11 @@ func (c *Cluster) apply(ctx context.Context, cmd command) (commandResult, error)
 		} else if c.isMember() {
 			targets = nil // an election is under way: wait for its leader
 		}
-		// With several targets, one whose address does not answer (its underlay blocked from
-		// here) must not use up the whole apply: each try gets a share.
+		// A client's target whose address does not answer (its underlay blocked from here)
+		// must not use up the whole apply: each try gets a share, and the next round of this
+		// loop sees the members the mesh reported meanwhile.
 		perTry := c.cfg.ApplyTimeout
-		if len(targets) > 1 {
+		if !c.isMember() {
 			perTry /= 4
 		}
 		for _, t := range targets {
