@@ -152,6 +152,14 @@ func TestForeignClusterNeverJoins(t *testing.T) {
 			pollUntil(t, 5*time.Second, b1.c.IsLeader, "b1 to lead its own cluster")
 			foreign := Member{Name: "b1", RaftAddr: "b1", Alive: true, Since: time.Now(), InCluster: true}
 			all := func(f Member) []Member { return append(onlyA(), f) }
+			// b1 shares the mesh with a: a's table gossip reaches it, and must not lend it a's ID.
+			for _, d := range tc.nodes["a1"].c.fsm.deltasAfter(0) {
+				b1.c.TableHandler().NotifyMsg(mustJSON(d))
+			}
+			b1.c.TableHandler().MergeRemoteState(tc.nodes["a1"].c.TableHandler().LocalState(false), false)
+			if id := b1.c.ClusterID(); id != "" && id == tc.nodes["a1"].c.ClusterID() {
+				t.Fatalf("b1 took a's cluster id %s from gossip", id)
+			}
 			switch order {
 			case "foreign-unnamed-first":
 				for i := 0; i < 5; i++ {
@@ -399,6 +407,13 @@ func TestTableGossipRejectsBadInput(t *testing.T) {
 	h.MergeRemoteState(bytes.Repeat([]byte("1"), maxHintBytes+1), false)
 	if rows := c.Status().Blocks; len(rows) != 1 || rows[0].Owner != "p1" || c.view.state.Version != 5 {
 		t.Fatalf("bad input changed the table: %+v at %d", rows, c.view.state.Version)
+	}
+	// Once the table is named, a delta of another cluster is refused.
+	h.NotifyMsg(mustJSON(tableDelta{Prev: 5, Index: 6, Op: opInit, ClusterID: "aaaa"}))
+	before := counterValue(c.metrics.tableRejected.WithLabelValues("foreign"))
+	h.NotifyMsg(mustJSON(tableDelta{Prev: 6, Index: 7, Op: opRemovePeer, Peer: "p1", ClusterID: "bbbb"}))
+	if counterValue(c.metrics.tableRejected.WithLabelValues("foreign")) != before+1 || len(c.Status().Blocks) != 1 || c.ClusterID() != "aaaa" {
+		t.Fatalf("a foreign delta was not refused: %+v, cluster %q", c.Status().Blocks, c.ClusterID())
 	}
 }
 

@@ -101,9 +101,16 @@ const (
 	RoleClient   = "client"
 )
 
-// readTable runs fn on the newest table this node has: its FSM, or the gossiped view while
-// that is ahead (always on a client, whose FSM stays empty). fn must not keep st.
+// readTable runs fn on the table this node goes by: a Raft member's own FSM, never gossip (a
+// peer of another cluster in the same mesh must not lend it its table or its ID); on a client
+// the gossiped view, or the FSM if that is ahead. fn must not keep st.
 func (c *Cluster) readTable(fn func(st *fsmState)) {
+	if c.InCluster() {
+		c.fsm.mu.RLock()
+		defer c.fsm.mu.RUnlock()
+		fn(&c.fsm.state)
+		return
+	}
 	c.view.mu.Lock()
 	vv := c.view.state.Version
 	c.view.mu.Unlock()
@@ -147,7 +154,7 @@ func (c *Cluster) TableBroadcasts() [][]byte {
 	var out [][]byte
 	if conf != c.lastConf {
 		// The configuration or the leader changed: tell clients to refetch (a few bytes).
-		if b, err := json.Marshal(tableDelta{Op: opConf, Conf: conf}); err == nil {
+		if b, err := json.Marshal(tableDelta{Op: opConf, Conf: conf, ClusterID: c.fsm.clusterID()}); err == nil {
 			out = append(out, b)
 			c.lastConf = conf
 		}
@@ -184,6 +191,10 @@ func (h *TableHandler) NotifyMsg(msg []byte) {
 	c.view.mu.Lock()
 	defer c.view.mu.Unlock()
 	if d.Op == opConf {
+		if ours := c.view.state.ClusterID; ours != "" && d.ClusterID != ours {
+			c.rejectTable("foreign", fmt.Errorf("%w: configuration hint of cluster %q, ours is %q", ErrBadTable, d.ClusterID, ours))
+			return
+		}
 		if d.Conf != c.view.confHash {
 			c.view.wantFetch = true
 		}
@@ -197,8 +208,10 @@ func (h *TableHandler) NotifyMsg(msg []byte) {
 	case errors.Is(err, errTableGap):
 		c.view.wantFetch = true
 		c.view.wantIndex = max(c.view.wantIndex, d.Index)
-	case errors.Is(err, ErrBadTable) && errors.Is(err, errFuture):
+	case errors.Is(err, errFuture):
 		c.rejectTable("future", err)
+	case errors.Is(err, errForeign):
+		c.rejectTable("foreign", err)
 	case err != nil:
 		c.rejectTable("invalid", err)
 	default:

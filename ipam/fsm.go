@@ -110,7 +110,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var res commandResult
-	d := tableDelta{Prev: f.state.Version, Index: l.Index, Op: cmd.Op, Peer: cmd.Peer}
+	d := tableDelta{Prev: f.state.Version, Index: l.Index, Op: cmd.Op, Peer: cmd.Peer, ClusterID: f.state.ClusterID}
 	switch cmd.Op {
 	case opClaim:
 		res = f.claim(cmd)

@@ -47,6 +47,9 @@ const (
 // ErrBadTable marks a gossiped delta or fetched table that was rejected.
 var ErrBadTable = errors.New("bad block table")
 
+// errForeign marks a delta of another cluster.
+var errForeign = errors.New("of another cluster")
+
 // errFuture marks an index too far ahead of this peer's table to be real.
 var errFuture = errors.New("index from the future")
 
@@ -63,9 +66,10 @@ type tableDelta struct {
 	Op    string `json:"op"`
 	Peer  string `json:"peer,omitempty"`
 	// Network and Block: a claim gave Block of Network to Peer.
-	Network   *Network     `json:"network,omitempty"`
-	Block     netip.Prefix `json:"block,omitzero"`
-	ClusterID string       `json:"cluster_id,omitempty"`
+	Network *Network     `json:"network,omitempty"`
+	Block   netip.Prefix `json:"block,omitzero"`
+	// ClusterID is the cluster whose table changed (for an init: the ID it takes).
+	ClusterID string `json:"cluster_id,omitempty"`
 	// Conf, with Op opConf, is the leader's confHash: not a table change, a hint to refetch.
 	Conf uint64 `json:"conf,omitempty"`
 }
@@ -112,6 +116,9 @@ func applyDelta(st *fsmState, d tableDelta) error {
 	if st.Version != 0 && d.Index > st.Version+maxIndexAhead {
 		return fmt.Errorf("%w: %w: delta index %d, table at %d", ErrBadTable, errFuture, d.Index, st.Version)
 	}
+	if d.ClusterID != "" && st.ClusterID != "" && d.ClusterID != st.ClusterID {
+		return fmt.Errorf("%w: %w: delta %d of cluster %q, the table is of %q", ErrBadTable, errForeign, d.Index, d.ClusterID, st.ClusterID)
+	}
 	if d.Prev != st.Version {
 		return errTableGap
 	}
@@ -157,9 +164,6 @@ func applyDelta(st *fsmState, d tableDelta) error {
 	case opInit:
 		if !clusterIDRE.MatchString(d.ClusterID) {
 			return fmt.Errorf("%w: init delta %d has cluster id %q", ErrBadTable, d.Index, d.ClusterID)
-		}
-		if st.ClusterID != "" && st.ClusterID != d.ClusterID {
-			return fmt.Errorf("%w: init delta %d names cluster %s, the table is of %s", ErrBadTable, d.Index, d.ClusterID, st.ClusterID)
 		}
 		st.ClusterID = d.ClusterID
 	default:
