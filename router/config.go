@@ -28,7 +28,10 @@ const (
 	DefaultMeshPort   = 6783
 	DefaultRaftPort   = 6785
 	DefaultRaftVoters = 3
-	DefaultVoterGrace = time.Minute
+	// DefaultRaftNonvoters spares follow the log, ready to replace a dead voter; every other
+	// peer is a Raft client.
+	DefaultRaftNonvoters = 2
+	DefaultVoterGrace    = time.Minute
 	// DefaultAttachWait is how long an ADD that needs a new block waits for a Raft leader
 	// while the peer is still forming or joining its cluster.
 	DefaultAttachWait = 15 * time.Second
@@ -75,6 +78,9 @@ type Config struct {
 	Password []byte
 	// RaftVoters is how many of the first peers vote.
 	RaftVoters int
+	// RaftNonvoters is how many more peers follow the Raft log without voting; the others are
+	// clients that forward writes and learn the block table by gossip.
+	RaftNonvoters int
 	// VoterGrace is how long a voter may be dead before a healthy non-voter replaces it.
 	VoterGrace time.Duration
 	// ReclaimAfter, when set, returns the blocks of peers dead that long to the pool.
@@ -143,6 +149,7 @@ func DefaultConfig() Config {
 		MeshPort:      DefaultMeshPort,
 		RaftPort:      DefaultRaftPort,
 		RaftVoters:    DefaultRaftVoters,
+		RaftNonvoters: DefaultRaftNonvoters,
 		VoterGrace:    DefaultVoterGrace,
 		AttachWait:    DefaultAttachWait,
 		SettleTime:    defaultSettle,
@@ -178,6 +185,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --raft-port %d is not a port", ErrInvalidConfig, c.RaftPort)
 	case c.RaftVoters < 1:
 		return fmt.Errorf("%w: --raft-voters %d must be at least 1", ErrInvalidConfig, c.RaftVoters)
+	case c.RaftNonvoters < 0 || c.RaftNonvoters > 16:
+		return fmt.Errorf("%w: --raft-nonvoters %d must be between 0 and 16", ErrInvalidConfig, c.RaftNonvoters)
 	case c.VoterGrace <= 0:
 		return fmt.Errorf("%w: --raft-voter-grace %s must be positive", ErrInvalidConfig, c.VoterGrace)
 	case c.Encrypt != "never" && c.Encrypt != "auto" && c.Encrypt != "always":

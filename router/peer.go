@@ -40,7 +40,7 @@ type Peer struct {
 	transport *ipam.PeerTransport
 	cluster   *ipam.Cluster
 	mesh      *mesh.Mesh
-	usage     *usageTable
+	usage     *ipam.UsageTable
 	links     *links
 	paths     *paths
 	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
@@ -69,7 +69,7 @@ func New(cfg Config) (*Peer, error) {
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
-		usage:   newUsageTable(),
+		usage:   ipam.NewUsageTable(ipam.UsageConfig{Logger: cfg.Logger.With("component", "ipam"), Registerer: reg}),
 	}, nil
 }
 
@@ -207,8 +207,11 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 		Dir:            filepath.Join(p.cfg.DataDir, "raft"),
 		Transport:      netTrans,
 		Forward:        ipam.HTTPForwarder(tr.DialRPC),
+		FetchTable:     ipam.HTTPTableFetcher(tr.DialRPC),
+		Registerer:     p.reg,
 		DB:             p.db,
 		Voters:         p.cfg.RaftVoters,
+		Nonvoters:      p.cfg.RaftNonvoters,
 		DeadVoterGrace: p.cfg.VoterGrace,
 		ReclaimAfter:   p.cfg.ReclaimAfter,
 		Logger:         p.log.With("component", "raft"),

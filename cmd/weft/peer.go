@@ -17,21 +17,21 @@ func newPeerCmd() *cobra.Command {
 	def := router.DefaultConfig()
 	host, _ := os.Hostname()
 	var (
-		name, dataDir, httpAddr, ipRange, logLevel string
-		advertise, password, passwordFile          string
-		mtu, meshPort, raftPort, voters, blockBits int
-		seeds, dnsUpstreams                        []string
-		voterGrace, reclaimAfter, attachWait       time.Duration
-		dnsDomain                                  string
-		noDirect, pprof                            bool
-		encrypt                                    string
-		trusted                                    []string
-		wgPort, probePort, linkProbePort           int
-		probeTargets                               int
-		probeInterval, probeTimeout                time.Duration
-		sla                                        string
-		dnsPort                                    int
-		dnsTTL, dnsDownGrace                       time.Duration
+		name, dataDir, httpAddr, ipRange, logLevel            string
+		advertise, password, passwordFile                     string
+		mtu, meshPort, raftPort, voters, nonvoters, blockBits int
+		seeds, dnsUpstreams                                   []string
+		voterGrace, reclaimAfter, attachWait                  time.Duration
+		dnsDomain                                             string
+		noDirect, pprof                                       bool
+		encrypt                                               string
+		trusted                                               []string
+		wgPort, probePort, linkProbePort                      int
+		probeTargets                                          int
+		probeInterval, probeTimeout                           time.Duration
+		sla                                                   string
+		dnsPort                                               int
+		dnsTTL, dnsDownGrace                                  time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "peer",
@@ -51,6 +51,7 @@ func newPeerCmd() *cobra.Command {
 			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr, cfg.Pprof = name, dataDir, socket, httpAddr, pprof
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
+			cfg.RaftNonvoters = nonvoters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
 			cfg.AttachWait = attachWait
 			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
@@ -95,7 +96,8 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&raftPort, "raft-port", def.RaftPort, "Raft and peer RPC port, tcp")
 	f.StringVar(&password, "password", "", "encrypt gossip and authenticate Raft between peers (prefer --password-file)")
 	f.StringVar(&passwordFile, "password-file", "", "read the password from this file")
-	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
+	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft")
+	f.IntVar(&nonvoters, "raft-nonvoters", def.RaftNonvoters, "how many more peers follow the Raft log as spare voters; all others are clients")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
 	f.DurationVar(&attachWait, "attach-wait", def.AttachWait, "how long an ADD that needs a new block waits for a Raft leader while this peer is still forming or joining its cluster (0: fail at once with CNI 11)")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")

@@ -73,9 +73,9 @@ func printPeers(out io.Writer, peers []router.PeerStatus) {
 		if p.Self {
 			name += " (self)"
 		}
-		raft := "-"
-		if p.RaftMember {
-			raft = "member"
+		raft := p.RaftRole
+		if raft == "" { // a peer of an older version
+			raft = "-"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", name, p.State, p.Address, raft, strings.Join(p.Capabilities, ","), p.Since.Format(time.RFC3339))
 	}
