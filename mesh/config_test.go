@@ -99,7 +99,7 @@ func TestDefaultAdvertiseAddr(t *testing.T) {
 
 func TestMemberlistLogLines(t *testing.T) {
 	var buf bytes.Buffer
-	l := newMemberlistLogger(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), nil)
+	l := newMemberlistLogger(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	l.Printf("[DEBUG] memberlist: Stream connection from=127.0.0.1:1")
 	l.Printf("[WARN] memberlist: Refuting a suspect message (from: x)")
 	l.Printf("[ERR] memberlist: failed to receive: No installed keys could decrypt the message from=127.0.0.1:2")

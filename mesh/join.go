@@ -310,7 +310,7 @@ func (m *Mesh) deadRetryPicks(now time.Time) []Peer {
 	for _, p := range m.peers {
 		switch {
 		case p.Self:
-		case p.State == StateAlive || p.State == StateSuspect:
+		case p.Up():
 			alive++
 		case p.Addr.IsValid() && now.Sub(p.Since) < m.cfg.DeadRetryFor:
 			dead = append(dead, p)
@@ -416,7 +416,7 @@ func (m *Mesh) dueTargets(lastFull time.Time) (due []string, full bool) {
 			self = p.Addr.String()
 			continue
 		}
-		if p.State == StateAlive || p.State == StateSuspect {
+		if p.Up() {
 			members[p.Addr.String()] = true
 			alone = false
 		}
@@ -471,7 +471,7 @@ func (m *Mesh) missingTargets() bool {
 	for _, p := range m.peers {
 		if p.Self {
 			self = p.Addr.String()
-		} else if p.State == StateAlive || p.State == StateSuspect {
+		} else if p.Up() {
 			members[p.Addr.String()] = true
 		}
 	}
@@ -487,7 +487,7 @@ func (m *Mesh) alone() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, p := range m.peers {
-		if !p.Self && (p.State == StateAlive || p.State == StateSuspect) {
+		if !p.Self && p.Up() {
 			return false
 		}
 	}

@@ -157,7 +157,7 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 	mc.Ping = d
 	mc.Merge = d
 	mc.DisableTcpPingsForNode = m.onDirectProbeFailed // always false; see suspicion.go
-	mc.Logger = newMemberlistLogger(m.log, nil)
+	mc.Logger = newMemberlistLogger(m.log)
 	if len(c.Password) > 0 {
 		kr, err := memberlist.NewKeyring(nil, GossipKey(c.Password))
 		if err != nil {

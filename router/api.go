@@ -11,7 +11,6 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/weftnet/weft/cni"
-	"github.com/weftnet/weft/mesh"
 )
 
 const maxRequestBytes = 1 << 20
@@ -224,7 +223,7 @@ func (p *Peer) removePeer(ctx context.Context, req RemovePeerRequest) (*RemovePe
 	if req.Name == p.cfg.Name {
 		return nil, newAPIError(http.StatusConflict, types.ErrInvalidNetworkConfig, "rmpeer: %s is this peer; run it on another", req.Name)
 	}
-	if pr, ok := p.mesh.Peer(req.Name); ok && !req.Force && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) {
+	if pr, ok := p.mesh.Peer(req.Name); ok && !req.Force && pr.Up() {
 		return nil, newAPIError(http.StatusConflict, types.ErrInvalidNetworkConfig,
 			"rmpeer: %s is %s in the mesh; stop it first (or --force if it is gone for good)", req.Name, pr.State)
 	}

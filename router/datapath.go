@@ -216,7 +216,7 @@ func (s *startup) over(now time.Time, peers []mesh.Peer, leader bool, settle tim
 // anyOtherUp says whether a peer other than this one is alive or suspect.
 func anyOtherUp(peers []mesh.Peer) bool {
 	for _, pr := range peers {
-		if !pr.Self && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) {
+		if !pr.Self && pr.Up() {
 			return true
 		}
 	}

@@ -25,7 +25,7 @@ type Connection = plan.Connection
 // planPeer is a mesh peer as the plan sees it. O(1) (its metadata is shared, not copied).
 func planPeer(pr mesh.Peer) plan.Peer {
 	return plan.Peer{
-		Name: pr.Name, Self: pr.Self, Up: pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect,
+		Name: pr.Name, Self: pr.Self, Up: pr.Up(),
 		State: pr.State.String(), Since: pr.Since, Underlay: pr.Meta.Underlay,
 		Capabilities: pr.Meta.Capabilities, VTEPMAC: pr.Meta.VTEPMAC, WireGuardKey: pr.Meta.WireGuardKey,
 		Encrypt: pr.Meta.Encrypt, Trusted: pr.Meta.TrustedSubnets,

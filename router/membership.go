@@ -200,7 +200,7 @@ type settleTracker struct {
 func (s *settleTracker) settled(peers []mesh.Peer, now time.Time, d time.Duration, hasSeeds bool, voters int) bool {
 	var names []string
 	for _, pr := range peers {
-		if pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect {
+		if pr.Up() {
 			names = append(names, pr.Name)
 		}
 	}
@@ -222,7 +222,7 @@ func toMembers(peers []mesh.Peer) []ipam.Member {
 	for _, pr := range peers {
 		m := ipam.Member{
 			Name:      pr.Name,
-			Alive:     pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect,
+			Alive:     pr.Up(),
 			Since:     pr.Since,
 			InCluster: pr.Meta.RaftMember,
 			ClusterID: pr.Meta.ClusterID,

@@ -227,7 +227,7 @@ func (e *coordEstimator) estimateFromSelf(peer string) (time.Duration, bool) {
 }
 
 func isLiveRemote(pr mesh.Peer) bool {
-	return !pr.Self && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) && pr.Meta.Underlay.IsValid()
+	return !pr.Self && pr.Up() && pr.Meta.Underlay.IsValid()
 }
 
 // startProber binds one probe socket on the underlay address and runs a prober on it.
