@@ -308,6 +308,9 @@ type LinkStats struct {
 	LastHeard time.Time
 	// Samples counts the replies received since the target was added.
 	Samples int
+	// Settled: the target has answered settleAnswers probes in a row since it was added,
+	// so its path is built; losses before that were cleared from Loss.
+	Settled bool
 }
 
 // ProberCounters count a Prober's packets since it was created.
@@ -343,7 +346,14 @@ type probeTarget struct {
 	// primed: a reply has come since the target was added or last went down. The first
 	// reply only primes the path — it often waited for ARP, a WireGuard handshake or a
 	// cold cache — so it counts as answered but is no RTT sample.
-	primed   bool
+	primed bool
+	// settled: the target has answered settleAnswers probes in a row since it was added.
+	// Probes lost before that are not loss of a working link — the path is still being
+	// built (a VXLAN FDB entry, a probe route or a WireGuard peer not installed yet at one
+	// end) — so settling clears them from the loss window; until then a silent or flaky
+	// target shows the loss it has. okRun counts the answers in a row.
+	settled  bool
+	okRun    int
 	recent   [3]time.Duration // last RTT samples, for the despiking median
 	next     time.Time        // when the next probe is due
 	outcomes []bool           // ring of the last Window outcomes (true: answered)
@@ -356,6 +366,9 @@ type probeTarget struct {
 	heard    time.Time
 	samples  int
 }
+
+// settleAnswers answers in a row end a new target's set-up phase (see probeTarget.settled).
+const settleAnswers = 3
 
 type pendingProbe struct {
 	target string
@@ -443,7 +456,7 @@ func (p *Prober) All() map[string]LinkStats {
 }
 
 func (p *Prober) statsLocked(t *probeTarget) LinkStats {
-	s := LinkStats{RTT: t.srtt, Jitter: t.jitter, LastHeard: t.heard, Samples: t.samples}
+	s := LinkStats{RTT: t.srtt, Jitter: t.jitter, LastHeard: t.heard, Samples: t.samples, Settled: t.settled}
 	lost := 0
 	for i := 0; i < t.n; i++ {
 		if !t.outcomes[i] {
@@ -475,6 +488,13 @@ func (p *Prober) Counters() ProberCounters {
 // RTT for the dozens of samples an EWMA takes to forget it, while a lasting change passes
 // after two samples. Jitter is computed on the raw samples.
 func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
+	if !t.settled {
+		if !ok {
+			t.okRun = 0
+		} else if t.okRun++; t.okRun >= settleAnswers {
+			t.settled, t.pos, t.n = true, 0, 0
+		}
+	}
 	if ok && !t.primed {
 		t.primed, t.lostRun = true, 0
 		p.recordOutcomeLocked(t, true, -1) // answered, no sample

@@ -115,16 +115,16 @@ func (c *fakeClock) Add(d time.Duration) {
 	c.mu.Unlock()
 }
 
-// TestProberAccounting drives the prober's bookkeeping with a fake clock
-// and hand-made replies: RTT subtracts the responder's hold time, EWMA,
-// jitter, MinRTT, loss window, Up.
-func TestProberAccounting(t *testing.T) {
+// accountingProber returns a prober with a fake clock and a target "b", and a function that
+// sends one request by hand and answers it after rtt, of which hold was spent at the
+// responder (rtt 0: it is lost). Window 4, DownAfter 2.
+func accountingProber(t *testing.T) (*Prober, func(rtt, hold time.Duration)) {
 	clk := &fakeClock{now: time.Unix(1000, 0)}
 	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
+	t.Cleanup(func() { conn.Close() })
 	p, err := NewProber(ProberConfig{Self: "a", Conn: conn, Window: 4, DownAfter: 2, Timeout: 100 * time.Millisecond, Now: clk.Now})
 	if err != nil {
 		t.Fatal(err)
@@ -133,8 +133,6 @@ func TestProberAccounting(t *testing.T) {
 	if err := p.SetTargets(map[string]netip.AddrPort{"b": target}); err != nil {
 		t.Fatal(err)
 	}
-	// probe sends one request by hand and answers it after rtt, of which
-	// hold was spent at the responder; rtt 0 means it is lost.
 	probe := func(rtt, hold time.Duration) {
 		t.Helper()
 		p.mu.Lock()
@@ -160,6 +158,38 @@ func TestProberAccounting(t *testing.T) {
 		clk.Add(rtt + hold)
 		p.handle(rep, nil, clk.Now(), nil)
 	}
+	return p, probe
+}
+
+// TestProberSettles: probes lost while a new target's path is still being built show as loss
+// while it is silent, and three answers in a row clear them.
+func TestProberSettles(t *testing.T) {
+	p, probe := accountingProber(t)
+	probe(0, 0)
+	probe(0, 0)
+	if s, _ := p.Stats("b"); s.Up || s.Loss != 1 {
+		t.Fatalf("silent target: %+v, want loss 1", s)
+	}
+	probe(time.Millisecond, 0)
+	probe(time.Millisecond, 0)
+	if s, _ := p.Stats("b"); s.Loss != 0.5 {
+		t.Fatalf("two answers: %+v, want the losses still counted", s)
+	}
+	probe(time.Millisecond, 0)
+	if s, _ := p.Stats("b"); s.Loss != 0 || !s.Up {
+		t.Fatalf("settled: %+v, want the set-up losses cleared", s)
+	}
+	probe(0, 0)
+	if s, _ := p.Stats("b"); s.Loss != 0.5 {
+		t.Fatalf("a loss after settling: %+v, want it counted", s)
+	}
+}
+
+// TestProberAccounting drives the prober's bookkeeping with a fake clock
+// and hand-made replies: RTT subtracts the responder's hold time, EWMA,
+// jitter, MinRTT, loss window, Up.
+func TestProberAccounting(t *testing.T) {
+	p, probe := accountingProber(t)
 	if s, _ := p.Stats("b"); s.Up || s.Samples != 0 {
 		t.Fatalf("before any reply: %+v", s)
 	}
@@ -185,10 +215,11 @@ func TestProberAccounting(t *testing.T) {
 	if want := 10*time.Millisecond + 8*time.Millisecond/8; s.RTT != want {
 		t.Fatalf("after three samples: RTT %v, want %v (median 18ms)", s.RTT, want)
 	}
-	// One spike moves the average by its median (30ms), not by itself (500ms).
+	// One spike moves the average by its median (30ms), not by itself (500ms). (The third
+	// answer in a row settled the target and restarted the window, so MinRTT starts at 18ms.)
 	probe(500*time.Millisecond, 0)
 	s, _ = p.Stats("b")
-	if want := 11*time.Millisecond + 19*time.Millisecond/8; s.RTT != want || s.MinRTT != 10*time.Millisecond {
+	if want := 11*time.Millisecond + 19*time.Millisecond/8; s.RTT != want || s.MinRTT != 18*time.Millisecond {
 		t.Fatalf("after a spike: %+v, want RTT %v", s, want)
 	}
 	probe(0, 0)
@@ -216,7 +247,7 @@ func TestProberAccounting(t *testing.T) {
 	// A reply nobody asked for, or for another target, is not counted.
 	before := p.Counters().Unexpected
 	rep, _ := AppendProbe(nil, Probe{Kind: ProbeReply, Seq: 12345, From: "b", Path: "b"}, nil)
-	p.handle(rep, nil, clk.Now(), nil)
+	p.handle(rep, nil, time.Unix(2000, 0), nil)
 	if p.Counters().Unexpected != before+1 {
 		t.Error("unexpected reply not counted")
 	}

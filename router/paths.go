@@ -300,10 +300,12 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		enc := chooseLink(p.links.pol, pr.Meta).Mode == datapath.ModeWireGuard
 		encrypted[pr.Name] = enc
 		d := pathsel.Dest{Encrypted: enc}
-		// A link not measured yet is unknown, not broken: until the first probe answer (or
-		// unknownGrace, after which silence does mean down), traffic takes the direct link.
+		// A link not measured yet is unknown, not broken: until its probes have settled
+		// (three answers in a row: the tunnel and probe routes are built at both ends) or
+		// unknownGrace has passed (then silence does mean down), traffic takes the direct
+		// link rather than a relay chosen on set-up losses.
 		if added, probed := pt.added[pr.Name]; probed && now.Sub(added) < unknownGrace {
-			if st, ok := pt.measured().Stats(pr.Name); !ok || st.Samples == 0 {
+			if st, ok := pt.measured().Stats(pr.Name); !ok || !st.Settled {
 				d.Pending = true
 			}
 		}
@@ -323,12 +325,12 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	}
 	pt.live = live
 	measured := pt.measured().All()
-	// A link not measured yet is not advertised until unknownGrace says it is down: the
-	// other end takes each link as the worse of both directions, and "not measured yet"
-	// must not count there as "down".
+	// A link not settled yet is not advertised until unknownGrace says it is down: the
+	// other end takes each link as the worse of both directions, and "still being built"
+	// must not count there as "down" or "lossy".
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if _, ok := targets[name]; !ok || st.Samples == 0 && now.Sub(pt.added[name]) < unknownGrace {
+		if _, ok := targets[name]; !ok || !st.Settled && now.Sub(pt.added[name]) < unknownGrace {
 			continue
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: encrypted[name]}
