@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -95,6 +96,10 @@ type Config struct {
 	// MaxQueuedBroadcasts bounds the broadcast queue; the oldest messages
 	// are dropped past it (weft_mesh_broadcasts_dropped_total).
 	MaxQueuedBroadcasts int
+
+	// WrapTransport, when set, wraps memberlist's UDP/TCP transport (a
+	// benchmark counts the gossip traffic with it). nil: memberlist's own.
+	WrapTransport func(memberlist.Transport) memberlist.Transport
 }
 
 // DefaultConfig returns production defaults. Name, Seeds and Password are

@@ -164,6 +164,16 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 		mc.GossipVerifyIncoming = true
 		mc.GossipVerifyOutgoing = true
 	}
+	if c.WrapTransport != nil { // built as memberlist.Create would, then wrapped
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{mc.BindAddr}, BindPort: mc.BindPort, Logger: mc.Logger})
+		if err != nil {
+			return nil, fmt.Errorf("mesh: transport: %w", err)
+		}
+		if mc.BindPort == 0 {
+			mc.BindPort, mc.AdvertisePort = nt.GetAutoBindPort(), nt.GetAutoBindPort()
+		}
+		mc.Transport = c.WrapTransport(nt)
+	}
 	return mc, nil
 }
 
@@ -186,6 +196,9 @@ func (m *Mesh) Start(ctx context.Context) error {
 	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
+		if mc.Transport != nil {
+			mc.Transport.Shutdown()
+		}
 		return fmt.Errorf("mesh: start gossip on %s:%d: %w", mc.BindAddr, m.cfg.BindPort, err)
 	}
 	m.ml.Store(ml)
