@@ -25,6 +25,7 @@ type Mesh struct {
 	ml      atomic.Pointer[memberlist.Memberlist] // set once by Start
 	wake    chan struct{}                         // cap 1: pokes the join loop
 	seen    seen                                  // ids of recent channel messages
+	nodes   atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
 
 	lifeMu   sync.Mutex // serializes Start, Leave and Close; guards following
 	started  bool
@@ -114,12 +115,12 @@ func New(cfg Config) (*Mesh, error) {
 	return m, nil
 }
 
-// numNodes feeds the broadcast queue's retransmit count.
+// numNodes feeds the broadcast queue's retransmit count. The queue calls it
+// under its lock, so it must not take memberlist's node lock: memberlist
+// holds that lock while it logs a suspicion, and onMemberlistLog then
+// queues a broadcast (the lock-order inversion froze peers).
 func (m *Mesh) numNodes() int {
-	if ml := m.ml.Load(); ml != nil {
-		return ml.NumMembers()
-	}
-	return 1
+	return max(1, int(m.nodes.Load()))
 }
 
 func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {

@@ -42,6 +42,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"sort"
 	"strconv"
@@ -94,6 +95,7 @@ func run() error {
 	flag.DurationVar(&o.probeInterval, "probe-interval", time.Second, "probe interval per target (weft peer's --probe-interval)")
 	flag.DurationVar(&o.pathInterval, "path-interval", 500*time.Millisecond, "path recompute period per peer (the router's reconcile tick)")
 	flag.BoolVar(&o.syncOnJoin, "sync-on-join", true, "every peer starts a full push/pull with each joiner (today's router)")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
 
 	for _, f := range strings.Split(ns, ",") {
@@ -124,6 +126,17 @@ func run() error {
 		return fmt.Errorf("-addr-base: %w", err)
 	}
 	raiseFileLimit()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -340,6 +353,7 @@ func waitAllSeeAll(ctx context.Context, nodes []*node, timeout time.Duration) (b
 	deadline := time.Now().Add(timeout)
 	pending := slices.Clone(nodes)
 	minAlive := 0
+	start, lastReport := time.Now(), time.Now()
 	for {
 		var still []*node
 		minAlive = n
@@ -362,6 +376,11 @@ func waitAllSeeAll(ctx context.Context, nodes []*node, timeout time.Duration) (b
 			}
 		}
 		pending = still
+		if time.Since(lastReport) >= 5*time.Second {
+			lastReport = time.Now()
+			fmt.Fprintf(os.Stderr, "sim: N=%d: %v: %d peers do not see all yet; the worst sees %d alive; load average %s\n",
+				n, time.Since(start).Round(time.Second), len(still), minAlive, loadAverage())
+		}
 		if time.Now().After(deadline) {
 			return false, minAlive, nil
 		}
