@@ -38,9 +38,13 @@ import (
 	"fmt"
 	"maps"
 	"math"
+	"net"
+	"net/http"
+	_ "net/http/pprof"
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"slices"
@@ -96,6 +100,7 @@ func run() error {
 	flag.DurationVar(&o.pathInterval, "path-interval", 500*time.Millisecond, "path recompute period per peer (the router's reconcile tick)")
 	flag.BoolVar(&o.syncOnJoin, "sync-on-join", true, "every peer starts a full push/pull with each joiner (today's router)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address (e.g. 127.0.0.1:6061) to inspect a run")
 	flag.Parse()
 
 	for _, f := range strings.Split(ns, ",") {
@@ -126,6 +131,18 @@ func run() error {
 		return fmt.Errorf("-addr-base: %w", err)
 	}
 	raiseFileLimit()
+	if *pprofAddr != "" {
+		a, err := netip.ParseAddrPort(*pprofAddr)
+		if err != nil || !a.Addr().IsLoopback() {
+			return fmt.Errorf("-pprof %q: want a loopback address:port", *pprofAddr)
+		}
+		ln, err := net.Listen("tcp", a.String())
+		if err != nil {
+			return fmt.Errorf("-pprof: %w", err)
+		}
+		defer ln.Close()
+		go http.Serve(ln, nil) // net/http/pprof registers on the default mux
+	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
@@ -149,7 +166,6 @@ func run() error {
 		if err != nil {
 			return err
 		}
-		r.print(os.Stdout)
 		results = append(results, r)
 	}
 	var mo *result
@@ -157,7 +173,6 @@ func run() error {
 		if mo, err = simulate(ctx, o, o.membershipOnlyN, true); err != nil {
 			return err
 		}
-		mo.print(os.Stdout)
 	}
 	summary(os.Stdout, results, mo)
 	return nil
@@ -231,7 +246,12 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 		select {
 		case <-done:
 		case <-time.After(60 * time.Second):
-			fmt.Fprintln(os.Stderr, "sim: peers did not close within 60s; exiting")
+			name := filepath.Join(os.TempDir(), fmt.Sprintf("weft-sim-goroutines-%d.txt", os.Getpid()))
+			if f, err := os.Create(name); err == nil {
+				pprof.Lookup("goroutine").WriteTo(f, 2)
+				f.Close()
+			}
+			fmt.Fprintf(os.Stderr, "sim: peers did not close within 60s (goroutines in %s); exiting\n", name)
 			os.Exit(1)
 		}
 	}()
@@ -341,6 +361,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	r.heapPerPeer = float64(ms.HeapInuse) / float64(n)
+	r.print(os.Stdout) // before the peers close, should closing hang
 	return r, nil
 }
 
