@@ -104,6 +104,9 @@ func run() error {
 	flag.Parse()
 
 	for _, f := range strings.Split(ns, ",") {
+		if strings.TrimSpace(ns) == "" {
+			break // -n "": only the membership-only run
+		}
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 4 || n > 20000 {
 			return fmt.Errorf("-n: %q is not a peer count in 4..20000", f)
@@ -174,7 +177,9 @@ func run() error {
 			return err
 		}
 	}
-	summary(os.Stdout, results, mo)
+	if len(results) > 0 {
+		summary(os.Stdout, results, mo)
+	}
 	return nil
 }
 
