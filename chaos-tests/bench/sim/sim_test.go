@@ -4,12 +4,15 @@ import (
 	"bytes"
 	"compress/lzw"
 	"encoding/binary"
+	"fmt"
 	"math"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-msgpack/v2/codec"
+	"github.com/hashicorp/memberlist"
 )
 
 // envelope frames a mesh channel message as mesh/channels.go does.
@@ -174,5 +177,36 @@ func TestNodeAddr(t *testing.T) {
 	}
 	if _, err := nodeAddr(base, 250*256); err == nil {
 		t.Error("an index beyond the /16 was accepted")
+	}
+}
+
+// A stream accepted while nobody reads StreamCh any more must not keep the
+// inner transport's Shutdown waiting (memberlist's listener blocks on its
+// channel until it is read).
+func TestCountingTransportShutdownWithPendingStream(t *testing.T) {
+	nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{"127.0.0.1"}, BindPort: 0})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := wrapTransport(newCounter())(nt)
+	for range 2 { // one conn held by the forwarder, one by the inner listener
+		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", nt.GetAutoBindPort()), time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+	}
+	done := make(chan error, 1)
+	go func() { done <- tr.Shutdown() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown still waiting after 10s")
+	}
+	if err := tr.Shutdown(); err != nil { // twice is safe
+		t.Fatal(err)
 	}
 }

@@ -279,22 +279,26 @@ const kindUDPPackets = "udp.packets"
 // It keeps memberlist's node-aware interface when the inner transport has it.
 type countingTransport struct {
 	memberlist.Transport
-	c      *counter
-	stream chan net.Conn
-	done   chan struct{}
-	once   sync.Once
+	c       *counter
+	stream  chan net.Conn
+	done    chan struct{} // Shutdown began: memberlist reads no more streams
+	stopped chan struct{} // the inner transport has stopped
+	once    sync.Once
 }
 
 func wrapTransport(c *counter) func(memberlist.Transport) memberlist.Transport {
 	return func(t memberlist.Transport) memberlist.Transport {
-		ct := &countingTransport{Transport: t, c: c, stream: make(chan net.Conn), done: make(chan struct{})}
+		ct := &countingTransport{Transport: t, c: c, stream: make(chan net.Conn),
+			done: make(chan struct{}), stopped: make(chan struct{})}
 		go ct.forwardStreams()
 		return ct
 	}
 }
 
 // forwardStreams wraps incoming streams (the answering side of a push/pull
-// writes its state too). It ends with Shutdown.
+// writes its state too). After Shutdown began it closes what still comes in:
+// the inner transport's listener blocks on its channel until it is read, and
+// its Shutdown waits for that listener.
 func (t *countingTransport) forwardStreams() {
 	in := t.Transport.StreamCh()
 	for {
@@ -304,9 +308,8 @@ func (t *countingTransport) forwardStreams() {
 			case t.stream <- &countingConn{Conn: conn, c: t.c}:
 			case <-t.done:
 				conn.Close()
-				return
 			}
-		case <-t.done:
+		case <-t.stopped:
 			return
 		}
 	}
@@ -314,9 +317,15 @@ func (t *countingTransport) forwardStreams() {
 
 func (t *countingTransport) StreamCh() <-chan net.Conn { return t.stream }
 
+// Shutdown stops the inner transport; safe to call twice.
 func (t *countingTransport) Shutdown() error {
-	t.once.Do(func() { close(t.done) })
-	return t.Transport.Shutdown()
+	first := false
+	t.once.Do(func() { close(t.done); first = true })
+	err := t.Transport.Shutdown()
+	if first {
+		close(t.stopped)
+	}
+	return err
 }
 
 func (t *countingTransport) WriteTo(b []byte, addr string) (time.Time, error) {
