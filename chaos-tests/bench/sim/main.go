@@ -15,7 +15,8 @@
 // destinations with a path (min over peers, should be N−1); and across the
 // Ns the exponent of each cost in N (least-squares slope of log(cost) over
 // log(N)). With -membership-only-n it also runs the mesh alone (no probers,
-// link state or paths) at that N.
+// link state or paths, and no router behaviour: no push/pull with every
+// joiner) at that N, the memberlist baseline.
 //
 // Gossip runs without a password so that it can be classified (see
 // traffic.go); encryption would add a constant 29 bytes per packet.
@@ -98,7 +99,7 @@ func run() error {
 	flag.IntVar(&o.linkProbePort, "link-probe-port", 7948, "link probe port (udp), 0: no link prober (weft peer's default has one)")
 	flag.DurationVar(&o.probeInterval, "probe-interval", time.Second, "probe interval per target (weft peer's --probe-interval)")
 	flag.DurationVar(&o.pathInterval, "path-interval", 500*time.Millisecond, "path recompute period per peer (the router's reconcile tick)")
-	flag.BoolVar(&o.syncOnJoin, "sync-on-join", true, "every peer starts a full push/pull with each joiner (today's router)")
+	flag.BoolVar(&o.syncOnJoin, "sync-on-join", true, "full runs: every peer starts a full push/pull with each joiner (today's router); never in the membership-only run")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address (e.g. 127.0.0.1:6061) to inspect a run")
 	flag.Parse()
@@ -280,7 +281,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 		nd, err := startNode(ctx, nodeConfig{
 			Name: fmt.Sprintf("sim-%04d", i), Addr: a,
 			MeshPort: o.meshPort, ProbePort: o.probePort, LinkProbePort: o.linkProbePort,
-			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin,
+			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin && !membershipOnly,
 			ProbeInterval: o.probeInterval, PathInterval: o.pathInterval,
 			PathSlot: slot, Paths: paths, Traffic: counters[i],
 		})
