@@ -481,7 +481,7 @@ func (r *result) print(w *os.File) {
 	fmt.Fprintf(tw, "total\t%.0f\t\t\n", r.totalBytes)
 	fmt.Fprintf(tw, "gossip datagrams\t\t%.2f\t\n", r.udpPackets)
 	tw.Flush()
-	fmt.Fprintf(w, "CPU per peer:       %.3f %% of one core\n", r.cpuPct)
+	fmt.Fprintf(w, "CPU per peer:       %.3f %% of one core (the process: %.2f of %d cores)\n", r.cpuPct, r.cpuPct*float64(r.n)/100, runtime.NumCPU())
 	fmt.Fprintf(w, "heap per peer:      %.0f kB (HeapInuse after GC / N)\n", r.heapPerPeer/1000)
 	if !r.membershipOnly {
 		fmt.Fprintf(w, "path compute:       median %v, p99 %v per run; %d runs in the window = %.2f runs/s/peer (the router wants %.1f)\n",
@@ -525,10 +525,21 @@ func summary(w *os.File, rs []*result, mo *result) {
 		row(mo, " (membership only)")
 	}
 	tw.Flush()
-	if len(rs) < 2 {
-		fmt.Fprintln(w, "exponents need at least two N")
+	// A run that did not converge was saturated (its peers flapped or never
+	// joined): its per-peer rates are throttled, not scaled, and would bend
+	// the fit, so exponents use converged runs only.
+	var conv []*result
+	for _, r := range rs {
+		if r.converged {
+			conv = append(conv, r)
+		}
+	}
+	if len(conv) < 2 {
+		fmt.Fprintf(w, "exponents: n/a, %d of %d runs converged (at least two needed; a run that did not converge is saturated, its rates do not scale)\n", len(conv), len(rs))
+		fmt.Fprintln(w, "target per-peer traffic flat or sub-linear in N: not measurable in this run")
 		return
 	}
+	rs = conv
 	x := make([]float64, len(rs))
 	for i, r := range rs {
 		x[i] = float64(r.n)
@@ -540,7 +551,7 @@ func summary(w *os.File, rs []*result, mo *result) {
 		}
 		return y
 	}
-	fmt.Fprintln(w, "\nexponents in N (least-squares slope of log(cost) over log(N)):")
+	fmt.Fprintf(w, "\nexponents in N over the %d converged runs (least-squares slope of log(cost) over log(N)):\n", len(rs))
 	type cost struct {
 		name string
 		f    func(r *result) float64
