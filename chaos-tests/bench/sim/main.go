@@ -383,11 +383,14 @@ func waitAllSeeAll(ctx context.Context, nodes []*node, timeout time.Duration) (b
 	start, lastReport := time.Now(), time.Now()
 	for {
 		var still []*node
+		var worst *node
 		minAlive = n
 		for _, nd := range pending {
 			if c := nd.aliveSeen(); c != n {
 				still = append(still, nd)
-				minAlive = min(minAlive, c)
+				if c < minAlive || worst == nil {
+					minAlive, worst = c, nd
+				}
 			}
 		}
 		if len(still) == 0 {
@@ -407,6 +410,12 @@ func waitAllSeeAll(ctx context.Context, nodes []*node, timeout time.Duration) (b
 			lastReport = time.Now()
 			fmt.Fprintf(os.Stderr, "sim: N=%d: %v: %d peers do not see all yet; the worst sees %d alive; load average %s\n",
 				n, time.Since(start).Round(time.Second), len(still), minAlive, loadAverage())
+			if worst != nil {
+				for _, t := range worst.mesh.Targets() {
+					fmt.Fprintf(os.Stderr, "sim:   worst %s: seed %s: last join %v ago: %v\n",
+						worst.cfg.Name, t.Addr, time.Since(t.LastAttempt).Round(time.Second), t.LastError)
+				}
+			}
 		}
 		if time.Now().After(deadline) {
 			return false, minAlive, nil
