@@ -387,6 +387,9 @@ func waitAllSeeAll(ctx context.Context, nodes []*node, timeout time.Duration) (b
 		var worst *node
 		minAlive = n
 		for _, nd := range pending {
+			if ctx.Err() != nil {
+				return false, minAlive, ctx.Err()
+			}
 			if c := nd.aliveSeen(); c != n {
 				still = append(still, nd)
 				if c < minAlive || worst == nil {
