@@ -172,7 +172,7 @@ func TestCrossHostVXLAN(t *testing.T) {
 		if err := gone.Stop(ctx); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, ctx, 30*time.Second, "host 2's kernel state gone from host 0", func() error {
+		waitFor(t, ctx, 60*time.Second, "host 2's kernel state gone from host 0", func() error {
 			routes := routesVia(t, h0)
 			fdb, neigh := vxlanEntries(t, h0)
 			if len(routes) != 1 || fdb != 1 || neigh != 1 {

@@ -29,7 +29,7 @@ func routeTo(t *testing.T, h *lab.Host, dest string) router.Route {
 
 // A blocked or slow direct link sends traffic through a third peer, and back when it heals.
 func TestRelays(t *testing.T) {
-	l := newMeshLab(t, "wrel", 3, "--no-direct", "--probe-interval", "200ms", "--sla", "gold: rtt<=20ms")
+	l := newMeshLab(t, "wpthrel", 3, "--no-direct", "--probe-interval", "200ms", "--sla", "gold: rtt<=20ms")
 	ctx := testCtx(t, 5*time.Minute)
 	a, b, c := l.Host(0), l.Host(1), l.Host(2)
 	cs := onePerHost(t, ctx, l)
@@ -164,7 +164,7 @@ func brokenTunnelRelays(t *testing.T, l *lab.Lab, cs []placed, pathIs func(...st
 // The same over WireGuard: the relay's AllowedIPs must take over C's blocks.
 func TestRelaysOverWireGuard(t *testing.T) {
 	pw := passwordFile(t, "relay test password, long enough")
-	l := newMeshLab(t, "wrwg", 3, "--password-file", pw, "--encrypt", "always", "--probe-interval", "200ms")
+	l := newMeshLab(t, "wpthrwg", 3, "--password-file", pw, "--encrypt", "always", "--probe-interval", "200ms")
 	ctx := testCtx(t, 3*time.Minute)
 	a, c := l.Host(0), l.Host(2)
 	cs := onePerHost(t, ctx, l)

@@ -19,7 +19,9 @@ import (
 
 // Plugin holds what the verbs need from outside, so tests can run them in-process.
 type Plugin struct {
-	// Timeout bounds one call to the peer. ADD may wait on a block claim.
+	// Timeout bounds one call to the peer; 0 means 60s. An ADD may wait for a block claim,
+	// and on a peer still forming its cluster first for a Raft leader (its --attach-wait,
+	// at most 50s), so keep it above that.
 	Timeout time.Duration
 	// Stdout receives the result; nil means os.Stdout.
 	Stdout io.Writer

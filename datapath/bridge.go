@@ -1,5 +1,10 @@
 // Package datapath is the kernel side of weft: the bridge of each network, one veth pair
-// per container attachment, and (in subpackages) one driver per link mode between hosts.
+// per container attachment, and (in subpackages) one driver per link mode between hosts
+// (direct, vxlan, wireguard). What the drivers share lives here — the Driver contract and
+// its bad-peer rule, the route sync, the sentinels, the underlay and sysctl helpers — so
+// that the drivers stand side by side and none imports another (deps_test.go checks).
+// Package datapath/plan decides what each driver gets; datapath/nslab builds the network
+// namespaces the kernel tests run in.
 // Every operation is idempotent: called again, it converges to the same state and treats
 // "already exists" as success when what exists is right.
 package datapath
@@ -21,6 +26,17 @@ var (
 	ErrIfNameExists     = errors.New("interface name already exists in the container")
 	ErrNotNetNS         = errors.New("not a network namespace")
 	ErrCheckFailed      = errors.New("attachment check failed")
+
+	// Shared by the link drivers, so that a caller matches one error whichever driver
+	// returned it.
+
+	// ErrNoUnderlay: no interface holds the configured underlay address.
+	ErrNoUnderlay = errors.New("no interface holds the underlay address")
+	// ErrNotUp: Set was called before Up, or the driver's device has gone.
+	ErrNotUp = errors.New("driver is not up")
+	// ErrBadPeer: a remote peer cannot be served by a driver (missing or unusable fields,
+	// or fields another peer of the same set has). See Driver for the rule.
+	ErrBadPeer = errors.New("bad remote peer")
 )
 
 // BridgeConfig is the desired state of one network's bridge on this host.
@@ -63,13 +79,13 @@ func EnsureBridge(cfg BridgeConfig) (*netlink.Bridge, error) {
 			return nil, fmt.Errorf("set MTU %d on %s: %w", cfg.MTU, cfg.Name, err)
 		}
 	}
-	if err := netlink.AddrReplace(br, &netlink.Addr{IPNet: prefixToIPNet(cfg.Gateway)}); err != nil {
+	if err := netlink.AddrReplace(br, &netlink.Addr{IPNet: PrefixToIPNet(cfg.Gateway)}); err != nil {
 		return nil, fmt.Errorf("set gateway %s on %s: %w", cfg.Gateway, cfg.Name, err)
 	}
 	if err := netlink.LinkSetUp(br); err != nil {
 		return nil, fmt.Errorf("bring up %s: %w", cfg.Name, err)
 	}
-	if err := writeSysctl("net/ipv4/ip_forward", "1"); err != nil {
+	if err := WriteSysctl("net/ipv4/ip_forward", "1"); err != nil {
 		return nil, err
 	}
 	return br, nil
@@ -86,7 +102,7 @@ func EnableRelaying(underlayDev string) error {
 		"net/ipv4/conf/all/rp_filter":                      "2",
 		"net/ipv4/conf/" + underlayDev + "/rp_filter":      "2",
 	} {
-		if err := writeSysctl(key, value); err != nil {
+		if err := WriteSysctl(key, value); err != nil {
 			return err
 		}
 	}
@@ -115,15 +131,4 @@ func randomMAC() net.HardwareAddr {
 	rand.Read(mac)
 	mac[0] = mac[0]&0xfe | 0x02
 	return mac
-}
-
-func writeSysctl(key, value string) error {
-	path := "/proc/sys/" + key
-	if cur, err := os.ReadFile(path); err == nil && string(cur) == value+"\n" {
-		return nil
-	}
-	if err := os.WriteFile(path, []byte(value), 0o644); err != nil {
-		return fmt.Errorf("set sysctl %s=%s: %w", key, value, err)
-	}
-	return nil
 }

@@ -38,6 +38,16 @@ type RemotePeer struct {
 // driver's devices (idempotent, keeps existing ones that are right); Close removes what the
 // driver made. Methods are called from one goroutine at a time (the router's datapath loop);
 // implementations need no locking of their own beyond what their own goroutines need.
+//
+// Bad peers, one rule for every driver: a peer Set cannot serve (a field missing or
+// unusable for this mode, or a key, address or MAC another peer of the same set already
+// has — the first in the set keeps it) is left out, and only it; a block another peer of
+// the set already has is left out of the later peer alone. Every other peer still converges, so one broken peer in gossip cannot cut this host off from the rest.
+// The peer is made visible three ways, all through RejectPeer: a log line naming the peer
+// and the reason, the counter weft_datapath_bad_peers_total{mode}, and an error wrapping
+// ErrBadPeer that names the peer, joined (errors.Join) into Set's result with any kernel
+// errors. A caller tells "converged except for bad peers" from a kernel failure with
+// errors.Is(err, ErrBadPeer) on each joined error.
 type Driver interface {
 	// Mode is the link mode ("vxlan", "direct", "wireguard").
 	Mode() string

@@ -4,9 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
-	"os"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -57,7 +55,7 @@ func EnsureProbeRule(family, port int) error {
 			found = true
 			continue
 		}
-		if err := netlink.RuleDel(&r); err != nil && !isGone(err) {
+		if err := netlink.RuleDel(&r); err != nil && !IsGone(err) {
 			return fmt.Errorf("probe rule: delete stale rule (priority %d): %w", r.Priority, err)
 		}
 	}
@@ -84,7 +82,7 @@ func ProbeRoute(linkIndex int, peer netip.Addr, onlinkVia bool) netlink.Route {
 	peer = peer.Unmap()
 	r := netlink.Route{
 		LinkIndex: linkIndex,
-		Dst:       &net.IPNet{IP: peer.AsSlice(), Mask: net.CIDRMask(peer.BitLen(), peer.BitLen())},
+		Dst:       PrefixToIPNet(netip.PrefixFrom(peer, peer.BitLen())),
 		Table:     ProbeTable,
 	}
 	if onlinkVia {
@@ -115,7 +113,7 @@ func SyncRoutes(h *netlink.Handle, table, linkIndex int, want []netlink.Route, l
 	}
 	byDst := make(map[netip.Prefix]netlink.Route, len(have))
 	for _, r := range have {
-		if p, ok := ipNetToPrefix(r.Dst); ok {
+		if p, ok := IPNetToPrefix(r.Dst); ok {
 			byDst[p] = r
 		}
 	}
@@ -124,7 +122,7 @@ func SyncRoutes(h *netlink.Handle, table, linkIndex int, want []netlink.Route, l
 	for _, r := range want {
 		r.Protocol = RouteProtocol
 		r.Table = table
-		dst, ok := ipNetToPrefix(r.Dst)
+		dst, ok := IPNetToPrefix(r.Dst)
 		if !ok {
 			errs = append(errs, fmt.Errorf("route without a destination through ifindex %d", linkIndex))
 			continue
@@ -143,7 +141,7 @@ func SyncRoutes(h *netlink.Handle, table, linkIndex int, want []netlink.Route, l
 		if keep[dst] {
 			continue
 		}
-		if err := h.RouteDel(&r); err != nil && !isGone(err) {
+		if err := h.RouteDel(&r); err != nil && !IsGone(err) {
 			errs = append(errs, fmt.Errorf("delete route %s via %s table %d: %w", dst, r.Gw, table, err))
 			continue
 		}
@@ -173,8 +171,4 @@ func sameRoute(cur, r netlink.Route) bool {
 	return cur.LinkIndex == r.LinkIndex && cur.Gw.Equal(r.Gw) &&
 		cur.Flags&onlink == r.Flags&onlink &&
 		(r.Src == nil || cur.Src.Equal(r.Src)) && len(cur.MultiPath) == 0
-}
-
-func isGone(err error) bool {
-	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH)
 }

@@ -111,7 +111,7 @@ func Attach(a Attachment) (AttachResult, error) {
 	if err := cnh.LinkSetUp(cont); err != nil {
 		return AttachResult{}, fmt.Errorf("bring up %s in %s: %w", a.IfName, a.NetNS, err)
 	}
-	if err := cnh.AddrReplace(cont, &netlink.Addr{IPNet: prefixToIPNet(a.Address)}); err != nil {
+	if err := cnh.AddrReplace(cont, &netlink.Addr{IPNet: PrefixToIPNet(a.Address)}); err != nil {
 		return AttachResult{}, fmt.Errorf("address %s on %s: %w", a.Address, a.IfName, err)
 	}
 	defRoute := &netlink.Route{
@@ -233,7 +233,7 @@ func Check(a Attachment) error {
 	}
 	found := false
 	for _, addr := range addrs {
-		if p, ok := ipNetToPrefix(addr.IPNet); ok && p == a.Address {
+		if p, ok := IPNetToPrefix(addr.IPNet); ok && p == a.Address {
 			found = true
 		}
 	}
@@ -256,25 +256,6 @@ func Check(a Attachment) error {
 func maskBits(n *net.IPNet) int {
 	ones, _ := n.Mask.Size()
 	return ones
-}
-
-func prefixToIPNet(p netip.Prefix) *net.IPNet {
-	bits := 32
-	if p.Addr().Is6() {
-		bits = 128
-	}
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), bits)}
-}
-
-func ipNetToPrefix(n *net.IPNet) (netip.Prefix, bool) {
-	if n == nil {
-		return netip.Prefix{}, false
-	}
-	addr, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	return netip.PrefixFrom(addr.Unmap(), maskBits(n)), true
 }
 
 // Preflight checks, changing nothing, that Attach can succeed: NetNS is a network namespace

@@ -49,8 +49,8 @@ type Records struct {
 	// down holds peers reported dead, with the time they were reported.
 	down map[string]time.Time
 	// forgotten holds peers whose entries were dropped; Merge refuses their
-	// entries until PeerUp.
-	forgotten map[string]struct{}
+	// entries until PeerUp; the value says whether Merge refused some.
+	forgotten map[string]bool
 	// generation counts changes; the SOA serial is derived from it. It is
 	// written under mu but read without it (Generation), so that the UDP fast
 	// path can check its answer cache on every query without taking mu.
@@ -147,7 +147,7 @@ func NewRecords(self string, now func() time.Time) (*Records, error) {
 		byName:    make(map[string]map[entryKey]struct{}),
 		byAddr:    make(map[netip.Addr]map[entryKey]struct{}),
 		down:      make(map[string]time.Time),
-		forgotten: make(map[string]struct{}),
+		forgotten: make(map[string]bool),
 	}, nil
 }
 
@@ -424,6 +424,7 @@ func (r *Records) Merge(d *Delta) *Delta {
 	defer r.mu.Unlock()
 	for _, e := range d.entries {
 		if _, gone := r.forgotten[e.Peer]; gone {
+			r.forgotten[e.Peer] = true
 			continue
 		}
 		k := e.key()
@@ -511,12 +512,16 @@ func (r *Records) PeerDown(peer string) {
 }
 
 // PeerUp records that peer is alive (again): it is no longer down, and its
-// entries are accepted by Merge again if it had been forgotten.
-func (r *Records) PeerUp(peer string) {
+// entries are accepted by Merge again if it had been forgotten. It reports
+// whether Merge refused entries of peer meanwhile: only then is a state
+// exchange with it needed to get them again.
+func (r *Records) PeerUp(peer string) (refused bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	refused = r.forgotten[peer]
 	delete(r.down, peer)
 	delete(r.forgotten, peer)
+	return refused
 }
 
 // ExpirePeers forgets every peer that has been down for at least grace and
@@ -553,7 +558,7 @@ func (r *Records) ForgetPeer(peer string) bool {
 
 func (r *Records) forgetLocked(peer string) bool {
 	delete(r.down, peer)
-	r.forgotten[peer] = struct{}{}
+	r.forgotten[peer] = false
 	dropped := false
 	for k := range r.entries {
 		if k.peer == peer {

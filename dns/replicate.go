@@ -302,8 +302,9 @@ func joinEntries(entries []Entry) *Delta {
 }
 
 // PeerUp is the membership hook for a peer that joined or came back
-// (Records.PeerUp).
-func (r *Replicator) PeerUp(name string) { r.records.PeerUp(name) }
+// (Records.PeerUp). It reports whether entries of the peer were refused while
+// it was forgotten.
+func (r *Replicator) PeerUp(name string) bool { return r.records.PeerUp(name) }
 
 // PeerDown is the membership hook for a peer reported dead
 // (Records.PeerDown); its records go at the first sweep of Run past grace.

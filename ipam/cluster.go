@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -21,6 +22,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -41,8 +43,20 @@ type ClusterConfig struct {
 	// DB is the peer's local database; the cluster keeps its own claims there too, so a
 	// restarted peer knows its blocks before it has caught up with the log.
 	DB *bolt.DB
-	// Voters is how many peers vote (the first ones up); the rest are non-voters.
+	// Voters is how many peers vote (the first ones up).
 	Voters int
+	// Nonvoters is how many more peers follow the log without voting (spares to promote when
+	// a voter dies); every other peer is a client: outside the Raft configuration, it forwards
+	// writes to a member and learns the table by gossip. 0 means none.
+	Nonvoters int
+	// FetchTable reaches a Raft member's table from a client (nil: clients rely on gossip alone).
+	FetchTable FetchFunc
+	// Registerer takes the cluster's metrics; nil registers nothing.
+	Registerer prometheus.Registerer
+	// SnapshotThreshold and TrailingLogs tune log compaction (defaults 256 and 128): a new
+	// member installs a snapshot instead of replaying the log from index 1.
+	SnapshotThreshold uint64
+	TrailingLogs      uint64
 	// DeadVoterGrace is how long a voter may be dead before the leader replaces it with a
 	// healthy non-voter.
 	DeadVoterGrace time.Duration
@@ -67,8 +81,24 @@ type Cluster struct {
 	// hadState: this node found Raft state on disk, so it is (or was) part of a cluster.
 	hadState bool
 
-	mu           sync.Mutex // guards bootstrapped
+	view    *tableView // the table as gossip and fetches tell it (clients read it)
+	metrics *clusterMetrics
+
+	mu           sync.Mutex // guards the fields below
 	bootstrapped bool
+	// raftPeers are the live Raft members of this cluster, as the mesh reports them.
+	raftPeers []Member
+	// lastSent is the index of the last delta this leader gossiped, lastConf the last
+	// configuration hash.
+	lastSent uint64
+	lastConf uint64
+	// fetching and lastFetch pace table fetches.
+	fetching  bool
+	lastFetch time.Time
+	// refused remembers the foreign members already logged (name → cluster id), to log once.
+	refused map[string]string
+	// savedID is the cluster ID as persisted in the local database.
+	savedID string
 }
 
 // NewCluster opens the Raft stores under cfg.Dir and starts the node. A node with no state
@@ -82,6 +112,15 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	}
 	if cfg.DeadVoterGrace <= 0 {
 		cfg.DeadVoterGrace = time.Minute
+	}
+	if cfg.Nonvoters < 0 {
+		cfg.Nonvoters = 0
+	}
+	if cfg.SnapshotThreshold == 0 {
+		cfg.SnapshotThreshold = 256
+	}
+	if cfg.TrailingLogs == 0 {
+		cfg.TrailingLogs = 128
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -112,6 +151,11 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(cfg.Name)
 	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Output: logOut, Level: hclog.Info, DisableTime: true})
+	// Compact: raft's defaults (8192 entries, every 2 min) keep the whole history of a small
+	// cluster, so a new member replayed it from index 1. A snapshot of the table is small.
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.TrailingLogs = cfg.TrailingLogs
+	rc.SnapshotInterval = 30 * time.Second
 	if cfg.Tune != nil {
 		cfg.Tune(rc)
 	}
@@ -121,7 +165,14 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		store.Close()
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
-	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState}, nil
+	savedID, err := loadClusterID(cfg.DB)
+	if err != nil {
+		r.Shutdown()
+		store.Close()
+		return nil, err
+	}
+	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState,
+		view: newTableView(), metrics: newClusterMetrics(cfg.Registerer), refused: map[string]string{}, savedID: savedID}, nil
 }
 
 // Close stops the node and closes its stores. A leader first hands leadership to another
@@ -168,6 +219,19 @@ type Member struct {
 	Since time.Time
 	// InCluster: the member says it belongs to a Raft cluster.
 	InCluster bool
+	// ClusterID: the cluster the member says it belongs to ("" when it does not know).
+	ClusterID string
+}
+
+// admissible says whether the leader of cluster ourID may add m to its configuration: only a
+// peer in no cluster at all, or one of this very cluster. A peer that says it is in a cluster
+// but not which (it bootstrapped and has not named it yet) is never added: it may be another
+// cluster, and adding it would replace its log and hand its addresses out twice.
+func admissible(m Member, ourID string) bool {
+	if m.ClusterID != "" {
+		return m.ClusterID == ourID
+	}
+	return !m.InCluster
 }
 
 // MaybeBootstrap starts a one-voter cluster when nobody else will: this node has no state, no
@@ -176,14 +240,16 @@ type Member struct {
 // a while), so that every starting peer sees the same members and exactly one bootstraps.
 // The leader then adds the others (see Reconcile).
 func (c *Cluster) MaybeBootstrap(members []Member) (bool, error) {
-	if c.InCluster() {
+	// A client knows the cluster it belongs to (from the table) even when no member is alive:
+	// it must wait for them rather than start a second cluster over the same range.
+	if c.InCluster() || c.ClusterID() != "" {
 		return false, nil
 	}
 	for _, m := range members {
 		if m.Name == c.cfg.Name || !m.Alive {
 			continue
 		}
-		if m.InCluster || m.Name < c.cfg.Name {
+		if m.InCluster || m.ClusterID != "" || m.Name < c.cfg.Name {
 			return false, nil
 		}
 	}
@@ -230,21 +296,36 @@ func (c *Cluster) Reconcile(ctx context.Context, members []Member, now time.Time
 	for _, m := range members {
 		byName[m.Name] = m
 	}
+	ourID := c.fsm.clusterID()
+	nonvoters := len(conf.Servers) - voters
 	var errs []error
 	for _, m := range members {
-		if !m.Alive || m.RaftAddr == "" {
+		if !m.Alive || m.RaftAddr == "" || m.Name == c.cfg.Name {
 			continue
 		}
 		s, ok := inConf[raft.ServerID(m.Name)]
+		if !ok && !admissible(m, ourID) {
+			c.refuseForeign(m, ourID)
+			continue
+		}
 		switch {
 		case !ok && voters < c.cfg.Voters:
-			errs = append(errs, c.raft.AddVoter(raft.ServerID(m.Name), raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error())
+			if err := c.raft.AddVoter(raft.ServerID(m.Name), raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error(); err != nil {
+				errs = append(errs, fmt.Errorf("add voter %s: %w", m.Name, err))
+				continue
+			}
 			voters++
 			c.log.Info("added raft voter", "peer", m.Name, "addr", m.RaftAddr)
-		case !ok:
-			errs = append(errs, c.raft.AddNonvoter(raft.ServerID(m.Name), raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error())
+		case !ok && nonvoters < c.cfg.Nonvoters:
+			if err := c.raft.AddNonvoter(raft.ServerID(m.Name), raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error(); err != nil {
+				errs = append(errs, fmt.Errorf("add non-voter %s: %w", m.Name, err))
+				continue
+			}
+			nonvoters++
 			c.log.Info("added raft non-voter", "peer", m.Name, "addr", m.RaftAddr)
-		case string(s.Address) != m.RaftAddr:
+		case !ok:
+			// Every other peer is a client: it forwards to members and learns by gossip.
+		case string(s.Address) != m.RaftAddr && (m.ClusterID == "" || m.ClusterID == ourID):
 			// The peer came back on another address: same suffrage, new address.
 			if s.Suffrage == raft.Voter {
 				errs = append(errs, c.raft.AddVoter(s.ID, raft.ServerAddress(m.RaftAddr), 0, c.cfg.ApplyTimeout).Error())
@@ -302,6 +383,22 @@ func (c *Cluster) Reconcile(ctx context.Context, members []Member, now time.Time
 	return errors.Join(errs...)
 }
 
+// refuseForeign counts and logs (once per peer and cluster id) a member the leader will not add.
+func (c *Cluster) refuseForeign(m Member, ourID string) {
+	c.metrics.foreignRefused.Inc()
+	c.mu.Lock()
+	logged := c.refused[m.Name] == m.ClusterID+"/"+strconv.FormatBool(m.InCluster)
+	c.refused[m.Name] = m.ClusterID + "/" + strconv.FormatBool(m.InCluster)
+	if len(c.refused) > 4096 { // bound the memory a flood of names can take
+		clear(c.refused)
+	}
+	c.mu.Unlock()
+	if !logged {
+		c.log.Warn("not adding a peer of another raft cluster", "peer", m.Name, "its_cluster", m.ClusterID,
+			"says_in_cluster", m.InCluster, "our_cluster", ourID)
+	}
+}
+
 func (c *Cluster) healthyNonvoter(conf raft.Configuration, byName map[string]Member) (raft.Server, bool) {
 	for _, s := range conf.Servers {
 		if m, ok := byName[string(s.ID)]; ok && s.Suffrage == raft.Nonvoter && m.Alive {
@@ -336,19 +433,44 @@ func (c *Cluster) apply(ctx context.Context, cmd command) (commandResult, error)
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.ApplyTimeout)
 	defer cancel()
 	// An election takes a moment and a leader may be stepping down: retry until one answers,
-	// but no longer than one apply may take.
+	// but no longer than one apply may take. A member asks its leader; a client (outside the
+	// configuration, so it knows no leader) asks the Raft members the mesh names, the last
+	// known leader first; a member that is not the leader passes it on one hop.
 	var out []byte
 	lastErr := fmt.Errorf("no raft leader is reachable from %s", c.cfg.Name)
-	for {
+	for out == nil {
 		if c.raft.State() == raft.Leader {
 			return c.applyLocal(data)
 		}
+		targets := c.forwardTargets()
 		if leader, _ := c.raft.LeaderWithID(); leader != "" {
+			targets = []raft.ServerAddress{leader}
+		} else if c.isMember() {
+			targets = nil // an election is under way: wait for its leader
+		}
+		// A client's target whose address does not answer (its underlay blocked from here)
+		// must not use up the whole apply: each try gets a share, and the next round of this
+		// loop sees the members the mesh reported meanwhile.
+		perTry := c.cfg.ApplyTimeout
+		if !c.isMember() {
+			perTry /= 4
+		}
+		for _, t := range targets {
 			var err error
-			if out, err = c.cfg.Forward(ctx, leader, data); err == nil {
+			tctx, cancel := context.WithTimeout(ctx, perTry)
+			out, err = c.cfg.Forward(tctx, t, data)
+			cancel()
+			if err == nil {
 				break
 			}
-			lastErr = fmt.Errorf("forward to leader %s: %v", leader, err)
+			out = nil
+			lastErr = fmt.Errorf("forward to %s: %v", t, err)
+			if ctx.Err() != nil {
+				break
+			}
+		}
+		if out != nil {
+			break
 		}
 		select {
 		case <-ctx.Done():
@@ -378,17 +500,40 @@ func (c *Cluster) applyLocal(data []byte) (commandResult, error) {
 	return res, nil
 }
 
-// ApplyForwarded applies an encoded command forwarded by a follower; only the leader does.
+// ApplyForwarded applies an encoded command forwarded by a follower or a client. The leader
+// applies it; a member that is not the leader passes a client's command on to its leader, once
+// (Hops bounds it to one hop, so two members that each think the other leads cannot loop).
 func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
-	if c.raft.State() != raft.Leader {
-		return nil, ErrNotLeader
-	}
 	var cmd command
 	if err := json.Unmarshal(data, &cmd); err != nil {
 		return nil, fmt.Errorf("decode forwarded command: %w", err)
 	}
 	if cmd.Op != opClaim && cmd.Op != opRemovePeer {
 		return nil, fmt.Errorf("forwarded command has unknown operation %q", cmd.Op)
+	}
+	if c.raft.State() != raft.Leader {
+		leader, _ := c.raft.LeaderWithID()
+		if cmd.Hops > 0 || leader == "" || c.cfg.Forward == nil || !c.isMember() {
+			return nil, ErrNotLeader
+		}
+		cmd.Hops++
+		fwd, err := json.Marshal(cmd)
+		if err != nil {
+			return nil, err
+		}
+		c.metrics.forwardHops.Inc()
+		ctx, cancel := context.WithTimeout(context.Background(), c.cfg.ApplyTimeout)
+		defer cancel()
+		out, err := c.cfg.Forward(ctx, leader, fwd)
+		if err != nil {
+			return nil, fmt.Errorf("%w: passing on to leader %s: %v", ErrNotLeader, leader, err)
+		}
+		return out, nil
+	}
+	cmd.Hops = 0 // the log holds the command as its sender meant it
+	data, err := json.Marshal(cmd)
+	if err != nil {
+		return nil, err
 	}
 	res, err := c.applyLocal(data)
 	if err != nil {
@@ -400,7 +545,8 @@ func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
 // Owned implements BlockOwner: what the log gives peer, plus this peer's own claims recorded
 // locally that the log (maybe not caught up yet) gives nobody else.
 func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
-	owned := c.fsm.owned(n.Name, peer)
+	var owned []netip.Prefix
+	c.readTable(func(st *fsmState) { owned = st.owned(n.Name, peer) })
 	if peer != c.cfg.Name {
 		return owned, nil
 	}
@@ -413,7 +559,10 @@ func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
 		seen[b] = true
 	}
 	for _, b := range cached {
-		if owner, ok := c.fsm.ownerOf(n.Name, b); seen[b] || (ok && owner != peer) {
+		var owner string
+		var ok bool
+		c.readTable(func(st *fsmState) { owner, ok = st.ownerOf(n.Name, b) })
+		if seen[b] || (ok && owner != peer) {
 			continue
 		}
 		owned = append(owned, b)
@@ -462,16 +611,28 @@ type ClusterStatus struct {
 	Blocks    []BlockOwnership `json:"blocks"`
 }
 
-// Status reports leader, voters and the block table as this node knows them.
+// Status reports leader, voters and the block table as this node knows them. A client, outside
+// the configuration, reports what the last table it fetched from a member said.
 func (c *Cluster) Status() ClusterStatus {
 	_, leader := c.raft.LeaderWithID()
-	st := ClusterStatus{Leader: string(leader), State: c.raft.State().String(), Voters: []string{}, Nonvoters: []string{}, Blocks: c.fsm.table()}
-	for _, s := range c.configuration().Servers {
+	st := ClusterStatus{Leader: string(leader), State: c.raft.State().String(), Voters: []string{}, Nonvoters: []string{}, Blocks: c.tableRows()}
+	conf := c.configuration()
+	for _, s := range conf.Servers {
 		if s.Suffrage == raft.Voter {
 			st.Voters = append(st.Voters, string(s.ID))
 		} else {
 			st.Nonvoters = append(st.Nonvoters, string(s.ID))
 		}
+	}
+	if !c.isMember() && !c.hadState {
+		st.State = "Client"
+		c.view.mu.Lock()
+		if len(conf.Servers) == 0 {
+			st.Leader = c.view.leader
+			st.Voters = append(st.Voters, c.view.voters...)
+			st.Nonvoters = append(st.Nonvoters, c.view.nonvoters...)
+		}
+		c.view.mu.Unlock()
 	}
 	sort.Strings(st.Voters)
 	sort.Strings(st.Nonvoters)
@@ -481,9 +642,54 @@ func (c *Cluster) Status() ClusterStatus {
 	return st
 }
 
-// ClusterID names the cluster this node belongs to; empty until the log says (a leader sets it
-// with EnsureClusterID).
-func (c *Cluster) ClusterID() string { return c.fsm.clusterID() }
+// ClusterID names the cluster this node belongs to; empty until the log (or, on a client, the
+// gossiped table) says (a leader sets it with EnsureClusterID). Once known it is kept in the
+// local database: a restarted peer, whose FSM is empty until the leader reaches it (or forever,
+// if it was removed meanwhile), still says which cluster it is of.
+func (c *Cluster) ClusterID() string {
+	var id string
+	c.readTable(func(st *fsmState) { id = st.ClusterID })
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if id == "" {
+		return c.savedID
+	}
+	if id != c.savedID {
+		if err := saveClusterID(c.cfg.DB, id); err != nil {
+			c.log.Warn("could not persist the cluster id", "err", err)
+		} else {
+			c.savedID = id
+		}
+	}
+	return id
+}
+
+var (
+	bucketCluster = []byte("ipam-cluster")
+	keyClusterID  = []byte("id")
+)
+
+func loadClusterID(db *bolt.DB) (string, error) {
+	var id string
+	err := db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(bucketCluster)
+		if err != nil {
+			return err
+		}
+		id = string(b.Get(keyClusterID))
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("read the cluster id: %w", err)
+	}
+	return id, nil
+}
+
+func saveClusterID(db *bolt.DB, id string) error {
+	return db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketCluster).Put(keyClusterID, []byte(id))
+	})
+}
 
 // EnsureClusterID gives the cluster its ID if it has none yet; only the leader does.
 func (c *Cluster) EnsureClusterID() error {

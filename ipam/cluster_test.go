@@ -12,15 +12,19 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
 )
 
 // testCluster is a set of Raft IPAM nodes on raft's in-memory transport, which can be
 // partitioned (CONVENTIONS 5: raft logic on InmemTransport, real stores on disk).
 type testCluster struct {
-	t     *testing.T
-	mu    sync.Mutex // guards nodes
-	nodes map[string]*testNode
+	t         *testing.T
+	nonvoters int
+	tune      func(*raft.Config)
+	mu        sync.Mutex // guards nodes and blocked
+	nodes     map[string]*testNode
+	blocked   map[[2]string]bool // from → to pairs whose forwarding hangs
 }
 
 type testNode struct {
@@ -34,7 +38,7 @@ type testNode struct {
 }
 
 func newTestCluster(t *testing.T) *testCluster {
-	tc := &testCluster{t: t, nodes: map[string]*testNode{}}
+	tc := &testCluster{t: t, nodes: map[string]*testNode{}, blocked: map[[2]string]bool{}, nonvoters: 2, tune: fastRaft}
 	t.Cleanup(func() {
 		tc.mu.Lock()
 		defer tc.mu.Unlock()
@@ -72,9 +76,12 @@ func (tc *testCluster) start(name string) *testNode {
 	}
 	n.db = db
 	c, err := NewCluster(ClusterConfig{
-		Name: name, Dir: filepath.Join(n.dir, "raft"), Transport: n.trans, DB: db, Voters: 3,
-		DeadVoterGrace: 300 * time.Millisecond, ApplyTimeout: 2 * time.Second, Tune: fastRaft,
-		Forward: tc.forward,
+		Name: name, Dir: filepath.Join(n.dir, "raft"), Transport: n.trans, DB: db, Voters: 3, Nonvoters: tc.nonvoters,
+		DeadVoterGrace: 300 * time.Millisecond, ApplyTimeout: 2 * time.Second, Tune: tc.tune,
+		Forward: func(ctx context.Context, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
+			return tc.forwardFrom(ctx, name, addr, cmd)
+		},
+		FetchTable: tc.fetch, Registerer: prometheus.NewRegistry(),
 	})
 	if err != nil {
 		tc.t.Fatal(err)
@@ -130,8 +137,16 @@ func (tc *testCluster) heal() {
 	}
 }
 
-// forward stands in for the RPC: it hands the command to the node at addr, if reachable.
-func (tc *testCluster) forward(ctx context.Context, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
+// forwardFrom stands in for the RPC from node from: it hands the command to the node at addr,
+// if reachable; a blocked pair hangs until ctx ends, as a dial into a dropped underlay does.
+func (tc *testCluster) forwardFrom(ctx context.Context, from string, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
+	tc.mu.Lock()
+	blocked := tc.blocked[[2]string{from, string(addr)}]
+	tc.mu.Unlock()
+	if blocked {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	tc.mu.Lock()
 	n, ok := tc.nodes[string(addr)]
 	alive := ok && n.alive
@@ -147,7 +162,11 @@ func (tc *testCluster) members() []Member {
 	defer tc.mu.Unlock()
 	var out []Member
 	for _, n := range tc.nodes {
-		out = append(out, Member{Name: n.name, RaftAddr: n.name, Alive: n.alive, Since: n.since, InCluster: n.alive && n.c.InCluster()})
+		m := Member{Name: n.name, RaftAddr: n.name, Alive: n.alive, Since: n.since}
+		if n.alive {
+			m.InCluster, m.ClusterID = n.c.InCluster(), n.c.ClusterID()
+		}
+		out = append(out, m)
 	}
 	return out
 }
@@ -406,7 +425,9 @@ func TestReclaimAfterReleasesDeadPeersBlocks(t *testing.T) {
 	if _, err := tc.nodes["p3"].c.Claim(ctx, clusterNet, "p3"); err != nil {
 		t.Fatal(err)
 	}
-	tc.nodes["p1"].c.cfg.ReclaimAfter = 200 * time.Millisecond
+	for _, n := range []string{"p1", "p2"} { // whichever leads reclaims
+		tc.nodes[n].c.cfg.ReclaimAfter = 200 * time.Millisecond
+	}
 	tc.kill("p3")
 	tc.reconcileUntil("p3's block back in the pool", func() bool {
 		return len(tc.nodes["p1"].c.ownedByPeer("p3")) == 0

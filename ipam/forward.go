@@ -20,6 +20,9 @@ import (
 
 const forwardPath = "/v1/raft/apply"
 
+// tablePath serves a Raft member's block table to clients (see table.go).
+const tablePath = "/v1/raft/table"
+
 // maxForwardBytes bounds a forwarded command; real ones are a few hundred bytes.
 const maxForwardBytes = 64 << 10
 
@@ -45,6 +48,7 @@ func (c *Cluster) ServeForwarded(ln net.Listener) (stop func()) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Write(out)
 	})
+	mux.HandleFunc("GET "+tablePath, c.serveTable)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: slog.NewLogLogger(c.log.Handler(), slog.LevelWarn)}
 	done := make(chan struct{})
@@ -85,6 +89,40 @@ func HTTPForwarder(dial func(ctx context.Context, addr string) (net.Conn, error)
 		}
 		if resp.StatusCode != http.StatusOK {
 			return nil, fmt.Errorf("leader %s answered %s: %s", leader, resp.Status, bytes.TrimSpace(body))
+		}
+		return body, nil
+	}
+}
+
+// HTTPTableFetcher is the client side of tablePath: a FetchFunc that gets a member's table
+// through dial.
+func HTTPTableFetcher(dial func(ctx context.Context, addr string) (net.Conn, error)) FetchFunc {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return dial(ctx, addr)
+		},
+		MaxIdleConnsPerHost: 1,
+		IdleConnTimeout:     30 * time.Second,
+	}}
+	return func(ctx context.Context, member raft.ServerAddress) ([]byte, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+string(member)+tablePath, nil)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return nil, err
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(io.LimitReader(resp.Body, maxTableBytes+1))
+		if err != nil {
+			return nil, err
+		}
+		if len(body) > maxTableBytes {
+			return nil, fmt.Errorf("%w: table from %s exceeds %d bytes", ErrBadTable, member, maxTableBytes)
+		}
+		if resp.StatusCode != http.StatusOK {
+			return nil, fmt.Errorf("member %s answered %s: %s", member, resp.Status, bytes.TrimSpace(body))
 		}
 		return body, nil
 	}

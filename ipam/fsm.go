@@ -36,6 +36,8 @@ type command struct {
 	Peer    string  `json:"peer"`
 	// ClusterID travels with init, the first command the bootstrapping leader applies.
 	ClusterID string `json:"cluster_id,omitempty"`
+	// Hops counts how often the command was passed on between members (at most once).
+	Hops int `json:"hops,omitempty"`
 }
 
 // commandResult is what applying a command answers; Err is a string so it can cross the
@@ -71,17 +73,32 @@ type fsmState struct {
 	// Removed lists peers removed with rmpeer (or reclaimed) and not back since; the
 	// leader takes them out of the Raft configuration.
 	Removed map[string]bool `json:"removed,omitempty"`
+	// Version is the Raft index of the last command that changed the table: clients that
+	// learn the table by gossip order tables and deltas by it.
+	Version uint64 `json:"version,omitempty"`
+}
+
+func newFSMState() fsmState {
+	return fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}, Removed: map[string]bool{}}
 }
 
 // fsm implements raft.FSM. Apply runs on raft's single FSM goroutine; reads come from any
 // goroutine, so mu guards state.
 type fsm struct {
-	mu    sync.RWMutex // guards state
+	mu    sync.RWMutex // guards state and recent
 	state fsmState
+	// recent holds the last maxRecentDeltas table changes, oldest first, for the leader to
+	// gossip to clients (see table.go).
+	recent []tableDelta
+	// changed is signalled (without blocking) after every table change.
+	changed chan struct{}
 }
 
+// maxRecentDeltas bounds the deltas kept for gossip; a client further behind fetches the table.
+const maxRecentDeltas = 256
+
 func newFSM() *fsm {
-	return &fsm{state: fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}, Removed: map[string]bool{}}}
+	return &fsm{state: newFSMState(), changed: make(chan struct{}, 1)}
 }
 
 // Apply implements raft.FSM.
@@ -92,18 +109,36 @@ func (f *fsm) Apply(l *raft.Log) any {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	var res commandResult
+	d := tableDelta{Prev: f.state.Version, Index: l.Index, Op: cmd.Op, Peer: cmd.Peer, ClusterID: f.state.ClusterID}
 	switch cmd.Op {
 	case opClaim:
-		return f.claim(cmd)
-	case opRemovePeer:
-		return f.removePeer(cmd.Peer)
-	case opInit:
-		if f.state.ClusterID == "" { // the first init wins; later ones are no-ops
-			f.state.ClusterID = cmd.ClusterID
+		res = f.claim(cmd)
+		if !res.Block.IsValid() {
+			return res // refused: nothing changed
 		}
-		return commandResult{}
+		d.Network, d.Block = &cmd.Network, res.Block
+	case opRemovePeer:
+		res = f.removePeer(cmd.Peer)
+	case opInit:
+		if f.state.ClusterID != "" { // the first init wins; later ones are no-ops
+			return commandResult{}
+		}
+		f.state.ClusterID = cmd.ClusterID
+		d.ClusterID = cmd.ClusterID
+	default:
+		return commandResult{Err: fmt.Sprintf("unknown operation %q in log entry %d", cmd.Op, l.Index)}
 	}
-	return commandResult{Err: fmt.Sprintf("unknown operation %q in log entry %d", cmd.Op, l.Index)}
+	f.state.Version = l.Index
+	f.recent = append(f.recent, d)
+	if len(f.recent) > maxRecentDeltas {
+		f.recent = append(f.recent[:0:0], f.recent[len(f.recent)-maxRecentDeltas:]...)
+	}
+	select {
+	case f.changed <- struct{}{}:
+	default:
+	}
+	return res
 }
 
 // claim gives cmd.Peer the lowest block nobody owns. Caller holds mu.
@@ -154,11 +189,9 @@ func (f *fsm) removePeer(peer string) commandResult {
 }
 
 // owned lists the blocks of network owned by peer, in address order.
-func (f *fsm) owned(network, peer string) []netip.Prefix {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
+func (st *fsmState) owned(network, peer string) []netip.Prefix {
 	var out []netip.Prefix
-	for b, owner := range f.state.Owners[network] {
+	for b, owner := range st.Owners[network] {
 		if owner == peer {
 			out = append(out, b)
 		}
@@ -168,10 +201,8 @@ func (f *fsm) owned(network, peer string) []netip.Prefix {
 }
 
 // ownerOf says who owns block b of network.
-func (f *fsm) ownerOf(network string, b netip.Prefix) (string, bool) {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	owner, ok := f.state.Owners[network][b]
+func (st *fsmState) ownerOf(network string, b netip.Prefix) (string, bool) {
+	owner, ok := st.Owners[network][b]
 	return owner, ok
 }
 
@@ -199,8 +230,59 @@ type BlockOwnership struct {
 func (f *fsm) table() []BlockOwnership {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
+	return f.state.table()
+}
+
+// version is the Raft index of the last table change applied here.
+func (f *fsm) version() uint64 {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.Version
+}
+
+// copyState returns a deep copy of the table (to serve it to a client).
+func (f *fsm) copyState() fsmState {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.clone()
+}
+
+// deltasAfter returns the recent deltas with an index above after, oldest first.
+func (f *fsm) deltasAfter(after uint64) []tableDelta {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	var out []tableDelta
+	for _, d := range f.recent {
+		if d.Index > after {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+func (st *fsmState) clone() fsmState {
+	out := newFSMState()
+	out.ClusterID, out.Version = st.ClusterID, st.Version
+	for k, v := range st.Networks {
+		out.Networks[k] = v
+	}
+	for k, v := range st.Removed {
+		out.Removed[k] = v
+	}
+	for n, owners := range st.Owners {
+		m := make(map[netip.Prefix]string, len(owners))
+		for b, o := range owners {
+			m[b] = o
+		}
+		out.Owners[n] = m
+	}
+	return out
+}
+
+// table lists every owned block, ordered by network and address.
+func (st *fsmState) table() []BlockOwnership {
 	var out []BlockOwnership
-	for network, owners := range f.state.Owners {
+	for network, owners := range st.Owners {
 		for b, owner := range owners {
 			out = append(out, BlockOwnership{Network: network, CIDR: b, Owner: owner})
 		}
@@ -242,19 +324,12 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if st.Removed == nil {
 		st.Removed = map[string]bool{}
 	}
-	for name, owners := range st.Owners {
-		n, ok := st.Networks[name]
-		if !ok {
-			return fmt.Errorf("ipam snapshot: blocks of undefined network %q", name)
-		}
-		for b := range owners {
-			if !n.ContainsBlock(b) {
-				return fmt.Errorf("ipam snapshot: %s is not a block of %s", b, name)
-			}
-		}
+	if err := st.validate(); err != nil {
+		return fmt.Errorf("ipam snapshot: %w", err)
 	}
 	f.mu.Lock()
 	f.state = st
+	f.recent = nil // a restored table is not reachable by the deltas kept before it
 	f.mu.Unlock()
 	return nil
 }

@@ -44,3 +44,36 @@ func newMetrics(reg prometheus.Registerer, a *Allocator) *metrics {
 	reg.MustRegister(m.allocations, m.releases, m.claims, used, blocks)
 	return m
 }
+
+// clusterMetrics count the Raft side's decisions and rejections.
+type clusterMetrics struct {
+	foreignRefused prometheus.Counter
+	tableRejected  *prometheus.CounterVec
+	tableFetches   prometheus.Counter
+	tableDeltas    prometheus.Counter
+	forwardHops    prometheus.Counter
+}
+
+func newClusterMetrics(reg prometheus.Registerer) *clusterMetrics {
+	m := &clusterMetrics{
+		foreignRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_ipam_raft_foreign_refused_total", Help: "Times the leader refused to add a peer of another (or an unnamed) Raft cluster.",
+		}),
+		tableRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weft_ipam_table_rejected_total", Help: "Gossiped block-table deltas, states and fetched tables rejected, by reason.",
+		}, []string{"reason"}),
+		tableFetches: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_ipam_table_fetches_total", Help: "Block tables this client fetched from a Raft member.",
+		}),
+		tableDeltas: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_ipam_table_deltas_applied_total", Help: "Gossiped block-table deltas applied to this peer's view.",
+		}),
+		forwardHops: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_ipam_forward_hops_total", Help: "Client commands this member passed on to its leader.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.foreignRefused, m.tableRejected, m.tableFetches, m.tableDeltas, m.forwardHops)
+	}
+	return m
+}

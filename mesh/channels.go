@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -268,10 +269,80 @@ func (m *Mesh) handler(name string) ChannelHandler {
 	return m.channels[name]
 }
 
+// ErrUnknownPeer: SendTo names a peer this mesh does not know.
+var ErrUnknownPeer = errors.New("mesh: unknown peer")
+
+// unicastMarker starts a SendTo frame, where a broadcast envelope starts
+// with its version:
+//
+//	marker (1 byte, 0x55) | name length (1 byte) | name | payload
+//
+// A peer that predates SendTo rejects it as a malformed envelope.
+const unicastMarker = 0x55
+
+// SendTo sends msg to one peer's handler of the named channel, reliably
+// (memberlist's SendReliable: a TCP stream, encrypted like the rest). The
+// receiving mesh delivers it once and does not pass it on. msg is at most
+// MaxUnicastSize bytes: split larger state into several messages. It
+// blocks for the connection; call it off memberlist's goroutines. O(N) to
+// find the peer.
+func (m *Mesh) SendTo(peer, channel string, msg []byte) error {
+	if err := validToken(channel, maxChannelNameLen); err != nil {
+		return fmt.Errorf("mesh: channel name: %w", err)
+	}
+	if len(msg) > MaxUnicastSize {
+		return fmt.Errorf("%w: %d bytes to %s on channel %q, at most %d", ErrMessageTooLarge, len(msg), peer, channel, MaxUnicastSize)
+	}
+	ml := m.ml.Load()
+	if ml == nil {
+		return ErrNotStarted
+	}
+	for _, n := range ml.Members() {
+		if n.Name != peer {
+			continue
+		}
+		b := make([]byte, 0, 2+len(channel)+len(msg))
+		b = append(b, unicastMarker, byte(len(channel)))
+		b = append(b, channel...)
+		b = append(b, msg...)
+		if err := ml.SendReliable(n, b); err != nil {
+			return fmt.Errorf("mesh: send to %s on channel %q: %w", peer, channel, err)
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: %q", ErrUnknownPeer, peer)
+}
+
+// notifyUnicast delivers one SendTo frame to its handler: once, not passed on.
+func (m *Mesh) notifyUnicast(b []byte) {
+	if len(b) < 2 || len(b)-2 < int(b[1]) {
+		m.metrics.messagesRejected.WithLabelValues("malformed").Inc()
+		m.log.Warn("mesh: dropped malformed unicast message", "len", len(b))
+		return
+	}
+	name := string(b[2 : 2+int(b[1])])
+	if err := validToken(name, maxChannelNameLen); err != nil || strings.HasPrefix(name, internalChannel) {
+		m.metrics.messagesRejected.WithLabelValues("malformed").Inc()
+		m.log.Warn("mesh: dropped unicast message with a bad channel name", "channel", name)
+		return
+	}
+	h := m.handler(name)
+	if h == nil {
+		m.metrics.messagesRejected.WithLabelValues("unknown_channel").Inc()
+		return
+	}
+	m.metrics.messagesReceived.WithLabelValues(name).Inc()
+	h.NotifyMsg(slices.Clone(b[2+int(b[1]):]))
+}
+
 // notifyMsg dispatches one received channel message (memberlist's
 // Delegate.NotifyMsg). b is reused by memberlist after we return, so the
 // payload is copied before the handler gets it.
 func (m *Mesh) notifyMsg(b []byte) {
+	if len(b) > 0 && b[0] == unicastMarker {
+		m.notifyUnicast(b)
+		return
+	}
 	name, id, payload, err := decodeEnvelope(b)
 	if err != nil {
 		m.metrics.messagesRejected.WithLabelValues("malformed").Inc()

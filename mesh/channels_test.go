@@ -200,3 +200,37 @@ func TestSeenForgetsOldest(t *testing.T) {
 		t.Fatalf("%d ids remembered, want %d", len(s.ids), dedupSize)
 	}
 }
+
+// A SendTo frame is delivered to its channel every time it arrives, and
+// never passed on; a malformed one is dropped and logged.
+func TestUnicastDispatch(t *testing.T) {
+	cfg, logs := testConfig(t, "unicast")
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	a := &recorder{}
+	m.RegisterChannel("a", a)
+	d := delegate{m}
+	frame := append([]byte{unicastMarker, 1, 'a'}, "hello"...)
+	d.NotifyMsg(frame)
+	d.NotifyMsg(frame) // unicast has no id: a resend is delivered again
+	frame[len(frame)-1] = 'X'
+	for _, bad := range [][]byte{{unicastMarker}, {unicastMarker, 9, 'a'}, {unicastMarker, 1, ' '}, {unicastMarker, 1, '_'}} {
+		d.NotifyMsg(bad)
+	}
+	d.NotifyMsg([]byte{unicastMarker, 3, 'z', 'z', 'z', 'x'}) // unregistered channel
+	if msgs, _ := a.got(); len(msgs) != 2 || msgs[0] != "hello" || msgs[1] != "hello" {
+		t.Fatalf("channel a got %q", msgs)
+	}
+	if n := m.queue.NumQueued(); n != 0 {
+		t.Errorf("%d unicast messages queued for relay, want none", n)
+	}
+	if !logs.contains("dropped malformed unicast message") || !logs.contains("bad channel name") {
+		t.Error("malformed unicast messages not logged")
+	}
+	if err := m.SendTo("x", "a", []byte("m")); !errors.Is(err, ErrNotStarted) {
+		t.Errorf("SendTo before Start: %v", err)
+	}
+}

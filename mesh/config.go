@@ -100,6 +100,20 @@ type Config struct {
 	// WrapTransport, when set, wraps memberlist's UDP/TCP transport (a
 	// benchmark counts the gossip traffic with it). nil: memberlist's own.
 	WrapTransport func(memberlist.Transport) memberlist.Transport
+	// SnapshotPath is a file where the mesh keeps the members it has seen
+	// alive (name and gossip address of the 256 most recently seen), as
+	// Serf's snapshot does, so that a restarted peer rejoins them even
+	// without seeds (the first host of a cluster has none). Written
+	// atomically, at most every few seconds and only when the alive set
+	// changed; a corrupt file is logged and ignored. Empty: off.
+	SnapshotPath string
+	// DeadRetryInterval is the mean time between two rounds in which this
+	// peer tries to reach members that died (each wait is jittered ±50%),
+	// so that a peer that comes back without seeds is found within seconds.
+	DeadRetryInterval time.Duration
+	// DeadRetryFor is how long after its death (or leave) a member is still
+	// retried; 0 turns retrying off. See DefaultConfig for the default.
+	DeadRetryFor time.Duration
 }
 
 // DefaultConfig returns production defaults. Name, Seeds and Password are
@@ -118,6 +132,13 @@ func DefaultConfig() Config {
 		EventBuffer:         256,
 		DeadPeerRetention:   time.Hour,
 		MaxQueuedBroadcasts: 4096,
+		DeadRetryInterval:   time.Second,
+		// Five minutes covers a restarted process (seconds) and a rebooted
+		// host (typically one to three minutes) with margin. A member gone
+		// longer is left to come back through its own seeds or snapshot:
+		// retrying it costs little (see deadRetryLoop) but never ends
+		// otherwise for a peer that was removed for good.
+		DeadRetryFor: 5 * time.Minute,
 	}
 }
 
@@ -178,6 +199,15 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxQueuedBroadcasts < 1 {
 		return bad("max queued broadcasts %d must be at least 1", c.MaxQueuedBroadcasts)
+	}
+	if c.DeadRetryInterval <= 0 {
+		return bad("dead retry interval %v must be positive", c.DeadRetryInterval)
+	}
+	if c.DeadRetryFor < 0 {
+		return bad("dead retry duration %v must not be negative", c.DeadRetryFor)
+	}
+	if c.SnapshotPath != "" && strings.ContainsRune(c.SnapshotPath, 0) {
+		return bad("snapshot path %q contains a NUL byte", c.SnapshotPath)
 	}
 	if c.Metadata.Name != "" && c.Metadata.Name != c.Name {
 		return bad("metadata name %q differs from name %q", c.Metadata.Name, c.Name)

@@ -37,6 +37,9 @@ func TestConfigValidate(t *testing.T) {
 		"retention":       func(c *Config) { c.DeadPeerRetention = -time.Second },
 		"queue":           func(c *Config) { c.MaxQueuedBroadcasts = 0 },
 		"meta name":       func(c *Config) { c.Metadata.Name = "other" },
+		"dead retry":      func(c *Config) { c.DeadRetryInterval = 0 },
+		"dead retry for":  func(c *Config) { c.DeadRetryFor = -time.Second },
+		"snapshot path":   func(c *Config) { c.SnapshotPath = "a\x00b" },
 	} {
 		c := good
 		edit(&c)
@@ -96,7 +99,7 @@ func TestDefaultAdvertiseAddr(t *testing.T) {
 
 func TestMemberlistLogLines(t *testing.T) {
 	var buf bytes.Buffer
-	l := newMemberlistLogger(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})), nil)
+	l := newMemberlistLogger(slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	l.Printf("[DEBUG] memberlist: Stream connection from=127.0.0.1:1")
 	l.Printf("[WARN] memberlist: Refuting a suspect message (from: x)")
 	l.Printf("[ERR] memberlist: failed to receive: No installed keys could decrypt the message from=127.0.0.1:2")

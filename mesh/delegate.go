@@ -104,15 +104,16 @@ func (d delegate) NotifyLeave(n *memberlist.Node) {
 	d.m.observe(n.Name, nodeAddr(n), n.Meta, StateDead, EventDead)
 }
 
-// NotifyPingComplete: a direct probe of the peer was acknowledged, so it
-// is alive now: clears our suspicion of it (memberlist clears its own when
-// the peer's refutation arrives).
-func (d delegate) NotifyPingComplete(n *memberlist.Node, _ time.Duration, _ []byte) {
-	d.m.markAlive(n.Name)
+// NotifyPingComplete: a direct probe of the peer was acknowledged. The
+// peer is alive now (clears a suspicion of it, see suspicion.go), and the
+// ack carried its network coordinate (see coordinate.go).
+func (d delegate) NotifyPingComplete(n *memberlist.Node, rtt time.Duration, payload []byte) {
+	d.m.onDirectAck(n.Name)
+	d.m.onPingComplete(n.Name, rtt, payload)
 }
 
-// AckPayload adds nothing to acks.
-func (d delegate) AckPayload() []byte { return nil }
+// AckPayload puts our network coordinate on every ack we send. O(dimensions).
+func (d delegate) AckPayload() []byte { return d.m.coords.payload() }
 
 // nodeAddr copies a node's address. Only call it inside memberlist's
 // callbacks, where the node lock makes reading Node fields safe.
@@ -158,6 +159,9 @@ func (m *Mesh) observe(name string, addr netip.AddrPort, meta []byte, state Stat
 	}
 	if state != prev || !ok {
 		p.State, p.Since = state, now
+	}
+	if state == StateLeft {
+		m.coords.forget(name) // gone for good; a dead peer's is kept until prune
 	}
 	m.emitLocked(ev, p, prev)
 }
@@ -232,8 +236,9 @@ func (m *Mesh) prune(now time.Time) {
 	defer m.mu.Unlock()
 	pruned := false
 	for name, p := range m.peers {
-		if !p.Self && (p.State == StateDead || p.State == StateLeft) && now.Sub(p.Since) > r {
+		if !p.Self && !p.Up() && now.Sub(p.Since) > r {
 			delete(m.peers, name)
+			m.coords.forget(name)
 			pruned = true
 		}
 	}

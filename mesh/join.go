@@ -4,9 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // target is a seed or Connect address the join loop keeps trying.
@@ -93,18 +99,55 @@ func (m *Mesh) addTargetLocked(addr string) {
 //     then wait an exponentially growing, jittered backoff
 //     (JoinBackoffMin..JoinBackoffMax) and try again — at start, after a
 //     restart, and whenever every other peer died;
+//   - at start, alone, also the members of the snapshot (Config.SnapshotPath),
+//     snapshotJoinBatch per round, most recently seen first, until one join
+//     succeeds: a restarted peer without seeds finds its mesh again;
 //   - in a mesh: every RejoinInterval, try the targets that are not alive
 //     members, which heals a partition between seeds;
 //   - Connect wakes it to try a new target at once;
 //   - after Leave it tries nothing.
+//
+// It also runs, until ctx ends, the loop that retries dead members
+// (deadRetryLoop) and the one that keeps the snapshot (snapshotLoop).
 func (m *Mesh) joinLoop(ctx context.Context) {
+	rm := newRejoinMetrics(m.cfg.Registerer, m.log)
+	defer rm.unregister()
+	snap := m.loadSnapshot(rm)
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	bg.Add(1)
+	go func() {
+		defer bg.Done()
+		m.deadRetryLoop(ctx, rm)
+	}()
+	if m.cfg.SnapshotPath != "" {
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			m.snapshotLoop(ctx, rm, snap)
+		}()
+	}
+	rejoin := make([]string, 0, len(snap)) // snapshot members still to try, most recent first
+	for _, s := range snap {
+		rejoin = append(rejoin, s.Addr.String())
+	}
+
 	b := backoff{min: m.cfg.JoinBackoffMin, max: m.cfg.JoinBackoffMax, cur: m.cfg.JoinBackoffMin}
 	var lastFull time.Time
 	for {
 		wait := m.cfg.RejoinInterval
-		if due, full := m.dueTargets(lastFull); len(due) > 0 || full {
+		if len(rejoin) > 0 && !m.alone() {
+			// In a mesh (joined, or found by a member that retried us): the snapshot served.
+			rejoin = nil
+		}
+		due, full := m.dueTargets(lastFull)
+		if len(due) > 0 || full {
 			if full {
 				lastFull = time.Now()
+			}
+			var batch []string
+			if full && len(rejoin) > 0 {
+				batch, rejoin = nextSnapshotBatch(rejoin)
 			}
 			for _, t := range due {
 				if ctx.Err() != nil {
@@ -112,10 +155,13 @@ func (m *Mesh) joinLoop(ctx context.Context) {
 				}
 				m.tryJoin(t)
 			}
+			if len(batch) > 0 && m.alone() && m.joinSnapshotMembers(ctx, batch) {
+				rejoin = nil
+			}
 			// While any target is not a member, retry with backoff, whether or not this
 			// peer already belongs to some mesh: two groups that formed while their
 			// seeds were still starting must merge in seconds, not at the rejoin interval.
-			if m.missingTargets() {
+			if m.missingTargets() || len(rejoin) > 0 {
 				wait = b.next()
 			} else {
 				b.reset()
@@ -130,6 +176,227 @@ func (m *Mesh) joinLoop(ctx context.Context) {
 		case <-timer.C:
 		}
 		timer.Stop()
+	}
+}
+
+// snapshotJoinBatch is how many snapshot members one round tries, at once: enough that a
+// few dead ones do not delay the rejoin, few enough that a restart is not a join storm.
+const snapshotJoinBatch = 4
+
+// nextSnapshotBatch takes the first snapshotJoinBatch addresses and moves them to the end of
+// the rotation, so every member is tried in turn while none answers.
+func nextSnapshotBatch(rejoin []string) (batch, rest []string) {
+	n := min(snapshotJoinBatch, len(rejoin))
+	batch = slices.Clone(rejoin[:n])
+	rest = append(rejoin[n:], batch...)
+	return batch, rest
+}
+
+// joinSnapshotMembers tries each address in parallel (each attempt is bounded by
+// memberlist's TCP timeout) and reports whether one join succeeded. Failures are expected —
+// members come and go — so they are logged at debug level only; they are counted like
+// every join attempt.
+func (m *Mesh) joinSnapshotMembers(ctx context.Context, addrs []string) bool {
+	ml := m.ml.Load()
+	var (
+		wg sync.WaitGroup
+		ok atomic.Bool
+	)
+	for _, a := range addrs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if ctx.Err() != nil {
+				return
+			}
+			m.metrics.joinAttempts.Inc()
+			n, err := ml.Join([]string{a})
+			if err == nil && n == 0 {
+				err = errors.New("no node answered")
+			}
+			if err != nil {
+				reason, err := classifyJoinError(a, err)
+				m.metrics.joinFailures.WithLabelValues(reason).Inc()
+				m.log.Debug("mesh: snapshot member did not answer", "addr", a, "err", err)
+				return
+			}
+			ok.Store(true)
+			m.log.Info("mesh: rejoined through a member of the snapshot", "addr", a)
+		}()
+	}
+	wg.Wait()
+	return ok.Load()
+}
+
+// Retrying dead members. memberlist never contacts a node it declared dead again, and a
+// restarted peer without seeds knows nobody (before its snapshot, or without one), so
+// without this a peer that comes back alone stays alone until someone's seeds or
+// RejoinInterval reach it (a seed's own retries back off to JoinBackoffMax meanwhile,
+// which is how a first peer down for 10 s took 28–49 s to be seen again). Serf's reconnect
+// does the same, for failed members only; weft retries members that left too, because
+// `weft peer` leaves on SIGTERM, which is also how a peer is restarted.
+//
+// Cost: each peer makes at most deadRetryMax attempts per round, about
+// deadRetryFanout·dead/alive of them on average, so the mesh as a whole tries each dead
+// member about deadRetryFanout times per round whatever N is (O(1) join attempts per peer
+// and round, O(1) per dead member and round for the mesh), instead of N peers hammering a
+// peer the moment it is back. Picking them scans the peer table in memory: O(N) per round.
+const (
+	deadRetryFanout = 2
+	deadRetryMax    = 3
+)
+
+// deadRetryCount is how many dead members to try this round: deadRetryFanout·dead/alive,
+// its fraction rounded up with probability equal to it (u uniform in [0,1)), at most
+// deadRetryMax and dead. alive counts this peer.
+func deadRetryCount(dead, alive int, u float64) int {
+	if dead <= 0 {
+		return 0
+	}
+	expected := float64(deadRetryFanout*dead) / float64(max(alive, 1))
+	n := int(expected)
+	if u < expected-float64(n) {
+		n++
+	}
+	return min(n, deadRetryMax, dead)
+}
+
+// deadRetryLoop tries, every DeadRetryInterval (jittered ±50%), a few members that died or
+// left less than DeadRetryFor ago. Attempts run in the background, at most deadRetryMax at
+// a time: an address that swallows packets holds a slot for memberlist's TCP timeout but
+// does not delay the rounds.
+func (m *Mesh) deadRetryLoop(ctx context.Context, rm *rejoinMetrics) {
+	if m.cfg.DeadRetryFor <= 0 {
+		return
+	}
+	slots := make(chan struct{}, deadRetryMax)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		d := m.cfg.DeadRetryInterval
+		timer := time.NewTimer(d/2 + rand.N(d+1))
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return
+		case <-timer.C:
+		}
+		for _, p := range m.deadRetryPicks(time.Now()) {
+			select {
+			case slots <- struct{}{}:
+			default:
+				continue // every slot busy: this one waits for a later round
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer func() { <-slots }()
+				m.retryDead(ctx, p, rm)
+			}()
+		}
+	}
+}
+
+// deadRetryPicks chooses this round's dead members at random among those dead or left for
+// less than DeadRetryFor. O(N) scan of the peer table, O(1) picks.
+func (m *Mesh) deadRetryPicks(now time.Time) []Peer {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.left || m.shut {
+		return nil
+	}
+	var dead []*Peer
+	alive := 1 // this peer
+	for _, p := range m.peers {
+		switch {
+		case p.Self:
+		case p.Up():
+			alive++
+		case p.Addr.IsValid() && now.Sub(p.Since) < m.cfg.DeadRetryFor:
+			dead = append(dead, p)
+		}
+	}
+	n := deadRetryCount(len(dead), alive, rand.Float64())
+	out := make([]Peer, 0, n)
+	for i := range n {
+		j := i + rand.N(len(dead)-i)
+		dead[i], dead[j] = dead[j], dead[i]
+		out = append(out, dead[i].clone())
+	}
+	return out
+}
+
+// retryDead makes one join attempt to a dead member's last address.
+func (m *Mesh) retryDead(ctx context.Context, p Peer, rm *rejoinMetrics) {
+	if ctx.Err() != nil {
+		return
+	}
+	ml := m.ml.Load()
+	n, err := ml.Join([]string{p.Addr.String()})
+	if err == nil && n == 0 {
+		err = errors.New("no node answered")
+	}
+	if err != nil {
+		rm.deadRetries.WithLabelValues("failed").Inc()
+		_, err = classifyJoinError(p.Addr.String(), err)
+		m.log.Debug("mesh: dead member still unreachable", "peer", p.Name, "state", p.State, "err", err)
+		return
+	}
+	rm.deadRetries.WithLabelValues("reached").Inc()
+	m.log.Info("mesh: reached a dead member again", "peer", p.Name, "addr", p.Addr, "was", p.State, "since", p.Since)
+}
+
+// rejoinMetrics count the snapshot and the retries of dead members. They live with the
+// join loop (registered when it starts, unregistered when it ends) so that a Mesh can be
+// recreated on the same registry.
+type rejoinMetrics struct {
+	reg            prometheus.Registerer
+	registered     []prometheus.Collector
+	snapshotWrites prometheus.Counter
+	snapshotErrors *prometheus.CounterVec // reason: read, entry, write
+	deadRetries    *prometheus.CounterVec // result: reached, failed
+}
+
+// Snapshot error reasons (label values of weft_mesh_snapshot_errors_total).
+const (
+	snapErrRead  = "read"  // the whole file was ignored
+	snapErrEntry = "entry" // one entry was skipped
+	snapErrWrite = "write"
+)
+
+func newRejoinMetrics(reg prometheus.Registerer, log *slog.Logger) *rejoinMetrics {
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	rm := &rejoinMetrics{
+		reg: reg,
+		snapshotWrites: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_mesh_snapshot_writes_total",
+			Help: "Times the member snapshot file was rewritten.",
+		}),
+		snapshotErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weft_mesh_snapshot_errors_total",
+			Help: "Member snapshot problems: read (file ignored), entry (entry skipped), write.",
+		}, []string{"reason"}),
+		deadRetries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weft_mesh_dead_retries_total",
+			Help: "Join attempts to members that died or left, by result (reached, failed).",
+		}, []string{"result"}),
+	}
+	for _, c := range []prometheus.Collector{rm.snapshotWrites, rm.snapshotErrors, rm.deadRetries} {
+		if err := reg.Register(c); err != nil {
+			// Counting still works; only the export is lost.
+			log.Warn("mesh: rejoin metrics not registered", "err", err)
+			continue
+		}
+		rm.registered = append(rm.registered, c)
+	}
+	return rm
+}
+
+func (rm *rejoinMetrics) unregister() {
+	for _, c := range rm.registered {
+		rm.reg.Unregister(c)
 	}
 }
 
@@ -149,7 +416,7 @@ func (m *Mesh) dueTargets(lastFull time.Time) (due []string, full bool) {
 			self = p.Addr.String()
 			continue
 		}
-		if p.State == StateAlive || p.State == StateSuspect {
+		if p.Up() {
 			members[p.Addr.String()] = true
 			alone = false
 		}
@@ -204,7 +471,7 @@ func (m *Mesh) missingTargets() bool {
 	for _, p := range m.peers {
 		if p.Self {
 			self = p.Addr.String()
-		} else if p.State == StateAlive || p.State == StateSuspect {
+		} else if p.Up() {
 			members[p.Addr.String()] = true
 		}
 	}
@@ -220,7 +487,7 @@ func (m *Mesh) alone() bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, p := range m.peers {
-		if !p.Self && (p.State == StateAlive || p.State == StateSuspect) {
+		if !p.Self && p.Up() {
 			return false
 		}
 	}

@@ -1,69 +1,99 @@
 package mesh
 
-// Link state: every peer publishes its measured neighbour list (a
-// "link-state advertisement", LSA, as in OSPF) and keeps everyone else's.
-// An LSA carries the origin's complete neighbour list under a version; the
-// highest version per origin wins. A peer republishes only when a metric
-// moved beyond a threshold (LinkTableConfig), so the gossip carries changes,
-// not periodic full state; push/pull (Encode / MergeState) repairs what
-// the best-effort broadcasts missed.
+// Link state: every peer publishes its measured links and keeps everyone
+// else's, one versioned entry per directed link (origin → neighbour), so
+// that gossip carries only what changed and no table is ever cut.
 //
-// Versions are microseconds of wall-clock time, raised to last+1 when the
-// clock has not moved, so that a restarted peer (which forgot its counter)
-// still publishes above its previous versions. Should another peer hold a
-// newer LSA of ours (the clock stepped back), Merge notes its version and
-// the next Publish goes above it.
+// Versions. Each entry carries the version its origin gave it: the
+// origin's monotonic counter, microseconds of wall-clock time raised to
+// last+1 when the clock has not moved, so that a restarted peer (which
+// forgot its counter) still publishes above its previous versions. A
+// receiver takes an entry only when it is newer than the one it holds. A
+// removed link becomes a tombstone with a version, kept for TombstoneTTL
+// (far longer than a push/pull round) so that older copies of the link
+// still circulating are not taken back. Versions more than MaxSkew ahead of
+// the receiver's clock are rejected; should another peer hold a newer entry
+// of ours (our clock stepped back), the next Publish re-publishes every
+// link of ours above it.
+//
+// Spreading. Publish emits only the changed entries, split into messages
+// that fit one gossip broadcast. Anti-entropy runs by digest: a push/pull
+// carries only origin → (highest version, hash of the live entries'
+// versions), about 18 bytes plus the name per origin; each side then
+// sends the other, by a reliable unicast (Mesh.SendTo), the entries the
+// other lacks — those above the other's
+// highest version, or all of an origin whose hash differs at equal
+// versions (a missed broadcast in between). Memberlist's push/pull runs
+// both ways, so no request round is needed; a join is a push/pull with the
+// peer joined through, so the joiner gets its table from that peer alone.
+//
+// Bounds, not silent caps: a message giving an origin more than
+// MaxLinksPerOrigin live links, or the table more than MaxOrigins origins,
+// is rejected whole, counted and logged; so are malformed messages and
+// versions from the future.
+//
+// Costs (N peers, D links per peer): Publish O(D); Merge O(entries in the
+// message); a digest O(N) bytes per push/pull;
+// answering one O(N + entries sent); memory O(N × D).
 //
 // Wire format. Every message starts with
 //
-//	format version (1 byte, 1) | kind (1 byte: 1 = one LSA, 2 = full state)
+//	format version (1 byte, 2) | kind (1 byte: 1 = entries, 2 = digest)
 //
-// kind 1 is followed by one LSA; kind 2 by a uvarint count and that many
-// LSAs. An LSA is
+// entries: origin count (uvarint), then per origin
 //
-//	origin name length (1 byte) | origin name
-//	version (uvarint)
-//	link count (uvarint, at most 255)
-//	links, sorted by neighbour name, each:
+//	origin name length (1 byte) | origin name | entry count (uvarint)
+//	entries, sorted by neighbour name, each:
 //	  length of the prefix shared with the previous neighbour name (1 byte)
 //	  length of the suffix shared with it (1 byte)
 //	  length of the rest (1 byte) | the rest   (front and back coding)
-//	  flags (1 byte: bit 0 = up)
-//	  RTT in µs (uvarint) | jitter in µs (uvarint) | loss in 1/10000 (uvarint, ≤ 10000)
+//	  flags (1 byte: bit 0 = up, bit 1 = encrypted, bit 2 = removed)
+//	  version (uvarint)
+//	  unless removed: RTT in µs (uvarint) | jitter in µs (uvarint) | loss in 1/10000 (uvarint, ≤ 10000)
 //
-// A link costs 6–11 bytes plus the part of its name not shared with the
-// previous one: 50 neighbours named like "weft-peer-017" or
-// "node17.dc1.example" take about 700 bytes, 50 random 8-byte names about
-// 920, within one gossip broadcast (1005 bytes of payload).
+// digest: sender name length (1 byte) | sender name | origin count
+// (uvarint), then per origin: name length (1 byte) | name | flags (1 byte:
+// bit 0 = removed) | highest version (uvarint) | hash (8 bytes, big endian).
+//
+// An entry costs 14–19 bytes plus the part of its name not shared with the
+// previous one: about 60 entries named like "weft-peer-017" fit one
+// broadcast.
 
 import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"maps"
 	"math"
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
-// ErrBadLinkState: a link-state message could not be decoded.
+// ErrBadLinkState: a link-state message could not be decoded, or broke a
+// bound (too many links or origins, a version from the future).
 var ErrBadLinkState = errors.New("mesh: bad link-state message")
 
 // LinkStateChannelName is the gossip channel link state travels on.
 const LinkStateChannelName = "linkstate"
 
 const (
-	linkStateVersion = 1
-	linkStateLSA     = 1
-	linkStateFull    = 2
-	maxLSALinks      = 255
-	maxLSAOrigins    = 4096
+	linkStateVersion = 2
+	linkStateEntries = 1
+	linkStateDigest  = 2
 	maxLinkDuration  = time.Hour
 	lossUnits        = 10000 // loss is carried in 1/10000 (0.01%)
 	flagUp           = 1
 	flagEncrypted    = 2
+	flagRemoved      = 4
+	digestRemoved    = 1
+	// MaxUnicastSize bounds one SendTo message; anti-entropy answers are
+	// split to fit.
+	MaxUnicastSize = 64 << 10
 )
 
 // LinkMetrics are one directed link's published figures, as measured by the
@@ -73,22 +103,34 @@ type LinkMetrics struct {
 	Jitter time.Duration
 	Loss   float64 // fraction, 0..1
 	Up     bool
-	// Encrypted: the link runs over WireGuard, so it may carry traffic that must stay
-	// encrypted (see Graph.Encrypted).
+	// Encrypted: the link runs over WireGuard, so it may carry traffic that
+	// must stay encrypted.
 	Encrypted bool
 }
 
 // quantize rounds m to what the wire carries, so the origin and the others
 // hold identical values.
 func (m LinkMetrics) quantize() LinkMetrics {
-	m.RTT = m.RTT.Round(time.Microsecond)
-	m.Jitter = m.Jitter.Round(time.Microsecond)
-	m.Loss = math.Round(min(max(m.Loss, 0), 1)*lossUnits) / lossUnits
+	m.RTT = min(max(m.RTT, 0), maxLinkDuration).Round(time.Microsecond)
+	m.Jitter = min(max(m.Jitter, 0), maxLinkDuration).Round(time.Microsecond)
+	loss := m.Loss
+	if math.IsNaN(loss) {
+		loss = 1
+	}
+	m.Loss = math.Round(min(max(loss, 0), 1)*lossUnits) / lossUnits
 	return m
 }
 
-// Graph is the directed link graph: Graph[from][to] is the link from→to as
-// measured by from.
+// LinkChange is one link that changed in the table: set to Link, or
+// Removed.
+type LinkChange struct {
+	From, To string
+	Link     LinkMetrics
+	Removed  bool
+}
+
+// Graph is a snapshot of the directed link graph: Graph[from][to] is the
+// link from→to as measured by from.
 type Graph map[string]map[string]LinkMetrics
 
 // Link returns the link from→to.
@@ -97,44 +139,8 @@ func (g Graph) Link(from, to string) (LinkMetrics, bool) {
 	return m, ok
 }
 
-// Symmetric returns the graph with each link taken as the worse of its two
-// directions where both ends have published it: up only when both say up,
-// the larger RTT, jitter and loss. Path choice runs on it so that both ends
-// of a pair see the same costs and choose mirror paths — WireGuard accepts a
-// peer's packets only from the peer its blocks are routed to, so a pair
-// relayed one way and direct the other would drop its replies.
-func (g Graph) Symmetric() Graph {
-	out := make(Graph, len(g))
-	for from, links := range g {
-		out[from] = make(map[string]LinkMetrics, len(links))
-		for to, m := range links {
-			if back, ok := g[to][from]; ok {
-				m = LinkMetrics{RTT: max(m.RTT, back.RTT), Jitter: max(m.Jitter, back.Jitter),
-					Loss: max(m.Loss, back.Loss), Up: m.Up && back.Up, Encrypted: m.Encrypted && back.Encrypted}
-			}
-			out[from][to] = m
-		}
-	}
-	return out
-}
-
-// Encrypted returns the graph of the encrypted links only: the paths a pair
-// that must be encrypted may take, every hop of a relay included.
-func (g Graph) Encrypted() Graph {
-	out := make(Graph, len(g))
-	for from, links := range g {
-		out[from] = map[string]LinkMetrics{}
-		for to, m := range links {
-			if m.Encrypted {
-				out[from][to] = m
-			}
-		}
-	}
-	return out
-}
-
-// LinkTableConfig sets when Publish considers a link changed. Zero fields
-// take the defaults.
+// LinkTableConfig sets when Publish considers a link changed, and the
+// table's bounds. Zero fields take the defaults.
 type LinkTableConfig struct {
 	// RTTChange and RTTMinChange: an RTT (or jitter) change counts when it
 	// is at least RTTChange of the published value and at least
@@ -144,39 +150,73 @@ type LinkTableConfig struct {
 	// LossChange: a loss change counts from this many (fraction) points.
 	// Default 0.01 (one percentage point).
 	LossChange float64
-	// MaxDelta bounds Publish's delta; a larger LSA is kept locally and
-	// spreads by push/pull only. Default: MaxBroadcastSize less the channel
-	// envelope.
+	// MaxDelta bounds one message of Publish; more changes are split into
+	// several. Default: MaxBroadcastSize less the channel envelope.
 	MaxDelta int
+	// MaxLinksPerOrigin bounds an origin's live links (its probed links
+	// plus relays in use: far below it). Default 256.
+	MaxLinksPerOrigin int
+	// MaxOrigins bounds the origins held. Default 8192.
+	MaxOrigins int
+	// MaxSkew: versions further ahead of our clock are rejected. Default 5m.
+	MaxSkew time.Duration
+	// TombstoneTTL: how long removed links and origins are remembered.
+	// Default 10m.
+	TombstoneTTL time.Duration
 	// Now gives the wall clock for versions. Default time.Now.
 	Now func() time.Time
 	// Logger; default discard.
 	Logger *slog.Logger
+	// Registerer for weft_linkstate_* metrics; nil: none.
+	Registerer prometheus.Registerer
 }
 
-// LinkTable holds every peer's published neighbour list.
+// LinkTable holds every peer's published links.
 //
 // Concurrency: safe for concurrent use; mu guards everything.
 type LinkTable struct {
-	cfg LinkTableConfig
+	cfg     LinkTableConfig
+	rejects *prometheus.CounterVec
+	entries prometheus.Gauge
 
 	mu        sync.Mutex // guards following
-	origins   map[string]*lsa
-	self      string // origin of the last Publish
-	selfFloor uint64 // a version of ours seen from others; publish above it
-	republish bool   // force the next Publish to emit
+	origins   map[string]*origin
+	nEntries  int
+	self      string          // origin of the last Publish
+	selfFloor uint64          // a version of ours seen from others; publish above it
+	forged    map[string]bool // neighbours of ours others hold newer entries for
+	republish bool            // force the next Publish to re-emit every link
+	lastSweep time.Time
 }
 
-// lsa is one origin's advertisement; deleted marks a tombstone (Remove).
-type lsa struct {
-	origin  string
-	version uint64
-	links   map[string]LinkMetrics
-	deleted bool
+// origin is one origin's entries.
+type origin struct {
+	links     map[string]*lsEntry
+	max       uint64 // highest version held (tombstones included)
+	live      int
+	hash      uint64 // xor of entryHash over the live entries
+	removed   bool   // Remove was called; entries ≤ max are not taken back
+	removedAt time.Time
+}
+
+type lsEntry struct {
+	version   uint64
+	m         LinkMetrics
+	deleted   bool
+	deletedAt time.Time
+}
+
+func entryHash(nb string, version uint64) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(nb))
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], version)
+	h.Write(b[:])
+	return h.Sum64()
 }
 
 // NewLinkTable returns an empty table.
-func NewLinkTable(cfg LinkTableConfig) *LinkTable {
+func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
 	if cfg.RTTChange == 0 {
 		cfg.RTTChange = 0.10
 	}
@@ -189,25 +229,50 @@ func NewLinkTable(cfg LinkTableConfig) *LinkTable {
 	if cfg.MaxDelta == 0 {
 		cfg.MaxDelta = MaxBroadcastSize - envelopeOverhead - len(LinkStateChannelName)
 	}
+	if cfg.MaxLinksPerOrigin == 0 {
+		cfg.MaxLinksPerOrigin = 256
+	}
+	if cfg.MaxOrigins == 0 {
+		cfg.MaxOrigins = 8192
+	}
+	if cfg.MaxSkew == 0 {
+		cfg.MaxSkew = 5 * time.Minute
+	}
+	if cfg.TombstoneTTL == 0 {
+		cfg.TombstoneTTL = 10 * time.Minute
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &LinkTable{cfg: cfg, origins: map[string]*lsa{}}
+	switch {
+	case cfg.MaxDelta < 300 || cfg.MaxDelta > MaxUnicastSize:
+		return nil, fmt.Errorf("%w: link-state MaxDelta %d out of range 300..%d", ErrInvalidConfig, cfg.MaxDelta, MaxUnicastSize)
+	case cfg.MaxLinksPerOrigin < 1 || cfg.MaxOrigins < 1:
+		return nil, fmt.Errorf("%w: link-state bounds must be positive", ErrInvalidConfig)
+	case cfg.RTTChange < 0 || cfg.RTTMinChange < 0 || cfg.LossChange < 0 || cfg.MaxSkew < 0 || cfg.TombstoneTTL < 0:
+		return nil, fmt.Errorf("%w: link-state thresholds must not be negative", ErrInvalidConfig)
+	}
+	t := &LinkTable{cfg: cfg, origins: map[string]*origin{}, forged: map[string]bool{},
+		rejects: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_linkstate_rejected_total",
+			Help: "Link-state messages rejected whole, by reason."}, []string{"reason"}),
+		entries: prometheus.NewGauge(prometheus.GaugeOpts{Name: "weft_linkstate_entries",
+			Help: "Link-state entries held, tombstones included."}),
+	}
+	if cfg.Registerer != nil {
+		for _, c := range []prometheus.Collector{t.rejects, t.entries} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("link-state metrics: %w", err)
+			}
+		}
+	}
+	return t, nil
 }
 
-// Publish records self's current neighbour figures. stats is keyed by
-// neighbour peer name (when several paths to one peer are probed, the
-// caller passes the one in use); keys that are not valid peer names, and
-// self, are ignored with a warning. When a link appeared or disappeared,
-// flipped up/down, or moved beyond the thresholds since the last
-// publication, Publish bumps self's version and returns the encoded LSA to
-// broadcast (changed true); otherwise nothing (changed false). delta is nil
-// with changed true when the LSA is larger than MaxDelta: the table has it
-// and push/pull carries it.
-func (t *LinkTable) Publish(self string, stats map[string]LinkStats) (delta []byte, changed bool) {
+// Publish records self's current link figures (see PublishLinks).
+func (t *LinkTable) Publish(self string, stats map[string]LinkStats) (msgs [][]byte, changed []LinkChange) {
 	links := make(map[string]LinkMetrics, len(stats))
 	for name, s := range stats {
 		links[name] = LinkMetrics{RTT: s.RTT, Jitter: s.Jitter, Loss: s.Loss, Up: s.Up}
@@ -215,11 +280,16 @@ func (t *LinkTable) Publish(self string, stats map[string]LinkStats) (delta []by
 	return t.PublishLinks(self, links)
 }
 
-// PublishLinks is Publish with the links' metrics given whole (with Encrypted).
-func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (delta []byte, changed bool) {
+// PublishLinks records self's current links, keyed by neighbour name; keys
+// that are not valid peer names, and self, are ignored with a warning.
+// Links that appeared, disappeared, flipped up/down or encrypted, or moved
+// beyond the thresholds since their last publication get a new version;
+// PublishLinks returns them encoded in messages that each fit MaxDelta (to
+// broadcast) and as changes (to feed path selection). O(D).
+func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (msgs [][]byte, changed []LinkChange) {
 	if err := validName(self); err != nil {
 		t.cfg.Logger.Warn("linkstate: publish with invalid self name", "self", self, "err", err)
-		return nil, false
+		return nil, nil
 	}
 	links := make(map[string]LinkMetrics, len(metrics))
 	for name, m := range metrics {
@@ -229,55 +299,79 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (d
 		}
 		links[name] = m.quantize()
 	}
-	if len(links) > maxLSALinks {
+	if len(links) > t.cfg.MaxLinksPerOrigin {
 		names := slices.Sorted(maps.Keys(links))
-		for _, n := range names[maxLSALinks:] {
+		for _, n := range names[t.cfg.MaxLinksPerOrigin:] {
 			delete(links, n)
 		}
-		t.cfg.Logger.Warn("linkstate: too many neighbours, publishing the first", "n", len(names), "max", maxLSALinks)
+		t.rejects.WithLabelValues("own_too_many_links").Inc()
+		t.cfg.Logger.Error("linkstate: more links than the bound; publishing the first", "n", len(names), "max", t.cfg.MaxLinksPerOrigin)
 	}
 
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	now := t.cfg.Now()
+	t.sweepLocked(now)
 	if t.self != self {
 		t.self, t.republish = self, true
 	}
-	cur := t.origins[self]
-	if cur != nil && !cur.deleted && !t.republish && !t.moved(cur.links, links) {
-		return nil, false
+	o := t.origins[self]
+	if o == nil {
+		o = &origin{links: map[string]*lsEntry{}}
+		t.origins[self] = o
 	}
-	v := uint64(t.cfg.Now().UnixMicro())
-	if cur != nil {
-		v = max(v, cur.version+1)
+	type upd struct {
+		nb      string
+		m       LinkMetrics
+		removed bool
 	}
-	v = max(v, t.selfFloor+1)
-	l := &lsa{origin: self, version: v, links: links}
-	t.origins[self] = l
+	var ups []upd
+	for nb, m := range links {
+		if e := o.links[nb]; e == nil || e.deleted || t.republish || t.moved(e.m, m) {
+			ups = append(ups, upd{nb: nb, m: m})
+		}
+	}
+	for nb, e := range o.links {
+		if _, ok := links[nb]; !ok && (!e.deleted || t.forged[nb]) {
+			ups = append(ups, upd{nb: nb, removed: true})
+		}
+	}
+	for nb := range t.forged {
+		if _, ok := links[nb]; !ok && o.links[nb] == nil {
+			ups = append(ups, upd{nb: nb, removed: true})
+		}
+	}
 	t.republish = false
-	b := appendLSA([]byte{linkStateVersion, linkStateLSA}, l)
-	if len(b) > t.cfg.MaxDelta {
-		t.cfg.Logger.Warn("linkstate: advertisement too large to broadcast; it spreads by push/pull only",
-			"bytes", len(b), "max", t.cfg.MaxDelta, "links", len(links))
-		return nil, true
+	clear(t.forged)
+	if len(ups) == 0 {
+		if len(o.links) == 0 {
+			delete(t.origins, self)
+		}
+		return nil, nil
 	}
-	return b, true
+	v := max(uint64(max(now.UnixMicro(), 1)), o.max+1, t.selfFloor+1)
+	o.removed = false
+	items := make([]encItem, 0, len(ups))
+	for _, u := range ups {
+		e := &lsEntry{version: v, m: u.m, deleted: u.removed}
+		if u.removed {
+			e.m, e.deletedAt = LinkMetrics{}, now
+		}
+		if c, ok := t.setLocked(o, self, u.nb, e); ok {
+			changed = append(changed, c)
+		}
+		items = append(items, encItem{origin: self, nb: u.nb, e: e})
+	}
+	t.entries.Set(float64(t.nEntries))
+	return encodeEntries(items, t.cfg.MaxDelta), changed
 }
 
 // moved reports whether next differs from the published prev beyond the
 // thresholds.
-func (t *LinkTable) moved(prev, next map[string]LinkMetrics) bool {
-	if len(prev) != len(next) {
-		return true
-	}
-	for name, n := range next {
-		p, ok := prev[name]
-		if !ok || p.Up != n.Up || p.Encrypted != n.Encrypted ||
-			t.durMoved(p.RTT, n.RTT) || t.durMoved(p.Jitter, n.Jitter) ||
-			math.Abs(p.Loss-n.Loss) >= t.cfg.LossChange-1e-9 {
-			return true
-		}
-	}
-	return false
+func (t *LinkTable) moved(prev, next LinkMetrics) bool {
+	return prev.Up != next.Up || prev.Encrypted != next.Encrypted ||
+		t.durMoved(prev.RTT, next.RTT) || t.durMoved(prev.Jitter, next.Jitter) ||
+		math.Abs(prev.Loss-next.Loss) >= t.cfg.LossChange-1e-9
 }
 
 func (t *LinkTable) durMoved(prev, next time.Duration) bool {
@@ -288,179 +382,467 @@ func (t *LinkTable) durMoved(prev, next time.Duration) bool {
 	return d >= t.cfg.RTTMinChange && float64(d) >= t.cfg.RTTChange*float64(prev)
 }
 
-// Merge applies one LSA received by gossip. It returns whether the graph
-// changed. A malformed message is rejected whole with an error wrapping
-// ErrBadLinkState, and changes nothing.
-func (t *LinkTable) Merge(delta []byte) (changed bool, err error) {
-	ls, err := decodeLinkState(delta, linkStateLSA)
-	if err != nil {
-		return false, err
+// setLocked stores e as origin o's entry for nb, keeping the counts, and
+// reports the change to the graph, if any.
+func (t *LinkTable) setLocked(o *origin, from, nb string, e *lsEntry) (LinkChange, bool) {
+	old := o.links[nb]
+	if old == nil {
+		t.nEntries++
+	} else if !old.deleted {
+		o.live--
+		o.hash ^= entryHash(nb, old.version)
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.applyLocked(ls[0]), nil
+	o.links[nb] = e
+	o.max = max(o.max, e.version)
+	if !e.deleted {
+		o.live++
+		o.hash ^= entryHash(nb, e.version)
+	}
+	switch {
+	case e.deleted && (old == nil || old.deleted):
+		return LinkChange{}, false
+	case e.deleted:
+		return LinkChange{From: from, To: nb, Removed: true}, true
+	case old != nil && !old.deleted && old.m == e.m:
+		return LinkChange{}, false
+	}
+	return LinkChange{From: from, To: nb, Link: e.m}, true
 }
 
-// MergeState applies a full state from Encode (push/pull). All or nothing:
-// a malformed state changes nothing.
-func (t *LinkTable) MergeState(state []byte) (changed bool, err error) {
-	ls, err := decodeLinkState(state, linkStateFull)
-	if err != nil {
-		return false, err
+// sweepLocked drops tombstones older than TombstoneTTL, at most once a
+// minute. O(entries).
+func (t *LinkTable) sweepLocked(now time.Time) {
+	if now.Sub(t.lastSweep) < time.Minute {
+		return
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, l := range ls {
-		if t.applyLocked(l) {
-			changed = true
+	t.lastSweep = now
+	for name, o := range t.origins {
+		if o.removed {
+			if now.Sub(o.removedAt) > t.cfg.TombstoneTTL {
+				delete(t.origins, name)
+			}
+			continue
+		}
+		for nb, e := range o.links {
+			if e.deleted && now.Sub(e.deletedAt) > t.cfg.TombstoneTTL {
+				delete(o.links, nb)
+				t.nEntries--
+			}
 		}
 	}
-	return changed, nil
+	t.entries.Set(float64(t.nEntries))
 }
 
-// applyLocked merges one LSA: the higher version wins.
-func (t *LinkTable) applyLocked(l *lsa) bool {
-	if t.self != "" && l.origin == t.self {
-		// Others cannot speak for us; but if they hold a version of ours
-		// at or above the current one, publish above it.
-		if cur := t.origins[t.self]; cur == nil || l.version >= cur.version {
-			t.selfFloor = max(t.selfFloor, l.version)
+// Merge applies one entries message (a broadcast or an anti-entropy
+// unicast) and returns the links that changed. A malformed message, or one
+// breaking a bound, is rejected whole with an error wrapping
+// ErrBadLinkState: it changes nothing, and is counted and logged.
+func (t *LinkTable) Merge(msg []byte) ([]LinkChange, error) {
+	groups, err := t.decodeEntries(msg)
+	if err != nil {
+		return nil, t.reject("malformed", err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.cfg.Now()
+	limit := uint64(max(now.Add(t.cfg.MaxSkew).UnixMicro(), 0))
+	// Check every bound before applying anything.
+	newOrigins := 0
+	for _, g := range groups {
+		o := t.origins[g.origin]
+		if o == nil && g.origin != t.self {
+			newOrigins++
+		}
+		live := 0
+		if o != nil {
+			live = o.live
+		}
+		for _, it := range g.items {
+			if it.e.version > limit {
+				return nil, t.reject("future_version", fmt.Errorf("%w: origin %q: neighbour %q: version %d is more than %v ahead of our clock (%d)",
+					ErrBadLinkState, g.origin, it.nb, it.e.version, t.cfg.MaxSkew, now.UnixMicro()))
+			}
+			if o == nil {
+				if !it.e.deleted {
+					live++
+				}
+				continue
+			}
+			cur := o.links[it.nb]
+			if !t.newer(o, cur, it.e) {
+				continue
+			}
+			if cur != nil && !cur.deleted {
+				live--
+			}
+			if !it.e.deleted {
+				live++
+			}
+		}
+		if live > t.cfg.MaxLinksPerOrigin && g.origin != t.self {
+			return nil, t.reject("too_many_links", fmt.Errorf("%w: origin %q would have %d links, at most %d",
+				ErrBadLinkState, g.origin, live, t.cfg.MaxLinksPerOrigin))
+		}
+	}
+	if n := len(t.origins) + newOrigins; newOrigins > 0 && n > t.cfg.MaxOrigins {
+		return nil, t.reject("too_many_origins", fmt.Errorf("%w: %d origins, at most %d", ErrBadLinkState, n, t.cfg.MaxOrigins))
+	}
+	var changes []LinkChange
+	for _, g := range groups {
+		if g.origin == t.self && t.self != "" {
+			t.ownLocked(g)
+			continue
+		}
+		o := t.origins[g.origin]
+		if o == nil {
+			o = &origin{links: map[string]*lsEntry{}}
+			t.origins[g.origin] = o
+		}
+		for _, it := range g.items {
+			if !t.newer(o, o.links[it.nb], it.e) {
+				continue
+			}
+			if o.removed {
+				o.removed = false // the origin came back with a newer entry
+			}
+			if it.e.deleted {
+				it.e.deletedAt = now
+			}
+			if c, ok := t.setLocked(o, g.origin, it.nb, it.e); ok {
+				changes = append(changes, c)
+			}
+		}
+		if len(o.links) == 0 && !o.removed {
+			delete(t.origins, g.origin)
+		}
+	}
+	t.entries.Set(float64(t.nEntries))
+	return changes, nil
+}
+
+// newer reports whether e replaces cur (nil: none) of origin o.
+func (t *LinkTable) newer(o *origin, cur, e *lsEntry) bool {
+	if cur != nil {
+		return e.version > cur.version
+	}
+	return !o.removed || e.version > o.max
+}
+
+// ownLocked handles entries of ours held by others: they are not taken
+// (others cannot speak for us), but when one is at or above our own
+// entry's version, the next Publish re-publishes above it.
+func (t *LinkTable) ownLocked(g encGroup) {
+	o := t.origins[t.self]
+	for _, it := range g.items {
+		var cur *lsEntry
+		if o != nil {
+			cur = o.links[it.nb]
+		}
+		if cur == nil || it.e.version >= cur.version {
+			if cur != nil && it.e.version == cur.version && it.e.deleted == cur.deleted && (cur.deleted || it.e.m == cur.m) {
+				continue // our own entry echoed back
+			}
+			t.selfFloor = max(t.selfFloor, it.e.version)
+			t.forged[it.nb] = true
 			t.republish = true
 		}
-		return false
 	}
-	cur := t.origins[l.origin]
-	if cur != nil && l.version <= cur.version {
-		return false
-	}
-	t.origins[l.origin] = l
-	return cur == nil || cur.deleted || !maps.Equal(cur.links, l.links)
 }
 
-// Remove forgets an origin (a peer that left or was removed). It keeps a
-// tombstone with the version, so the same or older LSAs gossiped by others
-// are not taken back; a newer one (the peer came back) is.
-func (t *LinkTable) Remove(origin string) (changed bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	cur := t.origins[origin]
-	if cur == nil || cur.deleted {
-		return false
-	}
-	t.origins[origin] = &lsa{origin: origin, version: cur.version, deleted: true}
-	return true
+func (t *LinkTable) reject(reason string, err error) error {
+	t.rejects.WithLabelValues(reason).Inc()
+	t.cfg.Logger.Warn("linkstate: rejected message", "reason", reason, "err", err)
+	return err
 }
 
-// Encode returns the full state (every origin's LSA) for push/pull.
-func (t *LinkTable) Encode() []byte {
+// Remove forgets an origin (a peer that left or was removed) and returns
+// its links as removed. Its highest version is kept (for TombstoneTTL), so
+// the same or older entries gossiped by others are not taken back; a newer
+// one (the peer came back) is.
+func (t *LinkTable) Remove(name string) []LinkChange {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	names := slices.Sorted(maps.Keys(t.origins))
-	live := names[:0]
-	for _, n := range names {
-		if !t.origins[n].deleted {
-			live = append(live, n)
+	o := t.origins[name]
+	if o == nil || o.removed {
+		return nil
+	}
+	var out []LinkChange
+	for nb, e := range o.links {
+		if !e.deleted {
+			out = append(out, LinkChange{From: name, To: nb, Removed: true})
 		}
 	}
-	b := []byte{linkStateVersion, linkStateFull}
-	b = binary.AppendUvarint(b, uint64(len(live)))
-	for _, n := range live {
-		b = appendLSA(b, t.origins[n])
+	t.nEntries -= len(o.links)
+	t.origins[name] = &origin{links: map[string]*lsEntry{}, max: o.max, removed: true, removedAt: t.cfg.Now()}
+	t.entries.Set(float64(t.nEntries))
+	return out
+}
+
+// Restore undoes Remove for a peer that came back: its entries are taken
+// again whatever their versions, so the next push/pull brings back the
+// links it did not change meanwhile (those it did change come anyway).
+func (t *LinkTable) Restore(name string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if o := t.origins[name]; o != nil && o.removed {
+		delete(t.origins, name)
+	}
+}
+
+// Digest returns the anti-entropy digest (push/pull's LocalState) naming
+// self as the sender. O(N).
+func (t *LinkTable) Digest(self string) []byte {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	b := []byte{linkStateVersion, linkStateDigest, byte(len(self))}
+	b = append(b, self...)
+	b = binary.AppendUvarint(b, uint64(len(t.origins)))
+	for _, name := range slices.Sorted(maps.Keys(t.origins)) {
+		o := t.origins[name]
+		var flags byte
+		if o.removed {
+			flags = digestRemoved
+		}
+		b = append(b, byte(len(name)))
+		b = append(b, name...)
+		b = append(b, flags)
+		b = binary.AppendUvarint(b, o.max)
+		b = binary.BigEndian.AppendUint64(b, o.hash)
 	}
 	return b
 }
 
-// Graph returns a copy of the current graph.
+// digestEntry is one origin of a digest.
+type digestEntry struct {
+	max     uint64
+	hash    uint64
+	removed bool
+}
+
+// Missing answers a digest: it returns the digest's sender and the entries
+// that sender lacks, in messages of at most MaxUnicastSize. A malformed
+// digest is rejected (counted, logged). O(N + entries sent).
+func (t *LinkTable) Missing(digest []byte) (peer string, msgs [][]byte, err error) {
+	peer, theirs, err := t.decodeDigest(digest)
+	if err != nil {
+		return "", nil, t.reject("malformed_digest", err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var items []encItem
+	for _, name := range slices.Sorted(maps.Keys(t.origins)) {
+		o := t.origins[name]
+		if o.removed || name == peer {
+			continue // a peer is the authority on its own links
+		}
+		d, ok := theirs[name]
+		var above uint64
+		switch {
+		case !ok:
+		case d.removed && d.max >= o.max:
+			continue
+		case d.max > o.max || d.max == o.max && d.hash == o.hash:
+			continue
+		case d.max < o.max:
+			above = d.max
+		}
+		for _, nb := range slices.Sorted(maps.Keys(o.links)) {
+			if e := o.links[nb]; e.version > above {
+				items = append(items, encItem{origin: name, nb: nb, e: e})
+			}
+		}
+	}
+	return peer, encodeEntries(items, MaxUnicastSize), nil
+}
+
+// Graph returns a copy of the current graph (live links only). O(N × D).
 func (t *LinkTable) Graph() Graph {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	g := make(Graph, len(t.origins))
-	for n, l := range t.origins {
-		if !l.deleted {
-			g[n] = maps.Clone(l.links)
+	for n, o := range t.origins {
+		if o.live == 0 {
+			continue
 		}
+		links := make(map[string]LinkMetrics, o.live)
+		for nb, e := range o.links {
+			if !e.deleted {
+				links[nb] = e.m
+			}
+		}
+		g[n] = links
 	}
 	return g
 }
 
-// Version returns the version of an origin's LSA (0 when unknown).
-func (t *LinkTable) Version(origin string) uint64 {
+// Link returns the live link from→to. O(1).
+func (t *LinkTable) Link(from, to string) (LinkMetrics, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if l := t.origins[origin]; l != nil {
-		return l.version
+	if o := t.origins[from]; o != nil {
+		if e := o.links[to]; e != nil && !e.deleted {
+			return e.m, true
+		}
+	}
+	return LinkMetrics{}, false
+}
+
+// Version returns the highest version of an origin's entries (0 when
+// unknown).
+func (t *LinkTable) Version(name string) uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if o := t.origins[name]; o != nil {
+		return o.max
 	}
 	return 0
 }
 
-func appendLSA(b []byte, l *lsa) []byte {
-	b = append(b, byte(len(l.origin)))
-	b = append(b, l.origin...)
-	b = binary.AppendUvarint(b, l.version)
-	names := slices.Sorted(maps.Keys(l.links))
-	b = binary.AppendUvarint(b, uint64(len(names)))
-	prev := ""
-	for _, n := range names {
-		limit := min(len(prev), len(n))
-		pre := 0
-		for pre < limit && prev[pre] == n[pre] {
-			pre++
-		}
-		suf := 0
-		for pre+suf < limit && prev[len(prev)-1-suf] == n[len(n)-1-suf] {
-			suf++
-		}
-		m := l.links[n]
-		b = append(b, byte(pre), byte(suf), byte(len(n)-pre-suf))
-		b = append(b, n[pre:len(n)-suf]...)
-		var flags byte
-		if m.Up {
-			flags |= flagUp
-		}
-		if m.Encrypted {
-			flags |= flagEncrypted
-		}
-		b = append(b, flags)
-		b = binary.AppendUvarint(b, uint64(m.RTT/time.Microsecond))
-		b = binary.AppendUvarint(b, uint64(m.Jitter/time.Microsecond))
-		b = binary.AppendUvarint(b, uint64(math.Round(m.Loss*lossUnits)))
-		prev = n
-	}
-	return b
+// encItem is one entry to encode; encGroup one origin's entries of a
+// decoded message.
+type encItem struct {
+	origin, nb string
+	e          *lsEntry
 }
 
-// decodeLinkState parses a message of the given kind.
-func decodeLinkState(b []byte, kind byte) ([]*lsa, error) {
-	d := lsDecoder{b: b}
-	if len(b) < 2 {
-		return nil, d.fail("%d bytes, too short", len(b))
+type encGroup struct {
+	origin string
+	items  []encItem
+}
+
+// encodeEntries encodes items (sorted by origin, then neighbour) into
+// entries messages of at most limit bytes each.
+func encodeEntries(items []encItem, limit int) [][]byte {
+	slices.SortFunc(items, func(a, b encItem) int {
+		if a.origin != b.origin {
+			if a.origin < b.origin {
+				return -1
+			}
+			return 1
+		}
+		switch {
+		case a.nb < b.nb:
+			return -1
+		case a.nb > b.nb:
+			return 1
+		}
+		return 0
+	})
+	var msgs [][]byte
+	type group struct {
+		origin string
+		body   []byte
+		n      int
+		prev   string
 	}
-	if b[0] != linkStateVersion {
-		return nil, d.fail("format version %d, this peer understands %d", b[0], linkStateVersion)
+	var groups []*group
+	size := 0
+	flush := func() {
+		if len(groups) == 0 {
+			return
+		}
+		b := make([]byte, 0, size+8)
+		b = append(b, linkStateVersion, linkStateEntries)
+		b = binary.AppendUvarint(b, uint64(len(groups)))
+		for _, g := range groups {
+			b = append(b, byte(len(g.origin)))
+			b = append(b, g.origin...)
+			b = binary.AppendUvarint(b, uint64(g.n))
+			b = append(b, g.body...)
+		}
+		msgs = append(msgs, b)
+		groups, size = nil, 0
 	}
-	if b[1] != kind {
-		return nil, d.fail("kind %d, want %d", b[1], kind)
+	const header = 2 + binary.MaxVarintLen16
+	for _, it := range items {
+		var g *group
+		if len(groups) > 0 && groups[len(groups)-1].origin == it.origin {
+			g = groups[len(groups)-1]
+		}
+		prev := ""
+		if g != nil {
+			prev = g.prev
+		}
+		enc := appendEntry(nil, prev, it.nb, it.e)
+		need := len(enc)
+		if g == nil {
+			need += 1 + len(it.origin) + binary.MaxVarintLen16
+		}
+		if size > 0 && header+size+need > limit {
+			flush()
+			g = nil
+			enc = appendEntry(nil, "", it.nb, it.e)
+			need = len(enc) + 1 + len(it.origin) + binary.MaxVarintLen16
+		}
+		if g == nil {
+			g = &group{origin: it.origin}
+			groups = append(groups, g)
+		}
+		g.body = append(g.body, enc...)
+		g.n++
+		g.prev = it.nb
+		size += need
 	}
-	d.off = 2
-	n := uint64(1)
-	if kind == linkStateFull {
-		n = d.uvarint("origin count")
-		if d.err == nil && n > maxLSAOrigins {
-			return nil, d.fail("%d origins, at most %d", n, maxLSAOrigins)
+	flush()
+	return msgs
+}
+
+func appendEntry(b []byte, prev, n string, e *lsEntry) []byte {
+	limit := min(len(prev), len(n))
+	pre := 0
+	for pre < limit && prev[pre] == n[pre] {
+		pre++
+	}
+	suf := 0
+	for pre+suf < limit && prev[len(prev)-1-suf] == n[len(n)-1-suf] {
+		suf++
+	}
+	b = append(b, byte(pre), byte(suf), byte(len(n)-pre-suf))
+	b = append(b, n[pre:len(n)-suf]...)
+	var flags byte
+	if e.deleted {
+		flags |= flagRemoved
+	} else {
+		if e.m.Up {
+			flags |= flagUp
+		}
+		if e.m.Encrypted {
+			flags |= flagEncrypted
 		}
 	}
-	var out []*lsa
+	b = append(b, flags)
+	b = binary.AppendUvarint(b, e.version)
+	if e.deleted {
+		return b
+	}
+	b = binary.AppendUvarint(b, uint64(e.m.RTT/time.Microsecond))
+	b = binary.AppendUvarint(b, uint64(e.m.Jitter/time.Microsecond))
+	return binary.AppendUvarint(b, uint64(math.Round(e.m.Loss*lossUnits)))
+}
+
+// decodeEntries parses an entries message, enforcing the per-message
+// bounds (origins, entries per origin).
+func (t *LinkTable) decodeEntries(b []byte) ([]encGroup, error) {
+	d := lsDecoder{b: b}
+	if !d.header(linkStateEntries) {
+		return nil, d.err
+	}
+	n := d.uvarint("origin count")
+	if d.err == nil && (n == 0 || n > uint64(t.cfg.MaxOrigins)) {
+		return nil, d.fail("%d origins, want 1..%d", n, t.cfg.MaxOrigins)
+	}
+	var out []encGroup
 	seen := map[string]bool{}
 	for i := uint64(0); i < n && d.err == nil; i++ {
-		l := d.readLSA()
+		g := d.readGroup(t.cfg.MaxLinksPerOrigin)
 		if d.err != nil {
 			break
 		}
-		if seen[l.origin] {
-			return nil, d.fail("origin %q repeated", l.origin)
+		if seen[g.origin] {
+			return nil, d.fail("origin %q repeated", g.origin)
 		}
-		seen[l.origin] = true
-		out = append(out, l)
+		seen[g.origin] = true
+		out = append(out, g)
 	}
 	if d.err != nil {
 		return nil, d.err
@@ -469,6 +851,47 @@ func decodeLinkState(b []byte, kind byte) ([]*lsa, error) {
 		return nil, d.fail("%d trailing bytes", len(b)-d.off)
 	}
 	return out, nil
+}
+
+func (t *LinkTable) decodeDigest(b []byte) (string, map[string]digestEntry, error) {
+	d := lsDecoder{b: b}
+	if !d.header(linkStateDigest) {
+		return "", nil, d.err
+	}
+	sender := d.name("sender")
+	n := d.uvarint("origin count")
+	if d.err == nil && n > uint64(t.cfg.MaxOrigins) {
+		return "", nil, d.fail("%d origins, at most %d", n, t.cfg.MaxOrigins)
+	}
+	out := make(map[string]digestEntry, min(n, 1024))
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		name := d.name("origin")
+		flags := d.u8("flags")
+		if d.err == nil && flags&^digestRemoved != 0 {
+			d.fail("origin %q: unknown flags %#x", name, flags)
+		}
+		v := d.uvarint("version")
+		var h uint64
+		if d.err == nil {
+			if len(b)-d.off < 8 {
+				d.fail("origin %q: hash truncated", name)
+			} else {
+				h = binary.BigEndian.Uint64(b[d.off:])
+				d.off += 8
+			}
+		}
+		if _, dup := out[name]; d.err == nil && dup {
+			d.fail("origin %q repeated", name)
+		}
+		out[name] = digestEntry{max: v, hash: h, removed: flags&digestRemoved != 0}
+	}
+	if d.err == nil && d.off != len(b) {
+		d.fail("%d trailing bytes", len(b)-d.off)
+	}
+	if d.err != nil {
+		return "", nil, d.err
+	}
+	return sender, out, nil
 }
 
 // lsDecoder reads a link-state message; the first error sticks.
@@ -483,6 +906,21 @@ func (d *lsDecoder) fail(format string, a ...any) error {
 		d.err = fmt.Errorf("%w: at offset %d: %s", ErrBadLinkState, d.off, fmt.Sprintf(format, a...))
 	}
 	return d.err
+}
+
+func (d *lsDecoder) header(kind byte) bool {
+	switch {
+	case len(d.b) < 2:
+		d.fail("%d bytes, too short", len(d.b))
+	case d.b[0] != linkStateVersion:
+		d.fail("format version %d, this peer understands %d", d.b[0], linkStateVersion)
+	case d.b[1] != kind:
+		d.fail("kind %d, want %d", d.b[1], kind)
+	default:
+		d.off = 2
+		return true
+	}
+	return false
 }
 
 func (d *lsDecoder) u8(what string) byte {
@@ -511,6 +949,19 @@ func (d *lsDecoder) str(n int, what string) string {
 	return s
 }
 
+// name reads a length-prefixed peer name.
+func (d *lsDecoder) name(what string) string {
+	s := d.str(int(d.u8(what+" name length")), what+" name")
+	if d.err != nil {
+		return ""
+	}
+	if err := validName(s); err != nil {
+		d.fail("%s name %q: %v", what, s, err)
+		return ""
+	}
+	return s
+}
+
 func (d *lsDecoder) uvarint(what string) uint64 {
 	if d.err != nil {
 		return 0
@@ -532,114 +983,143 @@ func (d *lsDecoder) duration(what string) time.Duration {
 	return time.Duration(v) * time.Microsecond
 }
 
-func (d *lsDecoder) readLSA() *lsa {
-	l := &lsa{}
-	l.origin = d.str(int(d.u8("origin length")), "origin name")
-	if d.err != nil {
-		return nil
-	}
-	if err := validName(l.origin); err != nil {
-		d.fail("origin name %q: %v", l.origin, err)
-		return nil
-	}
-	l.version = d.uvarint("version")
-	if d.err == nil && l.version == 0 {
-		d.fail("origin %q: version 0", l.origin)
-	}
-	n := d.uvarint("link count")
-	if d.err == nil && n > maxLSALinks {
-		d.fail("origin %q: %d links, at most %d", l.origin, n, maxLSALinks)
+func (d *lsDecoder) readGroup(maxLinks int) encGroup {
+	g := encGroup{origin: d.name("origin")}
+	n := d.uvarint("entry count")
+	if d.err == nil && (n == 0 || n > uint64(maxLinks)) {
+		d.fail("origin %q: %d entries, want 1..%d", g.origin, n, maxLinks)
 	}
 	if d.err != nil {
-		return nil
+		return g
 	}
-	l.links = make(map[string]LinkMetrics, n)
+	g.items = make([]encItem, 0, n)
 	prev := ""
 	for range n {
 		pre := int(d.u8("shared prefix"))
 		suf := int(d.u8("shared suffix"))
 		if d.err == nil && pre+suf > len(prev) {
-			d.fail("origin %q: shared prefix %d and suffix %d longer than the previous name %q", l.origin, pre, suf, prev)
+			d.fail("origin %q: shared prefix %d and suffix %d longer than the previous name %q", g.origin, pre, suf, prev)
 		}
 		mid := d.str(int(d.u8("name length")), "neighbour name")
 		if d.err != nil {
-			return nil
+			return g
 		}
 		name := prev[:pre] + mid + prev[len(prev)-suf:]
-		if err := validName(name); err != nil {
-			d.fail("origin %q: neighbour name %q: %v", l.origin, name, err)
-			return nil
-		}
-		if name <= prev {
-			d.fail("origin %q: neighbour %q not after %q (unsorted or repeated)", l.origin, name, prev)
-			return nil
-		}
-		if name == l.origin {
-			d.fail("origin %q: link to itself", l.origin)
-			return nil
+		switch err := validName(name); {
+		case err != nil:
+			d.fail("origin %q: neighbour name %q: %v", g.origin, name, err)
+		case name <= prev:
+			d.fail("origin %q: neighbour %q not after %q (unsorted or repeated)", g.origin, name, prev)
+		case name == g.origin:
+			d.fail("origin %q: link to itself", g.origin)
 		}
 		flags := d.u8("flags")
-		if d.err == nil && flags&^(flagUp|flagEncrypted) != 0 {
-			d.fail("origin %q: neighbour %q: unknown flags %#x", l.origin, name, flags)
+		if d.err == nil && (flags&^(flagUp|flagEncrypted|flagRemoved) != 0 || flags&flagRemoved != 0 && flags != flagRemoved) {
+			d.fail("origin %q: neighbour %q: bad flags %#x", g.origin, name, flags)
 		}
-		m := LinkMetrics{Up: flags&flagUp != 0, Encrypted: flags&flagEncrypted != 0}
-		m.RTT = d.duration("rtt")
-		m.Jitter = d.duration("jitter")
-		loss := d.uvarint("loss")
-		if d.err == nil && loss > lossUnits {
-			d.fail("origin %q: neighbour %q: loss %d/%d above 1", l.origin, name, loss, lossUnits)
+		e := &lsEntry{version: d.uvarint("version"), deleted: flags&flagRemoved != 0}
+		if d.err == nil && e.version == 0 {
+			d.fail("origin %q: neighbour %q: version 0", g.origin, name)
+		}
+		if !e.deleted {
+			e.m = LinkMetrics{Up: flags&flagUp != 0, Encrypted: flags&flagEncrypted != 0}
+			e.m.RTT = d.duration("rtt")
+			e.m.Jitter = d.duration("jitter")
+			loss := d.uvarint("loss")
+			if d.err == nil && loss > lossUnits {
+				d.fail("origin %q: neighbour %q: loss %d/%d above 1", g.origin, name, loss, lossUnits)
+			}
+			e.m.Loss = float64(loss) / lossUnits
 		}
 		if d.err != nil {
-			return nil
+			return g
 		}
-		m.Loss = float64(loss) / lossUnits
-		l.links[name] = m
+		g.items = append(g.items, encItem{origin: g.origin, nb: name, e: e})
 		prev = name
 	}
-	return l
+	return g
+}
+
+// LinkStateSender sends one message to one peer, reliably (Mesh.SendTo).
+type LinkStateSender interface {
+	SendTo(peer, channel string, msg []byte) error
 }
 
 // LinkStateChannel adapts a LinkTable to the mesh's ChannelHandler:
 //
-//	ch := &mesh.LinkStateChannel{Table: t, OnChange: kick}
+//	ch := &mesh.LinkStateChannel{Table: t, Self: name, Sender: m, OnChange: feed}
 //	m.RegisterChannel(mesh.LinkStateChannelName, ch)
-//	if delta, ok := t.Publish(self, prober.All()); ok && delta != nil {
-//		m.Broadcast(mesh.LinkStateChannelName, delta)
-//	}
+//	msgs, changes := t.PublishLinks(name, links)
+//	for _, msg := range msgs { m.Broadcast(mesh.LinkStateChannelName, msg) }
 //
-// The mesh relays broadcasts itself; the channel only merges.
+// The mesh relays broadcasts itself; the channel merges them, exchanges
+// digests on push/pull and answers the other side's digest by SendTo.
 type LinkStateChannel struct {
 	Table *LinkTable
-	// OnChange, if set, is called after a merge changed the graph. It runs
-	// on memberlist's goroutines and must not block (signal a channel).
-	OnChange func()
-	// Logger receives rejected messages; nil discards.
+	// Self names this peer in its digests.
+	Self string
+	// Sender sends anti-entropy answers; nil: push/pull repairs nothing.
+	Sender LinkStateSender
+	// OnChange, if set, is called with the links a merge changed. It runs
+	// on memberlist's goroutines and must not block.
+	OnChange func([]LinkChange)
+	// Logger; nil discards.
 	Logger *slog.Logger
+
+	inflight sync.Mutex // guards sending
+	sending  int
 }
+
+// maxInflightAnswers bounds the anti-entropy answers being sent at once;
+// more are skipped (the next push/pull repairs what they would have).
+const maxInflightAnswers = 4
 
 var _ ChannelHandler = (*LinkStateChannel)(nil)
 
-// NotifyMsg merges one gossiped LSA.
+// NotifyMsg merges one entries message (a broadcast or a unicast answer).
 func (c *LinkStateChannel) NotifyMsg(msg []byte) {
-	c.done(c.Table.Merge(msg))
+	changes, err := c.Table.Merge(msg)
+	if err == nil && len(changes) > 0 && c.OnChange != nil {
+		c.OnChange(changes)
+	}
 }
 
-// LocalState returns the full table for push/pull.
-func (c *LinkStateChannel) LocalState(join bool) []byte { return c.Table.Encode() }
+// LocalState returns the digest for push/pull.
+func (c *LinkStateChannel) LocalState(join bool) []byte { return c.Table.Digest(c.Self) }
 
-// MergeRemoteState merges another peer's full table.
+// MergeRemoteState answers the other peer's digest with what it lacks, by
+// unicast, off memberlist's goroutine.
 func (c *LinkStateChannel) MergeRemoteState(buf []byte, join bool) {
-	c.done(c.Table.MergeState(buf))
-}
-
-func (c *LinkStateChannel) done(changed bool, err error) {
-	if err != nil {
-		if c.Logger != nil {
-			c.Logger.Warn("linkstate: dropped malformed message", "err", err)
-		}
+	peer, msgs, err := c.Table.Missing(buf)
+	if err != nil || len(msgs) == 0 || c.Sender == nil || peer == c.Self {
 		return
 	}
-	if changed && c.OnChange != nil {
-		c.OnChange()
+	c.inflight.Lock()
+	if c.sending >= maxInflightAnswers {
+		c.inflight.Unlock()
+		c.logger().Debug("linkstate: too many answers in flight; skipping one", "peer", peer)
+		return
 	}
+	c.sending++
+	c.inflight.Unlock()
+	go func() {
+		defer func() {
+			c.inflight.Lock()
+			c.sending--
+			c.inflight.Unlock()
+		}()
+		for _, m := range msgs {
+			if err := c.Sender.SendTo(peer, LinkStateChannelName, m); err != nil {
+				c.logger().Debug("linkstate: anti-entropy answer not sent", "peer", peer, "err", err)
+				return
+			}
+		}
+	}()
+}
+
+func (c *LinkStateChannel) logger() *slog.Logger {
+	if c.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return c.Logger
 }

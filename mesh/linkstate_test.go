@@ -5,10 +5,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 func ms(f float64) time.Duration { return time.Duration(f * float64(time.Millisecond)) }
@@ -23,175 +27,104 @@ func stepClock() func() time.Time {
 	return func() time.Time { t = t.Add(time.Second); return t }
 }
 
+func newTable(t testing.TB, cfg LinkTableConfig) *LinkTable {
+	t.Helper()
+	if cfg.Now == nil {
+		cfg.Now = stepClock()
+	}
+	tab, err := NewLinkTable(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tab
+}
+
+// mergeAll merges msgs into tab and returns all changes.
+func mergeAll(t testing.TB, tab *LinkTable, msgs [][]byte) []LinkChange {
+	t.Helper()
+	var out []LinkChange
+	for _, m := range msgs {
+		c, err := tab.Merge(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, c...)
+	}
+	return out
+}
+
 func TestPublishThresholds(t *testing.T) {
-	tab := NewLinkTable(LinkTableConfig{Now: stepClock()})
+	tab := newTable(t, LinkTableConfig{})
 	steps := []struct {
 		name  string
 		stats map[string]LinkStats
-		want  bool
+		want  []string // changed neighbours ("-x": removed)
 	}{
-		{"first publication", map[string]LinkStats{"b": up(ms(10), 0)}, true},
-		{"same again", map[string]LinkStats{"b": up(ms(10), 0)}, false},
-		{"rtt +5%", map[string]LinkStats{"b": {RTT: ms(10.5), Jitter: ms(1), Up: true}}, false},
-		{"rtt +15%", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Up: true}}, true},
-		{"jitter doubles but by < 0.2ms", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1.15), Up: true}}, false},
-		{"loss +0.5 point", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.005, Up: true}}, false},
-		{"loss +1 point", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.01, Up: true}}, true},
-		{"down", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.01}}, true},
-		{"neighbour added", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.01}, "c": up(ms(1), 0)}, true},
-		{"neighbour removed", map[string]LinkStats{"c": up(ms(1), 0)}, true},
+		{"first publication", map[string]LinkStats{"b": up(ms(10), 0)}, []string{"b"}},
+		{"same again", map[string]LinkStats{"b": up(ms(10), 0)}, nil},
+		{"rtt +5%", map[string]LinkStats{"b": {RTT: ms(10.5), Jitter: ms(1), Up: true}}, nil},
+		{"rtt +15%", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Up: true}}, []string{"b"}},
+		{"jitter doubles but by < 0.2ms", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1.15), Up: true}}, nil},
+		{"loss +0.5 point", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.005, Up: true}}, nil},
+		{"loss +1 point", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.01, Up: true}}, []string{"b"}},
+		{"down", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.01}}, []string{"b"}},
+		{"neighbour added: only it is sent", map[string]LinkStats{"b": {RTT: ms(11.5), Jitter: ms(1), Loss: 0.01}, "c": up(ms(1), 0)}, []string{"c"}},
+		{"neighbour removed: a tombstone", map[string]LinkStats{"c": up(ms(1), 0)}, []string{"-b"}},
 	}
-	small := NewLinkTable(LinkTableConfig{Now: stepClock()})
-	if _, ok := small.Publish("a", map[string]LinkStats{"b": up(100*time.Microsecond, 0)}); !ok {
+	small := newTable(t, LinkTableConfig{})
+	if msgs, _ := small.Publish("a", map[string]LinkStats{"b": up(100*time.Microsecond, 0)}); len(msgs) != 1 {
 		t.Fatal("first publication")
 	}
-	if _, ok := small.Publish("a", map[string]LinkStats{"b": up(250*time.Microsecond, 0)}); ok {
+	if msgs, _ := small.Publish("a", map[string]LinkStats{"b": up(250*time.Microsecond, 0)}); msgs != nil {
 		t.Error("a change of 150µs (150%) was published; the floor is 200µs")
 	}
 	var last uint64
+	rx := newTable(t, LinkTableConfig{})
 	for _, s := range steps {
-		delta, changed := tab.Publish("a", s.stats)
-		if changed != s.want {
-			t.Fatalf("%s: changed %v, want %v", s.name, changed, s.want)
-		}
-		if changed {
-			if delta == nil {
-				t.Fatalf("%s: no delta", s.name)
+		msgs, changes := tab.Publish("a", s.stats)
+		var got []string
+		for _, c := range changes {
+			if c.Removed {
+				got = append(got, "-"+c.To)
+			} else {
+				got = append(got, c.To)
 			}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(s.want) || (len(msgs) > 0) != (len(s.want) > 0) {
+			t.Fatalf("%s: changes %v (%d messages), want %v", s.name, got, len(msgs), s.want)
+		}
+		// The receiver sees exactly the same changes.
+		if rc := mergeAll(t, rx, msgs); fmt.Sprint(rc) != fmt.Sprint(changes) {
+			t.Fatalf("%s: receiver changes %v, publisher %v", s.name, rc, changes)
+		}
+		if len(msgs) > 0 {
 			v := tab.Version("a")
 			if v <= last {
 				t.Fatalf("%s: version %d not above %d", s.name, v, last)
 			}
 			last = v
-		} else if delta != nil {
-			t.Fatalf("%s: delta without change", s.name)
 		}
+	}
+	if g := rx.Graph(); len(g["a"]) != 1 || g["a"]["c"].RTT != ms(1) {
+		t.Errorf("receiver graph %v, want a→c only", g)
 	}
 	// Drift below the threshold in small steps still gets published once
 	// it adds up, because the comparison is with the published value.
-	tab2 := NewLinkTable(LinkTableConfig{Now: stepClock()})
+	tab2 := newTable(t, LinkTableConfig{})
 	tab2.Publish("a", map[string]LinkStats{"b": up(ms(10), 0)})
 	published := 0
 	for r := 10.0; r <= 13; r += 0.5 {
-		if _, ok := tab2.Publish("a", map[string]LinkStats{"b": {RTT: ms(r), Jitter: ms(1), Up: true}}); ok {
+		if msgs, _ := tab2.Publish("a", map[string]LinkStats{"b": {RTT: ms(r), Jitter: ms(1), Up: true}}); msgs != nil {
 			published++
 		}
 	}
 	if published == 0 || published > 3 {
-		t.Errorf("slow drift 10→13ms published %d times, want 1..3", published)
+		t.Errorf("drift 10→13ms published %d times, want 1..3", published)
 	}
 }
 
-func TestMergeVersionsAndGraph(t *testing.T) {
-	a := NewLinkTable(LinkTableConfig{Now: stepClock()})
-	b := NewLinkTable(LinkTableConfig{Now: stepClock()})
-	b.Publish("b", map[string]LinkStats{"a": up(ms(3), 0)})
-
-	d1, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(10), 0.02), "c": {RTT: ms(5)}})
-	d2, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(20), 0.02)})
-	if changed, err := b.Merge(d1); err != nil || !changed {
-		t.Fatalf("merge d1: %v %v", changed, err)
-	}
-	if changed, err := b.Merge(d1); err != nil || changed {
-		t.Fatalf("merge d1 again: %v %v", changed, err)
-	}
-	if changed, err := b.Merge(d2); err != nil || !changed {
-		t.Fatalf("merge d2: %v %v", changed, err)
-	}
-	if changed, err := b.Merge(d1); err != nil || changed {
-		t.Fatalf("older d1 after d2 changed the table: %v %v", changed, err)
-	}
-	g := b.Graph()
-	if m, ok := g.Link("a", "b"); !ok || m.RTT != ms(20) || m.Loss != 0.02 || !m.Up || m.Jitter != ms(2) {
-		t.Errorf("a→b = %+v %v", m, ok)
-	}
-	if _, ok := g.Link("a", "c"); ok {
-		t.Error("a→c survived a newer LSA without it")
-	}
-	if m, ok := g.Link("b", "a"); !ok || m.RTT != ms(3) {
-		t.Errorf("own link b→a = %+v %v", m, ok)
-	}
-	// The graph is a copy.
-	g["a"]["b"] = LinkMetrics{}
-	if m, _ := b.Graph().Link("a", "b"); m.RTT != ms(20) {
-		t.Error("Graph() aliases the table")
-	}
-}
-
-// TestMergeOwnOrigin: an LSA of ours held by others (from before a restart,
-// or after our clock stepped back) is not taken, and our next publication
-// goes above it even though our metrics did not move.
-func TestMergeOwnOrigin(t *testing.T) {
-	future := NewLinkTable(LinkTableConfig{Now: func() time.Time { return time.Unix(2_000_000_000, 0) }})
-	old, _ := future.Publish("a", map[string]LinkStats{"b": up(ms(99), 0)})
-
-	a := NewLinkTable(LinkTableConfig{Now: stepClock()})
-	a.Publish("a", map[string]LinkStats{"b": up(ms(1), 0)})
-	if changed, err := a.Merge(old); err != nil || changed {
-		t.Fatalf("merging our own stale LSA: %v %v", changed, err)
-	}
-	if m, _ := a.Graph().Link("a", "b"); m.RTT != ms(1) {
-		t.Fatalf("own link overwritten: %+v", m)
-	}
-	delta, changed := a.Publish("a", map[string]LinkStats{"b": up(ms(1), 0)})
-	if !changed || a.Version("a") <= future.Version("a") {
-		t.Fatalf("republish: changed %v, version %d, must exceed %d", changed, a.Version("a"), future.Version("a"))
-	}
-	other := NewLinkTable(LinkTableConfig{})
-	if _, err := other.Merge(old); err != nil {
-		t.Fatal(err)
-	}
-	if changed, err := other.Merge(delta); err != nil || !changed {
-		t.Fatalf("the others take the republication: %v %v", changed, err)
-	}
-}
-
-func TestEncodeMergeStateAndRemove(t *testing.T) {
-	tabs := map[string]*LinkTable{}
-	for _, n := range []string{"a", "b", "c"} {
-		tabs[n] = NewLinkTable(LinkTableConfig{Now: stepClock()})
-	}
-	tabs["a"].Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(2), 0)})
-	tabs["b"].Publish("b", map[string]LinkStats{"a": up(ms(1), 0)})
-	tabs["c"].Publish("c", map[string]LinkStats{"a": up(ms(2), 0.5)})
-	// Push/pull a↔b, then b↔c: c learns a's LSA through b.
-	for _, pair := range [][2]string{{"a", "b"}, {"b", "c"}, {"c", "a"}} {
-		x, y := tabs[pair[0]], tabs[pair[1]]
-		sx, sy := x.Encode(), y.Encode()
-		if _, err := x.MergeState(sy); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := y.MergeState(sx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	want := tabs["a"].Encode()
-	for n, tab := range tabs {
-		if got := tab.Encode(); !bytes.Equal(got, want) {
-			t.Errorf("%s did not converge:\n%x\n%x", n, got, want)
-		}
-	}
-	if changed, err := tabs["a"].MergeState(tabs["b"].Encode()); err != nil || changed {
-		t.Errorf("merging a converged state: %v %v", changed, err)
-	}
-	// c leaves: a removes it and does not take it back from b's older state.
-	if !tabs["a"].Remove("c") {
-		t.Fatal("Remove")
-	}
-	if changed, _ := tabs["a"].MergeState(tabs["b"].Encode()); changed {
-		t.Error("a tombstoned origin came back from an older state")
-	}
-	if _, ok := tabs["a"].Graph()["c"]; ok {
-		t.Error("c still in a's graph")
-	}
-	// c comes back with a newer LSA: taken.
-	d, _ := tabs["c"].Publish("c", map[string]LinkStats{"a": up(ms(7), 0)})
-	if changed, err := tabs["a"].Merge(d); err != nil || !changed {
-		t.Errorf("newer LSA after Remove: %v %v", changed, err)
-	}
-}
-
-func TestDeltaSizeFiftyNeighbours(t *testing.T) {
+// A large change is split into messages that each fit a broadcast.
+func TestPublishSplits(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, c := range []struct {
 		name  string
@@ -199,137 +132,433 @@ func TestDeltaSizeFiftyNeighbours(t *testing.T) {
 	}{
 		{"numbered", func(i int) string { return fmt.Sprintf("weft-peer-%03d", i) }},
 		{"random 8-byte", func(i int) string { return fmt.Sprintf("h%07x", rng.Uint32()>>4) }},
-		{"host.domain", func(i int) string { return fmt.Sprintf("node%02d.dc1.example", i) }},
+		{"long random", func(i int) string { return fmt.Sprintf("n%03d-%016x.dc1.example", i, rng.Uint64()) }},
 	} {
-		tab := NewLinkTable(LinkTableConfig{})
+		tab := newTable(t, LinkTableConfig{})
 		stats := map[string]LinkStats{}
-		for i := range 50 {
-			// Worst realistic figures: RTTs up to 1s, jitter, loss.
+		for i := range 200 {
 			stats[c.names(i)] = LinkStats{RTT: time.Duration(rng.Int64N(int64(time.Second))),
 				Jitter: time.Duration(rng.Int64N(int64(50 * time.Millisecond))), Loss: rng.Float64() / 4, Up: i%7 != 0}
 		}
-		delta, changed := tab.Publish("weft-peer-self", stats)
-		if !changed || delta == nil {
-			t.Fatalf("%s: no delta (too large?)", c.name)
-		}
+		msgs, changes := tab.Publish("weft-peer-self", stats)
 		budget := MaxBroadcastSize - envelopeOverhead - len(LinkStateChannelName)
-		t.Logf("%s: 50 neighbours in %d bytes (budget %d)", c.name, len(delta), budget)
-		if len(delta) > budget {
-			t.Errorf("%s: %d bytes > %d", c.name, len(delta), budget)
+		total := 0
+		for _, m := range msgs {
+			if len(m) > budget {
+				t.Errorf("%s: message of %d bytes > %d", c.name, len(m), budget)
+			}
+			total += len(m)
 		}
-	}
-	// Too large: kept locally, no delta.
-	tab := NewLinkTable(LinkTableConfig{})
-	stats := map[string]LinkStats{}
-	for i := range 100 {
-		stats[fmt.Sprintf("n%02d-%016x", i, rng.Uint64())] = up(ms(1), 0)
-	}
-	if delta, changed := tab.Publish("a", stats); !changed || delta != nil || len(tab.Graph()["a"]) != 100 {
-		t.Errorf("oversized LSA: delta %d bytes, changed %v", len(delta), changed)
+		t.Logf("%s: 200 links in %d messages, %d bytes", c.name, len(msgs), total)
+		rx := newTable(t, LinkTableConfig{})
+		if got := mergeAll(t, rx, msgs); len(got) != 200 || len(changes) != 200 || len(rx.Graph()["weft-peer-self"]) != 200 {
+			t.Errorf("%s: %d changes received, %d published, graph %d", c.name, len(got), len(changes), len(rx.Graph()["weft-peer-self"]))
+		}
 	}
 }
 
-func TestMergeRejectsGarbage(t *testing.T) {
-	src := NewLinkTable(LinkTableConfig{Now: stepClock()})
-	good, _ := src.Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "bc": up(ms(2), 0)})
-	full := src.Encode()
-	// good = 01 01 | 01 'a' | version (uvarint) | 02 | 00 00 01 'b' flags rtt jitter loss | 01 00 01 'c' ...
-	mod := func(b []byte, f func([]byte) []byte) []byte { return f(bytes.Clone(b)) }
-	_, vlen := binary.Uvarint(good[4:])
-	linksAt := 4 + vlen + 1 // first link's shared-prefix byte
-	cases := []struct {
+func TestMergePerLinkVersions(t *testing.T) {
+	a := newTable(t, LinkTableConfig{})
+	b := newTable(t, LinkTableConfig{})
+	b.Publish("b", map[string]LinkStats{"a": up(ms(3), 0)})
+
+	d1, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(10), 0.02), "c": {RTT: ms(5)}})
+	d2, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(20), 0.02)}) // b changed, c removed
+	d3, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(20), 0.02), "d": up(ms(1), 0)})
+	if c := mergeAll(t, b, d1); len(c) != 2 {
+		t.Fatalf("merge d1: %v", c)
+	}
+	if c := mergeAll(t, b, d1); len(c) != 0 {
+		t.Fatalf("merge d1 again: %v", c)
+	}
+	// d3 before d2: per-link versions let both apply in any order.
+	if c := mergeAll(t, b, d3); len(c) != 1 || c[0].To != "d" {
+		t.Fatalf("merge d3: %v", c)
+	}
+	if c := mergeAll(t, b, d2); len(c) != 2 {
+		t.Fatalf("merge d2 after d3: %v", c)
+	}
+	if c := mergeAll(t, b, d1); len(c) != 0 {
+		t.Fatalf("older d1 after d2 changed the table: %v", c)
+	}
+	g := b.Graph()
+	if m, ok := g.Link("a", "b"); !ok || m.RTT != ms(20) || m.Loss != 0.02 || !m.Up || m.Jitter != ms(2) {
+		t.Errorf("a→b = %+v %v", m, ok)
+	}
+	if _, ok := g.Link("a", "c"); ok {
+		t.Error("a→c survived its tombstone")
+	}
+	if _, ok := g.Link("a", "d"); !ok {
+		t.Error("a→d lost")
+	}
+	if m, ok := b.Link("b", "a"); !ok || m.RTT != ms(3) {
+		t.Errorf("own link b→a = %+v %v", m, ok)
+	}
+	g["a"]["b"] = LinkMetrics{}
+	if m, _ := b.Link("a", "b"); m.RTT != ms(20) {
+		t.Error("Graph() aliases the table")
+	}
+}
+
+// An entry of ours held by others (from before a restart, or after our
+// clock stepped back) is not taken, and our next publication goes above it
+// even though our metrics did not move; a forged link of ours that we do
+// not have is answered with a tombstone above it.
+func TestMergeOwnOrigin(t *testing.T) {
+	later := newTable(t, LinkTableConfig{Now: func() time.Time { return time.Unix(1_700_000_100, 0) }})
+	old, _ := later.Publish("a", map[string]LinkStats{"b": up(ms(99), 0), "x": up(ms(1), 0)})
+
+	a := newTable(t, LinkTableConfig{})
+	a.Publish("a", map[string]LinkStats{"b": up(ms(1), 0)})
+	if c := mergeAll(t, a, old); len(c) != 0 {
+		t.Fatalf("merging our own stale entries: %v", c)
+	}
+	if m, _ := a.Link("a", "b"); m.RTT != ms(1) {
+		t.Fatalf("own link overwritten: %+v", m)
+	}
+	if _, ok := a.Link("a", "x"); ok {
+		t.Fatal("forged own link taken")
+	}
+	msgs, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(1), 0)})
+	if len(msgs) == 0 || a.Version("a") <= later.Version("a") {
+		t.Fatalf("republish: %d messages, version %d, must exceed %d", len(msgs), a.Version("a"), later.Version("a"))
+	}
+	other := newTable(t, LinkTableConfig{})
+	mergeAll(t, other, old)
+	mergeAll(t, other, msgs)
+	if m, _ := other.Link("a", "b"); m.RTT != ms(1) {
+		t.Errorf("the others take the republication: a→b %+v", m)
+	}
+	if _, ok := other.Link("a", "x"); ok {
+		t.Error("the forged a→x was not withdrawn")
+	}
+	// A forged version from the far future is rejected, not followed.
+	far := newTable(t, LinkTableConfig{Now: func() time.Time { return time.Unix(1_900_000_000, 0) }})
+	farMsgs, _ := far.Publish("a", map[string]LinkStats{"b": up(ms(5), 0)})
+	before := a.Version("a")
+	if _, err := a.Merge(farMsgs[0]); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "ahead of our clock") {
+		t.Fatalf("future own version: %v", err)
+	}
+	if msgs, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(1), 0)}); msgs != nil || a.Version("a") != before {
+		t.Error("a rejected future version moved our counter")
+	}
+}
+
+// exchange runs one push/pull between x and y: each answers the other's
+// digest with what it lacks.
+func exchange(t *testing.T, x *LinkTable, xName string, y *LinkTable, yName string) (sent int) {
+	t.Helper()
+	for _, d := range []struct {
+		from *LinkTable
 		name string
-		b    []byte
-		full bool
-		want string
+		to   *LinkTable
+		toN  string
+	}{{x, xName, y, yName}, {y, yName, x, xName}} {
+		peer, msgs, err := d.from.Missing(d.to.Digest(d.toN))
+		if err != nil || peer != d.toN {
+			t.Fatalf("Missing: %q %v", peer, err)
+		}
+		for _, m := range msgs {
+			sent += len(m)
+			if len(m) > MaxUnicastSize {
+				t.Fatalf("answer of %d bytes", len(m))
+			}
+		}
+		mergeAll(t, d.to, msgs)
+	}
+	return sent
+}
+
+func TestAntiEntropyByDigest(t *testing.T) {
+	tabs := map[string]*LinkTable{}
+	for _, n := range []string{"a", "b", "c"} {
+		tabs[n] = newTable(t, LinkTableConfig{})
+	}
+	tabs["a"].Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(2), 0)})
+	tabs["b"].Publish("b", map[string]LinkStats{"a": up(ms(1), 0)})
+	tabs["c"].Publish("c", map[string]LinkStats{"a": up(ms(2), 0.5)})
+	for _, p := range [][2]string{{"a", "b"}, {"b", "c"}} {
+		exchange(t, tabs[p[0]], p[0], tabs[p[1]], p[1])
+	}
+	want := fmt.Sprint(tabs["b"].Graph())
+	for n, tab := range tabs {
+		if n != "b" {
+			exchange(t, tabs["b"], "b", tab, n)
+		}
+		if got := fmt.Sprint(tab.Graph()); got != want {
+			t.Errorf("%s did not converge:\n%s\n%s", n, got, want)
+		}
+	}
+	if sent := exchange(t, tabs["a"], "a", tabs["c"], "c"); sent != 0 {
+		t.Errorf("converged tables exchanged %d bytes beyond the digests", sent)
+	}
+	// A lost broadcast between two received ones (a gap below the highest
+	// version) is repaired: equal highest versions, different hashes.
+	m1, _ := tabs["a"].Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(2), 0), "d": up(ms(3), 0)})
+	tabs["a"].Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(9), 0), "d": up(ms(3), 0)}) // lost
+	m3, _ := tabs["a"].Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(9), 0), "d": up(ms(3), 0), "e": up(ms(4), 0)})
+	mergeAll(t, tabs["b"], m1)
+	mergeAll(t, tabs["b"], m3)
+	if m, _ := tabs["b"].Link("a", "c"); m.RTT != ms(2) {
+		t.Fatalf("setup: b already has a→c %v", m)
+	}
+	exchange(t, tabs["a"], "a", tabs["b"], "b")
+	if m, _ := tabs["b"].Link("a", "c"); m.RTT != ms(9) {
+		t.Errorf("gap not repaired: a→c %v", m.RTT)
+	}
+	// Digest size: about 30 bytes per origin.
+	big := newTable(t, LinkTableConfig{})
+	for i := range 1000 {
+		other := newTable(t, LinkTableConfig{})
+		msgs, _ := other.Publish(fmt.Sprintf("weft-peer-%04d", i), map[string]LinkStats{"x": up(ms(1), 0)})
+		mergeAll(t, big, msgs)
+	}
+	d := big.Digest("self")
+	t.Logf("digest of 1000 origins: %d bytes", len(d))
+	if len(d) > 40*1000 {
+		t.Errorf("digest of 1000 origins: %d bytes", len(d))
+	}
+}
+
+func TestRemoveAndTombstones(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	a := newTable(t, LinkTableConfig{Now: clock})
+	c := newTable(t, LinkTableConfig{Now: clock})
+	msgs, _ := c.Publish("c", map[string]LinkStats{"a": up(ms(2), 0)})
+	mergeAll(t, a, msgs)
+	if rm := a.Remove("c"); len(rm) != 1 || !rm[0].Removed {
+		t.Fatalf("Remove: %v", rm)
+	}
+	if got := mergeAll(t, a, msgs); len(got) != 0 {
+		t.Error("a removed origin came back from an older message")
+	}
+	if _, msgsB, _ := newTableWith(t, clock, msgs).Missing(a.Digest("a")); len(msgsB) != 0 {
+		t.Error("a peer still holding c's links offers them to one that removed c")
+	}
+	// Restore: a peer back after a Remove has its unchanged links taken again.
+	b := newTableWith(t, clock, msgs)
+	b.Remove("c")
+	b.Restore("c")
+	if got := mergeAll(t, b, msgs); len(got) != 1 {
+		t.Errorf("after Restore: %v", got)
+	}
+	now = now.Add(time.Second)
+	newer, _ := c.Publish("c", map[string]LinkStats{"a": up(ms(7), 0), "b": up(ms(1), 0)})
+	if got := mergeAll(t, a, newer); len(got) != 2 {
+		t.Errorf("newer entries after Remove: %v", got)
+	}
+	// A link's tombstone is swept after TombstoneTTL; the entry count follows.
+	now = now.Add(time.Second)
+	msgs, _ = c.Publish("c", map[string]LinkStats{"a": up(ms(7), 0)})
+	mergeAll(t, a, msgs)
+	if a.nEntries != 2 { // c→a, c→b (a tombstone)
+		t.Fatalf("entries %d, want 2", a.nEntries)
+	}
+	now = now.Add(11 * time.Minute)
+	a.Publish("a", nil)
+	if a.nEntries != 1 {
+		t.Errorf("entries after the sweep: %d, want 1", a.nEntries)
+	}
+}
+
+func newTableWith(t *testing.T, clock func() time.Time, msgs [][]byte) *LinkTable {
+	tab := newTable(t, LinkTableConfig{Now: clock})
+	mergeAll(t, tab, msgs)
+	return tab
+}
+
+// entriesMsg builds an entries message for one origin by hand.
+func entriesMsg(origin string, entries ...[]byte) []byte {
+	b := []byte{linkStateVersion, linkStateEntries, 1, byte(len(origin))}
+	b = append(b, origin...)
+	b = binary.AppendUvarint(b, uint64(len(entries)))
+	for _, e := range entries {
+		b = append(b, e...)
+	}
+	return b
+}
+
+// entry encodes one live entry (no front coding).
+func entry(nb string, flags byte, version, rtt, jitter, loss uint64) []byte {
+	b := []byte{0, 0, byte(len(nb))}
+	b = append(b, nb...)
+	b = append(b, flags)
+	b = binary.AppendUvarint(b, version)
+	if flags&flagRemoved == 0 {
+		b = binary.AppendUvarint(b, rtt)
+		b = binary.AppendUvarint(b, jitter)
+		b = binary.AppendUvarint(b, loss)
+	}
+	return b
+}
+
+func TestMergeRejects(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	v := uint64(now.UnixMicro())
+	src := newTable(t, LinkTableConfig{Now: func() time.Time { return now }})
+	good, _ := src.Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "bc": up(ms(2), 0)})
+	mod := func(b []byte, f func([]byte) []byte) []byte { return f(bytes.Clone(b)) }
+	many := func(n int) []byte {
+		var es [][]byte
+		for i := range n {
+			es = append(es, entry(fmt.Sprintf("n%04d", i), flagUp, v, 1, 1, 0))
+		}
+		return entriesMsg("z", es...)
+	}
+	cases := []struct {
+		name, reason string
+		b            []byte
+		want         string
 	}{
-		{"empty", nil, false, "too short"},
-		{"format version", mod(good, func(b []byte) []byte { b[0] = 9; return b }), false, "format version 9"},
-		{"kind", full, false, "kind 2, want 1"},
-		{"truncated", good[:len(good)-1], false, "bad varint"},
-		{"trailing", append(bytes.Clone(good), 0), false, "trailing"},
-		{"origin name", mod(good, func(b []byte) []byte { b[3] = ' '; return b }), false, "origin name"},
-		{"version 0", []byte{1, 1, 1, 'a', 0, 0}, false, "version 0"},
-		{"too many links", append([]byte{1, 1, 1, 'a', 1}, 0x80, 0x02), false, "links"},
-		{"shared prefix", mod(good, func(b []byte) []byte { b[linksAt] = 5; return b }), false, "shared prefix"},
-		{"unsorted", append([]byte{1, 1, 1, 'a', 1, 2}, 0, 0, 1, 'c', 1, 1, 1, 0, 0, 0, 1, 'b', 1, 1, 1, 0), false, "not after"},
-		{"self link", append([]byte{1, 1, 1, 'a', 1, 1}, 0, 0, 1, 'a', 1, 1, 1, 0), false, "itself"},
-		{"flags", append([]byte{1, 1, 1, 'a', 1, 1}, 0, 0, 1, 'b', 0x80, 1, 1, 0), false, "flags"},
-		{"loss > 1", append([]byte{1, 1, 1, 'a', 1, 1}, 0, 0, 1, 'b', 1, 1, 1, 0x91, 0x4e), false, "loss"},
-		{"rtt huge", append([]byte{1, 1, 1, 'a', 1, 1}, 0, 0, 1, 'b', 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 1, 0), false, "rtt"},
-		{"full truncated", full[:len(full)-2], true, ""},
-		{"full repeated origin", append([]byte{1, 2, 2}, append(good[2:], good[2:]...)...), true, "repeated"},
-		{"full too many", []byte{1, 2, 0xff, 0xff, 0x03}, true, "origins"},
+		{"empty", "malformed", nil, "too short"},
+		{"format version", "malformed", mod(good[0], func(b []byte) []byte { b[0] = 1; return b }), "format version 1"},
+		{"digest kind", "malformed", src.Digest("a"), "kind 2, want 1"},
+		{"truncated", "malformed", good[0][:len(good[0])-1], "bad varint"},
+		{"trailing", "malformed", append(bytes.Clone(good[0]), 0), "trailing"},
+		{"origin name", "malformed", mod(good[0], func(b []byte) []byte { b[4] = ' '; return b }), "origin name"},
+		{"no origins", "malformed", []byte{2, 1, 0}, "origins"},
+		{"no entries", "malformed", entriesMsg("a"), "entries"},
+		{"version 0", "malformed", entriesMsg("a", entry("b", flagUp, 0, 1, 1, 0)), "version 0"},
+		{"unsorted", "malformed", entriesMsg("a", entry("c", flagUp, v, 1, 1, 0), entry("b", flagUp, v, 1, 1, 0)), "not after"},
+		{"repeated", "malformed", entriesMsg("a", entry("b", flagUp, v, 1, 1, 0), entry("b", flagUp, v, 1, 1, 0)), "not after"},
+		{"self link", "malformed", entriesMsg("a", entry("a", flagUp, v, 1, 1, 0)), "itself"},
+		{"flags", "malformed", entriesMsg("a", entry("b", 0x80, v, 1, 1, 0)), "flags"},
+		{"removed and up", "malformed", entriesMsg("a", entry("b", flagRemoved|flagUp, v, 1, 1, 0)), "flags"},
+		{"loss above 1", "malformed", entriesMsg("a", entry("b", flagUp, v, 1, 1, 10001)), "loss"},
+		{"rtt above an hour", "malformed", entriesMsg("a", entry("b", flagUp, v, 3600_000_001, 1, 0)), "rtt"},
+		{"jitter huge", "malformed", entriesMsg("a", entry("b", flagUp, v, 1, math.MaxUint64, 0)), "jitter"},
+		{"257 links in one message", "malformed", many(257), "entries"},
+		{"version from the future", "future_version", entriesMsg("a", entry("b", flagUp, v+uint64(6*time.Minute/time.Microsecond), 1, 1, 0)), "ahead"},
+		{"version max", "future_version", entriesMsg("a", entry("b", flagUp, math.MaxUint64, 1, 1, 0)), "ahead"},
+		{"repeated origin", "malformed", append([]byte{2, 1, 2}, append(good[0][3:], good[0][3:]...)...), "repeated"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			tab := NewLinkTable(LinkTableConfig{})
-			tab.Merge(good)
-			before := tab.Encode()
-			var err error
-			var changed bool
-			if c.full {
-				changed, err = tab.MergeState(c.b)
-			} else {
-				changed, err = tab.Merge(c.b)
+			reg := prometheus.NewRegistry()
+			tab := newTable(t, LinkTableConfig{Now: func() time.Time { return now }, Registerer: reg})
+			mergeAll(t, tab, good)
+			before := fmt.Sprint(tab.Graph(), tab.Digest("x"))
+			changes, err := tab.Merge(c.b)
+			if !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), c.want) || changes != nil {
+				t.Errorf("err %v changes %v, want ErrBadLinkState mentioning %q", err, changes, c.want)
 			}
-			if !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), c.want) || changed {
-				t.Errorf("err %v changed %v, want ErrBadLinkState mentioning %q", err, changed, c.want)
-			}
-			if !bytes.Equal(tab.Encode(), before) {
+			if fmt.Sprint(tab.Graph(), tab.Digest("x")) != before {
 				t.Error("a rejected message changed the table")
+			}
+			if n := counterValue(t, reg, "weft_linkstate_rejected_total", c.reason); n != 1 {
+				t.Errorf("rejected{reason=%q} = %v, want 1", c.reason, n)
 			}
 		})
 	}
+	// Valid but extreme values are taken as they are.
+	tab := newTable(t, LinkTableConfig{Now: func() time.Time { return now }})
+	if _, err := tab.Merge(entriesMsg("a", entry("b", flagUp, v+uint64(4*time.Minute/time.Microsecond), 3600_000_000, 3600_000_000, 10000))); err != nil {
+		t.Fatalf("extreme but valid: %v", err)
+	}
+	if m, _ := tab.Link("a", "b"); m.RTT != time.Hour || m.Loss != 1 {
+		t.Errorf("extreme link: %+v", m)
+	}
+	// The per-origin bound holds across messages: 200 links, then 100 more.
+	reg := prometheus.NewRegistry()
+	tab = newTable(t, LinkTableConfig{Now: func() time.Time { return now }, Registerer: reg})
+	var es1, es2 [][]byte
+	for i := range 300 {
+		e := entry(fmt.Sprintf("n%04d", i), flagUp, v, 1, 1, 0)
+		if i < 200 {
+			es1 = append(es1, e)
+		} else {
+			es2 = append(es2, e)
+		}
+	}
+	second := entriesMsg("z", es2...)
+	if _, err := tab.Merge(entriesMsg("z", es1...)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tab.Merge(second); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "would have 300 links") {
+		t.Errorf("300 links over two messages: %v", err)
+	}
+	if len(tab.Graph()["z"]) != 200 {
+		t.Error("the rejected message was applied in part")
+	}
+	// The origin bound.
+	reg2 := prometheus.NewRegistry()
+	small := newTable(t, LinkTableConfig{Now: func() time.Time { return now }, MaxOrigins: 2, Registerer: reg2})
+	mergeAll(t, small, [][]byte{entriesMsg("o1", entry("x", flagUp, v, 1, 1, 0)), entriesMsg("o2", entry("x", flagUp, v, 1, 1, 0))})
+	if _, err := small.Merge(entriesMsg("o3", entry("x", flagUp, v, 1, 1, 0))); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "origins") {
+		t.Errorf("third origin over a bound of 2: %v", err)
+	}
+	if counterValue(t, reg2, "weft_linkstate_rejected_total", "too_many_origins") != 1 || counterValue(t, reg, "weft_linkstate_rejected_total", "too_many_links") != 1 {
+		t.Error("bound rejections not counted")
+	}
+	// Malformed digests.
+	for _, d := range [][]byte{nil, {2, 2}, {2, 2, 1, 'a', 1, 1, 'b', 0, 1}, {2, 2, 1, 'a', 1, 1, 'b', 9, 1, 0, 0, 0, 0, 0, 0, 0, 0}} {
+		if _, _, err := tab.Missing(d); !errors.Is(err, ErrBadLinkState) {
+			t.Errorf("digest %x: %v", d, err)
+		}
+	}
 }
 
-func FuzzMergeLinkState(f *testing.F) {
-	src := NewLinkTable(LinkTableConfig{Now: stepClock()})
+func FuzzLinkState(f *testing.F) {
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	src := newTable(f, LinkTableConfig{Now: clock})
 	d, _ := src.Publish("a", map[string]LinkStats{"b": up(ms(1), 0), "bc": up(ms(2), 0.5), "d": {}})
-	f.Add(d)
-	f.Add(src.Encode())
-	f.Add([]byte{1, 1, 1, 'a', 1, 0})
-	f.Add([]byte{1, 2, 0})
+	d2, _ := src.Publish("a", map[string]LinkStats{"b": up(ms(1), 0)})
+	f.Add(d[0])
+	f.Add(d2[0])
+	f.Add(src.Digest("a"))
+	f.Add(entriesMsg("a", entry("b", flagUp, 1, 1, 1, 0)))
+	f.Add([]byte{2, 2, 1, 'x', 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		tab := NewLinkTable(LinkTableConfig{})
-		tab.Merge(d)
-		before := tab.Encode()
-		c1, err1 := tab.Merge(b)
-		c2, err2 := tab.MergeState(b)
-		for _, e := range []error{err1, err2} {
-			if e != nil && !errors.Is(e, ErrBadLinkState) {
-				t.Fatalf("error %v does not wrap ErrBadLinkState", e)
+		tab := newTable(t, LinkTableConfig{Now: clock})
+		mergeAll(t, tab, d)
+		before := fmt.Sprint(tab.Graph(), tab.Digest("x"))
+		changes, err := tab.Merge(b)
+		if err != nil {
+			if !errors.Is(err, ErrBadLinkState) {
+				t.Fatalf("error %v does not wrap ErrBadLinkState", err)
+			}
+			if changes != nil || fmt.Sprint(tab.Graph(), tab.Digest("x")) != before {
+				t.Fatal("rejected input changed the table")
 			}
 		}
-		if err1 != nil && err2 != nil && (c1 || c2 || !bytes.Equal(tab.Encode(), before)) {
-			t.Fatal("rejected input changed the table")
+		if _, _, err := tab.Missing(b); err != nil && !errors.Is(err, ErrBadLinkState) {
+			t.Fatalf("digest error %v does not wrap ErrBadLinkState", err)
 		}
-		// Whatever was accepted encodes into a state that decodes again
-		// to the same graph.
-		again := NewLinkTable(LinkTableConfig{})
-		if _, err := again.MergeState(tab.Encode()); err != nil {
-			t.Fatalf("own encoding rejected: %v", err)
+		// Whatever was accepted re-encodes into messages that another
+		// table takes to the same graph.
+		_, msgs, err := tab.Missing(newTable(t, LinkTableConfig{Now: clock}).Digest("y"))
+		if err != nil {
+			t.Fatal(err)
 		}
-		if !bytes.Equal(again.Encode(), tab.Encode()) {
-			t.Fatal("encoding is not stable")
+		again := newTable(t, LinkTableConfig{Now: clock})
+		for _, m := range msgs {
+			if _, err := again.Merge(m); err != nil {
+				t.Fatalf("own encoding rejected: %v", err)
+			}
+		}
+		if fmt.Sprint(again.Graph()) != fmt.Sprint(tab.Graph()) {
+			t.Fatal("re-encoding changed the graph")
 		}
 	})
 }
 
 // TestLinkStateOverMesh gossips link state between three meshes through
-// the channel adapter: broadcasts deliver deltas, push/pull the rest.
+// the channel adapter: broadcasts deliver deltas; a table filled without
+// broadcasting reaches the others by digest and SendTo on push/pull.
 func TestLinkStateOverMesh(t *testing.T) {
 	t.Parallel()
 	tabs := make([]*LinkTable, 3)
-	changes := make(chan struct{}, 100)
+	var mu sync.Mutex
+	changed := map[string]int{}
 	meshes := startChain(t, 3, "ls", nil)
 	for i, m := range meshes {
-		tabs[i] = NewLinkTable(LinkTableConfig{})
-		ch := &LinkStateChannel{Table: tabs[i], OnChange: func() {
-			select {
-			case changes <- struct{}{}:
-			default:
-			}
+		tabs[i] = newTable(t, LinkTableConfig{Now: time.Now})
+		ch := &LinkStateChannel{Table: tabs[i], Self: m.cfg.Name, Sender: m, OnChange: func(cs []LinkChange) {
+			mu.Lock()
+			defer mu.Unlock()
+			changed[m.cfg.Name] += len(cs)
 		}}
 		if err := m.RegisterChannel(LinkStateChannelName, ch); err != nil {
 			t.Fatal(err)
@@ -344,12 +573,14 @@ func TestLinkStateOverMesh(t *testing.T) {
 				stats[o.cfg.Name] = up(ms(float64(1+i+j)), 0)
 			}
 		}
-		delta, changed := tabs[i].Publish(self, stats)
-		if !changed || delta == nil {
-			t.Fatal("no delta")
+		msgs, _ := tabs[i].Publish(self, stats)
+		if i == 1 {
+			continue // ls1 does not broadcast: push/pull carries its links
 		}
-		if err := m.Broadcast(LinkStateChannelName, delta); err != nil {
-			t.Fatal(err)
+		for _, msg := range msgs {
+			if err := m.Broadcast(LinkStateChannelName, msg); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	waitFor(t, 10*time.Second, func() string {
@@ -363,87 +594,32 @@ func TestLinkStateOverMesh(t *testing.T) {
 		}
 		return ""
 	})
-	if m, _ := tabs[0].Graph().Link("ls2", "ls1"); m.RTT != ms(4) {
+	if m, _ := tabs[0].Link("ls2", "ls1"); m.RTT != ms(4) {
 		t.Errorf("ls2→ls1 seen by ls0: %+v", m)
 	}
-	if len(changes) == 0 {
-		t.Error("OnChange never called")
+	mu.Lock()
+	if changed["ls0"] != 4 {
+		t.Errorf("OnChange at ls0 reported %d link changes, want 4", changed["ls0"])
 	}
+	mu.Unlock()
 	// A change is published as a delta and reaches the others.
-	delta, changed := tabs[2].Publish("ls2", map[string]LinkStats{"ls0": up(ms(50), 0), "ls1": up(ms(4), 0)})
-	if !changed {
-		t.Fatal("no change")
+	msgs, _ := tabs[2].Publish("ls2", map[string]LinkStats{"ls0": up(ms(50), 0), "ls1": up(ms(4), 0)})
+	if len(msgs) != 1 {
+		t.Fatal("no delta")
 	}
-	if err := meshes[2].Broadcast(LinkStateChannelName, delta); err != nil {
+	if err := meshes[2].Broadcast(LinkStateChannelName, msgs[0]); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, func() string {
-		if m, _ := tabs[0].Graph().Link("ls2", "ls0"); m.RTT != ms(50) {
+		if m, _ := tabs[0].Link("ls2", "ls0"); m.RTT != ms(50) {
 			return fmt.Sprintf("ls0 sees ls2→ls0 %+v", m)
 		}
 		return ""
 	})
-}
-
-func TestGraphSymmetric(t *testing.T) {
-	ms := time.Millisecond
-	g := Graph{
-		"a": {"b": {RTT: ms, Up: true}, "c": {RTT: 2 * ms, Loss: 0.1, Up: true}},
-		"b": {"a": {RTT: 3 * ms, Jitter: ms, Up: true}},
-		"c": {"a": {RTT: ms, Up: false}},
+	if err := meshes[0].SendTo("nobody", LinkStateChannelName, []byte{1}); !errors.Is(err, ErrUnknownPeer) {
+		t.Errorf("SendTo an unknown peer: %v", err)
 	}
-	s := g.Symmetric()
-	if ab, ba := s["a"]["b"], s["b"]["a"]; ab != ba || ab != (LinkMetrics{RTT: 3 * ms, Jitter: ms, Up: true}) {
-		t.Errorf("a–b: %+v and %+v, want both the worse direction", ab, ba)
-	}
-	if ac := s["a"]["c"]; ac.Up || ac.Loss != 0.1 || ac.RTT != 2*ms {
-		t.Errorf("a–c: %+v, want down (c says so), with a's loss and RTT", ac)
-	}
-	if g["a"]["c"].Up != true {
-		t.Error("Symmetric changed its receiver")
-	}
-	// A link only one end has published is taken as published.
-	g["a"]["d"] = LinkMetrics{RTT: ms, Up: true}
-	if ad := g.Symmetric()["a"]["d"]; ad != g["a"]["d"] {
-		t.Errorf("a–d: %+v", ad)
-	}
-}
-
-// Encrypted links travel in gossip, count as a change, and filter the graph; a link is
-// encrypted in the symmetric graph only when both ends say so.
-func TestEncryptedLinks(t *testing.T) {
-	a := NewLinkTable(LinkTableConfig{})
-	b := NewLinkTable(LinkTableConfig{})
-	links := map[string]LinkMetrics{"b": {RTT: time.Millisecond, Up: true, Encrypted: true}, "c": {RTT: time.Millisecond, Up: true}}
-	delta, changed := a.PublishLinks("a", links)
-	if !changed || delta == nil {
-		t.Fatal("first publication must emit")
-	}
-	if _, err := b.Merge(delta); err != nil {
-		t.Fatal(err)
-	}
-	if m, _ := b.Graph().Link("a", "b"); !m.Encrypted {
-		t.Fatalf("a→b arrived as %+v, want encrypted", m)
-	}
-	if m, _ := b.Graph().Link("a", "c"); m.Encrypted {
-		t.Fatalf("a→c arrived as %+v, want plaintext", m)
-	}
-	links["c"] = LinkMetrics{RTT: time.Millisecond, Up: true, Encrypted: true}
-	if _, changed := a.PublishLinks("a", links); !changed {
-		t.Fatal("a link becoming encrypted must be published")
-	}
-	g := Graph{
-		"a": {"b": {Up: true, Encrypted: true}, "c": {Up: true, Encrypted: true}},
-		"c": {"a": {Up: true}},
-	}
-	enc := g.Encrypted()
-	if _, ok := enc.Link("a", "b"); !ok {
-		t.Error("encrypted a→b dropped")
-	}
-	if _, ok := enc.Link("c", "a"); ok {
-		t.Error("plaintext c→a kept")
-	}
-	if m := g.Symmetric()["a"]["c"]; m.Encrypted {
-		t.Error("a–c encrypted one way only must not count as encrypted")
+	if err := meshes[0].SendTo("ls1", LinkStateChannelName, make([]byte, MaxUnicastSize+1)); !errors.Is(err, ErrMessageTooLarge) {
+		t.Errorf("SendTo too large: %v", err)
 	}
 }

@@ -13,24 +13,20 @@ const passwordHint = "gossip password mismatch: the remote peer uses a different
 
 // newMemberlistLogger returns a *log.Logger for memberlist.Config.Logger
 // that turns memberlist's "[LEVEL] memberlist: text" lines into slog
-// records at the matching level, and shows every line (whatever the level)
-// to hook, which must not block.
-func newMemberlistLogger(l *slog.Logger, hook func(msg string)) *log.Logger {
-	return log.New(slogWriter{l, hook}, "", 0)
+// records at the matching level. The lines are only logged: no state is
+// learnt from them (see suspicion.go).
+func newMemberlistLogger(l *slog.Logger) *log.Logger {
+	return log.New(slogWriter{l}, "", 0)
 }
 
 type slogWriter struct {
-	l    *slog.Logger
-	hook func(msg string)
+	l *slog.Logger
 }
 
 // Write handles one memberlist log line (log.Logger calls Write once per
 // line and serializes calls).
 func (w slogWriter) Write(p []byte) (int, error) {
 	level, msg := parseMemberlistLine(string(p))
-	if w.hook != nil {
-		w.hook(msg)
-	}
 	if !w.l.Enabled(context.Background(), level) {
 		return len(p), nil
 	}

@@ -22,6 +22,7 @@ type Mesh struct {
 	log     *slog.Logger
 	metrics *metrics
 	queue   *memberlist.TransmitLimitedQueue
+	coords  *coords                               // network coordinates; own leaf lock
 	ml      atomic.Pointer[memberlist.Memberlist] // set once by Start
 	wake    chan struct{}                         // cap 1: pokes the join loop
 	seen    seen                                  // ids of recent channel messages
@@ -102,6 +103,7 @@ func New(cfg Config) (*Mesh, error) {
 		peers:     make(map[string]*Peer),
 		subs:      make(map[*subscriber]struct{}),
 		leaving:   make(map[string]struct{}),
+		coords:    newCoords(),
 	}
 	m.queue = &memberlist.TransmitLimitedQueue{NumNodes: m.numNodes, RetransmitMult: 4}
 	m.metrics, err = newMetrics(cfg.Registerer, func() float64 { return float64(m.queue.NumQueued()) })
@@ -155,7 +157,8 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 	mc.Alive = d
 	mc.Ping = d
 	mc.Merge = d
-	mc.Logger = newMemberlistLogger(m.log, m.onMemberlistLog)
+	mc.DisableTcpPingsForNode = m.onDirectProbeFailed // always false; see suspicion.go
+	mc.Logger = newMemberlistLogger(m.log)
 	if len(c.Password) > 0 {
 		kr, err := memberlist.NewKeyring(nil, GossipKey(c.Password))
 		if err != nil {

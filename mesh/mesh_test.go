@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -590,5 +591,57 @@ func TestStartContextCancelStopsLoops(t *testing.T) {
 	case <-done:
 	case <-time.After(converge):
 		t.Fatal("loops still running after the context was cancelled")
+	}
+}
+
+// TestSuspicionNeedsNoLogs: with every log discarded, a closed peer still
+// goes suspect, then dead, on every observer (suspicion comes from
+// memberlist's failed-probe hook, not from its log text).
+func TestSuspicionNeedsNoLogs(t *testing.T) {
+	t.Parallel()
+	meshes := startChain(t, 3, "quiet", func(c *Config) { c.Logger = slog.New(slog.DiscardHandler) })
+	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+	observers := meshes[:2]
+	var logs []*eventLog
+	for _, m := range observers {
+		logs = append(logs, subscribe(t, m))
+	}
+	meshes[2].Close()
+	allSee(t, converge, observers, StateDead, "quiet2")
+	for i, l := range logs {
+		waitFor(t, time.Second, func() string {
+			got := l.types("quiet2")
+			if s, d := slices.Index(got, EventSuspect), slices.Index(got, EventDead); s < 0 || d < s {
+				return fmt.Sprintf("%s saw events %v for quiet2, want suspect then dead", observers[i].cfg.Name, got)
+			}
+			return ""
+		})
+	}
+}
+
+// TestFalseSuspicionClears: a suspicion of a healthy peer (as after one lost
+// probe) spreads, and the next direct ack by any peer clears it everywhere.
+func TestFalseSuspicionClears(t *testing.T) {
+	t.Parallel()
+	meshes := startChain(t, 4, "false", nil)
+	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+	events := subscribe(t, meshes[3])
+	if meshes[0].onDirectProbeFailed("false1") {
+		t.Fatal("the failed-probe hook turned TCP fallback pings off")
+	}
+	waitFor(t, converge, func() string {
+		if got := events.types("false1"); !slices.Contains(got, EventSuspect) || !slices.Contains(got, EventAlive) {
+			return fmt.Sprintf("false3 saw events %v for false1, want suspect and alive", got)
+		}
+		return ""
+	})
+	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+}
+
+func TestPeerUp(t *testing.T) {
+	for s, want := range map[State]bool{StateAlive: true, StateSuspect: true, StateDead: false, StateLeft: false} {
+		if got := (Peer{State: s}).Up(); got != want {
+			t.Errorf("Peer{State: %v}.Up() = %v", s, got)
+		}
 	}
 }

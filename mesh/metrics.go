@@ -24,6 +24,8 @@ type metrics struct {
 	broadcasts        *prometheus.CounterVec // channel (registered channels only)
 	broadcastsDropped prometheus.Counter     //
 	metadataRejected  prometheus.Counter     //
+	coordUpdates      prometheus.Counter     //
+	coordRejected     *prometheus.CounterVec // reason
 }
 
 // Join failure reasons (label values of weft_mesh_join_failures_total).
@@ -80,6 +82,14 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 			Help: "Alive messages refused because their metadata did not decode.",
 		}),
 	}
+	m.coordUpdates = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "weft_mesh_coordinate_updates_total",
+		Help: "Network coordinate updates from acknowledged memberlist probes.",
+	})
+	m.coordRejected = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "weft_mesh_coordinate_rejected_total",
+		Help: "Coordinates in probe acks refused, by reason (empty, decode, dimensions, value, rtt, peer, update).",
+	}, []string{"reason"})
 	queue := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "weft_mesh_broadcast_queue_messages",
 		Help: "Broadcasts waiting in the gossip queue.",
@@ -87,7 +97,7 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	m.collectors = []prometheus.Collector{
 		m.members, m.joinAttempts, m.joinFailures, m.events, m.eventsDropped,
 		m.messagesReceived, m.messagesRejected, m.broadcasts, m.broadcastsDropped,
-		m.metadataRejected, queue,
+		m.metadataRejected, m.coordUpdates, m.coordRejected, queue,
 	}
 	for _, s := range []State{StateAlive, StateSuspect, StateDead, StateLeft} {
 		m.members.WithLabelValues(s.String()).Set(0)

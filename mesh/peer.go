@@ -64,6 +64,10 @@ type Peer struct {
 	Self bool
 }
 
+// Up reports whether the peer is a member that traffic may use: alive or
+// suspect (suspicion is advisory, see suspicion.go). Dead and left are down.
+func (p Peer) Up() bool { return p.State == StateAlive || p.State == StateSuspect }
+
 func (p Peer) clone() Peer {
 	p.Meta = p.Meta.Clone()
 	return p

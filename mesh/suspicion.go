@@ -2,7 +2,6 @@ package mesh
 
 import (
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
@@ -15,36 +14,41 @@ import (
 // updates and "leaves" (dead or left alike) through its EventDelegate. The
 // State of the Nodes it hands out, in callbacks and in Members(), is always
 // StateAlive: its nodeState keeps the real state in a field of its own that
-// shadows Node.State (hashicorp/memberlist#266). So polling Members() can
-// see neither suspicion nor the difference between dead and left.
+// shadows Node.State (hashicorp/memberlist#266, still so in v0.7.0; the fix,
+// memberlist#321, is unmerged). So polling Members() can see neither
+// suspicion nor the difference between dead and left, and the mesh learns
+// them through memberlist's typed hooks instead (never its log text):
 //
-// What memberlist does expose exactly:
-//
-//   - on the peer whose probe failed, the log line "Suspect <name> has
-//     failed, no acks received", printed right before memberlist marks that
-//     peer suspect (state.go, probeNode); the log is ours (Config.Logger),
-//     so the line is a synchronous hook;
-//   - on the suspected peer, "Refuting a suspect message" / "Refuting a
-//     dead message", printed when it announces that it is alive;
+//   - Config.DisableTcpPingsForNode(name) is called by the prober exactly
+//     when its direct UDP probe of name failed, to decide on the TCP
+//     fallback ping (memberlist's DisableTcpPings documents that fallback
+//     as "attempted if the direct UDP ping fails"). We answer false, the
+//     default, and take the call as the failed probe that precedes
+//     memberlist's own suspicion;
 //   - PingDelegate.NotifyPingComplete, when a direct probe was answered.
 //
 // The mesh turns those into gossip of its own on an internal channel
 // (relayed by every peer like any channel message), like Serf does for
-// leave intents: the prober broadcasts "suspect <name>", the
-// refuting peer "alive <name>", and Leave broadcasts "leaving <name>"
-// before memberlist's leave message. The peer table then is:
+// leave intents: the prober broadcasts "suspect <name>", any peer whose
+// direct probe of a peer it holds suspect is answered broadcasts "alive
+// <name>", and Leave broadcasts "leaving <name>" before memberlist's leave
+// message. The peer table then is:
 //
-//	alive → suspect   on a local failed probe or a "suspect" message
+//	alive → suspect   on a local failed direct probe or a "suspect" message
 //	suspect → alive   on a direct ack or an "alive" message
 //	→ dead / left     on NotifyLeave: left if a leave intent arrived,
 //	                  else dead (a late intent turns dead into left)
 //	→ alive (join)    on NotifyJoin
 //
-// Alive, dead, left and join are memberlist's decisions. Suspect follows
-// memberlist's suspicion with gossip delay and is advisory: messages can be
-// lost or reordered, and a later ack or refutation corrects the state. The
-// log texts are those of the memberlist version in go.mod; the suspect and
-// leave tests fail if an upgrade changes them.
+// Alive, dead, left and join are memberlist's decisions. Suspect is
+// advisory (Peer.Up counts it as up): it starts at a failed direct probe,
+// a little earlier than memberlist's suspicion (which waits for the
+// indirect probes too), and ends at the next direct ack by any peer, which
+// comes within about one probe interval for a healthy peer, since the N
+// probers each probe one of N peers per interval. Messages can be lost or
+// reordered; a later ack corrects the state. A peer that answers only
+// indirect or TCP probes (its UDP path from the probers is broken) stays
+// suspect while memberlist keeps it alive: still up, and worth showing.
 
 // internalChannel carries the mesh's own messages. RegisterChannel refuses
 // names starting with "_".
@@ -61,24 +65,22 @@ const (
 // intent still turns it into left.
 const leaveIntentWindow = 30 * time.Second
 
-const (
-	logSuspectPrefix = "memberlist: Suspect "
-	logSuspectSuffix = " has failed, no acks received"
-	logRefuteSuspect = "memberlist: Refuting a suspect message"
-	logRefuteDead    = "memberlist: Refuting a dead message"
-)
+// onDirectProbeFailed is memberlist's DisableTcpPingsForNode: called from
+// its probe goroutine (not under its node lock) when a direct UDP probe of
+// name got no ack. It marks the peer suspect, tells the others, and keeps
+// the TCP fallback ping on (returns false).
+func (m *Mesh) onDirectProbeFailed(name string) bool {
+	if m.markSuspect(name) {
+		m.broadcastInternal(msgSuspect, name)
+	}
+	return false
+}
 
-// onMemberlistLog inspects each memberlist log line (called synchronously
-// by memberlist, possibly under its node lock: no memberlist calls here).
-func (m *Mesh) onMemberlistLog(msg string) {
-	switch {
-	case strings.HasPrefix(msg, logSuspectPrefix) && strings.HasSuffix(msg, logSuspectSuffix):
-		name := msg[len(logSuspectPrefix) : len(msg)-len(logSuspectSuffix)]
-		if m.markSuspect(name) {
-			m.broadcastInternal(msgSuspect, name)
-		}
-	case strings.HasPrefix(msg, logRefuteSuspect), strings.HasPrefix(msg, logRefuteDead):
-		m.broadcastInternal(msgAlive, m.cfg.Name)
+// onDirectAck handles a direct probe's ack: a peer we held suspect is alive,
+// and the others, who heard our or someone's suspicion, learn it too.
+func (m *Mesh) onDirectAck(name string) {
+	if m.markAlive(name) {
+		m.broadcastInternal(msgAlive, name)
 	}
 }
 
@@ -138,12 +140,13 @@ func (m *Mesh) markLeaving(name string) {
 	if m.shut || !ok || p.Self {
 		return
 	}
-	switch p.State {
-	case StateAlive, StateSuspect:
+	switch {
+	case p.Up():
 		m.leaving[name] = struct{}{}
-	case StateDead:
+	case p.State == StateDead:
 		if time.Since(p.Since) < leaveIntentWindow {
 			p.State = StateLeft
+			m.coords.forget(name)
 			m.emitLocked(EventLeave, p, StateDead)
 		}
 	}

@@ -6,17 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/netip"
-	"strconv"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
-	"github.com/containernetworking/cni/pkg/utils"
 
 	"github.com/weftnet/weft/cni"
-	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/ipam"
-	"github.com/weftnet/weft/mesh"
 )
 
 const maxRequestBytes = 1 << 20
@@ -33,26 +27,32 @@ func newAPIError(status int, code uint, format string, args ...any) *apiError {
 	return &apiError{status: status, body: cni.Error{Code: code, Message: fmt.Sprintf(format, args...)}}
 }
 
-// classify maps an error from below to its CNI code, keeping the message.
+// classify maps an error to its API answer: an *apiError of the operator endpoints as it is,
+// anything else (the CNI verbs' errors) by its CNI code (cniError) with the HTTP status that
+// code implies.
 func classify(err error) *apiError {
 	var ae *apiError
-	switch {
-	case errors.As(err, &ae):
+	if errors.As(err, &ae) {
 		return ae
-	case errors.Is(err, ipam.ErrUnknownNetwork), errors.Is(err, ipam.ErrInvalidNetwork):
-		return newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "%v", err)
-	case errors.Is(err, ipam.ErrRangeFull), errors.Is(err, ipam.ErrNoQuorum):
-		return newAPIError(http.StatusServiceUnavailable, types.ErrTryAgainLater, "%v", err)
-	case errors.Is(err, datapath.ErrNotNetNS):
-		return newAPIError(http.StatusBadRequest, types.ErrInvalidEnvironmentVariables, "CNI_NETNS: %v", err)
-	case errors.Is(err, datapath.ErrIfNameExists):
-		return newAPIError(http.StatusConflict, types.ErrInvalidEnvironmentVariables, "CNI_IFNAME: %v", err)
-	case errors.Is(err, datapath.ErrCheckFailed):
-		return newAPIError(http.StatusConflict, cni.CodeCheckFailed, "%v", err)
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return newAPIError(http.StatusServiceUnavailable, types.ErrTryAgainLater, "%v", err)
 	}
-	return newAPIError(http.StatusInternalServerError, cni.CodeInternal, "%v", err)
+	ce := cniError(err)
+	return &apiError{status: httpStatus(ce.Code), body: *ce}
+}
+
+// httpStatus is the HTTP status of an answer with CNI error code code. The plugin reads only
+// the code; the status is for people reading the socket with curl.
+func httpStatus(code uint) int {
+	switch code {
+	case types.ErrUnknownContainer:
+		return http.StatusNotFound
+	case types.ErrTryAgainLater, cni.CodePluginNotAvailable:
+		return http.StatusServiceUnavailable
+	case cni.CodeCheckFailed:
+		return http.StatusConflict
+	case cni.CodeInternal:
+		return http.StatusInternalServerError
+	}
+	return http.StatusBadRequest
 }
 
 func (p *Peer) apiHandler() http.Handler {
@@ -192,117 +192,10 @@ func decode(r *http.Request, v any) error {
 	return nil
 }
 
+// decodeAttach reads an ADD, DEL or CHECK; the verbs validate it (checkAttach).
 func decodeAttach(r *http.Request) (cni.AttachRequest, error) {
 	var req cni.AttachRequest
-	if err := decode(r, &req); err != nil {
-		return req, err
-	}
-	if err := utils.ValidateContainerID(req.ContainerID); err != nil {
-		return req, newAPIError(http.StatusBadRequest, types.ErrInvalidEnvironmentVariables, "CNI_CONTAINERID: %s", err.Msg)
-	}
-	if err := utils.ValidateInterfaceName(req.IfName); err != nil {
-		return req, newAPIError(http.StatusBadRequest, types.ErrInvalidEnvironmentVariables, "CNI_IFNAME: %s", err.Msg)
-	}
-	if req.MTU != 0 && (req.MTU < 576 || req.MTU > 65535) {
-		return req, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "mtu %d must be between 576 and 65535", req.MTU)
-	}
-	if req.Network == "" {
-		req.Network = DefaultNetwork
-	}
-	return req, nil
-}
-
-// cniAdd attaches a container: check what can be checked without changing anything, take an
-// address (claiming a block only if none is free), build the veth, and undo the address if the
-// kernel work fails, so a failed ADD leaves the peer as it was.
-func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachResult, error) {
-	if req.NetNS == "" {
-		return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidEnvironmentVariables, "CNI_NETNS is empty")
-	}
-	if req.CNINetwork == "" {
-		return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "the network configuration has no name")
-	}
-	network, ok := p.alloc.Network(req.Network)
-	if !ok {
-		return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "network %q is not defined on peer %s", req.Network, p.cfg.Name)
-	}
-	key := ipam.Key{ContainerID: req.ContainerID, IfName: req.IfName}
-	defer p.lockKey(key)()
-
-	if existing, ok := p.alloc.Get(key); ok && existing.NetNS != req.NetNS {
-		return nil, newAPIError(http.StatusConflict, types.ErrInvalidEnvironmentVariables,
-			"container %s interface %s is already attached in netns %s, not %s", req.ContainerID, req.IfName, existing.NetNS, req.NetNS)
-	}
-	mtu := p.cfg.MTU
-	if req.MTU != 0 {
-		mtu = req.MTU
-	}
-	want := datapath.Attachment{
-		NetNS: req.NetNS, IfName: req.IfName, HostIfName: datapath.HostIfName(req.ContainerID, req.IfName),
-		Bridge: bridgeName(network.Name), Gateway: network.Gateway(), MTU: mtu,
-	}
-	if err := datapath.Preflight(want); err != nil {
-		return nil, err
-	}
-	name := req.Name
-	if name == "" {
-		name = req.ContainerID
-	}
-	for _, s := range req.Services {
-		if _, _, _, err := parseService(s); err != nil {
-			return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidEnvironmentVariables, "CNI_ARGS WEFT_SERVICES: %v", err)
-		}
-	}
-	rec, existed, err := p.alloc.Allocate(ctx, ipam.Attachment{
-		ContainerID: req.ContainerID, IfName: req.IfName, Network: network.Name, CNINetwork: req.CNINetwork,
-		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu, Services: req.Services,
-	})
-	if err != nil {
-		return nil, err
-	}
-	want.Address = netip.PrefixFrom(rec.Address, network.Subnet.Bits())
-	res, err := datapath.Attach(want)
-	if err != nil {
-		if !existed {
-			if _, _, rerr := p.alloc.Release(key); rerr != nil {
-				p.log.Error("could not undo the address of a failed ADD", "container", req.ContainerID, "err", rerr)
-			}
-			datapath.Detach(want.HostIfName)
-		}
-		return nil, err
-	}
-	p.registerName(rec.Name, rec.Address, rec.Services)
-	p.log.Info("attached", "container", req.ContainerID, "ifname", req.IfName, "address", want.Address, "name", rec.Name)
-	return &cni.AttachResult{
-		ContainerID: req.ContainerID, IfName: req.IfName, NetNS: req.NetNS,
-		HostIfName: want.HostIfName, HostMAC: res.HostMAC, ContainerMAC: res.ContainerMAC,
-		Bridge: want.Bridge, BridgeMAC: res.BridgeMAC,
-		Address: want.Address.String(), Gateway: want.Gateway.String(), MTU: mtu,
-		DNS: p.dnsInfo(network.Gateway()),
-	}, nil
-}
-
-// cniStatus says whether an ADD can succeed now: the network exists, and either an owned
-// block has a free address or a new block can be claimed (a Raft leader is reachable).
-func (p *Peer) cniStatus(req cni.StatusRequest) error {
-	if _, ok := p.alloc.Network(req.Network); !ok {
-		return newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "network %q is not defined on peer %s", req.Network, p.cfg.Name)
-	}
-	for _, n := range p.alloc.Networks() {
-		if n.Name != req.Network {
-			continue
-		}
-		for _, b := range n.Blocks {
-			if b.Free > 0 {
-				return nil
-			}
-		}
-	}
-	if p.cluster.Status().Leader == "" {
-		return newAPIError(http.StatusServiceUnavailable, cni.CodePluginNotAvailable,
-			"peer %s has no free address in its blocks and no raft leader to claim another from", p.cfg.Name)
-	}
-	return nil
+	return req, decode(r, &req)
 }
 
 // AddressRequest names a seed address for connect and forget.
@@ -330,7 +223,7 @@ func (p *Peer) removePeer(ctx context.Context, req RemovePeerRequest) (*RemovePe
 	if req.Name == p.cfg.Name {
 		return nil, newAPIError(http.StatusConflict, types.ErrInvalidNetworkConfig, "rmpeer: %s is this peer; run it on another", req.Name)
 	}
-	if pr, ok := p.mesh.Peer(req.Name); ok && !req.Force && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) {
+	if pr, ok := p.mesh.Peer(req.Name); ok && !req.Force && pr.Up() {
 		return nil, newAPIError(http.StatusConflict, types.ErrInvalidNetworkConfig,
 			"rmpeer: %s is %s in the mesh; stop it first (or --force if it is gone for good)", req.Name, pr.State)
 	}
@@ -344,88 +237,4 @@ func (p *Peer) removePeer(ctx context.Context, req RemovePeerRequest) (*RemovePe
 	}
 	p.log.Info("removed peer", "peer", req.Name, "released", len(released))
 	return res, nil
-}
-
-// cniDel detaches a container. It succeeds when there is nothing left to undo: no record, no
-// netns, no interface.
-func (p *Peer) cniDel(req cni.AttachRequest) error {
-	key := ipam.Key{ContainerID: req.ContainerID, IfName: req.IfName}
-	defer p.lockKey(key)()
-	return p.detach(key)
-}
-
-// detach removes the veth and then the record; the caller holds the key's lock.
-func (p *Peer) detach(key ipam.Key) error {
-	hostIf := datapath.HostIfName(key.ContainerID, key.IfName)
-	if err := datapath.Detach(hostIf); err != nil {
-		return err
-	}
-	rec, released, err := p.alloc.Release(key)
-	if err != nil {
-		return err
-	}
-	if released {
-		p.dnsRep.RemoveContainer(rec.Name, []netip.Addr{rec.Address})
-		p.log.Info("detached", "container", key.ContainerID, "ifname", key.IfName, "address", rec.Address)
-	}
-	return nil
-}
-
-// cniCheck verifies the attachment against the kernel.
-func (p *Peer) cniCheck(req cni.AttachRequest) (*cni.AttachResult, error) {
-	key := ipam.Key{ContainerID: req.ContainerID, IfName: req.IfName}
-	defer p.lockKey(key)()
-	rec, ok := p.alloc.Get(key)
-	if !ok {
-		return nil, newAPIError(http.StatusNotFound, types.ErrUnknownContainer, "container %s interface %s is not attached on peer %s", req.ContainerID, req.IfName, p.cfg.Name)
-	}
-	network, ok := p.alloc.Network(rec.Network)
-	if !ok {
-		return nil, newAPIError(http.StatusConflict, cni.CodeCheckFailed, "container %s is attached to network %q, which peer %s no longer serves", req.ContainerID, rec.Network, p.cfg.Name)
-	}
-	netnsPath := rec.NetNS
-	if req.NetNS != "" {
-		netnsPath = req.NetNS
-	}
-	a := datapath.Attachment{
-		NetNS: netnsPath, IfName: rec.IfName, HostIfName: rec.HostIfName, Bridge: bridgeName(network.Name),
-		Address: netip.PrefixFrom(rec.Address, network.Subnet.Bits()), Gateway: network.Gateway(), MTU: rec.MTU,
-	}
-	if err := datapath.Check(a); err != nil {
-		return nil, err
-	}
-	return &cni.AttachResult{
-		ContainerID: rec.ContainerID, IfName: rec.IfName, NetNS: netnsPath, HostIfName: rec.HostIfName,
-		Bridge: a.Bridge, Address: a.Address.String(), Gateway: a.Gateway.String(), MTU: rec.MTU,
-	}, nil
-}
-
-// cniGC releases every attachment of the runtime's network that the runtime no longer lists.
-func (p *Peer) cniGC(req cni.GCRequest) (*cni.GCResult, error) {
-	if req.CNINetwork == "" {
-		return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "the network configuration has no name")
-	}
-	valid := make(map[ipam.Key]bool, len(req.Valid))
-	for _, v := range req.Valid {
-		valid[ipam.Key{ContainerID: v.ContainerID, IfName: v.IfName}] = true
-	}
-	res := &cni.GCResult{Released: []cni.GCAttachment{}}
-	var errs []error
-	for _, rec := range p.alloc.Attachments() {
-		if rec.CNINetwork != req.CNINetwork || valid[rec.Key()] {
-			continue
-		}
-		unlock := p.lockKey(rec.Key())
-		err := p.detach(rec.Key())
-		unlock()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("release %s: %w", rec.Key(), err))
-			continue
-		}
-		res.Released = append(res.Released, cni.GCAttachment{ContainerID: rec.ContainerID, IfName: rec.IfName})
-	}
-	if len(res.Released) > 0 {
-		p.log.Info("garbage-collected attachments", "network", req.CNINetwork, "released", strconv.Itoa(len(res.Released)))
-	}
-	return res, errors.Join(errs...)
 }

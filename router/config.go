@@ -1,6 +1,7 @@
-// Package router is the weft peer: it wires ipam, datapath (and, as they land, mesh and dns)
+// Package router is the weft peer: it wires mesh, ipam, datapath, dns and the path choice
 // together under one root context with an ordered start and stop, and serves the control API
-// on a unix socket plus metrics and status over loopback HTTP.
+// (the CNI verbs and the operator commands) on a unix socket plus metrics and status over
+// loopback HTTP.
 package router
 
 import (
@@ -16,16 +17,26 @@ import (
 
 // Defaults, as documented in the README.
 const (
-	DefaultSocket     = "/run/weft/weft.sock"
-	DefaultDataDir    = "/var/lib/weft"
-	DefaultHTTPAddr   = "127.0.0.1:6782"
-	DefaultNetwork    = "default"
-	DefaultBridge     = "weft"
-	DefaultMTU        = 1420 // 1500 minus room for the WireGuard/VXLAN encapsulation to come
+	DefaultSocket   = "/run/weft/weft.sock"
+	DefaultDataDir  = "/var/lib/weft"
+	DefaultHTTPAddr = "127.0.0.1:6782"
+	DefaultNetwork  = "default"
+	DefaultBridge   = "weft"
+	// DefaultMTU fits every link mode on a 1500-byte underlay: VXLAN takes 50 bytes and
+	// WireGuard 80, so their devices are 1450 and 1420.
+	DefaultMTU        = 1420
 	DefaultMeshPort   = 6783
 	DefaultRaftPort   = 6785
 	DefaultRaftVoters = 3
-	DefaultVoterGrace = time.Minute
+	// DefaultRaftNonvoters spares follow the log, ready to replace a dead voter; every other
+	// peer is a Raft client.
+	DefaultRaftNonvoters = 2
+	DefaultVoterGrace    = time.Minute
+	// DefaultAttachWait is how long an ADD that needs a new block waits for a Raft leader
+	// while the peer is still forming or joining its cluster.
+	DefaultAttachWait = 15 * time.Second
+	// maxAttachWait keeps --attach-wait below the plugin's own 60s bound on one call.
+	maxAttachWait = 50 * time.Second
 	// defaultSettle is how long membership must stay unchanged before a peer without Raft
 	// state may bootstrap, so that peers starting together agree on who does.
 	defaultSettle      = 3 * time.Second
@@ -41,10 +52,13 @@ var ErrInvalidConfig = errors.New("invalid configuration")
 
 // Config configures a Peer.
 type Config struct {
-	Name         string
-	DataDir      string
-	Socket       string
-	HTTPAddr     string // empty disables the HTTP listener
+	Name     string
+	DataDir  string
+	Socket   string
+	HTTPAddr string // empty disables the HTTP listener
+	// Pprof serves Go's profiler at /debug/pprof/ on HTTPAddr, for operators measuring the
+	// peer's own cost; off by default since profiles reveal internals.
+	Pprof        bool
 	IPAllocRange netip.Prefix
 	BlockBits    int
 	MTU          int
@@ -58,14 +72,23 @@ type Config struct {
 	AdvertiseAddr netip.Addr
 	MeshPort      int
 	RaftPort      int
-	// Password encrypts gossip and authenticates Raft between peers; empty means neither.
+	// Password encrypts and authenticates gossip, Raft and leader forwarding, and probes
+	// (a key derived per use), and with Encrypt "auto" asks for WireGuard links; empty
+	// means none of these.
 	Password []byte
 	// RaftVoters is how many of the first peers vote.
 	RaftVoters int
+	// RaftNonvoters is how many more peers follow the Raft log without voting; the others are
+	// clients that forward writes and learn the block table by gossip.
+	RaftNonvoters int
 	// VoterGrace is how long a voter may be dead before a healthy non-voter replaces it.
 	VoterGrace time.Duration
 	// ReclaimAfter, when set, returns the blocks of peers dead that long to the pool.
 	ReclaimAfter time.Duration
+	// AttachWait is how long an ADD that needs a new block waits for a Raft leader while
+	// this peer is still forming or joining its cluster, before it fails with CNI 11; 0
+	// fails at once.
+	AttachWait time.Duration
 	// SettleTime overrides defaultSettle (tests).
 	SettleTime time.Duration
 
@@ -86,6 +109,11 @@ type Config struct {
 	LinkProbePort int
 	// ProbeInterval is the time between two probes to one peer (jittered).
 	ProbeInterval time.Duration
+	// ProbeTargets is how many peers this peer measures directly by choice (the nearest by
+	// network coordinates and a few random ones; peers it relays through are measured on top).
+	// Every other peer's figures are estimated from coordinates, so probe traffic per peer
+	// does not grow with the mesh.
+	ProbeTargets int
 	// ProbeTimeout is how long a probe may go unanswered before it counts as lost; 0 means
 	// twice ProbeInterval, at most 1s. Three lost in a row mark a link down.
 	ProbeTimeout time.Duration
@@ -121,13 +149,16 @@ func DefaultConfig() Config {
 		MeshPort:      DefaultMeshPort,
 		RaftPort:      DefaultRaftPort,
 		RaftVoters:    DefaultRaftVoters,
+		RaftNonvoters: DefaultRaftNonvoters,
 		VoterGrace:    DefaultVoterGrace,
+		AttachWait:    DefaultAttachWait,
 		SettleTime:    defaultSettle,
 		Encrypt:       "auto",
 		WireGuardPort: 6786,
 		ProbePort:     6787,
 		LinkProbePort: 6788,
 		ProbeInterval: time.Second,
+		ProbeTargets:  16,
 		DNSDomain:     "weft.local.",
 		DNSPort:       53,
 		DNSTTL:        30 * time.Second,
@@ -154,6 +185,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --raft-port %d is not a port", ErrInvalidConfig, c.RaftPort)
 	case c.RaftVoters < 1:
 		return fmt.Errorf("%w: --raft-voters %d must be at least 1", ErrInvalidConfig, c.RaftVoters)
+	case c.RaftNonvoters < 0 || c.RaftNonvoters > 16:
+		return fmt.Errorf("%w: --raft-nonvoters %d must be between 0 and 16", ErrInvalidConfig, c.RaftNonvoters)
 	case c.VoterGrace <= 0:
 		return fmt.Errorf("%w: --raft-voter-grace %s must be positive", ErrInvalidConfig, c.VoterGrace)
 	case c.Encrypt != "never" && c.Encrypt != "auto" && c.Encrypt != "always":
@@ -170,6 +203,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --link-probe-port %d must differ from --probe-port", ErrInvalidConfig, c.LinkProbePort)
 	case c.ProbeTimeout != 0 && c.ProbeTimeout < 10*time.Millisecond:
 		return fmt.Errorf("%w: --probe-timeout %s: at least 10ms (0: twice --probe-interval, at most 1s)", ErrInvalidConfig, c.ProbeTimeout)
+	case c.ProbeTargets < 1 || c.ProbeTargets > 1024:
+		return fmt.Errorf("%w: --probe-targets %d out of range 1..1024", ErrInvalidConfig, c.ProbeTargets)
 	case c.ProbeInterval < 50*time.Millisecond:
 		return fmt.Errorf("%w: --probe-interval %s: at most 20 probes a second per peer", ErrInvalidConfig, c.ProbeInterval)
 	case c.DNSPort < 0 || c.DNSPort > 65535:
@@ -178,6 +213,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --dns-ttl %s must be positive", ErrInvalidConfig, c.DNSTTL)
 	case c.DNSDownGrace <= 0:
 		return fmt.Errorf("%w: --dns-down-grace %s must be positive", ErrInvalidConfig, c.DNSDownGrace)
+	case c.AttachWait < 0 || c.AttachWait > maxAttachWait:
+		return fmt.Errorf("%w: --attach-wait %s must be between 0 and %s (the CNI plugin gives one call 60s)", ErrInvalidConfig, c.AttachWait, maxAttachWait)
 	case c.ReclaimAfter < 0:
 		return fmt.Errorf("%w: --reclaim-after %s must not be negative", ErrInvalidConfig, c.ReclaimAfter)
 	case c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified()):

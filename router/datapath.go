@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -23,11 +24,21 @@ import (
 )
 
 const (
-	// peerDownGrace is how long a dead or departed peer keeps its routes: long enough for a
-	// restart, short enough that a dead peer's routes go within seconds.
-	peerDownGrace = 5 * time.Second
-	// liveAfter bounds the start-up phase in which the datapath only adds (see runDatapath).
-	liveAfter = 30 * time.Second
+	// peerDownGrace is how long a dead or departed peer keeps its routes. A stopped peer
+	// leaves its kernel datapath in place (see runDatapath), so its containers stay
+	// reachable through the routes the others keep: the grace must outlast a restart —
+	// stop, start, rejoin (within a second or two through the member snapshot) — and weft
+	// stops a peer with SIGTERM, which the others see as a leave, for restarts too. Keeping
+	// a dead host's routes a little longer costs nothing (its containers are unreachable
+	// either way; its blocks stay its own until `weft rmpeer`), while withdrawing them
+	// during a restart cuts traffic that still works. 20 s covers a restart with 10 s or
+	// more to spare, and a departed peer's routes still go within half a minute.
+	peerDownGrace = 20 * time.Second
+	// keepAppliedFor bounds the start-up phase in which the datapath only adds (see
+	// runDatapath) when the peer cannot rejoin anyone: the routes it applied last stay that
+	// long (they are what the containers were using; without the mesh nothing better is
+	// known), then it converges to what it knows.
+	keepAppliedFor = 10 * time.Minute
 	// reapplyEvery re-sends the whole desired state to the drivers so that routes someone
 	// deleted by hand come back.
 	reapplyEvery = 30 * time.Second
@@ -47,7 +58,7 @@ type links struct {
 // startDatapath creates the link drivers and brings them up. It runs before the mesh starts
 // so that the VXLAN MAC and the capabilities are in the first gossip.
 func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
-	prefix, dev, err := direct.UnderlayPrefix(advertise)
+	prefix, dev, err := datapath.UnderlayPrefix(advertise)
 	if err != nil {
 		return fmt.Errorf("underlay %s: %w", advertise, err)
 	}
@@ -62,14 +73,15 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 			return err
 		}
 	}
-	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, LinkProbes: linkProbes, Logger: log})
+	dm := datapath.NewMetrics(p.reg)
+	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, LinkProbes: linkProbes, Logger: log, Metrics: dm})
 	if err != nil {
 		return err
 	}
 	l := &links{drivers: map[string]datapath.Driver{datapath.ModeVXLAN: vx}, vtepMAC: vx.MAC()}
 	l.pol = linkPolicy{UnderlayPrefix: prefix, NoDirect: p.cfg.NoDirect, Modes: []string{datapath.ModeVXLAN}}
 	if !p.cfg.NoDirect {
-		dr, err := direct.New(direct.Config{Underlay: advertise, UnderlayDev: dev, Logger: log})
+		dr, err := direct.New(direct.Config{Underlay: advertise, UnderlayDev: dev, Logger: log, Metrics: dm})
 		if err != nil {
 			return err
 		}
@@ -78,7 +90,7 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	}
 	l.pol.Encrypt, l.pol.Trusted = p.cfg.encrypts(), p.cfg.TrustedSubnets
 	if p.cfg.Encrypt != "never" {
-		wg, err := wireguard.New(wireguard.Config{
+		wg, err := wireguard.New(wireguard.Config{Metrics: dm,
 			PeerName: p.cfg.Name, KeyFile: filepath.Join(p.cfg.DataDir, "wireguard.key"),
 			Port: p.cfg.WireGuardPort, Underlay: advertise, LinkProbes: linkProbes, Logger: log,
 		})
@@ -99,7 +111,7 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	}
 	// Containers see the whole range on-link; the bridge answers ARP for remote ones.
 	for _, n := range p.alloc.Networks() {
-		if err := direct.EnableProxyARP(bridgeName(n.Name)); err != nil {
+		if err := datapath.EnableProxyARP(bridgeName(n.Name)); err != nil {
 			return err
 		}
 	}
@@ -124,8 +136,9 @@ func (p *Peer) stopDatapath() {
 //
 // Right after a start the mesh and the Raft log have not caught up; removing routes then
 // would cut traffic the peer simply has not heard about yet. So it first reinstalls what
-// it applied last time (kept in the database), and until the cluster has settled it only
-// adds; after that it converges exactly.
+// it applied last time (kept in the database), and until it has rejoined the cluster (see
+// startup) it only adds; after that it converges exactly. A peer that cannot reach anyone
+// keeps its last routes for keepAppliedFor.
 func (p *Peer) runDatapath(ctx context.Context) {
 	l := p.links
 	applied, err := loadApplied(p.db)
@@ -133,7 +146,8 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		p.log.Warn("last datapath state unreadable; starting from scratch", "err", err)
 	}
 	p.applyLinks(applied)
-	start, lastApply := time.Now(), time.Now()
+	lastApply := time.Now()
+	st := startup{start: lastApply}
 	live := false
 	tick := time.NewTicker(reconcileInterval)
 	defer tick.Stop()
@@ -152,9 +166,16 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		l.conns = conns
 		l.mu.Unlock()
 		if !live {
-			live = now.Sub(start) >= liveAfter || (p.cluster.Status().Leader != "" && now.Sub(start) >= p.cfg.SettleTime+peerDownGrace)
-			if !live {
+			live = st.over(now, peers, p.cluster.Status().Leader != "", p.cfg.SettleTime)
+			switch {
+			case !live:
 				want = unionPeers(applied, want)
+			case st.joined.IsZero():
+				p.log.Warn("rejoined no peer since the start; converging the datapath to what this peer knows",
+					"after", now.Sub(st.start).Round(time.Second))
+			default:
+				p.log.Info("rejoined the cluster; the datapath converges exactly from now on",
+					"after", now.Sub(st.start).Round(time.Millisecond))
 			}
 		}
 		if sameDesired(want, applied) && now.Sub(lastApply) < reapplyEvery {
@@ -166,6 +187,40 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			p.log.Warn("could not save the datapath state", "err", err)
 		}
 	}
+}
+
+// startup decides when runDatapath's start-up phase, in which it only adds, is over: once
+// the peer has rejoined — another peer is alive in the mesh (a join brings the whole
+// member list at once) and a Raft leader is known (so the block table has caught up) —
+// and that has held for settle, the time the others' metadata and link state take to
+// arrive; or, if it never rejoins, keepAppliedFor after the start. A timer alone is not
+// enough: a restarted peer that has not found the others yet sees none of them, and would
+// withdraw every route.
+type startup struct {
+	start  time.Time
+	joined time.Time // since when the peer has been rejoined; zero while it is not
+}
+
+// over is called once per reconcile round; O(N) in peers.
+func (s *startup) over(now time.Time, peers []mesh.Peer, leader bool, settle time.Duration) bool {
+	if !leader || !anyOtherUp(peers) {
+		s.joined = time.Time{}
+		return now.Sub(s.start) >= keepAppliedFor
+	}
+	if s.joined.IsZero() {
+		s.joined = now
+	}
+	return now.Sub(s.joined) >= settle
+}
+
+// anyOtherUp says whether a peer other than this one is alive or suspect.
+func anyOtherUp(peers []mesh.Peer) bool {
+	for _, pr := range peers {
+		if !pr.Self && pr.Up() {
+			return true
+		}
+	}
+	return false
 }
 
 // applyLinks hands every driver its peers (none for a driver without any).
@@ -186,19 +241,47 @@ func (p *Peer) remoteBlocks() map[string][]netip.Prefix {
 	return out
 }
 
-// unionPeers is a, with b's entries added or (same peer name) taking precedence.
+// unionPeers is b (the state wanted now) plus what a (applied before) routes and b does
+// not: a's peers missing from b, and a's blocks that b routes nowhere, added to the entry
+// of the peer a routed them to. It is the start-up phase's "only add": right after a
+// restart the mesh knows a peer before the Raft log has caught up with its blocks, and b
+// then has the peer without them. b wins where both speak (mode, addresses, keys, a block
+// b routes to another peer). O(blocks) in both.
 func unionPeers(a, b map[string][]datapath.RemotePeer) map[string][]datapath.RemotePeer {
+	inB := map[string]bool{}
+	routed := map[netip.Prefix]bool{}
+	for _, list := range b {
+		for _, rp := range list {
+			inB[rp.Name] = true
+			for _, blk := range rp.Blocks {
+				routed[blk] = true
+			}
+		}
+	}
+	extra := map[string][]netip.Prefix{} // peer → a's blocks that b routes nowhere
+	for _, list := range a {
+		for _, rp := range list {
+			for _, blk := range rp.Blocks {
+				if !routed[blk] {
+					extra[rp.Name] = append(extra[rp.Name], blk)
+					routed[blk] = true
+				}
+			}
+		}
+	}
 	out := map[string][]datapath.RemotePeer{}
-	seen := map[string]bool{}
 	for mode, list := range b {
 		for _, rp := range list {
+			if more := extra[rp.Name]; len(more) > 0 {
+				rp.Blocks = append(slices.Clone(rp.Blocks), more...)
+			}
 			out[mode] = append(out[mode], rp)
-			seen[rp.Name] = true
 		}
 	}
 	for mode, list := range a {
 		for _, rp := range list {
-			if !seen[rp.Name] {
+			if !inB[rp.Name] {
+				rp.Blocks = extra[rp.Name]
 				out[mode] = append(out[mode], rp)
 			}
 		}

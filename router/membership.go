@@ -2,14 +2,13 @@ package router
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/weftnet/weft/ipam"
@@ -45,17 +44,22 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 		cfg.Metadata.WireGuardKey = p.links.wg.PublicKey()
 	}
 	cfg.AcceptPeer = acceptPeer
+	// The members this peer knew, so that it rejoins them after a restart without seeds.
+	cfg.SnapshotPath = filepath.Join(p.cfg.DataDir, "members.json")
 	m, err := mesh.New(cfg)
 	if err != nil {
 		return nil, err
 	}
-	if err := m.RegisterChannel(usageChannel, p.usage); err != nil {
+	if err := m.RegisterChannel(ipam.UsageChannel, p.usage); err != nil {
+		return nil, err
+	}
+	if err := m.RegisterChannel(ipam.TableChannel, p.cluster.TableHandler()); err != nil {
 		return nil, err
 	}
 	if err := m.RegisterChannel(dnsChannel, p.dnsRep); err != nil {
 		return nil, err
 	}
-	if err := m.RegisterChannel(mesh.LinkStateChannelName, &mesh.LinkStateChannel{Table: p.paths.table, Logger: p.log}); err != nil {
+	if err := m.RegisterChannel(mesh.LinkStateChannelName, p.linkStateChannel(m)); err != nil {
 		return nil, err
 	}
 	if err := m.Start(ctx); err != nil {
@@ -93,20 +97,31 @@ func (p *Peer) raftPort() int {
 }
 
 // runMembership keeps Raft membership in step with the mesh: it bootstraps the cluster when
-// this peer is the one to, and on the leader adds, promotes and removes servers. It also
-// publishes this peer's block usage. It returns when ctx ends.
+// this peer is the one to, and on the leader adds, promotes and removes servers. It gossips
+// the block table (the leader its changes, a client fetches when behind) and publishes this
+// peer's block usage. It returns when ctx ends. O(N) per round (toMembers, Observe).
 func (p *Peer) runMembership(ctx context.Context) {
 	events, cancel := p.mesh.Subscribe()
 	defer cancel()
 	tick := time.NewTicker(reconcileInterval)
 	defer tick.Stop()
 	var settle settleTracker
+	syncWith := func(name string) {
+		go func() {
+			if err := p.mesh.Sync(name); err != nil {
+				p.log.Debug("state sync with a returning peer failed; push/pull will repair", "peer", name, "err", err)
+			}
+		}()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case ev := <-events:
-			p.peerEvent(ev)
+			p.peerEvent(ev, syncWith)
+		case <-p.cluster.TableChanged():
+			p.broadcastTable()
+			continue
 		case <-tick.C:
 		}
 		now := time.Now()
@@ -122,32 +137,48 @@ func (p *Peer) runMembership(ctx context.Context) {
 			if err := p.cluster.EnsureClusterID(); err != nil {
 				p.log.Warn("could not name the raft cluster; will retry", "err", err)
 			}
-			if md := p.mesh.Local().Meta; !md.RaftMember || md.ClusterID != p.cluster.ClusterID() {
-				id := p.cluster.ClusterID()
-				p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember, md.ClusterID = true, id })
-			}
 			if err := p.cluster.Reconcile(ctx, members, now); err != nil {
 				p.log.Warn("raft membership change failed; will retry", "err", err)
 			}
 		}
+		// A client names the cluster too (learnt from the table), so that the mesh keeps
+		// other clusters out and the leader knows it may promote it.
+		member, id := p.cluster.InCluster(), p.cluster.ClusterID()
+		if md := p.mesh.Local().Meta; md.RaftMember != member || md.ClusterID != id {
+			p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember, md.ClusterID = member, id })
+		}
+		p.cluster.Observe(members)
+		p.cluster.SyncTable(ctx, now)
+		p.broadcastTable()
+		known := make(map[string]bool, len(peers))
+		for _, pr := range peers {
+			known[pr.Name] = true
+		}
+		p.usage.Prune(func(name string) bool { return known[name] })
 		p.publishUsage()
 	}
 }
 
-// peerEvent passes liveness changes to the parts that keep per-peer state.
-func (p *Peer) peerEvent(ev mesh.Event) {
+// broadcastTable gossips the block-table changes this peer (as leader) has not sent yet.
+func (p *Peer) broadcastTable() {
+	for _, msg := range p.cluster.TableBroadcasts() {
+		if err := p.mesh.Broadcast(ipam.TableChannel, msg); err != nil {
+			// Clients notice the gap through push/pull and fetch the table.
+			p.log.Warn("block table delta not gossiped", "err", err)
+		}
+	}
+}
+
+// peerEvent passes liveness changes to the parts that keep per-peer state. A joiner's state
+// was exchanged by memberlist's own join push/pull with the peer it joined through; a full
+// sync is started only when this peer refused some of the joiner's DNS records while it
+// counted the joiner as gone (so not N syncs per join).
+func (p *Peer) peerEvent(ev mesh.Event, sync func(name string)) {
 	switch ev.Type {
-	case mesh.EventJoin:
-		// The join's state exchange may have reached the DNS records before this event
-		// and been refused (a peer forgotten while it was gone): exchange again.
-		p.dnsRep.PeerUp(ev.Peer.Name)
-		go func() {
-			if err := p.mesh.Sync(ev.Peer.Name); err != nil {
-				p.log.Debug("state sync with a returning peer failed; push/pull will repair", "peer", ev.Peer.Name, "err", err)
-			}
-		}()
-	case mesh.EventAlive:
-		p.dnsRep.PeerUp(ev.Peer.Name)
+	case mesh.EventJoin, mesh.EventAlive:
+		if p.dnsRep.PeerUp(ev.Peer.Name) {
+			sync(ev.Peer.Name)
+		}
 	case mesh.EventDead, mesh.EventLeave:
 		p.dnsRep.PeerDown(ev.Peer.Name)
 	}
@@ -169,7 +200,7 @@ type settleTracker struct {
 func (s *settleTracker) settled(peers []mesh.Peer, now time.Time, d time.Duration, hasSeeds bool, voters int) bool {
 	var names []string
 	for _, pr := range peers {
-		if pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect {
+		if pr.Up() {
 			names = append(names, pr.Name)
 		}
 	}
@@ -191,9 +222,10 @@ func toMembers(peers []mesh.Peer) []ipam.Member {
 	for _, pr := range peers {
 		m := ipam.Member{
 			Name:      pr.Name,
-			Alive:     pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect,
+			Alive:     pr.Up(),
 			Since:     pr.Since,
 			InCluster: pr.Meta.RaftMember,
+			ClusterID: pr.Meta.ClusterID,
 		}
 		if pr.Meta.RaftAddr.IsValid() {
 			m.RaftAddr = pr.Meta.RaftAddr.String()
@@ -203,104 +235,19 @@ func toMembers(peers []mesh.Peer) []ipam.Member {
 	return out
 }
 
-// Block usage travels by gossip so that `weft status ipam` on any peer shows how full every
-// peer's blocks are. Each peer sends its own report when it changes (a delta: one peer's
-// counts), and full state is exchanged on join and push/pull.
-
-const usageChannel = "ipam-usage"
-
-// usageReport is one peer's block usage. Version orders reports from the same peer.
-type usageReport struct {
-	Peer    string         `json:"peer"`
-	Version int64          `json:"version"`
-	Used    map[string]int `json:"used"` // block CIDR → addresses in use
-}
-
-// usageTable holds the latest report of every peer. It implements mesh.ChannelHandler.
-type usageTable struct {
-	mu      sync.Mutex // guards reports and lastSent
-	reports map[string]usageReport
-	// lastSent is the local report last broadcast, to send only changes.
-	lastSent string
-}
-
-func newUsageTable() *usageTable { return &usageTable{reports: map[string]usageReport{}} }
-
-// merge keeps r if it is newer than what is known of its peer; it says whether it did.
-func (u *usageTable) merge(r usageReport) bool {
-	if r.Peer == "" {
-		return false
-	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if cur, ok := u.reports[r.Peer]; ok && cur.Version >= r.Version {
-		return false
-	}
-	u.reports[r.Peer] = r
-	return true
-}
-
-func (u *usageTable) used(peer, cidr string) (int, bool) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	r, ok := u.reports[peer]
-	if !ok {
-		return 0, false
-	}
-	n, ok := r.Used[cidr]
-	return n, ok
-}
-
-// NotifyMsg implements mesh.ChannelHandler; a message that does not decode is dropped.
-func (u *usageTable) NotifyMsg(b []byte) {
-	var r usageReport
-	if json.Unmarshal(b, &r) == nil {
-		u.merge(r)
-	}
-}
-
-// LocalState implements mesh.ChannelHandler: every report known.
-func (u *usageTable) LocalState(bool) []byte {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	all := make([]usageReport, 0, len(u.reports))
-	for _, r := range u.reports {
-		all = append(all, r)
-	}
-	b, _ := json.Marshal(all)
-	return b
-}
-
-// MergeRemoteState implements mesh.ChannelHandler.
-func (u *usageTable) MergeRemoteState(b []byte, _ bool) {
-	var all []usageReport
-	if json.Unmarshal(b, &all) != nil {
-		return
-	}
-	for _, r := range all {
-		u.merge(r)
-	}
-}
-
-// publishUsage broadcasts this peer's usage if it changed since the last broadcast.
+// publishUsage broadcasts this peer's block usage if it changed since the last broadcast.
 func (p *Peer) publishUsage() {
-	r := usageReport{Peer: p.cfg.Name, Version: time.Now().UnixNano(), Used: map[string]int{}}
+	used := map[string]int{}
 	for _, n := range p.alloc.Networks() {
 		for _, b := range n.Blocks {
-			r.Used[b.CIDR.String()] = b.Used
+			used[b.CIDR.String()] = b.Used
 		}
 	}
-	key := fmt.Sprint(r.Used)
-	p.usage.mu.Lock()
-	changed := key != p.usage.lastSent
-	p.usage.lastSent = key
-	p.usage.mu.Unlock()
-	if !changed {
+	msg := p.usage.Publish(p.cfg.Name, used)
+	if msg == nil {
 		return
 	}
-	p.usage.merge(r)
-	b, _ := json.Marshal(r)
-	if err := p.mesh.Broadcast(usageChannel, b); err != nil {
+	if err := p.mesh.Broadcast(ipam.UsageChannel, msg); err != nil {
 		// Too large for one message: the periodic push/pull carries it instead.
 		p.log.Debug("usage broadcast skipped", "err", err)
 	}
@@ -316,12 +263,16 @@ type PeerStatus struct {
 	Since        time.Time `json:"since"`
 	Self         bool      `json:"self"`
 	RaftMember   bool      `json:"raft_member"`
-	ClusterID    string    `json:"cluster_id,omitempty"`
-	Version      string    `json:"version"`
+	// RaftRole is voter, non-voter or client, from the Raft configuration this peer knows
+	// (the same one `weft status ipam` lists), else "member" when gossip only says it is in.
+	RaftRole  string `json:"raft_role"`
+	ClusterID string `json:"cluster_id,omitempty"`
+	Version   string `json:"version"`
 }
 
 func (p *Peer) peerStatus() []PeerStatus {
 	out := []PeerStatus{}
+	cs := p.cluster.Status()
 	for _, pr := range p.mesh.Peers() {
 		caps := slices.Clone(pr.Meta.Capabilities)
 		if caps == nil {
@@ -331,9 +282,24 @@ func (p *Peer) peerStatus() []PeerStatus {
 			Name: pr.Name, Address: pr.Meta.Underlay.String(), GossipAddr: pr.Addr.String(),
 			State: pr.State.String(), Capabilities: caps, Since: pr.Since, Self: pr.Self,
 			RaftMember: pr.Meta.RaftMember, ClusterID: pr.Meta.ClusterID, Version: pr.Meta.Version,
+			RaftRole: raftRole(pr.Name, pr.Meta.RaftMember, cs),
 		})
 	}
 	return out
+}
+
+// raftRole says what part peer plays in Raft: as the configuration in cs says when it is known
+// (so `status peers` agrees with `status ipam`), else from the peer's gossip.
+func raftRole(peer string, gossipMember bool, cs ipam.ClusterStatus) string {
+	switch {
+	case slices.Contains(cs.Voters, peer):
+		return ipam.RoleVoter
+	case slices.Contains(cs.Nonvoters, peer):
+		return ipam.RoleNonvoter
+	case len(cs.Voters) > 0 || !gossipMember:
+		return ipam.RoleClient
+	}
+	return "member"
 }
 
 // IPAMStatus is `weft status ipam`.
@@ -382,7 +348,7 @@ func (p *Peer) ipamStatus() IPAMStatus {
 			totals[row.Owner] = t
 		}
 		t.blocks++
-		if used, ok := p.usage.used(row.Owner, blk.CIDR); ok {
+		if used, ok := p.usage.Used(row.Owner, blk.CIDR); ok {
 			free := 0
 			if n, ok := p.alloc.Network(row.Network); ok {
 				free = n.Usable(row.CIDR) - used

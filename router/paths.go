@@ -5,30 +5,48 @@ import (
 	"crypto/hkdf"
 	"crypto/sha256"
 	"fmt"
+	"log/slog"
 	"maps"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/pathsel"
 )
 
-// Measured paths: every peer probes every other (UDP, timestamps T1..T4), publishes its
-// neighbour table as link-state deltas, and picks for each destination the path that meets
-// its SLA — relaying through a third peer when the direct link is down or too slow.
+// Measured paths: every peer probes its probe targets (UDP, timestamps T1..T4), publishes
+// its links as versioned link-state entries, and an incremental selector (mesh/pathsel)
+// picks for each destination the path that meets its SLA — relaying through a third peer
+// when the direct link is down or too slow. Link-state changes (ours from Publish, the
+// others' from the link-state channel) go straight into the selector, which marks only the
+// destinations they can affect; the datapath tick then costs O(N) map upkeep plus
+// O(changed) path search, never a path search per destination.
 
 // unknownGrace is how long a newly probed peer that has not answered yet counts as unknown
 // rather than unreachable: a few probe intervals, plus WireGuard's 5 s handshake retry (a
 // first handshake is lost when the other end has not configured us yet).
 const unknownGrace = 10 * time.Second
 
-// paths holds the measuring and path-choice state. The datapath loop is its only writer.
+// underlayProbeSlowdown: underlay probes run this many times slower than link probes when
+// both are on (see startPaths).
+const underlayProbeSlowdown = 5
+
+// linkStateMinChange: an RTT or jitter moving by less than this is not republished. Path
+// choice switches only on gains of 20% and 1 ms, so smaller moves would be gossip to all for
+// nothing (they are still measured and shown locally).
+const linkStateMinChange = 500 * time.Microsecond
+
+// paths holds the measuring and path-choice state. The datapath loop is its only writer,
+// except for the link-state channel feeding sel (which is safe for concurrent use).
 type paths struct {
 	// underlay probes go over the underlay (--probe-port); link probes through the link in
 	// use to each peer (--link-probe-port, routed by datapath.EnsureProbeRule). Path choice
@@ -36,18 +54,24 @@ type paths struct {
 	// even while the underlay answers; without them (port 0), the underlay probes.
 	underlay, link *mesh.Prober
 	table          *mesh.LinkTable
-	sel            *mesh.PathSelector
-	sla            mesh.SLA
+	sel            *pathsel.Selector
+	sla            pathsel.SLA
 
-	targets map[string]netip.Addr // peers probed now, by underlay address
-	added   map[string]time.Time  // when each target was first probed
+	targets  map[string]netip.Addr   // peers probed now, by underlay address
+	probeSet mesh.ProbeTargets       // why each target is probed; input to the next choice
+	rnd      *rand.Rand              // random probe picks
+	added    map[string]time.Time    // when each target was first probed
+	dests    map[string]pathsel.Dest // destinations as last given to sel
+	live     map[string]struct{}     // live peers as of the last tick
 
-	mu      sync.Mutex // guards choices
-	choices map[string]mesh.PathChoice
+	mu      sync.Mutex // guards following
+	choices map[string]pathsel.Choice
+	relays  map[string]string // destination → relay, for relayed destinations
 
-	rtt, loss, jitter, slaOK, hops *prometheus.GaugeVec
-	violations                     *prometheus.CounterVec
-	linkRTT, linkLoss, linkUp      *prometheus.GaugeVec
+	rtt, loss, jitter, slaOK, hops, estimated *prometheus.GaugeVec
+	violations                                *prometheus.CounterVec
+	linkRTT, linkLoss, linkUp                 *prometheus.GaugeVec
+	rejectedLinks                             prometheus.Counter
 }
 
 // measured is the prober whose figures choose paths: link probes when they are on.
@@ -72,51 +96,148 @@ func probeKey(password []byte) []byte {
 
 // startPaths opens the probe sockets and starts the probers; their stops go on stops.
 func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]func()) error {
-	sla := mesh.DefaultSLA()
+	sla := pathsel.DefaultSLA()
 	if p.cfg.SLA != "" {
 		var err error
-		if sla, err = mesh.ParseSLA(p.cfg.SLA); err != nil {
+		if sla, err = pathsel.ParseSLA(p.cfg.SLA); err != nil {
 			return fmt.Errorf("%w: --sla: %v", ErrInvalidConfig, err)
 		}
 	}
-	sel, err := mesh.NewPathSelector(mesh.DefaultPathSelectorConfig())
+	// Destinations that are not probed get an RTT estimated from Vivaldi coordinates.
+	sel, err := pathsel.New(pathsel.Config{Self: p.cfg.Name, SLA: sla, Estimator: &p.coords})
+	if err != nil {
+		return err
+	}
+	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg, RTTMinChange: linkStateMinChange})
 	if err != nil {
 		return err
 	}
 	pt := &paths{
-		table: mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate")}),
-		sel:   sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, choices: map[string]mesh.PathChoice{},
-		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer."}, []string{"peer"}),
+		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		dests: map[string]pathsel.Dest{}, live: map[string]struct{}{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
+		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
 		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
 		slaOK:      prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_sla_ok", Help: "1 when the chosen path to the peer meets the SLA."}, []string{"peer", "sla"}),
 		hops:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_hops", Help: "Links in the chosen path to each peer (2 = relayed)."}, []string{"peer"}),
+		estimated:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_estimated", Help: "1 when the path figures to the peer are estimated (direct link not probed), 2 when unmeasured."}, []string{"peer"}),
 		violations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_sla_violations_total", Help: "Times the chosen path to a peer started violating the SLA."}, []string{"peer", "sla"}),
 		linkRTT:    prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_rtt_seconds", Help: "Measured RTT (moving average) of the direct link to each peer, over the underlay or through the link in use."}, []string{"peer", "via"}),
 		linkLoss:   prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_ratio", Help: "Probe loss over the recent window on the direct link to each peer."}, []string{"peer", "via"}),
 		linkUp:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_up", Help: "1 when the direct link to the peer answers probes."}, []string{"peer", "via"}),
+		rejectedLinks: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_path_links_rejected_total",
+			Help: "Link-state entries path selection refused (out of range, or over the per-peer link bound)."}),
 	}
-	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, "--probe-port", stops); err != nil {
+	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
+	// whether a broken link is the tunnel or the underlay, so they run at a fifth of the rate
+	// (probe packets are most of an idle peer's CPU).
+	underlayEvery := p.cfg.ProbeInterval
+	if p.cfg.LinkProbePort != 0 {
+		underlayEvery *= underlayProbeSlowdown
+	}
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, "--probe-port", stops); err != nil {
 		return err
 	}
 	if p.cfg.LinkProbePort != 0 {
-		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, "--link-probe-port", stops); err != nil {
+		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, p.cfg.ProbeInterval, "--link-probe-port", stops); err != nil {
 			return err
 		}
 	}
-	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp)
+	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks)
 	p.paths = pt
 	return nil
 }
 
+// linkStateChannel is the link-state gossip handler to register on m: it feeds every
+// link that changed into path selection.
+func (p *Peer) linkStateChannel(m *mesh.Mesh) *mesh.LinkStateChannel {
+	return &mesh.LinkStateChannel{Table: p.paths.table, Self: p.cfg.Name, Sender: m, Logger: p.log,
+		OnChange: func(changes []mesh.LinkChange) { p.paths.feed(p.log, changes) }}
+}
+
+// feed applies link-state changes to the selector. O(changes × D).
+func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
+	for _, c := range changes {
+		if c.Removed {
+			pt.sel.RemoveLink(c.From, c.To)
+			continue
+		}
+		l := pathsel.Link{RTT: c.Link.RTT, Jitter: c.Link.Jitter, Loss: c.Link.Loss, Up: c.Link.Up, Encrypted: c.Link.Encrypted}
+		if err := pt.sel.SetLink(c.From, c.To, l); err != nil {
+			pt.rejectedLinks.Inc()
+			log.Warn("path selection refused a link", "from", c.From, "to", c.To, "err", err)
+		}
+	}
+}
+
+// probeTargets returns the peers to probe, by underlay address: a bounded set (--probe-targets
+// nearest by coordinates and some random ones, mesh.ChooseProbeTargets) plus every peer this
+// one relays through and every destination it relays (so a healed direct link is seen), so
+// probe traffic per peer does not grow with N. O(N log k).
+func (p *Peer) probeTargets(peers []mesh.Peer) map[string]netip.Addr {
+	pt := p.paths
+	under := make(map[string]netip.Addr, len(peers))
+	live := make([]string, 0, len(peers))
+	for _, pr := range peers {
+		if isLiveRemote(pr) {
+			live = append(live, pr.Name)
+			under[pr.Name] = pr.Meta.Underlay
+		}
+	}
+	pt.mu.Lock()
+	must := make([]string, 0, 2*len(pt.relays))
+	for dest, relay := range pt.relays {
+		must = append(must, dest, relay)
+	}
+	pt.mu.Unlock()
+	pt.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
+		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Must: must,
+		Current: pt.probeSet, Now: time.Now(), Rand: pt.rnd,
+	}, mesh.ProbeTargetConfig{K: p.cfg.ProbeTargets})
+	targets := make(map[string]netip.Addr, p.cfg.ProbeTargets+len(must))
+	for _, name := range pt.probeSet.All() {
+		if a, ok := under[name]; ok {
+			targets[name] = a
+		}
+	}
+	return targets
+}
+
+// coordEstimator estimates RTTs from the mesh's Vivaldi coordinates. Path selection is built
+// before the mesh starts, so the mesh is bound late; until then there are no estimates.
+type coordEstimator struct {
+	mesh atomic.Pointer[mesh.Mesh]
+}
+
+// EstimateRTT implements pathsel.Estimator.
+func (e *coordEstimator) EstimateRTT(a, b string) (time.Duration, bool) {
+	m := e.mesh.Load()
+	if m == nil {
+		return 0, false
+	}
+	return m.EstimateRTTBetween(a, b)
+}
+
+func (e *coordEstimator) estimateFromSelf(peer string) (time.Duration, bool) {
+	m := e.mesh.Load()
+	if m == nil {
+		return 0, false
+	}
+	return m.EstimateRTT(peer)
+}
+
+func isLiveRemote(pr mesh.Peer) bool {
+	return !pr.Self && pr.Up() && pr.Meta.Underlay.IsValid()
+}
+
 // startProber binds one probe socket on the underlay address and runs a prober on it.
-func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, flag string, stops *[]func()) (*mesh.Prober, error) {
+func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, every time.Duration, flag string, stops *[]func()) (*mesh.Prober, error) {
 	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(advertise, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s %d: %w", flag, port, err)
 	}
 	prober, err := mesh.NewProber(mesh.ProberConfig{
-		Self: p.cfg.Name, Conn: conn, Interval: p.cfg.ProbeInterval, Timeout: p.cfg.probeTimeout(),
+		Self: p.cfg.Name, Conn: conn, Interval: every, Timeout: p.cfg.probeTimeout(),
 		Key: probeKey(p.cfg.Password), Logger: p.log.With("component", "probe", "port", port),
 	})
 	if err != nil {
@@ -133,19 +254,13 @@ func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, 
 	return prober, nil
 }
 
-// updatePaths probes the live peers, publishes this peer's links when they moved, and
-// chooses a path to every live peer. It returns, for each destination that goes through a
-// relay, the relay's name.
+// updatePaths probes the probe targets, publishes this peer's links when they moved, feeds
+// every change into path selection and re-evaluates only the destinations it affected. It
+// returns, for each destination that goes through a relay, the relay's name. O(N) map
+// upkeep per call plus O(changed × D) path search.
 func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	pt := p.paths
-	targets := map[string]netip.Addr{}
-	encrypted := map[string]bool{} // the direct link runs over WireGuard
-	for _, pr := range peers {
-		if !pr.Self && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) && pr.Meta.Underlay.IsValid() {
-			targets[pr.Name] = pr.Meta.Underlay
-			encrypted[pr.Name] = chooseLink(p.links.pol, pr.Meta).Mode == datapath.ModeWireGuard
-		}
-	}
+	targets := p.probeTargets(peers)
 	if !maps.Equal(targets, pt.targets) {
 		if err := pt.underlay.SetTargets(withPort(targets, p.cfg.ProbePort)); err != nil {
 			p.log.Warn("probe targets", "err", err)
@@ -157,8 +272,6 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 		for name := range pt.targets {
 			if _, ok := targets[name]; !ok {
-				pt.table.Remove(name)
-				pt.sel.Forget(name)
 				delete(pt.added, name)
 				for _, via := range []string{"underlay", "link"} {
 					pt.linkRTT.DeleteLabelValues(name, via)
@@ -174,83 +287,117 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 		pt.targets = targets
 	}
+	// Destinations: every live peer, encrypted when its direct link runs over WireGuard (a
+	// pair that must be encrypted is relayed only along encrypted links, every hop included).
+	live := make(map[string]struct{}, len(peers))
+	dests := make(map[string]pathsel.Dest, len(peers))
+	encrypted := map[string]bool{}
+	for _, pr := range peers {
+		if !isLiveRemote(pr) {
+			continue
+		}
+		live[pr.Name] = struct{}{}
+		enc := chooseLink(p.links.pol, pr.Meta).Mode == datapath.ModeWireGuard
+		encrypted[pr.Name] = enc
+		d := pathsel.Dest{Encrypted: enc}
+		// A link not measured yet is unknown, not broken: until the first probe answer (or
+		// unknownGrace, after which silence does mean down), traffic takes the direct link.
+		if added, probed := pt.added[pr.Name]; probed && now.Sub(added) < unknownGrace {
+			if st, ok := pt.measured().Stats(pr.Name); !ok || st.Samples == 0 {
+				d.Pending = true
+			}
+		}
+		dests[pr.Name] = d
+	}
+	// A peer gone from the mesh: forget its links (ours to it go by the publication below).
+	for name := range pt.live {
+		if _, ok := live[name]; !ok {
+			pt.feed(p.log, pt.table.Remove(name))
+			pt.sel.RemovePeer(name)
+		}
+	}
+	for name := range live {
+		if _, ok := pt.live[name]; !ok {
+			pt.table.Restore(name) // back after a Remove: take its links again
+		}
+	}
+	pt.live = live
 	measured := pt.measured().All()
 	// A link not measured yet is not advertised until unknownGrace says it is down: the
 	// other end takes each link as the worse of both directions, and "not measured yet"
 	// must not count there as "down".
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if st.Samples == 0 && now.Sub(pt.added[name]) < unknownGrace {
+		if _, ok := targets[name]; !ok || st.Samples == 0 && now.Sub(pt.added[name]) < unknownGrace {
 			continue
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: encrypted[name]}
 	}
-	if delta, changed := pt.table.PublishLinks(p.cfg.Name, links); changed && delta != nil {
-		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, delta); err != nil {
+	msgs, changes := pt.table.PublishLinks(p.cfg.Name, links)
+	for _, msg := range msgs {
+		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, msg); err != nil {
 			p.log.Debug("link-state broadcast skipped; push/pull carries it", "err", err)
 		}
 	}
+	pt.feed(p.log, changes)
 	pt.exportLinks("underlay", pt.underlay.All())
 	if pt.link != nil {
 		pt.exportLinks("link", measured)
 	}
-	// Both ends of a pair choose on the same symmetric graph, and a pair that must be
-	// encrypted only over encrypted links, every hop included: so the two ends pick mirror
-	// paths (WireGuard drops a peer's packets that arrive from another peer than the one
-	// its blocks are routed to) and a relay never carries them in plaintext.
-	graph := pt.table.Graph().Symmetric()
-	encGraph := graph.Encrypted()
-	relays := map[string]string{}
-	choices := map[string]mesh.PathChoice{}
-	for name := range targets {
-		// A link not measured yet is unknown, not broken: until the first probe answer (or
-		// unknownGrace, after which silence does mean down), traffic takes the direct link,
-		// and the selector starts from a fresh state (its hysteresis would otherwise keep a
-		// start-up relay for seconds).
-		if st, ok := pt.measured().Stats(name); (!ok || st.Samples == 0) && now.Sub(pt.added[name]) < unknownGrace {
-			pt.sel.Forget(name)
-			choices[name] = mesh.PathChoice{Path: []string{name}, Since: now, SLAOK: true, Reason: "not measured yet"}
-			continue
+	if !maps.Equal(dests, pt.dests) {
+		pt.sel.SetDestinations(dests)
+		pt.dests = dests
+	}
+	changed := pt.sel.Select(now)
+	pt.mu.Lock()
+	defer pt.mu.Unlock()
+	for name := range pt.choices {
+		if _, ok := dests[name]; !ok {
+			delete(pt.choices, name)
+			delete(pt.relays, name)
+			pt.rtt.DeleteLabelValues(name)
+			pt.jitter.DeleteLabelValues(name)
+			pt.loss.DeleteLabelValues(name)
+			pt.hops.DeleteLabelValues(name)
+			pt.estimated.DeleteLabelValues(name)
+			pt.slaOK.DeleteLabelValues(name, pt.sla.Name)
 		}
-		g := graph
-		if encrypted[name] {
-			g = encGraph
-		}
-		c := pt.sel.Select(g, p.cfg.Name, name, pt.sla, now)
-		choices[name] = c
+	}
+	for name, c := range changed {
+		prev, had := pt.choices[name]
+		pt.choices[name] = c
 		if len(c.Path) == 2 {
-			relays[name] = c.Path[0]
+			pt.relays[name] = c.Path[0]
+		} else {
+			delete(pt.relays, name)
 		}
-		prev, had := pt.current(name)
-		if !c.SLAOK && len(c.Path) > 0 && (!had || prev.SLAOK) {
+		if !c.SLAOK && !c.Unmeasured && len(c.Path) > 0 && (!had || prev.SLAOK) {
 			pt.violations.WithLabelValues(name, pt.sla.Name).Inc()
 		}
 		pt.rtt.WithLabelValues(name).Set(c.RTT.Seconds())
 		pt.jitter.WithLabelValues(name).Set(c.Jitter.Seconds())
 		pt.loss.WithLabelValues(name).Set(c.Loss)
 		pt.hops.WithLabelValues(name).Set(float64(len(c.Path)))
+		est := 0.0
+		switch {
+		case c.Estimated:
+			est = 1
+		case c.Unmeasured:
+			est = 2
+		}
+		pt.estimated.WithLabelValues(name).Set(est)
 		ok := 0.0
 		if c.SLAOK {
 			ok = 1
 		}
 		pt.slaOK.WithLabelValues(name, pt.sla.Name).Set(ok)
 	}
-	pt.mu.Lock()
-	for name := range pt.choices {
-		if _, ok := choices[name]; !ok {
-			pt.rtt.DeleteLabelValues(name)
-			pt.jitter.DeleteLabelValues(name)
-			pt.loss.DeleteLabelValues(name)
-			pt.hops.DeleteLabelValues(name)
-			pt.slaOK.DeleteLabelValues(name, pt.sla.Name)
-		}
-	}
-	pt.choices = choices
-	pt.mu.Unlock()
-	return relays
+	// Choices whose reason alone moved (a hold's progress) are refreshed for status only
+	// when asked: routes() reads the selector.
+	return maps.Clone(pt.relays)
 }
 
-func (pt *paths) current(dest string) (mesh.PathChoice, bool) {
+func (pt *paths) current(dest string) (pathsel.Choice, bool) {
 	pt.mu.Lock()
 	defer pt.mu.Unlock()
 	c, ok := pt.choices[dest]
@@ -286,7 +433,7 @@ func (p *Peer) nearest(peer string) (time.Duration, bool) {
 		return 0, false
 	}
 	c, ok := p.paths.current(peer)
-	if !ok || len(c.Path) == 0 {
+	if !ok || len(c.Path) == 0 || c.Unmeasured {
 		return 0, false
 	}
 	return c.RTT, true
@@ -304,6 +451,10 @@ type Route struct {
 	SLAOK    bool      `json:"sla_ok"`
 	Since    time.Time `json:"since"`
 	Reason   string    `json:"reason"`
+	// Estimated: the direct link is not probed; RTT is an estimate (from coordinates).
+	// Unmeasured: neither a measurement nor an estimate exists; the figures are zero.
+	Estimated  bool `json:"estimated"`
+	Unmeasured bool `json:"unmeasured"`
 	// Direct is the measured direct link (through the link in use, see Link), whether or
 	// not the path uses it; Underlay is the same peer measured over the underlay.
 	Direct   Hop    `json:"direct"`
@@ -323,24 +474,24 @@ type Hop struct {
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
+// routes lists every destination's choice, as the selector holds it now (with the
+// current reason of a pending hold). O(N).
 func (p *Peer) routes() []Route {
 	pt := p.paths
-	graph := pt.table.Graph()
 	under := pt.underlay.All()
 	modes := map[string]string{}
 	for _, c := range p.connections() {
 		modes[c.Peer] = c.Mode
 	}
-	pt.mu.Lock()
-	defer pt.mu.Unlock()
 	out := []Route{}
-	for dest, c := range pt.choices {
+	for dest, c := range pt.sel.Choices() {
 		r := Route{Peer: dest, Path: slices.Clone(c.Path), Hops: []Hop{}, RTTms: ms(c.RTT), JitterMs: ms(c.Jitter),
-			Loss: c.Loss, SLA: pt.sla.String(), SLAOK: c.SLAOK, Since: c.Since, Reason: c.Reason}
+			Loss: c.Loss, SLA: pt.sla.String(), SLAOK: c.SLAOK, Since: c.Since, Reason: c.Reason,
+			Estimated: c.Estimated, Unmeasured: c.Unmeasured}
 		if r.Path == nil {
 			r.Path = []string{}
 		}
-		lm, _ := graph.Link(p.cfg.Name, dest)
+		lm, _ := pt.table.Link(p.cfg.Name, dest)
 		r.Direct = Hop{From: p.cfg.Name, To: dest, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up}
 		u := under[dest]
 		r.Underlay = Hop{From: p.cfg.Name, To: dest, RTTms: ms(u.RTT), JitterMs: ms(u.Jitter), Loss: u.Loss, Up: u.Up}
@@ -348,11 +499,13 @@ func (p *Peer) routes() []Route {
 		if pt.link != nil && u.Up && !lm.Up && r.Link != "" && r.Link != datapath.ModeDirect {
 			r.Reason += fmt.Sprintf("; the %s link is broken while the underlay answers", r.Link)
 		}
-		from := p.cfg.Name
-		for _, to := range c.Path {
-			lm, _ := graph.Link(from, to)
-			r.Hops = append(r.Hops, Hop{From: from, To: to, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up})
-			from = to
+		if !c.Estimated && !c.Unmeasured {
+			from := p.cfg.Name
+			for _, to := range c.Path {
+				lm, _ := pt.table.Link(from, to)
+				r.Hops = append(r.Hops, Hop{From: from, To: to, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up})
+				from = to
+			}
 		}
 		out = append(out, r)
 	}

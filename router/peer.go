@@ -40,9 +40,10 @@ type Peer struct {
 	transport *ipam.PeerTransport
 	cluster   *ipam.Cluster
 	mesh      *mesh.Mesh
-	usage     *usageTable
+	usage     *ipam.UsageTable
 	links     *links
 	paths     *paths
+	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
 	started   time.Time
@@ -68,7 +69,7 @@ func New(cfg Config) (*Peer, error) {
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
-		usage:   newUsageTable(),
+		usage:   ipam.NewUsageTable(ipam.UsageConfig{Logger: cfg.Logger.With("component", "ipam"), Registerer: reg}),
 	}, nil
 }
 
@@ -113,7 +114,7 @@ func (p *Peer) Run(ctx context.Context) error {
 		Networks:   []ipam.Network{p.cfg.defaultNetwork()},
 		Logger:     p.log.With("component", "ipam"),
 		Registerer: p.reg,
-	}, db, p.cluster)
+	}, db, p.startLeaderWait(ctx, &stops))
 	if err != nil {
 		return err
 	}
@@ -137,6 +138,7 @@ func (p *Peer) Run(ctx context.Context) error {
 		stopMesh()
 		return fmt.Errorf("start mesh: %w", err)
 	}
+	p.coords.mesh.Store(p.mesh)
 	stops = append(stops, func() {
 		if err := p.mesh.Leave(2 * time.Second); err != nil {
 			p.log.Warn("leaving the mesh", "err", err)
@@ -205,8 +207,11 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 		Dir:            filepath.Join(p.cfg.DataDir, "raft"),
 		Transport:      netTrans,
 		Forward:        ipam.HTTPForwarder(tr.DialRPC),
+		FetchTable:     ipam.HTTPTableFetcher(tr.DialRPC),
+		Registerer:     p.reg,
 		DB:             p.db,
 		Voters:         p.cfg.RaftVoters,
+		Nonvoters:      p.cfg.RaftNonvoters,
 		DeadVoterGrace: p.cfg.VoterGrace,
 		ReclaimAfter:   p.cfg.ReclaimAfter,
 		Logger:         p.log.With("component", "raft"),

@@ -1,16 +1,20 @@
 // Command demo is what `make demo` runs: it builds a weft lab (hosts are network
 // namespaces on a shared underlay, each running a real `weft peer`), attaches containers
 // through libcni and the real plugin, shows the CNI results, pings between the
-// containers, prints `weft status`, and keeps everything up until Ctrl-C.
+// containers, prints `weft status`, and keeps everything up until Ctrl-C (or Enter). After a
+// clean teardown it exits 0, interrupted or not.
 //
-//	go build -o bin/ ./cmd/... && go run ./chaos-tests/demo -bin bin
-//	go run ./chaos-tests/demo -down     # remove a lab left by a killed demo
+//	make demo        # builds bin/weft, bin/weft-cni and bin/weft-demo, runs bin/weft-demo -bin bin
+//	make demo-down   # bin/weft-demo -down: remove a lab left by a killed demo
+//
+// Run it as a binary: `go run` exits 1 after a SIGINT whatever the demo did.
 //
 // It needs root. Every namespace is named weftdemo-…; the lab directory (peer data,
 // sockets, logs, pid files) is /tmp/weftdemo unless -dir says otherwise.
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -26,6 +30,7 @@ import (
 	"time"
 
 	current "github.com/containernetworking/cni/pkg/types/100"
+	"golang.org/x/sys/unix"
 
 	"github.com/weftnet/weft/chaos-tests/lab"
 )
@@ -39,7 +44,7 @@ func main() {
 	}
 }
 
-func run() error {
+func run() (err error) {
 	var (
 		binDir     = flag.String("bin", "bin", "directory holding the weft and weft-cni binaries")
 		hosts      = flag.Int("hosts", 3, "number of hosts (peers)")
@@ -72,7 +77,7 @@ func run() error {
 
 	step("building a lab: %d host(s) on underlay 198.18.0.0/24, each running `weft peer`; host 0 is the first peer, the others are seeded with it", *hosts)
 	var l *lab.Lab
-	l, err := lab.New(ctx, lab.Config{Prefix: prefix, Hosts: *hosts, BinDir: *binDir, Logger: logger, Dir: *dir, NoStart: true,
+	l, err = lab.New(ctx, lab.Config{Prefix: prefix, Hosts: *hosts, BinDir: *binDir, Logger: logger, Dir: *dir, NoStart: true,
 		PeerArgs: func(i int) []string {
 			if i == 0 {
 				return nil
@@ -84,10 +89,27 @@ func run() error {
 	}
 	defer func() {
 		step("tearing down")
-		if err := l.Close(); err != nil {
-			fmt.Fprintln(os.Stderr, "teardown:", err)
+		if cerr := l.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("teardown: %w", cerr))
+			return
 		}
+		step("lab removed")
 	}()
+	if err := show(ctx, l, *hosts, *containers, *noWait); err != nil {
+		if ctx.Err() != nil {
+			// Ctrl-C while the demo was still running: what failed was the interruption,
+			// and the teardown above decides how the demo ends.
+			step("interrupted: %v", err)
+			return nil
+		}
+		return err
+	}
+	return nil
+}
+
+// show starts the peers, attaches and pings the containers, prints the status commands and,
+// unless noWait, waits for Ctrl-C (or Enter, on a terminal).
+func show(ctx context.Context, l *lab.Lab, hosts, containers int, noWait bool) error {
 	if err := l.StartAll(ctx); err != nil {
 		return err
 	}
@@ -98,7 +120,7 @@ func run() error {
 
 	step("waiting for the mesh (memberlist) and the Raft cluster that owns the address blocks")
 	wctx, cancel := context.WithTimeout(ctx, time.Minute)
-	err = lab.Poll(wctx, 250*time.Millisecond, func() error { return meshReady(wctx, l) })
+	err := lab.Poll(wctx, 250*time.Millisecond, func() error { return meshReady(wctx, l) })
 	cancel()
 	if err != nil {
 		return fmt.Errorf("the mesh did not form: %w", err)
@@ -111,8 +133,8 @@ func run() error {
 		addr netip.Prefix
 	}
 	var all []attached
-	for j := range *containers {
-		h := l.Host(j % *hosts)
+	for j := range containers {
+		h := l.Host(j % hosts)
 		cni, err := h.CNI(lab.CNIOptions{})
 		if err != nil {
 			return err
@@ -198,16 +220,41 @@ func run() error {
 	if failed > 0 {
 		step("%d ping(s) failed", failed)
 	}
-	if *noWait {
+	if noWait {
 		return nil
 	}
 	if len(all) > 1 {
 		step("lab is up. Try: sudo ip netns exec %s ping %s", all[0].ctr.Name, all[len(all)-1].addr.Addr())
 	}
-	step("Ctrl-C tears it down")
-	<-ctx.Done()
-	fmt.Println()
+	enter := pressedEnter()
+	if enter != nil {
+		step("Enter or Ctrl-C tears it down")
+	} else {
+		step("Ctrl-C tears it down")
+	}
+	select {
+	case <-ctx.Done():
+		fmt.Println()
+	case <-enter:
+	}
 	return nil
+}
+
+// pressedEnter is closed when a line is read from stdin, if stdin is a terminal; nil
+// otherwise (under a script or `timeout`, where stdin may be empty and must not end the demo).
+func pressedEnter() <-chan struct{} {
+	if _, err := unix.IoctlGetTermios(int(os.Stdin.Fd()), unix.TCGETS); err != nil {
+		return nil // not a terminal
+	}
+	done := make(chan struct{})
+	go func() {
+		// The goroutine outlives the demo's wait when Ctrl-C comes first; the process exits
+		// right after the teardown, so it is never left behind for long.
+		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err == nil {
+			close(done)
+		}
+	}()
+	return done
 }
 
 // meshReady: every peer sees every other alive and knows a Raft leader.

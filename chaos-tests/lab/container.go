@@ -8,6 +8,8 @@ import (
 	"strconv"
 
 	"github.com/containernetworking/cni/libcni"
+
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 // Container is a network namespace standing in for a container on a host.
@@ -26,18 +28,18 @@ func (h *Host) NewContainer() (*Container, error) {
 	h.nextCtr++
 	h.mu.Unlock()
 	name := h.Name + "-c" + strconv.Itoa(j)
-	p, err := createNetNS(name)
+	p, err := nslab.CreateNetNS(name)
 	if err != nil {
 		return nil, err
 	}
 	c := &Container{Host: h, Name: name, ID: name, NSPath: p}
-	nh, err := handleAt(p)
+	nh, err := nslab.HandleAt(p)
 	if err == nil {
-		err = linkUp(nh, "lo")
+		err = nslab.LinkUp(nh, "lo")
 		nh.Close()
 	}
 	if err != nil {
-		deleteNetNS(name)
+		nslab.DeleteNetNS(name)
 		return nil, err
 	}
 	h.mu.Lock()
@@ -68,7 +70,7 @@ func (c *Container) LinkNames() ([]string, error) { return linkNames(c.NSPath) }
 
 // DeleteLink deletes a link inside the container namespace.
 func (c *Container) DeleteLink(name string) error {
-	nh, err := handleAt(c.NSPath)
+	nh, err := nslab.HandleAt(c.NSPath)
 	if err != nil {
 		return err
 	}
@@ -92,7 +94,7 @@ func (c *Container) Delete() error {
 		}
 	}
 	h.mu.Unlock()
-	return deleteNetNS(c.Name)
+	return nslab.DeleteNetNS(c.Name)
 }
 
 func (h *Host) deleteContainers() error {
@@ -102,7 +104,7 @@ func (h *Host) deleteContainers() error {
 	h.mu.Unlock()
 	var errs []error
 	for _, c := range cs {
-		errs = append(errs, deleteNetNS(c.Name))
+		errs = append(errs, nslab.DeleteNetNS(c.Name))
 	}
 	return errors.Join(errs...)
 }

@@ -36,7 +36,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"os"
 	"sync"
@@ -46,6 +45,9 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 // DelayConfig describes a delay line. NSPath, Name and Routes are required.
@@ -187,7 +189,7 @@ func NewDelayLine(cfg DelayConfig) (_ *DelayLine, err error) {
 		}
 	}()
 
-	h, err := handleAt(cfg.NSPath)
+	h, err := nslab.HandleAt(cfg.NSPath)
 	if err != nil {
 		return nil, err
 	}
@@ -206,7 +208,7 @@ func NewDelayLine(cfg DelayConfig) (_ *DelayLine, err error) {
 		p = p.Masked()
 		r := &netlink.Route{
 			LinkIndex: d.link.Attrs().Index,
-			Dst:       &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())},
+			Dst:       datapath.PrefixToIPNet(p),
 			Table:     d.cfg.Table,
 			Scope:     netlink.SCOPE_LINK,
 		}
@@ -298,7 +300,7 @@ func (d *DelayLine) teardown() error {
 		errs = append(errs, d.tun.Close())
 	}
 	d.wg.Wait()
-	h, err := handleAt(d.cfg.NSPath)
+	h, err := nslab.HandleAt(d.cfg.NSPath)
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}

@@ -14,6 +14,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 func TestDelayQueueKeepsOrderWithoutJitter(t *testing.T) {
@@ -71,12 +73,12 @@ func newDelayTopo(t *testing.T) *delayTopo {
 	handles := map[string]ns.NetNS{}
 	for _, n := range []string{"a", "r", "b"} {
 		name := pfx + n
-		deleteNetNS(name) // a leftover of a crashed run with this pid
-		p, err := createNetNS(name)
+		nslab.DeleteNetNS(name) // a leftover of a crashed run with this pid
+		p, err := nslab.CreateNetNS(name)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { deleteNetNS(name) })
+		t.Cleanup(func() { nslab.DeleteNetNS(name) })
 		paths[n] = p
 		h, err := ns.GetNS(p)
 		if err != nil {
@@ -88,7 +90,7 @@ func newDelayTopo(t *testing.T) *delayTopo {
 	topo := &delayTopo{r: handles["r"], rPath: paths["r"], tunName: pfx + "t",
 		aNet: netip.MustParsePrefix("10.251.1.0/24"), bNet: netip.MustParsePrefix("10.251.2.0/24")}
 
-	rh, err := handleAt(paths["r"])
+	rh, err := nslab.HandleAt(paths["r"])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +106,7 @@ func newDelayTopo(t *testing.T) *delayTopo {
 			t.Fatalf("veth %s: %v", rName, err)
 		}
 		mustAddrUp(t, rh, rName, side.rAddr)
-		ph, err := handleAt(paths[side.peer])
+		ph, err := nslab.HandleAt(paths[side.peer])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -357,7 +359,7 @@ func TestDelayLine(t *testing.T) {
 		if err := dl.Close(); err != nil {
 			t.Fatalf("second Close: %v", err)
 		}
-		h, err := handleAt(tp.rPath)
+		h, err := nslab.HandleAt(tp.rPath)
 		if err != nil {
 			t.Fatal(err)
 		}

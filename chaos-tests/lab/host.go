@@ -22,7 +22,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
+
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 const pidFileName = "peer.pid"
@@ -78,13 +79,13 @@ func (l *Lab) newHost(i int) (*Host, error) {
 			return nil, err
 		}
 	}
-	p, err := createNetNS(name)
+	p, err := nslab.CreateNetNS(name)
 	if err != nil {
 		return nil, err
 	}
 	h.NSPath = p
 	if h.nsHandle, err = ns.GetNS(p); err != nil {
-		deleteNetNS(name)
+		nslab.DeleteNetNS(name)
 		return nil, fmt.Errorf("lab: open %s: %w", p, err)
 	}
 	return h, nil
@@ -129,7 +130,10 @@ func (h *Host) StartWith(ctx context.Context, extra ...string) error {
 
 // Start starts the peer inside the host namespace and waits until `weft status` answers.
 // It fails if the peer is already running. On failure the error carries the log's tail.
-func (h *Host) Start(ctx context.Context) error {
+func (h *Host) Start(ctx context.Context) error { return h.start(ctx, true) }
+
+// start is Start; with wait false it returns once the process runs (see Launch).
+func (h *Host) start(ctx context.Context, wait bool) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.peer != nil {
@@ -176,6 +180,9 @@ func (h *Host) Start(ctx context.Context) error {
 		h.log.Warn("write pid file", "err", err)
 	}
 	h.log.Info("peer started", "pid", pid)
+	if !wait {
+		return nil
+	}
 
 	if err := h.waitReadyLocked(ctx, p); err != nil {
 		return err
@@ -487,7 +494,7 @@ func (h *Host) LinkNames() ([]string, error) { return linkNames(h.NSPath) }
 
 // Link returns a link of the host namespace by name.
 func (h *Host) Link(name string) (netlink.Link, error) {
-	nh, err := handleAt(h.NSPath)
+	nh, err := nslab.HandleAt(h.NSPath)
 	if err != nil {
 		return nil, err
 	}
@@ -504,33 +511,8 @@ func nsExec(ctx context.Context, nsName, name string, args ...string) ([]byte, e
 	return out, nil
 }
 
-// handleAt opens a netlink handle inside the namespace at path; no thread switches.
-func handleAt(path string) (*netlink.Handle, error) {
-	n, err := netns.GetFromPath(path)
-	if err != nil {
-		return nil, fmt.Errorf("lab: open %s: %w", path, err)
-	}
-	defer n.Close()
-	h, err := netlink.NewHandleAt(n)
-	if err != nil {
-		return nil, fmt.Errorf("lab: netlink handle in %s: %w", path, err)
-	}
-	return h, nil
-}
-
-func linkUp(h *netlink.Handle, name string) error {
-	l, err := h.LinkByName(name)
-	if err != nil {
-		return fmt.Errorf("lab: find %s: %w", name, err)
-	}
-	if err := h.LinkSetUp(l); err != nil {
-		return fmt.Errorf("lab: set %s up: %w", name, err)
-	}
-	return nil
-}
-
 func linkNames(path string) ([]string, error) {
-	h, err := handleAt(path)
+	h, err := nslab.HandleAt(path)
 	if err != nil {
 		return nil, err
 	}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -14,9 +13,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
-	"github.com/vishvananda/netns"
+	"github.com/weftnet/weft/datapath/nslab"
 	"github.com/weftnet/weft/datapath/wireguard"
 )
 
@@ -135,7 +132,7 @@ func New(ctx context.Context, cfg Config) (_ *Lab, err error) {
 	}
 	for _, n := range stale {
 		l.log.Warn("removing leftover namespace", "netns", n)
-		if err := deleteNetNS(n); err != nil {
+		if err := nslab.DeleteNetNS(n); err != nil {
 			return nil, err
 		}
 	}
@@ -173,23 +170,20 @@ func New(ctx context.Context, cfg Config) (_ *Lab, err error) {
 // each joined to the bridge by a veth whose host end is eth0.
 func (l *Lab) buildUnderlay() error {
 	p := l.cfg.Prefix
-	if _, err := createNetNS(l.ulNS); err != nil {
+	if _, err := nslab.CreateNetNS(l.ulNS); err != nil {
 		return err
 	}
-	ulH, err := handleAt(netnsPath(l.ulNS))
+	ulH, err := nslab.HandleAt(nslab.NetNSPath(l.ulNS))
 	if err != nil {
 		return err
 	}
 	defer ulH.Close()
-	br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: p + "br"}}
-	if err := ulH.LinkAdd(br); err != nil {
-		return fmt.Errorf("lab: add bridge %s: %w", br.Name, err)
-	}
-	if err := ulH.LinkSetUp(br); err != nil {
-		return fmt.Errorf("lab: set %s up: %w", br.Name, err)
-	}
-	if err := linkUp(ulH, "lo"); err != nil {
+	if err := nslab.LinkUp(ulH, "lo"); err != nil {
 		return err
+	}
+	br, err := nslab.AddBridge(ulH, p+"br", 0)
+	if err != nil {
+		return fmt.Errorf("lab: %w", err)
 	}
 	base := l.cfg.Underlay.Addr().As4()
 	for i := range l.cfg.Hosts {
@@ -202,52 +196,14 @@ func (l *Lab) buildUnderlay() error {
 		a := base
 		a[3] += byte(10 + i)
 		h.Addr = netip.PrefixFrom(netip.AddrFrom4(a), l.cfg.Underlay.Bits())
-
-		hostNS, err := netns.GetFromPath(h.NSPath)
-		if err != nil {
-			return fmt.Errorf("lab: open %s: %w", h.NSPath, err)
-		}
-		ve := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: fmt.Sprintf("%sh%d", p, i), MasterIndex: br.Index},
-			PeerName:      "eth0",
-			PeerNamespace: netlink.NsFd(int(hostNS)),
-		}
-		err = ulH.LinkAdd(ve)
-		hostNS.Close()
-		if err != nil {
-			return fmt.Errorf("lab: add veth %s: %w", ve.Name, err)
-		}
-		if err := ulH.LinkSetUp(ve); err != nil {
-			return fmt.Errorf("lab: set %s up: %w", ve.Name, err)
-		}
-		hH, err := handleAt(h.NSPath)
-		if err != nil {
-			return err
-		}
-		err = configureHostLinks(hH, h.Addr)
-		hH.Close()
+		err = nslab.AddUplink(nslab.Uplink{
+			Underlay: ulH, Name: fmt.Sprintf("%sh%d", p, i), Bridge: br,
+			HostPath: h.NSPath, HostDev: "eth0", Addr: h.Addr,
+		})
 		if err != nil {
 			return fmt.Errorf("lab: host %s: %w", h.Name, err)
 		}
 		l.log.Info("host ready", "host", h.Name, "underlay", h.Addr)
-	}
-	return nil
-}
-
-func configureHostLinks(h *netlink.Handle, addr netip.Prefix) error {
-	if err := linkUp(h, "lo"); err != nil {
-		return err
-	}
-	eth, err := h.LinkByName("eth0")
-	if err != nil {
-		return fmt.Errorf("find eth0: %w", err)
-	}
-	ipn := &net.IPNet{IP: addr.Addr().AsSlice(), Mask: net.CIDRMask(addr.Bits(), 32)}
-	if err := h.AddrAdd(eth, &netlink.Addr{IPNet: ipn}); err != nil {
-		return fmt.Errorf("add %s to eth0: %w", addr, err)
-	}
-	if err := h.LinkSetUp(eth); err != nil {
-		return fmt.Errorf("set eth0 up: %w", err)
 	}
 	return nil
 }
@@ -311,17 +267,17 @@ func (l *Lab) Close() error {
 			errs = append(errs, err)
 		}
 		h.nsHandle.Close()
-		if err := deleteNetNS(h.Name); err != nil {
+		if err := nslab.DeleteNetNS(h.Name); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if err := deleteNetNS(l.ulNS); err != nil {
+	if err := nslab.DeleteNetNS(l.ulNS); err != nil {
 		errs = append(errs, err)
 	}
 	// Anything else carrying the prefix (a container created behind the lab's back).
 	if rest, err := listNetNS(l.cfg.Prefix); err == nil {
 		for _, n := range rest {
-			if err := deleteNetNS(n); err != nil {
+			if err := nslab.DeleteNetNS(n); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -362,7 +318,7 @@ func Cleanup(prefix, dir string, logger *slog.Logger) error {
 	}
 	for _, n := range names {
 		logger.Info("deleting namespace", "netns", n)
-		if err := deleteNetNS(n); err != nil {
+		if err := nslab.DeleteNetNS(n); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -376,20 +332,9 @@ func Cleanup(prefix, dir string, logger *slog.Logger) error {
 
 // Poll calls fn every interval until it returns nil or ctx ends; then it returns the last
 // error of fn, wrapped with the context's error. Tests use it instead of fixed sleeps.
+// It is nslab.Poll, kept under this name for the chaos tests.
 func Poll(ctx context.Context, interval time.Duration, fn func() error) error {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		err := fn()
-		if err == nil {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (last error: %w)", ctx.Err(), err)
-		case <-t.C:
-		}
-	}
+	return nslab.Poll(ctx, interval, fn)
 }
 
 // tail returns the last n lines of s.

@@ -17,20 +17,21 @@ func newPeerCmd() *cobra.Command {
 	def := router.DefaultConfig()
 	host, _ := os.Hostname()
 	var (
-		name, dataDir, httpAddr, ipRange, logLevel string
-		advertise, password, passwordFile          string
-		mtu, meshPort, raftPort, voters, blockBits int
-		seeds, dnsUpstreams                        []string
-		voterGrace, reclaimAfter                   time.Duration
-		dnsDomain                                  string
-		noDirect                                   bool
-		encrypt                                    string
-		trusted                                    []string
-		wgPort, probePort, linkProbePort           int
-		probeInterval, probeTimeout                time.Duration
-		sla                                        string
-		dnsPort                                    int
-		dnsTTL, dnsDownGrace                       time.Duration
+		name, dataDir, httpAddr, ipRange, logLevel            string
+		advertise, password, passwordFile                     string
+		mtu, meshPort, raftPort, voters, nonvoters, blockBits int
+		seeds, dnsUpstreams                                   []string
+		voterGrace, reclaimAfter, attachWait                  time.Duration
+		dnsDomain                                             string
+		noDirect, pprof                                       bool
+		encrypt                                               string
+		trusted                                               []string
+		wgPort, probePort, linkProbePort                      int
+		probeTargets                                          int
+		probeInterval, probeTimeout                           time.Duration
+		sla                                                   string
+		dnsPort                                               int
+		dnsTTL, dnsDownGrace                                  time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "peer",
@@ -47,12 +48,15 @@ func newPeerCmd() *cobra.Command {
 			}
 			socket, _ := cmd.Flags().GetString("socket")
 			cfg := def
-			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = name, dataDir, socket, httpAddr
+			cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr, cfg.Pprof = name, dataDir, socket, httpAddr, pprof
 			cfg.IPAllocRange, cfg.BlockBits, cfg.MTU, cfg.Version = prefix, blockBits, mtu, version
 			cfg.Seeds, cfg.MeshPort, cfg.RaftPort, cfg.RaftVoters = seeds, meshPort, raftPort, voters
+			cfg.RaftNonvoters = nonvoters
 			cfg.VoterGrace, cfg.ReclaimAfter, cfg.NoDirect = voterGrace, reclaimAfter, noDirect
+			cfg.AttachWait = attachWait
 			cfg.Encrypt, cfg.WireGuardPort = encrypt, wgPort
 			cfg.ProbePort, cfg.LinkProbePort, cfg.ProbeInterval, cfg.ProbeTimeout, cfg.SLA = probePort, linkProbePort, probeInterval, probeTimeout, sla
+			cfg.ProbeTargets = probeTargets
 			for _, s := range trusted {
 				p, err := netip.ParsePrefix(s)
 				if err != nil {
@@ -80,10 +84,11 @@ func newPeerCmd() *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&name, "name", host, "this peer's name, unique in the mesh")
 	f.StringVar(&dataDir, "data-dir", def.DataDir, "where the peer keeps its database")
+	f.BoolVar(&pprof, "pprof", false, "serve Go's profiler at /debug/pprof/ on --http-addr")
 	f.StringVar(&httpAddr, "http-addr", def.HTTPAddr, "loopback address for /metrics, /status and the status page (empty: off)")
 	f.StringVar(&ipRange, "ipalloc-range", def.IPAllocRange.String(), "address range of the default network")
 	f.IntVar(&blockBits, "ipalloc-block", def.BlockBits, "prefix length of the blocks peers claim (the same on every peer)")
-	f.IntVar(&mtu, "mtu", def.MTU, "MTU of container interfaces and bridges")
+	f.IntVar(&mtu, "mtu", def.MTU, "MTU of container interfaces and bridges (1420 fits VXLAN's 50 and WireGuard's 80 bytes of encapsulation on a 1500-byte underlay)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringSliceVar(&seeds, "peers", nil, "peers to join, host[:port] separated by commas (empty for the first peer)")
 	f.StringVar(&advertise, "advertise-addr", "", "this host's underlay address (default: the address of the default-route interface)")
@@ -91,8 +96,10 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&raftPort, "raft-port", def.RaftPort, "Raft and peer RPC port, tcp")
 	f.StringVar(&password, "password", "", "encrypt gossip and authenticate Raft between peers (prefer --password-file)")
 	f.StringVar(&passwordFile, "password-file", "", "read the password from this file")
-	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft; later peers are non-voters")
+	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft")
+	f.IntVar(&nonvoters, "raft-nonvoters", def.RaftNonvoters, "how many more peers follow the Raft log as spare voters; all others are clients")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
+	f.DurationVar(&attachWait, "attach-wait", def.AttachWait, "how long an ADD that needs a new block waits for a Raft leader while this peer is still forming or joining its cluster (0: fail at once with CNI 11)")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
 	f.StringVar(&encrypt, "encrypt", def.Encrypt, "link encryption: never, auto (when a password is set) or always; plaintext only between peers that trust each other")
 	f.StringSliceVar(&trusted, "trusted-subnets", nil, "underlay CIDRs whose peers may get plaintext links (both ends must trust each other)")
@@ -100,6 +107,7 @@ func newPeerCmd() *cobra.Command {
 	f.IntVar(&probePort, "probe-port", def.ProbePort, "UDP port peers measure RTT and loss on, the same on every peer")
 	f.IntVar(&linkProbePort, "link-probe-port", def.LinkProbePort, "UDP port of the probes sent through the link in use (VXLAN, WireGuard), the same on every peer (0: underlay probes only)")
 	f.DurationVar(&probeInterval, "probe-interval", def.ProbeInterval, "time between two probes to one peer (jittered ±20%)")
+	f.IntVar(&probeTargets, "probe-targets", def.ProbeTargets, "how many peers to measure directly (the nearest by network coordinates and a few random ones, plus every relay in use); the rest are estimated from coordinates")
 	f.DurationVar(&probeTimeout, "probe-timeout", 0, "how long a probe may go unanswered before it counts as lost; 3 lost mark a link down (0: twice --probe-interval, at most 1s)")
 	f.StringVar(&sla, "sla", "", `this peer's SLA class, e.g. "gold: rtt<=5ms,jitter<=2ms,loss<=0.1%" (default: any working link)`)
 	f.BoolVar(&noDirect, "no-direct", false, "never route plainly to peers on the same L2 segment; use VXLAN")

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -72,9 +73,9 @@ func printPeers(out io.Writer, peers []router.PeerStatus) {
 		if p.Self {
 			name += " (self)"
 		}
-		raft := "-"
-		if p.RaftMember {
-			raft = "member"
+		raft := p.RaftRole
+		if raft == "" { // a peer of an older version
+			raft = "-"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", name, p.State, p.Address, raft, strings.Join(p.Capabilities, ","), p.Since.Format(time.RFC3339))
 	}
@@ -106,7 +107,14 @@ func printRoutes(out io.Writer, routes []router.Route) {
 		if !r.SLAOK {
 			ok = "VIOLATED"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2fms\t%.2fms\t%.1f%%\t%s %s\t%s\t%s\n", r.Peer, path, r.RTTms, r.JitterMs, r.Loss*100,
+		rtt := fmt.Sprintf("%.2fms", r.RTTms)
+		switch {
+		case r.Unmeasured:
+			rtt, ok = "?", "unknown"
+		case r.Estimated:
+			rtt, ok = "~"+rtt+" (est.)", ok+" (est.)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%.2fms\t%.1f%%\t%s %s\t%s\t%s\n", r.Peer, path, rtt, r.JitterMs, r.Loss*100,
 			r.SLA, ok, r.Since.Format(time.TimeOnly), r.Reason)
 		for _, h := range r.Hops {
 			fmt.Fprintf(tw, "\t  %s → %s\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", h.From, h.To, h.RTTms, h.JitterMs, h.Loss*100)
@@ -188,16 +196,45 @@ func printStatus(out io.Writer, st router.Status) {
 		fmt.Fprintln(out, "no attachments")
 		return
 	}
+	ids := make([]string, len(st.Attachments))
+	for i, a := range st.Attachments {
+		ids[i] = a.ContainerID
+	}
+	short := shortIDs(ids, 12)
 	fmt.Fprintln(tw, "NAME\tADDRESS\tNETWORK\tCONTAINER\tIFNAME\tHOST-IF")
 	for _, a := range st.Attachments {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, a.Address, a.Network, shortID(a.ContainerID), a.IfName, a.HostIfName)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, a.Address, a.Network, short[a.ContainerID], a.IfName, a.HostIfName)
 	}
 	tw.Flush()
 }
 
-func shortID(id string) string {
-	if len(id) > 12 {
-		return id[:12]
+// shortIDs maps every ID to its shortest prefix of at least minLen characters that no other
+// (different) ID starts with, like docker's and git's short IDs: two containers never read
+// the same, and an ID no longer than that prefix is shown whole. O(n log n) in the number of
+// IDs: after sorting, the longest prefix an ID shares with any other is the one it shares
+// with a neighbour.
+func shortIDs(ids []string, minLen int) map[string]string {
+	sorted := slices.Clone(ids)
+	slices.Sort(sorted)
+	sorted = slices.Compact(sorted)
+	out := make(map[string]string, len(sorted))
+	for i, id := range sorted {
+		n := minLen
+		if i > 0 {
+			n = max(n, commonPrefixLen(id, sorted[i-1])+1)
+		}
+		if i+1 < len(sorted) {
+			n = max(n, commonPrefixLen(id, sorted[i+1])+1)
+		}
+		out[id] = id[:min(n, len(id))]
 	}
-	return id
+	return out
+}
+
+func commonPrefixLen(a, b string) int {
+	n := 0
+	for n < len(a) && n < len(b) && a[n] == b[n] {
+		n++
+	}
+	return n
 }

@@ -16,7 +16,7 @@ import (
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/direct"
-	"github.com/weftnet/weft/datapath/direct/nslab"
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 // The kernel tests need root and a kernel with netns, veth and bridge. They build labs of
@@ -25,19 +25,7 @@ import (
 
 func newLab(t *testing.T, tag string, hosts int, routed bool) *nslab.Lab {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root: it builds network namespaces, veths and bridges")
-	}
-	l, err := nslab.New(nslab.Config{Prefix: fmt.Sprintf("wdr-%d-%s-", os.Getpid()%100000, tag), Hosts: hosts, Routed: routed})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := l.Close(); err != nil {
-			t.Error(err)
-		}
-	})
-	return l
+	return nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wdr-%d-%s-", os.Getpid()%100000, tag), Hosts: hosts, Routed: routed})
 }
 
 func deadline(t *testing.T, d time.Duration) context.Context {
@@ -198,7 +186,7 @@ func TestSetReportsUnreachablePeer(t *testing.T) {
 	l := newLab(t, "r", 2, true)
 	h0, h1 := l.Hosts[0], l.Hosts[1]
 	ctx := deadline(t, 10*time.Second)
-	if direct.SameL2(h0.Underlay, h1.Underlay.Addr()) {
+	if datapath.SameL2(h0.Underlay, h1.Underlay.Addr()) {
 		t.Fatalf("SameL2(%s, %s) = true on a routed underlay", h0.Underlay, h1.Underlay.Addr())
 	}
 	err := h0.Do(func() error {
@@ -211,7 +199,7 @@ func TestSetReportsUnreachablePeer(t *testing.T) {
 		}
 		bad := []datapath.RemotePeer{h1.RemotePeer(nil), {Name: "nounderlay", Blocks: []netip.Prefix{netip.MustParsePrefix("10.40.50.0/26")}}}
 		err = d.Set(bad)
-		if err == nil || !strings.Contains(err.Error(), h1.Block.String()) || !errors.Is(err, direct.ErrBadPeer) {
+		if err == nil || !strings.Contains(err.Error(), h1.Block.String()) || !errors.Is(err, datapath.ErrBadPeer) {
 			return fmt.Errorf("Set with an off-link peer and a peer without underlay = %v", err)
 		}
 		t.Logf("Set reported: %v", err)
@@ -226,15 +214,15 @@ func TestUnderlayPrefixAndProxyARP(t *testing.T) {
 	l := newLab(t, "u", 1, false)
 	h := l.Hosts[0]
 	err := h.Do(func() error {
-		p, dev, err := direct.UnderlayPrefix(h.Underlay.Addr())
+		p, dev, err := datapath.UnderlayPrefix(h.Underlay.Addr())
 		if err != nil || p != h.Underlay || dev != nslab.UnderlayDev {
 			return fmt.Errorf("UnderlayPrefix = %s %s %v, want %s %s", p, dev, err, h.Underlay, nslab.UnderlayDev)
 		}
-		if _, _, err := direct.UnderlayPrefix(netip.MustParseAddr("192.0.2.99")); !errors.Is(err, direct.ErrNoUnderlay) {
+		if _, _, err := datapath.UnderlayPrefix(netip.MustParseAddr("192.0.2.99")); !errors.Is(err, datapath.ErrNoUnderlay) {
 			return fmt.Errorf("UnderlayPrefix of an absent address = %v, want ErrNoUnderlay", err)
 		}
 		d, _ := direct.New(direct.Config{Underlay: netip.MustParseAddr("192.0.2.99")})
-		if err := d.Up(context.Background()); !errors.Is(err, direct.ErrNoUnderlay) {
+		if err := d.Up(context.Background()); !errors.Is(err, datapath.ErrNoUnderlay) {
 			return fmt.Errorf("Up without the underlay address = %v, want ErrNoUnderlay", err)
 		}
 		// nslab enabled proxy ARP through EnableProxyARP; read it back, in this namespace.
@@ -244,10 +232,10 @@ func TestUnderlayPrefixAndProxyARP(t *testing.T) {
 				return fmt.Errorf("%s = %q (%v), want %s", key, b, err, want)
 			}
 		}
-		if err := direct.EnableProxyARP("../all"); err == nil {
+		if err := datapath.EnableProxyARP("../all"); err == nil {
 			return errors.New("EnableProxyARP accepted a path")
 		}
-		if err := direct.EnableProxyARP("nosuchdev"); err == nil {
+		if err := datapath.EnableProxyARP("nosuchdev"); err == nil {
 			return errors.New("EnableProxyARP of a missing interface succeeded")
 		}
 		return nil
@@ -272,12 +260,12 @@ func TestSameL2(t *testing.T) {
 		{"2001:db8::1/64", "2001:db9::2", false},
 		{"192.0.2.10/24", "::ffff:192.0.2.20", true}, // v4-mapped is the v4 address
 	} {
-		got := direct.SameL2(netip.MustParsePrefix(tc.local), netip.MustParseAddr(tc.remote))
+		got := datapath.SameL2(netip.MustParsePrefix(tc.local), netip.MustParseAddr(tc.remote))
 		if got != tc.want {
 			t.Errorf("SameL2(%s, %s) = %v, want %v", tc.local, tc.remote, got, tc.want)
 		}
 	}
-	if direct.SameL2(netip.Prefix{}, netip.MustParseAddr("192.0.2.1")) {
+	if datapath.SameL2(netip.Prefix{}, netip.MustParseAddr("192.0.2.1")) {
 		t.Error("SameL2 of an invalid prefix")
 	}
 }

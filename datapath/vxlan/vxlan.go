@@ -20,7 +20,7 @@
 //     (SHA-256, locally administered unicast): stable across restarts and reboots, so the
 //     MAC the other peers hold in their FDB stays right even before gossip catches up, and
 //     distinct between hosts as long as their underlay addresses are.
-//   - Routes carry weft's route protocol (direct.RouteProtocol, "proto 87"); only weft routes
+//   - Routes carry weft's route protocol (datapath.RouteProtocol, "proto 87"); only weft routes
 //     through the VXLAN device are ever deleted. The FDB and neighbour entries on the device
 //     are all the driver's: the device is weft's.
 //   - Routes set src to our underlay address, so that traffic the host itself sends to a
@@ -48,7 +48,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/datapath/direct"
 )
 
 // Defaults.
@@ -59,14 +58,6 @@ const (
 	// Overhead is what VXLAN over IPv4 adds to every packet: outer IPv4 (20) + UDP (8) +
 	// VXLAN (8) + inner Ethernet (14). Over IPv6 it is 20 more.
 	Overhead = 50
-)
-
-// Sentinel errors.
-var (
-	// ErrNotUp: Set was called before Up, or the device has gone.
-	ErrNotUp = direct.ErrNotUp
-	// ErrBadPeer: a remote peer cannot be served (no VTEP MAC, unusable underlay address …).
-	ErrBadPeer = direct.ErrBadPeer
 )
 
 // Config configures the VXLAN driver. Zero fields take the defaults.
@@ -92,6 +83,8 @@ type Config struct {
 	LinkProbes bool
 	// Logger receives one line per change; nil discards.
 	Logger *slog.Logger
+	// Metrics counts bad peers; nil counts nothing.
+	Metrics *datapath.Metrics
 }
 
 // Driver is the VXLAN link mode; it implements datapath.Driver. Methods must be called from
@@ -193,14 +186,14 @@ func (d *Driver) Up(ctx context.Context) error {
 	var ul netlink.Link
 	var err error
 	if d.cfg.UnderlayDev == "" {
-		_, dev, err := direct.UnderlayPrefix(d.cfg.Underlay)
+		_, dev, err := datapath.UnderlayPrefix(d.cfg.Underlay)
 		if err != nil {
 			return fmt.Errorf("vxlan: %w", err)
 		}
 		d.cfg.UnderlayDev = dev
 	}
 	if ul, err = netlink.LinkByName(d.cfg.UnderlayDev); err != nil {
-		return fmt.Errorf("vxlan: %w: %s: %v", direct.ErrNoUnderlay, d.cfg.UnderlayDev, err)
+		return fmt.Errorf("vxlan: %w: %s: %v", datapath.ErrNoUnderlay, d.cfg.UnderlayDev, err)
 	}
 	mtu := d.cfg.MTU
 	if mtu == 0 {
@@ -312,12 +305,12 @@ type peerState struct {
 // (underlay address → VTEP MAC), and one route per block; entries and routes of peers no
 // longer in the set are removed; what is already right is not touched, so calling Set
 // again with the same peers changes nothing. A peer that cannot be served (no or bad VTEP
-// MAC, unusable underlay address, a MAC or address another peer of the set has) is left
-// out and named in the returned error; the others still converge.
+// MAC, unusable underlay address, a MAC, address or block another peer of the set has) is
+// left out by the rule on datapath.Driver; the others still converge.
 func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	link, err := netlink.LinkByName(d.cfg.Name)
 	if err != nil {
-		return fmt.Errorf("vxlan: %w: %s: %v", ErrNotUp, d.cfg.Name, err)
+		return fmt.Errorf("vxlan: %w: %s: %v", datapath.ErrNotUp, d.cfg.Name, err)
 	}
 	idx := link.Attrs().Index
 	var errs []error
@@ -325,21 +318,21 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	var routes, probeRoutes []netlink.Route
 	macs := map[string]string{}
 	ips := map[netip.Addr]string{}
-	blocks := map[netip.Prefix]string{}
+	var claims datapath.BlockClaims
 	for _, p := range peers {
 		ip := p.Underlay.Unmap()
 		switch {
 		case checkMAC(p.VTEPMAC) != nil:
-			errs = append(errs, fmt.Errorf("%w: %s: VTEP MAC %q: %v", ErrBadPeer, p.Name, p.VTEPMAC, checkMAC(p.VTEPMAC)))
+			errs = append(errs, d.reject(p.Name, "VTEP MAC %q: %v", p.VTEPMAC, checkMAC(p.VTEPMAC)))
 			continue
 		case !ip.IsValid() || ip.IsUnspecified() || ip.Is4() != d.cfg.Underlay.Is4() || ip == d.cfg.Underlay:
-			errs = append(errs, fmt.Errorf("%w: %s: underlay %v unusable from %s", ErrBadPeer, p.Name, p.Underlay, d.cfg.Underlay))
+			errs = append(errs, d.reject(p.Name, "underlay %v unusable from %s", p.Underlay, d.cfg.Underlay))
 			continue
 		case macs[p.VTEPMAC.String()] != "" || p.VTEPMAC.String() == d.mac.String():
-			errs = append(errs, fmt.Errorf("%w: %s: VTEP MAC %s is not unique", ErrBadPeer, p.Name, p.VTEPMAC))
+			errs = append(errs, d.reject(p.Name, "VTEP MAC %s is not unique", p.VTEPMAC))
 			continue
 		case ips[ip] != "":
-			errs = append(errs, fmt.Errorf("%w: %s: underlay %s is %s's too", ErrBadPeer, p.Name, ip, ips[ip]))
+			errs = append(errs, d.reject(p.Name, "underlay %s is %s's too", ip, ips[ip]))
 			continue
 		}
 		macs[p.VTEPMAC.String()], ips[ip] = p.Name, p.Name
@@ -348,19 +341,14 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 			probeRoutes = append(probeRoutes, datapath.ProbeRoute(idx, ip, true))
 		}
 		for _, b := range p.Blocks {
-			b = b.Masked()
-			if owner := blocks[b]; owner != "" {
-				errs = append(errs, fmt.Errorf("%w: %s: block %s already routed to %s", ErrBadPeer, p.Name, b, owner))
+			b, why := claims.Claim(p.Name, b, ip)
+			if why != "" {
+				errs = append(errs, d.reject(p.Name, "%s", why))
 				continue
 			}
-			if b.Addr().Is4() != ip.Is4() {
-				errs = append(errs, fmt.Errorf("%w: %s: block %s and underlay %s differ in family", ErrBadPeer, p.Name, b, ip))
-				continue
-			}
-			blocks[b] = p.Name
 			routes = append(routes, netlink.Route{
 				LinkIndex: idx,
-				Dst:       &net.IPNet{IP: b.Addr().AsSlice(), Mask: net.CIDRMask(b.Bits(), b.Addr().BitLen())},
+				Dst:       datapath.PrefixToIPNet(b),
 				Gw:        ip.AsSlice(),
 				Src:       d.cfg.Underlay.AsSlice(),
 				Flags:     unix.RTNH_F_ONLINK,
@@ -377,13 +365,18 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	if err := d.syncNeigh(idx, want); err != nil {
 		errs = append(errs, err)
 	}
-	if err := direct.SyncRoutes(idx, routes, d.log); err != nil {
+	if err := datapath.SyncRoutes(nil, unix.RT_TABLE_MAIN, idx, routes, d.log); err != nil {
 		errs = append(errs, fmt.Errorf("vxlan: %w", err))
 	}
 	if err := datapath.SyncRoutes(nil, datapath.ProbeTable, idx, probeRoutes, d.log); err != nil {
 		errs = append(errs, fmt.Errorf("vxlan: link-probe routes: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// reject leaves one peer out (the rule on datapath.Driver).
+func (d *Driver) reject(peer, format string, args ...any) error {
+	return datapath.RejectPeer(d.log, d.cfg.Metrics, datapath.ModeVXLAN, peer, format, args...)
 }
 
 // syncFDB converges the device's FDB to one permanent entry per peer. Every entry on the
@@ -406,7 +399,7 @@ func (d *Driver) syncFDB(idx int, want []peerState) error {
 			ok[mac] = true
 			continue
 		}
-		if err := netlink.NeighDel(&n); err != nil && !isGone(err) {
+		if err := netlink.NeighDel(&n); err != nil && !datapath.IsGone(err) {
 			errs = append(errs, fmt.Errorf("vxlan: delete FDB %s dst %s: %w", mac, n.IP, err))
 			continue
 		}
@@ -461,7 +454,7 @@ func (d *Driver) syncNeigh(idx int, want []peerState) error {
 			ok[ip] = true
 			continue
 		}
-		if err := netlink.NeighDel(&n); err != nil && !isGone(err) {
+		if err := netlink.NeighDel(&n); err != nil && !datapath.IsGone(err) {
 			errs = append(errs, fmt.Errorf("vxlan: delete neighbour %s: %w", ip, err))
 			continue
 		}
@@ -502,13 +495,9 @@ func (d *Driver) Close() error {
 	if _, ok := link.(*netlink.Vxlan); !ok {
 		return fmt.Errorf("%w: %s is a %s, not weft's VXLAN device; left alone", datapath.ErrIncompatibleLink, d.cfg.Name, link.Type())
 	}
-	if err := netlink.LinkDel(link); err != nil && !isGone(err) {
+	if err := netlink.LinkDel(link); err != nil && !datapath.IsGone(err) {
 		return fmt.Errorf("vxlan: delete %s: %w", d.cfg.Name, err)
 	}
 	d.log.Info("device deleted")
 	return nil
-}
-
-func isGone(err error) bool {
-	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ESRCH)
 }

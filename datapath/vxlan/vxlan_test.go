@@ -16,8 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/datapath/direct"
-	"github.com/weftnet/weft/datapath/direct/nslab"
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 // The kernel tests need root and a kernel with netns, veth, bridge and VXLAN. They build
@@ -26,19 +25,7 @@ import (
 
 func newLab(t *testing.T, tag string, hosts int, routed bool) *nslab.Lab {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root: it builds network namespaces, veths, bridges and VXLAN devices")
-	}
-	l, err := nslab.New(nslab.Config{Prefix: fmt.Sprintf("wvx-%d-%s-", os.Getpid()%100000, tag), Hosts: hosts, Routed: routed})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := l.Close(); err != nil {
-			t.Error(err)
-		}
-	})
-	return l
+	return nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wvx-%d-%s-", os.Getpid()%100000, tag), Hosts: hosts, Routed: routed})
 }
 
 func deadline(t *testing.T, d time.Duration) context.Context {
@@ -83,7 +70,7 @@ func snapshot(h *nslab.Host, name string) (kernelState, error) {
 			}
 			s.Neigh = append(s.Neigh, fmt.Sprintf("%s %s", n.IP, n.HardwareAddr))
 		}
-		routes, err := direct.ListRoutes(s.Ifindex)
+		routes, err := datapath.ListRoutes(nil, unix.RT_TABLE_MAIN, s.Ifindex)
 		if err != nil {
 			return err
 		}
@@ -275,11 +262,11 @@ func TestMesh(t *testing.T) {
 		if _, err := netlink.LinkByName(DefaultName); err == nil {
 			return errors.New("device still there after Close")
 		}
-		routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: direct.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+		routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Protocol: datapath.RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
 		if err != nil || len(routes) != 0 {
 			return fmt.Errorf("weft routes after Close: %v %v", routes, err)
 		}
-		if err := drivers[0].Set(only1); !errors.Is(err, ErrNotUp) {
+		if err := drivers[0].Set(only1); !errors.Is(err, datapath.ErrNotUp) {
 			return fmt.Errorf("Set after Close = %v, want ErrNotUp", err)
 		}
 		return nil
@@ -376,7 +363,7 @@ func TestSetReportsBadPeers(t *testing.T) {
 			{Name: "dupblock", Underlay: netip.MustParseAddr("172.31.0.55"), VTEPMAC: net.HardwareAddr{2, 0, 0, 0, 0, 5}, Blocks: good.Blocks},
 		}
 		err = d.Set(append([]datapath.RemotePeer{good}, bad...))
-		if !errors.Is(err, ErrBadPeer) {
+		if !errors.Is(err, datapath.ErrBadPeer) {
 			return fmt.Errorf("Set = %v, want ErrBadPeer", err)
 		}
 		for _, p := range bad {

@@ -1,10 +1,12 @@
 package wireguard
 
-// A small lab for the driver's tests: an underlay namespace holding a bridge, and per host
-// a namespace joined to it by veth (eth0, 192.168.77.<i>/24), a weft bridge 10.40.0.1/16
-// with proxy ARP, one container namespace attached with datapath.Attach
-// (10.40.<i>.2/16), the block 10.40.<i>.0/26 and a wireguard driver brought up inside the
-// host namespace. Namespaces are named wwg-<pid>-…; tests need root and fail without it.
+// The driver's tests run on nslab's topology (datapath/nslab): an underlay namespace
+// holding a bridge, and per host a namespace joined to it by veth (eth0,
+// 172.31.0.<i+1>/24), the weft bridge 10.40.0.1/16 with proxy ARP, the block
+// 10.40.<i+1>.0/26, one container attached with datapath.Attach (10.40.<i+1>.2/16) and
+// here a wireguard driver brought up inside the host namespace. IPv6 is off everywhere,
+// so the underlay carries nothing but ARP and WireGuard, which the capture test checks
+// strictly. Namespaces are named wwg-<pid>-…; tests need root and fail without it.
 
 import (
 	"encoding/binary"
@@ -15,28 +17,22 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/sys/unix"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 type lab struct {
-	t      *testing.T
-	prefix string
-	ul     string // underlay namespace name
-	hosts  []*host
-	// linkProbes turns on Config.LinkProbes in every host's driver.
-	linkProbes bool
+	t     *testing.T
+	hosts []*host
 }
 
 type host struct {
-	idx      int
+	*nslab.Host
 	name     string // peer name
 	ns       ns.NetNS
 	contNS   ns.NetNS
@@ -48,13 +44,6 @@ type host struct {
 	drv      *Driver
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("these tests need root (network namespaces, TUN, netlink); run them as root")
-	}
-}
-
 func run(args ...string) (string, error) {
 	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
 	if err != nil {
@@ -63,35 +52,9 @@ func run(args ...string) (string, error) {
 	return string(out), nil
 }
 
-func (l *lab) must(args ...string) {
-	l.t.Helper()
-	if _, err := run(args...); err != nil {
-		l.t.Fatal(err)
-	}
-}
-
-func (l *lab) addNS(name string) ns.NetNS {
-	l.t.Helper()
-	l.must("ip", "netns", "add", name)
-	l.t.Cleanup(func() { run("ip", "netns", "del", name) })
-	n, err := ns.GetNS(filepath.Join("/var/run/netns", name))
-	if err != nil {
-		l.t.Fatalf("open netns %s: %v", name, err)
-	}
-	l.t.Cleanup(func() { n.Close() })
-	return n
-}
-
-// noIPv6 turns IPv6 off in a namespace before its links are made: the underlay then carries
-// nothing but ARP and WireGuard (no router solicitations or MLD), which the capture test
-// checks strictly.
-func (l *lab) noIPv6(name string) {
-	l.t.Helper()
-	l.must("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-}
-
 // newLab makes the underlay and n hosts with drivers that are up but have no peers.
-// userspace[i] forces userspace WireGuard on host i (otherwise the kernel is tried first).
+// forceUserspace(i) forces userspace WireGuard on host i (1-based; otherwise the kernel is
+// tried first).
 func newLab(t *testing.T, n int, forceUserspace func(i int) bool) *lab {
 	t.Helper()
 	return newLabWith(t, n, forceUserspace, false)
@@ -99,66 +62,35 @@ func newLab(t *testing.T, n int, forceUserspace func(i int) bool) *lab {
 
 func newLabWith(t *testing.T, n int, forceUserspace func(i int) bool, linkProbes bool) *lab {
 	t.Helper()
-	requireRoot(t)
-	l := &lab{t: t, prefix: fmt.Sprintf("wwg-%d-", os.Getpid()), linkProbes: linkProbes}
-	l.ul = l.prefix + "ul"
-	l.addNS(l.ul)
-	l.noIPv6(l.ul)
-	l.must("ip", "-n", l.ul, "link", "add", "br0", "type", "bridge")
-	l.must("ip", "-n", l.ul, "link", "set", "br0", "up")
-	for i := 1; i <= n; i++ {
-		l.hosts = append(l.hosts, l.addHost(i, forceUserspace(i)))
+	nl := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wwg-%d-", os.Getpid()), Hosts: n, NoIPv6: true})
+	l := &lab{t: t}
+	for i, nh := range nl.Hosts {
+		l.hosts = append(l.hosts, l.addHost(nh, forceUserspace(i+1), linkProbes))
 	}
 	return l
 }
 
-func (l *lab) addHost(i int, forceUserspace bool) *host {
+func (l *lab) addHost(nh *nslab.Host, forceUserspace, linkProbes bool) *host {
 	t := l.t
-	h := &host{
-		idx:      i,
-		name:     fmt.Sprintf("%sh%d", l.prefix, i),
-		underlay: netip.AddrFrom4([4]byte{192, 168, 77, byte(i)}),
-		block:    netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 40, byte(i), 0}), 26),
-		contAddr: netip.AddrFrom4([4]byte{10, 40, byte(i), 2}),
-		keyFile:  filepath.Join(t.TempDir(), "wireguard.key"),
-		contName: fmt.Sprintf("%sc%d", l.prefix, i),
+	c, err := nh.AddContainer()
+	if err != nil {
+		t.Fatal(err)
 	}
-	h.ns = l.addNS(h.name)
-	h.contNS = l.addNS(h.contName)
-	l.noIPv6(h.name)
-	uplink := fmt.Sprintf("h%d", i)
-	l.must("ip", "-n", l.ul, "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", h.name)
-	l.must("ip", "-n", l.ul, "link", "set", uplink, "master", "br0", "up")
-	l.must("ip", "-n", h.name, "addr", "add", h.underlay.String()+"/24", "dev", "eth0")
-	l.must("ip", "-n", h.name, "link", "set", "eth0", "up")
-	l.must("ip", "-n", h.name, "link", "set", "lo", "up")
-	l.must("ip", "-n", h.contName, "link", "set", "lo", "up")
-
-	err := h.ns.Do(func(ns.NetNS) error {
-		if _, err := datapath.EnsureBridge(datapath.BridgeConfig{
-			Name: "weft", Gateway: netip.MustParsePrefix("10.40.0.1/16"), MTU: 1400,
-		}); err != nil {
-			return err
-		}
-		// Containers see the whole /16 on link; the host answers ARP for remote blocks
-		// (routed through the WireGuard device) on the bridge.
-		if err := os.WriteFile("/proc/sys/net/ipv4/conf/weft/proxy_arp", []byte("1"), 0o644); err != nil {
-			return err
-		}
-		if _, err := datapath.Attach(datapath.Attachment{
-			NetNS:      h.contNS.Path(),
-			IfName:     "eth0",
-			HostIfName: datapath.HostIfName(h.contNS.Path(), "eth0"),
-			Bridge:     "weft",
-			Address:    netip.PrefixFrom(h.contAddr, 16),
-			Gateway:    netip.MustParseAddr("10.40.0.1"),
-			MTU:        1400,
-		}); err != nil {
-			return err
-		}
+	h := &host{
+		Host:     nh,
+		name:     nh.Name,
+		ns:       nh.NetNS,
+		contNS:   c.NetNS,
+		contName: c.Name,
+		underlay: nh.Underlay.Addr(),
+		block:    nh.Block,
+		contAddr: c.Addr.Addr(),
+		keyFile:  filepath.Join(t.TempDir(), "wireguard.key"),
+	}
+	err = nh.Do(func() error {
 		drv, err := New(Config{
 			PeerName: h.name, KeyFile: h.keyFile, Underlay: h.underlay,
-			Logger: testLogger(t, h.name), ForceUserspace: forceUserspace, LinkProbes: l.linkProbes,
+			Logger: testLogger(t, h.name), ForceUserspace: forceUserspace, LinkProbes: linkProbes,
 		})
 		if err != nil {
 			return err
@@ -168,7 +100,7 @@ func (l *lab) addHost(i int, forceUserspace bool) *host {
 		return drv.Up(t.Context())
 	})
 	if err != nil {
-		t.Fatalf("host %d: %v", i, err)
+		t.Fatalf("host %s: %v", h.name, err)
 	}
 	return h
 }
@@ -211,105 +143,17 @@ func (h *host) ping(dst netip.Addr, extra ...string) error {
 	return err
 }
 
-// waitFor polls cond until it returns nil or the deadline passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() error) {
+// startCapture records every frame on an interface of h's namespace until the test ends
+// (or Stop).
+func startCapture(t *testing.T, h *host, ifname string) *nslab.Capture {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s: %v", what, timeout, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// capture records every frame on an interface of a namespace (AF_PACKET, both directions).
-type capture struct {
-	fd     int
-	stop   atomic.Bool
-	done   chan struct{}
-	mu     sync.Mutex
-	frames [][]byte
-}
-
-func startCapture(t *testing.T, n ns.NetNS, ifname string) *capture {
-	t.Helper()
-	c := &capture{done: make(chan struct{})}
-	proto := int(htons(unix.ETH_P_ALL))
-	err := n.Do(func(ns.NetNS) error {
-		ifi, err := netInterfaceIndex(ifname)
-		if err != nil {
-			return err
-		}
-		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
-		if err != nil {
-			return err
-		}
-		c.fd = fd
-		if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi}); err != nil {
-			unix.Close(fd)
-			return err
-		}
-		tv := unix.NsecToTimeval((50 * time.Millisecond).Nanoseconds())
-		return unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-	})
+	c, err := nslab.StartCapture(h.Path(), ifname)
 	if err != nil {
-		t.Fatalf("capture on %s: %v", ifname, err)
+		t.Fatal(err)
 	}
-	go func() {
-		defer close(c.done)
-		buf := make([]byte, 1<<17)
-		for {
-			n, _, err := unix.Recvfrom(c.fd, buf, 0)
-			if err != nil {
-				// A timeout: the queue is empty. Once stopped, that is the end; frames
-				// queued before Stop are all read first.
-				if c.stop.Load() {
-					return
-				}
-				continue
-			}
-			c.mu.Lock()
-			c.frames = append(c.frames, append([]byte(nil), buf[:n]...))
-			c.mu.Unlock()
-		}
-	}()
 	t.Cleanup(func() { c.Stop() })
 	return c
 }
-
-// Stop ends the capture and returns the frames.
-func (c *capture) Stop() [][]byte {
-	if !c.stop.Swap(true) {
-		<-c.done
-		unix.Close(c.fd)
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.frames
-}
-
-func netInterfaceIndex(name string) (int, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return 0, err
-	}
-	defer unix.Close(fd)
-	ifr, err := unix.NewIfreq(name)
-	if err != nil {
-		return 0, err
-	}
-	if err := unix.IoctlIfreq(fd, unix.SIOCGIFINDEX, ifr); err != nil {
-		return 0, fmt.Errorf("index of %s: %w", name, err)
-	}
-	return int(ifr.Uint32()), nil
-}
-
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // classify says what an Ethernet frame is: "arp", "igmp", "wireguard" (IPv4 UDP from or
 // to DefaultPort) or an error describing anything else.

@@ -59,10 +59,6 @@ const (
 	DefaultPort = 6786
 	// Overhead is what WireGuard adds to a packet over an IPv6 underlay (see the package doc).
 	Overhead = 80
-	// RouteProtocol marks the routes weft's link drivers install (the same value as
-	// direct.RouteProtocol, which vxlan uses too), so Set and Close delete only routes of
-	// that protocol on their own device.
-	RouteProtocol netlink.RouteProtocol = 0x57
 	// PersistentKeepalive keeps NAT and conntrack state alive and lets a peer that rotated
 	// its key or restarted re-handshake without waiting for traffic.
 	PersistentKeepalive = 25 * time.Second
@@ -77,7 +73,6 @@ const (
 var (
 	ErrInvalidConfig = errors.New("invalid wireguard config")
 	ErrKeyFile       = errors.New("bad wireguard private key file")
-	ErrNotUp         = errors.New("wireguard driver is not up")
 	ErrClosed        = errors.New("wireguard driver is closed")
 	ErrLinkExists    = errors.New("link exists and is not ours")
 )
@@ -111,6 +106,8 @@ type Config struct {
 	// where the underlay address must keep reaching the peer's endpoint — so that link
 	// probes travel through the tunnel (see datapath.EnsureProbeRule).
 	LinkProbes bool
+	// Metrics counts bad peers; nil counts nothing.
+	Metrics *datapath.Metrics
 }
 
 var ifNameRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
@@ -338,17 +335,16 @@ func (d *Driver) mtu() int {
 // and one route per block through the device. Peers that did not change are not touched,
 // so their sessions survive; peers not in the set are removed with their routes.
 //
-// A bad entry (zero or own key, duplicate key, no underlay address) is skipped with a log
-// line rather than failing the whole set, so one broken peer in gossip can't cut this host
-// off from the others. A block claimed by two peers goes to the first.
+// A bad peer (zero or own key, duplicate key, no underlay address, a block another peer of
+// the set has) is left out by the rule on datapath.Driver; the others still converge.
 func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	if d.closed {
 		return ErrClosed
 	}
 	if d.wg == nil {
-		return ErrNotUp
+		return fmt.Errorf("wireguard: %w", datapath.ErrNotUp)
 	}
-	want, blocks, probes := d.desired(peers)
+	want, blocks, probes, bad := d.desired(peers)
 
 	dev, err := d.wg.Device(d.name)
 	if err != nil {
@@ -377,35 +373,41 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 	}
 	if len(changes) > 0 {
 		if err := d.wg.ConfigureDevice(d.name, wgtypes.Config{Peers: changes}); err != nil {
-			return fmt.Errorf("configure peers of %s: %w", d.name, err)
+			return errors.Join(bad, fmt.Errorf("configure peers of %s: %w", d.name, err))
 		}
 	}
-	return d.syncRoutes(blocks, probes)
+	return errors.Join(bad, d.syncRoutes(blocks, probes))
+}
+
+// reject leaves one peer out (the rule on datapath.Driver).
+func (d *Driver) reject(peer, format string, args ...any) error {
+	return datapath.RejectPeer(d.log, d.cfg.Metrics, datapath.ModeWireGuard, peer, format, args...)
 }
 
 // desired turns the remote peers into wgctrl peer configs (keyed by public key), the set
 // of blocks to route, and (with LinkProbes) the underlay addresses to route in the
-// link-probe table.
-func (d *Driver) desired(peers []datapath.RemotePeer) (map[wgtypes.Key]wgtypes.PeerConfig, map[netip.Prefix]bool, []netip.Addr) {
+// link-probe table; bad is the joined error of the peers left out. O(peers + blocks).
+func (d *Driver) desired(peers []datapath.RemotePeer) (want map[wgtypes.Key]wgtypes.PeerConfig, blocks map[netip.Prefix]bool, probes []netip.Addr, bad error) {
 	own := wgtypes.Key(d.key.PublicKey())
-	want := make(map[wgtypes.Key]wgtypes.PeerConfig, len(peers))
-	blocks := make(map[netip.Prefix]bool)
-	var probes []netip.Addr
+	want = make(map[wgtypes.Key]wgtypes.PeerConfig, len(peers))
+	blocks = make(map[netip.Prefix]bool)
+	var errs []error
+	var claims datapath.BlockClaims
 	for _, p := range peers {
 		key := wgtypes.Key(p.WireGuardKey)
 		switch {
 		case key == wgtypes.Key{}:
-			d.log.Warn("skipping peer without a WireGuard key", "peer", p.Name)
+			errs = append(errs, d.reject(p.Name, "no WireGuard key"))
 			continue
 		case key == own:
-			d.log.Warn("skipping peer with this host's own WireGuard key", "peer", p.Name)
+			errs = append(errs, d.reject(p.Name, "this host's own WireGuard key"))
 			continue
 		case !p.Underlay.IsValid():
-			d.log.Warn("skipping peer without an underlay address", "peer", p.Name)
+			errs = append(errs, d.reject(p.Name, "no underlay address"))
 			continue
 		}
 		if _, dup := want[key]; dup {
-			d.log.Warn("skipping peer with a duplicate WireGuard key", "peer", p.Name, "key", key.String())
+			errs = append(errs, d.reject(p.Name, "WireGuard key %s is another peer's too", key))
 			continue
 		}
 		port := p.WireGuardPort
@@ -420,24 +422,21 @@ func (d *Driver) desired(peers []datapath.RemotePeer) (map[wgtypes.Key]wgtypes.P
 			AllowedIPs:                  []net.IPNet{},
 		}
 		for _, b := range p.Blocks {
-			if !b.IsValid() {
-				continue
-			}
-			b = b.Masked()
-			if blocks[b] {
-				d.log.Warn("skipping block claimed by two peers", "peer", p.Name, "block", b)
+			b, why := claims.Claim(p.Name, b, netip.Addr{})
+			if why != "" {
+				errs = append(errs, d.reject(p.Name, "%s", why))
 				continue
 			}
 			blocks[b] = true
-			pc.AllowedIPs = append(pc.AllowedIPs, prefixToIPNet(b))
+			pc.AllowedIPs = append(pc.AllowedIPs, *datapath.PrefixToIPNet(b))
 		}
 		if u := p.Underlay.Unmap(); d.cfg.LinkProbes && !blocks[netip.PrefixFrom(u, u.BitLen())] {
-			pc.AllowedIPs = append(pc.AllowedIPs, prefixToIPNet(netip.PrefixFrom(u, u.BitLen())))
+			pc.AllowedIPs = append(pc.AllowedIPs, *datapath.PrefixToIPNet(netip.PrefixFrom(u, u.BitLen())))
 			probes = append(probes, u)
 		}
 		want[key] = pc
 	}
-	return want, blocks, probes
+	return want, blocks, probes, errors.Join(errs...)
 }
 
 // samePeer says whether the device's peer already matches the desired config.
@@ -458,8 +457,8 @@ func unmapAP(ap netip.AddrPort) netip.AddrPort {
 func prefixSet(nets []net.IPNet) []netip.Prefix {
 	out := make([]netip.Prefix, 0, len(nets))
 	for _, n := range nets {
-		if p, ok := ipNetToPrefix(n); ok {
-			out = append(out, p)
+		if p, ok := datapath.IPNetToPrefix(&n); ok {
+			out = append(out, p.Masked())
 		}
 	}
 	slices.SortFunc(out, func(a, b netip.Prefix) int {
@@ -471,62 +470,35 @@ func prefixSet(nets []net.IPNet) []netip.Prefix {
 	return slices.Compact(out)
 }
 
-// syncRoutes makes the main table's routes of RouteProtocol through the device exactly
-// blocks, and the link-probe table's exactly probes.
+// syncRoutes makes the main table's weft routes through the device exactly blocks (a
+// device route each), and the link-probe table's exactly probes. Replace, not add, takes
+// over a route for a block through another link (the peer's previous link mode).
 func (d *Driver) syncRoutes(blocks map[netip.Prefix]bool, probes []netip.Addr) error {
 	link, err := d.nl.LinkByName(d.name)
 	if err != nil {
 		return fmt.Errorf("look up %s: %w", d.name, err)
 	}
-	routes, err := d.ourRoutes(link.Attrs().Index)
-	if err != nil {
-		return err
-	}
-	have := make(map[netip.Prefix]bool, len(routes))
-	var errs []error
-	for _, r := range routes {
-		p, ok := ipNetToPrefix(*r.Dst)
-		if ok && blocks[p] {
-			have[p] = true
-			continue
-		}
-		if err := d.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
-			errs = append(errs, fmt.Errorf("delete route %s dev %s: %w", r.Dst, d.name, err))
-		}
-	}
+	idx := link.Attrs().Index
+	routes := make([]netlink.Route, 0, len(blocks))
 	for b := range blocks {
-		if have[b] {
-			continue
-		}
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ptr(prefixToIPNet(b)), Protocol: RouteProtocol}
+		r := netlink.Route{LinkIndex: idx, Dst: datapath.PrefixToIPNet(b)}
 		if b.Addr().Is4() {
 			r.Scope = netlink.SCOPE_LINK
 		}
-		// Replace, not add: a route for the block through another link (the peer's previous
-		// link mode) is taken over.
-		if err := d.nl.RouteReplace(r); err != nil {
-			errs = append(errs, fmt.Errorf("route %s dev %s: %w", b, d.name, err))
-		}
+		routes = append(routes, r)
+	}
+	var errs []error
+	if err := datapath.SyncRoutes(d.nl, unix.RT_TABLE_MAIN, idx, routes, d.log); err != nil {
+		errs = append(errs, fmt.Errorf("routes: %w", err))
 	}
 	probeRoutes := make([]netlink.Route, 0, len(probes))
 	for _, a := range probes {
-		probeRoutes = append(probeRoutes, datapath.ProbeRoute(link.Attrs().Index, a, false))
+		probeRoutes = append(probeRoutes, datapath.ProbeRoute(idx, a, false))
 	}
-	if err := datapath.SyncRoutes(d.nl, datapath.ProbeTable, link.Attrs().Index, probeRoutes, d.log); err != nil {
+	if err := datapath.SyncRoutes(d.nl, datapath.ProbeTable, idx, probeRoutes, d.log); err != nil {
 		errs = append(errs, fmt.Errorf("link-probe routes: %w", err))
 	}
 	return errors.Join(errs...)
-}
-
-// ourRoutes lists the main table's routes of RouteProtocol through the device.
-func (d *Driver) ourRoutes(index int) ([]netlink.Route, error) {
-	routes, err := d.nl.RouteListFiltered(netlink.FAMILY_ALL,
-		&netlink.Route{LinkIndex: index, Protocol: RouteProtocol},
-		netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL)
-	if err != nil {
-		return nil, fmt.Errorf("list routes of %s: %w", d.name, err)
-	}
-	return slices.DeleteFunc(routes, func(r netlink.Route) bool { return r.Dst == nil }), nil
 }
 
 // RotateKey makes a new private key, persists it (atomically, mode 0600) and, when the
@@ -565,12 +537,8 @@ func (d *Driver) Close() error {
 	var errs []error
 	if d.nl != nil {
 		if link, err := d.nl.LinkByName(d.name); err == nil {
-			if routes, err := d.ourRoutes(link.Attrs().Index); err == nil {
-				for _, r := range routes {
-					if err := d.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
-						errs = append(errs, fmt.Errorf("delete route %s: %w", r.Dst, err))
-					}
-				}
+			if err := datapath.SyncRoutes(d.nl, unix.RT_TABLE_MAIN, link.Attrs().Index, nil, d.log); err != nil {
+				errs = append(errs, err)
 			}
 			if d.kernel {
 				if err := d.nl.LinkDel(link); err != nil && !errors.Is(err, unix.ENODEV) {
@@ -765,26 +733,3 @@ func (u *userspace) close() error {
 func socketPath(name string) string { return filepath.Join(socketDirectory, name+".sock") }
 
 func ptr[T any](v T) *T { return &v }
-
-func prefixToIPNet(p netip.Prefix) net.IPNet {
-	bits := 32
-	if p.Addr().Is6() {
-		bits = 128
-	}
-	return net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), bits)}
-}
-
-func ipNetToPrefix(n net.IPNet) (netip.Prefix, bool) {
-	addr, ok := netip.AddrFromSlice(n.IP)
-	if !ok {
-		return netip.Prefix{}, false
-	}
-	ones, bits := n.Mask.Size()
-	if addr.Is4In6() {
-		addr = addr.Unmap()
-		if bits == 128 {
-			ones -= 96
-		}
-	}
-	return netip.PrefixFrom(addr, ones).Masked(), true
-}

@@ -52,7 +52,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -70,7 +69,7 @@ import (
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/direct"
-	"github.com/weftnet/weft/datapath/direct/nslab"
+	"github.com/weftnet/weft/datapath/nslab"
 	"github.com/weftnet/weft/datapath/vxlan"
 	"github.com/weftnet/weft/datapath/wireguard"
 )
@@ -344,7 +343,7 @@ func addrUp(name string, p netip.Prefix) error {
 	if err != nil {
 		return err
 	}
-	ipn := &netlink.Addr{IPNet: prefixIPNet(p)}
+	ipn := &netlink.Addr{IPNet: datapath.PrefixToIPNet(p)}
 	if err := netlink.AddrAdd(link, ipn); err != nil {
 		return err
 	}
@@ -539,8 +538,4 @@ func logger(verbose bool, host string) *slog.Logger {
 		return nil
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, nil)).With("host", host)
-}
-
-func prefixIPNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }

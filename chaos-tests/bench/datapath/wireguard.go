@@ -48,7 +48,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 
 	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/datapath/direct/nslab"
+	"github.com/weftnet/weft/datapath/nslab"
 	"github.com/weftnet/weft/datapath/wireguard"
 )
 
@@ -267,7 +267,7 @@ func (s *standaloneTunnel) setPeer(p childMsg) error {
 		return fmt.Errorf("configure peer of %s: %w", standaloneDev, err)
 	}
 	for _, bl := range p.Blocks {
-		r := &netlink.Route{LinkIndex: s.link.Attrs().Index, Dst: prefixIPNet(bl), Scope: netlink.SCOPE_LINK}
+		r := &netlink.Route{LinkIndex: s.link.Attrs().Index, Dst: datapath.PrefixToIPNet(bl), Scope: netlink.SCOPE_LINK}
 		if err := netlink.RouteAdd(r); err != nil {
 			return fmt.Errorf("route %s dev %s: %w", bl, standaloneDev, err)
 		}

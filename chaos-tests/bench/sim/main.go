@@ -71,6 +71,7 @@ type options struct {
 	probePort       int
 	linkProbePort   int
 	probeInterval   time.Duration
+	probeTargets    int
 	pathInterval    time.Duration
 	syncOnJoin      bool
 }
@@ -99,7 +100,8 @@ func run() error {
 	flag.IntVar(&o.linkProbePort, "link-probe-port", 7948, "link probe port (udp), 0: no link prober (weft peer's default has one)")
 	flag.DurationVar(&o.probeInterval, "probe-interval", time.Second, "probe interval per target (weft peer's --probe-interval)")
 	flag.DurationVar(&o.pathInterval, "path-interval", 500*time.Millisecond, "path recompute period per peer (the router's reconcile tick)")
-	flag.BoolVar(&o.syncOnJoin, "sync-on-join", true, "full runs: every peer starts a full push/pull with each joiner (today's router); never in the membership-only run")
+	flag.BoolVar(&o.syncOnJoin, "sync-on-join", false, "full runs: every peer starts a full push/pull with each joiner (the router did before it synced only when DNS refused records); never in the membership-only run")
+	flag.IntVar(&o.probeTargets, "probe-targets", 16, "peers each peer measures directly (weft peer's --probe-targets)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address (e.g. 127.0.0.1:6061) to inspect a run")
 	flag.Parse()
@@ -282,7 +284,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 			Name: fmt.Sprintf("sim-%04d", i), Addr: a,
 			MeshPort: o.meshPort, ProbePort: o.probePort, LinkProbePort: o.linkProbePort,
 			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin && !membershipOnly,
-			ProbeInterval: o.probeInterval, PathInterval: o.pathInterval,
+			ProbeInterval: o.probeInterval, ProbeTargets: o.probeTargets, PathInterval: o.pathInterval,
 			PathSlot: slot, Paths: paths, Traffic: counters[i],
 		})
 		if err != nil {

@@ -11,12 +11,14 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sync"
 	"time"
 
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/pathsel"
 )
 
 // unknownGrace mirrors router/paths.go: how long a new probe target that has
@@ -37,8 +39,11 @@ type nodeConfig struct {
 	// (router/membership.go peerEvent does this today).
 	SyncOnJoin bool
 	// ProbeInterval as --probe-interval; the timeout is the router's
-	// default, min(2 × interval, 1s).
+	// default, min(2 × interval, 1s). Underlay probes run five times slower
+	// when link probes are on, as in the router.
 	ProbeInterval time.Duration
+	// ProbeTargets as --probe-targets (k).
+	ProbeTargets int
 	// PathInterval is the router's datapath loop period (reconcileInterval).
 	PathInterval time.Duration
 	// PathSlot is shared by all nodes: one path computation at a time, so a
@@ -61,10 +66,14 @@ type node struct {
 	// owned by the datapath loop).
 	underlay, link *mesh.Prober
 	table          *mesh.LinkTable
-	sel            *mesh.PathSelector
-	sla            mesh.SLA
+	sel            *pathsel.Selector
 	targets        map[string]netip.Addr
 	added          map[string]time.Time
+	probeSet       mesh.ProbeTargets
+	rnd            *rand.Rand
+	dests          map[string]pathsel.Dest
+	live           map[string]struct{}
+	relays         map[string]string // destination → relay, as the router keeps it
 
 	cancel context.CancelFunc
 	loops  sync.WaitGroup // membership and path loops, probers
@@ -75,8 +84,9 @@ type node struct {
 // startNode starts one peer; on error everything it started is closed.
 func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	ctx, cancel := context.WithCancel(ctx)
-	n = &node{cfg: cfg, dp: newRecorder(), cancel: cancel, sla: mesh.DefaultSLA(),
-		targets: map[string]netip.Addr{}, added: map[string]time.Time{}}
+	n = &node{cfg: cfg, dp: newRecorder(), cancel: cancel, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		targets: map[string]netip.Addr{}, added: map[string]time.Time{}, dests: map[string]pathsel.Dest{},
+		live: map[string]struct{}{}, relays: map[string]string{}}
 	defer func() {
 		if err != nil {
 			n.close()
@@ -84,15 +94,22 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		}
 	}()
 	if !cfg.MembershipOnly {
-		n.table = mesh.NewLinkTable(mesh.LinkTableConfig{})
-		if n.sel, err = mesh.NewPathSelector(mesh.DefaultPathSelectorConfig()); err != nil {
+		// As router/paths.go startPaths: RTT moves under 0.5 ms are not republished.
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond}); err != nil {
 			return n, err
 		}
-		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, kindProbeUnderlay); err != nil {
+		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
+			return n, err
+		}
+		underlayEvery := cfg.ProbeInterval
+		if cfg.LinkProbePort != 0 {
+			underlayEvery *= 5
+		}
+		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, kindProbeUnderlay); err != nil {
 			return n, err
 		}
 		if cfg.LinkProbePort != 0 {
-			if n.link, err = n.startProber(ctx, cfg.LinkProbePort, kindProbeLink); err != nil {
+			if n.link, err = n.startProber(ctx, cfg.LinkProbePort, cfg.ProbeInterval, kindProbeLink); err != nil {
 				return n, err
 			}
 		}
@@ -122,7 +139,8 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		return n, err
 	}
 	if n.table != nil {
-		if err = n.mesh.RegisterChannel(mesh.LinkStateChannelName, &mesh.LinkStateChannel{Table: n.table}); err != nil {
+		ch := &mesh.LinkStateChannel{Table: n.table, Self: cfg.Name, Sender: n.mesh, OnChange: n.feed}
+		if err = n.mesh.RegisterChannel(mesh.LinkStateChannelName, ch); err != nil {
 			return n, err
 		}
 	}
@@ -147,7 +165,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 }
 
 // startProber binds a probe socket on the peer's address, counted as kind.
-func (n *node) startProber(ctx context.Context, port int, kind string) (*mesh.Prober, error) {
+func (n *node) startProber(ctx context.Context, port int, every time.Duration, kind string) (*mesh.Prober, error) {
 	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(n.cfg.Addr, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("probe socket: %w", err)
@@ -155,7 +173,7 @@ func (n *node) startProber(ctx context.Context, port int, kind string) (*mesh.Pr
 	n.conns = append(n.conns, conn)
 	p, err := mesh.NewProber(mesh.ProberConfig{
 		Self: n.cfg.Name, Conn: &countingPacketConn{PacketConn: conn, c: n.cfg.Traffic, kind: kind},
-		Interval: n.cfg.ProbeInterval, Timeout: min(2*n.cfg.ProbeInterval, time.Second),
+		Interval: every, Timeout: min(2*n.cfg.ProbeInterval, time.Second),
 	})
 	if err != nil {
 		return nil, err
@@ -208,17 +226,33 @@ func (n *node) pathLoop(ctx context.Context) {
 }
 
 // updatePaths mirrors router/paths.go updatePaths with --encrypt=never (no
-// link is encrypted) and without the Prometheus gauges. It returns false
-// when ctx ended while waiting for the path slot.
-//
-// Cost per run, today's components: probe targets O(N), link publish O(N),
-// graph copy O(N²), path choice O(N) destinations × O(N) relays with a
-// sort of each relay's neighbours: O(N³ log N).
+// link is encrypted) and without the Prometheus gauges: bounded probe
+// targets, only changed link entries published, path choice re-evaluated
+// only where something changed. It returns false when ctx ended while
+// waiting for the path slot. O(N) map upkeep plus O(changed × D).
 func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time) bool {
-	targets := map[string]netip.Addr{}
+	under := map[string]netip.Addr{}
+	live := map[string]struct{}{}
+	names := make([]string, 0, len(peers))
 	for _, pr := range peers {
-		if !pr.Self && (pr.State == mesh.StateAlive || pr.State == mesh.StateSuspect) && pr.Meta.Underlay.IsValid() {
-			targets[pr.Name] = pr.Meta.Underlay
+		if !pr.Self && pr.Up() && pr.Meta.Underlay.IsValid() {
+			under[pr.Name] = pr.Meta.Underlay
+			live[pr.Name] = struct{}{}
+			names = append(names, pr.Name)
+		}
+	}
+	must := make([]string, 0, 2*len(n.relays))
+	for dest, relay := range n.relays {
+		must = append(must, dest, relay)
+	}
+	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
+		Self: n.cfg.Name, Live: names, Estimate: n.mesh.EstimateRTT, Must: must,
+		Current: n.probeSet, Now: now, Rand: n.rnd,
+	}, mesh.ProbeTargetConfig{K: n.cfg.ProbeTargets})
+	targets := map[string]netip.Addr{}
+	for _, name := range n.probeSet.All() {
+		if a, ok := under[name]; ok {
+			targets[name] = a
 		}
 	}
 	if !maps.Equal(targets, n.targets) {
@@ -228,8 +262,6 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 		for name := range n.targets {
 			if _, ok := targets[name]; !ok {
-				n.table.Remove(name)
-				n.sel.Forget(name)
 				delete(n.added, name)
 			}
 		}
@@ -244,17 +276,41 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 	if n.link != nil {
 		prober = n.link
 	}
+	dests := make(map[string]pathsel.Dest, len(live))
+	for name := range live {
+		d := pathsel.Dest{}
+		if added, probed := n.added[name]; probed && now.Sub(added) < unknownGrace {
+			if st, ok := prober.Stats(name); !ok || st.Samples == 0 {
+				d.Pending = true
+			}
+		}
+		dests[name] = d
+	}
+	for name := range n.live {
+		if _, ok := live[name]; !ok {
+			n.feed(n.table.Remove(name))
+			n.sel.RemovePeer(name)
+		}
+	}
+	for name := range live {
+		if _, ok := n.live[name]; !ok {
+			n.table.Restore(name)
+		}
+	}
+	n.live = live
 	measured := prober.All()
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if st.Samples == 0 && now.Sub(n.added[name]) < unknownGrace {
+		if _, ok := targets[name]; !ok || st.Samples == 0 && now.Sub(n.added[name]) < unknownGrace {
 			continue
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
 	}
-	if delta, changed := n.table.PublishLinks(n.cfg.Name, links); changed && delta != nil {
-		n.mesh.Broadcast(mesh.LinkStateChannelName, delta) // too large: push/pull carries it, as in the router
+	msgs, changes := n.table.PublishLinks(n.cfg.Name, links)
+	for _, msg := range msgs {
+		n.mesh.Broadcast(mesh.LinkStateChannelName, msg) // too large: push/pull carries it, as in the router
 	}
+	n.feed(changes)
 
 	select {
 	case n.cfg.PathSlot <- struct{}{}:
@@ -262,29 +318,53 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		return false
 	}
 	start := time.Now()
-	graph := n.table.Graph().Symmetric()
-	_ = graph.Encrypted() // the router builds it every run, used for encrypted pairs
-	routes := make(map[string]string, len(targets))
-	for name := range targets {
-		if st, ok := measured[name]; (!ok || st.Samples == 0) && now.Sub(n.added[name]) < unknownGrace {
-			n.sel.Forget(name)
-			routes[name] = name // not measured yet: direct
-			continue
+	if !maps.Equal(dests, n.dests) {
+		n.sel.SetDestinations(dests)
+		n.dests = dests
+	}
+	for name, c := range n.sel.Select(now) {
+		if len(c.Path) == 2 {
+			n.relays[name] = c.Path[0]
+		} else {
+			delete(n.relays, name)
 		}
-		c := n.sel.Select(graph, n.cfg.Name, name, n.sla, now)
-		switch len(c.Path) {
-		case 0:
-			routes[name] = "" // no working path
-		case 1:
+	}
+	n.cfg.Paths.add(time.Since(start))
+	<-n.cfg.PathSlot
+	routes := make(map[string]string, len(live))
+	for name, c := range n.sel.Choices() {
+		switch {
+		case len(c.Path) == 0 || c.Unmeasured:
+			routes[name] = "" // no path known
+		case len(c.Path) == 1:
 			routes[name] = name
 		default:
 			routes[name] = c.Path[0] // relay
 		}
 	}
-	n.cfg.Paths.add(time.Since(start))
-	<-n.cfg.PathSlot
 	n.dp.Set(routes)
 	return true
+}
+
+// feed applies link-state changes to path selection (router/paths.go feed).
+func (n *node) feed(changes []mesh.LinkChange) {
+	for _, c := range changes {
+		if c.Removed {
+			n.sel.RemoveLink(c.From, c.To)
+			continue
+		}
+		n.sel.SetLink(c.From, c.To, pathsel.Link{RTT: c.Link.RTT, Jitter: c.Link.Jitter, Loss: c.Link.Loss, Up: c.Link.Up, Encrypted: c.Link.Encrypted})
+	}
+}
+
+// meshEstimator gives path selection the mesh's Vivaldi estimates.
+type meshEstimator node
+
+func (e *meshEstimator) EstimateRTT(a, b string) (time.Duration, bool) {
+	if e.mesh == nil {
+		return 0, false
+	}
+	return e.mesh.EstimateRTTBetween(a, b)
 }
 
 func withPort(addrs map[string]netip.Addr, port int) map[string]netip.AddrPort {

@@ -1,6 +1,9 @@
 // Package nslab builds throwaway multi-host topologies out of network namespaces for the
-// tests of weft's link drivers (datapath/direct, datapath/vxlan) and the datapath
-// benchmark (chaos-tests/bench/datapath). It needs root.
+// kernel tests of weft's link drivers (datapath/direct, datapath/vxlan,
+// datapath/wireguard) and the datapath benchmark (chaos-tests/bench/datapath), and holds
+// the pieces every namespace lab shares, chaos-tests/lab included: named namespaces
+// (CreateNetNS, DeleteNetNS), underlay uplinks (AddBridge, AddUplink), packet capture
+// (StartCapture) and the one poll helper (Poll, Eventually). It needs root.
 //
 // A lab is an underlay namespace and N host namespaces. Each host has an underlay interface
 // "eth0" (a veth whose other end is in the underlay namespace), the bridge "weft" holding
@@ -25,9 +28,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -35,7 +36,6 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/weftnet/weft/datapath"
-	"github.com/weftnet/weft/datapath/direct"
 )
 
 // Names and addresses every lab uses.
@@ -61,6 +61,9 @@ type Config struct {
 	UnderlayMTU int
 	// MTU is the MTU of bridges and container interfaces (default 1400).
 	MTU int
+	// NoIPv6 turns IPv6 off in every namespace before its links are made, so that links
+	// carry no router solicitations or MLD (tests that capture and check every frame).
+	NoIPv6 bool
 }
 
 // NS is one namespace of the lab.
@@ -114,6 +117,8 @@ type Lab struct {
 	Underlay *NS
 	Hosts    []*Host
 	all      []*NS
+	ul       *netlink.Handle // in Underlay
+	ulBridge *netlink.Bridge // the underlay's L2 segment; nil when Routed
 }
 
 // New builds the lab. On error it removes what it made.
@@ -136,19 +141,15 @@ func New(cfg Config) (l *Lab, err error) {
 	if l.Underlay, err = l.NewNS("u"); err != nil {
 		return nil, err
 	}
-	if err := l.Underlay.Do(func() error {
-		if err := setUp("lo"); err != nil {
-			return err
-		}
-		if cfg.Routed {
-			return writeSysctl("net/ipv4/ip_forward", "1")
-		}
-		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "ul", MTU: cfg.UnderlayMTU, TxQLen: -1}}
-		if err := netlink.LinkAdd(br); err != nil {
-			return fmt.Errorf("underlay bridge: %w", err)
-		}
-		return netlink.LinkSetUp(br)
-	}); err != nil {
+	if l.ul, err = HandleAt(l.Underlay.Path()); err != nil {
+		return nil, fmt.Errorf("nslab: underlay: %w", err)
+	}
+	if cfg.Routed {
+		err = l.Underlay.Do(func() error { return datapath.WriteSysctl("net/ipv4/ip_forward", "1") })
+	} else {
+		l.ulBridge, err = AddBridge(l.ul, "ul", cfg.UnderlayMTU)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("nslab: underlay: %w", err)
 	}
 	for i := 0; i < cfg.Hosts; i++ {
@@ -161,20 +162,31 @@ func New(cfg Config) (l *Lab, err error) {
 	return l, nil
 }
 
-// NewNS makes a namespace named Prefix+suffix with its loopback up; Close removes it.
+// NewNS makes a namespace named Prefix+suffix with its loopback up (and IPv6 off with
+// Config.NoIPv6); Close removes it.
 func (l *Lab) NewNS(suffix string) (*NS, error) {
 	name := l.cfg.Prefix + suffix
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("ip netns add %s (needs root): %v: %s", name, err, strings.TrimSpace(string(out)))
-	}
-	n, err := ns.GetNS(filepath.Join("/var/run/netns", name))
+	p, err := CreateNetNS(name)
 	if err != nil {
-		exec.Command("ip", "netns", "del", name).Run()
+		return nil, fmt.Errorf("nslab (needs root): %w", err)
+	}
+	n, err := ns.GetNS(p)
+	if err != nil {
+		DeleteNetNS(name)
 		return nil, fmt.Errorf("open netns %s: %w", name, err)
 	}
 	nn := &NS{Name: name, NetNS: n}
 	l.all = append(l.all, nn)
-	if err := nn.Do(func() error { return setUp("lo") }); err != nil {
+	if err := nn.Do(func() error {
+		if l.cfg.NoIPv6 {
+			for _, key := range []string{"net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"} {
+				if err := datapath.WriteSysctl(key, "1"); err != nil {
+					return err
+				}
+			}
+		}
+		return setUp("lo")
+	}); err != nil {
 		return nil, err
 	}
 	return nn, nil
@@ -195,34 +207,9 @@ func (l *Lab) addHost(i int) (*Host, error) {
 		h.Underlay = netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 31, 0, byte(i + 1)}), 24)
 	}
 	// The veth is made in the underlay namespace with its peer put straight into the host.
-	uEnd := fmt.Sprintf("h%d", i)
-	err = l.Underlay.Do(func() error {
-		veth := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: uEnd, MTU: l.cfg.UnderlayMTU, TxQLen: -1},
-			PeerName:      UnderlayDev,
-			PeerNamespace: netlink.NsFd(int(n.Fd())),
-		}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return fmt.Errorf("underlay veth: %w", err)
-		}
-		link, err := netlink.LinkByName(uEnd)
-		if err != nil {
-			return err
-		}
-		if l.cfg.Routed {
-			if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: ipNet(gw)}); err != nil {
-				return err
-			}
-		} else {
-			br, err := netlink.LinkByName("ul")
-			if err != nil {
-				return err
-			}
-			if err := netlink.LinkSetMaster(link, br); err != nil {
-				return err
-			}
-		}
-		return netlink.LinkSetUp(link)
+	err = AddUplink(Uplink{
+		Underlay: l.ul, Name: fmt.Sprintf("h%d", i), Bridge: l.ulBridge, Gateway: gw,
+		HostPath: n.Path(), HostDev: UnderlayDev, Addr: h.Underlay, MTU: l.cfg.UnderlayMTU,
 	})
 	if err != nil {
 		return nil, err
@@ -230,15 +217,6 @@ func (l *Lab) addHost(i int) (*Host, error) {
 	err = n.Do(func() error {
 		link, err := netlink.LinkByName(UnderlayDev)
 		if err != nil {
-			return err
-		}
-		if err := netlink.LinkSetMTU(link, l.cfg.UnderlayMTU); err != nil {
-			return err
-		}
-		if err := netlink.AddrAdd(link, &netlink.Addr{IPNet: ipNet(h.Underlay)}); err != nil {
-			return err
-		}
-		if err := netlink.LinkSetUp(link); err != nil {
 			return err
 		}
 		if l.cfg.Routed {
@@ -250,7 +228,7 @@ func (l *Lab) addHost(i int) (*Host, error) {
 		if _, err := datapath.EnsureBridge(datapath.BridgeConfig{Name: Bridge, Gateway: Gateway, MTU: l.cfg.MTU}); err != nil {
 			return err
 		}
-		return direct.EnableProxyARP(Bridge)
+		return datapath.EnableProxyARP(Bridge)
 	})
 	if err != nil {
 		return nil, err
@@ -298,11 +276,15 @@ func (h *Host) RemotePeer(vtep net.HardwareAddr) datapath.RemotePeer {
 // Close deletes every namespace of the lab (and so everything in them). Safe twice.
 func (l *Lab) Close() error {
 	var errs []error
+	if l.ul != nil {
+		l.ul.Close()
+		l.ul = nil
+	}
 	for i := len(l.all) - 1; i >= 0; i-- {
 		n := l.all[i]
 		n.NetNS.Close()
-		if out, err := exec.Command("ip", "netns", "del", n.Name).CombinedOutput(); err != nil {
-			errs = append(errs, fmt.Errorf("ip netns del %s: %v: %s", n.Name, err, out))
+		if err := DeleteNetNS(n.Name); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	l.all = nil
@@ -317,36 +299,19 @@ func setUp(name string) error {
 	return netlink.LinkSetUp(link)
 }
 
-func ipNet(p netip.Prefix) *net.IPNet {
-	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
-// writeSysctl writes a sysctl of the calling thread's network namespace.
-func writeSysctl(key, value string) error {
-	if err := os.WriteFile("/proc/sys/"+key, []byte(value), 0o644); err != nil {
-		return fmt.Errorf("set sysctl %s=%s: %w", key, value, err)
-	}
-	return nil
-}
-
 // WaitPing pings to from n (one echo request a try, `ping -c1 -W1` plus extra, e.g. "-M",
 // "do", "-s", "1372") until one is answered or ctx ends; the error has the last output.
 func (n *NS) WaitPing(ctx context.Context, to netip.Addr, extra ...string) error {
 	args := append([]string{"-c1", "-W1", "-n"}, extra...)
 	args = append(args, to.String())
-	var last error
-	for {
-		if _, err := n.Run(ctx, "ping", args...); err == nil {
-			return nil
-		} else {
-			last = err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("no answer from %s within the deadline: %w", to, last)
-		case <-time.After(100 * time.Millisecond):
-		}
+	err := Poll(ctx, 100*time.Millisecond, func() error {
+		_, err := n.Run(ctx, "ping", args...)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("no answer from %s within the deadline: %w", to, err)
 	}
+	return nil
 }
 
 // Transfer sends size bytes over one TCP connection from the container from to the

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"errors"
+	"math"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseStatTicks(t *testing.T) {
+	// A command name with a space and a parenthesis: fields are counted after the last ')'.
+	line := "1234 (weft (x) y) S 1 1234 1234 0 -1 4194560 1990 0 0 0 731 269 0 0 20 0 12 0 4242 1000 2000 18446744073709551615\n"
+	got, err := parseStatTicks(line)
+	if err != nil || got != 1000 {
+		t.Fatalf("parseStatTicks = %d, %v; want 1000 (731 + 269)", got, err)
+	}
+	for _, bad := range []string{"", "1234 weft S 1", "1 (a) S 1 2", "1 (a) S 1 1 1 0 -1 0 0 0 0 0 x 2"} {
+		if _, err := parseStatTicks(bad); !errors.Is(err, errProcFormat) {
+			t.Errorf("parseStatTicks(%q) = %v, want errProcFormat", bad, err)
+		}
+	}
+}
+
+func TestParseVmRSS(t *testing.T) {
+	got, err := parseVmRSS("Name:\tweft\nVmPeak:\t 9999 kB\nVmRSS:\t   24640 kB\nThreads: 12\n")
+	if err != nil || got != 24640<<10 {
+		t.Fatalf("parseVmRSS = %d, %v; want %d", got, err, 24640<<10)
+	}
+	for _, bad := range []string{"Name:\tweft\n", "VmRSS:\t12 MB\n", "VmRSS:\tx kB\n"} {
+		if _, err := parseVmRSS(bad); !errors.Is(err, errProcFormat) {
+			t.Errorf("parseVmRSS(%q) = %v, want errProcFormat", bad, err)
+		}
+	}
+}
+
+func TestParseCPULine(t *testing.T) {
+	busy, total, err := parseCPULine("cpu  100 5 50 800 40 3 2 0 0 0")
+	if err != nil || busy != 160 || total != 1000 {
+		t.Fatalf("parseCPULine = %d, %d, %v; want 160, 1000", busy, total, err)
+	}
+	for _, bad := range []string{"", "cpu0 1 2 3 4 5 6 7", "cpu 1 2 3", "cpu 1 2 3 x 5 6 7"} {
+		if _, _, err := parseCPULine(bad); !errors.Is(err, errProcFormat) {
+			t.Errorf("parseCPULine(%q) = %v, want errProcFormat", bad, err)
+		}
+	}
+}
+
+func TestMedian(t *testing.T) {
+	xs := []float64{5, 1, 3}
+	if m := median(xs); m != 3 {
+		t.Errorf("median odd = %v, want 3", m)
+	}
+	if !slices.Equal(xs, []float64{5, 1, 3}) {
+		t.Errorf("median modified its input: %v", xs)
+	}
+	if m := median([]float64{4, 1, 3, 2}); m != 2.5 {
+		t.Errorf("median even = %v, want 2.5", m)
+	}
+	if !math.IsNaN(median(nil)) {
+		t.Error("median of nothing is not NaN")
+	}
+}
+
+func TestSampleIndexes(t *testing.T) {
+	for _, c := range []struct {
+		n, k int
+		want []int
+	}{
+		{50, 5, []int{0, 12, 25, 37, 49}},
+		{100, 5, []int{0, 25, 50, 74, 99}},
+		{3, 5, []int{0, 1, 2}},
+		{5, 2, []int{0, 4}},
+	} {
+		if got := sampleIndexes(c.n, c.k); !slices.Equal(got, c.want) {
+			t.Errorf("sampleIndexes(%d, %d) = %v, want %v", c.n, c.k, got, c.want)
+		}
+	}
+}
+
+func TestParseNs(t *testing.T) {
+	got, err := parseNs("50, 100,")
+	if err != nil || !slices.Equal(got, []int{50, 100}) {
+		t.Fatalf("parseNs = %v, %v", got, err)
+	}
+	for _, bad := range []string{"", "2", "201", "fifty", "50,-1"} {
+		if _, err := parseNs(bad); err == nil {
+			t.Errorf("parseNs(%q) accepted", bad)
+		}
+	}
+}
+
+func TestRatio(t *testing.T) {
+	for _, c := range []struct {
+		a, b float64
+		want string
+	}{
+		{3.2, 1, "3.2×"}, {1, 0, "–"}, {math.NaN(), 1, "–"}, {1, math.NaN(), "–"},
+	} {
+		if got := ratio(c.a, c.b); got != c.want {
+			t.Errorf("ratio(%v, %v) = %q, want %q", c.a, c.b, got, c.want)
+		}
+	}
+}
+
+func TestSummaryTargets(t *testing.T) {
+	ok := &result{system: "weft", n: 50, seeAllOK: true, seeAll: 1500 * time.Millisecond,
+		cpu: slices.Repeat([]float64{0.4}, 50), rss: slices.Repeat([]float64{20}, 50), pingsOK: 20, pingsTotal: 20}
+	slow := &result{system: "weft", n: 100, seeAll: 90 * time.Second, reached: 40, minSeen: 61,
+		cpu: slices.Repeat([]float64{3}, 100), rss: slices.Repeat([]float64{60}, 100), pingsOK: 19, pingsTotal: 20}
+	serf := &result{system: "serf", n: 50, seeAllOK: true, seeAll: 500 * time.Millisecond,
+		cpu: slices.Repeat([]float64{0.2}, 50), rss: slices.Repeat([]float64{15}, 50)}
+	var b strings.Builder
+	writeSummary(&b, []int{50, 100}, map[int]*result{50: ok, 100: slow}, map[int]*result{50: serf})
+	out := b.String()
+	lines := strings.Split(out, "\n")
+	var n50, t50, n100, t100 string
+	for i, l := range lines {
+		if strings.HasPrefix(l, "N=50 ") {
+			n50, t50 = l, lines[i+1]
+		}
+		if strings.HasPrefix(l, "N=100") {
+			n100, t100 = l, lines[i+1]
+		}
+	}
+	for _, want := range []string{"weft 1.50s serf 0.50s (3.0×)", "weft 0.40% serf 0.20% (2.0×)", "weft 20MB serf 15MB (1.3×)", "pings 20/20"} {
+		if !strings.Contains(n50, want) {
+			t.Errorf("N=50 line %q lacks %q", n50, want)
+		}
+	}
+	if strings.Contains(t50, "MISSED") {
+		t.Errorf("N=50 met every target, got %q", t50)
+	}
+	if !strings.Contains(n100, ">90.00s (40/100 peers saw all, fewest seen 61)") {
+		t.Errorf("N=100 line does not say what the timeout reached: %q", n100)
+	}
+	slow50 := *slow
+	slow50.n = 50
+	b.Reset()
+	writeSummary(&b, []int{50}, map[int]*result{50: &slow50}, map[int]*result{50: serf})
+	if !strings.Contains(b.String(), "serf 0.50s (>180.0×)") {
+		t.Errorf("a timed-out see-all is not shown as a lower bound of the ratio: %q", b.String())
+	}
+	if strings.Count(t100, "MISSED") != 4 {
+		t.Errorf("N=100 missed all four targets, got %q", t100)
+	}
+}

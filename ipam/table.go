@@ -1,0 +1,207 @@
+package ipam
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"sync"
+)
+
+// How a client (a peer outside the Raft configuration) learns the block table without
+// burdening the leader as N grows:
+//
+//   - Every change the FSM applies is one tableDelta (prev index → index, what changed). Only
+//     the leader gossips it, once, on TableChannel; the mesh passes each message on epidemically
+//     (O(log N) rounds, O(1) sends per peer per delta). Leader cost per change: O(1), whatever N.
+//   - Push/pull state on TableChannel is only {index, conf index}: a few bytes, O(1) per exchange.
+//   - A peer that sees a gap (a delta whose prev is not its index, or a remote index above its
+//     own) fetches the whole table from a random Raft member over the authenticated transport
+//     (GET /v1/raft/table), at most once per fetch interval. Fetches land on voters and
+//     non-voters alike, so the leader serves about 1/M of them (M members, bounded by flags).
+//
+// Everything received is untrusted: deltas and tables are validated (networks well formed,
+// blocks inside their network, owners named, indexes that move forward and not absurdly far)
+// and a bad one is rejected, counted and logged without changing the table.
+
+// TableChannel is the gossip channel of the block table; the router registers the handler
+// returned by Cluster.TableHandler under this name.
+const TableChannel = "ipam-table"
+
+// Bounds on untrusted table input.
+const (
+	// maxDeltaBytes bounds one gossiped delta (a real one is ~200 bytes).
+	maxDeltaBytes = 1024
+	// maxHintBytes bounds one push/pull state of the channel.
+	maxHintBytes = 128
+	// maxTableBytes bounds a fetched table.
+	maxTableBytes = 16 << 20
+	// maxIndexAhead: a delta more than this many Raft indexes ahead of this peer's table is
+	// from the future (no cluster commits that much between two gossip rounds). A peer with
+	// no table yet accepts only fetched tables, which come from Raft members.
+	maxIndexAhead = 1 << 16
+	// maxNameLen bounds peer names inside table entries.
+	maxNameLen = 128
+)
+
+// ErrBadTable marks a gossiped delta or fetched table that was rejected.
+var ErrBadTable = errors.New("bad block table")
+
+// errForeign marks a delta of another cluster.
+var errForeign = errors.New("of another cluster")
+
+// errFuture marks an index too far ahead of this peer's table to be real.
+var errFuture = errors.New("index from the future")
+
+// errTableGap means a delta does not follow this peer's table: fetch the whole table.
+var errTableGap = errors.New("block table delta does not follow the local table")
+
+var clusterIDRE = regexp.MustCompile(`^[a-z0-9._-]{1,32}$`)
+
+// tableDelta is one change of the block table, as applied at Raft index Index; Prev is the
+// index of the change before it, so a receiver knows whether it missed one.
+type tableDelta struct {
+	Prev  uint64 `json:"prev"`
+	Index uint64 `json:"index"`
+	Op    string `json:"op"`
+	Peer  string `json:"peer,omitempty"`
+	// Network and Block: a claim gave Block of Network to Peer.
+	Network *Network     `json:"network,omitempty"`
+	Block   netip.Prefix `json:"block,omitzero"`
+	// ClusterID is the cluster whose table changed (for an init: the ID it takes).
+	ClusterID string `json:"cluster_id,omitempty"`
+	// Conf, with Op opConf, is the leader's confHash: not a table change, a hint to refetch.
+	Conf uint64 `json:"conf,omitempty"`
+}
+
+// opConf marks a gossiped hint that the Raft configuration or leader changed.
+const opConf = "conf"
+
+// validate checks a whole table received from elsewhere (a snapshot or a fetch).
+func (st *fsmState) validate() error {
+	if st.ClusterID != "" && !clusterIDRE.MatchString(st.ClusterID) {
+		return fmt.Errorf("%w: cluster id %q", ErrBadTable, st.ClusterID)
+	}
+	for name, n := range st.Networks {
+		if err := n.Validate(); err != nil {
+			return fmt.Errorf("%w: network %q: %v", ErrBadTable, name, err)
+		}
+		if n.Name != name {
+			return fmt.Errorf("%w: network %q is filed under %q", ErrBadTable, n.Name, name)
+		}
+	}
+	for name, owners := range st.Owners {
+		n, ok := st.Networks[name]
+		if !ok {
+			return fmt.Errorf("%w: blocks of undefined network %q", ErrBadTable, name)
+		}
+		for b, owner := range owners {
+			if !n.ContainsBlock(b) {
+				return fmt.Errorf("%w: %s is not a block of %s", ErrBadTable, b, name)
+			}
+			if owner == "" || len(owner) > maxNameLen {
+				return fmt.Errorf("%w: block %s has owner %q", ErrBadTable, b, owner)
+			}
+		}
+	}
+	return nil
+}
+
+// applyDelta applies d to st, or changes nothing and says why: errTableGap when d does not
+// follow st, ErrBadTable when d is malformed or contradicts st.
+func applyDelta(st *fsmState, d tableDelta) error {
+	if d.Index <= d.Prev {
+		return fmt.Errorf("%w: delta index %d not above its previous %d", ErrBadTable, d.Index, d.Prev)
+	}
+	if st.Version != 0 && d.Index > st.Version+maxIndexAhead {
+		return fmt.Errorf("%w: %w: delta index %d, table at %d", ErrBadTable, errFuture, d.Index, st.Version)
+	}
+	if d.ClusterID != "" && st.ClusterID != "" && d.ClusterID != st.ClusterID {
+		return fmt.Errorf("%w: %w: delta %d of cluster %q, the table is of %q", ErrBadTable, errForeign, d.Index, d.ClusterID, st.ClusterID)
+	}
+	if d.Prev != st.Version {
+		return errTableGap
+	}
+	switch d.Op {
+	case opClaim:
+		if d.Network == nil {
+			return fmt.Errorf("%w: claim delta %d without a network", ErrBadTable, d.Index)
+		}
+		n := *d.Network
+		if err := n.Validate(); err != nil {
+			return fmt.Errorf("%w: claim delta %d: %v", ErrBadTable, d.Index, err)
+		}
+		if d.Peer == "" || len(d.Peer) > maxNameLen {
+			return fmt.Errorf("%w: claim delta %d names owner %q", ErrBadTable, d.Index, d.Peer)
+		}
+		if !n.ContainsBlock(d.Block) {
+			return fmt.Errorf("%w: claim delta %d: %s is not a block of %s", ErrBadTable, d.Index, d.Block, n.Subnet)
+		}
+		if def, ok := st.Networks[n.Name]; ok && def != n {
+			return fmt.Errorf("%w: claim delta %d redefines network %s", ErrBadTable, d.Index, n.Name)
+		}
+		if owner, ok := st.Owners[n.Name][d.Block]; ok && owner != d.Peer {
+			return fmt.Errorf("%w: claim delta %d gives %s to %s, owned by %s", ErrBadTable, d.Index, d.Block, d.Peer, owner)
+		}
+		st.Networks[n.Name] = n
+		if st.Owners[n.Name] == nil {
+			st.Owners[n.Name] = map[netip.Prefix]string{}
+		}
+		st.Owners[n.Name][d.Block] = d.Peer
+		delete(st.Removed, d.Peer)
+	case opRemovePeer:
+		if d.Peer == "" || len(d.Peer) > maxNameLen {
+			return fmt.Errorf("%w: remove delta %d names peer %q", ErrBadTable, d.Index, d.Peer)
+		}
+		for _, owners := range st.Owners {
+			for b, owner := range owners {
+				if owner == d.Peer {
+					delete(owners, b)
+				}
+			}
+		}
+		st.Removed[d.Peer] = true
+	case opInit:
+		if !clusterIDRE.MatchString(d.ClusterID) {
+			return fmt.Errorf("%w: init delta %d has cluster id %q", ErrBadTable, d.Index, d.ClusterID)
+		}
+		st.ClusterID = d.ClusterID
+	default:
+		return fmt.Errorf("%w: delta %d has unknown operation %q", ErrBadTable, d.Index, d.Op)
+	}
+	st.Version = d.Index
+	return nil
+}
+
+// tableHint is a peer's push/pull state on TableChannel: how far its table and its view of
+// the Raft configuration are.
+type tableHint struct {
+	Index uint64 `json:"i"`
+	// Conf identifies the Raft configuration the peer knows (see confHash).
+	Conf uint64 `json:"c,omitempty"`
+}
+
+// servedTable is what a Raft member answers to GET /v1/raft/table.
+type servedTable struct {
+	State     fsmState `json:"state"`
+	Leader    string   `json:"leader"`
+	Voters    []string `json:"voters"`
+	Nonvoters []string `json:"nonvoters"`
+	Conf      uint64   `json:"conf"`
+}
+
+// tableView is a client's copy of the block table and of the Raft configuration, learnt by
+// gossip and fetches. Members keep it too (it is cheap) but read their FSM while it is newer.
+type tableView struct {
+	mu    sync.Mutex // guards the fields below
+	state fsmState
+	// conf is the configuration as the last fetched table reported it.
+	leader            string
+	voters, nonvoters []string
+	confHash          uint64
+	// wantFetch: a gap or a newer remote index was seen; wantIndex is the highest index heard.
+	wantFetch bool
+	wantIndex uint64
+}
+
+func newTableView() *tableView { return &tableView{state: newFSMState()} }
