@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -96,6 +97,9 @@ type Config struct {
 	// are dropped past it (weft_mesh_broadcasts_dropped_total).
 	MaxQueuedBroadcasts int
 
+	// WrapTransport, when set, wraps memberlist's UDP/TCP transport (a
+	// benchmark counts the gossip traffic with it). nil: memberlist's own.
+	WrapTransport func(memberlist.Transport) memberlist.Transport
 	// SnapshotPath is a file where the mesh keeps the members it has seen
 	// alive (name and gossip address of the 256 most recently seen), as
 	// Serf's snapshot does, so that a restarted peer rejoins them even

@@ -210,6 +210,7 @@ func (m *Mesh) updateGaugeLocked() {
 	for s, c := range n {
 		m.metrics.members.WithLabelValues(State(s).String()).Set(float64(c))
 	}
+	m.nodes.Store(int64(n[StateAlive] + n[StateSuspect]))
 }
 
 // stateLoop prunes dead and left peers past Config.DeadPeerRetention.

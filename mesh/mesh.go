@@ -26,6 +26,7 @@ type Mesh struct {
 	ml      atomic.Pointer[memberlist.Memberlist] // set once by Start
 	wake    chan struct{}                         // cap 1: pokes the join loop
 	seen    seen                                  // ids of recent channel messages
+	nodes   atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
 
 	lifeMu   sync.Mutex // serializes Start, Leave and Close; guards following
 	started  bool
@@ -116,12 +117,12 @@ func New(cfg Config) (*Mesh, error) {
 	return m, nil
 }
 
-// numNodes feeds the broadcast queue's retransmit count.
+// numNodes feeds the broadcast queue's retransmit count. The queue calls it
+// under its lock, so it must not take memberlist's node lock: memberlist
+// holds that lock while it logs a suspicion, and onMemberlistLog then
+// queues a broadcast (the lock-order inversion froze peers).
 func (m *Mesh) numNodes() int {
-	if ml := m.ml.Load(); ml != nil {
-		return ml.NumMembers()
-	}
-	return 1
+	return max(1, int(m.nodes.Load()))
 }
 
 func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
@@ -167,6 +168,16 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 		mc.GossipVerifyIncoming = true
 		mc.GossipVerifyOutgoing = true
 	}
+	if c.WrapTransport != nil { // built as memberlist.Create would, then wrapped
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{mc.BindAddr}, BindPort: mc.BindPort, Logger: mc.Logger})
+		if err != nil {
+			return nil, fmt.Errorf("mesh: transport: %w", err)
+		}
+		if mc.BindPort == 0 {
+			mc.BindPort, mc.AdvertisePort = nt.GetAutoBindPort(), nt.GetAutoBindPort()
+		}
+		mc.Transport = c.WrapTransport(nt)
+	}
 	return mc, nil
 }
 
@@ -189,6 +200,9 @@ func (m *Mesh) Start(ctx context.Context) error {
 	}
 	ml, err := memberlist.Create(mc)
 	if err != nil {
+		if mc.Transport != nil {
+			mc.Transport.Shutdown()
+		}
 		return fmt.Errorf("mesh: start gossip on %s:%d: %w", mc.BindAddr, m.cfg.BindPort, err)
 	}
 	m.ml.Store(ml)

@@ -1,0 +1,432 @@
+package main
+
+// One simulated peer: how it builds its mesh, probers, link state and path
+// choice, fed to a recording fake datapath. This file is the only one that
+// knows weft's per-peer wiring; it mirrors router/membership.go startMesh
+// and runMembership (join events) and router/paths.go startPaths and
+// updatePaths, minus the kernel, Raft, DNS and metrics. Swap components
+// here when the router's wiring changes.
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/pathsel"
+)
+
+// unknownGrace mirrors router/paths.go: how long a new probe target that has
+// not answered counts as unknown rather than down.
+const unknownGrace = 10 * time.Second
+
+// nodeConfig configures one simulated peer.
+type nodeConfig struct {
+	Name string
+	Addr netip.Addr // a loopback address of its own
+	// MeshPort, ProbePort, LinkProbePort: as weft peer's --mesh-port,
+	// --probe-port, --link-probe-port (0: no link prober).
+	MeshPort, ProbePort, LinkProbePort int
+	Seeds                              []string
+	// MembershipOnly: the mesh alone, no probers, link state or paths.
+	MembershipOnly bool
+	// SyncOnJoin: on every join event, a full push/pull with the joiner
+	// (router/membership.go peerEvent does this today).
+	SyncOnJoin bool
+	// ProbeInterval as --probe-interval; the timeout is the router's
+	// default, min(2 × interval, 1s). Underlay probes run five times slower
+	// when link probes are on, as in the router.
+	ProbeInterval time.Duration
+	// ProbeTargets as --probe-targets (k).
+	ProbeTargets int
+	// PathInterval is the router's datapath loop period (reconcileInterval).
+	PathInterval time.Duration
+	// PathSlot is shared by all nodes: one path computation at a time, so a
+	// super-linear path cost shows as time per run and fewer runs per
+	// second instead of starving every peer's gossip goroutines.
+	PathSlot chan struct{}
+	// Paths records each path computation's duration.
+	Paths *durations
+	// Traffic counts what this peer sends.
+	Traffic *counter
+}
+
+// node is one running simulated peer.
+type node struct {
+	cfg  nodeConfig
+	mesh *mesh.Mesh
+	dp   *recorder
+
+	// Path state, owned by the path loop goroutine (as router.paths is
+	// owned by the datapath loop).
+	underlay, link *mesh.Prober
+	table          *mesh.LinkTable
+	sel            *pathsel.Selector
+	targets        map[string]netip.Addr
+	added          map[string]time.Time
+	probeSet       mesh.ProbeTargets
+	rnd            *rand.Rand
+	dests          map[string]pathsel.Dest
+	live           map[string]struct{}
+	relays         map[string]string // destination → relay, as the router keeps it
+
+	cancel context.CancelFunc
+	loops  sync.WaitGroup // membership and path loops, probers
+	syncs  sync.WaitGroup // mesh.Sync calls in flight
+	conns  []net.PacketConn
+}
+
+// startNode starts one peer; on error everything it started is closed.
+func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	n = &node{cfg: cfg, dp: newRecorder(), cancel: cancel, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		targets: map[string]netip.Addr{}, added: map[string]time.Time{}, dests: map[string]pathsel.Dest{},
+		live: map[string]struct{}{}, relays: map[string]string{}}
+	defer func() {
+		if err != nil {
+			n.close()
+			n = nil
+		}
+	}()
+	if !cfg.MembershipOnly {
+		// As router/paths.go startPaths: RTT moves under 0.5 ms are not republished.
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond}); err != nil {
+			return n, err
+		}
+		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
+			return n, err
+		}
+		underlayEvery := cfg.ProbeInterval
+		if cfg.LinkProbePort != 0 {
+			underlayEvery *= 5
+		}
+		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, kindProbeUnderlay); err != nil {
+			return n, err
+		}
+		if cfg.LinkProbePort != 0 {
+			if n.link, err = n.startProber(ctx, cfg.LinkProbePort, cfg.ProbeInterval, kindProbeLink); err != nil {
+				return n, err
+			}
+		}
+	}
+
+	mc := mesh.DefaultConfig()
+	mc.Name = cfg.Name
+	mc.BindAddr = cfg.Addr // the router binds all addresses; here each peer has its own
+	mc.BindPort = cfg.MeshPort
+	mc.AdvertiseAddr = cfg.Addr
+	mc.Seeds = cfg.Seeds
+	mc.WrapTransport = wrapTransport(cfg.Traffic)
+	// Metadata shaped like a real peer's (--encrypt=never: no WireGuard key),
+	// so alive messages have their real size.
+	mac := net.HardwareAddr{0x02, 0x57, 0x46, byte(cfg.Addr.As4()[1]), cfg.Addr.As4()[2], cfg.Addr.As4()[3]}
+	mc.Metadata = mesh.Metadata{
+		Name: cfg.Name, Underlay: cfg.Addr, Capabilities: []string{"direct", "vxlan"}, VTEPMAC: mac,
+		RaftAddr: netip.AddrPortFrom(cfg.Addr, 6785), RaftMember: true, ClusterID: "sim", Version: "sim",
+	}
+	mc.AcceptPeer = func(local, remote mesh.Metadata) error { // as router/membership.go acceptPeer
+		if local.ClusterID != "" && remote.ClusterID != "" && local.ClusterID != remote.ClusterID {
+			return fmt.Errorf("peer %s belongs to another cluster", remote.Name)
+		}
+		return nil
+	}
+	if n.mesh, err = mesh.New(mc); err != nil {
+		return n, err
+	}
+	if n.table != nil {
+		ch := &mesh.LinkStateChannel{Table: n.table, Self: cfg.Name, Sender: n.mesh, OnChange: n.feed}
+		if err = n.mesh.RegisterChannel(mesh.LinkStateChannelName, ch); err != nil {
+			return n, err
+		}
+	}
+	if err = n.mesh.Start(ctx); err != nil {
+		return n, err
+	}
+	events, unsubscribe := n.mesh.Subscribe()
+	n.loops.Add(1)
+	go func() {
+		defer n.loops.Done()
+		defer unsubscribe()
+		n.membershipLoop(ctx, events)
+	}()
+	if !cfg.MembershipOnly {
+		n.loops.Add(1)
+		go func() {
+			defer n.loops.Done()
+			n.pathLoop(ctx)
+		}()
+	}
+	return n, nil
+}
+
+// startProber binds a probe socket on the peer's address, counted as kind.
+func (n *node) startProber(ctx context.Context, port int, every time.Duration, kind string) (*mesh.Prober, error) {
+	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(n.cfg.Addr, uint16(port)).String())
+	if err != nil {
+		return nil, fmt.Errorf("probe socket: %w", err)
+	}
+	n.conns = append(n.conns, conn)
+	p, err := mesh.NewProber(mesh.ProberConfig{
+		Self: n.cfg.Name, Conn: &countingPacketConn{PacketConn: conn, c: n.cfg.Traffic, kind: kind},
+		Interval: every, Timeout: min(2*n.cfg.ProbeInterval, time.Second),
+	})
+	if err != nil {
+		return nil, err
+	}
+	n.loops.Add(1)
+	go func() {
+		defer n.loops.Done()
+		p.Run(ctx)
+	}()
+	return p, nil
+}
+
+// membershipLoop mirrors router runMembership's event handling: a join
+// triggers a full state exchange with the joiner.
+func (n *node) membershipLoop(ctx context.Context, events <-chan mesh.Event) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			if ev.Type == mesh.EventJoin && n.cfg.SyncOnJoin {
+				n.syncs.Add(1)
+				go func() {
+					defer n.syncs.Done()
+					n.mesh.Sync(ev.Peer.Name) // errors: push/pull repairs, as in the router
+				}()
+			}
+		}
+	}
+}
+
+// pathLoop mirrors router runDatapath's tick: update paths, then hand the
+// desired routes to the (fake) datapath.
+func (n *node) pathLoop(ctx context.Context) {
+	tick := time.NewTicker(n.cfg.PathInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if !n.updatePaths(ctx, n.mesh.Peers(), time.Now()) {
+			return
+		}
+	}
+}
+
+// updatePaths mirrors router/paths.go updatePaths with --encrypt=never (no
+// link is encrypted) and without the Prometheus gauges: bounded probe
+// targets, only changed link entries published, path choice re-evaluated
+// only where something changed. It returns false when ctx ended while
+// waiting for the path slot. O(N) map upkeep plus O(changed × D).
+func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time) bool {
+	under := map[string]netip.Addr{}
+	live := map[string]struct{}{}
+	names := make([]string, 0, len(peers))
+	for _, pr := range peers {
+		if !pr.Self && pr.Up() && pr.Meta.Underlay.IsValid() {
+			under[pr.Name] = pr.Meta.Underlay
+			live[pr.Name] = struct{}{}
+			names = append(names, pr.Name)
+		}
+	}
+	must := make([]string, 0, 2*len(n.relays))
+	for dest, relay := range n.relays {
+		must = append(must, dest, relay)
+	}
+	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
+		Self: n.cfg.Name, Live: names, Estimate: n.mesh.EstimateRTT, Must: must,
+		Current: n.probeSet, Now: now, Rand: n.rnd,
+	}, mesh.ProbeTargetConfig{K: n.cfg.ProbeTargets})
+	targets := map[string]netip.Addr{}
+	for _, name := range n.probeSet.All() {
+		if a, ok := under[name]; ok {
+			targets[name] = a
+		}
+	}
+	if !maps.Equal(targets, n.targets) {
+		n.underlay.SetTargets(withPort(targets, n.cfg.ProbePort))
+		if n.link != nil {
+			n.link.SetTargets(withPort(targets, n.cfg.LinkProbePort))
+		}
+		for name := range n.targets {
+			if _, ok := targets[name]; !ok {
+				delete(n.added, name)
+			}
+		}
+		for name := range targets {
+			if _, ok := n.added[name]; !ok {
+				n.added[name] = now
+			}
+		}
+		n.targets = targets
+	}
+	prober := n.underlay
+	if n.link != nil {
+		prober = n.link
+	}
+	dests := make(map[string]pathsel.Dest, len(live))
+	for name := range live {
+		d := pathsel.Dest{}
+		if added, probed := n.added[name]; probed && now.Sub(added) < unknownGrace {
+			if st, ok := prober.Stats(name); !ok || st.Samples == 0 {
+				d.Pending = true
+			}
+		}
+		dests[name] = d
+	}
+	for name := range n.live {
+		if _, ok := live[name]; !ok {
+			n.feed(n.table.Remove(name))
+			n.sel.RemovePeer(name)
+		}
+	}
+	for name := range live {
+		if _, ok := n.live[name]; !ok {
+			n.table.Restore(name)
+		}
+	}
+	n.live = live
+	measured := prober.All()
+	links := make(map[string]mesh.LinkMetrics, len(measured))
+	for name, st := range measured {
+		if _, ok := targets[name]; !ok || st.Samples == 0 && now.Sub(n.added[name]) < unknownGrace {
+			continue
+		}
+		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
+	}
+	msgs, changes := n.table.PublishLinks(n.cfg.Name, links)
+	for _, msg := range msgs {
+		n.mesh.Broadcast(mesh.LinkStateChannelName, msg) // too large: push/pull carries it, as in the router
+	}
+	n.feed(changes)
+
+	select {
+	case n.cfg.PathSlot <- struct{}{}:
+	case <-ctx.Done():
+		return false
+	}
+	start := time.Now()
+	if !maps.Equal(dests, n.dests) {
+		n.sel.SetDestinations(dests)
+		n.dests = dests
+	}
+	for name, c := range n.sel.Select(now) {
+		if len(c.Path) == 2 {
+			n.relays[name] = c.Path[0]
+		} else {
+			delete(n.relays, name)
+		}
+	}
+	n.cfg.Paths.add(time.Since(start))
+	<-n.cfg.PathSlot
+	routes := make(map[string]string, len(live))
+	for name, c := range n.sel.Choices() {
+		switch {
+		case len(c.Path) == 0 || c.Unmeasured:
+			routes[name] = "" // no path known
+		case len(c.Path) == 1:
+			routes[name] = name
+		default:
+			routes[name] = c.Path[0] // relay
+		}
+	}
+	n.dp.Set(routes)
+	return true
+}
+
+// feed applies link-state changes to path selection (router/paths.go feed).
+func (n *node) feed(changes []mesh.LinkChange) {
+	for _, c := range changes {
+		if c.Removed {
+			n.sel.RemoveLink(c.From, c.To)
+			continue
+		}
+		n.sel.SetLink(c.From, c.To, pathsel.Link{RTT: c.Link.RTT, Jitter: c.Link.Jitter, Loss: c.Link.Loss, Up: c.Link.Up, Encrypted: c.Link.Encrypted})
+	}
+}
+
+// meshEstimator gives path selection the mesh's Vivaldi estimates.
+type meshEstimator node
+
+func (e *meshEstimator) EstimateRTT(a, b string) (time.Duration, bool) {
+	if e.mesh == nil {
+		return 0, false
+	}
+	return e.mesh.EstimateRTTBetween(a, b)
+}
+
+func withPort(addrs map[string]netip.Addr, port int) map[string]netip.AddrPort {
+	out := make(map[string]netip.AddrPort, len(addrs))
+	for name, a := range addrs {
+		out[name] = netip.AddrPortFrom(a, uint16(port))
+	}
+	return out
+}
+
+// aliveSeen counts the peers this one sees alive, itself included. O(N).
+func (n *node) aliveSeen() int {
+	c := 0
+	for _, p := range n.mesh.Peers() {
+		if p.State == mesh.StateAlive {
+			c++
+		}
+	}
+	return c
+}
+
+// close stops the loops and probers, then the mesh, then the sockets. Safe
+// on a partly started node.
+func (n *node) close() {
+	n.cancel()
+	n.loops.Wait()
+	if n.mesh != nil {
+		n.mesh.Close()
+	}
+	n.syncs.Wait()
+	for _, c := range n.conns {
+		c.Close()
+	}
+}
+
+// recorder is the fake datapath: like a declarative driver it takes the
+// whole desired state, here the next hop per destination peer (the
+// destination itself: direct; another peer: relay; "": no path).
+type recorder struct {
+	mu     sync.Mutex // guards routes
+	routes map[string]string
+}
+
+func newRecorder() *recorder { return &recorder{routes: map[string]string{}} }
+
+func (r *recorder) Set(routes map[string]string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.routes = routes
+}
+
+// withPath counts destinations with a path, and those relayed.
+func (r *recorder) withPath() (paths, relayed int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for dest, hop := range r.routes {
+		if hop != "" {
+			paths++
+			if hop != dest {
+				relayed++
+			}
+		}
+	}
+	return paths, relayed
+}

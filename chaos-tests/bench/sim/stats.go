@@ -1,0 +1,111 @@
+package main
+
+import (
+	"fmt"
+	"math"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+)
+
+// durations collects samples; safe for concurrent use.
+type durations struct {
+	mu sync.Mutex // guards d
+	d  []time.Duration
+}
+
+func (s *durations) add(d time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.d = append(s.d, d)
+}
+
+// take returns the samples and starts over.
+func (s *durations) take() []time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := s.d
+	s.d = nil
+	return out
+}
+
+// quantile returns the q-quantile (nearest rank) of d, 0 for none.
+func quantile(d []time.Duration, q float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(math.Ceil(q*float64(len(s)))) - 1
+	return s[min(max(i, 0), len(s)-1)]
+}
+
+// slope is the least-squares slope of log(y) over log(x): the exponent k
+// of y ~ x^k. Points with x or y not positive are left out; fewer than two
+// distinct x give NaN.
+func slope(x, y []float64) float64 {
+	var lx, ly []float64
+	for i := range x {
+		if i < len(y) && x[i] > 0 && y[i] > 0 && !math.IsInf(y[i], 0) && !math.IsNaN(y[i]) {
+			lx = append(lx, math.Log(x[i]))
+			ly = append(ly, math.Log(y[i]))
+		}
+	}
+	if len(lx) < 2 {
+		return math.NaN()
+	}
+	var mx, my float64
+	for i := range lx {
+		mx += lx[i]
+		my += ly[i]
+	}
+	mx /= float64(len(lx))
+	my /= float64(len(lx))
+	var sxy, sxx float64
+	for i := range lx {
+		sxy += (lx[i] - mx) * (ly[i] - my)
+		sxx += (lx[i] - mx) * (lx[i] - mx)
+	}
+	if sxx == 0 {
+		return math.NaN()
+	}
+	return sxy / sxx
+}
+
+// nodeAddr is the i-th peer's address in the /16 of base: 127.B.(i/250).(i%250+1),
+// so no address ends in .0 or .255. It must be in 127.0.0.0/8: all of it
+// routes to lo on Linux, binding needs no setup.
+func nodeAddr(base netip.Addr, i int) (netip.Addr, error) {
+	if !base.Is4() || base.As4()[0] != 127 {
+		return netip.Addr{}, fmt.Errorf("address base %s is not in 127.0.0.0/8", base)
+	}
+	if i < 0 || i >= 250*256 {
+		return netip.Addr{}, fmt.Errorf("peer index %d out of range 0..%d", i, 250*256-1)
+	}
+	b := base.As4()
+	return netip.AddrFrom4([4]byte{127, b[1], byte(i / 250), byte(i%250 + 1)}), nil
+}
+
+// exponentLabel describes a cost's growth in N.
+func exponentLabel(k float64) string {
+	switch {
+	case math.IsNaN(k):
+		return "n/a"
+	case k < 0.15:
+		return "flat"
+	case k < 0.9:
+		return "sub-linear"
+	case k < 1.15:
+		return "linear"
+	}
+	return "super-linear"
+}
+
+// metTag prints a target verdict.
+func metTag(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "MISSED"
+}
