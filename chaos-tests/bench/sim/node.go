@@ -280,7 +280,7 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 	for name := range live {
 		d := pathsel.Dest{}
 		if added, probed := n.added[name]; probed && now.Sub(added) < unknownGrace {
-			if st, ok := prober.Stats(name); !ok || st.Samples == 0 {
+			if st, ok := prober.Stats(name); !ok || !st.Settled {
 				d.Pending = true
 			}
 		}
@@ -301,7 +301,7 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 	measured := prober.All()
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if _, ok := targets[name]; !ok || st.Samples == 0 && now.Sub(n.added[name]) < unknownGrace {
+		if _, ok := targets[name]; !ok || !st.Settled && now.Sub(n.added[name]) < unknownGrace {
 			continue
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
