@@ -41,14 +41,19 @@ bench: build bench-deps
 bench-deps:
 	@$(call apt_install,$(BENCH_PKGS))
 
-# The control plane at scale with real processes (issue 11): N `weft peer` processes in
+# The control plane at scale (issue 11), two ways. First an in-process simulation: N peers on
+# loopback addresses in one process (real memberlist, probers, link state and path choice, a
+# recording fake datapath), traffic per peer by kind, CPU, heap and the exponent of each cost
+# in N. Then real processes: N `weft peer` processes in
 # network namespaces, then N Debian `serf` agents on the same kind of lab as the anchor;
 # see-all time, idle CPU and RSS per peer, container pings, side by side. Minutes per N;
 # never part of `make test`. SCALE_N=25,50 and SCALE_FLAGS='-window 10s' to shorten it.
 SCALE_PKGS  := serf containernetworking-plugins iputils-ping iproute2
 SCALE_N     ?= 50,100
 SCALE_FLAGS ?=
+SIM_N       ?= 50,100,200,500
 scale: build scale-deps
+	$(GO) run ./chaos-tests/bench/sim -n $(SIM_N) -membership-only-n 1000 -seconds 30 -converge-timeout 90s
 	$(GO) run ./chaos-tests/bench/scale -bin $(BIN) -n $(SCALE_N) -serf $(SCALE_FLAGS)
 
 scale-deps:
