@@ -62,10 +62,8 @@ scale-deps:
 # A lab on this machine: hosts and containers in network namespaces, real weft peers. The
 # lab shells out to `ip` (netns exec) and the demo to `ping`, so demo-deps installs them.
 # Ctrl-C (or Enter) tears the lab down and the demo exits 0. It runs as a built binary, not
-# under `go run`, which exits 1 after a SIGINT whatever its child did (make then reported
-# "Error 1"); and as the recipe's only command, so make waits for it directly. GNU make
-# itself still re-raises the SIGINT it got along with the demo (the shell sees 130, with no
-# error printed); Enter ends everything with 0.
+# under `go run` (which exits 1 after a SIGINT whatever its child did), and on a terminal it
+# takes the foreground process group, so Ctrl-C reaches the demo alone and make sees its 0.
 DEMO_PKGS := iproute2 iputils-ping
 demo: build demo-deps
 	$(GO) build -o $(BIN)/weft-demo ./chaos-tests/demo

@@ -72,6 +72,7 @@ func run() (err error) {
 		return fmt.Errorf("%s exists: a demo is running or was killed; run with -down first", *dir)
 	}
 
+	defer takeTerminal()()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
@@ -238,6 +239,28 @@ func show(ctx context.Context, l *lab.Lab, hosts, containers int, noWait bool) e
 	case <-enter:
 	}
 	return nil
+}
+
+// takeTerminal makes the demo the terminal's foreground process group, so that Ctrl-C
+// interrupts the demo alone: under `make demo`, make then sees the demo's own exit status (0
+// after a clean teardown) instead of being interrupted itself and reporting it. The returned
+// function gives the terminal back to the group that had it. Nothing changes when stdin is
+// not a terminal.
+func takeTerminal() (giveBack func()) {
+	fd := int(os.Stdin.Fd())
+	orig, err := unix.IoctlGetInt(fd, unix.TIOCGPGRP)
+	if err != nil {
+		return func() {}
+	}
+	if err := unix.Setpgid(0, 0); err != nil {
+		return func() {}
+	}
+	// A process outside the foreground group may change it only with SIGTTOU ignored.
+	signal.Ignore(syscall.SIGTTOU)
+	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPGRP, unix.Getpgrp()); err != nil {
+		return func() {}
+	}
+	return func() { unix.IoctlSetPointerInt(fd, unix.TIOCSPGRP, orig) }
 }
 
 // pressedEnter is closed when a line is read from stdin, if stdin is a terminal; nil
