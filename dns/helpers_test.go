@@ -2,6 +2,8 @@ package dns
 
 import (
 	"context"
+	"errors"
+	"github.com/weftnet/weft/datapath/nslab"
 	"net"
 	"net/netip"
 	"sync"
@@ -146,16 +148,15 @@ func staticUpstream(addr string, ttl, negTTL uint32) func(w mdns.ResponseWriter,
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
+// waitFor polls cond until it holds or the deadline passes, with weft's one poll loop.
 func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
+	nslab.EventuallyEvery(t, d, 5*time.Millisecond, what, func() error {
+		if !cond() {
+			return errors.New("not yet")
 		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return nil
+	})
 }
 
 func query(name string, qtype uint16) *mdns.Msg {

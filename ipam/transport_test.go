@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/weftnet/weft/datapath/nslab"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -77,17 +78,19 @@ func (h *logRecorder) waitRejections(t *testing.T, n int) []rejectLog {
 	return got
 }
 
-// pollUntil polls cond until it holds or timeout passes.
+// pollUntil polls cond until it holds or timeout passes, with weft's one poll loop.
 func pollUntil(t *testing.T, timeout time.Duration, cond func() bool, what string) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+	nslab.EventuallyEvery(t, timeout, 5*time.Millisecond, what, holds(cond))
+}
+
+// holds turns a yes/no condition into the error-returning one nslab's poll takes.
+func holds(cond func() bool) func() error {
+	return func() error {
+		if !cond() {
+			return errors.New("not yet")
 		}
-		<-tick.C
+		return nil
 	}
 }
 

@@ -3,7 +3,9 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"github.com/weftnet/weft/datapath/nslab"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -120,20 +122,20 @@ func startMesh(t *testing.T, cfg Config) *Mesh {
 // addr is the mesh's gossip address as a seed string.
 func addr(m *Mesh) string { return m.Local().Addr.String() }
 
-// waitFor polls cond until it returns "" (success) or the deadline passes,
-// then fails with cond's last complaint.
+// waitFor polls cond until it returns "" (success) or the deadline passes, then fails with
+// cond's last complaint. The loop is weft's one poll loop, nslab.Poll.
 func waitFor(t *testing.T, timeout time.Duration, cond func() string) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		msg := cond()
-		if msg == "" {
-			return
+	ctx, cancel := context.WithTimeout(t.Context(), timeout)
+	defer cancel()
+	err := nslab.Poll(ctx, 10*time.Millisecond, func() error {
+		if msg := cond(); msg != "" {
+			return errors.New(msg)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v: %s", timeout, msg)
-		}
-		time.Sleep(10 * time.Millisecond)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("timed out after %v: %v", timeout, err)
 	}
 }
 

@@ -31,9 +31,16 @@ func Poll(ctx context.Context, interval time.Duration, fn func() error) error {
 // every 100 ms for up to timeout, and fails t naming what it waited for.
 func Eventually(t testing.TB, timeout time.Duration, what string, cond func() error) {
 	t.Helper()
+	EventuallyEvery(t, timeout, 100*time.Millisecond, what, cond)
+}
+
+// EventuallyEvery is Eventually with its own interval, for in-process tests whose
+// conditions change within milliseconds.
+func EventuallyEvery(t testing.TB, timeout, interval time.Duration, what string, cond func() error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), timeout)
 	defer cancel()
-	if err := Poll(ctx, 100*time.Millisecond, cond); err != nil {
+	if err := Poll(ctx, interval, cond); err != nil {
 		t.Fatalf("%s: not within %s: %v", what, timeout, err)
 	}
 }
