@@ -66,29 +66,14 @@ func (c *Cluster) ServeForwarded(ln net.Listener) (stop func()) {
 
 // HTTPForwarder is the follower side: a ForwardFunc that posts to the leader through dial.
 func HTTPForwarder(dial func(ctx context.Context, addr string) (net.Conn, error)) ForwardFunc {
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			return dial(ctx, addr)
-		},
-		MaxIdleConnsPerHost: 2,
-		IdleConnTimeout:     30 * time.Second,
-	}}
+	client := peerClient(dial, 2)
 	return func(ctx context.Context, leader raft.ServerAddress, cmd []byte) ([]byte, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+string(leader)+forwardPath, bytes.NewReader(cmd))
+		body, status, err := roundTrip(ctx, client, http.MethodPost, "http://"+string(leader)+forwardPath, cmd, maxForwardBytes)
 		if err != nil {
 			return nil, err
 		}
-		resp, err := client.Do(req)
-		if err != nil {
-			return nil, err
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(io.LimitReader(resp.Body, maxForwardBytes))
-		if err != nil {
-			return nil, err
-		}
-		if resp.StatusCode != http.StatusOK {
-			return nil, fmt.Errorf("leader %s answered %s: %s", leader, resp.Status, bytes.TrimSpace(body))
+		if status != http.StatusOK {
+			return nil, fmt.Errorf("leader %s answered %d: %s", leader, status, bytes.TrimSpace(body))
 		}
 		return body, nil
 	}
@@ -97,33 +82,51 @@ func HTTPForwarder(dial func(ctx context.Context, addr string) (net.Conn, error)
 // HTTPTableFetcher is the client side of tablePath: a FetchFunc that gets a member's table
 // through dial.
 func HTTPTableFetcher(dial func(ctx context.Context, addr string) (net.Conn, error)) FetchFunc {
-	client := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-			return dial(ctx, addr)
-		},
-		MaxIdleConnsPerHost: 1,
-		IdleConnTimeout:     30 * time.Second,
-	}}
+	client := peerClient(dial, 1)
 	return func(ctx context.Context, member raft.ServerAddress) ([]byte, error) {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+string(member)+tablePath, nil)
-		if err != nil {
-			return nil, err
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			return nil, err
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(io.LimitReader(resp.Body, maxTableBytes+1))
+		body, status, err := roundTrip(ctx, client, http.MethodGet, "http://"+string(member)+tablePath, nil, maxTableBytes+1)
 		if err != nil {
 			return nil, err
 		}
 		if len(body) > maxTableBytes {
 			return nil, fmt.Errorf("%w: table from %s exceeds %d bytes", ErrBadTable, member, maxTableBytes)
 		}
-		if resp.StatusCode != http.StatusOK {
-			return nil, fmt.Errorf("member %s answered %s: %s", member, resp.Status, bytes.TrimSpace(body))
+		if status != http.StatusOK {
+			return nil, fmt.Errorf("member %s answered %d: %s", member, status, bytes.TrimSpace(body))
 		}
 		return body, nil
 	}
+}
+
+// peerClient is an HTTP client whose connections are the authenticated peer transport's.
+func peerClient(dial func(ctx context.Context, addr string) (net.Conn, error), idlePerHost int) *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			return dial(ctx, addr)
+		},
+		MaxIdleConnsPerHost: idlePerHost,
+		IdleConnTimeout:     30 * time.Second,
+	}}
+}
+
+// roundTrip makes one request and reads at most limit bytes of the answer.
+func roundTrip(ctx context.Context, client *http.Client, method, url string, body []byte, limit int64) ([]byte, int, error) {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, url, rd)
+	if err != nil {
+		return nil, 0, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer resp.Body.Close()
+	out, err := io.ReadAll(io.LimitReader(resp.Body, limit))
+	if err != nil {
+		return nil, 0, err
+	}
+	return out, resp.StatusCode, nil
 }
