@@ -150,6 +150,12 @@ type LinkTableConfig struct {
 	// LossChange: a loss change counts from this many (fraction) points.
 	// Default 0.01 (one percentage point).
 	LossChange float64
+	// MinInterval: a link whose figures moved (RTT, jitter, loss) but that
+	// did not go up or down is republished at most this often. Every
+	// peer's publications reach every other peer, so the mesh-wide rate,
+	// and each peer's share of relaying it, grows with N: this bounds it.
+	// Up/down, added and removed links go out at once. 0: no bound.
+	MinInterval time.Duration
 	// MaxDelta bounds one message of Publish; more changes are split into
 	// several. Default: MaxBroadcastSize less the channel envelope.
 	MaxDelta int
@@ -204,6 +210,7 @@ type lsEntry struct {
 	m         LinkMetrics
 	deleted   bool
 	deletedAt time.Time
+	at        time.Time // when this peer published it (own entries only)
 }
 
 func entryHash(nb string, version uint64) uint64 {
@@ -327,9 +334,13 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	}
 	var ups []upd
 	for nb, m := range links {
-		if e := o.links[nb]; e == nil || e.deleted || t.republish || t.moved(e.m, m) {
-			ups = append(ups, upd{nb: nb, m: m})
+		e := o.links[nb]
+		switch {
+		case e == nil || e.deleted || t.republish || e.m.Up != m.Up || e.m.Encrypted != m.Encrypted:
+		case !t.moved(e.m, m) || now.Sub(e.at) < t.cfg.MinInterval:
+			continue // unchanged, or figures moved but published too recently
 		}
+		ups = append(ups, upd{nb: nb, m: m})
 	}
 	for nb, e := range o.links {
 		if _, ok := links[nb]; !ok && (!e.deleted || t.forged[nb]) {
@@ -353,7 +364,7 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	o.removed = false
 	items := make([]encItem, 0, len(ups))
 	for _, u := range ups {
-		e := &lsEntry{version: v, m: u.m, deleted: u.removed}
+		e := &lsEntry{version: v, m: u.m, deleted: u.removed, at: now}
 		if u.removed {
 			e.m, e.deletedAt = LinkMetrics{}, now
 		}
@@ -365,6 +376,10 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	t.entries.Set(float64(t.nEntries))
 	return encodeEntries(items, t.cfg.MaxDelta), changed
 }
+
+// Moved reports whether next differs from prev beyond the table's
+// thresholds (what makes a link worth republishing).
+func (t *LinkTable) Moved(prev, next LinkMetrics) bool { return t.moved(prev, next) }
 
 // moved reports whether next differs from the published prev beyond the
 // thresholds.

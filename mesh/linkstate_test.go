@@ -124,6 +124,27 @@ func TestPublishThresholds(t *testing.T) {
 }
 
 // A large change is split into messages that each fit a broadcast.
+// TestPublishMinInterval: moved figures wait for MinInterval since the link's last
+// publication; up/down and new links go out at once.
+func TestPublishMinInterval(t *testing.T) {
+	now := time.Unix(1000, 0)
+	tab := newTable(t, LinkTableConfig{MinInterval: 10 * time.Second, Now: func() time.Time { return now }})
+	publish := func(what string, stats map[string]LinkStats, want bool) {
+		t.Helper()
+		now = now.Add(time.Second)
+		if msgs, _ := tab.Publish("a", stats); (msgs != nil) != want {
+			t.Fatalf("%s: published %v, want %v", what, msgs != nil, want)
+		}
+	}
+	publish("first publication", map[string]LinkStats{"b": up(ms(10), 0)}, true)
+	publish("rtt doubled a second later", map[string]LinkStats{"b": up(ms(20), 0)}, false)
+	publish("a new link at once", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, true)
+	publish("b down at once", map[string]LinkStats{"b": {RTT: ms(20)}, "c": up(ms(1), 0)}, true)
+	publish("b up at once", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, true)
+	now = now.Add(10 * time.Second)
+	publish("c's move after the interval", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(5), 0)}, true)
+}
+
 func TestPublishSplits(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, c := range []struct {

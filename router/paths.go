@@ -45,6 +45,12 @@ const underlayProbeSlowdown = 5
 // nothing (they are still measured and shown locally).
 const linkStateMinChange = 500 * time.Microsecond
 
+// linkStateMinInterval: a link whose figures moved (but that did not go up or down) is
+// republished at most this often, which bounds the mesh-wide link-state rate to N/10 per
+// second whatever the noise (every publication reaches every peer). This peer's own path
+// choice is fed its links at once, not at this pace.
+const linkStateMinInterval = 10 * time.Second
+
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
 // except for the link-state channel feeding sel (which is safe for concurrent use).
 type paths struct {
@@ -57,12 +63,13 @@ type paths struct {
 	sel            *pathsel.Selector
 	sla            pathsel.SLA
 
-	targets  map[string]netip.Addr   // peers probed now, by underlay address
-	probeSet mesh.ProbeTargets       // why each target is probed; input to the next choice
-	rnd      *rand.Rand              // random probe picks
-	added    map[string]time.Time    // when each target was first probed
-	dests    map[string]pathsel.Dest // destinations as last given to sel
-	live     map[string]struct{}     // live peers as of the last tick
+	targets  map[string]netip.Addr       // peers probed now, by underlay address
+	probeSet mesh.ProbeTargets           // why each target is probed; input to the next choice
+	rnd      *rand.Rand                  // random probe picks
+	added    map[string]time.Time        // when each target was first probed
+	dests    map[string]pathsel.Dest     // destinations as last given to sel
+	own      map[string]mesh.LinkMetrics // this peer's links as last given to sel
+	live     map[string]struct{}         // live peers as of the last tick
 
 	mu      sync.Mutex // guards following
 	choices map[string]pathsel.Choice
@@ -108,13 +115,14 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if err != nil {
 		return err
 	}
-	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg, RTTMinChange: linkStateMinChange})
+	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg,
+		RTTMinChange: linkStateMinChange, MinInterval: linkStateMinInterval})
 	if err != nil {
 		return err
 	}
 	pt := &paths{
 		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
-		dests: map[string]pathsel.Dest{}, live: map[string]struct{}{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
+		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
 		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
 		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
@@ -155,9 +163,13 @@ func (p *Peer) linkStateChannel(m *mesh.Mesh) *mesh.LinkStateChannel {
 		OnChange: func(changes []mesh.LinkChange) { p.paths.feed(p.log, changes) }}
 }
 
-// feed applies link-state changes to the selector. O(changes × D).
+// feed applies others' link-state changes to the selector (this peer's own links go in by
+// feedOwn, fresher than what it publishes). O(changes × D).
 func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
 	for _, c := range changes {
+		if c.From == pt.sel.Self() {
+			continue
+		}
 		if c.Removed {
 			pt.sel.RemoveLink(c.From, c.To)
 			continue
@@ -166,6 +178,28 @@ func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
 		if err := pt.sel.SetLink(c.From, c.To, l); err != nil {
 			pt.rejectedLinks.Inc()
 			log.Warn("path selection refused a link", "from", c.From, "to", c.To, "err", err)
+		}
+	}
+}
+
+// feedOwn gives the selector this peer's links when they moved beyond the link table's
+// thresholds, without waiting for their (rate-limited) publication. O(D).
+func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
+	self := pt.sel.Self()
+	for name, m := range links {
+		if prev, ok := pt.own[name]; ok && !pt.table.Moved(prev, m) {
+			continue
+		}
+		pt.own[name] = m
+		if err := pt.sel.SetLink(self, name, pathsel.Link{RTT: m.RTT, Jitter: m.Jitter, Loss: m.Loss, Up: m.Up, Encrypted: m.Encrypted}); err != nil {
+			pt.rejectedLinks.Inc()
+			log.Warn("path selection refused a link", "from", self, "to", name, "err", err)
+		}
+	}
+	for name := range pt.own {
+		if _, ok := links[name]; !ok {
+			delete(pt.own, name)
+			pt.sel.RemoveLink(self, name)
 		}
 	}
 }
@@ -335,13 +369,13 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: encrypted[name]}
 	}
-	msgs, changes := pt.table.PublishLinks(p.cfg.Name, links)
+	msgs, _ := pt.table.PublishLinks(p.cfg.Name, links)
 	for _, msg := range msgs {
 		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, msg); err != nil {
 			p.log.Debug("link-state broadcast skipped; push/pull carries it", "err", err)
 		}
 	}
-	pt.feed(p.log, changes)
+	pt.feedOwn(p.log, links)
 	pt.exportLinks("underlay", pt.underlay.All())
 	if pt.link != nil {
 		pt.exportLinks("link", measured)

@@ -370,6 +370,9 @@ func (s *Selector) SetSLA(sla SLA) {
 	}
 }
 
+// Self returns the peer the paths are chosen from (fixed at New).
+func (s *Selector) Self() string { return s.cfg.Self }
+
 // SLA returns the SLA the paths are chosen for.
 func (s *Selector) SLA() SLA {
 	s.mu.Lock()

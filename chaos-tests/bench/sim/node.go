@@ -74,6 +74,7 @@ type node struct {
 	dests          map[string]pathsel.Dest
 	live           map[string]struct{}
 	relays         map[string]string // destination → relay, as the router keeps it
+	own            map[string]mesh.LinkMetrics
 
 	cancel context.CancelFunc
 	loops  sync.WaitGroup // membership and path loops, probers
@@ -86,7 +87,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	n = &node{cfg: cfg, dp: newRecorder(), cancel: cancel, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 		targets: map[string]netip.Addr{}, added: map[string]time.Time{}, dests: map[string]pathsel.Dest{},
-		live: map[string]struct{}{}, relays: map[string]string{}}
+		live: map[string]struct{}{}, relays: map[string]string{}, own: map[string]mesh.LinkMetrics{}}
 	defer func() {
 		if err != nil {
 			n.close()
@@ -94,8 +95,9 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		}
 	}()
 	if !cfg.MembershipOnly {
-		// As router/paths.go startPaths: RTT moves under 0.5 ms are not republished.
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond}); err != nil {
+		// As router/paths.go startPaths: RTT moves under 0.5 ms are not republished, and
+		// moved figures at most every 10 s.
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond, MinInterval: 10 * time.Second}); err != nil {
 			return n, err
 		}
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
@@ -306,11 +308,11 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
 	}
-	msgs, changes := n.table.PublishLinks(n.cfg.Name, links)
+	msgs, _ := n.table.PublishLinks(n.cfg.Name, links)
 	for _, msg := range msgs {
 		n.mesh.Broadcast(mesh.LinkStateChannelName, msg) // too large: push/pull carries it, as in the router
 	}
-	n.feed(changes)
+	n.feedOwn(links)
 
 	select {
 	case n.cfg.PathSlot <- struct{}{}:
@@ -334,8 +336,8 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 	routes := make(map[string]string, len(live))
 	for name, c := range n.sel.Choices() {
 		switch {
-		case len(c.Path) == 0 || c.Unmeasured:
-			routes[name] = "" // no path known
+		case len(c.Path) == 0:
+			routes[name] = "" // no working path
 		case len(c.Path) == 1:
 			routes[name] = name
 		default:
@@ -346,14 +348,34 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 	return true
 }
 
-// feed applies link-state changes to path selection (router/paths.go feed).
+// feed applies others' link-state changes to path selection (router/paths.go feed).
 func (n *node) feed(changes []mesh.LinkChange) {
 	for _, c := range changes {
+		if c.From == n.cfg.Name {
+			continue
+		}
 		if c.Removed {
 			n.sel.RemoveLink(c.From, c.To)
 			continue
 		}
 		n.sel.SetLink(c.From, c.To, pathsel.Link{RTT: c.Link.RTT, Jitter: c.Link.Jitter, Loss: c.Link.Loss, Up: c.Link.Up, Encrypted: c.Link.Encrypted})
+	}
+}
+
+// feedOwn gives path selection this peer's links when they moved (router/paths.go feedOwn).
+func (n *node) feedOwn(links map[string]mesh.LinkMetrics) {
+	for name, m := range links {
+		if prev, ok := n.own[name]; ok && !n.table.Moved(prev, m) {
+			continue
+		}
+		n.own[name] = m
+		n.sel.SetLink(n.cfg.Name, name, pathsel.Link{RTT: m.RTT, Jitter: m.Jitter, Loss: m.Loss, Up: m.Up, Encrypted: m.Encrypted})
+	}
+	for name := range n.own {
+		if _, ok := links[name]; !ok {
+			delete(n.own, name)
+			n.sel.RemoveLink(n.cfg.Name, name)
+		}
 	}
 }
 
