@@ -23,8 +23,8 @@ import (
 // default (DefaultProbeTargetConfig).
 type ProbeTargetConfig struct {
 	// K is the number of peers measured by choice (nearest and random);
-	// must-probe peers come first and count against it, but are kept even
-	// beyond it. With at most K other live peers, all are probed.
+	// must-probe peers are measured on top of them. With at most K other
+	// live peers, all are probed.
 	K int
 	// Random is how many of the K are random picks (default K/4).
 	Random int
@@ -142,6 +142,11 @@ func ChooseProbeTargets(in ProbeTargetInput, cfg ProbeTargetConfig) ProbeTargets
 		}
 	}
 	slices.Sort(out.Must)
+	// Must-probe peers come on top of the K chosen ones and do not displace them: relays come
+	// and go, and if each took a nearest peer's slot, every relay change would drop and later
+	// re-add a probed link (link-state churn for the whole mesh). So nearest and random picks
+	// are chosen as if there were no must-probe peers; All() merges the three lists.
+	clear(taken)
 
 	if len(live) <= cfg.K {
 		// Small mesh: everyone, as before bounded probing.
@@ -154,7 +159,7 @@ func ChooseProbeTargets(in ProbeTargetInput, cfg ProbeTargetConfig) ProbeTargets
 		return out
 	}
 
-	room := max(0, cfg.K-len(out.Must))
+	room := cfg.K
 	randomSlots := min(cfg.Random, room)
 	nearSlots := room - randomSlots
 

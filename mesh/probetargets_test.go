@@ -54,7 +54,7 @@ func TestChooseProbeTargets(t *testing.T) {
 			must:     []string{"p005"},
 			now:      t0,
 			wantMust: []string{"p005"},
-			wantNear: []string{"p001", "p002", "p003", "p004", "p006", "p007", "p008"},
+			wantNear: []string{"p001", "p002", "p003", "p004", "p005", "p006", "p007", "p008"},
 		},
 		{
 			name:      "large mesh: must, nearest, random",
@@ -63,7 +63,7 @@ func TestChooseProbeTargets(t *testing.T) {
 			must:      []string{"p050", "p099", "gone"}, // gone is not live
 			now:       t0,
 			wantMust:  []string{"p050", "p099"},
-			wantNear:  []string{"p001", "p002", "p003", "p004"}, // 8 - 2 must - 2 random
+			wantNear:  []string{"p001", "p002", "p003", "p004", "p005", "p006"}, // 8 - 2 random; must on top
 			wantRand:  2,
 			wantDrawn: t0,
 		},
@@ -121,23 +121,25 @@ func TestChooseProbeTargets(t *testing.T) {
 			wantDrawn: t0.Add(time.Minute),
 		},
 		{
-			name:      "more must-probe peers than K: all of them, nothing else",
+			name:      "more must-probe peers than K: all of them, and the K chosen as usual",
 			live:      peerNames(100),
 			est:       byIndex(),
 			must:      peerNames(100)[40:50],
 			now:       t0,
 			wantMust:  peerNames(100)[40:50],
+			wantNear:  []string{"p001", "p002", "p003", "p004", "p005", "p006"},
+			wantRand:  2,
 			wantDrawn: t0,
 		},
 		{
-			name:      "a nearest peer that became must moves to must",
+			name:      "a nearest peer that became must stays nearest too (no slot changes hands)",
 			live:      peerNames(100),
 			est:       byIndex(),
 			must:      []string{"p001"},
 			current:   ProbeTargets{Nearest: []string{"p001", "p002", "p003", "p004", "p005", "p006"}, Random: []string{"p070", "p080"}, Drawn: t0},
 			now:       t0.Add(time.Second),
 			wantMust:  []string{"p001"},
-			wantNear:  []string{"p002", "p003", "p004", "p005", "p006"},
+			wantNear:  []string{"p001", "p002", "p003", "p004", "p005", "p006"},
 			wantRand:  2,
 			keepRand:  []string{"p070", "p080"},
 			wantDrawn: t0,
@@ -168,15 +170,17 @@ func TestChooseProbeTargets(t *testing.T) {
 				t.Errorf("Drawn = %v, want %v", got.Drawn, tc.wantDrawn)
 			}
 			all := got.All()
-			if n := len(got.Must) + len(got.Nearest) + len(got.Random); n != len(all) {
-				t.Errorf("a peer is in two parts: %+v", got)
+			for _, p := range got.Random {
+				if slices.Contains(got.Nearest, p) {
+					t.Errorf("%s is both nearest and random: %+v", p, got)
+				}
 			}
 			for _, p := range all {
 				if p == "p000" || !slices.Contains(tc.live, p) {
 					t.Errorf("target %s is self or not live", p)
 				}
 			}
-			if bound := max(cfg.K, len(got.Must)); len(all) > bound {
+			if bound := cfg.K + len(got.Must); len(all) > bound {
 				t.Errorf("%d targets, bound %d", len(all), bound)
 			}
 			// Pure: the same input (and seed) gives the same output.
@@ -244,5 +248,25 @@ func BenchmarkProbeTargets(b *testing.B) {
 				in.Current = ChooseProbeTargets(in, cfg)
 			}
 		})
+	}
+}
+
+// TestProbeTargetsMustDoesNotDisplace: a relay that comes and goes adds and removes only
+// itself; the nearest and random picks stay, so link state does not churn with relays.
+func TestProbeTargetsMustDoesNotDisplace(t *testing.T) {
+	t.Parallel()
+	t0 := time.Unix(1_000_000, 0)
+	cfg := ProbeTargetConfig{K: 8, Random: 2, Reshuffle: time.Minute}
+	in := ProbeTargetInput{Self: "p000", Live: peerNames(100), Estimate: byIndex(), Now: t0, Rand: rand.New(rand.NewPCG(1, 2))}
+	before := ChooseProbeTargets(in, cfg)
+	in.Current, in.Must, in.Now = before, []string{"p090"}, t0.Add(time.Second)
+	with := ChooseProbeTargets(in, cfg)
+	in.Current, in.Must, in.Now = with, nil, t0.Add(2*time.Second)
+	after := ChooseProbeTargets(in, cfg)
+	if got, want := with.All(), append(slices.Clone(before.All()), "p090"); !slices.Equal(got, slices.Sorted(slices.Values(want))) {
+		t.Errorf("with a relay: %v, want %v plus p090", got, before.All())
+	}
+	if !slices.Equal(after.All(), before.All()) {
+		t.Errorf("after the relay: %v, want %v again", after.All(), before.All())
 	}
 }
