@@ -119,11 +119,14 @@ func TestEncryptedLinks(t *testing.T) {
 	cs := onePerHost(t, ctx, l)
 	pingAll(t, ctx, cs)
 	for _, h := range l.Hosts() {
-		for _, c := range connectionsOf(t, ctx, h) {
-			if c.Mode != "wireguard" || c.State != "established" || !strings.Contains(c.Reason, "encrypted") {
-				t.Fatalf("%s: %+v; want an established wireguard link that says why", h.Name, c)
+		waitFor(t, ctx, 30*time.Second, h.Name+"'s links established over wireguard", func() error {
+			for _, c := range connectionsOf(t, ctx, h) {
+				if c.Mode != "wireguard" || c.State != "established" || !strings.Contains(c.Reason, "encrypted") {
+					return fmt.Errorf("%s: %+v; want an established wireguard link that says why", h.Name, c)
+				}
 			}
-		}
+			return nil
+		})
 	}
 
 	t.Run("the underlay carries only WireGuard, never the payload", func(t *testing.T) {

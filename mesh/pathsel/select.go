@@ -604,7 +604,7 @@ func (s *Selector) evaluate(dst string, dest Dest, now time.Time) Choice {
 		return keep(kindUnmeasured, Choice{Path: []string{dst}, Unmeasured: true,
 			Reason: "unmeasured: no measured link and no estimate"})
 	}
-	best, _ := s.search(dst, dest.Encrypted)
+	best, direct := s.search(dst, dest.Encrypted)
 	if !best.ok {
 		return keep(kindNone, Choice{Reason: fmt.Sprintf("no working path to %s", dst)})
 	}
@@ -622,6 +622,16 @@ func (s *Selector) evaluate(dst string, dest Dest, now time.Time) Choice {
 		return st.choice
 	}
 	switch {
+	case st != nil && st.kind == kindPending && direct.ok && direct.relay == "" && (direct.meets || !best.meets) && best.relay != "":
+		// A destination just measured starts on its direct link, which it used while pending:
+		// its first samples are the least reliable (cold caches, a tunnel still settling),
+		// so a relay must be better for the hold time like any other switch.
+		c := choose(direct, "initial choice: the direct link, as while it was being measured")
+		if s.better(best, direct) {
+			st.betterSince = now
+			s.holds[dst] = now.Add(s.cfg.Hold)
+		}
+		return c
 	case st == nil || st.kind != kindMeasured:
 		return choose(best, "initial choice")
 	case !cur.ok:

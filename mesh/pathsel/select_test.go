@@ -340,8 +340,21 @@ func TestPendingDestination(t *testing.T) {
 	}
 	_ = s.SetLink("a", "b", lk(5, 0))
 	s.SetDestinations(map[string]Dest{"b": {}})
-	if c := s.Select(time.Unix(2, 0))["b"]; !slices.Equal(c.Path, []string{"r", "b"}) || !strings.Contains(c.Reason, "initial") {
-		t.Fatalf("measured: %+v, want a fresh initial choice via r", c)
+	if c := s.Select(time.Unix(2, 0))["b"]; !slices.Equal(c.Path, []string{"b"}) || !strings.Contains(c.Reason, "initial") {
+		t.Fatalf("measured: %+v, want the direct link first, as while pending", c)
+	}
+	if c := s.Select(time.Unix(5, 0))["b"]; !slices.Equal(c.Path, []string{"r", "b"}) {
+		t.Fatalf("after the hold: %+v, want via r", c)
+	}
+	// A destination first measured with its direct link down goes to the relay at once.
+	s2, _ := New(Config{Self: "a"})
+	load(t, s2, nil, topo(map[string]Link{"a-r": lk(1, 0), "r-b": lk(1, 0)}))
+	s2.SetDestinations(map[string]Dest{"b": {Pending: true}})
+	s2.Select(time.Unix(1, 0))
+	_ = s2.SetLink("a", "b", downLink)
+	s2.SetDestinations(map[string]Dest{"b": {}})
+	if c := s2.Select(time.Unix(2, 0))["b"]; !slices.Equal(c.Path, []string{"r", "b"}) {
+		t.Fatalf("direct down after pending: %+v, want via r at once", c)
 	}
 }
 
