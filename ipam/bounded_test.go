@@ -295,21 +295,7 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 			t.Fatalf("%s owns %v (%v) right after claiming %s", name, owned, err, b)
 		}
 	}
-	tc.converge("every peer to learn the 4 blocks", func() bool {
-		for _, n := range tc.liveNodes() {
-			if len(n.c.Status().Blocks) != len(want) {
-				return false
-			}
-		}
-		return true
-	})
-	for _, n := range tc.liveNodes() {
-		for _, row := range n.c.Status().Blocks {
-			if want[row.CIDR] != row.Owner {
-				t.Fatalf("%s: %s owned by %s, want %s", n.name, row.CIDR, row.Owner, want[row.CIDR])
-			}
-		}
-	}
+	tc.tablesAgree(tc.converge, want)
 	// A client that knows its cluster never bootstraps another, even seeing no member alive.
 	if ok, err := tc.nodes["c1"].c.MaybeBootstrap([]Member{{Name: "c1", Alive: true}}); ok || err != nil {
 		t.Fatalf("a client bootstrapped a second cluster (%v)", err)

@@ -172,6 +172,28 @@ func (tc *testCluster) members() []Member {
 }
 
 // reconcileUntil runs every live node's Reconcile until cond holds or the deadline passes.
+// tablesAgree waits (with wait: reconcileUntil, or converge when clients learn by gossip)
+// until every live node's block table has as many rows as want, then checks each row's
+// owner against want (block → the peer that claimed it).
+func (tc *testCluster) tablesAgree(wait func(string, func() bool), want map[netip.Prefix]string) {
+	tc.t.Helper()
+	wait(fmt.Sprintf("every table to hold %d blocks", len(want)), func() bool {
+		for _, n := range tc.liveNodes() {
+			if len(n.c.Status().Blocks) != len(want) {
+				return false
+			}
+		}
+		return true
+	})
+	for _, n := range tc.liveNodes() {
+		for _, row := range n.c.Status().Blocks {
+			if want[row.CIDR] != row.Owner {
+				tc.t.Fatalf("%s says %s is %s's, the claimer was %s", n.name, row.CIDR, row.Owner, want[row.CIDR])
+			}
+		}
+	}
+}
+
 func (tc *testCluster) reconcileUntil(what string, cond func() bool) {
 	tc.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -283,21 +305,7 @@ func TestClaimsFromEveryPeerAreDistinct(t *testing.T) {
 		t.Fatalf("%d distinct blocks, want 20", len(got))
 	}
 	// Every node's table agrees with what the claimers were told, once it has caught up.
-	tc.reconcileUntil("every table to hold 20 blocks", func() bool {
-		for _, n := range tc.liveNodes() {
-			if len(n.c.Status().Blocks) != 20 {
-				return false
-			}
-		}
-		return true
-	})
-	for _, n := range tc.liveNodes() {
-		for _, row := range n.c.Status().Blocks {
-			if got[row.CIDR] != row.Owner {
-				t.Fatalf("%s says %s is %s's, the claimer was %s", n.name, row.CIDR, row.Owner, got[row.CIDR])
-			}
-		}
-	}
+	tc.tablesAgree(tc.reconcileUntil, got)
 }
 
 func TestConflictingNetworkDefinitionIsRefused(t *testing.T) {

@@ -52,12 +52,49 @@ type Host struct {
 	nextCtr      int
 }
 
-// peerProc is one run of the peer. Its reaper goroutine waits for the process and then
-// closes done; err is the result of Wait and is read only after done is closed.
-type peerProc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+// Proc is one process the lab started in a host namespace (Host.Spawn). Its reaper
+// goroutine waits for it and then closes Done; Err is Wait's result, read only after Done
+// is closed.
+type Proc struct {
+	Cmd  *exec.Cmd
+	Done chan struct{}
+	Err  error
+}
+
+// peerProc is one run of the peer.
+type peerProc = Proc
+
+// Spawn starts `ip netns exec <host> args…` in the background, with its output appended to logf, which it
+// closes when the process ends. `ip netns exec` enters the namespace (and a private mount
+// namespace with this namespace's /sys) and then execs the program, so the PID held is
+// the program's. Pdeathsig: the process dies with the thread that started it; that thread
+// is locked to the reaper goroutine, which lives exactly as long as the child, so the
+// signal fires only when the whole lab process dies (a crashed or killed test run).
+func (h *Host) Spawn(logf *os.File, args ...string) (*Proc, error) {
+	cmd := exec.Command("ip", append([]string{"netns", "exec", h.Name}, args...)...)
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	cmd.Dir = h.Dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	p := &Proc{Cmd: cmd, Done: make(chan struct{})}
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		p.Err = cmd.Wait()
+		logf.Close()
+		close(p.Done)
+	}()
+	if err := <-started; err != nil {
+		logf.Close()
+		return nil, err
+	}
+	return p, nil
 }
 
 func (l *Lab) newHost(i int) (*Host, error) {
@@ -137,45 +174,19 @@ func (h *Host) start(ctx context.Context, wait bool) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.peer != nil {
-		return fmt.Errorf("lab: peer %s already running (pid %d)", h.Name, h.peer.cmd.Process.Pid)
+		return fmt.Errorf("lab: peer %s already running (pid %d)", h.Name, h.peer.Cmd.Process.Pid)
 	}
 	logf, err := os.OpenFile(h.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(logf, "=== lab: starting peer %s at %s ===\n", h.Name, time.Now().Format(time.RFC3339Nano))
-	// `ip netns exec` enters the namespace (and a private mount namespace with this
-	// namespace's /sys) and then execs the peer, so the PID we hold is the peer's.
-	args := append([]string{"netns", "exec", h.Name, filepath.Join(h.lab.cfg.BinDir, "weft")}, h.peerArgsLocked()...)
-	cmd := exec.Command("ip", args...)
-	cmd.Stdout = logf
-	cmd.Stderr = logf
-	cmd.Dir = h.Dir
-	// Pdeathsig: the peer dies with the thread that started it. That thread is locked to
-	// the reaper goroutine below, which lives exactly as long as the child, so the signal
-	// fires only when the whole lab process dies (a crashed or killed test run).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-
-	p := &peerProc{cmd: cmd, done: make(chan struct{})}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
-		logf.Close()
+	p, err := h.Spawn(logf, append([]string{filepath.Join(h.lab.cfg.BinDir, "weft")}, h.peerArgsLocked()...)...)
+	if err != nil {
 		return fmt.Errorf("lab: start peer %s: %w", h.Name, err)
 	}
 	h.peer = p
-	pid := cmd.Process.Pid
+	pid := p.Cmd.Process.Pid
 	if err := os.WriteFile(filepath.Join(h.Dir, pidFileName), []byte(strconv.Itoa(pid)+"\n"), 0o644); err != nil {
 		h.log.Warn("write pid file", "err", err)
 	}
@@ -213,10 +224,10 @@ func (h *Host) waitReadyLocked(ctx context.Context, p *peerProc) error {
 	defer t.Stop()
 	for {
 		select {
-		case <-p.done:
+		case <-p.Done:
 			h.reapLocked(p)
 			return fmt.Errorf("lab: peer %s exited before it was ready: %v\n--- %s (tail) ---\n%s",
-				h.Name, p.err, h.LogPath, h.LogTail(30))
+				h.Name, p.Err, h.LogPath, h.LogTail(30))
 		default:
 		}
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -250,7 +261,7 @@ func (h *Host) Running() bool {
 		return false
 	}
 	select {
-	case <-h.peer.done:
+	case <-h.peer.Done:
 		h.reapLocked(h.peer)
 		return false
 	default:
@@ -268,7 +279,7 @@ func (h *Host) PID() int {
 	if h.peer == nil {
 		return 0
 	}
-	return h.peer.cmd.Process.Pid
+	return h.peer.Cmd.Process.Pid
 }
 
 // Stop sends SIGTERM and waits for the peer to exit, up to Config.StopTimeout or ctx's
@@ -282,22 +293,22 @@ func (h *Host) Stop(ctx context.Context) error {
 		return nil
 	}
 	select {
-	case <-p.done:
+	case <-p.Done:
 		h.reapLocked(p)
-		if p.err != nil {
+		if p.Err != nil {
 			return fmt.Errorf("lab: peer %s had already exited: %v\n--- %s (tail) ---\n%s",
-				h.Name, p.err, h.LogPath, h.LogTail(30))
+				h.Name, p.Err, h.LogPath, h.LogTail(30))
 		}
 		return nil
 	default:
 	}
-	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
+	if err := p.Cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return fmt.Errorf("lab: SIGTERM peer %s: %w", h.Name, err)
 	}
 	tm := time.NewTimer(h.lab.cfg.StopTimeout)
 	defer tm.Stop()
 	select {
-	case <-p.done:
+	case <-p.Done:
 	case <-tm.C:
 		return h.killLocked(p, fmt.Errorf("lab: peer %s did not stop within %s of SIGTERM; killed\n--- %s (tail) ---\n%s",
 			h.Name, h.lab.cfg.StopTimeout, h.LogPath, h.LogTail(30)))
@@ -305,10 +316,10 @@ func (h *Host) Stop(ctx context.Context) error {
 		return h.killLocked(p, fmt.Errorf("lab: stop peer %s: %w; killed", h.Name, ctx.Err()))
 	}
 	h.reapLocked(p)
-	h.log.Info("peer stopped", "pid", p.cmd.Process.Pid, "exit", p.err)
-	if p.err != nil {
+	h.log.Info("peer stopped", "pid", p.Cmd.Process.Pid, "exit", p.Err)
+	if p.Err != nil {
 		return fmt.Errorf("lab: peer %s exited with %v after SIGTERM\n--- %s (tail) ---\n%s",
-			h.Name, p.err, h.LogPath, h.LogTail(30))
+			h.Name, p.Err, h.LogPath, h.LogTail(30))
 	}
 	return nil
 }
@@ -325,12 +336,12 @@ func (h *Host) Kill() error {
 }
 
 func (h *Host) killLocked(p *peerProc, cause error) error {
-	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
+	if err := p.Cmd.Process.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return errors.Join(cause, fmt.Errorf("lab: SIGKILL peer %s: %w", h.Name, err))
 	}
-	<-p.done // SIGKILL cannot be ignored; the reaper returns promptly
+	<-p.Done // SIGKILL cannot be ignored; the reaper returns promptly
 	h.reapLocked(p)
-	h.log.Info("peer killed", "pid", p.cmd.Process.Pid)
+	h.log.Info("peer killed", "pid", p.Cmd.Process.Pid)
 	return cause
 }
 
@@ -350,9 +361,9 @@ func (h *Host) shutdown(grace time.Duration) error {
 	if p == nil {
 		return nil
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-p.done:
+	case <-p.Done:
 		h.reapLocked(p)
 		return nil
 	case <-time.After(grace):

@@ -7,9 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -33,21 +31,15 @@ type serfCluster struct {
 	bin   string
 	lab   *lab.Lab
 	mu    sync.Mutex // guards procs
-	procs map[int]*serfProc
-}
-
-// serfProc is one agent; its reaper goroutine closes done after Wait.
-type serfProc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
+	procs map[int]*lab.Proc
 }
 
 func newSerfCluster(bin string, l *lab.Lab) *serfCluster {
-	return &serfCluster{bin: bin, lab: l, procs: map[int]*serfProc{}}
+	return &serfCluster{bin: bin, lab: l, procs: map[int]*lab.Proc{}}
 }
 
 func (s *serfCluster) launch(h *lab.Host) error {
-	args := []string{"netns", "exec", h.Name, s.bin, "agent",
+	args := []string{s.bin, "agent",
 		"-node", h.Name,
 		"-bind", netip.AddrPortFrom(h.Addr.Addr(), serfPort).String(),
 		"-rpc-addr", serfRPCAddr,
@@ -59,29 +51,8 @@ func (s *serfCluster) launch(h *lab.Host) error {
 	if err != nil {
 		return err
 	}
-	// `ip netns exec` execs the agent, so the PID held is the agent's.
-	cmd := exec.Command("ip", args...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.Dir = h.Dir
-	// As in the lab: the agent dies with the thread that started it, which is locked to
-	// the reaper goroutine, so only when this process dies.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	p := &serfProc{cmd: cmd, done: make(chan struct{})}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
-		logf.Close()
+	p, err := h.Spawn(logf, args...)
+	if err != nil {
 		return fmt.Errorf("start serf on %s: %w", h.Name, err)
 	}
 	s.mu.Lock()
@@ -107,10 +78,10 @@ func (s *serfCluster) pid(h *lab.Host) int {
 		return 0
 	}
 	select {
-	case <-p.done:
+	case <-p.Done:
 		return 0
 	default:
-		return p.cmd.Process.Pid
+		return p.Cmd.Process.Pid
 	}
 }
 
@@ -136,18 +107,18 @@ func (s *serfCluster) alive(ctx context.Context, h *lab.Host) (int, error) {
 // stopAll kills every agent (by the PID it started) and waits for each.
 func (s *serfCluster) stopAll() {
 	s.mu.Lock()
-	procs := make([]*serfProc, 0, len(s.procs))
+	procs := make([]*lab.Proc, 0, len(s.procs))
 	for _, p := range s.procs {
 		procs = append(procs, p)
 	}
 	s.mu.Unlock()
 	for _, p := range procs {
-		if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		if err := p.Cmd.Process.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
 			continue
 		}
 	}
 	for _, p := range procs {
-		<-p.done
+		<-p.Done
 	}
 }
 
