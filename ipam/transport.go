@@ -5,146 +5,153 @@ package ipam
 // and the leader-forwarding RPC (an http.Server on RPCListener, an
 // http.Client dialing with DialRPC) share on one port, 6785 by default.
 //
-// # Protocol (version 1)
+// # Protocol (version 2)
 //
-// With a key (derived from the cluster password by DeriveKey), every
-// connection starts with this handshake, each step under a deadline
-// (handshakeTimeout, 5 s) so a silent or slow client can't hold a goroutine:
+// With a key (DeriveKey of the cluster key), every connection is TLS 1.3
+// with mutual authentication, and the dialer's first application byte is
+// the connection kind: 'R' raft, 'H' rpc (HTTP). Every member derives the
+// same ed25519 CA key from the cluster key (HKDF label "weft transport ca
+// v1") and issues itself a short-lived leaf certificate (leafLifetime,
+// renewed at half life) whose subject is the peer's name; both ends
+// require a chain to that CA, so only holders of the cluster key get
+// through, and a server learns which peer is calling (ConnPeerName,
+// RequestPeerName; as trustworthy as the cluster key, since any holder can
+// issue a certificate under any name).
 //
-//	dialer   -> listener: hello 0x01 (1 byte: version 1, sealed) || nD (32 random bytes)
-//	listener -> dialer:   nL (32 random bytes)
-//	dialer   -> listener: proofD (32 bytes)
-//	listener -> dialer:   proofL (32 bytes)
-//	dialer   -> listener: sealed frame holding the kind byte: 'R' raft, 'H' rpc (HTTP)
+// Without a key (--insecure) there is no TLS: the dialer sends the kind
+// byte and the connection is plain TCP from then on. A keyed listener
+// refuses a plain kind byte and a keyless listener refuses a TLS
+// ClientHello (first byte 0x16), so a key set on only one side fails
+// loudly rather than silently running unauthenticated.
 //
-// With T = hello || nD || nL as the HKDF-SHA256 salt and the key as the
-// secret, four independent 32-byte values come out of four info labels:
-// proofD ("weft transport v1 dialer proof"), proofL ("... listener
-// proof"), the dialer-to-listener key and the listener-to-dialer key. Each
-// side compares the other's proof in constant time and drops the
-// connection, with an error wrapping ErrAuthFailed, when it doesn't match.
+// Why TLS 1.3 rather than Noise: Raft's StreamLayer and net/http both want
+// a net.Conn, and crypto/tls is one: record framing, deadlines, close
+// notification and key schedule are the Go team's, fuzzed and audited,
+// with no new dependency. flynn/noise gives a handshake and cipher states
+// only; the framing around them (what version 1 hand-made here) would
+// remain ours. The cost is certificates, which derive from the cluster key
+// in a few lines below.
 //
-// The dialer proves first, not the listener. Any proof is material for an
-// offline password-guessing attack; with the dialer first, only somebody
-// a peer dials (a man in the middle) obtains one, while a stranger who can
-// merely reach port 6785 gets nothing but a random nonce. The cost is one
-// extra half round trip per connection, which Raft's connection pool and
-// HTTP keep-alive amortise.
+// A stranger who reaches the port gets a server certificate signed by the
+// cluster CA, which lets it test guesses of a passphrase offline; that is
+// why a passphrase is stretched with argon2id before it becomes a cluster
+// key, and why `weft keygen` (32 random bytes) is the recommended key.
 //
-// After the handshake every byte in each direction travels in frames:
+// # Limits
 //
-//	length (4 bytes, big endian, = len(ciphertext)) || AES-256-GCM ciphertext+tag
-//
-// The plaintext of a frame is 1..64 KiB (empty frames are legal but never
-// sent); the header is the GCM additional data; the GCM nonce is 4 zero
-// bytes followed by a 64-bit big-endian frame counter, starting at 0 in
-// each direction. Fresh nonces on both ends give every connection fresh
-// keys, and the counter makes every frame's position part of its
-// authentication, so frames can't be forged, altered, dropped, reordered or
-// replayed within or across connections without the reader failing with
-// ErrAuthFailed. (Cutting the TCP connection after a whole frame reads as a
-// clean io.EOF, as on any TCP stream; Raft's and HTTP's own framing notice
-// a message cut short.) A length beyond the bound fails before the body is
-// read.
-//
-// Without a key (no password) there is no handshake and no crypto: the
-// dialer sends hello 0x81 (version 1, plain) and the kind byte, and the
-// connection is plain TCP from then on. A keyed peer refuses a plain hello
-// and a keyless peer refuses a sealed one, so a password set on only one
-// side fails loudly rather than silently running unauthenticated.
-//
-// Every failure (wrong password, garbage, a truncated or timed-out
-// handshake, an oversized or tampered frame) fails that connection only;
-// the listener logs a warning naming the remote address and the reason.
+// Every inbound connection must finish its handshake and send its kind
+// within handshakeTimeout (2 s). At most MaxHandshakes connections are in
+// that phase at once, and at most MaxHandshakesPerSource from one source
+// address, so a flood of silent connections from one address cannot lock
+// members out. Past a limit, new connections are closed at once. Every
+// refusal is logged with the remote address and the reason and counted in
+// weft_transport_refused_total{reason}.
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
+	"crypto/ed25519"
 	"crypto/hkdf"
-	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/binary"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
+	"math/big"
 	"net"
+	"net/http"
+	"net/netip"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // ErrAuthFailed is the error (wrapped) of every connection that fails
-// the transport's handshake or whose frames fail to decode or authenticate.
+// the transport's handshake: wrong key, garbage, a timeout, a refusal.
 var ErrAuthFailed = errors.New("peer transport authentication failed")
 
 const (
-	// transportHelloSealed and transportHelloPlain are the first byte of
-	// every connection: the low 7 bits are the protocol version, the high
-	// bit says there is no handshake or encryption.
-	transportHelloSealed byte = 0x01
-	transportHelloPlain  byte = 0x81
-
-	// Connection kinds, the first (sealed) byte after the handshake.
+	// Connection kinds, the first byte the dialer sends (inside TLS when keyed).
 	transportKindRaft byte = 'R'
 	transportKindRPC  byte = 'H'
+	// tlsHandshakeRecord is the first byte of every TLS ClientHello.
+	tlsHandshakeRecord byte = 0x16
+	// The first bytes of version 1 (the hand-made handshake), recognised
+	// only to say what is wrong.
+	transportV1Sealed byte = 0x01
+	transportV1Plain  byte = 0x81
 
-	transportNonceSize = 32
-	transportProofSize = 32
-	transportKeySize   = 32
+	transportKeySize = 32
 
-	// frameMaxPayload bounds the plaintext of one frame; the reader refuses
-	// longer length headers before reading the body.
-	frameMaxPayload = 64 << 10
-	frameHeaderSize = 4
-	frameTagSize    = 16 // AES-GCM tag
-	frameMaxWire    = frameHeaderSize + frameMaxPayload + frameTagSize
+	// transportServerName is the name every leaf certificate carries and
+	// every dialer checks; peer names are in the subject instead, since a
+	// dialer knows an address, not always a name.
+	transportServerName = "peer.weft.invalid"
+	// leafLifetime bounds a leaf certificate; it is renewed at half life.
+	// leafBackdate lets peers whose clocks differ by up to that much agree.
+	leafLifetime = 24 * time.Hour
+	leafBackdate = time.Hour
 
-	defaultHandshakeTimeout = 5 * time.Second
+	defaultHandshakeTimeout = 2 * time.Second
 	// transportQueueLen bounds each accept queue (raft and rpc).
 	transportQueueLen = 32
-	// transportMaxHandshakes bounds the inbound connections in their
-	// handshake at once; past it new connections are closed at once, so a
-	// flood of silent clients costs at most this many goroutines for at
-	// most handshakeTimeout each.
-	transportMaxHandshakes = 256
+	// DefaultMaxHandshakes bounds the inbound connections in their
+	// handshake at once; DefaultMaxHandshakesPerSource bounds those from
+	// one source address. A member needs one or two at a time.
+	DefaultMaxHandshakes          = 256
+	DefaultMaxHandshakesPerSource = 8
+)
+
+// Refusal reasons, the label of weft_transport_refused_total.
+const (
+	refusedLimitTotal  = "limit_total"  // too many handshakes in progress
+	refusedLimitSource = "limit_source" // too many handshakes from this address
+	refusedTimeout     = "timeout"      // no complete handshake within handshakeTimeout
+	refusedAuth        = "auth"         // certificate not from this cluster's key (either side)
+	refusedMode        = "mode"         // a key on one side only
+	refusedProtocol    = "protocol"     // not this protocol: garbage, an old version, a bad kind
+	refusedQueueFull   = "queue_full"   // nobody accepted in time
 )
 
 // TransportConfig configures a PeerTransport.
 type TransportConfig struct {
-	BindAddr  string       // e.g. "0.0.0.0:6785" or "127.0.0.1:0" in tests
+	BindAddr  string       // e.g. "192.0.2.10:6785" or "127.0.0.1:0" in tests
 	Advertise *net.TCPAddr // address others dial; nil = the listener's address
-	// Key is the 32-byte key derived from the password by DeriveKey;
-	// nil or empty = no authentication (plain TCP, still with the hello
-	// and kind bytes).
-	Key    []byte
-	Logger *slog.Logger // nil = discard
+	// Key is DeriveKey(cluster key), 32 bytes; nil or empty = insecure
+	// (plain TCP, still with the kind byte).
+	Key []byte
+	// Name is this peer's name, the subject of its certificate; empty
+	// means "weft-peer".
+	Name       string
+	Logger     *slog.Logger          // nil = discard
+	Registerer prometheus.Registerer // nil = metrics not exported
+	// MaxHandshakes and MaxHandshakesPerSource bound the inbound
+	// connections in their handshake, in total and per source address;
+	// zero means the defaults.
+	MaxHandshakes          int
+	MaxHandshakesPerSource int
 
 	// handshakeTimeout bounds every handshake; zero means
-	// defaultHandshakeTimeout. Tests shorten it.
+	// defaultHandshakeTimeout. Tests change it.
 	handshakeTimeout time.Duration
 }
 
-// DeriveKey turns the cluster password into the transport key:
-// HKDF-SHA256 with no salt and info "weft raft transport v1", 32 bytes.
-// It is the construction of mesh.GossipKey with a different label, so the
-// memberlist key and this key are independent even though both come from
-// the same password; neither reveals the other. An empty password gives
-// nil, which means no authentication.
-//
-// The key is only as strong as the password: an attacker holding a
-// handshake proof can test guesses offline, so the password should be
-// long and random (for example 32 bytes from /dev/urandom, base64).
-func DeriveKey(password []byte) []byte {
-	if len(password) == 0 {
+// DeriveKey turns the 32-byte cluster key into the transport's secret,
+// the seed of the cluster's ed25519 CA key: HKDF-SHA256 with no salt and
+// info "weft transport ca v1". The label separates it from the gossip and
+// probe keys derived from the same cluster key; none reveals another. An
+// empty cluster key gives nil: insecure.
+func DeriveKey(clusterKey []byte) []byte {
+	if len(clusterKey) == 0 {
 		return nil
 	}
-	key, err := hkdf.Key(sha256.New, password, nil, "weft raft transport v1", transportKeySize)
+	key, err := hkdf.Key(sha256.New, clusterKey, nil, "weft transport ca v1", transportKeySize)
 	if err != nil {
 		// hkdf.Key fails only for lengths beyond 255*32 bytes.
 		panic("ipam: hkdf: " + err.Error())
@@ -161,9 +168,12 @@ func DeriveKey(password []byte) []byte {
 type PeerTransport struct {
 	ln               net.Listener
 	advertise        *net.TCPAddr
-	key              []byte // nil = plain mode
+	creds            *transportCreds // nil = insecure
 	log              *slog.Logger
 	handshakeTimeout time.Duration
+	maxTotal         int
+	maxPerSource     int
+	refused          *prometheus.CounterVec
 
 	raftConns chan net.Conn // authenticated raft streams waiting for Accept
 	rpc       *rpcListener
@@ -173,8 +183,10 @@ type PeerTransport struct {
 	closeErr  error
 	wg        sync.WaitGroup // the accept loop and every inbound handshake
 
-	mu      sync.Mutex            // guards pending
-	pending map[net.Conn]struct{} // inbound conns in their handshake; Close closes them
+	mu           sync.Mutex              // guards the three below
+	pending      map[net.Conn]netip.Addr // inbound conns in their handshake → source; Close closes them
+	perSrc       map[netip.Addr]int      // handshakes in progress per source address
+	lastLimitLog time.Time               // last warning about a limit
 }
 
 var _ raft.StreamLayer = (*PeerTransport)(nil)
@@ -184,13 +196,45 @@ func NewPeerTransport(cfg TransportConfig) (*PeerTransport, error) {
 	if n := len(cfg.Key); n != 0 && n != transportKeySize {
 		return nil, fmt.Errorf("peer transport: key is %d bytes, want %d (use DeriveKey)", n, transportKeySize)
 	}
+	if cfg.MaxHandshakes < 0 || cfg.MaxHandshakesPerSource < 0 {
+		return nil, fmt.Errorf("peer transport: handshake limits %d and %d must not be negative", cfg.MaxHandshakes, cfg.MaxHandshakesPerSource)
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	hs := cfg.handshakeTimeout
-	if hs <= 0 {
-		hs = defaultHandshakeTimeout
+	t := &PeerTransport{
+		log:              log,
+		handshakeTimeout: cmpOr(cfg.handshakeTimeout, defaultHandshakeTimeout),
+		maxTotal:         cmpOr(cfg.MaxHandshakes, DefaultMaxHandshakes),
+		maxPerSource:     cmpOr(cfg.MaxHandshakesPerSource, DefaultMaxHandshakesPerSource),
+		raftConns:        make(chan net.Conn, transportQueueLen),
+		shutdown:         make(chan struct{}),
+		pending:          make(map[net.Conn]netip.Addr),
+		perSrc:           make(map[netip.Addr]int),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weft_transport_refused_total",
+			Help: "Inbound peer-transport connections refused, by reason (limit_total, limit_source, timeout, auth, mode, protocol, queue_full).",
+		}, []string{"reason"}),
+	}
+	for _, r := range []string{refusedLimitTotal, refusedLimitSource, refusedTimeout, refusedAuth, refusedMode, refusedProtocol, refusedQueueFull} {
+		t.refused.WithLabelValues(r)
+	}
+	if len(cfg.Key) != 0 {
+		name := cfg.Name
+		if name == "" {
+			name = "weft-peer"
+		}
+		creds, err := newTransportCreds(cfg.Key, name)
+		if err != nil {
+			return nil, err
+		}
+		t.creds = creds
+	}
+	if cfg.Registerer != nil {
+		if err := cfg.Registerer.Register(t.refused); err != nil {
+			return nil, fmt.Errorf("peer transport: register metrics: %w", err)
+		}
 	}
 	ln, err := net.Listen("tcp", cfg.BindAddr)
 	if err != nil {
@@ -204,22 +248,19 @@ func NewPeerTransport(cfg TransportConfig) (*PeerTransport, error) {
 		ln.Close()
 		return nil, fmt.Errorf("peer transport: advertise address %v is not dialable by other peers; set Advertise", adv)
 	}
-	t := &PeerTransport{
-		ln:               ln,
-		advertise:        adv,
-		log:              log,
-		handshakeTimeout: hs,
-		raftConns:        make(chan net.Conn, transportQueueLen),
-		shutdown:         make(chan struct{}),
-		pending:          make(map[net.Conn]struct{}),
-	}
-	if len(cfg.Key) != 0 {
-		t.key = append([]byte(nil), cfg.Key...)
-	}
+	t.ln, t.advertise = ln, adv
 	t.rpc = &rpcListener{t: t, conns: make(chan net.Conn, transportQueueLen), done: make(chan struct{})}
 	t.wg.Add(1)
 	go t.acceptLoop()
 	return t, nil
+}
+
+func cmpOr[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
 }
 
 // Accept returns the next authenticated raft stream. After Close it
@@ -285,6 +326,28 @@ func (t *PeerTransport) DialRPC(ctx context.Context, address string) (net.Conn, 
 	return t.dial(ctx, address, transportKindRPC)
 }
 
+// ConnPeerName is the name in the certificate of the peer at the other end
+// of a connection this transport returned; false for an insecure one.
+func ConnPeerName(c net.Conn) (string, bool) {
+	tc, ok := c.(*tls.Conn)
+	if !ok {
+		return "", false
+	}
+	st := tc.ConnectionState()
+	return peerNameOf(&st)
+}
+
+// RequestPeerName is the name of the peer that sent an rpc request served
+// on RPCListener; false for an insecure one.
+func RequestPeerName(r *http.Request) (string, bool) { return peerNameOf(r.TLS) }
+
+func peerNameOf(st *tls.ConnectionState) (string, bool) {
+	if st == nil || len(st.PeerCertificates) == 0 {
+		return "", false
+	}
+	return st.PeerCertificates[0].Subject.CommonName, true
+}
+
 func (t *PeerTransport) dial(ctx context.Context, address string, kind byte) (net.Conn, error) {
 	select {
 	case <-t.shutdown:
@@ -321,137 +384,144 @@ func (t *PeerTransport) dial(ctx context.Context, address string, kind byte) (ne
 	return conn, nil
 }
 
-// handshakeOutbound runs the dialer's side of the handshake on raw, whose
-// deadline the caller has set.
+// handshakeOutbound runs the dialer's side on raw, whose deadline the
+// caller has set.
 func (t *PeerTransport) handshakeOutbound(raw net.Conn, kind byte) (net.Conn, error) {
-	if t.key == nil {
-		if _, err := raw.Write([]byte{transportHelloPlain, kind}); err != nil {
-			return nil, handshakeErr("sending hello", err)
+	if t.creds == nil {
+		if _, err := raw.Write([]byte{kind}); err != nil {
+			return nil, handshakeErr("sending kind", err)
 		}
 		return raw, nil
 	}
-	var hello [1 + transportNonceSize]byte
-	hello[0] = transportHelloSealed
-	rand.Read(hello[1:])
-	if _, err := raw.Write(hello[:]); err != nil {
-		return nil, handshakeErr("sending hello", err)
+	tc := tls.Client(raw, t.creds.clientConfig())
+	if err := tc.Handshake(); err != nil {
+		return nil, handshakeErr("tls handshake", err)
 	}
-	var nL [transportNonceSize]byte
-	if _, err := io.ReadFull(raw, nL[:]); err != nil {
-		return nil, handshakeErr("reading the listener's nonce", err)
-	}
-	s := deriveSession(t.key, hello[0], hello[1:], nL[:])
-	if _, err := raw.Write(s.proofD); err != nil {
-		return nil, handshakeErr("sending proof", err)
-	}
-	var proofL [transportProofSize]byte
-	if _, err := io.ReadFull(raw, proofL[:]); err != nil {
-		return nil, handshakeErr("reading the listener's proof", err)
-	}
-	if !hmac.Equal(proofL[:], s.proofL) {
-		return nil, fmt.Errorf("%w: the listener's proof does not match (wrong password?)", ErrAuthFailed)
-	}
-	conn, err := newSealedConn(raw, s.l2d, s.d2l)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := conn.Write([]byte{kind}); err != nil {
+	if _, err := tc.Write([]byte{kind}); err != nil {
 		return nil, handshakeErr("sending kind", err)
 	}
-	return conn, nil
+	return tc, nil
 }
 
-// handshakeInbound runs the listener's side of the handshake on raw,
-// whose deadline the caller has set, and returns the connection and its
-// kind.
+// refusal is an inbound handshake failure with its metric label.
+type refusal struct {
+	reason string
+	err    error
+}
+
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }
+
+func refuse(reason string, err error) error { return &refusal{reason: reason, err: err} }
+
+// handshakeInbound runs the listener's side on raw, whose deadline the
+// caller has set, and returns the connection and its kind. Errors wrap
+// ErrAuthFailed and carry a refusal reason.
 func (t *PeerTransport) handshakeInbound(raw net.Conn) (net.Conn, byte, error) {
-	var hello [1]byte
-	if _, err := io.ReadFull(raw, hello[:]); err != nil {
-		return nil, 0, handshakeErr("reading hello", err)
+	var first [1]byte
+	if _, err := io.ReadFull(raw, first[:]); err != nil {
+		return nil, 0, classifyInbound("reading the first byte", err)
 	}
-	var conn net.Conn
-	switch {
-	case hello[0] == transportHelloPlain && t.key == nil:
-		conn = raw
-	case hello[0] == transportHelloSealed && t.key != nil:
-		var nD, nL [transportNonceSize]byte
-		if _, err := io.ReadFull(raw, nD[:]); err != nil {
-			return nil, 0, handshakeErr("reading the dialer's nonce", err)
+	b := first[0]
+	if t.creds == nil {
+		switch b {
+		case transportKindRaft, transportKindRPC:
+			return raw, b, nil
+		case tlsHandshakeRecord:
+			return nil, 0, refuse(refusedMode, fmt.Errorf("%w: the dialer speaks TLS (it has a cluster key) but this peer runs --insecure", ErrAuthFailed))
 		}
-		rand.Read(nL[:])
-		if _, err := raw.Write(nL[:]); err != nil {
-			return nil, 0, handshakeErr("sending nonce", err)
-		}
-		s := deriveSession(t.key, hello[0], nD[:], nL[:])
-		var proofD [transportProofSize]byte
-		if _, err := io.ReadFull(raw, proofD[:]); err != nil {
-			return nil, 0, handshakeErr("reading the dialer's proof", err)
-		}
-		if !hmac.Equal(proofD[:], s.proofD) {
-			return nil, 0, fmt.Errorf("%w: the dialer's proof does not match (wrong password?)", ErrAuthFailed)
-		}
-		if _, err := raw.Write(s.proofL); err != nil {
-			return nil, 0, handshakeErr("sending proof", err)
-		}
-		sc, err := newSealedConn(raw, s.d2l, s.l2d)
-		if err != nil {
-			return nil, 0, err
-		}
-		conn = sc
-	case hello[0] == transportHelloPlain:
-		return nil, 0, fmt.Errorf("%w: the dialer has no password but this peer has one (password set on one side only?)", ErrAuthFailed)
-	case hello[0] == transportHelloSealed:
-		return nil, 0, fmt.Errorf("%w: the dialer has a password but this peer has none (password set on one side only?)", ErrAuthFailed)
+		return nil, 0, refuse(refusedProtocol, fmt.Errorf("%w: %s", ErrAuthFailed, describeFirstByte(b)))
+	}
+	switch b {
+	case tlsHandshakeRecord:
+	case transportKindRaft, transportKindRPC:
+		return nil, 0, refuse(refusedMode, fmt.Errorf("%w: the dialer runs --insecure (no TLS) but this peer has a cluster key", ErrAuthFailed))
 	default:
-		return nil, 0, fmt.Errorf("%w: unknown hello byte 0x%02x (not a weft peer, or an incompatible version)", ErrAuthFailed, hello[0])
+		return nil, 0, refuse(refusedProtocol, fmt.Errorf("%w: %s", ErrAuthFailed, describeFirstByte(b)))
+	}
+	tc := tls.Server(&prefixConn{Conn: raw, prefix: first[:]}, t.creds.serverConfig())
+	if err := tc.Handshake(); err != nil {
+		err = classifyInbound("tls handshake", err)
+		if r := (*refusal)(nil); errors.As(err, &r) && r.reason == refusedProtocol {
+			// A TLS client that fails the handshake did not prove the key
+			// (no certificate, a wrong one, or a broken TLS stack).
+			r.reason = refusedAuth
+		}
+		return nil, 0, err
 	}
 	var kind [1]byte
-	if _, err := io.ReadFull(conn, kind[:]); err != nil {
-		return nil, 0, handshakeErr("reading kind", err)
+	if _, err := io.ReadFull(tc, kind[:]); err != nil {
+		return nil, 0, classifyInbound("reading kind", err)
 	}
 	if kind[0] != transportKindRaft && kind[0] != transportKindRPC {
-		return nil, 0, fmt.Errorf("%w: unknown connection kind 0x%02x", ErrAuthFailed, kind[0])
+		return nil, 0, refuse(refusedProtocol, fmt.Errorf("%w: unknown connection kind 0x%02x", ErrAuthFailed, kind[0]))
 	}
-	return conn, kind[0], nil
+	return tc, kind[0], nil
 }
 
-// handshakeErr wraps an I/O error of a handshake step. A remote that
-// closes mid-handshake is most often a peer that refused our password.
+func describeFirstByte(b byte) string {
+	switch b {
+	case transportV1Sealed, transportV1Plain:
+		return fmt.Sprintf("first byte 0x%02x: a weft peer of an older version (the hand-made transport before TLS); upgrade every peer", b)
+	}
+	return fmt.Sprintf("first byte 0x%02x: not a weft peer", b)
+}
+
+// classifyInbound wraps an inbound handshake error with its reason.
+func classifyInbound(step string, err error) error {
+	err = handshakeErr(step, err)
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		return refuse(refusedTimeout, err)
+	case isCertError(err):
+		return refuse(refusedAuth, err)
+	}
+	return refuse(refusedProtocol, err)
+}
+
+// isCertError says whether err is a certificate this side refused or an
+// alert by which the other side refused ours.
+func isCertError(err error) bool {
+	var cv *tls.CertificateVerificationError
+	var ua x509.UnknownAuthorityError
+	var ci x509.CertificateInvalidError
+	var op *net.OpError
+	return errors.As(err, &cv) || errors.As(err, &ua) || errors.As(err, &ci) ||
+		errors.As(err, &op) && op.Op == "remote error"
+}
+
+// handshakeErr wraps an error of a handshake step in ErrAuthFailed with a
+// hint at the likely cause.
 func handshakeErr(step string, err error) error {
 	if errors.Is(err, ErrAuthFailed) {
 		return err
 	}
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) {
-		return fmt.Errorf("%w: %s: the remote closed the connection (wrong password, or a password set on one side only?): %w", ErrAuthFailed, step, err)
+	var ci x509.CertificateInvalidError
+	switch {
+	case errors.As(err, &ci) && ci.Reason == x509.Expired:
+		return fmt.Errorf("%w: %s: certificate expired or not yet valid (clocks more than %s apart?): %w", ErrAuthFailed, step, leafBackdate, err)
+	case isCertError(err):
+		return fmt.Errorf("%w: %s: the certificate is not from this cluster's key (wrong cluster key?): %w", ErrAuthFailed, step, err)
+	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET):
+		return fmt.Errorf("%w: %s: the remote closed the connection (wrong cluster key, or a key on one side only?): %w", ErrAuthFailed, step, err)
 	}
 	return fmt.Errorf("%w: %s: %w", ErrAuthFailed, step, err)
 }
 
-// transportSession holds what both ends derive from the key and the
-// handshake transcript.
-type transportSession struct {
-	proofD, proofL []byte // the dialer's and the listener's proof of the key
-	d2l, l2d       []byte // AES-256 keys per direction
+// prefixConn gives back the bytes already read before reading on.
+type prefixConn struct {
+	net.Conn
+	prefix []byte
 }
 
-func deriveSession(key []byte, hello byte, nD, nL []byte) transportSession {
-	salt := make([]byte, 0, 1+2*transportNonceSize)
-	salt = append(salt, hello)
-	salt = append(salt, nD...)
-	salt = append(salt, nL...)
-	derive := func(label string) []byte {
-		out, err := hkdf.Key(sha256.New, key, salt, "weft transport v1 "+label, 32)
-		if err != nil {
-			panic("ipam: hkdf: " + err.Error()) // only for lengths beyond 255*32
-		}
-		return out
+func (c *prefixConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
 	}
-	return transportSession{
-		proofD: derive("dialer proof"),
-		proofL: derive("listener proof"),
-		d2l:    derive("dialer to listener"),
-		l2d:    derive("listener to dialer"),
-	}
+	return c.Conn.Read(p)
 }
 
 // acceptLoop accepts TCP connections and starts a handshake goroutine for
@@ -489,9 +559,19 @@ func (t *PeerTransport) acceptLoop() {
 	}
 }
 
+// sourceOf is the remote IP of a connection (unmapped), zero if unknown.
+func sourceOf(c net.Conn) netip.Addr {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		ap := a.AddrPort()
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
 // track records raw as in its handshake, so that Close can abort it. It
-// refuses after Close and past transportMaxHandshakes.
+// refuses after Close and past the total and per-source limits. O(1).
 func (t *PeerTransport) track(raw net.Conn) bool {
+	src := sourceOf(raw)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	select {
@@ -499,18 +579,39 @@ func (t *PeerTransport) track(raw net.Conn) bool {
 		return false
 	default:
 	}
-	if len(t.pending) >= transportMaxHandshakes {
-		t.log.Warn("ipam: transport refused connection: too many handshakes in progress",
-			"remote", raw.RemoteAddr().String(), "limit", transportMaxHandshakes)
+	switch {
+	case len(t.pending) >= t.maxTotal:
+		t.refusedLocked(refusedLimitTotal, raw, fmt.Errorf("%w: too many handshakes in progress (limit %d)", ErrAuthFailed, t.maxTotal))
+		return false
+	case t.perSrc[src] >= t.maxPerSource:
+		t.refusedLocked(refusedLimitSource, raw, fmt.Errorf("%w: too many handshakes in progress from %s (limit %d)", ErrAuthFailed, src, t.maxPerSource))
 		return false
 	}
-	t.pending[raw] = struct{}{}
+	t.pending[raw] = src
+	t.perSrc[src]++
 	return true
+}
+
+// refusedLocked counts and logs a refusal at the limits. A flood would
+// flood the log too, so at most one warning a second says so (the others
+// go to debug); the counter has every one. t.mu is held.
+func (t *PeerTransport) refusedLocked(reason string, raw net.Conn, err error) {
+	t.refused.WithLabelValues(reason).Inc()
+	level := slog.LevelDebug
+	if now := time.Now(); now.Sub(t.lastLimitLog) >= time.Second {
+		level, t.lastLimitLog = slog.LevelWarn, now
+	}
+	t.log.Log(context.Background(), level, "ipam: transport rejected connection", "remote", raw.RemoteAddr().String(), "reason", reason, "err", err)
 }
 
 func (t *PeerTransport) untrack(raw net.Conn) {
 	t.mu.Lock()
-	delete(t.pending, raw)
+	if src, ok := t.pending[raw]; ok {
+		delete(t.pending, raw)
+		if t.perSrc[src]--; t.perSrc[src] <= 0 {
+			delete(t.perSrc, src)
+		}
+	}
 	t.mu.Unlock()
 }
 
@@ -527,7 +628,13 @@ func (t *PeerTransport) serveConn(raw net.Conn) {
 		case <-t.shutdown:
 			t.log.Debug("ipam: transport handshake aborted by close", "remote", remote, "err", err)
 		default:
-			t.log.Warn("ipam: transport rejected connection", "remote", remote, "err", err)
+			reason := refusedProtocol
+			var r *refusal
+			if errors.As(err, &r) {
+				reason = r.reason
+			}
+			t.refused.WithLabelValues(reason).Inc()
+			t.log.Warn("ipam: transport rejected connection", "remote", remote, "reason", reason, "err", err)
 		}
 		return
 	}
@@ -557,6 +664,7 @@ func (t *PeerTransport) serveConn(raw net.Conn) {
 		t.log.Debug("ipam: transport dropped rpc connection: rpc listener closed", "remote", remote)
 	case <-wait.C:
 		conn.Close()
+		t.refused.WithLabelValues(refusedQueueFull).Inc()
 		t.log.Warn("ipam: transport dropped connection: accept queue full", "remote", remote, "kind", string(kind))
 	}
 }
@@ -613,207 +721,103 @@ func drainConns(ch chan net.Conn) {
 
 func (l *rpcListener) Addr() net.Addr { return l.t.advertise }
 
-// sealedConn is a net.Conn whose bytes travel in AES-256-GCM frames over
-// the TCP conn it embeds. LocalAddr, RemoteAddr, the deadlines and Close
-// (safe more than once) are the TCP conn's. One Read and one Write may run
-// at the same time, as raft and net/http do; Close interrupts both.
-type sealedConn struct {
-	net.Conn
+// transportCreds are the TLS credentials of one peer: the cluster CA that
+// every member derives from the cluster key, and this peer's leaf
+// certificate, issued by itself under that CA.
+type transportCreds struct {
+	pool    *x509.CertPool
+	ca      *x509.Certificate
+	caKey   ed25519.PrivateKey
+	leafKey ed25519.PrivateKey // lives in memory only, one per transport
+	name    string
+	now     func() time.Time
 
-	rmu sync.Mutex // guards r
-	r   *sealReader
-	wmu sync.Mutex // guards w
-	w   *sealWriter
+	mu     sync.Mutex       // guards leaf and issued
+	leaf   *tls.Certificate // the current leaf
+	issued time.Time
 }
 
-func newSealedConn(raw net.Conn, readKey, writeKey []byte) (*sealedConn, error) {
-	r, err := newSealReader(raw, readKey)
+// newTransportCreds derives the CA from seed (DeriveKey's output). The CA
+// certificate is the same bytes on every member: fixed serial, validity
+// and subject, and ed25519 signatures are deterministic.
+func newTransportCreds(seed []byte, name string) (*transportCreds, error) {
+	caKey := ed25519.NewKeyFromSeed(seed)
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "weft cluster transport CA"},
+		NotBefore:             time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC),
+		NotAfter:              time.Date(2100, 1, 1, 0, 0, 0, 0, time.UTC),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		MaxPathLenZero:        true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, caKey.Public(), caKey)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("peer transport: make the cluster CA: %w", err)
 	}
-	w, err := newSealWriter(raw, writeKey)
+	ca, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("peer transport: parse the cluster CA: %w", err)
 	}
-	return &sealedConn{Conn: raw, r: r, w: w}, nil
-}
-
-func (c *sealedConn) Read(p []byte) (int, error) {
-	c.rmu.Lock()
-	defer c.rmu.Unlock()
-	return c.r.Read(p)
-}
-
-func (c *sealedConn) Write(p []byte) (int, error) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	return c.w.Write(p)
-}
-
-func newFrameAEAD(key []byte) (cipher.AEAD, error) {
-	block, err := aes.NewCipher(key)
+	_, leafKey, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("peer transport: %w", err)
+		return nil, fmt.Errorf("peer transport: leaf key: %w", err)
 	}
-	return cipher.NewGCM(block)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	return &transportCreds{pool: pool, ca: ca, caKey: caKey, leafKey: leafKey, name: name, now: time.Now}, nil
 }
 
-// frameNonce is the GCM nonce of frame number seq.
-func frameNonce(seq uint64) []byte {
-	var n [12]byte
-	binary.BigEndian.PutUint64(n[4:], seq)
-	return n[:]
-}
-
-// sealReader decrypts the frames read from src. It is not safe for
-// concurrent use. A read deadline that expires mid-frame loses nothing:
-// the bytes received so far stay in buf and the next Read continues.
-// Every other error is permanent.
-type sealReader struct {
-	src        io.Reader
-	aead       cipher.AEAD
-	seq        uint64 // number of the next frame
-	buf        []byte // frameMaxWire bytes; buf[start:end] is received, not yet decoded
-	start, end int
-	plain      []byte // decrypted, not yet returned; aliases buf
-	err        error  // sticky
-}
-
-func newSealReader(src io.Reader, key []byte) (*sealReader, error) {
-	aead, err := newFrameAEAD(key)
+// certificate returns the leaf, issuing a new one when none exists or the
+// current one is past half its life.
+func (c *transportCreds) certificate() (*tls.Certificate, error) {
+	now := c.now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.leaf != nil && now.Sub(c.issued) < leafLifetime/2 && !now.Before(c.issued) {
+		return c.leaf, nil
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("peer transport: leaf serial: %w", err)
 	}
-	return &sealReader{src: src, aead: aead, buf: make([]byte, frameMaxWire)}, nil
-}
-
-func (r *sealReader) Read(p []byte) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: c.name},
+		DNSNames:     []string{transportServerName},
+		NotBefore:    now.Add(-leafBackdate),
+		NotAfter:     now.Add(leafLifetime),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
-	for len(r.plain) == 0 {
-		if r.err != nil {
-			return 0, r.err
-		}
-		if err := r.nextFrame(); err != nil {
-			if !isNetTimeout(err) {
-				r.err = err
-			}
-			return 0, err
-		}
-	}
-	n := copy(p, r.plain)
-	r.plain = r.plain[n:]
-	return n, nil
-}
-
-// nextFrame reads, checks and decrypts one frame into r.plain.
-func (r *sealReader) nextFrame() error {
-	if err := r.fill(frameHeaderSize); err != nil {
-		return err
-	}
-	hdr := r.buf[r.start : r.start+frameHeaderSize]
-	n := binary.BigEndian.Uint32(hdr)
-	if n < frameTagSize || n > frameMaxPayload+frameTagSize {
-		return fmt.Errorf("%w: frame %d has length %d, outside [%d, %d]", ErrAuthFailed, r.seq, n, frameTagSize, frameMaxPayload+frameTagSize)
-	}
-	total := frameHeaderSize + int(n)
-	if err := r.fill(total); err != nil {
-		return err
-	}
-	hdr = r.buf[r.start : r.start+frameHeaderSize]
-	body := r.buf[r.start+frameHeaderSize : r.start+total]
-	plain, err := r.aead.Open(body[:0], frameNonce(r.seq), body, hdr)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.ca, c.leafKey.Public(), c.caKey)
 	if err != nil {
-		return fmt.Errorf("%w: frame %d fails authentication (tampered, replayed, reordered or wrong key)", ErrAuthFailed, r.seq)
+		return nil, fmt.Errorf("peer transport: issue the leaf certificate: %w", err)
 	}
-	if r.seq == math.MaxUint64 {
-		return fmt.Errorf("%w: frame counter exhausted", ErrAuthFailed)
-	}
-	r.seq++
-	r.start += total
-	r.plain = plain
-	return nil
+	c.leaf = &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: c.leafKey}
+	c.issued = now
+	return c.leaf, nil
 }
 
-// fill reads until buf[start:end] holds at least n (≤ frameMaxWire) bytes.
-// Only called when r.plain is empty, as it may move buf's content.
-func (r *sealReader) fill(n int) error {
-	for r.end-r.start < n {
-		if len(r.buf)-r.start < n {
-			r.end = copy(r.buf, r.buf[r.start:r.end])
-			r.start = 0
-		}
-		m, err := r.src.Read(r.buf[r.end:])
-		r.end += m
-		if err != nil {
-			if r.end-r.start >= n {
-				return nil // enough; the error comes back on the next read
-			}
-			if errors.Is(err, io.EOF) {
-				if r.end > r.start {
-					return fmt.Errorf("%w: connection closed in the middle of frame %d", io.ErrUnexpectedEOF, r.seq)
-				}
-				return io.EOF
-			}
-			return err
-		}
+func (c *transportCreds) serverConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion:     tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.certificate() },
+		ClientAuth:     tls.RequireAndVerifyClientCert,
+		ClientCAs:      c.pool,
+		// No resumption: every connection proves the key afresh.
+		SessionTicketsDisabled: true,
+		Time:                   c.now,
 	}
-	return nil
 }
 
-func isNetTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// sealWriter encrypts writes into frames of at most frameMaxPayload bytes
-// and writes each to dst. It is not safe for concurrent use. Any error is
-// permanent, a write deadline included: a frame may have been cut, and a
-// frame must never be sealed twice under the same nonce.
-type sealWriter struct {
-	dst  io.Writer
-	aead cipher.AEAD
-	seq  uint64 // number of the next frame
-	buf  []byte // frameMaxWire bytes, the frame being written
-	err  error  // sticky
-}
-
-func newSealWriter(dst io.Writer, key []byte) (*sealWriter, error) {
-	aead, err := newFrameAEAD(key)
-	if err != nil {
-		return nil, err
+func (c *transportCreds) clientConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion:           tls.VersionTLS13,
+		RootCAs:              c.pool,
+		ServerName:           transportServerName,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.certificate() },
+		Time:                 c.now,
 	}
-	return &sealWriter{dst: dst, aead: aead, buf: make([]byte, frameMaxWire)}, nil
-}
-
-// Write sends p in as many frames as it takes and returns how many bytes
-// of p were sent in complete frames.
-func (w *sealWriter) Write(p []byte) (int, error) {
-	sent := 0
-	for len(p) > 0 {
-		if w.err != nil {
-			return sent, w.err
-		}
-		chunk := p[:min(len(p), frameMaxPayload)]
-		if w.seq == math.MaxUint64 {
-			w.err = errors.New("peer transport: frame counter exhausted")
-			return sent, w.err
-		}
-		var hdr [frameHeaderSize]byte
-		binary.BigEndian.PutUint32(hdr[:], uint32(len(chunk)+frameTagSize))
-		frame := append(w.buf[:0], hdr[:]...)
-		frame = w.aead.Seal(frame, frameNonce(w.seq), chunk, hdr[:])
-		w.seq++
-		if _, err := w.dst.Write(frame); err != nil {
-			w.err = err
-			return sent, err
-		}
-		sent += len(chunk)
-		p = p[len(chunk):]
-	}
-	if w.err != nil {
-		return 0, w.err
-	}
-	return sent, nil
 }

@@ -3,9 +3,10 @@ package ipam
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/weftnet/weft/datapath/nslab"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -15,12 +16,15 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"testing/iotest"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"go.uber.org/goleak"
+
+	"github.com/weftnet/weft/datapath/nslab"
 )
 
 // logRecorder is a slog.Handler that keeps every record, for tests to
@@ -94,17 +98,23 @@ func holds(cond func() bool) func() error {
 	}
 }
 
-func transportTestKey(s string) []byte { return DeriveKey([]byte("test password " + s)) }
+func transportTestKey(s string) []byte { return DeriveKey([]byte("test cluster key " + s)) }
 
 func newTestTransport(t *testing.T, key []byte, hsTimeout time.Duration) (*PeerTransport, *logRecorder) {
 	t.Helper()
+	return newTestTransportCfg(t, TransportConfig{Key: key, handshakeTimeout: hsTimeout})
+}
+
+// newTestTransportCfg starts a transport on 127.0.0.1 (unless cfg says
+// where) that logs into the returned recorder.
+func newTestTransportCfg(t *testing.T, cfg TransportConfig) (*PeerTransport, *logRecorder) {
+	t.Helper()
 	h := &logRecorder{}
-	pt, err := NewPeerTransport(TransportConfig{
-		BindAddr:         "127.0.0.1:0",
-		Key:              key,
-		Logger:           slog.New(h),
-		handshakeTimeout: hsTimeout,
-	})
+	if cfg.BindAddr == "" {
+		cfg.BindAddr = "127.0.0.1:0"
+	}
+	cfg.Logger = slog.New(h)
+	pt, err := NewPeerTransport(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,17 +241,24 @@ func TestTransportRoundTrip(t *testing.T) {
 		key  []byte
 		kind byte
 	}{
-		{"sealed raft", transportTestKey("a"), transportKindRaft},
-		{"sealed rpc", transportTestKey("a"), transportKindRPC},
-		{"plain raft", nil, transportKindRaft},
-		{"plain rpc", nil, transportKindRPC},
+		{"tls raft", transportTestKey("a"), transportKindRaft},
+		{"tls rpc", transportTestKey("a"), transportKindRPC},
+		{"insecure raft", nil, transportKindRaft},
+		{"insecure rpc", nil, transportKindRPC},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			server, sh := newTestTransport(t, tc.key, 0)
-			client, ch := newTestTransport(t, tc.key, 0)
+			server, sh := newTestTransportCfg(t, TransportConfig{Key: tc.key, Name: "server"})
+			client, ch := newTestTransportCfg(t, TransportConfig{Key: tc.key, Name: "client"})
 			c, s := dialPair(t, client, server, tc.kind)
-			if _, sealed := c.(*sealedConn); sealed != (tc.key != nil) {
-				t.Errorf("client conn is %T with key %v", c, tc.key != nil)
+			if tc, ok := c.(*tls.Conn); ok && tc.ConnectionState().Version != tls.VersionTLS13 {
+				t.Errorf("TLS version %x, want 1.3", tc.ConnectionState().Version)
+			}
+			// Each end knows who is calling: the name in the other's certificate.
+			for conn, want := range map[net.Conn]string{s: "client", c: "server"} {
+				got, ok := ConnPeerName(conn)
+				if ok != (tc.key != nil) || (ok && got != want) {
+					t.Errorf("ConnPeerName = %q, %v; want %q with a key, nothing without", got, ok, want)
+				}
 			}
 			if got, want := c.RemoteAddr().String(), server.Addr().String(); got != want {
 				t.Errorf("RemoteAddr = %s, want %s", got, want)
@@ -312,7 +329,7 @@ func TestTransportDeadlines(t *testing.T) {
 	if _, err := s.Read(make([]byte, 8)); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("read past the deadline: %v, want os.ErrDeadlineExceeded", err)
 	}
-	// A read timeout is not fatal: the conn keeps working.
+	// A read timeout is not fatal: the conn keeps working (Raft relies on it).
 	s.SetReadDeadline(time.Time{})
 	if err := c.SetWriteDeadline(time.Now().Add(10 * time.Second)); err != nil {
 		t.Fatal(err)
@@ -324,21 +341,11 @@ func TestTransportDeadlines(t *testing.T) {
 	if _, err := io.ReadFull(s, got); err != nil || string(got) != "still here" {
 		t.Fatalf("read %q, %v", got, err)
 	}
-	// Small reads drain a frame piece by piece.
-	if _, err := c.Write([]byte("abcdef")); err != nil {
-		t.Fatal(err)
-	}
-	var out []byte
-	for len(out) < 6 {
-		b := make([]byte, 1)
-		if _, err := s.Read(b); err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, b...)
-	}
-	if string(out) != "abcdef" {
-		t.Fatalf("read %q byte by byte", out)
-	}
+}
+
+// refusedCount is the transport's refusal counter for one reason.
+func refusedCount(pt *PeerTransport, reason string) float64 {
+	return testutil.ToFloat64(pt.refused.WithLabelValues(reason))
 }
 
 func TestTransportWrongKey(t *testing.T) {
@@ -346,20 +353,23 @@ func TestTransportWrongKey(t *testing.T) {
 	client, ch := newTestTransport(t, transportTestKey("wrong"), 0)
 
 	_, err := client.Dial(raft.ServerAddress(server.Addr().String()), 5*time.Second)
-	if !errors.Is(err, ErrAuthFailed) {
-		t.Fatalf("raft dial with the wrong key: %v, want ErrAuthFailed", err)
+	if !errors.Is(err, ErrAuthFailed) || !strings.Contains(err.Error(), "wrong cluster key?") {
+		t.Fatalf("raft dial with the wrong key: %v, want ErrAuthFailed saying wrong cluster key", err)
 	}
 	_, err = client.DialRPC(context.Background(), server.Addr().String())
 	if !errors.Is(err, ErrAuthFailed) {
 		t.Fatalf("rpc dial with the wrong key: %v, want ErrAuthFailed", err)
 	}
 	for _, r := range sh.waitRejections(t, 2) {
-		if !errors.Is(r.err, ErrAuthFailed) || !strings.Contains(r.err.Error(), "wrong password?") {
+		if !errors.Is(r.err, ErrAuthFailed) || !strings.Contains(r.err.Error(), "wrong cluster key?") {
 			t.Errorf("listener's reason: %v", r.err)
 		}
 		if !strings.HasPrefix(r.remote, "127.0.0.1:") {
 			t.Errorf("warning names remote %q", r.remote)
 		}
+	}
+	if n := refusedCount(server, refusedAuth); n != 2 {
+		t.Errorf("weft_transport_refused_total{reason=auth} = %v, want 2", n)
 	}
 	if len(server.raftConns) != 0 || len(server.rpc.conns) != 0 {
 		t.Fatal("a rejected connection reached an accept queue")
@@ -384,31 +394,34 @@ func TestTransportWrongKey(t *testing.T) {
 	}
 }
 
-// TestTransportPasswordOnOneSide checks that a peer with a password and a
-// peer without one never talk, whichever dials.
-func TestTransportPasswordOnOneSide(t *testing.T) {
-	t.Run("sealed dialer", func(t *testing.T) {
+// TestTransportKeyOnOneSide checks that a peer with a cluster key and an
+// insecure peer never talk, whichever dials.
+func TestTransportKeyOnOneSide(t *testing.T) {
+	t.Run("tls dialer", func(t *testing.T) {
 		server, sh := newTestTransport(t, nil, 0)
 		client, _ := newTestTransport(t, transportTestKey("x"), 0)
 		_, err := client.Dial(raft.ServerAddress(server.Addr().String()), 5*time.Second)
 		if !errors.Is(err, ErrAuthFailed) {
 			t.Fatalf("dial: %v, want ErrAuthFailed", err)
 		}
-		if r := sh.waitRejections(t, 1); !errors.Is(r[0].err, ErrAuthFailed) {
+		if r := sh.waitRejections(t, 1); !errors.Is(r[0].err, ErrAuthFailed) || !strings.Contains(r[0].err.Error(), "runs --insecure") {
 			t.Errorf("listener's reason: %v", r[0].err)
 		}
+		if n := refusedCount(server, refusedMode); n != 1 {
+			t.Errorf("refused{mode} = %v, want 1", n)
+		}
 	})
-	t.Run("plain dialer", func(t *testing.T) {
+	t.Run("insecure dialer", func(t *testing.T) {
 		server, sh := newTestTransport(t, transportTestKey("x"), 0)
 		client, _ := newTestTransport(t, nil, 0)
-		// Plain mode has no answer from the listener, so the dial
+		// Insecure mode has no answer from the listener, so the dial
 		// succeeds and the conn is closed at once.
 		c, err := client.Dial(raft.ServerAddress(server.Addr().String()), 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		if r := sh.waitRejections(t, 1); !errors.Is(r[0].err, ErrAuthFailed) {
+		if r := sh.waitRejections(t, 1); !errors.Is(r[0].err, ErrAuthFailed) || !strings.Contains(r[0].err.Error(), "dialer runs --insecure") {
 			t.Errorf("listener's reason: %v", r[0].err)
 		}
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -421,61 +434,73 @@ func TestTransportPasswordOnOneSide(t *testing.T) {
 	})
 }
 
-// TestTransportBadClients checks that garbage, a truncated handshake and
-// a silent client neither block a good client nor hold a goroutine past
-// the handshake timeout.
-func TestTransportBadClients(t *testing.T) {
-	key := transportTestKey("bad clients")
-	rawDial := func(t *testing.T, addr net.Addr, send []byte) net.Conn {
-		c, err := net.Dial("tcp", addr.String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
+func isNetTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// rawDial opens a TCP connection from local (nil: any) to addr and sends send.
+func rawDial(t *testing.T, local *net.TCPAddr, addr net.Addr, send []byte) net.Conn {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if local != nil {
+		d.LocalAddr = local
+	}
+	c, err := d.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if len(send) > 0 {
 		if _, err := c.Write(send); err != nil {
 			t.Fatal(err)
 		}
-		return c
 	}
-	hello := append([]byte{transportHelloSealed}, make([]byte, transportNonceSize)...)
+	return c
+}
+
+// TestTransportBadClients checks that garbage, an old peer, a TLS client
+// without the key and a silent client neither block a good client nor hold
+// a goroutine past the handshake timeout, and that each is refused with a
+// reason.
+func TestTransportBadClients(t *testing.T) {
+	key := transportTestKey("bad clients")
+	// A TLS client without a certificate: ClientHello and nothing more.
+	strangerHello := func(t *testing.T, addr net.Addr) net.Conn {
+		raw := rawDial(t, nil, addr, nil)
+		tc := tls.Client(raw, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
+		tc.SetDeadline(time.Now().Add(10 * time.Second))
+		go tc.Handshake() // fails when the server refuses; the conn is closed in cleanup
+		return raw
+	}
 
 	t.Run("do not block a good client", func(t *testing.T) {
 		// A long timeout: the good client can only succeed by not
 		// waiting for the bad ones.
 		server, _ := newTestTransport(t, key, time.Minute)
-		rawDial(t, server.Addr(), nil)           // silent
-		rawDial(t, server.Addr(), hello[:10])    // truncated
-		rawDial(t, server.Addr(), hello[:1])     // hello byte only
-		rawDial(t, server.Addr(), hello)         // hello and nonce, no proof
-		rawDial(t, server.Addr(), []byte("GET")) // something else entirely
+		rawDial(t, nil, server.Addr(), nil)                        // silent
+		rawDial(t, nil, server.Addr(), []byte{tlsHandshakeRecord}) // a TLS record byte, then nothing
+		rawDial(t, nil, server.Addr(), []byte{0x16, 3, 1, 0, 200}) // a record header, no body
+		rawDial(t, nil, server.Addr(), []byte("GET / HTTP/1.1"))   // something else entirely
 		pollUntil(t, 10*time.Second, func() bool {
 			server.mu.Lock()
 			defer server.mu.Unlock()
-			return len(server.pending) == 4 // all but the garbage, rejected at once
-		}, "four handshakes in progress")
+			return len(server.pending) == 3 // all but the garbage, refused at once
+		}, "three handshakes in progress")
 		client, _ := newTestTransport(t, key, 0)
 		c, s := dialPair(t, client, server, transportKindRaft)
 		exchangeBoth(t, c, s)
 	})
 
-	t.Run("rejected with reasons", func(t *testing.T) {
-		server, sh := newTestTransport(t, key, 200*time.Millisecond)
-		garbage := rawDial(t, server.Addr(), []byte{0xEE, 1, 2, 3, 4, 5})
-		silent := rawDial(t, server.Addr(), nil)
-		truncated := rawDial(t, server.Addr(), hello[:20])
-
-		// A client that sends a hello, reads the nonce and answers with
-		// a made-up proof.
-		forger := rawDial(t, server.Addr(), hello)
-		forger.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.ReadFull(forger, make([]byte, transportNonceSize)); err != nil {
-			t.Fatal(err)
+	t.Run("refused with reasons", func(t *testing.T) {
+		server, sh := newTestTransport(t, key, 300*time.Millisecond)
+		conns := []net.Conn{
+			rawDial(t, nil, server.Addr(), []byte{0xEE, 1, 2, 3, 4, 5}),
+			rawDial(t, nil, server.Addr(), []byte{transportV1Sealed, 1, 2}),
+			rawDial(t, nil, server.Addr(), nil),
+			strangerHello(t, server.Addr()),
 		}
-		if _, err := forger.Write(bytes.Repeat([]byte{0x5a}, transportProofSize)); err != nil {
-			t.Fatal(err)
-		}
-
-		rejs := sh.waitRejections(t, 4)
+		rejs := sh.waitRejections(t, len(conns))
 		var reasons []string
 		for _, r := range rejs {
 			if !errors.Is(r.err, ErrAuthFailed) {
@@ -484,13 +509,18 @@ func TestTransportBadClients(t *testing.T) {
 			reasons = append(reasons, r.err.Error())
 		}
 		all := strings.Join(reasons, "\n")
-		for _, want := range []string{"unknown hello byte 0xee", "proof does not match", "i/o timeout"} {
+		for _, want := range []string{"first byte 0xee: not a weft peer", "older version", "i/o timeout", "certificate"} {
 			if !strings.Contains(all, want) {
-				t.Errorf("no rejectLog mentions %q:\n%s", want, all)
+				t.Errorf("no rejection mentions %q:\n%s", want, all)
+			}
+		}
+		for reason, want := range map[string]float64{refusedProtocol: 2, refusedTimeout: 1, refusedAuth: 1} {
+			if n := refusedCount(server, reason); n != want {
+				t.Errorf("refused{%s} = %v, want %v", reason, n, want)
 			}
 		}
 		// The server closed each of them.
-		for _, c := range []net.Conn{garbage, silent, truncated, forger} {
+		for _, c := range conns {
 			c.SetReadDeadline(time.Now().Add(10 * time.Second))
 			if _, err := io.ReadAll(c); isNetTimeout(err) {
 				t.Errorf("server did not close %s", c.LocalAddr())
@@ -500,6 +530,51 @@ func TestTransportBadClients(t *testing.T) {
 			t.Fatal("a bad client reached an accept queue")
 		}
 	})
+}
+
+// TestTransportSilentFlood: 256 silent connections from one address (the
+// attack of #12, which used to lock every member out for 5 s at a time)
+// fill only that address's share of handshakes; a member from another
+// address connects at once, and the refusals are counted by reason.
+func TestTransportSilentFlood(t *testing.T) {
+	key := transportTestKey("flood")
+	// A long handshake timeout, so the flood holds its slots for the
+	// whole test: the member can only get through past it.
+	server, sh := newTestTransportCfg(t, TransportConfig{Key: key, handshakeTimeout: time.Minute, MaxHandshakes: 64})
+	attacker := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}
+	for range 256 {
+		rawDial(t, attacker, server.Addr(), nil)
+	}
+	pollUntil(t, 10*time.Second, func() bool {
+		return refusedCount(server, refusedLimitSource) == 256-DefaultMaxHandshakesPerSource
+	}, "the flood beyond the per-source limit refused")
+	server.mu.Lock()
+	held := len(server.pending)
+	server.mu.Unlock()
+	if held != DefaultMaxHandshakesPerSource {
+		t.Fatalf("%d handshakes in progress, want the per-source limit %d", held, DefaultMaxHandshakesPerSource)
+	}
+	if r := sh.rejections(); len(r) == 0 || len(r) > 2 {
+		t.Errorf("%d warnings for the flood, want 1 or 2 (one a second; the counter has the rest)", len(r))
+	}
+
+	member, _ := newTestTransport(t, key, 0)
+	start := time.Now()
+	c, s := dialPair(t, member, server, transportKindRaft)
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("the member waited %v behind the flood", d)
+	}
+	exchangeBoth(t, c, s)
+
+	// The total limit holds too: many sources, each under its own limit.
+	for i := range 8 {
+		src := &net.TCPAddr{IP: net.IPv4(127, 0, 1, byte(i+1))}
+		for range DefaultMaxHandshakesPerSource {
+			rawDial(t, src, server.Addr(), nil)
+		}
+	}
+	pollUntil(t, 10*time.Second, func() bool { return refusedCount(server, refusedLimitTotal) == 8 },
+		"the connections beyond the total limit refused")
 }
 
 // flipProxy forwards TCP connections to target, inverting one byte: the
@@ -578,80 +653,45 @@ func flipProxy(t *testing.T, target string, c2s, s2c int64) string {
 	return ln.Addr().String()
 }
 
+// TestTransportTamper checks that a byte flipped on the wire after the
+// handshake fails the reader (TLS record authentication) instead of
+// delivering altered data.
 func TestTransportTamper(t *testing.T) {
 	key := transportTestKey("tamper")
-	// Byte offsets on the wire (see the protocol comment).
-	const (
-		dialerHandshake   = 1 + transportNonceSize + transportProofSize // 65
-		kindFrame         = frameHeaderSize + 1 + frameTagSize          // 21
-		listenerHandshake = transportNonceSize + transportProofSize     // 64
-	)
-	msg := []byte("claim block 10.40.0.64/26 for peer b")
-
-	t.Run("dialer to listener", func(t *testing.T) {
-		server, _ := newTestTransport(t, key, 0)
-		client, _ := newTestTransport(t, key, 0)
-		proxy := flipProxy(t, server.Addr().String(), dialerHandshake+kindFrame+frameHeaderSize+5, -1)
-		c, err := client.Dial(raft.ServerAddress(proxy), 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		s := acceptWithin(t, server.Accept, 10*time.Second)
-		if _, err := c.Write(msg); err != nil {
-			t.Fatal(err)
-		}
-		s.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if n, err := s.Read(make([]byte, 100)); !errors.Is(err, ErrAuthFailed) {
-			t.Fatalf("read of a tampered frame: %d bytes, %v; want ErrAuthFailed", n, err)
-		}
-		// The error sticks.
-		if _, err := s.Read(make([]byte, 100)); !errors.Is(err, ErrAuthFailed) {
-			t.Fatalf("second read: %v", err)
-		}
-	})
-
-	t.Run("listener to dialer", func(t *testing.T) {
-		server, _ := newTestTransport(t, key, 0)
-		client, _ := newTestTransport(t, key, 0)
-		proxy := flipProxy(t, server.Addr().String(), -1, listenerHandshake+frameHeaderSize+2)
-		c, err := client.DialRPC(context.Background(), proxy)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		s := acceptWithin(t, server.RPCListener().Accept, 10*time.Second)
-		if _, err := s.Write(msg); err != nil {
-			t.Fatal(err)
-		}
-		c.SetReadDeadline(time.Now().Add(10 * time.Second))
-		if n, err := c.Read(make([]byte, 100)); !errors.Is(err, ErrAuthFailed) {
-			t.Fatalf("read of a tampered frame: %d bytes, %v; want ErrAuthFailed", n, err)
-		}
-	})
-
-	t.Run("handshake", func(t *testing.T) {
-		server, sh := newTestTransport(t, key, 0)
-		client, _ := newTestTransport(t, key, 0)
-		// A flipped nonce bit: both ends derive different proofs.
-		proxy := flipProxy(t, server.Addr().String(), 7, -1)
-		if _, err := client.Dial(raft.ServerAddress(proxy), 5*time.Second); !errors.Is(err, ErrAuthFailed) {
-			t.Fatalf("dial through a tampering proxy: %v, want ErrAuthFailed", err)
-		}
-		if r := sh.waitRejections(t, 1); !errors.Is(r[0].err, ErrAuthFailed) {
-			t.Errorf("listener's reason: %v", r[0].err)
-		}
-	})
+	server, _ := newTestTransport(t, key, 0)
+	client, _ := newTestTransport(t, key, 0)
+	// The handshake is a few kB; 64 kB in, the flip hits application data.
+	proxy := flipProxy(t, server.Addr().String(), 64<<10, -1)
+	c, err := client.Dial(raft.ServerAddress(proxy), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s := acceptWithin(t, server.Accept, 10*time.Second)
+	msg := bytes.Repeat([]byte("claim block 10.40.0.64/26 for peer b\n"), 4000)
+	go c.Write(msg)
+	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.ReadAll(s)
+	if err == nil || isNetTimeout(err) {
+		t.Fatalf("read of a tampered stream: %d bytes, %v; want a TLS error", len(got), err)
+	}
+	if !bytes.HasPrefix(msg, got) {
+		t.Fatal("altered data was delivered")
+	}
 }
 
 func TestTransportHTTPOverRPC(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	key := transportTestKey("http")
 	server, _ := newTestTransport(t, key, 0)
-	client, _ := newTestTransport(t, key, 0)
+	client, _ := newTestTransportCfg(t, TransportConfig{Key: key, Name: "caller"})
 
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /v1/echo", func(w http.ResponseWriter, r *http.Request) {
+		if name, ok := RequestPeerName(r); !ok || name != "caller" {
+			http.Error(w, fmt.Sprintf("caller %q, %v", name, ok), http.StatusForbidden)
+			return
+		}
 		// HTTP/1 handlers must read the whole body before writing.
 		body, err := io.ReadAll(r.Body)
 		if err != nil {
@@ -909,15 +949,15 @@ func TestTransportRaftCluster(t *testing.T) {
 }
 
 func TestTransportDeriveKey(t *testing.T) {
-	a, b := DeriveKey([]byte("pw")), DeriveKey([]byte("pw"))
+	a, b := DeriveKey([]byte("k")), DeriveKey([]byte("k"))
 	if len(a) != transportKeySize || !bytes.Equal(a, b) {
 		t.Fatalf("DeriveKey is not a deterministic 32-byte key: %x %x", a, b)
 	}
-	if bytes.Equal(a, DeriveKey([]byte("pw2"))) {
-		t.Fatal("different passwords give the same key")
+	if bytes.Equal(a, DeriveKey([]byte("k2"))) {
+		t.Fatal("different cluster keys give the same key")
 	}
 	if DeriveKey(nil) != nil || DeriveKey([]byte{}) != nil {
-		t.Fatal("empty password should give no key")
+		t.Fatal("an empty cluster key should give no key")
 	}
 	if _, err := NewPeerTransport(TransportConfig{BindAddr: "127.0.0.1:0", Key: []byte("short")}); err == nil {
 		t.Fatal("a 5-byte key was accepted")
@@ -925,163 +965,139 @@ func TestTransportDeriveKey(t *testing.T) {
 	if _, err := NewPeerTransport(TransportConfig{BindAddr: "0.0.0.0:0"}); err == nil {
 		t.Fatal("an unspecified advertise address was accepted")
 	}
-}
-
-// sealFrames returns msgs sealed as consecutive frames under key.
-func sealFrames(t testing.TB, key []byte, msgs ...[]byte) []byte {
-	var buf bytes.Buffer
-	w, err := newSealWriter(&buf, key)
+	if _, err := NewPeerTransport(TransportConfig{BindAddr: "127.0.0.1:0", MaxHandshakesPerSource: -1}); err == nil {
+		t.Fatal("a negative limit was accepted")
+	}
+	// Every member derives the same CA certificate, byte for byte.
+	c1, err := newTransportCreds(a, "one")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range msgs {
-		if _, err := w.Write(m); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return buf.Bytes()
-}
-
-var frameTestKey = bytes.Repeat([]byte{7}, transportKeySize)
-
-func readSealed(t testing.TB, src io.Reader) ([]byte, error) {
-	r, err := newSealReader(src, frameTestKey)
+	c2, err := newTransportCreds(b, "two")
 	if err != nil {
 		t.Fatal(err)
 	}
-	return io.ReadAll(r)
+	if !bytes.Equal(c1.ca.Raw, c2.ca.Raw) {
+		t.Error("two members derived different CA certificates from one key")
+	}
+	// The refusal counter goes on the registry passed in.
+	reg := prometheus.NewRegistry()
+	pt, _ := newTestTransportCfg(t, TransportConfig{Key: a, Registerer: reg})
+	pt.refused.WithLabelValues(refusedAuth).Inc()
+	if n, err := testutil.GatherAndCount(reg, "weft_transport_refused_total"); err != nil || n != 7 {
+		t.Errorf("weft_transport_refused_total: %d series, %v; want one per reason (7)", n, err)
+	}
 }
 
-func TestFrameReader(t *testing.T) {
-	one := sealFrames(t, frameTestKey, []byte("first"))
-	two := sealFrames(t, frameTestKey, []byte("first"), []byte("second"))
-	second := two[len(one):]
-
-	for _, tc := range []struct {
-		name    string
-		in      []byte
-		want    string
-		wantErr error
-	}{
-		{"empty", nil, "", nil},
-		{"two frames", two, "firstsecond", nil},
-		{"replayed frame", append(append([]byte(nil), one...), one...), "first", ErrAuthFailed},
-		{"reordered frames", append(append([]byte(nil), second...), one...), "", ErrAuthFailed},
-		{"truncated header", two[:len(one)+2], "first", io.ErrUnexpectedEOF},
-		{"truncated body", two[:len(two)-1], "first", io.ErrUnexpectedEOF},
-		{"oversized", []byte{0, 0x10, 0, 0, 1, 2, 3}, "", ErrAuthFailed},
-		{"shorter than a tag", []byte{0, 0, 0, 3, 1, 2, 3}, "", ErrAuthFailed},
-		{"other key", sealFrames(t, bytes.Repeat([]byte{8}, 32), []byte("x")), "", ErrAuthFailed},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := readSealed(t, bytes.NewReader(tc.in))
-			if string(got) != tc.want || !errors.Is(err, tc.wantErr) && (err != nil || tc.wantErr != nil) {
-				t.Fatalf("got %q, %v; want %q, %v", got, err, tc.want, tc.wantErr)
-			}
-		})
+// TestTransportLeafRenewal: a leaf is reused until half its life, then
+// reissued, and a peer whose clock is far ahead is refused with a reason
+// that names the clocks.
+func TestTransportLeafRenewal(t *testing.T) {
+	key := transportTestKey("renew")
+	creds, err := newTransportCreds(key, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	creds.now = func() time.Time { return now }
+	first, err := creds.certificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(leafLifetime/2 - time.Minute)
+	if again, _ := creds.certificate(); again != first {
+		t.Error("the leaf was reissued before half its life")
+	}
+	now = now.Add(2 * time.Minute)
+	renewed, _ := creds.certificate()
+	if renewed == first {
+		t.Fatal("the leaf was not reissued past half its life")
+	}
+	leaf, err := x509.ParseCertificate(renewed.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: creds.pool, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Fatalf("renewed leaf does not verify: %v", err)
 	}
 
-	t.Run("large write splits into bounded frames", func(t *testing.T) {
-		big := make([]byte, 3*frameMaxPayload+5)
-		for i := range big {
-			big[i] = byte(i)
-		}
-		wire := sealFrames(t, frameTestKey, big)
-		if want := len(big) + 4*(frameHeaderSize+frameTagSize); len(wire) != want {
-			t.Fatalf("%d bytes on the wire, want %d (4 frames)", len(wire), want)
-		}
-		got, err := readSealed(t, iotest.HalfReader(bytes.NewReader(wire)))
-		if err != nil || !bytes.Equal(got, big) {
-			t.Fatalf("read %d bytes, %v", len(got), err)
-		}
-	})
-
-	t.Run("timeout mid-frame loses nothing", func(t *testing.T) {
-		wire := sealFrames(t, frameTestKey, []byte("hello"), []byte("world"))
-		src := &stutterReader{data: wire, stops: map[int]bool{2: true, 9: true, len(wire) - 3: true}}
-		r, err := newSealReader(src, frameTestKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got []byte
-		timeouts := 0
-		for {
-			buf := make([]byte, 3)
-			n, err := r.Read(buf)
-			got = append(got, buf[:n]...)
-			if err == io.EOF {
-				break
-			}
-			if err != nil {
-				if !isNetTimeout(err) {
-					t.Fatal(err)
-				}
-				timeouts++
-			}
-		}
-		if string(got) != "helloworld" || timeouts != 3 {
-			t.Fatalf("read %q with %d timeouts", got, timeouts)
-		}
-	})
-}
-
-// stutterReader returns data one byte per Read and a timeout error
-// (once) when it reaches each offset in stops.
-type stutterReader struct {
-	data  []byte
-	off   int
-	stops map[int]bool
-}
-
-type fakeTimeout struct{}
-
-func (fakeTimeout) Error() string   { return "i/o timeout" }
-func (fakeTimeout) Timeout() bool   { return true }
-func (fakeTimeout) Temporary() bool { return true }
-
-func (s *stutterReader) Read(p []byte) (int, error) {
-	if s.stops[s.off] {
-		delete(s.stops, s.off)
-		return 0, fakeTimeout{}
+	server, sh := newTestTransport(t, key, 0)
+	ahead, _ := newTestTransport(t, key, 0)
+	ahead.creds.now = func() time.Time { return time.Now().Add(3 * time.Hour) }
+	if _, err := ahead.Dial(raft.ServerAddress(server.Addr().String()), 5*time.Second); err == nil {
+		// TLS 1.3: the client's handshake may end before the server has
+		// checked the client's certificate; the refusal is on the server.
+		t.Log("dial returned before the server's verdict")
 	}
-	if s.off == len(s.data) {
-		return 0, io.EOF
+	r := sh.waitRejections(t, 1)
+	if !strings.Contains(r[0].err.Error(), "clocks more than") {
+		t.Errorf("refusal of a peer 3h ahead: %v, want a hint at the clocks", r[0].err)
 	}
-	p[0] = s.data[s.off]
-	s.off++
-	return 1, nil
 }
 
-func FuzzFrameReader(f *testing.F) {
-	sealed := sealFrames(f, frameTestKey, []byte("hello"), []byte("world"))
-	f.Add(sealed)
-	// (Multi-frame writes are covered by TestFrameReader: a 64 KiB seed
-	// makes the fuzzer's minimisation crawl.)
-	f.Add(sealFrames(f, frameTestKey, []byte("a"), nil, []byte("bc")))
-	f.Add([]byte{})
-	f.Add([]byte{0, 0, 0})
-	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
-	f.Add(append([]byte{0, 0, 0, frameTagSize}, make([]byte, frameTagSize)...))
-	tampered := append([]byte(nil), sealed...)
-	tampered[6] ^= 1
-	f.Add(tampered)
-	f.Add(sealed[:len(sealed)-2])
-
+// FuzzTransportHandshake feeds arbitrary bytes to the server side of the
+// handshake, keyed and insecure: it must neither panic nor hang, and it
+// must accept nothing but a plain kind byte in insecure mode (nobody
+// without the key can produce a certificate).
+func FuzzTransportHandshake(f *testing.F) {
+	f.Add([]byte{transportKindRaft, 'x'})
+	f.Add([]byte{transportKindRPC})
+	f.Add([]byte{tlsHandshakeRecord, 3, 1, 0, 5, 1, 0, 0, 1, 0})
+	f.Add([]byte{transportV1Sealed, 0, 0})
+	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
+	// A real ClientHello without a certificate, recorded from crypto/tls.
+	f.Add(recordClientHello(f))
+	keyed := &PeerTransport{log: slog.New(slog.DiscardHandler)}
+	creds, err := newTransportCreds(transportTestKey("fuzz"), "fuzz")
+	if err != nil {
+		f.Fatal(err)
+	}
+	keyed.creds = creds
+	insecure := &PeerTransport{log: slog.New(slog.DiscardHandler)}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		// Arbitrary input never panics, yields no more than it holds
-		// and fails only with a clear error.
-		got, err := readSealed(t, bytes.NewReader(data))
-		if err != nil && !errors.Is(err, ErrAuthFailed) && !errors.Is(err, io.ErrUnexpectedEOF) {
-			t.Fatalf("unexpected error %v", err)
-		}
-		if len(got) > len(data) {
-			t.Fatalf("%d bytes of plaintext out of %d bytes of input", len(got), len(data))
-		}
-		// Any input, sealed and read back through short reads, comes
-		// back unchanged.
-		back, err := readSealed(t, iotest.HalfReader(bytes.NewReader(sealFrames(t, frameTestKey, data))))
-		if err != nil || !bytes.Equal(back, data) {
-			t.Fatalf("round trip: %d of %d bytes, %v", len(back), len(data), err)
+		for _, pt := range []*PeerTransport{keyed, insecure} {
+			conn, kind, err := pt.handshakeInbound(&replayConn{r: bytes.NewReader(data)})
+			switch {
+			case err != nil && !errors.Is(err, ErrAuthFailed):
+				t.Fatalf("error %v does not wrap ErrAuthFailed", err)
+			case err == nil && pt.creds != nil:
+				t.Fatalf("keyed server accepted %x", data)
+			case err == nil && (conn == nil || kind != data[0] || (kind != transportKindRaft && kind != transportKindRPC)):
+				t.Fatalf("insecure server accepted %x as kind %x", data, kind)
+			}
 		}
 	})
+}
+
+// replayConn is a net.Conn whose reads return a fixed input, then io.EOF,
+// and whose writes vanish: the far end of a handshake, without a socket.
+type replayConn struct {
+	net.Conn // nil: only the methods below are called
+	r        *bytes.Reader
+}
+
+func (c *replayConn) Read(p []byte) (int, error)       { return c.r.Read(p) }
+func (c *replayConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (c *replayConn) Close() error                     { return nil }
+func (c *replayConn) SetDeadline(time.Time) error      { return nil }
+func (c *replayConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *replayConn) SetWriteDeadline(time.Time) error { return nil }
+func (c *replayConn) RemoteAddr() net.Addr             { return &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 1} }
+func (c *replayConn) LocalAddr() net.Addr {
+	return &net.TCPAddr{IP: net.IPv4(192, 0, 2, 2), Port: 6785}
+}
+
+// recordClientHello returns the first flight of a TLS 1.3 client.
+func recordClientHello(tb testing.TB) []byte {
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	go tls.Client(a, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}).Handshake()
+	b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4096)
+	n, err := b.Read(buf)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return buf[:n]
 }
