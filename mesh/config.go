@@ -215,13 +215,14 @@ func (c *Config) Validate() error {
 	return nil
 }
 
-// GossipKey derives the 32-byte AES-256-GCM memberlist key from a password:
-// HKDF-SHA256 with no salt and info "weft gossip v1". Every peer derives the
-// same key with nothing exchanged, so the password's strength is the key's
-// strength; the info string separates it from the other keys weft derives
-// from the same password (Raft, control traffic).
-func GossipKey(password []byte) []byte {
-	key, err := hkdf.Key(sha256.New, password, nil, "weft gossip v1", 32)
+// GossipKey derives the 32-byte AES-256-GCM memberlist key from the
+// cluster key: HKDF-SHA256 with no salt and info "weft gossip v1". Every
+// peer derives the same key with nothing exchanged; the info string
+// separates it from the other subkeys weft derives from the cluster key
+// (the transport CA, probes), so none reveals another. A passphrase is
+// stretched into a cluster key (argon2id, in cmd/weft) before it gets here.
+func GossipKey(clusterKey []byte) []byte {
+	key, err := hkdf.Key(sha256.New, clusterKey, nil, "weft gossip v1", 32)
 	if err != nil {
 		// hkdf.Key fails only for lengths beyond 255*32 bytes.
 		panic("mesh: hkdf: " + err.Error())

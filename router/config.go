@@ -44,6 +44,9 @@ const (
 	defaultStopTimeout = 10 * time.Second
 )
 
+// ClusterKeySize is the length of the cluster key.
+const ClusterKeySize = 32
+
 // DefaultRange is the default network's address range.
 var DefaultRange = netip.MustParsePrefix("10.40.0.0/16")
 
@@ -72,10 +75,14 @@ type Config struct {
 	AdvertiseAddr netip.Addr
 	MeshPort      int
 	RaftPort      int
-	// Password encrypts and authenticates gossip, Raft and leader forwarding, and probes
-	// (a key derived per use), and with Encrypt "auto" asks for WireGuard links; empty
-	// means none of these.
-	Password []byte
+	// ClusterKey (32 bytes, from `weft keygen` or a stretched passphrase) encrypts and
+	// authenticates gossip, Raft and leader forwarding (TLS 1.3), and probes, each with a
+	// subkey of its own derived by HKDF (mesh.GossipKey, ipam.DeriveKey, probeKey); with
+	// Encrypt "auto" it also asks for WireGuard links. Required unless Insecure.
+	ClusterKey []byte
+	// Insecure runs without a cluster key: anyone who reaches this host's ports can join
+	// the mesh and change its state. An explicit choice, warned about at every start.
+	Insecure bool
 	// RaftVoters is how many of the first peers vote.
 	RaftVoters int
 	// RaftNonvoters is how many more peers follow the Raft log without voting; the others are
@@ -92,8 +99,8 @@ type Config struct {
 	// SettleTime overrides defaultSettle (tests).
 	SettleTime time.Duration
 
-	// Encrypt is the link encryption policy: "never", "auto" (encrypt when a password is
-	// set) or "always"; links to peers both ends trust stay plaintext either way.
+	// Encrypt is the link encryption policy: "never", "auto" (encrypt unless Insecure) or
+	// "always"; links to peers both ends trust stay plaintext either way.
 	Encrypt string
 	// TrustedSubnets are underlay ranges whose peers may get plaintext links.
 	TrustedSubnets []netip.Prefix
@@ -191,8 +198,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --raft-voter-grace %s must be positive", ErrInvalidConfig, c.VoterGrace)
 	case c.Encrypt != "never" && c.Encrypt != "auto" && c.Encrypt != "always":
 		return fmt.Errorf("%w: --encrypt %q must be never, auto or always", ErrInvalidConfig, c.Encrypt)
-	case c.Encrypt == "always" && len(c.Password) == 0:
-		return fmt.Errorf("%w: --encrypt=always needs --password or --password-file: WireGuard keys must travel in authenticated gossip", ErrInvalidConfig)
+	case c.Encrypt == "always" && c.Insecure:
+		return fmt.Errorf("%w: --encrypt=always needs a cluster key, not --insecure: WireGuard keys must travel in authenticated gossip", ErrInvalidConfig)
 	case c.WireGuardPort <= 0 || c.WireGuardPort > 65535:
 		return fmt.Errorf("%w: --wireguard-port %d is not a port", ErrInvalidConfig, c.WireGuardPort)
 	case c.ProbePort < 0 || c.ProbePort > 65535:
@@ -219,6 +226,14 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --reclaim-after %s must not be negative", ErrInvalidConfig, c.ReclaimAfter)
 	case c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified()):
 		return fmt.Errorf("%w: --advertise-addr %s must be a specific address", ErrInvalidConfig, c.AdvertiseAddr)
+	case c.Insecure && len(c.ClusterKey) != 0:
+		return fmt.Errorf("%w: --insecure with a cluster key (--key-file or --password-file): choose one", ErrInvalidConfig)
+	case !c.Insecure && len(c.ClusterKey) == 0:
+		return fmt.Errorf("%w: no cluster key: make one with `weft keygen -o /etc/weft/cluster.key`, copy it to every host "+
+			"and start with `weft peer --key-file /etc/weft/cluster.key` (or --insecure, which lets anyone who reaches "+
+			"this host's ports join)", ErrInvalidConfig)
+	case len(c.ClusterKey) != 0 && len(c.ClusterKey) != ClusterKeySize:
+		return fmt.Errorf("%w: cluster key is %d bytes, want %d (make one with weft keygen)", ErrInvalidConfig, len(c.ClusterKey), ClusterKeySize)
 	}
 	if err := c.defaultNetwork().Validate(); err != nil {
 		return fmt.Errorf("%w: --ipalloc-range: %v", ErrInvalidConfig, err)
@@ -234,9 +249,10 @@ func (c Config) probeTimeout() time.Duration {
 	return min(2*c.ProbeInterval, time.Second)
 }
 
-// encrypts says whether this peer wants its links encrypted (to peers it does not trust).
+// encrypts says whether this peer wants its links encrypted (to peers it does not trust):
+// "auto" encrypts whenever the cluster has a key.
 func (c Config) encrypts() bool {
-	return c.Encrypt == "always" || c.Encrypt == "auto" && len(c.Password) > 0
+	return c.Encrypt == "always" || c.Encrypt == "auto" && len(c.ClusterKey) > 0
 }
 
 func (c Config) defaultNetwork() ipam.Network {

@@ -22,10 +22,13 @@ const reconcileInterval = 500 * time.Millisecond
 func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh, error) {
 	cfg := mesh.DefaultConfig()
 	cfg.Name = p.cfg.Name
+	// Gossip listens on the advertise address only, not 0.0.0.0 (#12): containers and
+	// other networks of this host do not reach it.
+	cfg.BindAddr = advertise
 	cfg.BindPort = p.cfg.MeshPort
 	cfg.AdvertiseAddr = advertise
 	cfg.Seeds = p.cfg.Seeds
-	cfg.Password = p.cfg.Password
+	cfg.Password = p.cfg.ClusterKey // mesh derives its own gossip key from it (GossipKey)
 	cfg.Logger = p.log.With("component", "mesh")
 	cfg.Registerer = p.reg
 	cfg.Metadata = mesh.Metadata{

@@ -89,12 +89,12 @@ func (pt *paths) measured() *mesh.Prober {
 	return pt.underlay
 }
 
-// probeKey authenticates probes; derived from the password with a label of its own.
-func probeKey(password []byte) []byte {
-	if len(password) == 0 {
+// probeKey authenticates probes; derived from the cluster key with a label of its own.
+func probeKey(clusterKey []byte) []byte {
+	if len(clusterKey) == 0 {
 		return nil
 	}
-	key, err := hkdf.Key(sha256.New, password, nil, "weft probe v1", 32)
+	key, err := hkdf.Key(sha256.New, clusterKey, nil, "weft probe v1", 32)
 	if err != nil {
 		panic("router: hkdf: " + err.Error()) // only for lengths over 255*32
 	}
@@ -272,7 +272,7 @@ func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, 
 	}
 	prober, err := mesh.NewProber(mesh.ProberConfig{
 		Self: p.cfg.Name, Conn: conn, Interval: every, Timeout: p.cfg.probeTimeout(),
-		Key: probeKey(p.cfg.Password), Logger: p.log.With("component", "probe", "port", port),
+		Key: probeKey(p.cfg.ClusterKey), Logger: p.log.With("component", "probe", "port", port),
 	})
 	if err != nil {
 		conn.Close()

@@ -100,6 +100,10 @@ func (p *Peer) Run(ctx context.Context) error {
 	p.db = db
 	stops = append(stops, func() { db.Close() })
 
+	if p.cfg.Insecure {
+		p.log.Warn("running --insecure: no cluster key, so anyone who reaches this host's ports can join the mesh, " +
+			"claim and release address blocks and inject state; make a key with `weft keygen` and use --key-file")
+	}
 	advertise := p.cfg.AdvertiseAddr
 	if !advertise.IsValid() {
 		if advertise, err = mesh.DefaultAdvertiseAddr(); err != nil {
@@ -186,9 +190,11 @@ func (p *Peer) Run(ctx context.Context) error {
 // stops are appended to stops in start order.
 func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 	tr, err := ipam.NewPeerTransport(ipam.TransportConfig{
-		BindAddr: netip.AddrPortFrom(advertise, uint16(p.cfg.RaftPort)).String(),
-		Key:      ipam.DeriveKey(p.cfg.Password),
-		Logger:   p.log.With("component", "transport"),
+		BindAddr:   netip.AddrPortFrom(advertise, uint16(p.cfg.RaftPort)).String(),
+		Key:        ipam.DeriveKey(p.cfg.ClusterKey),
+		Name:       p.cfg.Name,
+		Registerer: p.reg,
+		Logger:     p.log.With("component", "transport"),
 	})
 	if err != nil {
 		return fmt.Errorf("listen on --raft-port %d: %w", p.cfg.RaftPort, err)

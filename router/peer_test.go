@@ -72,6 +72,8 @@ func startPeer(t *testing.T, dataDir string) *testPeer {
 	cfg.HTTPAddr = "127.0.0.1:0"
 	cfg.AdvertiseAddr = netip.MustParseAddr("127.0.0.1")
 	cfg.MeshPort, cfg.RaftPort = 0, 0
+	// A keyed peer, with plaintext links as before keys were required (auto would mean WireGuard).
+	cfg.ClusterKey, cfg.Encrypt = bytes.Repeat([]byte{1}, ClusterKeySize), "never"
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	p, err := New(cfg)
 	if err != nil {
@@ -356,6 +358,7 @@ func TestDataDirUsedByAnotherPeer(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Name, cfg.DataDir, cfg.Socket, cfg.HTTPAddr = "p2", dir, filepath.Join(t.TempDir(), "s"), ""
 	cfg.AdvertiseAddr, cfg.MeshPort, cfg.RaftPort = netip.MustParseAddr("127.0.0.1"), 0, 0
+	cfg.Insecure = true
 	p, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -369,7 +372,12 @@ func TestDataDirUsedByAnotherPeer(t *testing.T) {
 func TestConfigValidate(t *testing.T) {
 	base := DefaultConfig()
 	base.Name = "p"
+	base.ClusterKey = bytes.Repeat([]byte{1}, ClusterKeySize)
 	cases := map[string]func(*Config){
+		"weft keygen":       func(c *Config) { c.ClusterKey = nil },
+		"--insecure":        func(c *Config) { c.Insecure = true },
+		"want 32":           func(c *Config) { c.ClusterKey = c.ClusterKey[:16] },
+		"--encrypt=always":  func(c *Config) { c.ClusterKey, c.Insecure, c.Encrypt = nil, true, "always" },
 		"--name":            func(c *Config) { c.Name = "" },
 		"--data-dir":        func(c *Config) { c.DataDir = "relative" },
 		"--socket":          func(c *Config) { c.Socket = "weft.sock" },

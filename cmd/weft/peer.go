@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -18,12 +17,12 @@ func newPeerCmd() *cobra.Command {
 	host, _ := os.Hostname()
 	var (
 		name, dataDir, httpAddr, ipRange, logLevel            string
-		advertise, password, passwordFile                     string
+		advertise, keyFile, passwordFile, clusterName         string
 		mtu, meshPort, raftPort, voters, nonvoters, blockBits int
 		seeds, dnsUpstreams                                   []string
 		voterGrace, reclaimAfter, attachWait                  time.Duration
 		dnsDomain                                             string
-		noDirect, pprof                                       bool
+		noDirect, pprof, insecure                             bool
 		encrypt                                               string
 		trusted                                               []string
 		wgPort, probePort, linkProbePort                      int
@@ -70,9 +69,10 @@ func newPeerCmd() *cobra.Command {
 					return fmt.Errorf("--advertise-addr %q: %w", advertise, err)
 				}
 			}
-			if cfg.Password, err = readPassword(password, passwordFile); err != nil {
+			if cfg.ClusterKey, err = clusterKeyFrom(keyFile, passwordFile, clusterName, insecure); err != nil {
 				return err
 			}
+			cfg.Insecure = insecure
 			cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})).With("peer", name)
 			p, err := router.New(cfg)
 			if err != nil {
@@ -94,14 +94,17 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&advertise, "advertise-addr", "", "this host's underlay address (default: the address of the default-route interface)")
 	f.IntVar(&meshPort, "mesh-port", def.MeshPort, "gossip port, tcp and udp")
 	f.IntVar(&raftPort, "raft-port", def.RaftPort, "Raft and peer RPC port, tcp")
-	f.StringVar(&password, "password", "", "encrypt gossip and authenticate Raft between peers (prefer --password-file)")
-	f.StringVar(&passwordFile, "password-file", "", "read the password from this file")
+	// No inline --password: a secret on the command line leaks through /proc and shell history.
+	f.StringVar(&keyFile, "key-file", "", "the cluster key (from weft keygen; mode 0600): encrypts and authenticates gossip, Raft (TLS 1.3) and probes")
+	f.StringVar(&passwordFile, "password-file", "", "a passphrase file (mode 0600), stretched into the cluster key with argon2id and --cluster-name; --key-file is stronger")
+	f.StringVar(&clusterName, "cluster-name", "weft", "salts --password-file's passphrase; set it per cluster, the same on every peer")
+	f.BoolVar(&insecure, "insecure", false, "run without a cluster key: anyone who reaches this host's ports can join (warned at every start)")
 	f.IntVar(&voters, "raft-voters", def.RaftVoters, "how many of the first peers vote in Raft")
 	f.IntVar(&nonvoters, "raft-nonvoters", def.RaftNonvoters, "how many more peers follow the Raft log as spare voters; all others are clients")
 	f.DurationVar(&voterGrace, "raft-voter-grace", def.VoterGrace, "how long a voter may be dead before a healthy non-voter replaces it")
 	f.DurationVar(&attachWait, "attach-wait", def.AttachWait, "how long an ADD that needs a new block waits for a Raft leader while this peer is still forming or joining its cluster (0: fail at once with CNI 11)")
 	f.DurationVar(&reclaimAfter, "reclaim-after", 0, "return the blocks of peers dead this long to the pool (0: only by weft rmpeer)")
-	f.StringVar(&encrypt, "encrypt", def.Encrypt, "link encryption: never, auto (when a password is set) or always; plaintext only between peers that trust each other")
+	f.StringVar(&encrypt, "encrypt", def.Encrypt, "link encryption: never, auto (unless --insecure) or always; plaintext only between peers that trust each other")
 	f.StringSliceVar(&trusted, "trusted-subnets", nil, "underlay CIDRs whose peers may get plaintext links (both ends must trust each other)")
 	f.IntVar(&wgPort, "wireguard-port", def.WireGuardPort, "WireGuard UDP port, the same on every peer")
 	f.IntVar(&probePort, "probe-port", def.ProbePort, "UDP port peers measure RTT and loss on, the same on every peer")
@@ -117,24 +120,4 @@ func newPeerCmd() *cobra.Command {
 	f.StringSliceVar(&dnsUpstreams, "dns-upstream", nil, "resolvers for other names, host[:port] (default: the nameservers of /etc/resolv.conf, re-read on change)")
 	f.DurationVar(&dnsDownGrace, "dns-down-grace", def.DNSDownGrace, "how long a dead peer's names stay in answers")
 	return cmd
-}
-
-// readPassword takes the password from the flag or the file, never both; a file's trailing
-// newline is not part of it.
-func readPassword(password, file string) ([]byte, error) {
-	switch {
-	case password != "" && file != "":
-		return nil, fmt.Errorf("--password and --password-file are both set; use one")
-	case file != "":
-		b, err := os.ReadFile(file)
-		if err != nil {
-			return nil, fmt.Errorf("--password-file: %w", err)
-		}
-		b = bytes.TrimRight(b, "\r\n")
-		if len(b) == 0 {
-			return nil, fmt.Errorf("--password-file %s is empty", file)
-		}
-		return b, nil
-	}
-	return []byte(password), nil
 }
