@@ -88,6 +88,7 @@ func run() (err error) {
 	if err != nil {
 		return err
 	}
+	step("cluster key: %s (random, mode 0600, as `weft keygen -o FILE` makes one); every peer runs with --key-file, so gossip, Raft and probes are authenticated", l.KeyFile())
 	defer func() {
 		step("tearing down")
 		if cerr := l.Close(); cerr != nil {

@@ -16,6 +16,12 @@
 // left behind by an earlier lab with the same prefix (a crashed test run), so a prefix must
 // never be shared with something that is not a lab.
 //
+// Cluster key: New writes a random key to <dir>/cluster.key (mode 0600; Lab.KeyFile) and
+// every peer gets `--key-file` with it, unless the test's flags give --key-file,
+// --password-file or --insecure themselves. With a key, `--encrypt auto` means WireGuard;
+// so that tests keep measuring what they were written for, the lab also passes
+// `--encrypt never` unless the test's flags set --encrypt.
+//
 // Safety: the lab only signals processes it started itself (by PID, through the
 // *os.Process it holds), and peers are started with PDEATHSIG=SIGKILL so that they do not
 // outlive the process that runs the lab. Traffic stays inside the lab's namespaces.

@@ -147,13 +147,42 @@ func (h *Host) peerArgsLocked() []string {
 		"--log-level", cfg.LogLevel,
 		"--advertise-addr", h.Addr.Addr().String(),
 	}
+	var extra []string
 	switch {
 	case h.argsOverride != nil:
-		args = append(args, h.argsOverride...)
+		extra = h.argsOverride
 	case cfg.PeerArgs != nil:
-		args = append(args, cfg.PeerArgs(h.Index)...)
+		extra = cfg.PeerArgs(h.Index)
 	}
-	return args
+	return append(append(args, securityArgs(extra, h.lab.keyFile)...), extra...)
+}
+
+// securityArgs are the flags the lab adds for the cluster key: --key-file with the lab's
+// key unless the test's own flags choose a key (--key-file, --password-file) or
+// --insecure; and --encrypt never unless the test sets --encrypt, since with a key
+// --encrypt auto means WireGuard and the tests measure what they were written for
+// (plaintext links) unless they ask for encryption.
+func securityArgs(extra []string, keyFile string) []string {
+	var out []string
+	if !hasFlag(extra, "--key-file", "--password-file", "--insecure") {
+		out = append(out, "--key-file", keyFile)
+	}
+	if !hasFlag(extra, "--encrypt") {
+		out = append(out, "--encrypt", "never")
+	}
+	return out
+}
+
+// hasFlag says whether args hold one of flags, as "--flag" or "--flag=value".
+func hasFlag(args []string, flags ...string) bool {
+	for _, a := range args {
+		for _, f := range flags {
+			if a == f || strings.HasPrefix(a, f+"=") {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // StartWith starts the peer with extra flags that replace Config.PeerArgs for this host,

@@ -2,6 +2,8 @@ package lab
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -99,6 +101,7 @@ type Lab struct {
 	log     *slog.Logger
 	dir     string
 	cniBin  string // holds the `weft` symlink to weft-cni
+	keyFile string // the lab's cluster key, given to every peer (see securityArgs)
 	ulNS    string // underlay namespace name
 	hosts   []*Host
 	closeMu sync.Mutex // guards closed
@@ -152,6 +155,11 @@ func New(ctx context.Context, cfg Config) (_ *Lab, err error) {
 		return nil, err
 	}
 	if err := os.Symlink(filepath.Join(cfg.BinDir, "weft-cni"), filepath.Join(l.cniBin, "weft")); err != nil {
+		return nil, err
+	}
+
+	l.keyFile = filepath.Join(l.dir, "cluster.key")
+	if err := writeClusterKey(l.keyFile); err != nil {
 		return nil, err
 	}
 
@@ -210,6 +218,30 @@ func (l *Lab) buildUnderlay() error {
 
 // Dir returns the lab's work directory.
 func (l *Lab) Dir() string { return l.dir }
+
+// KeyFile is the lab's cluster key file (mode 0600), which every peer gets as --key-file
+// unless its flags choose otherwise.
+func (l *Lab) KeyFile() string { return l.keyFile }
+
+// ClusterKey is the content of KeyFile: the key in base64 on one line, without the newline.
+func (l *Lab) ClusterKey() (string, error) {
+	b, err := os.ReadFile(l.keyFile)
+	return strings.TrimSpace(string(b)), err
+}
+
+// writeClusterKey writes a random cluster key to path, mode 0600, in the format of `weft
+// keygen` (32 bytes, standard base64, one line). Made here rather than by running the
+// binary, so the lab's own tests work with a stand-in binary.
+func writeClusterKey(path string) error {
+	key := make([]byte, 32)
+	if _, err := rand.Read(key); err != nil {
+		return fmt.Errorf("lab: cluster key: %w", err)
+	}
+	if err := os.WriteFile(path, []byte(base64.StdEncoding.EncodeToString(key)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("lab: cluster key: %w", err)
+	}
+	return nil
+}
 
 // Prefix returns the lab's name prefix.
 func (l *Lab) Prefix() string { return l.cfg.Prefix }

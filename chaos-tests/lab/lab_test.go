@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -139,6 +140,26 @@ func TestConfigValidate(t *testing.T) {
 		c := Config{Prefix: p, Hosts: 1, BinDir: "/nonexistent"}
 		if err := c.Validate(); err == nil {
 			t.Errorf("prefix %q accepted", p)
+		}
+	}
+}
+
+func TestSecurityArgs(t *testing.T) {
+	for _, tc := range []struct {
+		extra, want []string
+	}{
+		{nil, []string{"--key-file", "/k", "--encrypt", "never"}},
+		{[]string{"--peers", "x"}, []string{"--key-file", "/k", "--encrypt", "never"}},
+		{[]string{"--password-file", "/p"}, []string{"--encrypt", "never"}},
+		{[]string{"--key-file=/other"}, []string{"--encrypt", "never"}},
+		{[]string{"--insecure"}, []string{"--encrypt", "never"}},
+		{[]string{"--encrypt", "always"}, []string{"--key-file", "/k"}},
+		{[]string{"--encrypt=never", "--insecure"}, nil},
+		// A flag's value is not a flag.
+		{[]string{"--name", "--insecure-host"}, []string{"--key-file", "/k", "--encrypt", "never"}},
+	} {
+		if got := securityArgs(tc.extra, "/k"); !slices.Equal(got, tc.want) {
+			t.Errorf("securityArgs(%q) = %q, want %q", tc.extra, got, tc.want)
 		}
 	}
 }

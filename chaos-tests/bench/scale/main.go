@@ -5,7 +5,7 @@
 //
 // For every N it builds a lab of N hosts (network namespaces on one underlay bridge,
 // chaos-tests/lab) and runs a real `weft peer --encrypt=never` on each (the control plane
-// alone): host 0 without seeds, as the first peer of a new cluster, every other host
+// alone; with the lab's cluster key, so gossip is encrypted): host 0 without seeds, as the first peer of a new cluster, every other host
 // seeded with hosts 0..2. Hosts 0, then 1 and 2, then batches of -batch are started
 // together, each batch waited for until its peers answer on their control sockets. Then:
 //
@@ -19,7 +19,7 @@
 //	           pair pings until it answers once (ok/total)
 //
 // With -serf the same lab shape runs Debian's `serf agent` (hashicorp memberlist, the
-// anchor) with the same seeding, and the same see-all, idle CPU and RSS are measured.
+// anchor) with the same seeding and the lab's key as its -encrypt key, so both encrypt gossip, and the same see-all, idle CPU and RSS are measured.
 // The 1-minute load average is printed with every figure: the machine is shared. Targets
 // of issue 11 are printed next to weft's numbers, never asserted; a step that does not
 // finish in time is reported with what it reached, and the run goes on.

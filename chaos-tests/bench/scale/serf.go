@@ -39,10 +39,17 @@ func newSerfCluster(bin string, l *lab.Lab) *serfCluster {
 }
 
 func (s *serfCluster) launch(h *lab.Host) error {
+	// The lab's cluster key (32 bytes, base64) is a valid serf keyring key: serf encrypts
+	// its gossip with AES-256-GCM as weft's memberlist does, so the two pay the same.
+	key, err := s.lab.ClusterKey()
+	if err != nil {
+		return fmt.Errorf("serf key: %w", err)
+	}
 	args := []string{s.bin, "agent",
 		"-node", h.Name,
 		"-bind", netip.AddrPortFrom(h.Addr.Addr(), serfPort).String(),
 		"-rpc-addr", serfRPCAddr,
+		"-encrypt", key,
 	}
 	for _, a := range seeds(s.lab, h.Index) {
 		args = append(args, "-join", netip.AddrPortFrom(a, serfPort).String())

@@ -27,7 +27,7 @@ func newWeftCluster(l *lab.Lab) *weftCluster {
 }
 
 // weftPeerArgs returns the extra flags of host i: the control plane alone
-// (--encrypt=never), the first peer without seeds, every other seeded with hosts 0..2,
+// (--encrypt=never; the lab adds --key-file, so gossip is encrypted as serf's), the first peer without seeds, every other seeded with hosts 0..2,
 // then extra.
 func weftPeerArgs(l **lab.Lab, extra []string) func(i int) []string {
 	return func(i int) []string {
