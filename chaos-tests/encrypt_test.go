@@ -210,14 +210,15 @@ func TestMixedTrust(t *testing.T) {
 	var l *lab.Lab
 	addr := func(i int) string { return fmt.Sprintf("198.18.0.%d/32", 10+i) }
 	l = newLab(t, lab.Config{Prefix: "wmix", Hosts: 4, NoStart: true, PeerArgs: func(i int) []string {
-		args := []string{"--raft-voters", "3", "--password-file", pw}
+		// --encrypt auto (the lab would pass never): encrypt except where both ends trust.
+		args := []string{"--raft-voters", "3", "--password-file", pw, "--encrypt", "auto"}
 		switch i {
 		case 0:
 			args = append(args, "--trusted-subnets", addr(2))
 		case 2:
 			args = append(args, "--trusted-subnets", addr(0))
 		case 3: // a stranger: wrong password, but a WireGuard key in its gossip
-			args = []string{"--raft-voters", "3", "--password-file", passwordFile(t, "wrong password")}
+			args = []string{"--raft-voters", "3", "--password-file", passwordFile(t, "wrong password"), "--encrypt", "auto"}
 		}
 		if i > 0 {
 			args = append(args, "--peers", l.Host(0).Addr.Addr().String())

@@ -94,6 +94,13 @@ func newLab(t *testing.T, cfg lab.Config) *lab.Lab {
 	if cfg.Hosts == 0 {
 		cfg.Hosts = 1
 	}
+	// WEFT_LAB_TAG renames the lab (the tag, then the prefix without its first letter, cut
+	// to 8 characters) so that engineers sharing a machine can run one test at once: a lab
+	// removes namespaces with its prefix as leftovers of a crashed run.
+	if tag := os.Getenv("WEFT_LAB_TAG"); tag != "" {
+		p := tag + cfg.Prefix[1:]
+		cfg.Prefix = p[:min(len(p), 8)]
+	}
 	cfg.BinDir = binDir
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
