@@ -139,3 +139,10 @@ func TestPeerRefusesToStartWithoutAKey(t *testing.T) {
 		t.Fatalf("peer without a key: %v, want the way to make one", err)
 	}
 }
+
+// BenchmarkKeyFromPassphrase is what a peer pays once at start, and a guesser per guess.
+func BenchmarkKeyFromPassphrase(b *testing.B) {
+	for b.Loop() {
+		keyFromPassphrase([]byte("correct horse battery staple"), "weft")
+	}
+}
