@@ -494,11 +494,15 @@ func TestTransportBadClients(t *testing.T) {
 
 	t.Run("refused with reasons", func(t *testing.T) {
 		server, sh := newTestTransport(t, key, 300*time.Millisecond)
+		// The audit's proof of concept (#12): an HTTP request to the rpc side
+		// without any credential, as an insecure dialer would send it.
+		poc := append([]byte{transportKindRPC}, "POST /v1/raft/apply HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"...)
 		conns := []net.Conn{
 			rawDial(t, nil, server.Addr(), []byte{0xEE, 1, 2, 3, 4, 5}),
-			rawDial(t, nil, server.Addr(), []byte{transportV1Sealed, 1, 2}),
+			rawDial(t, nil, server.Addr(), []byte{transportV1Plain, 'H'}),
 			rawDial(t, nil, server.Addr(), nil),
 			strangerHello(t, server.Addr()),
+			rawDial(t, nil, server.Addr(), poc),
 		}
 		rejs := sh.waitRejections(t, len(conns))
 		var reasons []string
@@ -509,21 +513,23 @@ func TestTransportBadClients(t *testing.T) {
 			reasons = append(reasons, r.err.Error())
 		}
 		all := strings.Join(reasons, "\n")
-		for _, want := range []string{"first byte 0xee: not a weft peer", "older version", "i/o timeout", "certificate"} {
+		for _, want := range []string{"first byte 0xee: not a weft peer", "older version", "i/o timeout", "certificate", "dialer runs --insecure"} {
 			if !strings.Contains(all, want) {
 				t.Errorf("no rejection mentions %q:\n%s", want, all)
 			}
 		}
-		for reason, want := range map[string]float64{refusedProtocol: 2, refusedTimeout: 1, refusedAuth: 1} {
+		for reason, want := range map[string]float64{refusedProtocol: 2, refusedTimeout: 1, refusedAuth: 1, refusedMode: 1} {
 			if n := refusedCount(server, reason); n != want {
 				t.Errorf("refused{%s} = %v, want %v", reason, n, want)
 			}
 		}
-		// The server closed each of them.
+		// The server closed each of them, answering nothing.
 		for _, c := range conns {
 			c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			if _, err := io.ReadAll(c); isNetTimeout(err) {
+			if got, err := io.ReadAll(c); isNetTimeout(err) {
 				t.Errorf("server did not close %s", c.LocalAddr())
+			} else if c == conns[len(conns)-1] && len(got) != 0 {
+				t.Errorf("the unauthenticated request got an answer: %q", got)
 			}
 		}
 		if len(server.raftConns) != 0 || len(server.rpc.conns) != 0 {

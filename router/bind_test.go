@@ -1,8 +1,13 @@
 package router
 
 import (
+	"bytes"
+	"context"
+	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
+	"sync"
 	"testing"
 )
 
@@ -49,4 +54,42 @@ func listen(network, addr string) (interface{ Close() error }, error) {
 		return net.ListenPacket("udp", addr)
 	}
 	return net.Listen("tcp", addr)
+}
+
+// TestInsecureWarnsAtEveryStart: --insecure is logged as a warning first thing, even when
+// the start then fails.
+func TestInsecureWarnsAtEveryStart(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Name, cfg.Insecure = "p", true
+	cfg.DataDir = "/dev/null/weft" // cannot be made: Run fails right after the warning
+	var buf lockedBuffer
+	cfg.Logger = slog.New(slog.NewTextHandler(&buf, nil))
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Run(context.Background()); err == nil {
+		t.Fatal("Run with a data dir under /dev/null succeeded")
+	}
+	if out := buf.String(); !strings.Contains(out, "level=WARN") || !strings.Contains(out, "running --insecure") ||
+		!strings.Contains(out, "anyone who reaches") {
+		t.Fatalf("no --insecure warning in the log:\n%s", out)
+	}
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex // guards b
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

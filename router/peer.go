@@ -87,6 +87,10 @@ func (p *Peer) Run(ctx context.Context) error {
 		p.log.Info("peer stopped")
 	}()
 
+	if p.cfg.Insecure {
+		p.log.Warn("running --insecure: no cluster key, so anyone who reaches this host's ports can join the mesh, " +
+			"claim and release address blocks and inject state; make a key with `weft keygen` and use --key-file")
+	}
 	if err := os.MkdirAll(p.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("create data dir: %w", err)
 	}
@@ -100,10 +104,6 @@ func (p *Peer) Run(ctx context.Context) error {
 	p.db = db
 	stops = append(stops, func() { db.Close() })
 
-	if p.cfg.Insecure {
-		p.log.Warn("running --insecure: no cluster key, so anyone who reaches this host's ports can join the mesh, " +
-			"claim and release address blocks and inject state; make a key with `weft keygen` and use --key-file")
-	}
 	advertise := p.cfg.AdvertiseAddr
 	if !advertise.IsValid() {
 		if advertise, err = mesh.DefaultAdvertiseAddr(); err != nil {
