@@ -48,6 +48,7 @@ package ipam
 // weft_transport_refused_total{reason}.
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/hkdf"
@@ -205,9 +206,9 @@ func NewPeerTransport(cfg TransportConfig) (*PeerTransport, error) {
 	}
 	t := &PeerTransport{
 		log:              log,
-		handshakeTimeout: cmpOr(cfg.handshakeTimeout, defaultHandshakeTimeout),
-		maxTotal:         cmpOr(cfg.MaxHandshakes, DefaultMaxHandshakes),
-		maxPerSource:     cmpOr(cfg.MaxHandshakesPerSource, DefaultMaxHandshakesPerSource),
+		handshakeTimeout: cmp.Or(cfg.handshakeTimeout, defaultHandshakeTimeout),
+		maxTotal:         cmp.Or(cfg.MaxHandshakes, DefaultMaxHandshakes),
+		maxPerSource:     cmp.Or(cfg.MaxHandshakesPerSource, DefaultMaxHandshakesPerSource),
 		raftConns:        make(chan net.Conn, transportQueueLen),
 		shutdown:         make(chan struct{}),
 		pending:          make(map[net.Conn]netip.Addr),
@@ -253,14 +254,6 @@ func NewPeerTransport(cfg TransportConfig) (*PeerTransport, error) {
 	t.wg.Add(1)
 	go t.acceptLoop()
 	return t, nil
-}
-
-func cmpOr[T comparable](v, def T) T {
-	var zero T
-	if v == zero {
-		return def
-	}
-	return v
 }
 
 // Accept returns the next authenticated raft stream. After Close it
