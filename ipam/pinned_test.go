@@ -381,10 +381,22 @@ func TestOwnerStopsAllocatingFromLostBlock(t *testing.T) {
 	if released, err := tc.nodes["p1"].c.RemovePeer(ctx, "p3"); err != nil || len(released) != 1 {
 		t.Fatalf("rmpeer --force p3: %v %v", released, err)
 	}
+	tc.heal()
+	tc.reconcileUntil("p3 to learn it was removed", func() bool {
+		removed := false
+		p3.c.readTable(func(st *fsmState) { removed = st.Removed["p3"] })
+		return removed
+	})
+	// The block is nobody's now: p3 must not count it as its own any more.
+	if err := alloc.CheckOwnership(); err != nil {
+		t.Fatal(err)
+	}
+	if orphans := alloc.Orphaned(); len(orphans) != 1 || orphans[0].ContainerID != "c1" {
+		t.Fatalf("orphans after the removal %+v, want c1", orphans)
+	}
 	if b, err := tc.nodes["p1"].c.Claim(ctx, clusterNet, "p1"); err != nil || b != lost {
 		t.Fatalf("p1 claimed %v (%v), want the freed %v", b, err, lost)
 	}
-	tc.heal()
 	tc.reconcileUntil("p3 to learn that p1 owns its old block", func() bool {
 		owner, ok := "", false
 		p3.c.readTable(func(st *fsmState) { owner, ok = st.ownerOf("default", lost) })
