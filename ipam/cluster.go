@@ -396,7 +396,7 @@ func (c *Cluster) Reconcile(ctx context.Context, members []Member, now time.Time
 				errs = append(errs, err)
 				continue
 			}
-			c.log.Info("reclaimed the blocks of a dead peer", "peer", peer, "dead_since", at, "dead_for", now.Sub(at).Round(time.Second), "blocks", len(released))
+			c.log.Info("reclaimed the blocks of a dead peer", "dead_peer", peer, "dead_since", at, "dead_for", now.Sub(at).Round(time.Second), "blocks", len(released))
 		}
 	}
 	return errors.Join(errs...)
@@ -473,10 +473,10 @@ func (c *Cluster) recordLiveness(byName map[string]Member, now time.Time) error 
 		return fmt.Errorf("record peer liveness: %w", err)
 	}
 	for peer, at := range dead {
-		c.log.Info("recorded the death of a peer that owns blocks", "peer", peer, "since", at)
+		c.log.Info("recorded the death of a peer that owns blocks", "dead_peer", peer, "since", at)
 	}
 	for _, peer := range alive {
-		c.log.Info("peer that owns blocks is back; its death record is cleared", "peer", peer)
+		c.log.Info("peer that owns blocks is back; its death record is cleared", "returned_peer", peer)
 	}
 	return nil
 }

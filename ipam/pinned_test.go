@@ -88,7 +88,7 @@ func TestFSMRefusesUndefinedNetworks(t *testing.T) {
 	before := stateJSON(f)
 	for i, bad := range []Network{
 		rogueNet,
-		{Name: "evil", Subnet: netip.MustParsePrefix("192.168.0.0/16"), BlockBits: 26},   // valid, but not defined
+		{Name: "evil", Subnet: netip.MustParsePrefix("192.168.0.0/16"), BlockBits: 26},    // valid, but not defined
 		{Name: "default", Subnet: clusterNet.Subnet, BlockBits: 24},                       // the wrong block size
 		{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/15"), BlockBits: 26},   // a wider range
 		{Name: "default", Subnet: netip.MustParsePrefix("10.40.128.0/17"), BlockBits: 26}, // a narrower one
