@@ -416,7 +416,7 @@ func (c *Cluster) deathRecords() (owners map[string]bool, dead map[string]time.T
 // livenessChanges decides what the leader records: every owner of blocks that is not alive
 // and has no death record gets one (when membership saw it die, or now when this leader
 // never saw it at all, e.g. it left the member list before this leader was elected); every
-// recorded owner that is alive again is cleared. Pure; O(owners), at most maxLivenessBatch
+// recorded peer that is alive again, or owns nothing any more, is cleared. Pure; O(owners), at most maxLivenessBatch
 // changes (the rest wait for the next round).
 func livenessChanges(self string, owners map[string]bool, recorded map[string]time.Time, byName map[string]Member, now time.Time) (dead map[string]time.Time, alive []string) {
 	names := make([]string, 0, len(owners)+len(recorded))
@@ -437,11 +437,12 @@ func livenessChanges(self string, owners map[string]bool, recorded map[string]ti
 		m, known := byName[peer]
 		_, has := recorded[peer]
 		switch {
-		case peer == self || (known && m.Alive):
+		case peer == self || (known && m.Alive) || !owners[peer]:
+			// Back, or owns nothing any more: nothing to reclaim, so no record to keep.
 			if has {
 				alive = append(alive, peer)
 			}
-		case !has && owners[peer]:
+		case !has:
 			at := now
 			if known && !m.Since.IsZero() && !m.Since.After(now) && m.Since.After(minDeathTime) {
 				at = m.Since

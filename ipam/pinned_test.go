@@ -348,8 +348,8 @@ func TestDeathRecordClearedWhenPeerReturns(t *testing.T) {
 	if len(dead) != 2 || !dead["a"].Equal(now.Add(-time.Minute)) || !dead["c"].Equal(now) {
 		t.Fatalf("dead %v: want a at its death, c now", dead)
 	}
-	if fmt.Sprint(alive) != "[b]" {
-		t.Fatalf("alive %v, want [b]", alive)
+	if fmt.Sprint(alive) != "[b gone]" {
+		t.Fatalf("alive %v, want [b gone] (gone owns nothing any more)", alive)
 	}
 	// A death time from the future (a skewed clock) is clamped to now.
 	byName["a"] = Member{Name: "a", Since: now.Add(time.Hour)}
