@@ -176,20 +176,15 @@ func (f *fsm) Apply(l *raft.Log) any {
 			f.refused("init", err)
 			return commandResult{Err: err.Error(), Conflict: true}
 		}
-		f.state.ClusterID = cmd.ClusterID
-		d.ClusterID = cmd.ClusterID
+		// The networks first: an init whose networks fail the checks changes nothing, and
+		// the leader (which checked its own before proposing) tries again.
 		if err := f.state.defineNetworks(cmd.Networks); err != nil {
-			// The cluster is named either way (so it can be told apart from others), but
-			// defines no network: every claim is then refused, naming what is missing.
 			f.refused("init", err)
-			res = commandResult{Err: err.Error(), Conflict: true}
+			return commandResult{Err: err.Error(), Conflict: true}
 		}
-		// Pinned even when the networks were refused: no claim may then define one.
+		f.state.ClusterID = cmd.ClusterID
 		f.state.Pinned = len(cmd.Networks) > 0
-		d.Networks, d.Pinned = cmd.Networks, f.state.Pinned
-		if res.Err != "" {
-			d.Networks = nil
-		}
+		d.ClusterID, d.Networks, d.Pinned = cmd.ClusterID, cmd.Networks, f.state.Pinned
 	case opLiveness:
 		// Not a block-table change: the version and the gossiped deltas stay as they are.
 		if err := f.state.liveness(cmd.Dead, cmd.Alive); err != nil {

@@ -27,6 +27,7 @@ func fuzzStates() map[string]func() *fsm {
 			applyCmd(f, 2, command{Op: opClaim, Network: clusterNet, Peer: "p1"})
 			return f
 		},
+		"fresh": newFSM,
 		"unpinned": func() *fsm {
 			f := newFSM()
 			applyCmd(f, 1, command{Op: opInit, ClusterID: "c1"})
@@ -56,7 +57,7 @@ func checkFSMInvariants(t *testing.T, data []byte) {
 		if pinnedBefore && len(st.Networks) != netsBefore {
 			t.Fatalf("%s: entry %q added a network to a pinned cluster: %v", name, data, st.Networks)
 		}
-		if !pinnedBefore && len(st.Networks) > 1 {
+		if !st.Pinned && len(st.Networks) > 1 {
 			t.Fatalf("%s: entry %q defined %d networks by claim", name, data, len(st.Networks))
 		}
 		for netName, owners := range st.Owners {
