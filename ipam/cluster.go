@@ -765,6 +765,9 @@ type ClusterStatus struct {
 	Voters    []string         `json:"voters"`
 	Nonvoters []string         `json:"nonvoters"`
 	Blocks    []BlockOwnership `json:"blocks"`
+	// Dead are the recorded death times of peers that own blocks (what --reclaim-after
+	// counts from); on a client, as of the last table it fetched.
+	Dead map[string]time.Time `json:"dead,omitempty"`
 }
 
 // Status reports leader, voters and the block table as this node knows them. A client, outside
@@ -772,6 +775,14 @@ type ClusterStatus struct {
 func (c *Cluster) Status() ClusterStatus {
 	_, leader := c.raft.LeaderWithID()
 	st := ClusterStatus{Leader: string(leader), State: c.raft.State().String(), Voters: []string{}, Nonvoters: []string{}, Blocks: c.tableRows()}
+	c.readTable(func(ts *fsmState) {
+		for peer, at := range ts.Dead {
+			if st.Dead == nil {
+				st.Dead = map[string]time.Time{}
+			}
+			st.Dead[peer] = at
+		}
+	})
 	conf := c.configuration()
 	for _, s := range conf.Servers {
 		if s.Suffrage == raft.Voter {

@@ -295,6 +295,9 @@ func TestDeathTimeSurvivesLeaderChangeAndReclaimsLate(t *testing.T) {
 	if d := time.Since(died); d < 0 || d > 10*time.Second {
 		t.Fatalf("death recorded at %s, %s ago", died, d)
 	}
+	if st := tc.nodes["p1"].c.Status(); !st.Dead["p4"].Equal(died) {
+		t.Fatalf("status shows deaths %v, want p4 at %s", st.Dead, died)
+	}
 	// The leader goes; the others' member lists have forgotten p4.
 	old := tc.leader()
 	tc.kill(old)

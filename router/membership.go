@@ -321,6 +321,9 @@ type IPAMStatus struct {
 	// from the cluster's. Both empty when all is well.
 	Orphaned        []ipam.Attachment `json:"orphaned,omitempty"`
 	NetworkMismatch string            `json:"network_mismatch,omitempty"`
+	// Dead are the recorded death times of peers that own blocks (--reclaim-after counts
+	// from them).
+	Dead map[string]time.Time `json:"dead,omitempty"`
 }
 
 // IPAMBlock is one owned block. Used is nil when the owner's usage is not known here (yet).
@@ -345,7 +348,7 @@ func (p *Peer) ipamStatus() IPAMStatus {
 	cs := p.cluster.Status()
 	st := IPAMStatus{Range: p.cfg.IPAllocRange.String(), Leader: cs.Leader, State: cs.State,
 		Voters: cs.Voters, Nonvoters: cs.Nonvoters, Blocks: []IPAMBlock{}, Peers: []IPAMPeerTotals{},
-		Orphaned: p.alloc.Orphaned(), NetworkMismatch: p.cluster.NetworkMismatch()}
+		Orphaned: p.alloc.Orphaned(), NetworkMismatch: p.cluster.NetworkMismatch(), Dead: cs.Dead}
 	type sums struct {
 		blocks, used, free int
 		unknown            bool
