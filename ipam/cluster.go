@@ -111,6 +111,9 @@ type Cluster struct {
 	underlay []netip.Addr
 	// mismatch is the last network-configuration mismatch logged ("" when none).
 	mismatch string
+	// lost holds the blocks ("network/block") this peer claimed and the table took away,
+	// already logged. Bounded by the blocks this peer ever claimed.
+	lost map[string]bool
 }
 
 // NewCluster opens the Raft stores under cfg.Dir and starts the node. A node with no state
@@ -189,7 +192,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		return nil, err
 	}
 	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState,
-		view: newTableView(), metrics: metrics, refused: map[string]string{}, savedID: savedID}, nil
+		view: newTableView(), metrics: metrics, refused: map[string]string{}, savedID: savedID, lost: map[string]bool{}}, nil
 }
 
 // Close stops the node and closes its stores. A leader first hands leadership to another
@@ -684,7 +687,7 @@ func (c *Cluster) refuseCommand(reason string, err error) {
 // the cluster's must not allocate from blocks outside its own bridge's subnet. A recorded
 // claim the table has seen (its version reached the claim's index) and no longer gives this
 // peer was taken away (rmpeer --force, or a reclaim while this peer was partitioned): it is
-// forgotten, so the allocator stops allocating from it. O(blocks of n).
+// left out, so the allocator stops allocating from it. O(blocks of n).
 func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
 	var owned []netip.Prefix
 	var version uint64
@@ -711,11 +714,9 @@ func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
 		// A claim recorded before claim indexes were kept counts as seen by any table.
 		seenAt := max(c.cache.claimIndex(n.Name, b), 1)
 		if version >= seenAt {
-			if err := c.cache.forget(n.Name, b); err != nil {
-				return nil, fmt.Errorf("forget lost block %s: %w", b, err)
-			}
-			c.log.Error("the replicated table no longer gives this peer a block it claimed; it stops allocating from it",
-				"network", n.Name, "block", b, "owner_now", owner, "table_version", version)
+			// Left out, not forgotten: the record is harmless while the table says otherwise,
+			// and a table that was wrong (a forged delta on a client) cannot erase it.
+			c.noteLost(n.Name, b, owner, version)
 			continue
 		}
 		if ok && owner != peer {
@@ -724,7 +725,25 @@ func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
 		owned = append(owned, b)
 	}
 	sort.Slice(owned, func(i, j int) bool { return owned[i].Addr().Less(owned[j].Addr()) })
+	c.mu.Lock()
+	for _, b := range owned {
+		delete(c.lost, n.Name+"/"+b.String()) // back (claimed again)
+	}
+	c.mu.Unlock()
 	return owned, nil
+}
+
+// noteLost logs, once per block, that the table no longer gives this peer a block it claimed.
+func (c *Cluster) noteLost(network string, b netip.Prefix, owner string, version uint64) {
+	key := network + "/" + b.String()
+	c.mu.Lock()
+	logged := c.lost[key]
+	c.lost[key] = true
+	c.mu.Unlock()
+	if !logged {
+		c.log.Error("the replicated table no longer gives this peer a block it claimed; it stops allocating from it",
+			"network", network, "block", b, "owner_now", owner, "table_version", version)
+	}
 }
 
 // Claim implements BlockOwner through the log. Without a reachable leader it fails with

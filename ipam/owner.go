@@ -124,15 +124,3 @@ func (o *LocalOwner) claimIndex(network string, b netip.Prefix) uint64 {
 	})
 	return index
 }
-
-// forget drops the record of block b of network: the replicated table took it away.
-func (o *LocalOwner) forget(network string, b netip.Prefix) error {
-	return o.db.Update(func(tx *bolt.Tx) error {
-		if idx := tx.Bucket(bucketClaimIndex); idx != nil {
-			if err := idx.Delete(blockKey(network, b)); err != nil {
-				return err
-			}
-		}
-		return tx.Bucket(bucketBlocks).Delete(blockKey(network, b))
-	})
-}
