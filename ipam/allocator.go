@@ -2,6 +2,7 @@ package ipam
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -39,6 +40,12 @@ type Allocator struct {
 	mu          sync.Mutex // guards the fields below
 	networks    map[string]*networkState
 	attachments map[Key]Attachment
+	// orphans are attachments whose address lies in no block this peer owns (the block was
+	// taken away while they lived); reported, never reused, released by DEL or GC as usual.
+	orphans map[Key]Attachment
+	// claims counts blocks merged in by claimBlock: a syncBlocks whose read of the owner
+	// raced with a claim must not drop the block just claimed.
+	claims uint64
 }
 
 // networkState is the in-memory index of one network, rebuilt from the store on start.
@@ -70,6 +77,7 @@ func NewAllocator(cfg Config, db *bolt.DB, owner BlockOwner) (*Allocator, error)
 		store:       st,
 		networks:    map[string]*networkState{},
 		attachments: map[Key]Attachment{},
+		orphans:     map[Key]Attachment{},
 	}
 	for _, n := range cfg.Networks {
 		if err := n.Validate(); err != nil {
@@ -103,12 +111,134 @@ func NewAllocator(cfg Config, db *bolt.DB, owner BlockOwner) (*Allocator, error)
 		a.attachments[rec.Key()] = rec
 	}
 	a.metrics = newMetrics(cfg.Registerer, a)
+	a.mu.Lock()
+	a.updateOrphans()
+	a.mu.Unlock()
 	return a, nil
+}
+
+// CheckOwnership asks the owner which blocks this peer owns now and takes that as the truth:
+// blocks no longer owned (rmpeer --force, or reclaimed while this peer was partitioned) are
+// dropped at once, so no address is handed out from them twice, and every attachment left
+// inside one is reported as orphaned (logged at error level, counted in
+// weft_ipam_orphaned_attachments, listed by Orphaned). Allocate calls it before each
+// allocation; the router calls it every membership round so orphans are reported without
+// waiting for an ADD. O(blocks of the network + attachments).
+func (a *Allocator) CheckOwnership() error {
+	a.mu.Lock()
+	nets := make([]Network, 0, len(a.networks))
+	for _, ns := range a.networks {
+		nets = append(nets, ns.def)
+	}
+	a.mu.Unlock()
+	var errs []error
+	for _, n := range nets {
+		errs = append(errs, a.syncBlocks(n))
+	}
+	return errors.Join(errs...)
+}
+
+// syncBlocks sets network n's blocks to what the owner says this peer owns.
+func (a *Allocator) syncBlocks(n Network) error {
+	a.mu.Lock()
+	gen := a.claims
+	a.mu.Unlock()
+	owned, err := a.owner.Owned(n, a.cfg.Peer)
+	if err != nil {
+		return fmt.Errorf("read blocks of %s: %w", n.Name, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.claims != gen {
+		return nil // a claim landed meanwhile: the next check sees it in the owner too
+	}
+	ns := a.networks[n.Name]
+	lost := lostBlocks(ns.blocks, owned)
+	ns.blocks = mergeBlocks(nil, owned)
+	for _, b := range lost {
+		a.cfg.Logger.Error("block taken away from this peer; it allocates no more from it", "network", n.Name, "block", b)
+	}
+	a.updateOrphans()
+	return nil
+}
+
+// lostBlocks lists the blocks of had that now is without. Pure; O(len(had) + len(now)).
+func lostBlocks(had, now []netip.Prefix) []netip.Prefix {
+	in := make(map[netip.Prefix]bool, len(now))
+	for _, b := range now {
+		in[b] = true
+	}
+	var lost []netip.Prefix
+	for _, b := range had {
+		if !in[b] {
+			lost = append(lost, b)
+		}
+	}
+	return lost
+}
+
+// orphaned lists the keys of the attachments on a served network whose address lies in none
+// of that network's owned blocks. Pure; O(attachments × blocks per network).
+func orphaned(attachments map[Key]Attachment, blocks map[string][]netip.Prefix) []Key {
+	var out []Key
+	for k, rec := range attachments {
+		owned, served := blocks[rec.Network]
+		if !served {
+			continue // a network this peer no longer serves is another matter (logged at start)
+		}
+		inside := false
+		for _, b := range owned {
+			if b.Contains(rec.Address) {
+				inside = true
+				break
+			}
+		}
+		if !inside {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// updateOrphans recomputes the orphans, logging each new one at error level. Caller holds mu.
+func (a *Allocator) updateOrphans() {
+	blocks := make(map[string][]netip.Prefix, len(a.networks))
+	for name, ns := range a.networks {
+		blocks[name] = ns.blocks
+	}
+	now := map[Key]Attachment{}
+	for _, k := range orphaned(a.attachments, blocks) {
+		rec := a.attachments[k]
+		now[k] = rec
+		if _, known := a.orphans[k]; !known {
+			a.cfg.Logger.Error("attachment left in a block this peer no longer owns: its address may be handed out again elsewhere; "+
+				"delete and re-create the container", "container", rec.ContainerID, "ifname", rec.IfName, "network", rec.Network, "address", rec.Address)
+		}
+	}
+	a.orphans = now
+}
+
+// Orphaned lists the attachments whose address lies in no block this peer owns, by key.
+func (a *Allocator) Orphaned() []Attachment {
+	a.mu.Lock()
+	out := make([]Attachment, 0, len(a.orphans))
+	for _, rec := range a.orphans {
+		out = append(out, rec)
+	}
+	a.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Key().String() < out[j].Key().String() })
+	return out
 }
 
 // Allocate gives the attachment described by req (key, network, names) an address and persists
 // it. If the key is already attached it returns the existing record and true.
 func (a *Allocator) Allocate(ctx context.Context, req Attachment) (Attachment, bool, error) {
+	if n, ok := a.Network(req.Network); ok {
+		// The table may have taken a block away since the last look: never allocate from it.
+		if err := a.syncBlocks(n); err != nil {
+			return Attachment{}, false, err
+		}
+	}
 	for {
 		a.mu.Lock()
 		if existing, ok := a.attachments[req.Key()]; ok {
@@ -176,6 +306,7 @@ func (a *Allocator) claimBlock(ctx context.Context, n Network) error {
 	}
 	a.mu.Lock()
 	ns.blocks = mergeBlocks(ns.blocks, []netip.Prefix{b})
+	a.claims++
 	a.mu.Unlock()
 	a.metrics.claims.Inc()
 	a.cfg.Logger.Info("claimed block", "network", n.Name, "block", b)
@@ -211,6 +342,7 @@ func (a *Allocator) Release(k Key) (Attachment, bool, error) {
 		return Attachment{}, false, fmt.Errorf("delete attachment %s: %w", k, err)
 	}
 	delete(a.attachments, k)
+	delete(a.orphans, k)
 	if ns, ok := a.networks[rec.Network]; ok && ns.used[rec.Address] == k {
 		delete(ns.used, rec.Address)
 	}

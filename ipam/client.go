@@ -40,9 +40,17 @@ func (c *Cluster) Observe(members []Member) {
 		}
 		raftPeers = append(raftPeers, m)
 	}
+	underlay := make([]netip.Addr, 0, len(members))
+	for _, m := range members {
+		if ap, err := netip.ParseAddrPort(m.RaftAddr); err == nil {
+			underlay = append(underlay, ap.Addr())
+		}
+	}
 	c.mu.Lock()
 	c.raftPeers = raftPeers
+	c.underlay = underlay
 	c.mu.Unlock()
+	c.checkNetworkConfig()
 }
 
 // forwardTargets lists where a client sends a write: the leader the last fetched table named,

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -49,6 +50,12 @@ type ClusterConfig struct {
 	// a voter dies); every other peer is a client: outside the Raft configuration, it forwards
 	// writes to a member and learns the table by gossip. 0 means none.
 	Nonvoters int
+	// Networks are this peer's configured networks (--ipalloc-range, --ipalloc-block). The
+	// bootstrapping leader pins them in the Raft state with the cluster's ID; every later
+	// claim must name one of the pinned networks exactly. A peer configured otherwise than
+	// the cluster says so loudly (see Observe) and gets no block. Empty: the cluster's first
+	// claim defines its one network (as clusters did before pinning), within CheckNetworks.
+	Networks []Network
 	// FetchTable reaches a Raft member's table from a client (nil: clients rely on gossip alone).
 	FetchTable FetchFunc
 	// Registerer takes the cluster's metrics; nil registers nothing.
@@ -99,6 +106,14 @@ type Cluster struct {
 	refused map[string]string
 	// savedID is the cluster ID as persisted in the local database.
 	savedID string
+	// underlay holds the underlay addresses of the members last observed (and this peer's):
+	// no network may hold one of them.
+	underlay []netip.Addr
+	// mismatch is the last network-configuration mismatch logged ("" when none).
+	mismatch string
+	// lost holds the blocks ("network/block") this peer claimed and the table took away,
+	// already logged. Bounded by the blocks this peer ever claimed.
+	lost map[string]bool
 }
 
 // NewCluster opens the Raft stores under cfg.Dir and starts the node. A node with no state
@@ -159,7 +174,12 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if cfg.Tune != nil {
 		cfg.Tune(rc)
 	}
+	metrics := newClusterMetrics(cfg.Registerer)
 	f := newFSM()
+	f.refused = func(reason string, err error) {
+		metrics.refused.WithLabelValues(reason).Inc()
+		cfg.Logger.Error("raft state machine refused a command; nothing changed", "reason", reason, "err", err)
+	}
 	r, err := raft.NewRaft(rc, f, store, store, snaps, cfg.Transport)
 	if err != nil {
 		store.Close()
@@ -172,7 +192,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		return nil, err
 	}
 	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState,
-		view: newTableView(), metrics: newClusterMetrics(cfg.Registerer), refused: map[string]string{}, savedID: savedID}, nil
+		view: newTableView(), metrics: metrics, refused: map[string]string{}, savedID: savedID, lost: map[string]bool{}}, nil
 }
 
 // Close stops the node and closes its stores. A leader first hands leadership to another
@@ -367,20 +387,102 @@ func (c *Cluster) Reconcile(ctx context.Context, members []Member, now time.Time
 			c.log.Info("promoted raft non-voter", "peer", spare.ID)
 		}
 	}
+	errs = append(errs, c.recordLiveness(byName, now))
 	if c.cfg.ReclaimAfter > 0 {
-		for _, m := range members {
-			if m.Alive || now.Sub(m.Since) < c.cfg.ReclaimAfter || len(c.ownedByPeer(m.Name)) == 0 {
+		owners, dead := c.deathRecords()
+		for peer, at := range dead {
+			if m, known := byName[peer]; (known && m.Alive) || now.Sub(at) < c.cfg.ReclaimAfter || !owners[peer] {
 				continue
 			}
-			released, err := c.RemovePeer(ctx, m.Name)
+			released, err := c.RemovePeer(ctx, peer)
 			if err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			c.log.Info("reclaimed the blocks of a dead peer", "peer", m.Name, "dead_for", now.Sub(m.Since).Round(time.Second), "blocks", len(released))
+			c.log.Info("reclaimed the blocks of a dead peer", "dead_peer", peer, "dead_since", at, "dead_for", now.Sub(at).Round(time.Second), "blocks", len(released))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// deathRecords copies the owners of blocks and the recorded death times. O(blocks).
+func (c *Cluster) deathRecords() (owners map[string]bool, dead map[string]time.Time) {
+	c.fsm.mu.RLock()
+	defer c.fsm.mu.RUnlock()
+	dead = make(map[string]time.Time, len(c.fsm.state.Dead))
+	for k, v := range c.fsm.state.Dead {
+		dead[k] = v
+	}
+	return c.fsm.state.owners(), dead
+}
+
+// livenessChanges decides what the leader records: every owner of blocks that is not alive
+// and has no death record gets one (when membership saw it die, or now when this leader
+// never saw it at all, e.g. it left the member list before this leader was elected); every
+// recorded peer that is alive again, or owns nothing any more, is cleared. Pure; O(owners), at most maxLivenessBatch
+// changes (the rest wait for the next round).
+func livenessChanges(self string, owners map[string]bool, recorded map[string]time.Time, byName map[string]Member, now time.Time) (dead map[string]time.Time, alive []string) {
+	names := make([]string, 0, len(owners)+len(recorded))
+	for o := range owners {
+		names = append(names, o)
+	}
+	for o := range recorded {
+		if !owners[o] {
+			names = append(names, o)
+		}
+	}
+	sort.Strings(names)
+	dead = map[string]time.Time{}
+	for _, peer := range names {
+		if len(dead)+len(alive) >= maxLivenessBatch {
+			break
+		}
+		m, known := byName[peer]
+		_, has := recorded[peer]
+		switch {
+		case peer == self || (known && m.Alive) || !owners[peer]:
+			// Back, or owns nothing any more: nothing to reclaim, so no record to keep.
+			if has {
+				alive = append(alive, peer)
+			}
+		case !has:
+			at := now
+			if known && !m.Since.IsZero() && !m.Since.After(now) && m.Since.After(minDeathTime) {
+				at = m.Since
+			}
+			dead[peer] = at.UTC()
+		}
+	}
+	return dead, alive
+}
+
+// recordLiveness commits, on the leader, the death times of dead owners and clears those back
+// alive: the record lives in the Raft state, so --reclaim-after counts from it on any later
+// leader and for any duration. One command per round, only when something changed.
+func (c *Cluster) recordLiveness(byName map[string]Member, now time.Time) error {
+	owners, recorded := c.deathRecords()
+	dead, alive := livenessChanges(c.cfg.Name, owners, recorded, byName, now)
+	if len(dead) == 0 && len(alive) == 0 {
+		return nil
+	}
+	data, err := json.Marshal(command{Op: opLiveness, Dead: dead, Alive: alive})
+	if err != nil {
+		return err
+	}
+	res, err := c.applyLocal(data)
+	if err != nil {
+		return fmt.Errorf("record peer liveness: %w", err)
+	}
+	if err := res.err(); err != nil {
+		return fmt.Errorf("record peer liveness: %w", err)
+	}
+	for peer, at := range dead {
+		c.log.Info("recorded the death of a peer that owns blocks", "dead_peer", peer, "since", at)
+	}
+	for _, peer := range alive {
+		c.log.Info("peer that owns blocks is back; its death record is cleared", "returned_peer", peer)
+	}
+	return nil
 }
 
 // refuseForeign counts and logs (once per peer and cluster id) a member the leader will not add.
@@ -425,7 +527,7 @@ func (c *Cluster) apply(ctx context.Context, cmd command) (commandResult, error)
 		return commandResult{}, err
 	}
 	if c.raft.State() == raft.Leader {
-		return c.applyLocal(data)
+		return c.leaderApply(cmd)
 	}
 	if c.cfg.Forward == nil {
 		return commandResult{}, fmt.Errorf("%w: %s is not the leader and cannot forward", ErrNoQuorum, c.cfg.Name)
@@ -440,7 +542,7 @@ func (c *Cluster) apply(ctx context.Context, cmd command) (commandResult, error)
 	lastErr := fmt.Errorf("no raft leader is reachable from %s", c.cfg.Name)
 	for out == nil {
 		if c.raft.State() == raft.Leader {
-			return c.applyLocal(data)
+			return c.leaderApply(cmd)
 		}
 		targets := c.forwardTargets()
 		if leader, _ := c.raft.LeaderWithID(); leader != "" {
@@ -531,22 +633,66 @@ func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
 		return out, nil
 	}
 	cmd.Hops = 0 // the log holds the command as its sender meant it
-	data, err := json.Marshal(cmd)
-	if err != nil {
-		return nil, err
-	}
-	res, err := c.applyLocal(data)
+	res, err := c.leaderApply(cmd)
 	if err != nil {
 		return nil, err
 	}
 	return json.Marshal(res)
 }
 
+// leaderApply checks a claim or removal on the leader before it enters the log: the cluster
+// is initialised first (so its networks are pinned before any claim), and a claim must name
+// a defined network exactly. A refusal is counted, logged and answered as a conflict; the
+// FSM checks again when applying, so a log replayed elsewhere cannot bring in a network.
+func (c *Cluster) leaderApply(cmd command) (commandResult, error) {
+	if cmd.Op == opClaim {
+		if err := c.EnsureClusterID(); errors.Is(err, ErrInvalidNetwork) {
+			c.refuseCommand("uninitialised", err)
+			return commandResult{Err: err.Error(), Conflict: true}, nil
+		} else if err != nil {
+			return commandResult{}, err // no quorum right now: the caller may retry
+		}
+		var err error
+		c.fsm.mu.RLock()
+		err = c.fsm.state.checkClaim(cmd.Peer, cmd.Network)
+		c.fsm.mu.RUnlock()
+		if err != nil {
+			c.refuseCommand("claim", err)
+			return commandResult{Err: err.Error(), Conflict: true}, nil
+		}
+	}
+	if cmd.Op == opRemovePeer {
+		if err := checkPeerName(cmd.Peer); err != nil {
+			c.refuseCommand("remove", err)
+			return commandResult{Err: err.Error(), Conflict: true}, nil
+		}
+	}
+	data, err := json.Marshal(cmd)
+	if err != nil {
+		return commandResult{}, err
+	}
+	return c.applyLocal(data)
+}
+
+// refuseCommand counts and logs a command the leader would not propose.
+func (c *Cluster) refuseCommand(reason string, err error) {
+	c.metrics.refused.WithLabelValues(reason).Inc()
+	c.log.Error("refused a raft command; nothing changed", "reason", reason, "err", err)
+}
+
 // Owned implements BlockOwner: what the log gives peer, plus this peer's own claims recorded
 // locally that the log (maybe not caught up yet) gives nobody else.
+//
+// Only blocks of n as the caller defines it count: a peer configured with another range than
+// the cluster's must not allocate from blocks outside its own bridge's subnet. A recorded
+// claim the table has seen (its version reached the claim's index) and no longer gives this
+// peer was taken away (rmpeer --force, or a reclaim while this peer was partitioned): it is
+// left out, so the allocator stops allocating from it. O(blocks of n).
 func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
 	var owned []netip.Prefix
-	c.readTable(func(st *fsmState) { owned = st.owned(n.Name, peer) })
+	var version uint64
+	c.readTable(func(st *fsmState) { owned, version = st.owned(n.Name, peer), st.Version })
+	owned = slices.DeleteFunc(owned, func(b netip.Prefix) bool { return !n.ContainsBlock(b) })
 	if peer != c.cfg.Name {
 		return owned, nil
 	}
@@ -559,16 +705,45 @@ func (c *Cluster) Owned(n Network, peer string) ([]netip.Prefix, error) {
 		seen[b] = true
 	}
 	for _, b := range cached {
+		if seen[b] {
+			continue
+		}
 		var owner string
 		var ok bool
-		c.readTable(func(st *fsmState) { owner, ok = st.ownerOf(n.Name, b) })
-		if seen[b] || (ok && owner != peer) {
+		c.readTable(func(st *fsmState) { owner, ok = st.ownerOf(n.Name, b); version = st.Version })
+		// A claim recorded before claim indexes were kept counts as seen by any table.
+		seenAt := max(c.cache.claimIndex(n.Name, b), 1)
+		if version >= seenAt {
+			// Left out, not forgotten: the record is harmless while the table says otherwise,
+			// and a table that was wrong (a forged delta on a client) cannot erase it.
+			c.noteLost(n.Name, b, owner, version)
+			continue
+		}
+		if ok && owner != peer {
 			continue
 		}
 		owned = append(owned, b)
 	}
 	sort.Slice(owned, func(i, j int) bool { return owned[i].Addr().Less(owned[j].Addr()) })
+	c.mu.Lock()
+	for _, b := range owned {
+		delete(c.lost, n.Name+"/"+b.String()) // back (claimed again)
+	}
+	c.mu.Unlock()
 	return owned, nil
+}
+
+// noteLost logs, once per block, that the table no longer gives this peer a block it claimed.
+func (c *Cluster) noteLost(network string, b netip.Prefix, owner string, version uint64) {
+	key := network + "/" + b.String()
+	c.mu.Lock()
+	logged := c.lost[key]
+	c.lost[key] = true
+	c.mu.Unlock()
+	if !logged {
+		c.log.Error("the replicated table no longer gives this peer a block it claimed; it stops allocating from it",
+			"network", network, "block", b, "owner_now", owner, "table_version", version)
+	}
 }
 
 // Claim implements BlockOwner through the log. Without a reachable leader it fails with
@@ -582,7 +757,7 @@ func (c *Cluster) Claim(ctx context.Context, n Network, peer string) (netip.Pref
 		return netip.Prefix{}, err
 	}
 	if peer == c.cfg.Name {
-		if err := c.cache.record(n.Name, res.Block, peer); err != nil {
+		if err := c.cache.record(n.Name, res.Block, peer, res.Index); err != nil {
 			return netip.Prefix{}, err
 		}
 	}
@@ -609,6 +784,9 @@ type ClusterStatus struct {
 	Voters    []string         `json:"voters"`
 	Nonvoters []string         `json:"nonvoters"`
 	Blocks    []BlockOwnership `json:"blocks"`
+	// Dead are the recorded death times of peers that own blocks (what --reclaim-after
+	// counts from); on a client, as of the last table it fetched.
+	Dead map[string]time.Time `json:"dead,omitempty"`
 }
 
 // Status reports leader, voters and the block table as this node knows them. A client, outside
@@ -616,6 +794,14 @@ type ClusterStatus struct {
 func (c *Cluster) Status() ClusterStatus {
 	_, leader := c.raft.LeaderWithID()
 	st := ClusterStatus{Leader: string(leader), State: c.raft.State().String(), Voters: []string{}, Nonvoters: []string{}, Blocks: c.tableRows()}
+	c.readTable(func(ts *fsmState) {
+		for peer, at := range ts.Dead {
+			if st.Dead == nil {
+				st.Dead = map[string]time.Time{}
+			}
+			st.Dead[peer] = at
+		}
+	})
 	conf := c.configuration()
 	for _, s := range conf.Servers {
 		if s.Suffrage == raft.Voter {
@@ -691,21 +877,95 @@ func saveClusterID(db *bolt.DB, id string) error {
 	})
 }
 
-// EnsureClusterID gives the cluster its ID if it has none yet; only the leader does.
+// EnsureClusterID gives the cluster its ID, and pins its networks (cfg.Networks), if it has
+// none yet; only the leader does. Networks that fail CheckNetworks (against each other and the
+// underlay addresses of the members it has observed) are not pinned and the cluster is not
+// initialised: every claim is refused with this error until a leader configured with a valid
+// range takes over (restart it with a corrected --ipalloc-range).
 func (c *Cluster) EnsureClusterID() error {
 	if c.raft.State() != raft.Leader || c.fsm.clusterID() != "" {
 		return nil
+	}
+	c.mu.Lock()
+	underlay := slices.Clone(c.underlay)
+	c.mu.Unlock()
+	if ap, err := netip.ParseAddrPort(string(c.cfg.Transport.LocalAddr())); err == nil {
+		underlay = append(underlay, ap.Addr())
+	}
+	if err := CheckNetworks(c.cfg.Networks, underlay); err != nil {
+		return fmt.Errorf("cannot initialise the cluster with this peer's networks: %w", err)
 	}
 	id := make([]byte, 8)
 	if _, err := rand.Read(id); err != nil {
 		return err
 	}
-	data, err := json.Marshal(command{Op: opInit, ClusterID: hex.EncodeToString(id)})
+	data, err := json.Marshal(command{Op: opInit, ClusterID: hex.EncodeToString(id), Networks: c.cfg.Networks})
 	if err != nil {
 		return err
 	}
-	_, err = c.applyLocal(data)
-	return err
+	res, err := c.applyLocal(data)
+	if err != nil {
+		return err
+	}
+	return res.err()
+}
+
+// Networks returns the networks the cluster defines, by name, as the table this node goes
+// by says (empty until it knows). O(networks).
+func (c *Cluster) Networks() []Network {
+	var out []Network
+	c.readTable(func(st *fsmState) {
+		for _, n := range st.Networks {
+			out = append(out, n)
+		}
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// networkMismatch says how this peer's configured networks differ from the cluster's ("" when
+// they agree, or the cluster's are not known yet). Pure.
+func networkMismatch(local []Network, st *fsmState) string {
+	var diffs []string
+	for _, n := range local {
+		def, ok := st.Networks[n.Name]
+		switch {
+		case ok && def != n:
+			diffs = append(diffs, fmt.Sprintf("network %s is %s with /%d blocks in the cluster, this peer is configured with %s and /%d blocks",
+				n.Name, def.Subnet, def.BlockBits, n.Subnet, n.BlockBits))
+		case !ok && st.Pinned:
+			diffs = append(diffs, fmt.Sprintf("network %s (%s) is not defined in the cluster", n.Name, n.Subnet))
+		}
+	}
+	return strings.Join(diffs, "; ")
+}
+
+// checkNetworkConfig logs at error level, once per change, and shows in a gauge when this
+// peer's --ipalloc-range/--ipalloc-block differ from the cluster's: its claims are refused
+// (it never splits the range), so it must be restarted with the cluster's values.
+func (c *Cluster) checkNetworkConfig() {
+	var msg string
+	c.readTable(func(st *fsmState) { msg = networkMismatch(c.cfg.Networks, st) })
+	c.mu.Lock()
+	changed := msg != c.mismatch
+	c.mismatch = msg
+	c.mu.Unlock()
+	if msg == "" {
+		c.metrics.mismatch.Set(0)
+		return
+	}
+	c.metrics.mismatch.Set(1)
+	if changed {
+		c.log.Error("this peer's network configuration differs from the cluster's; it gets no block until it is restarted "+
+			"with the cluster's --ipalloc-range and --ipalloc-block", "mismatch", msg)
+	}
+}
+
+// NetworkMismatch is the last mismatch checkNetworkConfig found ("" when none), for status.
+func (c *Cluster) NetworkMismatch() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mismatch
 }
 
 // IsLeader says whether this node leads.

@@ -77,7 +77,7 @@ func (tc *testCluster) start(name string) *testNode {
 	n.db = db
 	c, err := NewCluster(ClusterConfig{
 		Name: name, Dir: filepath.Join(n.dir, "raft"), Transport: n.trans, DB: db, Voters: 3, Nonvoters: tc.nonvoters,
-		DeadVoterGrace: 300 * time.Millisecond, ApplyTimeout: 2 * time.Second, Tune: tc.tune,
+		DeadVoterGrace: 300 * time.Millisecond, ApplyTimeout: 2 * time.Second, Tune: tc.tune, Networks: []Network{clusterNet},
 		Forward: func(ctx context.Context, addr raft.ServerAddress, cmd []byte) ([]byte, error) {
 			return tc.forwardFrom(ctx, name, addr, cmd)
 		},

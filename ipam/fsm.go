@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 )
@@ -21,6 +22,23 @@ const (
 	opClaim      = "claim"
 	opRemovePeer = "remove-peer"
 	opInit       = "init"
+	// opLiveness records peers' death times and clears those of peers back alive; the
+	// leader commits it when membership changes, so --reclaim-after counts from a time every
+	// member holds, across leader changes and for as long as it takes.
+	opLiveness = "liveness"
+	// A command that adds a network at run time (`weft network create`, issue #13) goes
+	// here: it passes the same checks as init's (CheckNetworks over the defined set plus the
+	// new one), through defineNetworks.
+)
+
+// maxLivenessBatch bounds the peers one liveness command names.
+const maxLivenessBatch = 256
+
+// Death times outside [minDeathTime, maxDeathTime] are refused: the FSM must be deterministic,
+// so it cannot compare with its own clock; the leader checks against now before proposing.
+var (
+	minDeathTime = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+	maxDeathTime = time.Date(2200, 1, 1, 0, 0, 0, 0, time.UTC)
 )
 
 // ErrConflict means a command disagrees with the replicated state (e.g. a network defined with
@@ -36,6 +54,12 @@ type command struct {
 	Peer    string  `json:"peer"`
 	// ClusterID travels with init, the first command the bootstrapping leader applies.
 	ClusterID string `json:"cluster_id,omitempty"`
+	// Networks travel with init: the cluster's networks as the bootstrapping leader was
+	// configured (--ipalloc-range, --ipalloc-block). From then on a claim names one of them.
+	Networks []Network `json:"networks,omitempty"`
+	// Dead (peer → when it died) and Alive (peers back) travel with liveness.
+	Dead  map[string]time.Time `json:"dead,omitempty"`
+	Alive []string             `json:"alive,omitempty"`
 	// Hops counts how often the command was passed on between members (at most once).
 	Hops int `json:"hops,omitempty"`
 }
@@ -43,7 +67,10 @@ type command struct {
 // commandResult is what applying a command answers; Err is a string so it can cross the
 // leader-forwarding RPC.
 type commandResult struct {
-	Block    netip.Prefix   `json:"block,omitzero"`
+	Block netip.Prefix `json:"block,omitzero"`
+	// Index is the log index of a claim: the claimer keeps it with the block, so it can tell
+	// a table that has not seen the claim yet from one that saw it and later took it away.
+	Index    uint64         `json:"index,omitempty"`
 	Released []netip.Prefix `json:"released,omitempty"`
 	Err      string         `json:"err,omitempty"`
 	// Conflict/Full let the caller rebuild the sentinel on the far side of an RPC.
@@ -73,13 +100,21 @@ type fsmState struct {
 	// Removed lists peers removed with rmpeer (or reclaimed) and not back since; the
 	// leader takes them out of the Raft configuration.
 	Removed map[string]bool `json:"removed,omitempty"`
+	// Pinned: the networks were set by init (from the bootstrapping leader's configuration)
+	// and no claim may define one. A cluster whose log predates pinning has it false: its
+	// first claim defined its one network, and no later claim may define another.
+	Pinned bool `json:"pinned,omitempty"`
+	// Dead maps a peer that owns blocks and is dead to when it died, as the leader's
+	// membership saw it; cleared when it comes back, claims, or is removed. Bounded by the
+	// number of block owners.
+	Dead map[string]time.Time `json:"dead,omitempty"`
 	// Version is the Raft index of the last command that changed the table: clients that
 	// learn the table by gossip order tables and deltas by it.
 	Version uint64 `json:"version,omitempty"`
 }
 
 func newFSMState() fsmState {
-	return fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}, Removed: map[string]bool{}}
+	return fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}, Removed: map[string]bool{}, Dead: map[string]time.Time{}}
 }
 
 // fsm implements raft.FSM. Apply runs on raft's single FSM goroutine; reads come from any
@@ -92,20 +127,24 @@ type fsm struct {
 	recent []tableDelta
 	// changed is signalled (without blocking) after every table change.
 	changed chan struct{}
+	// refused counts and logs a command the FSM refused (set before raft starts; never nil).
+	refused func(reason string, err error)
 }
 
 // maxRecentDeltas bounds the deltas kept for gossip; a client further behind fetches the table.
 const maxRecentDeltas = 256
 
 func newFSM() *fsm {
-	return &fsm{state: newFSMState(), changed: make(chan struct{}, 1)}
+	return &fsm{state: newFSMState(), changed: make(chan struct{}, 1), refused: func(string, error) {}}
 }
 
 // Apply implements raft.FSM.
 func (f *fsm) Apply(l *raft.Log) any {
 	var cmd command
 	if err := json.Unmarshal(l.Data, &cmd); err != nil {
-		return commandResult{Err: fmt.Sprintf("undecodable log entry %d: %v", l.Index, err)}
+		err = fmt.Errorf("undecodable log entry %d: %v", l.Index, err)
+		f.refused("malformed", err)
+		return commandResult{Err: err.Error()}
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -115,19 +154,48 @@ func (f *fsm) Apply(l *raft.Log) any {
 	case opClaim:
 		res = f.claim(cmd)
 		if !res.Block.IsValid() {
+			if !res.Full {
+				f.refused("claim", errors.New(res.Err))
+			}
 			return res // refused: nothing changed
 		}
+		res.Index = l.Index
 		d.Network, d.Block = &cmd.Network, res.Block
 	case opRemovePeer:
+		if err := checkPeerName(cmd.Peer); err != nil {
+			f.refused("remove", err)
+			return commandResult{Err: err.Error(), Conflict: true}
+		}
 		res = f.removePeer(cmd.Peer)
 	case opInit:
 		if f.state.ClusterID != "" { // the first init wins; later ones are no-ops
 			return commandResult{}
 		}
+		if !clusterIDRE.MatchString(cmd.ClusterID) {
+			err := fmt.Errorf("init in log entry %d has cluster id %q", l.Index, cmd.ClusterID)
+			f.refused("init", err)
+			return commandResult{Err: err.Error(), Conflict: true}
+		}
+		// The networks first: an init whose networks fail the checks changes nothing, and
+		// the leader (which checked its own before proposing) tries again.
+		if err := f.state.defineNetworks(cmd.Networks); err != nil {
+			f.refused("init", err)
+			return commandResult{Err: err.Error(), Conflict: true}
+		}
 		f.state.ClusterID = cmd.ClusterID
-		d.ClusterID = cmd.ClusterID
+		f.state.Pinned = len(cmd.Networks) > 0
+		d.ClusterID, d.Networks, d.Pinned = cmd.ClusterID, cmd.Networks, f.state.Pinned
+	case opLiveness:
+		// Not a block-table change: the version and the gossiped deltas stay as they are.
+		if err := f.state.liveness(cmd.Dead, cmd.Alive); err != nil {
+			f.refused("liveness", err)
+			return commandResult{Err: err.Error(), Conflict: true}
+		}
+		return commandResult{}
 	default:
-		return commandResult{Err: fmt.Sprintf("unknown operation %q in log entry %d", cmd.Op, l.Index)}
+		err := fmt.Errorf("unknown operation %q in log entry %d", cmd.Op, l.Index)
+		f.refused("unknown", err)
+		return commandResult{Err: err.Error()}
 	}
 	f.state.Version = l.Index
 	f.recent = append(f.recent, d)
@@ -141,21 +209,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return res
 }
 
-// claim gives cmd.Peer the lowest block nobody owns. Caller holds mu.
+// claim gives cmd.Peer the lowest block nobody owns. The FSM picks the block, so it is
+// always one of the network's, of its block size. Caller holds mu. O(blocks of the network).
 func (f *fsm) claim(cmd command) commandResult {
 	n := cmd.Network
-	if err := n.Validate(); err != nil {
+	if err := f.state.checkClaim(cmd.Peer, n); err != nil {
 		return commandResult{Err: err.Error(), Conflict: true}
 	}
-	if cmd.Peer == "" {
-		return commandResult{Err: "claim without a peer name", Conflict: true}
+	if _, ok := f.state.Networks[n.Name]; !ok {
+		f.state.Networks[n.Name] = n // an unpinned (pre-pinning) cluster's first claim
 	}
-	if def, ok := f.state.Networks[n.Name]; ok && def != n {
-		return commandResult{Conflict: true, Err: fmt.Sprintf("network %s is %s with /%d blocks in the cluster, but peer %s asks for %s with /%d blocks",
-			n.Name, def.Subnet, def.BlockBits, cmd.Peer, n.Subnet, n.BlockBits)}
-	}
-	f.state.Networks[n.Name] = n
 	delete(f.state.Removed, cmd.Peer) // it is back
+	delete(f.state.Dead, cmd.Peer)
 	owners := f.state.Owners[n.Name]
 	if owners == nil {
 		owners = map[netip.Prefix]string{}
@@ -185,7 +250,112 @@ func (f *fsm) removePeer(peer string) commandResult {
 	}
 	sort.Slice(released, func(i, j int) bool { return released[i].Addr().Less(released[j].Addr()) })
 	f.state.Removed[peer] = true
+	delete(f.state.Dead, peer)
 	return commandResult{Released: released}
+}
+
+// checkPeerName refuses an empty or oversized peer name.
+func checkPeerName(peer string) error {
+	if peer == "" || len(peer) > maxNameLen {
+		return fmt.Errorf("%w: peer name %q must be 1-%d bytes", ErrConflict, peer, maxNameLen)
+	}
+	return nil
+}
+
+// checkClaim says whether peer may claim a block of n: n must be a network the cluster
+// defines, exactly as defined. Only a cluster whose log predates pinning, and has no network
+// yet, lets a claim define its network, and then only one that passes CheckNetworks. Pure
+// over st; the leader runs it before proposing and the FSM again when applying, so neither a
+// forwarded command nor a replayed log can bring in a network.
+func (st *fsmState) checkClaim(peer string, n Network) error {
+	if err := checkPeerName(peer); err != nil {
+		return err
+	}
+	def, ok := st.Networks[n.Name]
+	switch {
+	case ok && def != n:
+		return fmt.Errorf("%w: network %s is %s with /%d blocks in the cluster, but peer %s asks for %s with /%d blocks",
+			ErrConflict, n.Name, def.Subnet, def.BlockBits, peer, n.Subnet, n.BlockBits)
+	case ok:
+		return nil
+	case st.Pinned || len(st.Networks) > 0:
+		return fmt.Errorf("%w: peer %s claims a block of network %q (%s), which the cluster does not define",
+			ErrConflict, peer, n.Name, n.Subnet)
+	}
+	if err := CheckNetworks([]Network{n}, nil); err != nil {
+		return fmt.Errorf("%w: peer %s defines a network by claim: %w", ErrConflict, peer, err)
+	}
+	return nil
+}
+
+// defineNetworks adds nets to the defined networks if the whole set passes CheckNetworks;
+// otherwise it changes nothing. A network already defined identically is kept as it is.
+func (st *fsmState) defineNetworks(nets []Network) error {
+	all := make([]Network, 0, len(st.Networks)+len(nets))
+	for _, n := range st.Networks {
+		all = append(all, n)
+	}
+	for _, n := range nets {
+		if def, ok := st.Networks[n.Name]; ok {
+			if def != n {
+				return fmt.Errorf("%w: network %s is already %s with /%d blocks, not %s with /%d",
+					ErrConflict, n.Name, def.Subnet, def.BlockBits, n.Subnet, n.BlockBits)
+			}
+			continue
+		}
+		all = append(all, n)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].Name < all[j].Name })
+	if err := CheckNetworks(all, nil); err != nil {
+		return fmt.Errorf("%w: %w", ErrConflict, err)
+	}
+	for _, n := range nets {
+		st.Networks[n.Name] = n
+	}
+	return nil
+}
+
+// liveness records deaths and clears returns, all or nothing. Only owners of blocks get a
+// death record (reclaim is about their blocks), which bounds Dead by the owners.
+// O(batch + blocks) to find the owners.
+func (st *fsmState) liveness(dead map[string]time.Time, alive []string) error {
+	if len(dead)+len(alive) > maxLivenessBatch {
+		return fmt.Errorf("%w: liveness names %d peers, at most %d", ErrConflict, len(dead)+len(alive), maxLivenessBatch)
+	}
+	owners := st.owners()
+	for peer, at := range dead {
+		if err := checkPeerName(peer); err != nil {
+			return err
+		}
+		if at.Before(minDeathTime) || at.After(maxDeathTime) {
+			return fmt.Errorf("%w: death time %s of peer %s is out of range", ErrConflict, at.Format(time.RFC3339), peer)
+		}
+	}
+	for _, peer := range alive {
+		if err := checkPeerName(peer); err != nil {
+			return err
+		}
+	}
+	for peer, at := range dead {
+		if _, known := st.Dead[peer]; !known && owners[peer] {
+			st.Dead[peer] = at.UTC()
+		}
+	}
+	for _, peer := range alive {
+		delete(st.Dead, peer)
+	}
+	return nil
+}
+
+// owners is the set of peers that own at least one block. O(blocks).
+func (st *fsmState) owners() map[string]bool {
+	out := map[string]bool{}
+	for _, owners := range st.Owners {
+		for _, o := range owners {
+			out[o] = true
+		}
+	}
+	return out
 }
 
 // owned lists the blocks of network owned by peer, in address order.
@@ -262,7 +432,10 @@ func (f *fsm) deltasAfter(after uint64) []tableDelta {
 
 func (st *fsmState) clone() fsmState {
 	out := newFSMState()
-	out.ClusterID, out.Version = st.ClusterID, st.Version
+	out.ClusterID, out.Version, out.Pinned = st.ClusterID, st.Version, st.Pinned
+	for k, v := range st.Dead {
+		out.Dead[k] = v
+	}
 	for k, v := range st.Networks {
 		out.Networks[k] = v
 	}
@@ -324,7 +497,11 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	if st.Removed == nil {
 		st.Removed = map[string]bool{}
 	}
+	if st.Dead == nil {
+		st.Dead = map[string]time.Time{}
+	}
 	if err := st.validate(); err != nil {
+		f.refused("snapshot", err)
 		return fmt.Errorf("ipam snapshot: %w", err)
 	}
 	f.mu.Lock()

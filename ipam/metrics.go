@@ -41,7 +41,14 @@ func newMetrics(reg prometheus.Registerer, a *Allocator) *metrics {
 		}
 		return float64(n)
 	})
-	reg.MustRegister(m.allocations, m.releases, m.claims, used, blocks)
+	orphans := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "weft_ipam_orphaned_attachments", Help: "Attachments whose address lies in a block this peer no longer owns (rmpeer --force or a reclaim while it was partitioned).",
+	}, func() float64 {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return float64(len(a.orphans))
+	})
+	reg.MustRegister(m.allocations, m.releases, m.claims, used, blocks, orphans)
 	return m
 }
 
@@ -52,6 +59,8 @@ type clusterMetrics struct {
 	tableFetches   prometheus.Counter
 	tableDeltas    prometheus.Counter
 	forwardHops    prometheus.Counter
+	refused        *prometheus.CounterVec
+	mismatch       prometheus.Gauge
 }
 
 func newClusterMetrics(reg prometheus.Registerer) *clusterMetrics {
@@ -71,9 +80,15 @@ func newClusterMetrics(reg prometheus.Registerer) *clusterMetrics {
 		forwardHops: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "weft_ipam_forward_hops_total", Help: "Client commands this member passed on to its leader.",
 		}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weft_ipam_commands_refused_total", Help: "Raft commands refused by the leader or the state machine (nothing changed), by reason.",
+		}, []string{"reason"}),
+		mismatch: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "weft_ipam_network_config_mismatch", Help: "1 when this peer's --ipalloc-range/--ipalloc-block differ from the cluster's (it gets no block).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.foreignRefused, m.tableRejected, m.tableFetches, m.tableDeltas, m.forwardHops)
+		reg.MustRegister(m.foreignRefused, m.tableRejected, m.tableFetches, m.tableDeltas, m.forwardHops, m.refused, m.mismatch)
 	}
 	return m
 }

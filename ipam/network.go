@@ -47,8 +47,73 @@ func (n Network) Validate() error {
 	if n.Subnet.Bits() > 24 {
 		return fmt.Errorf("%w: subnet %s of network %s is smaller than a /24", ErrInvalidNetwork, n.Subnet, n.Name)
 	}
+	if n.Subnet.Bits() < MinSubnetBits {
+		return fmt.Errorf("%w: subnet %s of network %s is wider than a /%d", ErrInvalidNetwork, n.Subnet, n.Name, MinSubnetBits)
+	}
+	for _, sp := range specialRanges {
+		if sp.Overlaps(n.Subnet) {
+			return fmt.Errorf("%w: subnet %s of network %s overlaps %s, which is never routed to containers", ErrInvalidNetwork, n.Subnet, n.Name, sp)
+		}
+	}
 	if n.BlockBits < n.Subnet.Bits() || n.BlockBits > 30 {
 		return fmt.Errorf("%w: block size /%d of network %s must be between /%d and /30", ErrInvalidNetwork, n.BlockBits, n.Name, n.Subnet.Bits())
+	}
+	if n.BlockBits-n.Subnet.Bits() > maxBlockBitsSpan {
+		return fmt.Errorf("%w: network %s splits %s into /%d blocks, more than %d; choose larger blocks",
+			ErrInvalidNetwork, n.Name, n.Subnet, n.BlockBits, 1<<maxBlockBitsSpan)
+	}
+	return nil
+}
+
+// Bounds on a network definition. A network's range is routed to its blocks' owners on every
+// host, so a definition is a claim on every host's routing table: these keep one from taking
+// traffic that is not the containers'.
+const (
+	// MinSubnetBits: no range wider than a /8. The widest private range (10/8) is a /8; a
+	// wider one covers public space the hosts reach through their default route, and the
+	// audit's 0.0.0.0/0 with /1 blocks would take every host's traffic.
+	MinSubnetBits = 8
+	// maxBlockBitsSpan: at most 2^18 blocks per network (a /8 in /26 blocks), so a claim's
+	// scan for a free block and the replicated table stay bounded.
+	maxBlockBitsSpan = 18
+	// MaxNetworks bounds how many networks the cluster defines.
+	MaxNetworks = 64
+)
+
+// specialRanges are IPv4 ranges no network may overlap: "this network" (which holds the
+// default route 0.0.0.0), loopback, link-local, and multicast, reserved and broadcast space.
+var specialRanges = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("224.0.0.0/3"),
+}
+
+// CheckNetworks reports what is wrong with a set of networks defined together: each must be
+// valid (see Validate), names unique, no two ranges may overlap, at most MaxNetworks, and
+// none may hold one of the underlay addresses (those the caller knows; none is fine).
+// Pure; O(k² + k·u) for k networks and u underlay addresses, k ≤ MaxNetworks.
+func CheckNetworks(nets []Network, underlay []netip.Addr) error {
+	if len(nets) > MaxNetworks {
+		return fmt.Errorf("%w: %d networks, at most %d", ErrInvalidNetwork, len(nets), MaxNetworks)
+	}
+	for i, n := range nets {
+		if err := n.Validate(); err != nil {
+			return err
+		}
+		for _, m := range nets[:i] {
+			if m.Name == n.Name {
+				return fmt.Errorf("%w: network %s defined twice", ErrInvalidNetwork, n.Name)
+			}
+			if m.Subnet.Overlaps(n.Subnet) {
+				return fmt.Errorf("%w: network %s (%s) overlaps network %s (%s)", ErrInvalidNetwork, n.Name, n.Subnet, m.Name, m.Subnet)
+			}
+		}
+		for _, u := range underlay {
+			if n.Subnet.Contains(u) {
+				return fmt.Errorf("%w: network %s (%s) holds the underlay address %s of a peer", ErrInvalidNetwork, n.Name, n.Subnet, u)
+			}
+		}
 	}
 	return nil
 }

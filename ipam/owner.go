@@ -2,6 +2,7 @@ package ipam
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 	"sort"
@@ -92,9 +93,34 @@ func hasPrefix(b, prefix []byte) bool {
 	return len(b) >= len(prefix) && string(b[:len(prefix)]) == string(prefix)
 }
 
-// record notes that peer owns block b of network (the Raft owner keeps its own claims here).
-func (o *LocalOwner) record(network string, b netip.Prefix, peer string) error {
+// bucketClaimIndex keeps, for each block the Raft owner recorded, the log index of its claim.
+var bucketClaimIndex = []byte("ipam-block-claim-index")
+
+// record notes that peer owns block b of network, claimed at Raft log index (the Raft owner
+// keeps its own claims here; 0: index unknown).
+func (o *LocalOwner) record(network string, b netip.Prefix, peer string, index uint64) error {
 	return o.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketBlocks).Put(blockKey(network, b), []byte(peer))
+		if err := tx.Bucket(bucketBlocks).Put(blockKey(network, b), []byte(peer)); err != nil {
+			return err
+		}
+		idx, err := tx.CreateBucketIfNotExists(bucketClaimIndex)
+		if err != nil {
+			return err
+		}
+		return idx.Put(blockKey(network, b), binary.BigEndian.AppendUint64(nil, index))
 	})
+}
+
+// claimIndex is the log index recorded with block b of network; 0 when none was.
+func (o *LocalOwner) claimIndex(network string, b netip.Prefix) uint64 {
+	var index uint64
+	o.db.View(func(tx *bolt.Tx) error {
+		if idx := tx.Bucket(bucketClaimIndex); idx != nil {
+			if v := idx.Get(blockKey(network, b)); len(v) == 8 {
+				index = binary.BigEndian.Uint64(v)
+			}
+		}
+		return nil
+	})
+	return index
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+	"sort"
 	"sync"
 )
 
@@ -70,6 +71,9 @@ type tableDelta struct {
 	Block   netip.Prefix `json:"block,omitzero"`
 	// ClusterID is the cluster whose table changed (for an init: the ID it takes).
 	ClusterID string `json:"cluster_id,omitempty"`
+	// Networks and Pinned: an init defined these networks (see fsmState.Pinned).
+	Networks []Network `json:"networks,omitempty"`
+	Pinned   bool      `json:"pinned,omitempty"`
 	// Conf, with Op opConf, is the leader's confHash: not a table change, a hint to refetch.
 	Conf uint64 `json:"conf,omitempty"`
 }
@@ -82,12 +86,26 @@ func (st *fsmState) validate() error {
 	if st.ClusterID != "" && !clusterIDRE.MatchString(st.ClusterID) {
 		return fmt.Errorf("%w: cluster id %q", ErrBadTable, st.ClusterID)
 	}
+	nets := make([]Network, 0, len(st.Networks))
 	for name, n := range st.Networks {
 		if err := n.Validate(); err != nil {
 			return fmt.Errorf("%w: network %q: %v", ErrBadTable, name, err)
 		}
 		if n.Name != name {
 			return fmt.Errorf("%w: network %q is filed under %q", ErrBadTable, n.Name, name)
+		}
+		nets = append(nets, n)
+	}
+	sort.Slice(nets, func(i, j int) bool { return nets[i].Name < nets[j].Name })
+	if err := CheckNetworks(nets, nil); err != nil {
+		return fmt.Errorf("%w: %v", ErrBadTable, err)
+	}
+	if !st.Pinned && len(st.Networks) > 1 {
+		return fmt.Errorf("%w: %d networks defined by claims; a table without pinned networks has at most one", ErrBadTable, len(st.Networks))
+	}
+	for peer, at := range st.Dead {
+		if checkPeerName(peer) != nil || at.Before(minDeathTime) || at.After(maxDeathTime) {
+			return fmt.Errorf("%w: death record %q at %s", ErrBadTable, peer, at)
 		}
 	}
 	for name, owners := range st.Owners {
@@ -137,8 +155,8 @@ func applyDelta(st *fsmState, d tableDelta) error {
 		if !n.ContainsBlock(d.Block) {
 			return fmt.Errorf("%w: claim delta %d: %s is not a block of %s", ErrBadTable, d.Index, d.Block, n.Subnet)
 		}
-		if def, ok := st.Networks[n.Name]; ok && def != n {
-			return fmt.Errorf("%w: claim delta %d redefines network %s", ErrBadTable, d.Index, n.Name)
+		if err := st.checkClaim(d.Peer, n); err != nil {
+			return fmt.Errorf("%w: claim delta %d: %v", ErrBadTable, d.Index, err)
 		}
 		if owner, ok := st.Owners[n.Name][d.Block]; ok && owner != d.Peer {
 			return fmt.Errorf("%w: claim delta %d gives %s to %s, owned by %s", ErrBadTable, d.Index, d.Block, d.Peer, owner)
@@ -149,6 +167,7 @@ func applyDelta(st *fsmState, d tableDelta) error {
 		}
 		st.Owners[n.Name][d.Block] = d.Peer
 		delete(st.Removed, d.Peer)
+		delete(st.Dead, d.Peer)
 	case opRemovePeer:
 		if d.Peer == "" || len(d.Peer) > maxNameLen {
 			return fmt.Errorf("%w: remove delta %d names peer %q", ErrBadTable, d.Index, d.Peer)
@@ -165,7 +184,13 @@ func applyDelta(st *fsmState, d tableDelta) error {
 		if !clusterIDRE.MatchString(d.ClusterID) {
 			return fmt.Errorf("%w: init delta %d has cluster id %q", ErrBadTable, d.Index, d.ClusterID)
 		}
-		st.ClusterID = d.ClusterID
+		if st.ClusterID != "" {
+			return fmt.Errorf("%w: init delta %d for a table that is already initialised", ErrBadTable, d.Index)
+		}
+		if err := st.defineNetworks(d.Networks); err != nil {
+			return fmt.Errorf("%w: init delta %d: %v", ErrBadTable, d.Index, err)
+		}
+		st.ClusterID, st.Pinned = d.ClusterID, d.Pinned || len(d.Networks) > 0
 	default:
 		return fmt.Errorf("%w: delta %d has unknown operation %q", ErrBadTable, d.Index, d.Op)
 	}

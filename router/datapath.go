@@ -116,6 +116,7 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 		}
 	}
 	p.links = l
+	registerRangeMetrics(p.reg, p.connections)
 	return nil
 }
 
@@ -160,7 +161,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		now := time.Now()
 		peers := p.mesh.Peers()
 		relays := p.updatePaths(peers, now)
-		want, conns := desiredState(p.cfg.Name, l.pol, peers, p.remoteBlocks(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
+		want, conns := desiredState(p.cfg.Name, l.pol, peers, p.remoteBlocks(), p.networkRanges(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
 		want, conns = applyRelays(want, conns, relays)
 		l.mu.Lock()
 		l.conns = conns

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/datapath"
@@ -38,14 +39,34 @@ func chooseLink(pol linkPolicy, remote mesh.Metadata) plan.Choice {
 }
 
 // desiredState is plan.Links over the mesh's peers: the remote peers each mode's driver
-// must serve, and the connection table. O(N + blocks).
-func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[string][]netip.Prefix, now time.Time, downGrace time.Duration, wgPort uint16) (map[string][]datapath.RemotePeer, []Connection) {
-	in := plan.Input{Self: self, Policy: pol, Blocks: blocks, Now: now, DownGrace: downGrace, WireGuardPort: wgPort,
+// must serve, and the connection table. Only blocks inside ranges (the defined networks'
+// ranges, see networkRanges) are routed. O(N + blocks).
+func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[string][]netip.Prefix, ranges []netip.Prefix, now time.Time, downGrace time.Duration, wgPort uint16) (map[string][]datapath.RemotePeer, []Connection) {
+	in := plan.Input{Self: self, Policy: pol, Blocks: blocks, Ranges: ranges, Now: now, DownGrace: downGrace, WireGuardPort: wgPort,
 		Peers: make([]plan.Peer, 0, len(peers))}
 	for _, pr := range peers {
 		in.Peers = append(in.Peers, planPeer(pr))
 	}
 	return plan.Links(in)
+}
+
+// networkRanges are the ranges of the networks the cluster defines (pinned in the Raft state),
+// the only space the datapath routes to other peers. O(networks).
+func (p *Peer) networkRanges() []netip.Prefix {
+	var out []netip.Prefix
+	for _, n := range p.cluster.Networks() {
+		out = append(out, n.Subnet)
+	}
+	return out
+}
+
+// registerRangeMetrics exports how many blocks of the table the plan refused to route
+// because they lie inside no defined network (conns: the last connection rows).
+func registerRangeMetrics(reg prometheus.Registerer, conns func() []Connection) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "weft_datapath_blocks_out_of_range",
+		Help: "Blocks in the block table outside every defined network's range, not routed (a nonzero value means a bad table entry).",
+	}, func() float64 { return float64(plan.OutOfRange(conns())) }))
 }
 
 // applyRelays is plan.ApplyRelays: relayed destinations' blocks ride on their relays.

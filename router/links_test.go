@@ -43,7 +43,8 @@ func TestDesiredStateKeepsRestartingPeers(t *testing.T) {
 		{Name: "d", State: mesh.StateSuspect, Since: now.Add(-time.Minute), Meta: meta("d", "192.0.2.40", "direct", "vxlan")},
 	}
 	blocks := map[string][]netip.Prefix{"b": {netip.MustParsePrefix("10.40.0.64/26")}, "c": {netip.MustParsePrefix("10.40.0.128/26")}}
-	want, conns := desiredState("a", pol, peers, blocks, now, 5*time.Second, 6786)
+	ranges := []netip.Prefix{netip.MustParsePrefix("10.40.0.0/16")}
+	want, conns := desiredState("a", pol, peers, blocks, ranges, now, 5*time.Second, 6786)
 	if len(want["direct"]) != 2 || want["direct"][0].Name != "b" || want["direct"][1].Name != "d" {
 		t.Fatalf("a peer dead for 2s and a suspect one keep their routes, one dead for a minute does not: %+v", want)
 	}
@@ -53,5 +54,23 @@ func TestDesiredStateKeepsRestartingPeers(t *testing.T) {
 	want, conns = applyRelays(want, conns, map[string]string{"d": "b"})
 	if len(want["direct"][0].Blocks) != 1 || conns[2].State != "relayed" {
 		t.Fatalf("relays through the adapter: %+v %+v", want, conns)
+	}
+}
+
+// A block outside the defined ranges (the audit's /1 of 0.0.0.0/0) is not routed.
+func TestDesiredStateRoutesOnlyDefinedRanges(t *testing.T) {
+	pol := linkPolicy{UnderlayPrefix: netip.MustParsePrefix("192.0.2.10/24"), Modes: []string{"direct", "vxlan"}}
+	now := time.Now()
+	peers := []mesh.Peer{
+		{Name: "a", Self: true, State: mesh.StateAlive},
+		{Name: "b", State: mesh.StateAlive, Since: now, Meta: meta("b", "192.0.2.20", "direct", "vxlan")},
+	}
+	blocks := map[string][]netip.Prefix{"b": {netip.MustParsePrefix("10.40.0.64/26"), netip.MustParsePrefix("0.0.0.0/1")}}
+	want, conns := desiredState("a", pol, peers, blocks, []netip.Prefix{netip.MustParsePrefix("10.40.0.0/16")}, now, 5*time.Second, 6786)
+	if len(want["direct"]) != 1 || len(want["direct"][0].Blocks) != 1 || want["direct"][0].Blocks[0].String() != "10.40.0.64/26" {
+		t.Fatalf("routed %+v, want only 10.40.0.64/26", want)
+	}
+	if len(conns) != 1 || len(conns[0].OutOfRange) != 1 {
+		t.Fatalf("connections %+v: the dropped block must be listed", conns)
 	}
 }

@@ -152,6 +152,11 @@ func (p *Peer) runMembership(ctx context.Context) {
 		}
 		p.cluster.Observe(members)
 		p.cluster.SyncTable(ctx, now)
+		// Blocks the table took away (rmpeer --force, a reclaim while partitioned) are
+		// dropped at once and the attachments left in them reported.
+		if err := p.alloc.CheckOwnership(); err != nil {
+			p.log.Warn("could not check block ownership; will retry", "err", err)
+		}
 		p.broadcastTable()
 		known := make(map[string]bool, len(peers))
 		for _, pr := range peers {
@@ -314,6 +319,14 @@ type IPAMStatus struct {
 	Nonvoters []string         `json:"nonvoters"`
 	Blocks    []IPAMBlock      `json:"blocks"`
 	Peers     []IPAMPeerTotals `json:"peers"`
+	// Orphaned are this peer's attachments in blocks it no longer owns (see
+	// ipam.Allocator.CheckOwnership); NetworkMismatch says how its configured range differs
+	// from the cluster's. Both empty when all is well.
+	Orphaned        []ipam.Attachment `json:"orphaned,omitempty"`
+	NetworkMismatch string            `json:"network_mismatch,omitempty"`
+	// Dead are the recorded death times of peers that own blocks (--reclaim-after counts
+	// from them).
+	Dead map[string]time.Time `json:"dead,omitempty"`
 }
 
 // IPAMBlock is one owned block. Used is nil when the owner's usage is not known here (yet).
@@ -337,7 +350,8 @@ type IPAMPeerTotals struct {
 func (p *Peer) ipamStatus() IPAMStatus {
 	cs := p.cluster.Status()
 	st := IPAMStatus{Range: p.cfg.IPAllocRange.String(), Leader: cs.Leader, State: cs.State,
-		Voters: cs.Voters, Nonvoters: cs.Nonvoters, Blocks: []IPAMBlock{}, Peers: []IPAMPeerTotals{}}
+		Voters: cs.Voters, Nonvoters: cs.Nonvoters, Blocks: []IPAMBlock{}, Peers: []IPAMPeerTotals{},
+		Orphaned: p.alloc.Orphaned(), NetworkMismatch: p.cluster.NetworkMismatch(), Dead: cs.Dead}
 	type sums struct {
 		blocks, used, free int
 		unknown            bool

@@ -220,6 +220,7 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 		Nonvoters:      p.cfg.RaftNonvoters,
 		DeadVoterGrace: p.cfg.VoterGrace,
 		ReclaimAfter:   p.cfg.ReclaimAfter,
+		Networks:       []ipam.Network{p.cfg.defaultNetwork()},
 		Logger:         p.log.With("component", "raft"),
 	})
 	if err != nil {

@@ -67,13 +67,16 @@ type Choice struct {
 
 // Connection is one row of `weft status connections`.
 type Connection struct {
-	Peer    string    `json:"peer"`
-	Address string    `json:"address"`
-	Mode    string    `json:"mode"`
-	State   string    `json:"state"` // established, relayed, down (peer not alive), none (no mode)
-	Reason  string    `json:"reason"`
-	Blocks  []string  `json:"blocks"`
-	Since   time.Time `json:"since"`
+	Peer    string   `json:"peer"`
+	Address string   `json:"address"`
+	Mode    string   `json:"mode"`
+	State   string   `json:"state"` // established, relayed, down (peer not alive), none (no mode)
+	Reason  string   `json:"reason"`
+	Blocks  []string `json:"blocks"`
+	// OutOfRange lists the peer's blocks in the table that lie inside no defined network's
+	// range: they are not routed (a bad table entry must never become a route).
+	OutOfRange []string  `json:"out_of_range,omitempty"`
+	Since      time.Time `json:"since"`
 }
 
 // Connection states.
@@ -96,6 +99,9 @@ type Input struct {
 	Peers  []Peer
 	// Blocks are the address blocks per owner (the block table).
 	Blocks map[string][]netip.Prefix
+	// Ranges are the ranges of the networks the cluster defines. Only blocks inside one of
+	// them are routed; none (not known yet) routes no block at all.
+	Ranges []netip.Prefix
 	// Relays maps a destination peer to the peer that relays its traffic (path selection);
 	// nil or empty: every peer is reached over its own link.
 	Relays map[string]string
@@ -167,6 +173,39 @@ func ChooseLink(pol Policy, remote Peer) Choice {
 	return Choice{Reason: "no link mode both peers support: " + joinReasons(why)}
 }
 
+// InRange splits blocks into those inside one of ranges (kept, in their order) and the rest
+// (dropped): a block is inside a range when the range contains its whole prefix. A block
+// that is not a valid masked prefix is dropped. With no ranges every block is dropped: the
+// plan fails closed. Pure; O(blocks × ranges), ranges being the few defined networks.
+func InRange(blocks, ranges []netip.Prefix) (kept, dropped []netip.Prefix) {
+	for _, b := range blocks {
+		inside := false
+		if b.IsValid() && b.Masked() == b {
+			for _, r := range ranges {
+				if r.IsValid() && r.Bits() <= b.Bits() && r.Contains(b.Addr()) {
+					inside = true
+					break
+				}
+			}
+		}
+		if inside {
+			kept = append(kept, b)
+		} else {
+			dropped = append(dropped, b)
+		}
+	}
+	return kept, dropped
+}
+
+// OutOfRange counts the blocks the connection rows say were not routed. O(N).
+func OutOfRange(conns []Connection) int {
+	n := 0
+	for _, c := range conns {
+		n += len(c.OutOfRange)
+	}
+	return n
+}
+
 // trusts says whether a peer with these trusted subnets trusts addr.
 func trusts(trusted []netip.Prefix, addr netip.Addr) bool {
 	for _, p := range trusted {
@@ -191,8 +230,12 @@ func Links(in Input) (Desired, []Connection) {
 			continue
 		}
 		c := Connection{Peer: pr.Name, Address: pr.Underlay.String(), Since: pr.Since, Blocks: []string{}}
-		for _, b := range in.Blocks[pr.Name] {
+		blocks, dropped := InRange(in.Blocks[pr.Name], in.Ranges)
+		for _, b := range blocks {
 			c.Blocks = append(c.Blocks, b.String())
+		}
+		for _, b := range dropped {
+			c.OutOfRange = append(c.OutOfRange, b.String())
 		}
 		choice := ChooseLink(in.Policy, pr)
 		c.Mode, c.Reason = choice.Mode, choice.Reason
@@ -208,7 +251,7 @@ func Links(in Input) (Desired, []Connection) {
 			}
 			want[choice.Mode] = append(want[choice.Mode], datapath.RemotePeer{
 				Name: pr.Name, Underlay: pr.Underlay, VTEPMAC: pr.VTEPMAC,
-				WireGuardKey: pr.WireGuardKey, WireGuardPort: in.WireGuardPort, Blocks: in.Blocks[pr.Name],
+				WireGuardKey: pr.WireGuardKey, WireGuardPort: in.WireGuardPort, Blocks: blocks,
 			})
 		}
 		conns = append(conns, c)

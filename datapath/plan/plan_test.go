@@ -1,6 +1,7 @@
 package plan
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -158,6 +159,7 @@ func TestComputeSortsAndRelays(t *testing.T) {
 			"c": {netip.MustParsePrefix("10.40.0.128/26")},
 			"d": {netip.MustParsePrefix("10.40.0.192/26")},
 		},
+		Ranges: []netip.Prefix{netip.MustParsePrefix("10.40.0.0/16")},
 		Relays: map[string]string{"d": "b"},
 		Now:    time.Now(), DownGrace: 5 * time.Second, WireGuardPort: 6786,
 	}
@@ -176,5 +178,69 @@ func TestComputeSortsAndRelays(t *testing.T) {
 	}
 	if conns[0].Peer != "d" || conns[0].State != StateRelayed {
 		t.Fatalf("connections %+v", conns)
+	}
+}
+
+// The audit's rogue claim: a table entry with /1 blocks of 0.0.0.0/0 (or any block outside
+// the defined networks) never becomes a route, is listed in the connection row and counted;
+// without known ranges nothing is routed.
+func TestPlanDropsBlocksOutsideDefinedRanges(t *testing.T) {
+	all := []string{"direct", "vxlan"}
+	blk := netip.MustParsePrefix
+	in := Input{
+		Self:   "a",
+		Policy: Policy{UnderlayPrefix: blk("192.0.2.10/24"), Modes: all},
+		Peers:  []Peer{peer("b", "192.0.2.20", all...), peer("evil", "192.0.2.66", all...)},
+		Blocks: map[string][]netip.Prefix{
+			"b":    {blk("10.40.0.64/26"), blk("10.41.0.0/26")},
+			"evil": {blk("0.0.0.0/1"), blk("128.0.0.0/1"), blk("10.0.0.0/8"), blk("10.40.0.129/26"), {}},
+		},
+		Ranges: []netip.Prefix{blk("10.40.0.0/16")},
+		Now:    time.Now(), DownGrace: 5 * time.Second,
+	}
+	want, conns := Compute(in)
+	var routed []netip.Prefix
+	for _, rp := range want["direct"] {
+		routed = append(routed, rp.Blocks...)
+	}
+	if fmt.Sprint(routed) != "[10.40.0.64/26]" {
+		t.Fatalf("routed %v, want only 10.40.0.64/26", routed)
+	}
+	if n := OutOfRange(conns); n != 6 {
+		t.Fatalf("%d blocks reported out of range, want 6: %+v", n, conns)
+	}
+	for _, c := range conns {
+		if c.Peer == "evil" && (len(c.Blocks) != 0 || !slices.Contains(c.OutOfRange, "0.0.0.0/1")) {
+			t.Fatalf("evil's row %+v", c)
+		}
+	}
+	// Relaying through a peer must not smuggle a dropped block in either.
+	in.Relays = map[string]string{"evil": "b"}
+	want, _ = Compute(in)
+	for _, rp := range want["direct"] {
+		for _, b := range rp.Blocks {
+			if !blk("10.40.0.0/16").Contains(b.Addr()) {
+				t.Fatalf("relayed block %s routed via %s", b, rp.Name)
+			}
+		}
+	}
+	in.Ranges, in.Relays = nil, nil
+	want, conns = Compute(in)
+	for _, rp := range want["direct"] {
+		if len(rp.Blocks) != 0 {
+			t.Fatalf("no ranges known, yet %s routes %v", rp.Name, rp.Blocks)
+		}
+	}
+	if n := OutOfRange(conns); n != 7 {
+		t.Fatalf("%d blocks reported out of range with no ranges, want 7", n)
+	}
+}
+
+func TestInRange(t *testing.T) {
+	p := netip.MustParsePrefix
+	ranges := []netip.Prefix{p("10.40.0.0/16"), p("10.50.0.0/24")}
+	kept, dropped := InRange([]netip.Prefix{p("10.40.255.192/26"), p("10.50.0.0/24"), p("10.50.0.0/23"), p("10.40.0.0/15"), p("10.40.0.1/26")}, ranges)
+	if fmt.Sprint(kept) != "[10.40.255.192/26 10.50.0.0/24]" || len(dropped) != 3 {
+		t.Fatalf("kept %v dropped %v", kept, dropped)
 	}
 }

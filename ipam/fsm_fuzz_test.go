@@ -1,0 +1,147 @@
+package ipam
+
+import (
+	"encoding/json"
+	"math"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// The FSM's command decoder is fed garbage (FuzzFSMApply) and valid commands with extreme
+// values (FuzzFSMApplyExtreme): prefixes of every length anywhere in IPv4 (0.0.0.0/0 with /1
+// blocks, /32s, 255.255.255.255), block sizes past the bounds, huge and empty names, death
+// times at the ends of time. Whatever the entry, the state stays valid, a pinned cluster
+// never gains a network, every owned block lies inside its network with its block size, and
+// a refused entry changes nothing.
+
+// fuzzStates are the starting points: a pinned cluster with one claim, and a cluster whose
+// log predates pinning (its first claim may define its one network, within bounds).
+func fuzzStates() map[string]func() *fsm {
+	return map[string]func() *fsm{
+		"pinned": func() *fsm {
+			f := newFSM()
+			applyCmd(f, 1, command{Op: opInit, ClusterID: "c1", Networks: []Network{clusterNet}})
+			applyCmd(f, 2, command{Op: opClaim, Network: clusterNet, Peer: "p1"})
+			return f
+		},
+		"fresh": newFSM,
+		"unpinned": func() *fsm {
+			f := newFSM()
+			applyCmd(f, 1, command{Op: opInit, ClusterID: "c1"})
+			return f
+		},
+	}
+}
+
+// checkFSMInvariants fails t if applying data to a fresh state broke an invariant.
+func checkFSMInvariants(t *testing.T, data []byte) {
+	for name, start := range fuzzStates() {
+		f := start()
+		before := stateJSON(f)
+		pinnedBefore := f.copyState().Pinned
+		netsBefore := len(f.copyState().Networks)
+		res, ok := f.Apply(&raft.Log{Index: 3, Data: data}).(commandResult)
+		if !ok {
+			t.Fatalf("%s: Apply answered a %T", name, res)
+		}
+		st := f.copyState()
+		if err := st.validate(); err != nil {
+			t.Fatalf("%s: state invalid after %q: %v", name, data, err)
+		}
+		if res.Err != "" && stateJSON(f) != before {
+			t.Fatalf("%s: refused entry %q (%s) changed the state", name, data, res.Err)
+		}
+		if pinnedBefore && len(st.Networks) != netsBefore {
+			t.Fatalf("%s: entry %q added a network to a pinned cluster: %v", name, data, st.Networks)
+		}
+		if !st.Pinned && len(st.Networks) > 1 {
+			t.Fatalf("%s: entry %q defined %d networks by claim", name, data, len(st.Networks))
+		}
+		for netName, owners := range st.Owners {
+			n := st.Networks[netName]
+			for b := range owners {
+				if !n.ContainsBlock(b) || b.Bits() < MinSubnetBits {
+					t.Fatalf("%s: entry %q left block %s in network %v", name, data, b, n)
+				}
+			}
+		}
+		if res.Block.IsValid() && res.Block.Bits() != st.Networks[res.Network(st)].BlockBits {
+			t.Fatalf("%s: claimed %s of the wrong size", name, res.Block)
+		}
+	}
+}
+
+// Network finds the network holding the result's block (test helper).
+func (r commandResult) Network(st fsmState) string {
+	for name, n := range st.Networks {
+		if n.Subnet.Contains(r.Block.Addr()) {
+			return name
+		}
+	}
+	return ""
+}
+
+func FuzzFSMApply(f *testing.F) {
+	rogue := rogueNet
+	for _, cmd := range []command{
+		{Op: opClaim, Network: clusterNet, Peer: "p2"},
+		{Op: opClaim, Network: rogue, Peer: "mallory"},
+		{Op: opClaim, Network: Network{Name: "default", Subnet: netip.MustParsePrefix("255.255.255.255/32"), BlockBits: 32}, Peer: "m"},
+		{Op: opClaim, Network: Network{Name: "evil", Subnet: netip.MustParsePrefix("10.0.0.0/8"), BlockBits: 26}, Peer: "m"},
+		{Op: opRemovePeer, Peer: "p1"},
+		{Op: opInit, ClusterID: "c2", Networks: []Network{rogue}},
+		{Op: opLiveness, Dead: map[string]time.Time{"p1": time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC)}, Alive: []string{"p1"}},
+		{Op: opLiveness, Dead: map[string]time.Time{"p1": time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}},
+	} {
+		f.Add(mustJSON(cmd))
+	}
+	f.Add([]byte(`{"op":"claim","network":{"name":"default","subnet":"0.0.0.0/0","block_bits":1},"peer":"x"}`))
+	f.Add([]byte(`{"op":"claim","network":{"name":"default","subnet":"10.40.0.0/16","block_bits":-1},"peer":"x"}`))
+	f.Add([]byte(`{"op":"liveness","dead":{"p1":"0001-01-01T00:00:00Z"}}`))
+	f.Add([]byte(`{"op":"init","cluster_id":"c1","networks":null}`))
+	f.Add([]byte(`not json`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		checkFSMInvariants(t, data)
+	})
+}
+
+func FuzzFSMApplyExtreme(f *testing.F) {
+	f.Add(uint8(0), uint32(0), 0, 1, "mallory", int64(0))                      // 0.0.0.0/0 in /1 blocks
+	f.Add(uint8(0), uint32(0x0a280000), 16, 26, "p2", int64(0))                // the honest claim
+	f.Add(uint8(0), uint32(0xffffffff), 32, 32, "m", int64(0))                 // one broadcast address
+	f.Add(uint8(0), uint32(0x0a000000), 8, 30, "m", int64(0))                  // 2^22 blocks
+	f.Add(uint8(1), uint32(0x0a280000), 16, 26, "", int64(math.MaxInt64))      // empty name
+	f.Add(uint8(2), uint32(0xc0a80000), 16, 26, "c2", int64(0))                // a second init
+	f.Add(uint8(3), uint32(0), 0, 0, "p1", int64(math.MinInt64))               // death at the dawn of time
+	f.Add(uint8(3), uint32(0), 0, 0, "p1", int64(253402300799))                // death in year 9999
+	f.Add(uint8(3), uint32(0), 0, 0, string(make([]byte, 4096)), int64(1.8e9)) // a huge name
+	f.Fuzz(func(t *testing.T, op uint8, addr uint32, bits, blockBits int, peer string, deathUnix int64) {
+		a := uint32ToAddr(addr)
+		if bits < 0 || bits > 32 {
+			bits = int(uint(bits) % 33)
+		}
+		n := Network{Name: "default", Subnet: netip.PrefixFrom(a, bits).Masked(), BlockBits: blockBits}
+		if op%5 == 4 {
+			n.Name = "other"
+		}
+		var cmd command
+		switch op % 4 {
+		case 0:
+			cmd = command{Op: opClaim, Network: n, Peer: peer}
+		case 1:
+			cmd = command{Op: opRemovePeer, Peer: peer}
+		case 2:
+			cmd = command{Op: opInit, ClusterID: "c2", Networks: []Network{n}}
+		case 3:
+			cmd = command{Op: opLiveness, Dead: map[string]time.Time{peer: time.Unix(deathUnix, 0)}, Alive: []string{peer}}
+		}
+		data, err := json.Marshal(cmd)
+		if err != nil {
+			return // a time json cannot encode never reaches the log
+		}
+		checkFSMInvariants(t, data)
+	})
+}
