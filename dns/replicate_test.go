@@ -471,7 +471,7 @@ func TestReplicatorGarbageCountedAndIgnored(t *testing.T) {
 
 	valid := b.Records().Encode()
 	rnd := rand.New(rand.NewPCG(3, 4))
-	garbage := [][]byte{nil, {}, []byte("WDR"), []byte("WDR\x02\x00"), []byte("hello, world"),
+	garbage := [][]byte{nil, {}, []byte("WDR"), []byte("WDR\x01\x00"), []byte("hello, world"),
 		valid[:len(valid)-1], append(slices.Clone(valid), 0)}
 	for i := 0; i < 200; i++ {
 		g := slices.Clone(valid)
@@ -582,7 +582,7 @@ func FuzzReplicatorNotifyMsg(f *testing.F) {
 	r0.AddAddr("web", netip.MustParseAddr("10.40.0.2"))
 	r0.AddSRV("web", "http", "tcp", 80)
 	f.Add(r0.Encode())
-	f.Add([]byte("WDR\x01\x00"))
+	f.Add([]byte("WDR\x02\x00"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := NewReplicator(ReplicatorConfig{Records: newTestRecords(t, "a", nil), Broadcast: func([]byte) error { return nil }})
 		if err != nil {
