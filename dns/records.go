@@ -249,8 +249,8 @@ const (
 	maxNameLen  = 200
 	maxLabelLen = 63
 	maxPeerLen  = 255
-	// maxVersion bounds versions far above any clock in µs (2^51 today) so
-	// that the owner's clock can never wrap.
+	// maxVersion caps the owner's clock and the version bound, far above
+	// any clock in µs (2^51 today), so that no version arithmetic can wrap.
 	maxVersion = 1 << 62
 )
 
@@ -367,8 +367,10 @@ func (e *Entry) validate() error {
 	if err := checkName(e.Name); err != nil {
 		return err
 	}
-	if e.Version == 0 || e.Version > maxVersion {
-		return fmt.Errorf("%w: %q: version %d out of range", ErrInvalidEntry, e.Name, e.Version)
+	// Too high a version is well-formed: Merge refuses it against its bound
+	// (now + MaxSkew), counted as future_version.
+	if e.Version == 0 {
+		return fmt.Errorf("%w: %q: version 0", ErrInvalidEntry, e.Name)
 	}
 	if len(e.Sig) != 0 && len(e.Sig) != ed25519.SignatureSize {
 		return fmt.Errorf("%w: %q: signature of %d bytes", ErrInvalidEntry, e.Name, len(e.Sig))
