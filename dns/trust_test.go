@@ -432,3 +432,36 @@ func FuzzMergeExtremeSigned(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkMergeSignedState measures a push/pull of a 1000-entry state from another
+// origin: "new" verifies every entry (a joiner's first state), "known" is the steady state
+// (nothing changed, nothing verified).
+func BenchmarkMergeSignedState(b *testing.B) {
+	fm := newFakeMesh()
+	clk := newFakeClock()
+	src := fm.signedRecords(b, "src", clk.Now, nil)
+	for i := range 1000 {
+		if _, err := src.AddAddr("web", netip.AddrFrom4([4]byte{10, 40, byte(i >> 8), byte(i)})); err != nil {
+			b.Fatal(err)
+		}
+	}
+	state := src.Encode()
+	b.Run("new", func(b *testing.B) {
+		for range b.N {
+			dst := fm.signedRecords(b, "dst", clk.Now, nil)
+			if _, err := dst.MergeBytes(state); err != nil || dst.Len() != 1000 {
+				b.Fatal(err, dst.Len())
+			}
+		}
+	})
+	b.Run("known", func(b *testing.B) {
+		dst := fm.signedRecords(b, "dst", clk.Now, nil)
+		dst.MergeBytes(state)
+		b.ResetTimer()
+		for range b.N {
+			if ch, err := dst.MergeBytes(state); err != nil || !ch.Empty() {
+				b.Fatal(err)
+			}
+		}
+	})
+}
