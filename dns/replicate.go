@@ -17,12 +17,20 @@ import (
 // implements mesh.ChannelHandler (NotifyMsg, LocalState, MergeRemoteState),
 // so that the router wires it in three lines:
 //
+//	recs, _ := dns.NewSignedRecords(dns.RecordsConfig{Self: name, Signer: id, Keys: m.PublicKey})
 //	rep, _ := dns.NewReplicator(dns.ReplicatorConfig{Records: recs,
 //		Broadcast: func(b []byte) error { return m.Broadcast("dns", b) }, Logger: log, Registry: reg})
 //	m.RegisterChannel("dns", rep)
 //	go rep.Run(ctx, grace, tombstoneTTL)
 //
-// and the membership hooks call PeerUp/PeerDown.
+// and the membership hooks call PeerUp/PeerDown (PeerUp's answer says when to sync).
+//
+// Every received entry goes through Records.MergeChecked: entries that are
+// not their origin's (bad_signature), whose origin's key is unknown
+// (unknown_origin), too far in the future (future_version) or over a cap
+// (origin_full, too_many_origins) are refused, counted in
+// weft_dns_replication_refused_entries_total{reason} and logged, one line
+// per message; the rest of the message is merged.
 //
 // What travels where:
 //
