@@ -465,3 +465,41 @@ func BenchmarkMergeSignedState(b *testing.B) {
 		}
 	})
 }
+
+// Verification runs outside the store's mutex: while a merge is stuck verifying (its key
+// lookup blocks here), queries are still answered.
+func TestQueriesNotBlockedByVerification(t *testing.T) {
+	fm := newFakeMesh()
+	src := fm.signedRecords(t, "src", nil, nil)
+	if _, err := src.AddAddr("web", mustAddr(t, "10.40.0.2")); err != nil {
+		t.Fatal(err)
+	}
+	inLookup, release := make(chan struct{}), make(chan struct{})
+	dst := fm.signedRecords(t, "dst", nil, func(c *RecordsConfig) {
+		c.Keys = func(o string) (ed25519.PublicKey, bool) {
+			close(inLookup)
+			<-release
+			return fm.lookup(o)
+		}
+	})
+	if _, err := dst.AddAddr("db", mustAddr(t, "10.40.0.3")); err != nil {
+		t.Fatal(err)
+	}
+	merged := make(chan *Delta)
+	go func() { merged <- dst.Merge(src.State()) }()
+	<-inLookup
+	answered := make(chan []Target)
+	go func() { ts, _ := dst.LookupName("db"); answered <- ts }()
+	select {
+	case ts := <-answered:
+		if len(ts) != 1 {
+			t.Fatalf("lookup during verification: %v", ts)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a query waited for a merge's signature checks")
+	}
+	close(release)
+	if ch := <-merged; ch.Len() != 1 {
+		t.Fatalf("merge after verification changed %d entries", ch.Len())
+	}
+}
