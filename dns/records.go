@@ -454,11 +454,14 @@ func (r *Records) writeLocal(es ...Entry) (*Delta, error) {
 	fresh := 0
 	for _, e := range es {
 		e.Peer = r.self
+		if slices.ContainsFunc(todo, func(t Entry) bool { return t.key() == e.key() }) {
+			continue // the same entry twice in one call (O(len(es)²), a handful)
+		}
 		cur, ok := r.entries[e.key()]
 		if ok && cur.Deleted == e.Deleted || !ok && e.Deleted {
 			continue
 		}
-		if !ok && !slices.ContainsFunc(todo, func(t Entry) bool { return t.key() == e.key() }) {
+		if !ok {
 			fresh++
 		}
 		todo = append(todo, e)
@@ -473,7 +476,6 @@ func (r *Records) writeLocal(es ...Entry) (*Delta, error) {
 		d.entries = append(d.entries, e)
 	}
 	d.sort()
-	d.entries = slices.CompactFunc(d.entries, func(a, b Entry) bool { return compareEntries(a, b) == 0 })
 	return d, nil
 }
 

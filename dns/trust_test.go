@@ -503,3 +503,15 @@ func TestQueriesNotBlockedByVerification(t *testing.T) {
 		t.Fatalf("merge after verification changed %d entries", ch.Len())
 	}
 }
+
+// The same address twice in one AddName is one entry, broadcast at the version stored.
+func TestAddNameDuplicateAddress(t *testing.T) {
+	r := newTestRecords(t, "a", newFakeClock().Now)
+	d, err := r.AddName("web", addrs(t, "10.40.0.2", "10.40.0.2"), nil)
+	if err != nil || d.Len() != 1 {
+		t.Fatalf("delta %v, %v", d.Entries(), err)
+	}
+	if st := r.State().Entries(); len(st) != 1 || st[0] != d.Entries()[0] {
+		t.Fatalf("stored %v, broadcast %v", st, d.Entries())
+	}
+}
