@@ -198,10 +198,19 @@ const (
 	RefusedOriginFull     = "origin_full"      // the origin holds MaxPerOrigin entries
 	RefusedTooManyOrigins = "too_many_origins" // the store holds MaxOrigins origins
 	RefusedForgotten      = "forgotten_origin" // the origin left; refused until it is back
+	// RefusedAfterForgery: not verified, because the message already held
+	// maxForgeries entries with bad signatures. Honest peers relay only
+	// entries they verified, so a message with forgeries comes from a forger;
+	// checking the rest would let it spend our CPU one verification at a time.
+	RefusedAfterForgery = "after_forgery"
 )
 
+// maxForgeries is how many bad signatures one message may hold before the
+// rest of it is refused unverified.
+const maxForgeries = 8
+
 // Refusals counts the entries Merge refused, by reason, with the first
-// error of each kind naming what was wrong (for the log).
+// error naming what was wrong (for the log).
 type Refusals struct {
 	Counts map[string]int
 	First  error
@@ -762,13 +771,15 @@ type candidate struct {
 	unknown bool
 }
 
-// candidates keeps d's entries that would change the store and are within
-// the version bound. Locked; O(len(d)).
+// candidates keeps d's entries that would change the store, are within the
+// version bound and fit the caps (counting the message's own new entries, so
+// that no more are verified than could be kept). Locked; O(len(d)).
 func (r *Records) candidates(d *Delta, ref *Refusals) []candidate {
 	limit := r.versionLimit()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []candidate
+	var fresh map[string]int // new entries of each origin in d
 	for _, e := range d.entries {
 		if _, gone := r.forgotten[e.Peer]; gone {
 			r.forgotten[e.Peer] = true
@@ -780,8 +791,25 @@ func (r *Records) candidates(d *Delta, ref *Refusals) []candidate {
 				ErrInvalidEntry, e.Name, e.Peer, e.Version, r.maxSkew, limit))
 			continue
 		}
-		if cur, ok := r.entries[e.key()]; ok && !wins(e, cur.Entry) {
+		cur, ok := r.entries[e.key()]
+		if ok && !wins(e, cur.Entry) {
 			continue // known: nothing to verify
+		}
+		if !ok {
+			held, known := r.perOrigin[e.Peer]
+			n, seen := fresh[e.Peer]
+			switch {
+			case !known && !seen && e.Peer != r.self && len(r.perOrigin)+len(fresh) >= r.maxOrigins:
+				ref.add(RefusedTooManyOrigins, fmt.Errorf("%w: peer %q: already holding entries of %d peers", ErrInvalidEntry, e.Peer, r.maxOrigins))
+				continue
+			case held+n >= r.maxPerOrigin:
+				ref.add(RefusedOriginFull, fmt.Errorf("%w: peer %q would have more than %d entries", ErrInvalidEntry, e.Peer, r.maxPerOrigin))
+				continue
+			}
+			if fresh == nil {
+				fresh = make(map[string]int)
+			}
+			fresh[e.Peer]++
 		}
 		out = append(out, candidate{e: e})
 	}
@@ -796,8 +824,13 @@ func (r *Records) verify(cands []candidate, ref *Refusals) []candidate {
 		return cands
 	}
 	out := cands[:0]
+	forged := 0
 	for _, c := range cands {
 		e := &c.e
+		if forged >= maxForgeries {
+			ref.add(RefusedAfterForgery, fmt.Errorf("%w: %q of peer %q: not checked after %d forged entries", ErrInvalidEntry, e.Name, e.Peer, forged))
+			continue
+		}
 		var pub ed25519.PublicKey
 		var ok bool
 		if e.Peer == r.self {
@@ -811,6 +844,7 @@ func (r *Records) verify(cands []candidate, ref *Refusals) []candidate {
 			c.unknown = true
 		case !identity.Verify(pub, RecordDomain, e.signedBytes(), []byte(e.Sig)):
 			ref.add(RefusedBadSignature, fmt.Errorf("%w: %q of peer %q version %d: not signed by the peer", ErrInvalidEntry, e.Name, e.Peer, e.Version))
+			forged++
 			continue
 		}
 		out = append(out, c)

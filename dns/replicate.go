@@ -28,7 +28,8 @@ import (
 // Every received entry goes through Records.MergeChecked: entries that are
 // not their origin's (bad_signature), whose origin's key is unknown
 // (unknown_origin), too far in the future (future_version) or over a cap
-// (origin_full, too_many_origins) are refused, counted in
+// (origin_full, too_many_origins), or sent after too many forgeries
+// (after_forgery) are refused, counted in
 // weft_dns_replication_refused_entries_total{reason} and logged, one line
 // per message; the rest of the message is merged.
 //
@@ -392,7 +393,7 @@ func newReplMetrics(reg prometheus.Registerer) (*replMetrics, error) {
 		}, []string{"source"}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_dns_replication_refused_entries_total",
-			Help: "Received DNS entries refused, by reason: bad_signature, unknown_origin, future_version, origin_full, too_many_origins, forgotten_origin.",
+			Help: "Received DNS entries refused, by reason: bad_signature, unknown_origin, future_version, origin_full, too_many_origins, forgotten_origin, after_forgery.",
 		}, []string{"reason"}),
 		merged: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_dns_replication_merged_entries_total",

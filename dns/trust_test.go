@@ -515,3 +515,38 @@ func TestAddNameDuplicateAddress(t *testing.T) {
 		t.Fatalf("stored %v, broadcast %v", st, d.Entries())
 	}
 }
+
+// A message cannot make a peer verify more than it could keep: entries past an origin's
+// cap are refused before verification, and after maxForgeries bad signatures the rest of
+// the message is refused unchecked.
+func TestVerificationBoundedPerMessage(t *testing.T) {
+	clk := newFakeClock()
+	fm := newFakeMesh()
+	bID, mallory := fm.identity("b"), fm.identity("mallory")
+	lookups := 0
+	a := fm.add(t, "a", clk.Now, func(c *ReplicatorConfig) {
+		c.Records = fm.signedRecords(t, "a", clk.Now, func(rc *RecordsConfig) {
+			rc.MaxPerOrigin = 10
+			rc.Keys = func(o string) (ed25519.PublicKey, bool) { lookups++; return fm.lookup(o) }
+		})
+	})
+	v := uint64(clk.Now().UnixMicro())
+	var own, forged []Entry
+	for i := range 1000 {
+		addr := netip.AddrFrom4([4]byte{10, 41, byte(i >> 8), byte(i)})
+		own = append(own, forge(bID, Entry{Peer: "b", Name: "web", Kind: KindAddr, Addr: addr, Version: v}))
+		forged = append(forged, forge(mallory, Entry{Peer: "c", Name: "web", Kind: KindAddr, Addr: addr, Version: v}))
+	}
+	fm.identity("c")
+	a.MergeRemoteState(encodeEntries(t, own...), false)
+	if lookups != 10 || len(lookup(a, "web")) != 10 || refusedCount(t, a, RefusedOriginFull) != 990 {
+		t.Fatalf("1000 entries of one origin, cap 10: %d verified, %d kept, origin_full %v",
+			lookups, len(lookup(a, "web")), refusedCount(t, a, RefusedOriginFull))
+	}
+	lookups = 0
+	a.MergeRemoteState(encodeEntries(t, forged[:10]...), false)
+	if lookups != maxForgeries || refusedCount(t, a, RefusedBadSignature) != maxForgeries || refusedCount(t, a, RefusedAfterForgery) != 10-maxForgeries {
+		t.Fatalf("forged message: %d verified, bad_signature %v, after_forgery %v", lookups,
+			refusedCount(t, a, RefusedBadSignature), refusedCount(t, a, RefusedAfterForgery))
+	}
+}
