@@ -64,6 +64,11 @@ const (
 	usageBadSignature  = "bad_signature"    // not signed by the peer it names
 	usageTooMany       = "too_many_reports" // a state listing more reports than MaxReports
 	usageTableFull     = "table_full"       // MaxReports peers already held
+	// usageAfterForgery: a state's reports left unchecked after maxUsageForgeries bad
+	// signatures in it. Honest peers relay only reports they verified, so such a state
+	// comes from a forger; checking the rest would spend a verification each.
+	usageAfterForgery = "after_forgery"
+	maxUsageForgeries = 8
 )
 
 // UsageReport is one peer's block usage. Version (its sender's clock, in nanoseconds) orders
@@ -208,18 +213,18 @@ func (u *UsageTable) reject(reason string, err error) {
 
 // merge keeps r if it is valid, newer than what is known of its peer, and signed by that
 // peer. The signature is checked outside the lock, and only for a report that would change
-// the table.
-func (u *UsageTable) merge(r UsageReport) {
+// the table. It returns the reason r was rejected, or "".
+func (u *UsageTable) merge(r UsageReport) string {
 	if reason, err := u.validate(r); err != nil {
 		u.reject(reason, err)
-		return
+		return reason
 	}
 	u.mu.Lock()
 	cur, ok := u.reports[r.Peer]
 	own := r.Peer == u.self
 	u.mu.Unlock()
 	if ok && cur.Version >= r.Version {
-		return
+		return ""
 	}
 	if u.keys != nil {
 		var pub ed25519.PublicKey
@@ -232,10 +237,10 @@ func (u *UsageTable) merge(r UsageReport) {
 		switch {
 		case !known:
 			u.reject(usageUnknownOrigin, fmt.Errorf("usage report of %s: the peer's key is not known yet", r.Peer))
-			return
+			return usageUnknownOrigin
 		case !identity.Verify(pub, UsageDomain, r.signedBytes(), r.Sig):
 			u.reject(usageBadSignature, fmt.Errorf("usage report of %s version %d: not signed by the peer", r.Peer, r.Version))
-			return
+			return usageBadSignature
 		}
 	}
 	u.mu.Lock()
@@ -245,18 +250,19 @@ func (u *UsageTable) merge(r UsageReport) {
 		// re-asserts the real figures at a newer version.
 		u.clock = max(u.clock, r.Version)
 		u.lastSent = nil
-		return
+		return ""
 	}
 	cur, ok = u.reports[r.Peer]
 	switch {
 	case ok && cur.Version >= r.Version:
-		return
+		return ""
 	case !ok && len(u.reports) >= u.maxReports:
 		u.rejected.WithLabelValues(usageTableFull).Inc()
 		u.log.Warn("rejected block usage report", "reason", usageTableFull, "peer", r.Peer, "held", len(u.reports))
-		return
+		return usageTableFull
 	}
 	u.reports[r.Peer] = r
+	return ""
 }
 
 // Used says how many addresses of block cidr peer uses, if its report says.
@@ -347,7 +353,15 @@ func (u *UsageTable) MergeRemoteState(b []byte, _ bool) {
 		u.reject(usageTooMany, fmt.Errorf("usage state lists %d reports, at most %d", len(all), u.maxReports))
 		return
 	}
-	for _, r := range all {
-		u.merge(r)
+	forged := 0
+	for i, r := range all {
+		if u.merge(r) == usageBadSignature {
+			if forged++; forged >= maxUsageForgeries {
+				rest := len(all) - i - 1
+				u.rejected.WithLabelValues(usageAfterForgery).Add(float64(rest))
+				u.log.Warn("rejected the rest of a block usage state", "reason", usageAfterForgery, "forged", forged, "unchecked", rest)
+				return
+			}
+		}
 	}
 }

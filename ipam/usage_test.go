@@ -248,3 +248,22 @@ func FuzzUsageReport(f *testing.F) {
 		}
 	})
 }
+
+// A state with forged reports is checked only up to maxUsageForgeries of them.
+func TestUsageStateForgeriesBounded(t *testing.T) {
+	now := time.Unix(1_000_000, 0)
+	names := []string{"me", "mallory"}
+	for i := range 20 {
+		names = append(names, fmt.Sprintf("p%d", i))
+	}
+	s := newSignedUsage(names...)
+	u := s.table("me", now, 0)
+	var state []UsageReport
+	for i := range 20 {
+		state = append(state, sign(s.ids["mallory"], UsageReport{Peer: fmt.Sprintf("p%d", i), Version: now.UnixNano(), Used: map[string]int{}}))
+	}
+	u.MergeRemoteState(mustJSON(state), false)
+	if rejectedBy(u, usageBadSignature) != maxUsageForgeries || rejectedBy(u, usageAfterForgery) != 20-maxUsageForgeries {
+		t.Fatalf("bad_signature %v, after_forgery %v", rejectedBy(u, usageBadSignature), rejectedBy(u, usageAfterForgery))
+	}
+}
