@@ -434,8 +434,8 @@ func FuzzMergeExtremeSigned(f *testing.F) {
 }
 
 // BenchmarkMergeSignedState measures a push/pull of a 1000-entry state from another
-// origin: "new" verifies every entry (a joiner's first state), "known" is the steady state
-// (nothing changed, nothing verified).
+// origin: "new" verifies every entry (a joiner's first state), "unsigned-new" is the same
+// without signatures, "known" is the steady state (nothing changed, nothing verified).
 func BenchmarkMergeSignedState(b *testing.B) {
 	fm := newFakeMesh()
 	clk := newFakeClock()
@@ -450,6 +450,20 @@ func BenchmarkMergeSignedState(b *testing.B) {
 		for range b.N {
 			dst := fm.signedRecords(b, "dst", clk.Now, nil)
 			if _, err := dst.MergeBytes(state); err != nil || dst.Len() != 1000 {
+				b.Fatal(err, dst.Len())
+			}
+		}
+	})
+	b.Run("unsigned-new", func(b *testing.B) { // the cost without signatures, for comparison
+		u := newTestRecords(b, "src", clk.Now)
+		for i := range 1000 {
+			u.AddAddr("web", netip.AddrFrom4([4]byte{10, 40, byte(i >> 8), byte(i)}))
+		}
+		ustate := u.Encode()
+		b.ResetTimer()
+		for range b.N {
+			dst := newTestRecords(b, "dst", clk.Now)
+			if _, err := dst.MergeBytes(ustate); err != nil || dst.Len() != 1000 {
 				b.Fatal(err, dst.Len())
 			}
 		}
