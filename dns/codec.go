@@ -2,6 +2,7 @@ package dns
 
 import (
 	"cmp"
+	"crypto/ed25519"
 	"encoding/binary"
 	"fmt"
 	"net/netip"
@@ -75,25 +76,28 @@ func (d *Delta) duplicate() int {
 	return -1
 }
 
-// Wire format, version 1 (all integers unsigned varints unless noted):
+// Wire format, version 2 (all integers unsigned varints unless noted):
 //
-//	magic "WDR" | format version byte (1) | count
+//	magic "WDR" | format version byte (2) | count
 //	count × entry:
-//	  peer string | name string | flags byte (bits 0-1 kind, bit 7 deleted) | version
-//	  kind addr: address length byte (4 or 16) | address bytes
-//	  kind srv:  service string | proto byte (1 tcp, 2 udp) | port (2 bytes, big endian)
+//	  body:
+//	    peer string | name string | flags byte (bits 0-1 kind, bit 7 deleted) | version
+//	    kind addr: address length byte (4 or 16) | address bytes
+//	    kind srv:  service string | proto byte (1 tcp, 2 udp) | port (2 bytes, big endian)
+//	  signature string (0 or 64 bytes: ed25519 over RecordDomain and the body)
 //	strings: length | bytes
 //
 // Entries are sorted and unique, so equal states encode to equal bytes.
+// Version 1 (unsigned) is refused: a peer that cannot sign cannot be trusted.
 const (
 	codecMagic   = "WDR"
-	codecVersion = 1
+	codecVersion = 2
 	flagDeleted  = 0x80
 	kindMask     = 0x03
 	protoTCP     = 1
 	protoUDP     = 2
 	// minEntryLen is the smallest encoded entry, to bound count early.
-	minEntryLen = 1 + 1 + 1 + 1 + 1 + 4
+	minEntryLen = 1 + 1 + 1 + 1 + 1 + 4 + 1
 )
 
 // Encode returns the wire form of the delta.
@@ -106,28 +110,36 @@ func (d *Delta) Encode() []byte {
 		return b
 	}
 	for _, e := range d.entries {
-		b = appendString(b, e.Peer)
-		b = appendString(b, e.Name)
-		flags := byte(e.Kind) & kindMask
-		if e.Deleted {
-			flags |= flagDeleted
+		b = appendEntryBody(b, e)
+		b = appendString(b, e.Sig)
+	}
+	return b
+}
+
+// appendEntryBody appends e's wire form without its signature: what the
+// owner signs.
+func appendEntryBody(b []byte, e Entry) []byte {
+	b = appendString(b, e.Peer)
+	b = appendString(b, e.Name)
+	flags := byte(e.Kind) & kindMask
+	if e.Deleted {
+		flags |= flagDeleted
+	}
+	b = append(b, flags)
+	b = binary.AppendUvarint(b, e.Version)
+	switch e.Kind {
+	case KindAddr:
+		s := e.Addr.AsSlice()
+		b = append(b, byte(len(s)))
+		b = append(b, s...)
+	case KindSRV:
+		b = appendString(b, e.Service)
+		p := byte(protoTCP)
+		if e.Proto == "udp" {
+			p = protoUDP
 		}
-		b = append(b, flags)
-		b = binary.AppendUvarint(b, e.Version)
-		switch e.Kind {
-		case KindAddr:
-			s := e.Addr.AsSlice()
-			b = append(b, byte(len(s)))
-			b = append(b, s...)
-		case KindSRV:
-			b = appendString(b, e.Service)
-			p := byte(protoTCP)
-			if e.Proto == "udp" {
-				p = protoUDP
-			}
-			b = append(b, p)
-			b = binary.BigEndian.AppendUint16(b, e.Port)
-		}
+		b = append(b, p)
+		b = binary.BigEndian.AppendUint16(b, e.Port)
 	}
 	return b
 }
@@ -289,6 +301,9 @@ func (r *reader) entry() (Entry, error) {
 		e.Port = binary.BigEndian.Uint16(port)
 	default:
 		return e, fmt.Errorf("kind %d", e.Kind)
+	}
+	if e.Sig, err = r.string("signature", ed25519.SignatureSize); err != nil {
+		return e, err
 	}
 	return e, e.validate()
 }

@@ -2,6 +2,7 @@ package dns
 
 import (
 	"cmp"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -10,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // Records is the replicated record store of service DNS: for every owning
@@ -34,10 +37,29 @@ import (
 //     been down past a grace, ForgetPeer forgets one at once. Entries of a
 //     forgotten peer are refused by Merge until PeerUp says it is back.
 //
+// Trust (a store made by NewSignedRecords): every entry, tombstones included,
+// carries its origin's ed25519 signature, and Merge verifies each entry that
+// would change the store against the key of the peer it names, whoever relayed
+// it; so a member can add, change or tombstone only its own names. Entries
+// that would change nothing are not verified (push/pull repeats mostly known
+// entries), and verification runs outside the store's mutex, so queries never
+// wait for it. Versions are bounded by now + MaxSkew (saturating, never above
+// 2^62), so no version, signed or not, can freeze an owner's clock. Each origin
+// holds at most MaxPerOrigin entries and the store at most MaxOrigins origins.
+// A store made by NewRecords signs and verifies nothing (tests, simulations);
+// bounds and caps still hold.
+//
 // All methods are safe for concurrent use.
 type Records struct {
 	self string
 	now  func() time.Time
+	// signer signs this peer's entries and keys looks up other origins' keys;
+	// both nil in an unsigned store.
+	signer       Signer
+	keys         identity.KeyLookup
+	maxSkew      time.Duration
+	maxPerOrigin int
+	maxOrigins   int
 
 	mu sync.Mutex // guards the fields below
 	// clock is the last version this peer gave one of its own entries.
@@ -51,6 +73,13 @@ type Records struct {
 	// forgotten holds peers whose entries were dropped; Merge refuses their
 	// entries until PeerUp; the value says whether Merge refused some.
 	forgotten map[string]bool
+	// perOrigin counts the entries (live and tombstones) of each origin; its
+	// length is the number of origins. O(origins) memory.
+	perOrigin map[string]int
+	// unverified holds origins whose entries were refused because their key
+	// was not known yet (at most maxOrigins of them); PeerUp reports them so
+	// that the router syncs with them once their key arrives with their join.
+	unverified map[string]struct{}
 	// generation counts changes; the SOA serial is derived from it. It is
 	// written under mu but read without it (Generation), so that the UDP fast
 	// path can check its answer cache on every query without taking mu.
@@ -78,6 +107,10 @@ type Entry struct {
 	Port    uint16     // KindSRV: port
 	Version uint64     // owner's clock at the write
 	Deleted bool       // a tombstone
+	// Sig is the owner's ed25519 signature of the entry's other fields (in
+	// RecordDomain), raw bytes held in a string so that Entry stays
+	// comparable; empty in an unsigned store.
+	Sig string
 }
 
 // Target is an address answered for a name, with the peer that owns it.
@@ -118,7 +151,106 @@ var (
 	ErrInvalidName  = errors.New("invalid dns name")
 	ErrInvalidEntry = errors.New("invalid dns record")
 	ErrDecode       = errors.New("cannot decode dns records")
+	// ErrTooManyRecords: this peer already holds MaxPerOrigin entries.
+	ErrTooManyRecords = errors.New("too many dns records for this peer")
+	// ErrRecordsConfig is wrapped by NewSignedRecords' errors.
+	ErrRecordsConfig = errors.New("invalid dns records config")
 )
+
+// RecordDomain is the signature domain of DNS entries (identity.Sign).
+const RecordDomain = "weft dns record v1"
+
+// Signer signs this peer's entries; *identity.Identity is one. Public is the
+// key receivers verify them with; the store checks its own entries that come
+// back through gossip against it. Both must be safe for concurrent use.
+type Signer interface {
+	Sign(domain string, msg []byte) []byte
+	Public() ed25519.PublicKey
+}
+
+// Defaults of RecordsConfig.
+const (
+	// DefaultMaxSkew is how far ahead of the local clock a version may be, as
+	// for link state: clocks of a cluster agree within seconds (NTP); five
+	// minutes keeps a badly set clock working while bounding how far a
+	// version can move anyone's clock.
+	DefaultMaxSkew = 5 * time.Minute
+	// DefaultMaxPerOrigin bounds one peer's entries, live and tombstones.
+	// A container has one or two addresses and a few SRV entries, and a
+	// host runs at most a few hundred containers (kubelet's limit is 110
+	// pods by default, 250 recommended at most), and tombstones live ten
+	// minutes: 4096 leaves room for ~1000 containers with churn while
+	// bounding one member's share of every peer's memory (~1 MB) and of
+	// every push/pull.
+	DefaultMaxPerOrigin = 4096
+	// DefaultMaxOrigins bounds the peers whose entries are held: above the
+	// 5,000 hosts the design targets. With verification only members' keys
+	// are known, so this is a second line behind the membership itself.
+	DefaultMaxOrigins = 8192
+)
+
+// Reasons an entry is refused by Merge: the values of
+// weft_dns_replication_refused_entries_total{reason}.
+const (
+	RefusedBadSignature   = "bad_signature"    // the signature is not the named origin's
+	RefusedUnknownOrigin  = "unknown_origin"   // the origin's key is not known (yet)
+	RefusedFutureVersion  = "future_version"   // version beyond now + MaxSkew
+	RefusedOriginFull     = "origin_full"      // the origin holds MaxPerOrigin entries
+	RefusedTooManyOrigins = "too_many_origins" // the store holds MaxOrigins origins
+	RefusedForgotten      = "forgotten_origin" // the origin left; refused until it is back
+	// RefusedAfterForgery: not verified, because the message already held
+	// maxForgeries entries with bad signatures. Honest peers relay only
+	// entries they verified, so a message with forgeries comes from a forger;
+	// checking the rest would let it spend our CPU one verification at a time.
+	RefusedAfterForgery = "after_forgery"
+)
+
+// maxForgeries is how many bad signatures one message may hold before the
+// rest of it is refused unverified.
+const maxForgeries = 8
+
+// Refusals counts the entries Merge refused, by reason, with the first
+// error naming what was wrong (for the log).
+type Refusals struct {
+	Counts map[string]int
+	First  error
+}
+
+// Total is the number of entries refused.
+func (f *Refusals) Total() int {
+	n := 0
+	for _, c := range f.Counts {
+		n += c
+	}
+	return n
+}
+
+func (f *Refusals) add(reason string, err error) {
+	if f.Counts == nil {
+		f.Counts = make(map[string]int)
+	}
+	f.Counts[reason]++
+	if f.First == nil {
+		f.First = err
+	}
+}
+
+// RecordsConfig configures a signed store.
+type RecordsConfig struct {
+	// Self is this peer's name (required).
+	Self string
+	// Now is the clock for versions, bounds and expiry; nil means time.Now.
+	Now func() time.Time
+	// Signer signs this peer's entries (required).
+	Signer Signer
+	// Keys returns an origin's public key, false when it is not known yet
+	// (required; the mesh's PublicKey).
+	Keys identity.KeyLookup
+	// MaxSkew, MaxPerOrigin, MaxOrigins: zero means the default.
+	MaxSkew      time.Duration
+	MaxPerOrigin int
+	MaxOrigins   int
+}
 
 // Limits on names; they keep every answer well inside DNS limits whatever
 // the domain (up to 253-200 bytes) is.
@@ -126,28 +258,65 @@ const (
 	maxNameLen  = 200
 	maxLabelLen = 63
 	maxPeerLen  = 255
-	// maxVersion bounds versions far above any clock in µs (2^51 today) so
-	// that the owner's clock can never wrap.
+	// maxVersion caps the owner's clock and the version bound, far above
+	// any clock in µs (2^51 today), so that no version arithmetic can wrap.
 	maxVersion = 1 << 62
 )
 
-// NewRecords returns an empty store owned by peer self. now is the clock used
-// for versions, dead-peer and tombstone times; nil means time.Now.
-func NewRecords(self string, now func() time.Time) (*Records, error) {
-	if self == "" || len(self) > maxPeerLen {
-		return nil, fmt.Errorf("%w: peer name %q", ErrInvalidEntry, self)
+// NewSignedRecords returns an empty store that signs this peer's entries and
+// verifies every other entry before merging it. A peer uses this one.
+func NewSignedRecords(cfg RecordsConfig) (*Records, error) {
+	if cfg.Signer == nil || cfg.Keys == nil {
+		return nil, fmt.Errorf("%w: a signer and a key lookup are required", ErrRecordsConfig)
 	}
-	if now == nil {
-		now = time.Now
+	if len(cfg.Signer.Public()) != ed25519.PublicKeySize {
+		return nil, fmt.Errorf("%w: signer's public key has %d bytes", ErrRecordsConfig, len(cfg.Signer.Public()))
+	}
+	if cfg.MaxSkew < 0 || cfg.MaxPerOrigin < 0 || cfg.MaxOrigins < 0 {
+		return nil, fmt.Errorf("%w: negative bound (skew %v, per origin %d, origins %d)", ErrRecordsConfig, cfg.MaxSkew, cfg.MaxPerOrigin, cfg.MaxOrigins)
+	}
+	return newRecords(cfg)
+}
+
+// NewRecords returns an empty unsigned store owned by peer self: it signs
+// nothing and trusts every entry it merges (tests and simulations; a peer
+// uses NewSignedRecords). now is the clock used for versions, bounds,
+// dead-peer and tombstone times; nil means time.Now.
+func NewRecords(self string, now func() time.Time) (*Records, error) {
+	return newRecords(RecordsConfig{Self: self, Now: now})
+}
+
+func newRecords(cfg RecordsConfig) (*Records, error) {
+	if cfg.Self == "" || len(cfg.Self) > maxPeerLen {
+		return nil, fmt.Errorf("%w: peer name %q", ErrInvalidEntry, cfg.Self)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.MaxSkew == 0 {
+		cfg.MaxSkew = DefaultMaxSkew
+	}
+	if cfg.MaxPerOrigin == 0 {
+		cfg.MaxPerOrigin = DefaultMaxPerOrigin
+	}
+	if cfg.MaxOrigins == 0 {
+		cfg.MaxOrigins = DefaultMaxOrigins
 	}
 	return &Records{
-		self:      self,
-		now:       now,
-		entries:   make(map[entryKey]*stored),
-		byName:    make(map[string]map[entryKey]struct{}),
-		byAddr:    make(map[netip.Addr]map[entryKey]struct{}),
-		down:      make(map[string]time.Time),
-		forgotten: make(map[string]bool),
+		self:         cfg.Self,
+		now:          cfg.Now,
+		signer:       cfg.Signer,
+		keys:         cfg.Keys,
+		maxSkew:      cfg.MaxSkew,
+		maxPerOrigin: cfg.MaxPerOrigin,
+		maxOrigins:   cfg.MaxOrigins,
+		entries:      make(map[entryKey]*stored),
+		byName:       make(map[string]map[entryKey]struct{}),
+		byAddr:       make(map[netip.Addr]map[entryKey]struct{}),
+		down:         make(map[string]time.Time),
+		forgotten:    make(map[string]bool),
+		perOrigin:    make(map[string]int),
+		unverified:   make(map[string]struct{}),
 	}, nil
 }
 
@@ -207,8 +376,13 @@ func (e *Entry) validate() error {
 	if err := checkName(e.Name); err != nil {
 		return err
 	}
-	if e.Version == 0 || e.Version > maxVersion {
-		return fmt.Errorf("%w: %q: version %d out of range", ErrInvalidEntry, e.Name, e.Version)
+	// Too high a version is well-formed: Merge refuses it against its bound
+	// (now + MaxSkew), counted as future_version.
+	if e.Version == 0 {
+		return fmt.Errorf("%w: %q: version 0", ErrInvalidEntry, e.Name)
+	}
+	if len(e.Sig) != 0 && len(e.Sig) != ed25519.SignatureSize {
+		return fmt.Errorf("%w: %q: signature of %d bytes", ErrInvalidEntry, e.Name, len(e.Sig))
 	}
 	switch e.Kind {
 	case KindAddr:
@@ -237,30 +411,81 @@ func (e *Entry) validate() error {
 	return nil
 }
 
-// nextVersionLocked returns a fresh version for an entry of self.
+// nextVersionLocked returns a fresh version for an entry of self:
+// max(clock+1, wall clock in µs), saturating at maxVersion. The clock only
+// ever takes versions within the bound (versionLimit), so it stays near the
+// wall clock and the saturation is a guard, never reached in practice.
 func (r *Records) nextVersionLocked() uint64 {
-	v := r.clock + 1
+	v := min(r.clock, maxVersion-1) + 1
 	if w := r.now().UnixMicro(); w > 0 && uint64(w) > v {
-		v = uint64(w)
+		v = min(uint64(w), maxVersion)
 	}
 	r.clock = v
 	return v
 }
 
-// writeLocal stores a local write of e (Version is set here) and returns it
-// as a delta, or an empty delta when nothing changed.
-func (r *Records) writeLocal(e Entry) *Delta {
+// versionLimit is the highest version accepted from gossip: now + maxSkew
+// in µs, saturating, never above maxVersion.
+func (r *Records) versionLimit() uint64 {
+	now := uint64(max(r.now().UnixMicro(), 0))
+	lim := now + uint64(r.maxSkew.Microseconds())
+	if lim < now || lim > maxVersion {
+		return maxVersion
+	}
+	return lim
+}
+
+// stampLocked makes e an entry of self with a fresh version, and signs it.
+func (r *Records) stampLocked(e *Entry) {
 	e.Peer = r.self
+	e.Version = r.nextVersionLocked()
+	e.Sig = ""
+	if r.signer != nil {
+		e.Sig = string(r.signer.Sign(RecordDomain, e.signedBytes()))
+	}
+}
+
+// signedBytes is what the owner signs: the entry's wire form without its
+// signature, so that every field (version and tombstone flag included) is
+// covered.
+func (e *Entry) signedBytes() []byte {
+	return appendEntryBody(make([]byte, 0, 64), *e)
+}
+
+// writeLocal stores local writes of es (Version and Sig are set here) and
+// returns those that changed the store as a delta. It writes all or nothing:
+// when the new keys would take this peer past maxPerOrigin, it returns
+// ErrTooManyRecords and changes nothing.
+func (r *Records) writeLocal(es ...Entry) (*Delta, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if cur, ok := r.entries[e.key()]; ok && cur.Deleted == e.Deleted {
-		return &Delta{}
-	} else if !ok && e.Deleted {
-		return &Delta{}
+	todo := make([]Entry, 0, len(es))
+	fresh := 0
+	for _, e := range es {
+		e.Peer = r.self
+		if slices.ContainsFunc(todo, func(t Entry) bool { return t.key() == e.key() }) {
+			continue // the same entry twice in one call (O(len(es)²), a handful)
+		}
+		cur, ok := r.entries[e.key()]
+		if ok && cur.Deleted == e.Deleted || !ok && e.Deleted {
+			continue
+		}
+		if !ok {
+			fresh++
+		}
+		todo = append(todo, e)
 	}
-	e.Version = r.nextVersionLocked()
-	r.putLocked(e)
-	return &Delta{entries: []Entry{e}}
+	if n := r.perOrigin[r.self]; n+fresh > r.maxPerOrigin {
+		return nil, fmt.Errorf("%w: %d held, %d more would pass %d", ErrTooManyRecords, n, fresh, r.maxPerOrigin)
+	}
+	d := &Delta{entries: make([]Entry, 0, len(todo))}
+	for _, e := range todo {
+		r.stampLocked(&e)
+		r.putLocked(e)
+		d.entries = append(d.entries, e)
+	}
+	d.sort()
+	return d, nil
 }
 
 // AddAddr registers addr for name on this peer and returns the delta to
@@ -270,7 +495,7 @@ func (r *Records) AddAddr(name string, addr netip.Addr) (*Delta, error) {
 	if err != nil {
 		return nil, err
 	}
-	return r.writeLocal(e), nil
+	return r.writeLocal(e)
 }
 
 // RemoveAddr removes addr from name on this peer (a tombstone) and returns the
@@ -281,7 +506,7 @@ func (r *Records) RemoveAddr(name string, addr netip.Addr) (*Delta, error) {
 		return nil, err
 	}
 	e.Deleted = true
-	return r.writeLocal(e), nil
+	return r.writeLocal(e)
 }
 
 func addrEntry(name string, addr netip.Addr) (Entry, error) {
@@ -303,7 +528,48 @@ func (r *Records) AddSRV(name, service, proto string, port uint16) (*Delta, erro
 	if err != nil {
 		return nil, err
 	}
-	return r.writeLocal(e), nil
+	return r.writeLocal(e)
+}
+
+// SRV is one SRV entry of a name: _Service._Proto.name → Port.
+type SRV struct {
+	Service string
+	Proto   string
+	Port    uint16
+}
+
+// CheckSRV says what is wrong with an SRV entry for name, before anything is
+// published.
+func CheckSRV(name string, s SRV) error {
+	_, err := srvEntry(name, s.Service, s.Proto, s.Port)
+	return err
+}
+
+// AddName registers addrs and srvs under name on this peer at once: every
+// entry is checked first and, when one is invalid or the peer's cap would be
+// passed, nothing is stored. It returns the delta to broadcast.
+func (r *Records) AddName(name string, addrs []netip.Addr, srvs []SRV) (*Delta, error) {
+	es := make([]Entry, 0, len(addrs)+len(srvs))
+	for _, a := range addrs {
+		e, err := addrEntry(name, a)
+		if err != nil {
+			return nil, err
+		}
+		es = append(es, e)
+	}
+	for _, s := range srvs {
+		e, err := srvEntry(name, s.Service, s.Proto, s.Port)
+		if err != nil {
+			return nil, err
+		}
+		es = append(es, e)
+	}
+	if len(es) == 0 {
+		if _, err := NormalizeName(name); err != nil {
+			return nil, err
+		}
+	}
+	return r.writeLocal(es...)
 }
 
 // RemoveSRV removes an SRV entry of this peer and returns the delta.
@@ -313,7 +579,7 @@ func (r *Records) RemoveSRV(name, service, proto string, port uint16) (*Delta, e
 		return nil, err
 	}
 	e.Deleted = true
-	return r.writeLocal(e), nil
+	return r.writeLocal(e)
 }
 
 func srvEntry(name, service, proto string, port uint16) (Entry, error) {
@@ -354,7 +620,7 @@ func (r *Records) RemoveName(name string) (*Delta, error) {
 		}
 		e := s.Entry
 		e.Deleted = true
-		e.Version = r.nextVersionLocked()
+		r.stampLocked(&e)
 		r.putLocked(e)
 		d.entries = append(d.entries, e)
 	}
@@ -369,6 +635,9 @@ func (r *Records) putLocked(e Entry) {
 	if e.Deleted {
 		s.deletedAt = r.now()
 	}
+	if _, ok := r.entries[k]; !ok {
+		r.perOrigin[e.Peer]++
+	}
 	r.entries[k] = s
 	addIndex(r.byName, e.Name, k)
 	if e.Kind == KindAddr {
@@ -378,6 +647,12 @@ func (r *Records) putLocked(e Entry) {
 }
 
 func (r *Records) deleteLocked(k entryKey) {
+	if _, ok := r.entries[k]; !ok {
+		return
+	}
+	if r.perOrigin[k.peer]--; r.perOrigin[k.peer] <= 0 {
+		delete(r.perOrigin, k.peer)
+	}
 	delete(r.entries, k)
 	delIndex(r.byName, k.name, k)
 	if k.kind == KindAddr {
@@ -414,44 +689,201 @@ func wins(a, b Entry) bool {
 
 // Merge merges d into the store and returns the entries that changed it (to
 // broadcast onwards), sorted; the result is empty when nothing changed. It
-// never returns nil. Entries of forgotten peers are ignored.
+// never returns nil. Refused entries (MergeChecked says why) change nothing.
 func (r *Records) Merge(d *Delta) *Delta {
+	changed, _ := r.MergeChecked(d)
+	return changed
+}
+
+// MergeChecked is Merge, also reporting the entries it refused and why.
+//
+// It runs in three steps so that signatures are never checked under the
+// store's mutex (queries take it): a locked pass keeps the entries that
+// would change the store and are within the version bound (O(len(d))); an
+// unlocked pass verifies their signatures (one ed25519 verification per
+// entry that would change something, none for what is already known); a
+// locked pass applies them, checking again what may have moved meanwhile,
+// and enforces the caps.
+func (r *Records) MergeChecked(d *Delta) (*Delta, Refusals) {
 	changed := &Delta{}
-	if d == nil {
-		return changed
+	var ref Refusals
+	if d.Empty() {
+		return changed, ref
+	}
+	cands := r.candidates(d, &ref)
+	cands = r.verify(cands, &ref)
+	if len(cands) == 0 {
+		return changed, ref
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, e := range d.entries {
+	for _, c := range cands {
+		if c.unknown {
+			// Remembered (bounded) so that PeerUp asks for a sync once the
+			// origin's key arrives with its join.
+			if _, ok := r.unverified[c.e.Peer]; ok || len(r.unverified) < r.maxOrigins {
+				r.unverified[c.e.Peer] = struct{}{}
+			}
+			continue
+		}
+		e := c.e
 		if _, gone := r.forgotten[e.Peer]; gone {
 			r.forgotten[e.Peer] = true
+			ref.add(RefusedForgotten, fmt.Errorf("%w: %q of peer %q: the peer left", ErrInvalidEntry, e.Name, e.Peer))
 			continue
 		}
 		k := e.key()
 		cur, ok := r.entries[k]
-		if e.Peer == r.self {
-			if e.Version > r.clock {
-				r.clock = e.Version
+		if ok && !wins(e, cur.Entry) {
+			continue
+		}
+		if !ok {
+			if err := r.roomLocked(e.Peer); err != nil {
+				reason := RefusedOriginFull
+				if _, known := r.perOrigin[e.Peer]; !known {
+					reason = RefusedTooManyOrigins
+				}
+				ref.add(reason, err)
+				continue
 			}
-			if !ok && !e.Deleted {
-				// Owner authority: a live entry of ours that we don't
-				// have is stale; answer it with a tombstone.
-				t := e
-				t.Deleted = true
-				t.Version = r.nextVersionLocked()
+		}
+		if e.Peer == r.self {
+			// Verified as ours and within the bound: the clock may follow it
+			// (never past now + maxSkew).
+			r.clock = max(r.clock, e.Version)
+			if t, reassert := r.ownerAnswerLocked(e, cur, ok); reassert {
 				r.putLocked(t)
 				changed.entries = append(changed.entries, t)
 				continue
 			}
 		}
-		if ok && !wins(e, cur.Entry) {
-			continue
-		}
 		r.putLocked(e)
 		changed.entries = append(changed.entries, e)
 	}
 	changed.sort()
-	return changed
+	return changed, ref
+}
+
+// candidate is an entry that would change the store; unknown marks one whose
+// origin's key is not known.
+type candidate struct {
+	e       Entry
+	unknown bool
+}
+
+// candidates keeps d's entries that would change the store, are within the
+// version bound and fit the caps (counting the message's own new entries, so
+// that no more are verified than could be kept). Locked; O(len(d)).
+func (r *Records) candidates(d *Delta, ref *Refusals) []candidate {
+	limit := r.versionLimit()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []candidate
+	var fresh map[string]int // new entries of each origin in d
+	for _, e := range d.entries {
+		if _, gone := r.forgotten[e.Peer]; gone {
+			r.forgotten[e.Peer] = true
+			ref.add(RefusedForgotten, fmt.Errorf("%w: %q of peer %q: the peer left", ErrInvalidEntry, e.Name, e.Peer))
+			continue
+		}
+		if e.Version > limit {
+			ref.add(RefusedFutureVersion, fmt.Errorf("%w: %q of peer %q: version %d is more than %v ahead of our clock (limit %d)",
+				ErrInvalidEntry, e.Name, e.Peer, e.Version, r.maxSkew, limit))
+			continue
+		}
+		cur, ok := r.entries[e.key()]
+		if ok && !wins(e, cur.Entry) {
+			continue // known: nothing to verify
+		}
+		if !ok {
+			held, known := r.perOrigin[e.Peer]
+			n, seen := fresh[e.Peer]
+			switch {
+			case !known && !seen && e.Peer != r.self && len(r.perOrigin)+len(fresh) >= r.maxOrigins:
+				ref.add(RefusedTooManyOrigins, fmt.Errorf("%w: peer %q: already holding entries of %d peers", ErrInvalidEntry, e.Peer, r.maxOrigins))
+				continue
+			case held+n >= r.maxPerOrigin:
+				ref.add(RefusedOriginFull, fmt.Errorf("%w: peer %q would have more than %d entries", ErrInvalidEntry, e.Peer, r.maxPerOrigin))
+				continue
+			}
+			if fresh == nil {
+				fresh = make(map[string]int)
+			}
+			fresh[e.Peer]++
+		}
+		out = append(out, candidate{e: e})
+	}
+	return out
+}
+
+// verify drops the candidates whose signature is not their origin's, and
+// marks those whose origin's key is unknown. Unlocked; one ed25519
+// verification per candidate. An unsigned store trusts them all.
+func (r *Records) verify(cands []candidate, ref *Refusals) []candidate {
+	if r.keys == nil {
+		return cands
+	}
+	out := cands[:0]
+	forged := 0
+	for _, c := range cands {
+		e := &c.e
+		if forged >= maxForgeries {
+			ref.add(RefusedAfterForgery, fmt.Errorf("%w: %q of peer %q: not checked after %d forged entries", ErrInvalidEntry, e.Name, e.Peer, forged))
+			continue
+		}
+		var pub ed25519.PublicKey
+		var ok bool
+		if e.Peer == r.self {
+			pub, ok = r.signer.Public(), true
+		} else {
+			pub, ok = r.keys(e.Peer)
+		}
+		switch {
+		case !ok:
+			ref.add(RefusedUnknownOrigin, fmt.Errorf("%w: %q of peer %q: the peer's key is not known yet", ErrInvalidEntry, e.Name, e.Peer))
+			c.unknown = true
+		case !identity.Verify(pub, RecordDomain, e.signedBytes(), []byte(e.Sig)):
+			ref.add(RefusedBadSignature, fmt.Errorf("%w: %q of peer %q version %d: not signed by the peer", ErrInvalidEntry, e.Name, e.Peer, e.Version))
+			forged++
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// roomLocked says whether a new entry of origin fits the caps.
+func (r *Records) roomLocked(origin string) error {
+	n, known := r.perOrigin[origin]
+	switch {
+	case !known && origin != r.self && len(r.perOrigin) >= r.maxOrigins:
+		return fmt.Errorf("%w: peer %q: already holding entries of %d peers", ErrInvalidEntry, origin, r.maxOrigins)
+	case n >= r.maxPerOrigin:
+		return fmt.Errorf("%w: peer %q already has %d entries", ErrInvalidEntry, origin, n)
+	}
+	return nil
+}
+
+// ownerAnswerLocked decides what this peer, the owner, does with a newer
+// entry of its own from gossip (owner authority). A live entry it does not
+// have is stale (from before a restart, or resurrected after its tombstone
+// was collected): answer with a tombstone. An entry whose state (live or
+// deleted) differs from ours, at a higher version: re-assert ours at a newer
+// version. Otherwise (a tombstone of ours we do not hold, or our own state at
+// a higher version) it is taken as is.
+func (r *Records) ownerAnswerLocked(e Entry, cur *stored, have bool) (Entry, bool) {
+	switch {
+	case !have && !e.Deleted:
+		t := e
+		t.Deleted = true
+		r.stampLocked(&t)
+		return t, true
+	case have && cur.Deleted != e.Deleted:
+		t := cur.Entry
+		r.stampLocked(&t)
+		return t, true
+	}
+	return Entry{}, false
 }
 
 // MergeBytes decodes an encoded delta or full state and merges it. Garbage
@@ -513,14 +945,16 @@ func (r *Records) PeerDown(peer string) {
 
 // PeerUp records that peer is alive (again): it is no longer down, and its
 // entries are accepted by Merge again if it had been forgotten. It reports
-// whether Merge refused entries of peer meanwhile: only then is a state
-// exchange with it needed to get them again.
+// whether Merge refused entries of peer meanwhile (forgotten, or its key not
+// known yet): only then is a state exchange with it needed to get them again.
 func (r *Records) PeerUp(peer string) (refused bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	refused = r.forgotten[peer]
+	_, unverified := r.unverified[peer]
+	refused = r.forgotten[peer] || unverified
 	delete(r.down, peer)
 	delete(r.forgotten, peer)
+	delete(r.unverified, peer)
 	return refused
 }
 
@@ -558,6 +992,7 @@ func (r *Records) ForgetPeer(peer string) bool {
 
 func (r *Records) forgetLocked(peer string) bool {
 	delete(r.down, peer)
+	delete(r.unverified, peer)
 	r.forgotten[peer] = false
 	dropped := false
 	for k := range r.entries {

@@ -428,17 +428,17 @@ func TestDecodeRejectsGarbage(t *testing.T) {
 	cases := map[string][]byte{
 		"empty":        nil,
 		"bad magic":    append([]byte("XXX"), good[3:]...),
-		"bad version":  append([]byte("WDR\x02"), good[4:]...),
+		"bad version":  append([]byte("WDR\x01"), good[4:]...),
 		"truncated":    good[:len(good)-3],
 		"trailing":     append(slices.Clone(good), 0),
-		"huge count":   []byte("WDR\x01\xff\xff\xff\xff\x0f"),
+		"huge count":   []byte("WDR\x02\xff\xff\xff\xff\x0f"),
 		"duplicate":    dupBytes,
 		"bad name":     badName,
 		"zero version": zeroVersion,
 		"v4-mapped":    mapped,
-		"bad kind":     []byte("WDR\x01\x01\x01p\x02ok\x03\x01\x04\x0a\x00\x00\x01"),
-		"bad addr len": []byte("WDR\x01\x01\x01p\x02ok\x01\x01\x05\x0a\x00\x00\x01\x00"),
-		"bad flags":    []byte("WDR\x01\x01\x01p\x02ok\x41\x01\x04\x0a\x00\x00\x01"),
+		"bad kind":     []byte("WDR\x02\x01\x01p\x02ok\x03\x01\x04\x0a\x00\x00\x01"),
+		"bad addr len": []byte("WDR\x02\x01\x01p\x02ok\x01\x01\x05\x0a\x00\x00\x01\x00"),
+		"bad flags":    []byte("WDR\x02\x01\x01p\x02ok\x41\x01\x04\x0a\x00\x00\x01"),
 	}
 	r := newTestRecords(t, "x", nil)
 	r.AddAddr("keep", mustAddr(t, "10.1.1.1"))
@@ -457,7 +457,7 @@ func TestDecodeRejectsGarbage(t *testing.T) {
 		})
 	}
 	// The hand-made byte cases are valid apart from the one defect.
-	if _, err := DecodeDelta([]byte("WDR\x01\x01\x01p\x02ok\x01\x01\x04\x0a\x00\x00\x01")); err != nil {
+	if _, err := DecodeDelta([]byte("WDR\x02\x01\x01p\x02ok\x01\x01\x04\x0a\x00\x00\x01\x00")); err != nil {
 		t.Fatalf("control case: %v", err)
 	}
 }
@@ -465,9 +465,9 @@ func TestDecodeRejectsGarbage(t *testing.T) {
 func FuzzDecodeRecords(f *testing.F) {
 	f.Add(sampleState(f).Encode())
 	f.Add((&Delta{}).Encode())
-	f.Add([]byte("WDR\x01\x01\x01p\x02ok\x01\x01\x04\x0a\x00\x00\x01"))
-	f.Add([]byte("WDR\x01\x01\x01p\x03web\x02\x05\x04http\x01\x00\x50"))
-	f.Add([]byte("WDR\x01\xff\xff\xff\xff\x0f"))
+	f.Add([]byte("WDR\x02\x01\x01p\x02ok\x01\x01\x04\x0a\x00\x00\x01\x00"))
+	f.Add([]byte("WDR\x02\x01\x01p\x03web\x02\x05\x04http\x01\x00\x50\x00"))
+	f.Add([]byte("WDR\x02\xff\xff\xff\xff\x0f"))
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r := newTestRecords(t, "p", nil)

@@ -17,12 +17,21 @@ import (
 // implements mesh.ChannelHandler (NotifyMsg, LocalState, MergeRemoteState),
 // so that the router wires it in three lines:
 //
+//	recs, _ := dns.NewSignedRecords(dns.RecordsConfig{Self: name, Signer: id, Keys: m.PublicKey})
 //	rep, _ := dns.NewReplicator(dns.ReplicatorConfig{Records: recs,
 //		Broadcast: func(b []byte) error { return m.Broadcast("dns", b) }, Logger: log, Registry: reg})
 //	m.RegisterChannel("dns", rep)
 //	go rep.Run(ctx, grace, tombstoneTTL)
 //
-// and the membership hooks call PeerUp/PeerDown.
+// and the membership hooks call PeerUp/PeerDown (PeerUp's answer says when to sync).
+//
+// Every received entry goes through Records.MergeChecked: entries that are
+// not their origin's (bad_signature), whose origin's key is unknown
+// (unknown_origin), too far in the future (future_version) or over a cap
+// (origin_full, too_many_origins), or sent after too many forgeries
+// (after_forgery) are refused, counted in
+// weft_dns_replication_refused_entries_total{reason} and logged, one line
+// per message; the rest of the message is merged.
 //
 // What travels where:
 //
@@ -81,8 +90,8 @@ const DefaultMaxMessage = 1024 - 32 - 10
 
 // MinMaxMessage is the smallest MaxMessage accepted: the largest single
 // entry a delta can hold (255-byte peer, 200-byte name, 63-byte service,
-// 9-byte version) plus the message header, rounded up.
-const MinMaxMessage = 576
+// 9-byte version, 64-byte signature) plus the message header, rounded up.
+const MinMaxMessage = 640
 
 // ErrReplicatorConfig is wrapped by NewReplicator's errors.
 var ErrReplicatorConfig = errors.New("invalid dns replicator config")
@@ -138,11 +147,25 @@ func (r *Replicator) MergeRemoteState(buf []byte, join bool) {
 
 func (r *Replicator) merge(b []byte, source string, join bool) {
 	r.m.received.WithLabelValues(source).Inc()
-	changed, err := r.records.MergeBytes(b)
+	d, err := DecodeDelta(b)
 	if err != nil {
 		r.m.rejected.WithLabelValues(source).Inc()
 		r.log.Warn("dns: dropped malformed gossip", "source", source, "len", len(b), "err", err)
 		return
+	}
+	changed, refused := r.records.MergeChecked(d)
+	if refused.Total() > 0 {
+		for reason, n := range refused.Counts {
+			r.m.refused.WithLabelValues(reason).Add(float64(n))
+		}
+		// One line per message, not per entry: a flood of bad entries must
+		// not become a flood of log lines. A peer that left is routine.
+		lvl := slog.LevelWarn
+		if refused.Total() == refused.Counts[RefusedForgotten] {
+			lvl = slog.LevelDebug
+		}
+		r.log.Log(context.Background(), lvl, "dns: refused gossiped entries", "source", source,
+			"refused", refused.Counts, "first", refused.First)
 	}
 	r.m.merged.WithLabelValues(source).Add(float64(changed.Len()))
 	if changed.Empty() {
@@ -226,23 +249,19 @@ func encodedEntryLen(e Entry) int {
 // nothing. A failed broadcast is not an error here (the change is stored and
 // reaches the other peers through push/pull); it is logged and counted.
 func (r *Replicator) AddContainer(name string, addrs []netip.Addr) error {
-	for _, a := range addrs {
-		if _, err := addrEntry(name, a); err != nil {
-			return err
-		}
-	}
-	if _, err := NormalizeName(name); err != nil {
+	return r.AddName(name, addrs, nil)
+}
+
+// AddName registers a name's addresses and SRV entries on this peer at once
+// and broadcasts them: every entry is checked before anything is stored or
+// published, so an invalid one (or the peer's cap) fails the whole call and
+// changes nothing.
+func (r *Replicator) AddName(name string, addrs []netip.Addr, srvs []SRV) error {
+	d, err := r.records.AddName(name, addrs, srvs)
+	if err != nil {
 		return err
 	}
-	var all []Entry
-	for _, a := range addrs {
-		d, err := r.records.AddAddr(name, a)
-		if err != nil {
-			return err // checked above; not reached
-		}
-		all = append(all, d.entries...)
-	}
-	_ = r.Publish(joinEntries(all))
+	_ = r.Publish(d)
 	return nil
 }
 
@@ -352,6 +371,7 @@ func (r *Replicator) Run(ctx context.Context, grace, tombstoneTTL time.Duration)
 type replMetrics struct {
 	received          *prometheus.CounterVec // source: delta, state
 	rejected          *prometheus.CounterVec // source
+	refused           *prometheus.CounterVec // reason: Refused* constants
 	merged            *prometheus.CounterVec // source; entries that changed the store
 	sent              prometheus.Counter
 	sentBytes         prometheus.Counter
@@ -371,6 +391,10 @@ func newReplMetrics(reg prometheus.Registerer) (*replMetrics, error) {
 			Name: "weft_dns_replication_rejected_total",
 			Help: "DNS gossip dropped because it could not be decoded.",
 		}, []string{"source"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weft_dns_replication_refused_entries_total",
+			Help: "Received DNS entries refused, by reason: bad_signature, unknown_origin, future_version, origin_full, too_many_origins, forgotten_origin, after_forgery.",
+		}, []string{"reason"}),
 		merged: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_dns_replication_merged_entries_total",
 			Help: "Received DNS entries that changed the local store.",
@@ -404,7 +428,7 @@ func newReplMetrics(reg prometheus.Registerer) (*replMetrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.received, m.rejected, m.merged, m.sent, m.sentBytes,
+	for _, c := range []prometheus.Collector{m.received, m.rejected, m.refused, m.merged, m.sent, m.sentBytes,
 		m.broadcastErrors, m.stateBytes, m.peersExpired, m.tombstonesExpired} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("dns replication metrics: %w", err)

@@ -3,6 +3,7 @@ package dns
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -15,6 +16,8 @@ import (
 
 	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // fakeMesh is an in-memory stand-in for the mesh's broadcast channel and
@@ -24,6 +27,8 @@ import (
 type fakeMesh struct {
 	mu      sync.Mutex // guards the fields below
 	nodes   map[string]*Replicator
+	ids     map[string]*identity.Identity // every node's identity
+	keys    map[string]ed25519.PublicKey  // what each node's key lookup knows (all nodes')
 	queue   []fakeMsg
 	cut     map[string]bool // isolated nodes
 	drop    float64         // probability of dropping one delivery
@@ -38,14 +43,52 @@ type fakeMsg struct {
 }
 
 func newFakeMesh() *fakeMesh {
-	return &fakeMesh{nodes: map[string]*Replicator{}, cut: map[string]bool{}, rnd: rand.New(rand.NewPCG(1, 2))}
+	return &fakeMesh{nodes: map[string]*Replicator{}, ids: map[string]*identity.Identity{}, keys: map[string]ed25519.PublicKey{},
+		cut: map[string]bool{}, rnd: rand.New(rand.NewPCG(1, 2))}
+}
+
+// lookup is the nodes' key lookup (the mesh's PublicKey in a peer).
+func (fm *fakeMesh) lookup(origin string) (ed25519.PublicKey, bool) {
+	fm.mu.Lock()
+	defer fm.mu.Unlock()
+	k, ok := fm.keys[origin]
+	return k, ok
+}
+
+// identity returns name's identity, made on first use; its key becomes
+// known to every node.
+func (fm *fakeMesh) identity(name string) *identity.Identity {
+	fm.mu.Lock()
+	defer fm.mu.Unlock()
+	id, ok := fm.ids[name]
+	if !ok {
+		id = identity.Generate()
+		fm.ids[name] = id
+		fm.keys[name] = id.Public()
+	}
+	return id
+}
+
+// signedRecords makes a signed store for name, with name's identity and
+// the mesh's key lookup.
+func (fm *fakeMesh) signedRecords(t testing.TB, name string, now func() time.Time, edit func(*RecordsConfig)) *Records {
+	t.Helper()
+	cfg := RecordsConfig{Self: name, Now: now, Signer: fm.identity(name), Keys: fm.lookup}
+	if edit != nil {
+		edit(&cfg)
+	}
+	r, err := NewSignedRecords(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
 }
 
 // add makes a peer with its own Records on clock now and joins it.
 func (fm *fakeMesh) add(t testing.TB, name string, now func() time.Time, edit func(*ReplicatorConfig)) *Replicator {
 	t.Helper()
 	cfg := ReplicatorConfig{
-		Records: newTestRecords(t, name, now),
+		Records: fm.signedRecords(t, name, now, nil),
 		Broadcast: func(b []byte) error {
 			fm.mu.Lock()
 			defer fm.mu.Unlock()
@@ -471,7 +514,7 @@ func TestReplicatorGarbageCountedAndIgnored(t *testing.T) {
 
 	valid := b.Records().Encode()
 	rnd := rand.New(rand.NewPCG(3, 4))
-	garbage := [][]byte{nil, {}, []byte("WDR"), []byte("WDR\x02\x00"), []byte("hello, world"),
+	garbage := [][]byte{nil, {}, []byte("WDR"), []byte("WDR\x01\x00"), []byte("hello, world"),
 		valid[:len(valid)-1], append(slices.Clone(valid), 0)}
 	for i := 0; i < 200; i++ {
 		g := slices.Clone(valid)
@@ -582,7 +625,7 @@ func FuzzReplicatorNotifyMsg(f *testing.F) {
 	r0.AddAddr("web", netip.MustParseAddr("10.40.0.2"))
 	r0.AddSRV("web", "http", "tcp", 80)
 	f.Add(r0.Encode())
-	f.Add([]byte("WDR\x01\x00"))
+	f.Add([]byte("WDR\x02\x00"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r, err := NewReplicator(ReplicatorConfig{Records: newTestRecords(t, "a", nil), Broadcast: func([]byte) error { return nil }})
 		if err != nil {

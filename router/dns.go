@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -74,21 +75,35 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 }
 
 // registerName publishes name → addr (and its services). A name DNS cannot carry (a long
-// container ID) is logged and skipped: it must not fail the attachment.
+// container ID) is logged and skipped, and so is a bad service: neither must fail the
+// attachment. The name and its good services go out as one delta.
 func (p *Peer) registerName(name string, addr netip.Addr, services []string) {
-	if err := p.dnsRep.AddContainer(name, []netip.Addr{addr}); err != nil {
-		p.log.Warn("container name not published in DNS", "name", name, "err", err)
-		return
-	}
+	var srvs []dns.SRV
 	for _, s := range services {
-		svc, proto, port, err := parseService(s)
-		if err == nil {
-			err = p.dnsRep.AddService(name, svc, proto, port)
-		}
+		srv, err := checkService(name, s)
 		if err != nil {
 			p.log.Warn("service not published in DNS", "name", name, "service", s, "err", err)
+			continue
 		}
+		srvs = append(srvs, srv)
 	}
+	if err := p.dnsRep.AddName(name, []netip.Addr{addr}, srvs); err != nil {
+		p.log.Warn("container name not published in DNS", "name", name, "err", err)
+	}
+}
+
+// checkService parses SERVICE/PROTO/PORT and checks it is an SRV entry DNS can carry for
+// name, so that nothing is published when any part of a request is wrong.
+func checkService(name, s string) (dns.SRV, error) {
+	svc, proto, port, err := parseService(s)
+	if err != nil {
+		return dns.SRV{}, err
+	}
+	srv := dns.SRV{Service: svc, Proto: proto, Port: port}
+	if err := dns.CheckSRV(name, srv); err != nil {
+		return dns.SRV{}, fmt.Errorf("service %q: %w", s, err)
+	}
+	return srv, nil
 }
 
 // parseService reads SERVICE/PROTO/PORT, e.g. http/tcp/80.
@@ -152,19 +167,22 @@ func (p *Peer) dnsAdd(req DNSRequest) error {
 	if len(addrs) == 0 {
 		return newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "dns add %q: no address", req.Name)
 	}
+	// Everything is checked before anything is published: a bad service must not leave
+	// the name published behind a 400.
+	srvs := make([]dns.SRV, 0, len(req.Services))
 	for _, s := range req.Services {
-		if _, _, _, err := parseService(s); err != nil {
-			return newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "%v", err)
-		}
-	}
-	if err := p.dnsRep.AddContainer(req.Name, addrs); err != nil {
-		return newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "dns add: %v", err)
-	}
-	for _, s := range req.Services {
-		svc, proto, port, _ := parseService(s)
-		if err := p.dnsRep.AddService(req.Name, svc, proto, port); err != nil {
+		srv, err := checkService(req.Name, s)
+		if err != nil {
 			return newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig, "dns add: %v", err)
 		}
+		srvs = append(srvs, srv)
+	}
+	if err := p.dnsRep.AddName(req.Name, addrs, srvs); err != nil {
+		status := http.StatusBadRequest
+		if errors.Is(err, dns.ErrTooManyRecords) {
+			status = http.StatusInsufficientStorage
+		}
+		return newAPIError(status, types.ErrInvalidNetworkConfig, "dns add: %v", err)
 	}
 	return nil
 }
