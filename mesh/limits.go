@@ -94,6 +94,11 @@ func LimitStreams(t memberlist.Transport, lim StreamLimits) memberlist.Transport
 	return l
 }
 
+// StreamLimiter returns a Config.WrapTransport that applies lim (LimitStreams).
+func StreamLimiter(lim StreamLimits) func(memberlist.Transport) memberlist.Transport {
+	return func(t memberlist.Transport) memberlist.Transport { return LimitStreams(t, lim) }
+}
+
 // limitedTransport is a memberlist.Transport whose StreamCh yields only the streams the
 // limits admit.
 type limitedTransport struct {

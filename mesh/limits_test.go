@@ -129,10 +129,7 @@ func TestLimitStreams(t *testing.T) {
 // streams pass through the wrapper).
 func TestLimitedMeshesJoin(t *testing.T) {
 	wrap := func(cfg *Config) {
-		reg := cfg.Registerer
-		cfg.WrapTransport = func(tr memberlist.Transport) memberlist.Transport {
-			return LimitStreams(tr, StreamLimits{Registry: reg})
-		}
+		cfg.WrapTransport = StreamLimiter(StreamLimits{Registry: cfg.Registerer})
 	}
 	ca, _ := testConfig(t, "a")
 	wrap(&ca)

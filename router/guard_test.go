@@ -44,6 +44,18 @@ func TestPeerGuardsItsPorts(t *testing.T) {
 	if err != nil || len(rules) < len(cfg.Ports) {
 		t.Fatalf("guard rules %d (%v), want at least %d", len(rules), err, len(cfg.Ports))
 	}
+	// The mesh's streams are limited too (mesh.StreamLimiter, wired in startMesh).
+	mfs, err := p.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, mf := range mfs {
+		found = found || mf.GetName() == "weft_mesh_streams_refused_total"
+	}
+	if !found {
+		t.Fatalf("weft_mesh_streams_refused_total not registered: the mesh's streams are not limited")
+	}
 	p.stop()
 	startPeer(t, dir)
 }
