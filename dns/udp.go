@@ -126,8 +126,11 @@ type slowLimits struct {
 
 // defaultSlowLimits: 64 workers forward 64 questions at once (with
 // ForwardTimeout 2s, at least 32 distinct slow questions per second, and any
-// number of identical ones, which are coalesced); a burst of 1024 waits.
-var defaultSlowLimits = slowLimits{workers: 64, queue: 1024, perSource: 64}
+// number of identical ones, which are coalesced); a burst of 1024 waits. One
+// source may hold a quarter of the queue: a busy resolver behind one address
+// (a node-local cache, dnsperf with 64 outstanding) is served at full speed,
+// and a flooding container leaves three quarters to the others.
+var defaultSlowLimits = slowLimits{workers: 64, queue: 1024, perSource: 256}
 
 // Reasons of weft_dns_dropped_total.
 const (
