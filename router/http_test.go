@@ -207,3 +207,48 @@ func TestServerLimitsSet(t *testing.T) {
 		}
 	}
 }
+
+// A body sent slowly is cut at the read timeout; a handler slower than the write timeout
+// gets no answer out (the client sees the connection closed).
+func TestServerReadAndWriteTimeouts(t *testing.T) {
+	lim := serverLimits{readHeader: 300 * time.Millisecond, read: 400 * time.Millisecond, write: 300 * time.Millisecond,
+		idle: time.Second, maxHeader: 4 << 10}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := newHTTPServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			time.Sleep(lim.write + 200*time.Millisecond) // a handler slower than the bound, not a wait
+		}
+		if _, err := io.ReadAll(r.Body); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		io.WriteString(w, "ok")
+	}), lim, nil)
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	addr := ln.Addr().String()
+
+	body, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer body.Close()
+	io.WriteString(body, "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nx") // and 99 bytes never
+	if d := readUntilClosed(t, body, 5*time.Second, "slow body"); d < lim.read/2 {
+		t.Fatalf("slow body cut after %v, before the read timeout", d)
+	}
+
+	slow, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	io.WriteString(slow, "GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+	slow.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if resp, err := http.ReadResponse(bufio.NewReader(slow), nil); err == nil {
+		t.Fatalf("a handler past the write timeout still answered %d", resp.StatusCode)
+	}
+}
