@@ -398,9 +398,9 @@ func (l *limitListener) Accept() (net.Conn, error) {
 		}
 		l.mu.Unlock()
 		if over {
+			l.onRefuse(c.RemoteAddr()) // counted before the client can see the close
 			c.Close()
 			<-l.sem
-			l.onRefuse(c.RemoteAddr())
 			continue
 		}
 		return &limitConn{Conn: c, l: l, src: src}, nil

@@ -142,8 +142,8 @@ func (l *limitedTransport) accept() {
 		case c := <-in:
 			src := remoteAddr(c)
 			if reason := l.admit(src); reason != "" {
+				l.refuse(reason, src) // counted before the client can see the close
 				c.Close()
-				l.refuse(reason, src)
 				continue
 			}
 			lc := &limitedConn{Conn: c, l: l, src: src}
@@ -209,11 +209,11 @@ func (l *limitedTransport) firstByte(c *limitedConn) {
 	delete(l.waiting, c)
 	l.mu.Unlock()
 	if err != nil || n != 1 {
-		c.Close()
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
 			l.refuse(refusedSilent, c.src)
 		}
+		c.Close()
 		return
 	}
 	_ = c.SetReadDeadline(time.Time{})
