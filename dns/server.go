@@ -216,6 +216,7 @@ func (s *Server) AddListener(addr string) (net.Addr, error) {
 		ln.done.Wait()
 		return nil, fmt.Errorf("dns serve %s: %w", addr, err)
 	}
+	s.slow.start()
 	for _, u := range ln.udp {
 		ln.done.Add(1)
 		go u.serve()

@@ -153,14 +153,15 @@ type slowJob struct {
 // the flood). Memory is O(queue + workers); the per-source map holds only
 // sources with queries in flight, so it is bounded the same way.
 type slowPool struct {
-	lim     slowLimits
-	serve   func(pkt []byte, w mdns.ResponseWriter)
-	dropped *prometheus.CounterVec // reason
-	log     *slog.Logger
-	jobs    chan slowJob
-	queued  atomic.Int64    // queries accepted into the queue, ever (tests pace floods with it)
-	done    <-chan struct{} // closed when the server closes
-	wg      sync.WaitGroup  // the workers
+	lim       slowLimits
+	serve     func(pkt []byte, w mdns.ResponseWriter)
+	dropped   *prometheus.CounterVec // reason
+	log       *slog.Logger
+	jobs      chan slowJob
+	queued    atomic.Int64    // queries accepted into the queue, ever (tests pace floods with it)
+	done      <-chan struct{} // closed when the server closes
+	wg        sync.WaitGroup  // the workers
+	startOnce sync.Once
 
 	mu       sync.Mutex // guards the fields below
 	inflight map[netip.Addr]int
@@ -169,15 +170,21 @@ type slowPool struct {
 }
 
 func newSlowPool(lim slowLimits, serve func([]byte, mdns.ResponseWriter), dropped *prometheus.CounterVec, log *slog.Logger, done <-chan struct{}) *slowPool {
-	p := &slowPool{
+	return &slowPool{
 		lim: lim, serve: serve, dropped: dropped, log: log, done: done,
 		jobs: make(chan slowJob, lim.queue), inflight: make(map[netip.Addr]int),
 	}
-	p.wg.Add(lim.workers)
-	for range lim.workers {
-		go p.work()
-	}
-	return p
+}
+
+// start starts the workers, once: with the first listener, so that a server
+// never started holds no goroutine.
+func (p *slowPool) start() {
+	p.startOnce.Do(func() {
+		p.wg.Add(p.lim.workers)
+		for range p.lim.workers {
+			go p.work()
+		}
+	})
 }
 
 // submit queues j or drops it; it never blocks.
