@@ -3,8 +3,10 @@ package router
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 
+	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/guard"
 	"github.com/weftnet/weft/datapath/vxlan"
 )
@@ -14,21 +16,27 @@ import (
 // stops: a restarted peer re-applies the same rules (a no-op), and its ports are never open
 // to containers in between. A host where the guard cannot be applied does not start: the
 // control plane would be open to every container.
-func (p *Peer) startGuard() error {
+func (p *Peer) startGuard(advertise netip.Addr) error {
 	g, err := guard.New(guard.Deps{Logger: p.log.With("component", "guard"), Registry: p.reg})
 	if err != nil {
 		return err
 	}
-	if err := g.Set(p.guardConfig()); err != nil {
+	if err := g.Set(p.guardConfig(advertise)); err != nil {
 		return fmt.Errorf("close the control ports to containers: %w", err)
 	}
 	return nil
 }
 
-// guardConfig is the guard's desired state: the bridge of every network, and every port
-// this peer listens on for other peers or operators. O(networks + ports).
-func (p *Peer) guardConfig() guard.Config {
+// guardConfig is the guard's desired state: the bridge of every network, every port this
+// peer listens on for other peers or operators (the same on every peer), and the underlay
+// subnet of advertise, where the other peers listen on them. O(networks + ports).
+func (p *Peer) guardConfig(advertise netip.Addr) guard.Config {
 	cfg := guard.Config{DNSPort: uint16(p.cfg.DNSPort)}
+	if u, _, err := datapath.UnderlayPrefix(advertise); err == nil {
+		cfg.Underlay = append(cfg.Underlay, u.Masked())
+	} else {
+		p.log.Warn("container guard: underlay subnet unknown; other peers' ports are guarded only where the host's are", "advertise", advertise, "err", err)
+	}
 	for _, n := range p.alloc.Networks() {
 		cfg.Bridges = append(cfg.Bridges, bridgeName(n.Name))
 	}

@@ -121,7 +121,7 @@ func (p *Peer) Run(ctx context.Context) error {
 	if err := p.ensureKernel(); err != nil {
 		return err
 	}
-	if err := p.startGuard(); err != nil { // after the bridges exist (router/guard.go)
+	if err := p.startGuard(advertise); err != nil { // after the bridges exist (router/guard.go)
 		return err
 	}
 	if err := p.startDNS(ctx, &stops); err != nil {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -80,18 +81,20 @@ var (
 	policy = nftables.ChainPolicyAccept
 	input  = &nftables.Chain{Name: InputChain, Table: table, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &policy}
-	ports = &nftables.Chain{Name: PortsChain, Table: table}
+	ports   = &nftables.Chain{Name: PortsChain, Table: table}
+	forward = &nftables.Chain{Name: ForwardChain, Table: table, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &policy}
+	underlay = &nftables.Chain{Name: UnderlayChain, Table: table}
+	// chains are the guard's chains.
+	chains = []*nftables.Chain{input, forward, ports, underlay}
 )
 
 // state is what the kernel holds of the guard.
 type state struct {
 	table    bool
-	input    []string // rule keys, in order; nil when the chain is missing
-	ports    []string
-	hasInput bool
-	hasPorts bool
-	counters []string // kinds with a counter
-	foreign  bool     // the table holds objects that are not the guard's
+	rules    map[string][]string // rule keys by chain, in order; a missing chain is absent
+	counters []string            // kinds with a counter
+	foreign  bool                // the table holds objects that are not the guard's
 }
 
 func isNotFound(err error) bool { return errors.Is(err, unix.ENOENT) || errors.Is(err, os.ErrNotExist) }
@@ -106,32 +109,28 @@ func read(c *nftables.Conn) (state, error) {
 		return s, fmt.Errorf("%w: list table %s: %w", ErrKernel, TableName, err)
 	}
 	s.table = true
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	s.rules = make(map[string][]string)
+	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return s, fmt.Errorf("%w: list chains: %w", ErrKernel, err)
 	}
-	for _, ch := range chains {
+	for _, ch := range all {
 		if ch.Table.Name != TableName {
 			continue
 		}
-		switch ch.Name {
-		case InputChain, PortsChain:
-			rules, err := c.GetRules(table, ch)
-			if err != nil {
-				return s, fmt.Errorf("%w: list rules of %s: %w", ErrKernel, ch.Name, err)
-			}
-			keys := make([]string, 0, len(rules))
-			for _, r := range rules {
-				keys = append(keys, string(r.UserData))
-			}
-			if ch.Name == InputChain {
-				s.input, s.hasInput = keys, true
-			} else {
-				s.ports, s.hasPorts = keys, true
-			}
-		default:
+		if !slices.ContainsFunc(chains, func(mine *nftables.Chain) bool { return mine.Name == ch.Name }) {
 			s.foreign = true
+			continue
 		}
+		rules, err := c.GetRules(table, ch)
+		if err != nil {
+			return s, fmt.Errorf("%w: list rules of %s: %w", ErrKernel, ch.Name, err)
+		}
+		keys := make([]string, 0, len(rules))
+		for _, r := range rules {
+			keys = append(keys, string(r.UserData))
+		}
+		s.rules[ch.Name] = keys
 	}
 	objs, err := c.GetObjects(table)
 	if err != nil && !isNotFound(err) {
@@ -157,8 +156,24 @@ func read(c *nftables.Conn) (state, error) {
 
 // matches reports whether the kernel holds exactly the plan.
 func (s state) matches(p Plan) bool {
-	return s.table && s.hasInput && s.hasPorts && slices.Equal(s.input, p.inputKeys()) &&
-		slices.Equal(s.ports, p.portKeys()) && slices.Equal(s.counters, p.Kinds)
+	if !s.table || !slices.Equal(s.counters, p.Kinds) {
+		return false
+	}
+	for name, want := range p.keys() {
+		have, ok := s.rules[name]
+		if !ok || !slices.Equal(have, want) {
+			return false
+		}
+	}
+	return true
+}
+
+// keys are the plan's rule keys by chain.
+func (p Plan) keys() map[string][]string {
+	return map[string][]string{
+		InputChain: p.inputKeys(), ForwardChain: p.forwardKeys(),
+		PortsChain: p.portKeys(), UnderlayChain: p.underlayKeys(),
+	}
 }
 
 // Set converges the kernel to cfg: nothing is done when it already matches; otherwise one
@@ -197,10 +212,10 @@ func (g *Guard) set(cfg Config) error {
 		return nil
 	}
 	c.AddTable(table) // no-op when it exists
-	c.AddChain(input)
-	c.AddChain(ports)
-	c.FlushChain(input)
-	c.FlushChain(ports)
+	for _, ch := range chains {
+		c.AddChain(ch)
+		c.FlushChain(ch)
+	}
 	for _, k := range p.Kinds {
 		if !slices.Contains(cur.counters, k) {
 			c.AddObj(&nftables.CounterObj{Table: table, Name: CounterPrefix + k})
@@ -210,6 +225,28 @@ func (g *Guard) set(cfg Config) error {
 		c.AddRule(&nftables.Rule{Table: table, Chain: input, UserData: []byte(bridgeKey(b)), Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
+		}})
+	}
+	for _, b := range p.Bridges {
+		c.AddRule(&nftables.Rule{Table: table, Chain: forward, UserData: []byte(forwardKey(b)), Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: UnderlayChain},
+		}})
+	}
+	for _, u := range p.Underlay {
+		proto, offset := byte(unix.NFPROTO_IPV4), uint32(16) // ip daddr
+		if u.Addr().Is6() {
+			proto, offset = unix.NFPROTO_IPV6, 24 // ip6 daddr
+		}
+		n := uint32(u.Addr().BitLen() / 8)
+		c.AddRule(&nftables.Rule{Table: table, Chain: underlay, UserData: []byte(underlayKey(u)), Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: n},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: prefixMask(u), Xor: make([]byte, n)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: u.Addr().AsSlice()},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
 		}})
 	}
@@ -238,6 +275,15 @@ func (g *Guard) set(cfg Config) error {
 	g.applies.WithLabelValues(resultChanged).Inc()
 	g.log.Info("container guard applied", "bridges", p.Bridges, "ports", len(p.Ports))
 	return nil
+}
+
+// prefixMask is the netmask of u, as many bytes as its address.
+func prefixMask(u netip.Prefix) []byte {
+	m := make([]byte, u.Addr().BitLen()/8)
+	for i := 0; i < u.Bits(); i++ {
+		m[i/8] |= 0x80 >> (i % 8)
+	}
+	return m
 }
 
 // ifname is an interface name as the kernel compares it (IFNAMSIZ bytes, NUL-padded).
@@ -275,13 +321,15 @@ func (g *Guard) remove() error {
 	if !cur.foreign {
 		c.DelTable(table) // everything in it is the guard's
 	} else {
-		if cur.hasInput {
-			c.FlushChain(input)
-			c.DelChain(input)
+		for _, ch := range chains { // flush all first: no jump is left into a deleted chain
+			if _, ok := cur.rules[ch.Name]; ok {
+				c.FlushChain(ch)
+			}
 		}
-		if cur.hasPorts {
-			c.FlushChain(ports)
-			c.DelChain(ports)
+		for _, ch := range chains {
+			if _, ok := cur.rules[ch.Name]; ok {
+				c.DelChain(ch)
+			}
 		}
 		for _, k := range cur.counters {
 			c.DeleteObject(&nftables.CounterObj{Table: table, Name: CounterPrefix + k})

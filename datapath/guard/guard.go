@@ -2,9 +2,11 @@
 // the input hook drops what arrives on a weft bridge for the mesh, Raft, probe, WireGuard,
 // VXLAN and HTTP ports — on any of the host's addresses, since the input hook sees every
 // packet addressed to the host — while DNS on the gateway, and traffic between containers
-// (bridged or forwarded, never input), keep working.
+// (bridged or forwarded, never input), keep working. A rule on the forward hook does the
+// same for what a container sends through its host to those ports on the underlay ranges
+// (Config.Underlay), so that other peers' control ports are closed to it too.
 //
-// Everything lives in weft's own table (inet "weft"): two chains and one named counter per
+// Everything lives in weft's own table (inet "weft"): four chains and one named counter per
 // dropped kind, all named "guard…". Set converges them to the desired state in one
 // transaction, and does nothing when they already match (each rule carries its key in its
 // user data, so the comparison needs no decoding of expressions); Remove deletes only these
@@ -17,6 +19,7 @@ package guard
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 
@@ -26,9 +29,11 @@ import (
 // Table, chains and counter prefix the guard owns.
 const (
 	TableName     = "weft"
-	InputChain    = "guard_input" // base chain, hook input: one jump per bridge
-	PortsChain    = "guard_ports" // one drop per guarded port
-	CounterPrefix = "guard_"      // + kind: the named counter of each dropped kind
+	InputChain    = "guard_input"    // base chain, hook input: one jump per bridge
+	PortsChain    = "guard_ports"    // one drop per guarded port
+	ForwardChain  = "guard_forward"  // base chain, hook forward: one jump per bridge
+	UnderlayChain = "guard_underlay" // one jump to guard_ports per underlay range
+	CounterPrefix = "guard_"         // + kind: the named counter of each dropped kind
 )
 
 // Kinds of the ports a peer guards, the names of their counters.
@@ -67,6 +72,11 @@ type Config struct {
 	// DNSPort is served on each gateway and must stay open: a guarded port equal to it
 	// is an error rather than a silent loss of DNS.
 	DNSPort uint16
+	// Underlay are the ranges the peers' underlay addresses are in (at least this host's
+	// underlay subnet): container traffic the host forwards to a guarded port in them is
+	// dropped too, so that a container cannot reach other peers' control ports through
+	// its host. Traffic to those ports elsewhere (the internet, other containers) passes.
+	Underlay []netip.Prefix
 }
 
 // Sentinel errors.
@@ -79,9 +89,10 @@ var (
 
 // Plan is the guard's desired state, sorted and without duplicates.
 type Plan struct {
-	Bridges []string
-	Ports   []Port
-	Kinds   []string // the counters, one per kind
+	Bridges  []string
+	Ports    []Port
+	Kinds    []string       // the counters, one per kind
+	Underlay []netip.Prefix // masked
 }
 
 // Empty reports whether the plan guards nothing (no bridge or no port).
@@ -89,14 +100,34 @@ func (p Plan) Empty() bool { return len(p.Bridges) == 0 || len(p.Ports) == 0 }
 
 // bridgeKey and portKey are the user data of the guard's rules: what the rule does, so
 // that Set compares the kernel's rules with the plan's without decoding expressions.
-func bridgeKey(b string) string { return "weft-guard bridge " + b }
-func portKey(p Port) string     { return fmt.Sprintf("weft-guard drop %s %d %s", p.Proto, p.Port, p.Kind) }
+func bridgeKey(b string) string  { return "weft-guard bridge " + b }
+func portKey(p Port) string      { return fmt.Sprintf("weft-guard drop %s %d %s", p.Proto, p.Port, p.Kind) }
+func forwardKey(b string) string { return "weft-guard forward " + b }
+func underlayKey(u netip.Prefix) string {
+	return "weft-guard underlay " + u.String()
+}
 
 // inputKeys and portKeys are the rule keys of each chain, in order.
 func (p Plan) inputKeys() []string {
 	keys := make([]string, len(p.Bridges))
 	for i, b := range p.Bridges {
 		keys[i] = bridgeKey(b)
+	}
+	return keys
+}
+
+func (p Plan) underlayKeys() []string {
+	keys := make([]string, len(p.Underlay))
+	for i, u := range p.Underlay {
+		keys[i] = underlayKey(u)
+	}
+	return keys
+}
+
+func (p Plan) forwardKeys() []string {
+	keys := make([]string, len(p.Bridges))
+	for i, b := range p.Bridges {
+		keys[i] = forwardKey(b)
 	}
 	return keys
 }
@@ -151,6 +182,20 @@ func NewPlan(cfg Config) (Plan, error) {
 	}
 	slices.Sort(p.Kinds)
 	p.Kinds = slices.Compact(p.Kinds)
+	for _, u := range cfg.Underlay {
+		if !u.IsValid() || u.Bits() == 0 {
+			// 0.0.0.0/0 would guard the ports everywhere, the internet included.
+			return Plan{}, fmt.Errorf("%w: underlay range %v: want a valid prefix narrower than /0", ErrConfig, u)
+		}
+		p.Underlay = append(p.Underlay, u.Masked())
+	}
+	slices.SortFunc(p.Underlay, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	p.Underlay = slices.Compact(p.Underlay)
 	if p.Empty() {
 		return Plan{}, nil
 	}

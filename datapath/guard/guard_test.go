@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"sync/atomic"
@@ -14,7 +15,9 @@ import (
 	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"github.com/vishvananda/netlink"
 
+	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
@@ -429,4 +432,90 @@ func seriesOf(t *testing.T, reg *prometheus.Registry, name string) int {
 		}
 	}
 	return 0
+}
+
+func TestNewPlanUnderlay(t *testing.T) {
+	p, err := NewPlan(Config{Bridges: []string{"weft"}, Ports: []Port{{KindRaft, TCP, 6785}},
+		Underlay: []netip.Prefix{netip.MustParsePrefix("172.31.0.9/24"), netip.MustParsePrefix("172.31.0.0/24"), netip.MustParsePrefix("fd00::1/64")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []netip.Prefix{netip.MustParsePrefix("172.31.0.0/24"), netip.MustParsePrefix("fd00::/64")}
+	if !slices.Equal(p.Underlay, want) {
+		t.Fatalf("underlay %v, want %v", p.Underlay, want)
+	}
+	if got := prefixMask(netip.MustParsePrefix("10.0.0.0/20")); !slices.Equal(got, []byte{255, 255, 240, 0}) {
+		t.Fatalf("mask %v", got)
+	}
+	for _, u := range []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), {}} {
+		if _, err := NewPlan(Config{Bridges: []string{"weft"}, Ports: []Port{{KindRaft, TCP, 6785}}, Underlay: []netip.Prefix{u}}); !errors.Is(err, ErrConfig) {
+			t.Errorf("underlay %v: %v, want ErrConfig", u, err)
+		}
+	}
+}
+
+// A container cannot reach another peer's control port through its host's forwarding
+// either; the host itself still can.
+func TestGuardForwardToOtherPeers(t *testing.T) {
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wbf%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
+	h0, h1 := lab.Hosts[0], lab.Hosts[1]
+	c, err := h0.AddContainer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// h1 answers the container's block through h0 (the overlay's job in weft).
+	in(t, h1.NS, func() error {
+		link, err := netlink.LinkByName(nslab.UnderlayDev)
+		if err != nil {
+			return err
+		}
+		return netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: datapath.PrefixToIPNet(h0.Block), Gw: h0.Underlay.Addr().AsSlice()})
+	})
+	in(t, h1.NS, func() error {
+		l, err := net.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", raftPort))
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+		return nil
+	})
+	remote := net.JoinHostPort(h1.Underlay.Addr().String(), fmt.Sprint(raftPort))
+	if !tcpReach(c.NS, remote) {
+		t.Fatalf("before the guard, the container does not reach %s: the test proves nothing", remote)
+	}
+	g, err := New(Deps{NetNSFd: int(h0.NetNS.Fd())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Remove() })
+	cfg := testConfig()
+	cfg.Underlay = []netip.Prefix{h0.Underlay.Masked()}
+	if err := g.Set(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if tcpReach(c.NS, remote) {
+		t.Fatalf("a container reaches another peer's raft port %s through its host", remote)
+	}
+	if d, _ := g.Dropped(); d[KindRaft] == 0 {
+		t.Fatalf("forwarded drop not counted: %v", d)
+	}
+	if !tcpReach(h0.NS, remote) {
+		t.Fatalf("the host no longer reaches another peer's raft port")
+	}
+	// Without the underlay range the forward rule is gone: Set converged to the new plan.
+	if err := g.Set(testConfig()); err != nil {
+		t.Fatal(err)
+	}
+	if !tcpReach(c.NS, remote) {
+		t.Fatalf("the forward guard outlived its underlay range")
+	}
 }
