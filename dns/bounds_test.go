@@ -47,8 +47,12 @@ func slowUpstream(delay time.Duration) func(w mdns.ResponseWriter, r *mdns.Msg) 
 // goroutines stay bounded by the pool (before it, 3000 queries made 1428
 // goroutines), every query is either forwarded or counted as dropped.
 func TestSlowPathBoundedUnderFlood(t *testing.T) {
+	t.Run("small", func(t *testing.T) { testFlood(t, slowLimits{workers: 16, queue: 64, perSource: 64}) })
+	t.Run("default", func(t *testing.T) { testFlood(t, defaultSlowLimits) })
+}
+
+func testFlood(t *testing.T, lim slowLimits) {
 	up := startUpstream(t, slowUpstream(200*time.Millisecond))
-	lim := slowLimits{workers: 16, queue: 64, perSource: 64}
 	s, addr := startBoundedServer(t, lim, up.addr)
 	dst, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
