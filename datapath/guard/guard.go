@@ -79,6 +79,13 @@ type Config struct {
 	Underlay []netip.Prefix
 }
 
+// Bounds of a Config: a transaction stays small (rules are O(bridges + ranges + ports)).
+const (
+	MaxBridges  = 1024 // one per network
+	MaxPorts    = 64
+	MaxUnderlay = 1024
+)
+
 // Sentinel errors.
 var (
 	// ErrConfig wraps every error of Plan: nothing is changed.
@@ -144,6 +151,10 @@ func (p Plan) portKeys() []string {
 // bridges and P ports (both small: one bridge per network, about ten ports).
 func NewPlan(cfg Config) (Plan, error) {
 	var p Plan
+	if len(cfg.Bridges) > MaxBridges || len(cfg.Ports) > MaxPorts || len(cfg.Underlay) > MaxUnderlay {
+		return Plan{}, fmt.Errorf("%w: %d bridges, %d ports, %d underlay ranges: at most %d, %d, %d",
+			ErrConfig, len(cfg.Bridges), len(cfg.Ports), len(cfg.Underlay), MaxBridges, MaxPorts, MaxUnderlay)
+	}
 	for _, b := range cfg.Bridges {
 		if b == "" || len(b) >= unix.IFNAMSIZ || strings.ContainsAny(b, "/ \x00") {
 			return Plan{}, fmt.Errorf("%w: bridge name %q", ErrConfig, b)

@@ -48,6 +48,8 @@ func TestNewPlan(t *testing.T) {
 		"bad proto":        {Bridges: []string{"weft"}, Ports: []Port{{KindMesh, "sctp", 6783}}},
 		"long bridge":      {Bridges: []string{"a-bridge-name-too-long"}},
 		"empty bridge":     {Bridges: []string{""}},
+		"too many ports":   {Bridges: []string{"weft"}, Ports: make([]Port, MaxPorts+1)},
+		"too many ranges":  {Bridges: []string{"weft"}, Underlay: make([]netip.Prefix, MaxUnderlay+1)},
 	} {
 		if _, err := NewPlan(cfg); !errors.Is(err, ErrConfig) {
 			t.Errorf("%s: %v, want ErrConfig", name, err)
