@@ -42,8 +42,11 @@
 // is rebuilt when Records.Generation changes (fastpath.go): no allocation, no
 // goroutine, no miekg unpack or pack, answers identical to the handler
 // chain's. Everything else (other types, forwarding, EDNS0 options,
-// malformed queries, answers needing truncation) is handed, as before, to a
-// goroutine of its own running the handler chain. TCP is miekg's server.
+// malformed queries, answers needing truncation) is handed to a bounded pool
+// of workers running the handler chain (udp.go: dropped and counted in
+// weft_dns_dropped_total when the queue is full or one source holds too much
+// of it); identical upstream questions in flight share one upstream query.
+// TCP is miekg's server behind a per-source connection limit.
 //
 // Robustness: malformed queries get FORMERR (or NOTIMP, REFUSED, BADVERS) or
 // are dropped; a panic in a handler is recovered and answered SERVFAIL; UDP

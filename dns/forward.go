@@ -13,6 +13,7 @@ import (
 	"time"
 
 	mdns "github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // forwarder is the last handler of the chain: it answers everything the
@@ -39,6 +40,22 @@ type forwarder struct {
 	loaded    bool
 	fromFile  []string
 	readError string // last error logged, to log each once
+
+	// flights are the upstream questions in flight, by cache key: an
+	// identical question asked meanwhile waits for the same answer instead
+	// of asking again, so a burst of one name costs one upstream query.
+	// O(questions in flight) memory, bounded by the slow pool's workers plus
+	// the TCP connections.
+	fmu       sync.Mutex // guards flights
+	flights   map[cacheKey]*flight
+	coalesced prometheus.Counter
+}
+
+// flight is one upstream question in flight; done is closed when resp or err is set.
+type flight struct {
+	done chan struct{}
+	resp *mdns.Msg // read-only once done: waiters copy it
+	err  error
 }
 
 // errNoUpstream means there is no upstream to forward to.
@@ -114,10 +131,9 @@ func (f *forwarder) ServeDNS(ctx context.Context, w mdns.ResponseWriter, r *mdns
 	} else {
 		f.m.cacheMisses.Inc()
 		var err error
-		if resp, err = f.forward(ctx, r); err != nil {
+		if resp, err = f.resolve(ctx, r); err != nil {
 			return mdns.RcodeServerFailure, err
 		}
-		f.cache.put(r, resp)
 	}
 	resp.Id = r.Id
 	resp.Question = r.Question // as asked, case included
@@ -125,6 +141,42 @@ func (f *forwarder) ServeDNS(ctx context.Context, w mdns.ResponseWriter, r *mdns
 	resp.Authoritative = false
 	writeResponse(w, r, resp, f.udpSize, f.m)
 	return resp.Rcode, nil
+}
+
+// resolve forwards r upstream, or waits for the identical question already
+// in flight, and caches the answer. It returns a copy the caller may change.
+func (f *forwarder) resolve(ctx context.Context, r *mdns.Msg) (*mdns.Msg, error) {
+	k := keyOf(r)
+	f.fmu.Lock()
+	if fl, ok := f.flights[k]; ok {
+		f.fmu.Unlock()
+		f.coalesced.Inc()
+		select {
+		case <-fl.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if fl.err != nil {
+			return nil, fl.err
+		}
+		return fl.resp.Copy(), nil
+	}
+	fl := &flight{done: make(chan struct{})}
+	f.flights[k] = fl
+	f.fmu.Unlock()
+
+	fl.resp, fl.err = f.forward(ctx, r)
+	if fl.err == nil {
+		f.cache.put(r, fl.resp)
+	}
+	f.fmu.Lock()
+	delete(f.flights, k)
+	f.fmu.Unlock()
+	close(fl.done)
+	if fl.err != nil {
+		return nil, fl.err
+	}
+	return fl.resp.Copy(), nil
 }
 
 // forward asks each upstream in turn and returns the first answer that is

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 	"log/slog"
 	"net"
+	"net/netip"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -32,8 +33,16 @@ type Server struct {
 	fwd     *forwarder
 	chain   Handler
 
-	ctx    context.Context // cancelled by Close: aborts forwards in flight
+	ctx    context.Context // cancelled by Close: aborts forwards in flight, stops the slow pool
 	cancel context.CancelFunc
+
+	// slow runs the full path of UDP queries on bounded workers (udp.go).
+	slow      *slowPool
+	dropped   *prometheus.CounterVec // weft_dns_dropped_total{reason}
+	coalesced prometheus.Counter
+	// tcpPerSource bounds the TCP connections open from one address.
+	tcpPerSource int
+	tcpMax       int // and from all addresses: Accept waits beyond it
 
 	mu        sync.Mutex // guards the fields below
 	listeners map[string]*listener
@@ -63,6 +72,17 @@ var ErrClosed = errors.New("dns server closed")
 // NewServer checks cfg and builds a server over records. It listens on
 // nothing until Start.
 func NewServer(cfg Config, records *Records, deps Deps) (*Server, error) {
+	return newServer(cfg, records, deps, defaultSlowLimits)
+}
+
+// TCP connection limits: a resolver needs one or two connections; a
+// container flooding connections must not hold the port for the others.
+const (
+	defaultTCPPerSource = 16
+	defaultTCPMax       = 256
+)
+
+func newServer(cfg Config, records *Records, deps Deps, lim slowLimits) (*Server, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -86,6 +106,11 @@ func NewServer(cfg Config, records *Records, deps Deps) (*Server, error) {
 		return nil, err
 	}
 	s.m = m
+	if err := s.newBoundMetrics(deps.Registry); err != nil {
+		s.cancel()
+		return nil, err
+	}
+	s.tcpPerSource, s.tcpMax = defaultTCPPerSource, defaultTCPMax
 	var static []string
 	for _, u := range cfg.Upstreams {
 		a, _ := upstreamAddr(u, "53") // checked by Validate
@@ -96,13 +121,40 @@ func NewServer(cfg Config, records *Records, deps Deps) (*Server, error) {
 		timeout: cfg.ForwardTimeout, udpSize: cfg.UDPSize, defPort: "53",
 		now: now, log: log, m: m, cache: c,
 		selfAddrs: func() map[string]bool { return selfAddrSet(s.Addrs()) },
+		flights:   make(map[cacheKey]*flight), coalesced: s.coalesced,
 	}
 	s.zone = &zone{
 		domain: cfg.Domain, ttl: uint32(cfg.TTL / time.Second), networks: slices.Clone(cfg.Networks),
 		records: records, udpSize: cfg.UDPSize, m: m, next: s.fwd,
 	}
 	s.chain = sanitize{next: s.zone}
+	s.slow = newSlowPool(lim, s.serveSlow, s.dropped, log, s.ctx.Done())
 	return s, nil
+}
+
+// newBoundMetrics registers the counters of the flood bounds. They live here
+// rather than in metrics.go so that the bounds are one reviewable piece.
+func (s *Server) newBoundMetrics(reg prometheus.Registerer) error {
+	s.dropped = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "weft_dns_dropped_total",
+		Help: "Queries (UDP) or connections (TCP) dropped unanswered by the flood bounds, by reason: busy (worker queue full), source (too many from one address in flight), tcp (too many connections from one address).",
+	}, []string{"reason"})
+	for _, r := range []string{dropBusy, dropSource, dropTCP} {
+		s.dropped.WithLabelValues(r)
+	}
+	s.coalesced = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "weft_dns_forward_coalesced_total",
+		Help: "Forwarded queries answered by an identical upstream question already in flight.",
+	})
+	if reg == nil {
+		return nil
+	}
+	for _, c := range []prometheus.Collector{s.dropped, s.coalesced} {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("dns metrics: %w", err)
+		}
+	}
+	return nil
 }
 
 // SetNearest sets (or, with nil, clears) the function that orders addresses
@@ -150,7 +202,10 @@ func (s *Server) AddListener(addr string) (net.Addr, error) {
 		ln.udp = append(ln.udp, newUDPServer(s, pc.(*net.UDPConn), &ln.done))
 	}
 	ln.tcp = &mdns.Server{
-		Listener: l, Handler: mdns.HandlerFunc(s.serveMiekg), ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
+		Listener: newLimitListener(l, s.tcpMax, s.tcpPerSource, func(src net.Addr) {
+			s.dropped.WithLabelValues(dropTCP).Inc()
+			s.log.Debug("dns tcp connection refused: too many from one address", "source", src.String(), "limit", s.tcpPerSource)
+		}), Handler: mdns.HandlerFunc(s.serveMiekg), ReadTimeout: 2 * time.Second, WriteTimeout: 2 * time.Second,
 		IdleTimeout: func() time.Duration { return s.cfg.TCPIdleTimeout },
 	}
 	if err := s.serve(ln, ln.tcp); err != nil {
@@ -161,6 +216,7 @@ func (s *Server) AddListener(addr string) (net.Addr, error) {
 		ln.done.Wait()
 		return nil, fmt.Errorf("dns serve %s: %w", addr, err)
 	}
+	s.slow.start()
 	for _, u := range ln.udp {
 		ln.done.Add(1)
 		go u.serve()
@@ -297,7 +353,96 @@ func (s *Server) Close() error {
 	for _, ln := range lns {
 		ln.shutdown()
 	}
+	s.slow.wait()
 	return nil
+}
+
+// limitListener bounds the TCP connections of a listener: at most max open
+// (Accept waits for one to close, as golang.org/x/net/netutil does, so the
+// kernel's backlog pushes back), and at most perSource from one address
+// (accepted and closed at once, counted by onRefuse). Memory is
+// O(open connections).
+type limitListener struct {
+	net.Listener
+	sem       chan struct{}
+	perSource int
+	onRefuse  func(net.Addr)
+	closeOnce sync.Once
+	done      chan struct{}
+
+	mu    sync.Mutex // guards bySrc
+	bySrc map[netip.Addr]int
+}
+
+func newLimitListener(l net.Listener, max, perSource int, onRefuse func(net.Addr)) *limitListener {
+	return &limitListener{Listener: l, sem: make(chan struct{}, max), perSource: perSource, onRefuse: onRefuse,
+		done: make(chan struct{}), bySrc: make(map[netip.Addr]int)}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	for {
+		select {
+		case l.sem <- struct{}{}:
+		case <-l.done:
+			return nil, net.ErrClosed
+		}
+		c, err := l.Listener.Accept()
+		if err != nil {
+			<-l.sem
+			return nil, err
+		}
+		src := addrOf(c.RemoteAddr())
+		l.mu.Lock()
+		over := l.bySrc[src] >= l.perSource
+		if !over {
+			l.bySrc[src]++
+		}
+		l.mu.Unlock()
+		if over {
+			l.onRefuse(c.RemoteAddr()) // counted before the client can see the close
+			c.Close()
+			<-l.sem
+			continue
+		}
+		return &limitConn{Conn: c, l: l, src: src}, nil
+	}
+}
+
+func (l *limitListener) Close() error {
+	l.closeOnce.Do(func() { close(l.done) })
+	return l.Listener.Close()
+}
+
+func (l *limitListener) release(src netip.Addr) {
+	l.mu.Lock()
+	if l.bySrc[src] <= 1 {
+		delete(l.bySrc, src)
+	} else {
+		l.bySrc[src]--
+	}
+	l.mu.Unlock()
+	<-l.sem
+}
+
+func addrOf(a net.Addr) netip.Addr {
+	if t, ok := a.(*net.TCPAddr); ok {
+		return t.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
+}
+
+// limitConn releases its slot once, on the first Close.
+type limitConn struct {
+	net.Conn
+	l    *limitListener
+	src  netip.Addr
+	once sync.Once
+}
+
+func (c *limitConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.l.release(c.src) })
+	return err
 }
 
 // ServeDNS runs the handler chain (sanitize → weft zone → forward) for r,

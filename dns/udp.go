@@ -2,22 +2,26 @@ package dns
 
 import (
 	"errors"
+	"log/slog"
 	"net"
 	"net/netip"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mdns "github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
 
 // udpServer serves one UDP socket (one of the SO_REUSEPORT sockets of a
 // listener) from one reader goroutine. The reader answers what the fast path
 // can (fastpath.go) itself, with no allocation; every other packet is copied
-// and handled in a goroutine of its own by the full handler chain, exactly as
-// miekg's server did (serveSlow), so that a slow forward never holds up the
-// socket.
+// and handed to the server's bounded slow pool (slowPool), which runs the full
+// handler chain as miekg's server did (serveSlow), so that a slow forward
+// never holds up the socket, and a flood never grows goroutines or sockets
+// without bound.
 type udpServer struct {
 	s    *Server
 	conn *net.UDPConn
@@ -25,7 +29,7 @@ type udpServer struct {
 	// answers must then leave from the address each query was sent to,
 	// which the kernel tells with IP_PKTINFO / IPV6_PKTINFO.
 	pktinfo bool
-	wg      *sync.WaitGroup // the reader and the slow-path goroutines
+	wg      *sync.WaitGroup // the reader
 }
 
 // udpReadSize bounds the queries read (larger ones are cut and rejected).
@@ -109,13 +113,149 @@ func (u *udpServer) serve() {
 		}
 		pkt := append([]byte(nil), buf[:n]...)
 		w := &udpWriter{conn: u.conn, remote: from, src: src}
-		u.wg.Add(1)
-		go func() {
-			defer u.wg.Done()
-			u.s.serveSlow(pkt, w)
-		}()
+		u.s.slow.submit(slowJob{pkt: pkt, w: w, src: from.Addr().Unmap()})
 	}
 }
+
+// slowLimits bound the full path of UDP queries.
+type slowLimits struct {
+	workers   int // goroutines running the handler chain (each holds at most one upstream socket)
+	queue     int // queries waiting for a worker; beyond it they are dropped ("busy")
+	perSource int // queries of one source address queued or in flight; beyond it dropped ("source")
+}
+
+// defaultSlowLimits: 64 workers forward 64 questions at once (with
+// ForwardTimeout 2s, at least 32 distinct slow questions per second, and any
+// number of identical ones, which are coalesced); a burst of 1024 waits. One
+// source may hold a quarter of the queue: a busy resolver behind one address
+// (a node-local cache, dnsperf with 64 outstanding) is served at full speed,
+// and a flooding container leaves three quarters to the others.
+var defaultSlowLimits = slowLimits{workers: 64, queue: 1024, perSource: 256}
+
+// Reasons of weft_dns_dropped_total.
+const (
+	dropBusy   = "busy"   // the slow pool's queue was full
+	dropSource = "source" // the source had too many queries queued or in flight
+	dropTCP    = "tcp"    // a TCP connection over the per-source limit was closed
+)
+
+// slowJob is one UDP query for the full path.
+type slowJob struct {
+	pkt []byte
+	w   *udpWriter
+	src netip.Addr
+}
+
+// slowPool runs the full path of UDP queries on a fixed set of workers fed by
+// a bounded queue. submit never blocks the reader: when the queue is full, or
+// the query's source already has perSource queries queued or in flight, the
+// query is dropped and counted (a resolver retries; answering would only feed
+// the flood). Memory is O(queue + workers); the per-source map holds only
+// sources with queries in flight, so it is bounded the same way.
+type slowPool struct {
+	lim       slowLimits
+	serve     func(pkt []byte, w mdns.ResponseWriter)
+	dropped   *prometheus.CounterVec // reason
+	log       *slog.Logger
+	jobs      chan slowJob
+	queued    atomic.Int64    // queries accepted into the queue, ever (tests pace floods with it)
+	done      <-chan struct{} // closed when the server closes
+	wg        sync.WaitGroup  // the workers
+	startOnce sync.Once
+
+	mu       sync.Mutex // guards the fields below
+	inflight map[netip.Addr]int
+	lastLog  time.Time
+	unlogged int // drops since the last log line
+}
+
+func newSlowPool(lim slowLimits, serve func([]byte, mdns.ResponseWriter), dropped *prometheus.CounterVec, log *slog.Logger, done <-chan struct{}) *slowPool {
+	return &slowPool{
+		lim: lim, serve: serve, dropped: dropped, log: log, done: done,
+		jobs: make(chan slowJob, lim.queue), inflight: make(map[netip.Addr]int),
+	}
+}
+
+// start starts the workers, once: with the first listener, so that a server
+// never started holds no goroutine.
+func (p *slowPool) start() {
+	p.startOnce.Do(func() {
+		p.wg.Add(p.lim.workers)
+		for range p.lim.workers {
+			go p.work()
+		}
+	})
+}
+
+// submit queues j or drops it; it never blocks.
+func (p *slowPool) submit(j slowJob) {
+	p.mu.Lock()
+	if p.inflight[j.src] >= p.lim.perSource {
+		p.dropLocked(dropSource, j.src)
+		p.mu.Unlock()
+		return
+	}
+	p.inflight[j.src]++
+	p.mu.Unlock()
+	select {
+	case p.jobs <- j:
+		p.queued.Add(1)
+	default:
+		p.mu.Lock()
+		p.releaseLocked(j.src)
+		p.dropLocked(dropBusy, j.src)
+		p.mu.Unlock()
+	}
+}
+
+// dropLocked counts a drop and logs at most one line a second, with the
+// number of drops it stands for, so that a flood does not flood the log.
+func (p *slowPool) dropLocked(reason string, src netip.Addr) {
+	p.dropped.WithLabelValues(reason).Inc()
+	p.unlogged++
+	if now := time.Now(); now.Sub(p.lastLog) >= time.Second {
+		p.log.Warn("dns query dropped: too many queries in flight", "reason", reason, "source", src.String(),
+			"dropped", p.unlogged, "workers", p.lim.workers, "queue", p.lim.queue, "per_source", p.lim.perSource)
+		p.lastLog, p.unlogged = now, 0
+	}
+}
+
+func (p *slowPool) releaseLocked(src netip.Addr) {
+	if p.inflight[src] <= 1 {
+		delete(p.inflight, src)
+		return
+	}
+	p.inflight[src]--
+}
+
+func (p *slowPool) work() {
+	defer p.wg.Done()
+	for {
+		select {
+		case <-p.done:
+			return
+		case j := <-p.jobs:
+			p.run(j)
+			p.mu.Lock()
+			p.releaseLocked(j.src)
+			p.mu.Unlock()
+		}
+	}
+}
+
+// run serves one job; a panic (a bug: the handler chain recovers its own)
+// is logged and must not kill the worker.
+func (p *slowPool) run(j slowJob) {
+	defer func() {
+		if r := recover(); r != nil {
+			p.log.Error("dns slow path panic", "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	p.serve(j.pkt, j.w)
+}
+
+// wait waits for the workers, after done is closed.
+func (p *slowPool) wait() { p.wg.Wait() }
 
 // fast runs the fast path; a panic in it (a bug) is logged and counted, and
 // the query goes to the full path, which answers SERVFAIL if it panics too.

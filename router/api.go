@@ -170,7 +170,7 @@ func (p *Peer) apiHandler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})
-	return mux
+	return limitBody(mux)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

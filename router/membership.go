@@ -31,6 +31,7 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	cfg.Password = p.cfg.ClusterKey // mesh derives its own gossip key from it (GossipKey)
 	cfg.Logger = p.log.With("component", "mesh")
 	cfg.Registerer = p.reg
+	cfg.WrapTransport = mesh.StreamLimiter(mesh.StreamLimits{Logger: cfg.Logger, Registry: p.reg}) // per-source stream limits
 	cfg.Metadata = mesh.Metadata{
 		Name:           p.cfg.Name,
 		Underlay:       advertise,

@@ -125,6 +125,9 @@ func (p *Peer) Run(ctx context.Context) error {
 	if err := p.ensureKernel(); err != nil {
 		return err
 	}
+	if err := p.startGuard(advertise); err != nil { // after the bridges exist (router/guard.go)
+		return err
+	}
 	if err := p.startDNS(ctx, &stops); err != nil {
 		return err
 	}
@@ -279,7 +282,7 @@ func (p *Peer) listenAPI() (net.Listener, error) {
 // serve runs an HTTP server on ln and returns its stop function, which waits for in-flight
 // requests up to a bound.
 func (p *Peer) serve(what string, ln net.Listener, h http.Handler) func() {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ErrorLog: slog.NewLogLogger(p.log.Handler(), slog.LevelWarn)}
+	srv := newHTTPServer(h, limitsFor(what), slog.NewLogLogger(p.log.Handler(), slog.LevelWarn))
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

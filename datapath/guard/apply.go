@@ -1,0 +1,386 @@
+package guard
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+)
+
+// Deps are the collaborators of a Guard.
+type Deps struct {
+	Logger   *slog.Logger          // nil: discard
+	Registry prometheus.Registerer // nil: metrics not exported
+	// NetNSFd is a network namespace to work in (tests); 0 means the current one.
+	NetNSFd int
+}
+
+// Guard applies plans to the kernel. Its methods are safe for concurrent use (one mutex
+// serialises them: each is a read of the guard's objects and at most one transaction).
+type Guard struct {
+	log     *slog.Logger
+	netns   int
+	applies *prometheus.CounterVec // result
+	mu      sync.Mutex             // serialises Set and Remove
+}
+
+// Results of weft_guard_applies_total.
+const (
+	resultChanged   = "changed"
+	resultUnchanged = "unchanged"
+	resultError     = "error"
+)
+
+// New builds a Guard and registers its metrics: weft_guard_applies_total{result} and
+// weft_guard_dropped_packets_total{kind}, read from the kernel's named counters on scrape.
+func New(deps Deps) (*Guard, error) {
+	log := deps.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	g := &Guard{log: log, netns: deps.NetNSFd,
+		applies: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weft_guard_applies_total",
+			Help: "Convergences of the container guard (nftables), by result: changed, unchanged, error.",
+		}, []string{"result"}),
+	}
+	if deps.Registry != nil {
+		for _, c := range []prometheus.Collector{g.applies, droppedCollector{g}} {
+			if err := deps.Registry.Register(c); err != nil {
+				return nil, fmt.Errorf("guard metrics: %w", err)
+			}
+		}
+	}
+	return g, nil
+}
+
+func (g *Guard) conn() (*nftables.Conn, error) {
+	var opts []nftables.ConnOption
+	if g.netns != 0 {
+		opts = append(opts, nftables.WithNetNSFd(g.netns))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("%w: connect: %w", ErrKernel, err)
+	}
+	return c, nil
+}
+
+var (
+	table  = &nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}
+	policy = nftables.ChainPolicyAccept
+	input  = &nftables.Chain{Name: InputChain, Table: table, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &policy}
+	ports   = &nftables.Chain{Name: PortsChain, Table: table}
+	forward = &nftables.Chain{Name: ForwardChain, Table: table, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &policy}
+	underlay = &nftables.Chain{Name: UnderlayChain, Table: table}
+	// chains are the guard's chains.
+	chains = []*nftables.Chain{input, forward, ports, underlay}
+)
+
+// state is what the kernel holds of the guard.
+type state struct {
+	table    bool
+	rules    map[string][]string // rule keys by chain, in order; a missing chain is absent
+	counters []string            // kinds with a counter
+	foreign  bool                // the table holds objects that are not the guard's
+}
+
+func isNotFound(err error) bool { return errors.Is(err, unix.ENOENT) || errors.Is(err, os.ErrNotExist) }
+
+// read returns the guard's objects as the kernel holds them.
+func read(c *nftables.Conn) (state, error) {
+	var s state
+	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
+		if isNotFound(err) {
+			return s, nil
+		}
+		return s, fmt.Errorf("%w: list table %s: %w", ErrKernel, TableName, err)
+	}
+	s.table = true
+	s.rules = make(map[string][]string)
+	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return s, fmt.Errorf("%w: list chains: %w", ErrKernel, err)
+	}
+	for _, ch := range all {
+		if ch.Table.Name != TableName {
+			continue
+		}
+		if !slices.ContainsFunc(chains, func(mine *nftables.Chain) bool { return mine.Name == ch.Name }) {
+			s.foreign = true
+			continue
+		}
+		rules, err := c.GetRules(table, ch)
+		if err != nil {
+			return s, fmt.Errorf("%w: list rules of %s: %w", ErrKernel, ch.Name, err)
+		}
+		keys := make([]string, 0, len(rules))
+		for _, r := range rules {
+			keys = append(keys, string(r.UserData))
+		}
+		s.rules[ch.Name] = keys
+	}
+	objs, err := c.GetObjects(table)
+	if err != nil && !isNotFound(err) {
+		return s, fmt.Errorf("%w: list objects: %w", ErrKernel, err)
+	}
+	for _, o := range objs {
+		if co, ok := o.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, CounterPrefix) {
+			s.counters = append(s.counters, strings.TrimPrefix(co.Name, CounterPrefix))
+		} else {
+			s.foreign = true
+		}
+	}
+	slices.Sort(s.counters)
+	sets, err := c.GetSets(table)
+	if err != nil && !isNotFound(err) {
+		return s, fmt.Errorf("%w: list sets: %w", ErrKernel, err)
+	}
+	if len(sets) > 0 {
+		s.foreign = true
+	}
+	return s, nil
+}
+
+// matches reports whether the kernel holds exactly the plan.
+func (s state) matches(p Plan) bool {
+	if !s.table || !slices.Equal(s.counters, p.Kinds) {
+		return false
+	}
+	for name, want := range p.keys() {
+		have, ok := s.rules[name]
+		if !ok || !slices.Equal(have, want) {
+			return false
+		}
+	}
+	return true
+}
+
+// keys are the plan's rule keys by chain.
+func (p Plan) keys() map[string][]string {
+	return map[string][]string{
+		InputChain: p.inputKeys(), ForwardChain: p.forwardKeys(),
+		PortsChain: p.portKeys(), UnderlayChain: p.underlayKeys(),
+	}
+}
+
+// Set converges the kernel to cfg: nothing is done when it already matches; otherwise one
+// transaction rewrites the guard's two chains and adds or deletes its counters (counters
+// that stay keep their values). An empty plan (no bridge or no port) removes the guard. A
+// bad cfg is refused, counted and logged, and changes nothing.
+func (g *Guard) Set(cfg Config) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	err := g.set(cfg)
+	if err != nil {
+		g.applies.WithLabelValues(resultError).Inc()
+		g.log.Error("container guard not applied", "err", err)
+	}
+	return err
+}
+
+func (g *Guard) set(cfg Config) error {
+	p, err := NewPlan(cfg)
+	if err != nil {
+		return err
+	}
+	if p.Empty() {
+		return g.remove()
+	}
+	c, err := g.conn()
+	if err != nil {
+		return err
+	}
+	cur, err := read(c)
+	if err != nil {
+		return err
+	}
+	if cur.matches(p) {
+		g.applies.WithLabelValues(resultUnchanged).Inc()
+		return nil
+	}
+	c.AddTable(table) // no-op when it exists
+	for _, ch := range chains {
+		c.AddChain(ch)
+		c.FlushChain(ch)
+	}
+	for _, k := range p.Kinds {
+		if !slices.Contains(cur.counters, k) {
+			c.AddObj(&nftables.CounterObj{Table: table, Name: CounterPrefix + k})
+		}
+	}
+	for _, b := range p.Bridges {
+		c.AddRule(&nftables.Rule{Table: table, Chain: input, UserData: []byte(bridgeKey(b)), Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
+		}})
+	}
+	for _, b := range p.Bridges {
+		c.AddRule(&nftables.Rule{Table: table, Chain: forward, UserData: []byte(forwardKey(b)), Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: UnderlayChain},
+		}})
+	}
+	for _, u := range p.Underlay {
+		proto, offset := byte(unix.NFPROTO_IPV4), uint32(16) // ip daddr
+		if u.Addr().Is6() {
+			proto, offset = unix.NFPROTO_IPV6, 24 // ip6 daddr
+		}
+		n := uint32(u.Addr().BitLen() / 8)
+		c.AddRule(&nftables.Rule{Table: table, Chain: underlay, UserData: []byte(underlayKey(u)), Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: n},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: prefixMask(u), Xor: make([]byte, n)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: u.Addr().AsSlice()},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
+		}})
+	}
+	for _, port := range p.Ports {
+		proto := byte(unix.IPPROTO_TCP)
+		if port.Proto == UDP {
+			proto = unix.IPPROTO_UDP
+		}
+		c.AddRule(&nftables.Rule{Table: table, Chain: ports, UserData: []byte(portKey(port)), Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(port.Port)},
+			&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: CounterPrefix + port.Kind},
+			&expr.Verdict{Kind: expr.VerdictDrop},
+		}})
+	}
+	for _, k := range cur.counters {
+		if !slices.Contains(p.Kinds, k) { // after the flush: no rule refers to it any more
+			c.DeleteObject(&nftables.CounterObj{Table: table, Name: CounterPrefix + k})
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("%w: apply guard (%d bridges, %d ports): %w", ErrKernel, len(p.Bridges), len(p.Ports), err)
+	}
+	g.applies.WithLabelValues(resultChanged).Inc()
+	g.log.Info("container guard applied", "bridges", p.Bridges, "ports", len(p.Ports))
+	return nil
+}
+
+// prefixMask is the netmask of u, as many bytes as its address.
+func prefixMask(u netip.Prefix) []byte {
+	m := make([]byte, u.Addr().BitLen()/8)
+	for i := 0; i < u.Bits(); i++ {
+		m[i/8] |= 0x80 >> (i % 8)
+	}
+	return m
+}
+
+// ifname is an interface name as the kernel compares it (IFNAMSIZ bytes, NUL-padded).
+func ifname(n string) []byte {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, n)
+	return b
+}
+
+// Remove deletes the guard's chains and counters, and weft's table when nothing else is
+// left in it. Removing what is already gone is success.
+func (g *Guard) Remove() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	err := g.remove()
+	if err != nil {
+		g.applies.WithLabelValues(resultError).Inc()
+		g.log.Error("container guard not removed", "err", err)
+	}
+	return err
+}
+
+func (g *Guard) remove() error {
+	c, err := g.conn()
+	if err != nil {
+		return err
+	}
+	cur, err := read(c)
+	if err != nil {
+		return err
+	}
+	if !cur.table {
+		return nil
+	}
+	if !cur.foreign {
+		c.DelTable(table) // everything in it is the guard's
+	} else {
+		for _, ch := range chains { // flush all first: no jump is left into a deleted chain
+			if _, ok := cur.rules[ch.Name]; ok {
+				c.FlushChain(ch)
+			}
+		}
+		for _, ch := range chains {
+			if _, ok := cur.rules[ch.Name]; ok {
+				c.DelChain(ch)
+			}
+		}
+		for _, k := range cur.counters {
+			c.DeleteObject(&nftables.CounterObj{Table: table, Name: CounterPrefix + k})
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("%w: remove guard: %w", ErrKernel, err)
+	}
+	g.applies.WithLabelValues(resultChanged).Inc()
+	g.log.Info("container guard removed")
+	return nil
+}
+
+// Dropped returns the packets dropped so far, by kind, from the kernel's counters.
+func (g *Guard) Dropped() (map[string]uint64, error) {
+	c, err := g.conn()
+	if err != nil {
+		return nil, err
+	}
+	objs, err := c.GetObjects(table)
+	if err != nil {
+		if isNotFound(err) {
+			return map[string]uint64{}, nil
+		}
+		return nil, fmt.Errorf("%w: read counters: %w", ErrKernel, err)
+	}
+	out := make(map[string]uint64)
+	for _, o := range objs {
+		if co, ok := o.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, CounterPrefix) {
+			out[strings.TrimPrefix(co.Name, CounterPrefix)] = co.Packets
+		}
+	}
+	return out, nil
+}
+
+// droppedCollector exports the kernel's counters on scrape (one netlink dump, O(kinds)).
+type droppedCollector struct{ g *Guard }
+
+var droppedDesc = prometheus.NewDesc("weft_guard_dropped_packets_total",
+	"Packets from containers to the peer's own control ports dropped by the container guard, by kind of port.",
+	[]string{"kind"}, nil)
+
+func (d droppedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- droppedDesc }
+
+func (d droppedCollector) Collect(ch chan<- prometheus.Metric) {
+	m, err := d.g.Dropped()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(droppedDesc, err)
+		return
+	}
+	for k, v := range m {
+		ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(v), k)
+	}
+}
