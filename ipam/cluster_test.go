@@ -196,7 +196,7 @@ func (tc *testCluster) tablesAgree(wait func(string, func() bool), want map[neti
 
 func (tc *testCluster) reconcileUntil(what string, cond func() bool) {
 	tc.t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			for _, n := range tc.liveNodes() {
