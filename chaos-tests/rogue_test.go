@@ -143,7 +143,7 @@ func TestRoguePeer(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := pingAll(ctx, from.ctr, to.addr, 100, "0.2"); err != nil {
+			if err := pingNoLoss(ctx, from.ctr, to.addr, 100, "0.2"); err != nil {
 				pingErrs <- fmt.Errorf("%s -> %s under attack: %w", from.name, to.name, err)
 			}
 		}()
@@ -365,9 +365,9 @@ func (r *rogueProc) attacks() map[string]int {
 	return seen
 }
 
-// pingAll sends count pings from ctr to dst at interval (seconds, as ping takes it) and
+// pingNoLoss sends count pings from ctr to dst at interval (seconds, as ping takes it) and
 // fails unless every one is answered.
-func pingAll(ctx context.Context, ctr *lab.Container, dst netip.Addr, count int, interval string) error {
+func pingNoLoss(ctx context.Context, ctr *lab.Container, dst netip.Addr, count int, interval string) error {
 	out, _ := ctr.Exec(ctx, "ping", "-c", strconv.Itoa(count), "-i", interval, "-W", "2", "-q", dst.String())
 	m := regexp.MustCompile(`(\d+) packets transmitted, (\d+) (packets )?received`).FindStringSubmatch(string(out))
 	if m == nil {
