@@ -151,10 +151,13 @@ func report(attack string, kv ...any) {
 }
 
 func run(ctx context.Context, cfg config, attacks []string) error {
-	// Enough descriptors for the silent connections.
-	lim := syscall.Rlimit{Cur: 65536, Max: 65536}
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		report("setup", "err", fmt.Errorf("raise open files limit: %w", err))
+	// Enough descriptors for the silent connections: the soft limit up to the hard one.
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			report("setup", "err", fmt.Errorf("raise open files limit: %w", err))
+		}
 	}
 	var wg sync.WaitGroup
 	start := func(f func(context.Context, config)) {
@@ -267,6 +270,7 @@ func floodTCP(ctx context.Context, cfg config) {
 
 // holdSilent keeps cfg.silent TCP connections open to each honest Raft port without
 // sending a byte, and reopens every one the peer closes: a handshake slot held forever.
+// A slot the peer closes at once is reopened after a second, not in a tight loop.
 func holdSilent(ctx context.Context, cfg config) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
@@ -305,12 +309,22 @@ func holdSilent(ctx context.Context, cfg config) {
 						defer close(done)
 						c.Read(make([]byte, 1))
 					}()
+					opened := time.Now()
 					select {
 					case <-ctx.Done():
 					case <-done:
 					}
 					c.Close()
 					<-done
+					// Reopen at once after a long hold; after a quick refusal wait a
+					// second, so each slot reopens at most once a second (the flood stays
+					// bounded: cfg.silent connections a second per peer at most).
+					if wait := time.Second - time.Since(opened); wait > 0 {
+						select {
+						case <-ctx.Done():
+						case <-time.After(wait):
+						}
+					}
 				}
 			}()
 		}
