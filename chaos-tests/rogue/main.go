@@ -209,8 +209,11 @@ func floodUDP(ctx context.Context, cfg config) {
 	if cfg.pps <= 0 {
 		return
 	}
-	tick := time.NewTicker(time.Second / time.Duration(cfg.pps))
+	// A tick every millisecond with its share of packets: a ticker per packet cannot go
+	// much above 1000/s, and a burst of a few packets a millisecond still loads the peers.
+	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
+	perTick, carry := cfg.pps/1000, cfg.pps%1000
 	sent, failed := 0, 0
 	status := time.NewTicker(5 * time.Second)
 	defer status.Stop()
@@ -222,10 +225,16 @@ func floodUDP(ctx context.Context, cfg config) {
 		case <-status.C:
 			report("flood-udp", "sent", sent, "failed", failed)
 		case <-tick.C:
-			if _, err := conn.WriteToUDP(garbage(1400), targets[i%len(targets)]); err != nil {
-				failed++
-			} else {
-				sent++
+			n := perTick
+			if i%1000 < carry {
+				n++
+			}
+			for j := range n {
+				if _, err := conn.WriteToUDP(garbage(1400), targets[(i*n+j)%len(targets)]); err != nil {
+					failed++
+				} else {
+					sent++
+				}
 			}
 		}
 	}
