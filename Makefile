@@ -29,7 +29,9 @@ test:
 
 # Every fuzz target of the repository, found by name (func FuzzX in a *_test.go file), so a
 # new one joins without an edit here; each runs FUZZTIME, one after another, and the first
-# crash stops the run (its input is left in the package's testdata/fuzz/ to re-run). One
+# crash stops the run (its input is left in the package's testdata/fuzz/ to re-run); a bare
+# "context deadline exceeded" with no failing input is Go 1.26's coordinator racing its own
+# deadline (golang/go#75804), reported and passed over. One
 # worker each (-parallel 1): the router's target runs a real peer, one per namespace, and the
 # machine is shared. The router's target needs root, like its package's tests.
 FUZZTIME  ?= 10s
@@ -39,7 +41,15 @@ fuzz:
 		dir=$$(dirname "$$file"); \
 		for name in $$(sed -nE 's/^func (Fuzz[A-Za-z0-9_]*)\(.*/\1/p' "$$file"); do \
 			echo "== $$dir $$name ($(FUZZTIME))"; \
-			$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) "$$dir" || exit 1; \
+			out=$$(mktemp); rc=0; \
+			$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) "$$dir" >"$$out" 2>&1 || rc=$$?; \
+			cat "$$out"; \
+			if [ $$rc -ne 0 ]; then \
+				if grep -q 'context deadline exceeded' "$$out" && ! grep -q 'Failing input written' "$$out"; then \
+					echo "note: not a crash: Go's fuzz coordinator raced its own -fuzztime deadline (golang/go#75804, fixed in Go 1.27)"; \
+				else rm -f "$$out"; exit 1; fi; \
+			fi; \
+			rm -f "$$out"; \
 		done; \
 	done
 
