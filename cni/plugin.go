@@ -204,7 +204,7 @@ func buildResult(res *AttachResult) (*current.Result, error) {
 		},
 		IPs: []*current.IPConfig{{
 			Interface: current.Int(2),
-			Address:   net.IPNet{IP: prefix.Addr().AsSlice(), Mask: net.CIDRMask(prefix.Bits(), 32)},
+			Address:   net.IPNet{IP: prefix.Addr().AsSlice(), Mask: net.CIDRMask(prefix.Bits(), prefix.Addr().BitLen())},
 			Gateway:   gw,
 		}},
 		Routes: []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, GW: gw}},

@@ -119,12 +119,23 @@ func (s SLA) String() string {
 		terms = append(terms, "jitter<="+s.MaxJitter.String())
 	}
 	if s.MaxLoss > 0 {
-		terms = append(terms, "loss<="+strconv.FormatFloat(s.MaxLoss*100, 'g', -1, 64)+"%")
+		terms = append(terms, "loss<="+formatLoss(s.MaxLoss))
 	}
 	if len(terms) == 0 {
 		return s.Name + ": (no bounds)"
 	}
 	return s.Name + ": " + strings.Join(terms, ",")
+}
+
+// formatLoss writes a loss bound as a percentage when that reads back as the same fraction
+// (ParseSLA divides by 100, which does not always undo *100 in floating point), else as the
+// fraction itself, so that String always round-trips.
+func formatLoss(f float64) string {
+	pct := strconv.FormatFloat(f*100, 'g', -1, 64)
+	if back, err := strconv.ParseFloat(pct, 64); err == nil && back/100 == f {
+		return pct + "%"
+	}
+	return strconv.FormatFloat(f, 'g', -1, 64)
 }
 
 // Check returns "" when the figures meet s, else what breaks it.
@@ -136,7 +147,8 @@ func (s SLA) Check(rtt, jitter time.Duration, loss float64) string {
 	if s.MaxJitter > 0 && jitter > s.MaxJitter {
 		out = append(out, fmt.Sprintf("jitter %v > %v", jitter, s.MaxJitter))
 	}
-	if s.MaxLoss > 0 && loss > s.MaxLoss+1e-12 {
+	// Written as !(<=) so that a NaN loss breaks the bound here as it does in Meets.
+	if s.MaxLoss > 0 && !(loss <= s.MaxLoss+1e-12) {
 		out = append(out, fmt.Sprintf("loss %.2f%% > %.2f%%", loss*100, s.MaxLoss*100))
 	}
 	return strings.Join(out, ", ")
