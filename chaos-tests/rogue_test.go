@@ -47,7 +47,7 @@ func TestRoguePeer(t *testing.T) {
 	l = newLab(t, lab.Config{Prefix: "wfz", Hosts: honest + 1, NoStart: true, PeerArgs: func(i int) []string {
 		// /28 blocks: the attaches during the attack need new blocks, so Raft must keep
 		// working under the silent connections and the floods.
-		args := []string{"--password-file", secret, "--ipalloc-block", "28", "--raft-voters", "3"}
+		args := []string{"--key-file", secret, "--ipalloc-block", "28", "--raft-voters", "3"}
 		if i > 0 {
 			args = append(args, "--peers", l.Host(0).Addr.Addr().String())
 		}
@@ -130,7 +130,7 @@ func TestRoguePeer(t *testing.T) {
 		"--name", rogueHost.Name,
 		"--addr", rogueHost.Addr.Addr().String(),
 		"--peers", strings.Join(peers, ","),
-		"--password-file", secret,
+		"--key-file", secret,
 		"--victim", hosts[0].Name,
 		"--hijack", victim.name+"="+victim.addr.String(),
 		"--fake-addr", fakeAddr,

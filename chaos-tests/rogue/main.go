@@ -19,6 +19,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -81,7 +82,7 @@ func main() {
 	)
 	flag.StringVar(&addr, "addr", "", "the rogue's underlay address (bind)")
 	flag.StringVar(&peers, "peers", "", "comma-separated underlay addresses of the honest peers (the only targets)")
-	flag.StringVar(&pwFile, "password-file", "", "the cluster secret")
+	flag.StringVar(&pwFile, "key-file", "", "the cluster key (weft keygen's format: base64 of 32 bytes)")
 	flag.StringVar(&hijack, "hijack", "", "comma-separated NAME=ADDR: the victim's DNS names and real addresses to forge over")
 	flag.StringVar(&fake, "fake-addr", "10.40.255.254", "address the forged DNS entries point at")
 	flag.Parse()
@@ -101,9 +102,13 @@ func main() {
 	if pwFile != "" {
 		b, err := os.ReadFile(pwFile)
 		if err != nil {
-			fatal("--password-file: %v", err)
+			fatal("--key-file: %v", err)
 		}
-		cfg.password = []byte(strings.TrimRight(string(b), "\r\n"))
+		key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+		if err != nil || len(key) != 32 {
+			fatal("--key-file %s: not base64 of 32 bytes", pwFile)
+		}
+		cfg.password = key
 	}
 	cfg.hijack = map[string]netip.Addr{}
 	for _, kv := range strings.Split(hijack, ",") {
