@@ -248,10 +248,10 @@ func TestRoguePeer(t *testing.T) {
 		every  bool
 	}{
 		{"forged link state", regexp.MustCompile(`^weft_linkstate_rejected_total$`), true},
-		{"forged DNS entries", regexp.MustCompile(`^weft_dns_replication_rejected_total$`), true},
-		{"rogue network claim", regexp.MustCompile(`^weft_ipam_\w*(network|claim|command)\w*_(refused|rejected)_total$`), false},
+		{"forged DNS entries", regexp.MustCompile(`^weft_dns_replication_(rejected|refused_entries)_total$`), true},
+		{"rogue network claim", regexp.MustCompile(`^weft_ipam_commands_refused_total$`), false},
 		{"garbage on the mesh, Raft and probe ports", regexp.MustCompile(`^weft_(mesh|ipam|transport|raft|probe)\w*_(refused|rejected|dropped|unauthenticated)\w*_total$`), true},
-		{"silent Raft connections", regexp.MustCompile(`^weft_(ipam|transport|raft)\w*(handshake|unauthenticated|conn)\w*_total$`), true},
+		{"silent Raft connections", regexp.MustCompile(`^weft_transport_refused_total$`), true},
 	}
 	after := make([]map[string]float64, honest)
 	for i, h := range hosts {
