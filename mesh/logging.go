@@ -5,6 +5,8 @@ import (
 	"log"
 	"log/slog"
 	"strings"
+	"sync"
+	"time"
 )
 
 // passwordHint is attached to memberlist log lines that mean the remote
@@ -16,26 +18,94 @@ const passwordHint = "gossip password mismatch: the remote peer uses a different
 // records at the matching level. The lines are only logged: no state is
 // learnt from them (see suspicion.go).
 func newMemberlistLogger(l *slog.Logger) *log.Logger {
-	return log.New(slogWriter{l}, "", 0)
+	return log.New(&slogWriter{l: l, limit: newLogLimiter(time.Second, time.Now)}, "", 0)
 }
 
 type slogWriter struct {
-	l *slog.Logger
+	l     *slog.Logger
+	limit *logLimiter
 }
 
 // Write handles one memberlist log line (log.Logger calls Write once per
-// line and serializes calls).
-func (w slogWriter) Write(p []byte) (int, error) {
+// line and serializes calls). memberlist logs one error per undecryptable
+// packet, so a garbage flood on the gossip port would be a log flood: lines of
+// one kind are written at most once a second, with the count of the ones left out.
+func (w *slogWriter) Write(p []byte) (int, error) {
 	level, msg := parseMemberlistLine(string(p))
 	if !w.l.Enabled(context.Background(), level) {
 		return len(p), nil
 	}
-	if isPasswordError(msg) {
-		w.l.Log(context.Background(), level, msg, "hint", passwordHint)
-	} else {
-		w.l.Log(context.Background(), level, msg)
+	attrs := []any{}
+	if level >= slog.LevelWarn {
+		ok, suppressed := w.limit.allow(logKind(msg))
+		if !ok {
+			return len(p), nil
+		}
+		if suppressed > 0 {
+			attrs = append(attrs, "suppressed_since_last", suppressed)
+		}
 	}
+	if isPasswordError(msg) {
+		attrs = append(attrs, "hint", passwordHint)
+	}
+	w.l.Log(context.Background(), level, msg, attrs...)
 	return len(p), nil
+}
+
+// logKind is what makes two memberlist lines "the same": the text before the first
+// digit or "from=", so that addresses, versions and counts do not make every line new.
+func logKind(msg string) string {
+	if i := strings.Index(msg, "from="); i >= 0 {
+		msg = msg[:i]
+	}
+	if i := strings.IndexAny(msg, "0123456789"); i >= 0 {
+		msg = msg[:i]
+	}
+	return msg
+}
+
+// logLimiter lets one line per kind through per interval and counts the rest. The
+// kinds are few (memberlist's own message texts); the map is cleared if it ever
+// holds more than maxLogKinds, so hostile text cannot grow it.
+type logLimiter struct {
+	mu       sync.Mutex
+	interval time.Duration
+	now      func() time.Time
+	kinds    map[string]*logKindState
+}
+
+type logKindState struct {
+	last       time.Time
+	suppressed int
+}
+
+const maxLogKinds = 256
+
+func newLogLimiter(interval time.Duration, now func() time.Time) *logLimiter {
+	return &logLimiter{interval: interval, now: now, kinds: map[string]*logKindState{}}
+}
+
+// allow reports whether a line of this kind may be written now, and how many lines of
+// the kind were left out since the last one written.
+func (l *logLimiter) allow(kind string) (bool, int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	st, ok := l.kinds[kind]
+	if !ok {
+		if len(l.kinds) >= maxLogKinds {
+			clear(l.kinds)
+		}
+		l.kinds[kind] = &logKindState{last: now}
+		return true, 0
+	}
+	if now.Sub(st.last) < l.interval {
+		st.suppressed++
+		return false, 0
+	}
+	n := st.suppressed
+	st.last, st.suppressed = now, 0
+	return true, n
 }
 
 // parseMemberlistLine splits "[WARN] memberlist: text" into a level and
