@@ -362,7 +362,18 @@ func (m *Mesh) updateCoordinate(peer string, rtt time.Duration, payload []byte) 
 	if peer == m.cfg.Name {
 		return badCoord(coordRejectPeer, "an ack from ourselves")
 	}
-	key, _ := m.PublicKey(peer)
+	m.mu.Lock()
+	p, ok := m.peers[peer]
+	up := ok && p.Up() && !m.shut
+	var key []byte
+	if up {
+		key = p.Meta.PublicKey
+	}
+	m.mu.Unlock()
+	if !up {
+		return badCoord(coordRejectPeer, "peer %q is not an up member", peer)
+	}
+	// Verified outside mu: a signature check takes tens of µs.
 	other, err := openCoordinate(payload, m.coords.dims, peer, key, time.Now())
 	if err != nil {
 		return err

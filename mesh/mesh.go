@@ -300,19 +300,20 @@ func (m *Mesh) Peer(name string) (Peer, bool) {
 // a member not yet pruned: alive, suspect, or dead or left within
 // Config.DeadPeerRetention); false for any other name, so that entries of
 // origins that are not members cannot be verified and are refused. The key
-// is the one pinned for the name (metadata with another is refused). It has
-// the shape of identity.KeyLookup. O(1).
+// is the one in the member's metadata, which equals the key pinned for the
+// name (NotifyAlive refuses metadata with another). It has the shape of
+// identity.KeyLookup. O(1).
 func (m *Mesh) PublicKey(name string) (ed25519.PublicKey, bool) {
 	if name == m.cfg.Name {
 		return m.cfg.Metadata.PublicKey, true
 	}
 	m.mu.Lock()
-	_, member := m.peers[name]
-	m.mu.Unlock()
-	if !member {
+	defer m.mu.Unlock()
+	p, ok := m.peers[name]
+	if !ok || p.Meta.PublicKey == nil {
 		return nil, false
 	}
-	return m.pins.get(name)
+	return p.Meta.PublicKey, true
 }
 
 // Unpin forgets the public key pinned for a peer name, so that a host that
