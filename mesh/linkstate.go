@@ -188,8 +188,8 @@ type LinkTableConfig struct {
 	// Default 0.01 (one percentage point).
 	LossChange float64
 	// MinInterval: links whose figures moved (RTT, jitter, loss) but that
-	// did not go up or down are republished, together, at most this often
-	// (or along with an urgent change). Every
+	// did not go up or down are republished, together, at most this often.
+	// Every
 	// peer's publications reach every other peer, so the mesh-wide rate,
 	// and each peer's share of relaying it, grows with N: this bounds it.
 	// Up/down, added and removed links go out at once. 0: no bound.
@@ -237,7 +237,8 @@ type LinkTable struct {
 	forged    map[string]bool // neighbours of ours others hold newer entries for
 	republish bool            // force the next Publish to re-emit every link
 	lastSweep time.Time
-	lastPub   time.Time // our last publication (MinInterval)
+	lastMoved time.Time // our last publication of moved figures (MinInterval)
+	lastFull  time.Time // our last publication of every link (TombstoneTTL/2)
 }
 
 // origin is one origin's entries.
@@ -386,6 +387,19 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	if t.self != self {
 		t.self, t.republish = self, true
 	}
+	// Every TombstoneTTL/2 all our links are republished: a publication
+	// is forwarded whole, superseded entries included, for as long as one
+	// of its entries is current somewhere; refreshed, no old publication
+	// outlives the tombstones that cancel its superseded entries (which
+	// others keep TombstoneTTL), so a peer that already swept a tombstone
+	// is never handed the removed link again. One publication of D
+	// entries per TombstoneTTL/2.
+	if now.Sub(t.lastFull) >= t.cfg.TombstoneTTL/2 {
+		t.republish = true
+	}
+	if t.republish {
+		t.lastFull = now
+	}
 	o := t.origins[self]
 	if o == nil {
 		o = &origin{links: map[string]*lsEntry{}}
@@ -397,10 +411,12 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 		removed bool
 	}
 	// Added links, up/down and encrypted flips go out at once; links whose
-	// figures only moved ride along with them, or on their own at most every
-	// MinInterval since our last publication: batched, they share one
-	// signature and one broadcast (publications per peer ≤ one per
-	// MinInterval plus the urgent ones, whatever D).
+	// figures only moved go out together, at most every MinInterval: one
+	// signature and one broadcast for all of them (publications per peer ≤
+	// one per MinInterval plus the urgent ones, whatever D; entries per
+	// link ≤ one per MinInterval, as before). They do not ride along with
+	// urgent changes, which would republish every moved link at the rate
+	// links flap.
 	var ups, moved []upd
 	for nb, m := range links {
 		e := o.links[nb]
@@ -421,8 +437,12 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 			ups = append(ups, upd{nb: nb, removed: true})
 		}
 	}
-	if len(moved) > 0 && (len(ups) > 0 || now.Sub(t.lastPub) >= t.cfg.MinInterval) {
+	if t.lastMoved.IsZero() {
+		t.lastMoved = now // the first publication carries every link
+	}
+	if len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval {
 		ups = append(ups, moved...)
+		t.lastMoved = now
 	}
 	t.republish = false
 	clear(t.forged)
@@ -437,7 +457,6 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	// wrap if it did).
 	v := max(uint64(max(now.UnixMicro(), 1)), satInc(o.max), satInc(t.selfFloor))
 	o.removed = false
-	t.lastPub = now
 	items := make([]encItem, 0, len(ups))
 	for _, u := range ups {
 		e := &lsEntry{version: v, m: u.m, deleted: u.removed, at: now}

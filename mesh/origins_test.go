@@ -371,3 +371,44 @@ func FuzzLinkStateSignedExtreme(f *testing.F) {
 		}
 	})
 }
+
+// A publication is forwarded whole, superseded entries included; the
+// owner's periodic full republication retires old publications before the
+// tombstones that cancel their entries are swept, so a peer that swept a
+// tombstone is not handed the removed link again.
+func TestLinkStateOldPublicationsRetired(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	owner := newTable(t, LinkTableConfig{Now: clock})
+	fwd := newTable(t, LinkTableConfig{Now: clock})
+	late := newTable(t, LinkTableConfig{Now: clock})
+	step := func(d time.Duration, links map[string]LinkStats) {
+		now = now.Add(d)
+		msgs, _ := owner.Publish("a", links)
+		mergeAll(t, fwd, msgs)
+		mergeAll(t, late, msgs)
+	}
+	step(0, map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(1), 0)}) // one publication of b and c
+	step(time.Second, map[string]LinkStats{"b": up(ms(1), 0)})          // c removed
+	step(6*time.Minute, map[string]LinkStats{"b": up(ms(1), 0)})        // the refresh: b alone
+	// Both sweep c's tombstone (TombstoneTTL, 10m, after they learned it).
+	now = now.Add(5 * time.Minute)
+	late.Publish("z", nil)
+	fwd.Publish("f", nil)
+	_, msgs, err := fwd.Missing(late.Digest("z"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mergeAll(t, late, msgs)
+	_, msgs, err = fwd.Missing(newTable(t, LinkTableConfig{Now: clock}).Digest("y"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mergeAll(t, late, msgs)
+	if _, ok := late.Link("a", "c"); ok {
+		t.Error("the removed link a→c came back from an old publication")
+	}
+	if _, ok := late.Link("a", "b"); !ok {
+		t.Error("a→b lost")
+	}
+}
