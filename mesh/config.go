@@ -126,8 +126,8 @@ type Config struct {
 	DeadRetryFor time.Duration
 }
 
-// DefaultConfig returns production defaults. Name, Seeds and Password are
-// left for the caller.
+// DefaultConfig returns production defaults. Name, Identity, Seeds and
+// Password are left for the caller.
 func DefaultConfig() Config {
 	return Config{
 		BindPort:            DefaultPort,
