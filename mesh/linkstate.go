@@ -192,8 +192,14 @@ type LinkTableConfig struct {
 	// Every
 	// peer's publications reach every other peer, so the mesh-wide rate,
 	// and each peer's share of relaying it, grows with N: this bounds it.
-	// Up/down, added and removed links go out at once. 0: no bound.
+	// 0: no bound.
 	MinInterval time.Duration
+	// BatchInterval: links that were added, removed or came back up go
+	// out together, at most this often (each publication costs a 64-byte
+	// signature, relayed to every peer; probe-target churn adds and removes
+	// links steadily). A link going down, or changing encryption, goes out
+	// at once: others must route around it. Default 2s; negative: at once.
+	BatchInterval time.Duration
 	// MaxDelta bounds one message of Publish; more changes are split into
 	// several. Default: MaxBroadcastSize less the channel envelope.
 	MaxDelta int
@@ -238,6 +244,7 @@ type LinkTable struct {
 	republish bool            // force the next Publish to re-emit every link
 	lastSweep time.Time
 	lastMoved time.Time // our last publication of moved figures (MinInterval)
+	lastBatch time.Time // our last publication of added, removed, up links (BatchInterval)
 	lastFull  time.Time // our last publication of every link (TombstoneTTL/2)
 }
 
@@ -287,6 +294,9 @@ func entryHash(nb string, version uint64) uint64 {
 
 // NewLinkTable returns an empty table.
 func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
+	if cfg.BatchInterval == 0 {
+		cfg.BatchInterval = 2 * time.Second
+	}
 	if cfg.RTTChange == 0 {
 		cfg.RTTChange = 0.10
 	}
@@ -417,25 +427,41 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	// link ≤ one per MinInterval, as before). They do not ride along with
 	// urgent changes, which would republish every moved link at the rate
 	// links flap.
-	var ups, moved []upd
+	// ups go out at once; batch within BatchInterval, or with ups (the
+	// signature is paid anyway); moved within MinInterval, on their own
+	// timer (riding along would republish them at the rate of churn).
+	var ups, batch, moved []upd
 	for nb, m := range links {
 		e := o.links[nb]
 		switch {
-		case e == nil || e.deleted || t.republish || e.m.Up != m.Up || e.m.Encrypted != m.Encrypted:
+		case t.republish || e != nil && !e.deleted && (e.m.Up && !m.Up || e.m.Encrypted != m.Encrypted):
 			ups = append(ups, upd{nb: nb, m: m})
+		case e == nil || e.deleted || e.m.Up != m.Up:
+			batch = append(batch, upd{nb: nb, m: m})
 		case t.moved(e.m, m):
 			moved = append(moved, upd{nb: nb, m: m})
 		}
 	}
 	for nb, e := range o.links {
 		if _, ok := links[nb]; !ok && (!e.deleted || t.forged[nb]) {
-			ups = append(ups, upd{nb: nb, removed: true})
+			if t.forged[nb] {
+				ups = append(ups, upd{nb: nb, removed: true})
+			} else {
+				batch = append(batch, upd{nb: nb, removed: true})
+			}
 		}
 	}
 	for nb := range t.forged {
 		if _, ok := links[nb]; !ok && o.links[nb] == nil {
 			ups = append(ups, upd{nb: nb, removed: true})
 		}
+	}
+	if t.lastBatch.IsZero() {
+		t.lastBatch = now
+	}
+	if len(batch) > 0 && (len(ups) > 0 || t.cfg.BatchInterval < 0 || now.Sub(t.lastBatch) >= t.cfg.BatchInterval) {
+		ups = append(ups, batch...)
+		t.lastBatch = now
 	}
 	if t.lastMoved.IsZero() {
 		t.lastMoved = now // the first publication carries every link

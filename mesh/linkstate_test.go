@@ -62,6 +62,9 @@ func newTable(t testing.TB, cfg LinkTableConfig) *LinkTable {
 	if cfg.Signer == nil {
 		cfg.Signer = originSigner{}
 	}
+	if cfg.BatchInterval == 0 {
+		cfg.BatchInterval = -1 // at once, unless a test is about batching
+	}
 	tab, err := NewLinkTable(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -412,3 +412,28 @@ func TestLinkStateOldPublicationsRetired(t *testing.T) {
 		t.Error("a→b lost")
 	}
 }
+
+// Added, removed and recovered links wait for the next batch (one
+// signature for all); a link going down goes out at once and takes the
+// pending ones along.
+func TestPublishBatches(t *testing.T) {
+	now := time.Unix(1000, 0)
+	tab := newTable(t, LinkTableConfig{BatchInterval: 2 * time.Second, MinInterval: 10 * time.Second, Now: func() time.Time { return now }})
+	publish := func(what string, d time.Duration, stats map[string]LinkStats, want int) {
+		t.Helper()
+		now = now.Add(d)
+		_, changed := tab.Publish("a", stats)
+		if len(changed) != want {
+			t.Fatalf("%s: %d links published (%v), want %d", what, len(changed), changed, want)
+		}
+	}
+	b, c, d := up(ms(1), 0), up(ms(2), 0), up(ms(3), 0)
+	publish("first publication", 0, map[string]LinkStats{"b": b}, 1)
+	publish("c added: waits", 500*time.Millisecond, map[string]LinkStats{"b": b, "c": c}, 0)
+	publish("d added: waits", 500*time.Millisecond, map[string]LinkStats{"b": b, "c": c, "d": d}, 0)
+	publish("the batch", time.Second, map[string]LinkStats{"b": b, "c": c, "d": d}, 2)
+	publish("d removed: waits", 500*time.Millisecond, map[string]LinkStats{"b": b, "c": c}, 0)
+	publish("b down: at once, with d's removal", 500*time.Millisecond, map[string]LinkStats{"b": {RTT: ms(1)}, "c": c}, 2)
+	publish("b up: waits", 500*time.Millisecond, map[string]LinkStats{"b": b, "c": c}, 0)
+	publish("b up: in the batch", 2*time.Second, map[string]LinkStats{"b": b, "c": c}, 1)
+}
