@@ -41,9 +41,11 @@ package mesh
 // refused (reason unknown_origin, the rest of the message is taken) and
 // comes again with the next push/pull; one whose signature does not verify
 // (a forged entry) refuses the whole message (bad_signature). Costs: one
-// ed25519 signature per publication (≤ one per MinInterval per peer, plus
-// up/down changes), one verification per publication received new, 64
-// bytes per publication on the wire; anti-entropy answers may carry entries
+// ed25519 signature per publication (per peer: ≤ one per MinInterval for
+// moved figures, ≤ one per BatchInterval for added, removed and recovered
+// links, plus one per reconcile in which a link went down), one
+// verification per publication received new, 64 bytes per publication on
+// the wire; anti-entropy answers may carry entries
 // a later publication superseded, and a peer holds each publication that
 // still has a current entry, so memory is O(N × D × publication size) at
 // worst (a publication is at most one broadcast).
