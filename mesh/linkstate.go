@@ -930,13 +930,20 @@ func (t *LinkTable) Missing(digest []byte) (peer string, msgs [][]byte, err erro
 	seen := map[*signedPub]bool{}
 	for _, name := range slices.Sorted(maps.Keys(t.origins)) {
 		o := t.origins[name]
-		if o.removed || name == peer {
-			continue // a peer is the authority on its own links
+		if o.removed {
+			continue
 		}
 		first := len(pubs)
 		d, ok := theirs[name]
 		var above uint64
 		switch {
+		case name == peer && ok && d.max >= o.max:
+			continue // a peer is the authority on its own links
+		case name == peer && ok:
+			// We hold entries of the peer's own above its version (signed
+			// by it before a restart or a clock step back): sent, so
+			// that it re-asserts its state above them.
+			above = d.max
 		case !ok:
 		case d.removed && d.max >= o.max:
 			continue
