@@ -13,6 +13,8 @@ import (
 
 	"github.com/hashicorp/memberlist"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // DefaultPort is the memberlist gossip port (tcp and udp), and the port a
@@ -76,6 +78,14 @@ type Config struct {
 	// declared dead: SuspicionMult * log10(N+1) * ProbeInterval at least.
 	SuspicionMult int
 
+	// Identity is this peer's ed25519 identity (identity.LoadOrCreate on
+	// the data dir). Required: its public key goes into the metadata, and
+	// the mesh signs its coordinates with it.
+	Identity *identity.Identity
+	// PinsPath is the file where the public key first seen for each peer
+	// name is pinned (see keypins.go). Empty: pins live in memory only.
+	PinsPath string
+
 	// Metadata is the local peer's initial metadata. Name defaults to
 	// Config.Name (and must equal it); Underlay defaults to the advertise
 	// address. Change it later with Mesh.UpdateMetadata.
@@ -116,8 +126,8 @@ type Config struct {
 	DeadRetryFor time.Duration
 }
 
-// DefaultConfig returns production defaults. Name, Seeds and Password are
-// left for the caller.
+// DefaultConfig returns production defaults. Name, Identity, Seeds and
+// Password are left for the caller.
 func DefaultConfig() Config {
 	return Config{
 		BindPort:            DefaultPort,
@@ -150,6 +160,9 @@ func (c *Config) Validate() error {
 	}
 	if err := validName(c.Name); err != nil {
 		return bad("name: %v", err)
+	}
+	if c.Identity == nil {
+		return bad("no identity: load one with identity.LoadOrCreate(dataDir)")
 	}
 	if c.BindAddr.IsValid() && c.BindAddr.Zone() != "" {
 		return bad("bind address %s: zones are not supported", c.BindAddr)

@@ -14,6 +14,7 @@ import (
 func TestConfigValidate(t *testing.T) {
 	good := DefaultConfig()
 	good.Name = "host-1"
+	good.Identity = testIdentity("host-1")
 	good.Seeds = []string{"10.0.0.1", "peer.example:7000", "[2001:db8::1]:6783", "2001:db8::2"}
 	if err := good.Validate(); err != nil {
 		t.Fatalf("good config: %v", err)
@@ -40,6 +41,7 @@ func TestConfigValidate(t *testing.T) {
 		"dead retry":      func(c *Config) { c.DeadRetryInterval = 0 },
 		"dead retry for":  func(c *Config) { c.DeadRetryFor = -time.Second },
 		"snapshot path":   func(c *Config) { c.SnapshotPath = "a\x00b" },
+		"no identity":     func(c *Config) { c.Identity = nil },
 	} {
 		c := good
 		edit(&c)

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"crypto/ed25519"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/serf/coordinate"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // Network coordinates.
@@ -30,15 +33,29 @@ import (
 // is not a valid coordinate, or came with an RTT out of range.
 var ErrBadCoordinate = errors.New("mesh: bad coordinate")
 
-// Wire format of an ack payload, version 1 (big endian):
+// Wire format of an ack payload (big endian): the coordinate, version 1,
 //
 //	version (1) | dimensions (1) | vec (dims × float64) | error | adjustment | height (float64 each)
 //
-// 90 bytes with 8 dimensions. Decoding is strict: exact length, known
-// version, our dimensionality, finite values within coordMaxValue.
+// then, so that only the peer itself can say where it is,
+//
+//	signed at (int64, µs since the epoch) | ed25519 signature (64)
+//
+// The signature, domain coordSignDomain, covers the acking peer's name, a
+// zero byte and everything before the signature; receivers verify it
+// against the peer's pinned key (Mesh.PublicKey) and refuse a timestamp
+// more than coordMaxAge away from their clock, which bounds replays of an
+// old coordinate. 162 bytes with 8 dimensions. Decoding is strict: exact
+// length, known version, our dimensionality, finite values within
+// coordMaxValue. Signing costs one ed25519 signature per ack sent (about
+// 25 µs; one ack per probe interval and prober), verifying one per ack
+// received: O(1) per probe, so O(1) per peer per second whatever N.
 const (
 	coordWireVersion = 1
 	coordHeaderSize  = 2
+	coordSignedTail  = 8 + ed25519.SignatureSize
+	coordSignDomain  = "weft coordinate v1"
+	coordMaxAge      = 5 * time.Minute
 )
 
 // Limits of an accepted coordinate. serf's client refuses RTTs above 10 s,
@@ -51,13 +68,16 @@ const (
 
 // Label values of weft_mesh_coordinate_rejected_total.
 const (
-	coordRejectEmpty  = "empty"      // the peer sent no coordinate
-	coordRejectDecode = "decode"     // wrong length or unknown version
-	coordRejectDims   = "dimensions" // not our dimensionality
-	coordRejectValue  = "value"      // NaN, Inf, negative error or height, out of range
-	coordRejectRTT    = "rtt"        // negative or above coordMaxRTT
-	coordRejectPeer   = "peer"       // not a peer that is up
-	coordRejectUpdate = "update"     // the client refused it (should not happen after decoding)
+	coordRejectEmpty  = "empty"       // the peer sent no coordinate
+	coordRejectDecode = "decode"      // wrong length or unknown version
+	coordRejectDims   = "dimensions"  // not our dimensionality
+	coordRejectValue  = "value"       // NaN, Inf, negative error or height, out of range
+	coordRejectRTT    = "rtt"         // negative or above coordMaxRTT
+	coordRejectPeer   = "peer"        // not a peer that is up
+	coordRejectUpdate = "update"      // the client refused it (should not happen after decoding)
+	coordRejectKey    = "unknown_key" // no public key known for the peer
+	coordRejectSig    = "signature"   // the signature does not verify with the peer's key
+	coordRejectStale  = "stale"       // signed more than coordMaxAge away from our clock
 )
 
 // coordError is an ErrBadCoordinate with its metric reason.
@@ -138,6 +158,53 @@ func decodeCoordinate(b []byte, dims int) (*coordinate.Coordinate, error) {
 	return c, nil
 }
 
+// signCoordinate appends the signing time and peer's signature to an
+// encoded coordinate. O(dimensions).
+func signCoordinate(body []byte, peer string, at time.Time, sign func(domain string, msg []byte) []byte) []byte {
+	b := make([]byte, 0, len(body)+coordSignedTail)
+	b = append(b, body...)
+	b = binary.BigEndian.AppendUint64(b, uint64(at.UnixMicro()))
+	return append(b, sign(coordSignDomain, coordSigned(peer, b))...)
+}
+
+// coordSigned is what the signature covers: the peer's name, a zero byte,
+// the coordinate and its time.
+func coordSigned(peer string, b []byte) []byte {
+	msg := make([]byte, 0, len(peer)+1+len(b))
+	msg = append(msg, peer...)
+	msg = append(msg, 0)
+	return append(msg, b...)
+}
+
+// openCoordinate checks a signed ack payload from peer (key: its public
+// key, nil when unknown) and decodes its coordinate. The coordinate's
+// values are checked before the signature (cheap first); nothing is
+// returned unless both pass. O(dimensions) plus one ed25519 verification.
+func openCoordinate(b []byte, dims int, peer string, key ed25519.PublicKey, now time.Time) (*coordinate.Coordinate, error) {
+	if len(b) == 0 {
+		return nil, badCoord(coordRejectEmpty, "no payload")
+	}
+	if len(b) < coordSignedTail {
+		return nil, badCoord(coordRejectDecode, "payload of %d bytes, shorter than its signature", len(b))
+	}
+	body, tail := b[:len(b)-coordSignedTail], b[len(b)-coordSignedTail:]
+	c, err := decodeCoordinate(body, dims)
+	if err != nil {
+		return nil, err
+	}
+	at := int64(binary.BigEndian.Uint64(tail))
+	if d := now.UnixMicro() - at; at < 0 || d > coordMaxAge.Microseconds() || -d > coordMaxAge.Microseconds() {
+		return nil, badCoord(coordRejectStale, "signed at %d µs, more than %v from our clock (%d)", at, coordMaxAge, now.UnixMicro())
+	}
+	if key == nil {
+		return nil, badCoord(coordRejectKey, "no public key known for %q", peer)
+	}
+	if !identity.Verify(key, coordSignDomain, coordSigned(peer, b[:len(b)-ed25519.SignatureSize]), tail[8:]) {
+		return nil, badCoord(coordRejectSig, "signature of %q does not verify", peer)
+	}
+	return c, nil
+}
+
 func finiteWithin(v, limit float64) bool {
 	return !math.IsNaN(v) && !math.IsInf(v, 0) && math.Abs(v) <= limit
 }
@@ -173,11 +240,17 @@ func newCoords() *coords {
 	}
 }
 
-// payload is our coordinate, encoded for an ack. O(dimensions).
+// payload is our coordinate, encoded for an ack (unsigned). O(dimensions).
 func (c *coords) payload() []byte {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return encodeCoordinate(c.self)
+}
+
+// ackPayload is our coordinate, encoded and signed for an ack.
+// O(dimensions) plus one signature.
+func (m *Mesh) ackPayload() []byte {
+	return signCoordinate(m.coords.payload(), m.cfg.Name, time.Now(), m.cfg.Identity.Sign)
 }
 
 // update feeds one measured RTT to a peer and its coordinate to the
@@ -286,12 +359,24 @@ func (m *Mesh) onPingComplete(peer string, rtt time.Duration, payload []byte) {
 }
 
 func (m *Mesh) updateCoordinate(peer string, rtt time.Duration, payload []byte) error {
-	other, err := decodeCoordinate(payload, m.coords.dims)
-	if err != nil {
-		return err
-	}
 	if peer == m.cfg.Name {
 		return badCoord(coordRejectPeer, "an ack from ourselves")
+	}
+	m.mu.Lock()
+	p, ok := m.peers[peer]
+	up := ok && p.Up() && !m.shut
+	var key []byte
+	if up {
+		key = p.Meta.PublicKey
+	}
+	m.mu.Unlock()
+	if !up {
+		return badCoord(coordRejectPeer, "peer %q is not an up member", peer)
+	}
+	// Verified outside mu: a signature check takes tens of µs.
+	other, err := openCoordinate(payload, m.coords.dims, peer, key, time.Now())
+	if err != nil {
+		return err
 	}
 	// Only peers that are up get a cache entry, so that forget (on left
 	// and on prune, under mu) bounds the cache by the membership. Order:

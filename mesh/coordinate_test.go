@@ -108,8 +108,16 @@ func TestCoordinateRejected(t *testing.T) {
 	t.Cleanup(func() { m.Close() })
 	// A known, alive peer.
 	m.observe("other", netip.MustParseAddrPort("127.0.0.2:7946"), mustMeta(t, "other", "127.0.0.2"), StateAlive, EventJoin)
+	// A member whose metadata has no key (the mesh refuses such alive
+	// messages; observe is fed directly here).
+	nokey, _ := (&Metadata{Name: "nokey", Underlay: netip.MustParseAddr("127.0.0.3")}).Encode()
+	m.observe("nokey", netip.MustParseAddrPort("127.0.0.3:7946"), nokey, StateAlive, EventJoin)
 
-	good := encodeCoordinate(coordinate.NewCoordinate(coordinate.DefaultConfig()))
+	body := encodeCoordinate(coordinate.NewCoordinate(coordinate.DefaultConfig()))
+	sign := func(peer, signer string, at time.Time) []byte {
+		return signCoordinate(body, peer, at, testIdentity(signer).Sign)
+	}
+	good := sign("other", "other", time.Now())
 	cases := []struct {
 		name    string
 		peer    string
@@ -132,6 +140,15 @@ func TestCoordinateRejected(t *testing.T) {
 		{"huge rtt", "other", time.Hour, good, coordRejectRTT},
 		{"unknown peer", "stranger", time.Millisecond, good, coordRejectPeer},
 		{"self", "coord-guard", time.Millisecond, good, coordRejectPeer},
+		{"unsigned", "other", time.Millisecond, body, coordRejectDecode},
+		{"signed by another member", "other", time.Millisecond, sign("other", "mallory", time.Now()), coordRejectSig},
+		{"signed for another name", "other", time.Millisecond, sign("mallory", "other", time.Now()), coordRejectSig},
+		{"signature flipped", "other", time.Millisecond, func() []byte { b := sign("other", "other", time.Now()); b[len(b)-1] ^= 1; return b }(), coordRejectSig},
+		{"coordinate changed after signing", "other", time.Millisecond, withFloat(good, 0, 1e-3), coordRejectSig},
+		{"no key known", "nokey", time.Millisecond, sign("nokey", "nokey", time.Now()), coordRejectKey},
+		{"replayed", "other", time.Millisecond, sign("other", "other", time.Now().Add(-10*time.Minute)), coordRejectStale},
+		{"from the future", "other", time.Millisecond, sign("other", "other", time.Now().Add(time.Hour)), coordRejectStale},
+		{"signed at max int64", "other", time.Millisecond, sign("other", "other", time.UnixMicro(math.MaxInt64)), coordRejectStale},
 	}
 	before := m.Coordinate()
 	for _, tc := range cases {
@@ -155,7 +172,7 @@ func TestCoordinateRejected(t *testing.T) {
 	}
 
 	// A valid one is taken; a peer that is pruned loses it.
-	m.onPingComplete("other", 2*time.Millisecond, good)
+	m.onPingComplete("other", 2*time.Millisecond, sign("other", "other", time.Now()))
 	if _, ok := m.PeerCoordinate("other"); !ok {
 		t.Fatal("a valid ack was not cached")
 	}
@@ -202,7 +219,13 @@ func FuzzCoordinatePayload(f *testing.F) {
 	f.Add(withFloat(good, 10, 1e300))
 	f.Add(withDims(good, 255))
 	dims := int(cfg.Dimensionality)
+	id := testIdentity("peer")
+	f.Add(signCoordinate(good, "peer", time.Unix(1_700_000_000, 0), id.Sign))
 	f.Fuzz(func(t *testing.T, b []byte) {
+		// Signed: only what the peer signed opens, whatever the bytes.
+		if _, err := openCoordinate(b, dims, "peer", id.Public(), time.Unix(1_700_000_000, 0)); err != nil && !errors.Is(err, ErrBadCoordinate) {
+			t.Fatalf("error %v does not wrap ErrBadCoordinate", err)
+		}
 		c, err := decodeCoordinate(b, dims)
 		if err != nil {
 			if !errors.Is(err, ErrBadCoordinate) {
@@ -232,10 +255,11 @@ func BenchmarkCoordinateUpdate(b *testing.B) {
 	c := newCoords()
 	other := coordinate.NewCoordinate(coordinate.DefaultConfig())
 	other.Vec[0] = 1e-3
-	payload := encodeCoordinate(other)
+	id := testIdentity("peer")
+	payload := signCoordinate(encodeCoordinate(other), "peer", time.Now(), id.Sign)
 	b.ReportAllocs()
 	for i := 0; b.Loop(); i++ {
-		o, err := decodeCoordinate(payload, c.dims)
+		o, err := openCoordinate(payload, c.dims, "peer", id.Public(), time.Now())
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -292,7 +316,7 @@ func equalCoord(a, b *coordinate.Coordinate) bool {
 // mustMeta encodes a peer's metadata, for feeding observe directly.
 func mustMeta(t *testing.T, name, underlay string) []byte {
 	t.Helper()
-	md := Metadata{Name: name, Underlay: netip.MustParseAddr(underlay)}
+	md := Metadata{Name: name, Underlay: netip.MustParseAddr(underlay), PublicKey: testIdentity(name).Public()}
 	b, err := md.Encode()
 	if err != nil {
 		t.Fatal(err)

@@ -60,7 +60,28 @@ func (d delegate) NotifyAlive(n *memberlist.Node) error {
 		d.m.metrics.metadataRejected.Inc()
 		return err
 	}
+	if err := d.m.checkKey(md); err != nil {
+		return err
+	}
 	return d.accept(md)
+}
+
+// checkKey refuses metadata without an identity key, or with another key
+// than the one pinned for its name (pinning it on first sight). Counted
+// and logged. Runs under memberlist's node lock: the pins' lock is a leaf.
+func (m *Mesh) checkKey(md Metadata) error {
+	if md.PublicKey == nil {
+		m.metrics.keyRejected.WithLabelValues("no_key").Inc()
+		err := fmt.Errorf("%w: peer %q announces no identity key (a weft older than signed gossip?)", ErrBadMetadata, md.Name)
+		m.log.Warn("mesh: peer refused", "peer", md.Name, "err", err)
+		return err
+	}
+	if err := m.pins.check(md.Name, md.PublicKey); err != nil {
+		m.metrics.keyRejected.WithLabelValues("mismatch").Inc()
+		m.log.Error("mesh: peer refused", "peer", md.Name, "err", err)
+		return err
+	}
+	return nil
 }
 
 // NotifyMerge refuses a push/pull merge (a join) that would bring in a peer the
@@ -112,8 +133,9 @@ func (d delegate) NotifyPingComplete(n *memberlist.Node, rtt time.Duration, payl
 	d.m.onPingComplete(n.Name, rtt, payload)
 }
 
-// AckPayload puts our network coordinate on every ack we send. O(dimensions).
-func (d delegate) AckPayload() []byte { return d.m.coords.payload() }
+// AckPayload puts our signed network coordinate on every ack we send.
+// O(dimensions) plus one signature.
+func (d delegate) AckPayload() []byte { return d.m.ackPayload() }
 
 // nodeAddr copies a node's address. Only call it inside memberlist's
 // callbacks, where the node lock makes reading Node fields safe.
@@ -223,6 +245,9 @@ func (m *Mesh) stateLoop(ctx context.Context) {
 			return
 		case <-tick.C:
 			m.prune(time.Now())
+			if err := m.pins.flush(); err != nil {
+				m.log.Error("mesh: key pins not saved", "err", err)
+			}
 		}
 	}
 }

@@ -97,6 +97,7 @@ func testConfig(t *testing.T, name string) (Config, *logBuffer) {
 	cfg.RejoinInterval = time.Second
 	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)
 	cfg.Registerer = prometheus.NewRegistry()
+	cfg.Identity = testIdentity(name)
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("logs of %s:\n%s", name, logs.String())

@@ -27,10 +27,38 @@ package mesh
 // both ways, so no request round is needed; a join is a push/pull with the
 // peer joined through, so the joiner gets its table from that peer alone.
 //
+// Signatures. Every entry is signed by its origin, so a member can change
+// only its own links; the unit of signing is a publication: one origin's
+// group of entries as Publish emits it (up to one broadcast's worth),
+// signed once with the origin's identity (mesh/identity, domain
+// linkStateSignDomain). Peers keep each publication's bytes with its entries
+// and forward it unchanged, signature included, in anti-entropy answers,
+// so every receiver verifies against the origin's key whoever relayed it.
+// A receiver verifies only a publication that would change something it
+// holds: the copies that gossip relays bring again, and the echo of our own
+// entries, cost a map lookup, not a signature check. A publication from an
+// origin whose key is not known (not a member yet, or no longer) is
+// refused (reason unknown_origin, the rest of the message is taken) and
+// comes again with the next push/pull; one whose signature does not verify
+// (a forged entry) refuses the whole message (bad_signature). Costs: one
+// ed25519 signature per publication (per peer: ≤ one per MinInterval for
+// moved figures, ≤ one per BatchInterval for added, removed and recovered
+// links, plus one per reconcile in which a link went down), one
+// verification per publication received new, 64 bytes per publication on
+// the wire; anti-entropy answers may carry entries
+// a later publication superseded, and a peer holds each publication that
+// still has a current entry, so memory is O(N × D × publication size) at
+// worst (a publication is at most one broadcast).
+//
 // Bounds, not silent caps: a message giving an origin more than
 // MaxLinksPerOrigin live links, or the table more than MaxOrigins origins,
 // is rejected whole, counted and logged; so are malformed messages and
-// versions from the future.
+// versions from the future (more than MaxSkew ahead of our clock: no
+// version arithmetic can reach the top of uint64, and our own increments
+// saturate). Origins whose key the lookup no longer knows (members pruned
+// after the mesh's DeadPeerRetention) are pruned from the table (Prune,
+// run by LinkStateChannel at most once a minute), so the origin count
+// follows the membership.
 //
 // Costs (N peers, D links per peer): Publish O(D); Merge O(entries in the
 // message); a digest O(N) bytes per push/pull;
@@ -38,9 +66,10 @@ package mesh
 //
 // Wire format. Every message starts with
 //
-//	format version (1 byte, 2) | kind (1 byte: 1 = entries, 2 = digest)
+//	format version (1 byte, 3) | kind (1 byte: 1 = entries, 2 = digest)
 //
-// entries: origin count (uvarint), then per origin
+// entries: publication count (uvarint), then per publication (one origin
+// may have several in a message)
 //
 //	origin name length (1 byte) | origin name | entry count (uvarint)
 //	entries, sorted by neighbour name, each:
@@ -50,16 +79,18 @@ package mesh
 //	  flags (1 byte: bit 0 = up, bit 1 = encrypted, bit 2 = removed)
 //	  version (uvarint)
 //	  unless removed: RTT in µs (uvarint) | jitter in µs (uvarint) | loss in 1/10000 (uvarint, ≤ 10000)
+//	signature (64 bytes): the origin's, of everything above from its name length on
 //
 // digest: sender name length (1 byte) | sender name | origin count
 // (uvarint), then per origin: name length (1 byte) | name | flags (1 byte:
 // bit 0 = removed) | highest version (uvarint) | hash (8 bytes, big endian).
 //
 // An entry costs 14–19 bytes plus the part of its name not shared with the
-// previous one: about 60 entries named like "weft-peer-017" fit one
-// broadcast.
+// previous one, a publication 64 bytes more: about 55 entries named like
+// "weft-peer-017" fit one broadcast.
 
 import (
+	"crypto/ed25519"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -72,6 +103,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // ErrBadLinkState: a link-state message could not be decoded, or broke a
@@ -81,8 +114,11 @@ var ErrBadLinkState = errors.New("mesh: bad link-state message")
 // LinkStateChannelName is the gossip channel link state travels on.
 const LinkStateChannelName = "linkstate"
 
+// linkStateSignDomain is the identity domain of link-state publications.
+const linkStateSignDomain = "weft linkstate v1"
+
 const (
-	linkStateVersion = 2
+	linkStateVersion = 3
 	linkStateEntries = 1
 	linkStateDigest  = 2
 	maxLinkDuration  = time.Hour
@@ -142,6 +178,9 @@ func (g Graph) Link(from, to string) (LinkMetrics, bool) {
 // LinkTableConfig sets when Publish considers a link changed, and the
 // table's bounds. Zero fields take the defaults.
 type LinkTableConfig struct {
+	// Signer signs this peer's publications (its identity, or the Mesh).
+	// Required.
+	Signer Signer
 	// RTTChange and RTTMinChange: an RTT (or jitter) change counts when it
 	// is at least RTTChange of the published value and at least
 	// RTTMinChange. Defaults 0.10 and 200µs.
@@ -150,12 +189,23 @@ type LinkTableConfig struct {
 	// LossChange: a loss change counts from this many (fraction) points.
 	// Default 0.01 (one percentage point).
 	LossChange float64
-	// MinInterval: a link whose figures moved (RTT, jitter, loss) but that
-	// did not go up or down is republished at most this often. Every
+	// MinInterval: links whose figures moved (RTT, jitter, loss) but that
+	// did not go up or down are republished, together, at most this often.
+	// Every
 	// peer's publications reach every other peer, so the mesh-wide rate,
 	// and each peer's share of relaying it, grows with N: this bounds it.
-	// Up/down, added and removed links go out at once. 0: no bound.
+	// 0: no bound.
 	MinInterval time.Duration
+	// BatchInterval: links that were added, removed or came back up go
+	// out together, at most this often (each publication costs a 64-byte
+	// signature, relayed to every peer; probe-target churn adds and removes
+	// links steadily). A link going down, or changing encryption, goes out
+	// at once: others must route around it; a recovered link waits (its
+	// owner already uses it, the others keep their detour a little
+	// longer). Default 10s (in the 50-peer simulation 2s cost 20 kB/s per
+	// peer of link state, 10s 13 kB/s, unsigned per-link publication 14
+	// kB/s); negative: at once.
+	BatchInterval time.Duration
 	// MaxDelta bounds one message of Publish; more changes are split into
 	// several. Default: MaxBroadcastSize less the channel envelope.
 	MaxDelta int
@@ -177,6 +227,12 @@ type LinkTableConfig struct {
 	Registerer prometheus.Registerer
 }
 
+// Signer signs with this peer's identity; *identity.Identity and *Mesh
+// have this method. Safe for concurrent use.
+type Signer interface {
+	Sign(domain string, msg []byte) []byte
+}
+
 // LinkTable holds every peer's published links.
 //
 // Concurrency: safe for concurrent use; mu guards everything.
@@ -193,6 +249,9 @@ type LinkTable struct {
 	forged    map[string]bool // neighbours of ours others hold newer entries for
 	republish bool            // force the next Publish to re-emit every link
 	lastSweep time.Time
+	lastMoved time.Time // our last publication of moved figures (MinInterval)
+	lastBatch time.Time // our last publication of added, removed, up links (BatchInterval)
+	lastFull  time.Time // our last publication of every link (TombstoneTTL/2)
 }
 
 // origin is one origin's entries.
@@ -210,7 +269,24 @@ type lsEntry struct {
 	m         LinkMetrics
 	deleted   bool
 	deletedAt time.Time
-	at        time.Time // when this peer published it (own entries only)
+	at        time.Time  // when this peer published it (own entries only)
+	pub       *signedPub // the signed publication it came in, forwarded as is
+}
+
+// signedPub is one origin's signed publication: its group bytes followed
+// by the signature, as on the wire. Shared by its entries; dropped with the
+// last of them.
+type signedPub struct {
+	raw     []byte
+	version uint64 // the highest version in it (orders forwarding)
+}
+
+// satInc is v+1, saturating: versions never wrap.
+func satInc(v uint64) uint64 {
+	if v == math.MaxUint64 {
+		return v
+	}
+	return v + 1
 }
 
 func entryHash(nb string, version uint64) uint64 {
@@ -224,6 +300,9 @@ func entryHash(nb string, version uint64) uint64 {
 
 // NewLinkTable returns an empty table.
 func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
+	if cfg.BatchInterval == 0 {
+		cfg.BatchInterval = 10 * time.Second
+	}
 	if cfg.RTTChange == 0 {
 		cfg.RTTChange = 0.10
 	}
@@ -255,6 +334,8 @@ func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	switch {
+	case cfg.Signer == nil:
+		return nil, fmt.Errorf("%w: link-state table without a Signer (the peer's identity)", ErrInvalidConfig)
 	case cfg.MaxDelta < 300 || cfg.MaxDelta > MaxUnicastSize:
 		return nil, fmt.Errorf("%w: link-state MaxDelta %d out of range 300..%d", ErrInvalidConfig, cfg.MaxDelta, MaxUnicastSize)
 	case cfg.MaxLinksPerOrigin < 1 || cfg.MaxOrigins < 1:
@@ -322,6 +403,19 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	if t.self != self {
 		t.self, t.republish = self, true
 	}
+	// Every TombstoneTTL/2 all our links are republished: a publication
+	// is forwarded whole, superseded entries included, for as long as one
+	// of its entries is current somewhere; refreshed, no old publication
+	// outlives the tombstones that cancel its superseded entries (which
+	// others keep TombstoneTTL), so a peer that already swept a tombstone
+	// is never handed the removed link again. One publication of D
+	// entries per TombstoneTTL/2.
+	if now.Sub(t.lastFull) >= t.cfg.TombstoneTTL/2 {
+		t.republish = true
+	}
+	if t.republish {
+		t.lastFull = now
+	}
 	o := t.origins[self]
 	if o == nil {
 		o = &origin{links: map[string]*lsEntry{}}
@@ -332,25 +426,55 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 		m       LinkMetrics
 		removed bool
 	}
-	var ups []upd
+	// Added links, up/down and encrypted flips go out at once; links whose
+	// figures only moved go out together, at most every MinInterval: one
+	// signature and one broadcast for all of them (publications per peer ≤
+	// one per MinInterval plus the urgent ones, whatever D; entries per
+	// link ≤ one per MinInterval, as before). They do not ride along with
+	// urgent changes, which would republish every moved link at the rate
+	// links flap.
+	// ups go out at once; batch within BatchInterval, or with ups (the
+	// signature is paid anyway); moved within MinInterval, on their own
+	// timer (riding along would republish them at the rate of churn).
+	var ups, batch, moved []upd
 	for nb, m := range links {
 		e := o.links[nb]
 		switch {
-		case e == nil || e.deleted || t.republish || e.m.Up != m.Up || e.m.Encrypted != m.Encrypted:
-		case !t.moved(e.m, m) || now.Sub(e.at) < t.cfg.MinInterval:
-			continue // unchanged, or figures moved but published too recently
+		case t.republish || e != nil && !e.deleted && (e.m.Up && !m.Up || e.m.Encrypted != m.Encrypted):
+			ups = append(ups, upd{nb: nb, m: m})
+		case e == nil || e.deleted || e.m.Up != m.Up:
+			batch = append(batch, upd{nb: nb, m: m})
+		case t.moved(e.m, m):
+			moved = append(moved, upd{nb: nb, m: m})
 		}
-		ups = append(ups, upd{nb: nb, m: m})
 	}
 	for nb, e := range o.links {
 		if _, ok := links[nb]; !ok && (!e.deleted || t.forged[nb]) {
-			ups = append(ups, upd{nb: nb, removed: true})
+			if t.forged[nb] {
+				ups = append(ups, upd{nb: nb, removed: true})
+			} else {
+				batch = append(batch, upd{nb: nb, removed: true})
+			}
 		}
 	}
 	for nb := range t.forged {
 		if _, ok := links[nb]; !ok && o.links[nb] == nil {
 			ups = append(ups, upd{nb: nb, removed: true})
 		}
+	}
+	if t.lastBatch.IsZero() {
+		t.lastBatch = now
+	}
+	if len(batch) > 0 && (len(ups) > 0 || t.cfg.BatchInterval < 0 || now.Sub(t.lastBatch) >= t.cfg.BatchInterval) {
+		ups = append(ups, batch...)
+		t.lastBatch = now
+	}
+	if t.lastMoved.IsZero() {
+		t.lastMoved = now // the first publication carries every link
+	}
+	if len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval {
+		ups = append(ups, moved...)
+		t.lastMoved = now
 	}
 	t.republish = false
 	clear(t.forged)
@@ -360,7 +484,10 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 		}
 		return nil, nil
 	}
-	v := max(uint64(max(now.UnixMicro(), 1)), o.max+1, t.selfFloor+1)
+	// Above everything of ours seen anywhere (saturating: a version at the
+	// top of uint64 cannot come in, see Merge, but the arithmetic must not
+	// wrap if it did).
+	v := max(uint64(max(now.UnixMicro(), 1)), satInc(o.max), satInc(t.selfFloor))
 	o.removed = false
 	items := make([]encItem, 0, len(ups))
 	for _, u := range ups {
@@ -374,7 +501,39 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 		items = append(items, encItem{origin: self, nb: u.nb, e: e})
 	}
 	t.entries.Set(float64(t.nEntries))
-	return encodeEntries(items, t.cfg.MaxDelta), changed
+	return t.sealLocked(self, items), changed
+}
+
+// sealLocked encodes our entries (one origin) in publications of at most
+// MaxDelta bytes each (as a whole message), signs each, points the entries
+// at their publication and returns the messages. One signature per message.
+func (t *LinkTable) sealLocked(self string, items []encItem) [][]byte {
+	sortItems(items)
+	budget := t.cfg.MaxDelta - 3 - (1 + len(self) + binary.MaxVarintLen16) - ed25519.SignatureSize
+	var msgs [][]byte
+	for len(items) > 0 {
+		size, n, prev := 0, 0, ""
+		for n < len(items) {
+			k := len(appendEntry(nil, prev, items[n].nb, items[n].e))
+			if n > 0 && size+k > budget {
+				break
+			}
+			size += k
+			prev = items[n].nb
+			n++
+		}
+		chunk := items[:n]
+		items = items[n:]
+		group := appendGroup(nil, self, chunk)
+		raw := append(group, t.cfg.Signer.Sign(linkStateSignDomain, group)...)
+		pub := &signedPub{raw: raw, version: chunk[0].e.version}
+		for _, it := range chunk {
+			it.e.pub = pub
+			pub.version = max(pub.version, it.e.version)
+		}
+		msgs = append(msgs, packPubs([]*signedPub{pub}, MaxUnicastSize)...)
+	}
+	return msgs
 }
 
 // Moved reports whether next differs from prev beyond the table's
@@ -449,61 +608,113 @@ func (t *LinkTable) sweepLocked(now time.Time) {
 }
 
 // Merge applies one entries message (a broadcast or an anti-entropy
-// unicast) and returns the links that changed. A malformed message, or one
-// breaking a bound, is rejected whole with an error wrapping
-// ErrBadLinkState: it changes nothing, and is counted and logged.
-func (t *LinkTable) Merge(msg []byte) ([]LinkChange, error) {
+// unicast) and returns the links that changed. Each publication in it that
+// would change something is verified with its origin's key from keys (nil
+// knows none). A malformed message, a forged publication, or one breaking a
+// bound, is rejected whole with an error wrapping ErrBadLinkState: it
+// changes nothing, and is counted and logged. Publications of origins whose
+// key is unknown are skipped (counted as unknown_origin); the rest applies.
+// O(entries in the message) plus one verification per new publication.
+func (t *LinkTable) Merge(msg []byte, keys identity.KeyLookup) ([]LinkChange, error) {
 	groups, err := t.decodeEntries(msg)
 	if err != nil {
 		return nil, t.reject("malformed", err)
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	now := t.cfg.Now()
-	limit := uint64(max(now.Add(t.cfg.MaxSkew).UnixMicro(), 0))
-	// Check every bound before applying anything.
-	newOrigins := 0
+	limit := t.versionLimit(now)
 	for _, g := range groups {
-		o := t.origins[g.origin]
-		if o == nil && g.origin != t.self {
-			newOrigins++
-		}
-		live := 0
-		if o != nil {
-			live = o.live
-		}
 		for _, it := range g.items {
 			if it.e.version > limit {
 				return nil, t.reject("future_version", fmt.Errorf("%w: origin %q: neighbour %q: version %d is more than %v ahead of our clock (%d)",
 					ErrBadLinkState, g.origin, it.nb, it.e.version, t.cfg.MaxSkew, now.UnixMicro()))
 			}
-			if o == nil {
-				if !it.e.deleted {
-					live++
-				}
-				continue
+		}
+	}
+	// Only publications that would change something are verified (and
+	// need a key): relayed copies of what we hold cost no signature check.
+	t.mu.Lock()
+	useful := make([]bool, len(groups))
+	for i, g := range groups {
+		useful[i] = t.usefulLocked(g)
+	}
+	t.mu.Unlock()
+	verified := make([]encGroup, 0, len(groups))
+	for i, g := range groups {
+		if !useful[i] {
+			continue
+		}
+		var key ed25519.PublicKey
+		ok := false
+		if keys != nil {
+			key, ok = keys(g.origin)
+		}
+		if !ok {
+			t.rejects.WithLabelValues("unknown_origin").Inc()
+			t.cfg.Logger.Debug("linkstate: publication of an origin with no known key skipped; anti-entropy brings it again", "origin", g.origin)
+			continue
+		}
+		if !identity.Verify(key, linkStateSignDomain, g.signed, g.sig) {
+			return nil, t.reject("bad_signature", fmt.Errorf("%w: origin %q: signature does not verify with its key (forged, or signed by another peer)",
+				ErrBadLinkState, g.origin))
+		}
+		verified = append(verified, g)
+	}
+	if len(verified) == 0 {
+		return nil, nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	// Check every bound before applying anything. pending holds what the
+	// message's earlier publications of an origin would set.
+	newOrigins := map[string]bool{}
+	live := map[string]int{}
+	pending := map[string]map[string]*lsEntry{}
+	for _, g := range verified {
+		if g.origin == t.self && t.self != "" {
+			continue
+		}
+		o := t.origins[g.origin]
+		if o == nil {
+			o = &origin{links: map[string]*lsEntry{}}
+			newOrigins[g.origin] = true
+		}
+		p := pending[g.origin]
+		if p == nil {
+			p = map[string]*lsEntry{}
+			pending[g.origin] = p
+			live[g.origin] = o.live
+		}
+		for _, it := range g.items {
+			cur := p[it.nb]
+			if cur == nil {
+				cur = o.links[it.nb]
 			}
-			cur := o.links[it.nb]
 			if !t.newer(o, cur, it.e) {
 				continue
 			}
 			if cur != nil && !cur.deleted {
-				live--
+				live[g.origin]--
 			}
 			if !it.e.deleted {
-				live++
+				live[g.origin]++
 			}
+			p[it.nb] = it.e
 		}
-		if live > t.cfg.MaxLinksPerOrigin && g.origin != t.self {
+		if n := live[g.origin]; n > t.cfg.MaxLinksPerOrigin {
 			return nil, t.reject("too_many_links", fmt.Errorf("%w: origin %q would have %d links, at most %d",
-				ErrBadLinkState, g.origin, live, t.cfg.MaxLinksPerOrigin))
+				ErrBadLinkState, g.origin, n, t.cfg.MaxLinksPerOrigin))
 		}
 	}
-	if n := len(t.origins) + newOrigins; newOrigins > 0 && n > t.cfg.MaxOrigins {
+	if n := len(t.origins) + len(newOrigins); len(newOrigins) > 0 && n > t.cfg.MaxOrigins {
 		return nil, t.reject("too_many_origins", fmt.Errorf("%w: %d origins, at most %d", ErrBadLinkState, n, t.cfg.MaxOrigins))
 	}
 	var changes []LinkChange
-	for _, g := range groups {
+	for _, g := range verified {
+		pub := &signedPub{raw: slices.Clone(g.raw)} // memberlist reuses msg
+		for _, it := range g.items {
+			pub.version = max(pub.version, it.e.version)
+			it.e.pub = pub
+		}
 		if g.origin == t.self && t.self != "" {
 			t.ownLocked(g)
 			continue
@@ -535,6 +746,51 @@ func (t *LinkTable) Merge(msg []byte) ([]LinkChange, error) {
 	return changes, nil
 }
 
+// versionLimit is the highest version taken: MaxSkew ahead of now.
+func (t *LinkTable) versionLimit(now time.Time) uint64 {
+	return uint64(max(now.Add(t.cfg.MaxSkew).UnixMicro(), 0))
+}
+
+// usefulLocked reports whether a publication would change anything here:
+// a newer entry of another origin, or an entry of ours others hold at or
+// above our own version (which we must answer). O(entries in g).
+func (t *LinkTable) usefulLocked(g encGroup) bool {
+	o := t.origins[g.origin]
+	if g.origin == t.self && t.self != "" {
+		for _, it := range g.items {
+			if t.ownForgedLocked(o, it) {
+				return true
+			}
+		}
+		return false
+	}
+	if o == nil {
+		return true
+	}
+	for _, it := range g.items {
+		if t.newer(o, o.links[it.nb], it.e) {
+			return true
+		}
+	}
+	return false
+}
+
+// ownForgedLocked reports whether it, an entry of ours held by another
+// peer, is at or above our own entry and not its echo.
+func (t *LinkTable) ownForgedLocked(o *origin, it encItem) bool {
+	var cur *lsEntry
+	if o != nil {
+		cur = o.links[it.nb]
+	}
+	if cur != nil && it.e.version < cur.version {
+		return false
+	}
+	if cur != nil && it.e.version == cur.version && it.e.deleted == cur.deleted && (cur.deleted || it.e.m == cur.m) {
+		return false // our own entry echoed back
+	}
+	return true
+}
+
 // newer reports whether e replaces cur (nil: none) of origin o.
 func (t *LinkTable) newer(o *origin, cur, e *lsEntry) bool {
 	if cur != nil {
@@ -543,20 +799,15 @@ func (t *LinkTable) newer(o *origin, cur, e *lsEntry) bool {
 	return !o.removed || e.version > o.max
 }
 
-// ownLocked handles entries of ours held by others: they are not taken
-// (others cannot speak for us), but when one is at or above our own
-// entry's version, the next Publish re-publishes above it.
+// ownLocked handles entries of ours held by others (signed by us: an old
+// entry from before our clock stepped back or our restart). They are not
+// taken, but when one is at or above our own entry's version, the next
+// Publish re-asserts our real state above it. Its version passed the
+// MaxSkew bound, so Publish's version stays below the top of uint64.
 func (t *LinkTable) ownLocked(g encGroup) {
 	o := t.origins[t.self]
 	for _, it := range g.items {
-		var cur *lsEntry
-		if o != nil {
-			cur = o.links[it.nb]
-		}
-		if cur == nil || it.e.version >= cur.version {
-			if cur != nil && it.e.version == cur.version && it.e.deleted == cur.deleted && (cur.deleted || it.e.m == cur.m) {
-				continue // our own entry echoed back
-			}
+		if t.ownForgedLocked(o, it) {
 			t.selfFloor = max(t.selfFloor, it.e.version)
 			t.forged[it.nb] = true
 			t.republish = true
@@ -590,6 +841,37 @@ func (t *LinkTable) Remove(name string) []LinkChange {
 	t.nEntries -= len(o.links)
 	t.origins[name] = &origin{links: map[string]*lsEntry{}, max: o.max, removed: true, removedAt: t.cfg.Now()}
 	t.entries.Set(float64(t.nEntries))
+	return out
+}
+
+// Prune removes (as Remove does) every origin but ours whose key keys no
+// longer knows: the mesh forgets a member DeadPeerRetention after it died
+// or left, and its links go with it, so the origins held follow the
+// membership and not whatever was once published. O(N) lookups, made
+// without the table's lock.
+func (t *LinkTable) Prune(keys identity.KeyLookup) []LinkChange {
+	t.mu.Lock()
+	names := make([]string, 0, len(t.origins))
+	for name, o := range t.origins {
+		if name != t.self && !o.removed {
+			names = append(names, name)
+		}
+	}
+	t.mu.Unlock()
+	var out []LinkChange
+	n := 0
+	for _, name := range names {
+		if keys != nil {
+			if _, ok := keys(name); ok {
+				continue
+			}
+		}
+		out = append(out, t.Remove(name)...)
+		n++
+	}
+	if n > 0 {
+		t.cfg.Logger.Info("linkstate: pruned origins that are no longer members", "origins", n)
+	}
 	return out
 }
 
@@ -644,15 +926,24 @@ func (t *LinkTable) Missing(digest []byte) (peer string, msgs [][]byte, err erro
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	var items []encItem
+	var pubs []*signedPub
+	seen := map[*signedPub]bool{}
 	for _, name := range slices.Sorted(maps.Keys(t.origins)) {
 		o := t.origins[name]
-		if o.removed || name == peer {
-			continue // a peer is the authority on its own links
+		if o.removed {
+			continue
 		}
+		first := len(pubs)
 		d, ok := theirs[name]
 		var above uint64
 		switch {
+		case name == peer && ok && d.max >= o.max:
+			continue // a peer is the authority on its own links
+		case name == peer && ok:
+			// We hold entries of the peer's own above its version (signed
+			// by it before a restart or a clock step back): sent, so
+			// that it re-asserts its state above them.
+			above = d.max
 		case !ok:
 		case d.removed && d.max >= o.max:
 			continue
@@ -661,13 +952,24 @@ func (t *LinkTable) Missing(digest []byte) (peer string, msgs [][]byte, err erro
 		case d.max < o.max:
 			above = d.max
 		}
-		for _, nb := range slices.Sorted(maps.Keys(o.links)) {
-			if e := o.links[nb]; e.version > above {
-				items = append(items, encItem{origin: name, nb: nb, e: e})
+		for _, e := range o.links {
+			if e.version > above && e.pub != nil && !seen[e.pub] {
+				seen[e.pub] = true
+				pubs = append(pubs, e.pub)
 			}
 		}
+		// Oldest first, so that a receiver applies them in order.
+		slices.SortFunc(pubs[first:], func(a, b *signedPub) int {
+			if a.version != b.version {
+				if a.version < b.version {
+					return -1
+				}
+				return 1
+			}
+			return slices.Compare(a.raw, b.raw) // deterministic
+		})
 	}
-	return peer, encodeEntries(items, MaxUnicastSize), nil
+	return peer, packPubs(pubs, MaxUnicastSize), nil
 }
 
 // Graph returns a copy of the current graph (live links only). O(N × D).
@@ -713,8 +1015,9 @@ func (t *LinkTable) Version(name string) uint64 {
 	return 0
 }
 
-// encItem is one entry to encode; encGroup one origin's entries of a
-// decoded message.
+// encItem is one entry to encode; encGroup one signed publication of a
+// decoded message: its origin, entries, the bytes the signature covers,
+// the signature, and both as forwarded (raw).
 type encItem struct {
 	origin, nb string
 	e          *lsEntry
@@ -723,11 +1026,13 @@ type encItem struct {
 type encGroup struct {
 	origin string
 	items  []encItem
+	signed []byte
+	sig    []byte
+	raw    []byte
 }
 
-// encodeEntries encodes items (sorted by origin, then neighbour) into
-// entries messages of at most limit bytes each.
-func encodeEntries(items []encItem, limit int) [][]byte {
+// sortItems sorts items by origin, then neighbour.
+func sortItems(items []encItem) {
 	slices.SortFunc(items, func(a, b encItem) int {
 		if a.origin != b.origin {
 			if a.origin < b.origin {
@@ -743,62 +1048,43 @@ func encodeEntries(items []encItem, limit int) [][]byte {
 		}
 		return 0
 	})
-	var msgs [][]byte
-	type group struct {
-		origin string
-		body   []byte
-		n      int
-		prev   string
+}
+
+// appendGroup encodes one origin's items (sorted by neighbour) as a
+// publication body, what its signature covers.
+func appendGroup(b []byte, origin string, items []encItem) []byte {
+	b = append(b, byte(len(origin)))
+	b = append(b, origin...)
+	b = binary.AppendUvarint(b, uint64(len(items)))
+	prev := ""
+	for _, it := range items {
+		b = appendEntry(b, prev, it.nb, it.e)
+		prev = it.nb
 	}
-	var groups []*group
-	size := 0
-	flush := func() {
-		if len(groups) == 0 {
-			return
+	return b
+}
+
+// packPubs packs signed publications, in order, into entries messages of
+// at most limit bytes each (a publication is never larger: Publish keeps
+// each within MaxDelta ≤ MaxUnicastSize).
+func packPubs(pubs []*signedPub, limit int) [][]byte {
+	const header = 2 + binary.MaxVarintLen32
+	var msgs [][]byte
+	for len(pubs) > 0 {
+		size, n := header, 0
+		for n < len(pubs) && (n == 0 || size+len(pubs[n].raw) <= limit) {
+			size += len(pubs[n].raw)
+			n++
 		}
-		b := make([]byte, 0, size+8)
+		b := make([]byte, 0, size)
 		b = append(b, linkStateVersion, linkStateEntries)
-		b = binary.AppendUvarint(b, uint64(len(groups)))
-		for _, g := range groups {
-			b = append(b, byte(len(g.origin)))
-			b = append(b, g.origin...)
-			b = binary.AppendUvarint(b, uint64(g.n))
-			b = append(b, g.body...)
+		b = binary.AppendUvarint(b, uint64(n))
+		for _, p := range pubs[:n] {
+			b = append(b, p.raw...)
 		}
 		msgs = append(msgs, b)
-		groups, size = nil, 0
+		pubs = pubs[n:]
 	}
-	const header = 2 + binary.MaxVarintLen16
-	for _, it := range items {
-		var g *group
-		if len(groups) > 0 && groups[len(groups)-1].origin == it.origin {
-			g = groups[len(groups)-1]
-		}
-		prev := ""
-		if g != nil {
-			prev = g.prev
-		}
-		enc := appendEntry(nil, prev, it.nb, it.e)
-		need := len(enc)
-		if g == nil {
-			need += 1 + len(it.origin) + binary.MaxVarintLen16
-		}
-		if size > 0 && header+size+need > limit {
-			flush()
-			g = nil
-			enc = appendEntry(nil, "", it.nb, it.e)
-			need = len(enc) + 1 + len(it.origin) + binary.MaxVarintLen16
-		}
-		if g == nil {
-			g = &group{origin: it.origin}
-			groups = append(groups, g)
-		}
-		g.body = append(g.body, enc...)
-		g.n++
-		g.prev = it.nb
-		size += need
-	}
-	flush()
 	return msgs
 }
 
@@ -842,21 +1128,25 @@ func (t *LinkTable) decodeEntries(b []byte) ([]encGroup, error) {
 	if !d.header(linkStateEntries) {
 		return nil, d.err
 	}
-	n := d.uvarint("origin count")
-	if d.err == nil && (n == 0 || n > uint64(t.cfg.MaxOrigins)) {
-		return nil, d.fail("%d origins, want 1..%d", n, t.cfg.MaxOrigins)
+	n := d.uvarint("publication count")
+	// A publication takes more than 64 bytes (its signature): a count
+	// above len(b)/64 cannot be honest.
+	if d.err == nil && (n == 0 || n > uint64(len(b)/ed25519.SignatureSize)) {
+		return nil, d.fail("%d publications in %d bytes", n, len(b))
 	}
 	var out []encGroup
-	seen := map[string]bool{}
 	for i := uint64(0); i < n && d.err == nil; i++ {
+		start := d.off
 		g := d.readGroup(t.cfg.MaxLinksPerOrigin)
 		if d.err != nil {
 			break
 		}
-		if seen[g.origin] {
-			return nil, d.fail("origin %q repeated", g.origin)
+		g.signed = d.b[start:d.off]
+		g.sig = []byte(d.str(ed25519.SignatureSize, "signature"))
+		if d.err != nil {
+			break
 		}
-		seen[g.origin] = true
+		g.raw = d.b[start:d.off:d.off]
 		out = append(out, g)
 	}
 	if d.err != nil {
@@ -874,6 +1164,7 @@ func (t *LinkTable) decodeDigest(b []byte) (string, map[string]digestEntry, erro
 		return "", nil, d.err
 	}
 	sender := d.name("sender")
+	limit := t.versionLimit(t.cfg.Now())
 	n := d.uvarint("origin count")
 	if d.err == nil && n > uint64(t.cfg.MaxOrigins) {
 		return "", nil, d.fail("%d origins, at most %d", n, t.cfg.MaxOrigins)
@@ -897,6 +1188,14 @@ func (t *LinkTable) decodeDigest(b []byte) (string, map[string]digestEntry, erro
 		}
 		if _, dup := out[name]; d.err == nil && dup {
 			d.fail("origin %q repeated", name)
+		}
+		if v > limit {
+			// A version no entry can have: the sender's claim is ignored
+			// (as if it lacked the origin), so that it cannot stop us
+			// sending it that origin's entries.
+			t.rejects.WithLabelValues("future_version_digest").Inc()
+			t.cfg.Logger.Warn("linkstate: digest claims a version from the future; ignored", "sender", sender, "origin", name, "version", v)
+			continue
 		}
 		out[name] = digestEntry{max: v, hash: h, removed: flags&digestRemoved != 0}
 	}
@@ -1073,6 +1372,10 @@ type LinkStateChannel struct {
 	Table *LinkTable
 	// Self names this peer in its digests.
 	Self string
+	// Keys gives each origin's public key (Mesh.PublicKey): publications
+	// are verified with it, and origins it no longer knows are pruned. nil
+	// knows none: every publication is refused.
+	Keys identity.KeyLookup
 	// Sender sends anti-entropy answers; nil: push/pull repairs nothing.
 	Sender LinkStateSender
 	// OnChange, if set, is called with the links a merge changed. It runs
@@ -1081,9 +1384,14 @@ type LinkStateChannel struct {
 	// Logger; nil discards.
 	Logger *slog.Logger
 
-	inflight sync.Mutex // guards sending
+	inflight sync.Mutex // guards following
 	sending  int
+	pruned   time.Time // last Prune
 }
+
+// pruneEvery is how often the channel prunes origins that left the
+// membership (Prune is O(N)).
+const pruneEvery = time.Minute
 
 // maxInflightAnswers bounds the anti-entropy answers being sent at once;
 // more are skipped (the next push/pull repairs what they would have).
@@ -1093,8 +1401,21 @@ var _ ChannelHandler = (*LinkStateChannel)(nil)
 
 // NotifyMsg merges one entries message (a broadcast or a unicast answer).
 func (c *LinkStateChannel) NotifyMsg(msg []byte) {
-	changes, err := c.Table.Merge(msg)
-	if err == nil && len(changes) > 0 && c.OnChange != nil {
+	changes, err := c.Table.Merge(msg, c.Keys)
+	if err != nil {
+		changes = nil
+	}
+	now := time.Now()
+	c.inflight.Lock()
+	prune := now.Sub(c.pruned) >= pruneEvery
+	if prune {
+		c.pruned = now
+	}
+	c.inflight.Unlock()
+	if prune {
+		changes = append(changes, c.Table.Prune(c.Keys)...)
+	}
+	if len(changes) > 0 && c.OnChange != nil {
 		c.OnChange(changes)
 	}
 }

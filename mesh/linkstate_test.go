@@ -2,6 +2,8 @@ package mesh
 
 import (
 	"bytes"
+	"crypto/ed25519"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -13,6 +15,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 func ms(f float64) time.Duration { return time.Duration(f * float64(time.Millisecond)) }
@@ -27,10 +31,39 @@ func stepClock() func() time.Time {
 	return func() time.Time { t = t.Add(time.Second); return t }
 }
 
+// testIdentity is name's identity in tests: derived from the name, so
+// every table and test agrees on it without passing keys around.
+func testIdentity(name string) *identity.Identity {
+	seed := sha256.Sum256([]byte("weft test identity " + name))
+	return identity.New(ed25519.NewKeyFromSeed(seed[:]))
+}
+
+// testKeys is the key lookup of tests: every name has its testIdentity.
+func testKeys(name string) (ed25519.PublicKey, bool) { return testIdentity(name).Public(), true }
+
+// noKeys knows no origin.
+func noKeys(string) (ed25519.PublicKey, bool) { return nil, false }
+
+// originSigner signs a link-state publication as its origin (the name at
+// the head of the publication body), so that one test table can publish as
+// any name.
+type originSigner struct{}
+
+func (originSigner) Sign(domain string, msg []byte) []byte {
+	n := int(msg[0])
+	return testIdentity(string(msg[1:1+n])).Sign(domain, msg)
+}
+
 func newTable(t testing.TB, cfg LinkTableConfig) *LinkTable {
 	t.Helper()
 	if cfg.Now == nil {
 		cfg.Now = stepClock()
+	}
+	if cfg.Signer == nil {
+		cfg.Signer = originSigner{}
+	}
+	if cfg.BatchInterval == 0 {
+		cfg.BatchInterval = -1 // at once, unless a test is about batching
 	}
 	tab, err := NewLinkTable(cfg)
 	if err != nil {
@@ -44,7 +77,7 @@ func mergeAll(t testing.TB, tab *LinkTable, msgs [][]byte) []LinkChange {
 	t.Helper()
 	var out []LinkChange
 	for _, m := range msgs {
-		c, err := tab.Merge(m)
+		c, err := tab.Merge(m, testKeys)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -257,12 +290,20 @@ func TestMergeOwnOrigin(t *testing.T) {
 	far := newTable(t, LinkTableConfig{Now: func() time.Time { return time.Unix(1_900_000_000, 0) }})
 	farMsgs, _ := far.Publish("a", map[string]LinkStats{"b": up(ms(5), 0)})
 	before := a.Version("a")
-	if _, err := a.Merge(farMsgs[0]); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "ahead of our clock") {
+	if _, err := a.Merge(farMsgs[0], testKeys); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "ahead of our clock") {
 		t.Fatalf("future own version: %v", err)
 	}
 	if msgs, _ := a.Publish("a", map[string]LinkStats{"b": up(ms(1), 0)}); msgs != nil || a.Version("a") != before {
 		t.Error("a rejected future version moved our counter")
 	}
+}
+
+// forged re-signs a one-publication message with signer's key: a member
+// publishing entries in another origin's name.
+func forged(msg []byte, signer string) []byte {
+	g := msg[3 : len(msg)-ed25519.SignatureSize]
+	b := bytes.Clone(msg[:len(msg)-ed25519.SignatureSize])
+	return append(b, testIdentity(signer).Sign(linkStateSignDomain, g)...)
 }
 
 // exchange runs one push/pull between x and y: each answers the other's
@@ -391,13 +432,15 @@ func newTableWith(t *testing.T, clock func() time.Time, msgs [][]byte) *LinkTabl
 
 // entriesMsg builds an entries message for one origin by hand.
 func entriesMsg(origin string, entries ...[]byte) []byte {
-	b := []byte{linkStateVersion, linkStateEntries, 1, byte(len(origin))}
-	b = append(b, origin...)
-	b = binary.AppendUvarint(b, uint64(len(entries)))
+	g := []byte{byte(len(origin))}
+	g = append(g, origin...)
+	g = binary.AppendUvarint(g, uint64(len(entries)))
 	for _, e := range entries {
-		b = append(b, e...)
+		g = append(g, e...)
 	}
-	return b
+	b := []byte{linkStateVersion, linkStateEntries, 1}
+	b = append(b, g...)
+	return append(b, testIdentity(origin).Sign(linkStateSignDomain, g)...)
 }
 
 // entry encodes one live entry (no front coding).
@@ -435,10 +478,10 @@ func TestMergeRejects(t *testing.T) {
 		{"empty", "malformed", nil, "too short"},
 		{"format version", "malformed", mod(good[0], func(b []byte) []byte { b[0] = 1; return b }), "format version 1"},
 		{"digest kind", "malformed", src.Digest("a"), "kind 2, want 1"},
-		{"truncated", "malformed", good[0][:len(good[0])-1], "bad varint"},
+		{"truncated", "malformed", good[0][:len(good[0])-1], "signature"},
 		{"trailing", "malformed", append(bytes.Clone(good[0]), 0), "trailing"},
 		{"origin name", "malformed", mod(good[0], func(b []byte) []byte { b[4] = ' '; return b }), "origin name"},
-		{"no origins", "malformed", []byte{2, 1, 0}, "origins"},
+		{"no publications", "malformed", []byte{linkStateVersion, 1, 0}, "publications"},
 		{"no entries", "malformed", entriesMsg("a"), "entries"},
 		{"version 0", "malformed", entriesMsg("a", entry("b", flagUp, 0, 1, 1, 0)), "version 0"},
 		{"unsorted", "malformed", entriesMsg("a", entry("c", flagUp, v, 1, 1, 0), entry("b", flagUp, v, 1, 1, 0)), "not after"},
@@ -452,7 +495,9 @@ func TestMergeRejects(t *testing.T) {
 		{"257 links in one message", "malformed", many(257), "entries"},
 		{"version from the future", "future_version", entriesMsg("a", entry("b", flagUp, v+uint64(6*time.Minute/time.Microsecond), 1, 1, 0)), "ahead"},
 		{"version max", "future_version", entriesMsg("a", entry("b", flagUp, math.MaxUint64, 1, 1, 0)), "ahead"},
-		{"repeated origin", "malformed", append([]byte{2, 1, 2}, append(good[0][3:], good[0][3:]...)...), "repeated"},
+		{"forged for another origin", "bad_signature", forged(entriesMsg("a", entry("b", flagUp, v+1, 1, 1, 0)), "mallory"), "signature"},
+		{"signature flipped", "bad_signature", mod(entriesMsg("a", entry("b", flagUp, v+1, 1, 1, 0)), func(b []byte) []byte { b[len(b)-1] ^= 1; return b }), "signature"},
+		{"entry changed after signing", "bad_signature", mod(entriesMsg("a", entry("b", flagUp, v+1, 1, 1, 0)), func(b []byte) []byte { b[len(b)-65] ^= 1; return b }), "signature"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -460,7 +505,7 @@ func TestMergeRejects(t *testing.T) {
 			tab := newTable(t, LinkTableConfig{Now: func() time.Time { return now }, Registerer: reg})
 			mergeAll(t, tab, good)
 			before := fmt.Sprint(tab.Graph(), tab.Digest("x"))
-			changes, err := tab.Merge(c.b)
+			changes, err := tab.Merge(c.b, testKeys)
 			if !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), c.want) || changes != nil {
 				t.Errorf("err %v changes %v, want ErrBadLinkState mentioning %q", err, changes, c.want)
 			}
@@ -474,7 +519,7 @@ func TestMergeRejects(t *testing.T) {
 	}
 	// Valid but extreme values are taken as they are.
 	tab := newTable(t, LinkTableConfig{Now: func() time.Time { return now }})
-	if _, err := tab.Merge(entriesMsg("a", entry("b", flagUp, v+uint64(4*time.Minute/time.Microsecond), 3600_000_000, 3600_000_000, 10000))); err != nil {
+	if _, err := tab.Merge(entriesMsg("a", entry("b", flagUp, v+uint64(4*time.Minute/time.Microsecond), 3600_000_000, 3600_000_000, 10000)), testKeys); err != nil {
 		t.Fatalf("extreme but valid: %v", err)
 	}
 	if m, _ := tab.Link("a", "b"); m.RTT != time.Hour || m.Loss != 1 {
@@ -493,10 +538,10 @@ func TestMergeRejects(t *testing.T) {
 		}
 	}
 	second := entriesMsg("z", es2...)
-	if _, err := tab.Merge(entriesMsg("z", es1...)); err != nil {
+	if _, err := tab.Merge(entriesMsg("z", es1...), testKeys); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := tab.Merge(second); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "would have 300 links") {
+	if _, err := tab.Merge(second, testKeys); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "would have 300 links") {
 		t.Errorf("300 links over two messages: %v", err)
 	}
 	if len(tab.Graph()["z"]) != 200 {
@@ -506,14 +551,14 @@ func TestMergeRejects(t *testing.T) {
 	reg2 := prometheus.NewRegistry()
 	small := newTable(t, LinkTableConfig{Now: func() time.Time { return now }, MaxOrigins: 2, Registerer: reg2})
 	mergeAll(t, small, [][]byte{entriesMsg("o1", entry("x", flagUp, v, 1, 1, 0)), entriesMsg("o2", entry("x", flagUp, v, 1, 1, 0))})
-	if _, err := small.Merge(entriesMsg("o3", entry("x", flagUp, v, 1, 1, 0))); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "origins") {
+	if _, err := small.Merge(entriesMsg("o3", entry("x", flagUp, v, 1, 1, 0)), testKeys); !errors.Is(err, ErrBadLinkState) || !strings.Contains(err.Error(), "origins") {
 		t.Errorf("third origin over a bound of 2: %v", err)
 	}
 	if counterValue(t, reg2, "weft_linkstate_rejected_total", "too_many_origins") != 1 || counterValue(t, reg, "weft_linkstate_rejected_total", "too_many_links") != 1 {
 		t.Error("bound rejections not counted")
 	}
 	// Malformed digests.
-	for _, d := range [][]byte{nil, {2, 2}, {2, 2, 1, 'a', 1, 1, 'b', 0, 1}, {2, 2, 1, 'a', 1, 1, 'b', 9, 1, 0, 0, 0, 0, 0, 0, 0, 0}} {
+	for _, d := range [][]byte{nil, {linkStateVersion, 2}, {linkStateVersion, 2, 1, 'a', 1, 1, 'b', 0, 1}, {linkStateVersion, 2, 1, 'a', 1, 1, 'b', 9, 1, 0, 0, 0, 0, 0, 0, 0, 0}} {
 		if _, _, err := tab.Missing(d); !errors.Is(err, ErrBadLinkState) {
 			t.Errorf("digest %x: %v", d, err)
 		}
@@ -530,12 +575,12 @@ func FuzzLinkState(f *testing.F) {
 	f.Add(d2[0])
 	f.Add(src.Digest("a"))
 	f.Add(entriesMsg("a", entry("b", flagUp, 1, 1, 1, 0)))
-	f.Add([]byte{2, 2, 1, 'x', 0})
+	f.Add([]byte{linkStateVersion, 2, 1, 'x', 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		tab := newTable(t, LinkTableConfig{Now: clock})
 		mergeAll(t, tab, d)
 		before := fmt.Sprint(tab.Graph(), tab.Digest("x"))
-		changes, err := tab.Merge(b)
+		changes, err := tab.Merge(b, testKeys)
 		if err != nil {
 			if !errors.Is(err, ErrBadLinkState) {
 				t.Fatalf("error %v does not wrap ErrBadLinkState", err)
@@ -555,7 +600,7 @@ func FuzzLinkState(f *testing.F) {
 		}
 		again := newTable(t, LinkTableConfig{Now: clock})
 		for _, m := range msgs {
-			if _, err := again.Merge(m); err != nil {
+			if _, err := again.Merge(m, testKeys); err != nil {
 				t.Fatalf("own encoding rejected: %v", err)
 			}
 		}
@@ -576,7 +621,7 @@ func TestLinkStateOverMesh(t *testing.T) {
 	meshes := startChain(t, 3, "ls", nil)
 	for i, m := range meshes {
 		tabs[i] = newTable(t, LinkTableConfig{Now: time.Now})
-		ch := &LinkStateChannel{Table: tabs[i], Self: m.cfg.Name, Sender: m, OnChange: func(cs []LinkChange) {
+		ch := &LinkStateChannel{Table: tabs[i], Self: m.cfg.Name, Keys: m.PublicKey, Sender: m, OnChange: func(cs []LinkChange) {
 			mu.Lock()
 			defer mu.Unlock()
 			changed[m.cfg.Name] += len(cs)

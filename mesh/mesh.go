@@ -1,7 +1,9 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
+	"crypto/ed25519"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -12,6 +14,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // Mesh is this peer's membership in the mesh. Create it with New; all
@@ -27,6 +31,7 @@ type Mesh struct {
 	wake    chan struct{}                         // cap 1: pokes the join loop
 	seen    seen                                  // ids of recent channel messages
 	nodes   atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
+	pins    *keyPins                              // public keys pinned to names; own leaf lock
 
 	lifeMu   sync.Mutex // serializes Start, Leave and Close; guards following
 	started  bool
@@ -87,13 +92,24 @@ func New(cfg Config) (*Mesh, error) {
 	if !md.Underlay.IsValid() {
 		md.Underlay = cfg.AdvertiseAddr
 	}
+	md.PublicKey = cfg.Identity.Public()
 	enc, err := md.Encode()
 	if err != nil {
 		return nil, fmt.Errorf("mesh: local metadata: %w", err)
 	}
 	cfg.Metadata = md
+	pins, err := loadKeyPins(cfg.PinsPath)
+	if err != nil {
+		return nil, err
+	}
+	// Our own name is pinned to our key, so that nobody else takes it.
+	if err := pins.check(cfg.Name, md.PublicKey); err != nil {
+		return nil, fmt.Errorf("%w: this peer's identity does not match the key pinned for its own name (%v); "+
+			"was %s replaced? remove the pins file %s to start over", ErrInvalidConfig, err, identity.FileName, cfg.PinsPath)
+	}
 
 	m := &Mesh{
+		pins:      pins,
 		cfg:       cfg,
 		log:       cfg.Logger,
 		wake:      make(chan struct{}, 1),
@@ -280,6 +296,44 @@ func (m *Mesh) Peer(name string) (Peer, bool) {
 	return p.clone(), true
 }
 
+// PublicKey returns the identity key of a peer this one knows (itself, or
+// a member not yet pruned: alive, suspect, or dead or left within
+// Config.DeadPeerRetention); false for any other name, so that entries of
+// origins that are not members cannot be verified and are refused. The key
+// is the one in the member's metadata, which equals the key pinned for the
+// name (NotifyAlive refuses metadata with another). It has the shape of
+// identity.KeyLookup. O(1).
+func (m *Mesh) PublicKey(name string) (ed25519.PublicKey, bool) {
+	if name == m.cfg.Name {
+		return m.cfg.Metadata.PublicKey, true
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p, ok := m.peers[name]
+	if !ok || p.Meta.PublicKey == nil {
+		return nil, false
+	}
+	return p.Meta.PublicKey, true
+}
+
+// Unpin forgets the public key pinned for a peer name, so that a host that
+// was reinstalled (new identity, same name) is accepted again; `weft
+// rmpeer` calls it. Our own name cannot be unpinned. The change is written
+// at once.
+func (m *Mesh) Unpin(name string) error {
+	if name == m.cfg.Name {
+		return fmt.Errorf("%w: cannot unpin this peer's own name %q", ErrInvalidConfig, name)
+	}
+	if m.pins.drop(name) {
+		m.log.Info("mesh: key pin cleared", "peer", name)
+	}
+	return m.pins.flush()
+}
+
+// Sign signs msg in domain with this peer's identity (for the packages
+// that publish what this peer owns: link state, DNS records, usage).
+func (m *Mesh) Sign(domain string, msg []byte) []byte { return m.cfg.Identity.Sign(domain, msg) }
+
 // localMeta returns a copy of the local metadata; safe under memberlist's node lock.
 func (m *Mesh) localMeta() Metadata {
 	m.metaMu.Lock()
@@ -299,6 +353,10 @@ func (m *Mesh) UpdateMetadata(fn func(*Metadata)) error {
 	if md.Name != m.cfg.Name {
 		m.metaMu.Unlock()
 		return fmt.Errorf("%w: name %q cannot change to %q", ErrBadMetadata, m.cfg.Name, md.Name)
+	}
+	if !bytes.Equal(md.PublicKey, m.meta.PublicKey) {
+		m.metaMu.Unlock()
+		return fmt.Errorf("%w: the public key is the peer's identity and cannot change", ErrBadMetadata)
 	}
 	enc, err := md.Encode()
 	if err != nil {
@@ -429,6 +487,9 @@ func (m *Mesh) Close() error {
 		}
 	}
 	m.wg.Wait()
+	if err := m.pins.flush(); err != nil {
+		m.log.Error("mesh: key pins not saved", "err", err)
+	}
 	m.mu.Lock()
 	m.shut = true
 	for s := range m.subs {

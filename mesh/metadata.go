@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"bytes"
+	"crypto/ed25519"
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -59,6 +60,11 @@ type Metadata struct {
 	// (lower-case [a-z0-9._-], at most 32 bytes); peers of different clusters
 	// refuse to merge.
 	ClusterID string
+	// PublicKey is the peer's ed25519 identity (mesh/identity): receivers
+	// verify what the peer signs (link state, coordinates, DNS records,
+	// usage) against it. Pinned on first sight (see keypins.go). nil: none
+	// (the mesh refuses such peers; Mesh.New fills in its own).
+	PublicKey ed25519.PublicKey
 }
 
 // Field tags of the encoding. Tags 1–63 are defined by this version;
@@ -75,6 +81,7 @@ const (
 	tagClusterID  = 9
 	tagEncrypt    = 10 // one byte, 1; absent means false
 	tagTrusted    = 11 // repeated: address (4 or 16 bytes) then prefix length
+	tagPublicKey  = 12 // 32 bytes, ed25519
 )
 
 const maxTrustedSubnets = 16
@@ -90,6 +97,9 @@ func (md Metadata) Clone() Metadata {
 	md.TrustedSubnets = slices.Clone(md.TrustedSubnets)
 	if md.VTEPMAC != nil {
 		md.VTEPMAC = slices.Clone(md.VTEPMAC)
+	}
+	if md.PublicKey != nil {
+		md.PublicKey = slices.Clone(md.PublicKey)
 	}
 	return md
 }
@@ -137,6 +147,9 @@ func (md *Metadata) Validate() error {
 		if err := validToken(md.ClusterID, maxCapabilityLen); err != nil {
 			return bad("cluster ID: %v", err)
 		}
+	}
+	if md.PublicKey != nil && len(md.PublicKey) != ed25519.PublicKeySize {
+		return bad("public key: %d bytes, need %d", len(md.PublicKey), ed25519.PublicKeySize)
 	}
 	if len(md.Version) > maxVersionLen {
 		return bad("version: %d bytes, at most %d", len(md.Version), maxVersionLen)
@@ -194,6 +207,9 @@ func (md *Metadata) Encode() ([]byte, error) {
 	}
 	for _, p := range md.TrustedSubnets {
 		field(tagTrusted, append(addrBytes(p.Addr()), byte(p.Bits())))
+	}
+	if md.PublicKey != nil {
+		field(tagPublicKey, md.PublicKey)
 	}
 	if len(b) > MaxMetadataSize {
 		return nil, fmt.Errorf("%w: encoded size %d exceeds %d bytes", ErrBadMetadata, len(b), MaxMetadataSize)
@@ -292,6 +308,11 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 				return bad("trusted subnet %v/%d: bad prefix length", a, v[len(v)-1])
 			}
 			md.TrustedSubnets = append(md.TrustedSubnets, p)
+		case tagPublicKey:
+			if len(v) != ed25519.PublicKeySize {
+				return bad("public key: %d bytes, need %d", len(v), ed25519.PublicKeySize)
+			}
+			md.PublicKey = ed25519.PublicKey(bytes.Clone(v))
 		case tagClusterID:
 			if len(v) == 0 {
 				return bad("empty cluster ID field")

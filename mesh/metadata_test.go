@@ -24,6 +24,7 @@ func fullMetadata() Metadata {
 		Encrypt:        true,
 		TrustedSubnets: []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("2001:db8::/32")},
 		Version:        "0.1.0-dev+abc",
+		PublicKey:      testIdentity("host-1").Public(),
 	}
 }
 
@@ -72,6 +73,7 @@ func TestMetadataEncodeRejects(t *testing.T) {
 		"raft port 0":      func(md *Metadata) { md.RaftAddr = netip.MustParseAddrPort("10.0.0.1:0") },
 		"version space":    func(md *Metadata) { md.Version = "1 0" },
 		"long version":     func(md *Metadata) { md.Version = strings.Repeat("v", 65) },
+		"short public key": func(md *Metadata) { md.PublicKey = md.PublicKey[:31] },
 	} {
 		md := fullMetadata()
 		edit(&md)
@@ -102,6 +104,8 @@ func TestDecodeMetadataRejects(t *testing.T) {
 		"empty version": {1, tagName, 1, 'a', tagUnderlay, 4, 10, 0, 0, 1, tagVersion, 0},
 		"bad name":      {1, tagName, 2, 'a', ' ', tagUnderlay, 4, 10, 0, 0, 1},
 		"too long":      append(bytes.Clone(good), make([]byte, MaxMetadataSize)...),
+		"short key":     {1, tagName, 1, 'a', tagUnderlay, 4, 10, 0, 0, 1, tagPublicKey, 2, 1, 2},
+		"dup key":       append(bytes.Clone(good), append([]byte{tagPublicKey, 32}, make([]byte, 32)...)...),
 	} {
 		if md, err := DecodeMetadata(b); !errors.Is(err, ErrBadMetadata) {
 			t.Errorf("%s: DecodeMetadata = %+v, %v; want ErrBadMetadata", name, md, err)

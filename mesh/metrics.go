@@ -26,6 +26,7 @@ type metrics struct {
 	metadataRejected  prometheus.Counter     //
 	coordUpdates      prometheus.Counter     //
 	coordRejected     *prometheus.CounterVec // reason
+	keyRejected       *prometheus.CounterVec // reason
 }
 
 // Join failure reasons (label values of weft_mesh_join_failures_total).
@@ -88,7 +89,11 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	})
 	m.coordRejected = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "weft_mesh_coordinate_rejected_total",
-		Help: "Coordinates in probe acks refused, by reason (empty, decode, dimensions, value, rtt, peer, update).",
+		Help: "Coordinates in probe acks refused, by reason (empty, decode, dimensions, value, rtt, peer, update, unknown_key, signature, stale).",
+	}, []string{"reason"})
+	m.keyRejected = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "weft_mesh_identity_rejected_total",
+		Help: "Alive messages refused for their identity key, by reason (no_key, mismatch: another key than the one pinned for the name).",
 	}, []string{"reason"})
 	queue := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "weft_mesh_broadcast_queue_messages",
@@ -97,7 +102,7 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	m.collectors = []prometheus.Collector{
 		m.members, m.joinAttempts, m.joinFailures, m.events, m.eventsDropped,
 		m.messagesReceived, m.messagesRejected, m.broadcasts, m.broadcastsDropped,
-		m.metadataRejected, m.coordUpdates, m.coordRejected, queue,
+		m.metadataRejected, m.coordUpdates, m.coordRejected, m.keyRejected, queue,
 	}
 	for _, s := range []State{StateAlive, StateSuspect, StateDead, StateLeft} {
 		m.members.WithLabelValues(s.String()).Set(0)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // reconcileInterval is how often the membership loop runs without a mesh event.
@@ -48,6 +49,14 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 		cfg.Metadata.WireGuardKey = p.links.wg.PublicKey()
 	}
 	cfg.AcceptPeer = acceptPeer
+	// The peer's ed25519 identity signs what it owns in gossip; the key first seen for
+	// each name is pinned in the data dir (cleared by `weft rmpeer`).
+	id, err := identity.LoadOrCreate(p.cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	cfg.Identity = id
+	cfg.PinsPath = filepath.Join(p.cfg.DataDir, "keypins.json")
 	// The members this peer knew, so that it rejoins them after a restart without seeds.
 	cfg.SnapshotPath = filepath.Join(p.cfg.DataDir, "members.json")
 	m, err := mesh.New(cfg)

@@ -20,6 +20,7 @@ import (
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/identity"
 	"github.com/weftnet/weft/mesh/pathsel"
 )
 
@@ -115,8 +116,12 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if err != nil {
 		return err
 	}
+	id, err := identity.LoadOrCreate(p.cfg.DataDir) // the same key the mesh announces (startMesh)
+	if err != nil {
+		return err
+	}
 	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg,
-		RTTMinChange: linkStateMinChange, MinInterval: linkStateMinInterval})
+		RTTMinChange: linkStateMinChange, MinInterval: linkStateMinInterval, Signer: id})
 	if err != nil {
 		return err
 	}
@@ -159,7 +164,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 // linkStateChannel is the link-state gossip handler to register on m: it feeds every
 // link that changed into path selection.
 func (p *Peer) linkStateChannel(m *mesh.Mesh) *mesh.LinkStateChannel {
-	return &mesh.LinkStateChannel{Table: p.paths.table, Self: p.cfg.Name, Sender: m, Logger: p.log,
+	return &mesh.LinkStateChannel{Table: p.paths.table, Self: p.cfg.Name, Keys: m.PublicKey, Sender: m, Logger: p.log,
 		OnChange: func(changes []mesh.LinkChange) { p.paths.feed(p.log, changes) }}
 }
 

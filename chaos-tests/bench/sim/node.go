@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/identity"
 	"github.com/weftnet/weft/mesh/pathsel"
 )
 
@@ -94,10 +95,11 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 			n = nil
 		}
 	}()
+	id := identity.Generate() // as the router's identity.LoadOrCreate, in memory
 	if !cfg.MembershipOnly {
 		// As router/paths.go startPaths: RTT moves under 0.5 ms are not republished, and
 		// moved figures at most every 10 s.
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond, MinInterval: 10 * time.Second}); err != nil {
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond, MinInterval: 10 * time.Second, Signer: id}); err != nil {
 			return n, err
 		}
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
@@ -123,6 +125,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	mc.BindPort = cfg.MeshPort
 	mc.AdvertiseAddr = cfg.Addr
 	mc.Seeds = cfg.Seeds
+	mc.Identity = id
 	mc.WrapTransport = wrapTransport(cfg.Traffic)
 	// Metadata shaped like a real peer's (--encrypt=never: no WireGuard key),
 	// so alive messages have their real size.
@@ -141,7 +144,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		return n, err
 	}
 	if n.table != nil {
-		ch := &mesh.LinkStateChannel{Table: n.table, Self: cfg.Name, Sender: n.mesh, OnChange: n.feed}
+		ch := &mesh.LinkStateChannel{Table: n.table, Self: cfg.Name, Keys: n.mesh.PublicKey, Sender: n.mesh, OnChange: n.feed}
 		if err = n.mesh.RegisterChannel(mesh.LinkStateChannelName, ch); err != nil {
 			return n, err
 		}
