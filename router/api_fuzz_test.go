@@ -56,6 +56,7 @@ func startFuzzPeer(dir string) (*testPeer, func() error, error) {
 	cfg.AdvertiseAddr = netip.MustParseAddr("127.0.0.1")
 	cfg.MeshPort, cfg.RaftPort = 0, 0
 	cfg.Logger = slog.New(slog.DiscardHandler)
+	cfg.ClusterKey, cfg.Encrypt = bytes.Repeat([]byte{1}, ClusterKeySize), "never"
 	p, err := New(cfg)
 	if err != nil {
 		return nil, nil, err

@@ -2,6 +2,7 @@ package router
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"net"
@@ -26,7 +27,7 @@ const dnsChannel = "dns"
 // startDNS builds the record store, re-registers this peer's attachments (before any remote
 // state is merged, so an old tombstone of ours cannot win), and starts the server.
 func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
-	records, err := dns.NewRecords(p.cfg.Name, nil)
+	records, err := dns.NewSignedRecords(dns.RecordsConfig{Self: p.cfg.Name, Signer: p.identity, Keys: p.originKey})
 	if err != nil {
 		return err
 	}
@@ -72,6 +73,16 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 	}()
 	*stops = append(*stops, func() { cancel(); <-done })
 	return nil
+}
+
+// originKey is the public key a peer announced in gossip (pinned by the mesh); unknown until
+// the mesh runs, so entries that arrive earlier are refused and come back through push/pull.
+func (p *Peer) originKey(origin string) (ed25519.PublicKey, bool) {
+	m := p.coords.mesh.Load()
+	if m == nil {
+		return nil, false
+	}
+	return m.PublicKey(origin)
 }
 
 // registerName publishes name → addr (and its services). A name DNS cannot carry (a long

@@ -13,7 +13,6 @@ import (
 
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
-	"github.com/weftnet/weft/mesh/identity"
 )
 
 // reconcileInterval is how often the membership loop runs without a mesh event.
@@ -51,11 +50,7 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	cfg.AcceptPeer = acceptPeer
 	// The peer's ed25519 identity signs what it owns in gossip; the key first seen for
 	// each name is pinned in the data dir (cleared by `weft rmpeer`).
-	id, err := identity.LoadOrCreate(p.cfg.DataDir)
-	if err != nil {
-		return nil, err
-	}
-	cfg.Identity = id
+	cfg.Identity = p.identity
 	cfg.PinsPath = filepath.Join(p.cfg.DataDir, "keypins.json")
 	// The members this peer knew, so that it rejoins them after a restart without seeds.
 	cfg.SnapshotPath = filepath.Join(p.cfg.DataDir, "members.json")

@@ -20,7 +20,6 @@ import (
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/mesh"
-	"github.com/weftnet/weft/mesh/identity"
 	"github.com/weftnet/weft/mesh/pathsel"
 )
 
@@ -116,12 +115,8 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if err != nil {
 		return err
 	}
-	id, err := identity.LoadOrCreate(p.cfg.DataDir) // the same key the mesh announces (startMesh)
-	if err != nil {
-		return err
-	}
 	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg,
-		RTTMinChange: linkStateMinChange, MinInterval: linkStateMinInterval, Signer: id})
+		RTTMinChange: linkStateMinChange, MinInterval: linkStateMinInterval, Signer: p.identity})
 	if err != nil {
 		return err
 	}

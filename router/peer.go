@@ -24,6 +24,7 @@ import (
 	"github.com/weftnet/weft/dns"
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // Peer is one weft peer: the daemon that owns this host's part of the mesh.
@@ -41,6 +42,7 @@ type Peer struct {
 	cluster   *ipam.Cluster
 	mesh      *mesh.Mesh
 	usage     *ipam.UsageTable
+	identity  *identity.Identity // signs what this peer owns in gossip: links, coordinates, names, usage
 	links     *links
 	paths     *paths
 	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
@@ -69,7 +71,6 @@ func New(cfg Config) (*Peer, error) {
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
-		usage:   ipam.NewUsageTable(ipam.UsageConfig{Logger: cfg.Logger.With("component", "ipam"), Registerer: reg}),
 	}, nil
 }
 
@@ -103,6 +104,13 @@ func (p *Peer) Run(ctx context.Context) error {
 	}
 	p.db = db
 	stops = append(stops, func() { db.Close() })
+	// One identity for everything this peer signs; its public key goes out in the mesh
+	// metadata, and the mesh pins every other peer's key (see originKey).
+	if p.identity, err = identity.LoadOrCreate(p.cfg.DataDir); err != nil {
+		return err
+	}
+	p.usage = ipam.NewUsageTable(ipam.UsageConfig{Logger: p.log.With("component", "ipam"), Registerer: p.reg,
+		Signer: p.identity, Keys: p.originKey})
 
 	advertise := p.cfg.AdvertiseAddr
 	if !advertise.IsValid() {

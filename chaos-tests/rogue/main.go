@@ -18,6 +18,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
@@ -41,6 +42,7 @@ import (
 	"github.com/weftnet/weft/dns"
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // Ports of an honest peer (weft's defaults, which the lab keeps).
@@ -432,6 +434,7 @@ func forgeGossip(ctx context.Context, cfg config) {
 		recs  *dns.Records
 	}
 	var forged []forgedDNS
+	self := identity.Generate() // the rogue's own identity, announced in its metadata
 	for _, c := range []struct {
 		label string
 		now   func() time.Time
@@ -439,7 +442,10 @@ func forgeGossip(ctx context.Context, cfg config) {
 		if cfg.victim == "" {
 			break
 		}
-		recs, err := dns.NewRecords(cfg.victim, c.now)
+		// Signed, but with the rogue's own identity: the victim's key is pinned on every
+		// honest peer, so these must fail verification there.
+		recs, err := dns.NewSignedRecords(dns.RecordsConfig{Self: cfg.victim, Now: c.now, Signer: self,
+			Keys: func(string) (ed25519.PublicKey, bool) { return self.Public(), true }})
 		if err != nil {
 			report("forge-dns", "err", err)
 			return
@@ -458,6 +464,7 @@ func forgeGossip(ctx context.Context, cfg config) {
 	mcfg.BindAddr = cfg.addr
 	mcfg.Password = cfg.password
 	mcfg.Logger = logger
+	mcfg.Identity = self
 	mcfg.Metadata = mesh.Metadata{Name: cfg.name, Underlay: cfg.addr, Version: "rogue"}
 	for _, p := range cfg.peers {
 		mcfg.Seeds = append(mcfg.Seeds, p.String())
@@ -489,7 +496,7 @@ func forgeGossip(ctx context.Context, cfg config) {
 	// Link state: the victim's links to every other honest peer, down.
 	tables := map[string]*mesh.LinkTable{}
 	for label, now := range map[string]func() time.Time{"huge": huge, "ahead": ahead} {
-		t, err := mesh.NewLinkTable(mesh.LinkTableConfig{Now: now, Logger: logger})
+		t, err := mesh.NewLinkTable(mesh.LinkTableConfig{Now: now, Logger: logger, Signer: self})
 		if err != nil {
 			report("forge-linkstate", "err", err)
 			return
