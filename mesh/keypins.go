@@ -116,6 +116,17 @@ func (k *keyPins) get(name string) (ed25519.PublicKey, bool) {
 	return key, ok
 }
 
+// names lists the pinned names. O(pins).
+func (k *keyPins) names() []string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	out := make([]string, 0, len(k.pins))
+	for n := range k.pins {
+		out = append(out, n)
+	}
+	return out
+}
+
 // drop clears name's pin; false when there was none.
 func (k *keyPins) drop(name string) bool {
 	k.mu.Lock()

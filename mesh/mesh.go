@@ -330,6 +330,9 @@ func (m *Mesh) Unpin(name string) error {
 	return m.pins.flush()
 }
 
+// Pinned lists the peer names whose public keys are pinned. O(pins).
+func (m *Mesh) Pinned() []string { return m.pins.names() }
+
 // Sign signs msg in domain with this peer's identity (for the packages
 // that publish what this peer owns: link state, DNS records, usage).
 func (m *Mesh) Sign(domain string, msg []byte) []byte { return m.cfg.Identity.Sign(domain, msg) }

@@ -169,7 +169,44 @@ func (p *Peer) runMembership(ctx context.Context) {
 		}
 		p.usage.Prune(func(name string) bool { return known[name] })
 		p.publishUsage()
+		p.unpinRemoved(peers)
 	}
+}
+
+// unpinRemoved clears, on every peer, the key pins of peers that are down and own no block
+// — after `weft rmpeer` released them, or a client that never held one — so that a
+// reinstalled host (new identity, same name) is accepted again without touching each
+// peer. While such a peer is down a member could take its name with another key; it gets
+// the peer's name, not its blocks, names or links (those need the old key or the Raft log).
+func (p *Peer) unpinRemoved(peers []mesh.Peer) {
+	owners := map[string]bool{}
+	for _, row := range p.cluster.Status().Blocks {
+		owners[row.Owner] = true
+	}
+	for _, name := range unpinnable(p.mesh.Pinned(), p.cfg.Name, peers, owners) {
+		if err := p.mesh.Unpin(name); err != nil {
+			p.log.Warn("could not clear a key pin; will retry", "peer", name, "err", err)
+		}
+	}
+}
+
+// unpinnable picks the pinned names that are neither this peer, nor up in the mesh, nor
+// owners of a block. O(pins + peers).
+func unpinnable(pinned []string, self string, peers []mesh.Peer, owners map[string]bool) []string {
+	up := make(map[string]bool, len(peers))
+	for _, pr := range peers {
+		if pr.Up() {
+			up[pr.Name] = true
+		}
+	}
+	var out []string
+	for _, name := range pinned {
+		if name != self && !up[name] && !owners[name] {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // broadcastTable gossips the block-table changes this peer (as leader) has not sent yet.

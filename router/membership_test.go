@@ -3,6 +3,7 @@ package router
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -97,5 +98,24 @@ func TestJoinSyncsOnlyWhenRecordsWereRefused(t *testing.T) {
 	join("back") // nothing refused since
 	if len(synced) != 1 {
 		t.Fatalf("synced again: %v", synced)
+	}
+}
+
+// After `weft rmpeer`, a down peer owns no block: every peer drops its key pin, so the
+// host can come back reinstalled. A peer that is up, owns blocks, or is this peer keeps it.
+func TestUnpinnableKeepsLiveOwnersAndSelf(t *testing.T) {
+	peers := []mesh.Peer{
+		{Name: "self", State: mesh.StateAlive},
+		{Name: "up", State: mesh.StateAlive},
+		{Name: "suspect", State: mesh.StateSuspect},
+		{Name: "dead-owner", State: mesh.StateDead},
+		{Name: "removed", State: mesh.StateDead},
+		{Name: "left", State: mesh.StateLeft},
+	}
+	pinned := []string{"self", "up", "suspect", "dead-owner", "removed", "left", "reaped"}
+	got := unpinnable(pinned, "self", peers, map[string]bool{"dead-owner": true, "up": true})
+	want := []string{"left", "reaped", "removed"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("unpinnable = %v, want %v", got, want)
 	}
 }
