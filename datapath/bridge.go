@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 )
@@ -119,7 +120,9 @@ func DeleteLink(name string) error {
 	if err != nil {
 		return fmt.Errorf("look up %s: %w", name, err)
 	}
-	if err := netlink.LinkDel(link); err != nil && !errors.Is(err, os.ErrNotExist) {
+	// The link can vanish between the lookup and the delete (a veth goes with its peer when
+	// the container's netns is removed): ENODEV then means done.
+	if err := netlink.LinkDel(link); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENODEV) {
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	return nil
