@@ -40,6 +40,13 @@ const unknownGrace = 10 * time.Second
 // both are on (see startPaths).
 const underlayProbeSlowdown = 5
 
+// idleProbeSlowdown: a quiet, healthy link (settled, up, no recent loss, not a relay or a
+// relayed destination) is probed this many times slower than --probe-interval. Probe packets
+// were most of an idle peer's CPU. A single loss brings the link back to the full rate, so a
+// broken idle link is down after at most 4×1.2 + 1 (timeout) + 2 (two more losses) ≈ 8 s
+// with the defaults, against ≈ 4 s for an active one (mesh.ProberConfig.IdleInterval).
+const idleProbeSlowdown = 4
+
 // linkStateMinChange: an RTT or jitter moving by less than this is not republished. Path
 // choice switches only on gains of 20% and 1 ms, so smaller moves would be gossip to all for
 // nothing (they are still measured and shown locally).
@@ -69,7 +76,8 @@ type paths struct {
 	added    map[string]time.Time        // when each target was first probed
 	dests    map[string]pathsel.Dest     // destinations as last given to sel
 	own      map[string]mesh.LinkMetrics // this peer's links as last given to sel
-	live     map[string]struct{}         // live peers as of the last tick
+	live     map[string]struct{}         // live peers as of the last updatePeers
+	enc      map[string]bool             // live peers whose direct link is encrypted
 
 	mu      sync.Mutex // guards following
 	choices map[string]pathsel.Choice
@@ -122,7 +130,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	}
 	pt := &paths{
 		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
-		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
+		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, enc: map[string]bool{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
 		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
 		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
@@ -143,11 +151,11 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if p.cfg.LinkProbePort != 0 {
 		underlayEvery *= underlayProbeSlowdown
 	}
-	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, "--probe-port", stops); err != nil {
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, idleProbeSlowdown*underlayEvery, "--probe-port", stops); err != nil {
 		return err
 	}
 	if p.cfg.LinkProbePort != 0 {
-		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, p.cfg.ProbeInterval, "--link-probe-port", stops); err != nil {
+		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, p.cfg.ProbeInterval, idleProbeSlowdown*p.cfg.ProbeInterval, "--link-probe-port", stops); err != nil {
 			return err
 		}
 	}
@@ -207,8 +215,9 @@ func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
 // probeTargets returns the peers to probe, by underlay address: a bounded set (--probe-targets
 // nearest by coordinates and some random ones, mesh.ChooseProbeTargets) plus every peer this
 // one relays through and every destination it relays (so a healed direct link is seen), so
-// probe traffic per peer does not grow with N. O(N log k).
-func (p *Peer) probeTargets(peers []mesh.Peer) map[string]netip.Addr {
+// probe traffic per peer does not grow with N. It also returns those relays and relayed
+// destinations: they are probed at the full rate even when quiet. O(N log k).
+func (p *Peer) probeTargets(peers []mesh.Peer) (map[string]netip.Addr, []string) {
 	pt := p.paths
 	under := make(map[string]netip.Addr, len(peers))
 	live := make([]string, 0, len(peers))
@@ -234,7 +243,7 @@ func (p *Peer) probeTargets(peers []mesh.Peer) map[string]netip.Addr {
 			targets[name] = a
 		}
 	}
-	return targets
+	return targets, must
 }
 
 // coordEstimator estimates RTTs from the mesh's Vivaldi coordinates. Path selection is built
@@ -265,13 +274,13 @@ func isLiveRemote(pr mesh.Peer) bool {
 }
 
 // startProber binds one probe socket on the underlay address and runs a prober on it.
-func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, every time.Duration, flag string, stops *[]func()) (*mesh.Prober, error) {
+func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, every, idleEvery time.Duration, flag string, stops *[]func()) (*mesh.Prober, error) {
 	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(advertise, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s %d: %w", flag, port, err)
 	}
 	prober, err := mesh.NewProber(mesh.ProberConfig{
-		Self: p.cfg.Name, Conn: conn, Interval: every, Timeout: p.cfg.probeTimeout(),
+		Self: p.cfg.Name, Conn: conn, Interval: every, IdleInterval: idleEvery, Timeout: p.cfg.probeTimeout(),
 		Key: probeKey(p.cfg.Password), Logger: p.log.With("component", "probe", "port", port),
 	})
 	if err != nil {
@@ -288,13 +297,13 @@ func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, 
 	return prober, nil
 }
 
-// updatePaths probes the probe targets, publishes this peer's links when they moved, feeds
-// every change into path selection and re-evaluates only the destinations it affected. It
-// returns, for each destination that goes through a relay, the relay's name. O(N) map
-// upkeep per call plus O(changed × D) path search.
-func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
+// updatePeers is the membership half of path upkeep, run by the datapath loop only when the
+// membership or the relays changed (and at every resync): it chooses the probe targets —
+// relays and relayed destinations probed at the full rate even when quiet — and the
+// destinations of path selection. O(N log k) for N peers and k probe targets.
+func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 	pt := p.paths
-	targets := p.probeTargets(peers)
+	targets, must := p.probeTargets(peers)
 	if !maps.Equal(targets, pt.targets) {
 		if err := pt.underlay.SetTargets(withPort(targets, p.cfg.ProbePort)); err != nil {
 			p.log.Warn("probe targets", "err", err)
@@ -321,6 +330,10 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 		pt.targets = targets
 	}
+	pt.underlay.SetActive(must)
+	if pt.link != nil {
+		pt.link.SetActive(must)
+	}
 	// Destinations: every live peer, encrypted when its direct link runs over WireGuard (a
 	// pair that must be encrypted is relayed only along encrypted links, every hop included).
 	live := make(map[string]struct{}, len(peers))
@@ -333,19 +346,10 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		live[pr.Name] = struct{}{}
 		enc := chooseLink(p.links.pol, pr.Meta).Mode == datapath.ModeWireGuard
 		encrypted[pr.Name] = enc
-		d := pathsel.Dest{Encrypted: enc}
-		// A link not measured yet is unknown, not broken: until its probes have settled
-		// (three answers in a row: the tunnel and probe routes are built at both ends) or
-		// unknownGrace has passed (then silence does mean down), traffic takes the direct
-		// link rather than a relay chosen on set-up losses.
-		if added, probed := pt.added[pr.Name]; probed && now.Sub(added) < unknownGrace {
-			if st, ok := pt.measured().Stats(pr.Name); !ok || !st.Settled {
-				d.Pending = true
-			}
-		}
-		dests[pr.Name] = d
+		dests[pr.Name] = pathsel.Dest{Encrypted: enc, Pending: pt.pending(pr.Name, now)}
 	}
-	// A peer gone from the mesh: forget its links (ours to it go by the publication below).
+	pt.enc = encrypted
+	// A peer gone from the mesh: forget its links (ours to it go by the next publication).
 	for name := range pt.live {
 		if _, ok := live[name]; !ok {
 			pt.feed(p.log, pt.table.Remove(name))
@@ -358,16 +362,63 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 	}
 	pt.live = live
+	if !maps.Equal(dests, pt.dests) {
+		pt.sel.SetDestinations(dests)
+		pt.dests = dests
+	}
+}
+
+// pending says whether a destination's direct link is still unknown rather than broken: a
+// link not measured yet is unknown until its probes have settled (three answers in a row:
+// the tunnel and probe routes are built at both ends) or unknownGrace has passed (then
+// silence does mean down); meanwhile traffic takes the direct link rather than a relay
+// chosen on set-up losses. O(1).
+func (pt *paths) pending(name string, now time.Time) bool {
+	added, probed := pt.added[name]
+	if !probed || now.Sub(added) >= unknownGrace {
+		return false
+	}
+	st, ok := pt.measured().Stats(name)
+	return !ok || !st.Settled
+}
+
+// updateLinks is the measuring half of path upkeep, run every datapath tick: it publishes
+// this peer's links when they moved, feeds every change into path selection and
+// re-evaluates only the destinations it affected. It returns, for each destination that
+// goes through a relay, the relay's name, and whether that map changed since the last call.
+// O(k) for k probe targets plus O(changed × D) path search; nothing in it grows with N
+// except a copy of the destinations when a new target settles (O(N), rare).
+func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
+	pt := p.paths
+	// Targets still in their grace: their pending flag ends when they settle or it expires.
+	var dests map[string]pathsel.Dest
+	for name := range pt.added {
+		d, ok := pt.dests[name]
+		if !ok || !d.Pending {
+			continue
+		}
+		if !pt.pending(name, now) {
+			if dests == nil {
+				dests = maps.Clone(pt.dests) // the selector keeps the map it was given
+			}
+			d.Pending = false
+			dests[name] = d
+		}
+	}
+	if dests != nil {
+		pt.sel.SetDestinations(dests)
+		pt.dests = dests
+	}
 	measured := pt.measured().All()
 	// A link not settled yet is not advertised until unknownGrace says it is down: the
 	// other end takes each link as the worse of both directions, and "still being built"
 	// must not count there as "down" or "lossy".
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if _, ok := targets[name]; !ok || !st.Settled && now.Sub(pt.added[name]) < unknownGrace {
+		if _, ok := pt.targets[name]; !ok || !st.Settled && now.Sub(pt.added[name]) < unknownGrace {
 			continue
 		}
-		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: encrypted[name]}
+		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: pt.enc[name]}
 	}
 	msgs, _ := pt.table.PublishLinks(p.cfg.Name, links)
 	for _, msg := range msgs {
@@ -380,15 +431,15 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	if pt.link != nil {
 		pt.exportLinks("link", measured)
 	}
-	if !maps.Equal(dests, pt.dests) {
-		pt.sel.SetDestinations(dests)
-		pt.dests = dests
-	}
 	changed := pt.sel.Select(now)
 	pt.mu.Lock()
 	defer pt.mu.Unlock()
+	relaysChanged := false
 	for name := range pt.choices {
-		if _, ok := dests[name]; !ok {
+		if _, ok := pt.dests[name]; !ok {
+			if _, relayed := pt.relays[name]; relayed {
+				relaysChanged = true
+			}
 			delete(pt.choices, name)
 			delete(pt.relays, name)
 			pt.rtt.DeleteLabelValues(name)
@@ -402,10 +453,13 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	for name, c := range changed {
 		prev, had := pt.choices[name]
 		pt.choices[name] = c
+		was, relayed := pt.relays[name]
 		if len(c.Path) == 2 {
 			pt.relays[name] = c.Path[0]
+			relaysChanged = relaysChanged || !relayed || was != c.Path[0]
 		} else {
 			delete(pt.relays, name)
+			relaysChanged = relaysChanged || relayed
 		}
 		if !c.SLAOK && !c.Unmeasured && len(c.Path) > 0 && (!had || prev.SLAOK) {
 			pt.violations.WithLabelValues(name, pt.sla.Name).Inc()
@@ -430,7 +484,7 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	}
 	// Choices whose reason alone moved (a hold's progress) are refreshed for status only
 	// when asked: routes() reads the selector.
-	return maps.Clone(pt.relays)
+	return maps.Clone(pt.relays), relaysChanged
 }
 
 func (pt *paths) current(dest string) (pathsel.Choice, bool) {

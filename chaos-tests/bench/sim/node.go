@@ -3,9 +3,10 @@ package main
 // One simulated peer: how it builds its mesh, probers, link state and path
 // choice, fed to a recording fake datapath. This file is the only one that
 // knows weft's per-peer wiring; it mirrors router/membership.go startMesh
-// and runMembership (join events) and router/paths.go startPaths and
-// updatePaths, minus the kernel, Raft, DNS and metrics. Swap components
-// here when the router's wiring changes.
+// and runMembership (join events), router/paths.go startPaths, updatePeers
+// and updateLinks, and router/datapath.go runDatapath's event-driven loop,
+// minus the kernel, Raft, DNS and metrics. Swap components here when the
+// router's wiring changes.
 
 import (
 	"context"
@@ -24,6 +25,13 @@ import (
 // unknownGrace mirrors router/paths.go: how long a new probe target that has
 // not answered counts as unknown rather than down.
 const unknownGrace = 10 * time.Second
+
+// idleProbeSlowdown and resyncEvery mirror router/paths.go and router/datapath.go
+// (idleProbeSlowdown, reapplyEvery).
+const (
+	idleProbeSlowdown = 4
+	resyncEvery       = 30 * time.Second
+)
 
 // nodeConfig configures one simulated peer.
 type nodeConfig struct {
@@ -107,11 +115,11 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		if cfg.LinkProbePort != 0 {
 			underlayEvery *= 5
 		}
-		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, kindProbeUnderlay); err != nil {
+		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, idleProbeSlowdown*underlayEvery, kindProbeUnderlay); err != nil {
 			return n, err
 		}
 		if cfg.LinkProbePort != 0 {
-			if n.link, err = n.startProber(ctx, cfg.LinkProbePort, cfg.ProbeInterval, kindProbeLink); err != nil {
+			if n.link, err = n.startProber(ctx, cfg.LinkProbePort, cfg.ProbeInterval, idleProbeSlowdown*cfg.ProbeInterval, kindProbeLink); err != nil {
 				return n, err
 			}
 		}
@@ -157,17 +165,19 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		n.membershipLoop(ctx, events)
 	}()
 	if !cfg.MembershipOnly {
+		pathEvents, unsubscribe := n.mesh.Subscribe()
 		n.loops.Add(1)
 		go func() {
 			defer n.loops.Done()
-			n.pathLoop(ctx)
+			defer unsubscribe()
+			n.pathLoop(ctx, pathEvents)
 		}()
 	}
 	return n, nil
 }
 
 // startProber binds a probe socket on the peer's address, counted as kind.
-func (n *node) startProber(ctx context.Context, port int, every time.Duration, kind string) (*mesh.Prober, error) {
+func (n *node) startProber(ctx context.Context, port int, every, idleEvery time.Duration, kind string) (*mesh.Prober, error) {
 	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(n.cfg.Addr, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("probe socket: %w", err)
@@ -175,7 +185,7 @@ func (n *node) startProber(ctx context.Context, port int, every time.Duration, k
 	n.conns = append(n.conns, conn)
 	p, err := mesh.NewProber(mesh.ProberConfig{
 		Self: n.cfg.Name, Conn: &countingPacketConn{PacketConn: conn, c: n.cfg.Traffic, kind: kind},
-		Interval: every, Timeout: min(2*n.cfg.ProbeInterval, time.Second),
+		Interval: every, IdleInterval: idleEvery, Timeout: min(2*n.cfg.ProbeInterval, time.Second),
 	})
 	if err != nil {
 		return nil, err
@@ -210,29 +220,63 @@ func (n *node) membershipLoop(ctx context.Context, events <-chan mesh.Event) {
 	}
 }
 
-// pathLoop mirrors router runDatapath's tick: update paths, then hand the
-// desired routes to the (fake) datapath.
-func (n *node) pathLoop(ctx context.Context) {
+// pathLoop mirrors router runDatapath: the member list is read again and
+// the probe targets chosen again only after a mesh event, a relay change or
+// a resync; every tick measures (updateLinks); the desired routes are
+// handed to the (fake) datapath only when the relays changed, the member
+// list changed, or at a resync.
+func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 	tick := time.NewTicker(n.cfg.PathInterval)
 	defer tick.Stop()
+	var (
+		peers                    []mesh.Peer
+		peersDirty, targetsDirty = true, true
+		lastSet                  time.Time
+	)
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case _, ok := <-events:
+			if !ok {
+				events = nil
+			}
+			peersDirty = true
+			continue
 		case <-tick.C:
 		}
-		if !n.updatePaths(ctx, n.mesh.Peers(), time.Now()) {
+		now := time.Now()
+		resync := now.Sub(lastSet) >= resyncEvery
+		dirty := resync
+		if peersDirty || resync {
+			peers = n.mesh.Peers()
+			peersDirty, targetsDirty, dirty = false, true, true
+		}
+		if targetsDirty {
+			n.updatePeers(peers, now)
+			targetsDirty = false
+		}
+		relaysChanged, choicesChanged, ok := n.updateLinks(ctx, now)
+		if !ok {
 			return
+		}
+		if relaysChanged {
+			targetsDirty, dirty = true, true
+		}
+		// The router's datapath changes only with the relays; the recorder also counts
+		// destinations without a working path, so any changed choice is recorded.
+		dirty = dirty || choicesChanged
+		if dirty {
+			n.setRoutes()
+			lastSet = now
 		}
 	}
 }
 
-// updatePaths mirrors router/paths.go updatePaths with --encrypt=never (no
-// link is encrypted) and without the Prometheus gauges: bounded probe
-// targets, only changed link entries published, path choice re-evaluated
-// only where something changed. It returns false when ctx ended while
-// waiting for the path slot. O(N) map upkeep plus O(changed × D).
-func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time) bool {
+// updatePeers mirrors router/paths.go updatePeers with --encrypt=never:
+// bounded probe targets (relays and relayed destinations probed at the full
+// rate), destinations for path choice. O(N log k).
+func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	under := map[string]netip.Addr{}
 	live := map[string]struct{}{}
 	names := make([]string, 0, len(peers))
@@ -274,19 +318,13 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 		n.targets = targets
 	}
-	prober := n.underlay
+	n.underlay.SetActive(must)
 	if n.link != nil {
-		prober = n.link
+		n.link.SetActive(must)
 	}
 	dests := make(map[string]pathsel.Dest, len(live))
 	for name := range live {
-		d := pathsel.Dest{}
-		if added, probed := n.added[name]; probed && now.Sub(added) < unknownGrace {
-			if st, ok := prober.Stats(name); !ok || !st.Settled {
-				d.Pending = true
-			}
-		}
-		dests[name] = d
+		dests[name] = pathsel.Dest{Pending: n.pending(name, now)}
 	}
 	for name := range n.live {
 		if _, ok := live[name]; !ok {
@@ -300,10 +338,51 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 	}
 	n.live = live
-	measured := prober.All()
+	if !maps.Equal(dests, n.dests) {
+		n.sel.SetDestinations(dests)
+		n.dests = dests
+	}
+}
+
+func (n *node) prober() *mesh.Prober {
+	if n.link != nil {
+		return n.link
+	}
+	return n.underlay
+}
+
+// pending mirrors router/paths.go pending.
+func (n *node) pending(name string, now time.Time) bool {
+	added, probed := n.added[name]
+	if !probed || now.Sub(added) >= unknownGrace {
+		return false
+	}
+	st, ok := n.prober().Stats(name)
+	return !ok || !st.Settled
+}
+
+// updateLinks mirrors router/paths.go updateLinks without the Prometheus
+// gauges: only changed link entries published, path choice re-evaluated
+// only where something changed. It returns whether the relays and any
+// choice changed, and ok false when ctx ended while waiting for the path
+// slot. O(k) plus O(changed × D).
+func (n *node) updateLinks(ctx context.Context, now time.Time) (relaysChanged, choicesChanged, ok bool) {
+	var dests map[string]pathsel.Dest
+	for name := range n.added {
+		d, ok := n.dests[name]
+		if !ok || !d.Pending || n.pending(name, now) {
+			continue
+		}
+		if dests == nil {
+			dests = maps.Clone(n.dests)
+		}
+		d.Pending = false
+		dests[name] = d
+	}
+	measured := n.prober().All()
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if _, ok := targets[name]; !ok || !st.Settled && now.Sub(n.added[name]) < unknownGrace {
+		if _, ok := n.targets[name]; !ok || !st.Settled && now.Sub(n.added[name]) < unknownGrace {
 			continue
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
@@ -317,23 +396,40 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 	select {
 	case n.cfg.PathSlot <- struct{}{}:
 	case <-ctx.Done():
-		return false
+		return false, false, false
 	}
 	start := time.Now()
-	if !maps.Equal(dests, n.dests) {
+	if dests != nil {
 		n.sel.SetDestinations(dests)
 		n.dests = dests
 	}
-	for name, c := range n.sel.Select(now) {
+	changes := n.sel.Select(now)
+	choicesChanged = len(changes) > 0
+	for name, c := range changes {
+		was, relayed := n.relays[name]
 		if len(c.Path) == 2 {
 			n.relays[name] = c.Path[0]
+			relaysChanged = relaysChanged || !relayed || was != c.Path[0]
 		} else {
 			delete(n.relays, name)
+			relaysChanged = relaysChanged || relayed
+		}
+	}
+	for name := range n.relays {
+		if _, ok := n.dests[name]; !ok {
+			delete(n.relays, name)
+			relaysChanged = true
 		}
 	}
 	n.cfg.Paths.add(time.Since(start))
 	<-n.cfg.PathSlot
-	routes := make(map[string]string, len(live))
+	return relaysChanged, choicesChanged, true
+}
+
+// setRoutes hands the desired routes to the fake datapath (router
+// runDatapath's desiredState + applyRelays + applyLinks).
+func (n *node) setRoutes() {
+	routes := make(map[string]string, len(n.live))
 	for name, c := range n.sel.Choices() {
 		switch {
 		case len(c.Path) == 0:
@@ -345,7 +441,6 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 	}
 	n.dp.Set(routes)
-	return true
 }
 
 // feed applies others' link-state changes to path selection (router/paths.go feed).
