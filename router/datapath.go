@@ -2,6 +2,7 @@ package router
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/base64"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 
 	"github.com/weftnet/weft/datapath"
@@ -173,7 +175,11 @@ func (p *Peer) runDatapath(ctx context.Context) {
 	live := false
 	tick := time.NewTicker(reconcileInterval)
 	defer tick.Stop()
+	recomputes := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_datapath_recomputes_total",
+		Help: "Times the desired datapath state was computed, by what changed (peers, relays, blocks, grace, key, resync, startup)."}, []string{"reason"})
+	p.reg.MustRegister(recomputes)
 	var (
+		why         string // what made the desired state dirty first, for recomputes
 		peers       []mesh.Peer
 		blocks      []ipam.BlockOwnership // the table the desired state was computed from
 		peersDirty  = true                // the member list must be read again
@@ -192,12 +198,20 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			peersDirty = true
 			continue
 		case <-l.kick:
-			dirty = true
+			dirty, why = true, cmp.Or(why, "key")
 			continue
 		case <-tick.C:
 		}
 		now := time.Now()
 		resync := now.Sub(lastApply) >= reapplyEvery
+		switch {
+		case resync:
+			why = "resync"
+		case !live:
+			why = "startup"
+		case peersDirty:
+			why = cmp.Or(why, "peers")
+		}
 		if peersDirty || resync || !live {
 			peers = p.mesh.Peers()
 			peersDirty, targetDirty, dirty = false, true, true
@@ -208,19 +222,20 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		}
 		relays, relaysChanged := p.updateLinks(now)
 		if relaysChanged {
-			targetDirty, dirty = true, true // relays are probed at the full rate
+			targetDirty, dirty, why = true, true, cmp.Or(why, "relays") // relays are probed at the full rate
 		}
 		cst := p.cluster.Status()
 		if !slices.EqualFunc(cst.Blocks, blocks, sameBlock) {
-			blocks, dirty = cst.Blocks, true
+			blocks, dirty, why = cst.Blocks, true, cmp.Or(why, "blocks")
 		}
 		if !graceEnds.IsZero() && !now.Before(graceEnds) {
-			dirty = true
+			dirty, why = true, cmp.Or(why, "grace")
 		}
-		if !dirty && !resync && live {
+		if !dirty {
 			continue
 		}
-		dirty = false
+		recomputes.WithLabelValues(why).Inc()
+		dirty, why = false, ""
 		want, conns := desiredState(p.cfg.Name, l.pol, peers, remoteBlocks(blocks), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
 		want, conns = applyRelays(want, conns, relays)
 		graceEnds = nextGraceEnd(peers, now, peerDownGrace)

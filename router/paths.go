@@ -49,14 +49,26 @@ const idleProbeSlowdown = 4
 
 // linkStateMinChange: an RTT or jitter moving by less than this is not republished. Path
 // choice switches only on gains of 20% and 1 ms, so smaller moves would be gossip to all for
-// nothing (they are still measured and shown locally).
-const linkStateMinChange = 500 * time.Microsecond
+// nothing (they are still measured and shown locally, and fed to this peer's own path
+// choice). Every publication reaches every peer, and memberlist delivers each about
+// 4·⌈log₁₀(N+1)⌉ times (measured at N=25: 13 link-state messages a second taken by a peer,
+// 100 more dropped as duplicates, each costing a 64 KB receive buffer and a decompression),
+// so the mesh-wide publication rate drives every peer's idle CPU.
+const linkStateMinChange = time.Millisecond
+
+// linkStateRTTChange: nor is an RTT or jitter moving by less than this fraction, the gain
+// path choice needs to switch.
+const linkStateRTTChange = 0.2
+
+// linkStateLossChange: a loss figure moving by less than this (two probes of the window of
+// 20) is not republished: one lost probe on a busy host is noise, not a lossy link.
+const linkStateLossChange = 0.1
 
 // linkStateMinInterval: a link whose figures moved (but that did not go up or down) is
-// republished at most this often, which bounds the mesh-wide link-state rate to N/10 per
-// second whatever the noise (every publication reaches every peer). This peer's own path
-// choice is fed its links at once, not at this pace.
-const linkStateMinInterval = 10 * time.Second
+// republished at most this often, which bounds the mesh-wide link-state rate to N/30 per
+// second whatever the noise. Up and down go out at once. This peer's own path choice is fed
+// its links at once, not at this pace.
+const linkStateMinInterval = 30 * time.Second
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
 // except for the link-state channel feeding sel (which is safe for concurrent use).
@@ -70,14 +82,15 @@ type paths struct {
 	sel            *pathsel.Selector
 	sla            pathsel.SLA
 
-	targets  map[string]netip.Addr       // peers probed now, by underlay address
-	probeSet mesh.ProbeTargets           // why each target is probed; input to the next choice
-	rnd      *rand.Rand                  // random probe picks
-	added    map[string]time.Time        // when each target was first probed
-	dests    map[string]pathsel.Dest     // destinations as last given to sel
-	own      map[string]mesh.LinkMetrics // this peer's links as last given to sel
-	live     map[string]struct{}         // live peers as of the last updatePeers
-	enc      map[string]bool             // live peers whose direct link is encrypted
+	targets   map[string]netip.Addr       // peers probed now, by underlay address
+	probeSet  mesh.ProbeTargets           // why each target is probed; input to the next choice
+	rnd       *rand.Rand                  // random probe picks
+	added     map[string]time.Time        // when each target was first probed
+	dests     map[string]pathsel.Dest     // destinations as last given to sel
+	own       map[string]mesh.LinkMetrics // this peer's links as last given to sel
+	live      map[string]struct{}         // live peers as of the last updatePeers
+	enc       map[string]bool             // live peers whose direct link is encrypted
+	mustUntil map[string]time.Time        // must-probe peers, until when (see lingering)
 
 	mu      sync.Mutex // guards following
 	choices map[string]pathsel.Choice
@@ -124,13 +137,13 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		return err
 	}
 	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg,
-		RTTMinChange: linkStateMinChange, MinInterval: linkStateMinInterval})
+		RTTChange: linkStateRTTChange, RTTMinChange: linkStateMinChange, LossChange: linkStateLossChange, MinInterval: linkStateMinInterval})
 	if err != nil {
 		return err
 	}
 	pt := &paths{
 		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
-		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, enc: map[string]bool{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
+		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, enc: map[string]bool{}, mustUntil: map[string]time.Time{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
 		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
 		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
@@ -158,6 +171,17 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, p.cfg.ProbeInterval, idleProbeSlowdown*p.cfg.ProbeInterval, "--link-probe-port", stops); err != nil {
 			return err
 		}
+	}
+	for via, pr := range map[string]*mesh.Prober{"underlay": pt.underlay, "link": pt.link} {
+		if pr == nil {
+			continue
+		}
+		p.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "weft_probes_sent_total",
+			Help: "Probe requests this peer sent (quiet links are probed slower).", ConstLabels: prometheus.Labels{"via": via}},
+			func() float64 { return float64(pr.Counters().Sent) }))
+		p.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "weft_probes_answered_total",
+			Help: "Probe requests of other peers this peer answered.", ConstLabels: prometheus.Labels{"via": via}},
+			func() float64 { return float64(pr.Counters().Answered) }))
 	}
 	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks)
 	p.paths = pt
@@ -215,9 +239,12 @@ func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
 // probeTargets returns the peers to probe, by underlay address: a bounded set (--probe-targets
 // nearest by coordinates and some random ones, mesh.ChooseProbeTargets) plus every peer this
 // one relays through and every destination it relays (so a healed direct link is seen), so
-// probe traffic per peer does not grow with N. It also returns those relays and relayed
-// destinations: they are probed at the full rate even when quiet. O(N log k).
-func (p *Peer) probeTargets(peers []mesh.Peer) (map[string]netip.Addr, []string) {
+// probe traffic per peer does not grow with N. A relay or relayed destination stays a target
+// for mustLinger after it stopped being one, so that a relay choice flapping on noise does
+// not add and remove probed links (each a link-state publication to every peer). It also
+// returns the relays in use: they carry traffic and are probed at the full rate even when
+// quiet. O(N log k).
+func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.Addr, []string) {
 	pt := p.paths
 	under := make(map[string]netip.Addr, len(peers))
 	live := make([]string, 0, len(peers))
@@ -228,14 +255,17 @@ func (p *Peer) probeTargets(peers []mesh.Peer) (map[string]netip.Addr, []string)
 		}
 	}
 	pt.mu.Lock()
-	must := make([]string, 0, 2*len(pt.relays))
+	needed := make([]string, 0, 2*len(pt.relays))
+	active := make([]string, 0, len(pt.relays))
 	for dest, relay := range pt.relays {
-		must = append(must, dest, relay)
+		needed = append(needed, dest, relay)
+		active = append(active, relay)
 	}
 	pt.mu.Unlock()
+	must := lingering(needed, pt.mustUntil, now, mustLinger)
 	pt.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
 		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Must: must,
-		Current: pt.probeSet, Now: time.Now(), Rand: pt.rnd,
+		Current: pt.probeSet, Now: now, Rand: pt.rnd,
 	}, mesh.ProbeTargetConfig{K: p.cfg.ProbeTargets})
 	targets := make(map[string]netip.Addr, p.cfg.ProbeTargets+len(must))
 	for _, name := range pt.probeSet.All() {
@@ -243,7 +273,29 @@ func (p *Peer) probeTargets(peers []mesh.Peer) (map[string]netip.Addr, []string)
 			targets[name] = a
 		}
 	}
-	return targets, must
+	return targets, active
+}
+
+// mustLinger: how long a relay or relayed destination stays a must-probe target after it
+// stopped being one (see probeTargets).
+const mustLinger = 2 * time.Minute
+
+// lingering records the needed names in until (each kept until now+linger), forgets names
+// whose time is over, and returns every name still kept, sorted. O(len(until) log).
+func lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
+	for _, n := range needed {
+		until[n] = now.Add(linger)
+	}
+	out := make([]string, 0, len(until))
+	for n, t := range until {
+		if !now.Before(t) {
+			delete(until, n)
+			continue
+		}
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // coordEstimator estimates RTTs from the mesh's Vivaldi coordinates. Path selection is built
@@ -303,7 +355,7 @@ func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, 
 // destinations of path selection. O(N log k) for N peers and k probe targets.
 func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 	pt := p.paths
-	targets, must := p.probeTargets(peers)
+	targets, active := p.probeTargets(peers, now)
 	if !maps.Equal(targets, pt.targets) {
 		if err := pt.underlay.SetTargets(withPort(targets, p.cfg.ProbePort)); err != nil {
 			p.log.Warn("probe targets", "err", err)
@@ -330,9 +382,9 @@ func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 		pt.targets = targets
 	}
-	pt.underlay.SetActive(must)
+	pt.underlay.SetActive(active)
 	if pt.link != nil {
-		pt.link.SetActive(must)
+		pt.link.SetActive(active)
 	}
 	// Destinations: every live peer, encrypted when its direct link runs over WireGuard (a
 	// pair that must be encrypted is relayed only along encrypted links, every hop included).

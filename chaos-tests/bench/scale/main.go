@@ -224,7 +224,8 @@ func runSerf(ctx context.Context, o options, n int) (r *result, err error) {
 }
 
 // profileHost saves a CPU profile of h's peer over most of window, then its heap profile
-// (allocations since start included), as DIR/weft-N<n>-{cpu,heap}.pprof. Failures are
+// (allocations since start included), and its metrics at both ends of the CPU profile, as
+// DIR/weft-N<n>-{cpu,heap}.pprof and DIR/weft-N<n>-metrics-{start,end}.txt. Failures are
 // reported, not fatal: the figures matter more than the profile.
 func profileHost(ctx context.Context, dir string, h *lab.Host, n int, window time.Duration) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -238,7 +239,14 @@ func profileHost(ctx context.Context, dir string, h *lab.Host, n int, window tim
 			fmt.Fprintln(os.Stderr, "scale: profile:", err, string(out))
 		}
 	}
+	metrics := func(file string) {
+		if out, err := h.Exec(ctx, "curl", "-sf", "-o", base+file, "http://127.0.0.1:6782/metrics"); err != nil {
+			fmt.Fprintln(os.Stderr, "scale: metrics:", err, string(out))
+		}
+	}
+	metrics("metrics-start.txt")
 	get(fmt.Sprintf("profile?seconds=%d", secs), "cpu.pprof")
+	metrics("metrics-end.txt")
 	get("heap", "heap.pprof")
 	progress("weft N=%d: profiles of %s in %s", n, h.Name, base+"*.pprof")
 }

@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -26,12 +27,30 @@ import (
 // not answered counts as unknown rather than down.
 const unknownGrace = 10 * time.Second
 
-// idleProbeSlowdown and resyncEvery mirror router/paths.go and router/datapath.go
-// (idleProbeSlowdown, reapplyEvery).
+// idleProbeSlowdown, resyncEvery and mustLinger mirror router/paths.go and
+// router/datapath.go (idleProbeSlowdown, reapplyEvery, mustLinger).
 const (
 	idleProbeSlowdown = 4
 	resyncEvery       = 30 * time.Second
+	mustLinger        = 2 * time.Minute
 )
+
+// lingering mirrors router/paths.go lingering.
+func lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
+	for _, n := range needed {
+		until[n] = now.Add(linger)
+	}
+	out := make([]string, 0, len(until))
+	for n, t := range until {
+		if !now.Before(t) {
+			delete(until, n)
+			continue
+		}
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}
 
 // nodeConfig configures one simulated peer.
 type nodeConfig struct {
@@ -83,6 +102,7 @@ type node struct {
 	live           map[string]struct{}
 	relays         map[string]string // destination → relay, as the router keeps it
 	own            map[string]mesh.LinkMetrics
+	mustUntil      map[string]time.Time
 
 	cancel context.CancelFunc
 	loops  sync.WaitGroup // membership and path loops, probers
@@ -95,7 +115,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	n = &node{cfg: cfg, dp: newRecorder(), cancel: cancel, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 		targets: map[string]netip.Addr{}, added: map[string]time.Time{}, dests: map[string]pathsel.Dest{},
-		live: map[string]struct{}{}, relays: map[string]string{}, own: map[string]mesh.LinkMetrics{}}
+		live: map[string]struct{}{}, relays: map[string]string{}, own: map[string]mesh.LinkMetrics{}, mustUntil: map[string]time.Time{}}
 	defer func() {
 		if err != nil {
 			n.close()
@@ -103,9 +123,9 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		}
 	}()
 	if !cfg.MembershipOnly {
-		// As router/paths.go startPaths: RTT moves under 0.5 ms are not republished, and
-		// moved figures at most every 10 s.
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond, MinInterval: 10 * time.Second}); err != nil {
+		// As router/paths.go startPaths: RTT moves under 20% or 1 ms and loss moves under
+		// 10 points are not republished, and moved figures at most every 30 s.
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1, MinInterval: 30 * time.Second}); err != nil {
 			return n, err
 		}
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
@@ -274,8 +294,9 @@ func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 }
 
 // updatePeers mirrors router/paths.go updatePeers with --encrypt=never:
-// bounded probe targets (relays and relayed destinations probed at the full
-// rate), destinations for path choice. O(N log k).
+// bounded probe targets (relays and relayed destinations kept for
+// mustLinger, relays probed at the full rate), destinations for path
+// choice. O(N log k).
 func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	under := map[string]netip.Addr{}
 	live := map[string]struct{}{}
@@ -287,10 +308,13 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 			names = append(names, pr.Name)
 		}
 	}
-	must := make([]string, 0, 2*len(n.relays))
+	needed := make([]string, 0, 2*len(n.relays))
+	active := make([]string, 0, len(n.relays))
 	for dest, relay := range n.relays {
-		must = append(must, dest, relay)
+		needed = append(needed, dest, relay)
+		active = append(active, relay)
 	}
+	must := lingering(needed, n.mustUntil, now, mustLinger)
 	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
 		Self: n.cfg.Name, Live: names, Estimate: n.mesh.EstimateRTT, Must: must,
 		Current: n.probeSet, Now: now, Rand: n.rnd,
@@ -318,9 +342,9 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 		n.targets = targets
 	}
-	n.underlay.SetActive(must)
+	n.underlay.SetActive(active)
 	if n.link != nil {
-		n.link.SetActive(must)
+		n.link.SetActive(active)
 	}
 	dests := make(map[string]pathsel.Dest, len(live))
 	for name := range live {
