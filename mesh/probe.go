@@ -382,6 +382,7 @@ type Prober struct {
 	active  map[string]struct{} // targets probed at Interval even when idle (SetActive)
 	seq     uint64
 	kick    chan struct{} // SetTargets wakes the send loop
+	changed chan struct{} // a target went up or down, or settled (Changed)
 
 	sent, replies, answered, timeouts, bad, unexpected, sendErrors atomic.Uint64
 }
@@ -433,6 +434,7 @@ func NewProber(cfg ProberConfig) (*Prober, error) {
 		active:  map[string]struct{}{},
 		seq:     rand.Uint64(),
 		kick:    make(chan struct{}, 1),
+		changed: make(chan struct{}, 1),
 	}, nil
 }
 
@@ -476,6 +478,11 @@ func (p *Prober) SetTargets(targets map[string]netip.AddrPort) error {
 	p.wake()
 	return nil
 }
+
+// Changed is signalled (without blocking; several changes may come as one signal) when a
+// target goes up or down or settles, so that a caller polling All or Stats on a slow timer
+// reacts to a broken link at once.
+func (p *Prober) Changed() <-chan struct{} { return p.changed }
 
 // SetActive replaces the set of targets that are probed at Interval even when idle: the
 // links that carry traffic or relays, whose failure must be seen fastest. Names that are not
@@ -557,9 +564,11 @@ func (p *Prober) statsLocked(t *probeTarget) LinkStats {
 	if t.n > 0 {
 		s.Loss = float64(lost) / float64(t.n)
 	}
-	s.Up = t.samples > 0 && t.lostRun < p.cfg.DownAfter
+	s.Up = p.upLocked(t)
 	return s
 }
+
+func (p *Prober) upLocked(t *probeTarget) bool { return t.samples > 0 && t.lostRun < p.cfg.DownAfter }
 
 // Counters returns the packet counters.
 func (p *Prober) Counters() ProberCounters {
@@ -575,6 +584,15 @@ func (p *Prober) Counters() ProberCounters {
 // RTT for the dozens of samples an EWMA takes to forget it, while a lasting change passes
 // after two samples. Jitter is computed on the raw samples.
 func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
+	up, settled := p.upLocked(t), t.settled
+	defer func() {
+		if p.upLocked(t) != up || t.settled != settled {
+			select {
+			case p.changed <- struct{}{}:
+			default:
+			}
+		}
+	}()
 	if !t.settled {
 		if !ok {
 			t.okRun = 0

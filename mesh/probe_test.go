@@ -569,3 +569,35 @@ func TestProberNoAllocsPerPacket(t *testing.T) {
 		t.Errorf("accounting a reply: %v allocations, want 0", n)
 	}
 }
+
+// TestProberChanged: going down, coming back up and settling are signalled; a plain
+// answer on a healthy link is not.
+func TestProberChanged(t *testing.T) {
+	p, probe := accountingProber(t)
+	signalled := func() bool {
+		select {
+		case <-p.Changed():
+			return true
+		default:
+			return false
+		}
+	}
+	probe(time.Millisecond, 0) // primes
+	probe(time.Millisecond, 0) // first sample: up
+	probe(time.Millisecond, 0) // third answer in a row: settled
+	if !signalled() {
+		t.Fatal("no signal after the target came up and settled")
+	}
+	probe(time.Millisecond, 0)
+	if signalled() {
+		t.Fatal("signal for an answer that changed nothing")
+	}
+	probe(0, 0)
+	if signalled() {
+		t.Fatal("signal for one loss below DownAfter (2)")
+	}
+	probe(0, 0)
+	if !signalled() {
+		t.Fatal("no signal when the target went down")
+	}
+}

@@ -46,6 +46,10 @@ const (
 	// reapplyEvery re-sends the whole desired state to the drivers so that routes someone
 	// deleted by hand come back.
 	reapplyEvery = 30 * time.Second
+	// datapathTick is how often runDatapath takes the probers' figures without being woken:
+	// a link going up or down wakes it at once (mesh.Prober.Changed), so the tick only
+	// paces RTT and loss moves, which path choice acts on after holds of seconds anyway.
+	datapathTick = time.Second
 )
 
 // links is the datapath side of the peer: the link drivers and what was last applied.
@@ -158,7 +162,8 @@ func (p *Peer) stopDatapath() {
 // The desired state is recomputed only when an input changed: the membership (mesh events,
 // which carry metadata and key changes), the block table, the relays chosen, this peer's key
 // (links.kick), or the end of a dead peer's peerDownGrace — coalesced into the next tick —
-// and every reapplyEvery as a safety resync that re-applies idempotently. Each tick otherwise
+// and every reapplyEvery as a safety resync that re-applies idempotently. A probed link going
+// up or down runs a round at once (the probers' Changed). Each round otherwise
 // costs O(k) for k probe targets (updateLinks) plus reading the block table, O(blocks); the
 // O(N) work (member list, probe-target choice, plan) runs only on a change.
 func (p *Peer) runDatapath(ctx context.Context) {
@@ -173,8 +178,9 @@ func (p *Peer) runDatapath(ctx context.Context) {
 	lastApply := time.Now()
 	st := startup{start: lastApply}
 	live := false
-	tick := time.NewTicker(reconcileInterval)
+	tick := time.NewTicker(datapathTick)
 	defer tick.Stop()
+	linkChanged := p.paths.measured().Changed()
 	recomputes := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_datapath_recomputes_total",
 		Help: "Times the desired datapath state was computed, by what changed (peers, relays, blocks, grace, key, resync, startup)."}, []string{"reason"})
 	p.reg.MustRegister(recomputes)
@@ -200,6 +206,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		case <-l.kick:
 			dirty, why = true, cmp.Or(why, "key")
 			continue
+		case <-linkChanged:
 		case <-tick.C:
 		}
 		now := time.Now()

@@ -71,7 +71,8 @@ type nodeConfig struct {
 	ProbeInterval time.Duration
 	// ProbeTargets as --probe-targets (k).
 	ProbeTargets int
-	// PathInterval is the router's datapath loop period (reconcileInterval).
+	// PathInterval is the router's datapath loop period (datapathTick); a
+	// probed link going up or down runs a round at once, as in the router.
 	PathInterval time.Duration
 	// PathSlot is shared by all nodes: one path computation at a time, so a
 	// super-linear path cost shows as time per run and fewer runs per
@@ -248,6 +249,7 @@ func (n *node) membershipLoop(ctx context.Context, events <-chan mesh.Event) {
 func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 	tick := time.NewTicker(n.cfg.PathInterval)
 	defer tick.Stop()
+	linkChanged := n.prober().Changed()
 	var (
 		peers                    []mesh.Peer
 		peersDirty, targetsDirty = true, true
@@ -263,6 +265,7 @@ func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 			}
 			peersDirty = true
 			continue
+		case <-linkChanged:
 		case <-tick.C:
 		}
 		now := time.Now()
