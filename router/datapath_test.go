@@ -101,3 +101,27 @@ func TestLingering(t *testing.T) {
 		t.Fatalf("expired names kept: %v", until)
 	}
 }
+
+// This peer's own links reach its path choice on finer moves than they are published with.
+func TestOwnMoved(t *testing.T) {
+	base := mesh.LinkMetrics{RTT: 2 * time.Millisecond, Jitter: 100 * time.Microsecond, Up: true}
+	cases := []struct {
+		what string
+		edit func(*mesh.LinkMetrics)
+		want bool
+	}{
+		{"nothing", func(*mesh.LinkMetrics) {}, false},
+		{"rtt +0.4ms (under 0.5ms)", func(m *mesh.LinkMetrics) { m.RTT += 400 * time.Microsecond }, false},
+		{"rtt +0.6ms (30%)", func(m *mesh.LinkMetrics) { m.RTT += 600 * time.Microsecond }, true},
+		{"down", func(m *mesh.LinkMetrics) { m.Up = false }, true},
+		{"one loss point", func(m *mesh.LinkMetrics) { m.Loss = 0.01 }, true},
+		{"jitter +0.6ms", func(m *mesh.LinkMetrics) { m.Jitter += 600 * time.Microsecond }, true},
+	}
+	for _, c := range cases {
+		next := base
+		c.edit(&next)
+		if got := ownMoved(base, next); got != c.want {
+			t.Errorf("%s: moved %v, want %v", c.what, got, c.want)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -214,12 +215,14 @@ func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
 	}
 }
 
-// feedOwn gives the selector this peer's links when they moved beyond the link table's
-// thresholds, without waiting for their (rate-limited) publication. O(D).
+// feedOwn gives the selector this peer's links when they moved beyond ownMoved's
+// thresholds — finer than what is published: this peer's own choices should follow its own
+// measurements closely, only the gossip to all is coarse — without waiting for their
+// (rate-limited) publication. O(D).
 func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
 	self := pt.sel.Self()
 	for name, m := range links {
-		if prev, ok := pt.own[name]; ok && !pt.table.Moved(prev, m) {
+		if prev, ok := pt.own[name]; ok && !ownMoved(prev, m) {
 			continue
 		}
 		pt.own[name] = m
@@ -236,14 +239,26 @@ func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
 	}
 }
 
+// ownMoved: a change of one of this peer's links worth feeding to its own path choice: up,
+// down, encryption, RTT or jitter by 10% and 0.5 ms, loss by one point.
+func ownMoved(prev, next mesh.LinkMetrics) bool {
+	durMoved := func(a, b time.Duration) bool {
+		d := max(a-b, b-a)
+		return d >= 500*time.Microsecond && d*10 >= a
+	}
+	return prev.Up != next.Up || prev.Encrypted != next.Encrypted || durMoved(prev.RTT, next.RTT) ||
+		durMoved(prev.Jitter, next.Jitter) || math.Abs(prev.Loss-next.Loss) >= 0.01-1e-9
+}
+
 // probeTargets returns the peers to probe, by underlay address: a bounded set (--probe-targets
 // nearest by coordinates and some random ones, mesh.ChooseProbeTargets) plus every peer this
 // one relays through and every destination it relays (so a healed direct link is seen), so
 // probe traffic per peer does not grow with N. A relay or relayed destination stays a target
 // for mustLinger after it stopped being one, so that a relay choice flapping on noise does
 // not add and remove probed links (each a link-state publication to every peer). It also
-// returns the relays in use: they carry traffic and are probed at the full rate even when
-// quiet. O(N log k).
+// returns those must-probe peers: they are probed at the full rate even when quiet, a relay
+// because it carries traffic, a relayed destination so that a healed direct link is seen
+// (and its loss window drains) quickly. O(N log k).
 func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.Addr, []string) {
 	pt := p.paths
 	under := make(map[string]netip.Addr, len(peers))
@@ -256,10 +271,8 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 	}
 	pt.mu.Lock()
 	needed := make([]string, 0, 2*len(pt.relays))
-	active := make([]string, 0, len(pt.relays))
 	for dest, relay := range pt.relays {
 		needed = append(needed, dest, relay)
-		active = append(active, relay)
 	}
 	pt.mu.Unlock()
 	must := lingering(needed, pt.mustUntil, now, mustLinger)
@@ -273,7 +286,7 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 			targets[name] = a
 		}
 	}
-	return targets, active
+	return targets, must
 }
 
 // mustLinger: how long a relay or relayed destination stays a must-probe target after it
@@ -539,6 +552,16 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 	return maps.Clone(pt.relays), relaysChanged
 }
 
+// ownLink is this peer's link to dest as measured now: the table holds what was published,
+// which lags by up to linkStateMinInterval. A link not probed falls back to the table.
+func (pt *paths) ownLink(dest string, measured map[string]mesh.LinkStats) mesh.LinkMetrics {
+	if st, ok := measured[dest]; ok {
+		return mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
+	}
+	lm, _ := pt.table.Link(pt.sel.Self(), dest)
+	return lm
+}
+
 func (pt *paths) current(dest string) (pathsel.Choice, bool) {
 	pt.mu.Lock()
 	defer pt.mu.Unlock()
@@ -621,6 +644,7 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 func (p *Peer) routes() []Route {
 	pt := p.paths
 	under := pt.underlay.All()
+	measured := pt.measured().All()
 	modes := map[string]string{}
 	for _, c := range p.connections() {
 		modes[c.Peer] = c.Mode
@@ -633,7 +657,7 @@ func (p *Peer) routes() []Route {
 		if r.Path == nil {
 			r.Path = []string{}
 		}
-		lm, _ := pt.table.Link(p.cfg.Name, dest)
+		lm := pt.ownLink(dest, measured)
 		r.Direct = Hop{From: p.cfg.Name, To: dest, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up}
 		u := under[dest]
 		r.Underlay = Hop{From: p.cfg.Name, To: dest, RTTms: ms(u.RTT), JitterMs: ms(u.Jitter), Loss: u.Loss, Up: u.Up}
@@ -645,6 +669,9 @@ func (p *Peer) routes() []Route {
 			from := p.cfg.Name
 			for _, to := range c.Path {
 				lm, _ := pt.table.Link(from, to)
+				if from == p.cfg.Name {
+					lm = pt.ownLink(to, measured)
+				}
 				r.Hops = append(r.Hops, Hop{From: from, To: to, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up})
 				from = to
 			}

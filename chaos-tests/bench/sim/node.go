@@ -12,6 +12,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -34,6 +35,17 @@ const (
 	resyncEvery       = 30 * time.Second
 	mustLinger        = 2 * time.Minute
 )
+
+// ownMoved mirrors router/paths.go ownMoved: own links are fed to path
+// choice on finer moves than they are published.
+func ownMoved(prev, next mesh.LinkMetrics) bool {
+	durMoved := func(a, b time.Duration) bool {
+		d := max(a-b, b-a)
+		return d >= 500*time.Microsecond && d*10 >= a
+	}
+	return prev.Up != next.Up || prev.Encrypted != next.Encrypted || durMoved(prev.RTT, next.RTT) ||
+		durMoved(prev.Jitter, next.Jitter) || math.Abs(prev.Loss-next.Loss) >= 0.01-1e-9
+}
 
 // lingering mirrors router/paths.go lingering.
 func lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
@@ -298,8 +310,8 @@ func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 
 // updatePeers mirrors router/paths.go updatePeers with --encrypt=never:
 // bounded probe targets (relays and relayed destinations kept for
-// mustLinger, relays probed at the full rate), destinations for path
-// choice. O(N log k).
+// mustLinger and probed at the full rate), destinations for path choice.
+// O(N log k).
 func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	under := map[string]netip.Addr{}
 	live := map[string]struct{}{}
@@ -312,10 +324,8 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 	}
 	needed := make([]string, 0, 2*len(n.relays))
-	active := make([]string, 0, len(n.relays))
 	for dest, relay := range n.relays {
 		needed = append(needed, dest, relay)
-		active = append(active, relay)
 	}
 	must := lingering(needed, n.mustUntil, now, mustLinger)
 	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
@@ -345,9 +355,9 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 		n.targets = targets
 	}
-	n.underlay.SetActive(active)
+	n.underlay.SetActive(must)
 	if n.link != nil {
-		n.link.SetActive(active)
+		n.link.SetActive(must)
 	}
 	dests := make(map[string]pathsel.Dest, len(live))
 	for name := range live {
@@ -487,7 +497,7 @@ func (n *node) feed(changes []mesh.LinkChange) {
 // feedOwn gives path selection this peer's links when they moved (router/paths.go feedOwn).
 func (n *node) feedOwn(links map[string]mesh.LinkMetrics) {
 	for name, m := range links {
-		if prev, ok := n.own[name]; ok && !n.table.Moved(prev, m) {
+		if prev, ok := n.own[name]; ok && !ownMoved(prev, m) {
 			continue
 		}
 		n.own[name] = m
