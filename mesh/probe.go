@@ -601,6 +601,14 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 		}
 	}
 	if ok && !t.primed {
+		if t.settled && t.lostRun >= p.cfg.DownAfter {
+			// Back after being down (a target still being set up keeps its losses until it
+			// settles): the outage was reported as down, not as loss, and
+			// the link is judged afresh, as a settled one would be. Otherwise the old
+			// losses would hold the link at tens of percent for a whole window after it
+			// healed, and the published figure (rate-limited) would keep others relaying.
+			t.pos, t.n = 0, 0
+		}
 		t.primed, t.lostRun = true, 0
 		p.recordOutcomeLocked(t, true, -1) // answered, no sample
 		return

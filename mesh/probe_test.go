@@ -236,16 +236,17 @@ func TestProberAccounting(t *testing.T) {
 	if s.Loss != 0.5 || s.Up {
 		t.Fatalf("after two losses in a row (DownAfter 2): %+v", s)
 	}
-	// The first reply after the link went down primes again: up, but no sample.
+	// The first reply after the link went down primes again: up, but no sample; the window
+	// restarts (the outage was reported as down, not as loss).
 	samples := s.Samples
 	probe(20*time.Millisecond, 0)
 	s, _ = p.Stats("b")
-	if !s.Up || s.Samples != samples || s.MinRTT != 500*time.Millisecond {
+	if !s.Up || s.Samples != samples || s.MinRTT != 0 || s.Loss != 0 {
 		t.Fatalf("after recovery: %+v", s)
 	}
-	probe(20*time.Millisecond, 0) // the window of 4 forgets the 500ms sample
+	probe(20*time.Millisecond, 0)
 	s, _ = p.Stats("b")
-	if s.Loss != 0.5 || !s.Up || s.Samples != samples+1 || s.MinRTT != 20*time.Millisecond {
+	if s.Loss != 0 || !s.Up || s.Samples != samples+1 || s.MinRTT != 20*time.Millisecond {
 		t.Fatalf("after a sample past recovery: %+v", s)
 	}
 	// A reply nobody asked for, or for another target, is not counted.
@@ -599,5 +600,30 @@ func TestProberChanged(t *testing.T) {
 	probe(0, 0)
 	if !signalled() {
 		t.Fatal("no signal when the target went down")
+	}
+}
+
+// TestProberRecoveryClearsLoss: a link back after being down is judged afresh; the outage
+// was reported as down, and stale losses must not keep it "lossy" for a whole window.
+func TestProberRecoveryClearsLoss(t *testing.T) {
+	p, probe := accountingProber(t) // window 4, DownAfter 2
+	for range 8 { // settled, and a window full of answers
+		probe(time.Millisecond, 0)
+	}
+	probe(0, 0)
+	if s, _ := p.Stats("b"); !s.Up || s.Loss != 0.25 {
+		t.Fatalf("one loss: %+v, want up with loss 0.25", s)
+	}
+	probe(0, 0)
+	if s, _ := p.Stats("b"); s.Up {
+		t.Fatalf("two losses in a row: %+v, want down", s)
+	}
+	probe(time.Millisecond, 0)
+	if s, _ := p.Stats("b"); !s.Up || s.Loss != 0 {
+		t.Fatalf("back after the outage: %+v, want up with loss 0", s)
+	}
+	probe(0, 0)
+	if s, _ := p.Stats("b"); s.Loss != 0.5 {
+		t.Fatalf("a loss after the recovery: %+v, want loss 0.5 (1 of 2 since)", s)
 	}
 }
