@@ -607,7 +607,7 @@ func TestProberChanged(t *testing.T) {
 // was reported as down, and stale losses must not keep it "lossy" for a whole window.
 func TestProberRecoveryClearsLoss(t *testing.T) {
 	p, probe := accountingProber(t) // window 4, DownAfter 2
-	for range 8 { // settled, and a window full of answers
+	for range 8 {                   // settled, and a window full of answers
 		probe(time.Millisecond, 0)
 	}
 	probe(0, 0)
