@@ -256,9 +256,12 @@ func ownMoved(prev, next mesh.LinkMetrics) bool {
 // probe traffic per peer does not grow with N. A relay or relayed destination stays a target
 // for mustLinger after it stopped being one, so that a relay choice flapping on noise does
 // not add and remove probed links (each a link-state publication to every peer). It also
-// returns those must-probe peers: they are probed at the full rate even when quiet, a relay
-// because it carries traffic, a relayed destination so that a healed direct link is seen
-// (and its loss window drains) quickly. O(N log k).
+// returns the relays in use: they carry traffic and are probed at the full rate even when
+// quiet. (A relayed destination's broken direct link is probed at the full rate anyway while
+// it loses probes, and starts a fresh loss window when it answers again; probing every
+// relayed destination and lingering target at the full rate made a loaded host, whose RTTs
+// are noise and whose choices relay on that noise, probe 40 targets a second at N=50.)
+// O(N log k).
 func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.Addr, []string) {
 	pt := p.paths
 	under := make(map[string]netip.Addr, len(peers))
@@ -271,8 +274,10 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 	}
 	pt.mu.Lock()
 	needed := make([]string, 0, 2*len(pt.relays))
+	active := make([]string, 0, len(pt.relays))
 	for dest, relay := range pt.relays {
 		needed = append(needed, dest, relay)
+		active = append(active, relay)
 	}
 	pt.mu.Unlock()
 	must := lingering(needed, pt.mustUntil, now, mustLinger)
@@ -286,7 +291,7 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 			targets[name] = a
 		}
 	}
-	return targets, must
+	return targets, active
 }
 
 // mustLinger: how long a relay or relayed destination stays a must-probe target after it

@@ -310,8 +310,8 @@ func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 
 // updatePeers mirrors router/paths.go updatePeers with --encrypt=never:
 // bounded probe targets (relays and relayed destinations kept for
-// mustLinger and probed at the full rate), destinations for path choice.
-// O(N log k).
+// mustLinger, relays in use probed at the full rate), destinations for
+// path choice. O(N log k).
 func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	under := map[string]netip.Addr{}
 	live := map[string]struct{}{}
@@ -324,8 +324,10 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 	}
 	needed := make([]string, 0, 2*len(n.relays))
+	active := make([]string, 0, len(n.relays))
 	for dest, relay := range n.relays {
 		needed = append(needed, dest, relay)
+		active = append(active, relay)
 	}
 	must := lingering(needed, n.mustUntil, now, mustLinger)
 	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
@@ -355,9 +357,9 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 		n.targets = targets
 	}
-	n.underlay.SetActive(must)
+	n.underlay.SetActive(active)
 	if n.link != nil {
-		n.link.SetActive(must)
+		n.link.SetActive(active)
 	}
 	dests := make(map[string]pathsel.Dest, len(live))
 	for name := range live {
