@@ -66,10 +66,13 @@ const linkStateRTTChange = 0.2
 const linkStateLossChange = 0.1
 
 // linkStateMinInterval: a link whose figures moved (but that did not go up or down) is
-// republished at most this often, which bounds the mesh-wide link-state rate to N/30 per
+// republished at most this often, which bounds the mesh-wide link-state rate to k·N/20 per
 // second whatever the noise. Up and down go out at once. This peer's own path choice is fed
-// its links at once, not at this pace.
-const linkStateMinInterval = 30 * time.Second
+// its links at once, not at this pace; but the other end of a link takes the worse of both
+// directions, so an RTT that fell back is used by the other end only once published: 30 s
+// made the SLA chaos test (back to the direct link within 30 s after a delay is removed)
+// fail under load.
+const linkStateMinInterval = 20 * time.Second
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
 // except for the link-state channel feeding sel (which is safe for concurrent use).
@@ -256,12 +259,12 @@ func ownMoved(prev, next mesh.LinkMetrics) bool {
 // probe traffic per peer does not grow with N. A relay or relayed destination stays a target
 // for mustLinger after it stopped being one, so that a relay choice flapping on noise does
 // not add and remove probed links (each a link-state publication to every peer). It also
-// returns the relays in use: they carry traffic and are probed at the full rate even when
-// quiet. (A relayed destination's broken direct link is probed at the full rate anyway while
-// it loses probes, and starts a fresh loss window when it answers again; probing every
-// relayed destination and lingering target at the full rate made a loaded host, whose RTTs
-// are noise and whose choices relay on that noise, probe 40 targets a second at N=50.)
-// O(N log k).
+// returns the relays in use and the destinations relayed now: they are probed at the full
+// rate even when quiet, a relay because it carries traffic, a relayed destination so that
+// its direct link's recovery (an RTT falling back, which the moving average follows sample
+// by sample) is seen fast. Lingering ones are probed at the idle rate: probing them all at
+// the full rate made a loaded host, whose RTTs are noise and whose choices relay on that
+// noise, probe 40 targets a second at N=50. O(N log k).
 func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.Addr, []string) {
 	pt := p.paths
 	under := make(map[string]netip.Addr, len(peers))
@@ -277,7 +280,7 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 	active := make([]string, 0, len(pt.relays))
 	for dest, relay := range pt.relays {
 		needed = append(needed, dest, relay)
-		active = append(active, relay)
+		active = append(active, dest, relay)
 	}
 	pt.mu.Unlock()
 	must := lingering(needed, pt.mustUntil, now, mustLinger)

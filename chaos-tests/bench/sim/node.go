@@ -137,8 +137,8 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	}()
 	if !cfg.MembershipOnly {
 		// As router/paths.go startPaths: RTT moves under 20% or 1 ms and loss moves under
-		// 10 points are not republished, and moved figures at most every 30 s.
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1, MinInterval: 30 * time.Second}); err != nil {
+		// 10 points are not republished, and moved figures at most every 20 s.
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1, MinInterval: 20 * time.Second}); err != nil {
 			return n, err
 		}
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
@@ -310,8 +310,8 @@ func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 
 // updatePeers mirrors router/paths.go updatePeers with --encrypt=never:
 // bounded probe targets (relays and relayed destinations kept for
-// mustLinger, relays in use probed at the full rate), destinations for
-// path choice. O(N log k).
+// mustLinger, relays and relayed destinations in use probed at the full
+// rate), destinations for path choice. O(N log k).
 func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	under := map[string]netip.Addr{}
 	live := map[string]struct{}{}
@@ -327,7 +327,7 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	active := make([]string, 0, len(n.relays))
 	for dest, relay := range n.relays {
 		needed = append(needed, dest, relay)
-		active = append(active, relay)
+		active = append(active, dest, relay)
 	}
 	must := lingering(needed, n.mustUntil, now, mustLinger)
 	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
