@@ -118,8 +118,25 @@ func AppendProbe(b []byte, p Probe, key []byte) ([]byte, error) {
 // DecodeProbe parses and, when key is not empty, authenticates one probe
 // packet. Every error wraps ErrBadProbe. The result does not alias b.
 func DecodeProbe(b, key []byte) (Probe, error) {
-	bad := func(format string, a ...any) (Probe, error) {
-		return Probe{}, fmt.Errorf("%w: %s", ErrBadProbe, fmt.Sprintf(format, a...))
+	v, err := decodeProbe(b, key)
+	if err != nil {
+		return Probe{}, err
+	}
+	p := v.Probe
+	p.From, p.Path = string(v.from), string(v.path)
+	return p, nil
+}
+
+// probeView is a decoded probe whose names alias the packet, so that the receive path
+// allocates nothing per packet; Probe.From and Probe.Path are empty.
+type probeView struct {
+	Probe
+	from, path []byte
+}
+
+func decodeProbe(b, key []byte) (probeView, error) {
+	bad := func(format string, a ...any) (probeView, error) {
+		return probeView{}, fmt.Errorf("%w: %s", ErrBadProbe, fmt.Sprintf(format, a...))
 	}
 	if len(b) < probeHeaderLen+2 {
 		return bad("%d bytes, too short", len(b))
@@ -154,46 +171,60 @@ func DecodeProbe(b, key []byte) (Probe, error) {
 			return bad("MAC mismatch (wrong key or forged packet)")
 		}
 	}
-	p := Probe{
+	v := probeView{Probe: Probe{
 		Kind: kind,
 		Seq:  binary.BigEndian.Uint64(b[8:]),
 		T1:   int64(binary.BigEndian.Uint64(b[16:])),
 		T2:   int64(binary.BigEndian.Uint64(b[24:])),
 		T3:   int64(binary.BigEndian.Uint64(b[32:])),
-	}
+	}}
 	off := probeHeaderLen
-	readName := func() (string, bool) {
+	readName := func() ([]byte, bool) {
 		if off >= len(body) {
-			return "", false
+			return nil, false
 		}
 		n := int(body[off])
 		if len(body)-off-1 < n {
-			return "", false
+			return nil, false
 		}
-		s := string(body[off+1 : off+1+n])
+		s := body[off+1 : off+1+n]
 		off += 1 + n
 		return s, true
 	}
 	var ok bool
-	if p.From, ok = readName(); !ok {
+	if v.from, ok = readName(); !ok {
 		return bad("from name overruns the packet")
 	}
-	if err := validName(p.From); err != nil {
-		return bad("from name %q: %v", p.From, err)
+	if !nameBytesOK(v.from, maxNameLen, false) {
+		return bad("from name %q: %v", v.from, validName(string(v.from)))
 	}
-	if p.Path, ok = readName(); !ok {
+	if v.path, ok = readName(); !ok {
 		return bad("path name overruns the packet")
 	}
-	if err := validProbePath(p.Path); err != nil {
-		return bad("path name %q: %v", p.Path, err)
+	if !nameBytesOK(v.path, maxProbePathLen, true) {
+		return bad("path name %q: %v", v.path, validProbePath(string(v.path)))
 	}
 	if off != len(body) {
 		return bad("%d trailing bytes", len(body)-off)
 	}
-	if kind == ProbeReply && p.T3 < p.T2 {
+	if kind == ProbeReply && v.T3 < v.T2 {
 		return bad("reply sent (T3) before the request was received (T2)")
 	}
-	return p, nil
+	return v, nil
+}
+
+// nameBytesOK is validName (slash false) or validProbePath (slash true) without the error,
+// for the receive path: it allocates nothing.
+func nameBytesOK(s []byte, maxLen int, slash bool) bool {
+	if len(s) == 0 || len(s) > maxLen {
+		return false
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == ':' || c == '-' || slash && c == '/') {
+			return false
+		}
+	}
+	return true
 }
 
 func probeMAC(key, msg []byte) []byte {
@@ -231,6 +262,14 @@ type ProberConfig struct {
 	// Interval between two probes to one target; each wait is jittered by
 	// ±20% so that peers do not synchronise. Default 1s.
 	Interval time.Duration
+	// IdleInterval, when longer than Interval, is the interval for an idle
+	// target: one that is settled, up, answered its last probe and is not
+	// marked active (SetActive). Probe packets are most of an idle peer's
+	// CPU, so quiet links are probed slower; a single loss brings the
+	// target back to Interval at once, so a broken link is confirmed down
+	// within IdleInterval + Timeout + (DownAfter−1) × Interval. Default:
+	// Interval (no idle slowdown).
+	IdleInterval time.Duration
 	// Timeout after which an unanswered probe counts as lost. Default 1s.
 	Timeout time.Duration
 	// Window is the number of recent probes that Loss and MinRTT are
@@ -266,12 +305,17 @@ func (c *ProberConfig) validate() error {
 	if c.Window == 0 {
 		c.Window = 20
 	}
+	if c.IdleInterval < c.Interval {
+		c.IdleInterval = c.Interval
+	}
 	if c.DownAfter == 0 {
 		c.DownAfter = 3
 	}
 	switch {
 	case c.Interval < time.Millisecond:
 		return fmt.Errorf("%w: probe interval %v below 1ms", ErrInvalidConfig, c.Interval)
+	case c.IdleInterval > time.Hour:
+		return fmt.Errorf("%w: idle probe interval %v above 1h", ErrInvalidConfig, c.IdleInterval)
 	case c.Timeout < time.Millisecond:
 		return fmt.Errorf("%w: probe timeout %v below 1ms", ErrInvalidConfig, c.Timeout)
 	case c.Window < 1 || c.Window > 1000:
@@ -334,9 +378,11 @@ type Prober struct {
 
 	mu      sync.Mutex // guards following
 	targets map[string]*probeTarget
-	pending map[uint64]*pendingProbe
+	pending map[uint64]pendingProbe
+	active  map[string]struct{} // targets probed at Interval even when idle (SetActive)
 	seq     uint64
 	kick    chan struct{} // SetTargets wakes the send loop
+	changed chan struct{} // a target went up or down, or settled (Changed)
 
 	sent, replies, answered, timeouts, bad, unexpected, sendErrors atomic.Uint64
 }
@@ -356,6 +402,7 @@ type probeTarget struct {
 	okRun    int
 	recent   [3]time.Duration // last RTT samples, for the despiking median
 	next     time.Time        // when the next probe is due
+	sent     time.Time        // when the last probe was sent
 	outcomes []bool           // ring of the last Window outcomes (true: answered)
 	rtts     []time.Duration
 	pos, n   int // ring write position, filled entries
@@ -383,9 +430,11 @@ func NewProber(cfg ProberConfig) (*Prober, error) {
 	return &Prober{
 		cfg:     cfg,
 		targets: map[string]*probeTarget{},
-		pending: map[uint64]*pendingProbe{},
+		pending: map[uint64]pendingProbe{},
+		active:  map[string]struct{}{},
 		seq:     rand.Uint64(),
 		kick:    make(chan struct{}, 1),
+		changed: make(chan struct{}, 1),
 	}, nil
 }
 
@@ -426,11 +475,56 @@ func (p *Prober) SetTargets(targets map[string]netip.AddrPort) error {
 		}
 	}
 	p.mu.Unlock()
+	p.wake()
+	return nil
+}
+
+// Changed is signalled (without blocking; several changes may come as one signal) when a
+// target goes up or down or settles, so that a caller polling All or Stats on a slow timer
+// reacts to a broken link at once.
+func (p *Prober) Changed() <-chan struct{} { return p.changed }
+
+// SetActive replaces the set of targets that are probed at Interval even when idle: the
+// links that carry traffic or relays, whose failure must be seen fastest. Names that are not
+// targets are kept, and apply once they become targets. O(len(names)).
+func (p *Prober) SetActive(names []string) {
+	p.mu.Lock()
+	clear(p.active)
+	for _, n := range names {
+		p.active[n] = struct{}{}
+	}
+	for name, t := range p.targets {
+		// A target that turned active is probed at the full rate from now on, not after
+		// the idle wait it was scheduled with.
+		if _, ok := p.active[name]; ok {
+			t.next = minTime(t.next, t.sent.Add(jittered(p.cfg.Interval)))
+		}
+	}
+	p.mu.Unlock()
+	p.wake()
+}
+
+func (p *Prober) wake() {
 	select {
 	case p.kick <- struct{}{}:
 	default:
 	}
-	return nil
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+// intervalLocked is the wait before t's next probe: Interval while the target is active,
+// being set up, down or just lost a probe; IdleInterval once it is quiet and healthy.
+func (p *Prober) intervalLocked(name string, t *probeTarget) time.Duration {
+	if _, ok := p.active[name]; ok || !t.settled || t.lostRun > 0 || t.samples == 0 {
+		return p.cfg.Interval
+	}
+	return p.cfg.IdleInterval
 }
 
 // Stats returns one target's figures.
@@ -470,9 +564,11 @@ func (p *Prober) statsLocked(t *probeTarget) LinkStats {
 	if t.n > 0 {
 		s.Loss = float64(lost) / float64(t.n)
 	}
-	s.Up = t.samples > 0 && t.lostRun < p.cfg.DownAfter
+	s.Up = p.upLocked(t)
 	return s
 }
+
+func (p *Prober) upLocked(t *probeTarget) bool { return t.samples > 0 && t.lostRun < p.cfg.DownAfter }
 
 // Counters returns the packet counters.
 func (p *Prober) Counters() ProberCounters {
@@ -488,6 +584,15 @@ func (p *Prober) Counters() ProberCounters {
 // RTT for the dozens of samples an EWMA takes to forget it, while a lasting change passes
 // after two samples. Jitter is computed on the raw samples.
 func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
+	up, settled := p.upLocked(t), t.settled
+	defer func() {
+		if p.upLocked(t) != up || t.settled != settled {
+			select {
+			case p.changed <- struct{}{}:
+			default:
+			}
+		}
+	}()
 	if !t.settled {
 		if !ok {
 			t.okRun = 0
@@ -496,6 +601,14 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 		}
 	}
 	if ok && !t.primed {
+		if t.settled && t.lostRun >= p.cfg.DownAfter {
+			// Back after being down (a target still being set up keeps its losses until it
+			// settles): the outage was reported as down, not as loss, and
+			// the link is judged afresh, as a settled one would be. Otherwise the old
+			// losses would hold the link at tens of percent for a whole window after it
+			// healed, and the published figure (rate-limited) would keep others relaying.
+			t.pos, t.n = 0, 0
+		}
 		t.primed, t.lostRun = true, 0
 		p.recordOutcomeLocked(t, true, -1) // answered, no sample
 		return
@@ -506,6 +619,9 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 		if t.lostRun >= p.cfg.DownAfter {
 			t.primed = false
 		}
+		// An idle target that lost a probe is probed again at the full rate, so a broken
+		// link is confirmed as fast as an active one.
+		t.next = minTime(t.next, t.sent.Add(jittered(p.cfg.Interval)))
 		return
 	}
 	t.lostRun = 0
@@ -559,7 +675,7 @@ func (p *Prober) Run(ctx context.Context) error {
 	}
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	buf := make([]byte, 0, MaxProbeSize)
+	var sc tickScratch
 	for {
 		select {
 		case <-ctx.Done():
@@ -571,22 +687,20 @@ func (p *Prober) Run(ctx context.Context) error {
 		case <-p.kick:
 		case <-timer.C:
 		}
-		wait := p.tick(&buf)
+		wait := p.tick(&sc)
 		timer.Reset(wait)
 	}
 }
 
 // tick sends the probes that are due, expires lost ones, and returns how
-// long to wait until the next thing is due.
-func (p *Prober) tick(buf *[]byte) time.Duration {
+// long to wait until the next thing is due. The encoded requests go into
+// one reused buffer: no allocation per probe beyond the pending entry.
+// O(targets + pending) per call.
+func (p *Prober) tick(sc *tickScratch) time.Duration {
 	now := p.cfg.Now()
-	type send struct {
-		to  netip.AddrPort
-		msg []byte
-	}
-	var sends []send
+	sc.buf, sc.sends = sc.buf[:0], sc.sends[:0]
 	p.mu.Lock()
-	next := now.Add(p.cfg.Interval)
+	next := now.Add(p.cfg.IdleInterval)
 	for seq, pp := range p.pending {
 		deadline := pp.t1.Add(p.cfg.Timeout)
 		if !now.Before(deadline) {
@@ -602,27 +716,60 @@ func (p *Prober) tick(buf *[]byte) time.Duration {
 	for name, t := range p.targets {
 		if !now.Before(t.next) {
 			p.seq++
-			msg, err := AppendProbe((*buf)[:0], Probe{Kind: ProbeRequest, Seq: p.seq, T1: now.UnixNano(), From: p.cfg.Self, Path: name}, p.cfg.Key)
+			start := len(sc.buf)
+			var err error
+			sc.buf, err = AppendProbe(sc.buf, Probe{Kind: ProbeRequest, Seq: p.seq, T1: now.UnixNano(), From: p.cfg.Self, Path: name}, p.cfg.Key)
 			if err == nil {
-				p.pending[p.seq] = &pendingProbe{target: name, t1: now}
-				sends = append(sends, send{t.addr, append([]byte(nil), msg...)})
+				p.pending[p.seq] = pendingProbe{target: name, t1: now}
+				sc.sends = append(sc.sends, probeSend{dest: t.addr, from: start, to: len(sc.buf)})
+			} else {
+				sc.buf = sc.buf[:start]
 			}
-			t.next = now.Add(jittered(p.cfg.Interval))
+			t.sent = now
+			t.next = now.Add(jittered(p.intervalLocked(name, t)))
 		}
 		if t.next.Before(next) {
 			next = t.next
 		}
 	}
 	p.mu.Unlock()
-	for _, s := range sends {
-		if _, err := p.cfg.Conn.WriteTo(s.msg, net.UDPAddrFromAddrPort(s.to)); err != nil {
+	for _, s := range sc.sends {
+		if err := p.writeTo(sc.buf[s.from:s.to], s.dest); err != nil {
 			p.sendErrors.Add(1)
-			p.cfg.Logger.Debug("probe: send failed", "to", s.to, "err", err)
+			p.cfg.Logger.Debug("probe: send failed", "to", s.dest, "err", err)
 			continue
 		}
 		p.sent.Add(1)
 	}
 	return max(next.Sub(now), time.Millisecond)
+}
+
+// tickScratch is the send loop's reused memory.
+type tickScratch struct {
+	buf   []byte
+	sends []probeSend
+}
+
+type probeSend struct {
+	dest     netip.AddrPort
+	from, to int // the request's bytes in tickScratch.buf
+}
+
+// udpAddrPortConn is what *net.UDPConn offers to send and receive without allocating an
+// address per packet.
+type udpAddrPortConn interface {
+	WriteToUDPAddrPort(b []byte, addr netip.AddrPort) (int, error)
+	ReadFromUDPAddrPort(b []byte) (int, netip.AddrPort, error)
+}
+
+func (p *Prober) writeTo(b []byte, to netip.AddrPort) error {
+	var err error
+	if c, ok := p.cfg.Conn.(udpAddrPortConn); ok {
+		_, err = c.WriteToUDPAddrPort(b, to)
+	} else {
+		_, err = p.cfg.Conn.WriteTo(b, net.UDPAddrFromAddrPort(to))
+	}
+	return err
 }
 
 // jittered returns d ± 20%.
@@ -635,8 +782,22 @@ func jittered(d time.Duration) time.Duration {
 func (p *Prober) readLoop() error {
 	buf := make([]byte, 2048)
 	out := make([]byte, 0, MaxProbeSize)
+	ap, fast := p.cfg.Conn.(udpAddrPortConn)
 	for {
-		n, from, err := p.cfg.Conn.ReadFrom(buf)
+		var (
+			n    int
+			from netip.AddrPort
+			err  error
+		)
+		if fast {
+			n, from, err = ap.ReadFromUDPAddrPort(buf)
+		} else {
+			var a net.Addr
+			n, a, err = p.cfg.Conn.ReadFrom(buf)
+			if ua, ok := a.(*net.UDPAddr); ok {
+				from = ua.AddrPort()
+			}
+		}
 		now := p.cfg.Now()
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -649,9 +810,10 @@ func (p *Prober) readLoop() error {
 }
 
 // handle processes one received packet: answers a request, or accounts a
-// reply. It returns the scratch buffer for reuse.
-func (p *Prober) handle(pkt []byte, from net.Addr, now time.Time, out []byte) []byte {
-	m, err := DecodeProbe(pkt, p.cfg.Key)
+// reply. It returns the scratch buffer for reuse. Nothing is allocated per
+// valid packet.
+func (p *Prober) handle(pkt []byte, from netip.AddrPort, now time.Time, out []byte) []byte {
+	m, err := decodeProbe(pkt, p.cfg.Key)
 	if err != nil {
 		p.bad.Add(1)
 		p.cfg.Logger.Debug("probe: dropped packet", "from", from, "err", err)
@@ -659,14 +821,10 @@ func (p *Prober) handle(pkt []byte, from net.Addr, now time.Time, out []byte) []
 	}
 	switch m.Kind {
 	case ProbeRequest:
-		rep := Probe{Kind: ProbeReply, Seq: m.Seq, T1: m.T1, T2: now.UnixNano(), From: p.cfg.Self, Path: m.Path}
-		rep.T3 = p.cfg.Now().UnixNano()
-		rep.T3 = max(rep.T3, rep.T2)
-		out, err = AppendProbe(out[:0], rep, p.cfg.Key)
-		if err != nil {
-			return out
-		}
-		if _, err := p.cfg.Conn.WriteTo(out, from); err != nil {
+		t2 := now.UnixNano()
+		t3 := max(p.cfg.Now().UnixNano(), t2)
+		out = appendReply(out[:0], m, t2, t3, p.cfg.Self, p.cfg.Key)
+		if err := p.writeTo(out, from); err != nil {
 			p.sendErrors.Add(1)
 			return out
 		}
@@ -675,7 +833,7 @@ func (p *Prober) handle(pkt []byte, from net.Addr, now time.Time, out []byte) []
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		pp, ok := p.pending[m.Seq]
-		if !ok || pp.target != m.Path || pp.t1.UnixNano() != m.T1 {
+		if !ok || pp.target != string(m.path) || pp.t1.UnixNano() != m.T1 {
 			p.unexpected.Add(1)
 			return out
 		}
@@ -694,4 +852,27 @@ func (p *Prober) handle(pkt []byte, from net.Addr, now time.Time, out []byte) []
 		p.replies.Add(1)
 	}
 	return out
+}
+
+// appendReply appends the reply to request m (validated by decodeProbe, so its path needs
+// no check; self was validated by NewProber), as AppendProbe would encode it.
+func appendReply(b []byte, m probeView, t2, t3 int64, self string, key []byte) []byte {
+	start := len(b)
+	var flags byte
+	if len(key) > 0 {
+		flags |= probeFlagAuth
+	}
+	b = append(b, probeMagic[0], probeMagic[1], probeVersion, ProbeReply, flags, 0, 0, 0)
+	b = binary.BigEndian.AppendUint64(b, m.Seq)
+	b = binary.BigEndian.AppendUint64(b, uint64(m.T1))
+	b = binary.BigEndian.AppendUint64(b, uint64(t2))
+	b = binary.BigEndian.AppendUint64(b, uint64(t3))
+	b = append(b, byte(len(self)))
+	b = append(b, self...)
+	b = append(b, byte(len(m.path)))
+	b = append(b, m.path...)
+	if len(key) > 0 {
+		b = append(b, probeMAC(key, b[start:])...)
+	}
+	return b
 }

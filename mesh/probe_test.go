@@ -118,14 +118,18 @@ func (c *fakeClock) Add(d time.Duration) {
 // accountingProber returns a prober with a fake clock and a target "b", and a function that
 // sends one request by hand and answers it after rtt, of which hold was spent at the
 // responder (rtt 0: it is lost). Window 4, DownAfter 2.
-func accountingProber(t *testing.T) (*Prober, func(rtt, hold time.Duration)) {
+func accountingProber(t *testing.T, edit ...func(*ProberConfig)) (*Prober, func(rtt, hold time.Duration)) {
 	clk := &fakeClock{now: time.Unix(1000, 0)}
 	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	p, err := NewProber(ProberConfig{Self: "a", Conn: conn, Window: 4, DownAfter: 2, Timeout: 100 * time.Millisecond, Now: clk.Now})
+	cfg := ProberConfig{Self: "a", Conn: conn, Window: 4, DownAfter: 2, Timeout: 100 * time.Millisecond, Now: clk.Now}
+	for _, e := range edit {
+		e(&cfg)
+	}
+	p, err := NewProber(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,12 +143,12 @@ func accountingProber(t *testing.T) (*Prober, func(rtt, hold time.Duration)) {
 		p.seq++
 		seq := p.seq
 		t1 := clk.Now()
-		p.pending[seq] = &pendingProbe{target: "b", t1: t1}
+		p.pending[seq] = pendingProbe{target: "b", t1: t1}
 		p.mu.Unlock()
 		if rtt == 0 {
 			clk.Add(p.cfg.Timeout)
-			var buf []byte
-			p.tick(&buf) // expires it (and sends a real probe nobody answers in time)
+			var sc tickScratch
+			p.tick(&sc) // expires it (and sends a real probe nobody answers in time)
 			p.mu.Lock()
 			clear(p.pending)
 			p.mu.Unlock()
@@ -156,7 +160,7 @@ func accountingProber(t *testing.T) (*Prober, func(rtt, hold time.Duration)) {
 			t.Fatal(err)
 		}
 		clk.Add(rtt + hold)
-		p.handle(rep, nil, clk.Now(), nil)
+		p.handle(rep, netip.AddrPort{}, clk.Now(), nil)
 	}
 	return p, probe
 }
@@ -232,22 +236,23 @@ func TestProberAccounting(t *testing.T) {
 	if s.Loss != 0.5 || s.Up {
 		t.Fatalf("after two losses in a row (DownAfter 2): %+v", s)
 	}
-	// The first reply after the link went down primes again: up, but no sample.
+	// The first reply after the link went down primes again: up, but no sample; the window
+	// restarts (the outage was reported as down, not as loss).
 	samples := s.Samples
 	probe(20*time.Millisecond, 0)
 	s, _ = p.Stats("b")
-	if !s.Up || s.Samples != samples || s.MinRTT != 500*time.Millisecond {
+	if !s.Up || s.Samples != samples || s.MinRTT != 0 || s.Loss != 0 {
 		t.Fatalf("after recovery: %+v", s)
 	}
-	probe(20*time.Millisecond, 0) // the window of 4 forgets the 500ms sample
+	probe(20*time.Millisecond, 0)
 	s, _ = p.Stats("b")
-	if s.Loss != 0.5 || !s.Up || s.Samples != samples+1 || s.MinRTT != 20*time.Millisecond {
+	if s.Loss != 0 || !s.Up || s.Samples != samples+1 || s.MinRTT != 20*time.Millisecond {
 		t.Fatalf("after a sample past recovery: %+v", s)
 	}
 	// A reply nobody asked for, or for another target, is not counted.
 	before := p.Counters().Unexpected
 	rep, _ := AppendProbe(nil, Probe{Kind: ProbeReply, Seq: 12345, From: "b", Path: "b"}, nil)
-	p.handle(rep, nil, time.Unix(2000, 0), nil)
+	p.handle(rep, netip.AddrPort{}, time.Unix(2000, 0), nil)
 	if p.Counters().Unexpected != before+1 {
 		t.Error("unexpected reply not counted")
 	}
@@ -491,4 +496,134 @@ func BenchmarkProbeOverhead(b *testing.B) {
 	cpu := time.Duration(ru1.Utime.Nano() + ru1.Stime.Nano() - ru0.Utime.Nano() - ru0.Stime.Nano())
 	b.ReportMetric(float64(cpu.Microseconds())/secs/n, "cpu-µs/s/peer")
 	b.ReportMetric(0, "ns/op")
+}
+
+// TestProberIdleInterval: a quiet, healthy target is probed at IdleInterval; one marked
+// active, one still settling and one that just lost a probe at Interval.
+func TestProberIdleInterval(t *testing.T) {
+	const fast, idle = 100 * time.Millisecond, 2 * time.Second
+	p, probe := accountingProber(t, func(c *ProberConfig) { c.Interval, c.IdleInterval = fast, idle })
+	// wait sends b's due probe and returns how long until b's next one.
+	wait := func() time.Duration {
+		t.Helper()
+		p.mu.Lock()
+		tg := p.targets["b"]
+		tg.next = p.cfg.Now()
+		p.mu.Unlock()
+		var sc tickScratch
+		p.tick(&sc)
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		clear(p.pending) // the real probe went to our own socket; nobody reads it
+		return tg.next.Sub(p.cfg.Now())
+	}
+	within := func(what string, got, want time.Duration) {
+		t.Helper()
+		if got < want*4/5 || got > want*6/5 {
+			t.Fatalf("%s: next probe in %v, want %v ±20%%", what, got, want)
+		}
+	}
+	within("new target", wait(), fast)
+	for range settleAnswers + 1 {
+		probe(time.Millisecond, 0)
+	}
+	within("settled and quiet", wait(), idle)
+	p.SetActive([]string{"b"})
+	within("active", wait(), fast)
+	p.SetActive(nil)
+	within("idle again", wait(), idle)
+	probe(0, 0) // lost
+	p.mu.Lock()
+	next := p.targets["b"].next.Sub(p.cfg.Now())
+	p.mu.Unlock()
+	if next > fast*6/5 {
+		t.Fatalf("after a loss the next probe is in %v, want within %v", next, fast*6/5)
+	}
+	within("after a loss", wait(), fast)
+	probe(time.Millisecond, 0)
+	within("answered again", wait(), idle)
+}
+
+// TestProberNoAllocsPerPacket: answering a request and accounting a reply allocate
+// nothing (GC was a fifth of an idle peer's CPU).
+func TestProberNoAllocsPerPacket(t *testing.T) {
+	p, _ := accountingProber(t)
+	req, err := AppendProbe(nil, Probe{Kind: ProbeRequest, Seq: 7, T1: 1, From: "c", Path: "a/link"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst := p.cfg.Conn.LocalAddr().(*net.UDPAddr).AddrPort()
+	out := make([]byte, 0, MaxProbeSize)
+	if n := testing.AllocsPerRun(100, func() { out = p.handle(req, dst, p.cfg.Now(), out) }); n != 0 {
+		t.Errorf("answering a request: %v allocations, want 0", n)
+	}
+	rep, err := AppendProbe(nil, Probe{Kind: ProbeReply, Seq: 9, T1: p.cfg.Now().UnixNano(), T2: 5, T3: 6, From: "b", Path: "b"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := testing.AllocsPerRun(100, func() {
+		p.mu.Lock()
+		p.pending[9] = pendingProbe{target: "b", t1: p.cfg.Now()}
+		p.mu.Unlock()
+		p.handle(rep, dst, p.cfg.Now(), nil)
+	}); n != 0 {
+		t.Errorf("accounting a reply: %v allocations, want 0", n)
+	}
+}
+
+// TestProberChanged: going down, coming back up and settling are signalled; a plain
+// answer on a healthy link is not.
+func TestProberChanged(t *testing.T) {
+	p, probe := accountingProber(t)
+	signalled := func() bool {
+		select {
+		case <-p.Changed():
+			return true
+		default:
+			return false
+		}
+	}
+	probe(time.Millisecond, 0) // primes
+	probe(time.Millisecond, 0) // first sample: up
+	probe(time.Millisecond, 0) // third answer in a row: settled
+	if !signalled() {
+		t.Fatal("no signal after the target came up and settled")
+	}
+	probe(time.Millisecond, 0)
+	if signalled() {
+		t.Fatal("signal for an answer that changed nothing")
+	}
+	probe(0, 0)
+	if signalled() {
+		t.Fatal("signal for one loss below DownAfter (2)")
+	}
+	probe(0, 0)
+	if !signalled() {
+		t.Fatal("no signal when the target went down")
+	}
+}
+
+// TestProberRecoveryClearsLoss: a link back after being down is judged afresh; the outage
+// was reported as down, and stale losses must not keep it "lossy" for a whole window.
+func TestProberRecoveryClearsLoss(t *testing.T) {
+	p, probe := accountingProber(t) // window 4, DownAfter 2
+	for range 8 {                   // settled, and a window full of answers
+		probe(time.Millisecond, 0)
+	}
+	probe(0, 0)
+	if s, _ := p.Stats("b"); !s.Up || s.Loss != 0.25 {
+		t.Fatalf("one loss: %+v, want up with loss 0.25", s)
+	}
+	probe(0, 0)
+	if s, _ := p.Stats("b"); s.Up {
+		t.Fatalf("two losses in a row: %+v, want down", s)
+	}
+	probe(time.Millisecond, 0)
+	if s, _ := p.Stats("b"); !s.Up || s.Loss != 0 {
+		t.Fatalf("back after the outage: %+v, want up with loss 0", s)
+	}
+	probe(0, 0)
+	if s, _ := p.Stats("b"); s.Loss != 0.5 {
+		t.Fatalf("a loss after the recovery: %+v, want loss 0.5 (1 of 2 since)", s)
+	}
 }

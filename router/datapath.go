@@ -1,25 +1,29 @@
 package router
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"encoding/base64"
-	"net/http"
-
-	"encoding/json"
 	"fmt"
-	"github.com/containernetworking/cni/pkg/types"
-	"github.com/vishvananda/netlink"
+	"maps"
 	"net"
+	"net/http"
 	"net/netip"
 	"path/filepath"
 	"slices"
 	"sync"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netlink"
+
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/direct"
 	"github.com/weftnet/weft/datapath/vxlan"
 	"github.com/weftnet/weft/datapath/wireguard"
+	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
 )
 
@@ -42,6 +46,10 @@ const (
 	// reapplyEvery re-sends the whole desired state to the drivers so that routes someone
 	// deleted by hand come back.
 	reapplyEvery = 30 * time.Second
+	// datapathTick is how often runDatapath takes the probers' figures without being woken:
+	// a link going up or down wakes it at once (mesh.Prober.Changed), so the tick only
+	// paces RTT and loss moves, which path choice acts on after holds of seconds anyway.
+	datapathTick = time.Second
 )
 
 // links is the datapath side of the peer: the link drivers and what was last applied.
@@ -53,6 +61,17 @@ type links struct {
 
 	mu    sync.Mutex // guards conns
 	conns []Connection
+
+	kick chan struct{} // asks runDatapath to recompute the desired state (poke)
+}
+
+// poke asks the datapath loop to recompute the desired state at its next tick (a change
+// no mesh event reports, such as this peer's own key). Never blocks.
+func (l *links) poke() {
+	select {
+	case l.kick <- struct{}{}:
+	default:
+	}
 }
 
 // startDatapath creates the link drivers and brings them up. It runs before the mesh starts
@@ -78,7 +97,7 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	if err != nil {
 		return err
 	}
-	l := &links{drivers: map[string]datapath.Driver{datapath.ModeVXLAN: vx}, vtepMAC: vx.MAC()}
+	l := &links{drivers: map[string]datapath.Driver{datapath.ModeVXLAN: vx}, vtepMAC: vx.MAC(), kick: make(chan struct{}, 1)}
 	l.pol = linkPolicy{UnderlayPrefix: prefix, NoDirect: p.cfg.NoDirect, Modes: []string{datapath.ModeVXLAN}}
 	if !p.cfg.NoDirect {
 		dr, err := direct.New(direct.Config{Underlay: advertise, UnderlayDev: dev, Logger: log, Metrics: dm})
@@ -140,8 +159,18 @@ func (p *Peer) stopDatapath() {
 // it applied last time (kept in the database), and until it has rejoined the cluster (see
 // startup) it only adds; after that it converges exactly. A peer that cannot reach anyone
 // keeps its last routes for keepAppliedFor.
+//
+// The desired state is recomputed only when an input changed: the membership (mesh events,
+// which carry metadata and key changes), the block table, the relays chosen, this peer's key
+// (links.kick), or the end of a dead peer's peerDownGrace — coalesced into the next tick —
+// and every reapplyEvery as a safety resync that re-applies idempotently. A probed link going
+// up or down runs a round at once (the probers' Changed). Each round otherwise
+// costs O(k) for k probe targets (updateLinks) plus reading the block table, O(blocks); the
+// O(N) work (member list, probe-target choice, plan) runs only on a change.
 func (p *Peer) runDatapath(ctx context.Context) {
 	l := p.links
+	events, cancel := p.mesh.Subscribe()
+	defer cancel()
 	applied, err := loadApplied(p.db)
 	if err != nil {
 		p.log.Warn("last datapath state unreadable; starting from scratch", "err", err)
@@ -150,24 +179,79 @@ func (p *Peer) runDatapath(ctx context.Context) {
 	lastApply := time.Now()
 	st := startup{start: lastApply}
 	live := false
-	tick := time.NewTicker(reconcileInterval)
+	tick := time.NewTicker(datapathTick)
 	defer tick.Stop()
+	linkChanged := p.paths.measured().Changed()
+	recomputes := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_datapath_recomputes_total",
+		Help: "Times the desired datapath state was computed, by what changed (peers, relays, blocks, grace, key, resync, startup)."}, []string{"reason"})
+	p.reg.MustRegister(recomputes)
+	var (
+		why         string // what made the desired state dirty first, for recomputes
+		peers       []mesh.Peer
+		blocks      []ipam.BlockOwnership // the table the desired state was computed from
+		peersDirty  = true                // the member list must be read again
+		targetDirty = true                // probe targets and destinations must be chosen again
+		dirty       = true                // the desired state must be computed again
+		graceEnds   time.Time             // a dead peer's routes go then (zero: none pending)
+	)
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case _, ok := <-events:
+			if !ok {
+				events = nil // the mesh is closing; ctx ends next
+			}
+			peersDirty = true
+			continue
+		case <-l.kick:
+			dirty, why = true, cmp.Or(why, "key")
+			continue
+		case <-linkChanged:
 		case <-tick.C:
 		}
 		now := time.Now()
-		peers := p.mesh.Peers()
-		relays := p.updatePaths(peers, now)
-		want, conns := desiredState(p.cfg.Name, l.pol, peers, p.remoteBlocks(), p.networkRanges(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
+		resync := now.Sub(lastApply) >= reapplyEvery
+		switch {
+		case resync:
+			why = "resync"
+		case !live:
+			why = "startup"
+		case peersDirty:
+			why = cmp.Or(why, "peers")
+		}
+		if peersDirty || resync || !live {
+			peers = p.mesh.Peers()
+			peersDirty, targetDirty, dirty = false, true, true
+		}
+		if targetDirty || resync {
+			p.updatePeers(peers, now)
+			targetDirty = false
+		}
+		relays, relaysChanged := p.updateLinks(now)
+		if relaysChanged {
+			targetDirty, dirty, why = true, true, cmp.Or(why, "relays") // relays are probed at the full rate
+		}
+		cst := p.cluster.Status()
+		if !slices.EqualFunc(cst.Blocks, blocks, sameBlock) {
+			blocks, dirty, why = cst.Blocks, true, cmp.Or(why, "blocks")
+		}
+		if !graceEnds.IsZero() && !now.Before(graceEnds) {
+			dirty, why = true, cmp.Or(why, "grace")
+		}
+		if !dirty {
+			continue
+		}
+		recomputes.WithLabelValues(why).Inc()
+		dirty, why = false, ""
+		want, conns := desiredState(p.cfg.Name, l.pol, peers, remoteBlocks(blocks), p.networkRanges(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
 		want, conns = applyRelays(want, conns, relays)
+		graceEnds = nextGraceEnd(peers, now, peerDownGrace)
 		l.mu.Lock()
 		l.conns = conns
 		l.mu.Unlock()
 		if !live {
-			live = st.over(now, peers, p.cluster.Status().Leader != "", p.cfg.SettleTime)
+			live = st.over(now, peers, cst.Leader != "", p.cfg.SettleTime)
 			switch {
 			case !live:
 				want = unionPeers(applied, want)
@@ -179,7 +263,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 					"after", now.Sub(st.start).Round(time.Millisecond))
 			}
 		}
-		if sameDesired(want, applied) && now.Sub(lastApply) < reapplyEvery {
+		if sameDesired(want, applied) && !resync {
 			continue
 		}
 		p.applyLinks(want)
@@ -188,6 +272,25 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			p.log.Warn("could not save the datapath state", "err", err)
 		}
 	}
+}
+
+// sameBlock compares what the datapath uses of a block table row.
+func sameBlock(a, b ipam.BlockOwnership) bool { return a.CIDR == b.CIDR && a.Owner == b.Owner }
+
+// nextGraceEnd is the earliest time after now at which a peer that is not up loses its
+// routes (plan.Links keeps them for downGrace after it went down), zero when none will: the
+// desired state changes then without any event. O(N).
+func nextGraceEnd(peers []mesh.Peer, now time.Time, downGrace time.Duration) time.Time {
+	var next time.Time
+	for _, pr := range peers {
+		if pr.Self || pr.Up() {
+			continue
+		}
+		if end := pr.Since.Add(downGrace); end.After(now) && (next.IsZero() || end.Before(next)) {
+			next = end
+		}
+	}
+	return next
 }
 
 // startup decides when runDatapath's start-up phase, in which it only adds, is over: once
@@ -233,10 +336,10 @@ func (p *Peer) applyLinks(want map[string][]datapath.RemotePeer) {
 	}
 }
 
-// remoteBlocks groups the Raft block table by owner.
-func (p *Peer) remoteBlocks() map[string][]netip.Prefix {
+// remoteBlocks groups the Raft block table by owner. O(blocks).
+func remoteBlocks(rows []ipam.BlockOwnership) map[string][]netip.Prefix {
 	out := map[string][]netip.Prefix{}
-	for _, row := range p.cluster.Status().Blocks {
+	for _, row := range rows {
 		out[row.Owner] = append(out[row.Owner], row.CIDR)
 	}
 	return out
@@ -290,10 +393,16 @@ func unionPeers(a, b map[string][]datapath.RemotePeer) map[string][]datapath.Rem
 	return out
 }
 
+// sameDesired compares two desired states field by field. O(peers + blocks).
 func sameDesired(a, b map[string][]datapath.RemotePeer) bool {
-	ja, _ := json.Marshal(a)
-	jb, _ := json.Marshal(b)
-	return string(ja) == string(jb)
+	return maps.EqualFunc(a, b, func(x, y []datapath.RemotePeer) bool {
+		return slices.EqualFunc(x, y, sameRemotePeer)
+	})
+}
+
+func sameRemotePeer(a, b datapath.RemotePeer) bool {
+	return a.Name == b.Name && a.Underlay == b.Underlay && bytes.Equal(a.VTEPMAC, b.VTEPMAC) &&
+		a.WireGuardKey == b.WireGuardKey && a.WireGuardPort == b.WireGuardPort && slices.Equal(a.Blocks, b.Blocks)
 }
 
 // rotateKey makes a new WireGuard key and announces its public half; peers switch as the
@@ -309,6 +418,7 @@ func (p *Peer) rotateKey() (string, error) {
 	if err := p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.WireGuardKey = pub }); err != nil {
 		return "", err
 	}
+	p.links.poke()
 	p.log.Info("rotated the WireGuard key")
 	return base64.StdEncoding.EncodeToString(pub[:]), nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -40,16 +41,38 @@ const unknownGrace = 10 * time.Second
 // both are on (see startPaths).
 const underlayProbeSlowdown = 5
 
+// idleProbeSlowdown: a quiet, healthy link (settled, up, no recent loss, not a relay or a
+// relayed destination) is probed this many times slower than --probe-interval. Probe packets
+// were most of an idle peer's CPU. A single loss brings the link back to the full rate, so a
+// broken idle link is down after at most 4×1.2 + 1 (timeout) + 2 (two more losses) ≈ 8 s
+// with the defaults, against ≈ 4 s for an active one (mesh.ProberConfig.IdleInterval).
+const idleProbeSlowdown = 4
+
 // linkStateMinChange: an RTT or jitter moving by less than this is not republished. Path
 // choice switches only on gains of 20% and 1 ms, so smaller moves would be gossip to all for
-// nothing (they are still measured and shown locally).
-const linkStateMinChange = 500 * time.Microsecond
+// nothing (they are still measured and shown locally, and fed to this peer's own path
+// choice). Every publication reaches every peer, and memberlist delivers each about
+// 4·⌈log₁₀(N+1)⌉ times (measured at N=25: 13 link-state messages a second taken by a peer,
+// 100 more dropped as duplicates, each costing a 64 KB receive buffer and a decompression),
+// so the mesh-wide publication rate drives every peer's idle CPU.
+const linkStateMinChange = time.Millisecond
+
+// linkStateRTTChange: nor is an RTT or jitter moving by less than this fraction, the gain
+// path choice needs to switch.
+const linkStateRTTChange = 0.2
+
+// linkStateLossChange: a loss figure moving by less than this (two probes of the window of
+// 20) is not republished: one lost probe on a busy host is noise, not a lossy link.
+const linkStateLossChange = 0.1
 
 // linkStateMinInterval: a link whose figures moved (but that did not go up or down) is
-// republished at most this often, which bounds the mesh-wide link-state rate to N/10 per
-// second whatever the noise (every publication reaches every peer). This peer's own path
-// choice is fed its links at once, not at this pace.
-const linkStateMinInterval = 10 * time.Second
+// republished at most this often, which bounds the mesh-wide link-state rate to k·N/20 per
+// second whatever the noise. Up and down go out at once. This peer's own path choice is fed
+// its links at once, not at this pace; but the other end of a link takes the worse of both
+// directions, so an RTT that fell back is used by the other end only once published: 30 s
+// made the SLA chaos test (back to the direct link within 30 s after a delay is removed)
+// fail under load.
+const linkStateMinInterval = 20 * time.Second
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
 // except for the link-state channel feeding sel (which is safe for concurrent use).
@@ -63,13 +86,15 @@ type paths struct {
 	sel            *pathsel.Selector
 	sla            pathsel.SLA
 
-	targets  map[string]netip.Addr       // peers probed now, by underlay address
-	probeSet mesh.ProbeTargets           // why each target is probed; input to the next choice
-	rnd      *rand.Rand                  // random probe picks
-	added    map[string]time.Time        // when each target was first probed
-	dests    map[string]pathsel.Dest     // destinations as last given to sel
-	own      map[string]mesh.LinkMetrics // this peer's links as last given to sel
-	live     map[string]struct{}         // live peers as of the last tick
+	targets   map[string]netip.Addr       // peers probed now, by underlay address
+	probeSet  mesh.ProbeTargets           // why each target is probed; input to the next choice
+	rnd       *rand.Rand                  // random probe picks
+	added     map[string]time.Time        // when each target was first probed
+	dests     map[string]pathsel.Dest     // destinations as last given to sel
+	own       map[string]mesh.LinkMetrics // this peer's links as last given to sel
+	live      map[string]struct{}         // live peers as of the last updatePeers
+	enc       map[string]bool             // live peers whose direct link is encrypted
+	mustUntil map[string]time.Time        // must-probe peers, until when (see lingering)
 
 	mu      sync.Mutex // guards following
 	choices map[string]pathsel.Choice
@@ -116,13 +141,13 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		return err
 	}
 	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg,
-		RTTMinChange: linkStateMinChange, MinInterval: linkStateMinInterval, Signer: p.identity})
+		RTTChange: linkStateRTTChange, RTTMinChange: linkStateMinChange, LossChange: linkStateLossChange, MinInterval: linkStateMinInterval, Signer: p.identity})
 	if err != nil {
 		return err
 	}
 	pt := &paths{
 		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
-		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
+		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, enc: map[string]bool{}, mustUntil: map[string]time.Time{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
 		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
 		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
 		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
@@ -143,13 +168,24 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if p.cfg.LinkProbePort != 0 {
 		underlayEvery *= underlayProbeSlowdown
 	}
-	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, "--probe-port", stops); err != nil {
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, idleProbeSlowdown*underlayEvery, "--probe-port", stops); err != nil {
 		return err
 	}
 	if p.cfg.LinkProbePort != 0 {
-		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, p.cfg.ProbeInterval, "--link-probe-port", stops); err != nil {
+		if pt.link, err = p.startProber(ctx, advertise, p.cfg.LinkProbePort, p.cfg.ProbeInterval, idleProbeSlowdown*p.cfg.ProbeInterval, "--link-probe-port", stops); err != nil {
 			return err
 		}
+	}
+	for via, pr := range map[string]*mesh.Prober{"underlay": pt.underlay, "link": pt.link} {
+		if pr == nil {
+			continue
+		}
+		p.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "weft_probes_sent_total",
+			Help: "Probe requests this peer sent (quiet links are probed slower).", ConstLabels: prometheus.Labels{"via": via}},
+			func() float64 { return float64(pr.Counters().Sent) }))
+		p.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "weft_probes_answered_total",
+			Help: "Probe requests of other peers this peer answered.", ConstLabels: prometheus.Labels{"via": via}},
+			func() float64 { return float64(pr.Counters().Answered) }))
 	}
 	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks)
 	p.paths = pt
@@ -182,12 +218,14 @@ func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
 	}
 }
 
-// feedOwn gives the selector this peer's links when they moved beyond the link table's
-// thresholds, without waiting for their (rate-limited) publication. O(D).
+// feedOwn gives the selector this peer's links when they moved beyond ownMoved's
+// thresholds — finer than what is published: this peer's own choices should follow its own
+// measurements closely, only the gossip to all is coarse — without waiting for their
+// (rate-limited) publication. O(D).
 func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
 	self := pt.sel.Self()
 	for name, m := range links {
-		if prev, ok := pt.own[name]; ok && !pt.table.Moved(prev, m) {
+		if prev, ok := pt.own[name]; ok && !ownMoved(prev, m) {
 			continue
 		}
 		pt.own[name] = m
@@ -204,11 +242,30 @@ func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
 	}
 }
 
+// ownMoved: a change of one of this peer's links worth feeding to its own path choice: up,
+// down, encryption, RTT or jitter by 10% and 0.5 ms, loss by one point.
+func ownMoved(prev, next mesh.LinkMetrics) bool {
+	durMoved := func(a, b time.Duration) bool {
+		d := max(a-b, b-a)
+		return d >= 500*time.Microsecond && d*10 >= a
+	}
+	return prev.Up != next.Up || prev.Encrypted != next.Encrypted || durMoved(prev.RTT, next.RTT) ||
+		durMoved(prev.Jitter, next.Jitter) || math.Abs(prev.Loss-next.Loss) >= 0.01-1e-9
+}
+
 // probeTargets returns the peers to probe, by underlay address: a bounded set (--probe-targets
 // nearest by coordinates and some random ones, mesh.ChooseProbeTargets) plus every peer this
 // one relays through and every destination it relays (so a healed direct link is seen), so
-// probe traffic per peer does not grow with N. O(N log k).
-func (p *Peer) probeTargets(peers []mesh.Peer) map[string]netip.Addr {
+// probe traffic per peer does not grow with N. A relay or relayed destination stays a target
+// for mustLinger after it stopped being one, so that a relay choice flapping on noise does
+// not add and remove probed links (each a link-state publication to every peer). It also
+// returns the relays in use and the destinations relayed now: they are probed at the full
+// rate even when quiet, a relay because it carries traffic, a relayed destination so that
+// its direct link's recovery (an RTT falling back, which the moving average follows sample
+// by sample) is seen fast. Lingering ones are probed at the idle rate: probing them all at
+// the full rate made a loaded host, whose RTTs are noise and whose choices relay on that
+// noise, probe 40 targets a second at N=50. O(N log k).
+func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.Addr, []string) {
 	pt := p.paths
 	under := make(map[string]netip.Addr, len(peers))
 	live := make([]string, 0, len(peers))
@@ -219,14 +276,17 @@ func (p *Peer) probeTargets(peers []mesh.Peer) map[string]netip.Addr {
 		}
 	}
 	pt.mu.Lock()
-	must := make([]string, 0, 2*len(pt.relays))
+	needed := make([]string, 0, 2*len(pt.relays))
+	active := make([]string, 0, len(pt.relays))
 	for dest, relay := range pt.relays {
-		must = append(must, dest, relay)
+		needed = append(needed, dest, relay)
+		active = append(active, dest, relay)
 	}
 	pt.mu.Unlock()
+	must := lingering(needed, pt.mustUntil, now, mustLinger)
 	pt.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
 		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Must: must,
-		Current: pt.probeSet, Now: time.Now(), Rand: pt.rnd,
+		Current: pt.probeSet, Now: now, Rand: pt.rnd,
 	}, mesh.ProbeTargetConfig{K: p.cfg.ProbeTargets})
 	targets := make(map[string]netip.Addr, p.cfg.ProbeTargets+len(must))
 	for _, name := range pt.probeSet.All() {
@@ -234,7 +294,29 @@ func (p *Peer) probeTargets(peers []mesh.Peer) map[string]netip.Addr {
 			targets[name] = a
 		}
 	}
-	return targets
+	return targets, active
+}
+
+// mustLinger: how long a relay or relayed destination stays a must-probe target after it
+// stopped being one (see probeTargets).
+const mustLinger = 2 * time.Minute
+
+// lingering records the needed names in until (each kept until now+linger), forgets names
+// whose time is over, and returns every name still kept, sorted. O(len(until) log).
+func lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
+	for _, n := range needed {
+		until[n] = now.Add(linger)
+	}
+	out := make([]string, 0, len(until))
+	for n, t := range until {
+		if !now.Before(t) {
+			delete(until, n)
+			continue
+		}
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // coordEstimator estimates RTTs from the mesh's Vivaldi coordinates. Path selection is built
@@ -265,13 +347,13 @@ func isLiveRemote(pr mesh.Peer) bool {
 }
 
 // startProber binds one probe socket on the underlay address and runs a prober on it.
-func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, every time.Duration, flag string, stops *[]func()) (*mesh.Prober, error) {
+func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, every, idleEvery time.Duration, flag string, stops *[]func()) (*mesh.Prober, error) {
 	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(advertise, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s %d: %w", flag, port, err)
 	}
 	prober, err := mesh.NewProber(mesh.ProberConfig{
-		Self: p.cfg.Name, Conn: conn, Interval: every, Timeout: p.cfg.probeTimeout(),
+		Self: p.cfg.Name, Conn: conn, Interval: every, IdleInterval: idleEvery, Timeout: p.cfg.probeTimeout(),
 		Key: probeKey(p.cfg.ClusterKey), Logger: p.log.With("component", "probe", "port", port),
 	})
 	if err != nil {
@@ -288,13 +370,13 @@ func (p *Peer) startProber(ctx context.Context, advertise netip.Addr, port int, 
 	return prober, nil
 }
 
-// updatePaths probes the probe targets, publishes this peer's links when they moved, feeds
-// every change into path selection and re-evaluates only the destinations it affected. It
-// returns, for each destination that goes through a relay, the relay's name. O(N) map
-// upkeep per call plus O(changed × D) path search.
-func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
+// updatePeers is the membership half of path upkeep, run by the datapath loop only when the
+// membership or the relays changed (and at every resync): it chooses the probe targets —
+// relays and relayed destinations probed at the full rate even when quiet — and the
+// destinations of path selection. O(N log k) for N peers and k probe targets.
+func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 	pt := p.paths
-	targets := p.probeTargets(peers)
+	targets, active := p.probeTargets(peers, now)
 	if !maps.Equal(targets, pt.targets) {
 		if err := pt.underlay.SetTargets(withPort(targets, p.cfg.ProbePort)); err != nil {
 			p.log.Warn("probe targets", "err", err)
@@ -321,6 +403,10 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 		pt.targets = targets
 	}
+	pt.underlay.SetActive(active)
+	if pt.link != nil {
+		pt.link.SetActive(active)
+	}
 	// Destinations: every live peer, encrypted when its direct link runs over WireGuard (a
 	// pair that must be encrypted is relayed only along encrypted links, every hop included).
 	live := make(map[string]struct{}, len(peers))
@@ -333,19 +419,10 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		live[pr.Name] = struct{}{}
 		enc := chooseLink(p.links.pol, pr.Meta).Mode == datapath.ModeWireGuard
 		encrypted[pr.Name] = enc
-		d := pathsel.Dest{Encrypted: enc}
-		// A link not measured yet is unknown, not broken: until its probes have settled
-		// (three answers in a row: the tunnel and probe routes are built at both ends) or
-		// unknownGrace has passed (then silence does mean down), traffic takes the direct
-		// link rather than a relay chosen on set-up losses.
-		if added, probed := pt.added[pr.Name]; probed && now.Sub(added) < unknownGrace {
-			if st, ok := pt.measured().Stats(pr.Name); !ok || !st.Settled {
-				d.Pending = true
-			}
-		}
-		dests[pr.Name] = d
+		dests[pr.Name] = pathsel.Dest{Encrypted: enc, Pending: pt.pending(pr.Name, now)}
 	}
-	// A peer gone from the mesh: forget its links (ours to it go by the publication below).
+	pt.enc = encrypted
+	// A peer gone from the mesh: forget its links (ours to it go by the next publication).
 	for name := range pt.live {
 		if _, ok := live[name]; !ok {
 			pt.feed(p.log, pt.table.Remove(name))
@@ -358,16 +435,63 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 		}
 	}
 	pt.live = live
+	if !maps.Equal(dests, pt.dests) {
+		pt.sel.SetDestinations(dests)
+		pt.dests = dests
+	}
+}
+
+// pending says whether a destination's direct link is still unknown rather than broken: a
+// link not measured yet is unknown until its probes have settled (three answers in a row:
+// the tunnel and probe routes are built at both ends) or unknownGrace has passed (then
+// silence does mean down); meanwhile traffic takes the direct link rather than a relay
+// chosen on set-up losses. O(1).
+func (pt *paths) pending(name string, now time.Time) bool {
+	added, probed := pt.added[name]
+	if !probed || now.Sub(added) >= unknownGrace {
+		return false
+	}
+	st, ok := pt.measured().Stats(name)
+	return !ok || !st.Settled
+}
+
+// updateLinks is the measuring half of path upkeep, run every datapath tick: it publishes
+// this peer's links when they moved, feeds every change into path selection and
+// re-evaluates only the destinations it affected. It returns, for each destination that
+// goes through a relay, the relay's name, and whether that map changed since the last call.
+// O(k) for k probe targets plus O(changed × D) path search; nothing in it grows with N
+// except a copy of the destinations when a new target settles (O(N), rare).
+func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
+	pt := p.paths
+	// Targets still in their grace: their pending flag ends when they settle or it expires.
+	var dests map[string]pathsel.Dest
+	for name := range pt.added {
+		d, ok := pt.dests[name]
+		if !ok || !d.Pending {
+			continue
+		}
+		if !pt.pending(name, now) {
+			if dests == nil {
+				dests = maps.Clone(pt.dests) // the selector keeps the map it was given
+			}
+			d.Pending = false
+			dests[name] = d
+		}
+	}
+	if dests != nil {
+		pt.sel.SetDestinations(dests)
+		pt.dests = dests
+	}
 	measured := pt.measured().All()
 	// A link not settled yet is not advertised until unknownGrace says it is down: the
 	// other end takes each link as the worse of both directions, and "still being built"
 	// must not count there as "down" or "lossy".
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if _, ok := targets[name]; !ok || !st.Settled && now.Sub(pt.added[name]) < unknownGrace {
+		if _, ok := pt.targets[name]; !ok || !st.Settled && now.Sub(pt.added[name]) < unknownGrace {
 			continue
 		}
-		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: encrypted[name]}
+		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: pt.enc[name]}
 	}
 	msgs, _ := pt.table.PublishLinks(p.cfg.Name, links)
 	for _, msg := range msgs {
@@ -380,15 +504,15 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	if pt.link != nil {
 		pt.exportLinks("link", measured)
 	}
-	if !maps.Equal(dests, pt.dests) {
-		pt.sel.SetDestinations(dests)
-		pt.dests = dests
-	}
 	changed := pt.sel.Select(now)
 	pt.mu.Lock()
 	defer pt.mu.Unlock()
+	relaysChanged := false
 	for name := range pt.choices {
-		if _, ok := dests[name]; !ok {
+		if _, ok := pt.dests[name]; !ok {
+			if _, relayed := pt.relays[name]; relayed {
+				relaysChanged = true
+			}
 			delete(pt.choices, name)
 			delete(pt.relays, name)
 			pt.rtt.DeleteLabelValues(name)
@@ -402,10 +526,13 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	for name, c := range changed {
 		prev, had := pt.choices[name]
 		pt.choices[name] = c
+		was, relayed := pt.relays[name]
 		if len(c.Path) == 2 {
 			pt.relays[name] = c.Path[0]
+			relaysChanged = relaysChanged || !relayed || was != c.Path[0]
 		} else {
 			delete(pt.relays, name)
+			relaysChanged = relaysChanged || relayed
 		}
 		if !c.SLAOK && !c.Unmeasured && len(c.Path) > 0 && (!had || prev.SLAOK) {
 			pt.violations.WithLabelValues(name, pt.sla.Name).Inc()
@@ -430,7 +557,17 @@ func (p *Peer) updatePaths(peers []mesh.Peer, now time.Time) map[string]string {
 	}
 	// Choices whose reason alone moved (a hold's progress) are refreshed for status only
 	// when asked: routes() reads the selector.
-	return maps.Clone(pt.relays)
+	return maps.Clone(pt.relays), relaysChanged
+}
+
+// ownLink is this peer's link to dest as measured now: the table holds what was published,
+// which lags by up to linkStateMinInterval. A link not probed falls back to the table.
+func (pt *paths) ownLink(dest string, measured map[string]mesh.LinkStats) mesh.LinkMetrics {
+	if st, ok := measured[dest]; ok {
+		return mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
+	}
+	lm, _ := pt.table.Link(pt.sel.Self(), dest)
+	return lm
 }
 
 func (pt *paths) current(dest string) (pathsel.Choice, bool) {
@@ -515,6 +652,7 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 func (p *Peer) routes() []Route {
 	pt := p.paths
 	under := pt.underlay.All()
+	measured := pt.measured().All()
 	modes := map[string]string{}
 	for _, c := range p.connections() {
 		modes[c.Peer] = c.Mode
@@ -527,7 +665,7 @@ func (p *Peer) routes() []Route {
 		if r.Path == nil {
 			r.Path = []string{}
 		}
-		lm, _ := pt.table.Link(p.cfg.Name, dest)
+		lm := pt.ownLink(dest, measured)
 		r.Direct = Hop{From: p.cfg.Name, To: dest, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up}
 		u := under[dest]
 		r.Underlay = Hop{From: p.cfg.Name, To: dest, RTTms: ms(u.RTT), JitterMs: ms(u.Jitter), Loss: u.Loss, Up: u.Up}
@@ -539,6 +677,9 @@ func (p *Peer) routes() []Route {
 			from := p.cfg.Name
 			for _, to := range c.Path {
 				lm, _ := pt.table.Link(from, to)
+				if from == p.cfg.Name {
+					lm = pt.ownLink(to, measured)
+				}
 				r.Hops = append(r.Hops, Hop{From: from, To: to, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up})
 				from = to
 			}

@@ -64,6 +64,7 @@ type options struct {
 	weftPrefix string
 	serfPrefix string
 	keepLogs   string
+	profile    string   // directory for a CPU and an allocation profile of host 1
 	weftArgs   []string // extra `weft peer` flags for every host
 	mc         measureConfig
 	pingWait   time.Duration
@@ -103,6 +104,7 @@ func run() error {
 	flag.StringVar(&o.weftPrefix, "prefix", "wscl", "namespace prefix of the weft labs")
 	flag.StringVar(&o.serfPrefix, "serf-prefix", "wsrf", "namespace prefix of the serf labs")
 	flag.StringVar(&o.keepLogs, "keep-logs", "", "copy every peer's log into this directory before teardown")
+	flag.StringVar(&o.profile, "profile", "", "take a CPU profile (over the idle window) and a heap profile of weft host 1 into this directory (adds --pprof)")
 	weftArgs := flag.String("weft-args", "", "extra weft peer flags for every host, space-separated (e.g. \"--log-level warn\")")
 	flag.IntVar(&o.mc.batch, "batch", 10, "processes started together after the three seeds")
 	flag.DurationVar(&o.mc.startTimeout, "start-timeout", 60*time.Second, "longest wait for one batch to answer")
@@ -113,6 +115,9 @@ func run() error {
 	flag.DurationVar(&o.pingWait, "ping-timeout", 60*time.Second, "longest wait for the Raft leader, each attachment, and the ping matrix")
 	flag.Parse()
 	o.weftArgs = strings.Fields(*weftArgs)
+	if o.profile != "" {
+		o.weftArgs = append(o.weftArgs, "--pprof")
+	}
 	var err error
 	if o.ns, err = parseNs(*nsFlag); err != nil {
 		return err
@@ -196,7 +201,11 @@ func runWeft(ctx context.Context, o options, n int) (r *result, err error) {
 	}
 	w := newWeftCluster(l)
 	defer teardown(o, l, w, "weft", &err)
-	if err := measure(ctx, o.mc, l, w, r); err != nil {
+	mc := o.mc
+	if o.profile != "" {
+		mc.onIdle = func(ctx context.Context, window time.Duration) { profileHost(ctx, o.profile, l.Host(1), n, window) }
+	}
+	if err := measure(ctx, mc, l, w, r); err != nil {
 		return r, err
 	}
 	return r, containerPings(ctx, l, w, o.samples, o.pingWait, r)
@@ -212,6 +221,34 @@ func runSerf(ctx context.Context, o options, n int) (r *result, err error) {
 	s := newSerfCluster(o.serfBin, l)
 	defer teardown(o, l, s, "serf", &err)
 	return r, measure(ctx, o.mc, l, s, r)
+}
+
+// profileHost saves a CPU profile of h's peer over most of window, then its heap profile
+// (allocations since start included), and its metrics at both ends of the CPU profile, as
+// DIR/weft-N<n>-{cpu,heap}.pprof and DIR/weft-N<n>-metrics-{start,end}.txt. Failures are
+// reported, not fatal: the figures matter more than the profile.
+func profileHost(ctx context.Context, dir string, h *lab.Host, n int, window time.Duration) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, "scale: profile:", err)
+		return
+	}
+	secs := max(1, int((window - 2*time.Second).Seconds()))
+	base := filepath.Join(dir, fmt.Sprintf("weft-N%d-", n))
+	get := func(path, file string) {
+		if out, err := h.Exec(ctx, "curl", "-sf", "-o", base+file, "http://127.0.0.1:6782/debug/pprof/"+path); err != nil {
+			fmt.Fprintln(os.Stderr, "scale: profile:", err, string(out))
+		}
+	}
+	metrics := func(file string) {
+		if out, err := h.Exec(ctx, "curl", "-sf", "-o", base+file, "http://127.0.0.1:6782/metrics"); err != nil {
+			fmt.Fprintln(os.Stderr, "scale: metrics:", err, string(out))
+		}
+	}
+	metrics("metrics-start.txt")
+	get(fmt.Sprintf("profile?seconds=%d", secs), "cpu.pprof")
+	metrics("metrics-end.txt")
+	get("heap", "heap.pprof")
+	progress("weft N=%d: profiles of %s in %s", n, h.Name, base+"*.pprof")
 }
 
 // keepLogs copies every host's peer.log and serf.log to dir/<system>-<host>.log.

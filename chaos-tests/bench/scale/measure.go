@@ -38,6 +38,9 @@ type measureConfig struct {
 	settle       time.Duration // after convergence, before the idle window
 	window       time.Duration // idle CPU window
 	workers      int           // concurrent API polls
+	// onIdle, when set, runs alongside the idle window (e.g. to take a profile); it must
+	// return within the window.
+	onIdle func(ctx context.Context, window time.Duration)
 }
 
 // measure starts the cluster on every host of l (host 0 first, then the seeds 1 and 2,
@@ -158,6 +161,11 @@ func measure(ctx context.Context, cfg measureConfig, l *lab.Lab, c cluster, r *r
 	progress("%s N=%d: all see all: %s; idle window of %s after %s", r.system, r.n, r.seeAllText(), cfg.window, cfg.settle)
 	if err := sleep(ctx, cfg.settle); err != nil {
 		return err
+	}
+	if cfg.onIdle != nil {
+		done := make(chan struct{})
+		go func() { defer close(done); cfg.onIdle(ctx, cfg.window) }()
+		defer func() { <-done }()
 	}
 	return idle(ctx, cfg.window, hosts, c, r)
 }

@@ -99,7 +99,7 @@ func run() error {
 	flag.IntVar(&o.probePort, "probe-port", 7947, "underlay probe port (udp)")
 	flag.IntVar(&o.linkProbePort, "link-probe-port", 7948, "link probe port (udp), 0: no link prober (weft peer's default has one)")
 	flag.DurationVar(&o.probeInterval, "probe-interval", time.Second, "probe interval per target (weft peer's --probe-interval)")
-	flag.DurationVar(&o.pathInterval, "path-interval", 500*time.Millisecond, "path recompute period per peer (the router's reconcile tick)")
+	flag.DurationVar(&o.pathInterval, "path-interval", time.Second, "path recompute period per peer (the router's datapathTick)")
 	flag.BoolVar(&o.syncOnJoin, "sync-on-join", false, "full runs: every peer starts a full push/pull with each joiner (the router did before it synced only when DNS refused records); never in the membership-only run")
 	flag.IntVar(&o.probeTargets, "probe-targets", 16, "peers each peer measures directly (weft peer's --probe-targets)")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")

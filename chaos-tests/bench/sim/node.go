@@ -3,17 +3,20 @@ package main
 // One simulated peer: how it builds its mesh, probers, link state and path
 // choice, fed to a recording fake datapath. This file is the only one that
 // knows weft's per-peer wiring; it mirrors router/membership.go startMesh
-// and runMembership (join events) and router/paths.go startPaths and
-// updatePaths, minus the kernel, Raft, DNS and metrics. Swap components
-// here when the router's wiring changes.
+// and runMembership (join events), router/paths.go startPaths, updatePeers
+// and updateLinks, and router/datapath.go runDatapath's event-driven loop,
+// minus the kernel, Raft, DNS and metrics. Swap components here when the
+// router's wiring changes.
 
 import (
 	"context"
 	"fmt"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -25,6 +28,42 @@ import (
 // unknownGrace mirrors router/paths.go: how long a new probe target that has
 // not answered counts as unknown rather than down.
 const unknownGrace = 10 * time.Second
+
+// idleProbeSlowdown, resyncEvery and mustLinger mirror router/paths.go and
+// router/datapath.go (idleProbeSlowdown, reapplyEvery, mustLinger).
+const (
+	idleProbeSlowdown = 4
+	resyncEvery       = 30 * time.Second
+	mustLinger        = 2 * time.Minute
+)
+
+// ownMoved mirrors router/paths.go ownMoved: own links are fed to path
+// choice on finer moves than they are published.
+func ownMoved(prev, next mesh.LinkMetrics) bool {
+	durMoved := func(a, b time.Duration) bool {
+		d := max(a-b, b-a)
+		return d >= 500*time.Microsecond && d*10 >= a
+	}
+	return prev.Up != next.Up || prev.Encrypted != next.Encrypted || durMoved(prev.RTT, next.RTT) ||
+		durMoved(prev.Jitter, next.Jitter) || math.Abs(prev.Loss-next.Loss) >= 0.01-1e-9
+}
+
+// lingering mirrors router/paths.go lingering.
+func lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
+	for _, n := range needed {
+		until[n] = now.Add(linger)
+	}
+	out := make([]string, 0, len(until))
+	for n, t := range until {
+		if !now.Before(t) {
+			delete(until, n)
+			continue
+		}
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}
 
 // nodeConfig configures one simulated peer.
 type nodeConfig struct {
@@ -45,7 +84,8 @@ type nodeConfig struct {
 	ProbeInterval time.Duration
 	// ProbeTargets as --probe-targets (k).
 	ProbeTargets int
-	// PathInterval is the router's datapath loop period (reconcileInterval).
+	// PathInterval is the router's datapath loop period (datapathTick); a
+	// probed link going up or down runs a round at once, as in the router.
 	PathInterval time.Duration
 	// PathSlot is shared by all nodes: one path computation at a time, so a
 	// super-linear path cost shows as time per run and fewer runs per
@@ -76,6 +116,7 @@ type node struct {
 	live           map[string]struct{}
 	relays         map[string]string // destination → relay, as the router keeps it
 	own            map[string]mesh.LinkMetrics
+	mustUntil      map[string]time.Time
 
 	cancel context.CancelFunc
 	loops  sync.WaitGroup // membership and path loops, probers
@@ -88,7 +129,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	n = &node{cfg: cfg, dp: newRecorder(), cancel: cancel, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 		targets: map[string]netip.Addr{}, added: map[string]time.Time{}, dests: map[string]pathsel.Dest{},
-		live: map[string]struct{}{}, relays: map[string]string{}, own: map[string]mesh.LinkMetrics{}}
+		live: map[string]struct{}{}, relays: map[string]string{}, own: map[string]mesh.LinkMetrics{}, mustUntil: map[string]time.Time{}}
 	defer func() {
 		if err != nil {
 			n.close()
@@ -97,9 +138,9 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	}()
 	id := identity.Generate() // as the router's identity.LoadOrCreate, in memory
 	if !cfg.MembershipOnly {
-		// As router/paths.go startPaths: RTT moves under 0.5 ms are not republished, and
-		// moved figures at most every 10 s.
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTMinChange: 500 * time.Microsecond, MinInterval: 10 * time.Second, Signer: id}); err != nil {
+		// As router/paths.go startPaths: RTT moves under 20% or 1 ms and loss moves under
+		// 10 points are not republished, and moved figures at most every 20 s.
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1, MinInterval: 20 * time.Second, Signer: id}); err != nil {
 			return n, err
 		}
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
@@ -109,11 +150,11 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		if cfg.LinkProbePort != 0 {
 			underlayEvery *= 5
 		}
-		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, kindProbeUnderlay); err != nil {
+		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, idleProbeSlowdown*underlayEvery, kindProbeUnderlay); err != nil {
 			return n, err
 		}
 		if cfg.LinkProbePort != 0 {
-			if n.link, err = n.startProber(ctx, cfg.LinkProbePort, cfg.ProbeInterval, kindProbeLink); err != nil {
+			if n.link, err = n.startProber(ctx, cfg.LinkProbePort, cfg.ProbeInterval, idleProbeSlowdown*cfg.ProbeInterval, kindProbeLink); err != nil {
 				return n, err
 			}
 		}
@@ -160,17 +201,19 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		n.membershipLoop(ctx, events)
 	}()
 	if !cfg.MembershipOnly {
+		pathEvents, unsubscribe := n.mesh.Subscribe()
 		n.loops.Add(1)
 		go func() {
 			defer n.loops.Done()
-			n.pathLoop(ctx)
+			defer unsubscribe()
+			n.pathLoop(ctx, pathEvents)
 		}()
 	}
 	return n, nil
 }
 
 // startProber binds a probe socket on the peer's address, counted as kind.
-func (n *node) startProber(ctx context.Context, port int, every time.Duration, kind string) (*mesh.Prober, error) {
+func (n *node) startProber(ctx context.Context, port int, every, idleEvery time.Duration, kind string) (*mesh.Prober, error) {
 	conn, err := net.ListenPacket("udp", netip.AddrPortFrom(n.cfg.Addr, uint16(port)).String())
 	if err != nil {
 		return nil, fmt.Errorf("probe socket: %w", err)
@@ -178,7 +221,7 @@ func (n *node) startProber(ctx context.Context, port int, every time.Duration, k
 	n.conns = append(n.conns, conn)
 	p, err := mesh.NewProber(mesh.ProberConfig{
 		Self: n.cfg.Name, Conn: &countingPacketConn{PacketConn: conn, c: n.cfg.Traffic, kind: kind},
-		Interval: every, Timeout: min(2*n.cfg.ProbeInterval, time.Second),
+		Interval: every, IdleInterval: idleEvery, Timeout: min(2*n.cfg.ProbeInterval, time.Second),
 	})
 	if err != nil {
 		return nil, err
@@ -213,29 +256,66 @@ func (n *node) membershipLoop(ctx context.Context, events <-chan mesh.Event) {
 	}
 }
 
-// pathLoop mirrors router runDatapath's tick: update paths, then hand the
-// desired routes to the (fake) datapath.
-func (n *node) pathLoop(ctx context.Context) {
+// pathLoop mirrors router runDatapath: the member list is read again and
+// the probe targets chosen again only after a mesh event, a relay change or
+// a resync; every tick measures (updateLinks); the desired routes are
+// handed to the (fake) datapath only when the relays changed, the member
+// list changed, or at a resync.
+func (n *node) pathLoop(ctx context.Context, events <-chan mesh.Event) {
 	tick := time.NewTicker(n.cfg.PathInterval)
 	defer tick.Stop()
+	linkChanged := n.prober().Changed()
+	var (
+		peers                    []mesh.Peer
+		peersDirty, targetsDirty = true, true
+		lastSet                  time.Time
+	)
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case _, ok := <-events:
+			if !ok {
+				events = nil
+			}
+			peersDirty = true
+			continue
+		case <-linkChanged:
 		case <-tick.C:
 		}
-		if !n.updatePaths(ctx, n.mesh.Peers(), time.Now()) {
+		now := time.Now()
+		resync := now.Sub(lastSet) >= resyncEvery
+		dirty := resync
+		if peersDirty || resync {
+			peers = n.mesh.Peers()
+			peersDirty, targetsDirty, dirty = false, true, true
+		}
+		if targetsDirty {
+			n.updatePeers(peers, now)
+			targetsDirty = false
+		}
+		relaysChanged, choicesChanged, ok := n.updateLinks(ctx, now)
+		if !ok {
 			return
+		}
+		if relaysChanged {
+			targetsDirty, dirty = true, true
+		}
+		// The router's datapath changes only with the relays; the recorder also counts
+		// destinations without a working path, so any changed choice is recorded.
+		dirty = dirty || choicesChanged
+		if dirty {
+			n.setRoutes()
+			lastSet = now
 		}
 	}
 }
 
-// updatePaths mirrors router/paths.go updatePaths with --encrypt=never (no
-// link is encrypted) and without the Prometheus gauges: bounded probe
-// targets, only changed link entries published, path choice re-evaluated
-// only where something changed. It returns false when ctx ended while
-// waiting for the path slot. O(N) map upkeep plus O(changed × D).
-func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time) bool {
+// updatePeers mirrors router/paths.go updatePeers with --encrypt=never:
+// bounded probe targets (relays and relayed destinations kept for
+// mustLinger, relays and relayed destinations in use probed at the full
+// rate), destinations for path choice. O(N log k).
+func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	under := map[string]netip.Addr{}
 	live := map[string]struct{}{}
 	names := make([]string, 0, len(peers))
@@ -246,10 +326,13 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 			names = append(names, pr.Name)
 		}
 	}
-	must := make([]string, 0, 2*len(n.relays))
+	needed := make([]string, 0, 2*len(n.relays))
+	active := make([]string, 0, len(n.relays))
 	for dest, relay := range n.relays {
-		must = append(must, dest, relay)
+		needed = append(needed, dest, relay)
+		active = append(active, dest, relay)
 	}
+	must := lingering(needed, n.mustUntil, now, mustLinger)
 	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
 		Self: n.cfg.Name, Live: names, Estimate: n.mesh.EstimateRTT, Must: must,
 		Current: n.probeSet, Now: now, Rand: n.rnd,
@@ -277,19 +360,13 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 		n.targets = targets
 	}
-	prober := n.underlay
+	n.underlay.SetActive(active)
 	if n.link != nil {
-		prober = n.link
+		n.link.SetActive(active)
 	}
 	dests := make(map[string]pathsel.Dest, len(live))
 	for name := range live {
-		d := pathsel.Dest{}
-		if added, probed := n.added[name]; probed && now.Sub(added) < unknownGrace {
-			if st, ok := prober.Stats(name); !ok || !st.Settled {
-				d.Pending = true
-			}
-		}
-		dests[name] = d
+		dests[name] = pathsel.Dest{Pending: n.pending(name, now)}
 	}
 	for name := range n.live {
 		if _, ok := live[name]; !ok {
@@ -303,10 +380,51 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 	}
 	n.live = live
-	measured := prober.All()
+	if !maps.Equal(dests, n.dests) {
+		n.sel.SetDestinations(dests)
+		n.dests = dests
+	}
+}
+
+func (n *node) prober() *mesh.Prober {
+	if n.link != nil {
+		return n.link
+	}
+	return n.underlay
+}
+
+// pending mirrors router/paths.go pending.
+func (n *node) pending(name string, now time.Time) bool {
+	added, probed := n.added[name]
+	if !probed || now.Sub(added) >= unknownGrace {
+		return false
+	}
+	st, ok := n.prober().Stats(name)
+	return !ok || !st.Settled
+}
+
+// updateLinks mirrors router/paths.go updateLinks without the Prometheus
+// gauges: only changed link entries published, path choice re-evaluated
+// only where something changed. It returns whether the relays and any
+// choice changed, and ok false when ctx ended while waiting for the path
+// slot. O(k) plus O(changed × D).
+func (n *node) updateLinks(ctx context.Context, now time.Time) (relaysChanged, choicesChanged, ok bool) {
+	var dests map[string]pathsel.Dest
+	for name := range n.added {
+		d, ok := n.dests[name]
+		if !ok || !d.Pending || n.pending(name, now) {
+			continue
+		}
+		if dests == nil {
+			dests = maps.Clone(n.dests)
+		}
+		d.Pending = false
+		dests[name] = d
+	}
+	measured := n.prober().All()
 	links := make(map[string]mesh.LinkMetrics, len(measured))
 	for name, st := range measured {
-		if _, ok := targets[name]; !ok || !st.Settled && now.Sub(n.added[name]) < unknownGrace {
+		if _, ok := n.targets[name]; !ok || !st.Settled && now.Sub(n.added[name]) < unknownGrace {
 			continue
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
@@ -320,23 +438,40 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 	select {
 	case n.cfg.PathSlot <- struct{}{}:
 	case <-ctx.Done():
-		return false
+		return false, false, false
 	}
 	start := time.Now()
-	if !maps.Equal(dests, n.dests) {
+	if dests != nil {
 		n.sel.SetDestinations(dests)
 		n.dests = dests
 	}
-	for name, c := range n.sel.Select(now) {
+	changes := n.sel.Select(now)
+	choicesChanged = len(changes) > 0
+	for name, c := range changes {
+		was, relayed := n.relays[name]
 		if len(c.Path) == 2 {
 			n.relays[name] = c.Path[0]
+			relaysChanged = relaysChanged || !relayed || was != c.Path[0]
 		} else {
 			delete(n.relays, name)
+			relaysChanged = relaysChanged || relayed
+		}
+	}
+	for name := range n.relays {
+		if _, ok := n.dests[name]; !ok {
+			delete(n.relays, name)
+			relaysChanged = true
 		}
 	}
 	n.cfg.Paths.add(time.Since(start))
 	<-n.cfg.PathSlot
-	routes := make(map[string]string, len(live))
+	return relaysChanged, choicesChanged, true
+}
+
+// setRoutes hands the desired routes to the fake datapath (router
+// runDatapath's desiredState + applyRelays + applyLinks).
+func (n *node) setRoutes() {
+	routes := make(map[string]string, len(n.live))
 	for name, c := range n.sel.Choices() {
 		switch {
 		case len(c.Path) == 0:
@@ -348,7 +483,6 @@ func (n *node) updatePaths(ctx context.Context, peers []mesh.Peer, now time.Time
 		}
 	}
 	n.dp.Set(routes)
-	return true
 }
 
 // feed applies others' link-state changes to path selection (router/paths.go feed).
@@ -368,7 +502,7 @@ func (n *node) feed(changes []mesh.LinkChange) {
 // feedOwn gives path selection this peer's links when they moved (router/paths.go feedOwn).
 func (n *node) feedOwn(links map[string]mesh.LinkMetrics) {
 	for name, m := range links {
-		if prev, ok := n.own[name]; ok && !n.table.Moved(prev, m) {
+		if prev, ok := n.own[name]; ok && !ownMoved(prev, m) {
 			continue
 		}
 		n.own[name] = m
