@@ -224,10 +224,17 @@ func TestRoguePeer(t *testing.T) {
 			}
 		}
 		st := ipamOf(t, ctx, h)
+		victimBlocks := 0
 		for _, b := range st.Blocks {
 			if b.Network != "default" || b.Owner == rogueHost.Name {
 				t.Errorf("%s lists block %s of network %q owned by %s", h.Name, b.CIDR, b.Network, b.Owner)
 			}
+			if b.Owner == hosts[0].Name {
+				victimBlocks++
+			}
+		}
+		if victimBlocks == 0 { // the rogue's remove-peer went through: its blocks are up for grabs
+			t.Errorf("%s lists no block of %s after the rogue asked to remove it", h.Name, hosts[0].Name)
 		}
 	}
 	if err := resolvesRight(); err != nil {

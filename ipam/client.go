@@ -41,13 +41,19 @@ func (c *Cluster) Observe(members []Member) {
 		raftPeers = append(raftPeers, m)
 	}
 	underlay := make([]netip.Addr, 0, len(members))
+	alive := make(map[string]bool, len(members))
 	for _, m := range members {
 		if ap, err := netip.ParseAddrPort(m.RaftAddr); err == nil {
 			underlay = append(underlay, ap.Addr())
 		}
+		if m.Alive {
+			alive[m.Name] = true
+		}
 	}
+	alive[c.cfg.Name] = true // the leader itself is alive, whatever the list says
 	c.mu.Lock()
 	c.raftPeers = raftPeers
+	c.alive = alive
 	c.underlay = underlay
 	c.mu.Unlock()
 	c.checkNetworkConfig()

@@ -95,6 +95,8 @@ type Cluster struct {
 	bootstrapped bool
 	// raftPeers are the live Raft members of this cluster, as the mesh reports them.
 	raftPeers []Member
+	// alive holds the names the mesh last reported alive: the leader refuses to remove them.
+	alive map[string]bool
 	// lastSent is the index of the last delta this leader gossiped, lastConf the last
 	// configuration hash.
 	lastSent uint64
@@ -664,6 +666,17 @@ func (c *Cluster) leaderApply(cmd command) (commandResult, error) {
 	if cmd.Op == opRemovePeer {
 		if err := checkPeerName(cmd.Peer); err != nil {
 			c.refuseCommand("remove", err)
+			return commandResult{Err: err.Error(), Conflict: true}, nil
+		}
+		// Removing a peer hands its blocks to whoever claims next: a member that could
+		// remove a live peer could take its traffic. `rmpeer --force` overrides the view of
+		// the peer it runs on, never the leader's: a peer the leader sees alive stays.
+		c.mu.Lock()
+		live := c.alive[cmd.Peer]
+		c.mu.Unlock()
+		if live {
+			err := fmt.Errorf("%w: the leader sees %s alive; stop it (or wait until the mesh declares it dead) before removing it", ErrConflict, cmd.Peer)
+			c.refuseCommand("remove_live", err)
 			return commandResult{Err: err.Error(), Conflict: true}, nil
 		}
 	}

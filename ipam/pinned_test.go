@@ -499,3 +499,38 @@ func gatheredGauge(t *testing.T, reg *prometheus.Registry, name string) float64 
 	t.Fatalf("metric %s not registered", name)
 	return 0
 }
+
+// A member could forward remove-peer for a live peer and then claim the blocks it freed,
+// taking that peer's traffic: the leader refuses to remove a peer it sees alive, whatever
+// the forwarding peer thinks (rmpeer --force), and removes it once the mesh says it is dead.
+func TestLeaderRefusesToRemoveALivePeer(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.bootstrap("p1", "p2", "p3")
+	ctx := context.Background()
+	if _, err := tc.nodes["p3"].c.Claim(ctx, clusterNet, "p3"); err != nil {
+		t.Fatal(err)
+	}
+	leader := tc.nodes[tc.leader()].c
+	follower := tc.nodes["p2"].c
+	if tc.leader() == "p2" {
+		follower = tc.nodes["p1"].c
+	}
+	members := tc.members()
+	leader.Observe(members)
+	before := len(leader.Status().Blocks)
+	if _, err := follower.RemovePeer(ctx, "p3"); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "alive") {
+		t.Fatalf("remove-peer of a live peer through a follower: %v, want a conflict saying it is alive", err)
+	}
+	if got := len(leader.Status().Blocks); got != before {
+		t.Fatalf("the refused removal changed the table: %d blocks, had %d", got, before)
+	}
+	for i := range members {
+		if members[i].Name == "p3" {
+			members[i].Alive = false
+		}
+	}
+	leader.Observe(members)
+	if released, err := follower.RemovePeer(ctx, "p3"); err != nil || len(released) == 0 {
+		t.Fatalf("remove-peer of a dead peer: released %v, %v", released, err)
+	}
+}

@@ -17,6 +17,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -382,15 +383,23 @@ func claimEverything(ctx context.Context, cfg config) {
 		"network": map[string]any{"name": "rogue", "subnet": "0.0.0.0/0", "block_bits": 1},
 		"peer":    cfg.name,
 	})
+	// And the other way to take a live peer's traffic: remove it, so that its blocks go to
+	// whoever claims next.
+	remove, _ := json.Marshal(map[string]any{"op": "remove-peer", "peer": cfg.victim})
 	for {
 		for _, p := range cfg.peers {
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			out, err := forward(cctx, raft.ServerAddress(netip.AddrPortFrom(p, portRaft).String()), cmd)
-			cancel()
-			if err != nil {
-				report("claim", "target", p.String(), "err", err)
-			} else {
-				report("claim", "target", p.String(), "answer", string(out))
+			for _, c := range [][]byte{cmd, remove} {
+				if cfg.victim == "" && bytes.Equal(c, remove) {
+					continue
+				}
+				cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				out, err := forward(cctx, raft.ServerAddress(netip.AddrPortFrom(p, portRaft).String()), c)
+				cancel()
+				if err != nil {
+					report("claim", "target", p.String(), "err", err)
+				} else {
+					report("claim", "target", p.String(), "answer", string(out))
+				}
 			}
 		}
 		select {
