@@ -15,8 +15,19 @@ import (
 	"github.com/weftnet/weft/mesh"
 )
 
-// reconcileInterval is how often the membership loop runs without a mesh event.
-const reconcileInterval = 500 * time.Millisecond
+// The membership loop is event-driven, as the datapath loop is: a round reads the member
+// list and reconciles Raft (O(N)), so it runs only when something it reads changed. Between
+// rounds a tick does the O(blocks) work whose inputs have no event of their own.
+const (
+	// membershipTick paces the light work (usage, table fetch, ownership, own metadata)
+	// and the rounds that must poll (bootstrap settling, the Raft leader's timed duties).
+	membershipTick = time.Second
+	// membershipCoalesce gathers a burst of mesh events (a join brings several) into one
+	// round; short, so Raft learns of a joiner as quickly as before.
+	membershipCoalesce = 100 * time.Millisecond
+	// membershipResync runs a round with no event at all, should one have been missed.
+	membershipResync = 15 * time.Second
+)
 
 // startMesh joins the gossip mesh, advertising this peer's Raft address.
 func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh, error) {
@@ -107,12 +118,18 @@ func (p *Peer) raftPort() int {
 // runMembership keeps Raft membership in step with the mesh: it bootstraps the cluster when
 // this peer is the one to, and on the leader adds, promotes and removes servers. It gossips
 // the block table (the leader its changes, a client fetches when behind) and publishes this
-// peer's block usage. It returns when ctx ends. O(N) per round (toMembers, Observe).
+// peer's block usage. It returns when ctx ends.
+//
+// Cost when idle: O(blocks) per membershipTick on every peer; the O(N) round (toMembers,
+// Observe, Reconcile, pins) only after a mesh event or table change, every tick on the Raft
+// leader and while a bootstrap is pending, and every membershipResync otherwise.
 func (p *Peer) runMembership(ctx context.Context) {
 	events, cancel := p.mesh.Subscribe()
 	defer cancel()
-	tick := time.NewTicker(reconcileInterval)
+	tick := time.NewTicker(membershipTick)
 	defer tick.Stop()
+	coalesce := time.NewTimer(membershipCoalesce)
+	defer coalesce.Stop()
 	var settle settleTracker
 	syncWith := func(name string) {
 		go func() {
@@ -121,56 +138,143 @@ func (p *Peer) runMembership(ctx context.Context) {
 			}
 		}()
 	}
+	var (
+		dirty     = true // a round must run (the first one at once, via coalesce)
+		armed     = true // coalesce is running
+		lastRound time.Time
+		lastMeta  = membershipMeta{p.cluster.InCluster(), p.cluster.ClusterID()}
+	)
+	markDirty := func() {
+		dirty = true
+		if !armed {
+			coalesce.Reset(membershipCoalesce)
+			armed = true
+		}
+	}
 	for {
+		light := false
 		select {
 		case <-ctx.Done():
 			return
-		case ev := <-events:
+		case ev, ok := <-events:
+			if !ok {
+				events = nil // the mesh is closing; ctx ends next
+				continue
+			}
 			p.peerEvent(ev, syncWith)
+			markDirty()
+			continue
 		case <-p.cluster.TableChanged():
 			p.broadcastTable()
+			markDirty() // block owners changed: pins, ownership
 			continue
+		case <-coalesce.C:
+			armed = false
 		case <-tick.C:
+			light = true
 		}
 		now := time.Now()
-		peers := p.mesh.Peers()
-		members := toMembers(peers)
-		if !p.cluster.InCluster() {
-			if settle.settled(peers, now, p.cfg.SettleTime, len(p.cfg.Seeds) > 0, p.cfg.RaftVoters) {
-				if _, err := p.cluster.MaybeBootstrap(members); err != nil {
-					p.log.Error("raft bootstrap failed", "err", err)
-				}
-			}
-		} else {
-			if err := p.cluster.EnsureClusterID(); err != nil {
-				p.log.Warn("could not name the raft cluster; will retry", "err", err)
-			}
-			if err := p.cluster.Reconcile(ctx, members, now); err != nil {
-				p.log.Warn("raft membership change failed; will retry", "err", err)
-			}
+		meta := membershipMeta{p.cluster.InCluster(), p.cluster.ClusterID()}
+		if meta != lastMeta { // joined a cluster or learnt its name: Observe filters on it
+			dirty, lastMeta = true, meta
 		}
-		// A client names the cluster too (learnt from the table), so that the mesh keeps
-		// other clusters out and the leader knows it may promote it.
-		member, id := p.cluster.InCluster(), p.cluster.ClusterID()
-		if md := p.mesh.Local().Meta; md.RaftMember != member || md.ClusterID != id {
-			p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember, md.ClusterID = member, id })
+		if roundDue(dirty, meta.bootstrapPending(), p.cluster.IsLeader(), now.Sub(lastRound)) {
+			dirty = !p.membershipRound(ctx, now, &settle)
+			lastRound = now
 		}
-		p.cluster.Observe(members)
-		p.cluster.SyncTable(ctx, now)
-		// Blocks the table took away (rmpeer --force, a reclaim while partitioned) are
-		// dropped at once and the attachments left in them reported.
-		if err := p.alloc.CheckOwnership(); err != nil {
-			p.log.Warn("could not check block ownership; will retry", "err", err)
+		if light {
+			p.membershipLight(ctx, now)
 		}
-		p.broadcastTable()
-		known := make(map[string]bool, len(peers))
-		for _, pr := range peers {
-			known[pr.Name] = true
-		}
-		p.usage.Prune(func(name string) bool { return known[name] })
-		p.publishUsage()
-		p.unpinRemoved(peers)
 	}
+}
+
+// membershipMeta is what this peer says of its Raft membership in its metadata.
+type membershipMeta struct {
+	inCluster bool
+	clusterID string
+}
+
+// bootstrapPending: this peer may yet bootstrap a cluster, which needs rounds to see the
+// member list settle.
+func (m membershipMeta) bootstrapPending() bool { return !m.inCluster && m.clusterID == "" }
+
+// roundDue says whether the O(N) membership round runs now: when something it reads
+// changed (dirty, which a failed round keeps set, so it is retried), while a bootstrap is
+// pending, on the Raft leader (its dead-voter grace, reclaims and liveness records are
+// timed), and as a resync.
+func roundDue(dirty, bootstrapPending, leader bool, sinceLast time.Duration) bool {
+	return dirty || bootstrapPending || leader || sinceLast >= membershipResync
+}
+
+// membershipRound reads the member list and brings Raft membership, the client's view,
+// this peer's metadata, the usage table and the key pins in step with it. O(N). It
+// reports whether everything succeeded (else the next tick retries).
+func (p *Peer) membershipRound(ctx context.Context, now time.Time, settle *settleTracker) bool {
+	ok := true
+	peers := p.mesh.Peers()
+	members := toMembers(peers)
+	if !p.cluster.InCluster() {
+		if settle.settled(peers, now, p.cfg.SettleTime, len(p.cfg.Seeds) > 0, p.cfg.RaftVoters) {
+			if _, err := p.cluster.MaybeBootstrap(members); err != nil {
+				p.log.Error("raft bootstrap failed", "err", err)
+				ok = false
+			}
+		}
+	} else {
+		if err := p.cluster.EnsureClusterID(); err != nil {
+			p.log.Warn("could not name the raft cluster; will retry", "err", err)
+			ok = false
+		}
+		if err := p.cluster.Reconcile(ctx, members, now); err != nil {
+			p.log.Warn("raft membership change failed; will retry", "err", err)
+			ok = false
+		}
+	}
+	p.updateMembershipMeta()
+	p.cluster.Observe(members)
+	p.cluster.SyncTable(ctx, now)
+	if !p.checkOwnership() {
+		ok = false
+	}
+	p.broadcastTable()
+	known := make(map[string]bool, len(peers))
+	for _, pr := range peers {
+		known[pr.Name] = true
+	}
+	p.usage.Prune(func(name string) bool { return known[name] })
+	p.publishUsage()
+	p.unpinRemoved(peers)
+	return ok
+}
+
+// membershipLight is the per-tick work whose inputs have no event: this peer's usage
+// (containers come and go), a client's table fetch when gossip said it is behind, and
+// blocks the table took away. O(blocks).
+func (p *Peer) membershipLight(ctx context.Context, now time.Time) {
+	p.updateMembershipMeta()
+	p.cluster.SyncTable(ctx, now)
+	p.checkOwnership()
+	p.publishUsage()
+}
+
+// updateMembershipMeta advertises whether this peer is in the Raft cluster and which. A
+// client names the cluster too (learnt from the table), so that the mesh keeps other
+// clusters out and the leader knows it may promote it.
+func (p *Peer) updateMembershipMeta() {
+	member, id := p.cluster.InCluster(), p.cluster.ClusterID()
+	if md := p.mesh.Local().Meta; md.RaftMember != member || md.ClusterID != id {
+		p.mesh.UpdateMetadata(func(md *mesh.Metadata) { md.RaftMember, md.ClusterID = member, id })
+	}
+}
+
+// checkOwnership drops at once the blocks the table took away (rmpeer --force, a reclaim
+// while partitioned) and reports the attachments left in them.
+func (p *Peer) checkOwnership() bool {
+	if err := p.alloc.CheckOwnership(); err != nil {
+		p.log.Warn("could not check block ownership; will retry", "err", err)
+		return false
+	}
+	return true
 }
 
 // unpinRemoved clears, on every peer, the key pins of peers that are down and own no block

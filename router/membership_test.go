@@ -119,3 +119,32 @@ func TestUnpinnableKeepsLiveOwnersAndSelf(t *testing.T) {
 		t.Fatalf("unpinnable = %v, want %v", got, want)
 	}
 }
+
+// An idle client (in a named cluster, not the leader, nothing changed) skips the O(N)
+// round until the resync; every reason to run one makes it run.
+func TestRoundDueOnlyWhenSomethingChanged(t *testing.T) {
+	cases := []struct {
+		name                   string
+		dirty, pending, leader bool
+		since                  time.Duration
+		want                   bool
+	}{
+		{"idle client", false, false, false, membershipTick, false},
+		{"idle client just before the resync", false, false, false, membershipResync - time.Millisecond, false},
+		{"resync", false, false, false, membershipResync, true},
+		{"mesh event or failed round", true, false, false, 0, true},
+		{"bootstrap pending", false, true, false, 0, true},
+		{"raft leader", false, false, true, 0, true},
+	}
+	for _, c := range cases {
+		if got := roundDue(c.dirty, c.pending, c.leader, c.since); got != c.want {
+			t.Errorf("%s: roundDue = %v, want %v", c.name, got, c.want)
+		}
+	}
+	if !(membershipMeta{}).bootstrapPending() {
+		t.Error("a peer in no cluster and knowing none is not pending a bootstrap")
+	}
+	if (membershipMeta{clusterID: "c1"}).bootstrapPending() || (membershipMeta{inCluster: true}).bootstrapPending() {
+		t.Error("a client of a named cluster, or a member, would bootstrap")
+	}
+}
