@@ -90,7 +90,7 @@ func (m *Mesh) Broadcast(name string, msg []byte) error {
 		return fmt.Errorf("%w: %d bytes on channel %q, at most %d including the channel name and %d bytes of framing",
 			ErrMessageTooLarge, len(msg), name, MaxBroadcastSize, envelopeOverhead)
 	}
-	m.queueBroadcast(broadcast(m.newMessage(name, msg)))
+	m.queueChannelBroadcast(name, broadcast(m.newMessage(name, msg)))
 	m.metrics.broadcasts.WithLabelValues(name).Inc()
 	return nil
 }
@@ -183,6 +183,35 @@ func (m *Mesh) queueBroadcast(b memberlist.Broadcast) {
 		m.queue.Prune(m.cfg.MaxQueuedBroadcasts)
 		m.metrics.broadcastsDropped.Add(float64(n - m.queue.NumQueued()))
 	}
+}
+
+// queueChannelBroadcast queues a channel's envelope: link state on its own
+// queue, sent fewer times (Config.LinkStateRetransmitMult), the rest on the
+// main queue.
+func (m *Mesh) queueChannelBroadcast(name string, b memberlist.Broadcast) {
+	if name != LinkStateChannelName {
+		m.queueBroadcast(b)
+		return
+	}
+	m.lsQueue.QueueBroadcast(b)
+	if n := m.lsQueue.NumQueued(); n > m.cfg.MaxQueuedBroadcasts {
+		m.lsQueue.Prune(m.cfg.MaxQueuedBroadcasts)
+		m.metrics.broadcastsDropped.Add(float64(n - m.lsQueue.NumQueued()))
+	}
+}
+
+// getBroadcasts fills one gossip packet (memberlist's
+// Delegate.GetBroadcasts): the main queue first (membership, block table,
+// DNS: small and rare), then link state in the bytes left.
+func (m *Mesh) getBroadcasts(overhead, limit int) [][]byte {
+	out := m.queue.GetBroadcasts(overhead, limit)
+	for _, b := range out {
+		limit -= overhead + len(b)
+	}
+	if limit <= overhead {
+		return out
+	}
+	return append(out, m.lsQueue.GetBroadcasts(overhead, limit)...)
 }
 
 // newMessage frames a new message of this peer.
@@ -363,7 +392,7 @@ func (m *Mesh) notifyMsg(b []byte) {
 		return
 	}
 	// Pass it on, whether or not this peer has the channel.
-	m.queueBroadcast(broadcast(slices.Clone(b)))
+	m.queueChannelBroadcast(name, broadcast(slices.Clone(b)))
 	h := m.handler(name)
 	if h == nil {
 		// A peer runs a subsystem this one does not (e.g. during an

@@ -41,7 +41,7 @@ func (d delegate) NodeMeta(limit int) []byte {
 func (d delegate) NotifyMsg(b []byte) { d.m.notifyMsg(b) }
 
 func (d delegate) GetBroadcasts(overhead, limit int) [][]byte {
-	return d.m.queue.GetBroadcasts(overhead, limit)
+	return d.m.getBroadcasts(overhead, limit)
 }
 
 func (d delegate) LocalState(join bool) []byte { return d.m.localState(join) }

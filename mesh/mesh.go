@@ -26,6 +26,7 @@ type Mesh struct {
 	log     *slog.Logger
 	metrics *metrics
 	queue   *memberlist.TransmitLimitedQueue
+	lsQueue *memberlist.TransmitLimitedQueue      // link-state channel only (Config.LinkStateRetransmitMult)
 	coords  *coords                               // network coordinates; own leaf lock
 	ml      atomic.Pointer[memberlist.Memberlist] // set once by Start
 	wake    chan struct{}                         // cap 1: pokes the join loop
@@ -122,7 +123,8 @@ func New(cfg Config) (*Mesh, error) {
 		coords:    newCoords(),
 	}
 	m.queue = &memberlist.TransmitLimitedQueue{NumNodes: m.numNodes, RetransmitMult: 4}
-	m.metrics, err = newMetrics(cfg.Registerer, func() float64 { return float64(m.queue.NumQueued()) })
+	m.lsQueue = &memberlist.TransmitLimitedQueue{NumNodes: m.numNodes, RetransmitMult: cfg.LinkStateRetransmitMult}
+	m.metrics, err = newMetrics(cfg.Registerer, func() float64 { return float64(m.queue.NumQueued() + m.lsQueue.NumQueued()) })
 	if err != nil {
 		return nil, err
 	}

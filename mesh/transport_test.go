@@ -104,3 +104,48 @@ func TestPacketTransportShutdownWithPendingPacket(t *testing.T) {
 		t.Fatal("Shutdown blocked")
 	}
 }
+
+// Link state goes on its own queue, sent fewer times; a gossip packet takes the
+// main queue (membership, block table) first and link state in the bytes left.
+func TestLinkStateQueueSeparateAndSecond(t *testing.T) {
+	cfg, _ := testConfig(t, "q")
+	cfg.LinkStateRetransmitMult = 1
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	nop := rawMeta("")
+	for _, name := range []string{LinkStateChannelName, "dns"} {
+		if err := m.RegisterChannel(name, nop); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ls, other := bytes.Repeat([]byte{'l'}, 100), bytes.Repeat([]byte{'d'}, 100)
+	if err := m.Broadcast(LinkStateChannelName, ls); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Broadcast("dns", other); err != nil {
+		t.Fatal(err)
+	}
+	if m.queue.NumQueued() != 1 || m.lsQueue.NumQueued() != 1 {
+		t.Fatalf("queued main %d, link state %d; want 1 and 1", m.queue.NumQueued(), m.lsQueue.NumQueued())
+	}
+	// Room for one message only: the main queue's.
+	got := m.getBroadcasts(2, 130)
+	if len(got) != 1 || !bytes.HasSuffix(got[0], other) {
+		t.Fatalf("a packet with room for one took %d messages, first %q", len(got), got)
+	}
+	got = m.getBroadcasts(2, 1400)
+	if len(got) != 2 || !bytes.HasSuffix(got[1], ls) {
+		t.Fatalf("a full packet took %d messages, want main then link state", len(got))
+	}
+	// Multiplier 1 with one node: one send, then the link-state entry is gone.
+	if n := m.lsQueue.NumQueued(); n != 0 {
+		t.Fatalf("link state still queued %d times after its one transmit", n)
+	}
+	cfg.LinkStateRetransmitMult = 0
+	if _, err := New(cfg); err == nil {
+		t.Fatal("a link-state retransmit multiplier of 0 was accepted")
+	}
+}

@@ -56,6 +56,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/weftnet/weft/mesh"
 )
 
 type options struct {
@@ -74,6 +76,8 @@ type options struct {
 	probeTargets    int
 	pathInterval    time.Duration
 	syncOnJoin      bool
+	lsRetransmit    int
+	logWarnings     bool
 }
 
 func main() {
@@ -102,6 +106,8 @@ func run() error {
 	flag.DurationVar(&o.pathInterval, "path-interval", time.Second, "path recompute period per peer (the router's datapathTick)")
 	flag.BoolVar(&o.syncOnJoin, "sync-on-join", false, "full runs: every peer starts a full push/pull with each joiner (the router did before it synced only when DNS refused records); never in the membership-only run")
 	flag.IntVar(&o.probeTargets, "probe-targets", 16, "peers each peer measures directly (weft peer's --probe-targets)")
+	flag.IntVar(&o.lsRetransmit, "ls-retransmit-mult", 0, "link-state retransmit multiplier per peer (mesh.Config.LinkStateRetransmitMult); 0: the mesh default")
+	flag.BoolVar(&o.logWarnings, "log-warnings", false, "print every peer's mesh warnings and errors (memberlist's too) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address (e.g. 127.0.0.1:6061) to inspect a run")
 	flag.Parse()
@@ -285,6 +291,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 			MeshPort: o.meshPort, ProbePort: o.probePort, LinkProbePort: o.linkProbePort,
 			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin && !membershipOnly,
 			ProbeInterval: o.probeInterval, ProbeTargets: o.probeTargets, PathInterval: o.pathInterval,
+			LinkStateRetransmitMult: o.lsRetransmit, LogWarnings: o.logWarnings,
 			PathSlot: slot, Paths: paths, Traffic: counters[i],
 		})
 		if err != nil {
@@ -417,6 +424,17 @@ func waitAllSeeAll(ctx context.Context, nodes []*node, timeout time.Duration) (b
 			fmt.Fprintf(os.Stderr, "sim: N=%d: %v: %d peers do not see all yet; the worst sees %d alive; load average %s\n",
 				n, time.Since(start).Round(time.Second), len(still), minAlive, loadAverage())
 			if worst != nil {
+				// Which peers it misses, and in what state: tells a stuck suspicion
+				// from a peer it never heard of.
+				states := map[string]string{}
+				for _, p := range worst.mesh.Peers() {
+					states[p.Name] = p.State.String()
+				}
+				for _, nd := range nodes {
+					if st := states[nd.cfg.Name]; st != mesh.StateAlive.String() {
+						fmt.Fprintf(os.Stderr, "sim:   worst %s: sees %s as %q\n", worst.cfg.Name, nd.cfg.Name, st)
+					}
+				}
 				for _, t := range worst.mesh.Targets() {
 					fmt.Fprintf(os.Stderr, "sim:   worst %s: seed %s: last join %v ago: %v\n",
 						worst.cfg.Name, t.Addr, time.Since(t.LastAttempt).Round(time.Second), t.LastError)

@@ -11,11 +11,13 @@ package main
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"maps"
 	"math"
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -84,6 +86,10 @@ type nodeConfig struct {
 	ProbeInterval time.Duration
 	// ProbeTargets as --probe-targets (k).
 	ProbeTargets int
+	// LogWarnings sends the mesh's warnings and errors to stderr.
+	LogWarnings bool
+	// LinkStateRetransmitMult is mesh.Config's; 0 keeps the mesh default.
+	LinkStateRetransmitMult int
 	// PathInterval is the router's datapath loop period (datapathTick); a
 	// probed link going up or down runs a round at once, as in the router.
 	PathInterval time.Duration
@@ -168,6 +174,12 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	mc.Seeds = cfg.Seeds
 	mc.Identity = id
 	mc.WrapTransport = wrapTransport(cfg.Traffic)
+	if cfg.LogWarnings {
+		mc.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", cfg.Name)
+	}
+	if cfg.LinkStateRetransmitMult > 0 {
+		mc.LinkStateRetransmitMult = cfg.LinkStateRetransmitMult
+	}
 	// Metadata shaped like a real peer's (--encrypt=never: no WireGuard key),
 	// so alive messages have their real size.
 	mac := net.HardwareAddr{0x02, 0x57, 0x46, byte(cfg.Addr.As4()[1]), cfg.Addr.As4()[2], cfg.Addr.As4()[3]}
