@@ -152,7 +152,7 @@ func DefaultConfig() Config {
 		MaxQueuedBroadcasts: 4096,
 		// See the field: 3 sends 6 copies a message at N=10..99 instead of 8.
 		LinkStateRetransmitMult: 3,
-		DeadRetryInterval:   time.Second,
+		DeadRetryInterval:       time.Second,
 		// Five minutes covers a restarted process (seconds) and a rebooted
 		// host (typically one to three minutes) with margin. A member gone
 		// longer is left to come back through its own seeds or snapshot:
