@@ -118,7 +118,10 @@ type Config struct {
 	TieEpsilon time.Duration
 	// SwitchRatio and SwitchMin: a candidate is better when it is cheaper
 	// than the current path by at least SwitchRatio of the current cost and
-	// at least SwitchMin. Defaults 0.20 and 1ms.
+	// at least SwitchMin. Defaults 0.20 and 2ms: on a loaded host RTTs move by
+	// a millisecond or two of scheduling noise, and a 1 ms margin let relays
+	// flap on it (0.6–1.1 relay changes a second per peer at N=50), which keeps
+	// their links at the full probe rate.
 	SwitchRatio float64
 	SwitchMin   time.Duration
 	// Hold is how long a candidate must stay better before traffic moves.
@@ -137,7 +140,7 @@ type Config struct {
 // DefaultConfig returns the defaults (Self still to be set).
 func DefaultConfig() Config {
 	return Config{MaxLinksPerPeer: 256, LossPenalty: 200 * time.Millisecond, TieEpsilon: 500 * time.Microsecond,
-		SwitchRatio: 0.20, SwitchMin: time.Millisecond, Hold: 3 * time.Second, SLA: DefaultSLA(),
+		SwitchRatio: 0.20, SwitchMin: 2 * time.Millisecond, Hold: 3 * time.Second, SLA: DefaultSLA(),
 		EstimateRefresh: 5 * time.Second}
 }
 
