@@ -114,6 +114,13 @@ type Config struct {
 	// mult·⌈log₁₀(N+1)⌉ times, a message misses about N·e^-f peers
 	// (N=50: 0.12 at 3, 0.02 at 4) and each peer gets it about f times.
 	LinkStateRetransmitMult int
+	// Compress turns memberlist's LZW compression of gossip packets and
+	// push/pull on. Off by default: our entries are small binary data that
+	// barely shrink, and decompressing every datagram was a third of an idle
+	// peer's allocations. On, push/pull and join traffic halve (see
+	// SCALING.md, which also records that the in-process sim converged less
+	// reliably with it off). Peers read compressed messages either way.
+	Compress bool
 
 	// WrapTransport, when set, wraps the mesh's UDP/TCP transport (a
 	// benchmark counts the gossip traffic with it). nil: unwrapped.

@@ -177,10 +177,7 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 	mc.Merge = d
 	mc.DisableTcpPingsForNode = m.onDirectProbeFailed // always false; see suspicion.go
 	mc.Logger = newMemberlistLogger(m.log)
-	// Our messages are small binary entries that LZW barely shrinks, and
-	// decompressing every datagram cost an idle peer a third of its
-	// allocations. Peers still read compressed messages from older peers.
-	mc.EnableCompression = false
+	mc.EnableCompression = c.Compress // off by default: see Config.Compress
 	if len(c.Password) > 0 {
 		kr, err := memberlist.NewKeyring(nil, GossipKey(c.Password))
 		if err != nil {

@@ -86,6 +86,8 @@ type nodeConfig struct {
 	ProbeInterval time.Duration
 	// ProbeTargets as --probe-targets (k).
 	ProbeTargets int
+	// Compress is mesh.Config's.
+	Compress bool
 	// LogWarnings sends the mesh's warnings and errors to stderr.
 	LogWarnings bool
 	// LinkStateRetransmitMult is mesh.Config's; 0 keeps the mesh default.
@@ -174,6 +176,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	mc.Seeds = cfg.Seeds
 	mc.Identity = id
 	mc.WrapTransport = wrapTransport(cfg.Traffic)
+	mc.Compress = cfg.Compress
 	if cfg.LogWarnings {
 		mc.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", cfg.Name)
 	}
