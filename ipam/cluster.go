@@ -612,7 +612,7 @@ func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
 	if err := json.Unmarshal(data, &cmd); err != nil {
 		return nil, fmt.Errorf("decode forwarded command: %w", err)
 	}
-	if cmd.Op != opClaim && cmd.Op != opRemovePeer {
+	if cmd.Op != opClaim && cmd.Op != opRemovePeer && cmd.Op != opNetworkCreate && cmd.Op != opNetworkRemove {
 		return nil, fmt.Errorf("forwarded command has unknown operation %q", cmd.Op)
 	}
 	if c.raft.State() != raft.Leader {
@@ -678,6 +678,11 @@ func (c *Cluster) leaderApply(cmd command) (commandResult, error) {
 			err := fmt.Errorf("%w: the leader sees %s alive; stop it (or wait until the mesh declares it dead) before removing it", ErrConflict, cmd.Peer)
 			c.refuseCommand("remove_live", err)
 			return commandResult{Err: err.Error(), Conflict: true}, nil
+		}
+	}
+	if cmd.Op == opNetworkCreate || cmd.Op == opNetworkRemove {
+		if res, refused, err := c.leaderCheckNetwork(cmd); refused {
+			return res, err
 		}
 	}
 	data, err := json.Marshal(cmd)
