@@ -168,6 +168,16 @@ func TestNetworkAPI(t *testing.T) {
 	if code, _ := apiCall(t, h, "GET", "/v1/networks/media", "", &got); code != 200 || len(got.Blocks) != 1 || got.Blocks[0].CIDR != b || got.Blocks[0].Owner != "p1" {
 		t.Fatalf("inspect media: %+v", got)
 	}
+	// A block of a second network shows in status ipam; the other views still answer.
+	var ist IPAMStatus
+	if code, msg := apiCall(t, h, "GET", "/v1/ipam", "", &ist); code != 200 || !strings.Contains(fmt.Sprint(ist.Blocks), "media") {
+		t.Fatalf("ipam status with a block of media: %d %s %+v", code, msg, ist.Blocks)
+	}
+	for _, path := range []string{"/v1/status", "/v1/connections", "/v1/routes", "/v1/peers"} {
+		if code, msg := apiCall(t, h, "GET", path, "", nil); code != 200 {
+			t.Fatalf("%s with a second network: %d %s", path, code, msg)
+		}
+	}
 	if err := p.client.Delete(ctx, "/v1/networks/control", nil); err != nil {
 		t.Fatalf("rm control through the client: %v", err)
 	}
