@@ -54,7 +54,19 @@ func checkFSMInvariants(t *testing.T, data []byte) {
 		if res.Err != "" && stateJSON(f) != before {
 			t.Fatalf("%s: refused entry %q (%s) changed the state", name, data, res.Err)
 		}
-		if pinnedBefore && len(st.Networks) != netsBefore {
+		// Only an accepted network-create or network-rm changes a pinned cluster's networks,
+		// and nothing removes the default network.
+		var entry struct {
+			Op string `json:"op"`
+		}
+		json.Unmarshal(data, &entry)
+		netCmd := entry.Op == opNetworkCreate || entry.Op == opNetworkRemove
+		if _, had := hasDefault(before); had {
+			if _, has := st.Networks[DefaultNetwork]; !has {
+				t.Fatalf("%s: entry %q removed the default network", name, data)
+			}
+		}
+		if pinnedBefore && len(st.Networks) != netsBefore && !netCmd {
 			t.Fatalf("%s: entry %q added a network to a pinned cluster: %v", name, data, st.Networks)
 		}
 		if !st.Pinned && len(st.Networks) > 1 {
@@ -72,6 +84,14 @@ func checkFSMInvariants(t *testing.T, data []byte) {
 			t.Fatalf("%s: claimed %s of the wrong size", name, res.Block)
 		}
 	}
+}
+
+// hasDefault says whether the encoded state holds the default network (test helper).
+func hasDefault(stateJSON string) (Network, bool) {
+	var st fsmState
+	json.Unmarshal([]byte(stateJSON), &st)
+	n, ok := st.Networks[DefaultNetwork]
+	return n, ok
 }
 
 // Network finds the network holding the result's block (test helper).
@@ -95,6 +115,11 @@ func FuzzFSMApply(f *testing.F) {
 		{Op: opInit, ClusterID: "c2", Networks: []Network{rogue}},
 		{Op: opLiveness, Dead: map[string]time.Time{"p1": time.Date(9999, 12, 31, 23, 59, 59, 0, time.UTC)}, Alive: []string{"p1"}},
 		{Op: opLiveness, Dead: map[string]time.Time{"p1": time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}},
+		{Op: opNetworkCreate, Network: Network{Name: "media", Subnet: netip.MustParsePrefix("10.50.0.0/16"), BlockBits: 26, MTU: 9000, Encrypt: "always", SLA: "gold: rtt<=5ms", Isolated: true}},
+		{Op: opNetworkCreate, Network: Network{Name: "over", Subnet: netip.MustParsePrefix("10.40.0.0/24"), BlockBits: 26}},
+		{Op: opNetworkCreate, Network: rogue},
+		{Op: opNetworkRemove, Network: Network{Name: "default"}},
+		{Op: opNetworkRemove, Network: Network{Name: "nope"}},
 	} {
 		f.Add(mustJSON(cmd))
 	}
@@ -102,6 +127,8 @@ func FuzzFSMApply(f *testing.F) {
 	f.Add([]byte(`{"op":"claim","network":{"name":"default","subnet":"10.40.0.0/16","block_bits":-1},"peer":"x"}`))
 	f.Add([]byte(`{"op":"liveness","dead":{"p1":"0001-01-01T00:00:00Z"}}`))
 	f.Add([]byte(`{"op":"init","cluster_id":"c1","networks":null}`))
+	f.Add([]byte(`{"op":"network-create","network":{"name":"x","subnet":"10.50.0.0/16","block_bits":26,"mtu":-1,"sla":"a: loss<=NaN"}}`))
+	f.Add([]byte(`{"op":"network-rm"}`))
 	f.Add([]byte(`not json`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		checkFSMInvariants(t, data)
@@ -118,6 +145,9 @@ func FuzzFSMApplyExtreme(f *testing.F) {
 	f.Add(uint8(3), uint32(0), 0, 0, "p1", int64(math.MinInt64))               // death at the dawn of time
 	f.Add(uint8(3), uint32(0), 0, 0, "p1", int64(253402300799))                // death in year 9999
 	f.Add(uint8(3), uint32(0), 0, 0, string(make([]byte, 4096)), int64(1.8e9)) // a huge name
+	f.Add(uint8(4), uint32(0x0a320000), 16, 26, "", int64(9000))               // a network created
+	f.Add(uint8(4), uint32(0), 0, 1, "", int64(math.MaxInt64))                 // a rogue one, huge MTU
+	f.Add(uint8(5), uint32(0), 0, 0, "default", int64(0))                      // rm of default
 	f.Fuzz(func(t *testing.T, op uint8, addr uint32, bits, blockBits int, peer string, deathUnix int64) {
 		a := uint32ToAddr(addr)
 		if bits < 0 || bits > 32 {
@@ -128,7 +158,7 @@ func FuzzFSMApplyExtreme(f *testing.F) {
 			n.Name = "other"
 		}
 		var cmd command
-		switch op % 4 {
+		switch op % 6 {
 		case 0:
 			cmd = command{Op: opClaim, Network: n, Peer: peer}
 		case 1:
@@ -137,6 +167,12 @@ func FuzzFSMApplyExtreme(f *testing.F) {
 			cmd = command{Op: opInit, ClusterID: "c2", Networks: []Network{n}}
 		case 3:
 			cmd = command{Op: opLiveness, Dead: map[string]time.Time{peer: time.Unix(deathUnix, 0)}, Alive: []string{peer}}
+		case 4:
+			m := n
+			m.Name, m.MTU = "media", int(deathUnix)
+			cmd = command{Op: opNetworkCreate, Network: m}
+		case 5:
+			cmd = command{Op: opNetworkRemove, Network: Network{Name: peer}}
 		}
 		data, err := json.Marshal(cmd)
 		if err != nil {
