@@ -115,8 +115,9 @@ func (n Network) Validate() error {
 	return nil
 }
 
-// String describes the definition for messages: range, blocks and the fields set.
-func (n Network) String() string {
+// Describe is the definition for messages: range, blocks and the fields set. (Not String:
+// NetworkStatus embeds Network, and a promoted String would hide its blocks when printed.)
+func (n Network) Describe() string {
 	s := fmt.Sprintf("%s (%s, /%d blocks", n.Name, n.Subnet, n.BlockBits)
 	if n.MTU != 0 {
 		s += fmt.Sprintf(", mtu %d", n.MTU)

@@ -53,7 +53,7 @@ func (st *fsmState) checkCreate(n Network, underlay []netip.Addr) error {
 		if def == n {
 			return nil
 		}
-		return fmt.Errorf("%w: network %s already exists as %s", ErrConflict, n.Name, def)
+		return fmt.Errorf("%w: network %s already exists as %s", ErrConflict, n.Name, def.Describe())
 	}
 	all := make([]Network, 0, len(st.Networks)+1)
 	for _, m := range st.Networks {

@@ -131,7 +131,7 @@ func (p *Peer) networksEndpoint(r *http.Request) (any, error) {
 		if err := p.cluster.CreateNetwork(r.Context(), n); err != nil {
 			return nil, networkError("network create "+n.Name, err)
 		}
-		p.log.Info("created network", "network", n.String())
+		p.log.Info("created network", "network", n.Describe())
 		return networkInfo(n), nil
 	}
 	return nil, newAPIError(http.StatusMethodNotAllowed, types.ErrInvalidNetworkConfig, "%s %s: use GET or POST", r.Method, r.URL.Path)
