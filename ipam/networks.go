@@ -117,17 +117,20 @@ func (st *fsmState) removeNetwork(name string) error {
 // networkResult is the answer to a refused network command: the sentinel travels as a flag
 // so it survives the forwarding RPC (commandResult.err rebuilds it).
 func networkResult(err error) commandResult {
-	res := commandResult{Err: err.Error()}
+	var res commandResult
+	sentinel := ErrConflict
 	switch {
 	case errors.Is(err, ErrUnknownNetwork):
-		res.Unknown = true
+		res.Unknown, sentinel = true, ErrUnknownNetwork
 	case errors.Is(err, ErrNetworkInUse):
-		res.InUse = true
+		res.InUse, sentinel = true, ErrNetworkInUse
 	case errors.Is(err, ErrInvalidNetwork):
-		res.Invalid = true
+		res.Invalid, sentinel = true, ErrInvalidNetwork
 	default:
 		res.Conflict = true
 	}
+	// err() puts the sentinel back in front: do not say it twice.
+	res.Err = strings.TrimPrefix(err.Error(), sentinel.Error()+": ")
 	return res
 }
 
