@@ -3,6 +3,7 @@ package ipam
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/netip"
@@ -175,6 +176,15 @@ func TestNetworksSnapshotReplayAndDeltas(t *testing.T) {
 		applyCmd(f, uint64(i+1), cmd)
 	}
 	for _, d := range f.deltasAfter(0) {
+		// As gossip carries it: encoded, within the size bound, decoded.
+		b := mustJSON(d)
+		if len(b) > maxDeltaBytes {
+			t.Fatalf("delta of %d bytes: %s", len(b), b)
+		}
+		d = tableDelta{}
+		if err := json.Unmarshal(b, &d); err != nil {
+			t.Fatal(err)
+		}
 		if err := applyDelta(&view, d); err != nil {
 			t.Fatalf("delta %+v: %v", d, err)
 		}
@@ -253,7 +263,10 @@ func TestNetworkCreatedThroughFollowerReachesEveryNode(t *testing.T) {
 	tc.bootstrap("p1", "p2", "p3")
 	tc.nameCluster()
 	tc.start("c1")
-	tc.converge("c1 to know the cluster", func() bool { return tc.nodes["c1"].c.ClusterID() != "" })
+	tc.start("c2")
+	tc.converge("the clients to know the cluster", func() bool {
+		return tc.nodes["c1"].c.ClusterID() != "" && tc.nodes["c2"].c.ClusterID() != ""
+	})
 	follower := ""
 	for _, n := range tc.liveNodes() {
 		if !n.c.IsLeader() && n.c.Role() != RoleClient {
@@ -306,7 +319,22 @@ func TestNetworkCreatedThroughFollowerReachesEveryNode(t *testing.T) {
 		t.Fatalf("rm once unused: %v", err)
 	}
 	tc.converge("every node to forget media", everyone(false))
-	if names := networkNames(tc.nodes["p1"].c.Networks()); !slices.Equal(names, []string{"default"}) {
+	// A client creates one too, and the other client learns it by gossip.
+	if err := tc.nodes["c2"].c.CreateNetwork(ctx, controlNet); err != nil {
+		t.Fatalf("create through client c2: %v", err)
+	}
+	tc.converge("every node to know control", func() bool {
+		for _, n := range tc.liveNodes() {
+			if def, ok := n.c.Network("control"); !ok || def != controlNet {
+				return false
+			}
+		}
+		return true
+	})
+	if r := tc.nodes["c2"].c.Role(); r != RoleClient {
+		t.Fatalf("c2 is a %s, want a client", r)
+	}
+	if names := networkNames(tc.nodes["c2"].c.Networks()); !slices.Equal(names, []string{"control", "default"}) {
 		t.Fatalf("networks after rm: %v", names)
 	}
 }
