@@ -47,8 +47,10 @@ import (
 //     the mesh pinned for that name, and that the table is consistent with it; it does not
 //     prove the table is the cluster's real one: a rogue key holder reached first can serve
 //     a table naming itself. Voters only would prove nothing more, since the server names
-//     the set either way. A cross-check of several members is the remaining step (see the
-//     report of #11/#12).
+//     the set either way. Not done yet: cross-checking the first table with a second member.
+//
+// Cost: the leader signs each delta once (O(1), whatever N); each peer verifies each delta
+// once (one ed25519 verification, tens of µs, and O(M) name comparisons).
 
 // TableChannel is the gossip channel of the block table; the router registers the handler
 // returned by Cluster.TableHandler under this name.

@@ -371,7 +371,7 @@ func ConnPeerName(c net.Conn) (string, bool) {
 }
 
 // RequestPeerName is the name of the peer that sent an rpc request served
-// on RPCListener; false for an insecure one.
+// on RPCListener; false for an insecure one. Proven as ConnPeerName's.
 func RequestPeerName(r *http.Request) (string, bool) { return peerNameOf(r.TLS) }
 
 func peerNameOf(st *tls.ConnectionState) (string, bool) {
