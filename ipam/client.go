@@ -333,6 +333,15 @@ func (c *Cluster) SyncTable(ctx context.Context, now time.Time) {
 	// Ask a member of the held configuration when one is alive: only those may serve a table
 	// (fetchFrom); any Raft member the mesh names otherwise (bootstrap).
 	targets := fetchTargets(c.raftPeers, held)
+	if len(held) == 0 {
+		// Bootstrapping: the next table must come from another member than the last one.
+		c.view.mu.Lock()
+		last := c.view.bootServer
+		c.view.mu.Unlock()
+		if others := slices.DeleteFunc(slices.Clone(targets), func(m Member) bool { return m.Name == last }); len(others) > 0 {
+			targets = others
+		}
+	}
 	target := targets[rand.IntN(len(targets))]
 	c.fetching, c.lastFetch = true, now
 	c.mu.Unlock()
@@ -440,7 +449,15 @@ func (c *Cluster) fetchFrom(ctx context.Context, addr raft.ServerAddress, wantIn
 			return err
 		}
 		if !heldAlive {
-			c.log.Info("block table taken from a member its own configuration names (no configuration held yet)", "server", server, "voters", t.Voters)
+			conf := confKey(t.Voters, t.Nonvoters)
+			if len(live) >= 2 && (c.view.bootServer == "" || c.view.bootServer == server || c.view.bootConf != conf) {
+				// Wait for a second member to report the same configuration (see table.go).
+				c.view.bootServer, c.view.bootConf, c.view.wantFetch = server, conf, true
+				c.log.Debug("block table: first configuration heard, waiting for a second member to confirm it", "server", server, "voters", t.Voters)
+				return nil
+			}
+			c.log.Info("block table taken with no configuration held yet", "server", server, "confirmed_by", c.view.bootServer, "voters", t.Voters, "nonvoters", t.Nonvoters)
+			c.view.bootServer, c.view.bootConf = "", ""
 		}
 	}
 	if wantIndex > t.State.Version+maxIndexAhead {

@@ -43,11 +43,13 @@ import (
 //     member of the configuration the client holds.
 //   - Bootstrap: a client with no configuration yet (its first fetch, or every member it
 //     knew is gone) accepts a table from a server that proved a name the table itself lists
-//     as a voter or non-voter. This proves the server holds the cluster key and the identity
-//     the mesh pinned for that name, and that the table is consistent with it; it does not
-//     prove the table is the cluster's real one: a rogue key holder reached first can serve
-//     a table naming itself. Voters only would prove nothing more, since the server names
-//     the set either way. Not done yet: cross-checking the first table with a second member.
+//     as a voter or non-voter, once a second such server, of another name, reported the same
+//     configuration (one server is enough when the mesh names a single Raft member). This
+//     proves two distinct identities pinned by the mesh, each holding the cluster key, name
+//     the same configuration with themselves in it: a lone rogue key holder cannot make a
+//     client trust a configuration of its own (an honest member would report another), but
+//     two colluding ones can, and so can a rogue when it is the only member the mesh names.
+//     Voters only would prove nothing more, since the servers name the set either way.
 //
 // Cost: the leader signs each delta once (O(1), whatever N); each peer verifies each delta
 // once (one ed25519 verification, tens of µs, and O(M) name comparisons).
@@ -296,6 +298,14 @@ func (v *tableView) membersLocked() []string {
 	return append(slices.Clone(v.voters), v.nonvoters...)
 }
 
+// confKey identifies a configuration by its voters and non-voters, in any order. O(M log M).
+func confKey(voters, nonvoters []string) string {
+	v, n := slices.Clone(voters), slices.Clone(nonvoters)
+	slices.Sort(v)
+	slices.Sort(n)
+	return fmt.Sprintf("%q/%q", v, n)
+}
+
 // tableView is a client's copy of the block table and of the Raft configuration, learnt by
 // gossip and fetches. Members keep it too (it is cheap) but read their FSM while it is newer.
 type tableView struct {
@@ -305,6 +315,10 @@ type tableView struct {
 	leader            string
 	voters, nonvoters []string
 	confHash          uint64
+	// bootServer and bootConf: a bootstrap fetch's server and configuration (confKey), waiting
+	// for a second member to confirm them.
+	bootServer string
+	bootConf   string
 	// wantFetch: a gap or a newer remote index was seen; wantIndex is the highest index heard.
 	wantFetch bool
 	wantIndex uint64

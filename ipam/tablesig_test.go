@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -345,4 +346,74 @@ func TestSignedTableReachesClients(t *testing.T) {
 		}
 	}
 	tc.tablesAgree(tc.converge, want)
+}
+
+// With two or more Raft members in the mesh, a client with no configuration installs a table
+// only once two members of different names report the same configuration: a lone key holder
+// serving a configuration of its own is never confirmed.
+func TestTableBootstrapNeedsTwoMembers(t *testing.T) {
+	tc := newTestCluster(t)
+	c := tc.start("c1").c
+	c.cfg.Keys = newPinSet().lookup
+	c.Observe([]Member{
+		{Name: "v1", RaftAddr: "v1", Alive: true, InCluster: true, ClusterID: "abcd"},
+		{Name: "v2", RaftAddr: "v2", Alive: true, InCluster: true, ClusterID: "abcd"},
+		{Name: "r1", RaftAddr: "r1", Alive: true, InCluster: true, ClusterID: "abcd"},
+	})
+	ctx := context.Background()
+	fetch := func(body []byte, server string) {
+		t.Helper()
+		c.cfg.FetchTable = fakeFetch(body, server)
+		if err := c.fetchFrom(ctx, raft.ServerAddress(server), 0); err != nil {
+			t.Fatalf("fetch from %s: %v", server, err)
+		}
+	}
+	installed := func() bool { return len(c.Status().Blocks) != 0 }
+	real := servedBody(t, []string{"v1", "v2", "v3"}, nil, "p1")
+	forged := servedBody(t, []string{"r1"}, nil, "r1")
+
+	fetch(forged, "r1")
+	fetch(forged, "r1") // the same server twice confirms nothing
+	if installed() {
+		t.Fatalf("a lone server's configuration was installed: %+v", c.Status().Blocks)
+	}
+	// The next fetches go to other members than the one waiting for confirmation.
+	var mu sync.Mutex
+	var asked []string
+	c.cfg.FetchTable = func(_ context.Context, addr raft.ServerAddress) ([]byte, string, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		asked = append(asked, string(addr))
+		return nil, "", errors.New("unreachable")
+	}
+	for i := 1; i <= 20; i++ {
+		c.mu.Lock()
+		c.lastFetch = time.Time{}
+		c.mu.Unlock()
+		c.SyncTable(ctx, time.Now())
+		pollUntil(t, 5*time.Second, func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			return len(asked) == i && !c.fetching
+		}, "the fetch to be made")
+	}
+	if slices.Contains(asked, "r1") {
+		t.Fatalf("fetched again from the server waiting for confirmation: %v", asked)
+	}
+	fetch(real, "v1") // disagrees with r1: becomes the candidate instead
+	if installed() {
+		t.Fatal("two servers that disagree confirmed each other")
+	}
+	fetch(servedBody(t, []string{"v3", "v2", "v1"}, nil, "p1"), "v2") // same set, another order
+	if rows := c.Status().Blocks; len(rows) != 1 || rows[0].Owner != "p1" {
+		t.Fatalf("two members agreeing did not install the table: %+v", rows)
+	}
+	c.view.mu.Lock()
+	voters := c.view.voters
+	c.view.mu.Unlock()
+	if len(voters) != 3 {
+		t.Fatalf("held voters %v, want v1..v3", voters)
+	}
 }
