@@ -321,9 +321,7 @@ func (c *Cluster) SyncTable(ctx context.Context, now time.Time) {
 	// A client that never fetched knows no configuration (voters, leader): it fetches once
 	// even if gossip gave it the whole table.
 	want, wantIndex := c.view.wantFetch || c.view.confHash == 0, c.view.wantIndex
-	c.view.mu.Unlock()
-	c.view.mu.Lock()
-	held := c.view.membersLocked()
+	held, lastBoot := c.view.membersLocked(), c.view.bootServer
 	c.view.mu.Unlock()
 	c.mu.Lock()
 	if !want || c.fetching || now.Sub(c.lastFetch) < fetchInterval || len(c.raftPeers) == 0 {
@@ -335,10 +333,7 @@ func (c *Cluster) SyncTable(ctx context.Context, now time.Time) {
 	targets := fetchTargets(c.raftPeers, held)
 	if len(held) == 0 {
 		// Bootstrapping: the next table must come from another member than the last one.
-		c.view.mu.Lock()
-		last := c.view.bootServer
-		c.view.mu.Unlock()
-		if others := slices.DeleteFunc(slices.Clone(targets), func(m Member) bool { return m.Name == last }); len(others) > 0 {
+		if others := slices.DeleteFunc(slices.Clone(targets), func(m Member) bool { return m.Name == lastBoot }); len(others) > 0 {
 			targets = others
 		}
 	}
