@@ -331,7 +331,7 @@ func (c *Cluster) SyncTable(ctx context.Context, now time.Time) {
 	// Ask a member of the held configuration when one is alive: only those may serve a table
 	// (fetchFrom); any Raft member the mesh names otherwise (bootstrap).
 	targets := fetchTargets(c.raftPeers, held)
-	if len(held) == 0 {
+	if !anyHeld(c.raftPeers, held) {
 		// Bootstrapping: the next table must come from another member than the last one.
 		if others := slices.DeleteFunc(slices.Clone(targets), func(m Member) bool { return m.Name == lastBoot }); len(others) > 0 {
 			targets = others
