@@ -25,6 +25,8 @@ import (
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // ErrNotLeader is answered to a forwarded command that reached a peer no longer leading.
@@ -58,6 +60,11 @@ type ClusterConfig struct {
 	Networks []Network
 	// FetchTable reaches a Raft member's table from a client (nil: clients rely on gossip alone).
 	FetchTable FetchFunc
+	// Signer (the peer's identity) signs the table deltas this node gossips as leader. Keys
+	// (Mesh.PublicKey), when set, makes clients require signed deltas and proven fetch
+	// servers (see table.go); nil: unsigned and unchecked (tests, --insecure).
+	Signer identity.Signer
+	Keys   identity.KeyLookup
 	// Registerer takes the cluster's metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 	// SnapshotThreshold and TrailingLogs tune log compaction (defaults 256 and 128): a new
