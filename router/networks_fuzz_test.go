@@ -7,7 +7,6 @@ import (
 	"net/http/httptest"
 	"reflect"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -45,39 +44,18 @@ func FuzzNetworkCreate(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
-	dir := f.TempDir()
-	var (
-		once  sync.Once
-		p     *testPeer
-		h     http.Handler
-		stop  func() error
-		start error
-	)
-	f.Cleanup(func() {
-		if stop != nil {
-			if err := stop(); err != nil {
-				f.Errorf("peer stopped with %v", err)
+	peer := fuzzPeer(f, func(p *testPeer) error {
+		deadline := time.Now().Add(10 * time.Second)
+		for len(p.cluster.Networks()) == 0 {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("the cluster defines no network 10s after start")
 			}
+			time.Sleep(10 * time.Millisecond) // poll interval
 		}
+		return nil
 	})
 	f.Fuzz(func(t *testing.T, body []byte) {
-		once.Do(func() {
-			if p, stop, start = startFuzzPeer(dir); start != nil {
-				return
-			}
-			h = p.apiHandler()
-			deadline := time.Now().Add(10 * time.Second)
-			for len(p.cluster.Networks()) == 0 {
-				if time.Now().After(deadline) {
-					start = fmt.Errorf("the cluster defines no network 10s after start")
-					return
-				}
-				time.Sleep(10 * time.Millisecond) // poll interval
-			}
-		})
-		if start != nil {
-			t.Fatalf("%v (one peer per network namespace: fuzz with -parallel 1)", start)
-		}
+		p, h := peer(t)
 		before := p.cluster.Networks()
 		req := httptest.NewRequest(http.MethodPost, "http://weft/v1/networks", strings.NewReader(string(body)))
 		w := httptest.NewRecorder()
