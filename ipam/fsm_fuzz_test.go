@@ -241,3 +241,45 @@ func FuzzFSMRestore(f *testing.F) {
 		}
 	})
 }
+
+// FuzzTableDelta feeds the block-table deltas clients apply from gossip (after the signature
+// check, so this is what a Raft member could still send): a refused delta changes nothing, an
+// applied one leaves a valid state whose blocks lie inside their networks.
+func FuzzTableDelta(f *testing.F) {
+	for _, s := range []string{
+		`{"prev":2,"index":3,"op":"claim","peer":"p2","network":{"name":"default","subnet":"10.40.0.0/16","block_bits":26},"block":"10.40.0.64/26"}`,
+		`{"prev":2,"index":3,"op":"claim","peer":"p2","network":{"name":"rogue","subnet":"0.0.0.0/0","block_bits":1},"block":"0.0.0.0/1"}`,
+		`{"prev":2,"index":3,"op":"remove-peer","peer":"p1"}`,
+		`{"prev":2,"index":18446744073709551615,"op":"claim","peer":"p2","network":{"name":"default","subnet":"10.40.0.0/16","block_bits":26},"block":"10.40.255.192/26"}`,
+		`{"prev":0,"index":1,"op":"init","cluster_id":"c2","networks":[{"name":"default","subnet":"0.0.0.0/0","block_bits":1}],"pinned":true}`,
+		`{}`, `null`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var d tableDelta
+		if json.Unmarshal(data, &d) != nil {
+			return // the handler refuses what does not decode, before any state is touched
+		}
+		fs := fuzzStates()["pinned"]()
+		st := fs.copyState()
+		before := string(mustJSON(st))
+		if err := applyDelta(&st, d); err != nil {
+			if got := string(mustJSON(st)); got != before {
+				t.Fatalf("a refused delta (%v) changed the state", err)
+			}
+			return
+		}
+		if err := st.validate(); err != nil {
+			t.Fatalf("an applied delta left an invalid state: %v", err)
+		}
+		for name, owners := range st.Owners {
+			n := st.Networks[name]
+			for b := range owners {
+				if !n.ContainsBlock(b) {
+					t.Fatalf("an applied delta put block %s outside network %q", b, name)
+				}
+			}
+		}
+	})
+}
