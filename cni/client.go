@@ -75,6 +75,12 @@ func (c *Client) Post(ctx context.Context, path string, in, out any) error {
 	return c.call(ctx, path, in, out)
 }
 
+// Delete sends DELETE to an endpoint of the operator API (used by the weft CLI) and decodes
+// the answer into out, if out is not nil.
+func (c *Client) Delete(ctx context.Context, path string, out any) error {
+	return c.do(ctx, http.MethodDelete, path, nil, out)
+}
+
 func (c *Client) call(ctx context.Context, path string, in, out any) error {
 	body, err := json.Marshal(in)
 	if err != nil {

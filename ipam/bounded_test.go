@@ -20,21 +20,22 @@ import (
 	dto "github.com/prometheus/client_model/go"
 )
 
-// fetch stands in for HTTPTableFetcher: it asks the node at addr's table handler.
-func (tc *testCluster) fetch(_ context.Context, addr raft.ServerAddress) ([]byte, error) {
+// fetch stands in for HTTPTableFetcher: it asks the node at addr's table handler
+// and names it as a transport that checks identities would.
+func (tc *testCluster) fetch(_ context.Context, addr raft.ServerAddress) ([]byte, string, error) {
 	tc.mu.Lock()
 	n, ok := tc.nodes[string(addr)]
 	alive := ok && n.alive
 	tc.mu.Unlock()
 	if !alive {
-		return nil, fmt.Errorf("%s unreachable", addr)
+		return nil, "", fmt.Errorf("%s unreachable", addr)
 	}
 	rec := httptest.NewRecorder()
 	n.c.serveTable(rec, httptest.NewRequest("GET", tablePath, nil))
 	if rec.Code != 200 {
-		return nil, fmt.Errorf("%s answered %d: %s", addr, rec.Code, rec.Body)
+		return nil, "", fmt.Errorf("%s answered %d: %s", addr, rec.Code, rec.Body)
 	}
-	return rec.Body.Bytes(), nil
+	return rec.Body.Bytes(), string(addr), nil // an in-memory address is the name
 }
 
 // gossip plays one round of the table channel among the live nodes, as the mesh would: every

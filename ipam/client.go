@@ -19,8 +19,9 @@ import (
 // a Raft member (the last leader it heard of first) and learns the block table from gossip and
 // fetches (see table.go).
 
-// FetchFunc fetches the encoded block table from the Raft member at addr.
-type FetchFunc func(ctx context.Context, member raft.ServerAddress) ([]byte, error)
+// FetchFunc fetches the encoded block table from the Raft member at addr, and names the
+// server as its transport certificate proved it ("" when the transport proved no name).
+type FetchFunc func(ctx context.Context, member raft.ServerAddress) (body []byte, server string, err error)
 
 // fetchInterval spaces table fetches: a client behind fetches at most this often.
 const fetchInterval = time.Second
@@ -168,13 +169,13 @@ func (c *Cluster) TableBroadcasts() [][]byte {
 	var out [][]byte
 	if conf != c.lastConf {
 		// The configuration or the leader changed: tell clients to refetch (a few bytes).
-		if b, err := json.Marshal(tableDelta{Op: opConf, Conf: conf, ClusterID: c.fsm.clusterID()}); err == nil {
+		if b, err := c.signDelta(tableDelta{Op: opConf, Conf: conf, ClusterID: c.fsm.clusterID()}); err == nil {
 			out = append(out, b)
 			c.lastConf = conf
 		}
 	}
 	for _, d := range c.fsm.deltasAfter(c.lastSent) {
-		b, err := json.Marshal(d)
+		b, err := c.signDelta(d)
 		if err != nil {
 			continue
 		}
@@ -182,6 +183,21 @@ func (c *Cluster) TableBroadcasts() [][]byte {
 		c.lastSent = d.Index
 	}
 	return out
+}
+
+// signDelta encodes d for gossip, signed by this node's identity (unsigned without a
+// Signer). One signature per delta: O(1), whatever N.
+func (c *Cluster) signDelta(d tableDelta) ([]byte, error) {
+	raw, err := json.Marshal(d)
+	if err != nil {
+		return nil, err
+	}
+	env := signedDelta{Delta: raw}
+	if c.cfg.Signer != nil {
+		env.Signer = c.cfg.Name
+		env.Sig = c.cfg.Signer.Sign(deltaSignDomain, deltaSignMessage(c.cfg.Name, raw))
+	}
+	return json.Marshal(env)
 }
 
 // TableHandler is the gossip handler of TableChannel (structurally a mesh.ChannelHandler).
@@ -197,13 +213,38 @@ func (h *TableHandler) NotifyMsg(msg []byte) {
 		c.rejectTable("oversize", fmt.Errorf("%w: delta of %d bytes, at most %d", ErrBadTable, len(msg), maxDeltaBytes))
 		return
 	}
+	var env signedDelta
+	if err := json.Unmarshal(msg, &env); err != nil {
+		c.rejectTable("malformed", fmt.Errorf("%w: delta does not decode: %v", ErrBadTable, err))
+		return
+	}
+	raw := []byte(env.Delta)
+	if len(raw) == 0 {
+		raw = msg // a bare, unsigned delta
+	}
 	var d tableDelta
-	if err := json.Unmarshal(msg, &d); err != nil {
+	if err := json.Unmarshal(raw, &d); err != nil {
 		c.rejectTable("malformed", fmt.Errorf("%w: delta does not decode: %v", ErrBadTable, err))
 		return
 	}
 	c.view.mu.Lock()
 	defer c.view.mu.Unlock()
+	if d.Op != opConf && d.Index <= c.view.state.Version {
+		return // old news: not worth a signature check
+	}
+	if c.cfg.Keys != nil {
+		switch reason, err := verifyDelta(env, c.view.membersLocked(), c.cfg.Keys); {
+		case errors.Is(err, errUnverified):
+			// Not a refusal: this client has not fetched a configuration yet; the fetch brings
+			// the table this delta is part of.
+			c.view.wantFetch = true
+			c.log.Debug("block table delta deferred until the first fetch", "signer", env.Signer, "index", d.Index)
+			return
+		case err != nil:
+			c.rejectTable(reason, err)
+			return
+		}
+	}
 	if d.Op == opConf {
 		if ours := c.view.state.ClusterID; ours != "" && d.ClusterID != ours {
 			c.rejectTable("foreign", fmt.Errorf("%w: configuration hint of cluster %q, ours is %q", ErrBadTable, d.ClusterID, ours))
@@ -213,9 +254,6 @@ func (h *TableHandler) NotifyMsg(msg []byte) {
 			c.view.wantFetch = true
 		}
 		return
-	}
-	if d.Index <= c.view.state.Version {
-		return // old news
 	}
 	// Validate on a copy-free path: applyDelta changes nothing when it fails.
 	switch err := applyDelta(&c.view.state, d); {
@@ -283,13 +321,23 @@ func (c *Cluster) SyncTable(ctx context.Context, now time.Time) {
 	// A client that never fetched knows no configuration (voters, leader): it fetches once
 	// even if gossip gave it the whole table.
 	want, wantIndex := c.view.wantFetch || c.view.confHash == 0, c.view.wantIndex
+	held, lastBoot := c.view.membersLocked(), c.view.bootServer
 	c.view.mu.Unlock()
 	c.mu.Lock()
 	if !want || c.fetching || now.Sub(c.lastFetch) < fetchInterval || len(c.raftPeers) == 0 {
 		c.mu.Unlock()
 		return
 	}
-	target := c.raftPeers[rand.IntN(len(c.raftPeers))]
+	// Ask a member of the held configuration when one is alive: only those may serve a table
+	// (fetchFrom); any Raft member the mesh names otherwise (bootstrap).
+	targets := fetchTargets(c.raftPeers, held)
+	if !anyHeld(c.raftPeers, held) {
+		// Bootstrapping: the next table must come from another member than the last one.
+		if others := slices.DeleteFunc(slices.Clone(targets), func(m Member) bool { return m.Name == lastBoot }); len(others) > 0 {
+			targets = others
+		}
+	}
+	target := targets[rand.IntN(len(targets))]
 	c.fetching, c.lastFetch = true, now
 	c.mu.Unlock()
 	go func() {
@@ -306,10 +354,56 @@ func (c *Cluster) SyncTable(ctx context.Context, now time.Time) {
 	}()
 }
 
+// fetchTargets are the live Raft members (per the mesh) that belong to the held
+// configuration, or all of them when none does. O(N·M), M members held (a few).
+func fetchTargets(live []Member, held []string) []Member {
+	var in []Member
+	for _, m := range live {
+		if slices.Contains(held, m.Name) {
+			in = append(in, m)
+		}
+	}
+	if len(in) == 0 {
+		return live
+	}
+	return in
+}
+
+// anyHeld says whether a live Raft member (per the mesh) belongs to the held configuration.
+// O(N·M).
+func anyHeld(live []Member, held []string) bool {
+	for _, m := range live {
+		if slices.Contains(held, m.Name) {
+			return true
+		}
+	}
+	return false
+}
+
+// checkServer says whether a table that server (the name its certificate proved) sent may be
+// installed: server must be a member of the configuration held, or, when no held member is
+// alive (bootstrap; see table.go for what that proves), of the configuration the table names.
+// Returns the metric reason of a refusal. Pure.
+func checkServer(server string, held []string, heldAlive bool, t *servedTable) (reason string, err error) {
+	if server == "" {
+		return "unproven", fmt.Errorf("%w: the server's transport proved no name", ErrBadTable)
+	}
+	if heldAlive {
+		if !slices.Contains(held, server) {
+			return "server", fmt.Errorf("%w: table served by %q, not a raft member of the table held (%v)", ErrBadTable, server, held)
+		}
+		return "", nil
+	}
+	if !slices.Contains(t.Voters, server) && !slices.Contains(t.Nonvoters, server) {
+		return "server", fmt.Errorf("%w: table served by %q, which its own configuration (voters %v, non-voters %v) does not name", ErrBadTable, server, t.Voters, t.Nonvoters)
+	}
+	return "", nil
+}
+
 // fetchFrom installs the table of the member at addr if it is valid and newer.
 func (c *Cluster) fetchFrom(ctx context.Context, addr raft.ServerAddress, wantIndex uint64) error {
 	c.metrics.tableFetches.Inc()
-	b, err := c.cfg.FetchTable(ctx, addr)
+	b, server, err := c.cfg.FetchTable(ctx, addr)
 	if err != nil {
 		return err
 	}
@@ -336,8 +430,31 @@ func (c *Cluster) fetchFrom(ctx context.Context, addr raft.ServerAddress, wantIn
 		c.rejectTable("foreign", err)
 		return err
 	}
+	c.mu.Lock()
+	live := slices.Clone(c.raftPeers)
+	c.mu.Unlock()
 	c.view.mu.Lock()
 	defer c.view.mu.Unlock()
+	if c.cfg.Keys != nil {
+		held := c.view.membersLocked()
+		heldAlive := anyHeld(live, held)
+		reason, err := checkServer(server, held, heldAlive, &t)
+		if err != nil {
+			c.rejectTable(reason, fmt.Errorf("table from %s: %w", addr, err))
+			return err
+		}
+		if !heldAlive {
+			conf := confKey(t.Voters, t.Nonvoters)
+			if len(live) >= 2 && (c.view.bootServer == "" || c.view.bootServer == server || c.view.bootConf != conf) {
+				// Wait for a second member to report the same configuration (see table.go).
+				c.view.bootServer, c.view.bootConf, c.view.wantFetch = server, conf, true
+				c.log.Debug("block table: first configuration heard, waiting for a second member to confirm it", "server", server, "voters", t.Voters)
+				return nil
+			}
+			c.log.Info("block table taken with no configuration held yet", "server", server, "confirmed_by", c.view.bootServer, "voters", t.Voters, "nonvoters", t.Nonvoters)
+			c.view.bootServer, c.view.bootConf = "", ""
+		}
+	}
 	if wantIndex > t.State.Version+maxIndexAhead {
 		// Some peer claimed an index no member has: count it, and stop chasing it.
 		c.rejectTable("future", fmt.Errorf("%w: %w: index %d heard by gossip, member %s is at %d", ErrBadTable, errFuture, wantIndex, addr, t.State.Version))

@@ -25,6 +25,8 @@ import (
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // ErrNotLeader is answered to a forwarded command that reached a peer no longer leading.
@@ -58,6 +60,11 @@ type ClusterConfig struct {
 	Networks []Network
 	// FetchTable reaches a Raft member's table from a client (nil: clients rely on gossip alone).
 	FetchTable FetchFunc
+	// Signer (the peer's identity) signs the table deltas this node gossips as leader. Keys
+	// (Mesh.PublicKey), when set, makes clients require signed deltas and proven fetch
+	// servers (see table.go); nil: unsigned and unchecked (tests, --insecure).
+	Signer identity.Signer
+	Keys   identity.KeyLookup
 	// Registerer takes the cluster's metrics; nil registers nothing.
 	Registerer prometheus.Registerer
 	// SnapshotThreshold and TrailingLogs tune log compaction (defaults 256 and 128): a new
@@ -612,7 +619,7 @@ func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
 	if err := json.Unmarshal(data, &cmd); err != nil {
 		return nil, fmt.Errorf("decode forwarded command: %w", err)
 	}
-	if cmd.Op != opClaim && cmd.Op != opRemovePeer {
+	if cmd.Op != opClaim && cmd.Op != opRemovePeer && cmd.Op != opNetworkCreate && cmd.Op != opNetworkRemove {
 		return nil, fmt.Errorf("forwarded command has unknown operation %q", cmd.Op)
 	}
 	if c.raft.State() != raft.Leader {
@@ -678,6 +685,11 @@ func (c *Cluster) leaderApply(cmd command) (commandResult, error) {
 			err := fmt.Errorf("%w: the leader sees %s alive; stop it (or wait until the mesh declares it dead) before removing it", ErrConflict, cmd.Peer)
 			c.refuseCommand("remove_live", err)
 			return commandResult{Err: err.Error(), Conflict: true}, nil
+		}
+	}
+	if cmd.Op == opNetworkCreate || cmd.Op == opNetworkRemove {
+		if res, refused, err := c.leaderCheckNetwork(cmd); refused {
+			return res, err
 		}
 	}
 	data, err := json.Marshal(cmd)

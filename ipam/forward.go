@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -80,21 +81,26 @@ func HTTPForwarder(dial func(ctx context.Context, addr string) (net.Conn, error)
 }
 
 // HTTPTableFetcher is the client side of tablePath: a FetchFunc that gets a member's table
-// through dial.
+// through dial, and names the server by the connection's certificate (ConnPeerName: proven
+// when the transport checks identities).
 func HTTPTableFetcher(dial func(ctx context.Context, addr string) (net.Conn, error)) FetchFunc {
 	client := peerClient(dial, 1)
-	return func(ctx context.Context, member raft.ServerAddress) ([]byte, error) {
+	return func(ctx context.Context, member raft.ServerAddress) ([]byte, string, error) {
+		var server string
+		ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(ci httptrace.GotConnInfo) {
+			server, _ = ConnPeerName(ci.Conn)
+		}})
 		body, status, err := roundTrip(ctx, client, http.MethodGet, "http://"+string(member)+tablePath, nil, maxTableBytes+1)
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		if len(body) > maxTableBytes {
-			return nil, fmt.Errorf("%w: table from %s exceeds %d bytes", ErrBadTable, member, maxTableBytes)
+			return nil, "", fmt.Errorf("%w: table from %s exceeds %d bytes", ErrBadTable, member, maxTableBytes)
 		}
 		if status != http.StatusOK {
-			return nil, fmt.Errorf("member %s answered %d: %s", member, status, bytes.TrimSpace(body))
+			return nil, "", fmt.Errorf("member %s answered %d: %s", member, status, bytes.TrimSpace(body))
 		}
-		return body, nil
+		return body, server, nil
 	}
 }
 

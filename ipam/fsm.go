@@ -26,9 +26,12 @@ const (
 	// leader commits it when membership changes, so --reclaim-after counts from a time every
 	// member holds, across leader changes and for as long as it takes.
 	opLiveness = "liveness"
-	// A command that adds a network at run time (`weft network create`, issue #13) goes
-	// here: it passes the same checks as init's (CheckNetworks over the defined set plus the
-	// new one), through defineNetworks.
+	// opNetworkCreate adds a network at run time (`weft network create`, issue #13): it
+	// passes the same checks as init's (CheckNetworks over the defined set plus the new one,
+	// through defineNetworks) and the creation rules of checkCreate. opNetworkRemove takes
+	// one away while no block of it is owned. See networks.go.
+	opNetworkCreate = "network-create"
+	opNetworkRemove = "network-rm"
 )
 
 // maxLivenessBatch bounds the peers one liveness command names.
@@ -76,6 +79,11 @@ type commandResult struct {
 	// Conflict/Full let the caller rebuild the sentinel on the far side of an RPC.
 	Conflict bool `json:"conflict,omitempty"`
 	Full     bool `json:"full,omitempty"`
+	// Unknown/InUse: a network command named no network, or one whose blocks are owned.
+	// Invalid: a network definition that breaks the bounds.
+	Unknown bool `json:"unknown,omitempty"`
+	InUse   bool `json:"in_use,omitempty"`
+	Invalid bool `json:"invalid,omitempty"`
 }
 
 func (r commandResult) err() error {
@@ -84,6 +92,12 @@ func (r commandResult) err() error {
 		return nil
 	case r.Full:
 		return fmt.Errorf("%w: %s", ErrRangeFull, r.Err)
+	case r.Unknown:
+		return fmt.Errorf("%w: %s", ErrUnknownNetwork, r.Err)
+	case r.InUse:
+		return fmt.Errorf("%w: %s", ErrNetworkInUse, r.Err)
+	case r.Invalid:
+		return fmt.Errorf("%w: %s", ErrInvalidNetwork, r.Err)
 	case r.Conflict:
 		return fmt.Errorf("%w: %s", ErrConflict, r.Err)
 	}
@@ -192,6 +206,19 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return commandResult{Err: err.Error(), Conflict: true}
 		}
 		return commandResult{}
+	case opNetworkCreate:
+		if err := f.state.createNetwork(cmd.Network, nil); err != nil {
+			f.refused("network_create", err)
+			return networkResult(err)
+		}
+		n := cmd.Network
+		d.Network = &n
+	case opNetworkRemove:
+		if err := f.state.removeNetwork(cmd.Network.Name); err != nil {
+			f.refused("network_rm", err)
+			return networkResult(err)
+		}
+		d.Network = &Network{Name: cmd.Network.Name}
 	default:
 		err := fmt.Errorf("unknown operation %q in log entry %d", cmd.Op, l.Index)
 		f.refused("unknown", err)

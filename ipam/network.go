@@ -10,6 +10,8 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+
+	"github.com/weftnet/weft/mesh/pathsel"
 )
 
 // Sentinel errors; wrapped with detail, matched with errors.Is.
@@ -26,12 +28,44 @@ const DefaultBlockBits = 26
 
 var networkNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$`)
 
-// Network is one address range that containers attach to.
+// Network is one address range that containers attach to. The fields after BlockBits came
+// with networks created at run time (issue #13); each one's zero value is what a network
+// meant before them, so a snapshot or log entry without them decodes to the old meaning, and
+// `omitempty` keeps the encoding of such a network byte-for-byte as it was.
 type Network struct {
 	Name      string       `json:"name"`
 	Subnet    netip.Prefix `json:"subnet"`
 	BlockBits int          `json:"block_bits"`
+	// MTU of the network's bridge and container interfaces; 0: the peer's --mtu.
+	MTU int `json:"mtu,omitempty"`
+	// Encrypt is the network's link encryption policy (never, auto, always); "": the peer's
+	// --encrypt.
+	Encrypt string `json:"encrypt,omitempty"`
+	// SLA is the network's class as pathsel.ParseSLA reads it ("gold: rtt<=5ms"); "": the
+	// peer's --sla.
+	SLA string `json:"sla,omitempty"`
+	// Isolated: containers on other networks may not reach this one (enforced by a later
+	// step of #13). false is today's routed range, which is what the network pinned at
+	// bootstrap is; `weft network create` defaults it to true.
+	Isolated bool `json:"isolated,omitempty"`
 }
+
+// Bounds of the fields that came with run-time networks.
+const (
+	// MinMTU and MaxMTU bound a network's MTU (as --mtu is bounded).
+	MinMTU = 576
+	MaxMTU = 65535
+	// maxSLALen bounds the SLA class string, which travels in every gossiped delta of the
+	// network (a delta is at most maxDeltaBytes).
+	maxSLALen = 160
+)
+
+// Encryption policies of a network ("" is the peer's --encrypt).
+const (
+	EncryptNever  = "never"
+	EncryptAuto   = "auto"
+	EncryptAlways = "always"
+)
 
 // Validate reports what is wrong with the definition, naming the field.
 func (n Network) Validate() error {
@@ -62,7 +96,42 @@ func (n Network) Validate() error {
 		return fmt.Errorf("%w: network %s splits %s into /%d blocks, more than %d; choose larger blocks",
 			ErrInvalidNetwork, n.Name, n.Subnet, n.BlockBits, 1<<maxBlockBitsSpan)
 	}
+	if n.MTU != 0 && (n.MTU < MinMTU || n.MTU > MaxMTU) {
+		return fmt.Errorf("%w: MTU %d of network %s must be between %d and %d (or 0 for the peer's --mtu)", ErrInvalidNetwork, n.MTU, n.Name, MinMTU, MaxMTU)
+	}
+	switch n.Encrypt {
+	case "", EncryptNever, EncryptAuto, EncryptAlways:
+	default:
+		return fmt.Errorf("%w: encrypt %q of network %s must be never, auto or always", ErrInvalidNetwork, n.Encrypt, n.Name)
+	}
+	if len(n.SLA) > maxSLALen {
+		return fmt.Errorf("%w: SLA class of network %s is %d bytes, at most %d", ErrInvalidNetwork, n.Name, len(n.SLA), maxSLALen)
+	}
+	if n.SLA != "" {
+		if _, err := pathsel.ParseSLA(n.SLA); err != nil {
+			return fmt.Errorf("%w: SLA class of network %s: %v", ErrInvalidNetwork, n.Name, err)
+		}
+	}
 	return nil
+}
+
+// Describe is the definition for messages: range, blocks and the fields set. (Not String:
+// NetworkStatus embeds Network, and a promoted String would hide its blocks when printed.)
+func (n Network) Describe() string {
+	s := fmt.Sprintf("%s (%s, /%d blocks", n.Name, n.Subnet, n.BlockBits)
+	if n.MTU != 0 {
+		s += fmt.Sprintf(", mtu %d", n.MTU)
+	}
+	if n.Encrypt != "" {
+		s += ", encrypt " + n.Encrypt
+	}
+	if n.SLA != "" {
+		s += fmt.Sprintf(", sla %q", n.SLA)
+	}
+	if n.Isolated {
+		s += ", isolated"
+	}
+	return s + ")"
 }
 
 // Bounds on a network definition. A network's range is routed to its blocks' owners on every

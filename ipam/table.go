@@ -1,12 +1,16 @@
 package ipam
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
 	"regexp"
+	"slices"
 	"sort"
 	"sync"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // How a client (a peer outside the Raft configuration) learns the block table without
@@ -24,6 +28,31 @@ import (
 // Everything received is untrusted: deltas and tables are validated (networks well formed,
 // blocks inside their network, owners named, indexes that move forward and not absurdly far)
 // and a bad one is rejected, counted and logged without changing the table.
+//
+// Who may speak for the table (with ClusterConfig.Keys set, i.e. a cluster key): gossip and
+// the transport prove only the cluster key, which every member holds, so a member could feed
+// clients a forged delta (routes to its own host). So:
+//
+//   - The leader signs each delta it gossips with its identity, its name inside the signed
+//     message (signedDelta). A client applies a delta only if the signer is a voter or
+//     non-voter of the configuration its table holds (learnt by fetches) and the signature
+//     verifies against the key the mesh pinned for that name. Non-voters too: a non-voter
+//     promoted and elected before this client refetched is still in the held set.
+//   - A fetched table is accepted only from a server whose transport certificate proved its
+//     name (the leaf key is the pinned identity; see transport.go), and that name must be a
+//     member of the configuration the client holds.
+//   - Bootstrap: a client with no configuration yet (its first fetch, or every member it
+//     knew is gone) accepts a table from a server that proved a name the table itself lists
+//     as a voter or non-voter, once a second such server, of another name, reported the same
+//     configuration (one server is enough when the mesh names a single Raft member). This
+//     proves two distinct identities pinned by the mesh, each holding the cluster key, name
+//     the same configuration with themselves in it: a lone rogue key holder cannot make a
+//     client trust a configuration of its own (an honest member would report another), but
+//     two colluding ones can, and so can a rogue when it is the only member the mesh names.
+//     Voters only would prove nothing more, since the servers name the set either way.
+//
+// Cost: the leader signs each delta once (O(1), whatever N); each peer verifies each delta
+// once (one ed25519 verification, tens of µs, and O(M) name comparisons).
 
 // TableChannel is the gossip channel of the block table; the router registers the handler
 // returned by Cluster.TableHandler under this name.
@@ -31,8 +60,8 @@ const TableChannel = "ipam-table"
 
 // Bounds on untrusted table input.
 const (
-	// maxDeltaBytes bounds one gossiped delta (a real one is ~200 bytes).
-	maxDeltaBytes = 1024
+	// maxDeltaBytes bounds one gossiped delta (a real one is ~200 bytes, ~400 signed).
+	maxDeltaBytes = 1536
 	// maxHintBytes bounds one push/pull state of the channel.
 	maxHintBytes = 128
 	// maxTableBytes bounds a fetched table.
@@ -76,6 +105,55 @@ type tableDelta struct {
 	Pinned   bool      `json:"pinned,omitempty"`
 	// Conf, with Op opConf, is the leader's confHash: not a table change, a hint to refetch.
 	Conf uint64 `json:"conf,omitempty"`
+}
+
+// signedDelta is the gossiped form of a tableDelta: the delta's encoding, the name of the
+// node that signed it (the leader) and its identity signature over both
+// (deltaSignMessage). A message without "d" is a bare tableDelta, unsigned (accepted only
+// without ClusterConfig.Keys).
+type signedDelta struct {
+	Delta  json.RawMessage `json:"d"`
+	Signer string          `json:"by,omitempty"`
+	Sig    []byte          `json:"sig,omitempty"`
+}
+
+// deltaSignDomain separates table-delta signatures from every other identity signature.
+const deltaSignDomain = "weft table delta v1"
+
+// deltaSignMessage is what the leader signs: its name, a zero byte, the delta's encoding; the
+// name inside stops a signature from being replayed under another signer's name.
+func deltaSignMessage(signer string, delta []byte) []byte {
+	b := make([]byte, 0, len(signer)+1+len(delta))
+	b = append(b, signer...)
+	b = append(b, 0)
+	return append(b, delta...)
+}
+
+// errUnverified: a signed delta reached a client that holds no configuration to check the
+// signer against yet; it fetches instead.
+var errUnverified = errors.New("no configuration to verify the signer against yet")
+
+// verifyDelta checks that env is signed by a member of members (voters and non-voters of
+// the configuration the client holds) whose pinned key verifies the signature, and returns
+// the metric reason of a failure. O(members). Pure but for keys.
+func verifyDelta(env signedDelta, members []string, keys identity.KeyLookup) (reason string, err error) {
+	if env.Signer == "" || len(env.Sig) == 0 {
+		return "unsigned", fmt.Errorf("%w: delta without a signature", ErrBadTable)
+	}
+	if len(members) == 0 {
+		return "", errUnverified
+	}
+	if !slices.Contains(members, env.Signer) {
+		return "signer", fmt.Errorf("%w: delta signed by %q, not a raft member of the table held (%v)", ErrBadTable, env.Signer, members)
+	}
+	pub, ok := keys(env.Signer)
+	if !ok {
+		return "signature", fmt.Errorf("%w: delta signed by %q, whose key is not pinned", ErrBadTable, env.Signer)
+	}
+	if !identity.Verify(pub, deltaSignDomain, deltaSignMessage(env.Signer, env.Delta), env.Sig) {
+		return "signature", fmt.Errorf("%w: delta signed by %q does not verify against its pinned key", ErrBadTable, env.Signer)
+	}
+	return "", nil
 }
 
 // opConf marks a gossiped hint that the Raft configuration or leader changed.
@@ -191,6 +269,10 @@ func applyDelta(st *fsmState, d tableDelta) error {
 			return fmt.Errorf("%w: init delta %d: %v", ErrBadTable, d.Index, err)
 		}
 		st.ClusterID, st.Pinned = d.ClusterID, d.Pinned || len(d.Networks) > 0
+	case opNetworkCreate, opNetworkRemove: // see networks.go
+		if err := applyNetworkDelta(st, d); err != nil {
+			return err
+		}
 	default:
 		return fmt.Errorf("%w: delta %d has unknown operation %q", ErrBadTable, d.Index, d.Op)
 	}
@@ -215,6 +297,19 @@ type servedTable struct {
 	Conf      uint64   `json:"conf"`
 }
 
+// members lists the voters and non-voters of the held configuration. v.mu is held.
+func (v *tableView) membersLocked() []string {
+	return append(slices.Clone(v.voters), v.nonvoters...)
+}
+
+// confKey identifies a configuration by its voters and non-voters, in any order. O(M log M).
+func confKey(voters, nonvoters []string) string {
+	v, n := slices.Clone(voters), slices.Clone(nonvoters)
+	slices.Sort(v)
+	slices.Sort(n)
+	return fmt.Sprintf("%q/%q", v, n)
+}
+
 // tableView is a client's copy of the block table and of the Raft configuration, learnt by
 // gossip and fetches. Members keep it too (it is cheap) but read their FSM while it is newer.
 type tableView struct {
@@ -224,6 +319,10 @@ type tableView struct {
 	leader            string
 	voters, nonvoters []string
 	confHash          uint64
+	// bootServer and bootConf: a bootstrap fetch's server and configuration (confKey), waiting
+	// for a second member to confirm them.
+	bootServer string
+	bootConf   string
 	// wantFetch: a gap or a newer remote index was seen; wantIndex is the highest index heard.
 	wantFetch bool
 	wantIndex uint64

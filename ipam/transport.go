@@ -14,9 +14,28 @@ package ipam
 // v1") and issues itself a short-lived leaf certificate (leafLifetime,
 // renewed at half life) whose subject is the peer's name; both ends
 // require a chain to that CA, so only holders of the cluster key get
-// through, and a server learns which peer is calling (ConnPeerName,
-// RequestPeerName; as trustworthy as the cluster key, since any holder can
-// issue a certificate under any name).
+// through.
+//
+// # Identity
+//
+// The chain alone proves the cluster key, not a name: any holder can issue
+// a certificate under any name. So the leaf's key is the peer's ed25519
+// identity (TransportConfig.Identity, the key whose public half the mesh
+// pins for the peer's name), and with TransportConfig.Keys set both ends
+// also require that the other's leaf key is the key pinned for the leaf's
+// subject name. A mismatch is refused (reason "identity"); so is a name
+// the mesh does not know (yet). Then ConnPeerName and RequestPeerName name
+// a peer that proved it holds that name's identity key.
+//
+// Refusing unknown names rather than letting them through unproven: a
+// peer becomes a Raft member only after the mesh has seen it (Reconcile
+// adds members from the mesh's list, whose metadata carries the key), so
+// an unknown name is never a member's in steady state. It happens at
+// start-up, while this peer's own mesh has not joined yet (the transport
+// starts before the mesh): Raft and forwarding retry on their own, and the
+// window closes when the mesh's first push/pull brings every key, a second
+// or two. Letting unknown names through instead would let any key holder
+// pick a name the mesh has not pinned and be taken for it.
 //
 // Without a key (--insecure) there is no TLS: the dialer sends the kind
 // byte and the connection is plain TCP from then on. A keyed listener
@@ -50,6 +69,7 @@ package ipam
 import (
 	"cmp"
 	"context"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/hkdf"
 	"crypto/rand"
@@ -71,6 +91,8 @@ import (
 
 	"github.com/hashicorp/raft"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // ErrAuthFailed is the error (wrapped) of every connection that fails
@@ -118,7 +140,12 @@ const (
 	refusedMode        = "mode"         // a key on one side only
 	refusedProtocol    = "protocol"     // not this protocol: garbage, an old version, a bad kind
 	refusedQueueFull   = "queue_full"   // nobody accepted in time
+	refusedIdentity    = "identity"     // the leaf key is not the key pinned for its name (or the name is unknown)
 )
+
+// errIdentity marks a certificate whose key is not the identity pinned for
+// its subject name, or whose name has no pinned key.
+var errIdentity = errors.New("certificate is not the identity of its name")
 
 // TransportConfig configures a PeerTransport.
 type TransportConfig struct {
@@ -137,6 +164,16 @@ type TransportConfig struct {
 	// zero means the defaults.
 	MaxHandshakes          int
 	MaxHandshakesPerSource int
+	// Identity is this peer's identity key (identity.Identity.Signer), an
+	// ed25519 key: it is the key of the leaf certificate, so peers can check
+	// it against the key the mesh pinned for Name. nil = a fresh key in
+	// memory, which proves nothing about the name.
+	Identity crypto.Signer
+	// Keys, when set, looks up the key pinned for a peer name (the router
+	// passes Mesh.PublicKey): every connection, inbound and outbound, whose
+	// peer certificate's key is not the key pinned for its subject name is
+	// refused. nil = names are not checked (tests, --insecure).
+	Keys identity.KeyLookup
 
 	// handshakeTimeout bounds every handshake; zero means
 	// defaultHandshakeTimeout. Tests change it.
@@ -215,10 +252,10 @@ func NewPeerTransport(cfg TransportConfig) (*PeerTransport, error) {
 		perSrc:           make(map[netip.Addr]int),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_transport_refused_total",
-			Help: "Inbound peer-transport connections refused, by reason (limit_total, limit_source, timeout, auth, mode, protocol, queue_full).",
+			Help: "Peer-transport connections refused, by reason (limit_total, limit_source, timeout, auth, mode, protocol, queue_full, identity); identity counts outbound ones too.",
 		}, []string{"reason"}),
 	}
-	for _, r := range []string{refusedLimitTotal, refusedLimitSource, refusedTimeout, refusedAuth, refusedMode, refusedProtocol, refusedQueueFull} {
+	for _, r := range []string{refusedLimitTotal, refusedLimitSource, refusedTimeout, refusedAuth, refusedMode, refusedProtocol, refusedQueueFull, refusedIdentity} {
 		t.refused.WithLabelValues(r)
 	}
 	if len(cfg.Key) != 0 {
@@ -226,10 +263,11 @@ func NewPeerTransport(cfg TransportConfig) (*PeerTransport, error) {
 		if name == "" {
 			name = "weft-peer"
 		}
-		creds, err := newTransportCreds(cfg.Key, name)
+		creds, err := newTransportCreds(cfg.Key, name, cfg.Identity)
 		if err != nil {
 			return nil, err
 		}
+		creds.keys = cfg.Keys
 		t.creds = creds
 	}
 	if cfg.Registerer != nil {
@@ -320,7 +358,9 @@ func (t *PeerTransport) DialRPC(ctx context.Context, address string) (net.Conn, 
 }
 
 // ConnPeerName is the name in the certificate of the peer at the other end
-// of a connection this transport returned; false for an insecure one.
+// of a connection this transport returned; false for an insecure one. With
+// TransportConfig.Keys set the peer proved it holds that name's pinned
+// identity key; without, only the cluster key.
 func ConnPeerName(c net.Conn) (string, bool) {
 	tc, ok := c.(*tls.Conn)
 	if !ok {
@@ -331,7 +371,7 @@ func ConnPeerName(c net.Conn) (string, bool) {
 }
 
 // RequestPeerName is the name of the peer that sent an rpc request served
-// on RPCListener; false for an insecure one.
+// on RPCListener; false for an insecure one. Proven as ConnPeerName's.
 func RequestPeerName(r *http.Request) (string, bool) { return peerNameOf(r.TLS) }
 
 func peerNameOf(st *tls.ConnectionState) (string, bool) {
@@ -368,6 +408,9 @@ func (t *PeerTransport) dial(ctx context.Context, address string, kind byte) (ne
 		raw.Close()
 		if ctx.Err() != nil {
 			err = errors.Join(ctx.Err(), err)
+		} else if errors.Is(err, errIdentity) {
+			t.refused.WithLabelValues(refusedIdentity).Inc()
+			t.log.Warn("ipam: transport refused the server's identity", "remote", address, "reason", refusedIdentity, "err", err)
 		} else if errors.Is(err, ErrAuthFailed) {
 			t.log.Warn("ipam: transport handshake failed", "remote", address, "err", err)
 		}
@@ -465,6 +508,8 @@ func classifyInbound(step string, err error) error {
 	err = handshakeErr(step, err)
 	var ne net.Error
 	switch {
+	case errors.Is(err, errIdentity):
+		return refuse(refusedIdentity, err)
 	case errors.As(err, &ne) && ne.Timeout():
 		return refuse(refusedTimeout, err)
 	case isCertError(err):
@@ -492,6 +537,8 @@ func handshakeErr(step string, err error) error {
 	}
 	var ci x509.CertificateInvalidError
 	switch {
+	case errors.Is(err, errIdentity):
+		return fmt.Errorf("%w: %s: %w", ErrAuthFailed, step, err)
 	case errors.As(err, &ci) && ci.Reason == x509.Expired:
 		return fmt.Errorf("%w: %s: certificate expired or not yet valid (clocks more than %s apart?): %w", ErrAuthFailed, step, leafBackdate, err)
 	case isCertError(err):
@@ -721,9 +768,12 @@ type transportCreds struct {
 	pool    *x509.CertPool
 	ca      *x509.Certificate
 	caKey   ed25519.PrivateKey
-	leafKey ed25519.PrivateKey // lives in memory only, one per transport
+	leafKey crypto.Signer // the peer's identity key (or a fresh one)
 	name    string
 	now     func() time.Time
+	// keys, when set, checks every peer certificate's key against the key
+	// pinned for its name (see checkIdentity).
+	keys identity.KeyLookup
 
 	mu     sync.Mutex       // guards leaf and issued
 	leaf   *tls.Certificate // the current leaf
@@ -733,7 +783,8 @@ type transportCreds struct {
 // newTransportCreds derives the CA from seed (DeriveKey's output). The CA
 // certificate is the same bytes on every member: fixed serial, validity
 // and subject, and ed25519 signatures are deterministic.
-func newTransportCreds(seed []byte, name string) (*transportCreds, error) {
+// leafKey is the peer's ed25519 identity key; nil makes a fresh one.
+func newTransportCreds(seed []byte, name string, leafKey crypto.Signer) (*transportCreds, error) {
 	caKey := ed25519.NewKeyFromSeed(seed)
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(1),
@@ -753,9 +804,18 @@ func newTransportCreds(seed []byte, name string) (*transportCreds, error) {
 	if err != nil {
 		return nil, fmt.Errorf("peer transport: parse the cluster CA: %w", err)
 	}
-	_, leafKey, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, fmt.Errorf("peer transport: leaf key: %w", err)
+	if leafKey == nil {
+		_, fresh, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("peer transport: leaf key: %w", err)
+		}
+		leafKey = fresh
+	}
+	// TLS 1.3 signs a transcript framed by its own 64-space prefix and
+	// context string, so the identity's signatures here never read as the
+	// domain-framed ones it makes for gossip (identity.framed).
+	if _, ok := leafKey.Public().(ed25519.PublicKey); !ok {
+		return nil, fmt.Errorf("peer transport: identity key is %T, want an ed25519 key", leafKey.Public())
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca)
@@ -793,12 +853,45 @@ func (c *transportCreds) certificate() (*tls.Certificate, error) {
 	return c.leaf, nil
 }
 
+// checkIdentity is the tls.Config's VerifyConnection, run after the chain
+// to the cluster CA verified: without keys it accepts (the chain is all
+// there is); with keys, the peer's leaf key must be the key pinned for the
+// leaf's subject name. O(1).
+func (c *transportCreds) checkIdentity(cs tls.ConnectionState) error {
+	if c.keys == nil {
+		return nil
+	}
+	if len(cs.PeerCertificates) == 0 {
+		return fmt.Errorf("%w: no peer certificate", errIdentity)
+	}
+	return verifyIdentity(cs.PeerCertificates[0], c.keys)
+}
+
+// verifyIdentity checks that cert's key is the key keys pins for cert's
+// subject name. Pure.
+func verifyIdentity(cert *x509.Certificate, keys identity.KeyLookup) error {
+	name := cert.Subject.CommonName
+	got, ok := cert.PublicKey.(ed25519.PublicKey)
+	if !ok {
+		return fmt.Errorf("%w: %q presents a %T key, not ed25519", errIdentity, name, cert.PublicKey)
+	}
+	want, ok := keys(name)
+	if !ok {
+		return fmt.Errorf("%w: no key is pinned for %q (not in the mesh yet?)", errIdentity, name)
+	}
+	if !got.Equal(want) {
+		return fmt.Errorf("%w: %q presents a key other than the one pinned for it", errIdentity, name)
+	}
+	return nil
+}
+
 func (c *transportCreds) serverConfig() *tls.Config {
 	return &tls.Config{
-		MinVersion:     tls.VersionTLS13,
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.certificate() },
-		ClientAuth:     tls.RequireAndVerifyClientCert,
-		ClientCAs:      c.pool,
+		VerifyConnection: c.checkIdentity,
+		MinVersion:       tls.VersionTLS13,
+		GetCertificate:   func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.certificate() },
+		ClientAuth:       tls.RequireAndVerifyClientCert,
+		ClientCAs:        c.pool,
 		// No resumption: every connection proves the key afresh.
 		SessionTicketsDisabled: true,
 		Time:                   c.now,
@@ -807,6 +900,7 @@ func (c *transportCreds) serverConfig() *tls.Config {
 
 func (c *transportCreds) clientConfig() *tls.Config {
 	return &tls.Config{
+		VerifyConnection:     c.checkIdentity,
 		MinVersion:           tls.VersionTLS13,
 		RootCAs:              c.pool,
 		ServerName:           transportServerName,

@@ -3,6 +3,8 @@ package ipam
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/ed25519"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -25,6 +27,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/weftnet/weft/datapath/nslab"
+	"github.com/weftnet/weft/mesh/identity"
 )
 
 // logRecorder is a slog.Handler that keeps every record, for tests to
@@ -977,11 +980,11 @@ func TestTransportDeriveKey(t *testing.T) {
 		t.Fatal("a negative limit was accepted")
 	}
 	// Every member derives the same CA certificate, byte for byte.
-	c1, err := newTransportCreds(a, "one")
+	c1, err := newTransportCreds(a, "one", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c2, err := newTransportCreds(b, "two")
+	c2, err := newTransportCreds(b, "two", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -992,8 +995,8 @@ func TestTransportDeriveKey(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	pt, _ := newTestTransportCfg(t, TransportConfig{Key: a, Registerer: reg})
 	pt.refused.WithLabelValues(refusedAuth).Inc()
-	if n, err := testutil.GatherAndCount(reg, "weft_transport_refused_total"); err != nil || n != 7 {
-		t.Errorf("weft_transport_refused_total: %d series, %v; want one per reason (7)", n, err)
+	if n, err := testutil.GatherAndCount(reg, "weft_transport_refused_total"); err != nil || n != 8 {
+		t.Errorf("weft_transport_refused_total: %d series, %v; want one per reason (8)", n, err)
 	}
 }
 
@@ -1002,7 +1005,7 @@ func TestTransportDeriveKey(t *testing.T) {
 // that names the clocks.
 func TestTransportLeafRenewal(t *testing.T) {
 	key := transportTestKey("renew")
-	creds, err := newTransportCreds(key, "p")
+	creds, err := newTransportCreds(key, "p", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1056,7 +1059,7 @@ func FuzzTransportHandshake(f *testing.F) {
 	// A real ClientHello without a certificate, recorded from crypto/tls.
 	f.Add(recordClientHello(f))
 	keyed := &PeerTransport{log: slog.New(slog.DiscardHandler)}
-	creds, err := newTransportCreds(transportTestKey("fuzz"), "fuzz")
+	creds, err := newTransportCreds(transportTestKey("fuzz"), "fuzz", nil)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -1142,4 +1145,102 @@ func BenchmarkTransportDial(b *testing.B) {
 			}
 		})
 	}
+}
+
+// pinTable is a KeyLookup over a fixed map, as Mesh.PublicKey is over the mesh's pins.
+type pinTable map[string]ed25519.PublicKey
+
+func (p pinTable) lookup(name string) (ed25519.PublicKey, bool) {
+	k, ok := p[name]
+	return k, ok
+}
+
+// TestTransportIdentity checks that with Keys set a connection goes through only when each
+// end's certificate key is the key pinned for its name, and is refused (counted as
+// "identity") otherwise: a key holder with another identity, or a name nobody pinned.
+func TestTransportIdentity(t *testing.T) {
+	key := transportTestKey("identity")
+	serverID, clientID, rogueID := identity.Generate(), identity.Generate(), identity.Generate()
+	pins := pinTable{"server": serverID.Public(), "client": clientID.Public()}
+	server, sh := newTestTransportCfg(t, TransportConfig{Key: key, Name: "server", Identity: serverID.Signer(), Keys: pins.lookup})
+
+	t.Run("pinned keys", func(t *testing.T) {
+		client, _ := newTestTransportCfg(t, TransportConfig{Key: key, Name: "client", Identity: clientID.Signer(), Keys: pins.lookup})
+		for _, kind := range []byte{transportKindRaft, transportKindRPC} {
+			c, s := dialPair(t, client, server, kind)
+			for conn, want := range map[net.Conn]string{s: "client", c: "server"} {
+				if got, ok := ConnPeerName(conn); !ok || got != want {
+					t.Errorf("ConnPeerName = %q, %v; want %q", got, ok, want)
+				}
+			}
+			exchangeBoth(t, c, s)
+		}
+	})
+
+	// Each case dials the server with a client whose certificate the server must refuse.
+	for _, tc := range []struct {
+		name string
+		cfg  TransportConfig
+	}{
+		// Holds the cluster key, claims "client", signs with its own identity.
+		{"stolen name", TransportConfig{Key: key, Name: "client", Identity: rogueID.Signer()}},
+		// Holds the cluster key, names itself something the mesh never pinned.
+		{"unknown name", TransportConfig{Key: key, Name: "stranger", Identity: rogueID.Signer()}},
+		// No identity at all: a fresh key, which no pin can match.
+		{"fresh key", TransportConfig{Key: key, Name: "client"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := refusedCount(server, refusedIdentity)
+			rejected := len(sh.rejections())
+			client, _ := newTestTransportCfg(t, tc.cfg)
+			c, err := client.Dial(raft.ServerAddress(server.Addr().String()), 5*time.Second)
+			if err == nil {
+				// TLS 1.3: the client's handshake ends before the server checks its
+				// certificate; the refusal shows as the connection closing.
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				_, err = c.Read(make([]byte, 1))
+				c.Close()
+				if err == nil || isNetTimeout(err) {
+					t.Fatalf("a %s connection stayed open: %v", tc.name, err)
+				}
+			}
+			pollUntil(t, 5*time.Second, func() bool { return refusedCount(server, refusedIdentity) == before+1 },
+				"weft_transport_refused_total{reason=identity} to count the refusal")
+			r := sh.waitRejections(t, rejected+1)
+			if last := r[len(r)-1]; !errors.Is(last.err, errIdentity) {
+				t.Errorf("logged reason %v, want the identity error", last.err)
+			}
+			if len(server.raftConns) != 0 {
+				t.Fatal("a refused connection reached the accept queue")
+			}
+		})
+	}
+
+	// The dialer checks the server too: a server under a pinned name with another key.
+	t.Run("server with another key", func(t *testing.T) {
+		rogue, _ := newTestTransportCfg(t, TransportConfig{Key: key, Name: "server", Identity: rogueID.Signer()})
+		client, _ := newTestTransportCfg(t, TransportConfig{Key: key, Name: "client", Identity: clientID.Signer(), Keys: pins.lookup})
+		_, err := client.DialRPC(context.Background(), rogue.Addr().String())
+		if !errors.Is(err, errIdentity) || !errors.Is(err, ErrAuthFailed) {
+			t.Fatalf("dial to a server with a key not pinned for its name: %v, want the identity error", err)
+		}
+		if n := refusedCount(client, refusedIdentity); n != 1 {
+			t.Errorf("dialer's weft_transport_refused_total{reason=identity} = %v, want 1", n)
+		}
+	})
+}
+
+func TestTransportIdentityKeyType(t *testing.T) {
+	_, err := NewPeerTransport(TransportConfig{BindAddr: "127.0.0.1:0", Key: transportTestKey("x"), Identity: notEd25519{}})
+	if err == nil {
+		t.Fatal("a transport took a non-ed25519 identity key")
+	}
+}
+
+// notEd25519 is a crypto.Signer whose key is of another kind.
+type notEd25519 struct{}
+
+func (notEd25519) Public() crypto.PublicKey { return "rsa?" }
+func (notEd25519) Sign(io.Reader, []byte, crypto.SignerOpts) ([]byte, error) {
+	return nil, errors.New("no")
 }

@@ -42,8 +42,8 @@ package mesh
 // comes again with the next push/pull; one whose signature does not verify
 // (a forged entry) refuses the whole message (bad_signature). Costs: one
 // ed25519 signature per publication (per peer: ≤ one per MinInterval for
-// moved figures, ≤ one per BatchInterval for added, removed and recovered
-// links, plus one per reconcile in which a link went down), one
+// moved figures, ≤ one per BatchInterval for added and removed
+// links, plus one per reconcile in which a link went down or came back up), one
 // verification per publication received new, 64 bytes per publication on
 // the wire; anti-entropy answers may carry entries
 // a later publication superseded, and a peer holds each publication that
@@ -196,13 +196,15 @@ type LinkTableConfig struct {
 	// and each peer's share of relaying it, grows with N: this bounds it.
 	// 0: no bound.
 	MinInterval time.Duration
-	// BatchInterval: links that were added, removed or came back up go
-	// out together, at most this often (each publication costs a 64-byte
-	// signature, relayed to every peer; probe-target churn adds and removes
-	// links steadily). A link going down, or changing encryption, goes out
-	// at once: others must route around it; a recovered link waits (its
-	// owner already uses it, the others keep their detour a little
-	// longer). Default 10s (in the 50-peer simulation 2s cost 20 kB/s per
+	// BatchInterval: links that were added or removed go out together, at
+	// most this often (each publication costs a 64-byte signature, relayed
+	// to every peer; probe-target churn adds and removes links steadily). A
+	// link going down or coming back up, or changing encryption, goes out
+	// at once: others must route around it, and a recovered link must not
+	// wait — the other end takes the worse of both directions, so a stale
+	// "down" keeps it relaying while the owner is already direct, which over
+	// WireGuard drops the pair's replies. Up/down flips are rare next to
+	// churn. Default 10s (in the 50-peer simulation 2s cost 20 kB/s per
 	// peer of link state, 10s 13 kB/s, unsigned per-link publication 14
 	// kB/s); negative: at once.
 	BatchInterval time.Duration
@@ -440,7 +442,7 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	for nb, m := range links {
 		e := o.links[nb]
 		switch {
-		case t.republish || e != nil && !e.deleted && (e.m.Up && !m.Up || e.m.Encrypted != m.Encrypted):
+		case t.republish || e != nil && !e.deleted && (e.m.Up != m.Up || e.m.Encrypted != m.Encrypted):
 			ups = append(ups, upd{nb: nb, m: m})
 		case e == nil || e.deleted || e.m.Up != m.Up:
 			batch = append(batch, upd{nb: nb, m: m})

@@ -62,7 +62,7 @@ func (p *Peer) apiHandler() http.Handler {
 			start := time.Now()
 			var body any
 			var err error
-			if r.Method != method {
+			if method != "" && r.Method != method { // "": the handler dispatches on the method
 				err = newAPIError(http.StatusMethodNotAllowed, types.ErrInvalidNetworkConfig, "%s %s: use %s", r.Method, path, method)
 			} else {
 				body, err = h(r)
@@ -167,6 +167,8 @@ func (p *Peer) apiHandler() http.Handler {
 		}
 		return p.removePeer(r.Context(), req)
 	})
+	route("", "/v1/networks", "networks", p.networksEndpoint)
+	route("", "/v1/networks/{name}", "network", p.networkEndpoint)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})

@@ -76,6 +76,44 @@ func startFuzzPeer(dir string) (*testPeer, func() error, error) {
 	return &testPeer{Peer: p}, func() error { cancel(); return <-errc }, nil
 }
 
+// fuzzPeer starts one real peer for a fuzz target, lazily in the process that runs the
+// inputs (not in the fuzz coordinator), waits for ready (if given), and stops it when the
+// target ends. One peer per namespace (its bridge and devices have fixed names), so fuzz
+// these targets with -parallel 1 (make fuzz does).
+func fuzzPeer(f *testing.F, ready func(*testPeer) error) func(t *testing.T) (*testPeer, http.Handler) {
+	dir := f.TempDir()
+	var (
+		once  sync.Once
+		p     *testPeer
+		h     http.Handler
+		stop  func() error
+		start error
+	)
+	f.Cleanup(func() {
+		if stop != nil {
+			if err := stop(); err != nil {
+				f.Errorf("peer stopped with %v", err)
+			}
+		}
+	})
+	return func(t *testing.T) (*testPeer, http.Handler) {
+		t.Helper()
+		once.Do(func() {
+			if p, stop, start = startFuzzPeer(dir); start != nil {
+				return
+			}
+			h = p.apiHandler()
+			if ready != nil {
+				start = ready(p)
+			}
+		})
+		if start != nil {
+			t.Fatalf("%v (one peer per network namespace: fuzz with -parallel 1)", start)
+		}
+		return p, h
+	}
+}
+
 // FuzzControlAPI drives every JSON endpoint of the control API through the real handler of a
 // real peer with fuzzed bodies and queries, garbage and valid-but-extreme values alike. Every
 // answer is JSON; a failure is a cni.Error with a code and a message, its HTTP status the one
@@ -131,30 +169,9 @@ func FuzzControlAPI(f *testing.F) {
 	// The peer starts in the process that runs the inputs, not in the fuzz coordinator: one
 	// peer per namespace (its bridge and devices have fixed names), so fuzz this target with
 	// -parallel 1 (make fuzz does).
-	dir := f.TempDir()
-	var (
-		once  sync.Once
-		p     *testPeer
-		h     http.Handler
-		stop  func() error
-		start error
-	)
-	f.Cleanup(func() {
-		if stop != nil {
-			if err := stop(); err != nil {
-				f.Errorf("peer stopped with %v", err)
-			}
-		}
-	})
+	peer := fuzzPeer(f, nil)
 	f.Fuzz(func(t *testing.T, ep uint8, wrongMethod bool, body []byte, query string) {
-		once.Do(func() {
-			if p, stop, start = startFuzzPeer(dir); start == nil {
-				h = p.apiHandler()
-			}
-		})
-		if start != nil {
-			t.Fatalf("%v (one peer per network namespace: fuzz with -parallel 1)", start)
-		}
+		p, h := peer(t)
 		e := apiEndpoints[int(ep)%len(apiEndpoints)]
 		method := e.method
 		if wrongMethod {

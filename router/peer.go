@@ -200,10 +200,19 @@ func (p *Peer) Run(ctx context.Context) error {
 // startCluster opens the peer transport, the Raft node and the forwarding server; their
 // stops are appended to stops in start order.
 func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
+	// With a cluster key, names on the transport and signers of table deltas are checked
+	// against the identities the mesh pins: a member holding the key cannot pass for another
+	// or feed clients a forged table. --insecure proves nothing, so checks nothing.
+	var keys identity.KeyLookup
+	if len(p.cfg.ClusterKey) != 0 {
+		keys = p.originKey
+	}
 	tr, err := ipam.NewPeerTransport(ipam.TransportConfig{
 		BindAddr:   netip.AddrPortFrom(advertise, uint16(p.cfg.RaftPort)).String(),
 		Key:        ipam.DeriveKey(p.cfg.ClusterKey),
 		Name:       p.cfg.Name,
+		Identity:   p.identity.Signer(),
+		Keys:       keys,
 		Registerer: p.reg,
 		Logger:     p.log.With("component", "transport"),
 	})
@@ -225,6 +234,8 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 		Transport:      netTrans,
 		Forward:        ipam.HTTPForwarder(tr.DialRPC),
 		FetchTable:     ipam.HTTPTableFetcher(tr.DialRPC),
+		Signer:         p.identity,
+		Keys:           keys,
 		Registerer:     p.reg,
 		DB:             p.db,
 		Voters:         p.cfg.RaftVoters,

@@ -68,6 +68,7 @@ type config struct {
 	tcpPerSec int                   // garbage TCP connections per second, all targets together
 	silent    int                   // silent connections held open to each Raft port
 	every     time.Duration
+	self      *identity.Identity // its own identity: announced in the mesh, proven on the peer transport
 }
 
 func main() {
@@ -91,6 +92,7 @@ func main() {
 	flag.Parse()
 
 	cfg.name, cfg.victim, cfg.pps, cfg.tcpPerSec, cfg.silent, cfg.every = *name, *victim, *pps, *tcpRate, *silent, *every
+	cfg.self = identity.Generate()
 	var err error
 	if cfg.addr, err = netip.ParseAddr(addr); err != nil {
 		fatal("--addr: %v", err)
@@ -369,6 +371,11 @@ func claimEverything(ctx context.Context, cfg config) {
 	tr, err := ipam.NewPeerTransport(ipam.TransportConfig{
 		BindAddr: netip.AddrPortFrom(cfg.addr, 0).String(),
 		Key:      ipam.DeriveKey(cfg.password),
+		// A member as real as the rogue can be: its own name and identity, which the honest
+		// peers pinned when it joined the mesh, so the transport lets it through and the
+		// claim meets the leader's checks.
+		Name:     cfg.name,
+		Identity: cfg.self.Signer(),
 		Logger:   slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
@@ -443,7 +450,7 @@ func forgeGossip(ctx context.Context, cfg config) {
 		recs  *dns.Records
 	}
 	var forged []forgedDNS
-	self := identity.Generate() // the rogue's own identity, announced in its metadata
+	self := cfg.self // the rogue's own identity, announced in its metadata
 	for _, c := range []struct {
 		label string
 		now   func() time.Time

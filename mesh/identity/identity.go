@@ -8,6 +8,7 @@
 package identity
 
 import (
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
@@ -99,6 +100,11 @@ func Generate() *Identity {
 func (i *Identity) Public() ed25519.PublicKey {
 	return i.priv.Public().(ed25519.PublicKey)
 }
+
+// Signer is the ed25519 private key as a crypto.Signer, for uses that sign outside this
+// package's domains: the peer transport's TLS leaf key, so that a certificate's key is the
+// key the mesh pinned for the peer's name.
+func (i *Identity) Signer() crypto.Signer { return i.priv }
 
 // Sign signs msg for one domain (e.g. "weft linkstate v1").
 func (i *Identity) Sign(domain string, msg []byte) []byte {

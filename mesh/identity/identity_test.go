@@ -1,6 +1,9 @@
 package identity
 
 import (
+	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
 	"os"
 	"path/filepath"
 	"testing"
@@ -66,5 +69,26 @@ func TestSignaturesAreBoundToDomainAndKey(t *testing.T) {
 	}
 	if Verify(a.Public()[:5], "weft linkstate v1", msg, sig) || Verify(a.Public(), "weft linkstate v1", msg, sig[:10]) {
 		t.Fatal("a truncated key or signature verified")
+	}
+}
+
+func TestSignerIsTheIdentityKey(t *testing.T) {
+	id := Generate()
+	s := id.Signer()
+	pub, ok := s.Public().(ed25519.PublicKey)
+	if !ok || !pub.Equal(id.Public()) {
+		t.Fatalf("signer's public key %v is not the identity's %v", s.Public(), id.Public())
+	}
+	msg := []byte("tls transcript")
+	sig, err := s.Sign(rand.Reader, msg, crypto.Hash(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ed25519.Verify(id.Public(), msg, sig) {
+		t.Fatal("the signer's signature does not verify against the identity's key")
+	}
+	// A raw signature is not valid in a domain: the framing keeps the two uses apart.
+	if Verify(id.Public(), "weft test v1", msg, sig) {
+		t.Fatal("a raw signature verified as a domain signature")
 	}
 }
