@@ -177,7 +177,7 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 	mc.Merge = d
 	mc.DisableTcpPingsForNode = m.onDirectProbeFailed // always false; see suspicion.go
 	mc.Logger = newMemberlistLogger(m.log)
-	mc.EnableCompression = c.Compress // off by default: see Config.Compress
+	mc.EnableCompression = c.Compress // on in DefaultConfig: see Config.Compress
 	if len(c.Password) > 0 {
 		kr, err := memberlist.NewKeyring(nil, GossipKey(c.Password))
 		if err != nil {

@@ -108,7 +108,7 @@ func run() error {
 	flag.BoolVar(&o.syncOnJoin, "sync-on-join", false, "full runs: every peer starts a full push/pull with each joiner (the router did before it synced only when DNS refused records); never in the membership-only run")
 	flag.IntVar(&o.probeTargets, "probe-targets", 16, "peers each peer measures directly (weft peer's --probe-targets)")
 	flag.IntVar(&o.lsRetransmit, "ls-retransmit-mult", 0, "link-state retransmit multiplier per peer (mesh.Config.LinkStateRetransmitMult); 0: the mesh default")
-	flag.BoolVar(&o.compress, "compress", false, "memberlist compression on (mesh.Config.Compress; weft peer's default is off)")
+	flag.BoolVar(&o.compress, "compress", true, "memberlist compression on (mesh.Config.Compress; weft peer's default is on)")
 	flag.BoolVar(&o.logWarnings, "log-warnings", false, "print every peer's mesh warnings and errors (memberlist's too) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address (e.g. 127.0.0.1:6061) to inspect a run")
