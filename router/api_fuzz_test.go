@@ -8,8 +8,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"net/netip"
-	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
@@ -48,15 +46,8 @@ var cniVerb = map[string]bool{cni.PathAdd: true, cni.PathDel: true, cni.PathChec
 // process, so whatever the fuzzer asks of it (connect to an address, attach into a namespace
 // path) cannot leave that namespace. It returns the peer and its stop function.
 func startFuzzPeer(dir string) (*testPeer, func() error, error) {
-	cfg := DefaultConfig()
-	cfg.Name = "p1"
-	cfg.DataDir = dir
-	cfg.Socket = filepath.Join(dir, "weft.sock")
-	cfg.HTTPAddr = "127.0.0.1:0"
-	cfg.AdvertiseAddr = netip.MustParseAddr("127.0.0.1")
-	cfg.MeshPort, cfg.RaftPort = 0, 0
+	cfg := testConfig(dir)
 	cfg.Logger = slog.New(slog.DiscardHandler)
-	cfg.ClusterKey, cfg.Encrypt = bytes.Repeat([]byte{1}, ClusterKeySize), "never"
 	p, err := New(cfg)
 	if err != nil {
 		return nil, nil, err

@@ -282,6 +282,7 @@ func (p *Peer) checkOwnership() bool {
 // reinstalled host (new identity, same name) is accepted again without touching each
 // peer. While such a peer is down a member could take its name with another key; it gets
 // the peer's name, not its blocks, names or links (those need the old key or the Raft log).
+// O(blocks + pins + peers) per membership round, which runs on change, not on a timer.
 func (p *Peer) unpinRemoved(peers []mesh.Peer) {
 	owners := map[string]bool{}
 	for _, row := range p.cluster.Status().Blocks {

@@ -63,8 +63,9 @@ type testPeer struct {
 	stop   func()
 }
 
-func startPeer(t *testing.T, dataDir string) *testPeer {
-	t.Helper()
+// testConfig is a lone peer "p1" on loopback with its state in dataDir: a keyed peer, with
+// plaintext links as before keys were required (auto would mean WireGuard).
+func testConfig(dataDir string) Config {
 	cfg := DefaultConfig()
 	cfg.Name = "p1"
 	cfg.DataDir = dataDir
@@ -72,8 +73,13 @@ func startPeer(t *testing.T, dataDir string) *testPeer {
 	cfg.HTTPAddr = "127.0.0.1:0"
 	cfg.AdvertiseAddr = netip.MustParseAddr("127.0.0.1")
 	cfg.MeshPort, cfg.RaftPort = 0, 0
-	// A keyed peer, with plaintext links as before keys were required (auto would mean WireGuard).
 	cfg.ClusterKey, cfg.Encrypt = bytes.Repeat([]byte{1}, ClusterKeySize), "never"
+	return cfg
+}
+
+func startPeer(t *testing.T, dataDir string) *testPeer {
+	t.Helper()
+	cfg := testConfig(dataDir)
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	p, err := New(cfg)
 	if err != nil {

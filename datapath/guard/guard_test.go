@@ -76,6 +76,29 @@ func testConfig() Config {
 }
 
 // in runs fn in namespace n (on a locked thread); sockets made there stay there.
+// acceptAndClose listens on TCP port in n's namespace and closes every connection: a port
+// that is reachable or not, and nothing more. Closed when the test ends.
+func acceptAndClose(t *testing.T, n *nslab.NS, port int) {
+	t.Helper()
+	in(t, n, func() error {
+		l, err := net.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", port))
+		if err != nil {
+			return err
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+		return nil
+	})
+}
+
 func in(t *testing.T, n *nslab.NS, fn func() error) {
 	t.Helper()
 	if err := n.Do(fn); err != nil {
@@ -216,23 +239,7 @@ func TestGuardInNamespaces(t *testing.T) {
 		return nil
 	})
 	// c2 listens on the mesh port number too: between containers it is just a port.
-	in(t, c2.NS, func() error {
-		l, err := net.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", meshPort))
-		if err != nil {
-			return err
-		}
-		t.Cleanup(func() { l.Close() })
-		go func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				c.Close()
-			}
-		}()
-		return nil
-	})
+	acceptAndClose(t, c2.NS, meshPort)
 	c2addr := net.JoinHostPort(c2.Addr.Addr().String(), fmt.Sprint(meshPort))
 
 	// Without the guard the container reaches everything: the test can fail.
@@ -473,23 +480,7 @@ func TestGuardForwardToOtherPeers(t *testing.T) {
 		}
 		return netlink.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: datapath.PrefixToIPNet(h0.Block), Gw: h0.Underlay.Addr().AsSlice()})
 	})
-	in(t, h1.NS, func() error {
-		l, err := net.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", raftPort))
-		if err != nil {
-			return err
-		}
-		t.Cleanup(func() { l.Close() })
-		go func() {
-			for {
-				c, err := l.Accept()
-				if err != nil {
-					return
-				}
-				c.Close()
-			}
-		}()
-		return nil
-	})
+	acceptAndClose(t, h1.NS, raftPort)
 	remote := net.JoinHostPort(h1.Underlay.Addr().String(), fmt.Sprint(raftPort))
 	if !tcpReach(c.NS, remote) {
 		t.Fatalf("before the guard, the container does not reach %s: the test proves nothing", remote)
