@@ -33,6 +33,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -174,6 +175,18 @@ func run(ctx context.Context, cfg config, attacks []string) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(ctx, cfg) }()
 	}
+	// The claim goes first and the others wait for its first round: the silent connections
+	// fill this host's per-source handshake slots on every honest peer, which would refuse
+	// the rogue's own claim before the leader ever judged it (one source address here).
+	if slices.Contains(attacks, "claim") {
+		firstRound := make(chan struct{})
+		wg.Add(1)
+		go func() { defer wg.Done(); claimEverything(ctx, cfg, firstRound) }()
+		select {
+		case <-firstRound:
+		case <-ctx.Done():
+		}
+	}
 	for _, a := range attacks {
 		switch a {
 		case "flood":
@@ -181,8 +194,7 @@ func run(ctx context.Context, cfg config, attacks []string) error {
 			start(floodTCP)
 		case "silent":
 			start(holdSilent)
-		case "claim":
-			start(claimEverything)
+		case "claim": // started above
 		case "forge":
 			start(forgeGossip)
 		default:
@@ -367,7 +379,11 @@ func holdSilent(ctx context.Context, cfg config) {
 // claimEverything forwards a claim for a network 0.0.0.0/0 with /1 blocks to every honest
 // peer's Raft address through the authenticated peer transport, as a follower forwards to
 // its leader, again every cfg.every: whoever leads gets it.
-func claimEverything(ctx context.Context, cfg config) {
+// firstRound is closed once every peer has had both commands once.
+func claimEverything(ctx context.Context, cfg config, firstRound chan<- struct{}) {
+	var once sync.Once
+	roundDone := func() { once.Do(func() { close(firstRound) }) }
+	defer roundDone()
 	tr, err := ipam.NewPeerTransport(ipam.TransportConfig{
 		BindAddr: netip.AddrPortFrom(cfg.addr, 0).String(),
 		Key:      ipam.DeriveKey(cfg.password),
@@ -409,6 +425,7 @@ func claimEverything(ctx context.Context, cfg config) {
 				}
 			}
 		}
+		roundDone()
 		select {
 		case <-ctx.Done():
 			return
