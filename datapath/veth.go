@@ -24,6 +24,12 @@ type Attachment struct {
 	Address    netip.Prefix // container address with the network's prefix length
 	Gateway    netip.Addr
 	MTU        int
+	// Secondary marks an interface that is not the container's primary one (a second
+	// network plane, e.g. net1): it gets no default route, only a route to Range via
+	// Gateway. The zero value is today's primary attachment.
+	Secondary bool
+	// Range is the whole range of the attachment's network (all its hosts' blocks).
+	Range netip.Prefix
 }
 
 // AttachResult describes what Attach set up.
