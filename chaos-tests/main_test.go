@@ -149,8 +149,24 @@ func waitPing(t *testing.T, ctx context.Context, src *lab.Container, dst netip.A
 	pctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	if err := lab.Poll(pctx, 200*time.Millisecond, func() error { return src.Ping(pctx, dst) }); err != nil {
-		t.Fatalf("%s cannot ping %s: %v", src.Name, dst, err)
+		t.Fatalf("%s cannot ping %s: %v\n%s", src.Name, dst, err, pathDiagnosis(ctx, src.Host, dst))
 	}
+}
+
+// pathDiagnosis says how host h would send to dst: its kernel route and the peer's own view
+// of routes and blocks, printed next to a failed ping so that CI output (which keeps only a
+// part of the peer logs) still shows where the path broke.
+func pathDiagnosis(ctx context.Context, h *lab.Host, dst netip.Addr) string {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	var b strings.Builder
+	route, err := h.Exec(dctx, "ip", "-4", "route", "get", dst.String())
+	fmt.Fprintf(&b, "--- %s: ip route get %s (err %v) ---\n%s", h.Name, dst, err, route)
+	for _, args := range [][]string{{"status", "routes"}, {"status", "connections"}, {"status", "ipam"}} {
+		out, err := h.CLI(dctx, args...)
+		fmt.Fprintf(&b, "--- %s: weft %s (err %v) ---\n%s", h.Name, strings.Join(args, " "), err, out)
+	}
+	return b.String()
 }
 
 // hostVethName is how the peer names the host end of an attachment: "weft" and 11 hex
