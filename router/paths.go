@@ -609,7 +609,9 @@ func (p *Peer) nearest(peer string) (time.Duration, bool) {
 	if !ok || len(c.Path) == 0 || c.Unmeasured {
 		return 0, false
 	}
-	return c.RTT, true
+	// A remote peer is never as near as this host, even when its RTT reads 0 (an estimate
+	// from coordinates, or a clock too coarse for a namespace hop): DNS puts local first.
+	return max(c.RTT, time.Nanosecond), true
 }
 
 // Route is one row of `weft status routes`.
