@@ -257,11 +257,9 @@ func Check(a Attachment) error {
 }
 
 // ensureOnlyAddress leaves exactly the IPv4 address addr on cont (ours: our veth's peer),
-// so that a re-attach with another address leaves no stale one behind.
+// so that a re-attach with another address leaves no stale one behind. Stale ones go first:
+// deleting a subnet's primary address also deletes the secondary ones of that subnet.
 func ensureOnlyAddress(cnh *netlink.Handle, cont netlink.Link, addr netip.Prefix) error {
-	if err := cnh.AddrReplace(cont, &netlink.Addr{IPNet: PrefixToIPNet(addr)}); err != nil {
-		return fmt.Errorf("address %s: %w", addr, err)
-	}
 	addrs, err := cnh.AddrList(cont, netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("list addresses: %w", err)
@@ -272,6 +270,9 @@ func ensureOnlyAddress(cnh *netlink.Handle, cont netlink.Link, addr netip.Prefix
 				return fmt.Errorf("delete stale address %s: %w", p, err)
 			}
 		}
+	}
+	if err := cnh.AddrReplace(cont, &netlink.Addr{IPNet: PrefixToIPNet(addr)}); err != nil {
+		return fmt.Errorf("address %s: %w", addr, err)
 	}
 	return nil
 }
