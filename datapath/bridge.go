@@ -1,5 +1,6 @@
 // Package datapath is the kernel side of weft: the bridge of each network, one veth pair
-// per container attachment, and (in subpackages) one driver per link mode between hosts
+// per container attachment with its routes and source policy inside the container
+// (policy.go), and (in subpackages) one driver per link mode between hosts
 // (direct, vxlan, wireguard). What the drivers share lives here — the Driver contract and
 // its bad-peer rule, the route sync, the sentinels, the underlay and sysctl helpers — so
 // that the drivers stand side by side and none imports another (deps_test.go checks).
