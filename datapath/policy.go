@@ -17,7 +17,8 @@ import (
 // back), every interface also gets source-based policy routing: the rule
 // "from <its address>/32 lookup T" and its own table T holding the on-link subnet and a
 // default route via its gateway. Every rule and route weft puts in a container carries
-// RouteProtocol; nothing else in the container is touched.
+// RouteProtocol; of the others, weft removes only default routes through a secondary
+// interface (they would pull the container's traffic onto that plane).
 const (
 	// ContainerRulePriority is the priority of the source rules inside containers: before
 	// the main table's rule (32766), after the local table's (0).
