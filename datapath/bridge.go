@@ -1,5 +1,6 @@
 // Package datapath is the kernel side of weft: the bridge of each network, one veth pair
-// per container attachment, and (in subpackages) one driver per link mode between hosts
+// per container attachment with its routes and source policy inside the container
+// (policy.go), and (in subpackages) one driver per link mode between hosts
 // (direct, vxlan, wireguard). What the drivers share lives here — the Driver contract and
 // its bad-peer rule, the route sync, the sentinels, the underlay and sysctl helpers — so
 // that the drivers stand side by side and none imports another (deps_test.go checks).
@@ -16,9 +17,11 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Sentinel errors.
@@ -27,6 +30,7 @@ var (
 	ErrIfNameExists     = errors.New("interface name already exists in the container")
 	ErrNotNetNS         = errors.New("not a network namespace")
 	ErrCheckFailed      = errors.New("attachment check failed")
+	ErrBadBridge        = errors.New("bad bridge config")
 
 	// Shared by the link drivers, so that a caller matches one error whichever driver
 	// returned it.
@@ -48,10 +52,33 @@ type BridgeConfig struct {
 	MTU     int
 }
 
-// EnsureBridge converges the bridge to cfg: present, up, holding the gateway address, with
-// the MTU. It also turns on IPv4 forwarding, which the host needs to route for containers.
-// A link of that name that is not a bridge is an error, never silently replaced.
+// Validate says what is wrong with cfg (wrapping ErrBadBridge), or nil.
+func (cfg BridgeConfig) Validate() error {
+	switch {
+	case cfg.Name == "" || len(cfg.Name) > unix.IFNAMSIZ-1 || strings.ContainsAny(cfg.Name, "/ \t\n:") ||
+		cfg.Name == "." || cfg.Name == "..":
+		return fmt.Errorf("%w: name %q is not an interface name of 1..%d bytes", ErrBadBridge, cfg.Name, unix.IFNAMSIZ-1)
+	case !cfg.Gateway.IsValid() || !cfg.Gateway.Addr().Is4() || cfg.Gateway.Bits() == 32 ||
+		cfg.Gateway.Addr() == cfg.Gateway.Masked().Addr():
+		return fmt.Errorf("%w: %s: gateway %s is not a host address of an IPv4 subnet", ErrBadBridge, cfg.Name, cfg.Gateway)
+	case cfg.MTU != 0 && (cfg.MTU < 68 || cfg.MTU > 65535):
+		return fmt.Errorf("%w: %s: MTU %d is outside 68..65535", ErrBadBridge, cfg.Name, cfg.MTU)
+	}
+	return nil
+}
+
+// EnsureBridge converges the bridge of one network (default or any other) to cfg: present,
+// up, holding exactly the gateway address as its IPv4 address (a stale one, e.g. of an
+// earlier network of the same name, would keep routing that subnet here), with the MTU (0:
+// the kernel's). It also turns on IPv4 forwarding, which the host needs to route for
+// containers. A link of that name that is not a bridge is an error, never silently
+// replaced; a cfg that cannot work fails with ErrBadBridge and changes nothing. Call it for
+// every network before its first Attach, and again whenever the network's definition may
+// have changed: it changes nothing when the bridge already is right.
 func EnsureBridge(cfg BridgeConfig) (*netlink.Bridge, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
 	link, err := netlink.LinkByName(cfg.Name)
 	var notFound netlink.LinkNotFoundError
 	switch {
@@ -82,6 +109,17 @@ func EnsureBridge(cfg BridgeConfig) (*netlink.Bridge, error) {
 	}
 	if err := netlink.AddrReplace(br, &netlink.Addr{IPNet: PrefixToIPNet(cfg.Gateway)}); err != nil {
 		return nil, fmt.Errorf("set gateway %s on %s: %w", cfg.Gateway, cfg.Name, err)
+	}
+	addrs, err := netlink.AddrList(br, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", cfg.Name, err)
+	}
+	for _, a := range addrs {
+		if p, ok := IPNetToPrefix(a.IPNet); ok && p != cfg.Gateway {
+			if err := netlink.AddrDel(br, &a); err != nil && !IsGone(err) {
+				return nil, fmt.Errorf("delete stale address %s of %s: %w", p, cfg.Name, err)
+			}
+		}
 	}
 	if err := netlink.LinkSetUp(br); err != nil {
 		return nil, fmt.Errorf("bring up %s: %w", cfg.Name, err)

@@ -82,10 +82,17 @@ func containerHandle(path string) (netns.NsHandle, *netlink.Handle, error) {
 }
 
 // Attach converges one container interface: a veth pair whose host end is on the bridge
-// (hairpin on, up) and whose container end is named IfName, up, with the address, MTU and a
-// default route via the gateway. If IfName already exists in the container and is not the
-// peer of our host end, it fails with ErrIfNameExists and touches nothing.
+// (hairpin on, up) and whose container end is named IfName, up, with the address and MTU;
+// a primary interface gets the default route via the gateway, a secondary one a route to
+// Range via the gateway (none when its on-link subnet already covers Range); both get
+// source-based policy routing, so replies leave by the interface the request came in on
+// (see policy.go). If IfName already exists in the container and is not the peer of our
+// host end, it fails with ErrIfNameExists and touches nothing; fields that cannot work fail
+// with ErrBadAttachment before anything is touched.
 func Attach(a Attachment) (AttachResult, error) {
+	if err := a.validate(); err != nil {
+		return AttachResult{}, err
+	}
 	nsh, cnh, err := containerHandle(a.NetNS)
 	if err != nil {
 		return AttachResult{}, err
@@ -117,16 +124,11 @@ func Attach(a Attachment) (AttachResult, error) {
 	if err := cnh.LinkSetUp(cont); err != nil {
 		return AttachResult{}, fmt.Errorf("bring up %s in %s: %w", a.IfName, a.NetNS, err)
 	}
-	if err := cnh.AddrReplace(cont, &netlink.Addr{IPNet: PrefixToIPNet(a.Address)}); err != nil {
-		return AttachResult{}, fmt.Errorf("address %s on %s: %w", a.Address, a.IfName, err)
+	if err := ensureOnlyAddress(cnh, cont, a.Address); err != nil {
+		return AttachResult{}, fmt.Errorf("%s in %s: %w", a.IfName, a.NetNS, err)
 	}
-	defRoute := &netlink.Route{
-		LinkIndex: cont.Attrs().Index,
-		Dst:       &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)},
-		Gw:        a.Gateway.AsSlice(),
-	}
-	if err := cnh.RouteReplace(defRoute); err != nil {
-		return AttachResult{}, fmt.Errorf("default route via %s in %s: %w", a.Gateway, a.NetNS, err)
+	if err := ensureContainerRouting(cnh, a, cont); err != nil {
+		return AttachResult{}, err
 	}
 	return AttachResult{
 		HostMAC:      host.Attrs().HardwareAddr.String(),
@@ -205,9 +207,14 @@ func Detach(hostIfName string) error {
 }
 
 // Check verifies that the attachment is in place: the container interface exists, is our
-// veth peer, is up, holds the address and has the default route; the host end is on the
-// bridge. The error names the first thing missing.
+// veth peer, is up, holds the address; the host end is on the bridge; the routes are those
+// of its kind (a primary holds the default route, a secondary holds its range route and no
+// default route) and its policy rule and table are there. The error wraps ErrCheckFailed
+// and names the first thing missing.
 func Check(a Attachment) error {
+	if err := a.validate(); err != nil {
+		return err
+	}
 	nsh, cnh, err := containerHandle(a.NetNS)
 	if err != nil {
 		return err
@@ -246,17 +253,28 @@ func Check(a Attachment) error {
 	if !found {
 		return fmt.Errorf("%w: address %s missing on %s in %s", ErrCheckFailed, a.Address, a.IfName, a.NetNS)
 	}
-	routes, err := cnh.RouteList(cont, netlink.FAMILY_V4)
+	return checkContainerRouting(cnh, a, cont)
+}
+
+// ensureOnlyAddress leaves exactly the IPv4 address addr on cont (ours: our veth's peer),
+// so that a re-attach with another address leaves no stale one behind. Stale ones go first:
+// deleting a subnet's primary address also deletes the secondary ones of that subnet.
+func ensureOnlyAddress(cnh *netlink.Handle, cont netlink.Link, addr netip.Prefix) error {
+	addrs, err := cnh.AddrList(cont, netlink.FAMILY_V4)
 	if err != nil {
-		return fmt.Errorf("list routes of %s: %w", a.IfName, err)
+		return fmt.Errorf("list addresses: %w", err)
 	}
-	for _, r := range routes {
-		isDefault := r.Dst == nil || (r.Dst.IP.IsUnspecified() && maskBits(r.Dst) == 0)
-		if gw, ok := netip.AddrFromSlice(r.Gw); isDefault && ok && gw.Unmap() == a.Gateway {
-			return nil
+	for _, old := range addrs {
+		if p, ok := IPNetToPrefix(old.IPNet); ok && p != addr {
+			if err := cnh.AddrDel(cont, &old); err != nil && !IsGone(err) {
+				return fmt.Errorf("delete stale address %s: %w", p, err)
+			}
 		}
 	}
-	return fmt.Errorf("%w: default route via %s missing in %s", ErrCheckFailed, a.Gateway, a.NetNS)
+	if err := cnh.AddrReplace(cont, &netlink.Addr{IPNet: PrefixToIPNet(addr)}); err != nil {
+		return fmt.Errorf("address %s: %w", addr, err)
+	}
+	return nil
 }
 
 func maskBits(n *net.IPNet) int {
