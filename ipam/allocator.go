@@ -72,9 +72,9 @@ type networkState struct {
 	// allocating counts Allocate calls under way on the network: a block claimed for one of
 	// them is empty until it allocates, and must not be released meanwhile.
 	allocating int
-	blocks []netip.Prefix     // owned, in address order
-	used   map[netip.Addr]Key // address → attachment
-	cursor netip.Addr         // last address handed out, so releases aren't reused at once
+	blocks     []netip.Prefix     // owned, in address order
+	used       map[netip.Addr]Key // address → attachment
+	cursor     netip.Addr         // last address handed out, so releases aren't reused at once
 }
 
 // NewAllocator loads every persisted attachment and the blocks owner says this peer owns.
