@@ -202,7 +202,7 @@ func (p *Peer) attachmentsOn(name string) string {
 	}
 	for _, o := range owners {
 		if known[o] {
-			parts = append(parts, fmt.Sprintf("%s: %d addresses in use", o, used[o]))
+			parts = append(parts, fmt.Sprintf("%s: addresses in use %d", o, used[o]))
 		} else {
 			parts = append(parts, o+": usage not known yet")
 		}
