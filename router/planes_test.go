@@ -203,3 +203,21 @@ func TestAttachToCreatedNetworks(t *testing.T) {
 		t.Fatal("default's block was released")
 	}
 }
+
+// Bridge names fit the kernel's 15 bytes and stay distinct for long network names.
+func TestBridgeNameDistinctWithinFifteenBytes(t *testing.T) {
+	seen := map[string]string{}
+	for _, n := range []string{"default", "media", "control", "tenchars10", "controlplane1", "controlplane2", "abcdefghijklmno", "abcdefghijklmnp"} {
+		b := bridgeName(n)
+		if len(b) > 15 {
+			t.Fatalf("bridge of %s is %q, %d bytes", n, b, len(b))
+		}
+		if other, dup := seen[b]; dup {
+			t.Fatalf("%s and %s share bridge %s", n, other, b)
+		}
+		seen[b] = n
+	}
+	if bridgeName("default") != "weft" || bridgeName("media") != "weft-media" || bridgeName("tenchars10") != "weft-tenchars10" {
+		t.Fatalf("short names changed: %q %q", bridgeName("media"), bridgeName("tenchars10"))
+	}
+}
