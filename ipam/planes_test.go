@@ -228,3 +228,88 @@ func TestReleaseIdleBlocks(t *testing.T) {
 		t.Fatalf("the block claimed again must count as owned: %v orphans %v", err, a.Orphaned())
 	}
 }
+
+// Through real Raft: a follower and a client each release the block they claimed of a
+// created network (the client's release is forwarded); another's block is refused; rm then
+// succeeds, and every node's table agrees.
+func TestReleaseThroughFollowerAndClientThenRemove(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.nonvoters = 0
+	tc.bootstrap("p1", "p2", "p3")
+	tc.nameCluster()
+	tc.start("c1")
+	tc.converge("the client to know the cluster", func() bool { return tc.nodes["c1"].c.ClusterID() != "" })
+	ctx := context.Background()
+	// retry repeats a write that met an election (the machine may be loaded); a write retried
+	// after a commit its caller did not hear of answers done if done says so.
+	retry := func(what string, write func() error, done func(error) bool) {
+		t.Helper()
+		deadline := time.Now().Add(15 * time.Second)
+		retried := false
+		for {
+			err := write()
+			if err == nil || retried && done != nil && done(err) {
+				return
+			}
+			if !errors.Is(err, ErrNoQuorum) || time.Now().After(deadline) {
+				t.Fatalf("%s: %v", what, err)
+			}
+			retried = true
+			time.Sleep(50 * time.Millisecond) // an election takes a moment
+		}
+	}
+	retry("create media", func() error { return tc.nodes["p1"].c.CreateNetwork(ctx, mediaNet) }, nil)
+	tc.converge("every node to know media", func() bool {
+		for _, n := range tc.liveNodes() {
+			if _, ok := n.c.Network("media"); !ok {
+				return false
+			}
+		}
+		return true
+	})
+	follower := ""
+	for _, n := range tc.liveNodes() {
+		if !n.c.IsLeader() && n.c.Role() != RoleClient {
+			follower = n.name
+			break
+		}
+	}
+	blocks := map[string]netip.Prefix{}
+	for _, name := range []string{follower, "c1"} {
+		retry("claim by "+name, func() error {
+			b, err := tc.nodes[name].c.Claim(ctx, mediaNet, name)
+			blocks[name] = b
+			return err
+		}, nil)
+	}
+	if err := tc.nodes["c1"].c.ReleaseBlock(ctx, mediaNet, blocks[follower], "c1"); !errors.Is(err, ErrConflict) {
+		t.Fatalf("c1 releases %s's block: %v", follower, err)
+	}
+	if err := tc.nodes[follower].c.RemoveNetwork(ctx, "media"); !errors.Is(err, ErrNetworkInUse) {
+		t.Fatalf("rm while blocks are held: %v", err)
+	}
+	for _, name := range []string{follower, "c1"} {
+		retry("release by "+name, func() error { return tc.nodes[name].c.ReleaseBlock(ctx, mediaNet, blocks[name], name) },
+			func(err error) bool { return strings.Contains(err.Error(), "nobody owns") })
+	}
+	// Each node's table catches up (a follower applies after the leader commits; a client
+	// learns by gossip or fetch), and the local claim record does not bring a block back.
+	tc.converge("the releasers' tables to give them nothing", func() bool {
+		for _, name := range []string{follower, "c1"} {
+			if owned, err := tc.nodes[name].c.Owned(mediaNet, name); err != nil || len(owned) != 0 {
+				return false
+			}
+		}
+		return true
+	})
+	retry("rm once every block is back", func() error { return tc.nodes["c1"].c.RemoveNetwork(ctx, "media") },
+		func(err error) bool { return errors.Is(err, ErrUnknownNetwork) })
+	tc.converge("every node to forget media", func() bool {
+		for _, n := range tc.liveNodes() {
+			if _, ok := n.c.Network("media"); ok {
+				return false
+			}
+		}
+		return true
+	})
+}
