@@ -36,8 +36,10 @@ type Allocator struct {
 
 	// claimMu serialises block claims, which may block on the owner, without holding mu.
 	claimMu sync.Mutex
-	// setMu serialises SetNetworks, which reads the owner without holding mu.
-	setMu sync.Mutex
+	// setMu serialises SetNetworks, which reads the owner without holding mu, and guards
+	// lastRefused, the refusals of its last call.
+	setMu       sync.Mutex
+	lastRefused string
 	// releaseMu lets one ReleaseIdleBlocks run at a time; another call returns at once.
 	releaseMu sync.Mutex
 
@@ -519,7 +521,10 @@ func (ns *networkState) nextFree() (netip.Addr, bool) {
 // the attachments recorded on it indexed again (a restarted peer learns its created networks
 // only from the table); a network no longer in nets is dropped once no attachment here is on
 // it and no Allocate is under way on it. A network redefined (removed and created again
-// with another range) is rebuilt under the same rule. It returns the names added and dropped.
+// with another range) is rebuilt under the same rule. It returns the names added and dropped,
+// and the definitions it refuses (invalid, or redefined while attached here) when they differ
+// from the last call's: a refusal is reported and counted (weft_ipam_networks_refused_total)
+// once, not on every call.
 // O(networks) when nothing changed; O(blocks + attachments) per network added.
 func (a *Allocator) SetNetworks(nets []Network) (added, dropped []string, err error) {
 	a.setMu.Lock()
@@ -580,7 +585,24 @@ func (a *Allocator) SetNetworks(nets []Network) (added, dropped []string, err er
 	}
 	sort.Strings(added)
 	sort.Strings(dropped)
+	if !a.refusedChanged(errs) {
+		return added, dropped, nil // reported (and counted) when it first came
+	}
+	a.metrics.networksRefused.Add(float64(len(errs)))
 	return added, dropped, errors.Join(errs...)
+}
+
+// refusedChanged says whether the refusals of this SetNetworks differ from the last call's,
+// so that a definition refused on every tick is counted (and logged by the caller) once.
+// Caller holds setMu.
+func (a *Allocator) refusedChanged(errs []error) bool {
+	var msg string
+	if err := errors.Join(errs...); err != nil {
+		msg = err.Error()
+	}
+	changed := msg != a.lastRefused
+	a.lastRefused = msg
+	return changed
 }
 
 // inUse says whether an attachment here is on network name or an Allocate on it is under
@@ -666,6 +688,7 @@ func (a *Allocator) ReleaseIdleBlocks(ctx context.Context, r BlockReleaser) ([]B
 			errs = append(errs, fmt.Errorf("release block %s of %s: %w", j.b, j.n.Name, err))
 			continue
 		}
+		a.metrics.blockReleases.Inc()
 		a.cfg.Logger.Info("released an emptied block", "network", j.n.Name, "block", j.b)
 		out = append(out, BlockOwnership{Network: j.n.Name, CIDR: j.b, Owner: a.cfg.Peer})
 	}

@@ -142,6 +142,10 @@ func TestSetNetworksAddsAndDropsLearntNetworks(t *testing.T) {
 	if _, ok := a.Network("default"); !ok {
 		t.Fatal("the configured network went")
 	}
+	// The same refusal on the next call is not reported (nor counted) again.
+	if _, _, err := a.SetNetworks([]Network{{Name: "bad", Subnet: netip.MustParsePrefix("10.0.0.0/30"), BlockBits: 30}}); err != nil {
+		t.Fatalf("the same refusal reported again: %v", err)
+	}
 }
 
 // A restarted peer learns its created networks from the table after NewAllocator: their
