@@ -140,6 +140,20 @@ func TestPlanesAttachPingAndRemove(t *testing.T) {
 	}
 	t.Logf("rm media refused: %v", err)
 
+	// GC of media's conflist with nothing valid releases A's net2 only: eth0 and net1, of
+	// the same container but other conflists, stay.
+	if err := onA.cnis["media"].GC(ctx, []types.GCAttachment{}); err != nil {
+		t.Fatalf("GC of media: %v", err)
+	}
+	s := mustStatus(t, ctx, a)
+	var left []string
+	for _, at := range s.SortedAttachments() {
+		left = append(left, at.IfName)
+	}
+	if !slices.Equal(left, []string{"eth0", "net1"}) {
+		t.Fatalf("after GC of media %s holds %v, want eth0 and net1", a.Name, left)
+	}
+
 	// DEL every attachment of control and media, on both hosts: the emptied blocks go back
 	// and rm succeeds; every host forgets the networks.
 	for _, at := range []attached{onA, onB} {
