@@ -119,9 +119,33 @@ func TestPlanesAttachPingAndRemove(t *testing.T) {
 		}
 	}
 
+	// A restarted peer learns the created networks again from the table, with its
+	// attachments on them: CHECK passes, and a new ADD on media does not reuse net2's address.
+	if err := a.Restart(ctx); err != nil {
+		t.Fatalf("restart %s: %v", a.Name, err)
+	}
+	waitLeader(t, ctx, l.Hosts())
+	waitFor(t, ctx, 20*time.Second, "CHECK of net2 after the restart", func() error {
+		return onA.cnis["media"].Check(ctx, onA.ctr.RuntimeConf("net2"))
+	})
+	extra := mustContainer(t, a)
+	res, err := onA.cnis["media"].Add(ctx, extra.RuntimeConf("eth0"))
+	if err != nil {
+		t.Fatalf("ADD on media after the restart: %v", err)
+	}
+	if got, _ := lab.ResultAddress(res); got.Addr() == onA.addrs["media"] || !ranges["media"].Contains(got.Addr()) {
+		t.Fatalf("ADD on media after the restart got %s (net2 of %s holds %s)", got, onA.ctr.ID, onA.addrs["media"])
+	}
+	if err := onA.cnis["media"].Del(ctx, extra.RuntimeConf("eth0")); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range planes {
+		waitPing(t, ctx, onA.ctr, onB.addrs[p.network])
+	}
+
 	// An unknown network: CNI 7 naming it, and nothing created.
 	nope := mustCNI(t, a, lab.CNIOptions{Name: "weft-nope", Network: "nope"})
-	_, err := nope.Add(ctx, onA.ctr.RuntimeConf("net3"))
+	_, err = nope.Add(ctx, onA.ctr.RuntimeConf("net3"))
 	if code, _ := lab.ErrorCode(err); code != types.ErrInvalidNetworkConfig || !strings.Contains(err.Error(), "nope") {
 		t.Fatalf("ADD on an unknown network: %v", err)
 	}
