@@ -46,6 +46,12 @@ type AttachResult struct {
 	Gateway      string   `json:"gateway"`
 	MTU          int      `json:"mtu"`
 	DNS          *DNSInfo `json:"dns,omitempty"`
+	// Network is the weft network of the attachment; Range its whole range (CIDR).
+	Network string `json:"network,omitempty"`
+	Range   string `json:"range,omitempty"`
+	// Secondary: not the container's primary interface (it had another weft attachment
+	// first): its result has a route to Range only, no default route.
+	Secondary bool `json:"secondary,omitempty"`
 }
 
 // DNSInfo is the resolver configuration handed to the container.

@@ -185,7 +185,8 @@ func toCNIError(err error, unreachableCode uint) error {
 }
 
 // buildResult turns the peer's answer into a CNI result: the bridge, the host end and the
-// container end (in the sandbox), the address on the container end, and a default route.
+// container end (in the sandbox), the address on the container end, and a default route —
+// or, for a secondary interface, a route to its network's range only.
 func buildResult(res *AttachResult) (*current.Result, error) {
 	prefix, err := netip.ParsePrefix(res.Address)
 	if err != nil {
@@ -208,6 +209,14 @@ func buildResult(res *AttachResult) (*current.Result, error) {
 			Gateway:   gw,
 		}},
 		Routes: []*types.Route{{Dst: net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}, GW: gw}},
+	}
+	if res.Secondary {
+		// Only the primary interface routes everything; a second plane routes its range.
+		rng, err := netip.ParsePrefix(res.Range)
+		if err != nil || !rng.Contains(prefix.Addr()) {
+			return nil, types.NewError(types.ErrDecodingFailure, "the weft peer answered a bad range for a secondary interface", res.Range)
+		}
+		result.Routes = []*types.Route{{Dst: net.IPNet{IP: rng.Addr().AsSlice(), Mask: net.CIDRMask(rng.Bits(), 32)}, GW: gw}}
 	}
 	if res.DNS != nil {
 		result.DNS = types.DNS{Nameservers: res.DNS.Nameservers, Domain: res.DNS.Domain, Search: res.DNS.Search}

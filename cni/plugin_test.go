@@ -132,3 +132,25 @@ func TestUnreachablePeer(t *testing.T) {
 		t.Fatalf("DEL with no peer = %v, want code 11 so the runtime retries", err)
 	}
 }
+
+// Only the primary interface gets the default route; a secondary one routes its range; a
+// range that does not hold the address is refused.
+func TestBuildResultSecondaryRoutesItsRangeOnly(t *testing.T) {
+	base := AttachResult{IfName: "net2", Address: "10.50.0.2/16", Gateway: "10.50.0.1", MTU: 1400, Range: "10.50.0.0/16", Network: "media"}
+	primary, err := buildResult(&base)
+	if err != nil || len(primary.Routes) != 1 || primary.Routes[0].Dst.String() != "0.0.0.0/0" {
+		t.Fatalf("primary routes: %v %v", primary, err)
+	}
+	sec := base
+	sec.Secondary = true
+	res, err := buildResult(&sec)
+	if err != nil || len(res.Routes) != 1 || res.Routes[0].Dst.String() != "10.50.0.0/16" || res.Routes[0].GW.String() != "10.50.0.1" {
+		t.Fatalf("secondary routes: %+v %v", res, err)
+	}
+	for _, bad := range []string{"", "garbage", "10.60.0.0/16"} {
+		sec.Range = bad
+		if _, err := buildResult(&sec); err == nil {
+			t.Errorf("range %q accepted", bad)
+		}
+	}
+}

@@ -36,6 +36,12 @@ type Allocator struct {
 
 	// claimMu serialises block claims, which may block on the owner, without holding mu.
 	claimMu sync.Mutex
+	// setMu serialises SetNetworks, which reads the owner without holding mu, and guards
+	// lastRefused, the refusals of its last call.
+	setMu       sync.Mutex
+	lastRefused string
+	// releaseMu lets one ReleaseIdleBlocks run at a time; another call returns at once.
+	releaseMu sync.Mutex
 
 	mu          sync.Mutex // guards the fields below
 	networks    map[string]*networkState
@@ -46,14 +52,31 @@ type Allocator struct {
 	// claims counts blocks merged in by claimBlock: a syncBlocks whose read of the owner
 	// raced with a claim must not drop the block just claimed.
 	claims uint64
+	// releasing holds the blocks handed back (or being handed back) to the owner: none is
+	// merged in again while the owner may still report it (a client's table lags the log).
+	// An entry goes once the owner no longer reports the block, or when the release failed.
+	releasing map[string]map[netip.Prefix]releaseState
+}
+
+// releaseState is where the release of one block stands.
+type releaseState struct {
+	done  bool      // the owner accepted it
+	retry time.Time // after a failure: not tried again before then
 }
 
 // networkState is the in-memory index of one network, rebuilt from the store on start.
 type networkState struct {
-	def    Network
-	blocks []netip.Prefix     // owned, in address order
-	used   map[netip.Addr]Key // address → attachment
-	cursor netip.Addr         // last address handed out, so releases aren't reused at once
+	def Network
+	// learnt: the network came from the cluster (SetNetworks), not the peer's configuration;
+	// only such a network loses its emptied blocks (ReleaseIdleBlocks) and is dropped when
+	// the cluster removes it.
+	learnt bool
+	// allocating counts Allocate calls under way on the network: a block claimed for one of
+	// them is empty until it allocates, and must not be released meanwhile.
+	allocating int
+	blocks     []netip.Prefix     // owned, in address order
+	used       map[netip.Addr]Key // address → attachment
+	cursor     netip.Addr         // last address handed out, so releases aren't reused at once
 }
 
 // NewAllocator loads every persisted attachment and the blocks owner says this peer owns.
@@ -78,6 +101,7 @@ func NewAllocator(cfg Config, db *bolt.DB, owner BlockOwner) (*Allocator, error)
 		networks:    map[string]*networkState{},
 		attachments: map[Key]Attachment{},
 		orphans:     map[Key]Attachment{},
+		releasing:   map[string]map[netip.Prefix]releaseState{},
 	}
 	for _, n := range cfg.Networks {
 		if err := n.Validate(); err != nil {
@@ -101,7 +125,8 @@ func NewAllocator(cfg Config, db *bolt.DB, owner BlockOwner) (*Allocator, error)
 		if !ok {
 			// Kept, not dropped: the network may come back in a later configuration, and
 			// DEL/GC must still be able to release it.
-			cfg.Logger.Warn("attachment on a network this peer no longer serves", "container", rec.ContainerID, "network", rec.Network)
+			cfg.Logger.Info("attachment on a network not configured here; served once the cluster's table defines it",
+				"container", rec.ContainerID, "network", rec.Network)
 		} else {
 			ns.used[rec.Address] = rec.Key()
 			if ns.cursor.Less(rec.Address) {
@@ -152,7 +177,11 @@ func (a *Allocator) syncBlocks(n Network) error {
 	if a.claims != gen {
 		return nil // a claim landed meanwhile: the next check sees it in the owner too
 	}
-	ns := a.networks[n.Name]
+	ns, ok := a.networks[n.Name]
+	if !ok {
+		return nil // dropped meanwhile (SetNetworks)
+	}
+	owned = a.notReleasing(n.Name, owned)
 	lost := lostBlocks(ns.blocks, owned)
 	ns.blocks = mergeBlocks(nil, owned)
 	for _, b := range lost {
@@ -239,6 +268,16 @@ func (a *Allocator) Allocate(ctx context.Context, req Attachment) (Attachment, b
 			return Attachment{}, false, err
 		}
 	}
+	a.mu.Lock()
+	if ns, ok := a.networks[req.Network]; ok {
+		ns.allocating++
+		defer func() {
+			a.mu.Lock()
+			ns.allocating--
+			a.mu.Unlock()
+		}()
+	}
+	a.mu.Unlock()
 	for {
 		a.mu.Lock()
 		if existing, ok := a.attachments[req.Key()]; ok {
@@ -272,13 +311,47 @@ func (a *Allocator) Allocate(ctx context.Context, req Attachment) (Attachment, b
 	}
 }
 
+// notReleasing is blocks without those of network being released (releasing), and forgets
+// the finished releases the owner no longer reports. Caller holds mu. O(blocks).
+func (a *Allocator) notReleasing(network string, blocks []netip.Prefix) []netip.Prefix {
+	rel := a.releasing[network]
+	if len(rel) == 0 {
+		return blocks
+	}
+	reported := make(map[netip.Prefix]bool, len(blocks))
+	out := make([]netip.Prefix, 0, len(blocks))
+	for _, b := range blocks {
+		reported[b] = true
+		if st, ok := rel[b]; ok && (st.done || st.retry.IsZero()) {
+			continue
+		}
+		out = append(out, b)
+	}
+	for b, st := range rel {
+		if !reported[b] && (st.done || !st.retry.IsZero()) {
+			delete(rel, b)
+		}
+	}
+	if len(rel) == 0 {
+		delete(a.releasing, network)
+	}
+	return out
+}
+
 // claimBlock asks the owner for one more block unless another caller already got one.
 func (a *Allocator) claimBlock(ctx context.Context, n Network) error {
 	a.claimMu.Lock()
 	defer a.claimMu.Unlock()
 	a.mu.Lock()
-	_, free := a.networks[n.Name].nextFree()
+	ns, ok := a.networks[n.Name]
+	free := false
+	if ok {
+		_, free = ns.nextFree()
+	}
 	a.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: %q (removed from the cluster meanwhile)", ErrUnknownNetwork, n.Name)
+	}
 	if free {
 		return nil
 	}
@@ -289,9 +362,13 @@ func (a *Allocator) claimBlock(ctx context.Context, n Network) error {
 		return fmt.Errorf("read blocks of %s: %w", n.Name, err)
 	}
 	a.mu.Lock()
-	ns := a.networks[n.Name]
+	ns, ok = a.networks[n.Name]
+	if !ok {
+		a.mu.Unlock()
+		return fmt.Errorf("%w: %q (removed from the cluster meanwhile)", ErrUnknownNetwork, n.Name)
+	}
 	known := len(ns.blocks)
-	ns.blocks = mergeBlocks(ns.blocks, owned)
+	ns.blocks = mergeBlocks(ns.blocks, a.notReleasing(n.Name, owned))
 	_, free = ns.nextFree()
 	a.mu.Unlock()
 	if free {
@@ -305,6 +382,7 @@ func (a *Allocator) claimBlock(ctx context.Context, n Network) error {
 		return fmt.Errorf("claim a block of %s: %w", n.Name, err)
 	}
 	a.mu.Lock()
+	delete(a.releasing[n.Name], b) // the pool handed a released block back: ours again
 	ns.blocks = mergeBlocks(ns.blocks, []netip.Prefix{b})
 	a.claims++
 	a.mu.Unlock()
@@ -435,4 +513,209 @@ func (ns *networkState) nextFree() (netip.Addr, bool) {
 		}
 	}
 	return netip.Addr{}, false
+}
+
+// SetNetworks makes the allocator serve nets, the networks the cluster defines (issue #13),
+// besides the ones of its configuration, which stay as configured: a network new to it is
+// served from the blocks the owner says this peer owns (none until an ADD claims one), with
+// the attachments recorded on it indexed again (a restarted peer learns its created networks
+// only from the table); a network no longer in nets is dropped once no attachment here is on
+// it and no Allocate is under way on it. A network redefined (removed and created again
+// with another range) is rebuilt under the same rule. It returns the names added and dropped,
+// and the definitions it refuses (invalid, or redefined while attached here) when they differ
+// from the last call's: a refusal is reported and counted (weft_ipam_networks_refused_total)
+// once, not on every call.
+// O(networks) when nothing changed; O(blocks + attachments) per network added.
+func (a *Allocator) SetNetworks(nets []Network) (added, dropped []string, err error) {
+	a.setMu.Lock()
+	defer a.setMu.Unlock()
+	var errs []error
+	want := make(map[string]Network, len(nets))
+	for _, n := range nets {
+		if err := n.Validate(); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		want[n.Name] = n
+	}
+	var fresh []Network
+	a.mu.Lock()
+	for name, n := range want {
+		ns, ok := a.networks[name]
+		switch {
+		case !ok:
+			fresh = append(fresh, n)
+		case !ns.learnt || ns.def == n:
+		case a.inUse(name):
+			errs = append(errs, fmt.Errorf("%w: network %s is %s in the cluster, but attachments on this peer are on %s; "+
+				"it keeps serving them as they are", ErrConflict, name, n.Describe(), ns.def.Describe()))
+		default:
+			fresh = append(fresh, n)
+		}
+	}
+	for name, ns := range a.networks {
+		if _, ok := want[name]; ok || !ns.learnt || a.inUse(name) {
+			continue
+		}
+		delete(a.networks, name)
+		delete(a.releasing, name)
+		dropped = append(dropped, name)
+	}
+	a.mu.Unlock()
+	for _, n := range fresh {
+		blocks, err := a.owner.Owned(n, a.cfg.Peer)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("read blocks of %s: %w", n.Name, err))
+			continue
+		}
+		a.mu.Lock()
+		ns := &networkState{def: n, learnt: true, blocks: mergeBlocks(nil, a.notReleasing(n.Name, blocks)), used: map[netip.Addr]Key{}}
+		for k, rec := range a.attachments {
+			if rec.Network == n.Name && n.Subnet.Contains(rec.Address) {
+				ns.used[rec.Address] = k
+				if ns.cursor.Less(rec.Address) {
+					ns.cursor = rec.Address
+				}
+			}
+		}
+		a.networks[n.Name] = ns
+		a.updateOrphans()
+		a.mu.Unlock()
+		added = append(added, n.Name)
+	}
+	sort.Strings(added)
+	sort.Strings(dropped)
+	if !a.refusedChanged(errs) {
+		return added, dropped, nil // reported (and counted) when it first came
+	}
+	a.metrics.networksRefused.Add(float64(len(errs)))
+	return added, dropped, errors.Join(errs...)
+}
+
+// refusedChanged says whether the refusals of this SetNetworks differ from the last call's,
+// so that a definition refused on every tick is counted (and logged by the caller) once.
+// Caller holds setMu.
+func (a *Allocator) refusedChanged(errs []error) bool {
+	var msg string
+	if err := errors.Join(errs...); err != nil {
+		msg = err.Error()
+	}
+	changed := msg != a.lastRefused
+	a.lastRefused = msg
+	return changed
+}
+
+// inUse says whether an attachment here is on network name or an Allocate on it is under
+// way. Caller holds mu. O(attachments).
+func (a *Allocator) inUse(name string) bool {
+	if ns, ok := a.networks[name]; ok && ns.allocating > 0 {
+		return true
+	}
+	for _, rec := range a.attachments {
+		if rec.Network == name {
+			return true
+		}
+	}
+	return false
+}
+
+// BlockReleaser returns a block a peer owns to the pool (ipam.Cluster.ReleaseBlock). It may
+// block (a Raft round trip) and must honour ctx.
+type BlockReleaser interface {
+	ReleaseBlock(ctx context.Context, n Network, b netip.Prefix, peer string) error
+}
+
+// releaseRetry is how long a block whose release failed (no quorum) waits before the next try.
+const releaseRetry = 10 * time.Second
+
+// ReleaseIdleBlocks hands back to r every owned block of a network learnt from the cluster
+// (SetNetworks) in which no attachment lives, so that the network can be removed once every
+// container on it is detached; the configured (default) network keeps its blocks. A block
+// leaves the allocator before r is asked, so no address is handed out from it meanwhile, and
+// comes back if r fails (tried again after releaseRetry). One call runs at a time: a call
+// made while another runs returns at once. It returns the blocks released.
+// O(networks + blocks × attachments of their network) to choose; one r call per block.
+func (a *Allocator) ReleaseIdleBlocks(ctx context.Context, r BlockReleaser) ([]BlockOwnership, error) {
+	if !a.releaseMu.TryLock() {
+		return nil, nil
+	}
+	defer a.releaseMu.Unlock()
+	type job struct {
+		n Network
+		b netip.Prefix
+	}
+	var jobs []job
+	now := a.cfg.Now()
+	a.mu.Lock()
+	for name, ns := range a.networks {
+		if !ns.learnt || ns.allocating > 0 || len(ns.blocks) == 0 {
+			continue
+		}
+		keep := make([]netip.Prefix, 0, len(ns.blocks))
+		for _, b := range ns.blocks {
+			st, tried := a.releasing[name][b]
+			if blockUsed(ns, b) || tried && now.Before(st.retry) {
+				keep = append(keep, b)
+				continue
+			}
+			if a.releasing[name] == nil {
+				a.releasing[name] = map[netip.Prefix]releaseState{}
+			}
+			a.releasing[name][b] = releaseState{}
+			jobs = append(jobs, job{ns.def, b})
+		}
+		ns.blocks = keep
+	}
+	a.mu.Unlock()
+	var out []BlockOwnership
+	var errs []error
+	for _, j := range jobs {
+		err := r.ReleaseBlock(ctx, j.n, j.b, a.cfg.Peer)
+		a.mu.Lock()
+		_, pending := a.releasing[j.n.Name][j.b] // a claim took it back meanwhile: leave it be
+		switch {
+		case !pending:
+		case err != nil:
+			a.releasing[j.n.Name][j.b] = releaseState{retry: now.Add(releaseRetry)}
+			if ns, ok := a.networks[j.n.Name]; ok {
+				ns.blocks = mergeBlocks(ns.blocks, []netip.Prefix{j.b})
+			}
+		default:
+			a.releasing[j.n.Name][j.b] = releaseState{done: true}
+		}
+		a.mu.Unlock()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("release block %s of %s: %w", j.b, j.n.Name, err))
+			continue
+		}
+		a.metrics.blockReleases.Inc()
+		a.cfg.Logger.Info("released an emptied block", "network", j.n.Name, "block", j.b)
+		out = append(out, BlockOwnership{Network: j.n.Name, CIDR: j.b, Owner: a.cfg.Peer})
+	}
+	return out, errors.Join(errs...)
+}
+
+// blockUsed says whether an address of block b is in use. Caller holds mu. O(used).
+func blockUsed(ns *networkState, b netip.Prefix) bool {
+	for addr := range ns.used {
+		if b.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
+// Container lists the attachments of one container, ordered by interface name.
+// O(attachments).
+func (a *Allocator) Container(id string) []Attachment {
+	a.mu.Lock()
+	var out []Attachment
+	for _, rec := range a.attachments {
+		if rec.ContainerID == id {
+			out = append(out, rec)
+		}
+	}
+	a.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].IfName < out[j].IfName })
+	return out
 }

@@ -619,7 +619,7 @@ func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
 	if err := json.Unmarshal(data, &cmd); err != nil {
 		return nil, fmt.Errorf("decode forwarded command: %w", err)
 	}
-	if cmd.Op != opClaim && cmd.Op != opRemovePeer && cmd.Op != opNetworkCreate && cmd.Op != opNetworkRemove {
+	if cmd.Op != opClaim && cmd.Op != opRemovePeer && cmd.Op != opNetworkCreate && cmd.Op != opNetworkRemove && cmd.Op != opRelease {
 		return nil, fmt.Errorf("forwarded command has unknown operation %q", cmd.Op)
 	}
 	if c.raft.State() != raft.Leader {
@@ -687,7 +687,7 @@ func (c *Cluster) leaderApply(cmd command) (commandResult, error) {
 			return commandResult{Err: err.Error(), Conflict: true}, nil
 		}
 	}
-	if cmd.Op == opNetworkCreate || cmd.Op == opNetworkRemove {
+	if cmd.Op == opNetworkCreate || cmd.Op == opNetworkRemove || cmd.Op == opRelease {
 		if res, refused, err := c.leaderCheckNetwork(cmd); refused {
 			return res, err
 		}

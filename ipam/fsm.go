@@ -32,6 +32,10 @@ const (
 	// one away while no block of it is owned. See networks.go.
 	opNetworkCreate = "network-create"
 	opNetworkRemove = "network-rm"
+	// opRelease returns one emptied block of a created network to the pool (its owner holds
+	// no attachment in it any more), so that `weft network rm` succeeds once every container
+	// is detached. See networks.go.
+	opRelease = "release"
 )
 
 // maxLivenessBatch bounds the peers one liveness command names.
@@ -55,6 +59,8 @@ type command struct {
 	// claim with a different definition is refused rather than silently merged.
 	Network Network `json:"network,omitzero"`
 	Peer    string  `json:"peer"`
+	// Block travels with release: the block of Network that Peer returns.
+	Block netip.Prefix `json:"block,omitzero"`
 	// ClusterID travels with init, the first command the bootstrapping leader applies.
 	ClusterID string `json:"cluster_id,omitempty"`
 	// Networks travel with init: the cluster's networks as the bootstrapping leader was
@@ -219,6 +225,13 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return networkResult(err)
 		}
 		d.Network = &Network{Name: cmd.Network.Name}
+	case opRelease:
+		if err := f.state.releaseBlock(cmd.Peer, cmd.Network.Name, cmd.Block); err != nil {
+			f.refused("release", err)
+			return networkResult(err)
+		}
+		d.Network, d.Block = &Network{Name: cmd.Network.Name}, cmd.Block
+		res.Released = []netip.Prefix{cmd.Block}
 	default:
 		err := fmt.Errorf("unknown operation %q in log entry %d", cmd.Op, l.Index)
 		f.refused("unknown", err)

@@ -122,6 +122,8 @@ func FuzzFSMApply(f *testing.F) {
 		{Op: opNetworkCreate, Network: rogue},
 		{Op: opNetworkRemove, Network: Network{Name: "default"}},
 		{Op: opNetworkRemove, Network: Network{Name: "nope"}},
+		{Op: opRelease, Network: Network{Name: "default"}, Peer: "p1", Block: netip.MustParsePrefix("10.40.0.0/26")},
+		{Op: opRelease, Network: Network{Name: "media"}, Peer: "p1", Block: netip.MustParsePrefix("0.0.0.0/0")},
 	} {
 		f.Add(mustJSON(cmd))
 	}
@@ -160,7 +162,7 @@ func FuzzFSMApplyExtreme(f *testing.F) {
 			n.Name = "other"
 		}
 		var cmd command
-		switch op % 6 {
+		switch op % 7 {
 		case 0:
 			cmd = command{Op: opClaim, Network: n, Peer: peer}
 		case 1:
@@ -175,6 +177,9 @@ func FuzzFSMApplyExtreme(f *testing.F) {
 			cmd = command{Op: opNetworkCreate, Network: m}
 		case 5:
 			cmd = command{Op: opNetworkRemove, Network: Network{Name: peer}}
+		case 6:
+			b := netip.PrefixFrom(a, int(uint(blockBits)%33))
+			cmd = command{Op: opRelease, Network: Network{Name: n.Name}, Peer: peer, Block: b}
 		}
 		data, err := json.Marshal(cmd)
 		if err != nil {

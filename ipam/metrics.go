@@ -6,6 +6,11 @@ type metrics struct {
 	allocations prometheus.Counter
 	releases    prometheus.Counter
 	claims      prometheus.Counter
+	// blockReleases: emptied blocks of created networks handed back (ReleaseIdleBlocks);
+	// networksRefused: network definitions SetNetworks would not serve (invalid, or
+	// redefined while attached here).
+	blockReleases   prometheus.Counter
+	networksRefused prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, a *Allocator) *metrics {
@@ -18,6 +23,12 @@ func newMetrics(reg prometheus.Registerer, a *Allocator) *metrics {
 		}),
 		claims: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "weft_ipam_block_claims_total", Help: "Blocks this peer claimed.",
+		}),
+		blockReleases: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_ipam_block_releases_total", Help: "Emptied blocks of created networks this peer handed back to the pool.",
+		}),
+		networksRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_ipam_networks_refused_total", Help: "Cluster network definitions this peer would not serve (invalid, or redefined while attached here).",
 		}),
 	}
 	if reg == nil {
@@ -48,7 +59,7 @@ func newMetrics(reg prometheus.Registerer, a *Allocator) *metrics {
 		defer a.mu.Unlock()
 		return float64(len(a.orphans))
 	})
-	reg.MustRegister(m.allocations, m.releases, m.claims, used, blocks, orphans)
+	reg.MustRegister(m.allocations, m.releases, m.claims, m.blockReleases, m.networksRefused, used, blocks, orphans)
 	return m
 }
 

@@ -18,10 +18,15 @@ import (
 // bounds. Clients learn the change with the block table: the FSM's delta carries the network
 // (applyNetworkDelta).
 //
-// Not yet (later items of #13): claims of a created network's blocks by attachments, so a
-// network's blocks are owned only through Cluster.Claim; a command that returns an emptied
-// block, without which `network rm` stays refused once any peer has claimed a block of it
-// until that peer is removed (rmpeer).
+// Attachments claim a created network's blocks as they claim the default network's (the
+// allocator learns the cluster's networks, Allocator.SetNetworks). A peer returns a block of
+// a created network once it holds no attachment in it (opRelease, Allocator.ReleaseIdleBlocks),
+// so `network rm` is refused exactly while some peer holds a block, and a block is held only
+// while an attachment lives in it or for the second or so until its owner releases it. The
+// refusal is decided on the Raft table, not on gossiped usage: the table is what every peer
+// agrees on, while a usage report may be stale, and removing a network under a live
+// attachment is worse than asking the operator to retry a second later. The default
+// network keeps its blocks as before (only rmpeer or a reclaim return them).
 
 // DefaultNetwork is the network every cluster has from bootstrap; it cannot be removed.
 const DefaultNetwork = "default"
@@ -99,7 +104,8 @@ func (st *fsmState) checkRemove(name string) error {
 			names = append(names, fmt.Sprintf("%s (%d)", o, k))
 		}
 		sort.Strings(names)
-		return fmt.Errorf("%w: network %s has %d blocks owned by %s; detach their containers first", ErrNetworkInUse, name, len(owners), strings.Join(names, ", "))
+		return fmt.Errorf("%w: network %s has %d blocks owned by %s, each holding attachments (a peer returns a block "+
+			"within seconds of detaching its last container); detach their containers first", ErrNetworkInUse, name, len(owners), strings.Join(names, ", "))
 	}
 	return nil
 }
@@ -112,6 +118,60 @@ func (st *fsmState) removeNetwork(name string) error {
 	delete(st.Networks, name)
 	delete(st.Owners, name)
 	return nil
+}
+
+// checkRelease says whether peer may return block b of network: the network is defined and
+// is not the default one (whose blocks stay with their owner until rmpeer or a reclaim, as
+// before networks could be created), and peer owns b. Pure; O(1).
+func (st *fsmState) checkRelease(peer, network string, b netip.Prefix) error {
+	if err := checkPeerName(peer); err != nil {
+		return err
+	}
+	if network == DefaultNetwork {
+		return fmt.Errorf("%w: blocks of network %s are not released (rmpeer returns them)", ErrConflict, network)
+	}
+	if _, ok := st.Networks[network]; !ok {
+		return fmt.Errorf("%w: %q", ErrUnknownNetwork, network)
+	}
+	owner, ok := st.Owners[network][b]
+	switch {
+	case !ok:
+		return fmt.Errorf("%w: peer %s releases block %s of network %s, which nobody owns", ErrConflict, peer, b, network)
+	case owner != peer:
+		return fmt.Errorf("%w: peer %s releases block %s of network %s, which %s owns", ErrConflict, peer, b, network, owner)
+	}
+	return nil
+}
+
+// releaseBlock returns block b of network to the pool if checkRelease allows it, or changes
+// nothing. Caller holds the state's lock.
+func (st *fsmState) releaseBlock(peer, network string, b netip.Prefix) error {
+	if err := st.checkRelease(peer, network, b); err != nil {
+		return err
+	}
+	delete(st.Owners[network], b)
+	if len(st.Owners[network]) == 0 {
+		delete(st.Owners, network)
+	}
+	return nil
+}
+
+// ReleaseBlock returns block b of network n, owned by peer, to the pool through the log
+// (the allocator calls it for a block it emptied; see Allocator.ReleaseIdleBlocks). This
+// peer's local record of the claim goes first, so that no later read of it takes the
+// release for a block taken away. Errors: ErrConflict (not peer's, or the default network),
+// ErrUnknownNetwork, ErrNoQuorum.
+func (c *Cluster) ReleaseBlock(ctx context.Context, n Network, b netip.Prefix, peer string) error {
+	if peer == c.cfg.Name {
+		if err := c.cache.forget(n.Name, b); err != nil {
+			return err
+		}
+	}
+	res, err := c.apply(ctx, command{Op: opRelease, Network: Network{Name: n.Name}, Peer: peer, Block: b})
+	if err != nil {
+		return err
+	}
+	return res.err()
 }
 
 // networkResult is the answer to a refused network command: the sentinel travels as a flag
@@ -141,9 +201,12 @@ func applyNetworkDelta(st *fsmState, d tableDelta) error {
 		return fmt.Errorf("%w: %s delta %d without a network", ErrBadTable, d.Op, d.Index)
 	}
 	var err error
-	if d.Op == opNetworkCreate {
+	switch d.Op {
+	case opNetworkCreate:
 		err = st.createNetwork(*d.Network, nil)
-	} else {
+	case opRelease:
+		err = st.releaseBlock(d.Peer, d.Network.Name, d.Block)
+	default:
 		err = st.removeNetwork(d.Network.Name)
 	}
 	if err != nil {
@@ -220,9 +283,12 @@ func (c *Cluster) leaderCheckNetwork(cmd command) (res commandResult, refused bo
 		underlay = append(underlay, ap.Addr())
 	}
 	c.fsm.mu.RLock()
-	if cmd.Op == opNetworkCreate {
+	switch cmd.Op {
+	case opNetworkCreate:
 		err = c.fsm.state.checkCreate(cmd.Network, underlay)
-	} else {
+	case opRelease:
+		err = c.fsm.state.checkRelease(cmd.Peer, cmd.Network.Name, cmd.Block)
+	default:
 		err = c.fsm.state.checkRemove(cmd.Network.Name)
 	}
 	c.fsm.mu.RUnlock()

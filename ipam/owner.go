@@ -124,3 +124,16 @@ func (o *LocalOwner) claimIndex(network string, b netip.Prefix) uint64 {
 	})
 	return index
 }
+
+// forget drops the record of block b of network (it was released). O(1).
+func (o *LocalOwner) forget(network string, b netip.Prefix) error {
+	return o.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketBlocks).Delete(blockKey(network, b)); err != nil {
+			return err
+		}
+		if idx := tx.Bucket(bucketClaimIndex); idx != nil {
+			return idx.Delete(blockKey(network, b))
+		}
+		return nil
+	})
+}

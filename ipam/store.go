@@ -32,6 +32,10 @@ type Attachment struct {
 	NetNS      string     `json:"netns"`
 	HostIfName string     `json:"host_ifname"`
 	MTU        int        `json:"mtu,omitempty"`
+	// Secondary: the container had another weft attachment when this one was made, so this
+	// one is not its primary interface (no default route); kept so a repeated ADD and CHECK
+	// agree with the first ADD.
+	Secondary bool `json:"secondary,omitempty"`
 	// Services are SRV entries published for Name, SERVICE/PROTO/PORT.
 	Services []string  `json:"services,omitempty"`
 	Created  time.Time `json:"created"`

@@ -269,7 +269,7 @@ func applyDelta(st *fsmState, d tableDelta) error {
 			return fmt.Errorf("%w: init delta %d: %v", ErrBadTable, d.Index, err)
 		}
 		st.ClusterID, st.Pinned = d.ClusterID, d.Pinned || len(d.Networks) > 0
-	case opNetworkCreate, opNetworkRemove: // see networks.go
+	case opNetworkCreate, opNetworkRemove, opRelease: // see networks.go
 		if err := applyNetworkDelta(st, d); err != nil {
 			return err
 		}

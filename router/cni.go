@@ -85,24 +85,35 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	if req.CNINetwork == "" {
 		return nil, errCNI(types.ErrInvalidNetworkConfig, "the network configuration has no name")
 	}
-	network, ok := p.alloc.Network(req.Network)
-	if !ok {
-		return nil, errCNI(types.ErrInvalidNetworkConfig, "network %q is not defined on peer %s", req.Network, p.cfg.Name)
+	network, err := p.servedNetwork(req.Network)
+	if err != nil {
+		return nil, err
 	}
 	key := ipam.Key{ContainerID: req.ContainerID, IfName: req.IfName}
 	defer p.lockKey(key)()
 
-	if existing, ok := p.alloc.Get(key); ok && existing.NetNS != req.NetNS {
+	existing, existed := p.alloc.Get(key)
+	switch {
+	case existed && existing.NetNS != req.NetNS:
 		return nil, errCNI(types.ErrInvalidEnvironmentVariables,
 			"container %s interface %s is already attached in netns %s, not %s", req.ContainerID, req.IfName, existing.NetNS, req.NetNS)
+	case existed && existing.Network != network.Name:
+		return nil, errCNI(types.ErrInvalidEnvironmentVariables,
+			"container %s interface %s is already attached to network %s, not %s", req.ContainerID, req.IfName, existing.Network, network.Name)
 	}
-	mtu := p.cfg.MTU
+	netMTU := networkMTU(network, p.cfg.MTU)
+	mtu := netMTU
 	if req.MTU != 0 {
 		mtu = req.MTU
+	}
+	secondary := existing.Secondary
+	if !existed {
+		secondary = isSecondary(p.alloc.Container(req.ContainerID), req.IfName)
 	}
 	want := datapath.Attachment{
 		NetNS: req.NetNS, IfName: req.IfName, HostIfName: datapath.HostIfName(req.ContainerID, req.IfName),
 		Bridge: bridgeName(network.Name), Gateway: network.Gateway(), MTU: mtu,
+		Secondary: secondary, Range: network.Subnet,
 	}
 	if err := datapath.Preflight(want); err != nil {
 		return nil, err
@@ -121,13 +132,17 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	// (leaderWait).
 	rec, existed, err := p.alloc.Allocate(withArrival(ctx, arrived), ipam.Attachment{
 		ContainerID: req.ContainerID, IfName: req.IfName, Network: network.Name, CNINetwork: req.CNINetwork,
-		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu, Services: req.Services,
+		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu, Services: req.Services, Secondary: secondary,
 	})
 	if err != nil {
 		return nil, err
 	}
 	want.Address = netip.PrefixFrom(rec.Address, network.Subnet.Bits())
-	res, err := datapath.Attach(want)
+	// The bridge after the address: a refused ADD (unknown network, full range) leaves nothing.
+	res, err := p.ensureBridge(network, netMTU)
+	if err == nil {
+		res, err = datapath.Attach(want)
+	}
 	if err != nil {
 		if !existed {
 			if _, _, rerr := p.alloc.Release(key); rerr != nil {
@@ -138,21 +153,73 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 		return nil, err
 	}
 	p.registerName(rec.Name, rec.Address, rec.Services)
-	p.log.Info("attached", "container", req.ContainerID, "ifname", req.IfName, "address", want.Address, "name", rec.Name)
+	p.log.Info("attached", "container", req.ContainerID, "ifname", req.IfName, "network", network.Name,
+		"address", want.Address, "name", rec.Name, "secondary", secondary)
 	return &cni.AttachResult{
 		ContainerID: req.ContainerID, IfName: req.IfName, NetNS: req.NetNS,
 		HostIfName: want.HostIfName, HostMAC: res.HostMAC, ContainerMAC: res.ContainerMAC,
 		Bridge: want.Bridge, BridgeMAC: res.BridgeMAC,
 		Address: want.Address.String(), Gateway: want.Gateway.String(), MTU: mtu,
-		DNS: p.dnsInfo(network.Gateway()),
+		DNS:     p.dnsInfo(network.Gateway()),
+		Network: network.Name, Range: network.Subnet.String(), Secondary: secondary,
 	}, nil
+}
+
+// servedNetwork is the network an ADD or STATUS names, as this peer's allocator serves it.
+// A network the allocator does not know yet may have just been created: the allocator
+// learns the cluster's networks then (syncNetworks), so an ADD right after `weft network
+// create` does not wait for the next membership tick. Unknown: CNI 7 naming it.
+func (p *Peer) servedNetwork(name string) (ipam.Network, error) {
+	if n, ok := p.alloc.Network(name); ok {
+		return n, nil
+	}
+	p.syncNetworks()
+	if n, ok := p.alloc.Network(name); ok {
+		return n, nil
+	}
+	return ipam.Network{}, errCNI(types.ErrInvalidNetworkConfig,
+		"network %q is not defined in the cluster (peer %s; `weft network ls` lists them, `weft network create` adds one)", name, p.cfg.Name)
+}
+
+// networkMTU is the MTU of a network's bridge and interfaces: its own, else the peer's --mtu.
+func networkMTU(n ipam.Network, peerMTU int) int {
+	if n.MTU != 0 {
+		return n.MTU
+	}
+	return peerMTU
+}
+
+// isSecondary says whether an interface ifname of a container whose attachments here are
+// others is a secondary one: the runtime adds the primary (eth0) first, so any attachment
+// under another name already there makes this one secondary. Pure; O(len(others)).
+func isSecondary(others []ipam.Attachment, ifname string) bool {
+	for _, rec := range others {
+		if rec.IfName != ifname {
+			return true
+		}
+	}
+	return false
+}
+
+// ensureBridge converges the network's bridge (present, up, gateway, MTU; proxy ARP so that
+// containers reach the range's remote addresses on-link), datapath.EnsureBridge being
+// idempotent. The result is empty: Attach fills it.
+func (p *Peer) ensureBridge(n ipam.Network, mtu int) (datapath.AttachResult, error) {
+	name := bridgeName(n.Name)
+	if _, err := datapath.EnsureBridge(datapath.BridgeConfig{Name: name, Gateway: n.GatewayPrefix(), MTU: mtu}); err != nil {
+		return datapath.AttachResult{}, fmt.Errorf("network %s: %w", n.Name, err)
+	}
+	if err := datapath.EnableProxyARP(name); err != nil {
+		return datapath.AttachResult{}, fmt.Errorf("network %s: %w", n.Name, err)
+	}
+	return datapath.AttachResult{}, nil
 }
 
 // cniStatus says whether an ADD can succeed now: the network exists, and either an owned
 // block has a free address or a new block can be claimed (a Raft leader is reachable).
 func (p *Peer) cniStatus(req cni.StatusRequest) error {
-	if _, ok := p.alloc.Network(req.Network); !ok {
-		return errCNI(types.ErrInvalidNetworkConfig, "network %q is not defined on peer %s", req.Network, p.cfg.Name)
+	if _, err := p.servedNetwork(req.Network); err != nil {
+		return err
 	}
 	for _, n := range p.alloc.Networks() {
 		if n.Name != req.Network {
@@ -180,6 +247,13 @@ func (p *Peer) cniDel(req cni.AttachRequest) error {
 	}
 	key := ipam.Key{ContainerID: req.ContainerID, IfName: req.IfName}
 	defer p.lockKey(key)()
+	if rec, ok := p.alloc.Get(key); ok && req.CNINetwork != "" && rec.CNINetwork != req.CNINetwork {
+		// Another conflist's attachment under the same name: not this one's to undo, and
+		// for this conflist there is nothing left, which DEL answers with success.
+		p.log.Warn("DEL left an attachment of another network configuration alone", "container", req.ContainerID,
+			"ifname", req.IfName, "attached_by", rec.CNINetwork, "del_from", req.CNINetwork)
+		return nil
+	}
 	return p.detach(key)
 }
 
@@ -212,6 +286,10 @@ func (p *Peer) cniCheck(req cni.AttachRequest) (*cni.AttachResult, error) {
 	if !ok {
 		return nil, errCNI(types.ErrUnknownContainer, "container %s interface %s is not attached on peer %s", req.ContainerID, req.IfName, p.cfg.Name)
 	}
+	if req.CNINetwork != "" && rec.CNINetwork != req.CNINetwork || rec.Network != req.Network {
+		return nil, errCNI(cni.CodeCheckFailed, "container %s interface %s is attached to network %s by configuration %q, not to %s by %q",
+			req.ContainerID, req.IfName, rec.Network, rec.CNINetwork, req.Network, req.CNINetwork)
+	}
 	network, ok := p.alloc.Network(rec.Network)
 	if !ok {
 		return nil, errCNI(cni.CodeCheckFailed, "container %s is attached to network %q, which peer %s no longer serves", req.ContainerID, rec.Network, p.cfg.Name)
@@ -223,6 +301,7 @@ func (p *Peer) cniCheck(req cni.AttachRequest) (*cni.AttachResult, error) {
 	a := datapath.Attachment{
 		NetNS: netnsPath, IfName: rec.IfName, HostIfName: rec.HostIfName, Bridge: bridgeName(network.Name),
 		Address: netip.PrefixFrom(rec.Address, network.Subnet.Bits()), Gateway: network.Gateway(), MTU: rec.MTU,
+		Secondary: rec.Secondary, Range: network.Subnet,
 	}
 	if err := datapath.Check(a); err != nil {
 		return nil, err
@@ -230,6 +309,7 @@ func (p *Peer) cniCheck(req cni.AttachRequest) (*cni.AttachResult, error) {
 	return &cni.AttachResult{
 		ContainerID: rec.ContainerID, IfName: rec.IfName, NetNS: netnsPath, HostIfName: rec.HostIfName,
 		Bridge: a.Bridge, Address: a.Address.String(), Gateway: a.Gateway.String(), MTU: rec.MTU,
+		Network: rec.Network, Range: network.Subnet.String(), Secondary: rec.Secondary,
 	}, nil
 }
 

@@ -7,6 +7,7 @@ package router
 import (
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"net/netip"
 	"path/filepath"
@@ -260,14 +261,19 @@ func (c Config) defaultNetwork() ipam.Network {
 }
 
 // bridgeName is the bridge of a network on every host: "weft" for the default network,
-// "weft-<name>" (cut to the kernel's 15 characters) for the others.
+// "weft-<name>" for the others. A Linux interface name has at most 15 bytes, so a name longer
+// than 10 becomes "weft-" + its first 5 bytes + "-" + 4 hex digits of its FNV-1a hash: cutting
+// it alone would give "controlplane1" and "controlplane2" one bridge. Pure; the same on
+// every host.
 func bridgeName(network string) string {
 	if network == DefaultNetwork {
 		return DefaultBridge
 	}
-	name := "weft-" + network
-	if len(name) > 15 {
-		name = name[:15]
+	const room = 15 - len("weft-")
+	if len(network) <= room {
+		return "weft-" + network
 	}
-	return name
+	h := fnv.New32a()
+	h.Write([]byte(network))
+	return fmt.Sprintf("weft-%s-%04x", network[:room-5], h.Sum32()&0xffff)
 }

@@ -254,6 +254,7 @@ func (p *Peer) membershipLight(ctx context.Context, now time.Time) {
 	p.updateMembershipMeta()
 	p.cluster.SyncTable(ctx, now)
 	p.checkOwnership()
+	p.releaseIdleBlocks(ctx)
 	p.publishUsage()
 }
 
@@ -270,6 +271,7 @@ func (p *Peer) updateMembershipMeta() {
 // checkOwnership drops at once the blocks the table took away (rmpeer --force, a reclaim
 // while partitioned) and reports the attachments left in them.
 func (p *Peer) checkOwnership() bool {
+	p.syncNetworks()
 	if err := p.alloc.CheckOwnership(); err != nil {
 		p.log.Warn("could not check block ownership; will retry", "err", err)
 		return false

@@ -1,9 +1,14 @@
 package router
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/netip"
+	"slices"
+	"strings"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
 
@@ -151,10 +156,93 @@ func (p *Peer) networkEndpoint(r *http.Request) (any, error) {
 		return info, nil
 	case http.MethodDelete:
 		if err := p.cluster.RemoveNetwork(r.Context(), name); err != nil {
+			if errors.Is(err, ipam.ErrNetworkInUse) {
+				err = fmt.Errorf("%w; %s", err, p.attachmentsOn(name))
+			}
 			return nil, networkError("network rm "+name, err)
 		}
 		p.log.Info("removed network", "network", name)
 		return struct{}{}, nil
 	}
 	return nil, newAPIError(http.StatusMethodNotAllowed, types.ErrInvalidNetworkConfig, "%s %s: use GET or DELETE", r.Method, r.URL.Path)
+}
+
+// attachmentsOn names what holds network name's blocks, for a refused `network rm`: this
+// peer's attachments on it by container and interface, and every other owner's addresses in
+// use as its gossiped usage reports say (or "usage not known yet"). O(attachments + blocks
+// of the network).
+func (p *Peer) attachmentsOn(name string) string {
+	var here []string
+	for _, rec := range p.alloc.Attachments() {
+		if rec.Network == name {
+			here = append(here, fmt.Sprintf("%s/%s (%s)", rec.ContainerID, rec.IfName, rec.Address))
+		}
+	}
+	used := map[string]int{}
+	known := map[string]bool{}
+	var owners []string
+	for _, row := range p.cluster.NetworkBlocks(name) {
+		if row.Owner == p.cfg.Name {
+			continue
+		}
+		if _, seen := known[row.Owner]; !seen {
+			owners = append(owners, row.Owner)
+			known[row.Owner] = true
+		}
+		if n, ok := p.usage.Used(row.Owner, row.CIDR.String()); ok {
+			used[row.Owner] += n
+		} else {
+			known[row.Owner] = false
+		}
+	}
+	slices.Sort(owners)
+	var parts []string
+	if len(here) > 0 {
+		parts = append(parts, fmt.Sprintf("attached on %s: %s", p.cfg.Name, strings.Join(here, ", ")))
+	}
+	for _, o := range owners {
+		if known[o] {
+			parts = append(parts, fmt.Sprintf("%s: addresses in use %d", o, used[o]))
+		} else {
+			parts = append(parts, o+": usage not known yet")
+		}
+	}
+	if len(parts) == 0 {
+		return "no attachment left: its owners release the emptied blocks within seconds, try again"
+	}
+	return strings.Join(parts, "; ")
+}
+
+// syncNetworks makes the allocator serve the networks the cluster defines (created ones
+// included; a removed one goes once nothing here is attached to it) and logs what changed.
+// Called from every membership round and tick (checkOwnership), so a table change reaches
+// the allocator within a membership tick, and from an ADD or STATUS naming a network the
+// allocator does not know yet (servedNetwork). O(networks) when nothing changed.
+func (p *Peer) syncNetworks() {
+	added, dropped, err := p.alloc.SetNetworks(p.cluster.Networks())
+	for _, name := range added {
+		p.log.Info("serving a network the cluster defines", "network", name)
+	}
+	for _, name := range dropped {
+		p.log.Info("no longer serving a network the cluster removed", "network", name)
+	}
+	if err != nil {
+		p.log.Warn("some networks of the cluster are not served here", "err", err)
+	}
+}
+
+// releaseTimeout bounds one round of block releases, so that a missing quorum does not hold
+// the membership loop up for long (the allocator tries a failed block again 10 s later).
+const releaseTimeout = 2 * time.Second
+
+// releaseIdleBlocks hands the emptied blocks of created networks back to the pool through
+// Raft (ipam.Allocator.ReleaseIdleBlocks), so that `network rm` succeeds once every
+// container on the network is detached. Called every membership tick; O(blocks) when
+// nothing is to release, one Raft command per block released.
+func (p *Peer) releaseIdleBlocks(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, releaseTimeout)
+	defer cancel()
+	if _, err := p.alloc.ReleaseIdleBlocks(ctx, p.cluster); err != nil {
+		p.log.Warn("could not release an emptied block; will retry", "err", err)
+	}
 }

@@ -157,15 +157,17 @@ func TestNetworkAPI(t *testing.T) {
 	if code, _ := apiCall(t, h, "DELETE", "/v1/networks/nope", "", nil); code != 404 {
 		t.Fatalf("rm of an unknown network: %d", code)
 	}
-	media, _ := p.cluster.Network("media")
-	b, err := p.cluster.Claim(ctx, media, "p1") // what an attachment to media will do (#13 item 2)
+	onMedia := addReq("c2", wnoContainer(t, 2))
+	onMedia.Network = "media"
+	r2, err := p.client.Add(ctx, onMedia) // claims a block of media
 	if err != nil {
 		t.Fatal(err)
 	}
-	if code, msg := apiCall(t, h, "DELETE", "/v1/networks/media", "", nil); code != 409 || !strings.Contains(msg, "p1 (1)") {
-		t.Fatalf("rm of media while p1 owns %s: %d %s", b, code, msg)
+	a2 := netip.MustParsePrefix(r2.Address)
+	if code, msg := apiCall(t, h, "DELETE", "/v1/networks/media", "", nil); code != 409 || !strings.Contains(msg, "p1 (1)") || !strings.Contains(msg, "c2/eth0 ("+a2.Addr().String()+")") {
+		t.Fatalf("rm of media while c2 is attached: %d %s", code, msg)
 	}
-	if code, _ := apiCall(t, h, "GET", "/v1/networks/media", "", &got); code != 200 || len(got.Blocks) != 1 || got.Blocks[0].CIDR != b || got.Blocks[0].Owner != "p1" {
+	if code, _ := apiCall(t, h, "GET", "/v1/networks/media", "", &got); code != 200 || len(got.Blocks) != 1 || !got.Blocks[0].CIDR.Contains(a2.Addr()) || got.Blocks[0].Owner != "p1" {
 		t.Fatalf("inspect media: %+v", got)
 	}
 	// A block of a second network shows in status ipam; the other views still answer.
