@@ -113,7 +113,7 @@ func TestPlanesAttachPingAndRemove(t *testing.T) {
 	// (part attachdp of #13): each ADD still sets the container's default route, so until it
 	// does, only the interface attached last passes CHECK; after the merge this loop covers
 	// every plane.
-	for _, p := range planes[2:] {
+	for _, p := range planes {
 		if err := onA.cnis[p.network].Check(ctx, onA.ctr.RuntimeConf(p.ifname)); err != nil {
 			t.Fatalf("CHECK %s on %s: %v", p.ifname, p.network, err)
 		}

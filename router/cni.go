@@ -36,7 +36,8 @@ func cniError(err error) *cni.Error {
 	switch {
 	case errors.As(err, &ce):
 		return ce
-	case errors.Is(err, ipam.ErrUnknownNetwork), errors.Is(err, ipam.ErrInvalidNetwork):
+	case errors.Is(err, ipam.ErrUnknownNetwork), errors.Is(err, ipam.ErrInvalidNetwork),
+		errors.Is(err, datapath.ErrBadAttachment), errors.Is(err, datapath.ErrBadBridge):
 		return errCNI(types.ErrInvalidNetworkConfig, "%v", err)
 	case errors.Is(err, ipam.ErrRangeFull), errors.Is(err, ipam.ErrNoQuorum):
 		return errCNI(types.ErrTryAgainLater, "%v", err)
@@ -260,6 +261,14 @@ func (p *Peer) cniDel(req cni.AttachRequest) error {
 // detach removes the veth and then the record; the caller holds the key's lock.
 func (p *Peer) detach(key ipam.Key) error {
 	hostIf := datapath.HostIfName(key.ContainerID, key.IfName)
+	if rec, ok := p.alloc.Get(key); ok && rec.NetNS != "" {
+		// The interface's policy rule would outlive its veth in a netns that lives on; a
+		// netns that is gone is success.
+		if err := datapath.RemovePolicyRouting(rec.NetNS, key.IfName); err != nil {
+			p.log.Warn("could not remove the policy routing of a detached interface; the next attach in that netns removes it",
+				"container", key.ContainerID, "ifname", key.IfName, "err", err)
+		}
+	}
 	if err := datapath.Detach(hostIf); err != nil {
 		return err
 	}
