@@ -1,0 +1,367 @@
+package isolate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/weftnet/weft/datapath/guard"
+	"github.com/weftnet/weft/datapath/nslab"
+)
+
+// kernelNet is one network of the kernel test: a bridge in the router namespace holding
+// the gateway, and its containers.
+type kernelNet struct {
+	Network
+	bridge string
+	gw     netip.Addr
+}
+
+// testLab is a router namespace with one bridge per network and container namespaces
+// attached to them (a host of weft, reduced to what isolation sees: bridges and routing).
+type testLab struct {
+	t      *testing.T
+	lab    *nslab.Lab
+	router *nslab.NS
+}
+
+func newTestLab(t *testing.T) *testLab {
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wis%d-", os.Getpid()%10000), NoIPv6: true})
+	r, err := lab.NewNS("r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &testLab{t: t, lab: lab, router: r}
+	l.run(r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	return l
+}
+
+func (l *testLab) run(n *nslab.NS, name string, args ...string) {
+	l.t.Helper()
+	if _, err := n.Run(context.Background(), name, args...); err != nil {
+		l.t.Fatal(err)
+	}
+}
+
+func (l *testLab) addBridge(n kernelNet) {
+	l.t.Helper()
+	l.run(l.router, "ip", "link", "add", n.bridge, "type", "bridge")
+	l.run(l.router, "ip", "addr", "add", netip.PrefixFrom(n.gw, n.Subnet.Bits()).String(), "dev", n.bridge)
+	l.run(l.router, "ip", "link", "set", n.bridge, "up")
+}
+
+// addContainer makes a container namespace on n's bridge with address a.
+func (l *testLab) addContainer(suffix string, n kernelNet, a netip.Addr) *nslab.NS {
+	l.t.Helper()
+	c, err := l.lab.NewNS(suffix)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	host := "v" + suffix
+	l.run(l.router, "ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", c.Name)
+	l.run(l.router, "ip", "link", "set", host, "master", n.bridge, "up")
+	l.run(c, "ip", "addr", "add", netip.PrefixFrom(a, n.Subnet.Bits()).String(), "dev", "eth0")
+	l.run(c, "ip", "link", "set", "eth0", "up")
+	l.run(c, "ip", "route", "add", "default", "via", n.gw.String())
+	return c
+}
+
+// pings reports whether one echo request from n to a is answered within a second.
+func pings(n *nslab.NS, a netip.Addr) bool {
+	_, err := n.Run(context.Background(), "ping", "-c1", "-W1", "-n", a.String())
+	return err == nil
+}
+
+func (l *testLab) mustPing(from *nslab.NS, to netip.Addr) {
+	l.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := from.WaitPing(ctx, to); err != nil {
+		l.t.Fatalf("%s → %s: %v", from.Name, to, err)
+	}
+}
+
+func (l *testLab) mustNotPing(from *nslab.NS, to netip.Addr) {
+	l.t.Helper()
+	if pings(from, to) {
+		l.t.Fatalf("%s reaches %s across an isolated network", from.Name, to)
+	}
+}
+
+// handles are the handles of the rules in chain ch, by rule key.
+func handles(t *testing.T, c *nftables.Conn, ch *nftables.Chain) map[string]uint64 {
+	t.Helper()
+	rules, err := c.GetRules(table, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]uint64{}
+	for _, r := range rules {
+		out[string(r.UserData)] = r.Handle
+	}
+	return out
+}
+
+// Two isolated networks (media, control) and two open ones (default, open) on one host:
+// the isolated ones cannot reach each other, the open ones, or each other's gateways, in
+// either direction; containers reach their own network and the open networks reach each
+// other; every drop is counted; re-applying changes nothing; removing a network removes
+// its rules and nothing else; the guard's chains and the isolator's coexist.
+func TestIsolationInNamespaces(t *testing.T) {
+	l := newTestLab(t)
+	media := kernelNet{Network: mediaNet, bridge: "wmedia", gw: addr("10.50.0.1")}
+	ctrl := kernelNet{Network: ctrlNet, bridge: "wcontrol", gw: addr("10.60.0.1")}
+	def := kernelNet{Network: defNet, bridge: "weft", gw: addr("10.40.0.1")}
+	open := kernelNet{Network: openNet, bridge: "wopen", gw: addr("10.70.0.1")}
+	for _, n := range []kernelNet{media, ctrl, def, open} {
+		l.addBridge(n)
+	}
+	m1 := l.addContainer("m1", media, addr("10.50.1.2"))
+	m2 := l.addContainer("m2", media, addr("10.50.1.3"))
+	c1 := l.addContainer("c1", ctrl, addr("10.60.1.2"))
+	d1 := l.addContainer("d1", def, addr("10.40.1.2"))
+	o1 := l.addContainer("o1", open, addr("10.70.1.2"))
+
+	// Without isolation everything reaches everything: the test can fail.
+	l.mustPing(m1, addr("10.60.1.2"))
+	l.mustPing(c1, ctrl.gw)
+	l.mustPing(d1, addr("10.50.1.2"))
+
+	hostNS := int(l.router.Fd())
+	// The guard is there first, as on a peer (it starts before the isolator).
+	g, err := guard.New(guard.Deps{NetNSFd: hostNS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Remove() })
+	guardCfg := guard.Config{Bridges: []string{"weft", "wmedia", "wcontrol", "wopen"},
+		Ports: []guard.Port{{Kind: guard.KindRaft, Proto: guard.TCP, Port: 16785}}, DNSPort: 53}
+	if err := g.Set(guardCfg); err != nil {
+		t.Fatal(err)
+	}
+
+	reg := prometheus.NewRegistry()
+	iso, err := New(Deps{Registry: reg, NetNSFd: hostNS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { iso.Remove() })
+	nets := []Network{def.Network, media.Network, ctrl.Network, open.Network}
+	if err := iso.Set(nets); err != nil {
+		t.Fatal(err)
+	}
+
+	// Forward, both ways, between the isolated ones and from and to the open ones.
+	l.mustNotPing(m1, addr("10.60.1.2"))
+	l.mustNotPing(c1, addr("10.50.1.2"))
+	l.mustNotPing(d1, addr("10.50.1.2"))
+	l.mustNotPing(m1, addr("10.70.1.2"))
+	// Input: another network's gateway on this host.
+	l.mustNotPing(m1, ctrl.gw)
+	l.mustNotPing(o1, media.gw)
+	// Within a network, to the own gateway, and between the two open networks.
+	l.mustPing(m1, addr("10.50.1.3"))
+	l.mustPing(m2, media.gw)
+	l.mustPing(d1, addr("10.70.1.2"))
+	l.mustPing(o1, addr("10.40.1.2"))
+	l.mustPing(o1, def.gw)
+
+	// Every drop is counted: m1 → control and → open and → control's gateway by media's
+	// egress; c1 → media by control's egress; d1 → media and o1 → media's gateway by
+	// media's ingress.
+	d, err := iso.Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, want := range map[Drop]uint64{
+		{"media", Egress}: 3, {"control", Egress}: 1, {"media", Ingress}: 2, {"control", Ingress}: 0,
+	} {
+		if d[k] < want || (want == 0 && d[k] != 0) {
+			t.Errorf("drops %v: %d, want %d (all: %v)", k, d[k], want, d)
+		}
+	}
+	if n := seriesOf(t, reg, "weft_isolation_drops_total"); n != 4 {
+		t.Errorf("weft_isolation_drops_total has %d series, want 4", n)
+	}
+
+	conn, err := nftables.New(nftables.WithNetNSFd(hostNS))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwd1, in1 := handles(t, conn, forward), handles(t, conn, input)
+	if len(fwd1) != 4 || len(in1) != 4 {
+		t.Fatalf("%d forward and %d input rules, want 4 and 4", len(fwd1), len(in1))
+	}
+
+	// Re-applying the same networks, in another order, changes nothing.
+	slices.Reverse(nets)
+	if err := iso.Set(nets); err != nil {
+		t.Fatal(err)
+	}
+	if fwd2, in2 := handles(t, conn, forward), handles(t, conn, input); !mapsEqual(fwd1, fwd2) || !mapsEqual(in1, in2) {
+		t.Fatalf("a second Set rewrote the rules: %v %v then %v %v", fwd1, in1, fwd2, in2)
+	}
+	if v := counterValue(t, iso.applies.WithLabelValues(resultUnchanged)); v != 1 {
+		t.Fatalf("applies unchanged %v, want 1", v)
+	}
+
+	// Bad input is refused, counted, and changes nothing.
+	bad := append(slices.Clone(nets), Network{Name: "evil", Subnet: netip.MustParsePrefix("10.50.0.0/24")})
+	if err := iso.Set(bad); !errors.Is(err, ErrConfig) {
+		t.Fatalf("overlapping networks: %v, want ErrConfig", err)
+	}
+	if v := counterValue(t, iso.applies.WithLabelValues(resultError)); v != 1 {
+		t.Fatalf("applies error %v, want 1", v)
+	}
+	if fwd2 := handles(t, conn, forward); !mapsEqual(fwd1, fwd2) {
+		t.Fatalf("a refused Set changed the rules")
+	}
+
+	// The guard re-applying its own state leaves the isolator's alone, and the reverse.
+	guardCfg.Bridges = append(guardCfg.Bridges, "wextra")
+	if err := g.Set(guardCfg); err != nil {
+		t.Fatal(err)
+	}
+	if fwd2 := handles(t, conn, forward); !mapsEqual(fwd1, fwd2) {
+		t.Fatalf("the guard's Set changed the isolator's rules")
+	}
+	l.mustNotPing(m1, addr("10.60.1.2"))
+
+	// Removing control removes its 4 rules and 2 counters and nothing else: media's rules
+	// keep their handles, its counters their values, and control is reachable again from
+	// the open networks while media stays cut from them.
+	before, _ := iso.Dropped()
+	if err := iso.Set([]Network{def.Network, media.Network, open.Network}); err != nil {
+		t.Fatal(err)
+	}
+	fwd3, in3 := handles(t, conn, forward), handles(t, conn, input)
+	for _, hs := range []struct{ before, after map[string]uint64 }{{fwd1, fwd3}, {in1, in3}} {
+		for k, h := range hs.before {
+			isCtrl := slices.Contains([]string{"control"}, ruleNetwork(k))
+			if got, ok := hs.after[k]; isCtrl == ok || (ok && got != h) {
+				t.Errorf("rule %q: handle %d then %d (present %v)", k, h, got, ok)
+			}
+		}
+		if len(hs.after) != 2 {
+			t.Errorf("%d rules left in a chain, want media's 2: %v", len(hs.after), hs.after)
+		}
+	}
+	after, _ := iso.Dropped()
+	if _, ok := after[Drop{"control", Egress}]; ok {
+		t.Errorf("control's counter outlived its network: %v", after)
+	}
+	if after[Drop{"media", Egress}] < before[Drop{"media", Egress}] {
+		t.Errorf("media's counter reset: %v then %v", before, after)
+	}
+	// (control's range is no weft network's now, so media's rules leave it alone.)
+	l.mustPing(d1, addr("10.60.1.2"))
+	l.mustNotPing(m1, addr("10.70.1.2"))
+
+	// The guard's chains survived all of it.
+	for _, name := range []string{guard.InputChain, guard.ForwardChain, guard.PortsChain} {
+		if _, err := conn.ListChain(table, name); err != nil {
+			t.Errorf("guard chain %s gone: %v", name, err)
+		}
+	}
+
+	// Nothing isolated any more: the isolator's objects go, the guard's and the table stay.
+	if err := iso.Set([]Network{def.Network, open.Network}); err != nil {
+		t.Fatal(err)
+	}
+	l.mustPing(m1, addr("10.40.1.2"))
+	st, err := read(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.rules) != 0 || st.set != nil || len(st.counters) != 0 || !st.foreign {
+		t.Fatalf("after isolating nothing: %+v", st)
+	}
+	if err := iso.Remove(); err != nil {
+		t.Fatalf("removing twice: %v", err)
+	}
+	if err := g.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil {
+		t.Fatalf("weft's table left behind, empty")
+	}
+
+	// Alone in the table, the isolator removes the table with its objects.
+	if err := iso.Set([]Network{media.Network, def.Network}); err != nil {
+		t.Fatal(err)
+	}
+	l.mustNotPing(d1, addr("10.50.1.2"))
+	if err := iso.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil {
+		t.Fatalf("weft's table left behind by the isolator alone")
+	}
+	l.mustPing(d1, addr("10.50.1.2"))
+}
+
+// ruleNetwork is the network a rule key names ("weft-isolate HOOK DIR NETWORK RANGE").
+func ruleNetwork(key string) string {
+	var hook, dir, network, rng string
+	fmt.Sscanf(key, "weft-isolate %s %s %s %s", &hook, &dir, &network, &rng)
+	return network
+}
+
+func mapsEqual(a, b map[string]uint64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if w, ok := b[k]; !ok || w != v {
+			return false
+		}
+	}
+	return true
+}
+
+func counterValue(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// seriesOf counts the series of the metric called name that reg gathers.
+func seriesOf(t *testing.T, reg *prometheus.Registry, name string) int {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			return len(mf.GetMetric())
+		}
+	}
+	return 0
+}
+
+// The set of ranges reads back as it was written, adjacent ranges merged.
+func TestIntervalsRoundTrip(t *testing.T) {
+	p, err := NewPlan([]Network{mediaNet, defNet, {Name: "b", Subnet: netip.MustParsePrefix("10.51.0.0/16")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	elems := p.elements()
+	slices.Reverse(elems) // the kernel lists them in its own order
+	elems = append(elems, nftables.SetElement{Key: []byte{0, 0, 0, 0}, IntervalEnd: true})
+	if got := intervalsOf(elems); !slices.Equal(got, p.Ranges) {
+		t.Fatalf("intervals %v, want %v", got, p.Ranges)
+	}
+}
