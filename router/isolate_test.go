@@ -117,8 +117,8 @@ func isolatesNetwork(t *testing.T, name string) error {
 // before its restart before it serves its control API, even when the kernel lost the rules
 // meanwhile (a reboot) and before its table has caught up.
 func TestPeerIsolatesNetworks(t *testing.T) {
-	// This test works in the host's namespace, as every peer test does: ranges no other
-	// test uses, and the isolation removed at the end.
+	// The peer works in the test process's namespace (TestMain), as every peer test does;
+	// the isolation is removed at the end.
 	t.Cleanup(func() {
 		if iso, err := isolate.New(isolate.Deps{}); err == nil {
 			iso.Remove()

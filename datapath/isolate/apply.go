@@ -83,20 +83,33 @@ var (
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &policy}
 	input = &nftables.Chain{Name: InputChain, Table: table, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: &policy}
-	chains = []*nftables.Chain{forward, input}
+	// bases are the base chains, groups the chains they jump to (made first).
+	bases      = []*nftables.Chain{forward, input}
+	groupChain = map[string]*nftables.Chain{
+		SpoofChain:   {Name: SpoofChain, Table: table},
+		EgressChain:  {Name: EgressChain, Table: table},
+		IngressChain: {Name: IngressChain, Table: table},
+	}
 )
 
-func chainOf(hook string) *nftables.Chain {
-	if hook == HookInput {
-		return input
+// chains are every chain of the isolator, groups first (a base chain jumps to them).
+func chains() []*nftables.Chain {
+	var out []*nftables.Chain
+	for _, g := range groups {
+		out = append(out, groupChain[g.chain])
 	}
-	return forward
+	return append(out, bases...)
+}
+
+func mine(chain string) bool {
+	return slices.ContainsFunc(chains(), func(c *nftables.Chain) bool { return c.Name == chain })
 }
 
 // state is what the kernel holds of the isolator's objects.
 type state struct {
 	table    bool
 	rules    map[string]map[string][]uint64 // chain → rule key → handles; a missing chain is absent
+	order    map[string][]string            // chain → rule keys in order (for the base chains)
 	set      *nftables.Set                  // nil: absent
 	ranges   []Interval                     // the set's elements
 	counters []string                       // named counters with CounterPrefix, sorted
@@ -117,6 +130,7 @@ func read(c *nftables.Conn) (state, error) {
 	}
 	s.table = true
 	s.rules = make(map[string]map[string][]uint64)
+	s.order = make(map[string][]string)
 	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return s, fmt.Errorf("%w: list chains: %w", ErrKernel, err)
@@ -125,7 +139,7 @@ func read(c *nftables.Conn) (state, error) {
 		if ch.Table.Name != TableName {
 			continue
 		}
-		if ch.Name != ForwardChain && ch.Name != InputChain {
+		if !mine(ch.Name) {
 			s.foreign = true
 			continue
 		}
@@ -136,6 +150,7 @@ func read(c *nftables.Conn) (state, error) {
 		keys := make(map[string][]uint64, len(rules))
 		for _, r := range rules {
 			keys[string(r.UserData)] = append(keys[string(r.UserData)], r.Handle)
+			s.order[ch.Name] = append(s.order[ch.Name], string(r.UserData))
 		}
 		s.rules[ch.Name] = keys
 	}
@@ -223,8 +238,9 @@ func (p Plan) elements() []nftables.SetElement {
 	return out
 }
 
-// matches reports whether the kernel holds exactly the plan: the same rule keys in each
-// chain (each once), the same ranges, the same counters.
+// matches reports whether the kernel holds exactly the plan: the base chains' jumps in
+// order, the same rule keys in each group chain (each once, in any order), the same ranges,
+// the same counters.
 func (s state) matches(p Plan) bool {
 	if !s.table || s.set == nil || !slices.Equal(s.ranges, p.Ranges) || !slices.Equal(s.counters, p.Counters()) {
 		return false
@@ -233,6 +249,12 @@ func (s state) matches(p Plan) bool {
 		have, ok := s.rules[name]
 		if !ok || len(have) != len(want) {
 			return false
+		}
+		if slices.ContainsFunc(bases, func(b *nftables.Chain) bool { return b.Name == name }) {
+			if !slices.Equal(s.order[name], want) {
+				return false
+			}
+			continue
 		}
 		for _, k := range want {
 			if len(have[k]) != 1 {
@@ -281,7 +303,7 @@ func (iso *Isolator) set(nets []Network) error {
 		return nil
 	}
 	c.AddTable(table) // no-op when it exists
-	for _, ch := range chains {
+	for _, ch := range chains() {
 		if _, ok := cur.rules[ch.Name]; !ok {
 			c.AddChain(ch)
 		}
@@ -306,8 +328,23 @@ func (iso *Isolator) set(nets []Network) error {
 		}
 	}
 	keys := p.ChainKeys()
-	var deleted int
-	for _, ch := range chains {
+	// The base chains hold only the fixed jumps: rewritten whole when they differ.
+	for _, ch := range bases {
+		if slices.Equal(cur.order[ch.Name], keys[ch.Name]) {
+			continue
+		}
+		if _, ok := cur.rules[ch.Name]; ok {
+			c.FlushChain(ch)
+		}
+		for _, g := range groups {
+			c.AddRule(&nftables.Rule{Table: table, Chain: ch, UserData: []byte(jumpKey(g.chain)), Exprs: []expr.Any{
+				&expr.Verdict{Kind: expr.VerdictJump, Chain: g.chain},
+			}})
+		}
+	}
+	var added, deleted int
+	for _, g := range groups {
+		ch := groupChain[g.chain]
 		for k, handles := range cur.rules[ch.Name] {
 			keep := 0
 			if slices.Contains(keys[ch.Name], k) {
@@ -321,20 +358,13 @@ func (iso *Isolator) set(nets []Network) error {
 			}
 		}
 	}
-	var added int
 	for _, r := range p.Rules {
-		ch := chainOf(r.Hook)
+		ch := groupChain[r.Chain()]
 		if len(cur.rules[ch.Name][r.Key()]) > 0 {
 			continue
 		}
-		rule := &nftables.Rule{Table: table, Chain: ch, UserData: []byte(r.Key()), Exprs: ruleExprs(r, set)}
-		// Egress rules at the head, ingress rules at the tail: a packet between two
-		// isolated networks is counted by its source's egress counter (see package doc).
-		if r.Direction == Egress {
-			c.InsertRule(rule)
-		} else {
-			c.AddRule(rule)
-		}
+		// Appended: the rules of one chain match disjoint packets, so order is free.
+		c.AddRule(&nftables.Rule{Table: table, Chain: ch, UserData: []byte(r.Key()), Exprs: ruleExprs(r, set)})
 		added++
 	}
 	for _, name := range cur.counters {
@@ -342,16 +372,16 @@ func (iso *Isolator) set(nets []Network) error {
 			c.DeleteObject(&nftables.CounterObj{Table: table, Name: name})
 		}
 	}
-	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: apply isolation (%d isolated of %d networks): %w", ErrKernel, len(want)/2, len(p.Networks), err)
-	}
-	iso.applies.WithLabelValues(resultChanged).Inc()
 	var isolated []string
 	for _, n := range p.Networks {
 		if n.Isolated {
 			isolated = append(isolated, n.Name)
 		}
 	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("%w: apply isolation of %v among %d networks: %w", ErrKernel, isolated, len(p.Networks), err)
+	}
+	iso.applies.WithLabelValues(resultChanged).Inc()
 	iso.log.Info("isolation between networks applied", "isolated", isolated, "networks", len(p.Networks),
 		"rules_added", added, "rules_deleted", deleted)
 	return nil
@@ -363,36 +393,62 @@ const (
 	daddrOffset = 16
 )
 
-// ruleExprs is one drop rule: for egress of N, `meta nfproto ipv4 ip saddr N ip daddr != N
-// ip daddr @isolate_ranges counter name isolate_N_egress drop`; ingress swaps the two
-// addresses.
+// ruleExprs is one drop rule (see the package doc): `meta nfproto ipv4`, then
+//
+//	spoofed:  iifname B ip saddr != M [ip saddr @isolate_ranges]
+//	egress:   ip saddr N ip daddr != N ip daddr @isolate_ranges
+//	ingress:  ip daddr N ip saddr != N ip saddr @isolate_ranges
+//
+// then `counter name isolate_<network>_<direction> drop`.
 func ruleExprs(r Rule, set *nftables.Set) []expr.Any {
-	own, other := uint32(saddrOffset), uint32(daddrOffset)
-	if r.Direction == Ingress {
-		own, other = daddrOffset, saddrOffset
-	}
 	mask := net4Mask(r.Subnet.Bits())
-	net := r.Subnet.Addr().AsSlice()
+	network := r.Subnet.Addr().AsSlice()
 	inSubnet := func(off uint32, op expr.CmpOp) []expr.Any {
 		return []expr.Any{
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: 4},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: mask, Xor: make([]byte, 4)},
-			&expr.Cmp{Op: op, Register: 1, Data: net},
+			&expr.Cmp{Op: op, Register: 1, Data: network},
+		}
+	}
+	inRanges := func(off uint32) []expr.Any {
+		return []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: 4},
+			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
 		}
 	}
 	exprs := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.NFPROTO_IPV4}},
 	}
-	exprs = append(exprs, inSubnet(own, expr.CmpOpEq)...)
-	exprs = append(exprs, inSubnet(other, expr.CmpOpNeq)...)
-	exprs = append(exprs,
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: other, Len: 4},
-		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+	switch r.Direction {
+	case Spoofed:
+		exprs = append(exprs,
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.Bridge)})
+		exprs = append(exprs, inSubnet(saddrOffset, expr.CmpOpNeq)...)
+		if !r.Isolated {
+			exprs = append(exprs, inRanges(saddrOffset)...)
+		}
+	case Egress:
+		exprs = append(exprs, inSubnet(saddrOffset, expr.CmpOpEq)...)
+		exprs = append(exprs, inSubnet(daddrOffset, expr.CmpOpNeq)...)
+		exprs = append(exprs, inRanges(daddrOffset)...)
+	case Ingress:
+		exprs = append(exprs, inSubnet(daddrOffset, expr.CmpOpEq)...)
+		exprs = append(exprs, inSubnet(saddrOffset, expr.CmpOpNeq)...)
+		exprs = append(exprs, inRanges(saddrOffset)...)
+	}
+	return append(exprs,
 		&expr.Objref{Type: int(nftables.ObjTypeCounter), Name: r.Counter()},
 		&expr.Verdict{Kind: expr.VerdictDrop},
 	)
-	return exprs
+}
+
+// ifname is an interface name as the kernel compares it (IFNAMSIZ bytes, NUL-padded).
+func ifname(n string) []byte {
+	b := make([]byte, unix.IFNAMSIZ)
+	copy(b, n)
+	return b
 }
 
 // net4Mask is the IPv4 netmask of a prefix length.
@@ -432,10 +488,17 @@ func (iso *Isolator) remove() error {
 	if !cur.foreign {
 		c.DelTable(table) // everything in it is the isolator's
 	} else {
-		for _, ch := range chains { // rules first: they refer to the set and the counters
+		// Rules first (they refer to the chains, the set and the counters), then the
+		// chains, base chains before the chains they jump to.
+		all := chains()
+		for _, ch := range all {
 			if _, ok := cur.rules[ch.Name]; ok {
 				c.FlushChain(ch)
-				c.DelChain(ch)
+			}
+		}
+		for i := len(all) - 1; i >= 0; i-- {
+			if _, ok := cur.rules[all[i].Name]; ok {
+				c.DelChain(all[i])
 			}
 		}
 		if cur.set != nil {
@@ -456,11 +519,11 @@ func (iso *Isolator) remove() error {
 // Drop names one counter: the packets of a network dropped in one direction.
 type Drop struct {
 	Network   string
-	Direction string // Egress or Ingress
+	Direction string // Spoofed, Egress or Ingress
 }
 
 // Dropped returns the packets dropped so far, from the kernel's named counters (forward
-// and input together). O(counters) = O(isolated networks).
+// and input together). O(counters) = O(networks).
 func (iso *Isolator) Dropped() (map[Drop]uint64, error) {
 	c, err := iso.conn()
 	if err != nil {
@@ -489,12 +552,11 @@ func (iso *Isolator) Dropped() (map[Drop]uint64, error) {
 	return out, nil
 }
 
-// dropsCollector exports the kernel's counters on scrape (one netlink dump, O(isolated
-// networks)).
+// dropsCollector exports the kernel's counters on scrape (one netlink dump, O(networks)).
 type dropsCollector struct{ iso *Isolator }
 
 var dropsDesc = prometheus.NewDesc("weft_isolation_drops_total",
-	"Packets between weft networks dropped by the isolation of a network, by network and direction (egress: from it; ingress: into it).",
+	"Packets between weft networks dropped by the isolation of a network, by network and direction (egress: from it; ingress: into it; spoofed: arrived on its bridge from a source it may not use).",
 	[]string{"network", "direction"}, nil)
 
 func (d dropsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- dropsDesc }

@@ -19,11 +19,10 @@ import (
 )
 
 // kernelNet is one network of the kernel test: a bridge in the router namespace holding
-// the gateway, and its containers.
+// the gateway.
 type kernelNet struct {
 	Network
-	bridge string
-	gw     netip.Addr
+	gw netip.Addr
 }
 
 // testLab is a router namespace with one bridge per network and container namespaces
@@ -54,9 +53,9 @@ func (l *testLab) run(n *nslab.NS, name string, args ...string) {
 
 func (l *testLab) addBridge(n kernelNet) {
 	l.t.Helper()
-	l.run(l.router, "ip", "link", "add", n.bridge, "type", "bridge")
-	l.run(l.router, "ip", "addr", "add", netip.PrefixFrom(n.gw, n.Subnet.Bits()).String(), "dev", n.bridge)
-	l.run(l.router, "ip", "link", "set", n.bridge, "up")
+	l.run(l.router, "ip", "link", "add", n.Bridge, "type", "bridge")
+	l.run(l.router, "ip", "addr", "add", netip.PrefixFrom(n.gw, n.Subnet.Bits()).String(), "dev", n.Bridge)
+	l.run(l.router, "ip", "link", "set", n.Bridge, "up")
 }
 
 // addContainer makes a container namespace on n's bridge with address a.
@@ -68,7 +67,7 @@ func (l *testLab) addContainer(suffix string, n kernelNet, a netip.Addr) *nslab.
 	}
 	host := "v" + suffix
 	l.run(l.router, "ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", c.Name)
-	l.run(l.router, "ip", "link", "set", host, "master", n.bridge, "up")
+	l.run(l.router, "ip", "link", "set", host, "master", n.Bridge, "up")
 	l.run(c, "ip", "addr", "add", netip.PrefixFrom(a, n.Subnet.Bits()).String(), "dev", "eth0")
 	l.run(c, "ip", "link", "set", "eth0", "up")
 	l.run(c, "ip", "route", "add", "default", "via", n.gw.String())
@@ -76,8 +75,9 @@ func (l *testLab) addContainer(suffix string, n kernelNet, a netip.Addr) *nslab.
 }
 
 // pings reports whether one echo request from n to a is answered within a second.
-func pings(n *nslab.NS, a netip.Addr) bool {
-	_, err := n.Run(context.Background(), "ping", "-c1", "-W1", "-n", a.String())
+func pings(n *nslab.NS, a netip.Addr, extra ...string) bool {
+	args := append([]string{"-c1", "-W1", "-n"}, extra...)
+	_, err := n.Run(context.Background(), "ping", append(args, a.String())...)
 	return err == nil
 }
 
@@ -97,16 +97,23 @@ func (l *testLab) mustNotPing(from *nslab.NS, to netip.Addr) {
 	}
 }
 
-// handles are the handles of the rules in chain ch, by rule key.
-func handles(t *testing.T, c *nftables.Conn, ch *nftables.Chain) map[string]uint64 {
+// handles are the handles of the isolator's rules, by rule key (the base chains' jumps
+// under the chain's name).
+func handles(t *testing.T, c *nftables.Conn) map[string]uint64 {
 	t.Helper()
-	rules, err := c.GetRules(table, ch)
-	if err != nil {
-		t.Fatal(err)
-	}
 	out := map[string]uint64{}
-	for _, r := range rules {
-		out[string(r.UserData)] = r.Handle
+	for _, ch := range chains() {
+		rules, err := c.GetRules(table, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range rules {
+			k := string(r.UserData)
+			if slices.Contains(bases, ch) {
+				k = ch.Name + " " + k
+			}
+			out[k] = r.Handle
+		}
 	}
 	return out
 }
@@ -118,10 +125,10 @@ func handles(t *testing.T, c *nftables.Conn, ch *nftables.Chain) map[string]uint
 // its rules and nothing else; the guard's chains and the isolator's coexist.
 func TestIsolationInNamespaces(t *testing.T) {
 	l := newTestLab(t)
-	media := kernelNet{Network: mediaNet, bridge: "wmedia", gw: addr("10.50.0.1")}
-	ctrl := kernelNet{Network: ctrlNet, bridge: "wcontrol", gw: addr("10.60.0.1")}
-	def := kernelNet{Network: defNet, bridge: "weft", gw: addr("10.40.0.1")}
-	open := kernelNet{Network: openNet, bridge: "wopen", gw: addr("10.70.0.1")}
+	media := kernelNet{Network: mediaNet, gw: addr("10.50.0.1")}
+	ctrl := kernelNet{Network: ctrlNet, gw: addr("10.60.0.1")}
+	def := kernelNet{Network: defNet, gw: addr("10.40.0.1")}
+	open := kernelNet{Network: openNet, gw: addr("10.70.0.1")}
 	for _, n := range []kernelNet{media, ctrl, def, open} {
 		l.addBridge(n)
 	}
@@ -175,31 +182,40 @@ func TestIsolationInNamespaces(t *testing.T) {
 	l.mustPing(o1, addr("10.40.1.2"))
 	l.mustPing(o1, def.gw)
 
+	// Forged sources: a default container sending from a control address to control, and
+	// a media container from a default address to default, are dropped on the bridge they
+	// came in on (no answer can come back either way: only the counters tell).
+	l.run(d1, "ip", "addr", "add", "10.60.1.99/32", "dev", "eth0")
+	l.run(m2, "ip", "addr", "add", "10.40.1.99/32", "dev", "eth0")
+	pings(d1, addr("10.60.1.2"), "-I", "10.60.1.99")
+	pings(m2, addr("10.40.1.2"), "-I", "10.40.1.99")
+
 	// Every drop is counted: m1 → control and → open and → control's gateway by media's
 	// egress; c1 → media by control's egress; d1 → media and o1 → media's gateway by
-	// media's ingress.
+	// media's ingress; the forged ones by the bridge they came in on.
 	d, err := iso.Dropped()
 	if err != nil {
 		t.Fatal(err)
 	}
 	for k, want := range map[Drop]uint64{
 		{"media", Egress}: 3, {"control", Egress}: 1, {"media", Ingress}: 2, {"control", Ingress}: 0,
+		{"default", Spoofed}: 1, {"media", Spoofed}: 1, {"control", Spoofed}: 0, {"open", Spoofed}: 0,
 	} {
 		if d[k] < want || (want == 0 && d[k] != 0) {
 			t.Errorf("drops %v: %d, want %d (all: %v)", k, d[k], want, d)
 		}
 	}
-	if n := seriesOf(t, reg, "weft_isolation_drops_total"); n != 4 {
-		t.Errorf("weft_isolation_drops_total has %d series, want 4", n)
+	if n := seriesOf(t, reg, "weft_isolation_drops_total"); n != 8 {
+		t.Errorf("weft_isolation_drops_total has %d series, want 8", n)
 	}
 
 	conn, err := nftables.New(nftables.WithNetNSFd(hostNS))
 	if err != nil {
 		t.Fatal(err)
 	}
-	fwd1, in1 := handles(t, conn, forward), handles(t, conn, input)
-	if len(fwd1) != 4 || len(in1) != 4 {
-		t.Fatalf("%d forward and %d input rules, want 4 and 4", len(fwd1), len(in1))
+	h1 := handles(t, conn)
+	if len(h1) != 6+8 {
+		t.Fatalf("%d rules, want 6 jumps and 8 drops: %v", len(h1), h1)
 	}
 
 	// Re-applying the same networks, in another order, changes nothing.
@@ -207,8 +223,8 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if err := iso.Set(nets); err != nil {
 		t.Fatal(err)
 	}
-	if fwd2, in2 := handles(t, conn, forward), handles(t, conn, input); !mapsEqual(fwd1, fwd2) || !mapsEqual(in1, in2) {
-		t.Fatalf("a second Set rewrote the rules: %v %v then %v %v", fwd1, in1, fwd2, in2)
+	if h2 := handles(t, conn); !mapsEqual(h1, h2) {
+		t.Fatalf("a second Set rewrote the rules: %v then %v", h1, h2)
 	}
 	if v := counterValue(t, iso.applies.WithLabelValues(resultUnchanged)); v != 1 {
 		t.Fatalf("applies unchanged %v, want 1", v)
@@ -222,7 +238,7 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if v := counterValue(t, iso.applies.WithLabelValues(resultError)); v != 1 {
 		t.Fatalf("applies error %v, want 1", v)
 	}
-	if fwd2 := handles(t, conn, forward); !mapsEqual(fwd1, fwd2) {
+	if h2 := handles(t, conn); !mapsEqual(h1, h2) {
 		t.Fatalf("a refused Set changed the rules")
 	}
 
@@ -231,29 +247,27 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if err := g.Set(guardCfg); err != nil {
 		t.Fatal(err)
 	}
-	if fwd2 := handles(t, conn, forward); !mapsEqual(fwd1, fwd2) {
+	if h2 := handles(t, conn); !mapsEqual(h1, h2) {
 		t.Fatalf("the guard's Set changed the isolator's rules")
 	}
 	l.mustNotPing(m1, addr("10.60.1.2"))
 
-	// Removing control removes its 4 rules and 2 counters and nothing else: media's rules
-	// keep their handles, its counters their values, and control is reachable again from
-	// the open networks while media stays cut from them.
+	// Removing control removes its 3 rules and 3 counters and nothing else: every other
+	// rule keeps its handle, every other counter its value, and control is reachable again
+	// from the open networks while media stays cut from them.
 	before, _ := iso.Dropped()
 	if err := iso.Set([]Network{def.Network, media.Network, open.Network}); err != nil {
 		t.Fatal(err)
 	}
-	fwd3, in3 := handles(t, conn, forward), handles(t, conn, input)
-	for _, hs := range []struct{ before, after map[string]uint64 }{{fwd1, fwd3}, {in1, in3}} {
-		for k, h := range hs.before {
-			isCtrl := slices.Contains([]string{"control"}, ruleNetwork(k))
-			if got, ok := hs.after[k]; isCtrl == ok || (ok && got != h) {
-				t.Errorf("rule %q: handle %d then %d (present %v)", k, h, got, ok)
-			}
+	h3 := handles(t, conn)
+	for k, h := range h1 {
+		isCtrl := ruleNetwork(k) == "control"
+		if got, ok := h3[k]; isCtrl == ok || (ok && got != h) {
+			t.Errorf("rule %q: handle %d then %d (present %v)", k, h, got, ok)
 		}
-		if len(hs.after) != 2 {
-			t.Errorf("%d rules left in a chain, want media's 2: %v", len(hs.after), hs.after)
-		}
+	}
+	if len(h3) != 6+5 {
+		t.Errorf("%d rules left, want 6 jumps and 5 drops: %v", len(h3), h3)
 	}
 	after, _ := iso.Dropped()
 	if _, ok := after[Drop{"control", Egress}]; ok {
@@ -309,10 +323,10 @@ func TestIsolationInNamespaces(t *testing.T) {
 	l.mustPing(d1, addr("10.50.1.2"))
 }
 
-// ruleNetwork is the network a rule key names ("weft-isolate HOOK DIR NETWORK RANGE").
+// ruleNetwork is the network a rule key names ("weft-isolate DIRECTION NETWORK …").
 func ruleNetwork(key string) string {
-	var hook, dir, network, rng string
-	fmt.Sscanf(key, "weft-isolate %s %s %s %s", &hook, &dir, &network, &rng)
+	var dir, network string
+	fmt.Sscanf(key, "weft-isolate %s %s", &dir, &network)
 	return network
 }
 

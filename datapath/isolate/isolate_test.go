@@ -8,10 +8,10 @@ import (
 )
 
 var (
-	defNet   = Network{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16")}
-	mediaNet = Network{Name: "media", Subnet: netip.MustParsePrefix("10.50.0.0/16"), Isolated: true}
-	ctrlNet  = Network{Name: "control", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Isolated: true}
-	openNet  = Network{Name: "open", Subnet: netip.MustParsePrefix("10.70.0.0/16")}
+	defNet   = Network{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16"), Bridge: "weft"}
+	mediaNet = Network{Name: "media", Subnet: netip.MustParsePrefix("10.50.0.0/16"), Isolated: true, Bridge: "wmedia"}
+	ctrlNet  = Network{Name: "control", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Isolated: true, Bridge: "wcontrol"}
+	openNet  = Network{Name: "open", Subnet: netip.MustParsePrefix("10.70.0.0/16"), Bridge: "wopen"}
 )
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
@@ -21,22 +21,29 @@ func TestNewPlanRules(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// 4 rules per isolated network, none for the open ones.
+	// 1 rule per network, 2 more per isolated one.
 	if len(p.Rules) != 8 {
 		t.Fatalf("%d rules, want 8: %+v", len(p.Rules), p.Rules)
 	}
 	keys := p.ChainKeys()
-	wantFwd := []string{
-		"weft-isolate forward egress control 10.60.0.0/16", "weft-isolate forward egress media 10.50.0.0/16",
-		"weft-isolate forward ingress control 10.60.0.0/16", "weft-isolate forward ingress media 10.50.0.0/16",
+	want := map[string][]string{
+		SpoofChain: {"weft-isolate spoofed control 10.60.0.0/16 on wcontrol any", "weft-isolate spoofed default 10.40.0.0/16 on weft",
+			"weft-isolate spoofed media 10.50.0.0/16 on wmedia any", "weft-isolate spoofed open 10.70.0.0/16 on wopen"},
+		EgressChain:  {"weft-isolate egress control 10.60.0.0/16", "weft-isolate egress media 10.50.0.0/16"},
+		IngressChain: {"weft-isolate ingress control 10.60.0.0/16", "weft-isolate ingress media 10.50.0.0/16"},
+		ForwardChain: {"weft-isolate jump isolate_spoof", "weft-isolate jump isolate_egress", "weft-isolate jump isolate_ingress"},
 	}
-	if !slices.Equal(keys[ForwardChain], wantFwd) {
-		t.Fatalf("forward keys %q, want %q", keys[ForwardChain], wantFwd)
+	want[InputChain] = want[ForwardChain]
+	if len(keys) != len(want) {
+		t.Fatalf("chains %q", keys)
 	}
-	if len(keys[InputChain]) != 4 {
-		t.Fatalf("input keys %q", keys[InputChain])
+	for ch, w := range want {
+		if !slices.Equal(keys[ch], w) {
+			t.Errorf("chain %s: keys %q, want %q", ch, keys[ch], w)
+		}
 	}
-	wantCounters := []string{"isolate_control_egress", "isolate_control_ingress", "isolate_media_egress", "isolate_media_ingress"}
+	wantCounters := []string{"isolate_control_egress", "isolate_control_ingress", "isolate_control_spoofed", "isolate_default_spoofed",
+		"isolate_media_egress", "isolate_media_ingress", "isolate_media_spoofed", "isolate_open_spoofed"}
 	if !slices.Equal(p.Counters(), wantCounters) {
 		t.Fatalf("counters %q, want %q", p.Counters(), wantCounters)
 	}
@@ -47,30 +54,37 @@ func TestNewPlanRules(t *testing.T) {
 }
 
 // The decision table: isolated networks are cut from everything weft routes, both ways;
-// open networks reach each other; nothing outside the ranges is touched.
+// open networks reach each other; nothing outside the ranges is touched; a forged source
+// is dropped on the bridge it came in on.
 func TestPlanDrops(t *testing.T) {
 	p, err := NewPlan([]Network{defNet, mediaNet, ctrlNet, openNet})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range []struct {
-		src, dst string
-		counter  string // "" passes
+		iif, src, dst string
+		counter       string // "" passes
 	}{
-		{"10.50.1.2", "10.60.1.2", "isolate_media_egress"},    // isolated → isolated: egress of the source
-		{"10.60.1.2", "10.50.1.2", "isolate_control_egress"},  // and back
-		{"10.40.1.2", "10.50.1.2", "isolate_media_ingress"},   // default → isolated
-		{"10.50.1.2", "10.40.1.2", "isolate_media_egress"},    // isolated → default
-		{"10.70.1.2", "10.60.0.1", "isolate_control_ingress"}, // open → an isolated gateway
-		{"10.50.1.2", "10.50.2.9", ""},                        // within a network
-		{"10.40.1.2", "10.70.1.2", ""},                        // default ↔ open
-		{"10.70.1.2", "10.40.1.2", ""},
-		{"10.50.1.2", "192.0.2.1", ""}, // out of weft: the internet
-		{"192.0.2.1", "10.50.1.2", ""}, // and replies from it
+		{"wmedia", "10.50.1.2", "10.60.1.2", "isolate_media_egress"},     // isolated → isolated: egress of the source
+		{"wcontrol", "10.60.1.2", "10.50.1.2", "isolate_control_egress"}, // and back
+		{"weft", "10.40.1.2", "10.50.1.2", "isolate_media_ingress"},      // default → isolated
+		{"wmedia", "10.50.1.2", "10.40.1.2", "isolate_media_egress"},     // isolated → default
+		{"wopen", "10.70.1.2", "10.60.0.1", "isolate_control_ingress"},   // open → an isolated gateway
+		{"vxlan", "10.70.1.2", "10.60.1.2", "isolate_control_ingress"},   // from another host
+		{"wmedia", "10.50.1.2", "10.50.2.9", ""},                         // within a network
+		{"vxlan", "10.50.1.2", "10.50.2.9", ""},                          // within a network, across hosts
+		{"weft", "10.40.1.2", "10.70.1.2", ""},                           // default ↔ open
+		{"wopen", "10.70.1.2", "10.40.1.2", ""},
+		{"wmedia", "10.50.1.2", "192.0.2.1", ""},                         // out of weft: the internet
+		{"eth0", "192.0.2.1", "10.50.1.2", ""},                           // and replies from it
+		{"weft", "10.60.1.9", "10.60.1.2", "isolate_default_spoofed"},    // default forging a control source
+		{"weft", "192.0.2.7", "10.70.1.2", ""},                           // an open network routing another subnet
+		{"wmedia", "10.40.1.9", "10.40.1.2", "isolate_media_spoofed"},    // media forging a default source
+		{"wmedia", "192.0.2.7", "198.51.100.1", "isolate_media_spoofed"}, // isolated: its own sources only
 	} {
-		got, drop := p.Drops(addr(c.src), addr(c.dst))
+		got, drop := p.Drops(c.iif, addr(c.src), addr(c.dst))
 		if drop != (c.counter != "") || got != c.counter {
-			t.Errorf("%s → %s: drop %v by %q, want %q", c.src, c.dst, drop, got, c.counter)
+			t.Errorf("%s %s → %s: drop %v by %q, want %q", c.iif, c.src, c.dst, drop, got, c.counter)
 		}
 	}
 }
@@ -119,11 +133,11 @@ func TestNewPlanRefusesBadInput(t *testing.T) {
 	}
 }
 
-// A key names the hook, direction, network and range: a network re-created with another
-// range is another rule.
+// A key names what the rule matches: a network re-created with another range or bridge is
+// another rule.
 func TestRuleKey(t *testing.T) {
-	r := Rule{Hook: HookInput, Network: "media", Subnet: mediaNet.Subnet, Direction: Ingress}
-	if r.Key() != "weft-isolate input ingress media 10.50.0.0/16" || r.Counter() != "isolate_media_ingress" {
-		t.Fatalf("key %q counter %q", r.Key(), r.Counter())
+	r := Rule{Network: "media", Subnet: mediaNet.Subnet, Direction: Ingress}
+	if r.Key() != "weft-isolate ingress media 10.50.0.0/16" || r.Counter() != "isolate_media_ingress" || r.Chain() != IngressChain {
+		t.Fatalf("key %q counter %q chain %q", r.Key(), r.Counter(), r.Chain())
 	}
 }
