@@ -102,36 +102,38 @@ func (p *Peer) syncFilters(exact bool) error {
 	return nil
 }
 
-// knownNetworks are the networks of the cluster's table, and this peer's own configured
-// ones that the table does not hold yet (the default network, before the table arrives).
-// O(networks).
+// knownNetworks are the networks of the cluster's table, and this peer's configured default
+// network if the table does not hold it yet (before the table arrives). O(networks): it runs
+// on every datapath tick, so it reads no allocator state (whose Networks is O(addresses)).
 func (p *Peer) knownNetworks() []ipam.Network {
 	nets := p.cluster.Networks()
-	for _, ns := range p.alloc.Networks() {
-		if !slices.ContainsFunc(nets, func(n ipam.Network) bool { return n.Name == ns.Name }) {
-			nets = append(nets, ns.Network)
-		}
+	def := p.cfg.defaultNetwork()
+	if !slices.ContainsFunc(nets, func(n ipam.Network) bool { return n.Name == def.Name }) {
+		nets = append(nets, def)
 	}
 	return nets
 }
 
-// isolationNetworks is what isolation needs of the networks, sorted by name. Pure, O(N log N).
+// isolationNetworks is what isolation needs of the networks, with their bridges on this
+// host, sorted by name. Pure, O(N log N).
 func isolationNetworks(nets []ipam.Network) []isolate.Network {
 	out := make([]isolate.Network, 0, len(nets))
 	for _, n := range nets {
-		out = append(out, isolate.Network{Name: n.Name, Subnet: n.Subnet, Isolated: n.Isolated})
+		out = append(out, isolate.Network{Name: n.Name, Subnet: n.Subnet, Isolated: n.Isolated, Bridge: bridgeName(n.Name)})
 	}
 	slices.SortFunc(out, func(a, b isolate.Network) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
 // unionNetworks is now plus the networks of before that now does not name and whose range
-// overlaps none of now's (a network removed and its range reused meanwhile: now wins).
+// and bridge are none of now's (a network removed and its range reused meanwhile: now wins).
 // Sorted by name. Pure, O(N²) in networks (at most ipam.MaxNetworks).
 func unionNetworks(before, now []isolate.Network) []isolate.Network {
 	out := slices.Clone(now)
 	for _, b := range before {
-		if slices.ContainsFunc(out, func(n isolate.Network) bool { return n.Name == b.Name || n.Subnet.Overlaps(b.Subnet) }) {
+		if slices.ContainsFunc(out, func(n isolate.Network) bool {
+			return n.Name == b.Name || n.Subnet.Overlaps(b.Subnet) || n.Bridge == b.Bridge
+		}) {
 			continue
 		}
 		out = append(out, b)
@@ -144,7 +146,7 @@ func unionNetworks(before, now []isolate.Network) []isolate.Network {
 func guardBridges(nets []isolate.Network) []string {
 	out := make([]string, 0, len(nets))
 	for _, n := range nets {
-		out = append(out, bridgeName(n.Name))
+		out = append(out, n.Bridge)
 	}
 	slices.Sort(out)
 	return slices.Compact(out)

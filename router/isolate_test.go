@@ -23,8 +23,8 @@ func TestIsolationNetworks(t *testing.T) {
 		{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16"), BlockBits: 26},
 	})
 	want := []isolate.Network{
-		{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16")},
-		{Name: "media", Subnet: netip.MustParsePrefix("10.50.0.0/16"), Isolated: true},
+		{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16"), Bridge: "weft"},
+		{Name: "media", Subnet: netip.MustParsePrefix("10.50.0.0/16"), Isolated: true, Bridge: "weft-media"},
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("%v, want %v", got, want)
@@ -38,7 +38,7 @@ func TestIsolationNetworks(t *testing.T) {
 // table it knows now says otherwise (the same name, or a range reused).
 func TestUnionNetworks(t *testing.T) {
 	n := func(name, subnet string, isolated bool) isolate.Network {
-		return isolate.Network{Name: name, Subnet: netip.MustParsePrefix(subnet), Isolated: isolated}
+		return isolate.Network{Name: name, Subnet: netip.MustParsePrefix(subnet), Isolated: isolated, Bridge: bridgeName(name)}
 	}
 	before := []isolate.Network{n("control", "10.60.0.0/16", true), n("default", "10.40.0.0/16", false),
 		n("media", "10.50.0.0/16", true), n("old", "10.70.0.0/16", true)}
@@ -57,7 +57,7 @@ func TestUnionNetworks(t *testing.T) {
 	}
 }
 
-// isolationKeys are the rule keys of the isolator's forward chain in the current namespace.
+// isolationKeys are the rule keys of the isolator's egress chain in the current namespace.
 func isolationKeys(t *testing.T) []string {
 	t.Helper()
 	c, err := nftables.New()
@@ -65,7 +65,7 @@ func isolationKeys(t *testing.T) []string {
 		t.Fatal(err)
 	}
 	tbl := &nftables.Table{Family: nftables.TableFamilyINet, Name: isolate.TableName}
-	ch, err := c.ListChain(tbl, isolate.ForwardChain)
+	ch, err := c.ListChain(tbl, isolate.EgressChain)
 	if err != nil {
 		return nil // no chain: nothing isolated
 	}
