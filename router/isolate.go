@@ -28,15 +28,15 @@ type filters struct {
 	bridges  []string          // the bridges the guard was last set with
 	saved    []isolate.Network // what was applied before this start (database); nil once exact
 	applied  []isolate.Network // what the isolator holds; nil before the first apply
-	failed   []isolate.Network // the last input the isolator refused
+	failed   []isolate.Network // the last input the guard or the isolator refused
 	failedAt time.Time         // when; the same input is retried after filterRetry
 }
 
-// filterRetry is how long a refused isolation input is not retried: the error is logged and
-// counted once per change of input (or per retry), not once per datapath tick.
+// filterRetry is how long a refused input is not retried: the error is logged and counted
+// once per change of input (or per retry), not once per datapath tick.
 const filterRetry = 30 * time.Second
 
-// bucketDatapath key of the last isolation applied.
+// keyIsolation is the key, in bucketDatapath, of the last isolation applied.
 var keyIsolation = []byte("isolation")
 
 // startIsolation builds the isolator and applies, before the control API serves any ADD,
@@ -79,23 +79,28 @@ func (p *Peer) syncFilters(exact bool) error {
 	} else {
 		want = unionNetworks(f.saved, want)
 	}
-	if bridges := guardBridges(want); !slices.Equal(bridges, f.bridges) {
-		if err := f.guard.Set(p.guardConfig(f.advertise, bridges)); err != nil {
-			return err
-		}
-		f.bridges = bridges
-	}
-	if f.applied != nil && slices.Equal(want, f.applied) {
+	bridges := guardBridges(want)
+	if slices.Equal(bridges, f.bridges) && f.applied != nil && slices.Equal(want, f.applied) {
 		return nil
 	}
 	if f.failed != nil && slices.Equal(want, f.failed) && time.Since(f.failedAt) < filterRetry {
 		return nil
 	}
-	if err := f.iso.Set(want); err != nil {
-		f.failed, f.failedAt = want, time.Now()
-		return err
+	if !slices.Equal(bridges, f.bridges) {
+		if err := f.guard.Set(p.guardConfig(f.advertise, bridges)); err != nil {
+			f.failed, f.failedAt = want, time.Now()
+			return err
+		}
+		f.bridges = bridges
 	}
-	f.applied, f.failed = want, nil
+	if f.applied == nil || !slices.Equal(want, f.applied) {
+		if err := f.iso.Set(want); err != nil {
+			f.failed, f.failedAt = want, time.Now()
+			return err
+		}
+		f.applied = want
+	}
+	f.failed = nil
 	if err := saveIsolation(p.db, want); err != nil {
 		p.log.Warn("could not save the isolation state", "err", err)
 	}
