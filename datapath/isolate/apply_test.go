@@ -51,23 +51,31 @@ func (l *testLab) run(n *nslab.NS, name string, args ...string) {
 	}
 }
 
-func (l *testLab) addBridge(n kernelNet) {
+func (l *testLab) addBridge(n kernelNet) { l.addBridgeIn(l.router, n) }
+
+// addBridgeIn makes n's bridge, holding its gateway, in the namespace of host.
+func (l *testLab) addBridgeIn(host *nslab.NS, n kernelNet) {
 	l.t.Helper()
-	l.run(l.router, "ip", "link", "add", n.Bridge, "type", "bridge")
-	l.run(l.router, "ip", "addr", "add", netip.PrefixFrom(n.gw, n.Subnet.Bits()).String(), "dev", n.Bridge)
-	l.run(l.router, "ip", "link", "set", n.Bridge, "up")
+	l.run(host, "ip", "link", "add", n.Bridge, "type", "bridge")
+	l.run(host, "ip", "addr", "add", netip.PrefixFrom(n.gw, n.Subnet.Bits()).String(), "dev", n.Bridge)
+	l.run(host, "ip", "link", "set", n.Bridge, "up")
 }
 
 // addContainer makes a container namespace on n's bridge with address a.
 func (l *testLab) addContainer(suffix string, n kernelNet, a netip.Addr) *nslab.NS {
+	return l.addContainerIn(l.router, suffix, n, a)
+}
+
+// addContainerIn makes a container namespace on n's bridge in host with address a.
+func (l *testLab) addContainerIn(host *nslab.NS, suffix string, n kernelNet, a netip.Addr) *nslab.NS {
 	l.t.Helper()
 	c, err := l.lab.NewNS(suffix)
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	host := "v" + suffix
-	l.run(l.router, "ip", "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", c.Name)
-	l.run(l.router, "ip", "link", "set", host, "master", n.Bridge, "up")
+	hostIf := "v" + suffix
+	l.run(host, "ip", "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", c.Name)
+	l.run(host, "ip", "link", "set", hostIf, "master", n.Bridge, "up")
 	l.run(c, "ip", "addr", "add", netip.PrefixFrom(a, n.Subnet.Bits()).String(), "dev", "eth0")
 	l.run(c, "ip", "link", "set", "eth0", "up")
 	l.run(c, "ip", "route", "add", "default", "via", n.gw.String())
@@ -364,6 +372,53 @@ func seriesOf(t *testing.T, reg *prometheus.Registry, name string) int {
 		}
 	}
 	return 0
+}
+
+// Across hosts the receiving host enforces the isolation alone: a container on default on
+// host 0, which isolates nothing, cannot reach a container on an isolated network on host
+// 1, nor the reverse; host 1 counts both. (The underlay routes stand in for weft's
+// overlay: the packets arrive on the underlay interface, not on a bridge.)
+func TestIsolationAcrossHosts(t *testing.T) {
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wix%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
+	l := &testLab{t: t, lab: lab}
+	h0, h1 := lab.Hosts[0], lab.Hosts[1]
+	c0, err := h0.AddContainer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	media := kernelNet{Network: mediaNet, gw: addr("10.50.0.1")}
+	l.addBridgeIn(h1.NS, media)
+	m1 := l.addContainerIn(h1.NS, "m1", media, addr("10.50.1.2"))
+	l.run(h0.NS, "ip", "route", "add", media.Subnet.String(), "via", h1.Underlay.Addr().String())
+	l.run(h1.NS, "ip", "route", "add", h0.Block.String(), "via", h0.Underlay.Addr().String())
+	l.mustPing(c0.NS, addr("10.50.1.2"))
+
+	iso, err := New(Deps{NetNSFd: int(h1.Fd())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { iso.Remove() })
+	def := defNet // the lab's bridge "weft" holds 10.40.0.1/16
+	if err := iso.Set([]Network{def, media.Network}); err != nil {
+		t.Fatal(err)
+	}
+	l.mustNotPing(c0.NS, addr("10.50.1.2"))
+	l.mustNotPing(m1, c0.Addr.Addr())
+	d, err := iso.Dropped()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d[Drop{"media", Ingress}] == 0 || d[Drop{"media", Egress}] == 0 {
+		t.Fatalf("drops across hosts not counted: %v", d)
+	}
+	// A non-isolated media is a routed range again.
+	open := media.Network
+	open.Isolated = false
+	if err := iso.Set([]Network{def, open}); err != nil {
+		t.Fatal(err)
+	}
+	l.mustPing(c0.NS, addr("10.50.1.2"))
+	l.mustPing(m1, c0.Addr.Addr())
 }
 
 // The set of ranges reads back as it was written, adjacent ranges merged.
