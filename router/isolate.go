@@ -32,6 +32,13 @@ type filters struct {
 	failedAt time.Time         // when; the same input is retried after filterRetry
 }
 
+// guardedBridges are the bridges the guard was last set with.
+func (f *filters) guardedBridges() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.bridges)
+}
+
 // filterRetry is how long a refused input is not retried: the error is logged and counted
 // once per change of input (or per retry), not once per datapath tick.
 const filterRetry = 30 * time.Second
