@@ -12,6 +12,7 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
@@ -64,8 +65,30 @@ func New(deps Deps) (*Isolator, error) {
 	return iso, nil
 }
 
+// ackBuffer is the receive buffer of the isolator's netlink socket. The kernel acknowledges
+// every message of a transaction before the first ack is read, and a change among 64
+// networks is a few hundred messages: more than the default buffer (rmem_default, 208 KiB)
+// holds, which fails the transaction with ENOBUFS. nft sizes its buffer the same way.
+const ackBuffer = 8 << 20
+
+// bigAckBuffer sets ackBuffer with SO_RCVBUFFORCE (weft runs with CAP_NET_ADMIN), falling
+// back to SO_RCVBUF, which the kernel caps at rmem_max.
+func bigAckBuffer(c *netlink.Conn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return c.SetReadBuffer(ackBuffer)
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, ackBuffer)
+	}); err != nil || serr != nil {
+		return c.SetReadBuffer(ackBuffer)
+	}
+	return nil
+}
+
 func (iso *Isolator) conn() (*nftables.Conn, error) {
-	var opts []nftables.ConnOption
+	opts := []nftables.ConnOption{nftables.WithSockOptions(bigAckBuffer)}
 	if iso.netns != 0 {
 		opts = append(opts, nftables.WithNetNSFd(iso.netns))
 	}

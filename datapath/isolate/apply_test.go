@@ -434,3 +434,68 @@ func TestIntervalsRoundTrip(t *testing.T) {
 		t.Fatalf("intervals %v, want %v", got, p.Ranges)
 	}
 }
+
+// benchNets are n networks of /16 from 10.64.0.0 on, every other one isolated.
+func benchNets(n int) []Network {
+	var out []Network
+	for i := range n {
+		out = append(out, Network{Name: fmt.Sprintf("n%d", i), Subnet: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(64 + i), 0, 0}), 16),
+			Isolated: i%2 == 0, Bridge: fmt.Sprintf("weft-n%d", i)})
+	}
+	return out
+}
+
+// BenchmarkSetOneChange is the cost of one network appearing among 64 (ipam's maximum):
+// one transaction adding its rules, the others untouched.
+func BenchmarkSetOneChange(b *testing.B) {
+	lab := nslab.NewTest(b, nslab.Config{Prefix: fmt.Sprintf("wib%d-", os.Getpid()%10000), NoIPv6: true})
+	r, err := lab.NewNS("r")
+	if err != nil {
+		b.Fatal(err)
+	}
+	iso, err := New(Deps{NetNSFd: int(r.Fd())})
+	if err != nil {
+		b.Fatal(err)
+	}
+	all := benchNets(64)
+	if err := iso.Set(all[:63]); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		nets := all[:63+(i+1)%2] // 64, 63, 64, …: n62 (isolated) comes and goes
+		if err := iso.Set(nets); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// ipam's largest cluster (64 networks, half of them isolated) applies in one transaction:
+// its few hundred acknowledgements overflow a default netlink buffer (ENOBUFS).
+func TestSixtyFourNetworks(t *testing.T) {
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wiq%d-", os.Getpid()%10000), NoIPv6: true})
+	r, err := lab.NewNS("r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	iso, err := New(Deps{NetNSFd: int(r.Fd())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nets := benchNets(64)
+	for range 2 {
+		if err := iso.Set(nets); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if v := counterValue(t, iso.applies.WithLabelValues(resultChanged)); v != 1 {
+		t.Fatalf("applies changed %v, want 1", v)
+	}
+	conn, err := nftables.New(nftables.WithNetNSFd(int(r.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(handles(t, conn)); n != 6+64+2*32 {
+		t.Fatalf("%d rules, want %d", n, 6+64+2*32)
+	}
+}
