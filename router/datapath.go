@@ -233,6 +233,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			targetDirty, dirty, why = true, true, cmp.Or(why, "relays") // relays are probed at the full rate
 		}
 		cst := p.cluster.Status()
+		p.syncFilters(live) // the networks' guard and isolation (router/isolate.go); errors are logged there
 		if !slices.EqualFunc(cst.Blocks, blocks, sameBlock) {
 			blocks, dirty, why = cst.Blocks, true, cmp.Or(why, "blocks")
 		}

@@ -12,33 +12,37 @@ import (
 )
 
 // startGuard closes this peer's own ports to its containers on the bridge of every network
-// (datapath/guard), after ensureKernel made the bridges. The guard stays when the peer
-// stops: a restarted peer re-applies the same rules (a no-op), and its ports are never open
-// to containers in between. A host where the guard cannot be applied does not start: the
-// control plane would be open to every container.
+// it knows (datapath/guard), after ensureKernel made the bridges, then isolates the networks
+// from each other (startIsolation); syncFilters keeps both in step with the cluster's
+// networks from then on. The guard stays when the peer stops: a restarted peer re-applies
+// the same rules (a no-op), and its ports are never open to containers in between. A host
+// where the guard cannot be applied does not start: the control plane would be open to
+// every container.
 func (p *Peer) startGuard(advertise netip.Addr) error {
 	g, err := guard.New(guard.Deps{Logger: p.log.With("component", "guard"), Registry: p.reg})
 	if err != nil {
 		return err
 	}
-	if err := g.Set(p.guardConfig(advertise)); err != nil {
+	bridges := guardBridges(isolationNetworks(p.knownNetworks()))
+	if err := g.Set(p.guardConfig(advertise, bridges)); err != nil {
 		return fmt.Errorf("close the control ports to containers: %w", err)
+	}
+	p.filters = &filters{guard: g, advertise: advertise, bridges: bridges}
+	if err := p.startIsolation(); err != nil {
+		return fmt.Errorf("isolate the networks from each other: %w", err)
 	}
 	return nil
 }
 
-// guardConfig is the guard's desired state: the bridge of every network, every port this
+// guardConfig is the guard's desired state: the bridges of the networks, every port this
 // peer listens on for other peers or operators (the same on every peer), and the underlay
 // subnet of advertise, where the other peers listen on them. O(networks + ports).
-func (p *Peer) guardConfig(advertise netip.Addr) guard.Config {
-	cfg := guard.Config{DNSPort: uint16(p.cfg.DNSPort)}
+func (p *Peer) guardConfig(advertise netip.Addr, bridges []string) guard.Config {
+	cfg := guard.Config{DNSPort: uint16(p.cfg.DNSPort), Bridges: bridges}
 	if u, _, err := datapath.UnderlayPrefix(advertise); err == nil {
 		cfg.Underlay = append(cfg.Underlay, u.Masked())
 	} else {
 		p.log.Warn("container guard: underlay subnet unknown; other peers' ports are guarded only where the host's are", "advertise", advertise, "err", err)
-	}
-	for _, n := range p.alloc.Networks() {
-		cfg.Bridges = append(cfg.Bridges, bridgeName(n.Name))
 	}
 	port := func(kind string, proto guard.Proto, n int) {
 		if n > 0 && n <= 65535 {

@@ -15,7 +15,7 @@ import (
 func TestPeerGuardsItsPorts(t *testing.T) {
 	dir := t.TempDir()
 	p := startPeer(t, dir)
-	cfg := p.guardConfig(p.cfg.AdvertiseAddr)
+	cfg := p.guardConfig(p.cfg.AdvertiseAddr, p.filters.guardedBridges())
 	if len(cfg.Underlay) != 1 || !cfg.Underlay[0].Contains(p.cfg.AdvertiseAddr) {
 		t.Fatalf("guarded underlay %v does not hold the advertise address %v", cfg.Underlay, p.cfg.AdvertiseAddr)
 	}

@@ -44,6 +44,7 @@ type Peer struct {
 	usage     *ipam.UsageTable
 	identity  *identity.Identity // signs what this peer owns in gossip: links, coordinates, names, usage
 	links     *links
+	filters   *filters // nftables: the guard and the isolation between networks (router/isolate.go)
 	paths     *paths
 	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
 	dnsRep    *dns.Replicator
