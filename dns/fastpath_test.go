@@ -16,7 +16,15 @@ import (
 // udpWriter would send them.
 type byteWriter struct {
 	recorder
-	out [][]byte
+	out  [][]byte
+	from netip.Addr // the query's source; invalid: the recorder's
+}
+
+func (w *byteWriter) RemoteAddr() net.Addr {
+	if w.from.IsValid() {
+		return net.UDPAddrFromAddrPort(netip.AddrPortFrom(w.from, 40000))
+	}
+	return w.recorder.RemoteAddr()
 }
 
 func (w *byteWriter) WriteMsg(m *mdns.Msg) error {
@@ -52,13 +60,20 @@ func fastRecords(t testing.TB) *Records {
 // reports whether the fast path answered.
 func compareFastPath(t testing.TB, s *Server, c *answerCache, b []byte) bool {
 	t.Helper()
+	return compareFastPathFrom(t, s, c, b, netip.Addr{})
+}
+
+// compareFastPathFrom is compareFastPath for a query from the address from
+// (invalid: the recorder's, 127.0.0.2).
+func compareFastPathFrom(t testing.TB, s *Server, c *answerCache, b []byte, from netip.Addr) bool {
+	t.Helper()
+	w := &byteWriter{from: from}
 	rr := s.zone.rr.Load()
-	fast, qtype, rcode, ok := s.zone.fastAnswer(c, b, nil, make([]byte, 0, 256))
+	fast, qtype, rcode, ok := s.zone.fastAnswer(c, b, nil, make([]byte, 0, 256), remoteAddr(w))
 	if !ok {
 		return false
 	}
 	s.zone.rr.Store(rr)
-	w := &byteWriter{}
 	s.serveSlow(b, w)
 	if len(w.out) != 1 {
 		t.Fatalf("full path wrote %d answers to %x, fast path answered", len(w.out), b)
@@ -237,7 +252,7 @@ func TestFastPathFollowsRecords(t *testing.T) {
 	ask := func(name string) *mdns.Msg {
 		t.Helper()
 		b, _ := query(name, mdns.TypeA).Pack()
-		out, _, _, ok := s.zone.fastAnswer(c, b, nil, nil)
+		out, _, _, ok := s.zone.fastAnswer(c, b, nil, nil, netip.Addr{})
 		if !ok {
 			t.Fatalf("%s: not on the fast path", name)
 		}
@@ -334,9 +349,10 @@ func BenchmarkFastPathA(b *testing.B) {
 	s := newTestServer(b, recs, nil, Deps{})
 	q, _ := query("web.weft.local.", mdns.TypeA).Pack()
 	c, out, scratch := newAnswerCache(), make([]byte, 0, 512), make([]byte, 0, 256)
+	from := mustAddr(b, "127.0.0.2") // in no network: the order of before networks
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, _, rc, ok := s.zone.fastAnswer(c, q, out, scratch); !ok || rc != mdns.RcodeSuccess {
+		if _, _, rc, ok := s.zone.fastAnswer(c, q, out, scratch, from); !ok || rc != mdns.RcodeSuccess {
 			b.Fatal(rc, ok)
 		}
 		s.m.query(typeIndex(mdns.TypeA), mdns.RcodeSuccess).Inc()

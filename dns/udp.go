@@ -102,7 +102,7 @@ func (u *udpServer) serve() {
 		if u.pktinfo {
 			src = replySource(oob[:oobn])
 		}
-		resp, qtype, rcode, ok := u.fast(cache, buf[:n], out[:0], scratch)
+		resp, qtype, rcode, ok := u.fast(cache, buf[:n], out[:0], scratch, from.Addr().Unmap())
 		if ok {
 			_, _, _ = u.conn.WriteMsgUDPAddrPort(resp, src, from)
 			u.s.m.query(typeIndex(qtype), rcode).Inc()
@@ -259,7 +259,7 @@ func (p *slowPool) wait() { p.wg.Wait() }
 
 // fast runs the fast path; a panic in it (a bug) is logged and counted, and
 // the query goes to the full path, which answers SERVFAIL if it panics too.
-func (u *udpServer) fast(c *answerCache, b, out, scratch []byte) (resp []byte, qtype uint16, rcode int, ok bool) {
+func (u *udpServer) fast(c *answerCache, b, out, scratch []byte, from netip.Addr) (resp []byte, qtype uint16, rcode int, ok bool) {
 	defer func() {
 		if p := recover(); p != nil {
 			u.s.m.panics.Inc()
@@ -267,7 +267,7 @@ func (u *udpServer) fast(c *answerCache, b, out, scratch []byte) (resp []byte, q
 			ok = false
 		}
 	}()
-	return u.s.zone.fastAnswer(c, b, out, scratch)
+	return u.s.zone.fastAnswer(c, b, out, scratch, from)
 }
 
 // serveSlow handles one UDP query as miekg's server does (its serveDNS):
