@@ -51,8 +51,22 @@ func fastRecords(t testing.TB) *Records {
 	recs.AddAddr("mixed-1_x", mustAddr(t, "fd00::41"))
 	d, _ := c.AddAddr("mixed-1_x", mustAddr(t, "fd00::42"))
 	recs.Merge(d)
+	// One name on two networks (see fastNetworks).
+	recs.AddAddr("multi", mustAddr(t, "10.40.5.1"))
+	recs.AddAddr("multi", mustAddr(t, "10.50.5.1"))
+	d, _ = c.AddAddr("multi", mustAddr(t, "10.50.5.2"))
+	recs.Merge(d)
 	return recs
 }
+
+// fastNetworks are the networks of the fuzzed server: those of newTestServer and media.
+func fastNetworks(c *Config) {
+	c.Networks = append(c.Networks, NetworkRange{"media", netip.MustParsePrefix("10.50.0.0/16")})
+}
+
+// fastSources are the askers the fuzzer picks from: none, one per network, one in none.
+var fastSources = []netip.Addr{{}, netip.MustParseAddr("10.40.9.9"), netip.MustParseAddr("10.50.9.9"),
+	netip.MustParseAddr("fd00::9"), netip.MustParseAddr("192.0.2.1")}
 
 // compareFastPath runs b through the fast path and, when it answers,
 // through the full path (as a UDP query), with the round-robin counter at
@@ -103,7 +117,9 @@ func fastSeeds(t testing.TB) [][]byte {
 	for _, name := range []string{"web.weft.local.", "WeB.WEFT.local.", "many.weft.local.", "mixed-1_x.weft.local.",
 		"db.weft.local.", "v6only.weft.local.", "srvonly.weft.local.", "nope.weft.local.", "a.b.weft.local.",
 		"weft.local.", "_http._tcp.web.weft.local.", "web.weft.local.example.", "x.y.z.example.com.",
-		"w\\.eb.weft.local.", "web\\032.weft.local."} {
+		"w\\.eb.weft.local.", "web\\032.weft.local.", "multi.weft.local.", "multi.media.weft.local.",
+		"many.default.weft.local.", "media.weft.local.", "mixed-1_x.six.weft.local.", "nope.media.weft.local.",
+		"web.nosuch.weft.local."} {
 		for _, qt := range []uint16{mdns.TypeA, mdns.TypeAAAA, mdns.TypeANY, mdns.TypeMX} {
 			q := query(name, qt)
 			add(q)
@@ -147,7 +163,7 @@ func FuzzFastPath(f *testing.F) {
 	}
 	f.Add([]byte{}, false)
 	f.Add(make([]byte, 12), false)
-	s := newTestServer(f, fastRecords(f), nil, Deps{})
+	s := newTestServer(f, fastRecords(f), fastNetworks, Deps{})
 	s.zone.next = refuseAll{}
 	near := NearestFunc(func(peer string) (time.Duration, bool) {
 		switch peer {
@@ -167,7 +183,7 @@ func FuzzFastPath(f *testing.F) {
 			s.SetNearest(near)
 			defer s.SetNearest(nil)
 		}
-		if compareFastPath(t, s, c, b) {
+		if compareFastPathFrom(t, s, c, b, fastSources[len(b)%len(fastSources)]) {
 			return
 		}
 		// The full path, as the UDP reader runs it: never a panic, at
@@ -233,13 +249,13 @@ func TestFastPathTakesCommonQueries(t *testing.T) {
 }
 
 func TestFastPathSeeds(t *testing.T) {
-	s := newTestServer(t, fastRecords(t), nil, Deps{})
+	s := newTestServer(t, fastRecords(t), fastNetworks, Deps{})
 	s.zone.next = refuseAll{}
 	c := newAnswerCache()
 	s.SetNearest(func(peer string) (time.Duration, bool) { return time.Duration(len(peer)), peer != "b" })
 	for _, b := range fastSeeds(t) {
-		for range 3 { // rotations
-			compareFastPath(t, s, c, b)
+		for i := range 3 * len(fastSources) { // rotations, askers
+			compareFastPathFrom(t, s, c, b, fastSources[i%len(fastSources)])
 		}
 	}
 }
