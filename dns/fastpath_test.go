@@ -423,3 +423,29 @@ func BenchmarkUDPLoopback(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkFastPathANetworks is BenchmarkFastPathA with three networks and the
+// name on two of them, asked from one: the asker's network first.
+func BenchmarkFastPathANetworks(b *testing.B) {
+	recs := newTestRecords(b, "a", nil)
+	for i := range 1000 {
+		recs.AddAddr(fmt.Sprintf("svc%d", i), netip.AddrFrom4([4]byte{10, 40, byte(i / 250), byte(i%250 + 1)}))
+	}
+	for i := range 4 {
+		recs.AddAddr("web", netip.AddrFrom4([4]byte{10, byte(40 + 10*(i%2)), 0, byte(i + 1)}))
+	}
+	s := newTestServer(b, recs, func(c *Config) {
+		c.Networks = []NetworkRange{{"default", netip.MustParsePrefix("10.40.0.0/16")},
+			{"media", netip.MustParsePrefix("10.50.0.0/16")}, {"control", netip.MustParsePrefix("10.60.0.0/16")}}
+	}, Deps{})
+	q, _ := query("web.weft.local.", mdns.TypeA).Pack()
+	c, out, scratch := newAnswerCache(), make([]byte, 0, 512), make([]byte, 0, 256)
+	from := mustAddr(b, "10.50.3.3")
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, rc, ok := s.zone.fastAnswer(c, q, out, scratch, from); !ok || rc != mdns.RcodeSuccess {
+			b.Fatal(rc, ok)
+		}
+		s.m.query(typeIndex(mdns.TypeA), mdns.RcodeSuccess).Inc()
+	}
+}

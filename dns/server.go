@@ -611,6 +611,21 @@ type recordingWriter struct {
 	rcode int // -1 until written
 }
 
+// RemoteAddrPort passes on the source address (addrPorter), without an
+// allocation when the writer underneath is an addrPorter.
+func (w *recordingWriter) RemoteAddrPort() netip.AddrPort {
+	if ap, ok := w.ResponseWriter.(addrPorter); ok {
+		return ap.RemoteAddrPort()
+	}
+	switch a := w.ResponseWriter.RemoteAddr().(type) {
+	case *net.UDPAddr:
+		return a.AddrPort()
+	case *net.TCPAddr:
+		return a.AddrPort()
+	}
+	return netip.AddrPort{}
+}
+
 func (w *recordingWriter) WriteMsg(m *mdns.Msg) error {
 	w.rcode = m.Rcode
 	return w.ResponseWriter.WriteMsg(m)

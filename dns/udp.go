@@ -337,10 +337,13 @@ func (w *udpWriter) Write(b []byte) (int, error) {
 
 func (w *udpWriter) LocalAddr() net.Addr  { return w.conn.LocalAddr() }
 func (w *udpWriter) RemoteAddr() net.Addr { return net.UDPAddrFromAddrPort(w.remote) }
-func (w *udpWriter) Close() error         { return nil }
-func (w *udpWriter) TsigStatus() error    { return nil }
-func (w *udpWriter) TsigTimersOnly(bool)  {}
-func (w *udpWriter) Hijack()              {}
+
+// RemoteAddrPort is RemoteAddr without the allocation (addrPorter).
+func (w *udpWriter) RemoteAddrPort() netip.AddrPort { return w.remote }
+func (w *udpWriter) Close() error                   { return nil }
+func (w *udpWriter) TsigStatus() error              { return nil }
+func (w *udpWriter) TsigTimersOnly(bool)            {}
+func (w *udpWriter) Hijack()                        {}
 
 // replySource returns the control message that sends an answer from the
 // destination address of the query whose control messages are oob (as

@@ -45,7 +45,7 @@ func (z *zone) ServeDNS(ctx context.Context, w mdns.ResponseWriter, r *mdns.Msg)
 		if strings.HasPrefix(rel, "_") {
 			return z.srv(w, r, rel)
 		}
-		return z.names(w, r, rel, remoteAddr(w))
+		return z.names(w, r, rel)
 	case strings.HasSuffix(name, ".in-addr.arpa.") || strings.HasSuffix(name, ".ip6.arpa."):
 		if addr, ok := parseReverse(name); ok {
 			if rc, handled := z.ptr(w, r, addr); handled {
@@ -101,14 +101,14 @@ func (z *zone) apex(w mdns.ResponseWriter, r *mdns.Msg) (int, error) {
 }
 
 // names answers A, AAAA (and ANY) for a container name, or a container
-// name on one network (networks.go), asked from the address from.
-func (z *zone) names(w mdns.ResponseWriter, r *mdns.Msg, rel string, from netip.Addr) (int, error) {
+// name on one network (networks.go).
+func (z *zone) names(w mdns.ResponseWriter, r *mdns.Msg, rel string) (int, error) {
 	nt := z.nets.Load()
 	targets, known := z.resolve(nt, rel)
 	if !known {
 		return z.negative(w, r, mdns.RcodeNameError, z.domain)
 	}
-	answer := z.addrRRs(r.Question[0].Name, r.Question[0].Qtype, targets, nt, nt.of(from))
+	answer := z.addrRRs(r.Question[0].Name, r.Question[0].Qtype, targets, nt, askerOf(w, nt, len(targets)))
 	if len(answer) == 0 {
 		return z.negative(w, r, mdns.RcodeSuccess, z.domain)
 	}
@@ -216,7 +216,7 @@ func (z *zone) srv(w mdns.ResponseWriter, r *mdns.Msg, rel string) (int, error) 
 	answer = slices.CompactFunc(answer, func(a, b mdns.RR) bool { return a.(*mdns.SRV).Port == b.(*mdns.SRV).Port })
 	targets, _ := z.records.LookupName(name)
 	nt := z.nets.Load()
-	extra := z.addrRRs(target, mdns.TypeANY, targets, nt, nt.of(remoteAddr(w)))
+	extra := z.addrRRs(target, mdns.TypeANY, targets, nt, askerOf(w, nt, len(targets)))
 	return z.answer(w, r, answer, extra)
 }
 
@@ -318,9 +318,25 @@ func reverseZone(p netip.Prefix) string {
 	return mdns.Fqdn(strings.Join(labels[len(labels)-suffix-keep:], "."))
 }
 
+// askerOf is the network (an index of nt, -1: none) of the query written
+// to w, looked up only when there is an order to choose (n targets).
+func askerOf(w mdns.ResponseWriter, nt *netTable, n int) int {
+	if n < 2 || len(nt.list) == 0 {
+		return -1
+	}
+	return nt.of(remoteAddr(w))
+}
+
+// addrPorter is a ResponseWriter that gives the source address without
+// allocating (udpWriter, and recordingWriter around one).
+type addrPorter interface{ RemoteAddrPort() netip.AddrPort }
+
 // remoteAddr is the source address of the query written to w, invalid when
 // w does not say.
 func remoteAddr(w mdns.ResponseWriter) netip.Addr {
+	if ap, ok := w.(addrPorter); ok {
+		return ap.RemoteAddrPort().Addr().Unmap()
+	}
 	switch a := w.RemoteAddr().(type) {
 	case *net.UDPAddr:
 		return a.AddrPort().Addr().Unmap()
