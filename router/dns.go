@@ -72,7 +72,7 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 		return fmt.Errorf("dns: listen on %v: %w", cfg.Listen, err)
 	}
 	p.dnsServer = srv
-	p.dnsListen = &dnsListen{kick: make(chan struct{}, 1)}
+	p.dnsListen = newDNSListen(p.dnsNetworkList)
 	*stops = append(*stops, func() { srv.Close() })
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{}, 2)
@@ -97,8 +97,13 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 
 // dnsListen serialises syncDNS and carries the wake-ups of runDNSListen.
 type dnsListen struct {
-	mu   sync.Mutex    // held by syncDNS
-	kick chan struct{} // dnsNetworksChanged → runDNSListen; buffered 1, never blocks
+	mu       sync.Mutex            // held by syncDNS
+	kick     chan struct{}         // dnsNetworksChanged → runDNSListen; buffered 1, never blocks
+	networks func() []ipam.Network // the networks this peer knows: dnsNetworkList
+}
+
+func newDNSListen(networks func() []ipam.Network) *dnsListen {
+	return &dnsListen{kick: make(chan struct{}, 1), networks: networks}
 }
 
 // dnsNetworksChanged tells the DNS side that the cluster's networks changed. Never blocks.
@@ -157,7 +162,7 @@ func (p *Peer) syncDNS() {
 	}
 	p.dnsListen.mu.Lock()
 	defer p.dnsListen.mu.Unlock()
-	nets := p.dnsNetworkList()
+	nets := p.dnsListen.networks()
 	_ = p.dnsServer.SetNetworks(dnsRanges(nets)) // a refusal is logged and counted by dns
 	local, err := hostAddrs()
 	if err != nil {
