@@ -137,15 +137,22 @@ func (p *Peer) runDNSListen(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case _, ok := <-updates:
+		case u, ok := <-updates:
 			if !ok {
 				p.log.Warn("dns: address events stopped; listening follows network changes and attachments only")
 				updates = nil
 				continue
 			}
-			// Drain a burst (a bridge coming up reports several addresses) into one sync.
+			// Drain a burst (a bridge coming up reports several addresses) into one sync;
+			// only IPv4 matters (every new veth reports an IPv6 link-local address).
+			v4 := u.LinkAddress.IP.To4() != nil
 			for len(updates) > 0 {
-				<-updates
+				if u := <-updates; u.LinkAddress.IP.To4() != nil {
+					v4 = true
+				}
+			}
+			if !v4 {
+				continue
 			}
 		case <-p.dnsListen.kick:
 		}
