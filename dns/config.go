@@ -20,9 +20,11 @@ type Config struct {
 	Listen []string
 	// TTL of weft answers, and the negative TTL in their SOA (default 30s).
 	TTL time.Duration
-	// Networks are weft address ranges: reverse lookups inside them are
-	// answered from the records (NXDOMAIN when unknown), never forwarded.
-	Networks []netip.Prefix
+	// Networks are the weft networks, by name and range: NAME.NETWORK names
+	// and the asker's-network-first order come from them (networks.go), and
+	// reverse lookups inside them are answered from the records (NXDOMAIN
+	// when unknown), never forwarded. Server.SetNetworks replaces them.
+	Networks []NetworkRange
 
 	// Upstreams, host:port (port 53 if omitted); when empty, the nameservers
 	// of ResolvConf are used. Addresses this server listens on are skipped.
@@ -91,10 +93,8 @@ func (c *Config) Validate() error {
 	if c.TTL < time.Second || c.TTL > 24*time.Hour {
 		return fmt.Errorf("%w: ttl %v must be between 1s and 24h", ErrConfig, c.TTL)
 	}
-	for _, p := range c.Networks {
-		if !p.IsValid() {
-			return fmt.Errorf("%w: network %v", ErrConfig, p)
-		}
+	if _, err := newNetTable(c.Networks, 0); err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	for _, u := range c.Upstreams {
 		if _, err := upstreamAddr(u, "53"); err != nil {

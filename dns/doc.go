@@ -19,11 +19,18 @@
 // Server runs a CoreDNS-style handler chain, sanitize → weft zone → forward:
 //
 //   - name.<domain> (default weft.local.): A/AAAA of every container with
-//     that name, on every peer, rotated one step per query (round robin), and
-//     nearest peer first once SetNearest gives RTTs. Names are
-//     case-insensitive. Unknown name: NXDOMAIN; known name, other type:
-//     NOERROR with no data. Both carry the zone's SOA, whose minimum (the
-//     negative TTL) equals the TTL.
+//     that name, on every peer and every network, rotated one step per query
+//     (round robin), nearest peer first once SetNearest gives RTTs, and the
+//     addresses in the asker's own network (the one whose range holds the
+//     query's source) first. Names are case-insensitive. Unknown name:
+//     NXDOMAIN; known name, other type: NOERROR with no data. Both carry the
+//     zone's SOA, whose minimum (the negative TTL) equals the TTL.
+//   - name.network.<domain>: the addresses of name inside that network's
+//     range only (NOERROR with no data when it has none there); a
+//     registered name "name.network" wins; network.<domain> alone is an
+//     empty non-terminal (no data). The networks (name and range) come from
+//     Config.Networks and Server.SetNetworks; the network of an address is
+//     derived from them, never gossiped (networks.go).
 //   - _service._proto.name.<domain>: SRV records (priority 0, weight 10,
 //     target name.<domain>), with the target's addresses as additional data.
 //   - PTR for every weft address, under in-addr.arpa and ip6.arpa; reverse
@@ -53,7 +60,12 @@
 // answers are truncated with TC to 512 bytes, or to the client's EDNS0
 // buffer size capped at Config.UDPSize (1232), and are complete over TCP.
 //
+// Listeners: Config.Listen at Start; then SetListen converges to the
+// gateway addresses the router asks for (a network's bridge appearing on or
+// leaving the host), keeping the sockets it already has.
+//
 // Decisions: zone transfers are refused; empty non-terminals (such as
-// _tcp.name) answer NXDOMAIN; an upstream equal to one of the server's own
-// listen addresses is skipped (no forwarding loop).
+// _tcp.name) answer NXDOMAIN, except a network's name (see above); an
+// upstream equal to one of the server's own listen addresses is skipped (no
+// forwarding loop).
 package dns

@@ -2,6 +2,7 @@ package dns
 
 import (
 	"encoding/binary"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -104,12 +105,14 @@ func parseFastQuery(b []byte, name []byte) (q fastQuery, lname []byte, ok bool) 
 // the names asked. Each UDP socket's reader owns one: it is not safe for
 // concurrent use and needs no lock.
 type answerCache struct {
-	gen   uint64
-	valid bool
-	soa   []byte // the zone's SOA record, wire form, for negative answers
-	names map[string]*cachedName
-	// scratch, reused by order
+	gen    uint64 // of the records
+	netGen uint64 // of the network list (netTable.gen)
+	valid  bool
+	soa    []byte // the zone's SOA record, wire form, for negative answers
+	names  map[string]*cachedName
+	// scratch, reused by orderIdx
 	idx    []int
+	part   []int
 	ranked []rankedIdx
 }
 
@@ -126,6 +129,7 @@ type addrRRs struct {
 	stride int
 	rrs    []byte
 	peers  []string // owner of each record, for NearestFunc
+	nets   []int    // network of each record (an index of the netTable), -1 for none
 }
 
 func (a *addrRRs) len() int { return len(a.peers) }
@@ -141,12 +145,12 @@ func newAnswerCache() *answerCache {
 }
 
 // lookup returns what to answer for rel (lower case, no final dot), from the
-// cache when it holds the current generation.
-func (z *zone) lookup(c *answerCache, rel []byte) *cachedName {
+// cache when it holds the current generation of the records and nt.
+func (z *zone) lookup(c *answerCache, nt *netTable, rel []byte) *cachedName {
 	gen := z.records.Generation() // before the lookups: a change after it invalidates them
-	if !c.valid || gen != c.gen {
+	if !c.valid || gen != c.gen || nt.gen != c.netGen {
 		clear(c.names)
-		c.gen, c.valid = gen, true
+		c.gen, c.netGen, c.valid = gen, nt.gen, true
 		c.soa = c.soa[:0]
 		soa := z.soa(z.domain)
 		soa.Serial = uint32(gen)
@@ -161,7 +165,7 @@ func (z *zone) lookup(c *answerCache, rel []byte) *cachedName {
 	if len(c.names) >= maxFastAnswerNames {
 		clear(c.names)
 	}
-	targets, known := z.records.LookupName(string(rel))
+	targets, known := z.resolve(nt, string(rel))
 	cn := &cachedName{known: known, a: addrRRs{stride: 14}, aaaa: addrRRs{stride: 26}}
 	for _, t := range targets {
 		set, typ := &cn.a, mdns.TypeA
@@ -174,6 +178,7 @@ func (z *zone) lookup(c *answerCache, rel []byte) *cachedName {
 		set.rrs = binary.BigEndian.AppendUint16(set.rrs, uint16(t.Addr.BitLen()/8))
 		set.rrs = append(set.rrs, t.Addr.AsSlice()...)
 		set.peers = append(set.peers, t.Peer)
+		set.nets = append(set.nets, nt.of(t.Addr))
 	}
 	c.names[string(rel)] = cn
 	return cn
@@ -183,7 +188,10 @@ func (z *zone) lookup(c *answerCache, rel []byte) *cachedName {
 // answer to out. It returns the answer, the query's type and the rcode; ok
 // false means b must take the full path. It never panics, whatever b holds
 // (FuzzFastPath).
-func (z *zone) fastAnswer(c *answerCache, b, out, scratch []byte) (resp []byte, qtype uint16, rcode int, ok bool) {
+//
+// from is the query's source address: the asker's network's addresses are
+// answered first (networks.go).
+func (z *zone) fastAnswer(c *answerCache, b, out, scratch []byte, from netip.Addr) (resp []byte, qtype uint16, rcode int, ok bool) {
 	q, name, ok := parseFastQuery(b, scratch[:0])
 	if !ok {
 		return out, 0, 0, false
@@ -193,7 +201,8 @@ func (z *zone) fastAnswer(c *answerCache, b, out, scratch []byte) (resp []byte, 
 	if rel < 1 || name[rel] != '.' || string(name[rel+1:]) != z.domain || name[0] == '_' {
 		return out, 0, 0, false
 	}
-	cn := z.lookup(c, name[:rel])
+	nt := z.nets.Load()
+	cn := z.lookup(c, nt, name[:rel])
 	set := &cn.a
 	if q.qtype == mdns.TypeAAAA {
 		set = &cn.aaaa
@@ -232,7 +241,7 @@ func (z *zone) fastAnswer(c *answerCache, b, out, scratch []byte) (resp []byte, 
 	if n == 0 {
 		out = append(out, c.soa...)
 	} else {
-		for _, i := range z.orderIdx(c, set) {
+		for _, i := range z.orderIdx(c, set, nt, from) {
 			out = append(out, q.qname...)
 			out = append(out, set.rrs[i*set.stride:(i+1)*set.stride]...)
 		}
@@ -248,9 +257,11 @@ func (z *zone) fastAnswer(c *answerCache, b, out, scratch []byte) (resp []byte, 
 }
 
 // orderIdx returns the order in which to answer the records of set: the
-// same as zone.order, on indexes (rotated one step per query, then stably
-// nearest first when a NearestFunc is set).
-func (z *zone) orderIdx(c *answerCache, set *addrRRs) []int {
+// same as zone.order and askerFirst, on indexes (rotated one step per
+// query, then stably nearest first when a NearestFunc is set, then stably
+// those in the network of from first). No allocation once the scratch has
+// grown; O(records × log records + networks).
+func (z *zone) orderIdx(c *answerCache, set *addrRRs, nt *netTable, from netip.Addr) []int {
 	n := set.len()
 	k := 0
 	if n >= 2 {
@@ -263,11 +274,31 @@ func (z *zone) orderIdx(c *answerCache, set *addrRRs) []int {
 	if n < 2 {
 		return c.idx
 	}
-	fp := z.nearest.Load()
-	if fp == nil {
+	if fp := z.nearest.Load(); fp != nil {
+		z.nearestIdx(c, set, *fp)
+	}
+	if len(nt.list) == 0 {
 		return c.idx
 	}
-	nearest := *fp
+	if asker := nt.of(from); asker >= 0 {
+		c.part = c.part[:0]
+		for _, i := range c.idx {
+			if set.nets[i] == asker {
+				c.part = append(c.part, i)
+			}
+		}
+		for _, i := range c.idx {
+			if set.nets[i] != asker {
+				c.part = append(c.part, i)
+			}
+		}
+		c.idx, c.part = c.part, c.idx
+	}
+	return c.idx
+}
+
+// nearestIdx sorts c.idx stably nearest peer first.
+func (z *zone) nearestIdx(c *answerCache, set *addrRRs, nearest NearestFunc) {
 	c.ranked = c.ranked[:0]
 	for _, i := range c.idx {
 		rtt, ok := nearest(set.peers[i])
@@ -278,5 +309,4 @@ func (z *zone) orderIdx(c *answerCache, set *addrRRs) []int {
 	for _, r := range c.ranked {
 		c.idx = append(c.idx, r.i)
 	}
-	return c.idx
 }

@@ -16,7 +16,15 @@ import (
 // udpWriter would send them.
 type byteWriter struct {
 	recorder
-	out [][]byte
+	out  [][]byte
+	from netip.Addr // the query's source; invalid: the recorder's
+}
+
+func (w *byteWriter) RemoteAddr() net.Addr {
+	if w.from.IsValid() {
+		return net.UDPAddrFromAddrPort(netip.AddrPortFrom(w.from, 40000))
+	}
+	return w.recorder.RemoteAddr()
 }
 
 func (w *byteWriter) WriteMsg(m *mdns.Msg) error {
@@ -43,8 +51,22 @@ func fastRecords(t testing.TB) *Records {
 	recs.AddAddr("mixed-1_x", mustAddr(t, "fd00::41"))
 	d, _ := c.AddAddr("mixed-1_x", mustAddr(t, "fd00::42"))
 	recs.Merge(d)
+	// One name on two networks (see fastNetworks).
+	recs.AddAddr("multi", mustAddr(t, "10.40.5.1"))
+	recs.AddAddr("multi", mustAddr(t, "10.50.5.1"))
+	d, _ = c.AddAddr("multi", mustAddr(t, "10.50.5.2"))
+	recs.Merge(d)
 	return recs
 }
+
+// fastNetworks are the networks of the fuzzed server: those of newTestServer and media.
+func fastNetworks(c *Config) {
+	c.Networks = append(c.Networks, NetworkRange{"media", netip.MustParsePrefix("10.50.0.0/16")})
+}
+
+// fastSources are the askers the fuzzer picks from: none, one per network, one in none.
+var fastSources = []netip.Addr{{}, netip.MustParseAddr("10.40.9.9"), netip.MustParseAddr("10.50.9.9"),
+	netip.MustParseAddr("fd00::9"), netip.MustParseAddr("192.0.2.1")}
 
 // compareFastPath runs b through the fast path and, when it answers,
 // through the full path (as a UDP query), with the round-robin counter at
@@ -52,13 +74,20 @@ func fastRecords(t testing.TB) *Records {
 // reports whether the fast path answered.
 func compareFastPath(t testing.TB, s *Server, c *answerCache, b []byte) bool {
 	t.Helper()
+	return compareFastPathFrom(t, s, c, b, netip.Addr{})
+}
+
+// compareFastPathFrom is compareFastPath for a query from the address from
+// (invalid: the recorder's, 127.0.0.2).
+func compareFastPathFrom(t testing.TB, s *Server, c *answerCache, b []byte, from netip.Addr) bool {
+	t.Helper()
+	w := &byteWriter{from: from}
 	rr := s.zone.rr.Load()
-	fast, qtype, rcode, ok := s.zone.fastAnswer(c, b, nil, make([]byte, 0, 256))
+	fast, qtype, rcode, ok := s.zone.fastAnswer(c, b, nil, make([]byte, 0, 256), remoteAddr(w))
 	if !ok {
 		return false
 	}
 	s.zone.rr.Store(rr)
-	w := &byteWriter{}
 	s.serveSlow(b, w)
 	if len(w.out) != 1 {
 		t.Fatalf("full path wrote %d answers to %x, fast path answered", len(w.out), b)
@@ -88,7 +117,9 @@ func fastSeeds(t testing.TB) [][]byte {
 	for _, name := range []string{"web.weft.local.", "WeB.WEFT.local.", "many.weft.local.", "mixed-1_x.weft.local.",
 		"db.weft.local.", "v6only.weft.local.", "srvonly.weft.local.", "nope.weft.local.", "a.b.weft.local.",
 		"weft.local.", "_http._tcp.web.weft.local.", "web.weft.local.example.", "x.y.z.example.com.",
-		"w\\.eb.weft.local.", "web\\032.weft.local."} {
+		"w\\.eb.weft.local.", "web\\032.weft.local.", "multi.weft.local.", "multi.media.weft.local.",
+		"many.default.weft.local.", "media.weft.local.", "mixed-1_x.six.weft.local.", "nope.media.weft.local.",
+		"web.nosuch.weft.local."} {
 		for _, qt := range []uint16{mdns.TypeA, mdns.TypeAAAA, mdns.TypeANY, mdns.TypeMX} {
 			q := query(name, qt)
 			add(q)
@@ -132,7 +163,7 @@ func FuzzFastPath(f *testing.F) {
 	}
 	f.Add([]byte{}, false)
 	f.Add(make([]byte, 12), false)
-	s := newTestServer(f, fastRecords(f), nil, Deps{})
+	s := newTestServer(f, fastRecords(f), fastNetworks, Deps{})
 	s.zone.next = refuseAll{}
 	near := NearestFunc(func(peer string) (time.Duration, bool) {
 		switch peer {
@@ -152,7 +183,7 @@ func FuzzFastPath(f *testing.F) {
 			s.SetNearest(near)
 			defer s.SetNearest(nil)
 		}
-		if compareFastPath(t, s, c, b) {
+		if compareFastPathFrom(t, s, c, b, fastSources[len(b)%len(fastSources)]) {
 			return
 		}
 		// The full path, as the UDP reader runs it: never a panic, at
@@ -218,13 +249,13 @@ func TestFastPathTakesCommonQueries(t *testing.T) {
 }
 
 func TestFastPathSeeds(t *testing.T) {
-	s := newTestServer(t, fastRecords(t), nil, Deps{})
+	s := newTestServer(t, fastRecords(t), fastNetworks, Deps{})
 	s.zone.next = refuseAll{}
 	c := newAnswerCache()
 	s.SetNearest(func(peer string) (time.Duration, bool) { return time.Duration(len(peer)), peer != "b" })
 	for _, b := range fastSeeds(t) {
-		for range 3 { // rotations
-			compareFastPath(t, s, c, b)
+		for i := range 3 * len(fastSources) { // rotations, askers
+			compareFastPathFrom(t, s, c, b, fastSources[i%len(fastSources)])
 		}
 	}
 }
@@ -237,7 +268,7 @@ func TestFastPathFollowsRecords(t *testing.T) {
 	ask := func(name string) *mdns.Msg {
 		t.Helper()
 		b, _ := query(name, mdns.TypeA).Pack()
-		out, _, _, ok := s.zone.fastAnswer(c, b, nil, nil)
+		out, _, _, ok := s.zone.fastAnswer(c, b, nil, nil, netip.Addr{})
 		if !ok {
 			t.Fatalf("%s: not on the fast path", name)
 		}
@@ -334,9 +365,10 @@ func BenchmarkFastPathA(b *testing.B) {
 	s := newTestServer(b, recs, nil, Deps{})
 	q, _ := query("web.weft.local.", mdns.TypeA).Pack()
 	c, out, scratch := newAnswerCache(), make([]byte, 0, 512), make([]byte, 0, 256)
+	from := mustAddr(b, "127.0.0.2") // in no network: the order of before networks
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, _, rc, ok := s.zone.fastAnswer(c, q, out, scratch); !ok || rc != mdns.RcodeSuccess {
+		if _, _, rc, ok := s.zone.fastAnswer(c, q, out, scratch, from); !ok || rc != mdns.RcodeSuccess {
 			b.Fatal(rc, ok)
 		}
 		s.m.query(typeIndex(mdns.TypeA), mdns.RcodeSuccess).Inc()
@@ -389,5 +421,31 @@ func BenchmarkUDPLoopback(b *testing.B) {
 			}
 			wg.Wait()
 		})
+	}
+}
+
+// BenchmarkFastPathANetworks is BenchmarkFastPathA with three networks and the
+// name on two of them, asked from one: the asker's network first.
+func BenchmarkFastPathANetworks(b *testing.B) {
+	recs := newTestRecords(b, "a", nil)
+	for i := range 1000 {
+		recs.AddAddr(fmt.Sprintf("svc%d", i), netip.AddrFrom4([4]byte{10, 40, byte(i / 250), byte(i%250 + 1)}))
+	}
+	for i := range 4 {
+		recs.AddAddr("web", netip.AddrFrom4([4]byte{10, byte(40 + 10*(i%2)), 0, byte(i + 1)}))
+	}
+	s := newTestServer(b, recs, func(c *Config) {
+		c.Networks = []NetworkRange{{"default", netip.MustParsePrefix("10.40.0.0/16")},
+			{"media", netip.MustParsePrefix("10.50.0.0/16")}, {"control", netip.MustParsePrefix("10.60.0.0/16")}}
+	}, Deps{})
+	q, _ := query("web.weft.local.", mdns.TypeA).Pack()
+	c, out, scratch := newAnswerCache(), make([]byte, 0, 512), make([]byte, 0, 256)
+	from := mustAddr(b, "10.50.3.3")
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, rc, ok := s.zone.fastAnswer(c, q, out, scratch, from); !ok || rc != mdns.RcodeSuccess {
+			b.Fatal(rc, ok)
+		}
+		s.m.query(typeIndex(mdns.TypeA), mdns.RcodeSuccess).Inc()
 	}
 }

@@ -22,6 +22,10 @@ type metrics struct {
 	panics        prometheus.Counter
 	truncated     prometheus.Counter
 	recordEntries prometheus.GaugeFunc
+	// networksRefused counts network lists SetNetworks refused (bad input).
+	networksRefused prometheus.Counter
+	// listenErrors counts listen addresses SetListen could not bind.
+	listenErrors prometheus.Counter
 }
 
 // Forward results, the values of weft_dns_forward_total{result}.
@@ -72,12 +76,20 @@ func newMetrics(reg prometheus.Registerer, cacheLen func() int, recordsLen func(
 			Name: "weft_dns_records",
 			Help: "Live weft records (addresses and SRV entries) known to this peer.",
 		}, func() float64 { return float64(recordsLen()) }),
+		networksRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_dns_networks_refused_total",
+			Help: "Network lists refused by SetNetworks (bad name, range, duplicate or overlap); the previous list stays.",
+		}),
+		listenErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_dns_listen_errors_total",
+			Help: "Gateway addresses SetListen could not listen on (retried at the next change).",
+		}),
 	}
 	if reg == nil {
 		return m, nil
 	}
 	for _, c := range []prometheus.Collector{m.queries, m.forwards, m.forwardTime, m.cacheHits,
-		m.cacheMisses, m.cacheEntries, m.panics, m.truncated, m.recordEntries} {
+		m.cacheMisses, m.cacheEntries, m.panics, m.truncated, m.recordEntries, m.networksRefused, m.listenErrors} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if errors.As(err, &are) {

@@ -14,6 +14,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -44,6 +45,13 @@ type Server struct {
 	tcpPerSource int
 	tcpMax       int // and from all addresses: Accept waits beyond it
 
+	// netMu serialises SetNetworks (the table itself is an atomic pointer
+	// in zone, read without a lock).
+	netMu sync.Mutex
+	// listenMu serialises SetListen, so that two converges never race to
+	// add or remove the same address.
+	listenMu sync.Mutex
+
 	mu        sync.Mutex // guards the fields below
 	listeners map[string]*listener
 	closed    bool
@@ -57,6 +65,7 @@ type Deps struct {
 }
 
 type listener struct {
+	want string   // the address asked for (AddListener's argument), as SetListen names it
 	addr net.Addr // the UDP address; TCP listens on the same ip:port
 	// udp serves the UDP sockets: they share the port with SO_REUSEPORT, one
 	// per CPU, so that queries from many clients are read and answered in
@@ -124,9 +133,11 @@ func newServer(cfg Config, records *Records, deps Deps, lim slowLimits) (*Server
 		flights:   make(map[cacheKey]*flight), coalesced: s.coalesced,
 	}
 	s.zone = &zone{
-		domain: cfg.Domain, ttl: uint32(cfg.TTL / time.Second), networks: slices.Clone(cfg.Networks),
+		domain: cfg.Domain, ttl: uint32(cfg.TTL / time.Second),
 		records: records, udpSize: cfg.UDPSize, m: m, next: s.fwd,
 	}
+	nt, _ := newNetTable(cfg.Networks, 0) // checked by Validate
+	s.zone.nets.Store(nt)
 	s.chain = sanitize{next: s.zone}
 	s.slow = newSlowPool(lim, s.serveSlow, s.dropped, log, s.ctx.Done())
 	return s, nil
@@ -167,6 +178,91 @@ func (s *Server) SetNearest(f NearestFunc) {
 	s.zone.nearest.Store(&f)
 }
 
+// SetNetworks replaces the network list (Config.Networks) as a whole: the
+// router calls it whenever the networks it knows change. A bad list (a
+// name that is no DNS label, an invalid or overlapping range, a name twice,
+// more than 1024 networks) is refused with an error wrapping
+// ErrInvalidNetworks, counted in weft_dns_networks_refused_total and
+// logged, and the previous list stays. Safe to call at any time; queries
+// in flight finish with the list they started with. O(networks²) for the
+// overlap check, once per change.
+func (s *Server) SetNetworks(list []NetworkRange) error {
+	s.netMu.Lock()
+	defer s.netMu.Unlock()
+	old := s.zone.nets.Load()
+	if slices.Equal(old.list, lowerNames(list)) {
+		return nil // unchanged: keep the answer caches
+	}
+	nt, err := newNetTable(list, old.gen+1)
+	if err != nil {
+		s.m.networksRefused.Inc()
+		s.log.Error("dns network list refused; keeping the previous one", "err", err, "networks", len(list))
+		return err
+	}
+	s.zone.nets.Store(nt)
+	s.log.Info("dns networks", "networks", len(nt.list))
+	return nil
+}
+
+// lowerNames is list with lower-case names, as newNetTable keeps them.
+func lowerNames(list []NetworkRange) []NetworkRange {
+	out := make([]NetworkRange, len(list))
+	for i, n := range list {
+		out[i] = NetworkRange{Name: strings.ToLower(n.Name), Prefix: n.Prefix}
+	}
+	return out
+}
+
+// SetListen makes the server listen on exactly addrs (each on UDP and
+// TCP): it starts the missing ones and stops the ones no longer wanted,
+// keeping those in both. The router calls it when a network's gateway
+// address appears on or leaves this host. An address that cannot be bound
+// is logged and counted (weft_dns_listen_errors_total) and the others are
+// still served; the error joins every failure. Port 0 picks a free port
+// per address (tests). O(listeners + addrs).
+func (s *Server) SetListen(addrs []netip.AddrPort) error {
+	s.listenMu.Lock()
+	defer s.listenMu.Unlock()
+	want := make(map[string]bool, len(addrs))
+	for _, a := range addrs {
+		want[listenKey(a.String())] = true
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	have := make(map[string]bool, len(s.listeners))
+	var stale []net.Addr
+	for _, ln := range s.listeners {
+		have[ln.want] = true
+		if !want[ln.want] {
+			stale = append(stale, ln.addr)
+		}
+	}
+	s.mu.Unlock()
+	for _, a := range stale {
+		if err := s.RemoveListener(a); err == nil {
+			s.log.Info("dns stopped listening", "addr", a.String())
+		}
+	}
+	var errs []error
+	for _, a := range addrs {
+		if have[listenKey(a.String())] {
+			continue
+		}
+		if _, err := s.AddListener(a.String()); err != nil {
+			if errors.Is(err, ErrClosed) {
+				return err
+			}
+			s.m.listenErrors.Inc()
+			s.log.Warn("dns cannot listen on a gateway address; retried at the next change", "addr", a.String(), "err", err)
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Start listens on every address of the config.
 func (s *Server) Start() error {
 	for _, a := range s.cfg.Listen {
@@ -190,7 +286,7 @@ func (s *Server) AddListener(addr string) (net.Addr, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dns listen %s: %w", addr, err)
 	}
-	ln := &listener{addr: pcs[0].LocalAddr()}
+	ln := &listener{want: listenKey(addr), addr: pcs[0].LocalAddr()}
 	if _, dup := s.listeners[ln.addr.String()]; dup {
 		for _, pc := range pcs {
 			pc.Close()
@@ -224,6 +320,15 @@ func (s *Server) AddListener(addr string) (net.Addr, error) {
 	s.listeners[ln.addr.String()] = ln
 	s.log.Info("dns listening", "addr", ln.addr.String())
 	return ln.addr, nil
+}
+
+// listenKey names a requested listen address as SetListen does
+// (netip.AddrPort's form) when it is ip:port, else as given.
+func listenKey(addr string) string {
+	if ap, err := netip.ParseAddrPort(addr); err == nil {
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String()
+	}
+	return addr
 }
 
 // serve starts srv and waits until it is serving.
@@ -504,6 +609,21 @@ func (s *Server) serveMiekg(w mdns.ResponseWriter, r *mdns.Msg) {
 type recordingWriter struct {
 	mdns.ResponseWriter
 	rcode int // -1 until written
+}
+
+// RemoteAddrPort passes on the source address (addrPorter), without an
+// allocation when the writer underneath is an addrPorter.
+func (w *recordingWriter) RemoteAddrPort() netip.AddrPort {
+	if ap, ok := w.ResponseWriter.(addrPorter); ok {
+		return ap.RemoteAddrPort()
+	}
+	switch a := w.ResponseWriter.RemoteAddr().(type) {
+	case *net.UDPAddr:
+		return a.AddrPort()
+	case *net.TCPAddr:
+		return a.AddrPort()
+	}
+	return netip.AddrPort{}
 }
 
 func (w *recordingWriter) WriteMsg(m *mdns.Msg) error {

@@ -102,7 +102,7 @@ func (u *udpServer) serve() {
 		if u.pktinfo {
 			src = replySource(oob[:oobn])
 		}
-		resp, qtype, rcode, ok := u.fast(cache, buf[:n], out[:0], scratch)
+		resp, qtype, rcode, ok := u.fast(cache, buf[:n], out[:0], scratch, from.Addr().Unmap())
 		if ok {
 			_, _, _ = u.conn.WriteMsgUDPAddrPort(resp, src, from)
 			u.s.m.query(typeIndex(qtype), rcode).Inc()
@@ -259,7 +259,7 @@ func (p *slowPool) wait() { p.wg.Wait() }
 
 // fast runs the fast path; a panic in it (a bug) is logged and counted, and
 // the query goes to the full path, which answers SERVFAIL if it panics too.
-func (u *udpServer) fast(c *answerCache, b, out, scratch []byte) (resp []byte, qtype uint16, rcode int, ok bool) {
+func (u *udpServer) fast(c *answerCache, b, out, scratch []byte, from netip.Addr) (resp []byte, qtype uint16, rcode int, ok bool) {
 	defer func() {
 		if p := recover(); p != nil {
 			u.s.m.panics.Inc()
@@ -267,7 +267,7 @@ func (u *udpServer) fast(c *answerCache, b, out, scratch []byte) (resp []byte, q
 			ok = false
 		}
 	}()
-	return u.s.zone.fastAnswer(c, b, out, scratch)
+	return u.s.zone.fastAnswer(c, b, out, scratch, from)
 }
 
 // serveSlow handles one UDP query as miekg's server does (its serveDNS):
@@ -337,10 +337,13 @@ func (w *udpWriter) Write(b []byte) (int, error) {
 
 func (w *udpWriter) LocalAddr() net.Addr  { return w.conn.LocalAddr() }
 func (w *udpWriter) RemoteAddr() net.Addr { return net.UDPAddrFromAddrPort(w.remote) }
-func (w *udpWriter) Close() error         { return nil }
-func (w *udpWriter) TsigStatus() error    { return nil }
-func (w *udpWriter) TsigTimersOnly(bool)  {}
-func (w *udpWriter) Hijack()              {}
+
+// RemoteAddrPort is RemoteAddr without the allocation (addrPorter).
+func (w *udpWriter) RemoteAddrPort() netip.AddrPort { return w.remote }
+func (w *udpWriter) Close() error                   { return nil }
+func (w *udpWriter) TsigStatus() error              { return nil }
+func (w *udpWriter) TsigTimersOnly(bool)            {}
+func (w *udpWriter) Hijack()                        {}
 
 // replySource returns the control message that sends an answer from the
 // destination address of the query whose control messages are oob (as

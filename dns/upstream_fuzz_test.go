@@ -170,7 +170,7 @@ func FuzzUpstreamAnswer(f *testing.F) {
 	cfg := DefaultConfig()
 	cfg.Upstreams = []string{up.addr}
 	cfg.ForwardTimeout = 100 * time.Millisecond // short: an answer the upstream never completes costs one timeout
-	cfg.Networks = []netip.Prefix{netip.MustParsePrefix("10.40.0.0/16")}
+	cfg.Networks = []NetworkRange{{"default", netip.MustParsePrefix("10.40.0.0/16")}}
 	s, err := NewServer(cfg, recs, Deps{Registry: reg})
 	if err != nil {
 		f.Fatal(err)

@@ -2,6 +2,7 @@ package dns
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -20,15 +21,15 @@ type NearestFunc func(peer string) (rtt time.Duration, ok bool)
 // zone answers the weft domain from the records, and reverse (PTR) queries
 // for weft addresses; it passes everything else to next.
 type zone struct {
-	domain   string // lower case, fully qualified
-	ttl      uint32
-	networks []netip.Prefix
-	records  *Records
-	udpSize  uint16
-	m        *metrics
-	next     Handler
-	rr       atomic.Uint64 // round-robin counter, one step per query
-	nearest  atomic.Pointer[NearestFunc]
+	domain  string // lower case, fully qualified
+	ttl     uint32
+	nets    atomic.Pointer[netTable] // never nil once built (newServer)
+	records *Records
+	udpSize uint16
+	m       *metrics
+	next    Handler
+	rr      atomic.Uint64 // round-robin counter, one step per query
+	nearest atomic.Pointer[NearestFunc]
 }
 
 func (*zone) Name() string { return "weft" }
@@ -99,13 +100,15 @@ func (z *zone) apex(w mdns.ResponseWriter, r *mdns.Msg) (int, error) {
 	return z.negative(w, r, mdns.RcodeSuccess, z.domain)
 }
 
-// names answers A, AAAA (and ANY) for a container name.
+// names answers A, AAAA (and ANY) for a container name, or a container
+// name on one network (networks.go).
 func (z *zone) names(w mdns.ResponseWriter, r *mdns.Msg, rel string) (int, error) {
-	targets, known := z.records.LookupName(rel)
+	nt := z.nets.Load()
+	targets, known := z.resolve(nt, rel)
 	if !known {
 		return z.negative(w, r, mdns.RcodeNameError, z.domain)
 	}
-	answer := z.addrRRs(r.Question[0].Name, r.Question[0].Qtype, targets)
+	answer := z.addrRRs(r.Question[0].Name, r.Question[0].Qtype, targets, nt, askerOf(w, nt, len(targets)))
 	if len(answer) == 0 {
 		return z.negative(w, r, mdns.RcodeSuccess, z.domain)
 	}
@@ -113,8 +116,9 @@ func (z *zone) names(w mdns.ResponseWriter, r *mdns.Msg, rel string) (int, error
 }
 
 // addrRRs returns the A and/or AAAA records of targets for qtype, rotated
-// round robin and then ordered nearest first when a NearestFunc is set.
-func (z *zone) addrRRs(owner string, qtype uint16, targets []Target) []mdns.RR {
+// round robin, then ordered nearest first when a NearestFunc is set, then
+// those in network asker (an index of nt, -1: none) first.
+func (z *zone) addrRRs(owner string, qtype uint16, targets []Target, nt *netTable, asker int) []mdns.RR {
 	want4 := qtype == mdns.TypeA || qtype == mdns.TypeANY
 	want6 := qtype == mdns.TypeAAAA || qtype == mdns.TypeANY
 	sel := make([]Target, 0, len(targets))
@@ -124,6 +128,7 @@ func (z *zone) addrRRs(owner string, qtype uint16, targets []Target) []mdns.RR {
 		}
 	}
 	z.order(sel)
+	askerFirst(sel, nt, asker)
 	rrs := make([]mdns.RR, 0, len(sel))
 	for _, t := range sel {
 		if t.Addr.Is4() {
@@ -210,7 +215,8 @@ func (z *zone) srv(w mdns.ResponseWriter, r *mdns.Msg, rel string) (int, error) 
 	}
 	answer = slices.CompactFunc(answer, func(a, b mdns.RR) bool { return a.(*mdns.SRV).Port == b.(*mdns.SRV).Port })
 	targets, _ := z.records.LookupName(name)
-	extra := z.addrRRs(target, mdns.TypeANY, targets)
+	nt := z.nets.Load()
+	extra := z.addrRRs(target, mdns.TypeANY, targets, nt, askerOf(w, nt, len(targets)))
 	return z.answer(w, r, answer, extra)
 }
 
@@ -219,11 +225,10 @@ func (z *zone) srv(w mdns.ResponseWriter, r *mdns.Msg, rel string) (int, error) 
 func (z *zone) ptr(w mdns.ResponseWriter, r *mdns.Msg, addr netip.Addr) (rcode int, handled bool) {
 	names := z.records.LookupAddr(addr)
 	if len(names) == 0 {
-		for _, p := range z.networks {
-			if p.Contains(addr) {
-				rc, _ := z.negative(w, r, mdns.RcodeNameError, reverseZone(p))
-				return rc, true
-			}
+		nt := z.nets.Load()
+		if i := nt.of(addr); i >= 0 {
+			rc, _ := z.negative(w, r, mdns.RcodeNameError, reverseZone(nt.list[i].Prefix))
+			return rc, true
 		}
 		return 0, false
 	}
@@ -311,4 +316,32 @@ func reverseZone(p netip.Prefix) string {
 	}
 	suffix := 2 // in-addr.arpa / ip6.arpa
 	return mdns.Fqdn(strings.Join(labels[len(labels)-suffix-keep:], "."))
+}
+
+// askerOf is the network (an index of nt, -1: none) of the query written
+// to w, looked up only when there is an order to choose (n targets).
+func askerOf(w mdns.ResponseWriter, nt *netTable, n int) int {
+	if n < 2 || len(nt.list) == 0 {
+		return -1
+	}
+	return nt.of(remoteAddr(w))
+}
+
+// addrPorter is a ResponseWriter that gives the source address without
+// allocating (udpWriter, and recordingWriter around one).
+type addrPorter interface{ RemoteAddrPort() netip.AddrPort }
+
+// remoteAddr is the source address of the query written to w, invalid when
+// w does not say.
+func remoteAddr(w mdns.ResponseWriter) netip.Addr {
+	if ap, ok := w.(addrPorter); ok {
+		return ap.RemoteAddrPort().Addr().Unmap()
+	}
+	switch a := w.RemoteAddr().(type) {
+	case *net.UDPAddr:
+		return a.AddrPort().Addr().Unmap()
+	case *net.TCPAddr:
+		return a.AddrPort().Addr().Unmap()
+	}
+	return netip.Addr{}
 }

@@ -21,7 +21,7 @@ func newTestServer(t testing.TB, recs *Records, edit func(*Config), deps Deps) *
 	cfg := DefaultConfig()
 	cfg.Upstreams = []string{"127.0.0.1:1"} // nothing listens there
 	cfg.ForwardTimeout = 500 * time.Millisecond
-	cfg.Networks = []netip.Prefix{netip.MustParsePrefix("10.40.0.0/16"), netip.MustParsePrefix("fd00::/64")}
+	cfg.Networks = []NetworkRange{{"default", netip.MustParsePrefix("10.40.0.0/16")}, {"six", netip.MustParsePrefix("fd00::/64")}}
 	if edit != nil {
 		edit(&cfg)
 	}
@@ -285,7 +285,8 @@ func TestConfigValidate(t *testing.T) {
 		func(c *Config) { c.ForwardTimeout = 0 },
 		func(c *Config) { c.CacheSize = -1 },
 		func(c *Config) { c.UDPSize = 100 },
-		func(c *Config) { c.Networks = []netip.Prefix{{}} },
+		func(c *Config) { c.Networks = []NetworkRange{{Name: "x"}} },
+		func(c *Config) { c.Networks = []NetworkRange{{"bad_name", netip.MustParsePrefix("10.0.0.0/8")}} },
 	}
 	for i, edit := range bad {
 		c := DefaultConfig()

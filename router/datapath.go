@@ -193,6 +193,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		targetDirty = true                // probe targets and destinations must be chosen again
 		dirty       = true                // the desired state must be computed again
 		graceEnds   time.Time             // a dead peer's routes go then (zero: none pending)
+		networks    []ipam.Network        // the definitions DNS was last told of
 	)
 	for {
 		select {
@@ -234,6 +235,10 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		}
 		cst := p.cluster.Status()
 		p.syncFilters(live) // the networks' guard and isolation (router/isolate.go); errors are logged there
+		if nets := p.cluster.Networks(); !slices.Equal(nets, networks) { // O(networks)
+			networks = nets
+			p.dnsNetworksChanged()
+		}
 		if !slices.EqualFunc(cst.Blocks, blocks, sameBlock) {
 			blocks, dirty, why = cst.Blocks, true, cmp.Or(why, "blocks")
 		}

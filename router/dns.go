@@ -5,17 +5,20 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/vishvananda/netlink"
 
 	"github.com/weftnet/weft/cni"
 	"github.com/weftnet/weft/dns"
+	"github.com/weftnet/weft/ipam"
 )
 
 // Service DNS: every peer answers on each network's gateway address for every container of
@@ -52,9 +55,14 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 	cfg.Domain = p.cfg.DNSDomain
 	cfg.TTL = p.cfg.DNSTTL
 	cfg.Upstreams = p.cfg.DNSUpstreams
-	for _, n := range p.alloc.Networks() {
-		cfg.Listen = append(cfg.Listen, net.JoinHostPort(n.Gateway().String(), strconv.Itoa(p.cfg.DNSPort)))
-		cfg.Networks = append(cfg.Networks, n.Subnet)
+	nets := p.dnsNetworkList()
+	cfg.Networks = dnsRanges(nets)
+	local, err := hostAddrs()
+	if err != nil {
+		return fmt.Errorf("dns: %w", err)
+	}
+	for _, ap := range dnsListenAddrs(nets, local, p.cfg.DNSPort) {
+		cfg.Listen = append(cfg.Listen, ap.String())
 	}
 	srv, err := dns.NewServer(cfg, records, dns.Deps{Logger: p.log.With("component", "dns"), Registry: p.reg})
 	if err != nil {
@@ -64,15 +72,167 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 		return fmt.Errorf("dns: listen on %v: %w", cfg.Listen, err)
 	}
 	p.dnsServer = srv
+	p.dnsListen = newDNSListen(p.dnsNetworkList)
 	*stops = append(*stops, func() { srv.Close() })
 	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
+	done := make(chan struct{}, 2)
 	go func() {
-		defer close(done)
+		defer func() { done <- struct{}{} }()
 		p.dnsRep.Run(runCtx, p.cfg.DNSDownGrace, 10*time.Minute)
 	}()
-	*stops = append(*stops, func() { cancel(); <-done })
+	go func() {
+		defer func() { done <- struct{}{} }()
+		p.runDNSListen(runCtx)
+	}()
+	*stops = append(*stops, func() { cancel(); <-done; <-done })
 	return nil
+}
+
+// The DNS server answers on the gateway address of every network whose bridge is on this
+// host, and knows every network the cluster defines (NAME.NETWORK names, the asker's network
+// first). Both change at run time: a network is created or removed (the router sees the
+// table change: dnsNetworksChanged), its bridge and gateway address appear with its first
+// attachment here or go away (the kernel reports it: runDNSListen; and the attachment itself
+// makes sure, before its result names the gateway as nameserver: dnsInfo).
+
+// dnsListen serialises syncDNS and carries the wake-ups of runDNSListen.
+type dnsListen struct {
+	mu       sync.Mutex            // held by syncDNS
+	kick     chan struct{}         // dnsNetworksChanged → runDNSListen; buffered 1, never blocks
+	networks func() []ipam.Network // the networks this peer knows: dnsNetworkList
+}
+
+func newDNSListen(networks func() []ipam.Network) *dnsListen {
+	return &dnsListen{kick: make(chan struct{}, 1), networks: networks}
+}
+
+// dnsNetworksChanged tells the DNS side that the cluster's networks changed. Never blocks.
+func (p *Peer) dnsNetworksChanged() {
+	if p.dnsListen == nil {
+		return
+	}
+	select {
+	case p.dnsListen.kick <- struct{}{}:
+	default:
+	}
+}
+
+// runDNSListen runs syncDNS after every address change on this host (netlink) and every
+// network change (dnsNetworksChanged), until ctx ends. Address changes are rare (a bridge
+// created or removed; container addresses live in their namespaces), and each sync costs
+// O(networks + host addresses).
+func (p *Peer) runDNSListen(ctx context.Context) {
+	updates := make(chan netlink.AddrUpdate, 64)
+	done := make(chan struct{})
+	defer close(done)
+	if err := netlink.AddrSubscribeWithOptions(updates, done, netlink.AddrSubscribeOptions{
+		ErrorCallback: func(err error) { p.log.Warn("dns: address events", "err", err) },
+	}); err != nil {
+		// Still correct on network changes and attachments (dnsInfo); only a bridge
+		// address added or removed by hand goes unseen.
+		p.log.Warn("dns: cannot follow the host's addresses; listening follows network changes and attachments only", "err", err)
+		updates = nil
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u, ok := <-updates:
+			if !ok {
+				p.log.Warn("dns: address events stopped; listening follows network changes and attachments only")
+				updates = nil
+				continue
+			}
+			// Drain a burst (a bridge coming up reports several addresses) into one sync;
+			// only IPv4 matters (every new veth reports an IPv6 link-local address).
+			v4 := u.LinkAddress.IP.To4() != nil
+			for len(updates) > 0 {
+				if u := <-updates; u.LinkAddress.IP.To4() != nil {
+					v4 = true
+				}
+			}
+			if !v4 {
+				continue
+			}
+		case <-p.dnsListen.kick:
+		}
+		p.syncDNS()
+	}
+}
+
+// syncDNS hands the DNS server the networks this peer knows and the gateway addresses to
+// serve: those of its networks present on this host. Serialised; safe before startDNS (it
+// does nothing). O(networks + host addresses).
+func (p *Peer) syncDNS() {
+	if p.dnsServer == nil || p.dnsListen == nil {
+		return
+	}
+	p.dnsListen.mu.Lock()
+	defer p.dnsListen.mu.Unlock()
+	nets := p.dnsListen.networks()
+	_ = p.dnsServer.SetNetworks(dnsRanges(nets)) // a refusal is logged and counted by dns
+	local, err := hostAddrs()
+	if err != nil {
+		p.log.Warn("dns: cannot list the host's addresses; listen addresses unchanged", "err", err)
+		return
+	}
+	_ = p.dnsServer.SetListen(dnsListenAddrs(nets, local, p.cfg.DNSPort)) // failures logged and counted by dns
+}
+
+// dnsNetworkList is every network this peer knows: the cluster's definitions, and this
+// peer's default network, which it serves before the Raft table is known. O(networks).
+func (p *Peer) dnsNetworkList() []ipam.Network {
+	return mergeNetworks(p.cluster.Networks(), p.cfg.defaultNetwork())
+}
+
+// mergeNetworks is cluster plus local where cluster has no network of that name (the
+// cluster's definition wins). Pure.
+func mergeNetworks(cluster []ipam.Network, local ...ipam.Network) []ipam.Network {
+	out := slices.Clone(cluster)
+	for _, l := range local {
+		if !slices.ContainsFunc(out, func(n ipam.Network) bool { return n.Name == l.Name }) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// dnsRanges is nets as the dns package takes them. Pure; O(networks).
+func dnsRanges(nets []ipam.Network) []dns.NetworkRange {
+	out := make([]dns.NetworkRange, 0, len(nets))
+	for _, n := range nets {
+		out = append(out, dns.NetworkRange{Name: n.Name, Prefix: n.Subnet})
+	}
+	return out
+}
+
+// dnsListenAddrs are the addresses DNS serves: the gateway of every network in nets that is
+// an address of this host (local), at port, sorted. A network without a bridge here has no
+// gateway address here and is not served. Pure; O(networks).
+func dnsListenAddrs(nets []ipam.Network, local map[netip.Addr]bool, port int) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, n := range nets {
+		if gw := n.Gateway(); local[gw] {
+			out = append(out, netip.AddrPortFrom(gw, uint16(port)))
+		}
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return out
+}
+
+// hostAddrs are the IPv4 addresses of this host's interfaces (weft networks are IPv4).
+func hostAddrs() (map[netip.Addr]bool, error) {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		return nil, fmt.Errorf("list the host's addresses: %w", err)
+	}
+	out := make(map[netip.Addr]bool, len(addrs))
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			out[ip.Unmap()] = true
+		}
+	}
+	return out, nil
 }
 
 // originKey is the public key a peer announced in gossip (pinned by the mesh); unknown until
@@ -133,8 +293,12 @@ func parseService(s string) (service, proto string, port uint16, err error) {
 	return parts[0], parts[1], uint16(n), nil
 }
 
-// dnsInfo is the resolver configuration handed to containers of network gw.
+// dnsInfo is the resolver configuration handed to containers of network gw. It first makes
+// sure DNS answers on gw: an ADD calls it right after the attachment, which may have created
+// the network's bridge and gateway address moments ago, and the container may ask at once,
+// before the kernel's address event reaches runDNSListen.
 func (p *Peer) dnsInfo(gw netip.Addr) *cni.DNSInfo {
+	p.syncDNS()
 	domain := strings.TrimSuffix(p.cfg.DNSDomain, ".")
 	return &cni.DNSInfo{Nameservers: []string{gw.String()}, Domain: domain, Search: []string{domain}}
 }

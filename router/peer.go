@@ -49,6 +49,7 @@ type Peer struct {
 	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
+	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
 	started   time.Time
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)

@@ -650,7 +650,7 @@ func serveChild(v string) error {
 	}
 	cfg := dns.DefaultConfig()
 	cfg.Listen = []string{"127.0.0.1:0"}
-	cfg.Networks = []netip.Prefix{netip.MustParsePrefix("10.40.0.0/16")}
+	cfg.Networks = []dns.NetworkRange{{Name: "default", Prefix: netip.MustParsePrefix("10.40.0.0/16")}}
 	cfg.Upstreams = []string{"127.0.0.1:1"} // every query is a weft name: never used
 	s, err := dns.NewServer(cfg, recs, dns.Deps{Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
