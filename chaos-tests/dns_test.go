@@ -20,6 +20,12 @@ import (
 // query asks the DNS server at the gateway from inside ctr's namespace, as a container's
 // resolver would: the UDP socket is made inside the namespace.
 func query(ctr *lab.Container, name string, qtype uint16) (*mdns.Msg, error) {
+	return queryVia(ctr, "10.40.0.1", name, qtype)
+}
+
+// queryVia asks the DNS server at server (a network's gateway) from inside ctr; the answer's
+// order depends on the network the query's source address is in.
+func queryVia(ctr *lab.Container, server, name string, qtype uint16) (*mdns.Msg, error) {
 	cns, err := ns.GetNS(ctr.NSPath)
 	if err != nil {
 		return nil, err
@@ -28,7 +34,7 @@ func query(ctr *lab.Container, name string, qtype uint16) (*mdns.Msg, error) {
 	var conn net.Conn
 	err = cns.Do(func(ns.NetNS) error {
 		var err error
-		conn, err = net.Dial("udp", "10.40.0.1:53")
+		conn, err = net.Dial("udp", net.JoinHostPort(server, "53"))
 		return err
 	})
 	if err != nil {
