@@ -1,11 +1,8 @@
 package guard
 
 import (
-	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -15,6 +12,8 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath/nft"
 )
 
 // Deps are the collaborators of a Guard.
@@ -55,7 +54,9 @@ func New(deps Deps) (*Guard, error) {
 		}, []string{"result"}),
 	}
 	if deps.Registry != nil {
-		for _, c := range []prometheus.Collector{g.applies, droppedCollector{g}} {
+		dropped := nft.CounterCollector{Desc: droppedDesc, Read: g.Dropped,
+			Labels: func(kind string) ([]string, bool) { return []string{kind}, true }}
+		for _, c := range []prometheus.Collector{g.applies, dropped} {
 			if err := deps.Registry.Register(c); err != nil {
 				return nil, fmt.Errorf("guard metrics: %w", err)
 			}
@@ -64,14 +65,12 @@ func New(deps Deps) (*Guard, error) {
 	return g, nil
 }
 
+// conn connects with a big ack buffer: a guard of 100 bridges is a transaction of a few
+// hundred messages, whose acks overflow a default netlink buffer (ENOBUFS).
 func (g *Guard) conn() (*nftables.Conn, error) {
-	var opts []nftables.ConnOption
-	if g.netns != 0 {
-		opts = append(opts, nftables.WithNetNSFd(g.netns))
-	}
-	c, err := nftables.New(opts...)
+	c, err := nft.Open(g.netns)
 	if err != nil {
-		return nil, fmt.Errorf("%w: connect: %w", ErrKernel, err)
+		return nil, fmt.Errorf("%w: %w", ErrKernel, err)
 	}
 	return c, nil
 }
@@ -85,78 +84,38 @@ var (
 	forward = &nftables.Chain{Name: ForwardChain, Table: table, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &policy}
 	underlay = &nftables.Chain{Name: UnderlayChain, Table: table}
-	// chains are the guard's chains.
+	// chains are the guard's chains, base chains (which jump) first.
 	chains = []*nftables.Chain{input, forward, ports, underlay}
+	// mine is what the guard owns in weft's table: no set.
+	mine = nft.Mine{Table: table, Chains: chains, CounterPrefix: CounterPrefix}
 )
 
 // state is what the kernel holds of the guard.
 type state struct {
-	table    bool
+	owned    nft.Owned
 	rules    map[string][]string // rule keys by chain, in order; a missing chain is absent
-	counters []string            // kinds with a counter
-	foreign  bool                // the table holds objects that are not the guard's
+	counters []string            // kinds with a counter, sorted
 }
-
-func isNotFound(err error) bool { return errors.Is(err, unix.ENOENT) || errors.Is(err, os.ErrNotExist) }
 
 // read returns the guard's objects as the kernel holds them.
 func read(c *nftables.Conn) (state, error) {
-	var s state
-	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
-		if isNotFound(err) {
-			return s, nil
-		}
-		return s, fmt.Errorf("%w: list table %s: %w", ErrKernel, TableName, err)
-	}
-	s.table = true
-	s.rules = make(map[string][]string)
-	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	o, err := nft.Read(c, mine)
 	if err != nil {
-		return s, fmt.Errorf("%w: list chains: %w", ErrKernel, err)
+		return state{}, fmt.Errorf("%w: %w", ErrKernel, err)
 	}
-	for _, ch := range all {
-		if ch.Table.Name != TableName {
-			continue
-		}
-		if !slices.ContainsFunc(chains, func(mine *nftables.Chain) bool { return mine.Name == ch.Name }) {
-			s.foreign = true
-			continue
-		}
-		rules, err := c.GetRules(table, ch)
-		if err != nil {
-			return s, fmt.Errorf("%w: list rules of %s: %w", ErrKernel, ch.Name, err)
-		}
-		keys := make([]string, 0, len(rules))
-		for _, r := range rules {
-			keys = append(keys, string(r.UserData))
-		}
-		s.rules[ch.Name] = keys
+	s := state{owned: o, rules: make(map[string][]string, len(o.Rules))}
+	for ch, rules := range o.Rules {
+		s.rules[ch] = nft.Keys(rules)
 	}
-	objs, err := c.GetObjects(table)
-	if err != nil && !isNotFound(err) {
-		return s, fmt.Errorf("%w: list objects: %w", ErrKernel, err)
-	}
-	for _, o := range objs {
-		if co, ok := o.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, CounterPrefix) {
-			s.counters = append(s.counters, strings.TrimPrefix(co.Name, CounterPrefix))
-		} else {
-			s.foreign = true
-		}
-	}
-	slices.Sort(s.counters)
-	sets, err := c.GetSets(table)
-	if err != nil && !isNotFound(err) {
-		return s, fmt.Errorf("%w: list sets: %w", ErrKernel, err)
-	}
-	if len(sets) > 0 {
-		s.foreign = true
+	for _, name := range o.Counters {
+		s.counters = append(s.counters, strings.TrimPrefix(name, CounterPrefix))
 	}
 	return s, nil
 }
 
 // matches reports whether the kernel holds exactly the plan.
 func (s state) matches(p Plan) bool {
-	if !s.table || !slices.Equal(s.counters, p.Kinds) {
+	if !s.owned.Table || !slices.Equal(s.counters, p.Kinds) {
 		return false
 	}
 	for name, want := range p.keys() {
@@ -224,14 +183,14 @@ func (g *Guard) set(cfg Config) error {
 	for _, b := range p.Bridges {
 		c.AddRule(&nftables.Rule{Table: table, Chain: input, UserData: []byte(bridgeKey(b)), Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nft.IfName(b)},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
 		}})
 	}
 	for _, b := range p.Bridges {
 		c.AddRule(&nftables.Rule{Table: table, Chain: forward, UserData: []byte(forwardKey(b)), Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nft.IfName(b)},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: UnderlayChain},
 		}})
 	}
@@ -245,7 +204,7 @@ func (g *Guard) set(cfg Config) error {
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: n},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: prefixMask(u), Xor: make([]byte, n)},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: nft.PrefixMask(u), Xor: make([]byte, n)},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: u.Addr().AsSlice()},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
 		}})
@@ -277,22 +236,6 @@ func (g *Guard) set(cfg Config) error {
 	return nil
 }
 
-// prefixMask is the netmask of u, as many bytes as its address.
-func prefixMask(u netip.Prefix) []byte {
-	m := make([]byte, u.Addr().BitLen()/8)
-	for i := 0; i < u.Bits(); i++ {
-		m[i/8] |= 0x80 >> (i % 8)
-	}
-	return m
-}
-
-// ifname is an interface name as the kernel compares it (IFNAMSIZ bytes, NUL-padded).
-func ifname(n string) []byte {
-	b := make([]byte, unix.IFNAMSIZ)
-	copy(b, n)
-	return b
-}
-
 // Remove deletes the guard's chains and counters, and weft's table when nothing else is
 // left in it. Removing what is already gone is success.
 func (g *Guard) Remove() error {
@@ -315,25 +258,8 @@ func (g *Guard) remove() error {
 	if err != nil {
 		return err
 	}
-	if !cur.table {
-		return nil
-	}
-	if !cur.foreign {
-		c.DelTable(table) // everything in it is the guard's
-	} else {
-		for _, ch := range chains { // flush all first: no jump is left into a deleted chain
-			if _, ok := cur.rules[ch.Name]; ok {
-				c.FlushChain(ch)
-			}
-		}
-		for _, ch := range chains {
-			if _, ok := cur.rules[ch.Name]; ok {
-				c.DelChain(ch)
-			}
-		}
-		for _, k := range cur.counters {
-			c.DeleteObject(&nftables.CounterObj{Table: table, Name: CounterPrefix + k})
-		}
+	if !cur.owned.Remove(c) {
+		return nil // nothing of the guard's
 	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("%w: remove guard: %w", ErrKernel, err)
@@ -349,38 +275,14 @@ func (g *Guard) Dropped() (map[string]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
-	objs, err := c.GetObjects(table)
+	out, err := nft.Counters(c, table, CounterPrefix)
 	if err != nil {
-		if isNotFound(err) {
-			return map[string]uint64{}, nil
-		}
-		return nil, fmt.Errorf("%w: read counters: %w", ErrKernel, err)
-	}
-	out := make(map[string]uint64)
-	for _, o := range objs {
-		if co, ok := o.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, CounterPrefix) {
-			out[strings.TrimPrefix(co.Name, CounterPrefix)] = co.Packets
-		}
+		return nil, fmt.Errorf("%w: %w", ErrKernel, err)
 	}
 	return out, nil
 }
 
-// droppedCollector exports the kernel's counters on scrape (one netlink dump, O(kinds)).
-type droppedCollector struct{ g *Guard }
-
+// droppedDesc is exported by an nft.CounterCollector on scrape (one netlink dump, O(kinds)).
 var droppedDesc = prometheus.NewDesc("weft_guard_dropped_packets_total",
 	"Packets from containers to the peer's own control ports dropped by the container guard, by kind of port.",
 	[]string{"kind"}, nil)
-
-func (d droppedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- droppedDesc }
-
-func (d droppedCollector) Collect(ch chan<- prometheus.Metric) {
-	m, err := d.g.Dropped()
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(droppedDesc, err)
-		return
-	}
-	for k, v := range m {
-		ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(v), k)
-	}
-}

@@ -14,7 +14,7 @@ import (
 	"github.com/google/nftables"
 	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/vishvananda/netlink"
 
 	"github.com/weftnet/weft/datapath"
@@ -159,7 +159,7 @@ func resolve(n *nslab.NS, netw, server string) error {
 // reaches another container; applying twice changes nothing; removal removes only the
 // guard's objects.
 func TestGuardInNamespaces(t *testing.T) {
-	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wbd%d-", os.Getpid()%10000), Hosts: 1, NoIPv6: true})
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsgd%d-", os.Getpid()%10000), Hosts: 1, NoIPv6: true})
 	h := lab.Hosts[0]
 	c1, err := h.AddContainer()
 	if err != nil {
@@ -305,8 +305,8 @@ func TestGuardInNamespaces(t *testing.T) {
 	if d[KindRaft] == 0 || d[KindHTTP] == 0 {
 		t.Errorf("tcp drops not counted: %v", d)
 	}
-	if n := seriesOf(t, reg, "weft_guard_dropped_packets_total"); n != 4 {
-		t.Errorf("weft_guard_dropped_packets_total has %d kinds, want 4", n)
+	if n, err := testutil.GatherAndCount(reg, "weft_guard_dropped_packets_total"); err != nil || n != 4 {
+		t.Errorf("weft_guard_dropped_packets_total has %d kinds, want 4 (%v)", n, err)
 	}
 	for _, netw := range []string{"udp", "tcp"} {
 		if err := resolve(c1.NS, netw, net.JoinHostPort(gw, fmt.Sprint(dnsPort))); err != nil {
@@ -349,7 +349,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if again := handles(); !slices.Equal(first, again) {
 		t.Fatalf("second Set rewrote the rules: %v then %v", first, again)
 	}
-	if v := counterValue(t, g.applies.WithLabelValues(resultUnchanged)); v != 1 {
+	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultUnchanged)); v != 1 {
 		t.Fatalf("applies unchanged %v", v)
 	}
 	if d2, _ := g.Dropped(); d2[KindMesh] != d[KindMesh] {
@@ -362,7 +362,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if err := g.Set(bad); !errors.Is(err, ErrConfig) {
 		t.Fatalf("bad config: %v", err)
 	}
-	if v := counterValue(t, g.applies.WithLabelValues(resultError)); v != 1 {
+	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultError)); v != 1 {
 		t.Fatalf("applies error %v", v)
 	}
 	if again := handles(); !slices.Equal(first, again) {
@@ -419,30 +419,6 @@ func TestGuardInNamespaces(t *testing.T) {
 	}
 }
 
-func counterValue(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
-}
-
-// seriesOf counts the series of the metric called name that reg gathers.
-func seriesOf(t *testing.T, reg *prometheus.Registry, name string) int {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return len(mf.GetMetric())
-		}
-	}
-	return 0
-}
-
 func TestNewPlanUnderlay(t *testing.T) {
 	p, err := NewPlan(Config{Bridges: []string{"weft"}, Ports: []Port{{KindRaft, TCP, 6785}},
 		Underlay: []netip.Prefix{netip.MustParsePrefix("172.31.0.9/24"), netip.MustParsePrefix("172.31.0.0/24"), netip.MustParsePrefix("fd00::1/64")}})
@@ -452,9 +428,6 @@ func TestNewPlanUnderlay(t *testing.T) {
 	want := []netip.Prefix{netip.MustParsePrefix("172.31.0.0/24"), netip.MustParsePrefix("fd00::/64")}
 	if !slices.Equal(p.Underlay, want) {
 		t.Fatalf("underlay %v, want %v", p.Underlay, want)
-	}
-	if got := prefixMask(netip.MustParsePrefix("10.0.0.0/20")); !slices.Equal(got, []byte{255, 255, 240, 0}) {
-		t.Fatalf("mask %v", got)
 	}
 	for _, u := range []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), {}} {
 		if _, err := NewPlan(Config{Bridges: []string{"weft"}, Ports: []Port{{KindRaft, TCP, 6785}}, Underlay: []netip.Prefix{u}}); !errors.Is(err, ErrConfig) {
@@ -466,7 +439,7 @@ func TestNewPlanUnderlay(t *testing.T) {
 // A container cannot reach another peer's control port through its host's forwarding
 // either; the host itself still can.
 func TestGuardForwardToOtherPeers(t *testing.T) {
-	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wbf%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsgf%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
 	h0, h1 := lab.Hosts[0], lab.Hosts[1]
 	c, err := h0.AddContainer()
 	if err != nil {
@@ -510,5 +483,58 @@ func TestGuardForwardToOtherPeers(t *testing.T) {
 	}
 	if !tcpReach(c.NS, remote) {
 		t.Fatalf("the forward guard outlived its underlay range")
+	}
+}
+
+// A hundred bridges (1024 is the bound) apply in one transaction: its few hundred
+// acknowledgements overflow a default netlink buffer (ENOBUFS between 64 and 100 bridges
+// before the guard's connection had a big one), and a second Set changes nothing.
+func TestHundredBridges(t *testing.T) {
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsgh%d-", os.Getpid()%10000), NoIPv6: true})
+	r, err := lab.NewNS("r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := New(Deps{NetNSFd: int(r.Fd())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig()
+	cfg.Bridges = nil
+	for i := range 100 {
+		cfg.Bridges = append(cfg.Bridges, fmt.Sprintf("weft-n%d", i))
+		cfg.Underlay = append(cfg.Underlay, netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 16, byte(i), 0}), 24))
+	}
+	for range 2 {
+		if err := g.Set(cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultChanged)); v != 1 {
+		t.Fatalf("applies changed %v, want 1", v)
+	}
+	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultUnchanged)); v != 1 {
+		t.Fatalf("applies unchanged %v, want 1", v)
+	}
+	conn, err := nftables.New(nftables.WithNetNSFd(int(r.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, ch := range chains {
+		rules, err := conn.GetRules(table, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += len(rules)
+	}
+	if want := 100 + 100 + 100 + 5; n != want {
+		t.Fatalf("%d rules, want %d (a jump per bridge on each hook, a jump per range, a drop per port)", n, want)
+	}
+	if err := g.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil {
+		t.Fatalf("weft's table left behind, empty")
 	}
 }
