@@ -2,10 +2,8 @@ package guard
 
 import (
 	"fmt"
-	"log/slog"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -16,63 +14,28 @@ import (
 	"github.com/weftnet/weft/datapath/nft"
 )
 
-// Deps are the collaborators of a Guard.
-type Deps struct {
-	Logger   *slog.Logger          // nil: discard
-	Registry prometheus.Registerer // nil: metrics not exported
-	// NetNSFd is a network namespace to work in (tests); 0 means the current one.
-	NetNSFd int
-}
+// Deps are the collaborators of a Guard: a logger, a registry, a namespace (tests).
+type Deps = nft.Deps
 
-// Guard applies plans to the kernel. Its methods are safe for concurrent use (one mutex
+// Guard applies plans to the kernel. Its methods are safe for concurrent use (its applier
 // serialises them: each is a read of the guard's objects and at most one transaction).
-type Guard struct {
-	log     *slog.Logger
-	netns   int
-	applies *prometheus.CounterVec // result
-	mu      sync.Mutex             // serialises Set and Remove
-}
-
-// Results of weft_guard_applies_total.
-const (
-	resultChanged   = "changed"
-	resultUnchanged = "unchanged"
-	resultError     = "error"
-)
+type Guard struct{ a *nft.Applier }
 
 // New builds a Guard and registers its metrics: weft_guard_applies_total{result} and
 // weft_guard_dropped_packets_total{kind}, read from the kernel's named counters on scrape.
 func New(deps Deps) (*Guard, error) {
-	log := deps.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	g := &Guard{log: log, netns: deps.NetNSFd,
-		applies: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weft_guard_applies_total",
-			Help: "Convergences of the container guard (nftables), by result: changed, unchanged, error.",
-		}, []string{"result"}),
-	}
-	if deps.Registry != nil {
-		dropped := nft.CounterCollector{Desc: droppedDesc, Read: g.Dropped,
-			Labels: func(kind string) ([]string, bool) { return []string{kind}, true }}
-		for _, c := range []prometheus.Collector{g.applies, dropped} {
-			if err := deps.Registry.Register(c); err != nil {
-				return nil, fmt.Errorf("guard metrics: %w", err)
-			}
-		}
-	}
-	return g, nil
-}
-
-// conn connects with a big ack buffer: a guard of 100 bridges is a transaction of a few
-// hundred messages, whose acks overflow a default netlink buffer (ENOBUFS).
-func (g *Guard) conn() (*nftables.Conn, error) {
-	c, err := nft.Open(g.netns)
+	g := &Guard{}
+	dropped := nft.CounterCollector{Desc: droppedDesc, Read: g.Dropped,
+		Labels: func(kind string) ([]string, bool) { return []string{kind}, true }}
+	a, err := nft.NewApplier(deps, prometheus.CounterOpts{
+		Name: "weft_guard_applies_total",
+		Help: "Convergences of the container guard (nftables), by result: changed, unchanged, error.",
+	}, dropped)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrKernel, err)
+		return nil, err
 	}
-	return c, nil
+	g.a = a
+	return g, nil
 }
 
 var (
@@ -101,7 +64,7 @@ type state struct {
 func read(c *nftables.Conn) (state, error) {
 	o, err := nft.Read(c, mine)
 	if err != nil {
-		return state{}, fmt.Errorf("%w: %w", ErrKernel, err)
+		return state{}, err
 	}
 	s := state{owned: o, rules: make(map[string][]string, len(o.Rules))}
 	for ch, rules := range o.Rules {
@@ -140,35 +103,27 @@ func (p Plan) keys() map[string][]string {
 // that stay keep their values). An empty plan (no bridge or no port) removes the guard. A
 // bad cfg is refused, counted and logged, and changes nothing.
 func (g *Guard) Set(cfg Config) error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	err := g.set(cfg)
-	if err != nil {
-		g.applies.WithLabelValues(resultError).Inc()
-		g.log.Error("container guard not applied", "err", err)
-	}
-	return err
+	return g.a.Apply("container guard not applied", func() (nft.Result, error) { return g.set(cfg) })
 }
 
-func (g *Guard) set(cfg Config) error {
+func (g *Guard) set(cfg Config) (nft.Result, error) {
 	p, err := NewPlan(cfg)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if p.Empty() {
 		return g.remove()
 	}
-	c, err := g.conn()
+	c, err := g.a.Conn() // a big ack buffer: 100 bridges ack a few hundred messages
 	if err != nil {
-		return err
+		return "", err
 	}
 	cur, err := read(c)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if cur.matches(p) {
-		g.applies.WithLabelValues(resultUnchanged).Inc()
-		return nil
+		return nft.Unchanged, nil
 	}
 	c.AddTable(table) // no-op when it exists
 	for _, ch := range chains {
@@ -229,57 +184,44 @@ func (g *Guard) set(cfg Config) error {
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: apply guard (%d bridges, %d ports): %w", ErrKernel, len(p.Bridges), len(p.Ports), err)
+		return "", fmt.Errorf("%w: apply guard (%d bridges, %d ports): %w", ErrKernel, len(p.Bridges), len(p.Ports), err)
 	}
-	g.applies.WithLabelValues(resultChanged).Inc()
-	g.log.Info("container guard applied", "bridges", p.Bridges, "ports", len(p.Ports))
-	return nil
+	g.a.Log().Info("container guard applied", "bridges", p.Bridges, "ports", len(p.Ports))
+	return nft.Changed, nil
 }
 
 // Remove deletes the guard's chains and counters, and weft's table when nothing else is
 // left in it. Removing what is already gone is success.
 func (g *Guard) Remove() error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	err := g.remove()
-	if err != nil {
-		g.applies.WithLabelValues(resultError).Inc()
-		g.log.Error("container guard not removed", "err", err)
-	}
-	return err
+	return g.a.Apply("container guard not removed", g.remove)
 }
 
-func (g *Guard) remove() error {
-	c, err := g.conn()
+func (g *Guard) remove() (nft.Result, error) {
+	c, err := g.a.Conn()
 	if err != nil {
-		return err
+		return "", err
 	}
 	cur, err := read(c)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if !cur.owned.Remove(c) {
-		return nil // nothing of the guard's
+		return nft.Unchanged, nil // nothing of the guard's
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: remove guard: %w", ErrKernel, err)
+		return "", fmt.Errorf("%w: remove guard: %w", ErrKernel, err)
 	}
-	g.applies.WithLabelValues(resultChanged).Inc()
-	g.log.Info("container guard removed")
-	return nil
+	g.a.Log().Info("container guard removed")
+	return nft.Changed, nil
 }
 
 // Dropped returns the packets dropped so far, by kind, from the kernel's counters.
 func (g *Guard) Dropped() (map[string]uint64, error) {
-	c, err := g.conn()
+	c, err := g.a.Conn()
 	if err != nil {
 		return nil, err
 	}
-	out, err := nft.Counters(c, table, CounterPrefix)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrKernel, err)
-	}
-	return out, nil
+	return nft.Counters(c, table, CounterPrefix)
 }
 
 // droppedDesc is exported by an nft.CounterCollector on scrape (one netlink dump, O(kinds)).

@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/nft"
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
@@ -349,7 +350,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if again := handles(); !slices.Equal(first, again) {
 		t.Fatalf("second Set rewrote the rules: %v then %v", first, again)
 	}
-	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultUnchanged)); v != 1 {
+	if v := testutil.ToFloat64(g.a.Applies(nft.Unchanged)); v != 1 {
 		t.Fatalf("applies unchanged %v", v)
 	}
 	if d2, _ := g.Dropped(); d2[KindMesh] != d[KindMesh] {
@@ -362,7 +363,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if err := g.Set(bad); !errors.Is(err, ErrConfig) {
 		t.Fatalf("bad config: %v", err)
 	}
-	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultError)); v != 1 {
+	if v := testutil.ToFloat64(g.a.Applies(nft.Failed)); v != 1 {
 		t.Fatalf("applies error %v", v)
 	}
 	if again := handles(); !slices.Equal(first, again) {
@@ -510,10 +511,10 @@ func TestHundredBridges(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultChanged)); v != 1 {
+	if v := testutil.ToFloat64(g.a.Applies(nft.Changed)); v != 1 {
 		t.Fatalf("applies changed %v, want 1", v)
 	}
-	if v := testutil.ToFloat64(g.applies.WithLabelValues(resultUnchanged)); v != 1 {
+	if v := testutil.ToFloat64(g.a.Applies(nft.Unchanged)); v != 1 {
 		t.Fatalf("applies unchanged %v, want 1", v)
 	}
 	conn, err := nftables.New(nftables.WithNetNSFd(int(r.Fd())))

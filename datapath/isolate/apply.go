@@ -2,11 +2,9 @@ package isolate
 
 import (
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -16,67 +14,33 @@ import (
 	"github.com/weftnet/weft/datapath/nft"
 )
 
-// Deps are the collaborators of an Isolator.
-type Deps struct {
-	Logger   *slog.Logger          // nil: discard
-	Registry prometheus.Registerer // nil: metrics not exported
-	// NetNSFd is a network namespace to work in (tests); 0 means the current one.
-	NetNSFd int
-}
+// Deps are the collaborators of an Isolator: a logger, a registry, a namespace (tests).
+type Deps = nft.Deps
 
-// Isolator applies plans to the kernel. Its methods are safe for concurrent use (one mutex
-// serialises them: each is a read of the isolator's objects and at most one transaction).
-type Isolator struct {
-	log     *slog.Logger
-	netns   int
-	applies *prometheus.CounterVec // result
-	mu      sync.Mutex             // serialises Set and Remove
-}
-
-// Results of weft_isolation_applies_total.
-const (
-	resultChanged   = "changed"
-	resultUnchanged = "unchanged"
-	resultError     = "error"
-)
+// Isolator applies plans to the kernel. Its methods are safe for concurrent use (its
+// applier serialises them: each is a read of the isolator's objects and at most one
+// transaction).
+type Isolator struct{ a *nft.Applier }
 
 // New builds an Isolator and registers its metrics: weft_isolation_applies_total{result}
 // and weft_isolation_drops_total{network,direction}, read from the kernel's named counters
 // on scrape.
 func New(deps Deps) (*Isolator, error) {
-	log := deps.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	iso := &Isolator{log: log, netns: deps.NetNSFd,
-		applies: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weft_isolation_applies_total",
-			Help: "Convergences of the isolation between networks (nftables), by result: changed, unchanged, error.",
-		}, []string{"result"}),
-	}
-	if deps.Registry != nil {
-		drops := nft.CounterCollector{Desc: dropsDesc, Read: iso.counters,
-			Labels: func(name string) ([]string, bool) {
-				d, ok := dropOf(name)
-				return []string{d.Network, d.Direction}, ok
-			}}
-		for _, c := range []prometheus.Collector{iso.applies, drops} {
-			if err := deps.Registry.Register(c); err != nil {
-				return nil, fmt.Errorf("isolation metrics: %w", err)
-			}
-		}
-	}
-	return iso, nil
-}
-
-// conn connects with a big ack buffer: a change among 64 networks is a transaction of a few
-// hundred messages, whose acks overflow a default netlink buffer (ENOBUFS).
-func (iso *Isolator) conn() (*nftables.Conn, error) {
-	c, err := nft.Open(iso.netns)
+	iso := &Isolator{}
+	drops := nft.CounterCollector{Desc: dropsDesc, Read: iso.counters,
+		Labels: func(name string) ([]string, bool) {
+			d, ok := dropOf(name)
+			return []string{d.Network, d.Direction}, ok
+		}}
+	a, err := nft.NewApplier(deps, prometheus.CounterOpts{
+		Name: "weft_isolation_applies_total",
+		Help: "Convergences of the isolation between networks (nftables), by result: changed, unchanged, error.",
+	}, drops)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrKernel, err)
+		return nil, err
 	}
-	return c, nil
+	iso.a = a
+	return iso, nil
 }
 
 var (
@@ -127,7 +91,7 @@ type state struct {
 func read(c *nftables.Conn) (state, error) {
 	o, err := nft.Read(c, mine)
 	if err != nil {
-		return state{}, fmt.Errorf("%w: %w", ErrKernel, err)
+		return state{}, err
 	}
 	s := state{owned: o, counters: o.Counters, set: o.Sets[RangesSet],
 		rules: make(map[string]map[string][]uint64, len(o.Rules)), order: make(map[string][]string, len(o.Rules))}
@@ -236,35 +200,27 @@ func (s state) matches(p Plan) bool {
 // removes the isolator's objects. A bad input is refused, counted and logged, and changes
 // nothing. O(networks) rules and elements.
 func (iso *Isolator) Set(nets []Network) error {
-	iso.mu.Lock()
-	defer iso.mu.Unlock()
-	err := iso.set(nets)
-	if err != nil {
-		iso.applies.WithLabelValues(resultError).Inc()
-		iso.log.Error("isolation between networks not applied", "err", err)
-	}
-	return err
+	return iso.a.Apply("isolation between networks not applied", func() (nft.Result, error) { return iso.set(nets) })
 }
 
-func (iso *Isolator) set(nets []Network) error {
+func (iso *Isolator) set(nets []Network) (nft.Result, error) {
 	p, err := NewPlan(nets)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if p.Empty() {
 		return iso.remove()
 	}
-	c, err := iso.conn()
+	c, err := iso.a.Conn() // a big ack buffer: 64 networks ack a few hundred messages
 	if err != nil {
-		return err
+		return "", err
 	}
 	cur, err := read(c)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if cur.matches(p) {
-		iso.applies.WithLabelValues(resultUnchanged).Inc()
-		return nil
+		return nft.Unchanged, nil
 	}
 	c.AddTable(table) // no-op when it exists
 	for _, ch := range chains() {
@@ -276,13 +232,13 @@ func (iso *Isolator) set(nets []Network) error {
 	if set == nil {
 		set = &nftables.Set{Table: table, Name: RangesSet, KeyType: nftables.TypeIPAddr, Interval: true}
 		if err := c.AddSet(set, p.elements()); err != nil {
-			return fmt.Errorf("%w: add set %s: %w", ErrKernel, RangesSet, err)
+			return "", fmt.Errorf("%w: add set %s: %w", ErrKernel, RangesSet, err)
 		}
 	} else if !slices.Equal(cur.ranges, p.Ranges) {
 		// Flushed and refilled in the same transaction: no packet sees the set empty.
 		c.FlushSet(set)
 		if err := c.SetAddElements(set, p.elements()); err != nil {
-			return fmt.Errorf("%w: fill set %s: %w", ErrKernel, RangesSet, err)
+			return "", fmt.Errorf("%w: fill set %s: %w", ErrKernel, RangesSet, err)
 		}
 	}
 	want := p.Counters()
@@ -316,7 +272,7 @@ func (iso *Isolator) set(nets []Network) error {
 			}
 			for _, h := range handles[keep:] {
 				if err := c.DelRule(&nftables.Rule{Table: table, Chain: ch, Handle: h}); err != nil {
-					return fmt.Errorf("%w: delete rule %q: %w", ErrKernel, k, err)
+					return "", fmt.Errorf("%w: delete rule %q: %w", ErrKernel, k, err)
 				}
 				deleted++
 			}
@@ -343,12 +299,11 @@ func (iso *Isolator) set(nets []Network) error {
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: apply isolation of %v among %d networks: %w", ErrKernel, isolated, len(p.Networks), err)
+		return "", fmt.Errorf("%w: apply isolation of %v among %d networks: %w", ErrKernel, isolated, len(p.Networks), err)
 	}
-	iso.applies.WithLabelValues(resultChanged).Inc()
-	iso.log.Info("isolation between networks applied", "isolated", isolated, "networks", len(p.Networks),
+	iso.a.Log().Info("isolation between networks applied", "isolated", isolated, "networks", len(p.Networks),
 		"rules_added", added, "rules_deleted", deleted)
-	return nil
+	return nft.Changed, nil
 }
 
 // IPv4 header offsets of the addresses.
@@ -411,34 +366,26 @@ func ruleExprs(r Rule, set *nftables.Set) []expr.Any {
 // Remove deletes the isolator's chains, set and counters, and weft's table when nothing
 // else is left in it; the guard's objects stay. Removing what is already gone is success.
 func (iso *Isolator) Remove() error {
-	iso.mu.Lock()
-	defer iso.mu.Unlock()
-	err := iso.remove()
-	if err != nil {
-		iso.applies.WithLabelValues(resultError).Inc()
-		iso.log.Error("isolation between networks not removed", "err", err)
-	}
-	return err
+	return iso.a.Apply("isolation between networks not removed", iso.remove)
 }
 
-func (iso *Isolator) remove() error {
-	c, err := iso.conn()
+func (iso *Isolator) remove() (nft.Result, error) {
+	c, err := iso.a.Conn()
 	if err != nil {
-		return err
+		return "", err
 	}
 	cur, err := read(c)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if !cur.owned.Remove(c) {
-		return nil // nothing of ours
+		return nft.Unchanged, nil // nothing of ours
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: remove isolation: %w", ErrKernel, err)
+		return "", fmt.Errorf("%w: remove isolation: %w", ErrKernel, err)
 	}
-	iso.applies.WithLabelValues(resultChanged).Inc()
-	iso.log.Info("isolation between networks removed")
-	return nil
+	iso.a.Log().Info("isolation between networks removed")
+	return nft.Changed, nil
 }
 
 // Drop names one counter: the packets of a network dropped in one direction.
@@ -466,15 +413,11 @@ func (iso *Isolator) Dropped() (map[Drop]uint64, error) {
 // counters are the packets of the isolator's named counters by name without CounterPrefix
 // (network_direction). O(counters) = O(networks).
 func (iso *Isolator) counters() (map[string]uint64, error) {
-	c, err := iso.conn()
+	c, err := iso.a.Conn()
 	if err != nil {
 		return nil, err
 	}
-	m, err := nft.Counters(c, table, CounterPrefix)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrKernel, err)
-	}
-	return m, nil
+	return nft.Counters(c, table, CounterPrefix)
 }
 
 // dropOf is the drop a counter counts, from its name without CounterPrefix.

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weftnet/weft/datapath/guard"
+	"github.com/weftnet/weft/datapath/nft"
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
@@ -234,7 +235,7 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if h2 := handles(t, conn); !mapsEqual(h1, h2) {
 		t.Fatalf("a second Set rewrote the rules: %v then %v", h1, h2)
 	}
-	if v := testutil.ToFloat64(iso.applies.WithLabelValues(resultUnchanged)); v != 1 {
+	if v := testutil.ToFloat64(iso.a.Applies(nft.Unchanged)); v != 1 {
 		t.Fatalf("applies unchanged %v, want 1", v)
 	}
 
@@ -243,7 +244,7 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if err := iso.Set(bad); !errors.Is(err, ErrConfig) {
 		t.Fatalf("overlapping networks: %v, want ErrConfig", err)
 	}
-	if v := testutil.ToFloat64(iso.applies.WithLabelValues(resultError)); v != 1 {
+	if v := testutil.ToFloat64(iso.a.Applies(nft.Failed)); v != 1 {
 		t.Fatalf("applies error %v, want 1", v)
 	}
 	if h2 := handles(t, conn); !mapsEqual(h1, h2) {
@@ -464,7 +465,7 @@ func TestSixtyFourNetworks(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if v := testutil.ToFloat64(iso.applies.WithLabelValues(resultChanged)); v != 1 {
+	if v := testutil.ToFloat64(iso.a.Applies(nft.Changed)); v != 1 {
 		t.Fatalf("applies changed %v, want 1", v)
 	}
 	conn, err := nftables.New(nftables.WithNetNSFd(int(r.Fd())))

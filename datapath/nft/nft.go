@@ -20,6 +20,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// ErrKernel wraps every error of nftables (its users' too: guard.ErrKernel and
+// isolate.ErrKernel are this error).
+var ErrKernel = errors.New("nftables")
+
 // AckBuffer is the receive buffer of a connection's netlink socket. The kernel acknowledges
 // every message of a transaction before the first ack is read, and a transaction of a few
 // hundred messages (the isolation of 64 networks, the guard of 100 bridges) overflows the
@@ -37,7 +41,7 @@ func Open(netnsFd int) (*nftables.Conn, error) {
 	}
 	c, err := nftables.New(opts...)
 	if err != nil {
-		return nil, fmt.Errorf("connect: %w", err)
+		return nil, fmt.Errorf("%w: connect: %w", ErrKernel, err)
 	}
 	return c, nil
 }
@@ -133,14 +137,14 @@ func Read(c *nftables.Conn, m Mine) (Owned, error) {
 		if IsNotFound(err) {
 			return o, nil
 		}
-		return o, fmt.Errorf("list table %s: %w", name, err)
+		return o, fmt.Errorf("%w: list table %s: %w", ErrKernel, name, err)
 	}
 	o.Table = true
 	o.Rules = make(map[string][]Rule)
 	o.Sets = make(map[string]*nftables.Set)
 	all, err := c.ListChainsOfTableFamily(m.Table.Family)
 	if err != nil {
-		return o, fmt.Errorf("list chains: %w", err)
+		return o, fmt.Errorf("%w: list chains: %w", ErrKernel, err)
 	}
 	for _, ch := range all {
 		if ch.Table.Name != name {
@@ -152,7 +156,7 @@ func Read(c *nftables.Conn, m Mine) (Owned, error) {
 		}
 		rules, err := c.GetRules(m.Table, ch)
 		if err != nil {
-			return o, fmt.Errorf("list rules of %s: %w", ch.Name, err)
+			return o, fmt.Errorf("%w: list rules of %s: %w", ErrKernel, ch.Name, err)
 		}
 		rs := make([]Rule, len(rules))
 		for i, r := range rules {
@@ -162,7 +166,7 @@ func Read(c *nftables.Conn, m Mine) (Owned, error) {
 	}
 	objs, err := c.GetObjects(m.Table)
 	if err != nil && !IsNotFound(err) {
-		return o, fmt.Errorf("list objects: %w", err)
+		return o, fmt.Errorf("%w: list objects: %w", ErrKernel, err)
 	}
 	for _, obj := range objs {
 		if co, ok := obj.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, m.CounterPrefix) {
@@ -174,7 +178,7 @@ func Read(c *nftables.Conn, m Mine) (Owned, error) {
 	slices.Sort(o.Counters)
 	sets, err := c.GetSets(m.Table)
 	if err != nil && !IsNotFound(err) {
-		return o, fmt.Errorf("list sets: %w", err)
+		return o, fmt.Errorf("%w: list sets: %w", ErrKernel, err)
 	}
 	for _, s := range sets {
 		if slices.Contains(m.Sets, s.Name) {
@@ -229,7 +233,7 @@ func Counters(c *nftables.Conn, table *nftables.Table, prefix string) (map[strin
 		if IsNotFound(err) {
 			return map[string]uint64{}, nil
 		}
-		return nil, fmt.Errorf("read counters: %w", err)
+		return nil, fmt.Errorf("%w: read counters: %w", ErrKernel, err)
 	}
 	out := make(map[string]uint64)
 	for _, obj := range objs {
