@@ -155,7 +155,7 @@ func TestCounterCollector(t *testing.T) {
 	var readErr error
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(CounterCollector{Desc: desc,
-		Read: func() (map[string]uint64, error) { return map[string]uint64{"mesh": 3, "skip": 1}, readErr },
+		Read:   func() (map[string]uint64, error) { return map[string]uint64{"mesh": 3, "skip": 1}, readErr },
 		Labels: func(name string) ([]string, bool) { return []string{name}, name != "skip" }})
 	if n, err := testutil.GatherAndCount(reg, "wns_test_drops_total"); err != nil || n != 1 {
 		t.Fatalf("%d series (%v), want 1", n, err)
