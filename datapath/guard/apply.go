@@ -55,7 +55,7 @@ var (
 
 // state is what the kernel holds of the guard.
 type state struct {
-	owned    nft.Owned
+	table    bool                // the table exists
 	rules    map[string][]string // rule keys by chain, in order; a missing chain is absent
 	counters []string            // kinds with a counter, sorted
 }
@@ -66,7 +66,7 @@ func read(c *nftables.Conn) (state, error) {
 	if err != nil {
 		return state{}, err
 	}
-	s := state{owned: o, rules: make(map[string][]string, len(o.Rules))}
+	s := state{table: o.Table, rules: make(map[string][]string, len(o.Rules))}
 	for ch, rules := range o.Rules {
 		s.rules[ch] = nft.Keys(rules)
 	}
@@ -78,7 +78,7 @@ func read(c *nftables.Conn) (state, error) {
 
 // matches reports whether the kernel holds exactly the plan.
 func (s state) matches(p Plan) bool {
-	if !s.owned.Table || !slices.Equal(s.counters, p.Kinds) {
+	if !s.table || !slices.Equal(s.counters, p.Kinds) {
 		return false
 	}
 	for name, want := range p.keys() {
@@ -196,24 +196,8 @@ func (g *Guard) Remove() error {
 	return g.a.Apply("container guard not removed", g.remove)
 }
 
-func (g *Guard) remove() (nft.Result, error) {
-	c, err := g.a.Conn()
-	if err != nil {
-		return "", err
-	}
-	cur, err := read(c)
-	if err != nil {
-		return "", err
-	}
-	if !cur.owned.Remove(c) {
-		return nft.Unchanged, nil // nothing of the guard's
-	}
-	if err := c.Flush(); err != nil {
-		return "", fmt.Errorf("%w: remove guard: %w", ErrKernel, err)
-	}
-	g.a.Log().Info("container guard removed")
-	return nft.Changed, nil
-}
+// remove deletes the objects of the guard (inside Apply).
+func (g *Guard) remove() (nft.Result, error) { return g.a.Clear(mine, "container guard") }
 
 // Dropped returns the packets dropped so far, by kind, from the kernel's counters.
 func (g *Guard) Dropped() (map[string]uint64, error) {

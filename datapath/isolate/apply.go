@@ -78,7 +78,8 @@ var mine = nft.Mine{Table: table, Chains: append(slices.Clone(bases), groupChain
 
 // state is what the kernel holds of the isolator's objects.
 type state struct {
-	owned    nft.Owned
+	table    bool                           // the table exists
+	foreign  bool                           // the table holds others' objects too
 	rules    map[string]map[string][]uint64 // chain → rule key → handles; a missing chain is absent
 	order    map[string][]string            // chain → rule keys in order (for the base chains)
 	set      *nftables.Set                  // nil: absent
@@ -93,7 +94,7 @@ func read(c *nftables.Conn) (state, error) {
 	if err != nil {
 		return state{}, err
 	}
-	s := state{owned: o, counters: o.Counters, set: o.Sets[RangesSet],
+	s := state{table: o.Table, foreign: o.Foreign, counters: o.Counters, set: o.Sets[RangesSet],
 		rules: make(map[string]map[string][]uint64, len(o.Rules)), order: make(map[string][]string, len(o.Rules))}
 	for ch, rules := range o.Rules {
 		keys := make(map[string][]uint64, len(rules))
@@ -170,7 +171,7 @@ func (p Plan) elements() []nftables.SetElement {
 // order, the same rule keys in each group chain (each once, in any order), the same ranges,
 // the same counters.
 func (s state) matches(p Plan) bool {
-	if !s.owned.Table || s.set == nil || !slices.Equal(s.ranges, p.Ranges) || !slices.Equal(s.counters, p.Counters()) {
+	if !s.table || s.set == nil || !slices.Equal(s.ranges, p.Ranges) || !slices.Equal(s.counters, p.Counters()) {
 		return false
 	}
 	for name, want := range p.ChainKeys() {
@@ -369,23 +370,9 @@ func (iso *Isolator) Remove() error {
 	return iso.a.Apply("isolation between networks not removed", iso.remove)
 }
 
+// remove deletes the objects of the isolator (inside Apply).
 func (iso *Isolator) remove() (nft.Result, error) {
-	c, err := iso.a.Conn()
-	if err != nil {
-		return "", err
-	}
-	cur, err := read(c)
-	if err != nil {
-		return "", err
-	}
-	if !cur.owned.Remove(c) {
-		return nft.Unchanged, nil // nothing of ours
-	}
-	if err := c.Flush(); err != nil {
-		return "", fmt.Errorf("%w: remove isolation: %w", ErrKernel, err)
-	}
-	iso.a.Log().Info("isolation between networks removed")
-	return nft.Changed, nil
+	return iso.a.Clear(mine, "isolation between networks")
 }
 
 // Drop names one counter: the packets of a network dropped in one direction.

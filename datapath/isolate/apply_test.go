@@ -305,7 +305,7 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st.rules) != 0 || st.set != nil || len(st.counters) != 0 || !st.owned.Foreign {
+	if len(st.rules) != 0 || st.set != nil || len(st.counters) != 0 || !st.foreign {
 		t.Fatalf("after isolating nothing: %+v", st)
 	}
 	if err := iso.Remove(); err != nil {

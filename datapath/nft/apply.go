@@ -79,3 +79,25 @@ func (a *Applier) Apply(msg string, fn func() (Result, error)) error {
 	a.applies.WithLabelValues(string(r)).Inc()
 	return nil
 }
+
+// Clear deletes the objects of m (and the table when nothing else is left in it) in one
+// transaction, as a convergence to run inside Apply: Unchanged when there are none. The
+// log line and the error name what (e.g. "container guard").
+func (a *Applier) Clear(m Mine, what string) (Result, error) {
+	c, err := a.Conn()
+	if err != nil {
+		return "", err
+	}
+	o, err := Read(c, m)
+	if err != nil {
+		return "", err
+	}
+	if !o.Remove(c) {
+		return Unchanged, nil
+	}
+	if err := c.Flush(); err != nil {
+		return "", fmt.Errorf("%w: remove %s: %w", ErrKernel, what, err)
+	}
+	a.log.Info(what + " removed")
+	return Changed, nil
+}
