@@ -1,10 +1,12 @@
 // Package nft is what the users of weft's one nftables table (inet "weft") share: the
-// connection, reading back the objects one user owns in the table (its chains' rules by
-// the keys in their user data, its named counters, its sets) while noting that others
-// hold objects there too, removing only those objects (and the table only when nothing
-// else is left in it), reading named counters, and the byte forms of interface names and
-// netmasks. It is a thin layer over github.com/google/nftables: building rules and
-// deciding what to change stay with each user (datapath/guard, datapath/isolate).
+// connection (with a receive buffer big enough for the acks of a large transaction),
+// reading back the objects one user owns in the table (its chains' rules by the keys in
+// their user data, its named counters, its sets) while noting that others hold objects
+// there too, removing only those objects (and the table only when nothing else is left in
+// it), exporting named counters as metrics, and an Applier that runs a user's convergences
+// one at a time and counts them by result. It is a thin layer over github.com/google/nftables:
+// planning, building rules and deciding what to change stay with each user
+// (datapath/guard, datapath/isolate).
 package nft
 
 import (
