@@ -126,6 +126,18 @@ func tcpReach(n *nslab.NS, addr string) bool {
 	return ok
 }
 
+// mustReach waits (5 s at most: the first SYN may wait for ARP on a loaded machine) until
+// n reaches addr over TCP; who says who tries, and when.
+func mustReach(t *testing.T, n *nslab.NS, addr, who string) {
+	t.Helper()
+	nslab.Eventually(t, 5*time.Second, fmt.Sprintf("%s reaches %s", who, addr), func() error {
+		if !tcpReach(n, addr) {
+			return errors.New("unreachable")
+		}
+		return nil
+	})
+}
+
 func udpSend(t *testing.T, n *nslab.NS, addr string) {
 	t.Helper()
 	in(t, n, func() error {
@@ -246,9 +258,8 @@ func TestGuardInNamespaces(t *testing.T) {
 	// Without the guard the container reaches everything: the test can fail.
 	for _, a := range []string{gw, ul} {
 		for _, p := range []int{meshPort, raftPort, httpPort} {
-			if addr := net.JoinHostPort(a, fmt.Sprint(p)); !tcpReach(c1.NS, addr) {
-				t.Fatalf("before the guard, %s is unreachable: the test proves nothing", addr)
-			}
+			addr := net.JoinHostPort(a, fmt.Sprint(p))
+			mustReach(t, c1.NS, addr, "before the guard (else the test proves nothing)")
 		}
 	}
 	udpSend(t, c1.NS, net.JoinHostPort(gw, fmt.Sprint(probePort)))
@@ -314,13 +325,9 @@ func TestGuardInNamespaces(t *testing.T) {
 			t.Errorf("dns over %s through the gateway with the guard on: %v", netw, err)
 		}
 	}
-	if !tcpReach(c1.NS, c2addr) {
-		t.Errorf("a container no longer reaches another on port %d", meshPort)
-	}
+	mustReach(t, c1.NS, c2addr, "a container, another one on a guarded port number, with the guard on")
 	// The host itself still reaches its own ports (only bridge input is guarded).
-	if !tcpReach(h.NS, net.JoinHostPort(ul, fmt.Sprint(raftPort))) {
-		t.Errorf("the host no longer reaches its own raft port")
-	}
+	mustReach(t, h.NS, net.JoinHostPort(ul, fmt.Sprint(raftPort)), "the host, its own raft port, with the guard on")
 
 	// Applying twice changes nothing: same rules, same handles, counters kept.
 	conn, err := nftables.New(nftables.WithNetNSFd(hostNS))
@@ -397,9 +404,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if _, err := conn.ListTableOfFamily("wbdother", nftables.TableFamilyINet); err != nil {
 		t.Fatalf("another table went with the guard: %v", err)
 	}
-	if !tcpReach(c1.NS, net.JoinHostPort(gw, fmt.Sprint(raftPort))) {
-		t.Fatalf("after Remove the container is still guarded")
-	}
+	mustReach(t, c1.NS, net.JoinHostPort(gw, fmt.Sprint(raftPort)), "after Remove, the container")
 	if err := g.Remove(); err != nil {
 		t.Fatalf("removing twice: %v", err)
 	}
@@ -456,9 +461,7 @@ func TestGuardForwardToOtherPeers(t *testing.T) {
 	})
 	acceptAndClose(t, h1.NS, raftPort)
 	remote := net.JoinHostPort(h1.Underlay.Addr().String(), fmt.Sprint(raftPort))
-	if !tcpReach(c.NS, remote) {
-		t.Fatalf("before the guard, the container does not reach %s: the test proves nothing", remote)
-	}
+	mustReach(t, c.NS, remote, "before the guard (else the test proves nothing), the container")
 	g, err := New(Deps{NetNSFd: int(h0.NetNS.Fd())})
 	if err != nil {
 		t.Fatal(err)
@@ -475,16 +478,12 @@ func TestGuardForwardToOtherPeers(t *testing.T) {
 	if d, _ := g.Dropped(); d[KindRaft] == 0 {
 		t.Fatalf("forwarded drop not counted: %v", d)
 	}
-	if !tcpReach(h0.NS, remote) {
-		t.Fatalf("the host no longer reaches another peer's raft port")
-	}
+	mustReach(t, h0.NS, remote, "the host, another peer's raft port, with the guard on")
 	// Without the underlay range the forward rule is gone: Set converged to the new plan.
 	if err := g.Set(testConfig()); err != nil {
 		t.Fatal(err)
 	}
-	if !tcpReach(c.NS, remote) {
-		t.Fatalf("the forward guard outlived its underlay range")
-	}
+	mustReach(t, c.NS, remote, "without an underlay range (else the forward guard outlived it), the container")
 }
 
 // A hundred bridges (1024 is the bound) apply in one transaction: its few hundred
