@@ -1,79 +1,41 @@
 package guard
 
 import (
-	"errors"
 	"fmt"
-	"log/slog"
-	"net/netip"
-	"os"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath/nft"
 )
 
-// Deps are the collaborators of a Guard.
-type Deps struct {
-	Logger   *slog.Logger          // nil: discard
-	Registry prometheus.Registerer // nil: metrics not exported
-	// NetNSFd is a network namespace to work in (tests); 0 means the current one.
-	NetNSFd int
-}
+// Deps are the collaborators of a Guard: a logger, a registry, a namespace (tests).
+type Deps = nft.Deps
 
-// Guard applies plans to the kernel. Its methods are safe for concurrent use (one mutex
+// Guard applies plans to the kernel. Its methods are safe for concurrent use (its applier
 // serialises them: each is a read of the guard's objects and at most one transaction).
-type Guard struct {
-	log     *slog.Logger
-	netns   int
-	applies *prometheus.CounterVec // result
-	mu      sync.Mutex             // serialises Set and Remove
-}
-
-// Results of weft_guard_applies_total.
-const (
-	resultChanged   = "changed"
-	resultUnchanged = "unchanged"
-	resultError     = "error"
-)
+type Guard struct{ a *nft.Applier }
 
 // New builds a Guard and registers its metrics: weft_guard_applies_total{result} and
 // weft_guard_dropped_packets_total{kind}, read from the kernel's named counters on scrape.
 func New(deps Deps) (*Guard, error) {
-	log := deps.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	g := &Guard{log: log, netns: deps.NetNSFd,
-		applies: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weft_guard_applies_total",
-			Help: "Convergences of the container guard (nftables), by result: changed, unchanged, error.",
-		}, []string{"result"}),
-	}
-	if deps.Registry != nil {
-		for _, c := range []prometheus.Collector{g.applies, droppedCollector{g}} {
-			if err := deps.Registry.Register(c); err != nil {
-				return nil, fmt.Errorf("guard metrics: %w", err)
-			}
-		}
-	}
-	return g, nil
-}
-
-func (g *Guard) conn() (*nftables.Conn, error) {
-	var opts []nftables.ConnOption
-	if g.netns != 0 {
-		opts = append(opts, nftables.WithNetNSFd(g.netns))
-	}
-	c, err := nftables.New(opts...)
+	g := &Guard{}
+	dropped := nft.CounterCollector{Desc: droppedDesc, Read: g.Dropped,
+		Labels: func(kind string) ([]string, bool) { return []string{kind}, true }}
+	a, err := nft.NewApplier(deps, prometheus.CounterOpts{
+		Name: "weft_guard_applies_total",
+		Help: "Convergences of the container guard (nftables), by result: changed, unchanged, error.",
+	}, dropped)
 	if err != nil {
-		return nil, fmt.Errorf("%w: connect: %w", ErrKernel, err)
+		return nil, err
 	}
-	return c, nil
+	g.a = a
+	return g, nil
 }
 
 var (
@@ -85,71 +47,31 @@ var (
 	forward = &nftables.Chain{Name: ForwardChain, Table: table, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &policy}
 	underlay = &nftables.Chain{Name: UnderlayChain, Table: table}
-	// chains are the guard's chains.
+	// chains are the guard's chains, base chains (which jump) first.
 	chains = []*nftables.Chain{input, forward, ports, underlay}
+	// mine is what the guard owns in weft's table: no set.
+	mine = nft.Mine{Table: table, Chains: chains, CounterPrefix: CounterPrefix}
 )
 
 // state is what the kernel holds of the guard.
 type state struct {
-	table    bool
+	table    bool                // the table exists
 	rules    map[string][]string // rule keys by chain, in order; a missing chain is absent
-	counters []string            // kinds with a counter
-	foreign  bool                // the table holds objects that are not the guard's
+	counters []string            // kinds with a counter, sorted
 }
-
-func isNotFound(err error) bool { return errors.Is(err, unix.ENOENT) || errors.Is(err, os.ErrNotExist) }
 
 // read returns the guard's objects as the kernel holds them.
 func read(c *nftables.Conn) (state, error) {
-	var s state
-	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
-		if isNotFound(err) {
-			return s, nil
-		}
-		return s, fmt.Errorf("%w: list table %s: %w", ErrKernel, TableName, err)
-	}
-	s.table = true
-	s.rules = make(map[string][]string)
-	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	o, err := nft.Read(c, mine)
 	if err != nil {
-		return s, fmt.Errorf("%w: list chains: %w", ErrKernel, err)
+		return state{}, err
 	}
-	for _, ch := range all {
-		if ch.Table.Name != TableName {
-			continue
-		}
-		if !slices.ContainsFunc(chains, func(mine *nftables.Chain) bool { return mine.Name == ch.Name }) {
-			s.foreign = true
-			continue
-		}
-		rules, err := c.GetRules(table, ch)
-		if err != nil {
-			return s, fmt.Errorf("%w: list rules of %s: %w", ErrKernel, ch.Name, err)
-		}
-		keys := make([]string, 0, len(rules))
-		for _, r := range rules {
-			keys = append(keys, string(r.UserData))
-		}
-		s.rules[ch.Name] = keys
+	s := state{table: o.Table, rules: make(map[string][]string, len(o.Rules))}
+	for ch, rules := range o.Rules {
+		s.rules[ch] = nft.Keys(rules)
 	}
-	objs, err := c.GetObjects(table)
-	if err != nil && !isNotFound(err) {
-		return s, fmt.Errorf("%w: list objects: %w", ErrKernel, err)
-	}
-	for _, o := range objs {
-		if co, ok := o.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, CounterPrefix) {
-			s.counters = append(s.counters, strings.TrimPrefix(co.Name, CounterPrefix))
-		} else {
-			s.foreign = true
-		}
-	}
-	slices.Sort(s.counters)
-	sets, err := c.GetSets(table)
-	if err != nil && !isNotFound(err) {
-		return s, fmt.Errorf("%w: list sets: %w", ErrKernel, err)
-	}
-	if len(sets) > 0 {
-		s.foreign = true
+	for _, name := range o.Counters {
+		s.counters = append(s.counters, strings.TrimPrefix(name, CounterPrefix))
 	}
 	return s, nil
 }
@@ -181,35 +103,27 @@ func (p Plan) keys() map[string][]string {
 // that stay keep their values). An empty plan (no bridge or no port) removes the guard. A
 // bad cfg is refused, counted and logged, and changes nothing.
 func (g *Guard) Set(cfg Config) error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	err := g.set(cfg)
-	if err != nil {
-		g.applies.WithLabelValues(resultError).Inc()
-		g.log.Error("container guard not applied", "err", err)
-	}
-	return err
+	return g.a.Apply("container guard not applied", func() (nft.Result, error) { return g.set(cfg) })
 }
 
-func (g *Guard) set(cfg Config) error {
+func (g *Guard) set(cfg Config) (nft.Result, error) {
 	p, err := NewPlan(cfg)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if p.Empty() {
 		return g.remove()
 	}
-	c, err := g.conn()
+	c, err := g.a.Conn() // a big ack buffer: 100 bridges ack a few hundred messages
 	if err != nil {
-		return err
+		return "", err
 	}
 	cur, err := read(c)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if cur.matches(p) {
-		g.applies.WithLabelValues(resultUnchanged).Inc()
-		return nil
+		return nft.Unchanged, nil
 	}
 	c.AddTable(table) // no-op when it exists
 	for _, ch := range chains {
@@ -224,14 +138,14 @@ func (g *Guard) set(cfg Config) error {
 	for _, b := range p.Bridges {
 		c.AddRule(&nftables.Rule{Table: table, Chain: input, UserData: []byte(bridgeKey(b)), Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nft.IfName(b)},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
 		}})
 	}
 	for _, b := range p.Bridges {
 		c.AddRule(&nftables.Rule{Table: table, Chain: forward, UserData: []byte(forwardKey(b)), Exprs: []expr.Any{
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(b)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nft.IfName(b)},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: UnderlayChain},
 		}})
 	}
@@ -245,7 +159,7 @@ func (g *Guard) set(cfg Config) error {
 			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: offset, Len: n},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: prefixMask(u), Xor: make([]byte, n)},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: n, Mask: nft.PrefixMask(u), Xor: make([]byte, n)},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: u.Addr().AsSlice()},
 			&expr.Verdict{Kind: expr.VerdictJump, Chain: PortsChain},
 		}})
@@ -270,117 +184,31 @@ func (g *Guard) set(cfg Config) error {
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: apply guard (%d bridges, %d ports): %w", ErrKernel, len(p.Bridges), len(p.Ports), err)
+		return "", fmt.Errorf("%w: apply guard (%d bridges, %d ports): %w", ErrKernel, len(p.Bridges), len(p.Ports), err)
 	}
-	g.applies.WithLabelValues(resultChanged).Inc()
-	g.log.Info("container guard applied", "bridges", p.Bridges, "ports", len(p.Ports))
-	return nil
-}
-
-// prefixMask is the netmask of u, as many bytes as its address.
-func prefixMask(u netip.Prefix) []byte {
-	m := make([]byte, u.Addr().BitLen()/8)
-	for i := 0; i < u.Bits(); i++ {
-		m[i/8] |= 0x80 >> (i % 8)
-	}
-	return m
-}
-
-// ifname is an interface name as the kernel compares it (IFNAMSIZ bytes, NUL-padded).
-func ifname(n string) []byte {
-	b := make([]byte, unix.IFNAMSIZ)
-	copy(b, n)
-	return b
+	g.a.Log().Info("container guard applied", "bridges", p.Bridges, "ports", len(p.Ports))
+	return nft.Changed, nil
 }
 
 // Remove deletes the guard's chains and counters, and weft's table when nothing else is
 // left in it. Removing what is already gone is success.
 func (g *Guard) Remove() error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	err := g.remove()
-	if err != nil {
-		g.applies.WithLabelValues(resultError).Inc()
-		g.log.Error("container guard not removed", "err", err)
-	}
-	return err
+	return g.a.Apply("container guard not removed", g.remove)
 }
 
-func (g *Guard) remove() error {
-	c, err := g.conn()
-	if err != nil {
-		return err
-	}
-	cur, err := read(c)
-	if err != nil {
-		return err
-	}
-	if !cur.table {
-		return nil
-	}
-	if !cur.foreign {
-		c.DelTable(table) // everything in it is the guard's
-	} else {
-		for _, ch := range chains { // flush all first: no jump is left into a deleted chain
-			if _, ok := cur.rules[ch.Name]; ok {
-				c.FlushChain(ch)
-			}
-		}
-		for _, ch := range chains {
-			if _, ok := cur.rules[ch.Name]; ok {
-				c.DelChain(ch)
-			}
-		}
-		for _, k := range cur.counters {
-			c.DeleteObject(&nftables.CounterObj{Table: table, Name: CounterPrefix + k})
-		}
-	}
-	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: remove guard: %w", ErrKernel, err)
-	}
-	g.applies.WithLabelValues(resultChanged).Inc()
-	g.log.Info("container guard removed")
-	return nil
-}
+// remove deletes the objects of the guard (inside Apply).
+func (g *Guard) remove() (nft.Result, error) { return g.a.Clear(mine, "container guard") }
 
 // Dropped returns the packets dropped so far, by kind, from the kernel's counters.
 func (g *Guard) Dropped() (map[string]uint64, error) {
-	c, err := g.conn()
+	c, err := g.a.Conn()
 	if err != nil {
 		return nil, err
 	}
-	objs, err := c.GetObjects(table)
-	if err != nil {
-		if isNotFound(err) {
-			return map[string]uint64{}, nil
-		}
-		return nil, fmt.Errorf("%w: read counters: %w", ErrKernel, err)
-	}
-	out := make(map[string]uint64)
-	for _, o := range objs {
-		if co, ok := o.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, CounterPrefix) {
-			out[strings.TrimPrefix(co.Name, CounterPrefix)] = co.Packets
-		}
-	}
-	return out, nil
+	return nft.Counters(c, table, CounterPrefix)
 }
 
-// droppedCollector exports the kernel's counters on scrape (one netlink dump, O(kinds)).
-type droppedCollector struct{ g *Guard }
-
+// droppedDesc is exported by an nft.CounterCollector on scrape (one netlink dump, O(kinds)).
 var droppedDesc = prometheus.NewDesc("weft_guard_dropped_packets_total",
 	"Packets from containers to the peer's own control ports dropped by the container guard, by kind of port.",
 	[]string{"kind"}, nil)
-
-func (d droppedCollector) Describe(ch chan<- *prometheus.Desc) { ch <- droppedDesc }
-
-func (d droppedCollector) Collect(ch chan<- prometheus.Metric) {
-	m, err := d.g.Dropped()
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(droppedDesc, err)
-		return
-	}
-	for k, v := range m {
-		ch <- prometheus.MustNewConstMetric(droppedDesc, prometheus.CounterValue, float64(v), k)
-	}
-}

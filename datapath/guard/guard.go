@@ -24,6 +24,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath/nft"
 )
 
 // Table, chains and counter prefix the guard owns.
@@ -90,8 +92,8 @@ const (
 var (
 	// ErrConfig wraps every error of Plan: nothing is changed.
 	ErrConfig = errors.New("invalid guard config")
-	// ErrKernel wraps errors of nftables.
-	ErrKernel = errors.New("nftables")
+	// ErrKernel wraps errors of nftables; it is nft.ErrKernel (isolate's too).
+	ErrKernel = nft.ErrKernel
 )
 
 // Plan is the guard's desired state, sorted and without duplicates.

@@ -14,10 +14,11 @@ import (
 	"github.com/google/nftables"
 	mdns "github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/vishvananda/netlink"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/nft"
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
@@ -125,6 +126,18 @@ func tcpReach(n *nslab.NS, addr string) bool {
 	return ok
 }
 
+// mustReach waits (5 s at most: the first SYN may wait for ARP on a loaded machine) until
+// n reaches addr over TCP; who says who tries, and when.
+func mustReach(t *testing.T, n *nslab.NS, addr, who string) {
+	t.Helper()
+	nslab.Eventually(t, 5*time.Second, fmt.Sprintf("%s reaches %s", who, addr), func() error {
+		if !tcpReach(n, addr) {
+			return errors.New("unreachable")
+		}
+		return nil
+	})
+}
+
 func udpSend(t *testing.T, n *nslab.NS, addr string) {
 	t.Helper()
 	in(t, n, func() error {
@@ -159,7 +172,7 @@ func resolve(n *nslab.NS, netw, server string) error {
 // reaches another container; applying twice changes nothing; removal removes only the
 // guard's objects.
 func TestGuardInNamespaces(t *testing.T) {
-	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wbd%d-", os.Getpid()%10000), Hosts: 1, NoIPv6: true})
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsgd%d-", os.Getpid()%10000), Hosts: 1, NoIPv6: true})
 	h := lab.Hosts[0]
 	c1, err := h.AddContainer()
 	if err != nil {
@@ -245,9 +258,8 @@ func TestGuardInNamespaces(t *testing.T) {
 	// Without the guard the container reaches everything: the test can fail.
 	for _, a := range []string{gw, ul} {
 		for _, p := range []int{meshPort, raftPort, httpPort} {
-			if addr := net.JoinHostPort(a, fmt.Sprint(p)); !tcpReach(c1.NS, addr) {
-				t.Fatalf("before the guard, %s is unreachable: the test proves nothing", addr)
-			}
+			addr := net.JoinHostPort(a, fmt.Sprint(p))
+			mustReach(t, c1.NS, addr, "before the guard (else the test proves nothing)")
 		}
 	}
 	udpSend(t, c1.NS, net.JoinHostPort(gw, fmt.Sprint(probePort)))
@@ -305,21 +317,17 @@ func TestGuardInNamespaces(t *testing.T) {
 	if d[KindRaft] == 0 || d[KindHTTP] == 0 {
 		t.Errorf("tcp drops not counted: %v", d)
 	}
-	if n := seriesOf(t, reg, "weft_guard_dropped_packets_total"); n != 4 {
-		t.Errorf("weft_guard_dropped_packets_total has %d kinds, want 4", n)
+	if n, err := testutil.GatherAndCount(reg, "weft_guard_dropped_packets_total"); err != nil || n != 4 {
+		t.Errorf("weft_guard_dropped_packets_total has %d kinds, want 4 (%v)", n, err)
 	}
 	for _, netw := range []string{"udp", "tcp"} {
 		if err := resolve(c1.NS, netw, net.JoinHostPort(gw, fmt.Sprint(dnsPort))); err != nil {
 			t.Errorf("dns over %s through the gateway with the guard on: %v", netw, err)
 		}
 	}
-	if !tcpReach(c1.NS, c2addr) {
-		t.Errorf("a container no longer reaches another on port %d", meshPort)
-	}
+	mustReach(t, c1.NS, c2addr, "a container, another one on a guarded port number, with the guard on")
 	// The host itself still reaches its own ports (only bridge input is guarded).
-	if !tcpReach(h.NS, net.JoinHostPort(ul, fmt.Sprint(raftPort))) {
-		t.Errorf("the host no longer reaches its own raft port")
-	}
+	mustReach(t, h.NS, net.JoinHostPort(ul, fmt.Sprint(raftPort)), "the host, its own raft port, with the guard on")
 
 	// Applying twice changes nothing: same rules, same handles, counters kept.
 	conn, err := nftables.New(nftables.WithNetNSFd(hostNS))
@@ -349,7 +357,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if again := handles(); !slices.Equal(first, again) {
 		t.Fatalf("second Set rewrote the rules: %v then %v", first, again)
 	}
-	if v := counterValue(t, g.applies.WithLabelValues(resultUnchanged)); v != 1 {
+	if v := testutil.ToFloat64(g.a.Applies(nft.Unchanged)); v != 1 {
 		t.Fatalf("applies unchanged %v", v)
 	}
 	if d2, _ := g.Dropped(); d2[KindMesh] != d[KindMesh] {
@@ -362,7 +370,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if err := g.Set(bad); !errors.Is(err, ErrConfig) {
 		t.Fatalf("bad config: %v", err)
 	}
-	if v := counterValue(t, g.applies.WithLabelValues(resultError)); v != 1 {
+	if v := testutil.ToFloat64(g.a.Applies(nft.Failed)); v != 1 {
 		t.Fatalf("applies error %v", v)
 	}
 	if again := handles(); !slices.Equal(first, again) {
@@ -396,9 +404,7 @@ func TestGuardInNamespaces(t *testing.T) {
 	if _, err := conn.ListTableOfFamily("wbdother", nftables.TableFamilyINet); err != nil {
 		t.Fatalf("another table went with the guard: %v", err)
 	}
-	if !tcpReach(c1.NS, net.JoinHostPort(gw, fmt.Sprint(raftPort))) {
-		t.Fatalf("after Remove the container is still guarded")
-	}
+	mustReach(t, c1.NS, net.JoinHostPort(gw, fmt.Sprint(raftPort)), "after Remove, the container")
 	if err := g.Remove(); err != nil {
 		t.Fatalf("removing twice: %v", err)
 	}
@@ -419,30 +425,6 @@ func TestGuardInNamespaces(t *testing.T) {
 	}
 }
 
-func counterValue(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
-}
-
-// seriesOf counts the series of the metric called name that reg gathers.
-func seriesOf(t *testing.T, reg *prometheus.Registry, name string) int {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return len(mf.GetMetric())
-		}
-	}
-	return 0
-}
-
 func TestNewPlanUnderlay(t *testing.T) {
 	p, err := NewPlan(Config{Bridges: []string{"weft"}, Ports: []Port{{KindRaft, TCP, 6785}},
 		Underlay: []netip.Prefix{netip.MustParsePrefix("172.31.0.9/24"), netip.MustParsePrefix("172.31.0.0/24"), netip.MustParsePrefix("fd00::1/64")}})
@@ -452,9 +434,6 @@ func TestNewPlanUnderlay(t *testing.T) {
 	want := []netip.Prefix{netip.MustParsePrefix("172.31.0.0/24"), netip.MustParsePrefix("fd00::/64")}
 	if !slices.Equal(p.Underlay, want) {
 		t.Fatalf("underlay %v, want %v", p.Underlay, want)
-	}
-	if got := prefixMask(netip.MustParsePrefix("10.0.0.0/20")); !slices.Equal(got, []byte{255, 255, 240, 0}) {
-		t.Fatalf("mask %v", got)
 	}
 	for _, u := range []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), {}} {
 		if _, err := NewPlan(Config{Bridges: []string{"weft"}, Ports: []Port{{KindRaft, TCP, 6785}}, Underlay: []netip.Prefix{u}}); !errors.Is(err, ErrConfig) {
@@ -466,7 +445,7 @@ func TestNewPlanUnderlay(t *testing.T) {
 // A container cannot reach another peer's control port through its host's forwarding
 // either; the host itself still can.
 func TestGuardForwardToOtherPeers(t *testing.T) {
-	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wbf%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsgf%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
 	h0, h1 := lab.Hosts[0], lab.Hosts[1]
 	c, err := h0.AddContainer()
 	if err != nil {
@@ -482,9 +461,7 @@ func TestGuardForwardToOtherPeers(t *testing.T) {
 	})
 	acceptAndClose(t, h1.NS, raftPort)
 	remote := net.JoinHostPort(h1.Underlay.Addr().String(), fmt.Sprint(raftPort))
-	if !tcpReach(c.NS, remote) {
-		t.Fatalf("before the guard, the container does not reach %s: the test proves nothing", remote)
-	}
+	mustReach(t, c.NS, remote, "before the guard (else the test proves nothing), the container")
 	g, err := New(Deps{NetNSFd: int(h0.NetNS.Fd())})
 	if err != nil {
 		t.Fatal(err)
@@ -501,14 +478,63 @@ func TestGuardForwardToOtherPeers(t *testing.T) {
 	if d, _ := g.Dropped(); d[KindRaft] == 0 {
 		t.Fatalf("forwarded drop not counted: %v", d)
 	}
-	if !tcpReach(h0.NS, remote) {
-		t.Fatalf("the host no longer reaches another peer's raft port")
-	}
+	mustReach(t, h0.NS, remote, "the host, another peer's raft port, with the guard on")
 	// Without the underlay range the forward rule is gone: Set converged to the new plan.
 	if err := g.Set(testConfig()); err != nil {
 		t.Fatal(err)
 	}
-	if !tcpReach(c.NS, remote) {
-		t.Fatalf("the forward guard outlived its underlay range")
+	mustReach(t, c.NS, remote, "without an underlay range (else the forward guard outlived it), the container")
+}
+
+// A hundred bridges (1024 is the bound) apply in one transaction: its few hundred
+// acknowledgements overflow a default netlink buffer (ENOBUFS between 64 and 100 bridges
+// before the guard's connection had a big one), and a second Set changes nothing.
+func TestHundredBridges(t *testing.T) {
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsgh%d-", os.Getpid()%10000), NoIPv6: true})
+	r, err := lab.NewNS("r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := New(Deps{NetNSFd: int(r.Fd())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig()
+	cfg.Bridges = nil
+	for i := range 100 {
+		cfg.Bridges = append(cfg.Bridges, fmt.Sprintf("weft-n%d", i))
+		cfg.Underlay = append(cfg.Underlay, netip.PrefixFrom(netip.AddrFrom4([4]byte{172, 16, byte(i), 0}), 24))
+	}
+	for range 2 {
+		if err := g.Set(cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if v := testutil.ToFloat64(g.a.Applies(nft.Changed)); v != 1 {
+		t.Fatalf("applies changed %v, want 1", v)
+	}
+	if v := testutil.ToFloat64(g.a.Applies(nft.Unchanged)); v != 1 {
+		t.Fatalf("applies unchanged %v, want 1", v)
+	}
+	conn, err := nftables.New(nftables.WithNetNSFd(int(r.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, ch := range chains {
+		rules, err := conn.GetRules(table, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += len(rules)
+	}
+	if want := 100 + 100 + 100 + 5; n != want {
+		t.Fatalf("%d rules, want %d (a jump per bridge on each hook, a jump per range, a drop per port)", n, want)
+	}
+	if err := g.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil {
+		t.Fatalf("weft's table left behind, empty")
 	}
 }

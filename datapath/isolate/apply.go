@@ -1,102 +1,46 @@
 package isolate
 
 import (
-	"errors"
 	"fmt"
-	"log/slog"
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
-	"github.com/mdlayher/netlink"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath/nft"
 )
 
-// Deps are the collaborators of an Isolator.
-type Deps struct {
-	Logger   *slog.Logger          // nil: discard
-	Registry prometheus.Registerer // nil: metrics not exported
-	// NetNSFd is a network namespace to work in (tests); 0 means the current one.
-	NetNSFd int
-}
+// Deps are the collaborators of an Isolator: a logger, a registry, a namespace (tests).
+type Deps = nft.Deps
 
-// Isolator applies plans to the kernel. Its methods are safe for concurrent use (one mutex
-// serialises them: each is a read of the isolator's objects and at most one transaction).
-type Isolator struct {
-	log     *slog.Logger
-	netns   int
-	applies *prometheus.CounterVec // result
-	mu      sync.Mutex             // serialises Set and Remove
-}
-
-// Results of weft_isolation_applies_total.
-const (
-	resultChanged   = "changed"
-	resultUnchanged = "unchanged"
-	resultError     = "error"
-)
+// Isolator applies plans to the kernel. Its methods are safe for concurrent use (its
+// applier serialises them: each is a read of the isolator's objects and at most one
+// transaction).
+type Isolator struct{ a *nft.Applier }
 
 // New builds an Isolator and registers its metrics: weft_isolation_applies_total{result}
 // and weft_isolation_drops_total{network,direction}, read from the kernel's named counters
 // on scrape.
 func New(deps Deps) (*Isolator, error) {
-	log := deps.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
+	iso := &Isolator{}
+	drops := nft.CounterCollector{Desc: dropsDesc, Read: iso.counters,
+		Labels: func(name string) ([]string, bool) {
+			d, ok := dropOf(name)
+			return []string{d.Network, d.Direction}, ok
+		}}
+	a, err := nft.NewApplier(deps, prometheus.CounterOpts{
+		Name: "weft_isolation_applies_total",
+		Help: "Convergences of the isolation between networks (nftables), by result: changed, unchanged, error.",
+	}, drops)
+	if err != nil {
+		return nil, err
 	}
-	iso := &Isolator{log: log, netns: deps.NetNSFd,
-		applies: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weft_isolation_applies_total",
-			Help: "Convergences of the isolation between networks (nftables), by result: changed, unchanged, error.",
-		}, []string{"result"}),
-	}
-	if deps.Registry != nil {
-		for _, c := range []prometheus.Collector{iso.applies, dropsCollector{iso}} {
-			if err := deps.Registry.Register(c); err != nil {
-				return nil, fmt.Errorf("isolation metrics: %w", err)
-			}
-		}
-	}
+	iso.a = a
 	return iso, nil
-}
-
-// ackBuffer is the receive buffer of the isolator's netlink socket. The kernel acknowledges
-// every message of a transaction before the first ack is read, and a change among 64
-// networks is a few hundred messages: more than the default buffer (rmem_default, 208 KiB)
-// holds, which fails the transaction with ENOBUFS. nft sizes its buffer the same way.
-const ackBuffer = 8 << 20
-
-// bigAckBuffer sets ackBuffer with SO_RCVBUFFORCE (weft runs with CAP_NET_ADMIN), falling
-// back to SO_RCVBUF, which the kernel caps at rmem_max.
-func bigAckBuffer(c *netlink.Conn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return c.SetReadBuffer(ackBuffer)
-	}
-	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, ackBuffer)
-	}); err != nil || serr != nil {
-		return c.SetReadBuffer(ackBuffer)
-	}
-	return nil
-}
-
-func (iso *Isolator) conn() (*nftables.Conn, error) {
-	opts := []nftables.ConnOption{nftables.WithSockOptions(bigAckBuffer)}
-	if iso.netns != 0 {
-		opts = append(opts, nftables.WithNetNSFd(iso.netns))
-	}
-	c, err := nftables.New(opts...)
-	if err != nil {
-		return nil, fmt.Errorf("%w: connect: %w", ErrKernel, err)
-	}
-	return c, nil
 }
 
 var (
@@ -115,91 +59,53 @@ var (
 	}
 )
 
-// chains are every chain of the isolator, groups first (a base chain jumps to them).
-func chains() []*nftables.Chain {
-	var out []*nftables.Chain
+// groupChains are the chains the base chains jump to, in the order of groups.
+func groupChains() []*nftables.Chain {
+	out := make([]*nftables.Chain, 0, len(groups))
 	for _, g := range groups {
 		out = append(out, groupChain[g.chain])
 	}
-	return append(out, bases...)
+	return out
 }
 
-func mine(chain string) bool {
-	return slices.ContainsFunc(chains(), func(c *nftables.Chain) bool { return c.Name == chain })
-}
+// chains are every chain of the isolator, groups first (a base chain jumps to them).
+func chains() []*nftables.Chain { return append(groupChains(), bases...) }
+
+// mine is what the isolator owns in weft's table, its chains in the order they are
+// deleted: the base chains before the chains they jump to.
+var mine = nft.Mine{Table: table, Chains: append(slices.Clone(bases), groupChains()...),
+	CounterPrefix: CounterPrefix, Sets: []string{RangesSet}}
 
 // state is what the kernel holds of the isolator's objects.
 type state struct {
-	table    bool
+	table    bool                           // the table exists
+	foreign  bool                           // the table holds others' objects too
 	rules    map[string]map[string][]uint64 // chain → rule key → handles; a missing chain is absent
 	order    map[string][]string            // chain → rule keys in order (for the base chains)
 	set      *nftables.Set                  // nil: absent
 	ranges   []Interval                     // the set's elements
 	counters []string                       // named counters with CounterPrefix, sorted
-	foreign  bool                           // the table holds objects that are not the isolator's
 }
-
-func isNotFound(err error) bool { return errors.Is(err, unix.ENOENT) || errors.Is(err, os.ErrNotExist) }
 
 // read returns the isolator's objects as the kernel holds them; the guard's (and anyone
 // else's) objects in the table are only noted as foreign. O(rules + networks).
 func read(c *nftables.Conn) (state, error) {
-	var s state
-	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
-		if isNotFound(err) {
-			return s, nil
-		}
-		return s, fmt.Errorf("%w: list table %s: %w", ErrKernel, TableName, err)
-	}
-	s.table = true
-	s.rules = make(map[string]map[string][]uint64)
-	s.order = make(map[string][]string)
-	all, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	o, err := nft.Read(c, mine)
 	if err != nil {
-		return s, fmt.Errorf("%w: list chains: %w", ErrKernel, err)
+		return state{}, err
 	}
-	for _, ch := range all {
-		if ch.Table.Name != TableName {
-			continue
-		}
-		if !mine(ch.Name) {
-			s.foreign = true
-			continue
-		}
-		rules, err := c.GetRules(table, ch)
-		if err != nil {
-			return s, fmt.Errorf("%w: list rules of %s: %w", ErrKernel, ch.Name, err)
-		}
+	s := state{table: o.Table, foreign: o.Foreign, counters: o.Counters, set: o.Sets[RangesSet],
+		rules: make(map[string]map[string][]uint64, len(o.Rules)), order: make(map[string][]string, len(o.Rules))}
+	for ch, rules := range o.Rules {
 		keys := make(map[string][]uint64, len(rules))
 		for _, r := range rules {
-			keys[string(r.UserData)] = append(keys[string(r.UserData)], r.Handle)
-			s.order[ch.Name] = append(s.order[ch.Name], string(r.UserData))
+			keys[r.Key] = append(keys[r.Key], r.Handle)
 		}
-		s.rules[ch.Name] = keys
+		s.rules[ch] = keys
+		s.order[ch] = nft.Keys(rules)
 	}
-	objs, err := c.GetObjects(table)
-	if err != nil && !isNotFound(err) {
-		return s, fmt.Errorf("%w: list objects: %w", ErrKernel, err)
-	}
-	for _, o := range objs {
-		if co, ok := o.(*nftables.CounterObj); ok && strings.HasPrefix(co.Name, CounterPrefix) {
-			s.counters = append(s.counters, co.Name)
-		} else {
-			s.foreign = true
-		}
-	}
-	slices.Sort(s.counters)
-	sets, err := c.GetSets(table)
-	if err != nil && !isNotFound(err) {
-		return s, fmt.Errorf("%w: list sets: %w", ErrKernel, err)
-	}
-	for _, set := range sets {
-		if set.Name != RangesSet {
-			s.foreign = true
-			continue
-		}
-		s.set = set
-		elems, err := c.GetSetElements(set)
+	if s.set != nil {
+		elems, err := c.GetSetElements(s.set)
 		if err != nil {
 			return s, fmt.Errorf("%w: list elements of %s: %w", ErrKernel, RangesSet, err)
 		}
@@ -295,35 +201,27 @@ func (s state) matches(p Plan) bool {
 // removes the isolator's objects. A bad input is refused, counted and logged, and changes
 // nothing. O(networks) rules and elements.
 func (iso *Isolator) Set(nets []Network) error {
-	iso.mu.Lock()
-	defer iso.mu.Unlock()
-	err := iso.set(nets)
-	if err != nil {
-		iso.applies.WithLabelValues(resultError).Inc()
-		iso.log.Error("isolation between networks not applied", "err", err)
-	}
-	return err
+	return iso.a.Apply("isolation between networks not applied", func() (nft.Result, error) { return iso.set(nets) })
 }
 
-func (iso *Isolator) set(nets []Network) error {
+func (iso *Isolator) set(nets []Network) (nft.Result, error) {
 	p, err := NewPlan(nets)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if p.Empty() {
 		return iso.remove()
 	}
-	c, err := iso.conn()
+	c, err := iso.a.Conn() // a big ack buffer: 64 networks ack a few hundred messages
 	if err != nil {
-		return err
+		return "", err
 	}
 	cur, err := read(c)
 	if err != nil {
-		return err
+		return "", err
 	}
 	if cur.matches(p) {
-		iso.applies.WithLabelValues(resultUnchanged).Inc()
-		return nil
+		return nft.Unchanged, nil
 	}
 	c.AddTable(table) // no-op when it exists
 	for _, ch := range chains() {
@@ -335,13 +233,13 @@ func (iso *Isolator) set(nets []Network) error {
 	if set == nil {
 		set = &nftables.Set{Table: table, Name: RangesSet, KeyType: nftables.TypeIPAddr, Interval: true}
 		if err := c.AddSet(set, p.elements()); err != nil {
-			return fmt.Errorf("%w: add set %s: %w", ErrKernel, RangesSet, err)
+			return "", fmt.Errorf("%w: add set %s: %w", ErrKernel, RangesSet, err)
 		}
 	} else if !slices.Equal(cur.ranges, p.Ranges) {
 		// Flushed and refilled in the same transaction: no packet sees the set empty.
 		c.FlushSet(set)
 		if err := c.SetAddElements(set, p.elements()); err != nil {
-			return fmt.Errorf("%w: fill set %s: %w", ErrKernel, RangesSet, err)
+			return "", fmt.Errorf("%w: fill set %s: %w", ErrKernel, RangesSet, err)
 		}
 	}
 	want := p.Counters()
@@ -375,7 +273,7 @@ func (iso *Isolator) set(nets []Network) error {
 			}
 			for _, h := range handles[keep:] {
 				if err := c.DelRule(&nftables.Rule{Table: table, Chain: ch, Handle: h}); err != nil {
-					return fmt.Errorf("%w: delete rule %q: %w", ErrKernel, k, err)
+					return "", fmt.Errorf("%w: delete rule %q: %w", ErrKernel, k, err)
 				}
 				deleted++
 			}
@@ -402,12 +300,11 @@ func (iso *Isolator) set(nets []Network) error {
 		}
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: apply isolation of %v among %d networks: %w", ErrKernel, isolated, len(p.Networks), err)
+		return "", fmt.Errorf("%w: apply isolation of %v among %d networks: %w", ErrKernel, isolated, len(p.Networks), err)
 	}
-	iso.applies.WithLabelValues(resultChanged).Inc()
-	iso.log.Info("isolation between networks applied", "isolated", isolated, "networks", len(p.Networks),
+	iso.a.Log().Info("isolation between networks applied", "isolated", isolated, "networks", len(p.Networks),
 		"rules_added", added, "rules_deleted", deleted)
-	return nil
+	return nft.Changed, nil
 }
 
 // IPv4 header offsets of the addresses.
@@ -424,7 +321,7 @@ const (
 //
 // then `counter name isolate_<network>_<direction> drop`.
 func ruleExprs(r Rule, set *nftables.Set) []expr.Any {
-	mask := net4Mask(r.Subnet.Bits())
+	mask := nft.PrefixMask(r.Subnet)
 	network := r.Subnet.Addr().AsSlice()
 	inSubnet := func(off uint32, op expr.CmpOp) []expr.Any {
 		return []expr.Any{
@@ -447,7 +344,7 @@ func ruleExprs(r Rule, set *nftables.Set) []expr.Any {
 	case Spoofed:
 		exprs = append(exprs,
 			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.Bridge)})
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: nft.IfName(r.Bridge)})
 		exprs = append(exprs, inSubnet(saddrOffset, expr.CmpOpNeq)...)
 		if !r.Isolated {
 			exprs = append(exprs, inRanges(saddrOffset)...)
@@ -467,76 +364,15 @@ func ruleExprs(r Rule, set *nftables.Set) []expr.Any {
 	)
 }
 
-// ifname is an interface name as the kernel compares it (IFNAMSIZ bytes, NUL-padded).
-func ifname(n string) []byte {
-	b := make([]byte, unix.IFNAMSIZ)
-	copy(b, n)
-	return b
-}
-
-// net4Mask is the IPv4 netmask of a prefix length.
-func net4Mask(bits int) []byte {
-	m := make([]byte, 4)
-	for i := 0; i < bits; i++ {
-		m[i/8] |= 0x80 >> (i % 8)
-	}
-	return m
-}
-
 // Remove deletes the isolator's chains, set and counters, and weft's table when nothing
 // else is left in it; the guard's objects stay. Removing what is already gone is success.
 func (iso *Isolator) Remove() error {
-	iso.mu.Lock()
-	defer iso.mu.Unlock()
-	err := iso.remove()
-	if err != nil {
-		iso.applies.WithLabelValues(resultError).Inc()
-		iso.log.Error("isolation between networks not removed", "err", err)
-	}
-	return err
+	return iso.a.Apply("isolation between networks not removed", iso.remove)
 }
 
-func (iso *Isolator) remove() error {
-	c, err := iso.conn()
-	if err != nil {
-		return err
-	}
-	cur, err := read(c)
-	if err != nil {
-		return err
-	}
-	if !cur.table || (len(cur.rules) == 0 && cur.set == nil && len(cur.counters) == 0) {
-		return nil // nothing of ours
-	}
-	if !cur.foreign {
-		c.DelTable(table) // everything in it is the isolator's
-	} else {
-		// Rules first (they refer to the chains, the set and the counters), then the
-		// chains, base chains before the chains they jump to.
-		all := chains()
-		for _, ch := range all {
-			if _, ok := cur.rules[ch.Name]; ok {
-				c.FlushChain(ch)
-			}
-		}
-		for i := len(all) - 1; i >= 0; i-- {
-			if _, ok := cur.rules[all[i].Name]; ok {
-				c.DelChain(all[i])
-			}
-		}
-		if cur.set != nil {
-			c.DelSet(cur.set)
-		}
-		for _, name := range cur.counters {
-			c.DeleteObject(&nftables.CounterObj{Table: table, Name: name})
-		}
-	}
-	if err := c.Flush(); err != nil {
-		return fmt.Errorf("%w: remove isolation: %w", ErrKernel, err)
-	}
-	iso.applies.WithLabelValues(resultChanged).Inc()
-	iso.log.Info("isolation between networks removed")
-	return nil
+// remove deletes the objects of the isolator (inside Apply).
+func (iso *Isolator) remove() (nft.Result, error) {
+	return iso.a.Clear(mine, "isolation between networks")
 }
 
 // Drop names one counter: the packets of a network dropped in one direction.
@@ -548,49 +384,39 @@ type Drop struct {
 // Dropped returns the packets dropped so far, from the kernel's named counters (forward
 // and input together). O(counters) = O(networks).
 func (iso *Isolator) Dropped() (map[Drop]uint64, error) {
-	c, err := iso.conn()
+	m, err := iso.counters()
 	if err != nil {
 		return nil, err
 	}
-	objs, err := c.GetObjects(table)
-	if err != nil {
-		if isNotFound(err) {
-			return map[Drop]uint64{}, nil
+	out := make(map[Drop]uint64, len(m))
+	for name, v := range m {
+		if d, ok := dropOf(name); ok {
+			out[d] = v
 		}
-		return nil, fmt.Errorf("%w: read counters: %w", ErrKernel, err)
-	}
-	out := make(map[Drop]uint64)
-	for _, o := range objs {
-		co, ok := o.(*nftables.CounterObj)
-		if !ok || !strings.HasPrefix(co.Name, CounterPrefix) {
-			continue
-		}
-		rest := strings.TrimPrefix(co.Name, CounterPrefix)
-		i := strings.LastIndexByte(rest, '_')
-		if i <= 0 {
-			continue
-		}
-		out[Drop{Network: rest[:i], Direction: rest[i+1:]}] = co.Packets
 	}
 	return out, nil
 }
 
-// dropsCollector exports the kernel's counters on scrape (one netlink dump, O(networks)).
-type dropsCollector struct{ iso *Isolator }
+// counters are the packets of the isolator's named counters by name without CounterPrefix
+// (network_direction). O(counters) = O(networks).
+func (iso *Isolator) counters() (map[string]uint64, error) {
+	c, err := iso.a.Conn()
+	if err != nil {
+		return nil, err
+	}
+	return nft.Counters(c, table, CounterPrefix)
+}
 
+// dropOf is the drop a counter counts, from its name without CounterPrefix.
+func dropOf(name string) (Drop, bool) {
+	i := strings.LastIndexByte(name, '_')
+	if i <= 0 {
+		return Drop{}, false
+	}
+	return Drop{Network: name[:i], Direction: name[i+1:]}, true
+}
+
+// dropsDesc is exported by an nft.CounterCollector on scrape (one netlink dump, O(networks)).
 var dropsDesc = prometheus.NewDesc("weft_isolation_drops_total",
 	"Packets between weft networks dropped by the isolation of a network, by network and direction (egress: from it; ingress: into it; spoofed: arrived on its bridge from a source it may not use).",
 	[]string{"network", "direction"}, nil)
-
-func (d dropsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- dropsDesc }
-
-func (d dropsCollector) Collect(ch chan<- prometheus.Metric) {
-	m, err := d.iso.Dropped()
-	if err != nil {
-		ch <- prometheus.NewInvalidMetric(dropsDesc, err)
-		return
-	}
-	for k, v := range m {
-		ch <- prometheus.MustNewConstMetric(dropsDesc, prometheus.CounterValue, float64(v), k.Network, k.Direction)
-	}
-}

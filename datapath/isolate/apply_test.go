@@ -12,9 +12,10 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weftnet/weft/datapath/guard"
+	"github.com/weftnet/weft/datapath/nft"
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
@@ -34,7 +35,7 @@ type testLab struct {
 }
 
 func newTestLab(t *testing.T) *testLab {
-	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wis%d-", os.Getpid()%10000), NoIPv6: true})
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsis%d-", os.Getpid()%10000), NoIPv6: true})
 	r, err := lab.NewNS("r")
 	if err != nil {
 		t.Fatal(err)
@@ -213,8 +214,8 @@ func TestIsolationInNamespaces(t *testing.T) {
 			t.Errorf("drops %v: %d, want %d (all: %v)", k, d[k], want, d)
 		}
 	}
-	if n := seriesOf(t, reg, "weft_isolation_drops_total"); n != 8 {
-		t.Errorf("weft_isolation_drops_total has %d series, want 8", n)
+	if n, err := testutil.GatherAndCount(reg, "weft_isolation_drops_total"); err != nil || n != 8 {
+		t.Errorf("weft_isolation_drops_total has %d series, want 8 (%v)", n, err)
 	}
 
 	conn, err := nftables.New(nftables.WithNetNSFd(hostNS))
@@ -234,7 +235,7 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if h2 := handles(t, conn); !mapsEqual(h1, h2) {
 		t.Fatalf("a second Set rewrote the rules: %v then %v", h1, h2)
 	}
-	if v := counterValue(t, iso.applies.WithLabelValues(resultUnchanged)); v != 1 {
+	if v := testutil.ToFloat64(iso.a.Applies(nft.Unchanged)); v != 1 {
 		t.Fatalf("applies unchanged %v, want 1", v)
 	}
 
@@ -243,7 +244,7 @@ func TestIsolationInNamespaces(t *testing.T) {
 	if err := iso.Set(bad); !errors.Is(err, ErrConfig) {
 		t.Fatalf("overlapping networks: %v, want ErrConfig", err)
 	}
-	if v := counterValue(t, iso.applies.WithLabelValues(resultError)); v != 1 {
+	if v := testutil.ToFloat64(iso.a.Applies(nft.Failed)); v != 1 {
 		t.Fatalf("applies error %v, want 1", v)
 	}
 	if h2 := handles(t, conn); !mapsEqual(h1, h2) {
@@ -350,36 +351,12 @@ func mapsEqual(a, b map[string]uint64) bool {
 	return true
 }
 
-func counterValue(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
-}
-
-// seriesOf counts the series of the metric called name that reg gathers.
-func seriesOf(t *testing.T, reg *prometheus.Registry, name string) int {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() == name {
-			return len(mf.GetMetric())
-		}
-	}
-	return 0
-}
-
 // Across hosts the receiving host enforces the isolation alone: a container on default on
 // host 0, which isolates nothing, cannot reach a container on an isolated network on host
 // 1, nor the reverse; host 1 counts both. (The underlay routes stand in for weft's
 // overlay: the packets arrive on the underlay interface, not on a bridge.)
 func TestIsolationAcrossHosts(t *testing.T) {
-	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wix%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsix%d-", os.Getpid()%10000), Hosts: 2, NoIPv6: true})
 	l := &testLab{t: t, lab: lab}
 	h0, h1 := lab.Hosts[0], lab.Hosts[1]
 	c0, err := h0.AddContainer()
@@ -448,7 +425,7 @@ func benchNets(n int) []Network {
 // BenchmarkSetOneChange is the cost of one network appearing among 64 (ipam's maximum):
 // one transaction adding its rules, the others untouched.
 func BenchmarkSetOneChange(b *testing.B) {
-	lab := nslab.NewTest(b, nslab.Config{Prefix: fmt.Sprintf("wib%d-", os.Getpid()%10000), NoIPv6: true})
+	lab := nslab.NewTest(b, nslab.Config{Prefix: fmt.Sprintf("wnsib%d-", os.Getpid()%10000), NoIPv6: true})
 	r, err := lab.NewNS("r")
 	if err != nil {
 		b.Fatal(err)
@@ -473,7 +450,7 @@ func BenchmarkSetOneChange(b *testing.B) {
 // ipam's largest cluster (64 networks, half of them isolated) applies in one transaction:
 // its few hundred acknowledgements overflow a default netlink buffer (ENOBUFS).
 func TestSixtyFourNetworks(t *testing.T) {
-	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wiq%d-", os.Getpid()%10000), NoIPv6: true})
+	lab := nslab.NewTest(t, nslab.Config{Prefix: fmt.Sprintf("wnsiq%d-", os.Getpid()%10000), NoIPv6: true})
 	r, err := lab.NewNS("r")
 	if err != nil {
 		t.Fatal(err)
@@ -488,7 +465,7 @@ func TestSixtyFourNetworks(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if v := counterValue(t, iso.applies.WithLabelValues(resultChanged)); v != 1 {
+	if v := testutil.ToFloat64(iso.a.Applies(nft.Changed)); v != 1 {
 		t.Fatalf("applies changed %v, want 1", v)
 	}
 	conn, err := nftables.New(nftables.WithNetNSFd(int(r.Fd())))

@@ -50,6 +50,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/weftnet/weft/datapath/nft"
 )
 
 // Table, chains, set and counter prefix this package owns in weft's table.
@@ -84,8 +86,8 @@ const MaxNetworks = 1024
 var (
 	// ErrConfig wraps every error of NewPlan: nothing is changed.
 	ErrConfig = errors.New("invalid isolation config")
-	// ErrKernel wraps errors of nftables.
-	ErrKernel = errors.New("nftables")
+	// ErrKernel wraps errors of nftables; it is nft.ErrKernel (the guard's too).
+	ErrKernel = nft.ErrKernel
 )
 
 // Network is what isolation needs of a weft network.
