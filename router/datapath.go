@@ -259,8 +259,9 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			targetDirty, dirty, why = true, true, cmp.Or(why, "relays") // relays are probed at the full rate
 		}
 		cst := p.cluster.Status()
-		p.syncFilters(live)                                              // the networks' guard and isolation (router/isolate.go); errors are logged there
-		if nets := p.cluster.Networks(); !slices.Equal(nets, networks) { // O(networks)
+		p.syncFilters(live) // the networks' guard and isolation (router/isolate.go); errors are logged there
+		// O(networks):
+		if nets := p.cluster.Networks(); !slices.Equal(nets, networks) {
 			networks = nets
 			p.dnsNetworksChanged()
 			l.notePolicies(p.log, nets)
