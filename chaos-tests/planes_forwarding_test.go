@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -188,4 +189,58 @@ func TestPlanesForwardingPerNetwork(t *testing.T) {
 			}
 		}
 	}
+
+	// status routes names the networks the path to the other host serves.
+	waitFor(t, ctx, 30*time.Second, "status routes naming the networks", func() error {
+		var routes []router.Route
+		if err := cliJSON(ctx, a, &routes, "status", "routes"); err != nil {
+			return err
+		}
+		for _, r := range routes {
+			if r.Peer == b.Name {
+				if got := fmt.Sprint(r.Networks); got != "[control default media]" {
+					return fmt.Errorf("route to %s serves %s", b.Name, got)
+				}
+				return nil
+			}
+		}
+		return fmt.Errorf("no route to %s: %+v", b.Name, routes)
+	})
+
+	// A network that goes takes its VXLAN device with it on every host; default stays.
+	dev := vxlanDevice(vnis["control"])
+	for _, at := range []struct {
+		h   *lab.Host
+		ctr *lab.Container
+	}{{a, ctrA}, {b, ctrB}} {
+		if names, _ := at.h.LinkNames(); !slices.Contains(names, dev) {
+			t.Fatalf("%s has no %s: %v", at.h.Name, dev, names)
+		}
+		if err := mustCNI(t, at.h, lab.CNIOptions{Name: "weft-control", Network: "control"}).Del(ctx, at.ctr.RuntimeConf("net1")); err != nil {
+			t.Fatalf("DEL net1 on %s: %v", at.h.Name, err)
+		}
+	}
+	waitFor(t, ctx, 30*time.Second, "rm control", func() error {
+		if out, err := a.CLI(ctx, "network", "rm", "control"); err != nil {
+			return fmt.Errorf("%v %s", err, out)
+		}
+		return nil
+	})
+	for _, h := range l.Hosts() {
+		waitFor(t, ctx, 20*time.Second, h.Name+" without control's device", func() error {
+			names, err := h.LinkNames()
+			if err != nil {
+				return err
+			}
+			if slices.Contains(names, dev) || !slices.Contains(names, "weft-vxlan") {
+				return fmt.Errorf("links %v", names)
+			}
+			return nil
+		})
+	}
+	waitPing(t, ctx, ctrA, onB["default"])
+	waitPing(t, ctx, ctrA, onB["media"])
 }
+
+// vxlanDevice is vxlan.DeviceName (the chaos tests import no driver).
+func vxlanDevice(vni uint32) string { return fmt.Sprintf("weftvx%06x", vni) }
