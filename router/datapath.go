@@ -199,7 +199,11 @@ func (p *Peer) runDatapath(ctx context.Context) {
 	if err != nil {
 		p.log.Warn("last datapath state unreadable; starting from scratch", "err", err)
 	}
-	devicesOK := p.syncNetworkDevices(ctx, p.cluster.Networks())
+	// Until the peer has rejoined, a network it does not list yet may just not have reached
+	// it: its device stays (pruned is false) with what it forwards.
+	devicesOK, _ := p.syncNetworkDevices(ctx, p.cluster.Networks(), false)
+	devicesPruned := false // the last device sync removed what the network list lacks
+	newDevice := false     // a device was made since the last apply: apply even if unchanged
 	p.applyLinks(applied)
 	lastApply := time.Now()
 	st := startup{start: lastApply}
@@ -268,8 +272,15 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			devicesOK = false
 			dirty, why = true, cmp.Or(why, "networks")
 		}
-		if !devicesOK { // a network came or went, or making its device failed last time
-			devicesOK = p.syncNetworkDevices(ctx, networks)
+		// A network came or went, making its device failed last time, or the peer has just
+		// rejoined (so devices of networks it does not list can go).
+		if !devicesOK || devicesPruned != live {
+			var made bool
+			devicesOK, made = p.syncNetworkDevices(ctx, networks, live)
+			devicesPruned = live
+			if made {
+				newDevice, dirty, why = true, true, cmp.Or(why, "networks")
+			}
 		}
 		if !slices.EqualFunc(cst.Blocks, blocks, sameBlock) {
 			blocks, dirty, why = cst.Blocks, true, cmp.Or(why, "blocks")
@@ -302,9 +313,10 @@ func (p *Peer) runDatapath(ctx context.Context) {
 					"after", now.Sub(st.start).Round(time.Millisecond))
 			}
 		}
-		if sameDesired(want, applied) && !resync {
+		if sameDesired(want, applied) && !resync && !newDevice {
 			continue
 		}
+		newDevice = false
 		p.applyLinks(want)
 		applied, lastApply = want, now
 		if err := saveApplied(p.db, want); err != nil {
@@ -368,20 +380,20 @@ func anyOtherUp(peers []mesh.Peer) bool {
 
 // syncNetworkDevices makes the VXLAN device of every network other than the default one
 // (its VNI from plan.VNIs over the cluster's network list, the same on every peer), keeps
-// those that exist with the right VNI, and removes the devices of networks gone (or whose
-// VNI moved) — also devices left behind by an earlier run (vxlan.RemoveStale). It says
-// whether every device is right; runDatapath retries on its next round when not.
-// O(M log M) for M networks.
-func (p *Peer) syncNetworkDevices(ctx context.Context, nets []ipam.Network) bool {
+// those that exist with the right VNI, and with prune removes the devices of networks gone
+// (or whose VNI moved) — also devices left behind by an earlier run (vxlan.RemoveStale).
+// It says whether every device is right (runDatapath retries on its next round when not)
+// and whether it made one (whose peers must then be set). O(M log M) for M networks.
+func (p *Peer) syncNetworkDevices(ctx context.Context, nets []ipam.Network, prune bool) (ok, made bool) {
 	l := p.links
 	names := make([]string, 0, len(nets))
 	for _, n := range nets {
 		names = append(names, n.Name)
 	}
 	vnis := plan.VNIs(names)
-	ok := true
+	ok = true
 	for name, vni := range l.vnis {
-		if want, still := vnis[name]; still && want == vni {
+		if want, still := vnis[name]; !prune || (still && want == vni) {
 			continue
 		}
 		key := plan.DriverKey(datapath.ModeVXLAN, name)
@@ -401,8 +413,8 @@ func (p *Peer) syncNetworkDevices(ctx context.Context, nets []ipam.Network) bool
 			continue
 		}
 		keep = append(keep, vxlan.DeviceName(vni))
-		if _, have := l.vnis[name]; have {
-			continue
+		if _, exists := l.vnis[name]; exists {
+			continue // right, or its VNI moved and the old device stays until pruning
 		}
 		d, err := l.newVXLAN(vni)
 		if err == nil {
@@ -415,15 +427,16 @@ func (p *Peer) syncNetworkDevices(ctx context.Context, nets []ipam.Network) bool
 		}
 		l.drivers[plan.DriverKey(datapath.ModeVXLAN, name)] = d
 		l.vnis[name] = vni
+		made = true
 		p.log.Info("VXLAN device of a network up", "network", name, "vni", vni, "dev", d.Name())
 	}
-	if ok {
+	if ok && prune {
 		if err := vxlan.RemoveStale(keep, p.log); err != nil {
 			p.log.Warn("removing VXLAN devices of gone networks", "err", err)
 			ok = false
 		}
 	}
-	return ok
+	return ok, made
 }
 
 // notePolicies logs, once per network and policy, a network that is --encrypt never (an
