@@ -207,8 +207,24 @@ func TestPlanesForwardingPerNetwork(t *testing.T) {
 		return fmt.Errorf("no route to %s: %+v", b.Name, routes)
 	})
 
-	// A network that goes takes its VXLAN device with it on every host; default stays.
+	// While A's peer is down its kernel datapath stays: control (its own device) keeps
+	// forwarding; after the restart every plane works again, control's device kept.
 	dev := vxlanDevice(vnis["control"])
+	if err := a.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	waitPing(t, ctx, ctrB, onA["control"])
+	waitPing(t, ctx, ctrB, onA["default"])
+	if err := a.Start(ctx); err != nil {
+		t.Fatalf("restart %s: %v", a.Name, err)
+	}
+	waitLeader(t, ctx, l.Hosts())
+	for _, p := range planes {
+		waitPing(t, ctx, ctrA, onB[p.network])
+		waitPing(t, ctx, ctrB, onA[p.network])
+	}
+
+	// A network that goes takes its VXLAN device with it on every host; default stays.
 	for _, at := range []struct {
 		h   *lab.Host
 		ctr *lab.Container
