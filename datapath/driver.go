@@ -27,6 +27,9 @@ type RemotePeer struct {
 	// Blocks are the address blocks the peer owns, on every network; traffic to them goes
 	// to this peer.
 	Blocks []netip.Prefix
+	// NoProbe: the link probes to this peer go through another driver (a peer served by
+	// several drivers, one per network, is probed through one): no link-probe route here.
+	NoProbe bool `json:",omitempty"`
 }
 
 // Driver forwards container traffic to a set of remote peers over one link mode.

@@ -6,12 +6,14 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
+	"log/slog"
 	"maps"
 	"net"
 	"net/http"
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -21,6 +23,7 @@ import (
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/direct"
+	"github.com/weftnet/weft/datapath/plan"
 	"github.com/weftnet/weft/datapath/vxlan"
 	"github.com/weftnet/weft/datapath/wireguard"
 	"github.com/weftnet/weft/ipam"
@@ -54,13 +57,23 @@ const (
 
 // links is the datapath side of the peer: the link drivers and what was last applied.
 type links struct {
-	pol     linkPolicy
+	pol linkPolicy
+	// drivers by plan.DriverKey: one per mode, plus a VXLAN driver per network other than
+	// the default one (its own device and VNI), made and removed as networks come and go
+	// (syncNetworkDevices). Touched only by runDatapath's goroutine after start.
 	drivers map[string]datapath.Driver
 	vtepMAC net.HardwareAddr
 	wg      *wireguard.Driver // nil with --encrypt=never
+	// newVXLAN makes the VXLAN driver of a network's VNI, configured as the default one.
+	newVXLAN func(vni uint32) (*vxlan.Driver, error)
+	vnis     map[string]uint32 // network → VNI of the per-network driver that exists
+	// policyLogged: networks whose --encrypt never or unknown policy was logged (once each).
+	policyLogged map[string]string
+	badPolicy    prometheus.Counter
 
-	mu    sync.Mutex // guards conns
-	conns []Connection
+	mu         sync.Mutex // guards conns and probeModes
+	conns      []Connection
+	probeModes map[string]string // peer → mode of the link its probes (and status routes' Link) use
 
 	kick chan struct{} // asks runDatapath to recompute the desired state (poke)
 }
@@ -93,11 +106,22 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 		}
 	}
 	dm := datapath.NewMetrics(p.reg)
-	vx, err := vxlan.New(vxlan.Config{Underlay: advertise, UnderlayDev: dev, LinkProbes: linkProbes, Logger: log, Metrics: dm})
+	vxCfg := vxlan.Config{Underlay: advertise, UnderlayDev: dev, LinkProbes: linkProbes, Logger: log, Metrics: dm}
+	vx, err := vxlan.New(vxCfg)
 	if err != nil {
 		return err
 	}
-	l := &links{drivers: map[string]datapath.Driver{datapath.ModeVXLAN: vx}, vtepMAC: vx.MAC(), kick: make(chan struct{}, 1)}
+	l := &links{drivers: map[string]datapath.Driver{datapath.ModeVXLAN: vx}, vtepMAC: vx.MAC(), kick: make(chan struct{}, 1),
+		vnis: map[string]uint32{}, policyLogged: map[string]string{},
+		newVXLAN: func(vni uint32) (*vxlan.Driver, error) {
+			cfg := vxCfg
+			cfg.VNI, cfg.Name = vni, vxlan.DeviceName(vni)
+			return vxlan.New(cfg)
+		},
+		badPolicy: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_datapath_network_policy_rejected_total",
+			Help: "Networks with an unknown encryption policy in the Raft state, counted once per network and value; none of their traffic is routed."}),
+	}
+	p.reg.MustRegister(l.badPolicy)
 	l.pol = linkPolicy{UnderlayPrefix: prefix, NoDirect: p.cfg.NoDirect, Modes: []string{datapath.ModeVXLAN}}
 	if !p.cfg.NoDirect {
 		dr, err := direct.New(direct.Config{Underlay: advertise, UnderlayDev: dev, Logger: log, Metrics: dm})
@@ -175,6 +199,11 @@ func (p *Peer) runDatapath(ctx context.Context) {
 	if err != nil {
 		p.log.Warn("last datapath state unreadable; starting from scratch", "err", err)
 	}
+	// Until the peer has rejoined, a network it does not list yet may just not have reached
+	// it: its device stays (pruned is false) with what it forwards.
+	devicesOK, _ := p.syncNetworkDevices(ctx, p.cluster.Networks(), false)
+	devicesPruned := false // the last device sync removed what the network list lacks
+	newDevice := false     // a device was made since the last apply: apply even if unchanged
 	p.applyLinks(applied)
 	lastApply := time.Now()
 	st := startup{start: lastApply}
@@ -183,7 +212,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 	defer tick.Stop()
 	linkChanged := p.paths.measured().Changed()
 	recomputes := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_datapath_recomputes_total",
-		Help: "Times the desired datapath state was computed, by what changed (peers, relays, blocks, grace, key, resync, startup)."}, []string{"reason"})
+		Help: "Times the desired datapath state was computed, by what changed (peers, relays, blocks, networks, grace, key, resync, startup)."}, []string{"reason"})
 	p.reg.MustRegister(recomputes)
 	var (
 		why         string // what made the desired state dirty first, for recomputes
@@ -234,10 +263,24 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			targetDirty, dirty, why = true, true, cmp.Or(why, "relays") // relays are probed at the full rate
 		}
 		cst := p.cluster.Status()
-		p.syncFilters(live)                                              // the networks' guard and isolation (router/isolate.go); errors are logged there
-		if nets := p.cluster.Networks(); !slices.Equal(nets, networks) { // O(networks)
+		p.syncFilters(live) // the networks' guard and isolation (router/isolate.go); errors are logged there
+		// O(networks):
+		if nets := p.cluster.Networks(); !slices.Equal(nets, networks) {
 			networks = nets
 			p.dnsNetworksChanged()
+			l.notePolicies(p.log, nets)
+			devicesOK = false
+			dirty, why = true, cmp.Or(why, "networks")
+		}
+		// A network came or went, making its device failed last time, or the peer has just
+		// rejoined (so devices of networks it does not list can go).
+		if !devicesOK || devicesPruned != live {
+			var made bool
+			devicesOK, made = p.syncNetworkDevices(ctx, networks, live)
+			devicesPruned = live
+			if made {
+				newDevice, dirty, why = true, true, cmp.Or(why, "networks")
+			}
 		}
 		if !slices.EqualFunc(cst.Blocks, blocks, sameBlock) {
 			blocks, dirty, why = cst.Blocks, true, cmp.Or(why, "blocks")
@@ -250,11 +293,12 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		}
 		recomputes.WithLabelValues(why).Inc()
 		dirty, why = false, ""
-		want, conns := desiredState(p.cfg.Name, l.pol, peers, remoteBlocks(blocks), p.networkRanges(), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
+		want, conns := desiredState(p.cfg.Name, l.pol, peers, remoteBlocks(blocks), planNetworks(networks), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
 		want, conns = applyRelays(want, conns, relays)
 		graceEnds = nextGraceEnd(peers, now, peerDownGrace)
+		probeModes := probeModes(want)
 		l.mu.Lock()
-		l.conns = conns
+		l.conns, l.probeModes = conns, probeModes
 		l.mu.Unlock()
 		if !live {
 			live = st.over(now, peers, cst.Leader != "", p.cfg.SettleTime)
@@ -269,9 +313,10 @@ func (p *Peer) runDatapath(ctx context.Context) {
 					"after", now.Sub(st.start).Round(time.Millisecond))
 			}
 		}
-		if sameDesired(want, applied) && !resync {
+		if sameDesired(want, applied) && !resync && !newDevice {
 			continue
 		}
+		newDevice = false
 		p.applyLinks(want)
 		applied, lastApply = want, now
 		if err := saveApplied(p.db, want); err != nil {
@@ -333,6 +378,104 @@ func anyOtherUp(peers []mesh.Peer) bool {
 	return false
 }
 
+// syncNetworkDevices makes the VXLAN device of every network other than the default one
+// (its VNI from plan.VNIs over the cluster's network list, the same on every peer), keeps
+// those that exist with the right VNI, and with prune removes the devices of networks gone
+// (or whose VNI moved) — also devices left behind by an earlier run (vxlan.RemoveStale).
+// It says whether every device is right (runDatapath retries on its next round when not)
+// and whether it made one (whose peers must then be set). O(M log M) for M networks.
+func (p *Peer) syncNetworkDevices(ctx context.Context, nets []ipam.Network, prune bool) (ok, made bool) {
+	l := p.links
+	names := make([]string, 0, len(nets))
+	for _, n := range nets {
+		names = append(names, n.Name)
+	}
+	vnis := plan.VNIs(names)
+	ok = true
+	for name, vni := range l.vnis {
+		if want, still := vnis[name]; !prune || (still && want == vni) {
+			continue
+		}
+		key := plan.DriverKey(datapath.ModeVXLAN, name)
+		if err := l.drivers[key].Close(); err != nil {
+			p.log.Warn("removing a network's VXLAN device", "network", name, "vni", vni, "err", err)
+			ok = false
+			continue
+		}
+		delete(l.drivers, key)
+		delete(l.vnis, name)
+		p.log.Info("removed the VXLAN device of a network", "network", name, "vni", vni)
+	}
+	keep := []string{vxlan.DefaultName}
+	for _, name := range slices.Sorted(maps.Keys(vnis)) {
+		vni := vnis[name]
+		if name == plan.DefaultNetwork {
+			continue
+		}
+		keep = append(keep, vxlan.DeviceName(vni))
+		if _, exists := l.vnis[name]; exists {
+			continue // right, or its VNI moved and the old device stays until pruning
+		}
+		d, err := l.newVXLAN(vni)
+		if err == nil {
+			err = d.Up(ctx)
+		}
+		if err != nil {
+			p.log.Warn("making a network's VXLAN device; will retry", "network", name, "vni", vni, "err", err)
+			ok = false
+			continue
+		}
+		l.drivers[plan.DriverKey(datapath.ModeVXLAN, name)] = d
+		l.vnis[name] = vni
+		made = true
+		p.log.Info("VXLAN device of a network up", "network", name, "vni", vni, "dev", d.Name())
+	}
+	if ok && prune {
+		if err := vxlan.RemoveStale(keep, p.log); err != nil {
+			p.log.Warn("removing VXLAN devices of gone networks", "err", err)
+			ok = false
+		}
+	}
+	return ok, made
+}
+
+// notePolicies logs, once per network and policy, a network that is --encrypt never (an
+// operator's choice that overrides the hosts' encryption: a warning) and counts and logs a
+// policy the plan does not know (a bad Raft entry: nothing of that network is routed).
+// O(M) for M networks.
+func (l *links) notePolicies(log *slog.Logger, nets []ipam.Network) {
+	for _, n := range nets {
+		if l.policyLogged[n.Name] == n.Encrypt {
+			continue
+		}
+		switch n.Encrypt {
+		case "", plan.EncryptAuto, plan.EncryptAlways:
+		case plan.EncryptNever:
+			log.Warn("network is --encrypt never: its traffic between hosts is plaintext even where the hosts' policy would encrypt it",
+				"network", n.Name, "this_host_encrypts", l.pol.Encrypt)
+		default:
+			l.badPolicy.Inc()
+			log.Error("network has an unknown encryption policy; none of its traffic is routed", "network", n.Name, "encrypt", n.Encrypt)
+		}
+		l.policyLogged[n.Name] = n.Encrypt
+	}
+}
+
+// probeModes maps every peer to the mode of the driver that carries its link probes (the
+// entry without NoProbe). O(entries).
+func probeModes(want map[string][]datapath.RemotePeer) map[string]string {
+	out := map[string]string{}
+	for key, list := range want {
+		mode, _, _ := strings.Cut(key, "/")
+		for _, rp := range list {
+			if !rp.NoProbe {
+				out[rp.Name] = mode
+			}
+		}
+	}
+	return out
+}
+
 // applyLinks hands every driver its peers (none for a driver without any).
 func (p *Peer) applyLinks(want map[string][]datapath.RemotePeer) {
 	for mode, d := range p.links.drivers {
@@ -352,48 +495,67 @@ func remoteBlocks(rows []ipam.BlockOwnership) map[string][]netip.Prefix {
 }
 
 // unionPeers is b (the state wanted now) plus what a (applied before) routes and b does
-// not: a's peers missing from b, and a's blocks that b routes nowhere, added to the entry
-// of the peer a routed them to. It is the start-up phase's "only add": right after a
-// restart the mesh knows a peer before the Raft log has caught up with its blocks, and b
-// then has the peer without them. b wins where both speak (mode, addresses, keys, a block
-// b routes to another peer). O(blocks) in both.
+// not: a's entries missing from b, and a's blocks that b routes nowhere. It is the
+// start-up phase's "only add": right after a restart the mesh knows a peer before the Raft
+// log has caught up with its blocks, and b then has the peer without them. An entry is a
+// (driver key, peer) pair — a peer has one per driver that carries one of its networks —
+// and a's blocks go back to the same entry of b when b has it; else, when b has the peer
+// under another driver (its link mode changed), to b's entry that carries the peer's probes
+// (its pair link), so b wins on the mode — except that blocks never leave WireGuard or a
+// network's own VXLAN device, nor join them (a network's encryption and VNI hold during
+// start-up too): those stay in a's entry, kept as it was, without probes. b wins where both
+// speak (mode, addresses, keys, a block b routes to another peer). O(blocks) in both.
 func unionPeers(a, b map[string][]datapath.RemotePeer) map[string][]datapath.RemotePeer {
-	inB := map[string]bool{}
+	type entry struct{ key, name string }
+	inB := map[entry]bool{}
+	carrier := map[string]string{} // peer → key of b's entry that carries its probes
 	routed := map[netip.Prefix]bool{}
-	for _, list := range b {
+	for key, list := range b {
 		for _, rp := range list {
-			inB[rp.Name] = true
+			inB[entry{key, rp.Name}] = true
+			if _, ok := carrier[rp.Name]; !ok || !rp.NoProbe {
+				carrier[rp.Name] = key
+			}
 			for _, blk := range rp.Blocks {
 				routed[blk] = true
 			}
 		}
 	}
-	extra := map[string][]netip.Prefix{} // peer → a's blocks that b routes nowhere
-	for _, list := range a {
+	movable := func(key string) bool { return key == datapath.ModeDirect || key == datapath.ModeVXLAN }
+	extra := map[entry][]netip.Prefix{} // entry → a's blocks that b routes nowhere
+	for key, list := range a {
 		for _, rp := range list {
+			to := entry{key, rp.Name}
+			if c, ok := carrier[rp.Name]; ok && !inB[to] && movable(key) && movable(c) {
+				to.key = c
+			}
 			for _, blk := range rp.Blocks {
 				if !routed[blk] {
-					extra[rp.Name] = append(extra[rp.Name], blk)
+					extra[to] = append(extra[to], blk)
 					routed[blk] = true
 				}
 			}
 		}
 	}
 	out := map[string][]datapath.RemotePeer{}
-	for mode, list := range b {
+	for key, list := range b {
 		for _, rp := range list {
-			if more := extra[rp.Name]; len(more) > 0 {
+			if more := extra[entry{key, rp.Name}]; len(more) > 0 {
 				rp.Blocks = append(slices.Clone(rp.Blocks), more...)
 			}
-			out[mode] = append(out[mode], rp)
+			out[key] = append(out[key], rp)
 		}
 	}
-	for mode, list := range a {
+	for key, list := range a {
 		for _, rp := range list {
-			if !inB[rp.Name] {
-				rp.Blocks = extra[rp.Name]
-				out[mode] = append(out[mode], rp)
+			e := entry{key, rp.Name}
+			_, known := carrier[rp.Name]
+			if inB[e] || (known && len(extra[e]) == 0) {
+				continue // in b already, or a peer b has elsewhere with nothing left here
 			}
+			rp.Blocks = extra[e]
+			rp.NoProbe = rp.NoProbe || known
+			out[key] = append(out[key], rp)
 		}
 	}
 	return out
@@ -407,7 +569,7 @@ func sameDesired(a, b map[string][]datapath.RemotePeer) bool {
 }
 
 func sameRemotePeer(a, b datapath.RemotePeer) bool {
-	return a.Name == b.Name && a.Underlay == b.Underlay && bytes.Equal(a.VTEPMAC, b.VTEPMAC) &&
+	return a.Name == b.Name && a.Underlay == b.Underlay && bytes.Equal(a.VTEPMAC, b.VTEPMAC) && a.NoProbe == b.NoProbe &&
 		a.WireGuardKey == b.WireGuardKey && a.WireGuardPort == b.WireGuardPort && slices.Equal(a.Blocks, b.Blocks)
 }
 
@@ -433,4 +595,11 @@ func (p *Peer) connections() []Connection {
 	p.links.mu.Lock()
 	defer p.links.mu.Unlock()
 	return append([]Connection{}, p.links.conns...)
+}
+
+// linkModes is, per peer, the mode of the link its probes measure (status routes' Link).
+func (p *Peer) linkModes() map[string]string {
+	p.links.mu.Lock()
+	defer p.links.mu.Unlock()
+	return maps.Clone(p.links.probeModes)
 }

@@ -1,6 +1,7 @@
 package router
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -123,5 +124,27 @@ func TestOwnMoved(t *testing.T) {
 		if got := ownMoved(base, next); got != c.want {
 			t.Errorf("%s: moved %v, want %v", c.what, got, c.want)
 		}
+	}
+}
+
+// During start-up a network's blocks stay on the driver that carried them: a media block
+// applied over WireGuard never falls back to the peer's plaintext link, a control block
+// never leaves control's own VXLAN device, and only one entry of a peer carries probes.
+func TestUnionPeersKeepsNetworksApart(t *testing.T) {
+	pfx := netip.MustParsePrefix
+	b := netip.MustParseAddr("10.0.0.2")
+	applied := map[string][]datapath.RemotePeer{
+		datapath.ModeWireGuard: {{Name: "b", Underlay: b, Blocks: []netip.Prefix{pfx("10.50.0.0/26")}}},
+		"vxlan/control":        {{Name: "b", Underlay: b, NoProbe: true, Blocks: []netip.Prefix{pfx("10.60.0.0/26")}}},
+	}
+	want := map[string][]datapath.RemotePeer{datapath.ModeVXLAN: {{Name: "b", Underlay: b}}}
+	got := unionPeers(applied, want)
+	for key, blocks := range map[string]string{"wireguard": "[10.50.0.0/26]", "vxlan/control": "[10.60.0.0/26]", "vxlan": "[]"} {
+		if len(got[key]) != 1 || fmt.Sprint(got[key][0].Blocks) != blocks {
+			t.Errorf("%s: %+v, want b with %s", key, got[key], blocks)
+		}
+	}
+	if m := probeModes(got); m["b"] != datapath.ModeVXLAN || !got["wireguard"][0].NoProbe {
+		t.Errorf("b's probes must stay on its pair link alone: %v %+v", m, got)
 	}
 }

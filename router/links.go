@@ -10,6 +10,7 @@ import (
 
 	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/datapath/plan"
+	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
 )
 
@@ -38,11 +39,12 @@ func chooseLink(pol linkPolicy, remote mesh.Metadata) plan.Choice {
 	return plan.ChooseLink(pol, planPeer(mesh.Peer{Name: remote.Name, Meta: remote}))
 }
 
-// desiredState is plan.Links over the mesh's peers: the remote peers each mode's driver
-// must serve, and the connection table. Only blocks inside ranges (the defined networks'
-// ranges, see networkRanges) are routed. O(N + blocks).
-func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[string][]netip.Prefix, ranges []netip.Prefix, now time.Time, downGrace time.Duration, wgPort uint16) (map[string][]datapath.RemotePeer, []Connection) {
-	in := plan.Input{Self: self, Policy: pol, Blocks: blocks, Ranges: ranges, Now: now, DownGrace: downGrace, WireGuardPort: wgPort,
+// desiredState is plan.Links over the mesh's peers: the remote peers each driver (per
+// mode, and per network for VXLAN) must serve, and the connection table, one row per
+// (peer, network). Only blocks inside the networks' subnets (see planNetworks) are routed.
+// O(N·M + blocks·M) for M networks.
+func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[string][]netip.Prefix, networks []plan.Network, now time.Time, downGrace time.Duration, wgPort uint16) (map[string][]datapath.RemotePeer, []Connection) {
+	in := plan.Input{Self: self, Policy: pol, Blocks: blocks, Networks: networks, Now: now, DownGrace: downGrace, WireGuardPort: wgPort,
 		Peers: make([]plan.Peer, 0, len(peers))}
 	for _, pr := range peers {
 		in.Peers = append(in.Peers, planPeer(pr))
@@ -50,12 +52,13 @@ func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[str
 	return plan.Links(in)
 }
 
-// networkRanges are the ranges of the networks the cluster defines (pinned in the Raft state),
-// the only space the datapath routes to other peers. O(networks).
-func (p *Peer) networkRanges() []netip.Prefix {
-	var out []netip.Prefix
-	for _, n := range p.cluster.Networks() {
-		out = append(out, n.Subnet)
+// planNetworks are the networks the cluster defines (in the Raft state) as the plan needs
+// them: their subnets are the only space the datapath routes to other peers, and each has
+// its encryption policy. O(networks).
+func planNetworks(nets []ipam.Network) []plan.Network {
+	out := make([]plan.Network, 0, len(nets))
+	for _, n := range nets {
+		out = append(out, plan.Network{Name: n.Name, Subnet: n.Subnet, Encrypt: n.Encrypt})
 	}
 	return out
 }

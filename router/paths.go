@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/plan"
 	"github.com/weftnet/weft/mesh"
 	"github.com/weftnet/weft/mesh/pathsel"
 )
@@ -634,7 +635,10 @@ type Route struct {
 	// not the path uses it; Underlay is the same peer measured over the underlay.
 	Direct   Hop    `json:"direct"`
 	Underlay Hop    `json:"underlay"`
-	Link     string `json:"link"` // the direct link's mode: direct, vxlan, wireguard
+	Link     string `json:"link"` // the direct link's mode (the one its probes use): direct, vxlan, wireguard
+	// Networks are the networks whose traffic to the peer takes Path (a network the relay
+	// cannot carry stays on the direct link and is not listed on a relayed path).
+	Networks []string `json:"networks"`
 }
 
 // Hop is one measured link of a path.
@@ -655,9 +659,15 @@ func (p *Peer) routes() []Route {
 	pt := p.paths
 	under := pt.underlay.All()
 	measured := pt.measured().All()
-	modes := map[string]string{}
+	modes := p.linkModes()
+	relayedNets, directNets := map[string][]string{}, map[string][]string{} // peer → networks, O(N·M)
 	for _, c := range p.connections() {
-		modes[c.Peer] = c.Mode
+		switch c.State {
+		case plan.StateRelayed:
+			relayedNets[c.Peer] = append(relayedNets[c.Peer], c.Network)
+		case plan.StateEstablished:
+			directNets[c.Peer] = append(directNets[c.Peer], c.Network)
+		}
 	}
 	out := []Route{}
 	for dest, c := range pt.sel.Choices() {
@@ -672,6 +682,13 @@ func (p *Peer) routes() []Route {
 		u := under[dest]
 		r.Underlay = Hop{From: p.cfg.Name, To: dest, RTTms: ms(u.RTT), JitterMs: ms(u.Jitter), Loss: u.Loss, Up: u.Up}
 		r.Link = modes[dest]
+		r.Networks = directNets[dest]
+		if len(r.Path) > 1 {
+			r.Networks = relayedNets[dest]
+		}
+		if r.Networks == nil {
+			r.Networks = []string{}
+		}
 		if pt.link != nil && u.Up && !lm.Up && r.Link != "" && r.Link != datapath.ModeDirect {
 			r.Reason += fmt.Sprintf("; the %s link is broken while the underlay answers", r.Link)
 		}

@@ -21,7 +21,7 @@ func newStatusCmd() *cobra.Command {
 	cmd.AddCommand(
 		statusCommand("peers", "List the peers of the mesh with state, address and capabilities", "/v1/peers",
 			func() any { return &[]router.PeerStatus{} }, func(out io.Writer, v any) { printPeers(out, *v.(*[]router.PeerStatus)) }),
-		statusCommand("connections", "Show, per remote peer, the link mode, underlay address, state and why", "/v1/connections",
+		statusCommand("connections", "Show, per remote peer and network, the link mode, underlay address, state and why", "/v1/connections",
 			func() any { return &[]router.Connection{} }, func(out io.Writer, v any) { printConnections(out, *v.(*[]router.Connection)) }),
 		statusCommand("routes", "Show, per remote peer, the chosen path, its measured RTT, jitter and loss, and whether the SLA holds", "/v1/routes",
 			func() any { return &[]router.Route{} }, func(out io.Writer, v any) { printRoutes(out, *v.(*[]router.Route)) }),
@@ -82,22 +82,30 @@ func printPeers(out io.Writer, peers []router.PeerStatus) {
 	tw.Flush()
 }
 
+// printConnections prints one row per (peer, network); the peer's name and address are
+// written on its first row only, so the networks of one peer read as a group.
 func printConnections(out io.Writer, conns []router.Connection) {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tADDRESS\tMODE\tSTATE\tBLOCKS\tREASON")
+	fmt.Fprintln(tw, "PEER\tADDRESS\tNETWORK\tMODE\tSTATE\tBLOCKS\tREASON")
+	prev := ""
 	for _, c := range conns {
-		mode := c.Mode
-		if mode == "" {
-			mode = "-"
+		peer, addr := c.Peer, c.Address
+		if peer == prev {
+			peer, addr = "", ""
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\n", c.Peer, c.Address, mode, c.State, len(c.Blocks), c.Reason)
+		prev = c.Peer
+		reason := c.Reason
+		if len(c.OutOfRange) > 0 {
+			reason += fmt.Sprintf(" (%d blocks outside every network, not routed: %s)", len(c.OutOfRange), strings.Join(c.OutOfRange, ","))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\n", peer, addr, orDash(c.Network), orDash(c.Mode), c.State, len(c.Blocks), reason)
 	}
 	tw.Flush()
 }
 
 func printRoutes(out io.Writer, routes []router.Route) {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tPATH\tRTT\tJITTER\tLOSS\tSLA\tSINCE\tWHY")
+	fmt.Fprintln(tw, "PEER\tPATH\tNETWORKS\tRTT\tJITTER\tLOSS\tSLA\tSINCE\tWHY")
 	for _, r := range routes {
 		path := strings.Join(r.Path, " → ")
 		if path == "" {
@@ -114,10 +122,10 @@ func printRoutes(out io.Writer, routes []router.Route) {
 		case r.Estimated:
 			rtt, ok = "~"+rtt+" (est.)", ok+" (est.)"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%.2fms\t%.1f%%\t%s %s\t%s\t%s\n", r.Peer, path, rtt, r.JitterMs, r.Loss*100,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.2fms\t%.1f%%\t%s %s\t%s\t%s\n", r.Peer, path, orDash(strings.Join(r.Networks, ",")), rtt, r.JitterMs, r.Loss*100,
 			r.SLA, ok, r.Since.Format(time.TimeOnly), r.Reason)
 		for _, h := range r.Hops {
-			fmt.Fprintf(tw, "\t  %s → %s\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", h.From, h.To, h.RTTms, h.JitterMs, h.Loss*100)
+			fmt.Fprintf(tw, "\t  %s → %s\t\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", h.From, h.To, h.RTTms, h.JitterMs, h.Loss*100)
 		}
 		// The direct link and the underlay under it, when the path does not show them.
 		if len(r.Path) != 1 {
@@ -135,7 +143,7 @@ func printLink(tw io.Writer, what string, h router.Hop) {
 	if !h.Up {
 		state = "down"
 	}
-	fmt.Fprintf(tw, "\t  %s: %s\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", what, state, h.RTTms, h.JitterMs, h.Loss*100)
+	fmt.Fprintf(tw, "\t  %s: %s\t\t%.2fms\t%.2fms\t%.1f%%\t\t\t\n", what, state, h.RTTms, h.JitterMs, h.Loss*100)
 }
 
 func orDash(s string) string {

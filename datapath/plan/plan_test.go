@@ -94,7 +94,10 @@ func TestApplyRelays(t *testing.T) {
 		"vxlan":     {{Name: "b", Blocks: blk("10.40.0.64/26")}, {Name: "c", Blocks: blk("10.40.0.128/26")}},
 		"wireguard": {{Name: "d", Blocks: blk("10.40.0.192/26")}},
 	}
-	conns := []Connection{{Peer: "b", Mode: "vxlan"}, {Peer: "c", Mode: "vxlan"}, {Peer: "d", Mode: "wireguard"}}
+	row := func(peer, mode, block string) Connection {
+		return Connection{Peer: peer, Network: "default", Mode: mode, State: StateEstablished, Blocks: []string{block}}
+	}
+	conns := []Connection{row("b", "vxlan", "10.40.0.64/26"), row("c", "vxlan", "10.40.0.128/26"), row("d", "wireguard", "10.40.0.192/26")}
 	got, gotConns := ApplyRelays(want, conns, map[string]string{"c": "b", "d": "b", "b": "b", "x": "b", "c2": "nobody"})
 	if len(got["vxlan"]) != 2 || got["vxlan"][0].Name != "b" || len(got["vxlan"][0].Blocks) != 2 {
 		t.Fatalf("c's block must ride on b's vxlan entry: %+v", got["vxlan"])
@@ -120,7 +123,11 @@ func TestApplyRelays(t *testing.T) {
 func TestApplyRelaysEncryptedOverEncrypted(t *testing.T) {
 	blk := func(s string) []netip.Prefix { return []netip.Prefix{netip.MustParsePrefix(s)} }
 	want := Desired{"wireguard": {{Name: "b", Blocks: blk("10.40.0.64/26")}, {Name: "c", Blocks: blk("10.40.0.128/26")}}}
-	got, _ := ApplyRelays(want, nil, map[string]string{"c": "b"})
+	conns := []Connection{
+		{Peer: "b", Network: "default", Mode: "wireguard", State: StateEstablished, Blocks: []string{"10.40.0.64/26"}},
+		{Peer: "c", Network: "default", Mode: "wireguard", State: StateEstablished, Blocks: []string{"10.40.0.128/26"}},
+	}
+	got, _ := ApplyRelays(want, conns, map[string]string{"c": "b"})
 	if b := got["wireguard"][0]; len(b.Blocks) != 2 || got["wireguard"][1].Blocks != nil {
 		t.Fatalf("c's block must ride on b's WireGuard entry: %+v", got)
 	}
@@ -159,9 +166,9 @@ func TestComputeSortsAndRelays(t *testing.T) {
 			"c": {netip.MustParsePrefix("10.40.0.128/26")},
 			"d": {netip.MustParsePrefix("10.40.0.192/26")},
 		},
-		Ranges: []netip.Prefix{netip.MustParsePrefix("10.40.0.0/16")},
-		Relays: map[string]string{"d": "b"},
-		Now:    time.Now(), DownGrace: 5 * time.Second, WireGuardPort: 6786,
+		Networks: []Network{{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16")}},
+		Relays:   map[string]string{"d": "b"},
+		Now:      time.Now(), DownGrace: 5 * time.Second, WireGuardPort: 6786,
 	}
 	want, conns := Compute(in)
 	names := func(l []datapath.RemotePeer) (out []string) {
@@ -195,8 +202,8 @@ func TestPlanDropsBlocksOutsideDefinedRanges(t *testing.T) {
 			"b":    {blk("10.40.0.64/26"), blk("10.41.0.0/26")},
 			"evil": {blk("0.0.0.0/1"), blk("128.0.0.0/1"), blk("10.0.0.0/8"), blk("10.40.0.129/26"), {}},
 		},
-		Ranges: []netip.Prefix{blk("10.40.0.0/16")},
-		Now:    time.Now(), DownGrace: 5 * time.Second,
+		Networks: []Network{{Name: "default", Subnet: blk("10.40.0.0/16")}},
+		Now:      time.Now(), DownGrace: 5 * time.Second,
 	}
 	want, conns := Compute(in)
 	var routed []netip.Prefix
@@ -224,7 +231,7 @@ func TestPlanDropsBlocksOutsideDefinedRanges(t *testing.T) {
 			}
 		}
 	}
-	in.Ranges, in.Relays = nil, nil
+	in.Networks, in.Relays = nil, nil
 	want, conns = Compute(in)
 	for _, rp := range want["direct"] {
 		if len(rp.Blocks) != 0 {

@@ -16,6 +16,10 @@
 //
 // Choices:
 //   - VNI 4242 and UDP port 6784 (DESIGN.md) by default; every peer of a cluster must agree.
+//   - One device per network, each with its own VNI (the router derives them with
+//     plan.VNIs), so networks are separate on the wire: the default network keeps
+//     weft-vxlan and VNI 4242, every other network's device is DeviceName(VNI). The kernel
+//     shares one UDP socket between devices on the same port and demultiplexes by VNI.
 //   - The VTEP MAC, unless configured, is derived from the underlay address and the VNI
 //     (SHA-256, locally administered unicast): stable across restarts and reboots, so the
 //     MAC the other peers hold in their FDB stays right even before gossip catches up, and
@@ -43,6 +47,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -137,6 +143,16 @@ func New(cfg Config) (*Driver, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Driver{cfg: cfg, mac: mac, log: log.With("driver", datapath.ModeVXLAN, "dev", cfg.Name)}, nil
+}
+
+// DeviceName is the name of the device of a VNI: DefaultName for DefaultVNI, else
+// "weftvx" and the VNI in 6 hex digits (12 characters: no bridge, "weft-…", nor container
+// veth, "weft" and 11 hex digits, nor WireGuard device, "weftwg…", is named so).
+func DeviceName(vni uint32) string {
+	if vni == DefaultVNI {
+		return DefaultName
+	}
+	return fmt.Sprintf("weftvx%06x", vni&0xffffff)
 }
 
 // DeriveMAC is the VTEP MAC weft uses when none is configured: the first 6 bytes of
@@ -337,7 +353,7 @@ func (d *Driver) Set(peers []datapath.RemotePeer) error {
 		}
 		macs[p.VTEPMAC.String()], ips[ip] = p.Name, p.Name
 		want = append(want, peerState{name: p.Name, mac: p.VTEPMAC, ip: ip})
-		if d.cfg.LinkProbes {
+		if d.cfg.LinkProbes && !p.NoProbe {
 			probeRoutes = append(probeRoutes, datapath.ProbeRoute(idx, ip, true))
 		}
 		for _, b := range p.Blocks {
@@ -500,4 +516,43 @@ func (d *Driver) Close() error {
 	}
 	d.log.Info("device deleted")
 	return nil
+}
+
+// RemoveStale deletes the VXLAN devices named like a network's (DeviceName: "weftvx" and
+// six hex digits) that keep does not list: devices of networks removed while the peer was
+// down, or whose VNI moved. Other links are never touched. O(links on the host).
+func RemoveStale(keep []string, log *slog.Logger) error {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return fmt.Errorf("vxlan: list links: %w", err)
+	}
+	var errs []error
+	for _, link := range links {
+		name := link.Attrs().Name
+		if _, ok := link.(*netlink.Vxlan); !ok || !isNetworkDevice(name) || slices.Contains(keep, name) {
+			continue
+		}
+		if err := netlink.LinkDel(link); err != nil && !datapath.IsGone(err) {
+			errs = append(errs, fmt.Errorf("vxlan: delete stale %s: %w", name, err))
+			continue
+		}
+		if log != nil {
+			log.Info("removed a stale network VXLAN device", "dev", name)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// isNetworkDevice says whether name is one DeviceName gives a network's VNI.
+func isNetworkDevice(name string) bool {
+	hex, ok := strings.CutPrefix(name, "weftvx")
+	if !ok || len(hex) != 6 {
+		return false
+	}
+	for _, c := range hex {
+		if !strings.ContainsRune("0123456789abcdef", c) {
+			return false
+		}
+	}
+	return true
 }

@@ -430,7 +430,7 @@ func (d *Driver) desired(peers []datapath.RemotePeer) (want map[wgtypes.Key]wgty
 			blocks[b] = true
 			pc.AllowedIPs = append(pc.AllowedIPs, *datapath.PrefixToIPNet(b))
 		}
-		if u := p.Underlay.Unmap(); d.cfg.LinkProbes && !blocks[netip.PrefixFrom(u, u.BitLen())] {
+		if u := p.Underlay.Unmap(); d.cfg.LinkProbes && !p.NoProbe && !blocks[netip.PrefixFrom(u, u.BitLen())] {
 			pc.AllowedIPs = append(pc.AllowedIPs, *datapath.PrefixToIPNet(netip.PrefixFrom(u, u.BitLen())))
 			probes = append(probes, u)
 		}

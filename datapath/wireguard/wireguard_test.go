@@ -763,6 +763,28 @@ func TestLinkProbesGoThroughTheTunnel(t *testing.T) {
 	if tx, _ := counters(h1); tx != tx1b {
 		t.Fatalf("a packet from port %d went through WireGuard (tx %d→%d)", port+1, tx1b, tx)
 	}
+
+	// A peer whose probes go through another driver (NoProbe: this WireGuard link carries
+	// only some of its networks): AllowedIPs are its blocks alone, and no probe route.
+	p2peer := h2.peer()
+	p2peer.NoProbe = true
+	if err := h1.drv.Set([]datapath.RemotePeer{p2peer}); err != nil {
+		t.Fatal(err)
+	}
+	peer = peerConfigs(wgDevice(t, h1.drv.Name()))[wgtypes.Key(h2.drv.PublicKey())]
+	if !strings.Contains(peer, h2.block.String()) || strings.Contains(peer, h2.underlay.String()+"/32") {
+		t.Fatalf("with NoProbe h1's peer h2 is %q, want AllowedIPs %s only", peer, h2.block)
+	}
+	h1.ns.Do(func(ns.NetNS) error {
+		link, err := netlink.LinkByName(h1.drv.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rs, err := datapath.ListRoutes(nil, datapath.ProbeTable, link.Attrs().Index); err != nil || len(rs) != 0 {
+			t.Fatalf("with NoProbe h1 keeps probe routes %v (%v)", rs, err)
+		}
+		return nil
+	})
 	for _, h := range l.hosts {
 		if err := h.drv.Close(); err != nil {
 			t.Fatal(err)
