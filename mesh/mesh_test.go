@@ -645,3 +645,14 @@ func TestPeerUp(t *testing.T) {
 		}
 	}
 }
+
+// Compression is off by default; a peer that still has it on (an older
+// build, or Config.Compress) must join and be understood both ways.
+func TestCompressionMixedConverges(t *testing.T) {
+	t.Parallel()
+	if DefaultConfig().Compress {
+		t.Fatal("DefaultConfig compresses gossip; the default is off (see Config.Compress)")
+	}
+	meshes := startChain(t, 3, "mixc", func(c *Config) { c.Compress = strings.HasSuffix(c.Name, "1") })
+	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+}
