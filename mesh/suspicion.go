@@ -163,3 +163,6 @@ type leaveIntent struct {
 func (l *leaveIntent) Invalidates(memberlist.Broadcast) bool { return false }
 func (l *leaveIntent) Message() []byte                       { return l.msg }
 func (l *leaveIntent) Finished()                             { l.once.Do(func() { close(l.done) }) }
+
+// UniqueBroadcast: see broadcast's; queueing is O(log Q), not O(Q).
+func (l *leaveIntent) UniqueBroadcast() {}
