@@ -71,7 +71,7 @@ const leaveIntentWindow = 30 * time.Second
 // the TCP fallback ping on (returns false).
 func (m *Mesh) onDirectProbeFailed(name string) bool {
 	if m.markSuspect(name) {
-		m.broadcastInternal(msgSuspect, name)
+		m.broadcastSuspicion(msgSuspect, name)
 	}
 	return false
 }
@@ -80,8 +80,71 @@ func (m *Mesh) onDirectProbeFailed(name string) bool {
 // and the others, who heard our or someone's suspicion, learn it too.
 func (m *Mesh) onDirectAck(name string) {
 	if m.markAlive(name) {
-		m.broadcastInternal(msgAlive, name)
+		m.broadcastSuspicion(msgAlive, name)
 	}
+}
+
+// broadcastSuspicion sends a suspect or alive note if this peer's budget
+// allows, else counts it as suppressed (the local state changed anyway).
+//
+// Why a budget: one lost UDP probe made a note that every peer received and
+// relayed, and every peer's next direct ack made another. A starved machine
+// loses probes, so the notes, the events and the work they trigger (every
+// peer's datapath and membership rounds, O(N) each) grew with the load that
+// caused them: at N=100 on 2 cores each peer took 12 suspect and 12 alive
+// events and 250 duplicate messages a second, and never settled. The
+// budget refills one note per numNodes probe intervals, about one note per
+// probe interval for the whole mesh, with a burst of suspicionBurst: a
+// single lost probe still spreads at once, a storm does not.
+func (m *Mesh) broadcastSuspicion(kind byte, name string) {
+	per := time.Duration(m.numNodes()) * m.cfg.ProbeInterval
+	if !m.noteBudget.take(time.Now(), per) {
+		label := "suspect"
+		if kind == msgAlive {
+			label = "alive"
+		}
+		m.metrics.suspicionSuppressed.WithLabelValues(label).Inc()
+		return
+	}
+	m.broadcastInternal(kind, name)
+}
+
+// suspicionBurst is how many suspect or alive notes a peer may send at once.
+const suspicionBurst = 4
+
+// tokenBucket is a token bucket of capacity suspicionBurst, full at first.
+type tokenBucket struct {
+	mu     sync.Mutex // guards following
+	used   float64    // tokens taken and not yet refilled
+	last   time.Time  // when used was last updated
+	inited bool
+}
+
+// take reports whether a token was available at now, refilling one every per.
+// O(1).
+func (b *tokenBucket) take(now time.Time, per time.Duration) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.used, b.last = refill(b.used, now.Sub(b.last), per, b.inited), now
+	b.inited = true
+	if b.used+1 > suspicionBurst {
+		return false
+	}
+	b.used++
+	return true
+}
+
+// refill is the tokens still used after elapsed at one token per per; a
+// bucket never used before is empty of use. A clock step back refills
+// nothing.
+func refill(used float64, elapsed, per time.Duration, inited bool) float64 {
+	if !inited {
+		return 0
+	}
+	if elapsed <= 0 || per <= 0 {
+		return used
+	}
+	return max(0, used-float64(elapsed)/float64(per))
 }
 
 // handleInternal applies an internal message from another peer.
