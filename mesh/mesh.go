@@ -22,18 +22,18 @@ import (
 // methods are safe for concurrent use (see the package documentation for
 // the full contract).
 type Mesh struct {
-	cfg        Config // validated, defaults filled in; read-only after New
-	log        *slog.Logger
-	metrics    *metrics
-	queue      *memberlist.TransmitLimitedQueue
-	lsQueue    *memberlist.TransmitLimitedQueue      // link-state channel only (Config.LinkStateRetransmitMult)
-	coords     *coords                               // network coordinates; own leaf lock
-	ml         atomic.Pointer[memberlist.Memberlist] // set once by Start
-	wake       chan struct{}                         // cap 1: pokes the join loop
-	seen       seen                                  // ids of recent channel messages
-	noteBudget tokenBucket                           // suspect and alive notes this peer may send (suspicion.go)
-	nodes      atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
-	pins       *keyPins                              // public keys pinned to names; own leaf lock
+	cfg     Config // validated, defaults filled in; read-only after New
+	log     *slog.Logger
+	metrics *metrics
+	queue   *memberlist.TransmitLimitedQueue
+	lsQueue *memberlist.TransmitLimitedQueue      // link-state channel only (Config.LinkStateRetransmitMult)
+	coords  *coords                               // network coordinates; own leaf lock
+	ml      atomic.Pointer[memberlist.Memberlist] // set once by Start
+	wake    chan struct{}                         // cap 1: pokes the join loop
+	seen    seen                                  // ids of recent channel messages
+	notes   suspicionNotes                        // which suspect and alive notes go out (suspicion.go)
+	nodes   atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
+	pins    *keyPins                              // public keys pinned to names; own leaf lock
 
 	lifeMu   sync.Mutex // serializes Start, Leave and Close; guards following
 	started  bool

@@ -692,7 +692,6 @@ func TestSuspicionStormBounded(t *testing.T) {
 	meshes := startChain(t, 3, "storm", nil)
 	allSee(t, converge, meshes, StateAlive, names(meshes)...)
 	m := meshes[0]
-	m.noteBudget.take(time.Now(), time.Hour) // start from a known state
 	for range 20 {
 		for _, name := range []string{"storm1", "storm2"} {
 			m.onDirectProbeFailed(name)
@@ -702,5 +701,14 @@ func TestSuspicionStormBounded(t *testing.T) {
 	suppressed := metricValue(m.metrics.suspicionSuppressed.WithLabelValues("suspect"))
 	if suppressed < 40-suspicionBurst {
 		t.Fatalf("%v suspect notes suppressed of 40, want at least %d", suppressed, 40-suspicionBurst)
+	}
+	// A private suspicion ends without a note; a published one with one.
+	if m.notes.cleared("storm1") || m.notes.cleared("storm2") {
+		// markAlive above already ran; cleared is what onDirectAck asks next.
+		t.Fatal("the end of a suppressed (private) suspicion would be published")
+	}
+	m.notes.heard("storm1")
+	if !m.notes.cleared("storm1") {
+		t.Fatal("the end of a suspicion another peer published would not be published")
 	}
 }
