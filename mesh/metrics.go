@@ -98,7 +98,7 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	}, []string{"reason"})
 	m.suspicionSuppressed = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "weft_mesh_suspicion_notes_suppressed_total",
-		Help: "Suspect and alive notes this peer did not broadcast because its budget (about one per N probe intervals, bursts of 4) was spent; the local state changed anyway.",
+		Help: "Suspect notes this peer did not broadcast because its budget (one per N probe intervals) was spent, and alive notes not needed because that suspicion was never published; the local state changed anyway.",
 	}, []string{"kind"})
 	for _, k := range []string{"suspect", "alive"} {
 		m.suspicionSuppressed.WithLabelValues(k)
