@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/memberlist"
 )
 
 func TestEnvelopeRoundTrip(t *testing.T) {
@@ -232,5 +234,23 @@ func TestUnicastDispatch(t *testing.T) {
 	}
 	if err := m.SendTo("x", "a", []byte("m")); !errors.Is(err, ErrNotStarted) {
 		t.Errorf("SendTo before Start: %v", err)
+	}
+}
+
+// Our broadcasts never invalidate each other and say so to memberlist, which
+// otherwise scans its whole queue for every message queued (O(Q) each).
+func TestBroadcastsAreUnique(t *testing.T) {
+	for _, b := range []memberlist.Broadcast{broadcast("x"), &leaveIntent{msg: []byte("x"), done: make(chan struct{})}} {
+		if _, ok := b.(memberlist.UniqueBroadcast); !ok {
+			t.Errorf("%T is not a memberlist.UniqueBroadcast: queueing it scans the whole queue", b)
+		}
+	}
+	// Unique messages with equal bytes all stay queued.
+	q := &memberlist.TransmitLimitedQueue{NumNodes: func() int { return 10 }, RetransmitMult: 3}
+	for range 3 {
+		q.QueueBroadcast(broadcast("same"))
+	}
+	if n := q.NumQueued(); n != 3 {
+		t.Fatalf("%d of 3 equal broadcasts queued, want 3", n)
 	}
 }

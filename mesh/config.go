@@ -114,13 +114,26 @@ type Config struct {
 	// mult·⌈log₁₀(N+1)⌉ times, a message misses about N·e^-f peers
 	// (N=50: 0.12 at 3, 0.02 at 4) and each peer gets it about f times.
 	LinkStateRetransmitMult int
+	// MembershipRetransmitMult is memberlist's own RetransmitMult: how many
+	// times, per ⌈log₁₀(N+1)⌉, each peer sends on an alive, suspect or dead
+	// message. memberlist's 4 sends each message f = 8 times per peer at
+	// N=10..99, so a given peer misses it with probability about e^-f
+	// (3.4e-4) and a 50-peer start, ~50 messages × 50 peers, left one peer
+	// unaware of one joiner in about a third of the simulation runs, until a
+	// push/pull repaired it 20–60 s later. 6 (f = 12 at N=10..99) makes that
+	// about 1 run in 70. These messages are rare once the mesh is formed
+	// (joins, leaves, failures, metadata changes), so the cost is
+	// join-time bytes only: O(log N) sends per message per peer.
+	MembershipRetransmitMult int
 	// Compress turns memberlist's LZW compression of gossip packets and
-	// push/pull on. On in DefaultConfig: off, decompressing no datagram saved
-	// a third of an idle peer's allocations (0.4–0.6 % instead of ~1 % of a
-	// core at N=50), but push/pull and join traffic doubled and the 50-peer
-	// simulation missed a late joiner in 9 runs of 16 (2 of 10 with it on;
-	// see SCALING.md) — a convergence risk not worth the CPU until it is
-	// understood. Peers read compressed messages either way.
+	// push/pull on. Off in DefaultConfig: decompressing every datagram was a
+	// third of an idle peer's allocations (≈1 % of a core at N=50 against
+	// 0.4–0.6 % off), while link-state entries, coordinates and signatures
+	// barely shrink; push/pull and join traffic roughly double. A late
+	// joiner missed in the 50-peer simulation was blamed on it for a while;
+	// the cause was memberlist's retransmit count (MembershipRetransmitMult),
+	// with compression on and off alike. Peers read compressed messages
+	// either way, so mixed settings interoperate.
 	Compress bool
 
 	// WrapTransport, when set, wraps the mesh's UDP/TCP transport (a
@@ -160,15 +173,17 @@ func DefaultConfig() Config {
 		MaxQueuedBroadcasts: 4096,
 		// See the field: 3 sends 6 copies a message at N=10..99 instead of 8.
 		LinkStateRetransmitMult: 3,
-		DeadRetryInterval:       time.Second,
+		// See the field: memberlist's 4 lost a joiner in a third of 50-peer starts.
+		MembershipRetransmitMult: 6,
+		DeadRetryInterval:        time.Second,
 		// Five minutes covers a restarted process (seconds) and a rebooted
 		// host (typically one to three minutes) with margin. A member gone
 		// longer is left to come back through its own seeds or snapshot:
 		// retrying it costs little (see deadRetryLoop) but never ends
 		// otherwise for a peer that was removed for good.
 		DeadRetryFor: 5 * time.Minute,
-		// On: see the field; off converged less reliably in the simulation.
-		Compress: true,
+		// Off: see the field.
+		Compress: false,
 	}
 }
 
@@ -235,6 +250,9 @@ func (c *Config) Validate() error {
 	}
 	if c.LinkStateRetransmitMult < 1 || c.LinkStateRetransmitMult > 10 {
 		return bad("link-state retransmit multiplier %d must be 1 to 10", c.LinkStateRetransmitMult)
+	}
+	if c.MembershipRetransmitMult < 1 || c.MembershipRetransmitMult > 10 {
+		return bad("membership retransmit multiplier %d must be 1 to 10", c.MembershipRetransmitMult)
 	}
 	if c.DeadRetryInterval <= 0 {
 		return bad("dead retry interval %v must be positive", c.DeadRetryInterval)

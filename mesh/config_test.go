@@ -42,6 +42,8 @@ func TestConfigValidate(t *testing.T) {
 		"dead retry for":  func(c *Config) { c.DeadRetryFor = -time.Second },
 		"snapshot path":   func(c *Config) { c.SnapshotPath = "a\x00b" },
 		"no identity":     func(c *Config) { c.Identity = nil },
+		"membership mult": func(c *Config) { c.MembershipRetransmitMult = 0 },
+		"membership huge": func(c *Config) { c.MembershipRetransmitMult = 11 },
 	} {
 		c := good
 		edit(&c)

@@ -31,6 +31,7 @@ type Mesh struct {
 	ml      atomic.Pointer[memberlist.Memberlist] // set once by Start
 	wake    chan struct{}                         // cap 1: pokes the join loop
 	seen    seen                                  // ids of recent channel messages
+	notes   suspicionNotes                        // which suspect and alive notes go out (suspicion.go)
 	nodes   atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
 	pins    *keyPins                              // public keys pinned to names; own leaf lock
 
@@ -164,6 +165,7 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 	mc.ProbeTimeout = c.ProbeTimeout
 	mc.PushPullInterval = c.PushPullInterval
 	mc.SuspicionMult = c.SuspicionMult
+	mc.RetransmitMult = c.MembershipRetransmitMult // see the Config field
 	// A peer that comes back under its name from another address (new
 	// DHCP lease, moved VM) may take the name over once the old one has
 	// been dead this long; memberlist's default (never) would refuse it
@@ -177,7 +179,7 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 	mc.Merge = d
 	mc.DisableTcpPingsForNode = m.onDirectProbeFailed // always false; see suspicion.go
 	mc.Logger = newMemberlistLogger(m.log)
-	mc.EnableCompression = c.Compress // on in DefaultConfig: see Config.Compress
+	mc.EnableCompression = c.Compress // off in DefaultConfig: see Config.Compress
 	if len(c.Password) > 0 {
 		kr, err := memberlist.NewKeyring(nil, GossipKey(c.Password))
 		if err != nil {

@@ -645,3 +645,70 @@ func TestPeerUp(t *testing.T) {
 		}
 	}
 }
+
+// Compression is off by default; a peer that still has it on (an older
+// build, or Config.Compress) must join and be understood both ways.
+func TestCompressionMixedConverges(t *testing.T) {
+	t.Parallel()
+	if DefaultConfig().Compress {
+		t.Fatal("DefaultConfig compresses gossip; the default is off (see Config.Compress)")
+	}
+	meshes := startChain(t, 3, "mixc", func(c *Config) { c.Compress = strings.HasSuffix(c.Name, "1") })
+	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+}
+
+// The suspicion budget: a burst goes out at once, then one note per refill
+// period; time going backwards refills nothing.
+func TestSuspicionBudget(t *testing.T) {
+	var b tokenBucket
+	t0 := time.Unix(1000, 0)
+	per := 10 * time.Second
+	for i := range suspicionBurst {
+		if !b.take(t0, per) {
+			t.Fatalf("note %d of the burst refused", i+1)
+		}
+	}
+	if b.take(t0, per) {
+		t.Fatal("a note beyond the burst went out")
+	}
+	if b.take(t0.Add(per/2), per) {
+		t.Fatal("a note went out half a refill period later")
+	}
+	if !b.take(t0.Add(per), per) {
+		t.Fatal("no note after a full refill period")
+	}
+	if b.take(t0.Add(-time.Hour), per) {
+		t.Fatal("a clock step back refilled the budget")
+	}
+	if got := refill(2, time.Hour, per, true); got != 0 {
+		t.Fatalf("refill after an hour = %v, want 0 (never below empty)", got)
+	}
+}
+
+// A storm of failed probes sends at most the burst of suspect notes; the
+// rest are counted as suppressed and still mark the peers suspect locally.
+func TestSuspicionStormBounded(t *testing.T) {
+	t.Parallel()
+	meshes := startChain(t, 3, "storm", nil)
+	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+	m := meshes[0]
+	for range 20 {
+		for _, name := range []string{"storm1", "storm2"} {
+			m.onDirectProbeFailed(name)
+			m.markAlive(name) // so that the next failure is a transition again
+		}
+	}
+	suppressed := metricValue(m.metrics.suspicionSuppressed.WithLabelValues("suspect"))
+	if suppressed < 40-suspicionBurst {
+		t.Fatalf("%v suspect notes suppressed of 40, want at least %d", suppressed, 40-suspicionBurst)
+	}
+	// A private suspicion ends without a note; a published one with one.
+	if m.notes.cleared("storm1") || m.notes.cleared("storm2") {
+		// markAlive above already ran; cleared is what onDirectAck asks next.
+		t.Fatal("the end of a suppressed (private) suspicion would be published")
+	}
+	m.notes.heard("storm1")
+	if !m.notes.cleared("storm1") {
+		t.Fatal("the end of a suspicion another peer published would not be published")
+	}
+}

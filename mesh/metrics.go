@@ -14,19 +14,20 @@ type metrics struct {
 	reg        prometheus.Registerer
 	collectors []prometheus.Collector
 
-	members           *prometheus.GaugeVec   // state
-	joinAttempts      prometheus.Counter     //
-	joinFailures      *prometheus.CounterVec // reason
-	events            *prometheus.CounterVec // type
-	eventsDropped     prometheus.Counter     //
-	messagesReceived  *prometheus.CounterVec // channel (registered channels only)
-	messagesRejected  *prometheus.CounterVec // reason
-	broadcasts        *prometheus.CounterVec // channel (registered channels only)
-	broadcastsDropped prometheus.Counter     //
-	metadataRejected  prometheus.Counter     //
-	coordUpdates      prometheus.Counter     //
-	coordRejected     *prometheus.CounterVec // reason
-	keyRejected       *prometheus.CounterVec // reason
+	members             *prometheus.GaugeVec   // state
+	joinAttempts        prometheus.Counter     //
+	joinFailures        *prometheus.CounterVec // reason
+	events              *prometheus.CounterVec // type
+	eventsDropped       prometheus.Counter     //
+	messagesReceived    *prometheus.CounterVec // channel (registered channels only)
+	messagesRejected    *prometheus.CounterVec // reason
+	broadcasts          *prometheus.CounterVec // channel (registered channels only)
+	broadcastsDropped   prometheus.Counter     //
+	metadataRejected    prometheus.Counter     //
+	coordUpdates        prometheus.Counter     //
+	coordRejected       *prometheus.CounterVec // reason
+	keyRejected         *prometheus.CounterVec // reason
+	suspicionSuppressed *prometheus.CounterVec // kind (suspect, alive)
 }
 
 // Join failure reasons (label values of weft_mesh_join_failures_total).
@@ -95,6 +96,13 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 		Name: "weft_mesh_identity_rejected_total",
 		Help: "Alive messages refused for their identity key, by reason (no_key, mismatch: another key than the one pinned for the name).",
 	}, []string{"reason"})
+	m.suspicionSuppressed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "weft_mesh_suspicion_notes_suppressed_total",
+		Help: "Suspect notes this peer did not broadcast because its budget (one per N probe intervals) was spent, and alive notes not needed because that suspicion was never published; the local state changed anyway.",
+	}, []string{"kind"})
+	for _, k := range []string{"suspect", "alive"} {
+		m.suspicionSuppressed.WithLabelValues(k)
+	}
 	queue := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "weft_mesh_broadcast_queue_messages",
 		Help: "Broadcasts waiting in the gossip queue.",
@@ -102,7 +110,7 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	m.collectors = []prometheus.Collector{
 		m.members, m.joinAttempts, m.joinFailures, m.events, m.eventsDropped,
 		m.messagesReceived, m.messagesRejected, m.broadcasts, m.broadcastsDropped,
-		m.metadataRejected, m.coordUpdates, m.coordRejected, m.keyRejected, queue,
+		m.metadataRejected, m.coordUpdates, m.coordRejected, m.keyRejected, m.suspicionSuppressed, queue,
 	}
 	for _, s := range []State{StateAlive, StateSuspect, StateDead, StateLeft} {
 		m.members.WithLabelValues(s.String()).Set(0)

@@ -3,6 +3,8 @@ package mesh
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
@@ -625,5 +627,43 @@ func TestProberRecoveryClearsLoss(t *testing.T) {
 	probe(0, 0)
 	if s, _ := p.Stats("b"); s.Loss != 0.5 {
 		t.Fatalf("a loss after the recovery: %+v, want loss 0.5 (1 of 2 since)", s)
+	}
+}
+
+// The reused HMAC gives the MAC a fresh hmac.New gives, packet after packet,
+// from concurrent senders, and a packet sealed with another key fails.
+func TestProbeKeyReuse(t *testing.T) {
+	key, other := []byte("probe key one"), []byte("probe key two")
+	k := newProbeKey(key)
+	if newProbeKey(nil) != nil {
+		t.Fatal("an empty key gave a probeKey; want nil (unauthenticated)")
+	}
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 200 {
+				p := Probe{Kind: ProbeRequest, Seq: uint64(g*1000 + i), T1: int64(i), From: "a", Path: "b"}
+				b, err := appendProbe(nil, p, k)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				m := hmac.New(sha256.New, key)
+				m.Write(b[:len(b)-probeMACLen])
+				if want := m.Sum(nil)[:probeMACLen]; !bytes.Equal(b[len(b)-probeMACLen:], want) {
+					t.Errorf("packet %d: MAC %x, want %x", i, b[len(b)-probeMACLen:], want)
+					return
+				}
+				if _, err := decodeProbe(b, k); err != nil {
+					t.Errorf("packet %d: %v", i, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b, _ := AppendProbe(nil, Probe{Kind: ProbeRequest, Seq: 1, T1: 1, From: "a", Path: "b"}, other)
+	if _, err := decodeProbe(b, k); !errors.Is(err, ErrBadProbe) {
+		t.Fatalf("a packet sealed with another key: %v, want ErrBadProbe", err)
 	}
 }

@@ -71,17 +71,126 @@ const leaveIntentWindow = 30 * time.Second
 // the TCP fallback ping on (returns false).
 func (m *Mesh) onDirectProbeFailed(name string) bool {
 	if m.markSuspect(name) {
-		m.broadcastInternal(msgSuspect, name)
+		per := time.Duration(m.numNodes()) * m.cfg.ProbeInterval
+		if m.notes.publish(name, time.Now(), per) {
+			m.broadcastInternal(msgSuspect, name)
+		} else {
+			m.metrics.suspicionSuppressed.WithLabelValues("suspect").Inc()
+		}
 	}
 	return false
 }
 
 // onDirectAck handles a direct probe's ack: a peer we held suspect is alive,
-// and the others, who heard our or someone's suspicion, learn it too.
+// and the others, who heard our or someone's suspicion, learn it too. A
+// suspicion nobody else heard (its note was suppressed) needs no alive note.
 func (m *Mesh) onDirectAck(name string) {
-	if m.markAlive(name) {
-		m.broadcastInternal(msgAlive, name)
+	if !m.markAlive(name) {
+		return
 	}
+	if m.notes.cleared(name) {
+		m.broadcastInternal(msgAlive, name)
+	} else {
+		m.metrics.suspicionSuppressed.WithLabelValues("alive").Inc()
+	}
+}
+
+// suspicionNotes decides which suspect notes go out. Why a budget: one lost
+// UDP probe made a note that every peer received and relayed, and the next
+// direct ack another. A starved machine loses probes, so the notes, the
+// events and the work they trigger (every peer's datapath and membership
+// rounds, O(N) each) grew with the load that caused them: at N=100 on 2
+// cores each peer took 12 suspect and 12 alive events and 250 duplicate
+// messages a second. The budget refills one suspect note per numNodes probe
+// intervals, about one a probe interval for the whole mesh, with bursts of
+// suspicionBurst: a single lost probe still spreads at once, a storm does
+// not. Alive notes are not budgeted, but only a suspicion that was
+// published (sent by us or heard from another peer) gets one, so there are
+// no more of them than of suspect notes. O(1) per probe; memory O(peers
+// suspected privately).
+type suspicionNotes struct {
+	mu      sync.Mutex // guards following
+	budget  tokenBucket
+	private map[string]struct{} // suspected here only: the note was suppressed
+}
+
+// publish reports whether a suspect note for name may go out now; if not,
+// the suspicion is remembered as private.
+func (n *suspicionNotes) publish(name string, now time.Time, per time.Duration) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.budget.take(now, per) {
+		delete(n.private, name)
+		return true
+	}
+	if n.private == nil {
+		n.private = map[string]struct{}{}
+	}
+	if len(n.private) >= maxPrivateSuspicions {
+		// Peers that died while suspected here are never cleared; forgetting
+		// them costs at most one unneeded alive note each.
+		clear(n.private)
+	}
+	n.private[name] = struct{}{}
+	return false
+}
+
+// heard records that another peer published a suspicion of name.
+func (n *suspicionNotes) heard(name string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.private, name)
+}
+
+// cleared reports whether the end of name's suspicion should be published,
+// and forgets it.
+func (n *suspicionNotes) cleared(name string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	_, private := n.private[name]
+	delete(n.private, name)
+	return !private
+}
+
+// maxPrivateSuspicions bounds suspicionNotes.private.
+const maxPrivateSuspicions = 4096
+
+// suspicionBurst is how many suspect notes a peer may send at once. 1: the
+// burst is per peer, so the mesh's is N notes, which a starved start of 100
+// peers spent at once with 4 (365 suspect events per peer in 2.5 min).
+const suspicionBurst = 1
+
+// tokenBucket is a token bucket of capacity suspicionBurst, full at first.
+// Not safe for concurrent use (suspicionNotes guards it).
+type tokenBucket struct {
+	used   float64   // tokens taken and not yet refilled
+	last   time.Time // when used was last updated
+	inited bool
+}
+
+// take reports whether a token was available at now, refilling one every per.
+// O(1).
+func (b *tokenBucket) take(now time.Time, per time.Duration) bool {
+	b.used, b.last = refill(b.used, now.Sub(b.last), per, b.inited), now
+	b.inited = true
+	if b.used+1 > suspicionBurst {
+		return false
+	}
+	b.used++
+	return true
+}
+
+// refill is the tokens still used after elapsed at one token per per; a
+// bucket never used before is empty of use. A clock step back refills
+// nothing.
+func refill(used float64, elapsed, per time.Duration, inited bool) float64 {
+	if !inited {
+		return 0
+	}
+	if elapsed <= 0 || per <= 0 {
+		return used
+	}
+	return max(0, used-float64(elapsed)/float64(per))
 }
 
 // handleInternal applies an internal message from another peer.
@@ -96,6 +205,7 @@ func (m *Mesh) handleInternal(b []byte) error {
 	switch b[0] {
 	case msgSuspect:
 		m.markSuspect(name)
+		m.notes.heard(name)
 	case msgAlive:
 		m.markAlive(name)
 	case msgLeaving:
@@ -163,3 +273,6 @@ type leaveIntent struct {
 func (l *leaveIntent) Invalidates(memberlist.Broadcast) bool { return false }
 func (l *leaveIntent) Message() []byte                       { return l.msg }
 func (l *leaveIntent) Finished()                             { l.once.Do(func() { close(l.done) }) }
+
+// UniqueBroadcast: see broadcast's; queueing is O(log Q), not O(Q).
+func (l *leaveIntent) UniqueBroadcast() {}

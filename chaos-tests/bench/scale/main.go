@@ -42,6 +42,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -64,7 +65,7 @@ type options struct {
 	weftPrefix string
 	serfPrefix string
 	keepLogs   string
-	profile    string   // directory for a CPU and an allocation profile of host 1
+	profile    string   // directory for CPU and allocation profiles of host 1 and the last host
 	weftArgs   []string // extra `weft peer` flags for every host
 	mc         measureConfig
 	pingWait   time.Duration
@@ -104,7 +105,7 @@ func run() error {
 	flag.StringVar(&o.weftPrefix, "prefix", "wscl", "namespace prefix of the weft labs")
 	flag.StringVar(&o.serfPrefix, "serf-prefix", "wsrf", "namespace prefix of the serf labs")
 	flag.StringVar(&o.keepLogs, "keep-logs", "", "copy every peer's log into this directory before teardown")
-	flag.StringVar(&o.profile, "profile", "", "take a CPU profile (over the idle window) and a heap profile of weft host 1 into this directory (adds --pprof)")
+	flag.StringVar(&o.profile, "profile", "", "take a CPU profile (over the idle window) and a heap profile of weft host 1 (a Raft voter) and the last host (a client) into this directory (adds --pprof)")
 	weftArgs := flag.String("weft-args", "", "extra weft peer flags for every host, space-separated (e.g. \"--log-level warn\")")
 	flag.IntVar(&o.mc.batch, "batch", 10, "processes started together after the three seeds")
 	flag.DurationVar(&o.mc.startTimeout, "start-timeout", 60*time.Second, "longest wait for one batch to answer")
@@ -203,7 +204,14 @@ func runWeft(ctx context.Context, o options, n int) (r *result, err error) {
 	defer teardown(o, l, w, "weft", &err)
 	mc := o.mc
 	if o.profile != "" {
-		mc.onIdle = func(ctx context.Context, window time.Duration) { profileHost(ctx, o.profile, l.Host(1), n, window) }
+		// Host 1 is a Raft voter; the last host is a client, as most peers are.
+		mc.onIdle = func(ctx context.Context, window time.Duration) {
+			var wg sync.WaitGroup
+			for _, i := range []int{1, n - 1} {
+				wg.Go(func() { profileHost(ctx, o.profile, l.Host(i), n, window) })
+			}
+			wg.Wait()
+		}
 	}
 	if err := measure(ctx, mc, l, w, r); err != nil {
 		return r, err
@@ -225,7 +233,7 @@ func runSerf(ctx context.Context, o options, n int) (r *result, err error) {
 
 // profileHost saves a CPU profile of h's peer over most of window, then its heap profile
 // (allocations since start included), and its metrics at both ends of the CPU profile, as
-// DIR/weft-N<n>-{cpu,heap}.pprof and DIR/weft-N<n>-metrics-{start,end}.txt. Failures are
+// DIR/weft-N<n>-<host>-{cpu,heap}.pprof and DIR/weft-N<n>-<host>-metrics-{start,end}.txt. Failures are
 // reported, not fatal: the figures matter more than the profile.
 func profileHost(ctx context.Context, dir string, h *lab.Host, n int, window time.Duration) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -233,7 +241,7 @@ func profileHost(ctx context.Context, dir string, h *lab.Host, n int, window tim
 		return
 	}
 	secs := max(1, int((window - 2*time.Second).Seconds()))
-	base := filepath.Join(dir, fmt.Sprintf("weft-N%d-", n))
+	base := filepath.Join(dir, fmt.Sprintf("weft-N%d-%s-", n, h.Name))
 	get := func(path, file string) {
 		if out, err := h.Exec(ctx, "curl", "-sf", "-o", base+file, "http://127.0.0.1:6782/debug/pprof/"+path); err != nil {
 			fmt.Fprintln(os.Stderr, "scale: profile:", err, string(out))

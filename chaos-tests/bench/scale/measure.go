@@ -244,7 +244,8 @@ func idle(ctx context.Context, window time.Duration, hosts []*lab.Host, c cluste
 			continue
 		}
 		r.cpu = append(r.cpu, float64(t-b.ticks)/userHZ/r.window.Seconds()*100)
-		r.rss = append(r.rss, float64(rss)/(1<<20))
+		r.rss = append(r.rss, float64(rss.rss)/(1<<20))
+		r.rssAnon = append(r.rssAnon, float64(rss.anon)/(1<<20))
 	}
 	return nil
 }

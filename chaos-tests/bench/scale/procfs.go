@@ -40,24 +40,32 @@ func parseStatTicks(stat string) (uint64, error) {
 }
 
 // parseVmRSS returns VmRSS of a /proc/<pid>/status text, in bytes.
-func parseVmRSS(status string) (uint64, error) {
+func parseVmRSS(status string) (uint64, error) { return parseStatusKB(status, "VmRSS") }
+
+// parseStatusKB returns the "key: N kB" line of a /proc/<pid>/status text, in bytes.
+func parseStatusKB(status, key string) (uint64, error) {
 	for line := range strings.SplitSeq(status, "\n") {
-		rest, ok := strings.CutPrefix(line, "VmRSS:")
+		rest, ok := strings.CutPrefix(line, key+":")
 		if !ok {
 			continue
 		}
 		f := strings.Fields(rest)
 		if len(f) != 2 || f[1] != "kB" {
-			return 0, fmt.Errorf("%w: VmRSS line %q", errProcFormat, line)
+			return 0, fmt.Errorf("%w: %s line %q", errProcFormat, key, line)
 		}
 		kb, err := strconv.ParseUint(f[0], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("%w: VmRSS %q: %v", errProcFormat, f[0], err)
+			return 0, fmt.Errorf("%w: %s %q: %v", errProcFormat, key, f[0], err)
 		}
 		return kb << 10, nil
 	}
-	return 0, fmt.Errorf("%w: no VmRSS line (a zombie?)", errProcFormat)
+	return 0, fmt.Errorf("%w: no %s line (a zombie?)", errProcFormat, key)
 }
+
+// memUse is a process's resident memory, in bytes: all of it, and the part that is
+// anonymous (heap, stacks: its own). The rest is file pages (the binary's text), which
+// all processes of one binary share although each one's VmRSS counts them.
+type memUse struct{ rss, anon uint64 }
 
 // cpuTicks returns the CPU time process pid has used so far, in USER_HZ ticks.
 func cpuTicks(pid int) (uint64, error) {
@@ -68,13 +76,21 @@ func cpuTicks(pid int) (uint64, error) {
 	return parseStatTicks(string(b))
 }
 
-// rssBytes returns the resident set size of process pid.
-func rssBytes(pid int) (uint64, error) {
+// rssBytes returns the resident set size of process pid, and its anonymous part.
+func rssBytes(pid int) (memUse, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, err
+		return memUse{}, err
 	}
-	return parseVmRSS(string(b))
+	rss, err := parseVmRSS(string(b))
+	if err != nil {
+		return memUse{}, err
+	}
+	anon, err := parseStatusKB(string(b), "RssAnon")
+	if err != nil {
+		return memUse{}, err
+	}
+	return memUse{rss: rss, anon: anon}, nil
 }
 
 // cpuTimes returns the machine's busy and total time from the first line of /proc/stat,

@@ -27,6 +27,7 @@ type result struct {
 	window      time.Duration
 	cpu         []float64 // idle CPU per peer over window, % of one core
 	rss         []float64 // RSS per peer at the end of window, MB
+	rssAnon     []float64 // its anonymous part (heap, stacks; not the shared binary), MB
 	loadWindow  float64   // 1-minute load average at the end of window
 	machineBusy float64   // CPU the whole machine used over window, % of one core
 
@@ -146,7 +147,8 @@ func writeDetail(w io.Writer, r *result) {
 	if len(r.cpu) > 0 {
 		fmt.Fprintf(w, "  idle CPU over %s, %% of one core: median %.2f%%, max %.2f%%, all %d together %.1f%% (the whole machine: %.0f%% of %d cores' %d%%; load average at the end %.1f)\n",
 			r.window, median(r.cpu), maxOf(r.cpu), len(r.cpu), sum(r.cpu), r.machineBusy, runtime.NumCPU(), 100*runtime.NumCPU(), r.loadWindow)
-		fmt.Fprintf(w, "  RSS: median %.1f MB, max %.1f MB\n", median(r.rss), maxOf(r.rss))
+		fmt.Fprintf(w, "  RSS: median %.1f MB, max %.1f MB; anonymous part (heap, stacks; the rest is the binary's pages, shared): median %.1f MB\n",
+			median(r.rss), maxOf(r.rss), median(r.rssAnon))
 	}
 	if r.system == "weft" {
 		if r.leader != "" {

@@ -24,9 +24,13 @@ func TestParseStatTicks(t *testing.T) {
 }
 
 func TestParseVmRSS(t *testing.T) {
-	got, err := parseVmRSS("Name:\tweft\nVmPeak:\t 9999 kB\nVmRSS:\t   24640 kB\nThreads: 12\n")
+	status := "Name:\tweft\nVmPeak:\t 9999 kB\nVmRSS:\t   24640 kB\nRssAnon:\t   14000 kB\nRssFile:\t 10640 kB\nThreads: 12\n"
+	got, err := parseVmRSS(status)
 	if err != nil || got != 24640<<10 {
 		t.Fatalf("parseVmRSS = %d, %v; want %d", got, err, 24640<<10)
+	}
+	if anon, err := parseStatusKB(status, "RssAnon"); err != nil || anon != 14000<<10 {
+		t.Fatalf("RssAnon = %d, %v; want %d", anon, err, 14000<<10)
 	}
 	for _, bad := range []string{"Name:\tweft\n", "VmRSS:\t12 MB\n", "VmRSS:\tx kB\n"} {
 		if _, err := parseVmRSS(bad); !errors.Is(err, errProcFormat) {

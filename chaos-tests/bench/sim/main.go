@@ -61,24 +61,25 @@ import (
 )
 
 type options struct {
-	ns              []int
-	membershipOnlyN int
-	window          time.Duration
-	settle          time.Duration
-	convergeTimeout time.Duration
-	batch           int
-	batchPause      time.Duration
-	base            netip.Addr
-	meshPort        int
-	probePort       int
-	linkProbePort   int
-	probeInterval   time.Duration
-	probeTargets    int
-	pathInterval    time.Duration
-	syncOnJoin      bool
-	lsRetransmit    int
-	logWarnings     bool
-	compress        bool
+	ns               []int
+	membershipOnlyN  int
+	window           time.Duration
+	settle           time.Duration
+	convergeTimeout  time.Duration
+	batch            int
+	batchPause       time.Duration
+	base             netip.Addr
+	meshPort         int
+	probePort        int
+	linkProbePort    int
+	probeInterval    time.Duration
+	probeTargets     int
+	pathInterval     time.Duration
+	syncOnJoin       bool
+	lsRetransmit     int
+	memberRetransmit int
+	logWarnings      bool
+	compress         bool
 }
 
 func main() {
@@ -108,7 +109,8 @@ func run() error {
 	flag.BoolVar(&o.syncOnJoin, "sync-on-join", false, "full runs: every peer starts a full push/pull with each joiner (the router did before it synced only when DNS refused records); never in the membership-only run")
 	flag.IntVar(&o.probeTargets, "probe-targets", 16, "peers each peer measures directly (weft peer's --probe-targets)")
 	flag.IntVar(&o.lsRetransmit, "ls-retransmit-mult", 0, "link-state retransmit multiplier per peer (mesh.Config.LinkStateRetransmitMult); 0: the mesh default")
-	flag.BoolVar(&o.compress, "compress", true, "memberlist compression on (mesh.Config.Compress; weft peer's default is on)")
+	flag.IntVar(&o.memberRetransmit, "membership-retransmit-mult", 0, "memberlist's own retransmit multiplier for alive/suspect/dead (mesh.Config.MembershipRetransmitMult); 0: the mesh default")
+	flag.BoolVar(&o.compress, "compress", false, "memberlist compression on (mesh.Config.Compress; weft peer's default is off)")
 	flag.BoolVar(&o.logWarnings, "log-warnings", false, "print every peer's mesh warnings and errors (memberlist's too) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address (e.g. 127.0.0.1:6061) to inspect a run")
@@ -293,7 +295,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 			MeshPort: o.meshPort, ProbePort: o.probePort, LinkProbePort: o.linkProbePort,
 			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin && !membershipOnly,
 			ProbeInterval: o.probeInterval, ProbeTargets: o.probeTargets, PathInterval: o.pathInterval,
-			LinkStateRetransmitMult: o.lsRetransmit, LogWarnings: o.logWarnings, Compress: o.compress,
+			LinkStateRetransmitMult: o.lsRetransmit, MembershipRetransmitMult: o.memberRetransmit, LogWarnings: o.logWarnings, Compress: o.compress,
 			PathSlot: slot, Paths: paths, Traffic: counters[i],
 		})
 		if err != nil {

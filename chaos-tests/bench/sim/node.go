@@ -92,6 +92,8 @@ type nodeConfig struct {
 	LogWarnings bool
 	// LinkStateRetransmitMult is mesh.Config's; 0 keeps the mesh default.
 	LinkStateRetransmitMult int
+	// MembershipRetransmitMult is mesh.Config's; 0 keeps the mesh default.
+	MembershipRetransmitMult int
 	// PathInterval is the router's datapath loop period (datapathTick); a
 	// probed link going up or down runs a round at once, as in the router.
 	PathInterval time.Duration
@@ -182,6 +184,9 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	}
 	if cfg.LinkStateRetransmitMult > 0 {
 		mc.LinkStateRetransmitMult = cfg.LinkStateRetransmitMult
+	}
+	if cfg.MembershipRetransmitMult > 0 {
+		mc.MembershipRetransmitMult = cfg.MembershipRetransmitMult
 	}
 	// Metadata shaped like a real peer's (--encrypt=never: no WireGuard key),
 	// so alive messages have their real size.
