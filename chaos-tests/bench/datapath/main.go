@@ -37,8 +37,9 @@
 // Throughput is
 // iperf3's TCP receive rate (-J, -O 1 to skip slow start), latency qperf's tcp_lat (one
 // byte ping-pong, half the round trip); each is the median of -runs runs. The runs of the
-// cases are interleaved, each round starting with another case, so that noise hits all
-// alike; the table shows min–max too, because on a small shared machine it is large.
+// cases are interleaved, each round starting with another case and odd rounds running the
+// list backwards, so that noise hits all alike; the table shows min–max too, because on a
+// small shared machine it is large.
 //
 // It prints the medians and the ratios weft/baseline with the targets (throughput ≥ 95 %,
 // latency within +10 %): direct against raw veth, vxlan against raw vxlan, and direct
@@ -277,9 +278,11 @@ func run() error {
 		fmt.Println(pl.describe(ctx))
 	}
 	for r := 0; r < *runs; r++ {
-		// Each round starts with another case, so that no case always follows the same one.
+		// Each round starts with another case, so that no case always follows the same one,
+		// and odd rounds go the other way round, so that neighbours in the list (the two
+		// planes of the weft peers cases) alternate which of them runs first.
 		for k := range subjects {
-			s := subjects[(r+k)%len(subjects)]
+			s := subjects[roundOrder(r, k, len(subjects))]
 			bps, err := iperf(ctx, s, *dur)
 			if err != nil {
 				return fmt.Errorf("%s: iperf3: %w", s.name, err)
@@ -337,6 +340,15 @@ func run() error {
 	}
 	tw.Flush()
 	return nil
+}
+
+// roundOrder is the index of the k-th case run in round r of n cases: rotated by r,
+// ascending in even rounds and descending in odd ones.
+func roundOrder(r, k, n int) int {
+	if r%2 == 1 {
+		return ((r-k)%n + n) % n
+	}
+	return (r + k) % n
 }
 
 // moduleVersion is the version of module path linked into this binary.
