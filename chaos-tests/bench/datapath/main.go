@@ -1,7 +1,7 @@
 // Command datapath measures weft's forwarding between hosts against the kernel done by
 // hand, in one run, on throwaway network namespaces:
 //
-//	go run ./chaos-tests/bench/datapath -bin bin [-t 3s] [-runs 3] [-planes=false]
+//	go run ./chaos-tests/bench/datapath -bin bin [-t 3s] [-runs 3] [-planes=false] [-cases REGEXP]
 //
 // Nine cases, each between two containers (namespaces, MTU 1400) on two hosts:
 //
@@ -54,7 +54,8 @@
 // It exits non-zero only when something fails, never because a target is missed. It needs
 // root, iperf3 and qperf (Debian packages iperf3 and qperf); it installs nothing. -bin
 // holds the weft and weft-cni binaries of the weft peers cases (make build); -planes=false
-// leaves those cases out.
+// leaves those cases out; -cases measures only some cases (all are set up), e.g.
+// -cases 'weft peers|raw routes' -runs 11 for many quick rounds of the planes.
 package main
 
 import (
@@ -114,6 +115,7 @@ func run() error {
 	var (
 		binDir   = flag.String("bin", "bin", "directory holding the weft and weft-cni binaries (weft peers cases)")
 		withPl   = flag.Bool("planes", true, "also measure through real weft peers on default and a second network")
+		only     = flag.String("cases", "", "measure only the cases whose name matches this regular expression (every case is still set up), e.g. 'weft peers' for many quick rounds of the two planes")
 		labPfx   = flag.String("lab-prefix", "wbdpl", "the weft peers cases' chaos lab prefix (1-8 of [a-z0-9]; its namespaces are <prefix>-ul, <prefix>-h<i>…)")
 		stepWait = flag.Duration("wait", 90*time.Second, "longest wait for any one step of the weft peers cases' setup")
 		dur      = flag.Duration("t", 3*time.Second, "length of each iperf3 and qperf run")
@@ -140,6 +142,10 @@ func run() error {
 	}
 	if *runs < 1 || *dur < time.Second {
 		return errors.New("-runs must be ≥ 1 and -t ≥ 1s")
+	}
+	casesRE, err := regexp.Compile(*only)
+	if err != nil {
+		return fmt.Errorf("-cases: %w", err)
 	}
 	var missing, pkgs []string
 	for _, tool := range [][2]string{{"iperf3", "iperf3"}, {"qperf", "qperf"}, {"ip", "iproute2"}, {"bridge", "iproute2"}, {"ss", "iproute2"}, {"ping", "iputils-ping"}} {
@@ -245,6 +251,11 @@ func run() error {
 			}
 		}()
 		subjects = append(subjects, ss...)
+	}
+
+	subjects = slices.DeleteFunc(subjects, func(s *subject) bool { return !casesRE.MatchString(s.name) })
+	if len(subjects) == 0 {
+		return fmt.Errorf("-cases %q matches no case", *only)
 	}
 
 	// Servers, and a check that every case forwards at all before timing anything. Cases
