@@ -152,12 +152,12 @@ func newPlanes(ctx context.Context, cfg planesConfig) (p *planes, subjects []*su
 		if err := sameMTUs(ctr.NSPath, mtu, "eth0", planesIfName); err != nil {
 			return nil, nil, fmt.Errorf("%s: %w", ctr.Name, err)
 		}
-		h, err := ns.GetNS(ctr.NSPath)
+		nsh, err := ns.GetNS(ctr.NSPath)
 		if err != nil {
 			return nil, nil, fmt.Errorf("open %s: %w", ctr.NSPath, err)
 		}
-		p.handles = append(p.handles, h)
-		ctrs[i] = &nslab.NS{Name: ctr.Name, NetNS: h}
+		p.handles = append(p.handles, nsh)
+		ctrs[i] = &nslab.NS{Name: ctr.Name, NetNS: nsh}
 	}
 	for _, pl := range planes {
 		subjects = append(subjects, &subject{name: "weft peers " + pl.network, client: ctrs[0], server: ctrs[1], serverAddr: p.addrs[pl.network]})
@@ -187,7 +187,8 @@ func (p *planes) describe(ctx context.Context) string {
 }
 
 // planesReady says whether every host sees both peers alive and knows the Raft leader
-// (before that, an ADD that needs a block waits or fails with "try again").
+// (before that, an ADD that needs a block waits or fails with "try again"). Two CLI calls
+// per host, each answering with O(hosts) peers.
 func planesReady(ctx context.Context, hosts []*lab.Host) error {
 	for _, h := range hosts {
 		var peers []struct {
@@ -218,7 +219,7 @@ func planesReady(ctx context.Context, hosts []*lab.Host) error {
 	return nil
 }
 
-// listed says whether every host lists network.
+// listed says whether every host lists network: one CLI call per host.
 func listed(ctx context.Context, hosts []*lab.Host, network string) error {
 	for _, h := range hosts {
 		var nets []struct {
