@@ -1,9 +1,9 @@
 // Command datapath measures weft's forwarding between hosts against the kernel done by
 // hand, in one run, on throwaway network namespaces:
 //
-//	go run ./chaos-tests/bench/datapath -bin bin [-t 3s] [-runs 3]
+//	go run ./chaos-tests/bench/datapath -bin bin [-t 3s] [-runs 3] [-planes=false] [-cases REGEXP]
 //
-// Seven cases, each between two containers (namespaces, MTU 1400) on two hosts:
+// Nine cases, each between two containers (namespaces, MTU 1400) on two hosts:
 //
 //	raw veth                 the two containers joined by one plain veth pair: the floor
 //	                         of any datapath
@@ -19,9 +19,17 @@
 //	                         IpcSet, Up; a route per remote block), no weft code
 //	weft wireguard           the same two hosts, forwarding with datapath/wireguard
 //	                         (userspace, wireguard-go on TUN)
+//	weft peers default       two hosts of a chaos lab running real `weft peer` processes
+//	                         (cluster key, plaintext links), a container on each attached
+//	                         by libcni and the real plugin to default (eth0) and to a
+//	                         network created at run time, media 10.50.0.0/16 (net1); the
+//	                         client measures to the server's default address
+//	weft peers media         the same containers, to the server's media address (#13:
+//	                         a second network must cost no throughput; see planes.go)
 //
-// The weft cases use the drivers as libraries (bridge and veths from package datapath, then
-// the driver's Up and Set), so they measure weft's datapath, not the daemon. The two
+// The weft direct, vxlan and wireguard cases use the drivers as libraries (bridge and veths
+// from package datapath, then the driver's Up and Set), so they measure weft's datapath,
+// not the daemon; the weft peers cases measure the whole daemon, on two planes. The two
 // WireGuard cases run each host's tunnel in a child process (this binary re-run with
 // -wg-child inside the host namespace, see wireguard.go), so both link the same
 // wireguard-go and run under identical conditions: same topology, port, MTU, peer settings
@@ -29,20 +37,25 @@
 // Throughput is
 // iperf3's TCP receive rate (-J, -O 1 to skip slow start), latency qperf's tcp_lat (one
 // byte ping-pong, half the round trip); each is the median of -runs runs. The runs of the
-// cases are interleaved, each round starting with another case, so that noise hits all
-// alike; the table shows min–max too, because on a small shared machine it is large.
+// cases are interleaved, each round starting with another case and odd rounds running the
+// list backwards, so that noise hits all alike; the table shows min–max too, because on a
+// small shared machine it is large.
 //
 // It prints the medians and the ratios weft/baseline with the targets (throughput ≥ 95 %,
 // latency within +10 %): direct against raw veth, vxlan against raw vxlan, and direct
-// against raw routes; and weft wireguard against standalone wireguard-go with throughput
+// against raw routes; weft wireguard against standalone wireguard-go with throughput
 // ≥ 100 % (same crypto and library, so weft's own overhead must be about zero) and latency
-// within +10 %. Raw veth is a floor no multi-host topology reaches (every packet
+// within +10 %; weft peers media against weft peers default (the same two containers and
+// peers, only the plane differs), and weft peers default against raw routes (the daemon
+// against the same forwarding done by hand). Raw veth is a floor no multi-host topology reaches (every packet
 // crosses two bridges, three veth pairs and two routing decisions); raw routes is the
 // same topology done by hand, which tells weft's cost from the topology's.
 //
 // It exits non-zero only when something fails, never because a target is missed. It needs
-// root, iperf3 and qperf (Debian packages iperf3 and qperf); it installs nothing. -bin is
-// accepted for symmetry with the other benchmarks and unused: no weft binary takes part.
+// root, iperf3 and qperf (Debian packages iperf3 and qperf); it installs nothing. -bin
+// holds the weft and weft-cni binaries of the weft peers cases (make build); -planes=false
+// leaves those cases out; -cases measures only some cases (all are set up), e.g.
+// -cases 'weft peers|raw routes' -runs 11 for many quick rounds of the planes.
 package main
 
 import (
@@ -100,7 +113,11 @@ type subject struct {
 
 func run() error {
 	var (
-		_        = flag.String("bin", "bin", "unused (no weft binary takes part); accepted like the other benchmarks")
+		binDir   = flag.String("bin", "bin", "directory holding the weft and weft-cni binaries (weft peers cases)")
+		withPl   = flag.Bool("planes", true, "also measure through real weft peers on default and a second network")
+		only     = flag.String("cases", "", "measure only the cases whose name matches this regular expression (every case is still set up), e.g. 'weft peers' for many quick rounds of the two planes")
+		labPfx   = flag.String("lab-prefix", "wbdpl", "the weft peers cases' chaos lab prefix (1-8 of [a-z0-9]; its namespaces are <prefix>-ul, <prefix>-h<i>…)")
+		stepWait = flag.Duration("wait", 90*time.Second, "longest wait for any one step of the weft peers cases' setup")
 		dur      = flag.Duration("t", 3*time.Second, "length of each iperf3 and qperf run")
 		runs     = flag.Int("runs", 3, "runs per case and measure; the median is reported")
 		prefix   = flag.String("prefix", fmt.Sprintf("wbdp-%d-", os.Getpid()%100000), "namespace name prefix")
@@ -126,6 +143,10 @@ func run() error {
 	if *runs < 1 || *dur < time.Second {
 		return errors.New("-runs must be ≥ 1 and -t ≥ 1s")
 	}
+	casesRE, err := regexp.Compile(*only)
+	if err != nil {
+		return fmt.Errorf("-cases: %w", err)
+	}
 	var missing, pkgs []string
 	for _, tool := range [][2]string{{"iperf3", "iperf3"}, {"qperf", "qperf"}, {"ip", "iproute2"}, {"bridge", "iproute2"}, {"ss", "iproute2"}, {"ping", "iputils-ping"}} {
 		if _, err := exec.LookPath(tool[0]); err != nil {
@@ -140,6 +161,11 @@ func run() error {
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("the benchmark needs root (network namespaces)")
+	}
+	if *withPl {
+		if err := checkBinaries(*binDir); err != nil {
+			return err
+		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -209,15 +235,45 @@ func run() error {
 	if err := wg.sameMTU(); err != nil {
 		return err
 	}
+	// (h), (i) real peers, default and media.
+	var pl *planes
+	if *withPl {
+		var ss []*subject
+		pl, ss, err = newPlanes(ctx, planesConfig{binDir: *binDir, prefix: *labPfx, timeout: *stepWait, verbose: *showLogs})
+		if err != nil {
+			return fmt.Errorf("weft peers: %w", err)
+		}
+		// Deferred after wg.stop, so it runs before it and the labs' Close, and after the
+		// servers below are stopped.
+		defer func() {
+			if err := pl.Close(); err != nil {
+				fmt.Fprintln(os.Stderr, "bench: cleanup:", err)
+			}
+		}()
+		subjects = append(subjects, ss...)
+	}
 
-	// Servers, and a check that every case forwards at all before timing anything.
+	subjects = slices.DeleteFunc(subjects, func(s *subject) bool { return !casesRE.MatchString(s.name) })
+	if len(subjects) == 0 {
+		return fmt.Errorf("-cases %q matches no case", *only)
+	}
+
+	// Servers, and a check that every case forwards at all before timing anything. Cases
+	// that share a server namespace (the two planes) share its servers, which listen on
+	// every address.
+	served := map[string]bool{}
 	for _, s := range subjects {
-		pingCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		// A lab's peers may still be installing their routes: give them the step's wait.
+		pingCtx, cancel := context.WithTimeout(ctx, max(10*time.Second, *stepWait))
 		err := s.client.WaitPing(pingCtx, s.serverAddr, "-M", "do", "-s", strconv.Itoa(mtu-28))
 		cancel()
 		if err != nil {
 			return fmt.Errorf("%s: no path between the containers: %w", s.name, err)
 		}
+		if served[s.server.Name] {
+			continue
+		}
+		served[s.server.Name] = true
 		for _, srv := range [][]string{{"iperf3", "-s", "-p", iperfPort}, {"qperf", "-lp", qperfPort}} {
 			stopServer, err := startServer(ctx, s.server, srv[len(srv)-1], srv...)
 			if err != nil {
@@ -229,10 +285,15 @@ func run() error {
 
 	fmt.Printf("datapath benchmark: %d runs of %s each, interleaved; containers' MTU %d; WireGuard tunnels' MTU %d, wireguard-go %s\n",
 		*runs, *dur, mtu, wg.mtu[modeWeft], moduleVersion("golang.zx2c4.com/wireguard"))
+	if pl != nil {
+		fmt.Println(pl.describe(ctx))
+	}
 	for r := 0; r < *runs; r++ {
-		// Each round starts with another case, so that no case always follows the same one.
+		// Each round starts with another case, so that no case always follows the same one,
+		// and odd rounds go the other way round, so that neighbours in the list (the two
+		// planes of the weft peers cases) alternate which of them runs first.
 		for k := range subjects {
-			s := subjects[(r+k)%len(subjects)]
+			s := subjects[roundOrder(r, k, len(subjects))]
 			bps, err := iperf(ctx, s, *dur)
 			if err != nil {
 				return fmt.Errorf("%s: iperf3: %w", s.name, err)
@@ -274,8 +335,15 @@ func run() error {
 		{"weft direct", "raw routes", minThrough},
 		// Same library, same crypto: weft must add nothing.
 		{"weft wireguard", "standalone wireguard-go", 1.00},
+		// #13: a second network costs nothing next to default (same containers and peers).
+		{"weft peers media", "weft peers default", minThrough},
+		// The daemon against the same forwarding done by hand.
+		{"weft peers default", "raw routes", minThrough},
 	} {
 		w, b := by[pair.weft], by[pair.base]
+		if w == nil || b == nil {
+			continue // a case left out (-planes=false)
+		}
 		tr, lr := pairedRatio(w.bps, b.bps), pairedRatio(w.lat, b.lat)
 		fmt.Fprintf(tw, "%s / %s\t%.1f%%\t%.1f%%\t≥ %.0f%%\t%s\t%+.1f%%\t%+.1f%%\t≤ +%.0f%%\t%s\t\n",
 			pair.weft, pair.base, tr*100, median(w.bps)/median(b.bps)*100, pair.minThrough*100, verdict(tr >= pair.minThrough),
@@ -283,6 +351,15 @@ func run() error {
 	}
 	tw.Flush()
 	return nil
+}
+
+// roundOrder is the index of the k-th case run in round r of n cases: rotated by r,
+// ascending in even rounds and descending in odd ones.
+func roundOrder(r, k, n int) int {
+	if r%2 == 1 {
+		return ((r-k)%n + n) % n
+	}
+	return (r + k) % n
 }
 
 // moduleVersion is the version of module path linked into this binary.

@@ -18,9 +18,12 @@ package main
 // underlay address, block); child → bench: an ack with the interface's MTU or an error.
 // The child then serves until its stdin ends (the bench closes it, or dies) or it gets
 // SIGINT/SIGTERM, and removes what it made. Pdeathsig (SIGKILL) is a second line: it
-// fires when the thread that started the child exits, which in Go is normally the
-// parent's death, and the bench kills by pid any child that has not exited 5 s after
-// its stdin was closed.
+// fires when the thread that started the child exits, so the child is started from a
+// goroutine locked to its thread for as long as the child lives (any other thread may be
+// scrapped meanwhile: ns.Do leaves its threads locked, and Go ends such a thread with its
+// goroutine, which killed the children midway through the bench); the thread then dies
+// only with the bench. The bench kills by pid any child that has not exited 5 s after its
+// stdin was closed.
 
 import (
 	"bufio"
@@ -37,6 +40,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -304,11 +308,17 @@ func startChild(h *nslab.Host, exe string, args ...string) (*wgChild, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start child in %s: %w", h.Name, err)
-	}
 	c := &wgChild{host: h.Name, cmd: cmd, stdin: stdin, msgs: make(chan childMsg, 4), exited: make(chan struct{})}
+	started := make(chan error, 1)
 	go func() {
+		// Pdeathsig: this thread must outlive the child (see the top of this file).
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
 			var m childMsg
@@ -322,6 +332,9 @@ func startChild(h *nslab.Host, exe string, args ...string) (*wgChild, error) {
 		cmd.Wait() // after every read from stdout, as os/exec requires
 		close(c.exited)
 	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("start child in %s: %w", h.Name, err)
+	}
 	return c, nil
 }
 
