@@ -84,11 +84,7 @@ func TestPlanesForwardingPerNetwork(t *testing.T) {
 	l := newMeshLab(t, "wpf", 2, "--encrypt", "auto", "--trusted-subnets", "198.18.0.0/24", "--no-direct")
 	ctx := testCtx(t, 4*time.Minute)
 	a, b := l.Host(0), l.Host(1)
-	ranges := map[string]netip.Prefix{
-		"default": netip.MustParsePrefix("10.40.0.0/16"),
-		"control": netip.MustParsePrefix("10.60.0.0/16"),
-		"media":   netip.MustParsePrefix("10.50.0.0/16"),
-	}
+	ranges := planeRanges
 	policy := map[string]string{"control": "never", "media": "always"}
 	for _, name := range []string{"control", "media"} {
 		if out, err := a.CLI(ctx, "network", "create", name, "--subnet", ranges[name].String(), "--encrypt", policy[name]); err != nil {
@@ -104,11 +100,7 @@ func TestPlanesForwardingPerNetwork(t *testing.T) {
 	attach := func(h *lab.Host) (*lab.Container, map[string]netip.Addr) {
 		ctr, addrs := mustContainer(t, h), map[string]netip.Addr{}
 		for _, p := range planes {
-			opts := lab.CNIOptions{}
-			if p.network != "default" {
-				opts = lab.CNIOptions{Name: "weft-" + p.network, Network: p.network}
-			}
-			res, err := mustCNI(t, h, opts).Add(ctx, ctr.RuntimeConf(p.ifname))
+			res, err := planeCNI(t, h, p.network).Add(ctx, ctr.RuntimeConf(p.ifname))
 			if err != nil {
 				t.Fatalf("ADD %s on %s on %s: %v", p.ifname, p.network, h.Name, err)
 			}

@@ -29,23 +29,12 @@ func TestPlanesIsolationAndDNS(t *testing.T) {
 	ctx := testCtx(t, 4*time.Minute)
 	a, b := l.Host(0), l.Host(1)
 	waitLeader(t, ctx, l.Hosts())
-	ranges := map[string]netip.Prefix{
-		"default": netip.MustParsePrefix("10.40.0.0/16"),
-		"control": netip.MustParsePrefix("10.60.0.0/16"),
-		"media":   netip.MustParsePrefix("10.50.0.0/16"),
-		"open":    netip.MustParsePrefix("10.70.0.0/16"),
-	}
+	ranges := planeRanges
 	gateway := func(network string) netip.Addr { return ranges[network].Addr().Next() }
 	for _, n := range []struct{ name, isolated string }{{"control", "true"}, {"media", "true"}, {"open", "false"}} {
 		if out, err := a.CLI(ctx, "network", "create", n.name, "--subnet", ranges[n.name].String(), "--isolated="+n.isolated); err != nil {
 			t.Fatalf("create %s: %v %s", n.name, err, out)
 		}
-	}
-	cniOf := func(h *lab.Host, network string) *lab.CNI {
-		if network == "default" {
-			return mustCNI(t, h, lab.CNIOptions{})
-		}
-		return mustCNI(t, h, lab.CNIOptions{Name: "weft-" + network, Network: network})
 	}
 	// attach puts a new container named name on h, one interface per network, in order.
 	attach := func(h *lab.Host, name string, networks ...string) (*lab.Container, map[string]netip.Addr) {
@@ -59,7 +48,7 @@ func TestPlanesIsolationAndDNS(t *testing.T) {
 			rt.Args = append(rt.Args, [2]string{"name", name})
 			var res types.Result
 			waitFor(t, ctx, 10*time.Second, "ADD on "+network+" (every peer learns a created network within a tick)", func() error {
-				r, err := cniOf(h, network).Add(ctx, rt)
+				r, err := planeCNI(t, h, network).Add(ctx, rt)
 				res = r
 				return err
 			})

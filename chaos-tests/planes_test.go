@@ -25,11 +25,7 @@ func TestPlanesAttachPingAndRemove(t *testing.T) {
 	l := newMeshLab(t, "wpl", 2)
 	ctx := testCtx(t, 3*time.Minute)
 	a, b := l.Host(0), l.Host(1)
-	ranges := map[string]netip.Prefix{
-		"default": netip.MustParsePrefix("10.40.0.0/16"),
-		"control": netip.MustParsePrefix("10.60.0.0/16"),
-		"media":   netip.MustParsePrefix("10.50.0.0/16"),
-	}
+	ranges := planeRanges
 	for _, name := range []string{"control", "media"} {
 		if out, err := a.CLI(ctx, "network", "create", name, "--subnet", ranges[name].String()); err != nil {
 			t.Fatalf("create %s: %v %s", name, err, out)
@@ -56,12 +52,6 @@ func TestPlanesAttachPingAndRemove(t *testing.T) {
 	waitFor(t, ctx, 5*time.Second, "both hosts to list control and media", listed("control,default,media"))
 
 	planes := []struct{ ifname, network string }{{"eth0", "default"}, {"net1", "control"}, {"net2", "media"}}
-	conf := func(h *lab.Host, network string) *lab.CNI {
-		if network == "default" {
-			return mustCNI(t, h, lab.CNIOptions{})
-		}
-		return mustCNI(t, h, lab.CNIOptions{Name: "weft-" + network, Network: network})
-	}
 	type attached struct {
 		ctr   *lab.Container
 		cnis  map[string]*lab.CNI
@@ -70,7 +60,7 @@ func TestPlanesAttachPingAndRemove(t *testing.T) {
 	attach := func(h *lab.Host) attached {
 		at := attached{ctr: mustContainer(t, h), cnis: map[string]*lab.CNI{}, addrs: map[string]netip.Addr{}}
 		for _, p := range planes {
-			c := conf(h, p.network)
+			c := planeCNI(t, h, p.network)
 			at.cnis[p.network] = c
 			res, err := c.Add(ctx, at.ctr.RuntimeConf(p.ifname))
 			if err != nil {
@@ -204,4 +194,22 @@ func TestPlanesAttachPingAndRemove(t *testing.T) {
 	if st := ipamOf(t, ctx, a); !strings.Contains(fmt.Sprint(st.Blocks), "default") {
 		t.Fatalf("default lost its blocks: %+v", st.Blocks)
 	}
+}
+
+// planeRanges are the ranges the network-plane tests give their networks.
+var planeRanges = map[string]netip.Prefix{
+	"default": netip.MustParsePrefix("10.40.0.0/16"),
+	"control": netip.MustParsePrefix("10.60.0.0/16"),
+	"media":   netip.MustParsePrefix("10.50.0.0/16"),
+	"open":    netip.MustParsePrefix("10.70.0.0/16"),
+}
+
+// planeCNI is h's conflist for network: the lab's default one for default, else
+// "weft-NAME" with the network key, one conflist per network as runtimes and Multus use them.
+func planeCNI(t *testing.T, h *lab.Host, network string) *lab.CNI {
+	t.Helper()
+	if network == "default" {
+		return mustCNI(t, h, lab.CNIOptions{})
+	}
+	return mustCNI(t, h, lab.CNIOptions{Name: "weft-" + network, Network: network})
 }
