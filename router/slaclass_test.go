@@ -1,6 +1,7 @@
 package router
 
 import (
+	"fmt"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -195,6 +196,40 @@ func TestClassesRelayPerNetwork(t *testing.T) {
 		}
 		if want := map[string]string{"default": plan.StateEstablished, "media": plan.StateRelayed}[c.Network]; c.State != want {
 			t.Errorf("d on %s: %s, want %s", c.Network, c.State, want)
+		}
+	}
+}
+
+// Link-state changes arrive on their own goroutine while classes come and go: a class made
+// meanwhile must end up with every link def has (none missed between seeding and feeding).
+func TestClassSeedingMissesNoLink(t *testing.T) {
+	pt := testPaths(t, "")
+	log := slog.New(slog.DiscardHandler)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 300 {
+			from := string(rune('b' + i%20))
+			pt.feed(log, []mesh.LinkChange{{From: from, To: "z", Link: mesh.LinkMetrics{RTT: time.Duration(i+1) * time.Microsecond, Up: true}}})
+		}
+	}()
+	for i := 0; ; i++ {
+		spec := "media=" + goldSLA
+		if i%2 == 1 {
+			spec = "media=" + silverSLA
+		}
+		pt.syncClasses(log, nets("default", spec))
+		select {
+		case <-done:
+		default:
+			continue
+		}
+		break
+	}
+	want := pt.def.sel.Links()
+	for name, cl := range pt.classes {
+		if got := cl.sel.Links(); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("class %s holds %v, def %v", name, got, want)
 		}
 	}
 }
