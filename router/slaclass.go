@@ -1,11 +1,9 @@
 package router
 
 import (
-	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/weftnet/weft/ipam"
@@ -204,69 +202,18 @@ func (pt *paths) netRelays() map[string]map[string]string {
 	return out
 }
 
-// networkClasses decides the class of every network from the cluster's list: the class
-// name per network that has a class of its own other than own (this peer's --sla), the
-// distinct classes to run, whether some network uses own, and the refusals (network →
-// reason). A network without a class, or with own, uses own. Refused, and so on own: an
-// unparsable class, a class named like another in use with other bounds (own included:
-// the metrics' sla label must name one class), and a class past the first max distinct
-// ones in network-name order. Pure; O(M log M) for M networks.
-func networkClasses(nets []ipam.Network, own pathsel.SLA, max int) (netClass map[string]string, classes map[string]pathsel.SLA, ownServes bool, refused map[string]string) {
-	sorted := slices.Clone(nets)
-	slices.SortFunc(sorted, func(a, b ipam.Network) int { return strings.Compare(a.Name, b.Name) })
-	netClass, classes, refused = map[string]string{}, map[string]pathsel.SLA{}, map[string]string{}
-	ownServes = len(sorted) == 0
-	seen := map[string]pathsel.SLA{} // the distinct classes admitted so far
-	for _, n := range sorted {
-		if n.SLA == "" {
-			ownServes = true
-			continue
-		}
-		// The bound counts the networks' classes only, never this peer's own, so that every
-		// peer admits the same ones.
-		sla, err := pathsel.ParseSLA(n.SLA)
-		var why string
-		prev, known := seen[sla.Name]
-		switch {
-		case err != nil:
-			why = err.Error()
-		case known && prev != sla:
-			why = fmt.Sprintf("class %q is already in use with other bounds (%s)", sla.Name, prev)
-		case !known && len(seen) >= max:
-			why = fmt.Sprintf("more than %d SLA classes among the networks", max)
-		}
-		if why == "" {
-			seen[sla.Name] = sla
-			if sla.Name == own.Name && sla != own {
-				why = fmt.Sprintf("class %q is this peer's --sla with other bounds (%s)", sla.Name, own)
-			}
-		}
-		if why != "" {
-			refused[n.Name] = why
-			ownServes = true
-			continue
-		}
-		if sla == own {
-			ownServes = true
-			continue
-		}
-		netClass[n.Name] = sla.Name
-		classes[sla.Name] = sla
-	}
-	return netClass, classes, ownServes, refused
-}
-
 // syncClasses brings the selectors in line with the networks' classes (runDatapath calls it
 // when the network list changed): a class newly in use gets a selector seeded with every
 // link known and the destinations (O(N × D)), a class no longer in use goes with its
 // metrics. Refusals are logged and counted once per network and value. It says whether
 // anything changed (the relays per network must then be applied again).
 func (pt *paths) syncClasses(log *slog.Logger, nets []ipam.Network) bool {
-	netClass, want, ownServes, refused := networkClasses(nets, pt.def.sla, maxSLAClasses)
-	slaOf := map[string]string{}
+	slaOf := make(map[string]string, len(nets))
 	for _, n := range nets {
 		slaOf[n.Name] = n.SLA
 	}
+	dec := pathsel.NetworkClasses(slaOf, pt.def.sla, maxSLAClasses)
+	netClass, want, ownServes, refused := dec.ByNetwork, dec.SLAs, dec.OwnServes, dec.Refused
 	for network, why := range refused {
 		if pt.classRefused[network] == slaOf[network] {
 			continue

@@ -46,44 +46,6 @@ func nets(specs ...string) []ipam.Network {
 	return out
 }
 
-// The classes are decided in network-name order, the same on every peer: the first class
-// of a name wins, and the bound counts the networks' classes, the peer's own included.
-func TestNetworkClasses(t *testing.T) {
-	own, _ := pathsel.ParseSLA("std: loss<=5%")
-	netClass, classes, ownServes, refused := networkClasses(nets(
-		"z-extra=bronze: loss<=1%", "voice="+goldSLA, "default", "media="+goldSLA, "bulk="+silverSLA,
-		"bad=gold rtt 5ms", "x-clash=gold: rtt<=9ms", "mine=std: loss<=5%", "a-own=std: rtt<=1ms",
-	), own, 3)
-	if got := len(classes); got != 2 || classes["gold"].MaxRTT != 6*time.Millisecond || classes["silver"].MaxRTT != 50*time.Millisecond {
-		t.Fatalf("classes %v", classes)
-	}
-	if len(netClass) != 3 || netClass["media"] != "gold" || netClass["voice"] != "gold" || netClass["bulk"] != "silver" {
-		t.Fatalf("classes per network %v", netClass)
-	}
-	if !ownServes {
-		t.Error("the peer's own class serves default and the refused networks")
-	}
-	for n, why := range map[string]string{"a-own": "this peer's --sla", "bad": "bad SLA", "mine": "already in use",
-		"x-clash": "already in use", "z-extra": "more than 3"} {
-		if !strings.Contains(refused[n], why) {
-			t.Errorf("%s: refusal %q, want it to mention %q", n, refused[n], why)
-		}
-	}
-	if len(refused) != 5 {
-		t.Errorf("refused %v", refused)
-	}
-
-	// A network with the peer's own class, or none, needs no selector of its own.
-	netClass, classes, ownServes, refused = networkClasses(nets("default", "mine=std: loss<=5%"), own, 3)
-	if len(netClass)+len(classes)+len(refused) != 0 || !ownServes {
-		t.Fatalf("%v %v %v %v", netClass, classes, ownServes, refused)
-	}
-	// Every network with a class of its own: the peer's own class serves none.
-	if _, _, ownServes, _ := networkClasses(nets("media="+goldSLA), own, 3); ownServes {
-		t.Fatal("own class serves no network here")
-	}
-}
-
 // Selectors come with the networks that use their class, seeded with the links known, and
 // go (with their metrics) when no network uses it; a refusal is counted once.
 func TestSelectorsFollowNetworks(t *testing.T) {
