@@ -76,7 +76,8 @@ const linkStateLossChange = 0.1
 const linkStateMinInterval = 20 * time.Second
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
-// except for the link-state channel feeding sel (which is safe for concurrent use).
+// except for the link-state channel feeding the selectors (under classMu; each selector is
+// safe for concurrent use) and the status API reading them.
 type paths struct {
 	// underlay probes go over the underlay (--probe-port); link probes through the link in
 	// use to each peer (--link-probe-port, routed by datapath.EnsureProbeRule). Path choice
@@ -484,10 +485,12 @@ func (pt *paths) pending(name string, now time.Time) bool {
 
 // updateLinks is the measuring half of path upkeep, run every datapath tick: it publishes
 // this peer's links when they moved, feeds every change into path selection and
-// re-evaluates only the destinations it affected. It returns, for each destination that
-// goes through a relay, the relay's name, and whether that map changed since the last call.
-// O(k) for k probe targets plus O(changed × D) path search; nothing in it grows with N
-// except a copy of the destinations when a new target settles (O(N), rare).
+// re-evaluates only the destinations it affected, in every SLA class's selector. It
+// returns, for each destination that goes through a relay in this peer's own class, the
+// relay's name, and whether any class's relays changed since the last call (the networks
+// with a class of their own take theirs from paths.netRelays). O(k) for k probe targets
+// plus O(K × changed × D) path search for K classes; nothing in it grows with N except a
+// copy of the destinations when a new target settles (O(N), rare).
 func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 	pt := p.paths
 	// Targets still in their grace: their pending flag ends when they settle or it expires.
