@@ -295,7 +295,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		recomputes.WithLabelValues(why).Inc()
 		dirty, why = false, ""
 		want, conns := desiredState(p.cfg.Name, l.pol, peers, remoteBlocks(blocks), planNetworks(networks), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
-		want, conns = plan.ApplyNetworkRelays(want, conns, relays, p.paths.netRelays())
+		want, conns = applyRelays(want, conns, relays, p.paths.netRelays())
 		graceEnds = nextGraceEnd(peers, now, peerDownGrace)
 		probeModes := probeModes(want)
 		l.mu.Lock()
