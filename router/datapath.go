@@ -267,6 +267,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		// O(networks):
 		if nets := p.cluster.Networks(); !slices.Equal(nets, networks) {
 			networks = nets
+			p.paths.syncClasses(p.log, nets) // a selector per SLA class in use (slaclass.go)
 			p.dnsNetworksChanged()
 			l.notePolicies(p.log, nets)
 			devicesOK = false
@@ -294,7 +295,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		recomputes.WithLabelValues(why).Inc()
 		dirty, why = false, ""
 		want, conns := desiredState(p.cfg.Name, l.pol, peers, remoteBlocks(blocks), planNetworks(networks), now, peerDownGrace, uint16(p.cfg.WireGuardPort))
-		want, conns = applyRelays(want, conns, relays)
+		want, conns = applyRelays(want, conns, relays, p.paths.netRelays())
 		graceEnds = nextGraceEnd(peers, now, peerDownGrace)
 		probeModes := probeModes(want)
 		l.mu.Lock()

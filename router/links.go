@@ -72,9 +72,11 @@ func registerRangeMetrics(reg prometheus.Registerer, conns func() []Connection) 
 	}, func() float64 { return float64(plan.OutOfRange(conns())) }))
 }
 
-// applyRelays is plan.ApplyRelays: relayed destinations' blocks ride on their relays.
-func applyRelays(want map[string][]datapath.RemotePeer, conns []Connection, relays map[string]string) (map[string][]datapath.RemotePeer, []Connection) {
-	return plan.ApplyRelays(want, conns, relays)
+// applyRelays is plan.ApplyNetworkRelays: relayed destinations' blocks ride on their
+// relays, network by network — a network with an SLA class of its own on its class's relay
+// (netRelays, nil when none has one), every other network on relays.
+func applyRelays(want map[string][]datapath.RemotePeer, conns []Connection, relays map[string]string, netRelays map[string]map[string]string) (map[string][]datapath.RemotePeer, []Connection) {
+	return plan.ApplyNetworkRelays(want, conns, relays, netRelays)
 }
 
 // The last state applied to the drivers is kept in the database so that a restarted peer

@@ -53,7 +53,7 @@ func TestDesiredStateKeepsRestartingPeers(t *testing.T) {
 	if conns[1].State != "down" || !strings.Contains(conns[1].Reason, "dead") {
 		t.Fatalf("connections %+v", conns)
 	}
-	want, conns = applyRelays(want, conns, map[string]string{"d": "b"})
+	want, conns = applyRelays(want, conns, map[string]string{"d": "b"}, nil)
 	if len(want["direct"][0].Blocks) != 1 || conns[2].State != "relayed" {
 		t.Fatalf("relays through the adapter: %+v %+v", want, conns)
 	}

@@ -76,7 +76,8 @@ const linkStateLossChange = 0.1
 const linkStateMinInterval = 20 * time.Second
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
-// except for the link-state channel feeding sel (which is safe for concurrent use).
+// except for the link-state channel feeding the selectors (under classMu; each selector is
+// safe for concurrent use) and the status API reading them.
 type paths struct {
 	// underlay probes go over the underlay (--probe-port); link probes through the link in
 	// use to each peer (--link-probe-port, routed by datapath.EnsureProbeRule). Path choice
@@ -84,8 +85,11 @@ type paths struct {
 	// even while the underlay answers; without them (port 0), the underlay probes.
 	underlay, link *mesh.Prober
 	table          *mesh.LinkTable
-	sel            *pathsel.Selector
-	sla            pathsel.SLA
+	// def is path selection with this peer's own class (--sla): every destination, and the
+	// networks without a class of their own. Networks with one are served by classes
+	// (slaclass.go); with none, def is all there is, as before networks had classes.
+	def *slaClass
+	est pathsel.Estimator // given to every selector
 
 	targets   map[string]netip.Addr       // peers probed now, by underlay address
 	probeSet  mesh.ProbeTargets           // why each target is probed; input to the next choice
@@ -97,14 +101,21 @@ type paths struct {
 	enc       map[string]bool             // live peers whose direct link is encrypted
 	mustUntil map[string]time.Time        // must-probe peers, until when (see lingering)
 
-	mu      sync.Mutex // guards following
-	choices map[string]pathsel.Choice
-	relays  map[string]string // destination → relay, for relayed destinations
+	// classMu guards classes and netClass, and is held across a feed to every selector so
+	// that a selector being seeded misses no change. Taken before mu.
+	classMu      sync.Mutex
+	classes      map[string]*slaClass // by class name: the networks' own classes (≤ maxSLAClasses)
+	netClass     map[string]string    // network → its class in classes
+	defServes    bool                 // some network uses def (or none is known)
+	classRefused map[string]string    // network → SLA refused (logged and counted once)
+	classesMoved bool                 // a class came or went: relays changed (under mu)
+
+	mu sync.Mutex // guards every class's choices and relays, and classesMoved
 
 	rtt, loss, jitter, slaOK, hops, estimated *prometheus.GaugeVec
 	violations                                *prometheus.CounterVec
 	linkRTT, linkLoss, linkUp                 *prometheus.GaugeVec
-	rejectedLinks                             prometheus.Counter
+	rejectedLinks, refusedClasses             prometheus.Counter
 }
 
 // measured is the prober whose figures choose paths: link probes when they are on.
@@ -136,31 +147,15 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 			return fmt.Errorf("%w: --sla: %v", ErrInvalidConfig, err)
 		}
 	}
-	// Destinations that are not probed get an RTT estimated from Vivaldi coordinates.
-	sel, err := pathsel.New(pathsel.Config{Self: p.cfg.Name, SLA: sla, Estimator: &p.coords})
-	if err != nil {
-		return err
-	}
 	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg,
 		RTTChange: linkStateRTTChange, RTTMinChange: linkStateMinChange, LossChange: linkStateLossChange, MinInterval: linkStateMinInterval, Signer: p.identity})
 	if err != nil {
 		return err
 	}
-	pt := &paths{
-		table: table, sel: sel, sla: sla, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
-		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, enc: map[string]bool{}, mustUntil: map[string]time.Time{}, choices: map[string]pathsel.Choice{}, relays: map[string]string{},
-		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
-		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
-		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
-		slaOK:      prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_sla_ok", Help: "1 when the chosen path to the peer meets the SLA."}, []string{"peer", "sla"}),
-		hops:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_hops", Help: "Links in the chosen path to each peer (2 = relayed)."}, []string{"peer"}),
-		estimated:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_estimated", Help: "1 when the path figures to the peer are estimated (direct link not probed), 2 when unmeasured."}, []string{"peer"}),
-		violations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_sla_violations_total", Help: "Times the chosen path to a peer started violating the SLA."}, []string{"peer", "sla"}),
-		linkRTT:    prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_rtt_seconds", Help: "Measured RTT (moving average) of the direct link to each peer, over the underlay or through the link in use."}, []string{"peer", "via"}),
-		linkLoss:   prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_ratio", Help: "Probe loss over the recent window on the direct link to each peer."}, []string{"peer", "via"}),
-		linkUp:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_up", Help: "1 when the direct link to the peer answers probes."}, []string{"peer", "via"}),
-		rejectedLinks: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_path_links_rejected_total",
-			Help: "Link-state entries path selection refused (out of range, or over the per-peer link bound)."}),
+	// Destinations that are not probed get an RTT estimated from Vivaldi coordinates.
+	pt, err := newPaths(p.cfg.Name, sla, &p.coords, table)
+	if err != nil {
+		return err
 	}
 	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
 	// whether a broken link is the tunnel or the underlay, so they run at a fifth of the rate
@@ -188,9 +183,37 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 			Help: "Probe requests of other peers this peer answered.", ConstLabels: prometheus.Labels{"via": via}},
 			func() float64 { return float64(pr.Counters().Answered) }))
 	}
-	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks)
+	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks, pt.refusedClasses)
 	p.paths = pt
 	return nil
+}
+
+// newPaths is the path-choice state without its probers (startPaths adds them): one
+// selector for this peer's class, the others made by syncClasses.
+func newPaths(self string, sla pathsel.SLA, est pathsel.Estimator, table *mesh.LinkTable) (*paths, error) {
+	def, err := newSLAClass(self, sla, est)
+	if err != nil {
+		return nil, err
+	}
+	return &paths{
+		table: table, def: def, est: est, targets: map[string]netip.Addr{}, added: map[string]time.Time{}, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		dests: map[string]pathsel.Dest{}, own: map[string]mesh.LinkMetrics{}, live: map[string]struct{}{}, enc: map[string]bool{}, mustUntil: map[string]time.Time{},
+		classes: map[string]*slaClass{}, netClass: map[string]string{}, defServes: true, classRefused: map[string]string{},
+		rtt:        prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_rtt_seconds", Help: "End-to-end RTT of the chosen path to each peer (an estimate where weft_path_estimated is 1)."}, []string{"peer"}),
+		jitter:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_jitter_seconds", Help: "End-to-end jitter of the chosen path to each peer."}, []string{"peer"}),
+		loss:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_loss_ratio", Help: "End-to-end loss of the chosen path to each peer."}, []string{"peer"}),
+		slaOK:      prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_sla_ok", Help: "1 when the path chosen to the peer for the SLA class meets it (one series per class in use)."}, []string{"peer", "sla"}),
+		hops:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_hops", Help: "Links in the chosen path to each peer (2 = relayed)."}, []string{"peer"}),
+		estimated:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_estimated", Help: "1 when the path figures to the peer are estimated (direct link not probed), 2 when unmeasured."}, []string{"peer"}),
+		violations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_sla_violations_total", Help: "Times the path chosen to a peer for the SLA class started violating it."}, []string{"peer", "sla"}),
+		linkRTT:    prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_rtt_seconds", Help: "Measured RTT (moving average) of the direct link to each peer, over the underlay or through the link in use."}, []string{"peer", "via"}),
+		linkLoss:   prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_ratio", Help: "Probe loss over the recent window on the direct link to each peer."}, []string{"peer", "via"}),
+		linkUp:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_up", Help: "1 when the direct link to the peer answers probes."}, []string{"peer", "via"}),
+		rejectedLinks: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_path_links_rejected_total",
+			Help: "Link-state entries path selection refused (out of range, or over the per-peer link bound)."}),
+		refusedClasses: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_path_sla_classes_refused_total",
+			Help: "Networks whose SLA class path selection refused (unparsable, a name clash, or over the bound of classes); they use this peer's --sla class."}),
+	}, nil
 }
 
 // linkStateChannel is the link-state gossip handler to register on m: it feeds every
@@ -203,16 +226,18 @@ func (p *Peer) linkStateChannel(m *mesh.Mesh) *mesh.LinkStateChannel {
 // feed applies others' link-state changes to the selector (this peer's own links go in by
 // feedOwn, fresher than what it publishes). O(changes × D).
 func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
+	pt.classMu.Lock()
+	defer pt.classMu.Unlock()
 	for _, c := range changes {
-		if c.From == pt.sel.Self() {
+		if c.From == pt.def.sel.Self() {
 			continue
 		}
 		if c.Removed {
-			pt.sel.RemoveLink(c.From, c.To)
+			pt.removeLinkLocked(c.From, c.To)
 			continue
 		}
 		l := pathsel.Link{RTT: c.Link.RTT, Jitter: c.Link.Jitter, Loss: c.Link.Loss, Up: c.Link.Up, Encrypted: c.Link.Encrypted}
-		if err := pt.sel.SetLink(c.From, c.To, l); err != nil {
+		if err := pt.setLinkLocked(c.From, c.To, l); err != nil {
 			pt.rejectedLinks.Inc()
 			log.Warn("path selection refused a link", "from", c.From, "to", c.To, "err", err)
 		}
@@ -224,13 +249,15 @@ func (pt *paths) feed(log *slog.Logger, changes []mesh.LinkChange) {
 // measurements closely, only the gossip to all is coarse — without waiting for their
 // (rate-limited) publication. O(D).
 func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
-	self := pt.sel.Self()
+	pt.classMu.Lock()
+	defer pt.classMu.Unlock()
+	self := pt.def.sel.Self()
 	for name, m := range links {
 		if prev, ok := pt.own[name]; ok && !ownMoved(prev, m) {
 			continue
 		}
 		pt.own[name] = m
-		if err := pt.sel.SetLink(self, name, pathsel.Link{RTT: m.RTT, Jitter: m.Jitter, Loss: m.Loss, Up: m.Up, Encrypted: m.Encrypted}); err != nil {
+		if err := pt.setLinkLocked(self, name, pathsel.Link{RTT: m.RTT, Jitter: m.Jitter, Loss: m.Loss, Up: m.Up, Encrypted: m.Encrypted}); err != nil {
 			pt.rejectedLinks.Inc()
 			log.Warn("path selection refused a link", "from", self, "to", name, "err", err)
 		}
@@ -238,7 +265,7 @@ func (pt *paths) feedOwn(log *slog.Logger, links map[string]mesh.LinkMetrics) {
 	for name := range pt.own {
 		if _, ok := links[name]; !ok {
 			delete(pt.own, name)
-			pt.sel.RemoveLink(self, name)
+			pt.removeLinkLocked(self, name)
 		}
 	}
 }
@@ -276,14 +303,15 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 			under[pr.Name] = pr.Meta.Underlay
 		}
 	}
-	pt.mu.Lock()
-	needed := make([]string, 0, 2*len(pt.relays))
-	active := make([]string, 0, len(pt.relays))
-	for dest, relay := range pt.relays {
-		needed = append(needed, dest, relay)
-		active = append(active, dest, relay)
+	var needed, active []string
+	for _, cl := range pt.allClasses() { // every class's relays, O(K·N)
+		pt.mu.Lock()
+		for dest, relay := range cl.relays {
+			needed = append(needed, dest, relay)
+			active = append(active, dest, relay)
+		}
+		pt.mu.Unlock()
 	}
-	pt.mu.Unlock()
 	must := lingering(needed, pt.mustUntil, now, mustLinger)
 	pt.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
 		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Must: must,
@@ -427,7 +455,7 @@ func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 	for name := range pt.live {
 		if _, ok := live[name]; !ok {
 			pt.feed(p.log, pt.table.Remove(name))
-			pt.sel.RemovePeer(name)
+			pt.removePeer(name)
 		}
 	}
 	for name := range live {
@@ -437,8 +465,7 @@ func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 	}
 	pt.live = live
 	if !maps.Equal(dests, pt.dests) {
-		pt.sel.SetDestinations(dests)
-		pt.dests = dests
+		pt.setDestinations(dests)
 	}
 }
 
@@ -458,10 +485,12 @@ func (pt *paths) pending(name string, now time.Time) bool {
 
 // updateLinks is the measuring half of path upkeep, run every datapath tick: it publishes
 // this peer's links when they moved, feeds every change into path selection and
-// re-evaluates only the destinations it affected. It returns, for each destination that
-// goes through a relay, the relay's name, and whether that map changed since the last call.
-// O(k) for k probe targets plus O(changed × D) path search; nothing in it grows with N
-// except a copy of the destinations when a new target settles (O(N), rare).
+// re-evaluates only the destinations it affected, in every SLA class's selector. It
+// returns, for each destination that goes through a relay in this peer's own class, the
+// relay's name, and whether any class's relays changed since the last call (the networks
+// with a class of their own take theirs from paths.netRelays). O(k) for k probe targets
+// plus O(K × changed × D) path search for K classes; nothing in it grows with N except a
+// copy of the destinations when a new target settles (O(N), rare).
 func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 	pt := p.paths
 	// Targets still in their grace: their pending flag ends when they settle or it expires.
@@ -480,8 +509,7 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 		}
 	}
 	if dests != nil {
-		pt.sel.SetDestinations(dests)
-		pt.dests = dests
+		pt.setDestinations(dests)
 	}
 	measured := pt.measured().All()
 	// A link not settled yet is not advertised until unknownGrace says it is down: the
@@ -505,60 +533,7 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 	if pt.link != nil {
 		pt.exportLinks("link", measured)
 	}
-	changed := pt.sel.Select(now)
-	pt.mu.Lock()
-	defer pt.mu.Unlock()
-	relaysChanged := false
-	for name := range pt.choices {
-		if _, ok := pt.dests[name]; !ok {
-			if _, relayed := pt.relays[name]; relayed {
-				relaysChanged = true
-			}
-			delete(pt.choices, name)
-			delete(pt.relays, name)
-			pt.rtt.DeleteLabelValues(name)
-			pt.jitter.DeleteLabelValues(name)
-			pt.loss.DeleteLabelValues(name)
-			pt.hops.DeleteLabelValues(name)
-			pt.estimated.DeleteLabelValues(name)
-			pt.slaOK.DeleteLabelValues(name, pt.sla.Name)
-		}
-	}
-	for name, c := range changed {
-		prev, had := pt.choices[name]
-		pt.choices[name] = c
-		was, relayed := pt.relays[name]
-		if len(c.Path) == 2 {
-			pt.relays[name] = c.Path[0]
-			relaysChanged = relaysChanged || !relayed || was != c.Path[0]
-		} else {
-			delete(pt.relays, name)
-			relaysChanged = relaysChanged || relayed
-		}
-		if !c.SLAOK && !c.Unmeasured && len(c.Path) > 0 && (!had || prev.SLAOK) {
-			pt.violations.WithLabelValues(name, pt.sla.Name).Inc()
-		}
-		pt.rtt.WithLabelValues(name).Set(c.RTT.Seconds())
-		pt.jitter.WithLabelValues(name).Set(c.Jitter.Seconds())
-		pt.loss.WithLabelValues(name).Set(c.Loss)
-		pt.hops.WithLabelValues(name).Set(float64(len(c.Path)))
-		est := 0.0
-		switch {
-		case c.Estimated:
-			est = 1
-		case c.Unmeasured:
-			est = 2
-		}
-		pt.estimated.WithLabelValues(name).Set(est)
-		ok := 0.0
-		if c.SLAOK {
-			ok = 1
-		}
-		pt.slaOK.WithLabelValues(name, pt.sla.Name).Set(ok)
-	}
-	// Choices whose reason alone moved (a hold's progress) are refreshed for status only
-	// when asked: routes() reads the selector.
-	return maps.Clone(pt.relays), relaysChanged
+	return pt.selectAll(now)
 }
 
 // ownLink is this peer's link to dest as measured now: the table holds what was published,
@@ -567,14 +542,14 @@ func (pt *paths) ownLink(dest string, measured map[string]mesh.LinkStats) mesh.L
 	if st, ok := measured[dest]; ok {
 		return mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
 	}
-	lm, _ := pt.table.Link(pt.sel.Self(), dest)
+	lm, _ := pt.table.Link(pt.def.sel.Self(), dest)
 	return lm
 }
 
 func (pt *paths) current(dest string) (pathsel.Choice, bool) {
 	pt.mu.Lock()
 	defer pt.mu.Unlock()
-	c, ok := pt.choices[dest]
+	c, ok := pt.def.choices[dest]
 	return c, ok
 }
 
@@ -653,8 +628,10 @@ type Hop struct {
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// routes lists every destination's choice, as the selector holds it now (with the
-// current reason of a pending hold). O(N).
+// routes lists every destination's choice, as the selectors hold it now (with the
+// current reason of a pending hold): one row per destination for this peer's class and,
+// when networks have classes of their own, one more per (destination, class), each naming
+// the networks it serves. O(K·N) for K classes.
 func (p *Peer) routes() []Route {
 	pt := p.paths
 	under := pt.underlay.All()
@@ -669,42 +646,61 @@ func (p *Peer) routes() []Route {
 			directNets[c.Peer] = append(directNets[c.Peer], c.Network)
 		}
 	}
-	out := []Route{}
-	for dest, c := range pt.sel.Choices() {
-		r := Route{Peer: dest, Path: slices.Clone(c.Path), Hops: []Hop{}, RTTms: ms(c.RTT), JitterMs: ms(c.Jitter),
-			Loss: c.Loss, SLA: pt.sla.String(), SLAOK: c.SLAOK, Since: c.Since, Reason: c.Reason,
-			Estimated: c.Estimated, Unmeasured: c.Unmeasured}
-		if r.Path == nil {
-			r.Path = []string{}
-		}
-		lm := pt.ownLink(dest, measured)
-		r.Direct = Hop{From: p.cfg.Name, To: dest, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up}
-		u := under[dest]
-		r.Underlay = Hop{From: p.cfg.Name, To: dest, RTTms: ms(u.RTT), JitterMs: ms(u.Jitter), Loss: u.Loss, Up: u.Up}
-		r.Link = modes[dest]
-		r.Networks = directNets[dest]
-		if len(r.Path) > 1 {
-			r.Networks = relayedNets[dest]
-		}
-		if r.Networks == nil {
-			r.Networks = []string{}
-		}
-		if pt.link != nil && u.Up && !lm.Up && r.Link != "" && r.Link != datapath.ModeDirect {
-			r.Reason += fmt.Sprintf("; the %s link is broken while the underlay answers", r.Link)
-		}
-		if !c.Estimated && !c.Unmeasured {
-			from := p.cfg.Name
-			for _, to := range c.Path {
-				lm, _ := pt.table.Link(from, to)
-				if from == p.cfg.Name {
-					lm = pt.ownLink(to, measured)
-				}
-				r.Hops = append(r.Hops, Hop{From: from, To: to, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up})
-				from = to
-			}
-		}
-		out = append(out, r)
+	pt.classMu.Lock()
+	netClass, defServes := maps.Clone(pt.netClass), pt.defServes
+	classes := make([]*slaClass, 0, 1+len(pt.classes))
+	if defServes || len(pt.classes) == 0 {
+		classes = append(classes, pt.def)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
+	for _, name := range slices.Sorted(maps.Keys(pt.classes)) {
+		classes = append(classes, pt.classes[name])
+	}
+	pt.classMu.Unlock()
+	out := []Route{}
+	for _, cl := range classes {
+		// The networks of this class among those listed: the others are another row's.
+		mine := func(nets []string) []string {
+			out := []string{}
+			for _, n := range nets {
+				if c, own := netClass[n]; own && c == cl.sla.Name || !own && cl == pt.def {
+					out = append(out, n)
+				}
+			}
+			return out
+		}
+		for dest, c := range cl.sel.Choices() {
+			r := Route{Peer: dest, Path: slices.Clone(c.Path), Hops: []Hop{}, RTTms: ms(c.RTT), JitterMs: ms(c.Jitter),
+				Loss: c.Loss, SLA: cl.sla.String(), SLAOK: c.SLAOK, Since: c.Since, Reason: c.Reason,
+				Estimated: c.Estimated, Unmeasured: c.Unmeasured}
+			if r.Path == nil {
+				r.Path = []string{}
+			}
+			lm := pt.ownLink(dest, measured)
+			r.Direct = Hop{From: p.cfg.Name, To: dest, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up}
+			u := under[dest]
+			r.Underlay = Hop{From: p.cfg.Name, To: dest, RTTms: ms(u.RTT), JitterMs: ms(u.Jitter), Loss: u.Loss, Up: u.Up}
+			r.Link = modes[dest]
+			r.Networks = mine(directNets[dest])
+			if len(r.Path) > 1 {
+				r.Networks = mine(relayedNets[dest])
+			}
+			if pt.link != nil && u.Up && !lm.Up && r.Link != "" && r.Link != datapath.ModeDirect {
+				r.Reason += fmt.Sprintf("; the %s link is broken while the underlay answers", r.Link)
+			}
+			if !c.Estimated && !c.Unmeasured {
+				from := p.cfg.Name
+				for _, to := range c.Path {
+					lm, _ := pt.table.Link(from, to)
+					if from == p.cfg.Name {
+						lm = pt.ownLink(to, measured)
+					}
+					r.Hops = append(r.Hops, Hop{From: from, To: to, RTTms: ms(lm.RTT), JitterMs: ms(lm.Jitter), Loss: lm.Loss, Up: lm.Up})
+					from = to
+				}
+			}
+			out = append(out, r)
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].Peer < out[j].Peer })
 	return out
 }

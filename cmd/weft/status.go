@@ -23,7 +23,7 @@ func newStatusCmd() *cobra.Command {
 			func() any { return &[]router.PeerStatus{} }, func(out io.Writer, v any) { printPeers(out, *v.(*[]router.PeerStatus)) }),
 		statusCommand("connections", "Show, per remote peer and network, the link mode, underlay address, state and why", "/v1/connections",
 			func() any { return &[]router.Connection{} }, func(out io.Writer, v any) { printConnections(out, *v.(*[]router.Connection)) }),
-		statusCommand("routes", "Show, per remote peer, the chosen path, its measured RTT, jitter and loss, and whether the SLA holds", "/v1/routes",
+		statusCommand("routes", "Show, per remote peer (and per SLA class when networks have classes of their own), the chosen path, the networks it serves, its measured RTT, jitter and loss, and whether the SLA holds", "/v1/routes",
 			func() any { return &[]router.Route{} }, func(out io.Writer, v any) { printRoutes(out, *v.(*[]router.Route)) }),
 		statusCommand("ipam", "Show the address range, every peer's blocks, the Raft leader and voters", "/v1/ipam",
 			func() any { return &router.IPAMStatus{} }, func(out io.Writer, v any) { printIPAM(out, *v.(*router.IPAMStatus)) }),

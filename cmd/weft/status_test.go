@@ -79,3 +79,38 @@ func TestPrintRoutesNamesNetworks(t *testing.T) {
 		t.Fatalf("JSON %s", data)
 	}
 }
+
+// With networks of different SLA classes, a peer has one row per class: each names its
+// networks, its class and whether the class holds on its path.
+func TestPrintRoutesOneRowPerClass(t *testing.T) {
+	routes := []router.Route{
+		{Peer: "d", Path: []string{"d"}, Networks: []string{"default", "std"}, RTTms: 4, JitterMs: 3, SLA: "default: (no bounds)", SLAOK: true, Since: time.Now(), Reason: "direct"},
+		{Peer: "d", Path: []string{"b", "d"}, Networks: []string{"media"}, RTTms: 5, JitterMs: 1, SLA: "gold: rtt<=6ms,jitter<=2ms", SLAOK: true, Since: time.Now(), Reason: "via b",
+			Hops: []router.Hop{{From: "a", To: "b", RTTms: 2, Up: true}, {From: "b", To: "d", RTTms: 3, Up: true}}},
+		{Peer: "e", Path: []string{"e"}, Networks: []string{"media"}, RTTms: 9, SLA: "gold: rtt<=6ms,jitter<=2ms", SLAOK: false, Since: time.Now(), Reason: "no path meets"},
+	}
+	var out bytes.Buffer
+	printRoutes(&out, routes)
+	text := out.String()
+	for _, w := range []string{
+		"d d default,std 4.00ms 3.00ms 0.0% default: (no bounds) ok",
+		"d b → d media 5.00ms 1.00ms 0.0% gold: rtt<=6ms,jitter<=2ms ok",
+		"e e media 9.00ms 0.00ms 0.0% gold: rtt<=6ms,jitter<=2ms VIOLATED",
+	} {
+		found := false
+		for _, l := range strings.Split(text, "\n") {
+			if strings.HasPrefix(strings.Join(strings.Fields(l), " "), w) {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("no row %q:\n%s", w, text)
+		}
+	}
+	data, _ := json.Marshal(routes[1])
+	for _, field := range []string{`"peer":"d"`, `"sla":"gold: rtt\u003c=6ms,jitter\u003c=2ms"`, `"sla_ok":true`, `"networks":["media"]`} {
+		if !strings.Contains(string(data), field) {
+			t.Errorf("JSON %s lacks %s", data, field)
+		}
+	}
+}

@@ -133,6 +133,12 @@ type Input struct {
 	// Relays maps a destination peer to the peer that relays its traffic (path selection);
 	// nil or empty: every peer is reached over its own link.
 	Relays map[string]string
+	// NetRelays are the relays of the networks with an SLA class of their own, per network
+	// then destination (path selection runs once per class). A network listed here uses its
+	// own map, even an empty one (no relays); a network not listed uses Relays. Both ends of
+	// a pair see the same class for a network (networks are replicated), so with the same
+	// link state they choose mirror paths per network, as they do with Relays.
+	NetRelays map[string]map[string]string
 	// Now is the time of the decision; DownGrace is how long a peer that is not up keeps
 	// its routes (a restarting peer must not disturb its containers' traffic).
 	Now       time.Time
@@ -146,7 +152,7 @@ type Input struct {
 // (a handful), B blocks and R relays (plus sorting each driver's list, O(N log N)).
 func Compute(in Input) (Desired, []Connection) {
 	want, conns := Links(in)
-	return ApplyRelays(want, conns, in.Relays)
+	return ApplyNetworkRelays(want, conns, in.Relays, in.NetRelays)
 }
 
 // ChooseLink decides one link as Weave does: encryption policy first — the link is
@@ -467,7 +473,32 @@ func Links(in Input) (Desired, []Connection) {
 // depend on map order. want is not modified; conns is updated in place and returned.
 // O((N·M + B) + R log R) for N peers, M networks, B blocks and R relays.
 func ApplyRelays(want Desired, conns []Connection, relays map[string]string) (Desired, []Connection) {
-	if len(relays) == 0 {
+	return ApplyNetworkRelays(want, conns, relays, nil)
+}
+
+// ApplyNetworkRelays is ApplyRelays with a relay per network: a network in netRelays takes
+// its destinations' relays from its own map (an empty one relays nothing), every other
+// network from relays (see Input.NetRelays). The cost is ApplyRelays' with R the
+// destinations relayed in any map (O(K·N) for K classes).
+func ApplyNetworkRelays(want Desired, conns []Connection, relays map[string]string, netRelays map[string]map[string]string) (Desired, []Connection) {
+	relayOf := func(network, dest string) (string, bool) {
+		if m, own := netRelays[network]; own {
+			r, ok := m[dest]
+			return r, ok
+		}
+		r, ok := relays[dest]
+		return r, ok
+	}
+	destSet := map[string]struct{}{}
+	for dest := range relays {
+		destSet[dest] = struct{}{}
+	}
+	for _, m := range netRelays {
+		for dest := range m {
+			destSet[dest] = struct{}{}
+		}
+	}
+	if len(destSet) == 0 {
 		return want, conns
 	}
 	type pn struct{ peer, network string }
@@ -486,8 +517,8 @@ func ApplyRelays(want Desired, conns []Connection, relays map[string]string) (De
 			served[pk{rp.Name, key}] = true
 		}
 	}
-	dests := make([]string, 0, len(relays))
-	for dest := range relays {
+	dests := make([]string, 0, len(destSet))
+	for dest := range destSet {
 		dests = append(dests, dest)
 	}
 	slices.Sort(dests)
@@ -500,12 +531,12 @@ func ApplyRelays(want Desired, conns []Connection, relays map[string]string) (De
 	}
 	var done []relayed
 	for _, dest := range dests {
-		relay := relays[dest]
-		if relay == dest {
-			continue
-		}
 		for _, i := range byPeer[dest] {
 			c := conns[i]
+			relay, ok := relayOf(c.Network, dest)
+			if !ok || relay == dest {
+				continue
+			}
 			ri, ok := rows[pn{relay, c.Network}]
 			if !ok {
 				continue

@@ -3,6 +3,7 @@ package pathsel
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"sync"
 	"time"
@@ -381,6 +382,18 @@ func (s *Selector) SLA() SLA {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.cfg.SLA
+}
+
+// Links returns a copy of every link held, by origin then neighbour, as given to SetLink:
+// a new selector for another SLA class is seeded from it. O(N × D).
+func (s *Selector) Links() map[string]map[string]Link {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]map[string]Link, len(s.out))
+	for from, links := range s.out {
+		out[from] = maps.Clone(links)
+	}
+	return out
 }
 
 // Link returns the pair {a, b}'s symmetric link (see the package comment).

@@ -505,3 +505,25 @@ func markAll(s *Selector) {
 		s.dirty[d] = struct{}{}
 	}
 }
+
+func TestLinksCopy(t *testing.T) {
+	s, err := New(Config{Self: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := Link{RTT: time.Millisecond, Up: true}
+	if err := s.SetLink("a", "b", l); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetLink("b", "c", l); err != nil {
+		t.Fatal(err)
+	}
+	got := s.Links()
+	if len(got) != 2 || got["a"]["b"] != l || got["b"]["c"] != l {
+		t.Fatalf("Links() = %v", got)
+	}
+	got["a"]["b"] = Link{}
+	if again := s.Links(); again["a"]["b"] != l {
+		t.Fatal("Links() shares the selector's maps")
+	}
+}
