@@ -54,9 +54,9 @@ func (d DeviceInfoFiles) dir() string {
 // device plugin's "<resource>-<deviceID>-device.json". "/" becomes "-" as in
 // GetCNIDeviceInfoPath, so a namespaced network name stays in the directory.
 func (d DeviceInfoFiles) Path(networkName, containerID, ifName string) (string, error) {
-	for what, v := range map[string]string{"network name": networkName, "container id": containerID, "interface name": ifName} {
-		if v == "" || strings.ContainsAny(v, "\x00\n") || v == "." || v == ".." {
-			return "", fmt.Errorf("%w: %s %q", ErrDeviceInfo, what, v)
+	for _, p := range [][2]string{{"network name", networkName}, {"container id", containerID}, {"interface name", ifName}} {
+		if v := p[1]; v == "" || strings.ContainsAny(v, "\x00\n") || v == "." || v == ".." {
+			return "", fmt.Errorf("%w: %s %q", ErrDeviceInfo, p[0], v)
 		}
 	}
 	name := strings.ReplaceAll(fmt.Sprintf("%s-%s-%s-device.json", networkName, containerID, ifName), "/", "-")
