@@ -233,3 +233,57 @@ func TestListPFs(t *testing.T) {
 		t.Fatalf("ListPFs on a missing root: %v", err)
 	}
 }
+
+// Discover racing a netdev that leaves, comes back and is renamed never errors and sees the
+// old name, the new one or none.
+func TestDiscoverWhileRenaming(t *testing.T) {
+	f := treeOnly(t)
+	done := make(chan struct{})
+	var renames int
+	go func() {
+		defer close(done)
+		for _, n := range []string{"", "wsjx", "wsjy", "", "wsjpf0v1"} {
+			for k := 0; k < 50; k++ {
+				if err := f.Rename(1, n); err != nil {
+					t.Errorf("rename: %v", err)
+					return
+				}
+				renames++
+			}
+		}
+	}()
+	valid := map[string]bool{"": true, "wsjx": true, "wsjy": true, "wsjpf0v1": true}
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+		}
+		info, err := sriov.Discover(f.Root(), "wsjpf0")
+		if err != nil {
+			t.Fatalf("Discover during renames: %v", err)
+		}
+		if n := info.VFs[1].Netdev; !valid[n] {
+			t.Fatalf("Discover saw %q", n)
+		}
+	}
+	if renames != 250 {
+		t.Fatalf("%d renames", renames)
+	}
+}
+
+// On the real /sys (symlinked class/net entries, virtual netdevs) listing finds no PF where
+// there is no SR-IOV device, and errors on none; lo is not a PF.
+func TestRealSysfs(t *testing.T) {
+	if _, err := os.Stat("/sys/class/net/lo"); err != nil {
+		t.Skip("no sysfs")
+	}
+	pfs, err := sriov.ListPFs("", nil)
+	if err != nil {
+		t.Fatalf("ListPFs on /sys: %v", err)
+	}
+	t.Logf("%d PFs on this host", len(pfs))
+	if _, err := sriov.Discover("", "lo"); !errors.Is(err, sriov.ErrSysfs) {
+		t.Fatalf("Discover(lo) on /sys: %v, want ErrSysfs (no device)", err)
+	}
+}
