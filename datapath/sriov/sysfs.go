@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // DefaultSysfsRoot is where the kernel mounts sysfs; tests point the root at a fixture tree.
@@ -77,10 +78,21 @@ func (s sysfs) resolve(p string) (string, error) {
 	return real, nil
 }
 
-// readInt reads a small decimal sysfs attribute in [0, MaxVFs]; the read is bounded so a
-// huge file cannot exhaust memory.
-func readInt(p string) (int, error) {
-	f, err := os.Open(p)
+// readInt reads a small decimal sysfs attribute in [0, MaxVFs]. It must be a regular file
+// under the root (a FIFO would block discovery, a device could be anything) and the read is
+// bounded so a huge file cannot exhaust memory.
+func (s sysfs) readInt(p string) (int, error) {
+	real, err := s.resolve(p)
+	if err != nil {
+		if errors.Is(err, ErrSysfs) {
+			return 0, err
+		}
+		return 0, fmt.Errorf("%w: read %s: %v", ErrSysfs, p, err)
+	}
+	if st, err := os.Stat(real); err != nil || !st.Mode().IsRegular() {
+		return 0, fmt.Errorf("%w: %s is not a regular file", ErrSysfs, p)
+	}
+	f, err := os.OpenFile(real, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return 0, fmt.Errorf("%w: read %s: %v", ErrSysfs, p, err)
 	}
@@ -89,10 +101,10 @@ func readInt(p string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("%w: read %s: %v", ErrSysfs, p, err)
 	}
-	s := strings.TrimSpace(string(b))
-	n, err := strconv.Atoi(s)
+	text := strings.TrimSpace(string(b))
+	n, err := strconv.Atoi(text)
 	if err != nil || n < 0 {
-		return 0, fmt.Errorf("%w: %s holds %q, not a count", ErrSysfs, p, s)
+		return 0, fmt.Errorf("%w: %s holds %q, not a count", ErrSysfs, p, text)
 	}
 	if n > MaxVFs {
 		return 0, fmt.Errorf("%w: %s holds %d, more than %d VFs", ErrSysfs, p, n, MaxVFs)
@@ -137,11 +149,11 @@ func (s sysfs) discover(pf string) (PFInfo, error) {
 	if _, err := os.Lstat(totalPath); errors.Is(err, os.ErrNotExist) {
 		return PFInfo{}, fmt.Errorf("%w: pf %s: no %s", ErrNotSRIOV, pf, totalPath)
 	}
-	if info.TotalVFs, err = readInt(totalPath); err != nil {
+	if info.TotalVFs, err = s.readInt(totalPath); err != nil {
 		return PFInfo{}, err
 	}
 	numPath := filepath.Join(dev, "sriov_numvfs")
-	if info.NumVFs, err = readInt(numPath); err != nil {
+	if info.NumVFs, err = s.readInt(numPath); err != nil {
 		return PFInfo{}, err
 	}
 	if info.NumVFs > info.TotalVFs {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/weftnet/weft/datapath/sriov"
@@ -92,6 +93,16 @@ func TestDiscoverHostileTrees(t *testing.T) {
 		{"huge numvfs file", "wsjpf0", func(t *testing.T, f *sriovtest.Fixture) {
 			write(t, filepath.Join(pfDir(f), "sriov_numvfs"), strings.Repeat("9", 1<<20))
 		}, sriov.ErrSysfs, "sriov_numvfs"},
+		{"numvfs a fifo", "wsjpf0", func(t *testing.T, f *sriovtest.Fixture) {
+			p := filepath.Join(pfDir(f), "sriov_numvfs")
+			os.Remove(p)
+			if err := syscall.Mkfifo(p, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}, sriov.ErrSysfs, "sriov_numvfs is not a regular file"},
+		{"numvfs a device", "wsjpf0", func(t *testing.T, f *sriovtest.Fixture) {
+			relink(t, filepath.Join(pfDir(f), "sriov_numvfs"), "/dev/zero")
+		}, sriov.ErrSysfs, "outside the sysfs root"},
 		{"numvfs over totalvfs", "wsjpf0", func(t *testing.T, f *sriovtest.Fixture) {
 			write(t, filepath.Join(pfDir(f), "sriov_numvfs"), "9\n")
 		}, sriov.ErrSysfs, "more than sriov_totalvfs 8"},
