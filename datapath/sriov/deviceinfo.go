@@ -22,7 +22,9 @@ const DeviceInfoVersion = "1.1.0"
 // ErrDeviceInfo is a device-info request or file that is not valid.
 var ErrDeviceInfo = errors.New("bad device info")
 
-// DeviceInfo is the Network Plumbing WG device-info document for a PCI device.
+// DeviceInfo is the Network Plumbing WG device-info document for a PCI device; the member
+// names follow the spec and the reference type (network-attachment-definition-client
+// pkg/apis/k8s.cni.cncf.io/v1/types.go, DeviceInfo and PciDevice).
 type DeviceInfo struct {
 	Type    string     `json:"type"` // "pci"
 	Version string     `json:"version"`

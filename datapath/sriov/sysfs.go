@@ -235,6 +235,8 @@ func (s sysfs) readVF(dir string) (VF, error) {
 	case err != nil:
 		return VF{}, fmt.Errorf("%w: read %s: %v", ErrSysfs, netDir, err)
 	case len(names) > 1:
+		// sriov-cni takes the first name here; picking one at random could hand out the
+		// wrong netdev, so weft refuses the VF instead.
 		return VF{}, fmt.Errorf("%w: %s holds %d netdevs, a vf has at most one", ErrSysfs, netDir, len(names))
 	case len(names) == 1:
 		if !validIfname(names[0].Name()) {
