@@ -107,6 +107,18 @@ func (r Record) usable(dpdk bool) bool {
 	return !r.VF.DPDK() && r.VF.Driver != "" && r.VF.Netdev != ""
 }
 
+// freed is r made free after its owner's VF was restored. The netdev is back under its saved
+// name, so the record says so at once: otherwise the VF, last discovered inside the
+// container with no host netdev, would stay unusable until the next Sync.
+func freed(r Record) Record {
+	n := r.clone()
+	if n.Saved != nil && n.Saved.Name != "" && !n.VF.DPDK() {
+		n.VF.Netdev = n.Saved.Name
+	}
+	n.State, n.Owner, n.Saved = StateFree, Owner{}, nil
+	return n
+}
+
 // PoolConfig configures a Pool.
 type PoolConfig struct {
 	// DB holds the pool in bucket "sriov"; it is opened and closed by the caller.
@@ -434,8 +446,7 @@ func (p *Pool) Release(pci string, owner Owner) error {
 	if r.State == StateQuarantined {
 		return nil
 	}
-	n := r.clone()
-	n.State, n.Owner, n.Saved = StateFree, Owner{}, nil
+	n := freed(r)
 	if n.Missing {
 		// Free and gone: nothing left to remember.
 		return p.write(nil, []string{pci})
@@ -476,8 +487,7 @@ func (p *Pool) Found(pci string) error {
 	if r.State != StateQuarantined {
 		return nil
 	}
-	n := r.clone()
-	n.State, n.Owner, n.Saved = StateFree, Owner{}, nil
+	n := freed(r)
 	p.log.Info("sriov: quarantined vf back in the host, free again", "pci", pci)
 	return p.put(n)
 }

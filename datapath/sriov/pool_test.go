@@ -610,3 +610,31 @@ func TestPoolCorruptRecords(t *testing.T) {
 		t.Fatalf("Reserve = %s, want %s", v.PCI, v1.PCI)
 	}
 }
+
+// A VF discovered inside its container (no host netdev) is usable again as soon as it is
+// released under its restored name, without waiting for the next Sync.
+func TestPoolReleaseRestoresNetdevName(t *testing.T) {
+	tp := newTestPool(t)
+	v0 := netVF("ens1f0", 0)
+	mustSync(t, tp.Pool, "ens1f0", v0)
+	a := owner("a")
+	mustReserve(t, tp.Pool, a, "ens1f0", false)
+	if err := tp.SaveState(v0.PCI, NetdevState{Name: v0.Netdev, MTU: 1500}); err != nil {
+		t.Fatalf("SaveState: %v", err)
+	}
+	inside := v0
+	inside.Netdev = ""
+	mustSync(t, tp.Pool, "ens1f0", inside)
+	if err := tp.Attached(v0.PCI); err != nil {
+		t.Fatalf("Attached: %v", err)
+	}
+	if err := tp.Release(v0.PCI, a); err != nil {
+		t.Fatalf("Release: %v", err)
+	}
+	if n := tp.FreeCount("ens1f0"); n != 1 {
+		t.Fatalf("FreeCount right after Release = %d, want 1", n)
+	}
+	if v := mustReserve(t, tp.Pool, owner("b"), "ens1f0", false); v.Netdev != v0.Netdev {
+		t.Fatalf("Reserve after release = %+v, want netdev %s", v, v0.Netdev)
+	}
+}
