@@ -638,3 +638,35 @@ func TestPoolReleaseRestoresNetdevName(t *testing.T) {
 		t.Fatalf("Reserve after release = %+v, want netdev %s", v, v0.Netdev)
 	}
 }
+
+// BenchmarkPoolReserveRelease measures one persisted reservation plus its release (two
+// fsync'd bbolt transactions), the pool's share of an SR-IOV ADD and DEL.
+func BenchmarkPoolReserveRelease(b *testing.B) {
+	db, err := bolt.Open(filepath.Join(b.TempDir(), "weft.db"), 0o600, nil)
+	if err != nil {
+		b.Fatalf("open bbolt: %v", err)
+	}
+	defer db.Close()
+	p, err := NewPool(PoolConfig{DB: db})
+	if err != nil {
+		b.Fatalf("NewPool: %v", err)
+	}
+	var vfs []VF
+	for i := 0; i < 64; i++ {
+		vfs = append(vfs, netVF("ens1f0", i))
+	}
+	if _, err := p.Sync("ens1f0", vfs); err != nil {
+		b.Fatalf("Sync: %v", err)
+	}
+	o := owner("bench")
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		v, err := p.Reserve(o, "ens1f0", false)
+		if err != nil {
+			b.Fatalf("Reserve: %v", err)
+		}
+		if err := p.Release(v.PCI, o); err != nil {
+			b.Fatalf("Release: %v", err)
+		}
+	}
+}
