@@ -22,7 +22,7 @@ func TestSLAClassPerNetwork(t *testing.T) {
 	l := newMeshLab(t, "wpnsla", 3, "--no-direct", "--probe-interval", "200ms")
 	ctx := testCtx(t, 4*time.Minute)
 	a, b, c := l.Host(0), l.Host(1), l.Host(2)
-	const gold = "gold: rtt<=60ms,jitter<=2.5ms"
+	const gold = "gold: rtt<=100ms,jitter<=9ms"
 	if out, err := a.CLI(ctx, "network", "create", "media", "--subnet", "10.50.0.0/16", "--sla", gold); err != nil {
 		t.Fatalf("create media: %v %s", err, out)
 	}
@@ -46,16 +46,21 @@ func TestSLAClassPerNetwork(t *testing.T) {
 			rs := rows(h, dest.Name)
 			g, d := rs["gold"], rs["default"]
 			if !slices.Equal(g.Path, wantGold) || !slices.Equal(d.Path, wantDefault) {
-				return fmt.Errorf("gold %v (%s; networks %v), default %v (%s; networks %v)", g.Path, g.Reason, g.Networks, d.Path, d.Reason, d.Networks)
+				toB := rows(h, b.Name)["default"].Direct // the first hop of the relayed path
+				return fmt.Errorf("gold %v (%s; networks %v), default %v (%s; networks %v); direct rtt %.1fms jitter %.1fms; to %s rtt %.1fms jitter %.1fms",
+					g.Path, g.Reason, g.Networks, d.Path, d.Reason, d.Networks, d.Direct.RTTms, d.Direct.JitterMs, b.Name, toB.RTTms, toB.JitterMs)
 			}
 			return nil
 		}
 	}
 	waitFor(t, ctx, 40*time.Second, "a row per class from A to C, both direct", paths(a, c, []string{c.Name}, []string{c.Name}))
 
-	// The underlay namespace routes A↔C through a jittery delay line (6 ms ± 6 ms each
-	// way) and A→B, C→B through a steady one (12 ms): direct ≈ 12 ms with ≈ 5 ms jitter,
-	// through B ≈ 24 ms with next to none. B answers on its plain L2 links.
+	// The underlay namespace routes A↔C through a jittery delay line (10 ms ± 14 ms each
+	// way) and A→B, C→B through a steady one (15 ms): direct ≈ 20 ms with ≈ 15 ms jitter,
+	// through B ≈ 30 ms with next to none. B answers on its plain L2 links. The margins are
+	// wide (gold allows 9 ms) because the lines are userspace: on a loaded machine the
+	// steady one jitters by ~3.5 ms per hop too, ~7 ms on the relayed path (with ±6 ms and
+	// a 2.5 ms bound, neither path met gold at a load average of 40).
 	ul := "/run/netns/" + l.UnderlayNetNS()
 	gw := "198.18.0.1"
 	for _, cmd := range [][]string{
@@ -70,13 +75,13 @@ func TestSLAClassPerNetwork(t *testing.T) {
 			t.Fatalf("%v: %v %s", cmd, err, out)
 		}
 	}
-	jittery, err := lab.NewDelayLine(lab.DelayConfig{NSPath: ul, Name: l.Prefix() + "dj", Delay: 6 * time.Millisecond, Jitter: 6 * time.Millisecond, Seed: 1,
+	jittery, err := lab.NewDelayLine(lab.DelayConfig{NSPath: ul, Name: l.Prefix() + "dj", Delay: 10 * time.Millisecond, Jitter: 14 * time.Millisecond, Seed: 1,
 		Routes: []netip.Prefix{netip.PrefixFrom(a.Addr.Addr(), 32), netip.PrefixFrom(c.Addr.Addr(), 32)}})
 	if err != nil {
 		t.Fatalf("delay line: %v", err)
 	}
 	t.Cleanup(func() { jittery.Close() })
-	steady, err := lab.NewDelayLine(lab.DelayConfig{NSPath: ul, Name: l.Prefix() + "ds", Delay: 12 * time.Millisecond,
+	steady, err := lab.NewDelayLine(lab.DelayConfig{NSPath: ul, Name: l.Prefix() + "ds", Delay: 15 * time.Millisecond,
 		Routes: []netip.Prefix{netip.PrefixFrom(b.Addr.Addr(), 32)}})
 	if err != nil {
 		t.Fatalf("delay line: %v", err)
