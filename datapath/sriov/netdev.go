@@ -79,9 +79,9 @@ func (r MoveRequest) validate() error {
 	switch {
 	case r.NetNS == "":
 		return fmt.Errorf("%w: no container netns", ErrBadMove)
-	case !validIfName(r.IfName):
+	case !moveIfNameOK(r.IfName):
 		return fmt.Errorf("%w: interface name %q", ErrBadMove, r.IfName)
-	case !validIfName(r.Saved.Name):
+	case !moveIfNameOK(r.Saved.Name):
 		return fmt.Errorf("%w: saved host name %q", ErrBadMove, r.Saved.Name)
 	case len(r.Saved.MAC) == 0 || r.Saved.MTU <= 0:
 		return fmt.Errorf("%w: saved state of %s has no mac or mtu", ErrBadMove, r.Saved.Name)
@@ -106,28 +106,28 @@ func (r MoveRequest) validate() error {
 	return nil
 }
 
-func validIfName(n string) bool {
+func moveIfNameOK(n string) bool {
 	return n != "" && len(n) < unix.IFNAMSIZ && n != "." && n != ".." &&
 		!bytes.ContainsAny([]byte(n), "/: \t\n")
 }
 
-// tempName is the name the netdev carries between namespaces: derived from its saved name
+// vfTempName is the name the netdev carries between namespaces: derived from its saved name
 // (so a retry uses the same one), shaped unlike anything a runtime or udev picks.
-func tempName(saved string) string {
+func vfTempName(saved string) string {
 	sum := sha256.Sum256([]byte(saved))
 	return "wsv" + hex.EncodeToString(sum[:])[:12]
 }
 
-// handles opens netlink handles in the host namespace and, when path is not "", in the
-// container's; a missing container namespace is ErrNetNSGone. No thread changes namespace.
-type handles struct {
+// nsHandles are netlink handles in the host namespace and in the container's, opened by
+// openNSHandles; a missing container namespace is ErrNetNSGone. No thread changes namespace.
+type nsHandles struct {
 	host, cont *netlink.Handle
 	contNS     netns.NsHandle
 	hostNS     netns.NsHandle
 }
 
-func openHandles(hostPath, contPath string) (*handles, error) {
-	hs := &handles{contNS: -1, hostNS: -1}
+func openNSHandles(hostPath, contPath string) (*nsHandles, error) {
+	hs := &nsHandles{contNS: -1, hostNS: -1}
 	var err error
 	if hostPath == "" {
 		hs.hostNS, err = netns.Get()
@@ -168,7 +168,7 @@ func isNetNS(h netns.NsHandle) bool {
 	return st.Type == unix.NSFS_MAGIC
 }
 
-func (hs *handles) close() {
+func (hs *nsHandles) close() {
 	if hs.host != nil {
 		hs.host.Close()
 	}
@@ -216,8 +216,8 @@ func SaveState(hostNS, ifname string, pf PFConfig, pfName string, vfIndex int) (
 	if err != nil {
 		return NetdevState{}, fmt.Errorf("read vf %d of %s: %w", vfIndex, pfName, err)
 	}
-	st.VLAN, st.QoS, st.SpoofChk, st.Trust = deref(s.VLAN), deref(s.QoS), deref(s.SpoofChk), deref(s.Trust)
-	st.LinkState, st.MinTxRate, st.MaxTxRate = deref(s.LinkState), deref(s.MinTxRate), deref(s.MaxTxRate)
+	st.VLAN, st.QoS, st.SpoofChk, st.Trust = settingVal(s.VLAN), settingVal(s.QoS), settingVal(s.SpoofChk), settingVal(s.Trust)
+	st.LinkState, st.MinTxRate, st.MaxTxRate = settingVal(s.LinkState), settingVal(s.MinTxRate), settingVal(s.MaxTxRate)
 	if st.LinkState == "" {
 		st.LinkState = "auto"
 	}
@@ -233,7 +233,7 @@ func MoveIn(req MoveRequest) (res Result, err error) {
 	if err := req.validate(); err != nil {
 		return Result{}, err
 	}
-	hs, err := openHandles(req.HostNS, req.NetNS)
+	hs, err := openNSHandles(req.HostNS, req.NetNS)
 	if err != nil {
 		return Result{}, err
 	}
@@ -266,7 +266,7 @@ func MoveIn(req MoveRequest) (res Result, err error) {
 		return Result{}, fmt.Errorf("%w: %s in %s is another link (index %d)", ErrNameTaken,
 			req.IfName, req.NetNS, other.Attrs().Index)
 	}
-	tmp := tempName(req.Saved.Name)
+	tmp := vfTempName(req.Saved.Name)
 	for _, h := range []*netlink.Handle{hs.host, hs.cont} {
 		if _, cerr := h.LinkByName(tmp); cerr == nil {
 			return Result{}, fmt.Errorf("%w: temporary name %s", ErrNameTaken, tmp)
@@ -480,7 +480,7 @@ func findInHost(h *netlink.Handle, saved NetdevState) (netlink.Link, bool) {
 // back in the host (by saved name or MAC) is success; a gone container netns is
 // ErrNetNSGone (the caller quarantines the VF).
 func MoveOut(req MoveOutRequest) error {
-	if !validIfName(req.IfName) || !validIfName(req.Saved.Name) || len(req.Saved.MAC) == 0 || req.Saved.MTU <= 0 {
+	if !moveIfNameOK(req.IfName) || !moveIfNameOK(req.Saved.Name) || len(req.Saved.MAC) == 0 || req.Saved.MTU <= 0 {
 		return fmt.Errorf("%w: ifname %q, saved name %q, mac %s, mtu %d", ErrBadMove,
 			req.IfName, req.Saved.Name, req.Saved.MAC, req.Saved.MTU)
 	}
@@ -495,11 +495,11 @@ func MoveOut(req MoveOutRequest) error {
 }
 
 func moveOut(req MoveOutRequest) error {
-	hs, err := openHandles(req.HostNS, req.NetNS)
+	hs, err := openNSHandles(req.HostNS, req.NetNS)
 	if err != nil {
 		if errors.Is(err, ErrNetNSGone) {
 			// The netns may have died after an earlier MoveOut brought the VF home.
-			if h, herr := hostHandle(req.HostNS); herr == nil {
+			if h, herr := hostNSHandle(req.HostNS); herr == nil {
 				defer h.Close()
 				if l, ok := findInHost(h, req.Saved); ok {
 					return restoreInHost(h, l.Attrs().Index, req.Saved)
@@ -521,7 +521,7 @@ func moveOut(req MoveOutRequest) error {
 		return fmt.Errorf("set %s down in %s: %w", req.IfName, req.NetNS, err)
 	}
 	// Through the temporary name: the container's name (eth0, net1) may exist in the host.
-	tmp := tempName(req.Saved.Name)
+	tmp := vfTempName(req.Saved.Name)
 	if _, err := hs.host.LinkByName(tmp); err == nil {
 		return fmt.Errorf("%w: temporary name %s in the host", ErrNameTaken, tmp)
 	}
@@ -538,7 +538,7 @@ func moveOut(req MoveOutRequest) error {
 	return restoreInHost(hs.host, hl.Attrs().Index, req.Saved)
 }
 
-func hostHandle(path string) (*netlink.Handle, error) {
+func hostNSHandle(path string) (*netlink.Handle, error) {
 	if path == "" {
 		return netlink.NewHandle()
 	}
@@ -557,7 +557,7 @@ func Check(req MoveRequest) error {
 	if err := req.validate(); err != nil {
 		return err
 	}
-	hs, err := openHandles(req.HostNS, req.NetNS)
+	hs, err := openNSHandles(req.HostNS, req.NetNS)
 	if err != nil {
 		return err
 	}

@@ -16,24 +16,24 @@ import (
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
-// netLab is a host netns with a veth parent and three macvlan (bridge mode) stand-ins for
+// moveLab is a host netns with a veth parent and three macvlan (bridge mode) stand-ins for
 // VF netdevs, ens1f0v0..2, and an empty container netns. Prefix wsk.
-type netLab struct {
+type moveLab struct {
 	hostPath, contPath, contName string
 	host, cont                   *netlink.Handle
 	pf                           *FakePF
 	others                       int
 }
 
-const pfName = "ens1f0"
+const labPF = "ens1f0"
 
-func newNetLab(t *testing.T) *netLab {
+func newMoveLab(t *testing.T) *moveLab {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test needs root: it builds network namespaces and macvlans")
 	}
 	id := fmt.Sprintf("%d%d", os.Getpid()%10000, time.Now().UnixNano()%100000)
-	l := &netLab{pf: NewFakePF()}
+	l := &moveLab{pf: NewFakePF()}
 	hostName, contName := "wsk-h"+id, "wsk-c"+id
 	var err error
 	if l.hostPath, err = nslab.CreateNetNS(hostName); err != nil {
@@ -58,11 +58,11 @@ func newNetLab(t *testing.T) *netLab {
 		}
 	})
 	// The kernel here has no dummy driver: a veth pair is the parent.
-	parent := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: pfName, MTU: 1500}, PeerName: "wskpeer"}
+	parent := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: labPF, MTU: 1500}, PeerName: "wskpeer"}
 	if err := l.host.LinkAdd(parent); err != nil {
 		t.Fatal(err)
 	}
-	p, err := l.host.LinkByName(pfName)
+	p, err := l.host.LinkByName(labPF)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -70,7 +70,7 @@ func newNetLab(t *testing.T) *netLab {
 		t.Fatal(err)
 	}
 	for i := 0; i < 3; i++ {
-		mv := &netlink.Macvlan{LinkAttrs: netlink.LinkAttrs{Name: fmt.Sprintf("%sv%d", pfName, i),
+		mv := &netlink.Macvlan{LinkAttrs: netlink.LinkAttrs{Name: fmt.Sprintf("%sv%d", labPF, i),
 			ParentIndex: p.Attrs().Index}, Mode: netlink.MACVLAN_MODE_BRIDGE}
 		if err := l.host.LinkAdd(mv); err != nil {
 			t.Fatal(err)
@@ -81,7 +81,7 @@ func newNetLab(t *testing.T) *netLab {
 
 // addOther adds a link named name through h (a veth pair: this kernel has no dummy
 // driver), to hold a name the VF might want.
-func (l *netLab) addOther(t *testing.T, h *netlink.Handle, name string) {
+func (l *moveLab) addOther(t *testing.T, h *netlink.Handle, name string) {
 	t.Helper()
 	l.others++
 	v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: fmt.Sprintf("wskother%d", l.others)}
@@ -90,31 +90,31 @@ func (l *netLab) addOther(t *testing.T, h *netlink.Handle, name string) {
 	}
 }
 
-func (l *netLab) save(t *testing.T, vf int) NetdevState {
+func (l *moveLab) save(t *testing.T, vf int) NetdevState {
 	t.Helper()
-	st, err := SaveState(l.hostPath, fmt.Sprintf("%sv%d", pfName, vf), l.pf, pfName, vf)
+	st, err := SaveState(l.hostPath, fmt.Sprintf("%sv%d", labPF, vf), l.pf, labPF, vf)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return st
 }
 
-func (l *netLab) request(st NetdevState, vf int) MoveRequest {
+func (l *moveLab) request(st NetdevState, vf int) MoveRequest {
 	return MoveRequest{HostNS: l.hostPath, NetNS: l.contPath, IfName: "net1", Saved: st,
-		PF: l.pf, PFName: pfName, VFIndex: vf,
-		VF:  VFSettings{VLAN: ptr(100), SpoofChk: ptr(false), Trust: ptr(true)},
+		PF: l.pf, PFName: labPF, VFIndex: vf,
+		VF:  VFSettings{VLAN: settingPtr(100), SpoofChk: settingPtr(false), Trust: settingPtr(true)},
 		MAC: net.HardwareAddr{0x02, 0x77, 0, 0, 0, byte(vf + 1)}, MTU: 1400,
 		Address: netip.MustParsePrefix("10.9.0.5/24"), Gateway: netip.MustParseAddr("10.9.0.1")}
 }
 
-func (l *netLab) outRequest(req MoveRequest) MoveOutRequest {
+func (l *moveLab) outRequest(req MoveRequest) MoveOutRequest {
 	return MoveOutRequest{HostNS: req.HostNS, NetNS: req.NetNS, IfName: req.IfName, Saved: req.Saved,
 		PF: req.PF, PFName: req.PFName, VFIndex: req.VFIndex, VF: req.VF}
 }
 
 // assertHome fails unless the VF is in the host under its saved name, MAC and MTU, down, not
 // in the container under ifname, and its PF settings are the saved ones.
-func (l *netLab) assertHome(t *testing.T, st NetdevState, vf int, ifname string) {
+func (l *moveLab) assertHome(t *testing.T, st NetdevState, vf int, ifname string) {
 	t.Helper()
 	hl, err := l.host.LinkByName(st.Name)
 	if err != nil {
@@ -127,10 +127,12 @@ func (l *netLab) assertHome(t *testing.T, st NetdevState, vf int, ifname string)
 	if a.Flags&net.FlagUp != 0 {
 		t.Errorf("%s in the host is up, want down", st.Name)
 	}
-	if _, err := l.cont.LinkByName(ifname); err == nil {
-		t.Errorf("%s still in the container", ifname)
+	if l.cont != nil { // nil once the container's netns is deleted
+		if _, err := l.cont.LinkByName(ifname); err == nil {
+			t.Errorf("%s still in the container", ifname)
+		}
 	}
-	got, _ := l.pf.VF(pfName, vf)
+	got, _ := l.pf.VF(labPF, vf)
 	if want := SettingsOf(st); !sameSettings(got, want) {
 		t.Errorf("pf settings of vf %d: %s, want %s", vf, fmtSettings(got), fmtSettings(want))
 	}
@@ -161,7 +163,7 @@ func fmtSettings(s VFSettings) string {
 }
 
 func TestMoveInOutRoundTrip(t *testing.T) {
-	l := newNetLab(t)
+	l := newMoveLab(t)
 	st := l.save(t, 1)
 	req := l.request(st, 1)
 	res, err := MoveIn(req)
@@ -186,7 +188,7 @@ func TestMoveInOutRoundTrip(t *testing.T) {
 	}) {
 		t.Errorf("no default route via 10.9.0.1 in the container: %v", routes)
 	}
-	got, _ := l.pf.VF(pfName, 1)
+	got, _ := l.pf.VF(labPF, 1)
 	if *got.VLAN != 100 || *got.SpoofChk || !*got.Trust || *got.QoS != 0 {
 		t.Errorf("pf settings after MoveIn: %s", fmtSettings(got))
 	}
@@ -219,7 +221,7 @@ func TestMoveInOutRoundTrip(t *testing.T) {
 }
 
 func TestSecondaryRoutes(t *testing.T) {
-	l := newNetLab(t)
+	l := newMoveLab(t)
 	st := l.save(t, 0)
 	req := l.request(st, 0)
 	req.PF, req.Secondary, req.Range = nil, true, netip.MustParsePrefix("10.0.0.0/8")
@@ -250,7 +252,7 @@ func TestSecondaryRoutes(t *testing.T) {
 }
 
 func TestNameClashes(t *testing.T) {
-	l := newNetLab(t)
+	l := newMoveLab(t)
 	st := l.save(t, 2)
 	// The container already holds the VF's host name, and the host holds the container name:
 	// both moves go through the temporary name and succeed.
@@ -271,9 +273,9 @@ func TestNameClashes(t *testing.T) {
 	if !errors.Is(err, ErrNameTaken) {
 		t.Fatalf("MoveOut with %s taken in the host: %v, want ErrNameTaken", st.Name, err)
 	}
-	tl, err := l.host.LinkByName(tempName(st.Name))
+	tl, err := l.host.LinkByName(vfTempName(st.Name))
 	if err != nil {
-		t.Fatalf("vf not in the host under %s: %v", tempName(st.Name), err)
+		t.Fatalf("vf not in the host under %s: %v", vfTempName(st.Name), err)
 	}
 	if !bytes.Equal(tl.Attrs().HardwareAddr, st.MAC) || tl.Attrs().MTU != st.MTU {
 		t.Errorf("vf under its temporary name: mac %s mtu %d, want %s %d",
@@ -304,7 +306,7 @@ func TestNameClashes(t *testing.T) {
 }
 
 func TestMoveInClearsAltNames(t *testing.T) {
-	l := newNetLab(t)
+	l := newMoveLab(t)
 	st := l.save(t, 0)
 	hl, err := l.host.LinkByName(st.Name)
 	if err != nil {
@@ -347,12 +349,12 @@ func TestMoveInFailureRestores(t *testing.T) {
 		{"mtu above the parent's", func(r *MoveRequest, _ *FakePF) { r.MTU = 9000 }, nil},
 		{"gateway off link", func(r *MoveRequest, _ *FakePF) { r.Gateway = netip.MustParseAddr("10.99.0.1") }, nil},
 		{"no address", func(r *MoveRequest, _ *FakePF) { r.Address = netip.Prefix{} }, ErrBadMove},
-		{"bad vlan", func(r *MoveRequest, _ *FakePF) { r.VF.VLAN = ptr(5000) }, ErrBadMove},
+		{"bad vlan", func(r *MoveRequest, _ *FakePF) { r.VF.VLAN = settingPtr(5000) }, ErrBadMove},
 		{"multicast mac", func(r *MoveRequest, _ *FakePF) { r.MAC = net.HardwareAddr{1, 0, 0x5e, 0, 0, 1} }, ErrBadMove},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			l := newNetLab(t)
+			l := newMoveLab(t)
 			st := l.save(t, 1)
 			hl, err := l.host.LinkByName(st.Name)
 			if err != nil {
@@ -370,7 +372,7 @@ func TestMoveInFailureRestores(t *testing.T) {
 			}
 			t.Logf("MoveIn failed as asked: %v", err)
 			l.assertHome(t, st, 1, "net1")
-			if _, err := l.cont.LinkByName(tempName(st.Name)); err == nil {
+			if _, err := l.cont.LinkByName(vfTempName(st.Name)); err == nil {
 				t.Errorf("vf left in the container under its temporary name")
 			}
 			hl, err = l.host.LinkByName(st.Name)
@@ -397,7 +399,7 @@ func TestMoveInFailureRestores(t *testing.T) {
 }
 
 func TestMoveOutNetNSGone(t *testing.T) {
-	l := newNetLab(t)
+	l := newMoveLab(t)
 	st := l.save(t, 0)
 	req := l.request(st, 0)
 	if _, err := MoveIn(req); err != nil {
@@ -425,6 +427,12 @@ func TestMoveOutNetNSGone(t *testing.T) {
 		}
 		return nil
 	})
+	// MoveIn into the dead netns: refused, the VF untouched.
+	st1 := l.save(t, 1)
+	if _, err := MoveIn(l.request(st1, 1)); !errors.Is(err, ErrNetNSGone) {
+		t.Errorf("MoveIn into a deleted netns: %v, want ErrNetNSGone", err)
+	}
+	l.assertHome(t, st1, 1, "net1")
 	out := l.outRequest(req)
 	if err := MoveOut(out); !errors.Is(err, ErrNetNSGone) {
 		t.Fatalf("MoveOut after the netns died: %v, want ErrNetNSGone", err)
@@ -433,8 +441,47 @@ func TestMoveOutNetNSGone(t *testing.T) {
 		t.Errorf("a macvlan came back as %s; the kernel destroys it", st.Name)
 	}
 	// The PF side is restored all the same.
-	got, _ := l.pf.VF(pfName, 0)
+	got, _ := l.pf.VF(labPF, 0)
 	if !sameSettings(got, SettingsOf(st)) {
 		t.Errorf("pf settings after MoveOut: %s, want %s", fmtSettings(got), fmtSettings(SettingsOf(st)))
+	}
+}
+
+// Three VFs moved into one container at once, then out at once: each temporary name is its
+// own, so concurrent moves do not collide.
+func TestConcurrentMoves(t *testing.T) {
+	l := newMoveLab(t)
+	var reqs []MoveRequest
+	for vf := 0; vf < 3; vf++ {
+		r := l.request(l.save(t, vf), vf)
+		r.IfName = fmt.Sprintf("net%d", vf+1)
+		r.Address = netip.MustParsePrefix(fmt.Sprintf("10.9.%d.5/24", vf))
+		r.Gateway, r.PF = netip.Addr{}, nil
+		reqs = append(reqs, r)
+	}
+	errc := make(chan error, len(reqs))
+	for _, r := range reqs {
+		go func() { _, err := MoveIn(r); errc <- err }()
+	}
+	for range reqs {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range reqs {
+		if err := Check(r); err != nil {
+			t.Error(err)
+		}
+	}
+	for _, r := range reqs {
+		go func() { errc <- MoveOut(l.outRequest(r)) }()
+	}
+	for range reqs {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for vf, r := range reqs {
+		l.assertHome(t, r.Saved, vf, r.IfName)
 	}
 }

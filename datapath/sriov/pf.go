@@ -153,14 +153,14 @@ func RestoreVF(c PFConfig, pf string, vf int, want, old VFSettings) error {
 
 // SettingsOf returns the PF-side part of a saved state, every field set.
 func SettingsOf(s NetdevState) VFSettings {
-	return VFSettings{VLAN: ptr(s.VLAN), QoS: ptr(s.QoS), SpoofChk: ptr(s.SpoofChk),
-		Trust: ptr(s.Trust), LinkState: ptr(s.LinkState), MinTxRate: ptr(s.MinTxRate),
-		MaxTxRate: ptr(s.MaxTxRate)}
+	return VFSettings{VLAN: settingPtr(s.VLAN), QoS: settingPtr(s.QoS), SpoofChk: settingPtr(s.SpoofChk),
+		Trust: settingPtr(s.Trust), LinkState: settingPtr(s.LinkState), MinTxRate: settingPtr(s.MinTxRate),
+		MaxTxRate: settingPtr(s.MaxTxRate)}
 }
 
-func ptr[T any](v T) *T { return &v }
+func settingPtr[T any](v T) *T { return &v }
 
-func deref[T any](p *T) T {
+func settingVal[T any](p *T) T {
 	var zero T
 	if p == nil {
 		return zero
@@ -211,9 +211,9 @@ func (p NetlinkPF) VF(pf string, vf int) (VFSettings, error) {
 	}
 	for _, v := range l.Attrs().Vfs {
 		if v.ID == vf {
-			return VFSettings{VLAN: ptr(v.Vlan), QoS: ptr(v.Qos), SpoofChk: ptr(v.Spoofchk),
-				Trust: ptr(v.Trust != 0), LinkState: ptr(linkStateName(v.LinkState)),
-				MinTxRate: ptr(int(v.MinTxRate)), MaxTxRate: ptr(int(v.MaxTxRate))}, nil
+			return VFSettings{VLAN: settingPtr(v.Vlan), QoS: settingPtr(v.Qos), SpoofChk: settingPtr(v.Spoofchk),
+				Trust: settingPtr(v.Trust != 0), LinkState: settingPtr(linkStateName(v.LinkState)),
+				MinTxRate: settingPtr(int(v.MinTxRate)), MaxTxRate: settingPtr(int(v.MaxTxRate))}, nil
 		}
 	}
 	return VFSettings{}, fmt.Errorf("pf %s has no vf %d", pf, vf)
@@ -231,8 +231,8 @@ func (p NetlinkPF) SetVF(pf string, vf int, s VFSettings) error {
 		return fmt.Errorf("pf %s: %w", pf, err)
 	}
 	if s.VLAN != nil || s.QoS != nil {
-		if err := h.LinkSetVfVlanQos(l, vf, deref(s.VLAN), deref(s.QoS)); err != nil {
-			return fmt.Errorf("vlan %d qos %d: %w", deref(s.VLAN), deref(s.QoS), err)
+		if err := h.LinkSetVfVlanQos(l, vf, settingVal(s.VLAN), settingVal(s.QoS)); err != nil {
+			return fmt.Errorf("vlan %d qos %d: %w", settingVal(s.VLAN), settingVal(s.QoS), err)
 		}
 	}
 	if s.SpoofChk != nil {
@@ -251,8 +251,8 @@ func (p NetlinkPF) SetVF(pf string, vf int, s VFSettings) error {
 		}
 	}
 	if s.MinTxRate != nil || s.MaxTxRate != nil {
-		if err := h.LinkSetVfRate(l, vf, deref(s.MinTxRate), deref(s.MaxTxRate)); err != nil {
-			return fmt.Errorf("tx rate %d..%d: %w", deref(s.MinTxRate), deref(s.MaxTxRate), err)
+		if err := h.LinkSetVfRate(l, vf, settingVal(s.MinTxRate), settingVal(s.MaxTxRate)); err != nil {
+			return fmt.Errorf("tx rate %d..%d: %w", settingVal(s.MinTxRate), settingVal(s.MaxTxRate), err)
 		}
 	}
 	return nil
@@ -290,8 +290,8 @@ type fakeKey struct {
 func NewFakePF() *FakePF { return &FakePF{vfs: map[fakeKey]VFSettings{}} }
 
 func defaultVF() VFSettings {
-	return VFSettings{VLAN: ptr(0), QoS: ptr(0), SpoofChk: ptr(true), Trust: ptr(false),
-		LinkState: ptr("auto"), MinTxRate: ptr(0), MaxTxRate: ptr(0)}
+	return VFSettings{VLAN: settingPtr(0), QoS: settingPtr(0), SpoofChk: settingPtr(true), Trust: settingPtr(false),
+		LinkState: settingPtr("auto"), MinTxRate: settingPtr(0), MaxTxRate: settingPtr(0)}
 }
 
 // VF returns the VF's current settings.
@@ -325,25 +325,25 @@ func (f *FakePF) SetVF(pf string, vf int, s VFSettings) error {
 		cur = defaultVF()
 	}
 	if s.VLAN != nil {
-		cur.VLAN = ptr(*s.VLAN)
+		cur.VLAN = settingPtr(*s.VLAN)
 	}
 	if s.QoS != nil {
-		cur.QoS = ptr(*s.QoS)
+		cur.QoS = settingPtr(*s.QoS)
 	}
 	if s.SpoofChk != nil {
-		cur.SpoofChk = ptr(*s.SpoofChk)
+		cur.SpoofChk = settingPtr(*s.SpoofChk)
 	}
 	if s.Trust != nil {
-		cur.Trust = ptr(*s.Trust)
+		cur.Trust = settingPtr(*s.Trust)
 	}
 	if s.LinkState != nil {
-		cur.LinkState = ptr(*s.LinkState)
+		cur.LinkState = settingPtr(*s.LinkState)
 	}
 	if s.MinTxRate != nil {
-		cur.MinTxRate = ptr(*s.MinTxRate)
+		cur.MinTxRate = settingPtr(*s.MinTxRate)
 	}
 	if s.MaxTxRate != nil {
-		cur.MaxTxRate = ptr(*s.MaxTxRate)
+		cur.MaxTxRate = settingPtr(*s.MaxTxRate)
 	}
 	f.vfs[k] = cur
 	return nil
@@ -361,18 +361,18 @@ func copySettings(s VFSettings) VFSettings {
 		if p == nil {
 			return nil
 		}
-		return ptr(*p)
+		return settingPtr(*p)
 	}
 	var out VFSettings
 	out.VLAN, out.QoS, out.MinTxRate, out.MaxTxRate = c(s.VLAN), c(s.QoS), c(s.MinTxRate), c(s.MaxTxRate)
 	if s.SpoofChk != nil {
-		out.SpoofChk = ptr(*s.SpoofChk)
+		out.SpoofChk = settingPtr(*s.SpoofChk)
 	}
 	if s.Trust != nil {
-		out.Trust = ptr(*s.Trust)
+		out.Trust = settingPtr(*s.Trust)
 	}
 	if s.LinkState != nil {
-		out.LinkState = ptr(*s.LinkState)
+		out.LinkState = settingPtr(*s.LinkState)
 	}
 	return out
 }

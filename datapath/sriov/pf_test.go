@@ -31,8 +31,8 @@ func wantCalls(t *testing.T, got []FakeCall, want ...VFSettings) {
 	}
 }
 
-var allAsked = VFSettings{VLAN: ptr(100), SpoofChk: ptr(false), Trust: ptr(true),
-	LinkState: ptr("enable"), MaxTxRate: ptr(500)}
+var allAsked = VFSettings{VLAN: settingPtr(100), SpoofChk: settingPtr(false), Trust: settingPtr(true),
+	LinkState: settingPtr("enable"), MaxTxRate: settingPtr(500)}
 
 // One call per setting, in the fixed order; the paired half not asked (QoS, min rate) is
 // sent as it was, so the call does not reset it.
@@ -44,11 +44,11 @@ func TestApplyVFOrder(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantCalls(t, f.Calls(),
-		VFSettings{VLAN: ptr(100), QoS: ptr(2)},
-		VFSettings{SpoofChk: ptr(false)},
-		VFSettings{Trust: ptr(true)},
-		VFSettings{LinkState: ptr("enable")},
-		VFSettings{MinTxRate: ptr(0), MaxTxRate: ptr(500)},
+		VFSettings{VLAN: settingPtr(100), QoS: settingPtr(2)},
+		VFSettings{SpoofChk: settingPtr(false)},
+		VFSettings{Trust: settingPtr(true)},
+		VFSettings{LinkState: settingPtr("enable")},
+		VFSettings{MinTxRate: settingPtr(0), MaxTxRate: settingPtr(500)},
 	)
 	for _, c := range f.Calls() {
 		if c.PF != "pf0" || c.VF != 3 {
@@ -60,10 +60,10 @@ func TestApplyVFOrder(t *testing.T) {
 func TestApplyVFOnlyAsked(t *testing.T) {
 	f := NewFakePF()
 	old, _ := f.VF("pf0", 0)
-	if err := ApplyVF(f, "pf0", 0, VFSettings{Trust: ptr(true)}, old); err != nil {
+	if err := ApplyVF(f, "pf0", 0, VFSettings{Trust: settingPtr(true)}, old); err != nil {
 		t.Fatal(err)
 	}
-	wantCalls(t, f.Calls(), VFSettings{Trust: ptr(true)})
+	wantCalls(t, f.Calls(), VFSettings{Trust: settingPtr(true)})
 	if err := ApplyVF(f, "pf0", 0, VFSettings{}, old); err != nil {
 		t.Fatal(err)
 	}
@@ -124,8 +124,8 @@ func TestRestoreVFContinues(t *testing.T) {
 
 func TestVFSettingsValidate(t *testing.T) {
 	bad := []VFSettings{
-		{VLAN: ptr(4095)}, {VLAN: ptr(-1)}, {QoS: ptr(8)}, {LinkState: ptr("up")},
-		{MinTxRate: ptr(-1)}, {MaxTxRate: ptr(-5)}, {MinTxRate: ptr(100), MaxTxRate: ptr(50)},
+		{VLAN: settingPtr(4095)}, {VLAN: settingPtr(-1)}, {QoS: settingPtr(8)}, {LinkState: settingPtr("up")},
+		{MinTxRate: settingPtr(-1)}, {MaxTxRate: settingPtr(-5)}, {MinTxRate: settingPtr(100), MaxTxRate: settingPtr(50)},
 	}
 	for _, s := range bad {
 		f := NewFakePF()
@@ -140,7 +140,7 @@ func TestVFSettingsValidate(t *testing.T) {
 			t.Errorf("netlink SetVF %s: %v, want ErrBadVFSettings", fmtSettings(s), err)
 		}
 	}
-	good := VFSettings{VLAN: ptr(4094), QoS: ptr(7), LinkState: ptr("disable"), MinTxRate: ptr(10), MaxTxRate: ptr(0)}
+	good := VFSettings{VLAN: settingPtr(4094), QoS: settingPtr(7), LinkState: settingPtr("disable"), MinTxRate: settingPtr(10), MaxTxRate: settingPtr(0)}
 	if err := good.Validate(); err != nil {
 		t.Errorf("%s: %v", fmtSettings(good), err)
 	}
@@ -148,8 +148,8 @@ func TestVFSettingsValidate(t *testing.T) {
 
 // NetlinkPF on a stand-in PF (a veth, no VFs) reads no VF and names it.
 func TestNetlinkPFNoVF(t *testing.T) {
-	l := newNetLab(t)
-	_, err := NetlinkPF{Handle: l.host}.VF(pfName, 0)
+	l := newMoveLab(t)
+	_, err := NetlinkPF{Handle: l.host}.VF(labPF, 0)
 	if err == nil || !strings.Contains(err.Error(), "no vf 0") {
 		t.Errorf("VF of a veth: %v, want an error naming vf 0", err)
 	}
