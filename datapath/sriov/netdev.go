@@ -433,7 +433,9 @@ func restoreInHost(h *netlink.Handle, idx int, saved NetdevState) error {
 	}
 	h.LinkSetDown(l)
 	a := l.Attrs()
-	if !bytes.Equal(a.HardwareAddr, saved.MAC) {
+	// An all-zero saved MAC cannot be set on a netdev (the kernel refuses it); the VF keeps
+	// the one it has.
+	if usableMAC(saved.MAC) && !bytes.Equal(a.HardwareAddr, saved.MAC) {
 		if err := h.LinkSetHardwareAddr(l, saved.MAC); err != nil {
 			return fmt.Errorf("restore mac %s on %s: %w", saved.MAC, a.Name, err)
 		}
@@ -463,16 +465,26 @@ func findInHost(h *netlink.Handle, saved NetdevState) (netlink.Link, bool) {
 	if l, err := h.LinkByName(saved.Name); err == nil && bytes.Equal(l.Attrs().HardwareAddr, saved.MAC) {
 		return l, true
 	}
+	// Some VFs (mlx5) have an all-zero MAC until one is set, like lo: no search by it.
+	if !usableMAC(saved.MAC) {
+		return nil, false
+	}
 	links, err := h.LinkList()
 	if err != nil {
 		return nil, false
 	}
 	for _, l := range links {
-		if bytes.Equal(l.Attrs().HardwareAddr, saved.MAC) && l.Type() != "bridge" {
+		if bytes.Equal(l.Attrs().HardwareAddr, saved.MAC) && l.Attrs().Flags&net.FlagLoopback == 0 {
 			return l, true
 		}
 	}
 	return nil, false
+}
+
+// usableMAC says whether m is a unicast Ethernet MAC that is not all zeros: one the kernel
+// lets a netdev take, and one that names a single netdev.
+func usableMAC(m net.HardwareAddr) bool {
+	return len(m) == 6 && m[0]&1 == 0 && !bytes.Equal(m, make(net.HardwareAddr, 6))
 }
 
 // MoveOut returns the VF netdev from the container to the host namespace with its saved

@@ -485,3 +485,16 @@ func TestConcurrentMoves(t *testing.T) {
 		l.assertHome(t, r.Saved, vf, r.IfName)
 	}
 }
+
+// A VF saved with an all-zero MAC (mlx5 VFs before one is set) is never found by MAC: lo
+// has that MAC too, and MoveOut must not rename it.
+func TestFindInHostIgnoresZeroMAC(t *testing.T) {
+	l := newMoveLab(t)
+	if l2, ok := findInHost(l.host, NetdevState{Name: "wsk-gone", MAC: make(net.HardwareAddr, 6), MTU: 1500}); ok {
+		t.Errorf("found %s by an all-zero mac", l2.Attrs().Name)
+	}
+	st := l.save(t, 0)
+	if got, ok := findInHost(l.host, NetdevState{Name: "wsk-renamed", MAC: st.MAC, MTU: 1500}); !ok || got.Attrs().Name != st.Name {
+		t.Errorf("not found by its mac under another name: %v", ok)
+	}
+}
