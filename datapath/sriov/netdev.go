@@ -524,16 +524,27 @@ func moveOut(req MoveOutRequest) error {
 	if l, ok := findInHost(hs.host, req.Saved); ok {
 		return restoreInHost(hs.host, l.Attrs().Index, req.Saved)
 	}
+	tmp := vfTempName(req.Saved.Name)
 	l, err := hs.cont.LinkByName(req.IfName)
 	if err != nil {
-		return fmt.Errorf("%w: %s not in %s nor in the host as %s (mac %s)", ErrNetdevNotFound,
-			req.IfName, req.NetNS, req.Saved.Name, req.Saved.MAC)
+		// An earlier MoveOut that failed after the rename left it under the temporary name.
+		if l, err = hs.cont.LinkByName(tmp); err != nil {
+			return fmt.Errorf("%w: %s not in %s nor in the host as %s (mac %s)", ErrNetdevNotFound,
+				req.IfName, req.NetNS, req.Saved.Name, req.Saved.MAC)
+		}
 	}
 	if err := hs.cont.LinkSetDown(l); err != nil {
 		return fmt.Errorf("set %s down in %s: %w", req.IfName, req.NetNS, err)
 	}
+	// Altnames given in the container (by its software, or by kernels and udev that keep an
+	// old name as an altname on rename, sriov-cni #445) would clash in the host or stick to
+	// the VF for its next container.
+	for _, alt := range l.Attrs().AltNames {
+		if err := hs.cont.LinkDelAltName(l, alt); err != nil && !errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("delete altname %s of %s in %s: %w", alt, req.IfName, req.NetNS, err)
+		}
+	}
 	// Through the temporary name: the container's name (eth0, net1) may exist in the host.
-	tmp := vfTempName(req.Saved.Name)
 	if _, err := hs.host.LinkByName(tmp); err == nil {
 		return fmt.Errorf("%w: temporary name %s in the host", ErrNameTaken, tmp)
 	}

@@ -498,3 +498,35 @@ func TestFindInHostIgnoresZeroMAC(t *testing.T) {
 		t.Errorf("not found by its mac under another name: %v", ok)
 	}
 }
+
+// An altname the VF picked up in the container, equal to a name in the host, would make the
+// move home fail (the kernel checks altnames on a netns change) and follow the VF to its
+// next container: MoveOut drops it.
+func TestMoveOutClearsAltNames(t *testing.T) {
+	l := newMoveLab(t)
+	st := l.save(t, 0)
+	req := l.request(st, 0)
+	if _, err := MoveIn(req); err != nil {
+		t.Fatal(err)
+	}
+	const alt = "wskhostname"
+	l.addOther(t, l.host, alt)
+	cl, err := l.cont.LinkByName(req.IfName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.cont.LinkAddAltName(cl, alt); err != nil {
+		t.Fatal(err)
+	}
+	if err := MoveOut(l.outRequest(req)); err != nil {
+		t.Fatal(err)
+	}
+	l.assertHome(t, st, 0, req.IfName)
+	hl, err := l.host.LinkByName(st.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hl.Attrs().AltNames) != 0 {
+		t.Errorf("altnames after MoveOut: %v", hl.Attrs().AltNames)
+	}
+}
