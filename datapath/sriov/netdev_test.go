@@ -27,7 +27,7 @@ type moveLab struct {
 
 const labPF = "ens1f0"
 
-func newMoveLab(t *testing.T) *moveLab {
+func newMoveLab(t testing.TB) *moveLab {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test needs root: it builds network namespaces and macvlans")
@@ -81,7 +81,7 @@ func newMoveLab(t *testing.T) *moveLab {
 
 // addOther adds a link named name through h (a veth pair: this kernel has no dummy
 // driver), to hold a name the VF might want.
-func (l *moveLab) addOther(t *testing.T, h *netlink.Handle, name string) {
+func (l *moveLab) addOther(t testing.TB, h *netlink.Handle, name string) {
 	t.Helper()
 	l.others++
 	v := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: fmt.Sprintf("wskother%d", l.others)}
@@ -90,7 +90,7 @@ func (l *moveLab) addOther(t *testing.T, h *netlink.Handle, name string) {
 	}
 }
 
-func (l *moveLab) save(t *testing.T, vf int) NetdevState {
+func (l *moveLab) save(t testing.TB, vf int) NetdevState {
 	t.Helper()
 	st, err := SaveState(l.hostPath, fmt.Sprintf("%sv%d", labPF, vf), l.pf, labPF, vf)
 	if err != nil {
@@ -528,5 +528,21 @@ func TestMoveOutClearsAltNames(t *testing.T) {
 	}
 	if len(hl.Attrs().AltNames) != 0 {
 		t.Errorf("altnames after MoveOut: %v", hl.Attrs().AltNames)
+	}
+}
+
+// BenchmarkMoveInOut is one ADD and DEL of a VF netdev on the stand-ins: MoveIn with MAC,
+// MTU, address, default route and three PF settings (on the fake), then MoveOut.
+func BenchmarkMoveInOut(b *testing.B) {
+	l := newMoveLab(b)
+	req := l.request(l.save(b, 0), 0)
+	out := l.outRequest(req)
+	for b.Loop() {
+		if _, err := MoveIn(req); err != nil {
+			b.Fatal(err)
+		}
+		if err := MoveOut(out); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
