@@ -17,8 +17,9 @@ import (
 
 var (
 	// ErrNetNSGone: the container's network namespace no longer exists. A real VF netdev
-	// then falls back to the host namespace under a kernel-chosen name, so the caller
-	// quarantines the VF until it is found and restored.
+	// then falls back to the initial namespace with the container's MAC, under its container
+	// name (eth0, net1) or dev<N> when that is taken, so the caller quarantines the VF until
+	// it is found (by PCI address in sysfs) and restored.
 	ErrNetNSGone = errors.New("container netns gone")
 	// ErrNetdevNotFound: the VF's netdev is neither where it was asked to be nor anywhere
 	// weft would have left it.

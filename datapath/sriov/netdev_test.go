@@ -412,8 +412,8 @@ func TestMoveOutNetNSGone(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Real kernel behaviour: a virtual netdev (macvlan) in a dying netns is destroyed with
-	// it. A real VF netdev is not: the kernel moves it to the initial netns under a name
-	// like eth<N>, with the container's MAC, which is why MoveOut reports ErrNetNSGone and
+	// it. A real VF netdev is not: the kernel moves it to the initial netns, with the
+	// container's MAC, under its container name or dev<N>, which is why MoveOut reports ErrNetNSGone and
 	// the caller quarantines the VF instead of handing it out again.
 	nslab.Eventually(t, 5*time.Second, "the macvlan destroyed with its netns", func() error {
 		links, err := l.host.LinkList()
