@@ -53,19 +53,7 @@ const (
 	// a link going up or down wakes it at once (mesh.Prober.Changed), so the tick only
 	// paces RTT and loss moves, which path choice acts on after holds of seconds anyway.
 	datapathTick = time.Second
-	// linkRoundGap: a link change runs a round at once unless one ran less than this ago;
-	// then it runs when the gap is over. On a loaded host targets settle, go up and down in
-	// bursts, and each round re-reads every prober and re-runs path choice; this bounds
-	// those rounds to 1/linkRoundGap a second for at most linkRoundGap more to notice a
-	// broken link.
-	linkRoundGap = 200 * time.Millisecond
 )
-
-// linkRoundWait is how long a round for a link change must wait after the last round
-// (zero: run it now). Pure, for the loop's trigger.
-func linkRoundWait(lastRound, now time.Time) time.Duration {
-	return max(lastRound.Add(linkRoundGap).Sub(now), 0)
-}
 
 // links is the datapath side of the peer: the link drivers and what was last applied.
 type links struct {
@@ -200,8 +188,7 @@ func (p *Peer) stopDatapath() {
 // which carry metadata and key changes), the block table, the relays chosen, this peer's key
 // (links.kick), or the end of a dead peer's peerDownGrace — coalesced into the next tick —
 // and every reapplyEvery as a safety resync that re-applies idempotently. A probed link going
-// up or down runs a round at once (the probers' Changed), at most one per linkRoundGap.
-// Each round otherwise
+// up or down runs a round at once (the probers' Changed). Each round otherwise
 // costs O(k) for k probe targets (updateLinks) plus reading the block table, O(blocks); the
 // O(N) work (member list, probe-target choice, plan) runs only on a change.
 func (p *Peer) runDatapath(ctx context.Context) {
@@ -236,8 +223,6 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		dirty       = true                // the desired state must be computed again
 		graceEnds   time.Time             // a dead peer's routes go then (zero: none pending)
 		networks    []ipam.Network        // the definitions DNS was last told of
-		lastRound   time.Time             // when the last round ran
-		linkLater   <-chan time.Time      // a link change's round, waiting out linkRoundGap
 	)
 	for {
 		select {
@@ -253,17 +238,9 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			dirty, why = true, cmp.Or(why, "key")
 			continue
 		case <-linkChanged:
-			if wait := linkRoundWait(lastRound, time.Now()); wait > 0 {
-				if linkLater == nil {
-					linkLater = time.After(wait)
-				}
-				continue
-			}
-		case <-linkLater:
 		case <-tick.C:
 		}
 		now := time.Now()
-		lastRound, linkLater = now, nil // this round takes in any link change waiting
 		resync := now.Sub(lastApply) >= reapplyEvery
 		switch {
 		case resync:

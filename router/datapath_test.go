@@ -148,23 +148,3 @@ func TestUnionPeersKeepsNetworksApart(t *testing.T) {
 		t.Errorf("b's probes must stay on its pair link alone: %v %+v", m, got)
 	}
 }
-
-// TestLinkRoundWait: a link change runs a round at once unless one just ran; then it waits
-// out the rest of linkRoundGap, never longer.
-func TestLinkRoundWait(t *testing.T) {
-	now := time.Unix(1000, 0)
-	for _, c := range []struct {
-		last time.Time
-		want time.Duration
-	}{
-		{time.Time{}, 0},                                   // no round yet
-		{now.Add(-time.Second), 0},                         // long ago
-		{now.Add(-linkRoundGap), 0},                        // exactly the gap
-		{now.Add(-linkRoundGap / 4), linkRoundGap * 3 / 4}, // just ran
-		{now, linkRoundGap},
-	} {
-		if got := linkRoundWait(c.last, now); got != c.want {
-			t.Errorf("last round %v before: wait %v, want %v", now.Sub(c.last), got, c.want)
-		}
-	}
-}
