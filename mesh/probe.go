@@ -404,7 +404,7 @@ type ProberCounters struct {
 	Answered   uint64 // requests of others answered
 	Timeouts   uint64 // our requests that got no reply in time
 	Bad        uint64 // packets dropped: garbage or failed authentication
-	Late       uint64 // replies that came after their timeout, within lateFor: the loss taken back
+	Late       uint64 // replies after their timeout, within lateFor: the loss taken back unless the target went down
 	Unexpected uint64 // valid replies matching no outstanding request (too late, duplicate, spoofed)
 	SendErrors uint64 // failed writes
 }
@@ -477,6 +477,7 @@ const lateFor = 2
 // lateProbe is a timed-out request whose loss is taken back if its reply still comes.
 type lateProbe struct {
 	target string
+	tg     *probeTarget // the target as it was: one re-added under the same name starts over
 	t1     time.Time
 	gen    uint32 // the target's window generation when the loss was recorded
 	pos    int    // the loss's slot in the window
@@ -538,7 +539,7 @@ func (p *Prober) SetTargets(targets map[string]netip.AddrPort) error {
 		}
 	}
 	for seq, lp := range p.late {
-		if _, ok := p.targets[lp.target]; !ok {
+		if p.targets[lp.target] != lp.tg {
 			delete(p.late, seq)
 		}
 	}
@@ -778,7 +779,7 @@ func (p *Prober) tick(sc *tickScratch) time.Duration {
 			delete(p.pending, seq)
 			if t := p.targets[pp.target]; t != nil {
 				p.recordLocked(t, false, 0)
-				p.late[seq] = lateProbe{target: pp.target, t1: pp.t1, gen: t.gen,
+				p.late[seq] = lateProbe{target: pp.target, tg: t, t1: pp.t1, gen: t.gen,
 					pos: (t.pos + len(t.outcomes) - 1) % len(t.outcomes), at: t.total - 1}
 			}
 			p.timeouts.Add(1)
@@ -948,7 +949,7 @@ func (p *Prober) handle(pkt []byte, from netip.AddrPort, now time.Time, out []by
 // decided exactly as without late replies. O(1).
 func (p *Prober) lateReplyLocked(lp lateProbe, now time.Time) {
 	t := p.targets[lp.target]
-	if t == nil || !p.upLocked(t) || !t.primed {
+	if t == nil || t != lp.tg || !p.upLocked(t) || !t.primed {
 		return
 	}
 	t.heard = now

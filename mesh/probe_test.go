@@ -769,6 +769,22 @@ func TestProberLateReply(t *testing.T) {
 		t.Fatalf("a late reply revived a target that went down: %+v", s)
 	}
 
+	// A target re-added under its name (a new address) starts over: a late reply for the
+	// old one is unexpected.
+	for range 8 {
+		probe(time.Millisecond, 0)
+	}
+	seq, t1 = lose()
+	other := netip.MustParseAddrPort("127.0.0.1:9")
+	if err := p.SetTargets(map[string]netip.AddrPort{"b": other}); err != nil {
+		t.Fatal(err)
+	}
+	before0 := p.Counters()
+	answer(seq, t1)
+	if c := p.Counters(); c.Late != before0.Late || c.Unexpected != before0.Unexpected+1 {
+		t.Fatalf("late reply for a replaced target: counters %+v, before %+v", c, before0)
+	}
+
 	// Past lateFor timeouts, a reply is unexpected.
 	seq, t1 = lose()
 	advance((lateFor + 1) * p.cfg.Timeout)
