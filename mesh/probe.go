@@ -767,7 +767,7 @@ func (p *Prober) Run(ctx context.Context) error {
 // tick sends the probes that are due, expires lost ones, and returns how
 // long to wait until the next thing is due. The encoded requests go into
 // one reused buffer: no allocation per probe beyond the pending entry.
-// O(targets + pending) per call.
+// O(targets + pending + late) per call.
 func (p *Prober) tick(sc *tickScratch) time.Duration {
 	now := p.cfg.Now()
 	sc.buf, sc.sends = sc.buf[:0], sc.sends[:0]
@@ -953,7 +953,8 @@ func (p *Prober) lateReplyLocked(lp lateProbe, now time.Time) {
 		return
 	}
 	t.heard = now
-	if t.gen == lp.gen && !t.outcomes[lp.pos] {
+	// The slot is still this probe's unless the window was cleared or wrapped since.
+	if t.gen == lp.gen && t.total-lp.at <= uint64(len(t.outcomes)) && !t.outcomes[lp.pos] {
 		t.outcomes[lp.pos], t.rtts[lp.pos] = true, -1
 	}
 	// Losses after this one still count; a run that started before it ends here.
