@@ -404,7 +404,8 @@ type ProberCounters struct {
 	Answered   uint64 // requests of others answered
 	Timeouts   uint64 // our requests that got no reply in time
 	Bad        uint64 // packets dropped: garbage or failed authentication
-	Unexpected uint64 // valid replies matching no outstanding request (late, duplicate, spoofed)
+	Late       uint64 // replies after their timeout, within lateFor: the loss taken back unless the target went down
+	Unexpected uint64 // valid replies matching no outstanding request (too late, duplicate, spoofed)
 	SendErrors uint64 // failed writes
 }
 
@@ -420,12 +421,13 @@ type Prober struct {
 	mu      sync.Mutex // guards following
 	targets map[string]*probeTarget
 	pending map[uint64]pendingProbe
-	active  map[string]struct{} // targets probed at Interval even when idle (SetActive)
+	late    map[uint64]lateProbe // timed-out requests whose reply may still come (lateFor)
+	active  map[string]struct{}  // targets probed at Interval even when idle (SetActive)
 	seq     uint64
 	kick    chan struct{} // SetTargets wakes the send loop
 	changed chan struct{} // a target went up or down, or settled (Changed)
 
-	sent, replies, answered, timeouts, bad, unexpected, sendErrors atomic.Uint64
+	sent, replies, answered, timeouts, lateReplies, bad, unexpected, sendErrors atomic.Uint64
 }
 
 type probeTarget struct {
@@ -446,8 +448,10 @@ type probeTarget struct {
 	sent     time.Time        // when the last probe was sent
 	outcomes []bool           // ring of the last Window outcomes (true: answered)
 	rtts     []time.Duration
-	pos, n   int // ring write position, filled entries
-	lostRun  int // consecutive losses
+	pos, n   int    // ring write position, filled entries
+	gen      uint32 // bumped when the window is cleared, so a late reply finds its slot gone
+	total    uint64 // outcomes recorded since the target was added
+	lostRun  int    // consecutive losses
 	srtt     time.Duration
 	jitter   time.Duration
 	last     time.Duration // previous sample, for jitter
@@ -463,6 +467,23 @@ type pendingProbe struct {
 	t1     time.Time
 }
 
+// lateFor: a request that timed out stays answerable this many Timeouts longer. On a loaded
+// host (scheduling delays of seconds, measured at N=100 on 2 cores) replies come late, not
+// never; counting them as loss put every link on the full probe rate and republished its
+// loss figure, which loaded the host further. A broken link sends no late reply, so down is
+// noticed as fast as before.
+const lateFor = 2
+
+// lateProbe is a timed-out request whose loss is taken back if its reply still comes.
+type lateProbe struct {
+	target string
+	tg     *probeTarget // the target as it was: one re-added under the same name starts over
+	t1     time.Time
+	gen    uint32 // the target's window generation when the loss was recorded
+	pos    int    // the loss's slot in the window
+	at     uint64 // the loss's index among the target's outcomes (probeTarget.total)
+}
+
 // NewProber validates cfg; it does no I/O until Run.
 func NewProber(cfg ProberConfig) (*Prober, error) {
 	if err := cfg.validate(); err != nil {
@@ -473,6 +494,7 @@ func NewProber(cfg ProberConfig) (*Prober, error) {
 		key:     newProbeKey(cfg.Key),
 		targets: map[string]*probeTarget{},
 		pending: map[uint64]pendingProbe{},
+		late:    map[uint64]lateProbe{},
 		active:  map[string]struct{}{},
 		seq:     rand.Uint64(),
 		kick:    make(chan struct{}, 1),
@@ -514,6 +536,11 @@ func (p *Prober) SetTargets(targets map[string]netip.AddrPort) error {
 	for seq, pp := range p.pending {
 		if _, ok := p.targets[pp.target]; !ok {
 			delete(p.pending, seq)
+		}
+	}
+	for seq, lp := range p.late {
+		if p.targets[lp.target] != lp.tg {
+			delete(p.late, seq)
 		}
 	}
 	p.mu.Unlock()
@@ -616,7 +643,7 @@ func (p *Prober) upLocked(t *probeTarget) bool { return t.samples > 0 && t.lostR
 func (p *Prober) Counters() ProberCounters {
 	return ProberCounters{
 		Sent: p.sent.Load(), Replies: p.replies.Load(), Answered: p.answered.Load(),
-		Timeouts: p.timeouts.Load(), Bad: p.bad.Load(), Unexpected: p.unexpected.Load(),
+		Timeouts: p.timeouts.Load(), Late: p.lateReplies.Load(), Bad: p.bad.Load(), Unexpected: p.unexpected.Load(),
 		SendErrors: p.sendErrors.Load(),
 	}
 }
@@ -640,6 +667,7 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 			t.okRun = 0
 		} else if t.okRun++; t.okRun >= settleAnswers {
 			t.settled, t.pos, t.n = true, 0, 0
+			t.gen++
 		}
 	}
 	if ok && !t.primed {
@@ -650,6 +678,7 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 			// losses would hold the link at tens of percent for a whole window after it
 			// healed, and the published figure (rate-limited) would keep others relaying.
 			t.pos, t.n = 0, 0
+			t.gen++
 		}
 		t.primed, t.lostRun = true, 0
 		p.recordOutcomeLocked(t, true, -1) // answered, no sample
@@ -687,6 +716,7 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 func (p *Prober) recordOutcomeLocked(t *probeTarget, ok bool, rtt time.Duration) {
 	t.outcomes[t.pos], t.rtts[t.pos] = ok, rtt
 	t.pos = (t.pos + 1) % len(t.outcomes)
+	t.total++
 	if t.n < len(t.outcomes) {
 		t.n++
 	}
@@ -737,7 +767,7 @@ func (p *Prober) Run(ctx context.Context) error {
 // tick sends the probes that are due, expires lost ones, and returns how
 // long to wait until the next thing is due. The encoded requests go into
 // one reused buffer: no allocation per probe beyond the pending entry.
-// O(targets + pending) per call.
+// O(targets + pending + late) per call.
 func (p *Prober) tick(sc *tickScratch) time.Duration {
 	now := p.cfg.Now()
 	sc.buf, sc.sends = sc.buf[:0], sc.sends[:0]
@@ -749,10 +779,18 @@ func (p *Prober) tick(sc *tickScratch) time.Duration {
 			delete(p.pending, seq)
 			if t := p.targets[pp.target]; t != nil {
 				p.recordLocked(t, false, 0)
+				p.late[seq] = lateProbe{target: pp.target, tg: t, t1: pp.t1, gen: t.gen,
+					pos: (t.pos + len(t.outcomes) - 1) % len(t.outcomes), at: t.total - 1}
 			}
 			p.timeouts.Add(1)
 		} else if deadline.Before(next) {
 			next = deadline
+		}
+	}
+	// Late entries need no wake-up of their own: they only end.
+	for seq, lp := range p.late {
+		if !now.Before(lp.t1.Add((1 + lateFor) * p.cfg.Timeout)) {
+			delete(p.late, seq)
 		}
 	}
 	for name, t := range p.targets {
@@ -875,6 +913,14 @@ func (p *Prober) handle(pkt []byte, from netip.AddrPort, now time.Time, out []by
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		pp, ok := p.pending[m.Seq]
+		if !ok {
+			if lp, ok := p.late[m.Seq]; ok && lp.target == string(m.path) && lp.t1.UnixNano() == m.T1 {
+				delete(p.late, m.Seq)
+				p.lateReplyLocked(lp, now)
+				p.lateReplies.Add(1)
+				return out
+			}
+		}
 		if !ok || pp.target != string(m.path) || pp.t1.UnixNano() != m.T1 {
 			p.unexpected.Add(1)
 			return out
@@ -894,6 +940,37 @@ func (p *Prober) handle(pkt []byte, from netip.AddrPort, now time.Time, out []by
 		p.replies.Add(1)
 	}
 	return out
+}
+
+// lateReplyLocked takes back the loss a late reply's request was counted as: its slot in the
+// window is answered (no RTT sample: its delay is the host's, not the link's), the run of
+// losses ends at it, and a quiet link returns to the idle rate. A target that went down
+// since is left to the normal recovery (its next reply primes it), so up and down are
+// decided exactly as without late replies. O(1).
+func (p *Prober) lateReplyLocked(lp lateProbe, now time.Time) {
+	t := p.targets[lp.target]
+	if t == nil || t != lp.tg || !p.upLocked(t) || !t.primed {
+		return
+	}
+	t.heard = now
+	// The slot is still this probe's unless the window was cleared or wrapped since.
+	if t.gen == lp.gen && t.total-lp.at <= uint64(len(t.outcomes)) && !t.outcomes[lp.pos] {
+		t.outcomes[lp.pos], t.rtts[lp.pos] = true, -1
+	}
+	// Losses after this one still count; a run that started before it ends here.
+	if after := int(t.total - 1 - lp.at); t.lostRun > after {
+		t.lostRun = after
+	}
+	if t.lostRun == 0 {
+		t.next = maxTime(t.next, t.sent.Add(jittered(p.intervalLocked(lp.target, t))))
+	}
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // appendReply appends the reply to request m (validated by decodeProbe, so its path needs

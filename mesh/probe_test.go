@@ -121,6 +121,12 @@ func (c *fakeClock) Add(d time.Duration) {
 // sends one request by hand and answers it after rtt, of which hold was spent at the
 // responder (rtt 0: it is lost). Window 4, DownAfter 2.
 func accountingProber(t *testing.T, edit ...func(*ProberConfig)) (*Prober, func(rtt, hold time.Duration)) {
+	p, probe, _ := accountingProberClock(t, edit...)
+	return p, probe
+}
+
+// accountingProberClock is accountingProber that also returns its clock.
+func accountingProberClock(t *testing.T, edit ...func(*ProberConfig)) (*Prober, func(rtt, hold time.Duration), *fakeClock) {
 	clk := &fakeClock{now: time.Unix(1000, 0)}
 	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -164,7 +170,7 @@ func accountingProber(t *testing.T, edit ...func(*ProberConfig)) (*Prober, func(
 		clk.Add(rtt + hold)
 		p.handle(rep, netip.AddrPort{}, clk.Now(), nil)
 	}
-	return p, probe
+	return p, probe, clk
 }
 
 // TestProberSettles: probes lost while a new target's path is still being built show as loss
@@ -665,5 +671,128 @@ func TestProbeKeyReuse(t *testing.T) {
 	b, _ := AppendProbe(nil, Probe{Kind: ProbeRequest, Seq: 1, T1: 1, From: "a", Path: "b"}, other)
 	if _, err := decodeProbe(b, k); !errors.Is(err, ErrBadProbe) {
 		t.Fatalf("a packet sealed with another key: %v, want ErrBadProbe", err)
+	}
+}
+
+// TestProberLateReply: a reply after its timeout (a loaded host) takes its loss back — the
+// loss figure, the run towards down and the full probe rate — while losses after it still
+// count, a target that went down stays down, and a reply past lateFor is unexpected.
+func TestProberLateReply(t *testing.T) {
+	const fast, idle = 100 * time.Millisecond, 2 * time.Second
+	p, probe, fc := accountingProberClock(t, func(c *ProberConfig) { c.Interval, c.IdleInterval, c.DownAfter = fast, idle, 3 })
+	clk, advance := fc.Now, fc.Add
+	// lose sends a request by hand and lets it time out; it returns the request to answer.
+	lose := func() (uint64, time.Time) {
+		t.Helper()
+		p.mu.Lock()
+		p.seq++
+		seq, t1 := p.seq, clk()
+		p.pending[seq] = pendingProbe{target: "b", t1: t1}
+		p.mu.Unlock()
+		advance(p.cfg.Timeout)
+		var sc tickScratch
+		p.tick(&sc)
+		p.mu.Lock()
+		clear(p.pending) // the real probe tick sent went to our own socket
+		p.mu.Unlock()
+		return seq, t1
+	}
+	answer := func(seq uint64, t1 time.Time) {
+		t.Helper()
+		rep, err := AppendProbe(nil, Probe{Kind: ProbeReply, Seq: seq, T1: t1.UnixNano(), T2: 1, T3: 2, From: "b", Path: "b"}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.handle(rep, netip.AddrPort{}, clk(), nil)
+	}
+	nextIn := func() time.Duration {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.targets["b"].next.Sub(p.targets["b"].sent)
+	}
+	for range 8 { // settled, a full window of answers, idle
+		probe(time.Millisecond, 0)
+	}
+	seq, t1 := lose()
+	if s, _ := p.Stats("b"); s.Loss != 0.25 || !s.Up {
+		t.Fatalf("after a timeout: %+v, want loss 0.25", s)
+	}
+	if n := nextIn(); n > fast*6/5 {
+		t.Fatalf("after a timeout the next probe is in %v, want the full rate", n)
+	}
+	advance(300 * time.Millisecond)
+	answer(seq, t1)
+	if s, _ := p.Stats("b"); s.Loss != 0 || !s.Up || !s.LastHeard.Equal(clk()) {
+		t.Fatalf("after the late reply: %+v, want loss 0, heard now", s)
+	}
+	if c := p.Counters(); c.Late != 1 || c.Unexpected != 0 {
+		t.Fatalf("counters %+v, want 1 late, 0 unexpected", c)
+	}
+	if n := nextIn(); n < idle*4/5 {
+		t.Fatalf("after the late reply the next probe is in %v, want the idle rate %v", n, idle)
+	}
+	answer(seq, t1) // the same reply again: a duplicate
+	if c := p.Counters(); c.Late != 1 || c.Unexpected != 1 {
+		t.Fatalf("duplicate late reply: counters %+v, want it unexpected", c)
+	}
+
+	// A late reply ends the run of losses at it; the losses after it still count.
+	a, aT1 := lose()
+	lose()
+	answer(a, aT1)
+	if s, _ := p.Stats("b"); s.Loss != 0.25 || !s.Up {
+		t.Fatalf("late reply to the first of two losses: %+v, want loss 0.25", s)
+	}
+	if n := nextIn(); n > fast*6/5 {
+		t.Fatalf("a loss still unanswered, yet the next probe is in %v", n)
+	}
+	lose()
+	if s, _ := p.Stats("b"); !s.Up {
+		t.Fatalf("two losses after the late reply (DownAfter 3): %+v, want up", s)
+	}
+	lose()
+	if s, _ := p.Stats("b"); s.Up {
+		t.Fatalf("three losses in a row after the late reply: %+v, want down", s)
+	}
+
+	// Down stays down until a reply to a fresh probe: late replies do not decide it.
+	for range 8 {
+		probe(time.Millisecond, 0)
+	}
+	var lost [3]uint64
+	var lostT1 [3]time.Time
+	for i := range lost {
+		lost[i], lostT1[i] = lose()
+	}
+	answer(lost[0], lostT1[0])
+	if s, _ := p.Stats("b"); s.Up {
+		t.Fatalf("a late reply revived a target that went down: %+v", s)
+	}
+
+	// A target re-added under its name (a new address) starts over: a late reply for the
+	// old one is unexpected.
+	for range 8 {
+		probe(time.Millisecond, 0)
+	}
+	seq, t1 = lose()
+	other := netip.MustParseAddrPort("127.0.0.1:9")
+	if err := p.SetTargets(map[string]netip.AddrPort{"b": other}); err != nil {
+		t.Fatal(err)
+	}
+	before0 := p.Counters()
+	answer(seq, t1)
+	if c := p.Counters(); c.Late != before0.Late || c.Unexpected != before0.Unexpected+1 {
+		t.Fatalf("late reply for a replaced target: counters %+v, before %+v", c, before0)
+	}
+
+	// Past lateFor timeouts, a reply is unexpected.
+	seq, t1 = lose()
+	advance((lateFor + 1) * p.cfg.Timeout)
+	var sc tickScratch
+	p.tick(&sc)
+	before := p.Counters()
+	answer(seq, t1)
+	if c := p.Counters(); c.Late != before.Late || c.Unexpected != before.Unexpected+1 {
+		t.Fatalf("reply past lateFor: counters %+v, before %+v", c, before)
 	}
 }

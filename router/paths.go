@@ -182,6 +182,12 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		p.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "weft_probes_answered_total",
 			Help: "Probe requests of other peers this peer answered.", ConstLabels: prometheus.Labels{"via": via}},
 			func() float64 { return float64(pr.Counters().Answered) }))
+		p.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "weft_probes_timeouts_total",
+			Help: "Probe requests of this peer that got no reply within the timeout.", ConstLabels: prometheus.Labels{"via": via}},
+			func() float64 { return float64(pr.Counters().Timeouts) }))
+		p.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "weft_probes_late_total",
+			Help: "Timed-out probe requests whose reply still came (a loaded host): their loss was taken back.", ConstLabels: prometheus.Labels{"via": via}},
+			func() float64 { return float64(pr.Counters().Late) }))
 	}
 	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks, pt.refusedClasses)
 	p.paths = pt
