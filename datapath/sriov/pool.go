@@ -430,18 +430,28 @@ func (p *Pool) Attached(pci string) error {
 	}
 }
 
+// heldBy returns pci's record when owner holds it (reserved, attached or quarantined);
+// ErrUnknownVF or ErrNotOwner otherwise. The caller holds p.mu.
+func (p *Pool) heldBy(pci string, owner Owner) (Record, error) {
+	r, ok := p.records[pci]
+	if !ok {
+		return Record{}, fmt.Errorf("%w: %s", ErrUnknownVF, pci)
+	}
+	if r.State == StateFree || !r.Owner.same(owner) {
+		return Record{}, fmt.Errorf("%w: vf %s is %s, owner %q, not %q", ErrNotOwner, pci, r.State, r.Owner.String(), owner.String())
+	}
+	return r, nil
+}
+
 // Release frees the VF once its owner restored it — only if the record still belongs to
 // owner: anything else returns ErrNotOwner and changes nothing. A quarantined VF stays
 // quarantined (it is not back in the host); nil is returned so DEL succeeds.
 func (p *Pool) Release(pci string, owner Owner) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	r, ok := p.records[pci]
-	if !ok {
-		return fmt.Errorf("%w: %s", ErrUnknownVF, pci)
-	}
-	if r.State == StateFree || !r.Owner.same(owner) {
-		return fmt.Errorf("%w: vf %s is %s, owner %q, not %q", ErrNotOwner, pci, r.State, r.Owner.String(), owner.String())
+	r, err := p.heldBy(pci, owner)
+	if err != nil {
+		return err
 	}
 	if r.State == StateQuarantined {
 		return nil
@@ -459,12 +469,9 @@ func (p *Pool) Release(pci string, owner Owner) error {
 func (p *Pool) Quarantine(pci string, owner Owner) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	r, ok := p.records[pci]
-	if !ok {
-		return fmt.Errorf("%w: %s", ErrUnknownVF, pci)
-	}
-	if r.State == StateFree || !r.Owner.same(owner) {
-		return fmt.Errorf("%w: vf %s is %s, owner %q, not %q", ErrNotOwner, pci, r.State, r.Owner.String(), owner.String())
+	r, err := p.heldBy(pci, owner)
+	if err != nil {
+		return err
 	}
 	if r.State == StateQuarantined {
 		return nil
