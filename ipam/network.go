@@ -44,9 +44,10 @@ type Network struct {
 	// SLA is the network's class as pathsel.ParseSLA reads it ("gold: rtt<=5ms"); "": the
 	// peer's --sla.
 	SLA string `json:"sla,omitempty"`
-	// Isolated: containers on other networks may not reach this one (enforced by a later
-	// step of #13). false is today's routed range, which is what the network pinned at
-	// bootstrap is; `weft network create` defaults it to true.
+	// Isolated: containers on other networks may not reach this one, nor it them (enforced
+	// by datapath/isolate). false is a routed range reachable from the other non-isolated
+	// networks, which is what the network pinned at bootstrap is; `weft network create`
+	// defaults it to true.
 	Isolated bool `json:"isolated,omitempty"`
 }
 
