@@ -332,3 +332,23 @@ func sample(peers []string, n int, rng *rand.Rand, ok func(string) bool) []strin
 	}
 	return res
 }
+
+// Lingering records the needed names in until (each kept until now+linger), forgets names
+// whose time is over, and returns every name still kept, sorted: the relays and relayed
+// destinations a peer keeps probing for a while after they stop being either. Pure but for
+// until. O(len(until) log len(until)).
+func Lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
+	for _, n := range needed {
+		until[n] = now.Add(linger)
+	}
+	out := make([]string, 0, len(until))
+	for n, t := range until {
+		if !now.Before(t) {
+			delete(until, n)
+			continue
+		}
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}

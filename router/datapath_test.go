@@ -89,13 +89,13 @@ func TestSameBlock(t *testing.T) {
 func TestLingering(t *testing.T) {
 	t0 := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
 	until := map[string]time.Time{}
-	if got := lingering([]string{"r1", "d1"}, until, t0, time.Minute); !slices.Equal(got, []string{"d1", "r1"}) {
+	if got := mesh.Lingering([]string{"r1", "d1"}, until, t0, time.Minute); !slices.Equal(got, []string{"d1", "r1"}) {
 		t.Fatalf("first round %v, want both", got)
 	}
-	if got := lingering([]string{"r2"}, until, t0.Add(59*time.Second), time.Minute); !slices.Equal(got, []string{"d1", "r1", "r2"}) {
+	if got := mesh.Lingering([]string{"r2"}, until, t0.Add(59*time.Second), time.Minute); !slices.Equal(got, []string{"d1", "r1", "r2"}) {
 		t.Fatalf("within the linger %v, want the old ones kept", got)
 	}
-	if got := lingering(nil, until, t0.Add(time.Minute), time.Minute); !slices.Equal(got, []string{"r2"}) {
+	if got := mesh.Lingering(nil, until, t0.Add(time.Minute), time.Minute); !slices.Equal(got, []string{"r2"}) {
 		t.Fatalf("after the linger %v, want only the one needed since", got)
 	}
 	if len(until) != 1 {

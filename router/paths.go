@@ -318,7 +318,7 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 		}
 		pt.mu.Unlock()
 	}
-	must := lingering(needed, pt.mustUntil, now, mustLinger)
+	must := mesh.Lingering(needed, pt.mustUntil, now, mustLinger)
 	pt.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
 		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Must: must,
 		Current: pt.probeSet, Now: now, Rand: pt.rnd,
@@ -335,24 +335,6 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 // mustLinger: how long a relay or relayed destination stays a must-probe target after it
 // stopped being one (see probeTargets).
 const mustLinger = 2 * time.Minute
-
-// lingering records the needed names in until (each kept until now+linger), forgets names
-// whose time is over, and returns every name still kept, sorted. O(len(until) log).
-func lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
-	for _, n := range needed {
-		until[n] = now.Add(linger)
-	}
-	out := make([]string, 0, len(until))
-	for n, t := range until {
-		if !now.Before(t) {
-			delete(until, n)
-			continue
-		}
-		out = append(out, n)
-	}
-	slices.Sort(out)
-	return out
-}
 
 // coordEstimator estimates RTTs from the mesh's Vivaldi coordinates. Path selection is built
 // before the mesh starts, so the mesh is bound late; until then there are no estimates.

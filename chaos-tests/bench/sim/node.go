@@ -18,7 +18,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"slices"
 	"sync"
 	"time"
 
@@ -48,23 +47,6 @@ func ownMoved(prev, next mesh.LinkMetrics) bool {
 	}
 	return prev.Up != next.Up || prev.Encrypted != next.Encrypted || durMoved(prev.RTT, next.RTT) ||
 		durMoved(prev.Jitter, next.Jitter) || math.Abs(prev.Loss-next.Loss) >= 0.01-1e-9
-}
-
-// lingering mirrors router/paths.go lingering.
-func lingering(needed []string, until map[string]time.Time, now time.Time, linger time.Duration) []string {
-	for _, n := range needed {
-		until[n] = now.Add(linger)
-	}
-	out := make([]string, 0, len(until))
-	for n, t := range until {
-		if !now.Before(t) {
-			delete(until, n)
-			continue
-		}
-		out = append(out, n)
-	}
-	slices.Sort(out)
-	return out
 }
 
 // nodeConfig configures one simulated peer.
@@ -352,7 +334,7 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 		needed = append(needed, dest, relay)
 		active = append(active, dest, relay)
 	}
-	must := lingering(needed, n.mustUntil, now, mustLinger)
+	must := mesh.Lingering(needed, n.mustUntil, now, mustLinger)
 	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
 		Self: n.cfg.Name, Live: names, Estimate: n.mesh.EstimateRTT, Must: must,
 		Current: n.probeSet, Now: now, Rand: n.rnd,
