@@ -30,6 +30,21 @@ type AttachRequest struct {
 	// Services are published as SRV records of Name: SERVICE/PROTO/PORT, e.g. http/tcp/80
 	// (CNI_ARGS WEFT_SERVICES=http/tcp/80,dns/udp/53).
 	Services []string `json:"services,omitempty"`
+	// Labels are the container's labels (issue #15): the conflist's args.cni.labels and
+	// CNI_ARGS WEFT_LABELS=k:v,k:v, the latter winning on the same key.
+	Labels map[string]string `json:"labels,omitempty"`
+	// Bandwidth is the runtime's bandwidth capability (runtimeConfig.bandwidth), overriding
+	// the network's default rates; nil: the network's defaults.
+	Bandwidth *Bandwidth `json:"bandwidth,omitempty"`
+}
+
+// Bandwidth is a container's rates as the CNI bandwidth capability carries them: bits per
+// second and bits of burst; 0 is unlimited.
+type Bandwidth struct {
+	IngressRate  uint64 `json:"ingressRate,omitempty"`
+	IngressBurst uint64 `json:"ingressBurst,omitempty"`
+	EgressRate   uint64 `json:"egressRate,omitempty"`
+	EgressBurst  uint64 `json:"egressBurst,omitempty"`
 }
 
 // AttachResult is the peer's answer to an ADD or CHECK: everything a CNI result needs.
@@ -52,7 +67,23 @@ type AttachResult struct {
 	// Secondary: not the container's primary interface (it had another weft attachment
 	// first): its result has a route to Range only, no default route.
 	Secondary bool `json:"secondary,omitempty"`
+	// Kind is how the container is attached: KindVeth (""), KindSRIOV (a VF netdev moved
+	// in; no host interface) or KindDPDK (a VF bound to a userspace driver: no netdev
+	// anywhere, PCIID names it).
+	Kind string `json:"kind,omitempty"`
+	// PCIID is the VF's PCI address (CNI 1.1 interface "pciID") for KindSRIOV and KindDPDK.
+	PCIID string `json:"pci_id,omitempty"`
+	// DeviceInfo is the path of the Network Plumbing WG device-info file written for a
+	// KindDPDK attachment.
+	DeviceInfo string `json:"device_info,omitempty"`
 }
+
+// Kinds of attachment.
+const (
+	KindVeth  = ""
+	KindSRIOV = "sriov"
+	KindDPDK  = "dpdk"
+)
 
 // DNSInfo is the resolver configuration handed to the container.
 type DNSInfo struct {

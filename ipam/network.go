@@ -49,7 +49,49 @@ type Network struct {
 	// networks, which is what the network pinned at bootstrap is; `weft network create`
 	// defaults it to true.
 	Isolated bool `json:"isolated,omitempty"`
+
+	// Mode is how containers attach (issue #14): "" is a veth on the network's bridge,
+	// forwarded between hosts by weft; ModeSRIOV moves a virtual function of PF into the
+	// container (or hands a userspace-bound one over by PCI address), and the physical
+	// network carries its traffic between hosts: weft builds no bridge, tunnel or route
+	// for it.
+	Mode string `json:"mode,omitempty"`
+	// PF is the physical function whose VFs an SR-IOV network hands out: a netdev name,
+	// the same on every host that serves the network.
+	PF string `json:"pf,omitempty"`
+	// VLAN tags an SR-IOV network's VFs on the PF; 0 is untagged.
+	VLAN int `json:"vlan,omitempty"`
+	// DPDK says which VFs an SR-IOV network hands out: DPDKAuto ("" too) either kind,
+	// DPDKOn only VFs bound to a userspace driver (by PCI address), DPDKOff only netdevs.
+	DPDK string `json:"dpdk,omitempty"`
+
+	// Default per-container rates (issue #15), shaped on the host side of each attachment:
+	// bits per second and bits of burst, as the reference bandwidth plugin counts them; 0
+	// is unlimited. A container's own bandwidth capability overrides them.
+	IngressRate  uint64 `json:"ingress_rate,omitempty"`
+	IngressBurst uint64 `json:"ingress_burst,omitempty"`
+	EgressRate   uint64 `json:"egress_rate,omitempty"`
+	EgressBurst  uint64 `json:"egress_burst,omitempty"`
 }
+
+// Attachment modes of a network.
+const (
+	ModeBridge = ""
+	ModeSRIOV  = "sriov"
+)
+
+// DPDK choices of an SR-IOV network.
+const (
+	DPDKAuto = "auto"
+	DPDKOn   = "on"
+	DPDKOff  = "off"
+)
+
+// MaxRate bounds a network's default rates (bits per second): 1 Tbit/s is beyond any link a
+// peer has, and keeps rate arithmetic far from overflow.
+const MaxRate = 1_000_000_000_000
+
+var pfNameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$`)
 
 // Bounds of the fields that came with run-time networks.
 const (
@@ -113,6 +155,57 @@ func (n Network) Validate() error {
 			return fmt.Errorf("%w: SLA class of network %s: %v", ErrInvalidNetwork, n.Name, err)
 		}
 	}
+	if err := n.validateMode(); err != nil {
+		return err
+	}
+	return n.validateRates()
+}
+
+// validateMode checks the SR-IOV fields: set only with ModeSRIOV, and then a PF name.
+func (n Network) validateMode() error {
+	switch n.Mode {
+	case ModeBridge:
+		if n.PF != "" || n.VLAN != 0 || n.DPDK != "" {
+			return fmt.Errorf("%w: network %s sets pf, vlan or dpdk without mode %s", ErrInvalidNetwork, n.Name, ModeSRIOV)
+		}
+		return nil
+	case ModeSRIOV:
+	default:
+		return fmt.Errorf("%w: mode %q of network %s must be empty (bridge) or %s", ErrInvalidNetwork, n.Mode, n.Name, ModeSRIOV)
+	}
+	if !pfNameRE.MatchString(n.PF) {
+		return fmt.Errorf("%w: pf %q of SR-IOV network %s must be an interface name (1-15 letters, digits, '_', '.', '-')", ErrInvalidNetwork, n.PF, n.Name)
+	}
+	if n.VLAN < 0 || n.VLAN > 4094 {
+		return fmt.Errorf("%w: vlan %d of network %s must be between 0 (untagged) and 4094", ErrInvalidNetwork, n.VLAN, n.Name)
+	}
+	switch n.DPDK {
+	case "", DPDKAuto, DPDKOn, DPDKOff:
+	default:
+		return fmt.Errorf("%w: dpdk %q of network %s must be auto, on or off", ErrInvalidNetwork, n.DPDK, n.Name)
+	}
+	return nil
+}
+
+// validateRates checks the default rates: bounded, and a burst only with its rate.
+func (n Network) validateRates() error {
+	for _, r := range []struct {
+		dir         string
+		rate, burst uint64
+	}{{"ingress", n.IngressRate, n.IngressBurst}, {"egress", n.EgressRate, n.EgressBurst}} {
+		if r.rate > MaxRate {
+			return fmt.Errorf("%w: %s rate %d bit/s of network %s is above %d", ErrInvalidNetwork, r.dir, r.rate, n.Name, uint64(MaxRate))
+		}
+		if r.burst != 0 && r.rate == 0 {
+			return fmt.Errorf("%w: network %s sets an %s burst without an %s rate", ErrInvalidNetwork, n.Name, r.dir, r.dir)
+		}
+		if r.burst > MaxRate {
+			return fmt.Errorf("%w: %s burst %d bits of network %s is above %d", ErrInvalidNetwork, r.dir, r.burst, n.Name, uint64(MaxRate))
+		}
+	}
+	if n.Mode == ModeSRIOV && (n.IngressRate != 0 || n.EgressRate != 0) {
+		return fmt.Errorf("%w: SR-IOV network %s cannot shape on the host side (its VFs bypass the host); set no rates", ErrInvalidNetwork, n.Name)
+	}
 	return nil
 }
 
@@ -131,6 +224,21 @@ func (n Network) Describe() string {
 	}
 	if n.Isolated {
 		s += ", isolated"
+	}
+	if n.Mode == ModeSRIOV {
+		s += fmt.Sprintf(", sriov pf %s", n.PF)
+		if n.VLAN != 0 {
+			s += fmt.Sprintf(" vlan %d", n.VLAN)
+		}
+		if n.DPDK != "" {
+			s += " dpdk " + n.DPDK
+		}
+	}
+	if n.IngressRate != 0 {
+		s += fmt.Sprintf(", ingress %d bit/s", n.IngressRate)
+	}
+	if n.EgressRate != 0 {
+		s += fmt.Sprintf(", egress %d bit/s", n.EgressRate)
 	}
 	return s + ")"
 }

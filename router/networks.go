@@ -40,6 +40,16 @@ type NetworkRequest struct {
 	SLA string `json:"sla,omitempty"`
 	// Isolated defaults to true: containers on other networks may not reach this one.
 	Isolated *bool `json:"isolated,omitempty"`
+	// Mode "" (bridge) or "sriov"; PF, VLAN and DPDK only with sriov (issue #14).
+	Mode string `json:"mode,omitempty"`
+	PF   string `json:"pf,omitempty"`
+	VLAN int    `json:"vlan,omitempty"`
+	DPDK string `json:"dpdk,omitempty"`
+	// Default per-container rates, bits per second and bits of burst (issue #15).
+	IngressRate  uint64 `json:"ingress_rate,omitempty"`
+	IngressBurst uint64 `json:"ingress_burst,omitempty"`
+	EgressRate   uint64 `json:"egress_rate,omitempty"`
+	EgressBurst  uint64 `json:"egress_burst,omitempty"`
 }
 
 // NetworkInfo is one network as the API shows it.
@@ -53,13 +63,24 @@ type NetworkInfo struct {
 	Encrypt  string `json:"encrypt"`
 	SLA      string `json:"sla"`
 	Isolated bool   `json:"isolated"`
+	Mode     string `json:"mode,omitempty"`
+	PF       string `json:"pf,omitempty"`
+	VLAN     int    `json:"vlan,omitempty"`
+	DPDK     string `json:"dpdk,omitempty"`
+	// Default per-container rates (bit/s, bits); 0 is unlimited.
+	IngressRate  uint64 `json:"ingress_rate,omitempty"`
+	IngressBurst uint64 `json:"ingress_burst,omitempty"`
+	EgressRate   uint64 `json:"egress_rate,omitempty"`
+	EgressBurst  uint64 `json:"egress_burst,omitempty"`
 	// Blocks are the owned blocks of the network (inspect only).
 	Blocks []ipam.BlockOwnership `json:"blocks,omitempty"`
 }
 
 func networkInfo(n ipam.Network) NetworkInfo {
 	return NetworkInfo{Name: n.Name, Subnet: n.Subnet.String(), BlockSize: n.BlockBits, Gateway: n.Gateway().String(),
-		MTU: n.MTU, Encrypt: n.Encrypt, SLA: n.SLA, Isolated: n.Isolated}
+		MTU: n.MTU, Encrypt: n.Encrypt, SLA: n.SLA, Isolated: n.Isolated,
+		Mode: n.Mode, PF: n.PF, VLAN: n.VLAN, DPDK: n.DPDK,
+		IngressRate: n.IngressRate, IngressBurst: n.IngressBurst, EgressRate: n.EgressRate, EgressBurst: n.EgressBurst}
 }
 
 // networkFromRequest builds and validates the definition a create asks for: a 400 naming the
@@ -76,7 +97,9 @@ func networkFromRequest(req NetworkRequest) (ipam.Network, error) {
 	if err != nil {
 		return bad("subnet %q of network %s is not a CIDR: %v", req.Subnet, req.Name, err)
 	}
-	n := ipam.Network{Name: req.Name, Subnet: subnet, BlockBits: req.BlockSize, MTU: req.MTU, Encrypt: req.Encrypt, SLA: req.SLA, Isolated: true}
+	n := ipam.Network{Name: req.Name, Subnet: subnet, BlockBits: req.BlockSize, MTU: req.MTU, Encrypt: req.Encrypt, SLA: req.SLA, Isolated: true,
+		Mode: req.Mode, PF: req.PF, VLAN: req.VLAN, DPDK: req.DPDK,
+		IngressRate: req.IngressRate, IngressBurst: req.IngressBurst, EgressRate: req.EgressRate, EgressBurst: req.EgressBurst}
 	if n.BlockBits == 0 {
 		n.BlockBits = ipam.DefaultBlockBits
 	}
