@@ -457,3 +457,21 @@ func TestSRIOVKindsAndSettings(t *testing.T) {
 		t.Fatalf("settings %s", fmtVFSettings(s))
 	}
 }
+
+// An SR-IOV network has no bridge here: no isolation chain, no DNS listener even if its
+// gateway address were local, and the plan routes it nowhere.
+func TestSRIOVNetworkSkipsHostSide(t *testing.T) {
+	def := ipam.Network{Name: "default", Subnet: netip.MustParsePrefix("10.40.0.0/16"), BlockBits: 26}
+	fast := ipam.Network{Name: "fast", Subnet: netip.MustParsePrefix("10.80.0.0/16"), BlockBits: 26, Mode: ipam.ModeSRIOV, PF: "ens1f0"}
+	nets := []ipam.Network{def, fast}
+	if iso := isolationNetworks(nets); len(iso) != 1 || iso[0].Name != "default" {
+		t.Fatalf("isolation networks %+v", iso)
+	}
+	local := map[netip.Addr]bool{def.Gateway(): true, fast.Gateway(): true}
+	if got := dnsListenAddrs(nets, local, 53); len(got) != 1 || got[0].Addr() != def.Gateway() {
+		t.Fatalf("dns listens on %v", got)
+	}
+	if pn := planNetworks(nets); pn[0].Fabric || !pn[1].Fabric {
+		t.Fatalf("plan networks %+v", pn)
+	}
+}
