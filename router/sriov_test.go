@@ -475,3 +475,56 @@ func TestSRIOVNetworkSkipsHostSide(t *testing.T) {
 		t.Fatalf("plan networks %+v", pn)
 	}
 }
+
+// Five concurrent ADDs on 4 VFs: four get a VF each (no VF twice), one gets CNI 11 and its
+// container is left as it was.
+func TestSRIOVConcurrentAddsNeverShareAVF(t *testing.T) {
+	l := newSRIOVLab(t, "wscpf3", 0x33, 4, nil, `{"name":"fast","subnet":"10.83.0.0/16","mode":"sriov","pf":"wscpf3"}`)
+	ctx := context.Background()
+	type out struct {
+		c   int
+		res *cni.AttachResult
+		err error
+	}
+	nets := map[int]string{}
+	for c := 1; c <= 5; c++ {
+		nets[c], _ = wscContainer(t, 30+c)
+	}
+	results := make(chan out, 5)
+	var wg sync.WaitGroup
+	for c := 1; c <= 5; c++ {
+		wg.Go(func() {
+			res, err := l.client.Add(ctx, sriovReq(fmt.Sprintf("k%d", c), nets[c]))
+			results <- out{c, res, err}
+		})
+	}
+	wg.Wait()
+	close(results)
+	pcis := map[string]bool{}
+	refused := 0
+	for o := range results {
+		switch {
+		case o.err == nil:
+			if pcis[o.res.PCIID] {
+				t.Fatalf("vf %s handed out twice", o.res.PCIID)
+			}
+			pcis[o.res.PCIID] = true
+			if _, err := inNS(nets[o.c], "net1"); err != nil {
+				t.Fatalf("k%d got %s but has no net1: %v", o.c, o.res.PCIID, err)
+			}
+		case codeOf(o.err) == types.ErrTryAgainLater:
+			refused++
+			if _, err := inNS(nets[o.c], "net1"); err == nil {
+				t.Fatalf("refused k%d has a net1", o.c)
+			}
+			if _, ok := l.alloc.Get(ipam.Key{ContainerID: fmt.Sprintf("k%d", o.c), IfName: "net1"}); ok {
+				t.Fatalf("refused k%d kept an address", o.c)
+			}
+		default:
+			t.Fatalf("ADD k%d: %v", o.c, o.err)
+		}
+	}
+	if len(pcis) != 4 || refused != 1 {
+		t.Fatalf("%d attached, %d refused; want 4 and 1", len(pcis), refused)
+	}
+}
