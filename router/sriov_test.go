@@ -3,6 +3,7 @@ package router
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -526,5 +528,38 @@ func TestSRIOVConcurrentAddsNeverShareAVF(t *testing.T) {
 	}
 	if len(pcis) != 4 || refused != 1 {
 		t.Fatalf("%d attached, %d refused; want 4 and 1", len(pcis), refused)
+	}
+}
+
+func TestSRIOVConfig(t *testing.T) {
+	base := testConfig(t.TempDir())
+	if err := base.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	for name, mut := range map[string]func(*Config){
+		"--sriov-pf-config":       func(c *Config) { c.SRIOVPFConfig = "nic" },
+		"--sysfs-root":            func(c *Config) { c.SysfsRoot = "sys" },
+		"--sriov-device-info-dir": func(c *Config) { c.SRIOVDeviceInfoDir = "devinfo" },
+		"rescan":                  func(c *Config) { c.SRIOVRescan = -time.Second },
+	} {
+		c := base
+		mut(&c)
+		if err := c.Validate(); !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	log := slog.New(slog.DiscardHandler)
+	if _, ok := base.pfConfig(log).(sriov.NetlinkPF); !ok {
+		t.Errorf("default pf config %T, want NetlinkPF", base.pfConfig(log))
+	}
+	rec := base
+	rec.SRIOVPFConfig = SRIOVPFRecord
+	pf := rec.pfConfig(log)
+	vlan := 9
+	if err := pf.SetVF("ens1f0", 2, sriov.VFSettings{VLAN: &vlan}); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := pf.VF("ens1f0", 2); err != nil || s.VLAN == nil || *s.VLAN != 9 {
+		t.Fatalf("record pf remembers %+v %v", s, err)
 	}
 }
