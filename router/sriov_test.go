@@ -326,8 +326,9 @@ func TestSRIOVAttachLifecycle(t *testing.T) {
 	}
 }
 
-// A peer killed after moving a VF into a container, before marking it attached, returns it to
-// the host with its saved state on restart and frees it.
+// A peer killed in the middle of ADDs — one after moving its VF into the container (with
+// another MAC and MTU), one before touching its VF — returns both VFs to the host with their
+// saved state on restart and frees them.
 func TestSRIOVRestartRepairsInterruptedAdd(t *testing.T) {
 	l := newSRIOVLab(t, "wscpf2", 0x32, 2, nil, `{"name":"fast","subnet":"10.81.0.0/16","mode":"sriov","pf":"wscpf2"}`)
 	netnsPath, _ := wscContainer(t, 20)
@@ -366,9 +367,26 @@ func TestSRIOVRestartRepairsInterruptedAdd(t *testing.T) {
 		Address: netip.MustParsePrefix("10.81.0.9/16")}); err != nil {
 		t.Fatal(err)
 	}
+	// A second ADD killed after saving its VF's state, before touching it.
+	owner2 := sriov.Owner{ContainerID: "k2", IfName: "net1", CNINetwork: "conf-fast", NetNS: netnsPath}
+	vf2, err := pool.Reserve(owner2, "wscpf2", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st2, err := sriov.SaveState("", vf2.Netdev, l.pf, "wscpf2", vf2.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pool.SaveState(vf2.PCI, st2); err != nil {
+		t.Fatal(err)
+	}
+	if got := len(pool.Pending()); got != 2 {
+		t.Fatalf("%d pending before the restart, want 2", got)
+	}
 	db.Close()
 
 	p := startSRIOVPeer(t, l.data, l.fix.Root(), l.devinfo, l.pf)
+	l.assertHome(t, vf2.Index)
 	l.assertHome(t, vf.Index)
 	if _, err := inNS(netnsPath, "net1"); err == nil {
 		t.Fatal("the interrupted ADD's VF is still in the container")
