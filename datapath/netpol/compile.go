@@ -61,18 +61,20 @@ type Clause struct {
 	Action    Action
 	Selected  string // set of the endpoints the policy selects
 	Peers     string // set of the peers; "": any peer
-	PeersCIDR bool   // Peers is an interval set of CIDRs, not addresses
+	PeersCIDR bool   // Peers is an interval set (the rule names CIDRs)
 	Proto     Proto  // "": any protocol
 	From, To  uint16 // destination ports, both included; 0: any (and for ICMP)
 	Counter   string // deny clauses: the named counter (without the table)
 	Text      string // the rule, described
 }
 
-// AddrSet is the content of one set: addresses, or (Interval) merged CIDRs.
+// AddrSet is the content of one set: endpoint addresses and, in an interval set, the
+// CIDRs of a rule's peers (merged; no address is inside one). The CIDRs come from the
+// policy, whose hash names the set, so only Addrs change under a name.
 type AddrSet struct {
 	Interval bool
 	Addrs    []netip.Addr   // sorted, unique
-	Prefixes []netip.Prefix // Interval: sorted, merged, disjoint
+	Prefixes []netip.Prefix // Interval only: sorted, disjoint
 }
 
 // Ruleset is the compiled policy: the two chains' clauses in order, the sets they refer
@@ -247,38 +249,33 @@ func Compile(policies []Policy, endpoints []Endpoint) Ruleset {
 // peer (addresses, CIDRs; or any) and port range (or any), with their sets.
 func (rs *Ruleset) addRule(c *compiler, p Policy, h string, base Clause, i int, r Rule) {
 	d := base.Direction
-	type peerSide struct {
-		set  string
-		cidr bool
-	}
-	var sides []peerSide
 	var addrs []netip.Addr
 	var cidrs []netip.Prefix
-	hasAddrPeer := false
 	for _, pe := range r.Peers {
 		if pe.CIDR.IsValid() {
 			cidrs = append(cidrs, pe.CIDR)
 			continue
 		}
-		hasAddrPeer = true
 		network := pe.Network
 		if network == "" {
 			network = p.Network
 		}
 		addrs = append(addrs, c.selected(network, pe.Selector)...)
 	}
-	stem := fmt.Sprintf("netpol_%s_%c%d", h, d[0], i)
-	if hasAddrPeer {
-		slices.SortFunc(addrs, netip.Addr.Compare)
-		rs.Sets[stem+"_a"] = AddrSet{Addrs: slices.Compact(addrs)}
-		sides = append(sides, peerSide{set: stem + "_a"})
-	}
-	if len(cidrs) > 0 {
-		rs.Sets[stem+"_c"] = AddrSet{Interval: true, Prefixes: mergePrefixes(cidrs)}
-		sides = append(sides, peerSide{set: stem + "_c", cidr: true})
-	}
-	if len(r.Peers) == 0 {
-		sides = append(sides, peerSide{})
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	addrs = slices.Compact(addrs)
+	peers := ""
+	if len(r.Peers) > 0 {
+		// One set per rule: an interval set when the rule names CIDRs (its endpoints are
+		// single-address intervals beside them), a plain one otherwise. So a rule is one
+		// clause per port range whatever its peers.
+		peers = fmt.Sprintf("netpol_%s_%c%d", h, d[0], i)
+		set := AddrSet{Addrs: addrs}
+		if len(cidrs) > 0 {
+			set = AddrSet{Interval: true, Prefixes: mergePrefixes(cidrs)}
+			set.Addrs = slices.DeleteFunc(addrs, func(a netip.Addr) bool { return inPrefixes(set.Prefixes, a) })
+		}
+		rs.Sets[peers] = set
 	}
 	ports := r.Ports
 	if len(ports) == 0 {
@@ -290,21 +287,29 @@ func (rs *Ruleset) addRule(c *compiler, p Policy, h string, base Clause, i int, 
 		cl.Counter = CounterName(p.Network, p.Name, d, i)
 		rs.Counters = append(rs.Counters, cl.Counter)
 	}
-	for si, side := range sides {
-		for pi, pr := range ports {
-			x := cl
-			x.Peers, x.PeersCIDR, x.Proto = side.set, side.cidr, pr.Proto
-			if pr.Proto != ICMP && pr.Proto != "" {
-				x.From, x.To = pr.Bounds()
-			}
-			x.Key = fmt.Sprintf("netpol %s %s %s %d.%d.%d", h, p.ID(), d, i, si, pi)
-			if d == Egress {
-				rs.Egress = append(rs.Egress, x)
-			} else {
-				rs.Ingress = append(rs.Ingress, x)
-			}
+	for pi, pr := range ports {
+		x := cl
+		x.Peers, x.PeersCIDR, x.Proto = peers, rs.Sets[peers].Interval, pr.Proto
+		if pr.Proto != ICMP && pr.Proto != "" {
+			x.From, x.To = pr.Bounds()
+		}
+		x.Key = fmt.Sprintf("netpol %s %s %s %d.%d", h, p.ID(), d, i, pi)
+		if d == Egress {
+			rs.Egress = append(rs.Egress, x)
+		} else {
+			rs.Ingress = append(rs.Ingress, x)
 		}
 	}
+}
+
+// inPrefixes reports whether a is in one of ps.
+func inPrefixes(ps []netip.Prefix, a netip.Addr) bool {
+	for _, p := range ps {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 // mergePrefixes sorts prefixes and drops those inside another, so that the intervals of
@@ -353,18 +358,14 @@ func (d Delta) Elements() int {
 }
 
 // Diff computes the Delta from old to new: pure, O(elements + clauses). A set whose name
-// is in both is compared element by element (sets named by a policy's hash keep their
-// content unless endpoints change); an interval set of the same name has the same CIDRs
-// (they come from the policy, whose hash names it), so it is never patched.
+// is in both is compared address by address; its CIDRs are the same (the policy's hash
+// names the set), so they are never patched.
 func Diff(old, new Ruleset) Delta {
 	d := Delta{Add: map[string][]netip.Addr{}, Del: map[string][]netip.Addr{}}
 	for name, ns := range new.Sets {
 		os, ok := old.Sets[name]
 		if !ok {
 			d.NewSets = append(d.NewSets, name)
-			continue
-		}
-		if ns.Interval {
 			continue
 		}
 		add, del := sortedDiff(os.Addrs, ns.Addrs)

@@ -86,13 +86,8 @@ func (rs Ruleset) contains(name string, a netip.Addr) bool {
 	if !ok {
 		return false
 	}
-	if s.Interval {
-		for _, p := range s.Prefixes {
-			if p.Contains(a) {
-				return true
-			}
-		}
-		return false
+	if inPrefixes(s.Prefixes, a) {
+		return true
 	}
 	_, found := slices.BinarySearchFunc(s.Addrs, a, netip.Addr.Compare)
 	return found
