@@ -2,6 +2,7 @@ package nftpol
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -147,10 +148,64 @@ func check(rs netpol.Ruleset) error {
 }
 
 func (e *Enforcer) apply(rs netpol.Ruleset) (Stats, error) {
-	var st Stats
 	if err := check(rs); err != nil {
+		return Stats{}, err
+	}
+	if e.last != nil {
+		if d := netpol.Diff(*e.last, rs); elementsOnly(d) {
+			st, err := e.applyElements(rs, d)
+			if err == nil {
+				return st, nil
+			}
+			// The kernel is not what the last apply left (edited by hand, or the table
+			// removed): converge the slow way, reading it back.
+			e.a.Log().Warn("network policy: element delta refused, reading the kernel back", "err", err)
+			e.last = nil
+		}
+	}
+	return e.applyFull(rs)
+}
+
+// elementsOnly reports whether d changes set elements and nothing else: endpoints came,
+// went or changed labels.
+func elementsOnly(d netpol.Delta) bool {
+	return len(d.NewSets)+len(d.GoneSets)+len(d.NewClauses)+len(d.GoneClauses)+len(d.NewCounters)+len(d.GoneCounters) == 0
+}
+
+// applyElements sends d's element changes in one transaction without reading the kernel:
+// the common case (an endpoint's arrival or label change), O(changed elements).
+func (e *Enforcer) applyElements(rs netpol.Ruleset, d netpol.Delta) (Stats, error) {
+	var st Stats
+	if d.Elements() == 0 {
+		e.last = &rs
+		return st, nil
+	}
+	c, err := e.a.Conn()
+	if err != nil {
 		return st, err
 	}
+	for _, name := range slices.Sorted(maps.Keys(rs.Sets)) {
+		add, del := d.Add[name], d.Del[name]
+		if len(add)+len(del) == 0 {
+			continue
+		}
+		s := &nftables.Set{Table: table, Name: name, KeyType: nftables.TypeIPAddr, Interval: rs.Sets[name].Interval}
+		if err := patchSet(c, s, netpol.AddrSet{Addrs: del}, netpol.AddrSet{Addrs: add}, &st); err != nil {
+			return st, err
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return st, fmt.Errorf("%w: apply network policy elements: %w", ErrKernel, err)
+	}
+	e.last = &rs
+	e.a.Log().Debug("network policy elements applied", "added", st.ElementsAdded, "deleted", st.ElementsDeleted)
+	return st, nil
+}
+
+// applyFull reads the enforcer's objects back and converges them to rs in one
+// transaction.
+func (e *Enforcer) applyFull(rs netpol.Ruleset) (Stats, error) {
+	var st Stats
 	c, err := e.a.Conn()
 	if err != nil {
 		return st, err
