@@ -263,3 +263,27 @@ func TestParseCounter(t *testing.T) {
 		t.Fatal("a malformed name parsed")
 	}
 }
+
+// FuzzParse: garbage never panics, and whatever parses also validates and compiles.
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(dbYAML))
+	f.Add([]byte(`{"name":"a","network":"default","egress":[{"action":"deny","peers":[{"cidr":"0.0.0.0/0"}]}]}`))
+	f.Add([]byte("name: a\nnetwork: b\nselector: {matchExpressions: [{key: k, operator: NotIn, values: [x]}]}\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p, err := Parse("fuzz.yaml", data)
+		if err != nil {
+			if !errors.Is(err, ErrPolicy) {
+				t.Fatalf("error not ErrPolicy: %v", err)
+			}
+			return
+		}
+		if err := p.Validate(); err != nil {
+			t.Fatalf("parsed but invalid: %v", err)
+		}
+		rs := Compile([]Policy{p}, []Endpoint{web, db, client})
+		if len(rs.Skipped) != 0 {
+			t.Fatalf("parsed but skipped: %v", rs.Skipped)
+		}
+		rs.Explain(web.Addr, db.Addr, TCP, 5432)
+	})
+}

@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/weftnet/weft/datapath/isolate"
 	"github.com/weftnet/weft/datapath/netpol"
 	"github.com/weftnet/weft/datapath/nslab"
 )
@@ -362,4 +363,60 @@ func dropsMetric(t *testing.T, g prometheus.Gatherer, policy, direction string) 
 	}
 	t.Fatalf("no weft_policy_drops_total{policy=%q,direction=%q}", policy, direction)
 	return 0
+}
+
+// Policy shares weft's table with isolation: each removes only its own objects, and the
+// table goes with the last of them.
+func TestSharesTableWithIsolation(t *testing.T) {
+	l := newTestLab(t)
+	hostNS := int(l.r.Fd())
+	iso, err := isolate.New(isolate.Deps{NetNSFd: hostNS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { iso.Remove() })
+	if err := iso.Set([]isolate.Network{
+		{Name: "default", Subnet: netip.MustParsePrefix("10.32.0.0/24"), Bridge: "wbr"},
+		{Name: "media", Subnet: netip.MustParsePrefix("10.50.0.0/16"), Isolated: true},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	e, err := New(Deps{NetNSFd: hostNS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Remove() })
+	if _, err := e.Apply(netpol.Compile([]netpol.Policy{parse(t, "db.yaml", dbPolicy)}, nil)); err != nil {
+		t.Fatal(err)
+	}
+	chains := func() string {
+		out, _ := l.r.Run(context.Background(), "nft", "list", "chains", "inet")
+		return out
+	}
+	if c := chains(); !strings.Contains(c, "isolate_fwd") || !strings.Contains(c, ForwardChain) {
+		t.Fatalf("chains after both applied:\n%s", c)
+	}
+	// Isolation re-applied sees policy's objects as others' and keeps them.
+	if err := iso.Set([]isolate.Network{
+		{Name: "default", Subnet: netip.MustParsePrefix("10.32.0.0/24"), Bridge: "wbr"},
+		{Name: "media", Subnet: netip.MustParsePrefix("10.50.0.0/16"), Isolated: true},
+		{Name: "ctl", Subnet: netip.MustParsePrefix("10.60.0.0/16"), Isolated: true},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := e.Rules(); err != nil || n != 7 {
+		t.Fatalf("%d policy rules after isolation changed (%v), want 7", n, err)
+	}
+	if err := e.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if c := chains(); !strings.Contains(c, "isolate_fwd") || strings.Contains(c, "netpol") {
+		t.Fatalf("chains after policy removed:\n%s", c)
+	}
+	if err := iso.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := l.r.Run(context.Background(), "nft", "list", "tables"); err != nil || strings.Contains(out, "weft") {
+		t.Fatalf("tables after both removed: %q %v", out, err)
+	}
 }
