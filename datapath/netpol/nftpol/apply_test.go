@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -237,6 +238,37 @@ func TestPolicyInNamespaces(t *testing.T) {
 	if d.Allowed || !strings.Contains(d.Reason, "default deny of policy default/db-allow-web") {
 		t.Fatalf("explain: %+v", d)
 	}
+
+	// Egress: web may reach only db on tcp/5432. Its allow returns to the ingress check
+	// (db's policy still decides); anything else web opens is its default deny.
+	listen(t, client, 5432)
+	webOut := parse(t, "web-out.yaml", `
+name: web-out
+network: default
+selector: {matchLabels: {app: web}}
+egress:
+  - action: allow
+    peers: [{selector: {matchLabels: {app: db}}}]
+    ports: [{proto: tcp, port: 5432}]
+`)
+	rsOut := netpol.Compile(append(slices.Clone(pols), webOut), eps)
+	if _, err := e.Apply(rsOut); err != nil {
+		t.Fatal(err)
+	}
+	l.mustConnect(web, "10.32.0.3")
+	l.mustNotConnect(web, "10.32.0.4")
+	l.mustConnect(db, "10.32.0.4") // db is not selected for egress, client not for ingress
+	d = rsOut.Explain(netip.MustParseAddr("10.32.0.2"), netip.MustParseAddr("10.32.0.4"), netpol.TCP, 5432)
+	if d.Allowed || d.Egress.Counter != "netpol_default_web-out_egress_default" {
+		t.Fatalf("explain web→client: %+v", d)
+	}
+	if drops, _ := e.Drops(); drops[netpol.Drop{Network: "default", Policy: "web-out", Direction: netpol.Egress, Rule: netpol.Default}] == 0 {
+		t.Fatalf("web→client not counted on web-out's egress default deny: %v", drops)
+	}
+	if _, err := e.Apply(rs); err != nil {
+		t.Fatal(err)
+	}
+	l.mustConnect(web, "10.32.0.4")
 
 	// An established connection survives 100 unrelated updates (policy content and
 	// endpoints), exchanging data across each.
