@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -153,8 +154,7 @@ type compiler struct {
 func (c *compiler) selected(network string, s *Selector) []netip.Addr {
 	key := network
 	if s != nil {
-		b, _ := json.Marshal(s)
-		key += string(b)
+		key += "\x00" + s.key()
 	}
 	if out, ok := c.memo[key]; ok {
 		return out
@@ -262,8 +262,10 @@ func (rs *Ruleset) addRule(c *compiler, p Policy, h string, base Clause, i int, 
 		}
 		addrs = append(addrs, c.selected(network, pe.Selector)...)
 	}
-	slices.SortFunc(addrs, netip.Addr.Compare)
-	addrs = slices.Compact(addrs)
+	if !slices.IsSortedFunc(addrs, netip.Addr.Compare) { // one peer's are already
+		slices.SortFunc(addrs, netip.Addr.Compare)
+	}
+	addrs = slices.Compact(addrs) // two peers may name one endpoint
 	peers := ""
 	if len(r.Peers) > 0 {
 		// One set per rule: an interval set when the rule names CIDRs (its endpoints are
@@ -436,4 +438,17 @@ func sortedDiffStrings(a, b []string) (add, del []string) {
 		}
 	}
 	return add, del
+}
+
+// key is a canonical text of s: equal selectors have equal keys (labels sorted; values
+// cannot hold NUL, which separates the parts).
+func (s Selector) key() string {
+	var b strings.Builder
+	for _, k := range slices.Sorted(maps.Keys(s.MatchLabels)) {
+		b.WriteString(k + "=" + s.MatchLabels[k] + "\x00")
+	}
+	for _, r := range s.MatchExpressions {
+		b.WriteString("\x01" + r.Key + " " + r.Operator + " " + strings.Join(r.Values, ",") + "\x00")
+	}
+	return b.String()
 }

@@ -287,3 +287,20 @@ func FuzzParse(f *testing.F) {
 		rs.Explain(web.Addr, db.Addr, TCP, 5432)
 	})
 }
+
+// Two peers naming one endpoint put it once in the rule's set.
+func TestOverlappingPeersOneElement(t *testing.T) {
+	p := mustParse(t, "a", `
+name: a
+network: default
+selector: {matchLabels: {app: db}}
+ingress:
+  - action: allow
+    peers: [{selector: {matchLabels: {app: web}}}, {network: default}]
+`)
+	rs := Compile([]Policy{p}, []Endpoint{web, db, client})
+	set := rs.Sets[rs.Ingress[0].Peers]
+	if len(set.Addrs) != 3 {
+		t.Fatalf("peer set %v, want the 3 endpoints once each", set.Addrs)
+	}
+}
