@@ -159,9 +159,25 @@ func (c *compiler) selected(network string, s *Selector) []netip.Addr {
 	if out, ok := c.memo[key]; ok {
 		return out
 	}
+	// The labels as a slice: iterating a map per endpoint costs more than the check.
+	type pair struct{ k, v string }
+	var pairs []pair
+	var exprs Selector
+	if s != nil {
+		for k, v := range s.MatchLabels {
+			pairs = append(pairs, pair{k, v})
+		}
+		exprs.MatchExpressions = s.MatchExpressions
+	}
 	out := []netip.Addr{}
+next:
 	for _, e := range c.byNet[network] {
-		if s == nil || s.Matches(e.Labels) {
+		for _, p := range pairs {
+			if v, ok := e.Labels[p.k]; !ok || v != p.v {
+				continue next
+			}
+		}
+		if exprs.Matches(e.Labels) {
 			out = append(out, e.Addr)
 		}
 	}
@@ -387,20 +403,26 @@ func Diff(old, new Ruleset) Delta {
 	slices.Sort(d.GoneSets)
 	keys := func(rs Ruleset) map[string]bool {
 		m := make(map[string]bool, len(rs.Egress)+len(rs.Ingress))
-		for _, c := range append(slices.Clone(rs.Egress), rs.Ingress...) {
-			m[c.Key] = true
+		for _, chain := range [][]Clause{rs.Egress, rs.Ingress} {
+			for i := range chain {
+				m[chain[i].Key] = true
+			}
 		}
 		return m
 	}
 	ok, nk := keys(old), keys(new)
-	for _, c := range append(slices.Clone(new.Egress), new.Ingress...) {
-		if !ok[c.Key] {
-			d.NewClauses = append(d.NewClauses, c.Key)
+	for _, chain := range [][]Clause{new.Egress, new.Ingress} {
+		for i := range chain {
+			if !ok[chain[i].Key] {
+				d.NewClauses = append(d.NewClauses, chain[i].Key)
+			}
 		}
 	}
-	for _, c := range append(slices.Clone(old.Egress), old.Ingress...) {
-		if !nk[c.Key] {
-			d.GoneClauses = append(d.GoneClauses, c.Key)
+	for _, chain := range [][]Clause{old.Egress, old.Ingress} {
+		for i := range chain {
+			if !nk[chain[i].Key] {
+				d.GoneClauses = append(d.GoneClauses, chain[i].Key)
+			}
 		}
 	}
 	d.NewCounters, d.GoneCounters = sortedDiffStrings(old.Counters, new.Counters)
