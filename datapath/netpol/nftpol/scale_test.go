@@ -105,3 +105,34 @@ func TestScaleInKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// BenchmarkApplyLabelChange is one label change at #15's scale end to end: compile, diff
+// and the kernel transaction of element deltas.
+func BenchmarkApplyLabelChange(b *testing.B) {
+	lab := nslab.NewTest(b, nslab.Config{Prefix: fmt.Sprintf("wnpb%d-", os.Getpid()%10000), NoIPv6: true})
+	r, err := lab.NewNS("r")
+	if err != nil {
+		b.Fatal(err)
+	}
+	e, err := New(Deps{NetNSFd: int(r.Fd())})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ps, eps := scale()
+	if _, err := e.Apply(netpol.Compile(ps, eps)); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		eps[i*37%len(eps)].Labels = map[string]string{"app": fmt.Sprintf("app%d", (i+11)%50), "tier": "t9"}
+		if _, err := e.Apply(netpol.Compile(ps, eps)); err != nil {
+			b.Fatal(err)
+		}
+		i++
+	}
+	b.StopTimer()
+	if err := e.Remove(); err != nil {
+		b.Fatal(err)
+	}
+}
