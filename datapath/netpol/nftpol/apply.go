@@ -46,6 +46,7 @@ type Stats struct {
 	SetsAdded, SetsDeleted         int
 	ElementsAdded, ElementsDeleted int // in sets that stayed
 	CountersAdded, CountersDeleted int
+	ChainsAdded                    int
 }
 
 // Apply converges the kernel to rs in one transaction (see the package doc) and says what
@@ -60,6 +61,28 @@ func (e *Enforcer) Apply(rs netpol.Ruleset) (Stats, error) {
 		st, err = e.apply(rs)
 		if err != nil {
 			e.last = nil
+			return "", err
+		}
+		if st == (Stats{}) {
+			return nft.Unchanged, nil
+		}
+		return nft.Changed, nil
+	})
+	return st, err
+}
+
+// Reconcile is Apply reading the kernel back first instead of trusting what the last
+// Apply left: it repairs objects changed by hand. O(rules + elements) read. The router may
+// call it on a slow timer; Apply is enough otherwise.
+func (e *Enforcer) Reconcile(rs netpol.Ruleset) (Stats, error) {
+	var st Stats
+	err := e.a.Apply("network policy not reconciled", func() (nft.Result, error) {
+		e.last = nil
+		if err := check(rs); err != nil {
+			return "", err
+		}
+		var err error
+		if st, err = e.applyFull(rs); err != nil {
 			return "", err
 		}
 		if st == (Stats{}) {
@@ -218,6 +241,7 @@ func (e *Enforcer) applyFull(rs netpol.Ruleset) (Stats, error) {
 	for _, ch := range chains {
 		if _, ok := k.owned.Rules[ch.Name]; !ok {
 			c.AddChain(ch)
+			st.ChainsAdded++
 		}
 	}
 	for _, name := range rs.Counters {

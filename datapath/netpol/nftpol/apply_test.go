@@ -333,6 +333,13 @@ egress:
 	if st, err := fresh.Apply(rs); err != nil || st != (Stats{}) {
 		t.Fatalf("apply by a fresh enforcer: %+v %v", st, err)
 	}
+	// A hand-deleted element is not seen by Apply (it trusts its last transaction) but is
+	// put back by Reconcile.
+	l.run(l.r, "nft", "delete", "element", "inet", "weft", netpol.GateIngress, "{ 10.32.0.3 }")
+	if st, err := e.Reconcile(rs); err != nil || st.ElementsAdded != 1 {
+		t.Fatalf("reconcile after a hand edit: %+v %v", st, err)
+	}
+	l.mustNotConnect(client, "10.32.0.3")
 	if n := testutil.ToFloat64(e.a.Applies("error")); n != 0 {
 		t.Fatalf("%v failed applies", n)
 	}
