@@ -58,7 +58,13 @@ func bigAckBuffer(c *netlink.Conn) error {
 	var serr error
 	if err := raw.Control(func(fd uintptr) {
 		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, AckBuffer)
+		// A transaction is sent in one sendmsg, refused (EMSGSIZE) above the send buffer
+		// (wmem_default): network policy's first apply is megabytes of set elements.
+		if serr == nil {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, AckBuffer)
+		}
 	}); err != nil || serr != nil {
+		c.SetWriteBuffer(AckBuffer)
 		return c.SetReadBuffer(AckBuffer)
 	}
 	return nil
