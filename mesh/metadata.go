@@ -24,6 +24,11 @@ const (
 	maxCapabilities  = 16
 	maxCapabilityLen = 32
 	maxVersionLen    = 64
+	// maxSRIOVPFs and maxVFCount bound the SR-IOV capacity: a host has a few
+	// PFs, and sriov_totalvfs of current NICs is at most 256.
+	maxSRIOVPFs  = 8
+	maxVFCount   = 256
+	maxPFNameLen = 15 // IFNAMSIZ - 1
 )
 
 // Metadata is what a peer tells the others about itself, carried in
@@ -65,6 +70,24 @@ type Metadata struct {
 	// usage) against it. Pinned on first sight (see keypins.go). nil: none
 	// (the mesh refuses such peers; Mesh.New fills in its own).
 	PublicKey ed25519.PublicKey
+	// SRIOV says, per physical function, how many of its virtual functions
+	// this peer could hand to a container now (at most 8 PFs, each named
+	// once). Empty: no SR-IOV PF, or a peer older than this field.
+	SRIOV []PFCapacity
+}
+
+// PFCapacity is one SR-IOV physical function of a peer and its VFs. The
+// field layout matches router.SRIOVCapacity so the router converts one to the
+// other directly.
+type PFCapacity struct {
+	// PF is the physical function's interface name: 1-15 bytes of
+	// [A-Za-z0-9_.-], the first a letter or digit.
+	PF string
+	// Free counts the VFs that could be handed out now, of either kind;
+	// Total counts the VFs the PF has; FreeDPDK counts the free VFs bound
+	// to a userspace driver (a subset of Free). 0 <= FreeDPDK <= Free <=
+	// Total <= 256.
+	Free, Total, FreeDPDK int
 }
 
 // Field tags of the encoding. Tags 1–63 are defined by this version;
@@ -82,6 +105,7 @@ const (
 	tagEncrypt    = 10 // one byte, 1; absent means false
 	tagTrusted    = 11 // repeated: address (4 or 16 bytes) then prefix length
 	tagPublicKey  = 12 // 32 bytes, ed25519
+	tagSRIOV      = 13 // repeated: free, total, free DPDK (2 bytes each, big endian), then PF name
 )
 
 const maxTrustedSubnets = 16
@@ -95,6 +119,7 @@ func (md *Metadata) HasCapability(c string) bool {
 func (md Metadata) Clone() Metadata {
 	md.Capabilities = slices.Clone(md.Capabilities)
 	md.TrustedSubnets = slices.Clone(md.TrustedSubnets)
+	md.SRIOV = slices.Clone(md.SRIOV)
 	if md.VTEPMAC != nil {
 		md.VTEPMAC = slices.Clone(md.VTEPMAC)
 	}
@@ -150,6 +175,19 @@ func (md *Metadata) Validate() error {
 	}
 	if md.PublicKey != nil && len(md.PublicKey) != ed25519.PublicKeySize {
 		return bad("public key: %d bytes, need %d", len(md.PublicKey), ed25519.PublicKeySize)
+	}
+	if len(md.SRIOV) > maxSRIOVPFs {
+		return bad("%d SR-IOV PFs, at most %d", len(md.SRIOV), maxSRIOVPFs)
+	}
+	for i, c := range md.SRIOV {
+		if err := c.validate(); err != nil {
+			return bad("SR-IOV PF %d: %v", i, err)
+		}
+		for _, o := range md.SRIOV[:i] {
+			if o.PF == c.PF {
+				return bad("SR-IOV PF %q listed twice", c.PF)
+			}
+		}
 	}
 	if len(md.Version) > maxVersionLen {
 		return bad("version: %d bytes, at most %d", len(md.Version), maxVersionLen)
@@ -211,6 +249,13 @@ func (md *Metadata) Encode() ([]byte, error) {
 	if md.PublicKey != nil {
 		field(tagPublicKey, md.PublicKey)
 	}
+	for _, c := range md.SRIOV {
+		v := make([]byte, 0, 6+len(c.PF))
+		v = binary.BigEndian.AppendUint16(v, uint16(c.Free))
+		v = binary.BigEndian.AppendUint16(v, uint16(c.Total))
+		v = binary.BigEndian.AppendUint16(v, uint16(c.FreeDPDK))
+		field(tagSRIOV, append(v, c.PF...))
+	}
 	if len(b) > MaxMetadataSize {
 		return nil, fmt.Errorf("%w: encoded size %d exceeds %d bytes", ErrBadMetadata, len(b), MaxMetadataSize)
 	}
@@ -247,7 +292,7 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 		}
 		v := b[off : off+n]
 		off += n
-		if tag != tagCapability && tag != tagTrusted && tag < 64 {
+		if tag != tagCapability && tag != tagTrusted && tag != tagSRIOV && tag < 64 {
 			if seen&(1<<tag) != 0 {
 				return bad("field %d repeated", tag)
 			}
@@ -313,6 +358,19 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 				return bad("public key: %d bytes, need %d", len(v), ed25519.PublicKeySize)
 			}
 			md.PublicKey = ed25519.PublicKey(bytes.Clone(v))
+		case tagSRIOV:
+			if len(v) < 7 {
+				return bad("SR-IOV PF: %d bytes, need 6 for the counts and a name", len(v))
+			}
+			if len(md.SRIOV) == maxSRIOVPFs {
+				return bad("more than %d SR-IOV PFs", maxSRIOVPFs)
+			}
+			md.SRIOV = append(md.SRIOV, PFCapacity{
+				Free:     int(binary.BigEndian.Uint16(v[0:2])),
+				Total:    int(binary.BigEndian.Uint16(v[2:4])),
+				FreeDPDK: int(binary.BigEndian.Uint16(v[4:6])),
+				PF:       string(v[6:]),
+			})
 		case tagClusterID:
 			if len(v) == 0 {
 				return bad("empty cluster ID field")
@@ -332,6 +390,30 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 		return Metadata{}, err
 	}
 	return md, nil
+}
+
+func (c PFCapacity) validate() error {
+	if c.PF == "" || len(c.PF) > maxPFNameLen {
+		return fmt.Errorf("name %q: 1-%d bytes, got %d", c.PF, maxPFNameLen, len(c.PF))
+	}
+	for i := 0; i < len(c.PF); i++ {
+		if ch := c.PF[i]; !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '_' || ch == '.' || ch == '-') {
+			return fmt.Errorf("name %q: byte %d (%q) is not one of [A-Za-z0-9_.-]", c.PF, i, ch)
+		}
+	}
+	if ch := c.PF[0]; ch == '_' || ch == '.' || ch == '-' {
+		return fmt.Errorf("name %q: must start with a letter or digit, as ipam.Network's pf does", c.PF)
+	}
+	if c.Total < 0 || c.Total > maxVFCount {
+		return fmt.Errorf("%s: total %d VFs, want 0-%d", c.PF, c.Total, maxVFCount)
+	}
+	if c.Free < 0 || c.Free > c.Total {
+		return fmt.Errorf("%s: %d free VFs, want 0-%d (the total)", c.PF, c.Free, c.Total)
+	}
+	if c.FreeDPDK < 0 || c.FreeDPDK > c.Free {
+		return fmt.Errorf("%s: %d free DPDK VFs, want 0-%d (the free ones)", c.PF, c.FreeDPDK, c.Free)
+	}
+	return nil
 }
 
 func addrBytes(a netip.Addr) []byte {
