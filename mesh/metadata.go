@@ -180,7 +180,7 @@ func (md *Metadata) Validate() error {
 		return bad("%d SR-IOV PFs, at most %d", len(md.SRIOV), maxSRIOVPFs)
 	}
 	for i, c := range md.SRIOV {
-		if err := c.validate(); err != nil {
+		if err := c.Validate(); err != nil {
 			return bad("SR-IOV PF %d: %v", i, err)
 		}
 		for _, o := range md.SRIOV[:i] {
@@ -392,7 +392,9 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 	return md, nil
 }
 
-func (c PFCapacity) validate() error {
+// Validate checks one PF's name and counts (the bounds Metadata.Validate
+// applies to each).
+func (c PFCapacity) Validate() error {
 	if c.PF == "" || len(c.PF) > maxPFNameLen {
 		return fmt.Errorf("name %q: 1-%d bytes, got %d", c.PF, maxPFNameLen, len(c.PF))
 	}

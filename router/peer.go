@@ -51,6 +51,8 @@ type Peer struct {
 	dnsServer *dns.Server
 	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
 	started   time.Time
+	// sriovSource reports the VF pool's counts, announced in gossip (router/sriovcaps.go).
+	sriovSource capacitySource
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.
