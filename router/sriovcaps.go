@@ -43,13 +43,18 @@ func capacityFrom[C ~struct {
 // maxVFCount is the largest count metadata carries (mesh bounds counts at 256).
 const maxVFCount = 256
 
-// sriovAnnouncement turns what the source reports into what metadata may carry: counts above
-// the bound saturate at it (a scheduler learns "at least 256"), entries metadata would refuse
-// (bad name, free above total, a PF named twice) are dropped with the reason, and the rest
-// are sorted by PF name, so an unchanged pool reads the same every tick. Pure; O(P log P).
+// sriovAnnouncement turns what the source reports into what metadata may carry. Counts are
+// clamped, never raised: total to the bound (a scheduler learns "at least 256"), free to the
+// total and free DPDK VFs to the free ones — the pool's counts and sysfs's can disagree for
+// a moment during a rescan, and announcing less than there is only sends a container
+// elsewhere. PFs metadata would refuse (a bad name, one named twice) are dropped with the
+// reason; the rest are sorted by PF name, so an unchanged pool reads the same every tick.
+// Pure; O(P log P).
 func sriovAnnouncement(in []mesh.PFCapacity) (out []mesh.PFCapacity, dropped []string) {
 	for _, c := range in {
-		c.Total, c.Free, c.FreeDPDK = min(c.Total, maxVFCount), min(c.Free, maxVFCount), min(c.FreeDPDK, maxVFCount)
+		c.Total = min(max(c.Total, 0), maxVFCount)
+		c.Free = min(max(c.Free, 0), c.Total)
+		c.FreeDPDK = min(max(c.FreeDPDK, 0), c.Free)
 		if err := c.Validate(); err != nil {
 			dropped = append(dropped, err.Error())
 			continue

@@ -20,15 +20,17 @@ import (
 	"github.com/weftnet/weft/mesh/identity"
 )
 
-// The pool's report becomes what metadata carries: sorted, counts saturated at 256, and
-// entries metadata would refuse left out with the reason.
+// The pool's report becomes what metadata carries: sorted, counts clamped (at 256, free at
+// the total, free DPDK at the free ones), and entries metadata would refuse left out with
+// the reason.
 func TestSRIOVAnnouncement(t *testing.T) {
 	in := []mesh.PFCapacity{
 		{PF: "ens2f0", Free: 2, Total: 4},
 		{PF: "ens1f0", Free: 3, Total: 4, FreeDPDK: 1},
 		{PF: "big0", Free: 300, Total: 512, FreeDPDK: 10},
 		{PF: "bad name", Free: 0, Total: 1},
-		{PF: "ens3f0", Free: 5, Total: 4},
+		{PF: "ens3f0", Free: 5, Total: 4, FreeDPDK: 6},
+		{PF: "ens4f0", Free: -1, Total: -2, FreeDPDK: -3},
 		{PF: "ens1f0", Free: 0, Total: 4},
 	}
 	got, dropped := sriovAnnouncement(in)
@@ -36,21 +38,39 @@ func TestSRIOVAnnouncement(t *testing.T) {
 		{PF: "big0", Free: 256, Total: 256, FreeDPDK: 10},
 		{PF: "ens1f0", Free: 3, Total: 4, FreeDPDK: 1},
 		{PF: "ens2f0", Free: 2, Total: 4},
+		{PF: "ens3f0", Free: 4, Total: 4, FreeDPDK: 4},
+		{PF: "ens4f0"},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("announced %+v, want %+v", got, want)
 	}
 	joined := strings.Join(dropped, "; ")
-	for _, w := range []string{`"bad name"`, "ens3f0: 5 free", "ens1f0 reported twice"} {
+	for _, w := range []string{`"bad name"`, "ens1f0 reported twice"} {
 		if !strings.Contains(joined, w) {
 			t.Errorf("dropped %q does not say %q", joined, w)
 		}
 	}
-	if len(dropped) != 3 {
-		t.Errorf("dropped %d entries, want 3: %q", len(dropped), dropped)
+	if len(dropped) != 2 {
+		t.Errorf("dropped %d entries, want 2: %q", len(dropped), dropped)
 	}
 	if got, dropped := sriovAnnouncement(nil); got != nil || dropped != nil {
 		t.Errorf("no PFs: %v %v", got, dropped)
+	}
+}
+
+// poolCapacity has the layout of the VF pool's router.SRIOVCapacity (on its own branch):
+// capacityFrom takes a source of it as it is.
+type poolCapacity struct {
+	PF       string
+	Free     int
+	Total    int
+	FreeDPDK int
+}
+
+func TestCapacityFromAdaptsThePoolsType(t *testing.T) {
+	src := capacityFrom(func() []poolCapacity { return []poolCapacity{{PF: "ens1f0", Free: 3, Total: 4, FreeDPDK: 1}} })
+	if got := src(); !reflect.DeepEqual(got, []mesh.PFCapacity{{PF: "ens1f0", Free: 3, Total: 4, FreeDPDK: 1}}) {
+		t.Fatalf("adapted %+v", got)
 	}
 }
 
