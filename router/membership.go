@@ -248,8 +248,8 @@ func (p *Peer) membershipRound(ctx context.Context, now time.Time, settle *settl
 }
 
 // membershipLight is the per-tick work whose inputs have no event: this peer's usage
-// (containers come and go), a client's table fetch when gossip said it is behind, and
-// blocks the table took away. O(blocks).
+// (containers come and go), its SR-IOV capacity, a client's table fetch when gossip said it
+// is behind, and blocks the table took away. O(blocks + VFs).
 func (p *Peer) membershipLight(ctx context.Context, now time.Time) {
 	p.updateMembershipMeta()
 	p.publishSRIOVCapacity() // at most once a tick: a change is gossiped within a second
