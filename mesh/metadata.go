@@ -105,7 +105,10 @@ const (
 	tagEncrypt    = 10 // one byte, 1; absent means false
 	tagTrusted    = 11 // repeated: address (4 or 16 bytes) then prefix length
 	tagPublicKey  = 12 // 32 bytes, ed25519
-	tagSRIOV      = 13 // repeated: free, total, free DPDK (2 bytes each, big endian), then PF name
+	// tagSRIOV holds every PF in one field (a repeated tag would not do: decoders before it
+	// refuse a repeated unknown tag below 64): per PF free, total, free DPDK (2 bytes each,
+	// big endian), name length (1 byte), name.
+	tagSRIOV = 13
 )
 
 const maxTrustedSubnets = 16
@@ -249,12 +252,16 @@ func (md *Metadata) Encode() ([]byte, error) {
 	if md.PublicKey != nil {
 		field(tagPublicKey, md.PublicKey)
 	}
-	for _, c := range md.SRIOV {
-		v := make([]byte, 0, 6+len(c.PF))
-		v = binary.BigEndian.AppendUint16(v, uint16(c.Free))
-		v = binary.BigEndian.AppendUint16(v, uint16(c.Total))
-		v = binary.BigEndian.AppendUint16(v, uint16(c.FreeDPDK))
-		field(tagSRIOV, append(v, c.PF...))
+	if len(md.SRIOV) > 0 { // at most 8 × 22 bytes: fits the one-byte length
+		var v []byte
+		for _, c := range md.SRIOV {
+			v = binary.BigEndian.AppendUint16(v, uint16(c.Free))
+			v = binary.BigEndian.AppendUint16(v, uint16(c.Total))
+			v = binary.BigEndian.AppendUint16(v, uint16(c.FreeDPDK))
+			v = append(v, byte(len(c.PF)))
+			v = append(v, c.PF...)
+		}
+		field(tagSRIOV, v)
 	}
 	if len(b) > MaxMetadataSize {
 		return nil, fmt.Errorf("%w: encoded size %d exceeds %d bytes", ErrBadMetadata, len(b), MaxMetadataSize)
@@ -292,7 +299,7 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 		}
 		v := b[off : off+n]
 		off += n
-		if tag != tagCapability && tag != tagTrusted && tag != tagSRIOV && tag < 64 {
+		if tag != tagCapability && tag != tagTrusted && tag < 64 {
 			if seen&(1<<tag) != 0 {
 				return bad("field %d repeated", tag)
 			}
@@ -359,18 +366,25 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 			}
 			md.PublicKey = ed25519.PublicKey(bytes.Clone(v))
 		case tagSRIOV:
-			if len(v) < 7 {
-				return bad("SR-IOV PF: %d bytes, need 6 for the counts and a name", len(v))
+			if len(v) == 0 {
+				return bad("empty SR-IOV field")
 			}
-			if len(md.SRIOV) == maxSRIOVPFs {
-				return bad("more than %d SR-IOV PFs", maxSRIOVPFs)
+			for len(v) > 0 {
+				if len(v) < 7 || len(v) < 7+int(v[6]) {
+					return bad("SR-IOV PF %d: truncated (%d bytes left)", len(md.SRIOV), len(v))
+				}
+				if len(md.SRIOV) == maxSRIOVPFs {
+					return bad("more than %d SR-IOV PFs", maxSRIOVPFs)
+				}
+				n := int(v[6])
+				md.SRIOV = append(md.SRIOV, PFCapacity{
+					Free:     int(binary.BigEndian.Uint16(v[0:2])),
+					Total:    int(binary.BigEndian.Uint16(v[2:4])),
+					FreeDPDK: int(binary.BigEndian.Uint16(v[4:6])),
+					PF:       string(v[7 : 7+n]),
+				})
+				v = v[7+n:]
 			}
-			md.SRIOV = append(md.SRIOV, PFCapacity{
-				Free:     int(binary.BigEndian.Uint16(v[0:2])),
-				Total:    int(binary.BigEndian.Uint16(v[2:4])),
-				FreeDPDK: int(binary.BigEndian.Uint16(v[4:6])),
-				PF:       string(v[6:]),
-			})
 		case tagClusterID:
 			if len(v) == 0 {
 				return bad("empty cluster ID field")

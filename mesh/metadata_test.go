@@ -195,8 +195,9 @@ func TestMetadataSRIOVRoundTrip(t *testing.T) {
 }
 
 // Without PFs the encoding is what older weft wrote; with them, it is that
-// encoding followed by the SR-IOV fields only (a tag older decoders skip), and
-// the old encoding decodes to no PFs.
+// encoding followed by one SR-IOV field (an unknown tag older decoders skip;
+// they refuse an unknown tag below 64 that repeats), and the old encoding
+// decodes to no PFs.
 func TestMetadataSRIOVKeepsOldEncoding(t *testing.T) {
 	old, err := hex.DecodeString(fullMetadataEncoding)
 	if err != nil {
@@ -228,8 +229,27 @@ func TestMetadataSRIOVKeepsOldEncoding(t *testing.T) {
 	if !bytes.HasPrefix(b, old) {
 		t.Fatalf("SR-IOV PFs changed the bytes before them:\n got %x\nwant prefix %x", b, old)
 	}
+	// Decoders before the field refuse metadata in which a tag below 64, other
+	// than the capability and trusted-subnet tags, repeats: with eight PFs none does.
+	many := sriovMetadata()
+	many.SRIOV = nil
+	for i := 0; i < maxSRIOVPFs; i++ {
+		many.SRIOV = append(many.SRIOV, PFCapacity{PF: fmt.Sprintf("ens%df0", i), Free: 1, Total: 2})
+	}
+	enc, err := many.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[byte]bool{}
+	for off := 1; off < len(enc); off += 2 + int(enc[off+1]) {
+		tag := enc[off]
+		if seen[tag] && tag != tagCapability && tag != tagTrusted && tag < 64 {
+			t.Fatalf("tag %d repeats: older peers would refuse this metadata", tag)
+		}
+		seen[tag] = true
+	}
 	rest := b[len(old):]
-	want := []byte{tagSRIOV, 12, 0, 3, 0, 4, 0, 1, 'e', 'n', 's', '1', 'f', '0', tagSRIOV, 12, 0, 0, 0, 8, 0, 0, 'e', 'n', 's', '1', 'f', '1'}
+	want := []byte{tagSRIOV, 26, 0, 3, 0, 4, 0, 1, 6, 'e', 'n', 's', '1', 'f', '0', 0, 0, 0, 8, 0, 0, 6, 'e', 'n', 's', '1', 'f', '1'}
 	if !bytes.Equal(rest, want) {
 		t.Fatalf("SR-IOV fields %v, want %v", rest, want)
 	}
@@ -259,7 +279,7 @@ func TestMetadataSRIOVWorstCaseFits(t *testing.T) {
 	if err != nil {
 		t.Fatalf("worst case does not encode: %v", err)
 	}
-	t.Logf("worst case: %d of %d bytes (SR-IOV PFs take %d)", len(b), MaxMetadataSize, maxSRIOVPFs*(2+6+maxPFNameLen))
+	t.Logf("worst case: %d of %d bytes (SR-IOV PFs take %d)", len(b), MaxMetadataSize, 2+maxSRIOVPFs*(7+maxPFNameLen))
 	got, err := DecodeMetadata(b)
 	if err != nil || !reflect.DeepEqual(got, md) {
 		t.Fatalf("worst case round trip: %+v, %v", got, err)
@@ -301,34 +321,34 @@ func TestMetadataSRIOVEncodeRejects(t *testing.T) {
 
 func TestDecodeMetadataSRIOVRejects(t *testing.T) {
 	base, _ := hex.DecodeString(fullMetadataEncoding)
-	field := func(free, total, dpdk uint16, name string) []byte {
-		return append([]byte{tagSRIOV, byte(6 + len(name)), byte(free >> 8), byte(free), byte(total >> 8), byte(total), byte(dpdk >> 8), byte(dpdk)}, name...)
+	pf := func(free, total, dpdk uint16, name string) []byte {
+		return append([]byte{byte(free >> 8), byte(free), byte(total >> 8), byte(total), byte(dpdk >> 8), byte(dpdk), byte(len(name))}, name...)
 	}
-	with := func(fields ...[]byte) []byte {
-		b := bytes.Clone(base)
-		for _, f := range fields {
-			b = append(b, f...)
-		}
-		return b
+	field := func(pfs ...[]byte) []byte {
+		v := bytes.Join(pfs, nil)
+		return append([]byte{tagSRIOV, byte(len(v))}, v...)
 	}
+	with := func(fields ...[]byte) []byte { return append(bytes.Clone(base), bytes.Join(fields, nil)...) }
 	var nine [][]byte
 	for i := 0; i <= maxSRIOVPFs; i++ {
-		nine = append(nine, field(0, 1, 0, fmt.Sprintf("pf%d", i)))
+		nine = append(nine, pf(0, 1, 0, fmt.Sprintf("pf%d", i)))
 	}
 	for name, b := range map[string][]byte{
-		"no name":      with([]byte{tagSRIOV, 6, 0, 0, 0, 1, 0, 0}),
-		"short counts": with([]byte{tagSRIOV, 3, 0, 1, 'x'}),
-		"empty":        with([]byte{tagSRIOV, 0}),
-		"nine PFs":     with(nine...),
-		"free > total": with(field(5, 4, 0, "ens1")),
-		"dpdk > free":  with(field(1, 4, 2, "ens1")),
-		"total 300":    with(field(0, 300, 0, "ens1")),
-		"total 65535":  with(field(65535, 65535, 65535, "ens1")),
-		"bad name":     with(field(0, 1, 0, "ens\x001")),
-		"long name":    with(field(0, 1, 0, "enp1234567890abc")),
-		"duplicate PF": with(field(0, 1, 0, "ens1"), field(1, 1, 0, "ens1")),
-		"truncated":    with(field(0, 1, 0, "ens1"))[:len(base)+7],
-		"overrun":      with([]byte{tagSRIOV, 20, 0, 0, 0, 1, 0, 0, 'e'}),
+		"empty field":   with(field()),
+		"no name":       with(field(pf(0, 1, 0, ""))),
+		"short counts":  with([]byte{tagSRIOV, 3, 0, 1, 0}),
+		"name overruns": with([]byte{tagSRIOV, 9, 0, 0, 0, 1, 0, 0, 5, 'e', 'n'}),
+		"trailing byte": with(field(pf(0, 1, 0, "ens1"), []byte{0})),
+		"nine PFs":      with(field(nine...)),
+		"free > total":  with(field(pf(5, 4, 0, "ens1"))),
+		"dpdk > free":   with(field(pf(1, 4, 2, "ens1"))),
+		"total 300":     with(field(pf(0, 300, 0, "ens1"))),
+		"total 65535":   with(field(pf(65535, 65535, 65535, "ens1"))),
+		"bad name":      with(field(pf(0, 1, 0, "ens\x001"))),
+		"long name":     with(field(pf(0, 1, 0, "enp1234567890abc"))),
+		"duplicate PF":  with(field(pf(0, 1, 0, "ens1"), pf(1, 1, 0, "ens1"))),
+		"field twice":   with(field(pf(0, 1, 0, "ens1")), field(pf(0, 1, 0, "ens2"))),
+		"truncated":     with(field(pf(0, 1, 0, "ens1")))[:len(base)+8],
 	} {
 		md, err := DecodeMetadata(b)
 		if !errors.Is(err, ErrBadMetadata) {
@@ -336,7 +356,7 @@ func TestDecodeMetadataSRIOVRejects(t *testing.T) {
 		}
 	}
 	// The error names the PF and what is wrong with it.
-	_, err := DecodeMetadata(with(field(5, 4, 0, "ens1f0")))
+	_, err := DecodeMetadata(with(field(pf(5, 4, 0, "ens1f0"))))
 	if err == nil || !strings.Contains(err.Error(), "ens1f0") || !strings.Contains(err.Error(), "free") {
 		t.Errorf("error does not say what is wrong: %v", err)
 	}
@@ -353,7 +373,7 @@ func TestGarbageSRIOVMetadataIsRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bad := append(good, tagSRIOV, 10, 0, 9, 0, 4, 0, 0, 'e', 'n', 's', '1') // 9 free of 4
+	bad := append(good, tagSRIOV, 11, 0, 9, 0, 4, 0, 0, 4, 'e', 'n', 's', '1') // 9 free of 4
 
 	mc := memberlist.DefaultLANConfig()
 	mc.Name = "liar"
