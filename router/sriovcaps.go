@@ -85,7 +85,9 @@ func fitAnnouncement(md mesh.Metadata, pfs []mesh.PFCapacity) (fit []mesh.PFCapa
 	return nil, nil // md is bad without any PF: not this function's to report
 }
 
-// metaPublisher is what announcing capacity needs of the mesh (*mesh.Mesh).
+// metaPublisher is what announcing capacity needs of the mesh (*mesh.Mesh). Both methods are
+// safe for concurrent use; UpdateMetadata may block for a few gossip intervals while
+// memberlist sends the alive message that carries the change.
 type metaPublisher interface {
 	Local() mesh.Peer
 	UpdateMetadata(func(*mesh.Metadata)) error
@@ -96,8 +98,8 @@ type metaPublisher interface {
 // UpdateNode), and push/pull repairs a lost one. The router calls it once a membership tick
 // (membershipLight, every second), so a change is re-published at most once a second and
 // coalesced with any others of that second, and other peers see it within about a second
-// plus a gossip round. It reports whether it published. O(PFs) and one encode; no gossip when
-// nothing changed.
+// plus a gossip round. It reports whether it published. O(VFs) for the source, O(PFs) and one
+// encode here (at most nine when PFs do not fit); no gossip when nothing changed.
 func publishCapacity(m metaPublisher, src capacitySource, log *slog.Logger) bool {
 	var reported []mesh.PFCapacity
 	if src != nil {
