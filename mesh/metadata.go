@@ -24,6 +24,11 @@ const (
 	maxCapabilities  = 16
 	maxCapabilityLen = 32
 	maxVersionLen    = 64
+	// maxSRIOVPFs and maxVFCount bound the SR-IOV capacity: a host has a few
+	// PFs, and sriov_totalvfs of current NICs is at most 256.
+	maxSRIOVPFs  = 8
+	maxVFCount   = 256
+	maxPFNameLen = 15 // IFNAMSIZ - 1
 )
 
 // Metadata is what a peer tells the others about itself, carried in
@@ -65,6 +70,24 @@ type Metadata struct {
 	// usage) against it. Pinned on first sight (see keypins.go). nil: none
 	// (the mesh refuses such peers; Mesh.New fills in its own).
 	PublicKey ed25519.PublicKey
+	// SRIOV says, per physical function, how many of its virtual functions
+	// this peer could hand to a container now (at most 8 PFs, each named
+	// once). Empty: no SR-IOV PF, or a peer older than this field.
+	SRIOV []PFCapacity
+}
+
+// PFCapacity is one SR-IOV physical function of a peer and its VFs. The
+// field layout matches router.SRIOVCapacity so the router converts one to the
+// other directly.
+type PFCapacity struct {
+	// PF is the physical function's interface name: 1-15 bytes of
+	// [A-Za-z0-9_.-], the first a letter or digit.
+	PF string
+	// Free counts the VFs that could be handed out now, of either kind;
+	// Total counts the VFs the PF has; FreeDPDK counts the free VFs bound
+	// to a userspace driver (a subset of Free). 0 <= FreeDPDK <= Free <=
+	// Total <= 256.
+	Free, Total, FreeDPDK int
 }
 
 // Field tags of the encoding. Tags 1–63 are defined by this version;
@@ -82,6 +105,10 @@ const (
 	tagEncrypt    = 10 // one byte, 1; absent means false
 	tagTrusted    = 11 // repeated: address (4 or 16 bytes) then prefix length
 	tagPublicKey  = 12 // 32 bytes, ed25519
+	// tagSRIOV holds every PF in one field (a repeated tag would not do: decoders before it
+	// refuse a repeated unknown tag below 64): per PF free, total, free DPDK (2 bytes each,
+	// big endian), name length (1 byte), name.
+	tagSRIOV = 13
 )
 
 const maxTrustedSubnets = 16
@@ -95,6 +122,7 @@ func (md *Metadata) HasCapability(c string) bool {
 func (md Metadata) Clone() Metadata {
 	md.Capabilities = slices.Clone(md.Capabilities)
 	md.TrustedSubnets = slices.Clone(md.TrustedSubnets)
+	md.SRIOV = slices.Clone(md.SRIOV)
 	if md.VTEPMAC != nil {
 		md.VTEPMAC = slices.Clone(md.VTEPMAC)
 	}
@@ -150,6 +178,19 @@ func (md *Metadata) Validate() error {
 	}
 	if md.PublicKey != nil && len(md.PublicKey) != ed25519.PublicKeySize {
 		return bad("public key: %d bytes, need %d", len(md.PublicKey), ed25519.PublicKeySize)
+	}
+	if len(md.SRIOV) > maxSRIOVPFs {
+		return bad("%d SR-IOV PFs, at most %d", len(md.SRIOV), maxSRIOVPFs)
+	}
+	for i, c := range md.SRIOV {
+		if err := c.Validate(); err != nil {
+			return bad("SR-IOV PF %d: %v", i, err)
+		}
+		for _, o := range md.SRIOV[:i] {
+			if o.PF == c.PF {
+				return bad("SR-IOV PF %q listed twice", c.PF)
+			}
+		}
 	}
 	if len(md.Version) > maxVersionLen {
 		return bad("version: %d bytes, at most %d", len(md.Version), maxVersionLen)
@@ -210,6 +251,17 @@ func (md *Metadata) Encode() ([]byte, error) {
 	}
 	if md.PublicKey != nil {
 		field(tagPublicKey, md.PublicKey)
+	}
+	if len(md.SRIOV) > 0 { // at most 8 × 22 bytes: fits the one-byte length
+		var v []byte
+		for _, c := range md.SRIOV {
+			v = binary.BigEndian.AppendUint16(v, uint16(c.Free))
+			v = binary.BigEndian.AppendUint16(v, uint16(c.Total))
+			v = binary.BigEndian.AppendUint16(v, uint16(c.FreeDPDK))
+			v = append(v, byte(len(c.PF)))
+			v = append(v, c.PF...)
+		}
+		field(tagSRIOV, v)
 	}
 	if len(b) > MaxMetadataSize {
 		return nil, fmt.Errorf("%w: encoded size %d exceeds %d bytes", ErrBadMetadata, len(b), MaxMetadataSize)
@@ -313,6 +365,26 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 				return bad("public key: %d bytes, need %d", len(v), ed25519.PublicKeySize)
 			}
 			md.PublicKey = ed25519.PublicKey(bytes.Clone(v))
+		case tagSRIOV:
+			if len(v) == 0 {
+				return bad("empty SR-IOV field")
+			}
+			for len(v) > 0 {
+				if len(v) < 7 || len(v) < 7+int(v[6]) {
+					return bad("SR-IOV PF %d: truncated (%d bytes left)", len(md.SRIOV), len(v))
+				}
+				if len(md.SRIOV) == maxSRIOVPFs {
+					return bad("more than %d SR-IOV PFs", maxSRIOVPFs)
+				}
+				n := int(v[6])
+				md.SRIOV = append(md.SRIOV, PFCapacity{
+					Free:     int(binary.BigEndian.Uint16(v[0:2])),
+					Total:    int(binary.BigEndian.Uint16(v[2:4])),
+					FreeDPDK: int(binary.BigEndian.Uint16(v[4:6])),
+					PF:       string(v[7 : 7+n]),
+				})
+				v = v[7+n:]
+			}
 		case tagClusterID:
 			if len(v) == 0 {
 				return bad("empty cluster ID field")
@@ -332,6 +404,32 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 		return Metadata{}, err
 	}
 	return md, nil
+}
+
+// Validate checks one PF's name and counts (the bounds Metadata.Validate
+// applies to each).
+func (c PFCapacity) Validate() error {
+	if c.PF == "" || len(c.PF) > maxPFNameLen {
+		return fmt.Errorf("name %q: 1-%d bytes, got %d", c.PF, maxPFNameLen, len(c.PF))
+	}
+	for i := 0; i < len(c.PF); i++ {
+		if ch := c.PF[i]; !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '_' || ch == '.' || ch == '-') {
+			return fmt.Errorf("name %q: byte %d (%q) is not one of [A-Za-z0-9_.-]", c.PF, i, ch)
+		}
+	}
+	if ch := c.PF[0]; ch == '_' || ch == '.' || ch == '-' {
+		return fmt.Errorf("name %q: must start with a letter or digit, as ipam.Network's pf does", c.PF)
+	}
+	if c.Total < 0 || c.Total > maxVFCount {
+		return fmt.Errorf("%s: total %d VFs, want 0-%d", c.PF, c.Total, maxVFCount)
+	}
+	if c.Free < 0 || c.Free > c.Total {
+		return fmt.Errorf("%s: %d free VFs, want 0-%d (the total)", c.PF, c.Free, c.Total)
+	}
+	if c.FreeDPDK < 0 || c.FreeDPDK > c.Free {
+		return fmt.Errorf("%s: %d free DPDK VFs, want 0-%d (the free ones)", c.PF, c.FreeDPDK, c.Free)
+	}
+	return nil
 }
 
 func addrBytes(a netip.Addr) []byte {

@@ -169,6 +169,7 @@ func (p *Peer) apiHandler() http.Handler {
 	})
 	route("", "/v1/networks", "networks", p.networksEndpoint)
 	route("", "/v1/networks/{name}", "network", p.networkEndpoint)
+	route(http.MethodGet, "/v1/capacity", "capacity", p.capacityEndpoint)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})

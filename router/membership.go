@@ -248,10 +248,11 @@ func (p *Peer) membershipRound(ctx context.Context, now time.Time, settle *settl
 }
 
 // membershipLight is the per-tick work whose inputs have no event: this peer's usage
-// (containers come and go), a client's table fetch when gossip said it is behind, and
-// blocks the table took away. O(blocks).
+// (containers come and go), its SR-IOV capacity, a client's table fetch when gossip said it
+// is behind, and blocks the table took away. O(blocks + VFs).
 func (p *Peer) membershipLight(ctx context.Context, now time.Time) {
 	p.updateMembershipMeta()
+	p.publishSRIOVCapacity() // at most once a tick: a change is gossiped within a second
 	p.cluster.SyncTable(ctx, now)
 	p.checkOwnership()
 	p.releaseIdleBlocks(ctx)
@@ -425,6 +426,8 @@ type PeerStatus struct {
 	RaftRole  string `json:"raft_role"`
 	ClusterID string `json:"cluster_id,omitempty"`
 	Version   string `json:"version"`
+	// SRIOV is the peer's SR-IOV PFs and their VFs, as it announces them.
+	SRIOV []PFStatus `json:"sriov"`
 }
 
 func (p *Peer) peerStatus() []PeerStatus {
@@ -439,7 +442,7 @@ func (p *Peer) peerStatus() []PeerStatus {
 			Name: pr.Name, Address: pr.Meta.Underlay.String(), GossipAddr: pr.Addr.String(),
 			State: pr.State.String(), Capabilities: caps, Since: pr.Since, Self: pr.Self,
 			RaftMember: pr.Meta.RaftMember, ClusterID: pr.Meta.ClusterID, Version: pr.Meta.Version,
-			RaftRole: raftRole(pr.Name, pr.Meta.RaftMember, cs),
+			RaftRole: raftRole(pr.Name, pr.Meta.RaftMember, cs), SRIOV: pfStatus(pr.Meta.SRIOV),
 		})
 	}
 	return out

@@ -52,6 +52,8 @@ type Peer struct {
 	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
 	sriov     *sriovPart // the VF pool of SR-IOV networks (router/sriov.go)
 	started   time.Time
+	// sriovSource reports the VF pool's counts, announced in gossip (router/sriovcaps.go).
+	sriovSource capacitySource
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.

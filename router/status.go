@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/weftnet/weft/ipam"
+	"github.com/weftnet/weft/mesh"
 )
 
 // Status is what GET /v1/status answers and `weft status --json` prints.
@@ -67,4 +68,23 @@ func (p *Peer) status() Status {
 		})
 	}
 	return st
+}
+
+// PFStatus is one SR-IOV physical function of a peer in `weft status peers`.
+type PFStatus struct {
+	PF string `json:"pf"`
+	// Free counts the VFs the peer could hand out now, of either kind; FreeDPDK those of
+	// them bound to a userspace driver; Total every VF of the PF.
+	Free     int `json:"free"`
+	FreeDPDK int `json:"free_dpdk"`
+	Total    int `json:"total"`
+}
+
+// pfStatus lists a peer's announced PFs; empty, not nil, when it has none.
+func pfStatus(pfs []mesh.PFCapacity) []PFStatus {
+	out := make([]PFStatus, 0, len(pfs))
+	for _, c := range pfs {
+		out = append(out, PFStatus{PF: c.PF, Free: c.Free, FreeDPDK: c.FreeDPDK, Total: c.Total})
+	}
+	return out
 }

@@ -114,3 +114,36 @@ func TestPrintRoutesOneRowPerClass(t *testing.T) {
 		}
 	}
 }
+
+// `weft status peers` shows each peer's SR-IOV PFs as free/total (and free DPDK VFs), "-"
+// for none; JSON carries them.
+func TestPrintPeersSRIOV(t *testing.T) {
+	since := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	peers := []router.PeerStatus{
+		{Name: "a", State: "alive", Address: "192.0.2.10", RaftRole: "voter", Capabilities: []string{"vxlan"}, Since: since, Self: true,
+			SRIOV: []router.PFStatus{{PF: "ens1f0", Free: 3, FreeDPDK: 1, Total: 4}, {PF: "ens1f1", Free: 0, Total: 8}}},
+		{Name: "b", State: "alive", Address: "192.0.2.20", RaftRole: "voter", Capabilities: []string{"vxlan"}, Since: since, SRIOV: []router.PFStatus{}},
+		{Name: "c", State: "alive", Address: "192.0.2.30", Capabilities: []string{}, Since: since}, // an older peer
+	}
+	var out bytes.Buffer
+	printPeers(&out, peers)
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	want := []string{
+		"NAME STATE ADDRESS RAFT CAPABILITIES SINCE SR-IOV",
+		"a (self) alive 192.0.2.10 voter vxlan 2026-01-02T03:04:05Z ens1f0 3/4 (dpdk 1), ens1f1 0/8",
+		"b alive 192.0.2.20 voter vxlan 2026-01-02T03:04:05Z -",
+		"c alive 192.0.2.30 - 2026-01-02T03:04:05Z -",
+	}
+	if len(lines) != len(want) {
+		t.Fatalf("want a header and 3 rows:\n%s", out.String())
+	}
+	for i, w := range want {
+		if got := strings.Join(strings.Fields(lines[i]), " "); got != w {
+			t.Errorf("line %d %q, want %q", i, got, w)
+		}
+	}
+	data, _ := json.Marshal(peers[0])
+	if !strings.Contains(string(data), `"sriov":[{"pf":"ens1f0","free":3,"free_dpdk":1,"total":4},{"pf":"ens1f1","free":0,"free_dpdk":0,"total":8}]`) {
+		t.Fatalf("JSON %s", data)
+	}
+}
