@@ -70,13 +70,15 @@ func New(cfg Config) (*Peer, error) {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return &Peer{
+	p := &Peer{
 		cfg:     cfg,
 		log:     cfg.Logger,
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
-	}, nil
+	}
+	p.sriovSource = capacityFrom(p.sriovCapacity) // the VF pool's counts, announced in gossip
+	return p, nil
 }
 
 // Ready is closed once the control API accepts requests.
