@@ -142,6 +142,13 @@ type Config struct {
 	DNSUpstreams []string
 	// DNSDownGrace is how long a dead peer's names stay in answers.
 	DNSDownGrace time.Duration
+
+	// ValidatePolicy checks policy files (issue #15; the lead wires netpol.Parse); nil: this
+	// peer refuses `weft policy apply` with a 400 saying so.
+	ValidatePolicy ipam.PolicyValidator
+	// OnPolicies, when set, gets the cluster's whole policy table each time it changes, from
+	// the membership loop (router/policies.go syncPolicies); it must not block for long.
+	OnPolicies func([]ipam.PolicyObject)
 }
 
 // DefaultConfig returns the documented defaults; Name must still be set.

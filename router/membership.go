@@ -272,6 +272,7 @@ func (p *Peer) updateMembershipMeta() {
 // while partitioned) and reports the attachments left in them.
 func (p *Peer) checkOwnership() bool {
 	p.syncNetworks()
+	p.syncPolicies()
 	if err := p.alloc.CheckOwnership(); err != nil {
 		p.log.Warn("could not check block ownership; will retry", "err", err)
 		return false
