@@ -67,9 +67,11 @@ func TestAttachmentLabelsAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	var raw []byte
-	db.View(func(tx *bolt.Tx) error { raw = append(raw, tx.Bucket(bucketAttachments).Get([]byte("web/eth0"))...); return nil })
+	db.View(func(tx *bolt.Tx) error {
+		raw = append(raw, tx.Bucket(bucketAttachments).Get([]byte("web/eth0"))...)
+		return nil
+	})
 	if rec, _ := b.Get(Key{"web", "eth0"}); rec.Labels != nil || len(raw) == 0 || bytes.Contains(raw, []byte("labels")) {
 		t.Fatalf("after removing every label: %+v %s", rec, raw)
 	}
 }
-
