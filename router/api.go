@@ -170,6 +170,13 @@ func (p *Peer) apiHandler() http.Handler {
 	route("", "/v1/networks", "networks", p.networksEndpoint)
 	route("", "/v1/networks/{name}", "network", p.networkEndpoint)
 	route("", "/v1/policies", "policies", p.policiesEndpoint)
+	route(http.MethodPost, "/v1/labels", "labels", func(r *http.Request) (any, error) {
+		var req LabelRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return p.setLabels(req)
+	})
 	route("", "/v1/policies/{name}", "policy", p.policyEndpoint)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})

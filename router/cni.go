@@ -134,6 +134,7 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	rec, existed, err := p.alloc.Allocate(withArrival(ctx, arrived), ipam.Attachment{
 		ContainerID: req.ContainerID, IfName: req.IfName, Network: network.Name, CNINetwork: req.CNINetwork,
 		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu, Services: req.Services, Secondary: secondary,
+		Labels: req.Labels,
 	})
 	if err != nil {
 		return nil, err
@@ -154,6 +155,7 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 		return nil, err
 	}
 	p.registerName(rec.Name, rec.Address, rec.Services)
+	p.publishLabels(rec)
 	p.log.Info("attached", "container", req.ContainerID, "ifname", req.IfName, "network", network.Name,
 		"address", want.Address, "name", rec.Name, "secondary", secondary)
 	return &cni.AttachResult{
@@ -278,6 +280,7 @@ func (p *Peer) detach(key ipam.Key) error {
 	}
 	if released {
 		p.dnsRep.RemoveContainer(rec.Name, []netip.Addr{rec.Address})
+		p.unpublishLabels(rec)
 		p.log.Info("detached", "container", key.ContainerID, "ifname", key.IfName, "address", rec.Address)
 	}
 	return nil

@@ -78,6 +78,9 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err := m.RegisterChannel(dnsChannel, p.dnsRep); err != nil {
 		return nil, err
 	}
+	if err := m.RegisterChannel(labelsChannel, p.labels); err != nil {
+		return nil, err
+	}
 	if err := m.RegisterChannel(mesh.LinkStateChannelName, p.linkStateChannel(m)); err != nil {
 		return nil, err
 	}

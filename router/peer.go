@@ -51,6 +51,7 @@ type Peer struct {
 	dnsServer   *dns.Server
 	dnsListen   *dnsListen  // follows networks and gateway addresses (router/dns.go)
 	policyWatch policyWatch // what OnPolicies last saw (router/policies.go)
+	labels      *labelStore // container labels, ours and gossiped (router/labels.go)
 	started     time.Time
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
