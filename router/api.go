@@ -247,6 +247,7 @@ func (p *Peer) removePeer(ctx context.Context, req RemovePeerRequest) (*RemovePe
 		res.Released = append(res.Released, b.String())
 	}
 	p.log.Info("removed peer", "peer", req.Name, "released", len(released))
+	p.labels.forgetPeer(req.Name) // its containers are gone with it
 	// A removed name may come back on a reinstalled host with a new identity key.
 	if err := p.mesh.Unpin(req.Name); err != nil {
 		p.log.Warn("rmpeer: key pin not cleared", "peer", req.Name, "err", err)

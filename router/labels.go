@@ -132,6 +132,11 @@ type labelStore struct {
 	perPeer map[string]int
 	clock   uint64
 	changed chan struct{} // signalled (never blocking) when any record changed
+	// down maps a peer the mesh reported dead or gone to when; its records are dropped once
+	// it stays down downGrace, and refused from gossip from then until it is back (so that
+	// a peer that has not dropped them yet cannot bring them back).
+	down      map[string]time.Time
+	downGrace time.Duration
 }
 
 type labelStoreConfig struct {
@@ -141,17 +146,22 @@ type labelStoreConfig struct {
 	Broadcast func(msg []byte) error
 	// Registerer takes weft_labels_refused_total; nil registers nothing.
 	Registerer prometheus.Registerer
+	// DownGrace is how long a dead peer's records are kept (as its DNS names are); 0: 30 s.
+	DownGrace time.Duration
 }
 
 func newLabelStore(cfg labelStoreConfig) (*labelStore, error) {
 	s := &labelStore{
 		self: cfg.Self, keys: cfg.Keys, broadcast: cfg.Broadcast, now: time.Now,
 		recs: map[labelKey]labelRecord{}, deleted: map[labelKey]time.Time{}, perPeer: map[string]int{},
-		changed: make(chan struct{}, 1),
+		changed: make(chan struct{}, 1), down: map[string]time.Time{}, downGrace: cfg.DownGrace,
 		refusedC: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_labels_refused_total",
 			Help: "Gossiped container label records refused (nothing changed), by reason.",
 		}, []string{"reason"}),
+	}
+	if s.downGrace <= 0 {
+		s.downGrace = 30 * time.Second
 	}
 	if cfg.Signer != nil {
 		s.sign = func(msg []byte) []byte { return cfg.Signer.Sign(labelSignDomain, msg) }
@@ -245,9 +255,15 @@ func (s *labelStore) merge(recs []labelRecord) int {
 		s.mu.Lock()
 		cur, have := s.recs[k]
 		full := !have && s.perPeer[r.Peer] >= maxLabelRecordsPerPeer
+		downAt, isDown := s.down[r.Peer]
+		expired := isDown && s.now().Sub(downAt) >= s.downGrace
 		s.mu.Unlock()
 		if have && cur.Version >= r.Version {
 			continue // old news: not worth a signature check
+		}
+		if expired {
+			s.refuse("down", fmt.Errorf("record of %s, which is down", r.Peer))
+			continue
 		}
 		if full {
 			s.refuse("full", fmt.Errorf("peer %s has %d label records, at most %d", r.Peer, maxLabelRecordsPerPeer, maxLabelRecordsPerPeer))
@@ -287,13 +303,16 @@ func (s *labelStore) NotifyMsg(msg []byte) {
 	s.merge(m.Records)
 }
 
-// LocalState is every record known, after dropping tombstones old enough that every peer
-// has seen them. O(records).
-func (s *labelStore) LocalState(bool) []byte {
-	s.mu.Lock()
+// sweepLocked drops tombstones old enough that every peer has seen them, and the records of
+// peers down longer than downGrace. Caller holds mu. O(records).
+func (s *labelStore) sweepLocked() {
 	now := s.now()
-	for k, at := range s.deleted {
-		if now.Sub(at) > labelTombstoneAge {
+	dropped := false
+	for k, r := range s.recs {
+		at, isDown := s.down[k.peer]
+		gone := isDown && now.Sub(at) >= s.downGrace
+		if del, ok := s.deleted[k]; gone || (ok && now.Sub(del) > labelTombstoneAge) {
+			dropped = dropped || !r.Deleted
 			delete(s.deleted, k)
 			delete(s.recs, k)
 			if s.perPeer[k.peer]--; s.perPeer[k.peer] <= 0 {
@@ -301,6 +320,30 @@ func (s *labelStore) LocalState(bool) []byte {
 			}
 		}
 	}
+	if dropped {
+		s.notify()
+	}
+}
+
+// peerDown and peerUp are the membership hooks (as DNS has them).
+func (s *labelStore) peerDown(peer string) {
+	s.mu.Lock()
+	if _, ok := s.down[peer]; !ok {
+		s.down[peer] = s.now()
+	}
+	s.mu.Unlock()
+}
+
+func (s *labelStore) peerUp(peer string) {
+	s.mu.Lock()
+	delete(s.down, peer)
+	s.mu.Unlock()
+}
+
+// LocalState is every record known, after a sweep. O(records).
+func (s *labelStore) LocalState(bool) []byte {
+	s.mu.Lock()
+	s.sweepLocked()
 	m := labelMessage{Records: make([]labelRecord, 0, len(s.recs))}
 	for _, r := range s.recs {
 		m.Records = append(m.Records, r)
@@ -341,6 +384,7 @@ func (s *labelStore) forgetPeer(peer string) {
 // remote lists the live records of other peers, by peer and address. O(records).
 func (s *labelStore) remote() []EndpointInfo {
 	s.mu.Lock()
+	s.sweepLocked()
 	out := make([]EndpointInfo, 0, len(s.recs))
 	for _, r := range s.recs {
 		if r.Deleted || r.Peer == s.self {

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -262,5 +263,37 @@ func TestLabelAPI(t *testing.T) {
 		if r.Container == "web1" && !r.Deleted {
 			t.Fatalf("DEL left a live record: %+v", r)
 		}
+	}
+}
+
+// A peer down past the grace loses its records, and gossip cannot bring them back until it
+// is up again; rmpeer forgets them at once.
+func TestLabelPeerDown(t *testing.T) {
+	a, b, _, _ := labelPair(t)
+	now := time.Unix(1_000_000, 0)
+	b.now = func() time.Time { return now }
+	a.publish(labelled("db", "10.40.0.2", map[string]string{"app": "db"}))
+	state := a.LocalState(false)
+	b.MergeRemoteState(state, false)
+	b.peerDown("a")
+	if got := b.remote(); len(got) != 1 {
+		t.Fatalf("records dropped before the grace: %+v", got)
+	}
+	now = now.Add(b.downGrace)
+	if got := b.remote(); len(got) != 0 {
+		t.Fatalf("records of a peer down past the grace: %+v", got)
+	}
+	b.MergeRemoteState(state, false)
+	if got := b.remote(); len(got) != 0 || testutil.ToFloat64(b.refusedC.WithLabelValues("down")) != 1 {
+		t.Fatalf("push/pull brought a down peer's records back: %+v", got)
+	}
+	b.peerUp("a")
+	b.MergeRemoteState(state, false)
+	if got := b.remote(); len(got) != 1 {
+		t.Fatalf("records of a peer back up: %+v", got)
+	}
+	b.forgetPeer("a")
+	if got := b.remote(); len(got) != 0 {
+		t.Fatalf("after forgetPeer: %+v", got)
 	}
 }

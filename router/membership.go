@@ -340,8 +340,10 @@ func (p *Peer) peerEvent(ev mesh.Event, sync func(name string)) {
 		if p.dnsRep.PeerUp(ev.Peer.Name) {
 			sync(ev.Peer.Name)
 		}
+		p.labels.peerUp(ev.Peer.Name)
 	case mesh.EventDead, mesh.EventLeave:
 		p.dnsRep.PeerDown(ev.Peer.Name)
+		p.labels.peerDown(ev.Peer.Name)
 	}
 }
 
