@@ -9,6 +9,7 @@ import (
 	"io"
 	"strings"
 	"testing"
+	"time"
 )
 
 // fakePolicy is a validator standing in for netpol.Parse: a JSON object with a "network";
@@ -267,4 +268,49 @@ func TestClusterPolicies(t *testing.T) {
 	if _, err := c.PutPolicy(ctx, "db", []byte(`{"network":"default"}`)); !errors.Is(err, ErrInvalidPolicy) || !strings.Contains(err.Error(), "no policy validator") {
 		t.Fatalf("put without a validator: %v", err)
 	}
+}
+
+// A client (outside the Raft configuration) learns policies as it learns blocks: a small
+// put by its gossiped delta, one too large to gossip by the fetch its stripped delta causes,
+// and a removal; its own puts are forwarded.
+func TestClientsLearnPolicies(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.nonvoters = 0
+	tc.bootstrap("p1", "p2", "p3")
+	tc.nameCluster()
+	tc.start("c1")
+	for _, n := range tc.liveNodes() {
+		n.c.cfg.ValidatePolicy = fakePolicy
+	}
+	for i := 0; i < 5; i++ {
+		tc.gossip()
+		for _, n := range tc.liveNodes() {
+			n.c.Reconcile(context.Background(), tc.members(), time.Now())
+		}
+	}
+	c1 := tc.nodes["c1"].c
+	if r := c1.Role(); r != RoleClient {
+		t.Fatalf("c1 is a %s, want a client", r)
+	}
+	ctx := context.Background()
+	small, err := c1.PutPolicy(ctx, "small", []byte(`{"network":"default"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	large, err := tc.nodes["p2"].c.PutPolicy(ctx, "large", []byte(`{"network":"default","pad":"`+strings.Repeat("x", 4000)+`"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc.converge("c1 to hold both policies", func() bool {
+		s, ok1 := c1.Policy("small")
+		l, ok2 := c1.Policy("large")
+		return ok1 && ok2 && s.Version == small.Version && l.Version == large.Version && string(l.Spec) == string(large.Spec)
+	})
+	if err := c1.RemovePolicy(ctx, "large"); err != nil {
+		t.Fatal(err)
+	}
+	tc.converge("c1 to drop the removed policy", func() bool {
+		_, ok := c1.Policy("large")
+		return !ok && c1.PolicyIndex() > large.Version
+	})
 }
