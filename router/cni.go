@@ -128,6 +128,9 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 			return nil, errCNI(types.ErrInvalidEnvironmentVariables, "CNI_ARGS WEFT_SERVICES: %v", err)
 		}
 	}
+	if err := cni.CheckLabels(req.Labels); err != nil { // the plugin checked; the socket is not only the plugin's
+		return nil, errCNI(types.ErrInvalidNetworkConfig, "labels: %v", err)
+	}
 	// Allocate claims a new block only when the owned ones are full; that claim, and only
 	// it, may wait for a Raft leader while this peer is still forming or joining its cluster
 	// (leaderWait).

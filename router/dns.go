@@ -51,7 +51,7 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 	// Container labels travel on their own channel (router/labels.go), published here with
 	// the names so a restarted peer announces both.
 	p.labels, err = newLabelStore(labelStoreConfig{Self: p.cfg.Name, Signer: p.identity, Keys: p.originKey, Registerer: p.reg,
-		DownGrace: p.cfg.DNSDownGrace,
+		DownGrace: p.cfg.DNSDownGrace, Logger: p.log.With("component", "labels"),
 		Broadcast: func(msg []byte) error {
 			if p.mesh == nil {
 				return nil // not started yet: push/pull carries the state

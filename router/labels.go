@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"maps"
 	"net/http"
 	"net/netip"
@@ -124,6 +125,7 @@ type labelStore struct {
 	keys      func(peer string) (ed25519.PublicKey, bool) // nil: signatures not checked (tests)
 	broadcast func(msg []byte) error                      // nil: nothing sent
 	refusedC  *prometheus.CounterVec
+	log       *slog.Logger
 	now       func() time.Time
 
 	mu      sync.Mutex // guards the fields below
@@ -148,17 +150,22 @@ type labelStoreConfig struct {
 	Registerer prometheus.Registerer
 	// DownGrace is how long a dead peer's records are kept (as its DNS names are); 0: 30 s.
 	DownGrace time.Duration
+	// Logger gets refusals at debug level (they are counted either way); nil: discarded.
+	Logger *slog.Logger
 }
 
 func newLabelStore(cfg labelStoreConfig) (*labelStore, error) {
 	s := &labelStore{
-		self: cfg.Self, keys: cfg.Keys, broadcast: cfg.Broadcast, now: time.Now,
+		self: cfg.Self, keys: cfg.Keys, broadcast: cfg.Broadcast, now: time.Now, log: cfg.Logger,
 		recs: map[labelKey]labelRecord{}, deleted: map[labelKey]time.Time{}, perPeer: map[string]int{},
 		changed: make(chan struct{}, 1), down: map[string]time.Time{}, downGrace: cfg.DownGrace,
 		refusedC: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_labels_refused_total",
 			Help: "Gossiped container label records refused (nothing changed), by reason.",
 		}, []string{"reason"}),
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
 	}
 	if s.downGrace <= 0 {
 		s.downGrace = 30 * time.Second
@@ -236,7 +243,8 @@ func (s *labelStore) notify() {
 
 func (s *labelStore) refuse(reason string, err error) {
 	s.refusedC.WithLabelValues(reason).Inc()
-	_ = err // counted; the caller logs at debug level if it wants to
+	// Debug: gossip repeats a bad record to every peer many times; the counter is the alarm.
+	s.log.Debug("label record refused; nothing changed", "reason", reason, "err", err)
 }
 
 // merge takes the records of a message, each checked on its own: a bad one is refused and
@@ -433,8 +441,9 @@ func (p *Peer) remoteEndpoints() []EndpointInfo {
 	return p.labels.remote()
 }
 
-// labelsChanged is signalled (coalesced) whenever any container's labels changed here or
-// arrived by gossip: the policy wiring recomputes on it.
+// labelsChanged is signalled (coalesced, buffered 1) whenever any container's labels changed
+// here or arrived by gossip: the policy wiring recomputes on it. One consumer: two would
+// each see only some of the signals.
 func (p *Peer) labelsChanged() <-chan struct{} {
 	if p.labels == nil {
 		return nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/types"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -201,6 +203,13 @@ func TestLabelAPI(t *testing.T) {
 	}
 	if _, err := p.client.Add(ctx, addReq("plain", wpoContainer(t, 2))); err != nil {
 		t.Fatal(err)
+	}
+	// The socket is not only the plugin's: a bad label is refused there too, and attaches nothing.
+	bad := addReq("bad", wpoContainer(t, 3))
+	bad.Labels = map[string]string{"bad key": "x"}
+	var ce *cni.Error
+	if _, err := p.client.Add(ctx, bad); !errors.As(err, &ce) || ce.Code != types.ErrInvalidNetworkConfig || !strings.Contains(ce.Message, `"bad key"`) {
+		t.Fatalf("ADD with a bad label: %v", err)
 	}
 	eps := p.endpoints()
 	if len(eps) != 2 || eps[1].ContainerID != "web1" || !maps.Equal(eps[1].Labels, req.Labels) || eps[0].Labels != nil || eps[1].Peer != "p1" {
