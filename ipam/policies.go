@@ -262,11 +262,19 @@ func (c *Cluster) validatePolicy(name string, file []byte) (PolicyObject, error)
 	}
 	canonical, network, err := c.cfg.ValidatePolicy(name, file)
 	if err != nil {
-		return PolicyObject{}, fmt.Errorf("%w: policy %s: %w", ErrInvalidPolicy, name, err)
+		return PolicyObject{}, fmt.Errorf("%w: %w", ErrInvalidPolicy, err)
 	}
 	p := PolicyObject{Name: name, Network: network, Spec: canonical}
 	if err := p.checkShape(); err != nil {
 		return PolicyObject{}, err
+	}
+	// A spec that names itself must name this policy: stored under one name and compiled
+	// under another, it could not be removed by the name the compiler reports.
+	var top struct {
+		Name *string `json:"name"`
+	}
+	if json.Unmarshal(canonical, &top) == nil && top.Name != nil && *top.Name != name {
+		return PolicyObject{}, fmt.Errorf("%w: the file names policy %q, not %q", ErrInvalidPolicy, *top.Name, name)
 	}
 	return p, nil
 }

@@ -218,13 +218,13 @@ func TestClusterPolicies(t *testing.T) {
 	var p PolicyObject
 	tc.reconcileUntil("a policy put through a follower", func() bool {
 		var err error
-		p, err = c.PutPolicy(ctx, "db", []byte(`{"network": "default", "rules": [1, 2]}`))
+		p, err = c.PutPolicy(ctx, "db", []byte(`{"name": "db", "network": "default", "rules": [1, 2]}`))
 		if err != nil && !errors.Is(err, ErrNoQuorum) {
 			t.Fatalf("put: %v", err)
 		}
 		return err == nil
 	})
-	if p.Version == 0 || string(p.Spec) != `{"network":"default","rules":[1,2]}` {
+	if p.Version == 0 || string(p.Spec) != `{"name":"db","network":"default","rules":[1,2]}` {
 		t.Fatalf("put answered %+v", p)
 	}
 	for _, n := range tc.liveNodes() {
@@ -242,6 +242,7 @@ func TestClusterPolicies(t *testing.T) {
 		{"db", `{"rules": []}`, ErrInvalidPolicy, `no "network"`},
 		{"db", `{"network": "nope"}`, ErrUnknownNetwork, `"nope"`},
 		{"Bad", `{"network": "default"}`, ErrInvalidPolicy, "Bad"},
+		{"db", `{"name": "other", "network": "default"}`, ErrInvalidPolicy, `names policy "other", not "db"`},
 	} {
 		_, err := c.PutPolicy(ctx, tt.name, []byte(tt.file))
 		if !errors.Is(err, tt.want) || !strings.Contains(err.Error(), tt.msg) {
