@@ -333,8 +333,12 @@ func (s *labelStore) sweepLocked() {
 	}
 }
 
-// peerDown and peerUp are the membership hooks (as DNS has them).
+// peerDown and peerUp are the membership hooks (as DNS has them). Like forgetPeer, they
+// do nothing on a nil store (a Peer built in part, as tests build one).
 func (s *labelStore) peerDown(peer string) {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	if _, ok := s.down[peer]; !ok {
 		s.down[peer] = s.now()
@@ -343,6 +347,9 @@ func (s *labelStore) peerDown(peer string) {
 }
 
 func (s *labelStore) peerUp(peer string) {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	delete(s.down, peer)
 	s.mu.Unlock()
@@ -377,6 +384,9 @@ func (s *labelStore) MergeRemoteState(buf []byte, _ bool) {
 
 // forgetPeer drops every record of peer (removed with rmpeer); O(records).
 func (s *labelStore) forgetPeer(peer string) {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	for k := range s.recs {
 		if k.peer == peer {
