@@ -36,23 +36,26 @@ type Peer struct {
 	ready   chan struct{}
 
 	// Set during start, read-only afterwards.
-	db          *bolt.DB
-	alloc       *ipam.Allocator
-	transport   *ipam.PeerTransport
-	cluster     *ipam.Cluster
-	mesh        *mesh.Mesh
-	usage       *ipam.UsageTable
-	identity    *identity.Identity // signs what this peer owns in gossip: links, coordinates, names, usage
-	links       *links
-	filters     *filters // nftables: the guard and the isolation between networks (router/isolate.go)
-	paths       *paths
-	coords      coordEstimator // RTT estimates for path selection, bound to mesh once it runs
-	dnsRep      *dns.Replicator
-	dnsServer   *dns.Server
-	dnsListen   *dnsListen  // follows networks and gateway addresses (router/dns.go)
-	policyWatch policyWatch // what OnPolicies last saw (router/policies.go)
-	labels      *labelStore // container labels, ours and gossiped (router/labels.go)
-	started     time.Time
+	db        *bolt.DB
+	alloc     *ipam.Allocator
+	transport *ipam.PeerTransport
+	cluster   *ipam.Cluster
+	mesh      *mesh.Mesh
+	usage     *ipam.UsageTable
+	identity  *identity.Identity // signs what this peer owns in gossip: links, coordinates, names, usage
+	links     *links
+	filters   *filters // nftables: the guard and the isolation between networks (router/isolate.go)
+	paths     *paths
+	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
+	dnsRep    *dns.Replicator
+	dnsServer *dns.Server
+	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
+	started   time.Time
+
+	// Issue #15: container labels, ours and gossiped (set during start; router/labels.go),
+	// and what Config.OnPolicies last saw (its own lock; router/policies.go).
+	labels   *labelStore
+	polWatch policyWatch
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.

@@ -127,12 +127,12 @@ func (p *Peer) syncPolicies() {
 	if p.cfg.OnPolicies == nil {
 		return
 	}
-	p.policyWatch.mu.Lock()
-	defer p.policyWatch.mu.Unlock()
-	if p.cluster.PolicyIndex() == p.policyWatch.index {
+	p.polWatch.mu.Lock()
+	defer p.polWatch.mu.Unlock()
+	if p.cluster.PolicyIndex() == p.polWatch.index {
 		return
 	}
 	list, index := p.cluster.Policies()
 	p.cfg.OnPolicies(list)
-	p.policyWatch.index = index
+	p.polWatch.index = index
 }
