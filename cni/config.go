@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -36,6 +37,30 @@ type NetConf struct {
 	MTU int `json:"mtu,omitempty"`
 	// ValidAttachments is what the runtime still uses, injected by libcni for GC.
 	ValidAttachments []types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
+	// Args holds the conventional "args" of a network configuration; weft reads the
+	// container's labels from args.cni.labels (issue #15).
+	Args *ConfArgs `json:"args,omitempty"`
+}
+
+// ConfArgs is the conflist's "args" key as CNI's conventions define it.
+type ConfArgs struct {
+	CNI *struct {
+		Labels []Label `json:"labels,omitempty"`
+	} `json:"cni,omitempty"`
+}
+
+// Label is one label in the CNI convention args.cni.labels: [{"key":"app","value":"db"}].
+type Label struct {
+	Key   string `json:"key"`
+	Value string `json:"value"`
+}
+
+// confLabels are the labels of args.cni.labels (nil when there are none).
+func (c *NetConf) confLabels() []Label {
+	if c.Args == nil || c.Args.CNI == nil {
+		return nil
+	}
+	return c.Args.CNI.Labels
 }
 
 // ParseConf decodes and checks stdin. Its errors are CNI errors naming the bad key.
@@ -69,6 +94,9 @@ type ContainerArgs struct {
 	Name string
 	// Services come from WEFT_SERVICES, a comma-separated list of SERVICE/PROTO/PORT.
 	Services []string
+	// LabelsArg is WEFT_LABELS as given (k:v,k:v), parsed by ContainerLabels: a bad label
+	// fails an ADD, never a DEL, so ParseArgs does not refuse it.
+	LabelsArg string
 }
 
 // ParseArgs reads CNI_ARGS.
@@ -90,6 +118,8 @@ func ParseArgs(cniArgs, containerID string) (ContainerArgs, error) {
 				pod = v
 			case "name":
 				name = v
+			case "WEFT_LABELS":
+				out.LabelsArg = v
 			case "WEFT_SERVICES":
 				for _, s := range strings.Split(v, ",") {
 					if s = strings.TrimSpace(s); s != "" {
@@ -106,6 +136,117 @@ func ParseArgs(cniArgs, containerID string) (ContainerArgs, error) {
 		out.Name = name
 	default:
 		out.Name = containerID
+	}
+	return out, nil
+}
+
+// Label bounds, as Kubernetes has them: a key is an optional DNS-subdomain prefix (at most
+// 253 bytes) and '/', then a name of at most 63 bytes; a value at most 63 bytes. MaxLabels
+// keeps a container's gossip record small.
+const (
+	MaxLabels          = 32
+	MaxLabelNameLen    = 63
+	MaxLabelPrefixLen  = 253
+	MaxLabelValueLen   = 63
+	labelsArgSeparator = ","
+)
+
+var (
+	// labelNameRE: alphanumerics, '-', '_' and '.', beginning and ending with an alphanumeric.
+	labelNameRE = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$`)
+	// labelPrefixRE: a lower-case DNS subdomain (RFC 1123).
+	labelPrefixRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
+)
+
+// CheckLabel says what is wrong with label key=value, or nil. Pure.
+func CheckLabel(key, value string) error {
+	name := key
+	if prefix, rest, ok := strings.Cut(key, "/"); ok {
+		if len(prefix) > MaxLabelPrefixLen || !labelPrefixRE.MatchString(prefix) {
+			return fmt.Errorf("label %q: prefix %q must be a lower-case DNS subdomain of at most %d bytes", key, prefix, MaxLabelPrefixLen)
+		}
+		name = rest
+	}
+	if len(name) > MaxLabelNameLen || !labelNameRE.MatchString(name) {
+		return fmt.Errorf("label %q: name %q must be 1-%d letters, digits, '-', '_' or '.', beginning and ending with a letter or digit",
+			key, name, MaxLabelNameLen)
+	}
+	if value != "" && (len(value) > MaxLabelValueLen || !labelNameRE.MatchString(value)) {
+		return fmt.Errorf("label %q: value %q must be empty or 1-%d letters, digits, '-', '_' or '.', beginning and ending with a letter or digit",
+			key, value, MaxLabelValueLen)
+	}
+	return nil
+}
+
+// CheckLabels checks every label of labels and their number. Pure; O(labels).
+func CheckLabels(labels map[string]string) error {
+	if len(labels) > MaxLabels {
+		return fmt.Errorf("%d labels, at most %d", len(labels), MaxLabels)
+	}
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys) // the first bad one in key order, the same every time
+	for _, k := range keys {
+		if err := CheckLabel(k, labels[k]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ParseLabelsArg reads WEFT_LABELS: k:v pairs separated by ','. CNI_ARGS values cannot hold
+// '=', hence ':'. A key given twice with different values is refused. Pure.
+func ParseLabelsArg(arg string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, pair := range strings.Split(arg, labelsArgSeparator) {
+		pair = strings.TrimSpace(pair)
+		if pair == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(pair, ":")
+		if !ok {
+			return nil, fmt.Errorf("label %q is not KEY:VALUE", pair)
+		}
+		if old, dup := out[k]; dup && old != v {
+			return nil, fmt.Errorf("label %q is given twice, as %q and %q", k, old, v)
+		}
+		out[k] = v
+	}
+	return out, nil
+}
+
+// ContainerLabels are the container's labels: the conflist's args.cni.labels, then CNI_ARGS
+// WEFT_LABELS (args), which wins on the same key; nil when there are none. A bad label is a
+// CNI error naming it (code 7 for the conflist, 5 for CNI_ARGS).
+func ContainerLabels(conf *NetConf, args ContainerArgs) (map[string]string, error) {
+	out := map[string]string{}
+	for _, l := range conf.confLabels() {
+		if old, dup := out[l.Key]; dup && old != l.Value {
+			return nil, types.NewError(types.ErrInvalidNetworkConfig,
+				fmt.Sprintf("args.cni.labels: label %q is given twice, as %q and %q", l.Key, old, l.Value), "")
+		}
+		if err := CheckLabel(l.Key, l.Value); err != nil {
+			return nil, types.NewError(types.ErrInvalidNetworkConfig, "args.cni.labels: "+err.Error(), "")
+		}
+		out[l.Key] = l.Value
+	}
+	fromArgs, err := ParseLabelsArg(args.LabelsArg)
+	if err == nil {
+		err = CheckLabels(fromArgs)
+	}
+	if err != nil {
+		return nil, types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_ARGS WEFT_LABELS: "+err.Error(), "")
+	}
+	for k, v := range fromArgs {
+		out[k] = v
+	}
+	if len(out) > MaxLabels {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("labels: %d from args.cni.labels and WEFT_LABELS together, at most %d", len(out), MaxLabels), "")
+	}
+	if len(out) == 0 {
+		return nil, nil
 	}
 	return out, nil
 }

@@ -74,10 +74,24 @@ func attachRequest(conf *NetConf, args *skel.CmdArgs) (AttachRequest, error) {
 	}, nil
 }
 
+// requestLabels are the labels an ADD carries (args.cni.labels and WEFT_LABELS). Only ADD
+// reads them: a DEL must succeed whatever labels the runtime passes, or a pod whose ADD was
+// refused for a bad label could never be torn down.
+func requestLabels(conf *NetConf, args *skel.CmdArgs) (map[string]string, error) {
+	ca, err := ParseArgs(args.Args, args.ContainerID)
+	if err != nil {
+		return nil, err
+	}
+	return ContainerLabels(conf, ca)
+}
+
 // Add attaches the container through the peer and prints the result.
 func (p Plugin) Add(args *skel.CmdArgs) error {
 	conf, req, err := parseAttach(args)
 	if err != nil {
+		return err
+	}
+	if req.Labels, err = requestLabels(conf, args); err != nil {
 		return err
 	}
 	c, ctx, cancel := p.client(conf)

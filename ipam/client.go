@@ -188,7 +188,7 @@ func (c *Cluster) TableBroadcasts() [][]byte {
 // signDelta encodes d for gossip, signed by this node's identity (unsigned without a
 // Signer). One signature per delta: O(1), whatever N.
 func (c *Cluster) signDelta(d tableDelta) ([]byte, error) {
-	raw, err := json.Marshal(d)
+	raw, err := json.Marshal(stripPolicySpec(d))
 	if err != nil {
 		return nil, err
 	}
@@ -420,6 +420,9 @@ func (c *Cluster) fetchFrom(ctx context.Context, addr raft.ServerAddress, wantIn
 	}
 	if t.State.Removed == nil {
 		t.State.Removed = map[string]bool{}
+	}
+	if t.State.Policies == nil { // a member from before policies
+		t.State.Policies = map[string]PolicyObject{}
 	}
 	if err := t.State.validate(); err != nil {
 		c.rejectTable("invalid", fmt.Errorf("table from %s: %w", addr, err))

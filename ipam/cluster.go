@@ -79,6 +79,9 @@ type ClusterConfig struct {
 	// ApplyTimeout bounds one command.
 	ApplyTimeout time.Duration
 	Logger       *slog.Logger
+	// ValidatePolicy checks policy files where they arrive and again on the leader (issue
+	// #15; the lead wires netpol.Parse); nil: this peer refuses policy puts.
+	ValidatePolicy PolicyValidator
 	// Tune adjusts raft's configuration (tests shorten the timeouts).
 	Tune func(*raft.Config)
 }
@@ -619,7 +622,8 @@ func (c *Cluster) ApplyForwarded(data []byte) ([]byte, error) {
 	if err := json.Unmarshal(data, &cmd); err != nil {
 		return nil, fmt.Errorf("decode forwarded command: %w", err)
 	}
-	if cmd.Op != opClaim && cmd.Op != opRemovePeer && cmd.Op != opNetworkCreate && cmd.Op != opNetworkRemove && cmd.Op != opRelease {
+	if cmd.Op != opClaim && cmd.Op != opRemovePeer && cmd.Op != opNetworkCreate && cmd.Op != opNetworkRemove && cmd.Op != opRelease &&
+		cmd.Op != opPolicyPut && cmd.Op != opPolicyRemove {
 		return nil, fmt.Errorf("forwarded command has unknown operation %q", cmd.Op)
 	}
 	if c.raft.State() != raft.Leader {
@@ -689,6 +693,11 @@ func (c *Cluster) leaderApply(cmd command) (commandResult, error) {
 	}
 	if cmd.Op == opNetworkCreate || cmd.Op == opNetworkRemove || cmd.Op == opRelease {
 		if res, refused, err := c.leaderCheckNetwork(cmd); refused {
+			return res, err
+		}
+	}
+	if cmd.Op == opPolicyPut || cmd.Op == opPolicyRemove {
+		if res, refused, err := c.leaderCheckPolicy(cmd); refused {
 			return res, err
 		}
 	}

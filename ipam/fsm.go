@@ -36,6 +36,10 @@ const (
 	// no attachment in it any more), so that `weft network rm` succeeds once every container
 	// is detached. See networks.go.
 	opRelease = "release"
+	// opPolicyPut stores a policy (`weft policy apply`, issue #15); opPolicyRemove takes one
+	// away. See policies.go.
+	opPolicyPut    = "policy-put"
+	opPolicyRemove = "policy-rm"
 )
 
 // maxLivenessBatch bounds the peers one liveness command names.
@@ -69,6 +73,8 @@ type command struct {
 	// Dead (peer → when it died) and Alive (peers back) travel with liveness.
 	Dead  map[string]time.Time `json:"dead,omitempty"`
 	Alive []string             `json:"alive,omitempty"`
+	// Policy travels with policy-put (the whole object) and policy-rm (its name).
+	Policy *PolicyObject `json:"policy,omitempty"`
 	// Hops counts how often the command was passed on between members (at most once).
 	Hops int `json:"hops,omitempty"`
 }
@@ -90,6 +96,11 @@ type commandResult struct {
 	Unknown bool `json:"unknown,omitempty"`
 	InUse   bool `json:"in_use,omitempty"`
 	Invalid bool `json:"invalid,omitempty"`
+	// NoPolicy, PolicyFull, BadPolicy: a policy command named no policy, found the table
+	// full, or carried a policy that breaks the bounds.
+	NoPolicy   bool `json:"no_policy,omitempty"`
+	PolicyFull bool `json:"policy_full,omitempty"`
+	BadPolicy  bool `json:"bad_policy,omitempty"`
 }
 
 func (r commandResult) err() error {
@@ -104,6 +115,12 @@ func (r commandResult) err() error {
 		return fmt.Errorf("%w: %s", ErrNetworkInUse, r.Err)
 	case r.Invalid:
 		return fmt.Errorf("%w: %s", ErrInvalidNetwork, r.Err)
+	case r.NoPolicy:
+		return fmt.Errorf("%w: %s", ErrUnknownPolicy, r.Err)
+	case r.PolicyFull:
+		return fmt.Errorf("%w: %s", ErrPolicyLimit, r.Err)
+	case r.BadPolicy:
+		return fmt.Errorf("%w: %s", ErrInvalidPolicy, r.Err)
 	case r.Conflict:
 		return fmt.Errorf("%w: %s", ErrConflict, r.Err)
 	}
@@ -131,10 +148,15 @@ type fsmState struct {
 	// Version is the Raft index of the last command that changed the table: clients that
 	// learn the table by gossip order tables and deltas by it.
 	Version uint64 `json:"version,omitempty"`
+	// Policies are the replicated policies by name (issue #15; absent from older snapshots),
+	// PolicyIndex the Raft index of the last policy change (watchers compare it).
+	Policies    map[string]PolicyObject `json:"policies,omitempty"`
+	PolicyIndex uint64                  `json:"policy_index,omitempty"`
 }
 
 func newFSMState() fsmState {
-	return fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}, Removed: map[string]bool{}, Dead: map[string]time.Time{}}
+	return fsmState{Networks: map[string]Network{}, Owners: map[string]map[netip.Prefix]string{}, Removed: map[string]bool{}, Dead: map[string]time.Time{},
+		Policies: map[string]PolicyObject{}}
 }
 
 // fsm implements raft.FSM. Apply runs on raft's single FSM goroutine; reads come from any
@@ -232,6 +254,32 @@ func (f *fsm) Apply(l *raft.Log) any {
 		}
 		d.Network, d.Block = &Network{Name: cmd.Network.Name}, cmd.Block
 		res.Released = []netip.Prefix{cmd.Block}
+	case opPolicyPut:
+		if cmd.Policy == nil {
+			err := fmt.Errorf("%w: policy put in log entry %d without a policy", ErrInvalidPolicy, l.Index)
+			f.refused("policy_put", err)
+			return policyResult(err)
+		}
+		p, changed, err := f.state.putPolicy(*cmd.Policy, l.Index)
+		if err != nil {
+			f.refused("policy_put", err)
+			return policyResult(err)
+		}
+		if !changed { // a retried apply: not a table change
+			return commandResult{Index: p.Version}
+		}
+		d.Policy, res.Index = &p, p.Version
+	case opPolicyRemove:
+		if cmd.Policy == nil {
+			err := fmt.Errorf("%w: policy rm in log entry %d without a policy", ErrInvalidPolicy, l.Index)
+			f.refused("policy_rm", err)
+			return policyResult(err)
+		}
+		if err := f.state.removePolicy(cmd.Policy.Name, l.Index); err != nil {
+			f.refused("policy_rm", err)
+			return policyResult(err)
+		}
+		d.Policy = &PolicyObject{Name: cmd.Policy.Name}
 	default:
 		err := fmt.Errorf("unknown operation %q in log entry %d", cmd.Op, l.Index)
 		f.refused("unknown", err)
@@ -472,7 +520,10 @@ func (f *fsm) deltasAfter(after uint64) []tableDelta {
 
 func (st *fsmState) clone() fsmState {
 	out := newFSMState()
-	out.ClusterID, out.Version, out.Pinned = st.ClusterID, st.Version, st.Pinned
+	out.ClusterID, out.Version, out.Pinned, out.PolicyIndex = st.ClusterID, st.Version, st.Pinned, st.PolicyIndex
+	for k, v := range st.Policies {
+		out.Policies[k] = v // the spec is never changed in place, so it may be shared
+	}
 	for k, v := range st.Dead {
 		out.Dead[k] = v
 	}
@@ -539,6 +590,9 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	}
 	if st.Dead == nil {
 		st.Dead = map[string]time.Time{}
+	}
+	if st.Policies == nil {
+		st.Policies = map[string]PolicyObject{}
 	}
 	if err := st.validate(); err != nil {
 		f.refused("snapshot", err)

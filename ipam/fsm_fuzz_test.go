@@ -124,6 +124,9 @@ func FuzzFSMApply(f *testing.F) {
 		{Op: opNetworkRemove, Network: Network{Name: "nope"}},
 		{Op: opRelease, Network: Network{Name: "default"}, Peer: "p1", Block: netip.MustParsePrefix("10.40.0.0/26")},
 		{Op: opRelease, Network: Network{Name: "media"}, Peer: "p1", Block: netip.MustParsePrefix("0.0.0.0/0")},
+		{Op: opPolicyPut, Policy: &PolicyObject{Name: "db", Network: "default", Spec: json.RawMessage(`{"a":1}`)}},
+		{Op: opPolicyPut, Policy: &PolicyObject{Name: "db", Network: "nope", Spec: json.RawMessage(`{}`)}},
+		{Op: opPolicyRemove, Policy: &PolicyObject{Name: "db"}},
 	} {
 		f.Add(mustJSON(cmd))
 	}

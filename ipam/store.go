@@ -2,8 +2,12 @@ package ipam
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -39,6 +43,9 @@ type Attachment struct {
 	// Services are SRV entries published for Name, SERVICE/PROTO/PORT.
 	Services []string  `json:"services,omitempty"`
 	Created  time.Time `json:"created"`
+	// Labels are the container's labels (issue #15): from the ADD, changed by `weft label`.
+	// Every interface of a container holds the same set. Absent from older records.
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // Key returns the attachment's key.
@@ -70,6 +77,23 @@ func (s *store) put(a Attachment) error {
 	})
 }
 
+// putAll writes every attachment of as in one transaction: all or none.
+func (s *store) putAll(as []Attachment) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketAttachments)
+		for _, a := range as {
+			v, err := json.Marshal(a)
+			if err != nil {
+				return err
+			}
+			if err := b.Put([]byte(a.Key().String()), v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 func (s *store) delete(k Key) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketAttachments).Delete([]byte(k.String()))
@@ -89,4 +113,37 @@ func (s *store) all() ([]Attachment, error) {
 		})
 	})
 	return out, err
+}
+
+// ErrUnknownContainer: no attachment of that container on this peer.
+var ErrUnknownContainer = errors.New("no such container attached here")
+
+// SetLabels replaces the labels of every attachment of container id with labels (nil or
+// empty: none) and persists them in one transaction, before the change is visible; on a
+// failed write nothing changes. It returns the updated attachments, ordered by interface.
+// The caller checks the labels. O(attachments).
+func (a *Allocator) SetLabels(id string, labels map[string]string) ([]Attachment, error) {
+	if len(labels) == 0 {
+		labels = nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var updated []Attachment
+	for _, rec := range a.attachments {
+		if rec.ContainerID == id {
+			rec.Labels = maps.Clone(labels)
+			updated = append(updated, rec)
+		}
+	}
+	if len(updated) == 0 {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownContainer, id)
+	}
+	if err := a.store.putAll(updated); err != nil {
+		return nil, fmt.Errorf("persist the labels of container %s: %w", id, err)
+	}
+	for _, rec := range updated {
+		a.attachments[rec.Key()] = rec
+	}
+	slices.SortFunc(updated, func(x, y Attachment) int { return strings.Compare(x.IfName, y.IfName) })
+	return updated, nil
 }

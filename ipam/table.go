@@ -103,6 +103,9 @@ type tableDelta struct {
 	// Networks and Pinned: an init defined these networks (see fsmState.Pinned).
 	Networks []Network `json:"networks,omitempty"`
 	Pinned   bool      `json:"pinned,omitempty"`
+	// Policy: a policy-put stored it (its spec left out when too large to gossip: see
+	// stripPolicySpec); a policy-rm names it.
+	Policy *PolicyObject `json:"policy,omitempty"`
 	// Conf, with Op opConf, is the leader's confHash: not a table change, a hint to refetch.
 	Conf uint64 `json:"conf,omitempty"`
 }
@@ -180,6 +183,9 @@ func (st *fsmState) validate() error {
 	}
 	if !st.Pinned && len(st.Networks) > 1 {
 		return fmt.Errorf("%w: %d networks defined by claims; a table without pinned networks has at most one", ErrBadTable, len(st.Networks))
+	}
+	if err := st.validatePolicies(); err != nil {
+		return err
 	}
 	for peer, at := range st.Dead {
 		if checkPeerName(peer) != nil || at.Before(minDeathTime) || at.After(maxDeathTime) {
@@ -271,6 +277,10 @@ func applyDelta(st *fsmState, d tableDelta) error {
 		st.ClusterID, st.Pinned = d.ClusterID, d.Pinned || len(d.Networks) > 0
 	case opNetworkCreate, opNetworkRemove, opRelease: // see networks.go
 		if err := applyNetworkDelta(st, d); err != nil {
+			return err
+		}
+	case opPolicyPut, opPolicyRemove: // see policies.go
+		if err := applyPolicyDelta(st, d); err != nil {
 			return err
 		}
 	default:

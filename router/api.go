@@ -170,6 +170,15 @@ func (p *Peer) apiHandler() http.Handler {
 	route("", "/v1/networks", "networks", p.networksEndpoint)
 	route("", "/v1/networks/{name}", "network", p.networkEndpoint)
 	route(http.MethodGet, "/v1/capacity", "capacity", p.capacityEndpoint)
+	route("", "/v1/policies", "policies", p.policiesEndpoint)
+	route(http.MethodPost, "/v1/labels", "labels", func(r *http.Request) (any, error) {
+		var req LabelRequest
+		if err := decode(r, &req); err != nil {
+			return nil, err
+		}
+		return p.setLabels(req)
+	})
+	route("", "/v1/policies/{name}", "policy", p.policyEndpoint)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})
@@ -239,6 +248,7 @@ func (p *Peer) removePeer(ctx context.Context, req RemovePeerRequest) (*RemovePe
 		res.Released = append(res.Released, b.String())
 	}
 	p.log.Info("removed peer", "peer", req.Name, "released", len(released))
+	p.labels.forgetPeer(req.Name) // its containers are gone with it
 	// A removed name may come back on a reinstalled host with a new identity key.
 	if err := p.mesh.Unpin(req.Name); err != nil {
 		p.log.Warn("rmpeer: key pin not cleared", "peer", req.Name, "err", err)

@@ -132,12 +132,16 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 			return nil, errCNI(types.ErrInvalidEnvironmentVariables, "CNI_ARGS WEFT_SERVICES: %v", err)
 		}
 	}
+	if err := cni.CheckLabels(req.Labels); err != nil { // the plugin checked; the socket is not only the plugin's
+		return nil, errCNI(types.ErrInvalidNetworkConfig, "labels: %v", err)
+	}
 	// Allocate claims a new block only when the owned ones are full; that claim, and only
 	// it, may wait for a Raft leader while this peer is still forming or joining its cluster
 	// (leaderWait).
 	rec, existed, err := p.alloc.Allocate(withArrival(ctx, arrived), ipam.Attachment{
 		ContainerID: req.ContainerID, IfName: req.IfName, Network: network.Name, CNINetwork: req.CNINetwork,
 		Name: name, NetNS: req.NetNS, HostIfName: want.HostIfName, MTU: mtu, Services: req.Services, Secondary: secondary,
+		Labels: req.Labels,
 	})
 	if err != nil {
 		return nil, err
@@ -158,6 +162,7 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 		return nil, err
 	}
 	p.registerName(rec.Name, rec.Address, rec.Services)
+	p.publishLabels(rec)
 	p.log.Info("attached", "container", req.ContainerID, "ifname", req.IfName, "network", network.Name,
 		"address", want.Address, "name", rec.Name, "secondary", secondary)
 	return &cni.AttachResult{
@@ -286,6 +291,7 @@ func (p *Peer) detach(key ipam.Key) error {
 	}
 	if released {
 		p.dnsRep.RemoveContainer(rec.Name, []netip.Addr{rec.Address})
+		p.unpublishLabels(rec)
 		p.log.Info("detached", "container", key.ContainerID, "ifname", key.IfName, "address", rec.Address)
 	}
 	return nil

@@ -158,6 +158,13 @@ type Config struct {
 	SRIOVRescan time.Duration
 	// SRIOVPF overrides SRIOVPFConfig with a given configurator (tests).
 	SRIOVPF sriov.PFConfig
+
+	// ValidatePolicy checks policy files (issue #15; the lead wires netpol.Parse); nil: this
+	// peer refuses `weft policy apply` with a 400 saying so.
+	ValidatePolicy ipam.PolicyValidator
+	// OnPolicies, when set, gets the cluster's whole policy table each time it changes, from
+	// the membership loop (router/policies.go syncPolicies); it must not block for long.
+	OnPolicies func([]ipam.PolicyObject)
 }
 
 // SR-IOV PF configurators (--sriov-pf-config).

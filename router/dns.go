@@ -48,8 +48,22 @@ func (p *Peer) startDNS(ctx context.Context, stops *[]func()) error {
 	if err != nil {
 		return err
 	}
+	// Container labels travel on their own channel (router/labels.go), published here with
+	// the names so a restarted peer announces both.
+	p.labels, err = newLabelStore(labelStoreConfig{Self: p.cfg.Name, Signer: p.identity, Keys: p.originKey, Registerer: p.reg,
+		DownGrace: p.cfg.DNSDownGrace, Logger: p.log.With("component", "labels"),
+		Broadcast: func(msg []byte) error {
+			if p.mesh == nil {
+				return nil // not started yet: push/pull carries the state
+			}
+			return p.mesh.Broadcast(labelsChannel, msg)
+		}})
+	if err != nil {
+		return err
+	}
 	for _, a := range p.alloc.Attachments() {
 		p.registerName(a.Name, a.Address, a.Services)
+		p.publishLabels(a)
 	}
 	cfg := dns.DefaultConfig()
 	cfg.Domain = p.cfg.DNSDomain

@@ -78,6 +78,9 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err := m.RegisterChannel(dnsChannel, p.dnsRep); err != nil {
 		return nil, err
 	}
+	if err := m.RegisterChannel(labelsChannel, p.labels); err != nil {
+		return nil, err
+	}
 	if err := m.RegisterChannel(mesh.LinkStateChannelName, p.linkStateChannel(m)); err != nil {
 		return nil, err
 	}
@@ -273,6 +276,7 @@ func (p *Peer) updateMembershipMeta() {
 // while partitioned) and reports the attachments left in them.
 func (p *Peer) checkOwnership() bool {
 	p.syncNetworks()
+	p.syncPolicies()
 	if err := p.alloc.CheckOwnership(); err != nil {
 		p.log.Warn("could not check block ownership; will retry", "err", err)
 		return false
@@ -337,8 +341,10 @@ func (p *Peer) peerEvent(ev mesh.Event, sync func(name string)) {
 		if p.dnsRep.PeerUp(ev.Peer.Name) {
 			sync(ev.Peer.Name)
 		}
+		p.labels.peerUp(ev.Peer.Name)
 	case mesh.EventDead, mesh.EventLeave:
 		p.dnsRep.PeerDown(ev.Peer.Name)
+		p.labels.peerDown(ev.Peer.Name)
 	}
 }
 

@@ -55,6 +55,11 @@ type Peer struct {
 	// sriovSource reports the VF pool's counts, announced in gossip (router/sriovcaps.go).
 	sriovSource capacitySource
 
+	// Issue #15: container labels, ours and gossiped (set during start; router/labels.go),
+	// and what Config.OnPolicies last saw (its own lock; router/policies.go).
+	labels   *labelStore
+	polWatch policyWatch
+
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.
 	keyLocks [64]sync.Mutex
@@ -252,6 +257,7 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 		Nonvoters:      p.cfg.RaftNonvoters,
 		DeadVoterGrace: p.cfg.VoterGrace,
 		ReclaimAfter:   p.cfg.ReclaimAfter,
+		ValidatePolicy: p.cfg.ValidatePolicy,
 		Networks:       []ipam.Network{p.cfg.defaultNetwork()},
 		Logger:         p.log.With("component", "raft"),
 	})

@@ -14,7 +14,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/weftnet/weft/cni"
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
 	"github.com/weftnet/weft/mesh/identity"
@@ -306,7 +305,7 @@ func pollFor(d time.Duration, cond func() error) error {
 func TestCapacityAPI(t *testing.T) {
 	pool := &fakePool{}
 	pool.set(mesh.PFCapacity{PF: "ens1f0", Free: 3, Total: 4, FreeDPDK: 1})
-	p := startPeerWith(t, t.TempDir(), func(p *Peer) { p.sriovSource = pool.capacity })
+	p := startWiredPeer(t, t.TempDir(), nil, func(p *Peer) { p.sriovSource = pool.capacity })
 	h := p.apiHandler()
 	if err := pollFor(10*time.Second, func() error {
 		if len(p.cluster.Networks()) == 0 {
@@ -361,39 +360,4 @@ func TestCapacityAPI(t *testing.T) {
 	if code, _ := apiCall(t, h, "POST", "/v1/capacity?network=fast", "", nil); code != 405 {
 		t.Fatalf("POST: %d", code)
 	}
-}
-
-// startPeerWith is startPeer with a hook that wires the peer before it runs.
-func startPeerWith(t *testing.T, dataDir string, wire func(*Peer)) *testPeer {
-	t.Helper()
-	cfg := testConfig(dataDir)
-	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	p, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	wire(p)
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- p.Run(ctx) }()
-	select {
-	case <-p.Ready():
-	case err := <-errc:
-		cancel()
-		t.Fatalf("peer did not start: %v", err)
-	case <-time.After(10 * time.Second):
-		cancel()
-		t.Fatal("peer not ready within 10s")
-	}
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			if err := <-errc; err != nil {
-				t.Errorf("peer stopped with %v", err)
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return &testPeer{Peer: p, client: cni.NewClient(cfg.Socket, 10*time.Second), stop: stop}
 }

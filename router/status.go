@@ -40,6 +40,8 @@ type AttachmentStatus struct {
 	HostIfName  string       `json:"host_ifname"`
 	NetNS       string       `json:"netns"`
 	Created     time.Time    `json:"created"`
+	// Labels are the container's labels (issue #15).
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 func (p *Peer) status() Status {
@@ -64,7 +66,7 @@ func (p *Peer) status() Status {
 		st.Attachments = append(st.Attachments, AttachmentStatus{
 			ContainerID: a.ContainerID, IfName: a.IfName, Network: a.Network, CNINetwork: a.CNINetwork,
 			Name: a.Name, Address: netip.PrefixFrom(a.Address, bits[a.Network]), HostIfName: a.HostIfName,
-			NetNS: a.NetNS, Created: a.Created,
+			NetNS: a.NetNS, Created: a.Created, Labels: a.Labels,
 		})
 	}
 	return st

@@ -227,9 +227,9 @@ func printStatus(out io.Writer, st router.Status) {
 		ids[i] = a.ContainerID
 	}
 	short := shortIDs(ids, 12)
-	fmt.Fprintln(tw, "NAME\tADDRESS\tNETWORK\tCONTAINER\tIFNAME\tHOST-IF")
+	fmt.Fprintln(tw, "NAME\tADDRESS\tNETWORK\tCONTAINER\tIFNAME\tHOST-IF\tLABELS")
 	for _, a := range st.Attachments {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, a.Address, a.Network, short[a.ContainerID], a.IfName, a.HostIfName)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", a.Name, a.Address, a.Network, short[a.ContainerID], a.IfName, a.HostIfName, formatLabels(a.Labels))
 	}
 	tw.Flush()
 }

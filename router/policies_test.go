@@ -1,0 +1,179 @@
+package router
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/weftnet/weft/cni"
+	"github.com/weftnet/weft/ipam"
+)
+
+// fakePolicyValidator stands in for netpol.Parse: a JSON object naming its "network"; the
+// canonical form is the object re-encoded; errors name the offset.
+func fakePolicyValidator(_ string, spec []byte) ([]byte, string, error) {
+	var m map[string]any
+	if err := json.Unmarshal(spec, &m); err != nil {
+		var se *json.SyntaxError
+		if errors.As(err, &se) {
+			return nil, "", fmt.Errorf("offset %d: %v", se.Offset, err)
+		}
+		return nil, "", err
+	}
+	network, _ := m["network"].(string)
+	if network == "" {
+		return nil, "", errors.New(`no "network"`)
+	}
+	out, err := json.Marshal(m)
+	return out, network, err
+}
+
+// startPeerWith is startPeer with the configuration changed by tune first.
+func startPeerWith(t *testing.T, dataDir string, tune func(*Config)) *testPeer {
+	t.Helper()
+	return startWiredPeer(t, dataDir, tune, nil)
+}
+
+// startWiredPeer is startPeer with the configuration changed by tune (if any) and the peer
+// wired by wire (if any) before it runs.
+func startWiredPeer(t *testing.T, dataDir string, tune func(*Config), wire func(*Peer)) *testPeer {
+	t.Helper()
+	cfg := testConfig(dataDir)
+	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	if tune != nil {
+		tune(&cfg)
+	}
+	p, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wire != nil {
+		wire(p)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- p.Run(ctx) }()
+	select {
+	case <-p.Ready():
+	case err := <-errc:
+		cancel()
+		t.Fatalf("peer did not start: %v", err)
+	case <-time.After(10 * time.Second):
+		cancel()
+		t.Fatal("peer not ready within 10s")
+	}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			if err := <-errc; err != nil {
+				t.Errorf("peer stopped with %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return &testPeer{Peer: p, client: cni.NewClient(cfg.Socket, 10*time.Second), stop: stop}
+}
+
+// waitFor polls cond every 10 ms until it holds or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s", what, d)
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval
+	}
+}
+
+func policyBody(name, file string) string {
+	return fmt.Sprintf(`{"name":%q,"file":%q}`, name, base64.StdEncoding.EncodeToString([]byte(file)))
+}
+
+func TestPolicyAPI(t *testing.T) {
+	var mu sync.Mutex
+	var seen [][]ipam.PolicyObject
+	p := startPeerWith(t, t.TempDir(), func(c *Config) {
+		c.ValidatePolicy = fakePolicyValidator
+		c.OnPolicies = func(ps []ipam.PolicyObject) {
+			mu.Lock()
+			seen = append(seen, ps)
+			mu.Unlock()
+		}
+	})
+	h := p.apiHandler()
+	waitFor(t, 10*time.Second, "the cluster to define its networks", func() bool { return len(p.cluster.Networks()) > 0 })
+
+	var info PolicyInfo
+	waitFor(t, 10*time.Second, "a policy apply", func() bool {
+		code, msg := apiCall(t, h, "POST", "/v1/policies", policyBody("db", `{"network": "default", "allow": ["web"]}`), &info)
+		if code != 200 && code != 503 {
+			t.Fatalf("apply: %d %s", code, msg)
+		}
+		return code == 200
+	})
+	if info.Name != "db" || info.Network != "default" || info.Version == 0 || info.Spec != nil {
+		t.Fatalf("apply answered %+v", info)
+	}
+	var list []PolicyInfo
+	if code, msg := apiCall(t, h, "GET", "/v1/policies", "", &list); code != 200 || len(list) != 1 || list[0].Name != "db" || list[0].Spec != nil {
+		t.Fatalf("list: %d %s %+v", code, msg, list)
+	}
+	var shown PolicyInfo
+	if code, msg := apiCall(t, h, "GET", "/v1/policies/db", "", &shown); code != 200 || string(shown.Spec) != `{"allow":["web"],"network":"default"}` {
+		t.Fatalf("show: %d %s %+v", code, msg, shown)
+	}
+	waitFor(t, 5*time.Second, "OnPolicies to see the policy", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(seen) > 0 && len(seen[len(seen)-1]) == 1 && seen[len(seen)-1][0].Name == "db"
+	})
+
+	// Garbage is refused with the validator's reason and position, and changes nothing.
+	for _, tt := range []struct {
+		body string
+		code int
+		msg  string
+	}{
+		{policyBody("db", `{"network": "default", "allow": [`), 400, "offset"},
+		{policyBody("db", `{"allow": []}`), 400, `no "network"`},
+		{policyBody("db", `{"network": "nope"}`), 400, `"nope"`},
+		{policyBody("Bad_Name", `{"network": "default"}`), 400, "Bad_Name"},
+		{policyBody("db", ``), 400, "empty file"},
+		{`{"name":"db","file":"not base64!"}`, 400, "decode"},
+		{`{"name":"db","file":"", "extra": 1}`, 400, "unknown field"},
+	} {
+		if code, msg := apiCall(t, h, "POST", "/v1/policies", tt.body, nil); code != tt.code || !strings.Contains(msg, tt.msg) {
+			t.Errorf("apply %s: %d %q, want %d mentioning %q", tt.body, code, msg, tt.code, tt.msg)
+		}
+	}
+	if code, _ := apiCall(t, h, "GET", "/v1/policies/db", "", &shown); code != 200 || shown.Version != info.Version {
+		t.Fatalf("a refused apply changed the policy: %+v", shown)
+	}
+
+	if code, msg := apiCall(t, h, "GET", "/v1/policies/nope", "", nil); code != 404 || !strings.Contains(msg, `"nope"`) {
+		t.Fatalf("show unknown: %d %s", code, msg)
+	}
+	if code, msg := apiCall(t, h, "DELETE", "/v1/policies/db", "", nil); code != 200 {
+		t.Fatalf("rm: %d %s", code, msg)
+	}
+	if code, msg := apiCall(t, h, "DELETE", "/v1/policies/db", "", nil); code != 404 || !strings.Contains(msg, "no such policy") {
+		t.Fatalf("rm again: %d %s", code, msg)
+	}
+	if code, msg := apiCall(t, h, "PUT", "/v1/policies/db", "", nil); code != 405 {
+		t.Fatalf("PUT: %d %s", code, msg)
+	}
+	waitFor(t, 5*time.Second, "OnPolicies to see the removal", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(seen) > 1 && len(seen[len(seen)-1]) == 0
+	})
+}
