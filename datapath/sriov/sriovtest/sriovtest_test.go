@@ -171,3 +171,45 @@ func TestNewRefusesForeignLinkAndLeavesNothing(t *testing.T) {
 		t.Errorf("the failed New left %d entries in %s", len(entries), dir)
 	}
 }
+
+// A stand-in that died with its container's namespace comes back, like a real VF, with its
+// MAC under the name asked, and the tree shows it; a live one cannot be revived twice.
+func TestReviveAfterNamespaceDies(t *testing.T) {
+	hostPath, host := testNS(t, "rhost")
+	if _, err := nslab.AddBridge(host, "wsjbr1", 1500); err != nil {
+		t.Fatal(err)
+	}
+	f := sriovtest.NewTest(t, sriovtest.Config{PF: "wsjpf1", Bus: 0x3c, NumVFs: 2, Parent: "wsjbr1", NetNS: hostPath})
+	mac := f.MAC(0)
+	if len(mac) != 6 {
+		t.Fatalf("MAC(0) = %v", mac)
+	}
+	if err := f.Revive(0, "wsjdev0"); err == nil {
+		t.Fatal("Revive of a live stand-in succeeded")
+	}
+	ctrName := fmt.Sprintf("wsj-%d-rctr", os.Getpid())
+	ctrPath, err := nslab.CreateNetNS(ctrName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	moveTo(t, host, "wsjpf1v0", ctrPath)
+	if err := nslab.DeleteNetNS(ctrName); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Revive(0, "wsjdev0"); err != nil {
+		t.Fatal(err)
+	}
+	l, err := host.LinkByName("wsjdev0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.Attrs().HardwareAddr.String() != mac.String() {
+		t.Fatalf("revived mac %s, want %s", l.Attrs().HardwareAddr, mac)
+	}
+	if vf, err := sriov.FindVF(f.Root(), f.VFPCI(0)); err != nil || vf.Netdev != "wsjdev0" {
+		t.Fatalf("tree after Revive: %+v, %v", vf, err)
+	}
+	if err := f.Revive(1, "bad/name"); err == nil {
+		t.Fatal("Revive took a bad name")
+	}
+}
