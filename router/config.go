@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/weftnet/weft/datapath/sriov"
 	"github.com/weftnet/weft/ipam"
 )
 
@@ -142,7 +143,31 @@ type Config struct {
 	DNSUpstreams []string
 	// DNSDownGrace is how long a dead peer's names stay in answers.
 	DNSDownGrace time.Duration
+
+	// SysfsRoot is where the peer reads the VFs of SR-IOV networks' PFs (issue #14): "/sys",
+	// or a fixture's tree in tests and the lab.
+	SysfsRoot string
+	// SRIOVDeviceInfoDir is where DPDK attachments' device-info files go.
+	SRIOVDeviceInfoDir string
+	// SRIOVPFConfig chooses what programs VF settings on the PF: SRIOVPFNetlink (the kernel)
+	// or SRIOVPFRecord, a stand-in that only logs and remembers them, for hosts whose "VFs"
+	// are not real (the lab's macvlan stand-ins have no PF to program).
+	SRIOVPFConfig string
+	// SRIOVRescan is how often the VFs of SR-IOV networks' PFs are rediscovered (besides on
+	// every change of the network table); 0 means DefaultSRIOVRescan.
+	SRIOVRescan time.Duration
+	// SRIOVPF overrides SRIOVPFConfig with a given configurator (tests).
+	SRIOVPF sriov.PFConfig
 }
+
+// SR-IOV PF configurators (--sriov-pf-config).
+const (
+	SRIOVPFNetlink = "netlink"
+	SRIOVPFRecord  = "record"
+)
+
+// DefaultSRIOVRescan is how often the peer rediscovers its SR-IOV VFs.
+const DefaultSRIOVRescan = 30 * time.Second
 
 // DefaultConfig returns the documented defaults; Name must still be set.
 func DefaultConfig() Config {
@@ -171,6 +196,11 @@ func DefaultConfig() Config {
 		DNSPort:       53,
 		DNSTTL:        30 * time.Second,
 		DNSDownGrace:  30 * time.Second,
+
+		SysfsRoot:          sriov.DefaultSysfsRoot,
+		SRIOVDeviceInfoDir: sriov.DefaultDeviceInfoDir,
+		SRIOVPFConfig:      SRIOVPFNetlink,
+		SRIOVRescan:        DefaultSRIOVRescan,
 	}
 }
 
@@ -225,6 +255,14 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: --attach-wait %s must be between 0 and %s (the CNI plugin gives one call 60s)", ErrInvalidConfig, c.AttachWait, maxAttachWait)
 	case c.ReclaimAfter < 0:
 		return fmt.Errorf("%w: --reclaim-after %s must not be negative", ErrInvalidConfig, c.ReclaimAfter)
+	case c.SysfsRoot != "" && !filepath.IsAbs(c.SysfsRoot):
+		return fmt.Errorf("%w: --sysfs-root %q must be an absolute path", ErrInvalidConfig, c.SysfsRoot)
+	case c.SRIOVDeviceInfoDir != "" && !filepath.IsAbs(c.SRIOVDeviceInfoDir):
+		return fmt.Errorf("%w: --sriov-device-info-dir %q must be an absolute path", ErrInvalidConfig, c.SRIOVDeviceInfoDir)
+	case c.SRIOVPFConfig != "" && c.SRIOVPFConfig != SRIOVPFNetlink && c.SRIOVPFConfig != SRIOVPFRecord:
+		return fmt.Errorf("%w: --sriov-pf-config %q must be %s or %s", ErrInvalidConfig, c.SRIOVPFConfig, SRIOVPFNetlink, SRIOVPFRecord)
+	case c.SRIOVRescan < 0:
+		return fmt.Errorf("%w: sriov rescan interval %s must not be negative", ErrInvalidConfig, c.SRIOVRescan)
 	case c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified()):
 		return fmt.Errorf("%w: --advertise-addr %s must be a specific address", ErrInvalidConfig, c.AdvertiseAddr)
 	case c.Insecure && len(c.ClusterKey) != 0:

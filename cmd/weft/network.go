@@ -52,7 +52,11 @@ func newNetworkCreateCmd() *cobra.Command {
 			if err := client(cmd).Post(cmd.Context(), "/v1/networks", req, &info); err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "created network %s %s (/%d blocks, gateway %s, %s)\n", info.Name, info.Subnet, info.BlockSize, info.Gateway, isolation(info.Isolated))
+			mode := ""
+			if info.Mode != "" {
+				mode = ", " + modeOf(info)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created network %s %s (/%d blocks, gateway %s, %s%s)\n", info.Name, info.Subnet, info.BlockSize, info.Gateway, isolation(info.Isolated), mode)
 			return nil
 		},
 	}
@@ -63,6 +67,10 @@ func newNetworkCreateCmd() *cobra.Command {
 	fl.String("encrypt", "", "never, auto or always (empty: each peer's --encrypt)")
 	fl.String("sla", "", `SLA class of the network's traffic, e.g. "gold: rtt<=5ms,loss<=0.1%" (empty: each peer's --sla)`)
 	fl.Bool("isolated", true, "containers on other networks may not reach this one; --isolated=false routes it like the default network")
+	fl.String("mode", "", "how containers attach: empty for a veth on the network's bridge, sriov for a virtual function of --pf")
+	fl.String("pf", "", "with --mode sriov: the physical function whose VFs the network hands out, e.g. ens1f0")
+	fl.Int("vlan", 0, "with --mode sriov: VLAN tag of the VFs on the PF (0: untagged)")
+	fl.String("dpdk", "", "with --mode sriov: auto (either kind of VF), on (only VFs bound to a userspace driver, by PCI address) or off (only netdevs)")
 	cmd.MarkFlagRequired("subnet")
 	return cmd
 }
@@ -89,6 +97,18 @@ func networkRequest(cmd *cobra.Command, name string) (router.NetworkRequest, err
 		return req, err
 	}
 	if req.SLA, err = fl.GetString("sla"); err != nil {
+		return req, err
+	}
+	if req.Mode, err = fl.GetString("mode"); err != nil {
+		return req, err
+	}
+	if req.PF, err = fl.GetString("pf"); err != nil {
+		return req, err
+	}
+	if req.VLAN, err = fl.GetInt("vlan"); err != nil {
+		return req, err
+	}
+	if req.DPDK, err = fl.GetString("dpdk"); err != nil {
 		return req, err
 	}
 	if fl.Changed("isolated") {
@@ -176,12 +196,32 @@ func orPeer(v string) string {
 	return v
 }
 
+// modeOf is how a network's containers attach, for people: "bridge", or "sriov pf X" with
+// its VLAN and DPDK choice when set.
+func modeOf(n router.NetworkInfo) string {
+	if n.Mode == "" {
+		return "bridge"
+	}
+	s := n.Mode + " pf " + n.PF
+	if n.VLAN != 0 {
+		s += " vlan " + strconv.Itoa(n.VLAN)
+	}
+	if n.DPDK != "" {
+		s += " dpdk " + n.DPDK
+	}
+	return s
+}
+
 func printNetworks(out io.Writer, nets []router.NetworkInfo) {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSUBNET\tBLOCKS\tGATEWAY\tMTU\tENCRYPT\tISOLATION\tSLA")
+	fmt.Fprintln(tw, "NAME\tSUBNET\tBLOCKS\tGATEWAY\tMTU\tENCRYPT\tISOLATION\tSLA\tMODE\tPF")
 	for _, n := range nets {
-		fmt.Fprintf(tw, "%s\t%s\t/%d\t%s\t%s\t%s\t%s\t%s\n", n.Name, n.Subnet, n.BlockSize, n.Gateway,
-			orPeer(strconv.Itoa(n.MTU)), orPeer(n.Encrypt), isolation(n.Isolated), orPeer(n.SLA))
+		mode, pf := n.Mode, n.PF
+		if mode == "" {
+			mode, pf = "bridge", "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t/%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, n.Subnet, n.BlockSize, n.Gateway,
+			orPeer(strconv.Itoa(n.MTU)), orPeer(n.Encrypt), isolation(n.Isolated), orPeer(n.SLA), mode, pf)
 	}
 	tw.Flush()
 }
@@ -196,6 +236,12 @@ func printNetwork(out io.Writer, n router.NetworkInfo) {
 	fmt.Fprintf(tw, "encrypt:\t%s\n", orPeer(n.Encrypt))
 	fmt.Fprintf(tw, "isolation:\t%s\n", isolation(n.Isolated))
 	fmt.Fprintf(tw, "sla:\t%s\n", orPeer(n.SLA))
+	fmt.Fprintf(tw, "mode:\t%s\n", modeOf(n))
+	if n.Mode != "" {
+		fmt.Fprintf(tw, "pf:\t%s\n", n.PF)
+		fmt.Fprintf(tw, "vlan:\t%d\n", n.VLAN)
+		fmt.Fprintf(tw, "dpdk:\t%s\n", n.DPDK)
+	}
 	tw.Flush()
 	if len(n.Blocks) == 0 {
 		fmt.Fprintln(out, "no block owned")

@@ -26,6 +26,8 @@ func TestNetworkCreateFlags(t *testing.T) {
 		{[]string{"--subnet=10.50.0.0/16", "--block-size", "24", "--mtu", "9000", "--encrypt", "always", "--sla", "gold: rtt<=5ms", "--isolated=false"},
 			router.NetworkRequest{Name: "media", Subnet: "10.50.0.0/16", BlockSize: 24, MTU: 9000, Encrypt: "always", SLA: "gold: rtt<=5ms"}, "false"},
 		{[]string{"--subnet", "10.50.0.0/16", "--isolated"}, router.NetworkRequest{Name: "media", Subnet: "10.50.0.0/16", BlockSize: 26}, "true"},
+		{[]string{"--subnet", "10.60.0.0/16", "--mode", "sriov", "--pf", "ens1f0", "--vlan", "100", "--dpdk", "auto"},
+			router.NetworkRequest{Name: "media", Subnet: "10.60.0.0/16", BlockSize: 26, Mode: "sriov", PF: "ens1f0", VLAN: 100, DPDK: "auto"}, ""},
 	} {
 		create, _, err := newRootCmd().Find([]string{"network", "create"})
 		if err != nil {

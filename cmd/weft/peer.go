@@ -31,6 +31,7 @@ func newPeerCmd() *cobra.Command {
 		sla                                                   string
 		dnsPort                                               int
 		dnsTTL, dnsDownGrace                                  time.Duration
+		sysfsRoot, devInfoDir, pfConfig                       string
 	)
 	cmd := &cobra.Command{
 		Use:   "peer",
@@ -64,6 +65,7 @@ func newPeerCmd() *cobra.Command {
 				cfg.TrustedSubnets = append(cfg.TrustedSubnets, p.Masked())
 			}
 			cfg.DNSDomain, cfg.DNSPort, cfg.DNSTTL, cfg.DNSUpstreams, cfg.DNSDownGrace = dnsDomain, dnsPort, dnsTTL, dnsUpstreams, dnsDownGrace
+			cfg.SysfsRoot, cfg.SRIOVDeviceInfoDir, cfg.SRIOVPFConfig = sysfsRoot, devInfoDir, pfConfig
 			if advertise != "" {
 				if cfg.AdvertiseAddr, err = netip.ParseAddr(advertise); err != nil {
 					return fmt.Errorf("--advertise-addr %q: %w", advertise, err)
@@ -119,5 +121,8 @@ func newPeerCmd() *cobra.Command {
 	f.DurationVar(&dnsTTL, "dns-ttl", def.DNSTTL, "TTL of weft DNS answers")
 	f.StringSliceVar(&dnsUpstreams, "dns-upstream", nil, "resolvers for other names, host[:port] (default: the nameservers of /etc/resolv.conf, re-read on change)")
 	f.DurationVar(&dnsDownGrace, "dns-down-grace", def.DNSDownGrace, "how long a dead peer's names stay in answers")
+	f.StringVar(&sysfsRoot, "sysfs-root", def.SysfsRoot, "where to read SR-IOV PFs and their VFs (a test tree in the lab)")
+	f.StringVar(&devInfoDir, "sriov-device-info-dir", def.SRIOVDeviceInfoDir, "where DPDK attachments' device-info files are written (Network Plumbing WG format)")
+	f.StringVar(&pfConfig, "sriov-pf-config", def.SRIOVPFConfig, "what programs VF settings (VLAN, spoof check, trust, link state, rates) on the PF: netlink, or record, a stand-in that only logs and remembers them, for hosts without real VFs (the lab)")
 	return cmd
 }
