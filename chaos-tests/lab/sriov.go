@@ -155,3 +155,12 @@ func (h *Host) RefreshSRIOV() error {
 	}
 	return f.Refresh()
 }
+
+// SRIOVPF is the stand-in PF's name ("" without Config.SRIOV); VF i's netdev is first
+// called <pf>v<i>.
+func (h *Host) SRIOVPF() string {
+	if c := h.lab.cfg.SRIOV; c != nil {
+		return c.PF
+	}
+	return ""
+}
