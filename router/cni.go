@@ -22,6 +22,7 @@ import (
 
 	"github.com/weftnet/weft/cni"
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/sriov"
 	"github.com/weftnet/weft/ipam"
 )
 
@@ -110,6 +111,9 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	secondary := existing.Secondary
 	if !existed {
 		secondary = isSecondary(p.alloc.Container(req.ContainerID), req.IfName)
+	}
+	if network.Mode == ipam.ModeSRIOV { // a VF, not a veth (router/sriov.go)
+		return p.sriovAdd(ctx, req, network, secondary, arrived)
 	}
 	want := datapath.Attachment{
 		NetNS: req.NetNS, IfName: req.IfName, HostIfName: datapath.HostIfName(req.ContainerID, req.IfName),
@@ -260,6 +264,10 @@ func (p *Peer) cniDel(req cni.AttachRequest) error {
 
 // detach removes the veth and then the record; the caller holds the key's lock.
 func (p *Peer) detach(key ipam.Key) error {
+	// Its VF first, if it holds one (router/sriov.go): the address goes only once the VF is back.
+	if err := p.sriovDetach(sriov.Owner{ContainerID: key.ContainerID, IfName: key.IfName}, ""); err != nil {
+		return err
+	}
 	hostIf := datapath.HostIfName(key.ContainerID, key.IfName)
 	if rec, ok := p.alloc.Get(key); ok && rec.NetNS != "" {
 		// The interface's policy rule would outlive its veth in a netns that lives on; a
@@ -307,6 +315,9 @@ func (p *Peer) cniCheck(req cni.AttachRequest) (*cni.AttachResult, error) {
 	if req.NetNS != "" {
 		netnsPath = req.NetNS
 	}
+	if network.Mode == ipam.ModeSRIOV {
+		return p.sriovCheck(rec, network, netnsPath)
+	}
 	a := datapath.Attachment{
 		NetNS: netnsPath, IfName: rec.IfName, HostIfName: rec.HostIfName, Bridge: bridgeName(network.Name),
 		Address: netip.PrefixFrom(rec.Address, network.Subnet.Bits()), Gateway: network.Gateway(), MTU: rec.MTU,
@@ -347,6 +358,7 @@ func (p *Peer) cniGC(req cni.GCRequest) (*cni.GCResult, error) {
 		}
 		res.Released = append(res.Released, cni.GCAttachment{ContainerID: rec.ContainerID, IfName: rec.IfName})
 	}
+	errs = append(errs, p.sriovGC(req, res)) // VFs whose address record is gone already
 	if len(res.Released) > 0 {
 		p.log.Info("garbage-collected attachments", "network", req.CNINetwork, "released", strconv.Itoa(len(res.Released)))
 	}

@@ -154,6 +154,9 @@ func (p *Peer) startDatapath(ctx context.Context, advertise netip.Addr) error {
 	}
 	// Containers see the whole range on-link; the bridge answers ARP for remote ones.
 	for _, n := range p.alloc.Networks() {
+		if n.Mode == ipam.ModeSRIOV {
+			continue // no bridge
+		}
 		if err := datapath.EnableProxyARP(bridgeName(n.Name)); err != nil {
 			return err
 		}
@@ -389,7 +392,9 @@ func (p *Peer) syncNetworkDevices(ctx context.Context, nets []ipam.Network, prun
 	l := p.links
 	names := make([]string, 0, len(nets))
 	for _, n := range nets {
-		names = append(names, n.Name)
+		if n.Mode != ipam.ModeSRIOV { // no VXLAN device: the physical network carries it
+			names = append(names, n.Name)
+		}
 	}
 	vnis := plan.VNIs(names)
 	ok = true

@@ -212,6 +212,9 @@ func dnsRanges(nets []ipam.Network) []dns.NetworkRange {
 func dnsListenAddrs(nets []ipam.Network, local map[netip.Addr]bool, port int) []netip.AddrPort {
 	var out []netip.AddrPort
 	for _, n := range nets {
+		if n.Mode == ipam.ModeSRIOV {
+			continue // no gateway on the host; its names resolve through the other networks
+		}
 		if gw := n.Gateway(); local[gw] {
 			out = append(out, netip.AddrPortFrom(gw, uint16(port)))
 		}

@@ -131,6 +131,9 @@ func (p *Peer) knownNetworks() []ipam.Network {
 func isolationNetworks(nets []ipam.Network) []isolate.Network {
 	out := make([]isolate.Network, 0, len(nets))
 	for _, n := range nets {
+		if n.Mode == ipam.ModeSRIOV {
+			continue // no bridge to filter: its VFs bypass the host (issue #14)
+		}
 		out = append(out, isolate.Network{Name: n.Name, Subnet: n.Subnet, Isolated: n.Isolated, Bridge: bridgeName(n.Name)})
 	}
 	slices.SortFunc(out, func(a, b isolate.Network) int { return strings.Compare(a.Name, b.Name) })

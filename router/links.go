@@ -58,7 +58,7 @@ func desiredState(self string, pol linkPolicy, peers []mesh.Peer, blocks map[str
 func planNetworks(nets []ipam.Network) []plan.Network {
 	out := make([]plan.Network, 0, len(nets))
 	for _, n := range nets {
-		out = append(out, plan.Network{Name: n.Name, Subnet: n.Subnet, Encrypt: n.Encrypt})
+		out = append(out, plan.Network{Name: n.Name, Subnet: n.Subnet, Encrypt: n.Encrypt, Fabric: n.Mode == ipam.ModeSRIOV})
 	}
 	return out
 }

@@ -50,6 +50,7 @@ type Peer struct {
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
 	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
+	sriov     *sriovPart // the VF pool of SR-IOV networks (router/sriov.go)
 	started   time.Time
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
@@ -133,6 +134,9 @@ func (p *Peer) Run(ctx context.Context) error {
 		return err
 	}
 	if err := p.ensureKernel(); err != nil {
+		return err
+	}
+	if err := p.startSRIOV(ctx, &stops); err != nil { // repairs interrupted ADDs before the API serves
 		return err
 	}
 	if err := p.startGuard(advertise); err != nil { // after the bridges exist (router/guard.go)
@@ -263,6 +267,9 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 // every network. Attachments' veths outlive the peer, so a restart leaves them alone.
 func (p *Peer) ensureKernel() error {
 	for _, n := range p.alloc.Networks() {
+		if n.Mode == ipam.ModeSRIOV {
+			continue // its containers hold VFs: no bridge
+		}
 		_, err := datapath.EnsureBridge(datapath.BridgeConfig{
 			Name: bridgeName(n.Name), Gateway: n.GatewayPrefix(), MTU: p.cfg.MTU,
 		})

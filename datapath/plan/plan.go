@@ -81,6 +81,10 @@ type Network struct {
 	// EncryptAuto / "" (the pair's own decision). Any other value routes nothing of the
 	// network (the row says why).
 	Encrypt string
+	// Fabric: the network's containers sit on the physical network (SR-IOV VFs, issue #14),
+	// which carries their traffic between hosts. Its blocks are in range but get no route,
+	// device or VNI; its rows say so.
+	Fabric bool
 }
 
 // Encryption policies of a network.
@@ -364,10 +368,13 @@ func Links(in Input) (Desired, []Connection) {
 	conns := []Connection{}
 	nets := slices.Clone(in.Networks)
 	slices.SortFunc(nets, func(a, b Network) int { return strings.Compare(a.Name, b.Name) })
-	names := make([]string, len(nets))
+	names := make([]string, 0, len(nets))
 	ranges := make([]netip.Prefix, len(nets))
 	for i, n := range nets {
-		names[i], ranges[i] = n.Name, n.Subnet
+		ranges[i] = n.Subnet
+		if !n.Fabric {
+			names = append(names, n.Name)
+		}
 	}
 	vnis := VNIs(names)
 	for _, pr := range in.Peers {
@@ -428,6 +435,9 @@ func Links(in Input) (Desired, []Connection) {
 				}
 			}
 			c := ChooseNetworkLink(in.Policy, pr, n, pair)
+			if n.Fabric {
+				c = Choice{Reason: fmt.Sprintf("network %s is carried by the physical network (sr-iov), not by weft", n.Name)}
+			}
 			if _, ok := vnis[n.Name]; c.Mode == datapath.ModeVXLAN && !ok {
 				c = Choice{Reason: fmt.Sprintf("network %s has no VNI left (more than %d networks)", n.Name, VNISpan)}
 			}

@@ -624,3 +624,30 @@ func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
 	ones, _ := n.Mask.Size()
 	return netip.PrefixFrom(a.Unmap(), ones), true
 }
+
+// RestoreFound gives a VF netdev found back in the host namespace at hostNS ("" for the
+// calling thread's) its saved name, MAC and MTU, down: a quarantined VF whose container netns
+// died, which the kernel returned under the container's name or dev<N> (ifname, as sysfs
+// shows it now) with the container's MAC. A netdev already restored is success; none under
+// ifname nor with the saved name and MAC is ErrNetdevNotFound (not back yet).
+func RestoreFound(hostNS, ifname string, saved NetdevState) error {
+	if !moveIfNameOK(saved.Name) || saved.MTU <= 0 {
+		return fmt.Errorf("%w: saved name %q, mtu %d", ErrBadMove, saved.Name, saved.MTU)
+	}
+	h, err := hostNSHandle(hostNS)
+	if err != nil {
+		return fmt.Errorf("netlink in host netns %q: %w", hostNS, err)
+	}
+	defer h.Close()
+	if l, ok := findInHost(h, saved); ok {
+		return restoreInHost(h, l.Attrs().Index, saved)
+	}
+	if ifname == "" {
+		return fmt.Errorf("%w: %s (mac %s) is not in the host", ErrNetdevNotFound, saved.Name, saved.MAC)
+	}
+	l, err := h.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("%w: %s (saved as %s) is not in the host: %v", ErrNetdevNotFound, ifname, saved.Name, err)
+	}
+	return restoreInHost(h, l.Attrs().Index, saved)
+}
