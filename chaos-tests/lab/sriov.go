@@ -7,6 +7,9 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
 	"github.com/weftnet/weft/datapath/sriov/sriovtest"
 )
 
@@ -27,7 +30,8 @@ type SRIOVConfig struct {
 	// (default: --sriov-device-info-dir <host dir>/devinfo --sriov-pf-config=record).
 	PeerArgs []string
 	// RefreshInterval is how often the lab brings each tree in step with the stand-ins'
-	// names and namespaces, as the kernel keeps real sysfs. Default 100ms.
+	// names and namespaces besides on every link event of the host namespace (the kernel
+	// keeps real sysfs current). Default 1s.
 	RefreshInterval time.Duration
 }
 
@@ -43,7 +47,7 @@ func (c *SRIOVConfig) validate(prefix string) error {
 		return fmt.Errorf("lab: sriov vfs %d + vfio %d out of range (1..64 in all)", c.VFs, c.VFIO)
 	}
 	if c.RefreshInterval <= 0 {
-		c.RefreshInterval = 100 * time.Millisecond
+		c.RefreshInterval = time.Second
 	}
 	return nil
 }
@@ -75,6 +79,21 @@ func (h *Host) setupSRIOV(c SRIOVConfig) error {
 	}
 	s := &hostSRIOV{fix: fix, devInfo: devInfo,
 		stop: make(chan struct{}), done: make(chan struct{})}
+	// The kernel keeps real sysfs current at once; the tree follows every link event of the
+	// host namespace (a rename, a move in or out), so the peer never reads a name a lagging
+	// tree would show, and a slow tick backs the events up.
+	nsh, err := netns.GetFromPath(h.NSPath)
+	if err != nil {
+		fix.Close()
+		return fmt.Errorf("lab: sriov on %s: %w", h.Name, err)
+	}
+	updates := make(chan netlink.LinkUpdate, 64)
+	err = netlink.LinkSubscribeWithOptions(updates, s.stop, netlink.LinkSubscribeOptions{Namespace: &nsh})
+	nsh.Close()
+	if err != nil {
+		fix.Close()
+		return fmt.Errorf("lab: sriov on %s: subscribe to links: %w", h.Name, err)
+	}
 	go func() {
 		defer close(s.done)
 		t := time.NewTicker(c.RefreshInterval)
@@ -83,10 +102,15 @@ func (h *Host) setupSRIOV(c SRIOVConfig) error {
 			select {
 			case <-s.stop:
 				return
-			case <-t.C:
-				if err := fix.Refresh(); err != nil {
-					h.log.Warn("sriov tree refresh", "err", err)
+			case _, ok := <-updates:
+				if !ok {
+					updates = nil // the subscription ended; the tick carries on
+					continue
 				}
+			case <-t.C:
+			}
+			if err := fix.Refresh(); err != nil {
+				h.log.Warn("sriov tree refresh", "err", err)
 			}
 		}
 	}()
