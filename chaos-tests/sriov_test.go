@@ -105,7 +105,12 @@ func vfLinks(t *testing.T, fix *sriovtest.Fixture, nss map[string]string) map[in
 		if err != nil {
 			continue // a deleted container
 		}
-		links, err := h.LinkList()
+		var links []netlink.Link
+		for range 10 { // again while links moving elsewhere interrupt the dump
+			if links, err = h.LinkList(); !errors.Is(err, netlink.ErrDumpInterrupted) {
+				break
+			}
+		}
 		h.Close()
 		if err != nil {
 			t.Fatalf("links of %s: %v", name, err)

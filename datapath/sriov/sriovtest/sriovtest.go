@@ -308,7 +308,7 @@ func (f *Fixture) Revive(i int, name string) error {
 		return fmt.Errorf("sriovtest: bad interface name %q", name)
 	}
 	alias := aliasPrefix + f.VFPCI(i)
-	links, err := f.h.LinkList()
+	links, err := f.listLinks()
 	if err != nil {
 		return fmt.Errorf("sriovtest: list links: %w", err)
 	}
@@ -386,7 +386,7 @@ func (f *Fixture) Refresh() error {
 	if f.h == nil {
 		return nil
 	}
-	links, err := f.h.LinkList()
+	links, err := f.listLinks()
 	if err != nil {
 		return fmt.Errorf("sriovtest: list links: %w", err)
 	}
@@ -405,12 +405,26 @@ func (f *Fixture) Refresh() error {
 	return nil
 }
 
+// listLinks lists the namespace's links, again when the kernel says the dump was
+// interrupted by a change (links moving while a peer attaches): a partial list would make a
+// stand-in look gone.
+func (f *Fixture) listLinks() ([]netlink.Link, error) {
+	var err error
+	for range 10 {
+		var links []netlink.Link
+		if links, err = f.h.LinkList(); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return links, err
+		}
+	}
+	return nil, err
+}
+
 // Close deletes the stand-ins still in the fixture's namespace and removes the tree; safe
 // twice. A stand-in moved into another namespace goes when that namespace is deleted.
 func (f *Fixture) Close() error {
 	var errs []error
 	if f.h != nil {
-		if links, err := f.h.LinkList(); err == nil {
+		if links, err := f.listLinks(); err == nil {
 			for _, l := range links {
 				a := l.Attrs().Alias
 				if len(a) > len(aliasPrefix) && a[:len(aliasPrefix)] == aliasPrefix && f.owns(a[len(aliasPrefix):]) {
