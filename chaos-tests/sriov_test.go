@@ -33,6 +33,9 @@ import (
 // sriovVFs is the number of netdev VFs per host; VF sriovVFs is the vfio-bound one.
 const sriovVFs = 4
 
+// ctrMTU is the MTU the DEL tests ask for in the container, below the stand-ins' 1500.
+const ctrMTU = 1400
+
 var (
 	fastSubnet = netip.MustParsePrefix("10.77.0.0/24")
 	dpdkSubnet = netip.MustParsePrefix("10.78.0.0/24")
@@ -180,9 +183,9 @@ func vfOf(fix *sriovtest.Fixture, mac string) (int, bool) {
 
 // sriovAttached checks an ADD result for ifname on an SR-IOV network and the container's
 // netdev: the interface is a VF of h (by MAC), in the container under ifname with the
-// result's MAC, MTU and address, up, and not in the host. It returns the VF index and the
+// result's MAC, MTU mtu (0: the VF's own) and address, up, and not in the host. It returns the VF index and the
 // address.
-func sriovAttached(t *testing.T, h *lab.Host, ctr *lab.Container, res types.Result, ifname string, subnet netip.Prefix) (int, netip.Prefix) {
+func sriovAttached(t *testing.T, h *lab.Host, ctr *lab.Container, res types.Result, ifname string, subnet netip.Prefix, mtu int) (int, netip.Prefix) {
 	t.Helper()
 	r, err := current.GetResult(res)
 	if err != nil {
@@ -214,8 +217,11 @@ func sriovAttached(t *testing.T, h *lab.Host, ctr *lab.Container, res types.Resu
 	if rif.Mtu != 0 && rif.Mtu != w.mtu {
 		t.Fatalf("%s %s: result mtu %d, netdev mtu %d", ctr.Name, ifname, rif.Mtu, w.mtu)
 	}
-	if want := hostMTU(t, h); w.mtu != want {
-		t.Fatalf("%s %s: mtu %d, want the VF's %d", ctr.Name, ifname, w.mtu, want)
+	if mtu == 0 {
+		mtu = hostMTU(t, h)
+	}
+	if w.mtu != mtu {
+		t.Fatalf("%s %s: mtu %d, want %d", ctr.Name, ifname, w.mtu, mtu)
 	}
 	nh, err := nslab.HandleAt(ctr.NSPath)
 	if err != nil {
@@ -269,7 +275,7 @@ func TestSRIOVAttachAcrossHosts(t *testing.T) {
 		if err != nil {
 			t.Fatalf("ADD net1 on fast on %s: %v", h.Name, err)
 		}
-		vf, addr := sriovAttached(t, h, ctr, res, "net1", fastSubnet)
+		vf, addr := sriovAttached(t, h, ctr, res, "net1", fastSubnet, 0)
 		names, _ := ctr.LinkNames()
 		if !slices.Contains(names, "eth0") || !slices.Contains(names, "net1") {
 			t.Fatalf("%s links %v, want eth0 and net1", ctr.Name, names)
@@ -324,7 +330,8 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 	h := l.Host(0)
 	fix := h.SRIOV()
 	createSRIOVNetwork(t, ctx, l, "fast", fastSubnet, "off")
-	fast := mustCNI(t, h, lab.CNIOptions{Name: "weft-fast", Network: "fast"})
+	// The container's MTU differs from the VF's, so that DEL has an MTU to restore.
+	fast := mustCNI(t, h, lab.CNIOptions{Name: "weft-fast", Network: "fast", MTU: ctrMTU})
 	mtu := hostMTU(t, h)
 
 	ctrs := make([]*lab.Container, sriovVFs+1)
@@ -352,7 +359,7 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 			}
 			continue
 		}
-		vf, _ := sriovAttached(t, h, ctrs[k], results[k], "net1", fastSubnet)
+		vf, _ := sriovAttached(t, h, ctrs[k], results[k], "net1", fastSubnet, ctrMTU)
 		if prev, dup := owner[vf]; dup {
 			t.Fatalf("vf %d handed to %s and %s", vf, prev.Name, ctrs[k].Name)
 		}
@@ -393,7 +400,7 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ADD after a VF was freed: %v", err)
 	}
-	if vf, _ := sriovAttached(t, h, loser, res, "net1", fastSubnet); vf != vfA {
+	if vf, _ := sriovAttached(t, h, loser, res, "net1", fastSubnet, ctrMTU); vf != vfA {
 		t.Fatalf("new owner got vf %d, want the freed vf %d", vf, vfA)
 	}
 	if err := fast.Del(ctx, a.RuntimeConf("net1")); err != nil {
@@ -409,7 +416,8 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 
 	// DEL after the netns is gone: the stand-in dies with the namespace (a real VF would
 	// return to the host); DEL succeeds, the VF is quarantined, and when it shows up in the
-	// host again (Revive, under the name it had inside) the peer restores and frees it.
+	// host again (Revive, under the name it had inside) the peer restores and frees it at its
+	// next rescan (router.DefaultSRIOVRescan, 30s).
 	vfB := 1
 	b := owner[vfB]
 	if err := b.Delete(); err != nil {
@@ -430,7 +438,7 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 	if err := fix.Revive(vfB, "net1"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, ctx, 45*time.Second, "the quarantined vf restored once back in the host", func() error {
+	waitFor(t, ctx, 60*time.Second, "the quarantined vf restored once back in the host", func() error {
 		return assertHome(h, vfLinks(t, fix, namespaces(h)), vfB, mtu)
 	})
 	c2 := mustContainer(t, h)
@@ -440,7 +448,7 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if vf, _ := sriovAttached(t, h, c2, res, "net1", fastSubnet); vf != vfB {
+		if vf, _ := sriovAttached(t, h, c2, res, "net1", fastSubnet, ctrMTU); vf != vfB {
 			t.Fatalf("ADD got vf %d, want the found vf %d", vf, vfB)
 		}
 		return nil
@@ -457,7 +465,7 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 			valid = append(valid, types.GCAttachment{ContainerID: c.ID, IfName: "net1"})
 		}
 	}
-	other := mustCNI(t, h, lab.CNIOptions{Name: "weft-fast", Network: "fast", CacheDir: t.TempDir()})
+	other := mustCNI(t, h, lab.CNIOptions{Name: "weft-fast", Network: "fast", MTU: ctrMTU, CacheDir: t.TempDir()})
 	if err := other.GC(ctx, valid); err != nil {
 		t.Fatalf("GC: %v", err)
 	}
@@ -489,7 +497,8 @@ func TestSRIOVKillMidAdd(t *testing.T) {
 	h := l.Host(0)
 	fix := h.SRIOV()
 	createSRIOVNetwork(t, ctx, l, "fast", fastSubnet, "off")
-	fast := mustCNI(t, h, lab.CNIOptions{Name: "weft-fast", Network: "fast"})
+	// The container's MTU differs from the VF's, so that DEL has an MTU to restore.
+	fast := mustCNI(t, h, lab.CNIOptions{Name: "weft-fast", Network: "fast", MTU: ctrMTU})
 	mtu := hostMTU(t, h)
 
 	// Median time of one ADD, to aim the kills: four concurrent ADDs take up to about four
