@@ -192,6 +192,9 @@ func buildResult(res *AttachResult) (*current.Result, error) {
 	if err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "the weft peer answered a bad address", res.Address)
 	}
+	if res.Kind == KindSRIOV || res.Kind == KindDPDK {
+		return deviceResult(res, prefix), nil
+	}
 	gw := net.ParseIP(res.Gateway)
 	if gw == nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "the weft peer answered a bad gateway", res.Gateway)
@@ -222,4 +225,23 @@ func buildResult(res *AttachResult) (*current.Result, error) {
 		result.DNS = types.DNS{Nameservers: res.DNS.Nameservers, Domain: res.DNS.Domain, Search: res.DNS.Search}
 	}
 	return result, nil
+}
+
+// deviceResult is the CNI result of a VF attachment (issue #14): one interface, the
+// container's, naming the VF by its PCI address (CNI 1.1 "pciID"); no bridge and no host end
+// (the VF has none), no gateway and no routes beyond the address's on-link prefix (an SR-IOV
+// network has no host bridge to route through). A DPDK VF has no MAC to report.
+func deviceResult(res *AttachResult, prefix netip.Prefix) *current.Result {
+	result := &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{{Name: res.IfName, Mac: res.ContainerMAC, Mtu: res.MTU, Sandbox: res.NetNS, PciID: res.PCIID}},
+		IPs: []*current.IPConfig{{
+			Interface: current.Int(0),
+			Address:   net.IPNet{IP: prefix.Addr().AsSlice(), Mask: net.CIDRMask(prefix.Bits(), prefix.Addr().BitLen())},
+		}},
+	}
+	if res.DNS != nil {
+		result.DNS = types.DNS{Nameservers: res.DNS.Nameservers, Domain: res.DNS.Domain, Search: res.DNS.Search}
+	}
+	return result
 }

@@ -154,3 +154,48 @@ func TestBuildResultSecondaryRoutesItsRangeOnly(t *testing.T) {
 		}
 	}
 }
+
+// A VF attachment's result names the VF by pciID (CNI 1.1) on its one interface, the
+// container's: no bridge, no host end, no gateway, no routes.
+func TestBuildResultOfAVF(t *testing.T) {
+	for _, kind := range []string{KindSRIOV, KindDPDK} {
+		res := &AttachResult{ContainerID: "c1", IfName: "net1", NetNS: "/var/run/netns/c1", Kind: kind, PCIID: "0000:30:02.0",
+			Address: "10.80.0.5/16", Network: "fast", Range: "10.80.0.0/16"}
+		if kind == KindSRIOV {
+			res.ContainerMAC, res.MTU = "02:00:00:00:00:05", 1400
+		}
+		r, err := buildResult(res)
+		if err != nil {
+			t.Fatalf("%s: %v", kind, err)
+		}
+		out, err := r.GetAsVersion("1.1.0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		if err := out.PrintTo(&buf); err != nil {
+			t.Fatal(err)
+		}
+		var got struct {
+			Interfaces []map[string]any `json:"interfaces"`
+			IPs        []map[string]any `json:"ips"`
+			Routes     []any            `json:"routes"`
+		}
+		if err := json.Unmarshal(buf.Bytes(), &got); err != nil {
+			t.Fatal(err)
+		}
+		if len(got.Interfaces) != 1 || got.Interfaces[0]["pciID"] != "0000:30:02.0" || got.Interfaces[0]["name"] != "net1" ||
+			got.Interfaces[0]["sandbox"] != "/var/run/netns/c1" {
+			t.Fatalf("%s: interfaces %v", kind, got.Interfaces)
+		}
+		if len(got.IPs) != 1 || got.IPs[0]["address"] != "10.80.0.5/16" || got.IPs[0]["gateway"] != nil || got.IPs[0]["interface"] != float64(0) {
+			t.Fatalf("%s: ips %v", kind, got.IPs)
+		}
+		if len(got.Routes) != 0 {
+			t.Fatalf("%s: routes %v", kind, got.Routes)
+		}
+		if mac := got.Interfaces[0]["mac"]; (kind == KindSRIOV) != (mac == "02:00:00:00:00:05") {
+			t.Fatalf("%s: mac %v", kind, mac)
+		}
+	}
+}

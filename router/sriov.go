@@ -362,7 +362,7 @@ func sriovSettings(n ipam.Network, bw *cni.Bandwidth) sriov.VFSettings {
 	return s
 }
 
-// sriovKind chooses the kind of VF an ADD on n reserves: held is the kind the owner already
+// sriovKinds are the kinds of VF an ADD reserves, in the order tried: held is the kind the owner already
 // holds (nil: none). DPDKOn: userspace-bound; DPDKOff: a netdev; auto: what it holds, else a
 // netdev first and a userspace-bound VF when no netdev is free. Pure.
 func sriovKinds(dpdk string, held *bool) []bool {

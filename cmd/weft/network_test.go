@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"encoding/json"
 	"io"
 	"net"
@@ -141,5 +142,32 @@ func TestNetworkCommands(t *testing.T) {
 	}
 	if strings.Join(fp.reqs, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("requests:\n%s\nwant:\n%s", strings.Join(fp.reqs, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// ls and inspect show how a network attaches: bridge, or sriov with its PF, VLAN and DPDK.
+func TestNetworkPrintsMode(t *testing.T) {
+	nets := []router.NetworkInfo{
+		{Name: "default", Subnet: "10.40.0.0/16", BlockSize: 26},
+		{Name: "fast", Subnet: "10.80.0.0/16", BlockSize: 26, Mode: "sriov", PF: "ens1f0", VLAN: 12, DPDK: "auto"},
+	}
+	var ls bytes.Buffer
+	printNetworks(&ls, nets)
+	lines := strings.Split(ls.String(), "\n")
+	if !strings.Contains(lines[0], "MODE") || !strings.Contains(lines[0], "PF") ||
+		!strings.Contains(lines[1], "bridge") || !strings.Contains(lines[2], "sriov") || !strings.Contains(lines[2], "ens1f0") {
+		t.Fatalf("ls:\n%s", ls.String())
+	}
+	var insp bytes.Buffer
+	printNetwork(&insp, nets[1])
+	for _, want := range []string{"mode:", "sriov pf ens1f0 vlan 12 dpdk auto", "pf:", "ens1f0", "vlan:", "12", "dpdk:", "auto"} {
+		if !strings.Contains(insp.String(), want) {
+			t.Errorf("inspect lacks %q:\n%s", want, insp.String())
+		}
+	}
+	insp.Reset()
+	printNetwork(&insp, nets[0])
+	if !strings.Contains(insp.String(), "bridge") || strings.Contains(insp.String(), "pf:") {
+		t.Errorf("inspect of a bridge network:\n%s", insp.String())
 	}
 }

@@ -326,3 +326,39 @@ func TestVNICollisionsResolvedInSortedOrder(t *testing.T) {
 		}
 	}
 }
+
+// A fabric (SR-IOV) network's blocks are in range but routed by no driver; its row says the
+// physical network carries it; the other networks' VNIs do not count it.
+func TestFabricNetworkGetsNoRoute(t *testing.T) {
+	pol := Policy{UnderlayPrefix: netip.MustParsePrefix("192.0.2.10/24"), Modes: []string{"direct", "vxlan"}}
+	def := Network{Name: DefaultNetwork, Subnet: netip.MustParsePrefix("10.40.0.0/16")}
+	fast := Network{Name: "fast", Subnet: netip.MustParsePrefix("10.80.0.0/16"), Fabric: true}
+	in := Input{Self: "a", Policy: pol, Peers: []Peer{peer("b", "192.0.2.20", "direct", "vxlan")},
+		Blocks:   map[string][]netip.Prefix{"b": {netip.MustParsePrefix("10.40.1.0/26"), netip.MustParsePrefix("10.80.1.0/26")}},
+		Networks: []Network{def, fast}, Now: time.Now()}
+	want, conns := Links(in)
+	if OutOfRange(conns) != 0 {
+		t.Fatalf("fabric blocks counted out of range: %+v", conns)
+	}
+	for key, list := range want {
+		for _, rp := range list {
+			for _, b := range rp.Blocks {
+				if fast.Subnet.Contains(b.Addr()) {
+					t.Fatalf("driver %s routes fabric block %s", key, b)
+				}
+			}
+		}
+	}
+	var row *Connection
+	for i := range conns {
+		if conns[i].Network == "fast" {
+			row = &conns[i]
+		}
+	}
+	if row == nil || row.Mode != "" || row.State != StateNone || !strings.Contains(row.Reason, "physical network") {
+		t.Fatalf("fabric row %+v", row)
+	}
+	if _, ok := want[DriverKey(datapath.ModeDirect, DefaultNetwork)]; !ok {
+		t.Fatalf("the default network lost its route: %v", want)
+	}
+}
