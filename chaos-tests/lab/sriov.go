@@ -9,6 +9,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/weftnet/weft/datapath/sriov/sriovtest"
 )
@@ -80,8 +81,8 @@ func (h *Host) setupSRIOV(c SRIOVConfig) error {
 	s := &hostSRIOV{fix: fix, devInfo: devInfo,
 		stop: make(chan struct{}), done: make(chan struct{})}
 	// The kernel keeps real sysfs current at once; the tree follows every link event of the
-	// host namespace (a rename, a move in or out), so the peer never reads a name a lagging
-	// tree would show, and a slow tick backs the events up.
+	// host namespace (a rename, a move in or out) as it comes, so the peer does not read a
+	// name the kernel has already left, and a slow full Refresh backs the events up.
 	nsh, err := netns.GetFromPath(h.NSPath)
 	if err != nil {
 		fix.Close()
@@ -102,11 +103,25 @@ func (h *Host) setupSRIOV(c SRIOVConfig) error {
 			select {
 			case <-s.stop:
 				return
-			case _, ok := <-updates:
+			case u, ok := <-updates:
 				if !ok {
 					updates = nil // the subscription ended; the tick carries on
 					continue
 				}
+				// One event, one entry: a full Refresh per event falls behind a burst of
+				// moves, and a peer's rescan would read names the kernel has left.
+				i, ok := fix.VFOfAlias(u.Attrs().Alias)
+				if !ok {
+					continue
+				}
+				name := u.Attrs().Name
+				if u.Header.Type == unix.RTM_DELLINK {
+					name = "" // moved out (or deleted)
+				}
+				if err := fix.Rename(i, name); err != nil {
+					h.log.Warn("sriov tree update", "vf", i, "err", err)
+				}
+				continue
 			case <-t.C:
 			}
 			if err := fix.Refresh(); err != nil {

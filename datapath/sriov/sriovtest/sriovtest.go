@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 
@@ -376,6 +377,21 @@ func (f *Fixture) Rename(i int, name string) error {
 		return fmt.Errorf("sriovtest: bad interface name %q", name)
 	}
 	return f.setNet(i, name)
+}
+
+// VFOfAlias returns the index of the VF whose stand-in carries alias (every stand-in has one
+// naming its VF), so a watcher of link events can call Rename with the event's name.
+func (f *Fixture) VFOfAlias(alias string) (int, bool) {
+	pci, ok := strings.CutPrefix(alias, aliasPrefix)
+	if !ok {
+		return 0, false
+	}
+	for i := 0; i < f.cfg.NumVFs; i++ {
+		if f.VFPCI(i) == pci && !f.vfio(i) {
+			return i, true
+		}
+	}
+	return 0, false
 }
 
 // Refresh re-reads the fixture's namespace and sets each netdev-bound VF's net/<ifname> to
