@@ -435,14 +435,20 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 	if _, ok := mustStatus(t, ctx, h).Attachment(b.ID, "net1"); ok {
 		t.Fatal("attachment survives its DEL")
 	}
+	// Quarantined, the VF is nobody's to take: with the other three held, an ADD waits (11).
+	c2 := mustContainer(t, h)
+	ctrs = append(ctrs, c2)
+	if _, err := fast.Add(ctx, c2.RuntimeConf("net1")); err == nil {
+		t.Fatal("an ADD got a VF while the only one not held was quarantined")
+	} else if code, _ := lab.ErrorCode(err); code != 11 {
+		t.Fatalf("ADD while the free VF is quarantined: %v, want CNI error 11", err)
+	}
 	if err := fix.Revive(vfB, "net1"); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, ctx, 60*time.Second, "the quarantined vf restored once back in the host", func() error {
 		return assertHome(h, vfLinks(t, fix, namespaces(h)), vfB, mtu)
 	})
-	c2 := mustContainer(t, h)
-	ctrs = append(ctrs, c2)
 	waitFor(t, ctx, 45*time.Second, "the found vf handed out again", func() error {
 		res, err := fast.Add(ctx, c2.RuntimeConf("net1"))
 		if err != nil {
