@@ -135,7 +135,7 @@ func (h *Host) setupSRIOV(c SRIOVConfig) error {
 	return nil
 }
 
-// sriovArgs are the peer flags for h's stand-in NIC (none without one).
+// sriovArgsLocked is the peer flags for h's stand-in NIC (none without one); h.mu is held.
 func (h *Host) sriovArgsLocked() []string {
 	if h.sriov == nil {
 		return nil
