@@ -50,6 +50,7 @@ type Host struct {
 	argsOverride []string   // replaces Config.PeerArgs when set (StartWith)
 	containers   []*Container
 	nextCtr      int
+	sriov        *hostSRIOV // stand-in SR-IOV NIC (Config.SRIOV), nil without
 }
 
 // Proc is one process the lab started in a host namespace (Host.Spawn). Its reaper
@@ -154,6 +155,7 @@ func (h *Host) peerArgsLocked() []string {
 	case cfg.PeerArgs != nil:
 		extra = cfg.PeerArgs(h.Index)
 	}
+	args = append(args, h.sriovArgsLocked()...)
 	return append(append(args, securityArgs(extra, h.lab.keyFile)...), extra...)
 }
 

@@ -50,6 +50,9 @@ type Config struct {
 	StopTimeout time.Duration
 	// NoStart leaves the peers stopped after New; call Host.Start or Lab.StartAll.
 	NoStart bool
+	// SRIOV, when set, gives every host a stand-in SR-IOV NIC and its peer --sysfs-root
+	// (see SRIOVConfig).
+	SRIOV *SRIOVConfig
 }
 
 var prefixRE = regexp.MustCompile(`^[a-z][a-z0-9]{0,7}$`)
@@ -91,6 +94,13 @@ func (c *Config) Validate() error {
 	}
 	if c.StopTimeout <= 0 {
 		c.StopTimeout = 15 * time.Second
+	}
+	if c.SRIOV != nil {
+		s := *c.SRIOV // a copy: the caller's config is not filled in behind its back
+		if err := s.validate(c.Prefix); err != nil {
+			return err
+		}
+		c.SRIOV = &s
 	}
 	return nil
 }
@@ -211,6 +221,11 @@ func (l *Lab) buildUnderlay() error {
 		if err != nil {
 			return fmt.Errorf("lab: host %s: %w", h.Name, err)
 		}
+		if l.cfg.SRIOV != nil {
+			if err := h.setupSRIOV(*l.cfg.SRIOV); err != nil {
+				return err
+			}
+		}
 		l.log.Info("host ready", "host", h.Name, "underlay", h.Addr)
 	}
 	return nil
@@ -293,6 +308,9 @@ func (l *Lab) Close() error {
 		// /var/run/wireguard is shared by every namespace: remove it with the lab.
 		sock := filepath.Join("/var/run/wireguard", wireguard.DeriveName(h.Name)+".sock")
 		if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+		if err := h.closeSRIOV(); err != nil {
 			errs = append(errs, err)
 		}
 		if err := h.deleteContainers(); err != nil {

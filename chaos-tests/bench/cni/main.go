@@ -4,6 +4,9 @@
 //
 //	go build -o bin/ ./cmd/... && go run ./chaos-tests/bench/cni -bin bin -n 150
 //
+// Then (sriov.go) ADD/DEL of an SR-IOV attachment on stand-in VFs against a veth one
+// (-sriov-vfs 0 skips it).
+//
 // Container namespaces are created before timing; only the libcni AddNetworkList and
 // DelNetworkList calls are timed. n attachments of each kind are live at the peak. It
 // exits non-zero only when something fails, never because of the ratios. Needs root.
@@ -48,6 +51,7 @@ func run() error {
 		n       = flag.Int("n", 150, "attachments per plugin (at least 100 recommended)")
 		prefix  = flag.String("prefix", "weftbnch", "lab name prefix")
 		verbose = flag.Bool("v", false, "log the lab's steps")
+		sriov   = sriovFlags()
 	)
 	flag.Parse()
 	if *n < 1 {
@@ -149,7 +153,11 @@ func run() error {
 		ratio(pct(wf.del, 50), pct(rf.del, 50)), ratio(pct(wf.del, 99), pct(rf.del, 99)))
 	w.Flush()
 	fmt.Printf("(n=%d per plugin, cniVersion 1.0.0, 1 lab host, %s)\n", *n, time.Now().Format(time.RFC3339))
-	return nil
+	if sriov.vfs == 0 {
+		return nil
+	}
+	l.Close() // one lab at a time on the machine
+	return runSRIOV(ctx, *binDir, sriov, logger)
 }
 
 // order alternates which plugin goes first, so neither always runs right after the other.

@@ -15,9 +15,11 @@ package sriovtest
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 
@@ -61,9 +63,12 @@ type Fixture struct {
 	root string
 	h    *netlink.Handle // nil without Parent
 
-	mu     sync.Mutex     // guards netdev, made
+	mu     sync.Mutex     // guards netdev, made, mac
 	netdev map[int]string // VF index -> current host netdev name ("" = not in the namespace)
 	made   []string       // names of the stand-ins this fixture created
+	// mac is each stand-in's first MAC: a real VF keeps its MAC when the kernel hands it
+	// back to the host, so Revive gives the new stand-in the same one.
+	mac map[int]net.HardwareAddr
 }
 
 // PFPCI returns the PF's PCI address.
@@ -127,7 +132,7 @@ func New(cfg Config) (_ *Fixture, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("sriovtest: %w", err)
 	}
-	f := &Fixture{cfg: cfg, root: root, netdev: map[int]string{}}
+	f := &Fixture{cfg: cfg, root: root, netdev: map[int]string{}, mac: map[int]net.HardwareAddr{}}
 	defer func() {
 		if err != nil {
 			f.Close()
@@ -274,6 +279,60 @@ func (f *Fixture) addStandIn(parent netlink.Link, i int) error {
 			return fmt.Errorf("sriovtest: alias %s: %w", name, err)
 		}
 	}
+	l, err := f.h.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("sriovtest: find %s: %w", name, err)
+	}
+	f.mu.Lock()
+	f.mac[i] = append(net.HardwareAddr(nil), l.Attrs().HardwareAddr...)
+	f.mu.Unlock()
+	return f.setNet(i, name)
+}
+
+// MAC returns the MAC VF i's stand-in was made with (nil for a vfio VF).
+func (f *Fixture) MAC(i int) net.HardwareAddr {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append(net.HardwareAddr(nil), f.mac[i]...)
+}
+
+// Revive stands in for the kernel handing a physical VF back to the host when the
+// namespace holding it dies: a macvlan stand-in dies with that namespace instead, so Revive
+// makes VF i's stand-in again in the fixture's namespace under name, with the VF's first MAC
+// and its alias, and records it in the tree. A stand-in of VF i still alive anywhere the
+// fixture can see (its namespace) is an error: the VF cannot be in two places.
+func (f *Fixture) Revive(i int, name string) error {
+	if f.h == nil || i < 0 || i >= f.cfg.NumVFs || f.vfio(i) {
+		return fmt.Errorf("sriovtest: vf %d has no stand-in to revive", i)
+	}
+	if len(name) == 0 || len(name) > 15 || filepath.Base(name) != name {
+		return fmt.Errorf("sriovtest: bad interface name %q", name)
+	}
+	alias := aliasPrefix + f.VFPCI(i)
+	links, err := f.listLinks()
+	if err != nil {
+		return fmt.Errorf("sriovtest: list links: %w", err)
+	}
+	for _, l := range links {
+		if l.Attrs().Alias == alias {
+			return fmt.Errorf("sriovtest: vf %d is still in the namespace as %s", i, l.Attrs().Name)
+		}
+	}
+	parent, err := f.h.LinkByName(f.cfg.Parent)
+	if err != nil {
+		return fmt.Errorf("sriovtest: parent %s: %w", f.cfg.Parent, err)
+	}
+	mv := &netlink.Macvlan{
+		LinkAttrs: netlink.LinkAttrs{Name: name, ParentIndex: parent.Attrs().Index, HardwareAddr: f.MAC(i)},
+		Mode:      netlink.MACVLAN_MODE_BRIDGE,
+	}
+	if err := f.h.LinkAdd(mv); err != nil {
+		return fmt.Errorf("sriovtest: revive vf %d as %s: %w", i, name, err)
+	}
+	if err := f.h.LinkSetAlias(mv, alias); err != nil {
+		f.h.LinkDel(mv)
+		return fmt.Errorf("sriovtest: alias %s: %w", name, err)
+	}
 	return f.setNet(i, name)
 }
 
@@ -320,6 +379,21 @@ func (f *Fixture) Rename(i int, name string) error {
 	return f.setNet(i, name)
 }
 
+// VFOfAlias returns the index of the VF whose stand-in carries alias (every stand-in has one
+// naming its VF), so a watcher of link events can call Rename with the event's name.
+func (f *Fixture) VFOfAlias(alias string) (int, bool) {
+	pci, ok := strings.CutPrefix(alias, aliasPrefix)
+	if !ok {
+		return 0, false
+	}
+	for i := 0; i < f.cfg.NumVFs; i++ {
+		if f.VFPCI(i) == pci && !f.vfio(i) {
+			return i, true
+		}
+	}
+	return 0, false
+}
+
 // Refresh re-reads the fixture's namespace and sets each netdev-bound VF's net/<ifname> to
 // its stand-in's current name there, or to nothing when the stand-in is elsewhere (moved
 // into a container). The kernel keeps real sysfs current by itself; this is the fixture's
@@ -328,7 +402,7 @@ func (f *Fixture) Refresh() error {
 	if f.h == nil {
 		return nil
 	}
-	links, err := f.h.LinkList()
+	links, err := f.listLinks()
 	if err != nil {
 		return fmt.Errorf("sriovtest: list links: %w", err)
 	}
@@ -347,12 +421,26 @@ func (f *Fixture) Refresh() error {
 	return nil
 }
 
+// listLinks lists the namespace's links, again when the kernel says the dump was
+// interrupted by a change (links moving while a peer attaches): a partial list would make a
+// stand-in look gone.
+func (f *Fixture) listLinks() ([]netlink.Link, error) {
+	var err error
+	for range 10 {
+		var links []netlink.Link
+		if links, err = f.h.LinkList(); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return links, err
+		}
+	}
+	return nil, err
+}
+
 // Close deletes the stand-ins still in the fixture's namespace and removes the tree; safe
 // twice. A stand-in moved into another namespace goes when that namespace is deleted.
 func (f *Fixture) Close() error {
 	var errs []error
 	if f.h != nil {
-		if links, err := f.h.LinkList(); err == nil {
+		if links, err := f.listLinks(); err == nil {
 			for _, l := range links {
 				a := l.Attrs().Alias
 				if len(a) > len(aliasPrefix) && a[:len(aliasPrefix)] == aliasPrefix && f.owns(a[len(aliasPrefix):]) {
