@@ -51,6 +51,12 @@ type sriovPart struct {
 
 	mu  sync.Mutex              // guards pfs; held through a scan so two scans of a PF never interleave
 	pfs map[string]sriov.PFInfo // PF name → last discovery
+
+	// moving is held for reading by every ADD and DEL while it moves or renames a VF, and
+	// for writing by a scan: a scan that read a VF under its temporary name mid-move would
+	// otherwise record that name after the move finished, and the next ADD would not find
+	// the VF's netdev until the following scan.
+	moving sync.RWMutex
 }
 
 // recordPF is --sriov-pf-config=record: a stand-in for hosts whose "VFs" have no PF to
@@ -190,6 +196,8 @@ func (p *Peer) runSRIOV(ctx context.Context, last []string) {
 // are back in the host. A PF this host lacks is logged, not an error: SR-IOV networks are
 // cluster-wide, PFs are per host.
 func (s *sriovPart) scan(pf string) error {
+	s.moving.Lock()
+	defer s.moving.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	info, err := sriov.Discover(s.root, pf)
@@ -414,6 +422,8 @@ func (p *Peer) sriovAdd(ctx context.Context, req cni.AttachRequest, network ipam
 		}
 		info, _ = s.known(network.PF)
 	}
+	s.moving.RLock() // after the scan above: no VF of this peer is mid-move while a scan reads sysfs
+	defer s.moving.RUnlock()
 	var heldKind *bool
 	if holds {
 		k := held.VF.DPDK()
@@ -456,6 +466,11 @@ func (p *Peer) sriovAdd(ctx context.Context, req cni.AttachRequest, network ipam
 		}
 		saved = stateOfSettings(old)
 	} else if saved, err = sriov.SaveState("", vf.Netdev, s.pf, vf.PF, vf.Index); err != nil && !holds {
+		if errors.Is(err, sriov.ErrNetdevNotFound) {
+			// The pool's view of the VF's netdev is older than the kernel's; the next scan
+			// brings it up to date, so this is worth retrying, not an internal error.
+			return fail(errCNI(types.ErrTryAgainLater, "sr-iov network %s: %v (rediscovering)", network.Name, err))
+		}
 		return fail(err)
 	}
 	// The first saved state stays (a retry must not save a half-changed one, sriov-cni #212).
@@ -579,6 +594,8 @@ func (p *Peer) sriovDetach(owner sriov.Owner, netnsPath string) error {
 	if !ok || r.State == sriov.StateQuarantined {
 		return nil
 	}
+	s.moving.RLock()
+	defer s.moving.RUnlock()
 	err := s.restore(r, netnsPath)
 	switch {
 	case errors.Is(err, sriov.ErrNetNSGone), errors.Is(err, sriov.ErrNetdevNotFound):
@@ -664,10 +681,6 @@ func (p *Peer) sriovCapacity() []SRIOVCapacity {
 	if s == nil {
 		return nil
 	}
-	owned := map[string]bool{}
-	for _, r := range s.pool.Owned() {
-		owned[r.VF.PCI] = true
-	}
 	s.mu.Lock()
 	infos := make([]sriov.PFInfo, 0, len(s.pfs))
 	for _, info := range s.pfs {
@@ -676,12 +689,9 @@ func (p *Peer) sriovCapacity() []SRIOVCapacity {
 	s.mu.Unlock()
 	out := make([]SRIOVCapacity, 0, len(infos))
 	for _, info := range infos {
-		c := SRIOVCapacity{PF: info.Name, Total: info.NumVFs, Free: s.pool.FreeCount(info.Name)}
-		for _, v := range info.VFs {
-			if v.DPDK() && !owned[v.PCI] {
-				c.FreeDPDK++
-			}
-		}
+		c := SRIOVCapacity{PF: info.Name, Total: info.NumVFs}
+		// Both counts from the pool: a quarantined or lost VF is not free of either kind.
+		c.Free, c.FreeDPDK = s.pool.FreeCounts(info.Name)
 		out = append(out, c)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].PF < out[j].PF })

@@ -539,15 +539,25 @@ func (p *Pool) GC(valid []Owner, cniNetwork string) []Record {
 
 // FreeCount is how many VFs of pf Reserve could hand out now, either kind (for gossip).
 func (p *Pool) FreeCount(pf string) int {
+	free, _ := p.FreeCounts(pf)
+	return free
+}
+
+// FreeCounts is FreeCount and, of those, how many are bound to a userspace driver (DPDK).
+func (p *Pool) FreeCounts(pf string) (free, freeDPDK int) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	n := 0
 	for _, r := range p.records {
-		if r.VF.PF == pf && (r.usable(false) || r.usable(true)) {
-			n++
+		switch {
+		case r.VF.PF != pf:
+		case r.usable(true):
+			free++
+			freeDPDK++
+		case r.usable(false):
+			free++
 		}
 	}
-	return n
+	return free, freeDPDK
 }
 
 // filter returns copies of the records keep selects, by PCI address.

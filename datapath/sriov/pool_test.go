@@ -134,6 +134,16 @@ func TestPoolReserveLifecycle(t *testing.T) {
 	if n := tp.FreeCount("ens1f0"); n != 2 {
 		t.Fatalf("FreeCount after reserve = %d, want 2", n)
 	}
+	dv := mustReserve(t, tp.Pool, owner("ctr-d"), "ens1f0", true)
+	if free, dpdk := tp.FreeCounts("ens1f0"); free != 1 || dpdk != 0 {
+		t.Fatalf("FreeCounts with the dpdk vf reserved = %d, %d; want 1, 0", free, dpdk)
+	}
+	if err := tp.Release(dv.PCI, owner("ctr-d")); err != nil {
+		t.Fatal(err)
+	}
+	if free, dpdk := tp.FreeCounts("ens1f0"); free != 2 || dpdk != 1 {
+		t.Fatalf("FreeCounts after release = %d, %d; want 2, 1", free, dpdk)
+	}
 	// The same owner asking for another PF or kind is a conflict, not a second VF.
 	if _, err := tp.Reserve(a, "ens1f1", false); !errors.Is(err, ErrOwnerConflict) {
 		t.Fatalf("Reserve on another pf = %v, want ErrOwnerConflict", err)
