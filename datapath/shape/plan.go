@@ -1,0 +1,129 @@
+// Package shape limits a container's bandwidth on the host side of its attachment, with tc:
+// the container's ingress is the host veth's egress (a tbf root qdisc there), the
+// container's egress is the host veth's ingress, redirected (ingress qdisc, u32 match-all,
+// mirred) to an ifb device named after the veth and shaped by a tbf on the ifb's egress.
+// Nothing is ever put inside the container's netns: rules there are visible to the
+// application and it could change them.
+//
+// The decisions (queue length, burst) are the pure function PlanFor; Shaper is the thin
+// netlink code around them.
+package shape
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Errors.
+var (
+	// ErrBadRates: rates that cannot be shaped (too low, a burst without its rate, too high).
+	ErrBadRates = errors.New("bad bandwidth rates")
+	// ErrNoInterface: the host interface to shape does not exist.
+	ErrNoInterface = errors.New("host interface not found")
+	// ErrMismatch: the kernel's shaping is not what the plan says (CHECK).
+	ErrMismatch = errors.New("shaping differs from the configured rates")
+)
+
+// Rates are one attachment's limits as the CNI bandwidth capability counts them: bits per
+// second and bits of burst; a rate of 0 is unlimited, a burst of 0 is the default burst.
+type Rates struct {
+	IngressRate  uint64 `json:"ingress_rate,omitempty"`
+	IngressBurst uint64 `json:"ingress_burst,omitempty"`
+	EgressRate   uint64 `json:"egress_rate,omitempty"`
+	EgressBurst  uint64 `json:"egress_burst,omitempty"`
+}
+
+// Limited says whether any direction is limited.
+func (r Rates) Limited() bool { return r.IngressRate != 0 || r.EgressRate != 0 }
+
+// Bounds of what PlanFor accepts.
+const (
+	// MinRate: below 8 kbit/s one full frame takes more than a second to drain.
+	MinRate = 8_000
+	// MaxRate: 1 Tbit/s, as ipam.MaxRate; keeps byte arithmetic far from overflow.
+	MaxRate = 1_000_000_000_000
+)
+
+// Queue and burst sizing. The reference bandwidth plugin queues a fixed 25 ms (plugins
+// #1025: every shaped flow adds that much latency under load) and takes the runtime's burst
+// as it comes (Kubernetes sends 2^31 bits when none is set, so the first second runs at
+// line rate, plugins #609). Here the queue holds minQueue of traffic, or queueFrames frames
+// where that is longer (a slow rate cannot queue less than a few frames and keep TCP busy),
+// and the burst is clamped between one frame and the queue.
+const (
+	minQueue     = 4 * time.Millisecond
+	queueFrames  = 3
+	defaultBurst = 2 * time.Millisecond // when none is given: a timer tick's worth at any rate
+	// frameOverhead: Ethernet header and one VLAN tag on top of the MTU, what tc counts.
+	frameOverhead = 18
+)
+
+// Direction is the tbf of one direction.
+type Direction struct {
+	// RateBytes is the rate in bytes per second.
+	RateBytes uint64
+	// BurstBytes is the token bucket: bytes that may pass at line rate after idle.
+	BurstBytes uint32
+	// LimitBytes is the queue: bytes that may wait for tokens; LimitBytes/RateBytes is the
+	// longest a packet waits.
+	LimitBytes uint32
+}
+
+// Latency is the longest a packet waits in the queue.
+func (d Direction) Latency() time.Duration {
+	return time.Duration(float64(d.LimitBytes) / float64(d.RateBytes) * float64(time.Second))
+}
+
+// Plan is what Shaper.Apply converges an attachment to; a nil direction is unlimited.
+type Plan struct {
+	// Ingress is the container's ingress, shaped on the host veth's egress.
+	Ingress *Direction
+	// Egress is the container's egress, shaped on the ifb the host veth's ingress goes to.
+	Egress *Direction
+}
+
+// PlanFor sizes the queues and bursts of rates on an interface of MTU mtu. Pure.
+func PlanFor(r Rates, mtu int) (Plan, error) {
+	if mtu < 68 || mtu > 65535 {
+		return Plan{}, fmt.Errorf("%w: mtu %d out of range", ErrBadRates, mtu)
+	}
+	in, err := direction("ingress", r.IngressRate, r.IngressBurst, mtu)
+	if err != nil {
+		return Plan{}, err
+	}
+	out, err := direction("egress", r.EgressRate, r.EgressBurst, mtu)
+	if err != nil {
+		return Plan{}, err
+	}
+	return Plan{Ingress: in, Egress: out}, nil
+}
+
+func direction(dir string, rate, burst uint64, mtu int) (*Direction, error) {
+	switch {
+	case rate == 0 && burst != 0:
+		return nil, fmt.Errorf("%w: %s burst %d bits without an %s rate", ErrBadRates, dir, burst, dir)
+	case rate == 0:
+		return nil, nil
+	case rate < MinRate:
+		return nil, fmt.Errorf("%w: %s rate %d bit/s is below the minimum %d bit/s", ErrBadRates, dir, rate, MinRate)
+	case rate > MaxRate:
+		return nil, fmt.Errorf("%w: %s rate %d bit/s is above the maximum %d bit/s", ErrBadRates, dir, rate, uint64(MaxRate))
+	}
+	rateBytes := rate / 8
+	frame := uint64(mtu + frameOverhead)
+	limit := max(bytesIn(rateBytes, minQueue), queueFrames*frame)
+	b := burst / 8
+	if b == 0 {
+		b = bytesIn(rateBytes, defaultBurst)
+	}
+	b = min(max(b, frame), limit)
+	// tbf's limit and buffer are 32-bit; at MaxRate 4 ms is 500 MB, so clamp.
+	const max32 = 1<<32 - 1
+	return &Direction{RateBytes: rateBytes, BurstBytes: uint32(min(b, max32)), LimitBytes: uint32(min(limit, max32))}, nil
+}
+
+// bytesIn is how many bytes rateBytes per second carries in d.
+func bytesIn(rateBytes uint64, d time.Duration) uint64 {
+	return uint64(float64(rateBytes) * d.Seconds())
+}
