@@ -21,6 +21,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/shape"
 	"github.com/weftnet/weft/dns"
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
@@ -50,6 +51,7 @@ type Peer struct {
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
 	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
+	shape     *shaping   // per-container rate limits (router/shape.go)
 	started   time.Time
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
@@ -67,13 +69,15 @@ func New(cfg Config) (*Peer, error) {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return &Peer{
+	p := &Peer{
 		cfg:     cfg,
 		log:     cfg.Logger,
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
-	}, nil
+	}
+	p.shape = newShaping(shape.New(nil), reg, p.log.With("component", "shape"), p.shapedIfs)
+	return p, nil
 }
 
 // Ready is closed once the control API accepts requests.
