@@ -36,6 +36,14 @@ type NetConf struct {
 	MTU int `json:"mtu,omitempty"`
 	// ValidAttachments is what the runtime still uses, injected by libcni for GC.
 	ValidAttachments []types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
+	// RuntimeConfig holds what the runtime injects for the capabilities the conflist gives
+	// weft: "bandwidth" (bits per second and bits, the CNI convention).
+	RuntimeConfig RuntimeConfig `json:"runtimeConfig,omitempty"`
+}
+
+// RuntimeConfig is the part of runtimeConfig weft reads.
+type RuntimeConfig struct {
+	Bandwidth *Bandwidth `json:"bandwidth,omitempty"`
 }
 
 // ParseConf decodes and checks stdin. Its errors are CNI errors naming the bad key.
