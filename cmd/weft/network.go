@@ -63,6 +63,11 @@ func newNetworkCreateCmd() *cobra.Command {
 	fl.String("encrypt", "", "never, auto or always (empty: each peer's --encrypt)")
 	fl.String("sla", "", `SLA class of the network's traffic, e.g. "gold: rtt<=5ms,loss<=0.1%" (empty: each peer's --sla)`)
 	fl.Bool("isolated", true, "containers on other networks may not reach this one; --isolated=false routes it like the default network")
+	// Per-container rates (#15): bits per second and bits, with units bit, kbit, mbit, gbit.
+	fl.String("ingress-rate", "", "default rate into each container, e.g. 10mbit (empty: unlimited; the runtime's bandwidth capability overrides it)")
+	fl.String("ingress-burst", "", "burst into each container, e.g. 100kbit (empty: a few ms of the rate; clamped to one frame .. the queue)")
+	fl.String("egress-rate", "", "default rate out of each container, e.g. 20mbit (empty: unlimited)")
+	fl.String("egress-burst", "", "burst out of each container (empty: a few ms of the rate)")
 	cmd.MarkFlagRequired("subnet")
 	return cmd
 }
@@ -89,6 +94,9 @@ func networkRequest(cmd *cobra.Command, name string) (router.NetworkRequest, err
 		return req, err
 	}
 	if req.SLA, err = fl.GetString("sla"); err != nil {
+		return req, err
+	}
+	if err := rateFlags(cmd, &req); err != nil {
 		return req, err
 	}
 	if fl.Changed("isolated") {
