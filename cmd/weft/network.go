@@ -65,9 +65,9 @@ func newNetworkCreateCmd() *cobra.Command {
 	fl.Bool("isolated", true, "containers on other networks may not reach this one; --isolated=false routes it like the default network")
 	// Per-container rates (#15): bits per second and bits, with units bit, kbit, mbit, gbit.
 	fl.String("ingress-rate", "", "default rate into each container, e.g. 10mbit (empty: unlimited; the runtime's bandwidth capability overrides it)")
-	fl.String("ingress-burst", "", "burst into each container, e.g. 100kbit (empty: a few ms of the rate; clamped to one frame .. the queue)")
+	fl.String("ingress-burst", "", "burst into each container, e.g. 16kbit (empty or larger: 2 ms of the rate; at least one frame)")
 	fl.String("egress-rate", "", "default rate out of each container, e.g. 20mbit (empty: unlimited)")
-	fl.String("egress-burst", "", "burst out of each container (empty: a few ms of the rate)")
+	fl.String("egress-burst", "", "burst out of each container (empty or larger: 2 ms of the rate; at least one frame)")
 	cmd.MarkFlagRequired("subnet")
 	return cmd
 }

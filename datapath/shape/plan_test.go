@@ -19,14 +19,17 @@ func TestPlanForSizesQueueAndBurst(t *testing.T) {
 		{name: "unlimited", r: Rates{}},
 		{name: "20/10 mbit, default burst", r: Rates{IngressRate: 10e6, EgressRate: 20e6}, wantIn: true, wantOut: true,
 			maxLatency: 10 * time.Millisecond, inBurst: 2500, outBurst: 5000},
-		// Kubernetes sends 2^31 bits when no burst is set (plugins #609): clamped to the queue.
+		// Kubernetes sends 2^31 bits when no burst is set (plugins #609): clamped to 2 ms.
 		{name: "huge burst clamped", r: Rates{EgressRate: 20e6, EgressBurst: 1 << 31}, wantOut: true,
-			maxLatency: 5 * time.Millisecond, outBurst: queueFrames * frame},
+			maxLatency: 5 * time.Millisecond, outBurst: 5000},
+		// A smaller burst than the default is kept.
+		{name: "small burst kept", r: Rates{EgressRate: 100e6, EgressBurst: 8 * 4000}, wantOut: true,
+			maxLatency: 5 * time.Millisecond, outBurst: 4000},
 		// A burst below one frame would drop every full-size packet.
 		{name: "tiny burst raised to a frame", r: Rates{IngressRate: 100e6, IngressBurst: 8}, wantIn: true,
 			maxLatency: 5 * time.Millisecond, inBurst: frame},
-		// 64 kbit/s: a frame takes 190 ms; the queue is still eight frames, not 4 ms.
-		{name: "slow rate queues eight frames", r: Rates{IngressRate: 64000}, wantIn: true, maxLatency: 1600 * time.Millisecond, inBurst: frame},
+		// 64 kbit/s: a frame takes 190 ms; the queue is still seven frames, not 4 ms.
+		{name: "slow rate queues seven frames", r: Rates{IngressRate: 64000}, wantIn: true, maxLatency: 1400 * time.Millisecond, inBurst: frame},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p, err := PlanFor(tc.r, mtu)
@@ -53,8 +56,8 @@ func TestPlanForSizesQueueAndBurst(t *testing.T) {
 				if d.d.BurstBytes < frame || d.d.BurstBytes > d.d.LimitBytes {
 					t.Errorf("burst %d bytes outside [one frame %d, queue %d]", d.d.BurstBytes, frame, d.d.LimitBytes)
 				}
-				if d.d.LimitBytes < 8*frame {
-					t.Errorf("queue %d bytes holds fewer than 8 frames", d.d.LimitBytes)
+				if d.d.LimitBytes < 7*frame {
+					t.Errorf("queue %d bytes holds fewer than 7 frames", d.d.LimitBytes)
 				}
 				if d.burst != 0 && d.d.BurstBytes != d.burst {
 					t.Errorf("burst %d bytes, want %d", d.d.BurstBytes, d.burst)
