@@ -77,7 +77,10 @@ func TestBandwidthHoldsItsRate(t *testing.T) {
 	hq, _ := h.Exec(ctx, "tc", "qdisc", "show", "dev", limAt.HostIfName)
 	t.Logf("host side of the limited container:\n%s", hq)
 
-	idle := pingRTTs(t, ctx, partner, limAddr.Addr(), 15)
+	idle := pingRTTs(ctx, partner, limAddr.Addr(), 15, 0)
+	if len(idle) < 10 {
+		t.Fatalf("idle ping partner → limited: %d of 15 answered", len(idle))
+	}
 	idleAvg := mean(idle)
 	t.Logf("idle ping partner → limited: avg %.3f ms max %.3f ms", idleAvg, slices.Max(idle))
 
@@ -94,8 +97,9 @@ func TestBandwidthHoldsItsRate(t *testing.T) {
 		pingDone := make(chan struct{})
 		go func() {
 			defer close(pingDone)
-			// Starts with the flow and ends before it: every ping sees the queue.
-			rtts = pingRTTsAfter(ctx, partner, limAddr.Addr(), 35, time.Second)
+			// 40 pings at 0.2 s end before the 10 s flow; the first 5 (the flow's first
+			// second, its slow start) are not counted.
+			rtts = pingRTTs(ctx, partner, limAddr.Addr(), 40, 5)
 		}()
 		got := measureTCP(t, ctx, dir.from, dir.to, dir.toAddr, 10*time.Second)
 		<-pingDone
@@ -105,7 +109,7 @@ func TestBandwidthHoldsItsRate(t *testing.T) {
 			t.Errorf("%s measured %.2f Mbit/s, %.3f× of the %.0f Mbit/s limit; want 0.85–1.05×", dir.name, got/1e6, ratio, dir.rate/1e6)
 		}
 		if len(rtts) < 20 {
-			t.Errorf("%s: only %d of 35 pings answered under load", dir.name, len(rtts))
+			t.Errorf("%s: only %d of 35 counted pings answered under load", dir.name, len(rtts))
 			continue
 		}
 		slices.Sort(rtts)
@@ -145,6 +149,15 @@ func TestBandwidthHoldsItsRate(t *testing.T) {
 	}
 	text, _ := h.CLI(ctx, "status", "rates")
 	t.Logf("weft status rates:\n%s", text)
+	before, err := scrapeMetrics(h)
+	if err != nil {
+		t.Fatalf("metrics: %v", err)
+	}
+	const inDrops, egDrops = `weft_shape_drops_total{direction="ingress"}`, `weft_shape_drops_total{direction="egress"}`
+	t.Logf("metrics: %s %v, %s %v", inDrops, before[inDrops], egDrops, before[egDrops])
+	if before[`weft_shape_attachments{direction="egress"}`] != 1 {
+		t.Errorf("weft_shape_attachments{egress} = %v, want 1", before[`weft_shape_attachments{direction="egress"}`])
+	}
 
 	// The unlimited neighbour on the same host: no qdisc of weft's on its veth, and it
 	// goes far beyond the neighbour's limits.
@@ -195,6 +208,14 @@ func TestBandwidthHoldsItsRate(t *testing.T) {
 	}
 	if err := cc.Del(ctx, def.RuntimeConf("eth0")); err != nil {
 		t.Fatalf("DEL on the capped network: %v", err)
+	}
+	after, err := scrapeMetrics(h)
+	if err != nil {
+		t.Fatalf("metrics: %v", err)
+	}
+	if after[inDrops] < before[inDrops] || after[egDrops] < before[egDrops] || after[`weft_shape_attachments{direction="egress"}`] != 0 {
+		t.Errorf("metrics after DEL: drops %v/%v (before %v/%v) must not go down; shaped %v, want 0",
+			after[inDrops], after[egDrops], before[inDrops], before[egDrops], after[`weft_shape_attachments{direction="egress"}`])
 	}
 	links, err := h.LinkNames()
 	if err != nil {
@@ -294,31 +315,18 @@ func inNS(t *testing.T, c *lab.Container, fn func() error) {
 	}
 }
 
-var pingTime = regexp.MustCompile(`time=([0-9.]+) ms`)
+var pingLine = regexp.MustCompile(`icmp_seq=([0-9]+) .*time=([0-9.]+) ms`)
 
-// pingRTTsAfter waits wait, then pings dst n times at 0.2 s from src and returns the RTTs
-// (ms) of the answers.
-func pingRTTsAfter(ctx context.Context, src *lab.Container, dst netip.Addr, n int, wait time.Duration) []float64 {
-	select {
-	case <-ctx.Done():
-		return nil
-	case <-time.After(wait): // lets the flow fill the queue first
-	}
+// pingRTTs pings dst n times at 0.2 s from src and returns the RTTs (ms) of the answers to
+// all but the first skip.
+func pingRTTs(ctx context.Context, src *lab.Container, dst netip.Addr, n, skip int) []float64 {
 	out, _ := src.Exec(ctx, "ping", "-n", "-c", strconv.Itoa(n), "-i", "0.2", "-W", "1", dst.String())
 	var rtts []float64
-	for _, m := range pingTime.FindAllStringSubmatch(string(out), -1) {
-		if v, err := strconv.ParseFloat(m[1], 64); err == nil {
+	for _, m := range pingLine.FindAllStringSubmatch(string(out), -1) {
+		seq, _ := strconv.Atoi(m[1])
+		if v, err := strconv.ParseFloat(m[2], 64); err == nil && seq > skip {
 			rtts = append(rtts, v)
 		}
-	}
-	return rtts
-}
-
-func pingRTTs(t *testing.T, ctx context.Context, src *lab.Container, dst netip.Addr, n int) []float64 {
-	t.Helper()
-	rtts := pingRTTsAfter(ctx, src, dst, n, 0)
-	if len(rtts) < n/2 {
-		t.Fatalf("ping %s → %s: %d of %d answered", src.Name, dst, len(rtts), n)
 	}
 	return rtts
 }
@@ -330,4 +338,3 @@ func mean(xs []float64) float64 {
 	}
 	return s / float64(len(xs))
 }
-
