@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -180,7 +181,7 @@ func (s *Shaper) ensureIfb(name string) (netlink.Link, error) {
 	if link.Type() != "ifb" {
 		return nil, fmt.Errorf("%s exists and is a %s, not an ifb", name, link.Type())
 	}
-	if link.Attrs().Flags&1 == 0 { // net.FlagUp
+	if link.Attrs().Flags&net.FlagUp == 0 {
 		if err := s.h.LinkSetUp(link); err != nil {
 			return nil, fmt.Errorf("set %s up: %w", name, err)
 		}
