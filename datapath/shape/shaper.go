@@ -48,8 +48,9 @@ func New(h *netlink.Handle) *Shaper {
 }
 
 // Apply converges hostIf to p: a tbf where a direction is limited, nothing of weft's where it
-// is not. Idempotent: calling it again with the same plan changes nothing, with another plan
-// replaces the qdiscs in place.
+// is not. Idempotent: the tbf is replaced in place, which the kernel does without dropping
+// what waits in its queue (tbf_change resizes its fifo), the ifb and the redirect are kept
+// when they are right.
 func (s *Shaper) Apply(hostIf string, p Plan) error {
 	link, err := s.h.LinkByName(hostIf)
 	if err != nil {
