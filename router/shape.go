@@ -198,6 +198,10 @@ func (p *Peer) rates() []RateStatus {
 	out := []RateStatus{}
 	for _, a := range p.alloc.Attachments() {
 		rs := RateStatus{ContainerID: a.ContainerID, IfName: a.IfName, Name: a.Name, Network: a.Network, HostIfName: a.HostIfName}
+		if a.HostIfName == "" { // no host side (an SR-IOV VF): nothing weft can shape
+			out = append(out, rs)
+			continue
+		}
 		st, err := p.shape.sh.Read(a.HostIfName)
 		if err != nil {
 			rs.Error = err.Error()
@@ -216,7 +220,9 @@ func (p *Peer) shapedIfs() []string {
 	atts := p.alloc.Attachments()
 	out := make([]string, 0, len(atts))
 	for _, a := range atts {
-		out = append(out, a.HostIfName)
+		if a.HostIfName != "" {
+			out = append(out, a.HostIfName)
+		}
 	}
 	return out
 }
