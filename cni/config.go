@@ -37,9 +37,17 @@ type NetConf struct {
 	MTU int `json:"mtu,omitempty"`
 	// ValidAttachments is what the runtime still uses, injected by libcni for GC.
 	ValidAttachments []types.GCAttachment `json:"cni.dev/valid-attachments,omitempty"`
+	// RuntimeConfig holds what the runtime injects for the capabilities the conflist gives
+	// weft: "bandwidth" (bits per second and bits, the CNI convention).
+	RuntimeConfig RuntimeConfig `json:"runtimeConfig,omitempty"`
 	// Args holds the conventional "args" of a network configuration; weft reads the
 	// container's labels from args.cni.labels (issue #15).
 	Args *ConfArgs `json:"args,omitempty"`
+}
+
+// RuntimeConfig is the part of runtimeConfig weft reads.
+type RuntimeConfig struct {
+	Bandwidth *Bandwidth `json:"bandwidth,omitempty"`
 }
 
 // ConfArgs is the conflist's "args" key as CNI's conventions define it.

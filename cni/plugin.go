@@ -71,6 +71,7 @@ func attachRequest(conf *NetConf, args *skel.CmdArgs) (AttachRequest, error) {
 	return AttachRequest{
 		ContainerID: args.ContainerID, IfName: args.IfName, NetNS: args.Netns,
 		CNINetwork: conf.Name, Network: conf.Network, Name: ca.Name, MTU: conf.MTU, Services: ca.Services,
+		Bandwidth: conf.RuntimeConfig.Bandwidth, // the peer validates it and refuses it naming the key
 	}, nil
 }
 

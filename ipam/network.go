@@ -91,6 +91,9 @@ const (
 // peer has, and keeps rate arithmetic far from overflow.
 const MaxRate = 1_000_000_000_000
 
+// MinRate is the slowest default rate (bits per second), as datapath/shape allows.
+const MinRate = 8_000
+
 var pfNameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,14}$`)
 
 // Bounds of the fields that came with run-time networks.
@@ -193,6 +196,9 @@ func (n Network) validateRates() error {
 		dir         string
 		rate, burst uint64
 	}{{"ingress", n.IngressRate, n.IngressBurst}, {"egress", n.EgressRate, n.EgressBurst}} {
+		if r.rate != 0 && r.rate < MinRate {
+			return fmt.Errorf("%w: %s rate %d bit/s of network %s is below %d (tc cannot shape slower)", ErrInvalidNetwork, r.dir, r.rate, n.Name, MinRate)
+		}
 		if r.rate > MaxRate {
 			return fmt.Errorf("%w: %s rate %d bit/s of network %s is above %d", ErrInvalidNetwork, r.dir, r.rate, n.Name, uint64(MaxRate))
 		}

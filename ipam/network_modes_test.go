@@ -35,6 +35,7 @@ func TestNetworkModeAndRateFields(t *testing.T) {
 		{func(n *Network) { n.Mode, n.PF, n.EgressRate = ModeSRIOV, "ens1f0", 1000 }, "cannot shape"},
 		{func(n *Network) { n.IngressBurst = 1000 }, "burst without"},
 		{func(n *Network) { n.EgressRate = MaxRate + 1 }, "egress rate"},
+		{func(n *Network) { n.IngressRate = 100 }, "below"},
 	}
 	for _, c := range bad {
 		n := base

@@ -121,6 +121,7 @@ func (p *Peer) apiHandler() http.Handler {
 		pub, err := p.rotateKey()
 		return map[string]string{"public_key": pub}, err
 	})
+	route(http.MethodGet, "/v1/rates", "rates", func(*http.Request) (any, error) { return p.rates(), nil })
 	route(http.MethodGet, "/v1/routes", "routes", func(*http.Request) (any, error) { return p.routes(), nil })
 	route(http.MethodGet, "/v1/connections", "connections", func(*http.Request) (any, error) { return p.connections(), nil })
 	route(http.MethodPost, "/v1/connect", "connect", func(r *http.Request) (any, error) {

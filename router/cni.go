@@ -123,6 +123,10 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	if err := datapath.Preflight(want); err != nil {
 		return nil, err
 	}
+	limits, err := shapePlan(network, req.Bandwidth, mtu) // refused before anything changes
+	if err != nil {
+		return nil, err
+	}
 	name := req.Name
 	if name == "" {
 		name = req.ContainerID
@@ -152,11 +156,15 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	if err == nil {
 		res, err = datapath.Attach(want)
 	}
+	if err == nil {
+		err = p.shape.apply(want.HostIfName, limits) // before ADD returns: limited from the first packet
+	}
 	if err != nil {
 		if !existed {
 			if _, _, rerr := p.alloc.Release(key); rerr != nil {
 				p.log.Error("could not undo the address of a failed ADD", "container", req.ContainerID, "err", rerr)
 			}
+			p.shape.remove(want.HostIfName)
 			datapath.Detach(want.HostIfName)
 		}
 		return nil, err
@@ -282,6 +290,9 @@ func (p *Peer) detach(key ipam.Key) error {
 				"container", key.ContainerID, "ifname", key.IfName, "err", err)
 		}
 	}
+	if err := p.shape.remove(hostIf); err != nil { // the ifb would outlive the veth
+		return err
+	}
 	if err := datapath.Detach(hostIf); err != nil {
 		return err
 	}
@@ -330,6 +341,11 @@ func (p *Peer) cniCheck(req cni.AttachRequest) (*cni.AttachResult, error) {
 		Secondary: rec.Secondary, Range: network.Subnet,
 	}
 	if err := datapath.Check(a); err != nil {
+		return nil, err
+	}
+	if plan, err := shapePlan(network, req.Bandwidth, rec.MTU); err != nil {
+		return nil, err
+	} else if err := p.shape.check(rec.HostIfName, plan); err != nil {
 		return nil, err
 	}
 	return &cni.AttachResult{

@@ -21,6 +21,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/datapath/shape"
 	"github.com/weftnet/weft/dns"
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
@@ -51,6 +52,7 @@ type Peer struct {
 	dnsServer *dns.Server
 	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
 	sriov     *sriovPart // the VF pool of SR-IOV networks (router/sriov.go)
+	shape     *shaping   // per-container rate limits (router/shape.go)
 	started   time.Time
 	// sriovSource reports the VF pool's counts, announced in gossip (router/sriovcaps.go).
 	sriovSource capacitySource
@@ -83,6 +85,7 @@ func New(cfg Config) (*Peer, error) {
 		ready:   make(chan struct{}),
 	}
 	p.sriovSource = capacityFrom(p.sriovCapacity) // the VF pool's counts, announced in gossip
+	p.shape = newShaping(shape.New(nil), reg, p.log.With("component", "shape"), p.shapedIfs)
 	return p, nil
 }
 

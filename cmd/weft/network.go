@@ -71,6 +71,11 @@ func newNetworkCreateCmd() *cobra.Command {
 	fl.String("pf", "", "with --mode sriov: the physical function whose VFs the network hands out, e.g. ens1f0")
 	fl.Int("vlan", 0, "with --mode sriov: VLAN tag of the VFs on the PF (0: untagged)")
 	fl.String("dpdk", "", "with --mode sriov: auto (either kind of VF), on (only VFs bound to a userspace driver, by PCI address) or off (only netdevs)")
+	// Per-container rates (#15): bits per second and bits, with units bit, kbit, mbit, gbit.
+	fl.String("ingress-rate", "", "default rate into each container, e.g. 10mbit (empty: unlimited; the runtime's bandwidth capability overrides it)")
+	fl.String("ingress-burst", "", "burst into each container, e.g. 16kbit (empty or larger: 2 ms of the rate; at least one frame)")
+	fl.String("egress-rate", "", "default rate out of each container, e.g. 20mbit (empty: unlimited)")
+	fl.String("egress-burst", "", "burst out of each container (empty or larger: 2 ms of the rate; at least one frame)")
 	cmd.MarkFlagRequired("subnet")
 	return cmd
 }
@@ -109,6 +114,9 @@ func networkRequest(cmd *cobra.Command, name string) (router.NetworkRequest, err
 		return req, err
 	}
 	if req.DPDK, err = fl.GetString("dpdk"); err != nil {
+		return req, err
+	}
+	if err := rateFlags(cmd, &req); err != nil {
 		return req, err
 	}
 	if fl.Changed("isolated") {

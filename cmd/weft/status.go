@@ -27,6 +27,7 @@ func newStatusCmd() *cobra.Command {
 			func() any { return &[]router.Route{} }, func(out io.Writer, v any) { printRoutes(out, *v.(*[]router.Route)) }),
 		statusCommand("ipam", "Show the address range, every peer's blocks, the Raft leader and voters", "/v1/ipam",
 			func() any { return &router.IPAMStatus{} }, func(out io.Writer, v any) { printIPAM(out, *v.(*router.IPAMStatus)) }),
+		newStatusRatesCmd(), // cmd/weft/rates.go
 	)
 	return cmd
 }
