@@ -152,6 +152,10 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 	if err == nil {
 		res, err = datapath.Attach(want)
 	}
+	if err == nil {
+		// Policed from its first packet: the runtime starts the container after ADD returns.
+		err = p.policyAdded(arrived)
+	}
 	if err != nil {
 		if !existed {
 			if _, _, rerr := p.alloc.Release(key); rerr != nil {
@@ -284,6 +288,11 @@ func (p *Peer) detach(key ipam.Key) error {
 	}
 	if err := datapath.Detach(hostIf); err != nil {
 		return err
+	}
+	// The policy without it before the address is free: a reused address must not inherit
+	// this container's rights (router/netpol.go).
+	if _, ok := p.alloc.Get(key); ok {
+		defer p.policyLeave(key)()
 	}
 	rec, released, err := p.alloc.Release(key)
 	if err != nil {
