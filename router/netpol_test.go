@@ -9,15 +9,20 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/datapath/netpol"
+	"github.com/weftnet/weft/datapath/netpol/nftpol"
 	"github.com/weftnet/weft/ipam"
 )
 
@@ -231,6 +236,18 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 		}
 	}
 
+	// `weft label` at run time: the late client becomes a web and reaches db.
+	if code, msg := apiCall(t, h, "POST", "/v1/labels", `{"container":"late","set":{"app":"web"}}`, nil); code != 200 {
+		t.Fatalf("label: %d %s", code, msg)
+	}
+	waitFor(t, 2*time.Second, "the relabelled client to reach db", func() bool {
+		c, err := dialIn(lateNS, db, 200*time.Millisecond)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+
 	// DEL: the address leaves the sets before it is released.
 	if err := p.client.Del(ctx, addReq("lateweb", lateWebNS)); err != nil {
 		t.Fatal(err)
@@ -305,4 +322,71 @@ func TestDecodePoliciesSkipsForeignSpecs(t *testing.T) {
 	if len(pols) != 1 || pols[0].Name != "a" || len(skipped) != 1 || !strings.Contains(skipped[0], "policy b") {
 		t.Fatalf("%+v %v", pols, skipped)
 	}
+}
+
+// The other hosts' endpoints at the last apply stand in after a restart until gossip brings
+// them back, so a restart does not cut remote peers that policy allows.
+func TestPolicyRemoteEndpointsSavedForRestart(t *testing.T) {
+	db, err := bolt.Open(filepath.Join(t.TempDir(), "weft.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	enf, err := nftpol.New(nftpol.Deps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { enf.Remove() })
+	dbAddr, web := netip.MustParseAddr("10.40.0.2"), netip.MustParseAddr("10.40.1.2")
+	local := func() []EndpointInfo {
+		return []EndpointInfo{{Peer: "p1", ContainerID: "db", IfName: "eth0", Network: "default", Address: dbAddr, Labels: map[string]string{"app": "db"}}}
+	}
+	var remote []EndpointInfo
+	newPart := func() *policyPart {
+		pp, err := newPolicyPart(policyDeps{Enforcer: enf, Local: local, Remote: func() []EndpointInfo { return remote }, DB: db})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pol, err := netpol.Parse("db-only-web", []byte(dbPolicy))
+		if err != nil {
+			t.Fatal(err)
+		}
+		spec, _ := json.Marshal(pol)
+		pp.setPolicies([]ipam.PolicyObject{{Name: "db-only-web", Network: "default", Spec: spec}})
+		return pp
+	}
+	allowed := func(pp *policyPart) bool {
+		rs, _ := pp.ruleset()
+		return rs.Explain(web, dbAddr, netpol.TCP, 5432).Allowed
+	}
+	pp := newPart()
+	remote = []EndpointInfo{{Peer: "p2", ContainerID: "web", Network: "default", Address: web, Labels: map[string]string{"app": "web"}, Changed: time.Now()}}
+	if err := pp.sync(); err != nil || !allowed(pp) {
+		t.Fatalf("web on p2 → db: allowed %v, err %v", allowed(pp), err)
+	}
+	if _, c := histogramCount(t, pp); c != 1 {
+		t.Fatalf("gossip sync lag observed %d times, want 1", c)
+	}
+
+	// "Restart": gossip has brought nothing yet; the saved endpoints stand in.
+	remote = nil
+	pp = newPart()
+	if err := pp.sync(); err != nil || !allowed(pp) {
+		t.Fatalf("after a restart, web on p2 → db: allowed %v, err %v", allowed(pp), err)
+	}
+	// Once gossip brings the others' endpoints, they alone count.
+	remote = []EndpointInfo{{Peer: "p2", ContainerID: "other", Network: "default", Address: netip.MustParseAddr("10.40.1.3")}}
+	if err := pp.sync(); err != nil || allowed(pp) {
+		t.Fatalf("with gossip back, the saved web still counts: allowed %v, err %v", allowed(pp), err)
+	}
+}
+
+// histogramCount reads the gossip sample count of the sync-lag histogram.
+func histogramCount(t *testing.T, pp *policyPart) (float64, uint64) {
+	t.Helper()
+	var m dto.Metric
+	if err := pp.syncSeconds.WithLabelValues("gossip").(prometheus.Histogram).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleSum(), m.GetHistogram().GetSampleCount()
 }
