@@ -341,6 +341,33 @@ func TestPolicyEndToEnd(t *testing.T) {
 		})
 	}
 
+	// db's peer killed and restarted: the kernel keeps enforcing while it is down, and the
+	// restarted peer re-applies what it stored (the other hosts' endpoints included) before
+	// it serves: the open connection and a new web→db connection work, a client stays out.
+	if err := a.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	if err := echoLine(open, "peer down\n"); err != nil {
+		t.Fatalf("the open connection while db's peer is down: %v", err)
+	}
+	if conn, err := clientB.dial(dbAt("default"), 700*time.Millisecond); err == nil {
+		conn.Close()
+		t.Error("a client reached db while db's peer was down")
+	}
+	if err := a.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := webB.reach(dbAt("default"), 2*time.Second); err != nil {
+		t.Errorf("web on %s → db right after db's peer restarted: %v", b.Name, err)
+	}
+	if err := echoLine(open, "peer back\n"); err != nil {
+		t.Fatalf("the open connection after db's peer restarted: %v", err)
+	}
+	if conn, err := clientB.dial(dbAt("default"), 700*time.Millisecond); err == nil {
+		conn.Close()
+		t.Error("a client reached db after db's peer restarted")
+	}
+
 	for _, h := range l.Hosts() {
 		ls, lc := histogram(t, h, "weft_policy_sync_seconds", `{source="local"}`)
 		gs, gc := histogram(t, h, "weft_policy_sync_seconds", `{source="gossip"}`)
