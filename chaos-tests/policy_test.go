@@ -341,6 +341,16 @@ func TestPolicyEndToEnd(t *testing.T) {
 		})
 	}
 
+	// Figures before the restart resets one peer's metrics.
+	for _, h := range l.Hosts() {
+		ls, lc := histogram(t, h, "weft_policy_sync_seconds", `{source="local"}`)
+		gs, gc := histogram(t, h, "weft_policy_sync_seconds", `{source="gossip"}`)
+		ps, pc := histogram(t, h, "weft_policy_sync_seconds", `{source="policy"}`)
+		as, ac := histogram(t, h, "weft_policy_apply_seconds", "")
+		t.Logf("%s: sync lag local %d applies mean %.1f ms; gossip %d records mean %.1f ms; policy %d versions mean %.1f ms; apply %d mean %.2f ms",
+			h.Name, int(lc), 1000*ls/max(lc, 1), int(gc), 1000*gs/max(gc, 1), int(pc), 1000*ps/max(pc, 1), int(ac), 1000*as/max(ac, 1))
+	}
+
 	// db's peer killed and restarted: the kernel keeps enforcing while it is down, and the
 	// restarted peer re-applies what it stored (the other hosts' endpoints included) before
 	// it serves: the open connection and a new web→db connection work, a client stays out.
@@ -368,11 +378,4 @@ func TestPolicyEndToEnd(t *testing.T) {
 		t.Error("a client reached db after db's peer restarted")
 	}
 
-	for _, h := range l.Hosts() {
-		ls, lc := histogram(t, h, "weft_policy_sync_seconds", `{source="local"}`)
-		gs, gc := histogram(t, h, "weft_policy_sync_seconds", `{source="gossip"}`)
-		as, ac := histogram(t, h, "weft_policy_apply_seconds", "")
-		t.Logf("%s: sync lag local %d applies mean %.1f ms; gossip %d records mean %.1f ms; apply %d mean %.2f ms",
-			h.Name, int(lc), 1000*ls/max(lc, 1), int(gc), 1000*gs/max(gc, 1), int(ac), 1000*as/max(ac, 1))
-	}
 }

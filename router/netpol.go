@@ -101,8 +101,9 @@ type policyPart struct {
 	inMu       sync.Mutex // guards the inputs below (never held across an apply)
 	policies   []netpol.Policy
 	polSkipped []string
-	leaving    map[ipam.Key]bool // attachments being deleted: left out of the endpoints
-	saved      []EndpointInfo    // other hosts' endpoints at the last apply before start
+	polCreated map[string]polStamp // by policy name: its version and when it was applied
+	leaving    map[ipam.Key]bool   // attachments being deleted: left out of the endpoints
+	saved      []EndpointInfo      // other hosts' endpoints at the last apply before start
 
 	mu          sync.Mutex // serialises compile and apply; guards the fields below
 	done        uint64     // the requests the last apply served
@@ -110,6 +111,7 @@ type policyPart struct {
 	rs          netpol.Ruleset
 	appliedAt   time.Time
 	seen        map[string]uint64 // remote endpoint → the record version already measured
+	polSeen     map[string]uint64 // policy → the version already measured
 	lastSkipped string
 	lastRemote  []EndpointInfo
 }
@@ -126,8 +128,8 @@ func newPolicyPart(d policyDeps) (*policyPart, error) {
 		}),
 		syncSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "weft_policy_sync_seconds",
-			Help: "From a container endpoint's change to the policy apply that includes it: local (the ADD's arrival) " +
-				"or gossip (the label record's creation on its owner, by the owner's clock).",
+			Help: "From a change to the policy apply that includes it: local (an ADD's arrival), gossip (a label " +
+				"record's creation on its owner) or policy (the apply reaching a peer); the latter two by the origin's clock.",
 			Buckets: []float64{.001, .005, .01, .025, .05, .1, .25, .5, 1, 2, 5, 10},
 		}, []string{"source"}),
 		skipped: prometheus.NewGauge(prometheus.GaugeOpts{
@@ -156,12 +158,24 @@ func newPolicyPart(d policyDeps) (*policyPart, error) {
 	return pp, nil
 }
 
+// polStamp is a stored policy's version and creation (ipam.PolicyObject.Created).
+type polStamp struct {
+	version uint64
+	created time.Time
+}
+
 // setPolicies takes the cluster's policy table. A stored spec that does not decode (another
 // validator wrote it) is left out and reported with the compile's skipped entries. O(policies).
 func (pp *policyPart) setPolicies(objs []ipam.PolicyObject) {
 	pols, skipped := decodePolicies(objs)
+	stamps := make(map[string]polStamp, len(objs))
+	for _, o := range objs {
+		if o.Created > 0 {
+			stamps[o.Name] = polStamp{o.Version, time.Unix(0, o.Created)}
+		}
+	}
 	pp.inMu.Lock()
-	pp.policies, pp.polSkipped = pols, skipped
+	pp.policies, pp.polSkipped, pp.polCreated = pols, skipped, stamps
 	pp.inMu.Unlock()
 }
 
@@ -215,7 +229,7 @@ func (pp *policyPart) reconcile() error {
 func (pp *policyPart) applyLocked(reconcile bool) error {
 	start := time.Now()
 	pp.inMu.Lock()
-	pols, polSkipped := pp.policies, pp.polSkipped
+	pols, polSkipped, stamps := pp.policies, pp.polSkipped, pp.polCreated
 	leaving := make(map[ipam.Key]bool, len(pp.leaving))
 	for k := range pp.leaving {
 		leaving[k] = true
@@ -254,6 +268,7 @@ func (pp *policyPart) applyLocked(reconcile bool) error {
 		}
 	}
 	pp.observeRemote(remote, now)
+	pp.observePolicies(stamps, now)
 	if st != (nftpol.Stats{}) {
 		pp.d.Logger.Debug("network policy applied", "took", took, "clauses", len(rs.Egress)+len(rs.Ingress),
 			"elements", rs.Elements(), "stats", st)
@@ -282,6 +297,20 @@ func (pp *policyPart) observeRemote(remote []EndpointInfo, now time.Time) {
 	if err := savePolicyRemote(pp.d.DB, remote); err != nil {
 		pp.d.Logger.Warn("could not save the other hosts' endpoints for a restart", "err", err)
 	}
+}
+
+// observePolicies measures the lag of the policy versions this apply is the first to hold,
+// from their apply on the peer that took it (its clock). O(policies).
+func (pp *policyPart) observePolicies(stamps map[string]polStamp, now time.Time) {
+	seen := make(map[string]uint64, len(stamps))
+	for name, s := range stamps {
+		seen[name] = s.version
+		if pp.polSeen[name] == s.version || s.created.Before(pp.started) {
+			continue
+		}
+		pp.syncSeconds.WithLabelValues("policy").Observe(max(0, now.Sub(s.created).Seconds()))
+	}
+	pp.polSeen = seen
 }
 
 func endpointEqual(a, b EndpointInfo) bool {

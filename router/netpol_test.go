@@ -159,6 +159,13 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 		return !rs.Explain(clientAddr, dbAddr, netpol.TCP, 5432).Allowed
 	})
 
+	waitFor(t, 2*time.Second, "the policy's sync lag measured", func() bool {
+		_, c := histogramCount(t, p.policy, "policy")
+		return c > 0
+	})
+	if _, c := histogramCount(t, p.policy, "local"); c != 3 {
+		t.Errorf("local sync lag measured %d times, want 3 (the ADDs)", c)
+	}
 	if c, err := dialIn(webNS, db, 2*time.Second); err != nil {
 		t.Fatalf("web→db under the policy: %v", err)
 	} else {
@@ -364,7 +371,7 @@ func TestPolicyRemoteEndpointsSavedForRestart(t *testing.T) {
 	if err := pp.sync(); err != nil || !allowed(pp) {
 		t.Fatalf("web on p2 → db: allowed %v, err %v", allowed(pp), err)
 	}
-	if _, c := histogramCount(t, pp); c != 1 {
+	if _, c := histogramCount(t, pp, "gossip"); c != 1 {
 		t.Fatalf("gossip sync lag observed %d times, want 1", c)
 	}
 
@@ -381,11 +388,11 @@ func TestPolicyRemoteEndpointsSavedForRestart(t *testing.T) {
 	}
 }
 
-// histogramCount reads the gossip sample count of the sync-lag histogram.
-func histogramCount(t *testing.T, pp *policyPart) (float64, uint64) {
+// histogramCount reads the sample sum and count of the sync-lag histogram of source.
+func histogramCount(t *testing.T, pp *policyPart, source string) (float64, uint64) {
 	t.Helper()
 	var m dto.Metric
-	if err := pp.syncSeconds.WithLabelValues("gossip").(prometheus.Histogram).Write(&m); err != nil {
+	if err := pp.syncSeconds.WithLabelValues(source).(prometheus.Histogram).Write(&m); err != nil {
 		t.Fatal(err)
 	}
 	return m.GetHistogram().GetSampleSum(), m.GetHistogram().GetSampleCount()
