@@ -147,14 +147,20 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 		return nil, err
 	}
 	want.Address = netip.PrefixFrom(rec.Address, network.Subnet.Bits())
+	// Policed from its first packet: the rules hold the new endpoint before its interface
+	// exists (router/netpol.go). A refused apply changed nothing; the address goes back.
+	if err := p.policyAdded(arrived); err != nil {
+		if !existed {
+			if _, _, rerr := p.alloc.Release(key); rerr != nil {
+				p.log.Error("could not undo the address of a failed ADD", "container", req.ContainerID, "err", rerr)
+			}
+		}
+		return nil, err
+	}
 	// The bridge after the address: a refused ADD (unknown network, full range) leaves nothing.
 	res, err := p.ensureBridge(network, netMTU)
 	if err == nil {
 		res, err = datapath.Attach(want)
-	}
-	if err == nil {
-		// Policed from its first packet: the runtime starts the container after ADD returns.
-		err = p.policyAdded(arrived)
 	}
 	if err != nil {
 		if !existed {
