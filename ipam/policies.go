@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 )
 
 // Policies as replicated objects (issue #15, Policy 2): `weft policy apply` and `weft policy
@@ -56,6 +57,9 @@ type PolicyObject struct {
 	Network string          `json:"network"`
 	Spec    json.RawMessage `json:"spec,omitempty"`
 	Version uint64          `json:"version"`
+	// Created is when the apply reached a peer (Unix ns, that peer's clock): the policy's
+	// sync lag is measured from it (router/netpol.go). Informational only.
+	Created int64 `json:"created,omitempty"`
 }
 
 var policyNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
@@ -238,6 +242,7 @@ func (c *Cluster) PutPolicy(ctx context.Context, name string, file []byte) (Poli
 	if err != nil {
 		return PolicyObject{}, err
 	}
+	p.Created = time.Now().UnixNano()
 	res, err := c.apply(ctx, command{Op: opPolicyPut, Policy: &p})
 	if err != nil {
 		return PolicyObject{}, err

@@ -180,6 +180,7 @@ func (p *Peer) apiHandler() http.Handler {
 		return p.setLabels(req)
 	})
 	route("", "/v1/policies/{name}", "policy", p.policyEndpoint)
+	route(http.MethodGet, "/v1/policy/explain", "policy_explain", p.policyExplain) // router/netpol.go
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})

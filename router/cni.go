@@ -151,6 +151,16 @@ func (p *Peer) cniAdd(ctx context.Context, req cni.AttachRequest) (*cni.AttachRe
 		return nil, err
 	}
 	want.Address = netip.PrefixFrom(rec.Address, network.Subnet.Bits())
+	// Policed from its first packet: the rules hold the new endpoint before its interface
+	// exists (router/netpol.go). A refused apply changed nothing; the address goes back.
+	if err := p.policyAdded(arrived); err != nil {
+		if !existed {
+			if _, _, rerr := p.alloc.Release(key); rerr != nil {
+				p.log.Error("could not undo the address of a failed ADD", "container", req.ContainerID, "err", rerr)
+			}
+		}
+		return nil, err
+	}
 	// The bridge after the address: a refused ADD (unknown network, full range) leaves nothing.
 	res, err := p.ensureBridge(network, netMTU)
 	if err == nil {
@@ -295,6 +305,11 @@ func (p *Peer) detach(key ipam.Key) error {
 	}
 	if err := datapath.Detach(hostIf); err != nil {
 		return err
+	}
+	// The policy without it before the address is free: a reused address must not inherit
+	// this container's rights (router/netpol.go).
+	if _, ok := p.alloc.Get(key); ok {
+		defer p.policyLeave(key)()
 	}
 	rec, released, err := p.alloc.Release(key)
 	if err != nil {

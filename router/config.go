@@ -159,8 +159,8 @@ type Config struct {
 	// SRIOVPF overrides SRIOVPFConfig with a given configurator (tests).
 	SRIOVPF sriov.PFConfig
 
-	// ValidatePolicy checks policy files (issue #15; the lead wires netpol.Parse); nil: this
-	// peer refuses `weft policy apply` with a 400 saying so.
+	// ValidatePolicy checks policy files (issue #15); nil: netpol.Parse (New sets it), the
+	// validator whose specs the peer's enforcement reads (router/netpol.go).
 	ValidatePolicy ipam.PolicyValidator
 	// OnPolicies, when set, gets the cluster's whole policy table each time it changes, from
 	// the membership loop (router/policies.go syncPolicies); it must not block for long.

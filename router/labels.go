@@ -408,7 +408,8 @@ func (s *labelStore) remote() []EndpointInfo {
 		if r.Deleted || r.Peer == s.self {
 			continue
 		}
-		out = append(out, EndpointInfo{Peer: r.Peer, ContainerID: r.Container, Name: r.Name, Network: r.Network, Address: r.Addr, Labels: maps.Clone(r.Labels)})
+		out = append(out, EndpointInfo{Peer: r.Peer, ContainerID: r.Container, Name: r.Name, Network: r.Network, Address: r.Addr, Labels: maps.Clone(r.Labels),
+			Changed: time.Unix(0, int64(r.Version))})
 	}
 	s.mu.Unlock()
 	slices.SortFunc(out, func(a, b EndpointInfo) int {
@@ -429,6 +430,9 @@ type EndpointInfo struct {
 	Network     string            `json:"network"`
 	Address     netip.Addr        `json:"address"`
 	Labels      map[string]string `json:"labels,omitempty"`
+	// Changed is when the owner wrote the record (its version is its clock in ns); gossiped
+	// records only, for the policy's sync lag.
+	Changed time.Time `json:"changed,omitzero"`
 }
 
 // endpoints lists this peer's attachments with their labels, ordered by key. O(attachments).

@@ -61,6 +61,9 @@ type Peer struct {
 	// and what Config.OnPolicies last saw (its own lock; router/policies.go).
 	labels   *labelStore
 	polWatch policyWatch
+	// Network policy (router/netpol.go): set during start; nil on a peer built in part.
+	policy     *policyPart
+	policyKick chan struct{} // wakes the policy loop on a table change
 
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.
@@ -74,6 +77,9 @@ func New(cfg Config) (*Peer, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.ValidatePolicy == nil {
+		cfg.ValidatePolicy = validatePolicy // every real peer accepts netpol policies
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -154,6 +160,9 @@ func (p *Peer) Run(ctx context.Context) error {
 	if err := p.startGuard(advertise); err != nil { // after the bridges exist (router/guard.go)
 		return err
 	}
+	if err := p.startPolicy(); err != nil { // after the isolation, before the API serves ADDs
+		return fmt.Errorf("apply network policy: %w", err)
+	}
 	if err := p.startDNS(ctx, &stops); err != nil {
 		return err
 	}
@@ -191,6 +200,12 @@ func (p *Peer) Run(ctx context.Context) error {
 		p.runDatapath(meshCtx)
 	}()
 	stops = append(stops, func() { stopMesh(); <-dpDone })
+	polDone := make(chan struct{})
+	go func() {
+		defer close(polDone)
+		p.runPolicy(meshCtx)
+	}()
+	stops = append(stops, func() { stopMesh(); <-polDone })
 
 	api, err := p.listenAPI()
 	if err != nil {

@@ -124,7 +124,7 @@ type policyWatch struct {
 // syncNetworks, so a change reaches every peer within a tick of its table learning it.
 // O(1) when nothing changed; O(policies) to list them when something did.
 func (p *Peer) syncPolicies() {
-	if p.cfg.OnPolicies == nil {
+	if p.cfg.OnPolicies == nil && p.policy == nil {
 		return
 	}
 	p.polWatch.mu.Lock()
@@ -133,6 +133,9 @@ func (p *Peer) syncPolicies() {
 		return
 	}
 	list, index := p.cluster.Policies()
-	p.cfg.OnPolicies(list)
+	p.policyTable(list) // router/netpol.go
+	if p.cfg.OnPolicies != nil {
+		p.cfg.OnPolicies(list)
+	}
 	p.polWatch.index = index
 }

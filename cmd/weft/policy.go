@@ -8,6 +8,8 @@ import (
 	"io"
 	"net/url"
 	"os"
+	"strconv"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -26,7 +28,7 @@ func newPolicyCmd() *cobra.Command {
 		Short: "Apply, list, show and remove the cluster's network policies",
 		Args:  cobra.NoArgs,
 	}
-	cmd.AddCommand(newPolicyApplyCmd(), newPolicyLsCmd(), newPolicyShowCmd(), newPolicyRmCmd())
+	cmd.AddCommand(newPolicyApplyCmd(), newPolicyLsCmd(), newPolicyShowCmd(), newPolicyRmCmd(), newPolicyExplainCmd())
 	return cmd
 }
 
@@ -188,4 +190,81 @@ func printPolicy(out io.Writer, p router.PolicyInfo) error {
 	}
 	fmt.Fprintf(out, "spec:\n%s\n", spec.String())
 	return nil
+}
+
+func newPolicyExplainCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "explain SRC DST [PROTO/]PORT",
+		Short: "Say what the applied policy does with a new connection from SRC to DST, and which rule decides",
+		Long: "SRC and DST are addresses, or containers by ID or name as this peer knows them (its own and\n" +
+			"gossiped). PROTO is tcp (the default), udp, sctp or icmp (icmp alone, no port).",
+		Args: cobra.ExactArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			proto, port, err := splitProtoPort(args[2])
+			if err != nil {
+				return fmt.Errorf("policy explain: %w", err)
+			}
+			q := url.Values{"src": {args[0]}, "dst": {args[1]}, "proto": {proto}}
+			if port != 0 {
+				q.Set("port", strconv.Itoa(int(port)))
+			}
+			var ex router.PolicyExplain
+			if err := client(cmd).Get(cmd.Context(), "/v1/policy/explain?"+q.Encode(), &ex); err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd, ex)
+			}
+			printExplain(cmd.OutOrStdout(), args[0], args[1], ex)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
+	return cmd
+}
+
+// splitProtoPort reads [PROTO/]PORT, or icmp alone. The peer checks the values. Pure.
+func splitProtoPort(s string) (string, uint16, error) {
+	proto, port, found := strings.Cut(s, "/")
+	if !found {
+		if strings.EqualFold(s, "icmp") {
+			return "icmp", 0, nil
+		}
+		proto, port = "tcp", s
+	}
+	n, err := strconv.ParseUint(port, 10, 16)
+	if err != nil || n == 0 {
+		return "", 0, fmt.Errorf("port %q: want [PROTO/]PORT with PORT 1-65535, or icmp", s)
+	}
+	return strings.ToLower(proto), uint16(n), nil
+}
+
+// printExplain shows the decision first, then each direction's verdict and its counter.
+func printExplain(out io.Writer, src, dst string, ex router.PolicyExplain) {
+	verdict := "ALLOWED"
+	if !ex.Allowed {
+		verdict = "DENIED"
+	}
+	what := ex.Proto
+	if ex.Port != 0 {
+		what += "/" + strconv.Itoa(int(ex.Port))
+	}
+	fmt.Fprintf(out, "%s: %s (%v) -> %s (%v) %s\n", verdict, src, ex.Src, dst, ex.Dst, what)
+	fmt.Fprintf(out, "  %s\n", ex.Reason)
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	for _, d := range []struct {
+		name string
+		v    router.PolicyExplainVerdict
+	}{{"egress at source", ex.Egress}, {"ingress at destination", ex.Ingress}} {
+		if d.v.Reason == "" {
+			continue // not reached: the egress verdict denied
+		}
+		counter := ""
+		if d.v.Counter != "" && !d.v.Allowed {
+			counter = "\tcounter " + d.v.Counter
+		}
+		fmt.Fprintf(tw, "  %s:\t%s%s\n", d.name, d.v.Reason, counter)
+	}
+	tw.Flush()
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -133,6 +134,16 @@ func (f *policyPeer) start(t *testing.T) string {
 				labels[k] = v
 			}
 			json.NewEncoder(w).Encode(router.LabelResult{Container: "web1", Labels: labels})
+		case r.Method == "GET" && r.URL.Path == "/v1/policy/explain":
+			q := r.URL.Query()
+			if q.Get("src") != "client" || q.Get("dst") != "db" || q.Get("proto") != "tcp" || q.Get("port") != "5432" {
+				fail(w, 400, "policy explain: unexpected query "+r.URL.RawQuery)
+				return
+			}
+			v := router.PolicyExplainVerdict{Selected: true, Policy: "default/db-only-web", Rule: -1,
+				Counter: "netpol_default_db-only-web_ingress_default", Reason: "default deny of policy default/db-only-web (ingress of 10.40.0.2): no rule matches"}
+			json.NewEncoder(w).Encode(router.PolicyExplain{Src: netip.MustParseAddr("10.40.0.3"), Dst: netip.MustParseAddr("10.40.0.2"),
+				Proto: "tcp", Port: 5432, Reason: v.Reason, Egress: router.PolicyExplainVerdict{Allowed: true, Rule: -1, Reason: "default allow"}, Ingress: v})
 		default:
 			fail(w, 404, "no endpoint")
 		}
@@ -228,5 +239,37 @@ func TestPolicyCommands(t *testing.T) {
 	}
 	if strings.Join(fp.reqs, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("requests:\n%s\nwant:\n%s", strings.Join(fp.reqs, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestPolicyExplainCommand(t *testing.T) {
+	fp := &policyPeer{}
+	sock := fp.start(t)
+	out, err := runWeft(t, "--socket", sock, "policy", "explain", "client", "db", "5432")
+	if err != nil || !strings.Contains(out, "DENIED: client (10.40.0.3) -> db (10.40.0.2) tcp/5432") ||
+		!strings.Contains(out, "default deny of policy default/db-only-web") || !strings.Contains(out, "counter netpol_default_db-only-web_ingress_default") {
+		t.Fatalf("explain: %q %v", out, err)
+	}
+	out, err = runWeft(t, "--socket", sock, "policy", "explain", "client", "db", "TCP/5432", "--json")
+	var ex router.PolicyExplain
+	if err != nil || json.Unmarshal([]byte(out), &ex) != nil || ex.Ingress.Policy != "default/db-only-web" {
+		t.Fatalf("explain --json: %q %v", out, err)
+	}
+	if _, err := runWeft(t, "--socket", sock, "policy", "explain", "client", "db", "tcp/http"); err == nil || !strings.Contains(err.Error(), "PORT") {
+		t.Fatalf("explain with a bad port: %v", err)
+	}
+}
+
+func TestSplitProtoPort(t *testing.T) {
+	for in, want := range map[string]string{"5432": "tcp 5432", "udp/53": "udp 53", "ICMP": "icmp 0", "sctp/9": "sctp 9"} {
+		p, n, err := splitProtoPort(in)
+		if err != nil || fmt.Sprintf("%s %d", p, n) != want {
+			t.Errorf("%s: %s %d %v, want %s", in, p, n, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "tcp/", "tcp/70000", "x/y"} {
+		if _, _, err := splitProtoPort(in); err == nil {
+			t.Errorf("%q accepted", in)
+		}
 	}
 }
