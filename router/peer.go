@@ -51,6 +51,7 @@ type Peer struct {
 	dnsServer *dns.Server
 	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
 	sriov     *sriovPart // the VF pool of SR-IOV networks (router/sriov.go)
+	history   *history   // the status page's rings of link and interface samples (router/history.go)
 	started   time.Time
 	// sriovSource reports the VF pool's counts, announced in gossip (router/sriovcaps.go).
 	sriovSource capacitySource
@@ -81,6 +82,7 @@ func New(cfg Config) (*Peer, error) {
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
+		history: newHistory(),
 	}
 	p.sriovSource = capacityFrom(p.sriovCapacity) // the VF pool's counts, announced in gossip
 	return p, nil
@@ -188,6 +190,7 @@ func (p *Peer) Run(ctx context.Context) error {
 		p.runDatapath(meshCtx)
 	}()
 	stops = append(stops, func() { stopMesh(); <-dpDone })
+	stops = append(stops, p.startHistory(meshCtx, advertise))
 
 	api, err := p.listenAPI()
 	if err != nil {
