@@ -5,6 +5,8 @@
   const NS = "http://www.w3.org/2000/svg";
   const POLL_MS = 2000;
   const SMALL_MESH = 12; // up to this many peers every link is drawn; above, only the focus peer's
+  const MAX_LABELS = 16; // beyond this many drawn links, figures are in tooltips and the table only
+  const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true });
   const state = { topo: null, sla: null, hist: [], ifaces: [], focus: "", filter: "", sel: null, polls: 0 };
 
   const $ = (id) => document.getElementById(id);
@@ -39,8 +41,9 @@
     return b.toFixed(0) + " bit/s";
   }
   function ago(t) {
-    const s = Math.max(0, (Date.now() - Date.parse(t)) / 1000);
-    if (!isFinite(s)) return "?";
+    const ts = Date.parse(t);
+    if (!isFinite(ts) || ts < Date.UTC(2000, 0, 1)) return "—"; // Go's zero time: never set
+    const s = Math.max(0, (Date.now() - ts) / 1000);
     if (s < 90) return s.toFixed(0) + " s ago";
     if (s < 5400) return (s / 60).toFixed(0) + " min ago";
     return (s / 3600).toFixed(1) + " h ago";
@@ -108,7 +111,7 @@
     const W = 800, H = 560, cx = W / 2, cy = H / 2, R = Math.min(W, H) / 2 - 60;
     const order = { alive: 0, suspect: 1, dead: 2, left: 3 };
     const others = peers.filter((p) => p.name !== focus)
-      .sort((a, b) => (order[a.state] ?? 9) - (order[b.state] ?? 9) || (a.name < b.name ? -1 : 1));
+      .sort((a, b) => (order[a.state] ?? 9) - (order[b.state] ?? 9) || byName(a.name, b.name));
     const pos = {};
     if (peers.length <= 8) {
       const ring = [peers.find((p) => p.name === focus), ...others].filter(Boolean);
@@ -145,10 +148,11 @@
     const showAll = $("all-links").checked || t.peers.length <= SMALL_MESH;
     const visible = (n) => matches(n) || n === state.focus;
     const gl = sv("g", { id: "links" }), gr = sv("g", { id: "relays" }), gp = sv("g", { id: "peers" });
-    for (const l of t.links) {
+    const drawn = t.links.filter((l) => pos[l.a] && pos[l.b] && visible(l.a) && visible(l.b) &&
+      (showAll || l.a === state.focus || l.b === state.focus));
+    const labels = drawn.length <= MAX_LABELS;
+    for (const l of drawn) {
       const a = pos[l.a], b = pos[l.b];
-      if (!a || !b || !visible(l.a) || !visible(l.b)) continue;
-      if (!showAll && l.a !== state.focus && l.b !== state.focus) continue;
       const cls = ["link"];
       if (linkBad(l)) cls.push("bad");
       if (l.state === "relayed") cls.push("relayed");
@@ -159,7 +163,7 @@
       const line = sv("line", attrs);
       line.appendChild(sv("title", {}, l.id + ": " + linkLabel(l) + (l.why ? " — " + l.why : "")));
       gl.appendChild(line);
-      gl.appendChild(sv("text", { class: "link-label", id: "label-" + l.id, x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 - 4,
+      if (labels) gl.appendChild(sv("text", { class: "link-label", id: "label-" + l.id, x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 - 4,
         "text-anchor": "middle" }, linkLabel(l)));
     }
     if (state.focus === t.self) {
@@ -199,8 +203,11 @@
   function renderLinks(t) {
     const tb = $("links-table").tBodies[0];
     tb.textContent = "";
-    for (const l of t.links) {
+    // In a large mesh the table follows the picture: the focus peer's links unless every link is asked for.
+    const all = $("all-links").checked || t.peers.length <= SMALL_MESH;
+    for (const l of [...t.links].sort((x, y) => byName(x.a, y.a) || byName(x.b, y.b))) {
       if (!matches(l.a) && !matches(l.b)) continue;
+      if (!all && l.a !== state.focus && l.b !== state.focus) continue;
       const bad = linkBad(l);
       tb.appendChild(row([l.a + " ↔ " + l.b, (l.mode || "?") + (l.mode_inferred ? " (inferred)" : ""), l.state,
         l.state === "down" ? "—" : fmtMs(l.rtt_ms), fmtMs(l.jitter_ms), fmtPct(l.loss), bad ? "violated" : "ok",
