@@ -17,19 +17,20 @@ import (
 )
 
 // History for the status page: every historyEvery the peer samples each probed link (per
-// peer, over the underlay and through the link in use) and the byte counters of the
+// peer, over the underlay and through the link in use), the end-to-end figures of its
+// chosen path to each measured peer (through a relay or not), and the byte counters of the
 // interfaces weft owns, into fixed rings of historyLen samples (15 minutes). Memory is
-// bounded: at most historyMaxRings link rings and historyMaxIfaces interface rings, each
-// of historyLen samples (≈ 40 B per link sample: 2 × 4096 × 180 × 40 B ≈ 59 MB at the very
-// worst, ~15 kB per probed peer in practice, as only probe targets get rings — --probe-targets,
-// 16 by default, so ~0.5 MB). A ring whose peer is no longer measured is dropped after a
-// full window without samples.
+// bounded: a link sample is 56 B, so a ring is 10 kB; only measured peers get rings
+// (--probe-targets, 16 by default, plus relays: ~50 rings, 0.5 MB), and never more than
+// historyMaxRings (10 MB) nor historyMaxIfaces interface rings (48 B a sample, 4.4 MB).
+// A ring whose peer is no longer measured is dropped after a full window without samples.
+// Sampling costs O(measured peers + interfaces) every 5 s.
 
 const (
 	historyEvery     = 5 * time.Second
 	historyWindow    = 15 * time.Minute
 	historyLen       = int(historyWindow / historyEvery)
-	historyMaxRings  = 4096
+	historyMaxRings  = 1024
 	historyMaxIfaces = 512
 )
 
@@ -251,6 +252,22 @@ func underlayInterface(addr netip.Addr) string {
 	return ""
 }
 
+// pathStats is the end-to-end figures of the path this peer's class chose to each
+// measured destination (relayed or not), as link stats. Estimated and unmeasured
+// destinations have no figures worth a history. O(N).
+func pathStats(pt *paths) map[string]mesh.LinkStats {
+	pt.mu.Lock()
+	defer pt.mu.Unlock()
+	out := make(map[string]mesh.LinkStats, len(pt.def.choices))
+	for dest, c := range pt.def.choices {
+		if c.Estimated || c.Unmeasured {
+			continue
+		}
+		out[dest] = mesh.LinkStats{RTT: c.RTT, Jitter: c.Jitter, Loss: c.Loss, Up: len(c.Path) > 0}
+	}
+	return out
+}
+
 // startHistory samples links and interfaces every historyEvery until ctx ends; the
 // returned stop waits for the sampler. A peer without probers (built in part by a test)
 // samples interfaces only.
@@ -280,6 +297,7 @@ func (p *Peer) sampleHistory(underlay string, now time.Time) {
 		if pt.link != nil {
 			p.history.recordLinks(page.ViaLink, pt.link.All(), now)
 		}
+		p.history.recordLinks(page.ViaPath, pathStats(pt), now)
 	}
 	links, err := netlink.LinkList()
 	if err != nil {

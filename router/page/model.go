@@ -342,7 +342,8 @@ type Interface struct {
 	Samples []IfaceSample `json:"samples"`
 }
 
-// HistoryKey names one ring: a peer measured over the underlay or through the link in use.
+// HistoryKey names one ring: a peer measured over the underlay, through the link in use,
+// or end to end along the path this peer chose (through a relay or not).
 type HistoryKey struct {
 	Peer string `json:"peer"`
 	Via  string `json:"via"`
@@ -352,12 +353,13 @@ type HistoryKey struct {
 const (
 	ViaLink     = "link"
 	ViaUnderlay = "underlay"
+	ViaPath     = "path"
 )
 
 // ValidVia says whether via names a ring kind.
 func ValidVia(via string) error {
-	if via != ViaLink && via != ViaUnderlay {
-		return fmt.Errorf("%w: via %q (want %s or %s)", ErrBadRequest, via, ViaLink, ViaUnderlay)
+	if via != ViaLink && via != ViaUnderlay && via != ViaPath {
+		return fmt.Errorf("%w: via %q (want %s, %s or %s)", ErrBadRequest, via, ViaLink, ViaUnderlay, ViaPath)
 	}
 	return nil
 }

@@ -7,7 +7,7 @@
   const SMALL_MESH = 12; // up to this many peers every link is drawn; above, only the focus peer's
   const MAX_LABELS = 16; // beyond this many drawn links, figures are in tooltips and the table only
   const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true });
-  const state = { topo: null, sla: null, hist: [], ifaces: [], focus: "", filter: "", sel: null, polls: 0 };
+  const state = { topo: null, sla: null, hist: [], ifaces: [], status: null, focus: "", filter: "", sel: null, polls: 0 };
 
   const $ = (id) => document.getElementById(id);
   function el(tag, attrs, text) {
@@ -58,9 +58,10 @@
 
   async function refresh() {
     try {
-      const [topo, sla, hist, ifaces] = await Promise.all([
-        getJSON("/api/topology"), getJSON("/api/sla"), getJSON("/api/history"), getJSON("/api/interfaces")]);
-      Object.assign(state, { topo, sla, hist, ifaces });
+      const [topo, sla, hist, ifaces, status] = await Promise.all([
+        getJSON("/api/topology"), getJSON("/api/sla"), getJSON("/api/history"), getJSON("/api/interfaces"),
+        getJSON("/status").catch(() => null)]); // the peer's own tables are extra: the views work without them
+      Object.assign(state, { topo, sla, hist, ifaces, status });
       state.polls++;
       if (!state.focus) state.focus = topo.self;
       render();
@@ -85,6 +86,26 @@
     renderPerf();
     renderIfaces();
     renderSLA();
+    renderPeer();
+  }
+
+  // renderPeer is what the page showed before it had pictures: this peer's networks and attachments.
+  function renderPeer() {
+    const st = state.status;
+    if (!st) return;
+    $("peer-info").textContent = "version " + st.version + " · up " + st.uptime;
+    const nb = $("networks-table").tBodies[0];
+    nb.textContent = "";
+    for (const n of st.networks) {
+      const blocks = (n.blocks || []).map((b) => b.cidr + " (" + b.used + "/" + b.free + ")").join(" ");
+      nb.appendChild(row([n.name, n.subnet, n.bridge, n.gateway, blocks], { "data-network": n.name }));
+    }
+    const ab = $("attachments-table").tBodies[0];
+    ab.textContent = "";
+    for (const a of st.attachments) {
+      ab.appendChild(row([a.name, a.address, a.network, a.container_id.slice(0, 12), a.ifname, a.host_ifname],
+        { "data-container": a.container_id, "data-ifname": a.ifname }));
+    }
   }
 
   function renderControls(t) {
@@ -163,17 +184,27 @@
       const line = sv("line", attrs);
       line.appendChild(sv("title", {}, l.id + ": " + linkLabel(l) + (l.why ? " — " + l.why : "")));
       gl.appendChild(line);
-      if (labels) gl.appendChild(sv("text", { class: "link-label", id: "label-" + l.id, x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 - 4,
-        "text-anchor": "middle" }, linkLabel(l)));
+      if (labels) {
+        // beside the line on its upper side; on a steep line the text runs away from it
+        let nx = a.y - b.y, ny = b.x - a.x;
+        const len = Math.hypot(nx, ny) || 1;
+        if (ny > 0 || (ny === 0 && nx > 0)) { nx = -nx; ny = -ny; }
+        const anchor = Math.abs(nx) > Math.abs(ny) * 0.5 ? (nx < 0 ? "end" : "start") : "middle";
+        gl.appendChild(sv("text", { class: "link-label", id: "label-" + l.id, x: (a.x + b.x) / 2 + 8 * nx / len,
+          y: (a.y + b.y) / 2 + 8 * ny / len, "text-anchor": anchor }, linkLabel(l)));
+      }
     }
     if (state.focus === t.self) {
       for (const r of t.relays) {
         if (!r.path.every((n) => pos[n] && visible(n))) continue;
-        // drawn as a curve through the relay, offset so it does not hide the links it follows
+        // drawn as a curve through the relay, bulging on the side opposite the link labels
+        // so that it hides neither the links it follows nor their figures
         let d = "";
         for (let i = 0; i + 1 < r.path.length; i++) {
           const p = pos[r.path[i]], q = pos[r.path[i + 1]];
-          const mx = (p.x + q.x) / 2, my = (p.y + q.y) / 2, dx = q.y - p.y, dy = p.x - q.x, len = Math.hypot(dx, dy) || 1;
+          let dx = p.y - q.y, dy = q.x - p.x;
+          if (dy < 0 || (dy === 0 && dx < 0)) { dx = -dx; dy = -dy; }
+          const mx = (p.x + q.x) / 2, my = (p.y + q.y) / 2, len = Math.hypot(dx, dy) || 1;
           d += (i === 0 ? "M" + p.x + "," + p.y : "") + " Q" + (mx + 28 * dx / len) + "," + (my + 28 * dy / len) + " " + q.x + "," + q.y;
         }
         const path = sv("path", { id: "relay-" + r.from + "-" + r.to, class: "relay" + (r.sla_ok ? "" : " bad"), d: d,
@@ -230,7 +261,7 @@
     if (!state.sel && rows.length) state.sel = { peer: rows[0].peer, via: rows[0].via };
     for (const h of rows) {
       const s = h.summary;
-      const tr = row([h.peer, h.via, fmtMs(s.rtt_p50_ms), fmtMs(s.rtt_p99_ms), fmtMs(s.jitter_ms),
+      const tr = row([h.peer, h.via === "path" ? "path (end to end)" : h.via, fmtMs(s.rtt_p50_ms), fmtMs(s.rtt_p99_ms), fmtMs(s.jitter_ms),
         fmtPct(s.loss_mean) + " / " + fmtPct(s.loss_max), fmtPct(s.up_ratio), s.samples],
         { "data-peer": h.peer, "data-via": h.via, "data-rtt-p50-ms": String(s.rtt_p50_ms), "data-rtt-p99-ms": String(s.rtt_p99_ms),
           class: state.sel && state.sel.peer === h.peer && state.sel.via === h.via ? "sel" : "" });
