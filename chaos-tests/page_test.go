@@ -152,7 +152,7 @@ func (br *pageBrowser) dumpDOM(ctx context.Context) string {
 
 func (br *pageBrowser) screenshot(ctx context.Context, file string) {
 	br.t.Helper()
-	br.run(ctx, "--window-size=1100,1500", "--screenshot="+file)
+	br.run(ctx, "--window-size=1100,1600", "--screenshot="+file)
 	if st, err := os.Stat(file); err != nil || st.Size() == 0 {
 		br.t.Fatalf("no screenshot at %s: %v", file, err)
 	}
