@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -85,7 +86,14 @@ func New(cfg Config) (*Handler, error) {
 // /api/history and /api/interfaces.
 func (h *Handler) Register(mux *http.ServeMux, guard func(http.Handler) http.Handler) {
 	mux.Handle("GET /{$}", guard(http.HandlerFunc(h.index)))
-	mux.Handle("GET /page/", guard(h.static))
+	mux.Handle("GET /page/", guard(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/") { // files only, no listings
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Cache-Control", "no-cache") // revalidated, so an upgraded peer serves its own script
+		h.static.ServeHTTP(w, r)
+	})))
 	mux.Handle("GET /api/topology", guard(h.api("topology", func(*http.Request) (any, error) {
 		return BuildTopology(h.cfg.Source.Snapshot()), nil
 	})))

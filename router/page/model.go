@@ -198,7 +198,11 @@ type SLARow struct {
 	To    string    `json:"to"`
 	SLA   string    `json:"sla"`
 	OK    bool      `json:"ok"`
-	Since time.Time `json:"since"` // when the pair last changed between holding and not
+	// Since is when the pair last changed between holding and not: for this peer's own
+	// paths, as its path selector recorded it; for gossiped pairs, as this page's handler
+	// saw it (it judges them when the page or the API asks, so the first verdict's since
+	// is the first request after the peer started).
+	Since time.Time `json:"since"`
 	// Why names the figure that breaks the class ("rtt 31ms > 20ms"), or what the path
 	// selector says about a pair that holds.
 	Why string `json:"why"`

@@ -200,8 +200,10 @@ func TestEndpoints(t *testing.T) {
 			t.Fatalf("%s: %d, %d bytes", a, w.Code, w.Body.Len())
 		}
 	}
-	if w := get(t, h, "/page/missing.js"); w.Code != 404 {
-		t.Fatalf("missing asset: %d", w.Code)
+	for _, p := range []string{"/page/missing.js", "/page/", "/page/../handler.go"} {
+		if w := get(t, h, p); w.Code == 200 || strings.Contains(w.Body.String(), "package page") {
+			t.Fatalf("%s: %d, want nothing served (404, or the mux's redirect to a cleaned path)", p, w.Code)
+		}
 	}
 
 	var topo Topology
