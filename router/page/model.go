@@ -194,10 +194,10 @@ func BuildTopology(s Snapshot) Topology {
 
 // SLARow is one pair of GET /api/sla.
 type SLARow struct {
-	From  string    `json:"from"`
-	To    string    `json:"to"`
-	SLA   string    `json:"sla"`
-	OK    bool      `json:"ok"`
+	From string `json:"from"`
+	To   string `json:"to"`
+	SLA  string `json:"sla"`
+	OK   bool   `json:"ok"`
 	// Since is when the pair last changed between holding and not: for this peer's own
 	// paths, as its path selector recorded it; for gossiped pairs, as this page's handler
 	// saw it (it judges them when the page or the API asks, so the first verdict's since
