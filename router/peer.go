@@ -46,12 +46,12 @@ type Peer struct {
 	links     *links
 	filters   *filters // nftables: the guard and the isolation between networks (router/isolate.go)
 	paths     *paths
+	history   *history       // the status page's rings of link and interface samples (router/history.go)
 	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
 	dnsListen *dnsListen // follows networks and gateway addresses (router/dns.go)
 	sriov     *sriovPart // the VF pool of SR-IOV networks (router/sriov.go)
-	history   *history   // the status page's rings of link and interface samples (router/history.go)
 	started   time.Time
 	// sriovSource reports the VF pool's counts, announced in gossip (router/sriovcaps.go).
 	sriovSource capacitySource
