@@ -200,7 +200,8 @@ func (s pageSource) Snapshot() page.Snapshot {
 	}
 	snap.SLA = pt.def.sla
 	modes := p.linkModes()
-	for dest, st := range pt.measured().All() {
+	measured := pt.measured().All()
+	for dest, st := range measured {
 		snap.Links = append(snap.Links, page.Link{From: p.cfg.Name, To: dest, Mode: modes[dest], Up: st.Up,
 			RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss})
 	}
@@ -222,6 +223,12 @@ func (s pageSource) Snapshot() page.Snapshot {
 		}
 	}
 	for _, r := range p.routes() {
+		if _, ok := measured[r.Peer]; !ok && r.Estimated {
+			// A peer outside the probe set: its link is drawn as the estimate path choice
+			// uses, so that a large mesh shows every peer joined to this one.
+			snap.Links = append(snap.Links, page.Link{From: p.cfg.Name, To: r.Peer, Mode: modes[r.Peer], Up: true,
+				RTT: fromMs(r.RTTms), Estimated: true})
+		}
 		snap.Routes = append(snap.Routes, page.Route{Peer: r.Peer, Path: r.Path, SLA: r.SLA, SLAOK: r.SLAOK,
 			Since: r.Since, Reason: r.Reason, RTT: fromMs(r.RTTms), Jitter: fromMs(r.JitterMs), Loss: r.Loss,
 			Estimated: r.Estimated, Networks: r.Networks})

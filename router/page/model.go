@@ -51,6 +51,9 @@ type Link struct {
 	Up           bool
 	RTT, Jitter  time.Duration
 	Loss         float64
+	// Estimated: nobody measures the link; RTT is this peer's estimate from network
+	// coordinates (a peer outside its probe set), the rest zero.
+	Estimated bool
 }
 
 // Route is this peer's chosen path to one destination for one SLA class.
@@ -103,6 +106,8 @@ type TopoLink struct {
 	Why          string  `json:"why"` // what breaks the SLA, or why the link is not used
 	// Measured: this peer measures the link itself (one end is Self); else gossiped.
 	Measured bool `json:"measured"`
+	// Estimated: not measured by either end; RTT estimated from coordinates.
+	Estimated bool `json:"estimated"`
 }
 
 // TopoRelay is a path of this peer that goes through a relay.
@@ -143,10 +148,17 @@ func BuildTopology(s Snapshot) Topology {
 		id := LinkID(l.From, l.To)
 		mine := l.From == s.Self || l.To == s.Self
 		p, ok := pairs[id]
-		if !ok {
+		if ok && l.Estimated && !p.Estimated {
+			continue // a measurement, from either end, beats an estimate
+		}
+		if !ok || p.Estimated && !l.Estimated {
 			a, b := min(l.From, l.To), max(l.From, l.To)
-			p = &TopoLink{ID: id, A: a, B: b, Mode: l.Mode, ModeInferred: l.ModeInferred, State: StateUp,
-				RTTms: ms(l.RTT), JitterMs: ms(l.Jitter), Loss: l.Loss, Measured: mine}
+			mode, inferred := l.Mode, l.ModeInferred
+			if ok && mode == "" {
+				mode, inferred = p.Mode, p.ModeInferred
+			}
+			p = &TopoLink{ID: id, A: a, B: b, Mode: mode, ModeInferred: inferred, State: StateUp,
+				RTTms: ms(l.RTT), JitterMs: ms(l.Jitter), Loss: l.Loss, Measured: mine && !l.Estimated, Estimated: l.Estimated}
 			if !l.Up {
 				p.State = StateDown
 			}

@@ -80,6 +80,29 @@ func TestBuildTopology(t *testing.T) {
 	}
 }
 
+// An estimate stands in for a link nobody measures, and gives way to a measurement from
+// either end, whatever the order.
+func TestBuildTopologyEstimates(t *testing.T) {
+	est := Link{From: "a", To: "d", Mode: ModeVXLAN, Up: true, RTT: 9 * time.Millisecond, Estimated: true}
+	meas := Link{From: "d", To: "a", Up: true, RTT: 2 * time.Millisecond}
+	for _, links := range [][]Link{{est}, {est, meas}, {meas, est}} {
+		topo := BuildTopology(Snapshot{Self: "a", SLA: gold(t), Links: links})
+		l := topo.Links[0]
+		if len(links) == 1 {
+			if !l.Estimated || l.Measured || l.RTTms != 9 || !l.SLAOK {
+				t.Fatalf("estimate alone: %+v", l)
+			}
+			continue
+		}
+		if l.Estimated || l.RTTms != 2 {
+			t.Fatalf("%d links: the measurement should win: %+v", len(links), l)
+		}
+		if links[0].Estimated && l.Mode != ModeVXLAN {
+			t.Fatalf("the estimate's mode (this peer's link to d) was lost: %+v", l)
+		}
+	}
+}
+
 // A direct link that is up but bypassed for a relay shows as relayed, with the reason.
 func TestBuildTopologyRelayedLink(t *testing.T) {
 	s := threePeers(t)

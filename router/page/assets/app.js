@@ -153,6 +153,7 @@
   function linkLabel(l) {
     const mode = (l.mode || "?") + (l.mode_inferred ? "?" : "");
     if (l.state === "down") return mode + " · down";
+    if (l.estimated) return mode + " · ~" + fmtMs(l.rtt_ms) + " (est.)";
     return mode + " · " + fmtMs(l.rtt_ms) + " · " + fmtPct(l.loss);
   }
   const linkBad = (l) => l.state === "down" || !l.sla_ok;
@@ -178,6 +179,7 @@
       if (linkBad(l)) cls.push("bad");
       if (l.state === "relayed") cls.push("relayed");
       if (l.mode_inferred) cls.push("inferred");
+      if (l.estimated) cls.push("estimated");
       const attrs = { id: "link-" + l.id, class: cls.join(" "), x1: a.x, y1: a.y, x2: b.x, y2: b.y,
         "data-link": l.id, "data-mode": l.mode, "data-state": l.state, "data-sla": linkBad(l) ? "violated" : "ok",
         "data-rtt-ms": String(l.rtt_ms), "data-loss": String(l.loss) };
@@ -241,10 +243,10 @@
       if (!all && l.a !== state.focus && l.b !== state.focus) continue;
       const bad = linkBad(l);
       tb.appendChild(row([l.a + " ↔ " + l.b, (l.mode || "?") + (l.mode_inferred ? " (inferred)" : ""), l.state,
-        l.state === "down" ? "—" : fmtMs(l.rtt_ms), fmtMs(l.jitter_ms), fmtPct(l.loss), bad ? "violated" : "ok",
+        l.state === "down" ? "—" : (l.estimated ? "~" + fmtMs(l.rtt_ms) + " (est.)" : fmtMs(l.rtt_ms)), fmtMs(l.jitter_ms), fmtPct(l.loss), bad ? "violated" : "ok",
         { attrs: { class: "why" }, text: l.why }],
         { "data-link": l.id, "data-mode": l.mode, "data-state": l.state, "data-sla": bad ? "violated" : "ok",
-          "data-rtt-ms": String(l.rtt_ms), class: bad ? "bad" : (l.state === "relayed" ? "relayed" : "") }));
+          "data-rtt-ms": String(l.rtt_ms), "data-estimated": String(!!l.estimated), class: bad ? "bad" : (l.state === "relayed" ? "relayed" : "") }));
     }
     const rb = $("relays-table").tBodies[0];
     rb.textContent = "";
