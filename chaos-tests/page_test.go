@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,7 +17,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/weftnet/weft/chaos-tests/lab"
+	"github.com/weftnet/weft/mesh/pathsel"
+	"github.com/weftnet/weft/router/page"
 )
 
 // The status page in a real browser: headless Chromium, run inside host A's namespace
@@ -33,7 +39,7 @@ func TestStatusPage(t *testing.T) {
 	l := newMeshLab(t, "tpage", 3, "--no-direct", "--probe-interval", "200ms", "--sla", "gold: rtt<=20ms")
 	ctx := testCtx(t, 4*time.Minute)
 	a, b, c := l.Host(0), l.Host(1), l.Host(2)
-	br := &pageBrowser{t: t, bin: browser, host: a, dir: t.TempDir()}
+	br := &pageBrowser{t: t, bin: browser, host: a, url: pageURL, dir: t.TempDir()}
 	waitFor(t, ctx, 30*time.Second, "A's measured direct paths to B and C", func() error {
 		for _, h := range []*lab.Host{b, c} {
 			if r := routeTo(t, a, h.Name); len(r.Path) != 1 || r.Estimated || r.Unmeasured || !r.Direct.Up {
@@ -114,11 +120,13 @@ func TestStatusPage(t *testing.T) {
 	}
 }
 
-// pageBrowser runs headless Chromium in a lab host's namespace against its peer's page.
+// pageBrowser runs headless Chromium against a page: in a lab host's namespace (its peer's
+// page), or in the test's own when host is nil.
 type pageBrowser struct {
 	t    *testing.T
 	bin  string
 	host *lab.Host
+	url  string
 	dir  string // profile and HOME, a test temp dir
 }
 
@@ -131,10 +139,14 @@ func (br *pageBrowser) run(ctx context.Context, args ...string) []byte {
 	br.t.Helper()
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
-	base := []string{"netns", "exec", br.host.Name, br.bin, "--headless", "--disable-gpu", "--no-sandbox",
+	argv := []string{br.bin, "--headless", "--disable-gpu", "--no-sandbox",
 		"--no-first-run", "--disable-extensions", "--hide-scrollbars", "--user-data-dir=" + filepath.Join(br.dir, "profile"),
 		"--virtual-time-budget=5000"}
-	cmd := exec.CommandContext(ctx, "ip", append(append(base, args...), pageURL)...)
+	argv = append(append(argv, args...), br.url)
+	if br.host != nil {
+		argv = append([]string{"ip", "netns", "exec", br.host.Name}, argv...)
+	}
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), "HOME="+br.dir)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
@@ -147,6 +159,7 @@ func (br *pageBrowser) run(ctx context.Context, args ...string) []byte {
 }
 
 func (br *pageBrowser) dumpDOM(ctx context.Context) string {
+	br.t.Helper()
 	return string(br.run(ctx, "--dump-dom"))
 }
 
@@ -213,3 +226,83 @@ func pageCopyFile(src, dst string) error {
 	}
 	return out.Close()
 }
+
+// A 100-peer mesh in the browser is a wheel of one peer's links, not a hairball: the page
+// (served here from a stand-in source on loopback, every pair linked, 4950 links) draws
+// only the focus peer's 99 links, without labels; a focus and a filter in the URL narrow it
+// to the chosen peer and the peers the filter matches.
+func TestStatusPage100Peers(t *testing.T) {
+	browser, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Fatalf("this test needs Debian's chromium package (apt-get install -y chromium; .ci/run installs it): %v", err)
+	}
+	h, err := page.New(page.Config{Source: meshOf(100), Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	h.Register(mux, func(h http.Handler) http.Handler { return h })
+	srv := httptest.NewServer(mux) // 127.0.0.1
+	defer srv.Close()
+	ctx := testCtx(t, 2*time.Minute)
+	count := func(dom, s string) int { return strings.Count(dom, s) }
+
+	br := &pageBrowser{t: t, bin: browser, url: srv.URL + "/", dir: t.TempDir()}
+	dom := br.dumpDOM(ctx)
+	if n := count(dom, `<g id="peer-`); n != 100 {
+		t.Fatalf("%d peers drawn, want 100", n)
+	}
+	if n, rows := count(dom, `<line id="link-`), count(dom, `<tr data-link=`); n != 99 || rows != 99 {
+		t.Fatalf("%d links drawn and %d listed, want the focus peer's 99", n, rows)
+	}
+	if n := count(dom, `class="link-label"`); n != 0 {
+		t.Fatalf("%d link labels on a 99-spoke wheel, want none (figures in tooltips and the table)", n)
+	}
+	if _, ok := pageElement(dom, "path", "data-via", "p001"); !ok {
+		t.Fatal("the relayed path through p001 is not drawn")
+	}
+	shot := filepath.Join(t.ArtifactDir(), "page-100-peers.png")
+	br.screenshot(ctx, shot)
+	t.Logf("screenshot of 100 peers: %s", shot)
+
+	br.url = srv.URL + "/#focus=p050&filter=p05"
+	dom = br.dumpDOM(ctx)
+	// p050 and the nine other peers p05x the filter keeps: p050's nine links among them.
+	if n := count(dom, `<g id="peer-`); n != 10 {
+		t.Fatalf("%d peers drawn for filter p05, want 10", n)
+	}
+	if n := count(dom, `<line id="link-`); n != 9 {
+		t.Fatalf("%d links drawn with focus p050 and filter p05, want 9", n)
+	}
+	if g, ok := pageElement(dom, "g", "data-peer", "p050"); !ok || !strings.Contains(g["class"], "focus") {
+		t.Fatalf("p050 is not the focus: %v", g)
+	}
+}
+
+// meshOf is a stand-in page source: n peers p000…, this peer p000, every pair linked
+// (gossiped, modes inferred), p000's own links measured, and p000's path to p002 relayed
+// through p001.
+func meshOf(n int) page.Source {
+	name := func(i int) string { return fmt.Sprintf("p%03d", i) }
+	sla, _ := pathsel.ParseSLA("gold: rtt<=20ms")
+	s := page.Snapshot{Self: name(0), Now: time.Now(), SLA: sla}
+	for i := range n {
+		s.Peers = append(s.Peers, page.Peer{Name: name(i), State: "alive", Self: i == 0, Address: fmt.Sprintf("192.0.2.%d", i+1)})
+		for j := i + 1; j < n; j++ {
+			s.Links = append(s.Links, page.Link{From: name(i), To: name(j), Mode: page.ModeVXLAN, ModeInferred: i != 0, Up: true,
+				RTT: time.Duration(1+(i*j)%30) * time.Millisecond})
+		}
+		if i > 0 {
+			s.Routes = append(s.Routes, page.Route{Peer: name(i), Path: []string{name(i)}, SLA: sla.String(), SLAOK: true})
+		}
+	}
+	s.Routes[1].Path = []string{name(1), name(2)}
+	return stubSource{s}
+}
+
+type stubSource struct{ s page.Snapshot }
+
+func (f stubSource) Snapshot() page.Snapshot                       { return f.s }
+func (f stubSource) History(page.HistoryKey) ([]page.Sample, bool) { return nil, false }
+func (f stubSource) HistoryKeys() []page.HistoryKey                { return nil }
+func (f stubSource) Interfaces() []page.Interface                  { return []page.Interface{} }

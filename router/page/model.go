@@ -192,7 +192,10 @@ func BuildTopology(s Snapshot) Topology {
 		if p := pairs[LinkID(s.Self, r.Peer)]; p != nil && p.State == StateUp {
 			p.State = StateRelayed
 			if p.Why == "" {
-				p.Why = "relayed: " + r.Reason
+				p.Why = "relayed through " + r.Path[0]
+				if r.Reason != "" {
+					p.Why += ": " + r.Reason
+				}
 			}
 		}
 	}

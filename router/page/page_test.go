@@ -114,6 +114,12 @@ func TestBuildTopologyRelayedLink(t *testing.T) {
 			t.Fatalf("a--c: %+v", l)
 		}
 	}
+	s.SLA = pathsel.DefaultSLA() // no bounds: the link holds, and says where traffic goes
+	for _, l := range BuildTopology(s).Links {
+		if l.ID == "a--c" && (l.State != StateRelayed || l.Why != "relayed through b: no path meets SLA gold") {
+			t.Fatalf("a--c: %+v", l)
+		}
+	}
 }
 
 func TestBuildSLA(t *testing.T) {

@@ -227,7 +227,7 @@
       g.appendChild(sv("title", {}, p.name + " (" + p.state + ") " + p.address));
       g.appendChild(sv("circle", { r: many ? 6 : 16 }));
       if (!many || p.name === state.focus || state.filter) g.appendChild(sv("text", { y: many ? -9 : 30 }, p.name));
-      g.addEventListener("click", () => { state.focus = p.name; render(); });
+      g.addEventListener("click", () => { state.focus = p.name; writeHash(); render(); });
       gp.appendChild(g);
     }
     svg.appendChild(gl); svg.appendChild(gr); svg.appendChild(gp);
@@ -332,9 +332,27 @@
     }
   }
 
-  $("filter").addEventListener("input", (e) => { state.filter = e.target.value.trim().toLowerCase(); if (state.topo) render(); });
-  $("focus").addEventListener("change", (e) => { state.focus = e.target.value; if (state.topo) render(); });
-  $("all-links").addEventListener("change", () => { if (state.topo) render(); });
+  // The view is in the URL's fragment (#focus=P&filter=F&all=1), so a view can be bookmarked or linked.
+  function readHash() {
+    const h = new URLSearchParams(location.hash.slice(1));
+    state.focus = h.get("focus") || state.focus;
+    state.filter = (h.get("filter") || "").trim().toLowerCase();
+    $("filter").value = state.filter;
+    $("all-links").checked = h.get("all") === "1";
+  }
+  function writeHash() {
+    const h = new URLSearchParams();
+    if (state.topo && state.focus && state.focus !== state.topo.self) h.set("focus", state.focus);
+    if (state.filter) h.set("filter", state.filter);
+    if ($("all-links").checked) h.set("all", "1");
+    history.replaceState(null, "", h.toString() ? "#" + h.toString() : location.pathname);
+  }
+  const changed = () => { writeHash(); if (state.topo) render(); };
+  $("filter").addEventListener("input", (e) => { state.filter = e.target.value.trim().toLowerCase(); changed(); });
+  $("focus").addEventListener("change", (e) => { state.focus = e.target.value; changed(); });
+  $("all-links").addEventListener("change", changed);
+  window.addEventListener("hashchange", () => { readHash(); if (state.topo) render(); });
+  readHash();
   refresh();
   setInterval(refresh, POLL_MS);
 })();
