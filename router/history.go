@@ -22,7 +22,7 @@ import (
 // interfaces weft owns, into fixed rings of historyLen samples (15 minutes). Memory is
 // bounded: a link sample is 56 B, so a ring is 10 kB; only measured peers get rings
 // (--probe-targets, 16 by default, plus relays: ~50 rings, 0.5 MB), and never more than
-// historyMaxRings (10 MB) nor historyMaxIfaces interface rings (48 B a sample, 4.4 MB).
+// historyMaxRings (10 MB) nor historyMaxIfaces interface rings (56 B a sample, 5 MB).
 // A ring whose peer is no longer measured is dropped after a full window without samples.
 // Sampling costs O(measured peers + interfaces) every 5 s.
 

@@ -23,8 +23,9 @@ import (
 )
 
 // httpHandler serves the loopback listener: Prometheus metrics, status JSON and the status
-// page with its JSON (router/page). The status JSON, the page, its JSON and pprof answer only requests addressed to this listener by
-// address or as localhost (hostGuard); /metrics answers any Host, as scrapers name hosts.
+// page with its JSON (router/page). The status JSON, the page, its JSON and pprof answer
+// only requests addressed to this listener by address or as localhost (hostGuard);
+// /metrics answers any Host, as scrapers name hosts.
 func (p *Peer) httpHandler() http.Handler {
 	refused := p.httpRefusedCounter()
 	guard := func(h http.Handler) http.Handler { return hostGuard(p.cfg.HTTPAddr, refused, p.log, h) }
