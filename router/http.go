@@ -4,40 +4,28 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"html/template"
 	"log"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/weftnet/weft/datapath"
+	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/router/page"
 )
 
-var statusPage = template.Must(template.New("status").Parse(`<!doctype html>
-<html><head><meta charset="utf-8"><title>weft · {{.Name}}</title>
-<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}</style>
-</head><body>
-<h1>weft peer {{.Name}}</h1>
-<p>version {{.Version}} · up {{.Uptime}} · <a href="/metrics">metrics</a> · <a href="/status">status JSON</a></p>
-<h2>Networks</h2>
-<table><tr><th>network</th><th>subnet</th><th>bridge</th><th>gateway</th><th>blocks (used/free)</th></tr>
-{{range .Networks}}<tr><td>{{.Name}}</td><td>{{.Subnet}}</td><td>{{.Bridge}}</td><td>{{.Gateway}}</td>
-<td>{{range .Blocks}}{{.CIDR}} ({{.Used}}/{{.Free}}) {{end}}</td></tr>{{end}}
-</table>
-<h2>Attachments</h2>
-<table><tr><th>name</th><th>address</th><th>container</th><th>ifname</th><th>host interface</th></tr>
-{{range .Attachments}}<tr><td>{{.Name}}</td><td>{{.Address}}</td><td>{{.ContainerID}}</td><td>{{.IfName}}</td><td>{{.HostIfName}}</td></tr>{{end}}
-</table></body></html>
-`))
-
-// httpHandler serves the loopback listener: Prometheus metrics, status JSON and a page.
-// The status JSON, the page and pprof answer only requests addressed to this listener by
-// address or as localhost (hostGuard); /metrics answers any Host, as scrapers name hosts.
+// httpHandler serves the loopback listener: Prometheus metrics, status JSON and the status
+// page with its JSON (router/page). The status JSON, the page, its JSON and pprof answer
+// only requests addressed to this listener by address or as localhost (hostGuard);
+// /metrics answers any Host, as scrapers name hosts.
 func (p *Peer) httpHandler() http.Handler {
 	refused := p.httpRefusedCounter()
 	guard := func(h http.Handler) http.Handler { return hostGuard(p.cfg.HTTPAddr, refused, p.log, h) }
@@ -55,10 +43,13 @@ func (p *Peer) httpHandler() http.Handler {
 		mux.Handle("/debug/pprof/symbol", guard(http.HandlerFunc(pprof.Symbol)))
 		mux.Handle("/debug/pprof/trace", guard(http.HandlerFunc(pprof.Trace)))
 	}
-	mux.Handle("GET /{$}", guard(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		statusPage.Execute(w, p.status())
-	})))
+	// The status page (router/page) and its JSON: GET /, /page/*, /api/*.
+	pg, err := page.New(page.Config{Source: pageSource{p}, Log: p.log, Registerer: p.reg})
+	if err != nil {
+		p.log.Warn("status page unavailable", "err", err)
+	} else {
+		pg.Register(mux, guard)
+	}
 	return limitBody(mux)
 }
 
@@ -183,3 +174,94 @@ func (p *Peer) httpRefusedCounter() prometheus.Counter {
 	}
 	return c
 }
+
+// pageSource is the peer as the status page reads it (page.Source). Each call copies what
+// it returns; all are safe for concurrent use once the peer runs (the HTTP listener starts
+// last).
+type pageSource struct{ p *Peer }
+
+// Snapshot is the mesh as this peer sees it: members, this peer's measured links (with the
+// mode each uses), every other peer's gossiped links (the mode inferred from both ends'
+// metadata, unless the link reports itself encrypted) and this peer's chosen paths.
+// O(N·D) for N peers of D links each (the link table's copy), plus routes' O(K·N).
+func (s pageSource) Snapshot() page.Snapshot {
+	p := s.p
+	snap := page.Snapshot{Self: p.cfg.Name, Now: time.Now(), Peers: []page.Peer{}}
+	meta := map[string]mesh.Metadata{}
+	if p.mesh != nil {
+		for _, pr := range p.mesh.Peers() {
+			meta[pr.Name] = pr.Meta
+			snap.Peers = append(snap.Peers, page.Peer{Name: pr.Name, State: pr.State.String(),
+				Address: pr.Meta.Underlay.String(), Self: pr.Self, Since: pr.Since})
+		}
+	}
+	pt := p.paths
+	if pt == nil || p.links == nil {
+		return snap
+	}
+	snap.SLA = pt.def.sla
+	modes := p.linkModes()
+	measured := pt.measured().All()
+	for dest, st := range measured {
+		snap.Links = append(snap.Links, page.Link{From: p.cfg.Name, To: dest, Mode: modes[dest], Up: st.Up,
+			RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss})
+	}
+	for from, links := range pt.table.Graph() {
+		if from == p.cfg.Name {
+			continue
+		}
+		for to, lm := range links {
+			l := page.Link{From: from, To: to, Up: lm.Up, RTT: lm.RTT, Jitter: lm.Jitter, Loss: lm.Loss}
+			switch {
+			case lm.Encrypted:
+				l.Mode = page.ModeWireGuard
+			case to == p.cfg.Name:
+				l.Mode = modes[from]
+			default:
+				l.Mode, l.ModeInferred = inferMode(p.links.pol, meta[from], meta[to]), true
+			}
+			snap.Links = append(snap.Links, l)
+		}
+	}
+	for _, r := range p.routes() {
+		if _, ok := measured[r.Peer]; !ok && r.Estimated {
+			// A peer outside the probe set: its link is drawn as the estimate path choice
+			// uses, so that a large mesh shows every peer joined to this one.
+			snap.Links = append(snap.Links, page.Link{From: p.cfg.Name, To: r.Peer, Mode: modes[r.Peer], Up: true,
+				RTT: fromMs(r.RTTms), Estimated: true})
+		}
+		snap.Routes = append(snap.Routes, page.Route{Peer: r.Peer, Path: r.Path, SLA: r.SLA, SLAOK: r.SLAOK,
+			Since: r.Since, Reason: r.Reason, RTT: fromMs(r.RTTms), Jitter: fromMs(r.JitterMs), Loss: r.Loss,
+			Estimated: r.Estimated, Networks: r.Networks})
+	}
+	return snap
+}
+
+func fromMs(v float64) time.Duration { return time.Duration(v * float64(time.Millisecond)) }
+
+// inferMode is the mode the link rule (plan.ChooseLink) picks between two other peers,
+// seen from a's side: a's underlay with this peer's prefix length and --no-direct (the lab
+// and most clusters share one underlay plan and one set of flags), a's gossiped modes and
+// encryption settings. "" when either end's metadata is unknown or no mode fits.
+func inferMode(pol linkPolicy, a, b mesh.Metadata) string {
+	if !a.Underlay.IsValid() || !b.Underlay.IsValid() {
+		return ""
+	}
+	pol.UnderlayPrefix = netip.PrefixFrom(a.Underlay, pol.UnderlayPrefix.Bits())
+	pol.Encrypt, pol.Trusted = a.Encrypt, a.TrustedSubnets
+	pol.Modes = nil
+	for _, m := range []string{datapath.ModeDirect, datapath.ModeVXLAN, datapath.ModeWireGuard} { // cheapest first
+		if slices.Contains(a.Capabilities, m) && (m != datapath.ModeDirect || !pol.NoDirect) {
+			pol.Modes = append(pol.Modes, m)
+		}
+	}
+	return chooseLink(pol, b).Mode
+}
+
+func (s pageSource) History(k page.HistoryKey) ([]page.Sample, bool) {
+	return s.p.history.linkSamples(k)
+}
+
+func (s pageSource) HistoryKeys() []page.HistoryKey { return s.p.history.keys() }
+
+func (s pageSource) Interfaces() []page.Interface { return s.p.history.interfaces() }

@@ -3,13 +3,17 @@ package router
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +22,8 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/weftnet/weft/cni"
+	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/router/page"
 )
 
 func TestHostAllowed(t *testing.T) {
@@ -66,7 +72,8 @@ func bareHTTPPeer(httpAddr string) *Peer {
 func TestStatusRefusesForeignHost(t *testing.T) {
 	p := bareHTTPPeer("127.0.0.1:6782")
 	h := p.httpHandler()
-	for _, path := range []string{"/status", "/", "/debug/pprof/"} {
+	paths := []string{"/status", "/", "/debug/pprof/", "/page/app.js", "/api/topology", "/api/sla", "/api/history", "/api/interfaces"}
+	for _, path := range paths {
 		r := httptest.NewRequest(http.MethodGet, "http://rebind.attacker.example:6782"+path, nil)
 		w := httptest.NewRecorder()
 		h.ServeHTTP(w, r)
@@ -75,13 +82,13 @@ func TestStatusRefusesForeignHost(t *testing.T) {
 		}
 	}
 	refused := p.httpRefusedCounter() // the registered one
-	if v := counterValue(t, refused); v != 3 {
-		t.Fatalf("weft_http_refused_total = %v, want 3", v)
+	if v := counterValue(t, refused); v != float64(len(paths)) {
+		t.Fatalf("weft_http_refused_total = %v, want %d", v, len(paths))
 	}
 	r := httptest.NewRequest(http.MethodGet, "http://prometheus-scrapes-by-name:6782/metrics", nil)
 	w := httptest.NewRecorder()
 	h.ServeHTTP(w, r)
-	if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), "weft_http_refused_total 3") {
+	if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), fmt.Sprintf("weft_http_refused_total %d", len(paths))) {
 		t.Fatalf("/metrics: %d", w.Code)
 	}
 }
@@ -250,5 +257,84 @@ func TestServerReadAndWriteTimeouts(t *testing.T) {
 	slow.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if resp, err := http.ReadResponse(bufio.NewReader(slow), nil); err == nil {
 		t.Fatalf("a handler past the write timeout still answered %d", resp.StatusCode)
+	}
+}
+
+// The page and its JSON on a running peer: the page loads, the topology lists this peer,
+// the history rings fill from the sampler, and a bad query is refused (400) and counted.
+func TestPageOnPeer(t *testing.T) {
+	p := startPeer(t, t.TempDir())
+	h := p.httpHandler()
+	get := func(path string) *httptest.ResponseRecorder {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "http://localhost"+path, nil))
+		return w
+	}
+	if w := get("/"); w.Code != http.StatusOK || !strings.Contains(w.Body.String(), `id="topo"`) {
+		t.Fatalf("GET /: %d", w.Code)
+	}
+	var topo page.Topology
+	if w := get("/api/topology"); w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &topo) != nil {
+		t.Fatalf("GET /api/topology: %d %s", w.Code, w.Body.String())
+	}
+	if topo.Self != "p1" || len(topo.Peers) != 1 || !topo.Peers[0].Self || topo.Peers[0].State != "alive" {
+		t.Fatalf("topology %+v", topo)
+	}
+	var sla page.SLAView
+	if w := get("/api/sla"); w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &sla) != nil || sla.Self != "p1" {
+		t.Fatalf("GET /api/sla: %d %s", w.Code, w.Body.String())
+	}
+	// The sampler reads the interfaces at start: the peer's bridge is weft's.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var ifs []page.Interface
+		w := get("/api/interfaces")
+		if w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &ifs) != nil {
+			t.Fatalf("GET /api/interfaces: %d %s", w.Code, w.Body.String())
+		}
+		if slices.ContainsFunc(ifs, func(i page.Interface) bool { return i.Name == "weft" }) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the bridge weft is not among the interfaces: %+v", ifs)
+		}
+		time.Sleep(100 * time.Millisecond) // polling for the sampler, with a deadline
+	}
+	if w := get("/api/history?peer=p2&via=over-the-rainbow"); w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), "over-the-rainbow") {
+		t.Fatalf("bad via: %d %s", w.Code, w.Body.String())
+	}
+	if w := get("/api/history?peer=p2"); w.Code != http.StatusNotFound {
+		t.Fatalf("unknown peer: %d", w.Code)
+	}
+	if w := get("/metrics"); !strings.Contains(w.Body.String(), `weft_page_bad_requests_total{endpoint="history"} 1`) {
+		t.Fatal("the bad query is not counted in /metrics")
+	}
+}
+
+func TestInferMode(t *testing.T) {
+	pol := linkPolicy{UnderlayPrefix: netip.MustParsePrefix("192.0.2.10/24"), Modes: []string{"direct", "vxlan", "wireguard"}}
+	caps := []string{"direct", "vxlan", "wireguard"}
+	mac := []byte{2, 0, 0, 0, 0, 1}
+	var key [32]byte
+	key[0] = 7
+	a := mesh.Metadata{Name: "a", Underlay: netip.MustParseAddr("192.0.2.20"), Capabilities: caps, VTEPMAC: mac, WireGuardKey: key}
+	b := mesh.Metadata{Name: "b", Underlay: netip.MustParseAddr("192.0.2.30"), Capabilities: caps, VTEPMAC: mac, WireGuardKey: key}
+	c := mesh.Metadata{Name: "c", Underlay: netip.MustParseAddr("198.51.100.30"), Capabilities: caps, VTEPMAC: mac, WireGuardKey: key}
+	if m := inferMode(pol, a, b); m != "direct" {
+		t.Fatalf("same segment: %q", m)
+	}
+	if m := inferMode(pol, a, c); m != "vxlan" {
+		t.Fatalf("other segment: %q", m)
+	}
+	pol.NoDirect = true
+	if m := inferMode(pol, a, b); m != "vxlan" {
+		t.Fatalf("same segment with --no-direct: %q", m)
+	}
+	a.Encrypt = true
+	if m := inferMode(pol, a, c); m != "wireguard" {
+		t.Fatalf("a encrypts: %q", m)
+	}
+	if m := inferMode(pol, a, mesh.Metadata{Name: "d"}); m != "" {
+		t.Fatalf("unknown metadata: %q", m)
 	}
 }

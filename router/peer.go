@@ -47,6 +47,7 @@ type Peer struct {
 	links     *links
 	filters   *filters // nftables: the guard and the isolation between networks (router/isolate.go)
 	paths     *paths
+	history   *history       // the status page's rings of link and interface samples (router/history.go)
 	coords    coordEstimator // RTT estimates for path selection, bound to mesh once it runs
 	dnsRep    *dns.Replicator
 	dnsServer *dns.Server
@@ -89,6 +90,7 @@ func New(cfg Config) (*Peer, error) {
 		reg:     reg,
 		metrics: newMetrics(reg),
 		ready:   make(chan struct{}),
+		history: newHistory(),
 	}
 	p.sriovSource = capacityFrom(p.sriovCapacity) // the VF pool's counts, announced in gossip
 	p.shape = newShaping(shape.New(nil), reg, p.log.With("component", "shape"), p.shapedIfs)
@@ -206,6 +208,7 @@ func (p *Peer) Run(ctx context.Context) error {
 		p.runPolicy(meshCtx)
 	}()
 	stops = append(stops, func() { stopMesh(); <-polDone })
+	stops = append(stops, p.startHistory(meshCtx, advertise))
 
 	api, err := p.listenAPI()
 	if err != nil {

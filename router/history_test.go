@@ -1,0 +1,124 @@
+package router
+
+import (
+	"maps"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/router/page"
+)
+
+func TestRing(t *testing.T) {
+	r := newRing[int](3)
+	if _, ok := r.last(); ok || r.len() != 0 || len(r.items()) != 0 {
+		t.Fatal("an empty ring holds something")
+	}
+	r.add(1)
+	r.add(2)
+	if got := r.items(); !slices.Equal(got, []int{1, 2}) {
+		t.Fatalf("items %v", got)
+	}
+	for i := 3; i <= 7; i++ {
+		r.add(i)
+	}
+	if got := r.items(); !slices.Equal(got, []int{5, 6, 7}) || r.len() != 3 {
+		t.Fatalf("after wrapping: %v", got)
+	}
+	if l, _ := r.last(); l != 7 {
+		t.Fatalf("last %d", l)
+	}
+	r.add(8) // next wraps to 0: last is the end of the buffer's start
+	r.add(9)
+	r.add(10)
+	if l, _ := r.last(); l != 10 || !slices.Equal(r.items(), []int{8, 9, 10}) {
+		t.Fatalf("last %d, items %v", l, r.items())
+	}
+	items := r.items()
+	items[0] = 99
+	if r.items()[0] == 99 {
+		t.Fatal("items shares the ring's buffer")
+	}
+}
+
+// 15 minutes at one sample every 5 s, and no more, per ring.
+func TestHistoryBoundedWindow(t *testing.T) {
+	if historyLen != 180 {
+		t.Fatalf("historyLen %d, want 180 (15 min / 5 s)", historyLen)
+	}
+	h := newHistory()
+	now := time.Unix(1e9, 0)
+	for i := range 500 {
+		h.recordLinks(page.ViaLink, map[string]mesh.LinkStats{"b": {RTT: time.Duration(i) * time.Millisecond, Up: true}}, now.Add(time.Duration(i)*historyEvery))
+	}
+	s, ok := h.linkSamples(page.HistoryKey{Peer: "b", Via: page.ViaLink})
+	if !ok || len(s) != historyLen || s[len(s)-1].RTTms != 499 || s[0].RTTms != 320 {
+		t.Fatalf("%d samples, first %v last %v", len(s), s[0], s[len(s)-1])
+	}
+	if _, ok := h.linkSamples(page.HistoryKey{Peer: "b", Via: page.ViaUnderlay}); ok {
+		t.Fatal("an underlay ring appeared from link samples")
+	}
+}
+
+// A peer no longer measured keeps its ring for a window (the page still shows what
+// happened), then the ring goes; rings beyond the cap are not made.
+func TestHistoryForgetsAndCaps(t *testing.T) {
+	h := newHistory()
+	now := time.Unix(1e9, 0)
+	h.recordLinks(page.ViaLink, map[string]mesh.LinkStats{"b": {Up: true}, "c": {Up: true}}, now)
+	h.recordLinks(page.ViaLink, map[string]mesh.LinkStats{"b": {Up: true}}, now.Add(historyWindow))
+	if got := h.keys(); len(got) != 2 {
+		t.Fatalf("c forgotten too early: %v", got)
+	}
+	h.recordLinks(page.ViaLink, map[string]mesh.LinkStats{"b": {Up: true}}, now.Add(historyWindow+historyEvery))
+	if got := h.keys(); len(got) != 1 || got[0].Peer != "b" {
+		t.Fatalf("keys %v, want only b", got)
+	}
+	many := map[string]mesh.LinkStats{}
+	for i := range historyMaxRings + 10 {
+		many[string(rune('A'+i%26))+time.Duration(i).String()] = mesh.LinkStats{Up: true}
+	}
+	h.recordLinks(page.ViaUnderlay, many, now)
+	if n := len(h.keys()); n != historyMaxRings {
+		t.Fatalf("%d rings, cap %d", n, historyMaxRings)
+	}
+}
+
+func TestHistoryInterfaces(t *testing.T) {
+	h := newHistory()
+	now := time.Unix(1e9, 0)
+	h.recordIfaces(map[string]ifaceCounters{"weft": {rxBytes: 1000, txBytes: 5000}}, now)
+	h.recordIfaces(map[string]ifaceCounters{"weft": {rxBytes: 6000, txBytes: 5000, rxDropped: 2}}, now.Add(5*time.Second))
+	// recreated: counters start again from zero, which is no negative rate
+	h.recordIfaces(map[string]ifaceCounters{"weft": {rxBytes: 10, txBytes: 10}}, now.Add(10*time.Second))
+	ifs := h.interfaces()
+	if len(ifs) != 1 || len(ifs[0].Samples) != 2 {
+		t.Fatalf("interfaces %+v", ifs)
+	}
+	if s := ifs[0].Samples[0]; s.RxBps != 1000 || s.TxBps != 0 || s.RxDrop != 2 {
+		t.Fatalf("first rate %+v, want 1000 B/s in", s)
+	}
+	if s := ifs[0].Samples[1]; s.RxBps != 0 || s.TxBps != 0 {
+		t.Fatalf("rate after a restart %+v, want 0", s)
+	}
+}
+
+// The counters of weft's interfaces and the underlay NIC, no others.
+func TestIfaceCountersOf(t *testing.T) {
+	link := func(name string, st *netlink.LinkStatistics) netlink.Link {
+		return &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: name, Statistics: st}}
+	}
+	st := &netlink.LinkStatistics{RxBytes: 10, TxBytes: 20, RxDropped: 1, TxDropped: 2}
+	got := ifaceCountersOf([]netlink.Link{link("weft", st), link("weft-vxlan", st), link("eth0", st),
+		link("docker0", st), link("weftnostats", nil)}, "eth0")
+	names := slices.Sorted(maps.Keys(got))
+	if !slices.Equal(names, []string{"eth0", "weft", "weft-vxlan"}) {
+		t.Fatalf("read %v", names)
+	}
+	if c := got["weft"]; c != (ifaceCounters{10, 20, 1, 2}) {
+		t.Fatalf("counters %+v", c)
+	}
+}
