@@ -142,6 +142,9 @@ func (pt *paths) takeChoices(cl *slaClass, figures bool, changed map[string]path
 		}
 	}
 	for name, c := range changed {
+		if c.Switch != "" {
+			pt.switches.WithLabelValues(c.Switch).Inc()
+		}
 		prev, had := cl.choices[name]
 		cl.choices[name] = c
 		was, relayed := cl.relays[name]
