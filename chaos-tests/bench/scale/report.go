@@ -41,7 +41,7 @@ type result struct {
 	// switchPeers peers scraped at both ends, by reason; weft only.
 	switchPeers int
 	switches    map[string]float64
-	notes      []string      // what went wrong, in order
+	notes       []string // what went wrong, in order
 }
 
 func (r *result) note(format string, args ...any) {
