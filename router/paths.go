@@ -115,6 +115,7 @@ type paths struct {
 	rtt, loss, jitter, slaOK, hops, estimated *prometheus.GaugeVec
 	violations                                *prometheus.CounterVec
 	switches                                  *prometheus.CounterVec // by pathsel.Choice.Switch
+	log                                       *slog.Logger           // path switches; nil: none logged
 	linkRTT, linkLoss, linkUp                 *prometheus.GaugeVec
 	rejectedLinks, refusedClasses             prometheus.Counter
 }
@@ -158,6 +159,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if err != nil {
 		return err
 	}
+	pt.log = p.log.With("component", "paths")
 	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
 	// whether a broken link is the tunnel or the underlay, so they run at a fifth of the rate
 	// (probe packets are most of an idle peer's CPU).

@@ -268,3 +268,36 @@ func TestSwitchReasons(t *testing.T) {
 		}
 	}
 }
+
+// A first measured choice takes a direct link that meets the SLA unless a
+// relay beats it by the switch margin: a relay faster on one noisy sample
+// would be left again after the hold, a flap per returning measurement.
+func TestInitialChoicePrefersDirect(t *testing.T) {
+	jl := func(rtt, jitter float64) Link { return Link{RTT: ms(rtt), Jitter: ms(jitter), Up: true} }
+	for _, c := range []struct {
+		name string
+		g    graph
+		want []string
+	}{
+		{"relay faster within the noise", topo(map[string]Link{"a-b": jl(5, 1), "a-r": jl(1, 0.5), "r-b": jl(1, 0.5)}), []string{"b"}},
+		{"relay faster beyond the noise", topo(map[string]Link{"a-b": jl(12, 1), "a-r": jl(1, 0.5), "r-b": jl(1, 0.5)}), []string{"r", "b"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			s, _ := New(Config{Self: "a", Estimator: fakeEstimator{"a>b": ms(3)}})
+			s.SetDestinations(map[string]Dest{"b": {}})
+			load(t, s, nil, c.g)
+			if got := s.Select(time.Unix(100, 0))["b"]; !slices.Equal(got.Path, c.want) || got.Switch != "" {
+				t.Fatalf("first choice %v switch %q (%s), want %v and no switch", got.Path, got.Switch, got.Reason, c.want)
+			}
+			// Back from an estimate (the direct link's figures withdrawn, then back).
+			g2 := topo(map[string]Link{"a-r": c.g["a"]["r"], "r-b": c.g["r"]["b"]})
+			load(t, s, c.g, g2)
+			s.Select(time.Unix(101, 0))
+			load(t, s, g2, c.g)
+			s.Select(time.Unix(102, 0))
+			if got, _ := s.Choice("b"); !slices.Equal(got.Path, c.want) {
+				t.Fatalf("choice back from the estimate %v (%s), want %v", got.Path, got.Reason, c.want)
+			}
+		})
+	}
+}

@@ -701,6 +701,12 @@ func (s *Selector) evaluate(dst string, dest Dest, now time.Time) Choice {
 			s.holds[dst] = now.Add(s.cfg.Hold)
 		}
 		return c
+	case (st == nil || st.kind != kindMeasured) && best.relay != "" && direct.ok && direct.meets && !s.better(best, direct):
+		// A first measured choice (new, or back from an estimate or from no path) takes a
+		// direct link that meets the SLA unless a relay beats it by the switch margin, as a switch would have
+		// to: a relay chosen on one noisy sample was left again for the direct link after
+		// the hold, a flap each time a destination's measurement came back.
+		return choose(direct, "initial choice: the direct link, no relay better by the switch margin", "")
 	case st == nil || st.kind != kindMeasured:
 		return choose(best, "initial choice", "")
 	case !cur.ok:
