@@ -721,7 +721,9 @@ func (s *Selector) evaluate(dst string, dest Dest, now time.Time) Choice {
 			st.betterSince = now
 		}
 		if held := now.Sub(st.betterSince); held >= s.cfg.Hold {
-			return choose(best, fmt.Sprintf("%s better than %s for %v", best.via(), cur.via(), held.Round(time.Millisecond)), SwitchBetter)
+			return choose(best, fmt.Sprintf("%s better than %s for %v (cost %v against %v, margin %v)", best.via(), cur.via(),
+				held.Round(time.Millisecond), best.cost.Round(time.Microsecond), cur.cost.Round(time.Microsecond),
+				s.margin(best, cur).Round(time.Microsecond)), SwitchBetter)
 		}
 		s.holds[dst] = st.betterSince.Add(s.cfg.Hold)
 		st.choice = s.choice(dst, cur, st, fmt.Sprintf("holding: %s better for %v of %v",
