@@ -50,7 +50,7 @@ const underlayProbeSlowdown = 5
 const idleProbeSlowdown = 4
 
 // linkStateMinChange: an RTT or jitter moving by less than this is not republished. Path
-// choice switches only on gains of 20%, 2 ms and twice the paths' jitter (pathsel.Config), so smaller moves would be gossip to all for
+// choice switches only on gains of 20%, 2 ms and 4× the paths' jitter (pathsel.Config), so smaller moves would be gossip to all for
 // nothing (they are still measured and shown locally, and fed to this peer's own path
 // choice). Every publication reaches every peer, and memberlist delivers each about
 // 4·⌈log₁₀(N+1)⌉ times (measured at N=25: 13 link-state messages a second taken by a peer,

@@ -140,14 +140,17 @@ func TestNoiseWithinJitterDoesNotSwitch(t *testing.T) {
 	t.Logf("fixed margins alone: %d switches over 8 meshes × 120 s", oldPolicySwitches)
 }
 
-// A real degradation of a direct link (40 ms more, far above its noise) still
-// moves traffic to a relay within Hold and one step, as before, and says so.
+// A real degradation of a direct link (40 ms more, beyond the jitter margin)
+// still moves traffic to a relay within Hold and one step, as before, and
+// says so.
 func TestDegradationStillSwitches(t *testing.T) {
 	start := time.Unix(1_700_000_000, 0)
 	const step = 500 * time.Millisecond
 	for seed := range uint64(8) {
 		rng := rand.New(rand.NewPCG(seed, 21))
-		m := newNoisyMesh(rng, 16, 2*time.Millisecond)
+		// Links with up to 1 ms of jitter: the 40 ms step is then at least 4× the
+		// summed jitter of the direct path and any relay (JitterMargin).
+		m := newNoisyMesh(rng, 16, time.Millisecond)
 		s, err := New(Config{Self: "p0"})
 		if err != nil {
 			t.Fatal(err)
@@ -183,7 +186,8 @@ func TestDegradationStillSwitches(t *testing.T) {
 }
 
 // The jitter term alone holds traffic on the direct link: a relay 5 ms
-// cheaper (past 20% and 2 ms) is taken on quiet paths, not on noisy ones.
+// cheaper (past 20% and 2 ms) is taken on quiet paths (summed jitter 0.6 ms,
+// margin 2.4 ms), not on noisy ones (6 ms, margin 24 ms).
 func TestJitterScalesTheMargin(t *testing.T) {
 	start := time.Unix(1_700_000_000, 0)
 	for _, c := range []struct {

@@ -130,14 +130,18 @@ type Config struct {
 	// SwitchRatio, SwitchMin and JitterMargin: a candidate is better when it
 	// is cheaper than the current path by at least each of SwitchRatio of the
 	// current cost, SwitchMin, and JitterMargin × (the current path's jitter +
-	// the candidate's). Defaults 0.20, 2ms and 2. The fixed terms alone let
+	// the candidate's). Defaults 0.20, 2ms and 4. The fixed terms alone let
 	// relays flap at N=50 on a loaded host: RTTs there move by a few ms of
 	// scheduling noise on sub-millisecond links, and every relay change puts
 	// two links on the full probe rate and recomputes the datapath. The
-	// jitter term makes the margin grow with the noise actually measured: a
-	// path cost moves by about its jitter sample to sample (the published RTT
-	// is smoothed, so less), so two paths whose costs differ by less than
-	// twice their summed jitter are not told apart.
+	// jitter term makes the margin grow with the noise actually measured.
+	// Why 4: at N=50 on a saturated machine, a destination host starved for
+	// seconds lifts the direct link's smoothed RTT (measured fresh) while the
+	// relay's far hop is a published figure from a quiet moment; in every
+	// such switch logged with a factor of 2 the gain was 2.1–2.5× the summed
+	// jitter (the stall makes the samples erratic, so jitter grows with it).
+	// A real step in a link's delay gains ~16× its jitter (the prober's
+	// jitter takes 1/16 of one step), so 4 separates the two.
 	SwitchRatio  float64
 	SwitchMin    time.Duration
 	JitterMargin float64
@@ -157,7 +161,7 @@ type Config struct {
 // DefaultConfig returns the defaults (Self still to be set).
 func DefaultConfig() Config {
 	return Config{MaxLinksPerPeer: 256, LossPenalty: 200 * time.Millisecond, TieEpsilon: 500 * time.Microsecond,
-		SwitchRatio: 0.20, SwitchMin: 2 * time.Millisecond, JitterMargin: 2, Hold: 3 * time.Second, SLA: DefaultSLA(),
+		SwitchRatio: 0.20, SwitchMin: 2 * time.Millisecond, JitterMargin: 4, Hold: 3 * time.Second, SLA: DefaultSLA(),
 		EstimateRefresh: 5 * time.Second}
 }
 
