@@ -101,7 +101,8 @@ const (
 	SwitchBetter = "better" // another path was better by the switch margin for Hold
 )
 
-// sameFigures reports whether two choices differ only in Reason.
+// sameFigures reports whether two choices differ only in Reason (Switch is set only
+// with a change of path, which this compares).
 func (c Choice) sameFigures(o Choice) bool {
 	if len(c.Path) != len(o.Path) {
 		return false
