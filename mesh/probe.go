@@ -380,7 +380,11 @@ type LinkStats struct {
 	// MinRTT is the smallest RTT among the last Window probes.
 	MinRTT time.Duration
 	// Jitter is a moving average of |RTT(i) − RTT(i−1)| (weight 1/16, as
-	// RFC 3550's interarrival jitter).
+	// RFC 3550's interarrival jitter), the plain mean over the first 16
+	// differences: from zero at weight 1/16 it would take dozens of samples
+	// to show the noise a fresh link has, and path choice, whose switch
+	// margin scales with jitter, moved traffic to relays on the noise of a
+	// busy start (N=50: over 100 switches in the first 20 s, all undone).
 	Jitter time.Duration
 	// Loss is the fraction of the last Window probes (answered or timed
 	// out; probes still in flight are not counted) that got no reply.
@@ -706,7 +710,7 @@ func (p *Prober) recordLocked(t *probeTarget, ok bool, rtt time.Duration) {
 		if d < 0 {
 			d = -d
 		}
-		t.jitter += (d - t.jitter) / 16
+		t.jitter += (d - t.jitter) / time.Duration(min(t.samples, 16))
 	}
 	t.last = rtt
 	t.samples++

@@ -219,13 +219,14 @@ func TestProberAccounting(t *testing.T) {
 	// The average is fed the median of the last three samples (of two, the smaller).
 	probe(18*time.Millisecond, time.Millisecond)
 	s, _ = p.Stats("b")
-	if s.RTT != 10*time.Millisecond || s.Jitter != 8*time.Millisecond/16 {
-		t.Fatalf("after two samples: %+v, want RTT 10ms jitter %v", s, 8*time.Millisecond/16)
+	// The first differences are averaged plainly (weight 1/16 only from the 16th on).
+	if s.RTT != 10*time.Millisecond || s.Jitter != 8*time.Millisecond {
+		t.Fatalf("after two samples: %+v, want RTT 10ms jitter %v", s, 8*time.Millisecond)
 	}
 	probe(30*time.Millisecond, 0)
 	s, _ = p.Stats("b")
-	if want := 10*time.Millisecond + 8*time.Millisecond/8; s.RTT != want {
-		t.Fatalf("after three samples: RTT %v, want %v (median 18ms)", s.RTT, want)
+	if want := 10*time.Millisecond + 8*time.Millisecond/8; s.RTT != want || s.Jitter != 10*time.Millisecond {
+		t.Fatalf("after three samples: %+v, want RTT %v (median 18ms), jitter 10ms (mean of 8 and 12)", s, want)
 	}
 	// One spike moves the average by its median (30ms), not by itself (500ms). (The third
 	// answer in a row settled the target and restarted the window, so MinRTT starts at 18ms.)

@@ -50,7 +50,7 @@ const underlayProbeSlowdown = 5
 const idleProbeSlowdown = 4
 
 // linkStateMinChange: an RTT or jitter moving by less than this is not republished. Path
-// choice switches only on gains of 20% and 1 ms, so smaller moves would be gossip to all for
+// choice switches only on gains of 20%, 2 ms and 4× the paths' jitter (pathsel.Config), so smaller moves would be gossip to all for
 // nothing (they are still measured and shown locally, and fed to this peer's own path
 // choice). Every publication reaches every peer, and memberlist delivers each about
 // 4·⌈log₁₀(N+1)⌉ times (measured at N=25: 13 link-state messages a second taken by a peer,
@@ -114,6 +114,8 @@ type paths struct {
 
 	rtt, loss, jitter, slaOK, hops, estimated *prometheus.GaugeVec
 	violations                                *prometheus.CounterVec
+	switches                                  *prometheus.CounterVec // by pathsel.Choice.Switch
+	log                                       *slog.Logger           // path switches; nil: none logged
 	linkRTT, linkLoss, linkUp                 *prometheus.GaugeVec
 	rejectedLinks, refusedClasses             prometheus.Counter
 }
@@ -157,6 +159,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	if err != nil {
 		return err
 	}
+	pt.log = p.log.With("component", "paths")
 	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
 	// whether a broken link is the tunnel or the underlay, so they run at a fifth of the rate
 	// (probe packets are most of an idle peer's CPU).
@@ -189,7 +192,7 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 			Help: "Timed-out probe requests whose reply still came (a loaded host): their loss was taken back.", ConstLabels: prometheus.Labels{"via": via}},
 			func() float64 { return float64(pr.Counters().Late) }))
 	}
-	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks, pt.refusedClasses)
+	p.reg.MustRegister(pt.rtt, pt.jitter, pt.loss, pt.slaOK, pt.hops, pt.estimated, pt.violations, pt.linkRTT, pt.linkLoss, pt.linkUp, pt.rejectedLinks, pt.refusedClasses, pt.switches)
 	p.paths = pt
 	return nil
 }
@@ -212,9 +215,11 @@ func newPaths(self string, sla pathsel.SLA, est pathsel.Estimator, table *mesh.L
 		hops:       prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_hops", Help: "Links in the chosen path to each peer (2 = relayed)."}, []string{"peer"}),
 		estimated:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_path_estimated", Help: "1 when the path figures to the peer are estimated (direct link not probed), 2 when unmeasured."}, []string{"peer"}),
 		violations: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_sla_violations_total", Help: "Times the path chosen to a peer for the SLA class started violating it."}, []string{"peer", "sla"}),
-		linkRTT:    prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_rtt_seconds", Help: "Measured RTT (moving average) of the direct link to each peer, over the underlay or through the link in use."}, []string{"peer", "via"}),
-		linkLoss:   prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_ratio", Help: "Probe loss over the recent window on the direct link to each peer."}, []string{"peer", "via"}),
-		linkUp:     prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_up", Help: "1 when the direct link to the peer answers probes."}, []string{"peer", "via"}),
+		switches: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_path_switches_total",
+			Help: "Times traffic to a peer moved from one measured path to another, in any SLA class, by why: broken (a link of the old path failed), sla (it violated the SLA), better (another path gained the switch margin for the hold time). Flapping shows here."}, []string{"reason"}),
+		linkRTT:  prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_rtt_seconds", Help: "Measured RTT (moving average) of the direct link to each peer, over the underlay or through the link in use."}, []string{"peer", "via"}),
+		linkLoss: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_ratio", Help: "Probe loss over the recent window on the direct link to each peer."}, []string{"peer", "via"}),
+		linkUp:   prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_up", Help: "1 when the direct link to the peer answers probes."}, []string{"peer", "via"}),
 		rejectedLinks: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_path_links_rejected_total",
 			Help: "Link-state entries path selection refused (out of range, or over the per-peer link bound)."}),
 		refusedClasses: prometheus.NewCounter(prometheus.CounterOpts{Name: "weft_path_sla_classes_refused_total",

@@ -143,6 +143,13 @@ func (pt *paths) takeChoices(cl *slaClass, figures bool, changed map[string]path
 	}
 	for name, c := range changed {
 		prev, had := cl.choices[name]
+		if c.Switch != "" {
+			pt.switches.WithLabelValues(c.Switch).Inc()
+			if pt.log != nil { // switches are rare once the policy holds; each is worth a line
+				pt.log.Info("path switch", "peer", name, "sla", cl.sla.Name, "from", prev.Path, "to", c.Path,
+					"why", c.Switch, "reason", c.Reason)
+			}
+		}
 		cl.choices[name] = c
 		was, relayed := cl.relays[name]
 		if len(c.Path) == 2 {

@@ -195,3 +195,28 @@ func TestClassSeedingMissesNoLink(t *testing.T) {
 		}
 	}
 }
+
+// A move between measured paths is counted by why; a first choice and a path kept are not.
+func TestPathSwitchesCounted(t *testing.T) {
+	pt := testPaths(t, "")
+	log := slog.New(slog.DiscardHandler)
+	up := func(ms float64) mesh.LinkMetrics {
+		return mesh.LinkMetrics{RTT: time.Duration(ms * float64(time.Millisecond)), Up: true}
+	}
+	pt.feed(log, []mesh.LinkChange{{From: "r", To: "b", Link: up(1)}})
+	pt.feedOwn(log, map[string]mesh.LinkMetrics{"b": up(1), "r": up(1)})
+	pt.setDestinations(map[string]pathsel.Dest{"b": {}, "r": {}})
+	t0 := time.Unix(100, 0)
+	pt.selectAll(t0)
+	pt.selectAll(t0.Add(time.Second))
+	if n := testutil.CollectAndCount(pt.switches); n != 0 {
+		t.Fatalf("%d switch series after a first choice, want none", n)
+	}
+	pt.feedOwn(log, map[string]mesh.LinkMetrics{"b": {RTT: time.Millisecond}, "r": up(1)}) // a→b down
+	if relays, changed := pt.selectAll(t0.Add(2 * time.Second)); !changed || relays["b"] != "r" {
+		t.Fatalf("relays %v (changed %v), want b via r", relays, changed)
+	}
+	if got := testutil.ToFloat64(pt.switches.WithLabelValues(pathsel.SwitchBroken)); got != 1 {
+		t.Fatalf("weft_path_switches_total{reason=broken} = %v, want 1", got)
+	}
+}

@@ -47,10 +47,20 @@
 //   - it broke (a link is down or gone): switch at once;
 //   - it violates the SLA while another path meets it: switch at once;
 //   - another path has been better for Hold without interruption: switch to
-//     the best path of that moment. "Better" means cheaper by at least
-//     SwitchRatio of the current cost and at least SwitchMin, or being the
-//     direct link within TieEpsilon of a current relayed path (going back
-//     to the direct link spares the relay).
+//     the best path of that moment. "Better" means cheaper by the switch
+//     margin — the largest of SwitchMin, SwitchRatio of the current cost and
+//     JitterMargin × (the jitter of the current path + the candidate's) — or
+//     being the direct link within TieEpsilon of a current relayed path
+//     (going back to the direct link spares the relay).
+//
+// So a direct link that meets the SLA is never left for a relay that is
+// merely faster: only for one whose gain stands out of the noise both paths
+// measure, held for Hold. RTT noise within the measured jitter moves no
+// traffic (TestNoiseWithinJitterDoesNotSwitch). Estimates never move traffic
+// off a measured path: a relayed destination whose direct link is no longer
+// measured keeps its relay while the relay's links work. Every move between
+// measured paths is tagged in Choice.Switch (broken, sla, better) so that
+// flapping can be counted.
 //
 // A single evaluation without a better candidate restarts the hold, so
 // metrics that alternate do not move traffic. Every input that can change

@@ -89,9 +89,20 @@ type Choice struct {
 	Estimated bool
 	// Unmeasured: neither a measured link nor an estimate exists.
 	Unmeasured bool
+	// Switch is set on the evaluation that moved traffic from one measured path to
+	// another (SwitchBroken, SwitchSLA or SwitchBetter), for counting flaps; "" otherwise.
+	Switch string
 }
 
-// sameFigures reports whether two choices differ only in Reason.
+// Why a measured path was left (Choice.Switch).
+const (
+	SwitchBroken = "broken" // a link of the previous path went down or away
+	SwitchSLA    = "sla"    // the previous path violated the SLA while another met it
+	SwitchBetter = "better" // another path was better by the switch margin for Hold
+)
+
+// sameFigures reports whether two choices differ only in Reason (Switch is set only
+// with a change of path, which this compares).
 func (c Choice) sameFigures(o Choice) bool {
 	if len(c.Path) != len(o.Path) {
 		return false
@@ -117,14 +128,24 @@ type Config struct {
 	// TieEpsilon: the direct link is preferred when it costs at most this
 	// much more than the cheapest path. Default 500µs.
 	TieEpsilon time.Duration
-	// SwitchRatio and SwitchMin: a candidate is better when it is cheaper
-	// than the current path by at least SwitchRatio of the current cost and
-	// at least SwitchMin. Defaults 0.20 and 2ms: on a loaded host RTTs move by
-	// a millisecond or two of scheduling noise, and a 1 ms margin let relays
-	// flap on it (0.6–1.1 relay changes a second per peer at N=50), which keeps
-	// their links at the full probe rate.
-	SwitchRatio float64
-	SwitchMin   time.Duration
+	// SwitchRatio, SwitchMin and JitterMargin: a candidate is better when it
+	// is cheaper than the current path by at least each of SwitchRatio of the
+	// current cost, SwitchMin, and JitterMargin × (the current path's jitter +
+	// the candidate's). Defaults 0.20, 2ms and 4. The fixed terms alone let
+	// relays flap at N=50 on a loaded host: RTTs there move by a few ms of
+	// scheduling noise on sub-millisecond links, and every relay change puts
+	// two links on the full probe rate and recomputes the datapath. The
+	// jitter term makes the margin grow with the noise actually measured.
+	// Why 4: at N=50 on a saturated machine, a destination host starved for
+	// seconds lifts the direct link's smoothed RTT (measured fresh) while the
+	// relay's far hop is a published figure from a quiet moment; in every
+	// such switch logged with a factor of 2 the gain was 2.1–2.5× the summed
+	// jitter (the stall makes the samples erratic, so jitter grows with it).
+	// A real step in a link's delay gains ~16× its jitter (the prober's
+	// jitter takes 1/16 of one step), so 4 separates the two.
+	SwitchRatio  float64
+	SwitchMin    time.Duration
+	JitterMargin float64
 	// Hold is how long a candidate must stay better before traffic moves.
 	// Default 3s.
 	Hold time.Duration
@@ -141,7 +162,7 @@ type Config struct {
 // DefaultConfig returns the defaults (Self still to be set).
 func DefaultConfig() Config {
 	return Config{MaxLinksPerPeer: 256, LossPenalty: 200 * time.Millisecond, TieEpsilon: 500 * time.Microsecond,
-		SwitchRatio: 0.20, SwitchMin: 2 * time.Millisecond, Hold: 3 * time.Second, SLA: DefaultSLA(),
+		SwitchRatio: 0.20, SwitchMin: 2 * time.Millisecond, JitterMargin: 4, Hold: 3 * time.Second, SLA: DefaultSLA(),
 		EstimateRefresh: 5 * time.Second}
 }
 
@@ -162,6 +183,9 @@ func (c *Config) fill() error {
 	if c.SwitchMin == 0 {
 		c.SwitchMin = d.SwitchMin
 	}
+	if c.JitterMargin == 0 {
+		c.JitterMargin = d.JitterMargin
+	}
 	if c.Hold == 0 {
 		c.Hold = d.Hold
 	}
@@ -180,6 +204,8 @@ func (c *Config) fill() error {
 		return fmt.Errorf("%w: durations must not be negative", ErrInvalidConfig)
 	case math.IsNaN(c.SwitchRatio) || c.SwitchRatio < 0 || c.SwitchRatio >= 1:
 		return fmt.Errorf("%w: SwitchRatio %v out of range [0,1)", ErrInvalidConfig, c.SwitchRatio)
+	case math.IsNaN(c.JitterMargin) || c.JitterMargin < 0 || c.JitterMargin > 100:
+		return fmt.Errorf("%w: JitterMargin %v out of range [0,100]", ErrInvalidConfig, c.JitterMargin)
 	}
 	return nil
 }
@@ -316,18 +342,29 @@ func (s *Selector) unlink(a, b string) {
 
 // markPair marks the destinations whose paths can use the pair {a, b}: a
 // link of self's makes its other end dirty, and every destination that
-// end could relay to; any other link matters only to its two ends (as
-// destinations relayed through the other). O(D).
+// end could relay to; any other link is the far hop of a relayed path to
+// one end only when self has a link to the other (its relay), so it marks
+// only such ends. With bounded probing most gossiped links join two peers
+// self has no link to, and re-evaluating their ends on every such change
+// was most of Select's time at N=100. A link of self's that appears later
+// marks every destination its far end can relay to, so nothing is missed.
+// O(D) for self's links, O(1) for others'.
 func (s *Selector) markPair(a, b string) {
 	self := s.cfg.Self
 	if b == self {
 		a, b = b, a
 	}
-	s.dirty[b] = struct{}{}
 	if a != self {
-		s.dirty[a] = struct{}{}
+		mine := s.adj[self]
+		if _, ok := mine[a]; ok {
+			s.dirty[b] = struct{}{}
+		}
+		if _, ok := mine[b]; ok {
+			s.dirty[a] = struct{}{}
+		}
 		return
 	}
+	s.dirty[b] = struct{}{}
 	for d := range s.adj[b] {
 		s.dirty[d] = struct{}{}
 	}
@@ -582,13 +619,28 @@ func (s *Selector) search(dst string, enc bool) (best, direct cand) {
 	return best, direct
 }
 
-// better reports whether c should replace the current path cur (once held).
+// better reports whether c should replace the current path cur (once held):
+// going back to the direct link at about the same cost always is (it spares
+// the relay); anything else must gain the switch margin. A direct link that
+// meets the SLA is thus left for a relay only when the relay's gain stands
+// out of both paths' measured noise, never for one merely faster.
 func (s *Selector) better(c, cur cand) bool {
-	gain := cur.cost - c.cost
-	if gain >= s.cfg.SwitchMin && float64(gain) >= s.cfg.SwitchRatio*float64(cur.cost) {
+	if c.relay == "" && cur.relay != "" && c.cost <= cur.cost+s.cfg.TieEpsilon && (c.meets || !cur.meets) {
 		return true
 	}
-	return c.relay == "" && cur.relay != "" && c.cost <= cur.cost+s.cfg.TieEpsilon && (c.meets || !cur.meets)
+	return cur.cost-c.cost >= s.margin(c, cur)
+}
+
+// margin is the gain c needs over cur: the largest of SwitchMin, SwitchRatio
+// of cur's cost and JitterMargin × both paths' jitter. Saturates instead of
+// overflowing on absurd (but valid) figures.
+func (s *Selector) margin(c, cur cand) time.Duration {
+	m := max(s.cfg.SwitchMin, time.Duration(s.cfg.SwitchRatio*float64(cur.cost)))
+	j := s.cfg.JitterMargin * (float64(cur.jitter) + float64(c.jitter))
+	if j >= float64(math.MaxInt64) {
+		return time.Duration(math.MaxInt64)
+	}
+	return max(m, time.Duration(j))
 }
 
 // evaluate chooses dst's path now and stores it. O(min(D_self, D_dst)).
@@ -608,6 +660,17 @@ func (s *Selector) evaluate(dst string, dest Dest, now time.Time) Choice {
 		return keep(kindPending, Choice{Path: []string{dst}, SLAOK: true, Reason: "not measured yet"})
 	}
 	if _, measured := s.adj[s.cfg.Self][dst]; !measured {
+		// The direct link is no longer measured (its figures were withdrawn) while traffic
+		// goes through a relay whose links still work: an estimate must not move it off a
+		// measured working path, so the relay stays until the direct link is measured again
+		// (the router probes relayed destinations) or the relay path breaks.
+		if st != nil && st.kind == kindMeasured && st.relay != "" {
+			if cur := s.path(dst, st.relay, dest.Encrypted); cur.ok {
+				st.betterSince = time.Time{}
+				st.choice = s.choice(dst, cur, st, "direct link not measured; keeping the measured relay")
+				return st.choice
+			}
+		}
 		if s.cfg.Estimator != nil {
 			if rtt, ok := s.cfg.Estimator.EstimateRTT(s.cfg.Self, dst); ok && rtt >= 0 && rtt <= MaxLinkRTT {
 				s.estim[dst] = struct{}{}
@@ -628,12 +691,18 @@ func (s *Selector) evaluate(dst string, dest Dest, now time.Time) Choice {
 	if st != nil && st.kind == kindMeasured {
 		cur = s.path(dst, st.relay, dest.Encrypted)
 	}
-	choose := func(c cand, why string) Choice {
+	choose := func(c cand, why, switched string) Choice {
 		if st == nil || st.kind != kindMeasured || st.relay != c.relay {
+			if st == nil || st.kind != kindMeasured {
+				switched = "" // not a move between measured paths
+			}
 			st = &destState{kind: kindMeasured, relay: c.relay, since: now}
+		} else {
+			switched = ""
 		}
 		st.betterSince = time.Time{}
 		st.choice = s.choice(dst, c, st, why)
+		st.choice.Switch = switched
 		s.state[dst] = st
 		return st.choice
 	}
@@ -642,27 +711,35 @@ func (s *Selector) evaluate(dst string, dest Dest, now time.Time) Choice {
 		// A destination just measured starts on its direct link, which it used while pending:
 		// its first samples are the least reliable (cold caches, a tunnel still settling),
 		// so a relay must be better for the hold time like any other switch.
-		c := choose(direct, "initial choice: the direct link, as while it was being measured")
+		c := choose(direct, "initial choice: the direct link, as while it was being measured", "")
 		if s.better(best, direct) {
 			st.betterSince = now
 			s.holds[dst] = now.Add(s.cfg.Hold)
 		}
 		return c
+	case (st == nil || st.kind != kindMeasured) && best.relay != "" && direct.ok && direct.meets && !s.better(best, direct):
+		// A first measured choice (new, or back from an estimate or from no path) takes a
+		// direct link that meets the SLA unless a relay beats it by the switch margin, as a switch would have
+		// to: a relay chosen on one noisy sample was left again for the direct link after
+		// the hold, a flap each time a destination's measurement came back.
+		return choose(direct, "initial choice: the direct link, no relay better by the switch margin", "")
 	case st == nil || st.kind != kindMeasured:
-		return choose(best, "initial choice")
+		return choose(best, "initial choice", "")
 	case !cur.ok:
-		return choose(best, "previous path broke")
+		return choose(best, "previous path broke", SwitchBroken)
 	case cur.relay == best.relay:
-		return choose(cur, "best path")
+		return choose(cur, "best path", "")
 	case !cur.meets && best.meets:
 		return choose(best, fmt.Sprintf("previous path %s violated the SLA (%s)", viaOf(st.relay),
-			s.cfg.SLA.Check(cur.rtt, cur.jitter, cur.loss)))
+			s.cfg.SLA.Check(cur.rtt, cur.jitter, cur.loss)), SwitchSLA)
 	case s.better(best, cur):
 		if st.betterSince.IsZero() {
 			st.betterSince = now
 		}
 		if held := now.Sub(st.betterSince); held >= s.cfg.Hold {
-			return choose(best, fmt.Sprintf("%s better than %s for %v", best.via(), cur.via(), held.Round(time.Millisecond)))
+			return choose(best, fmt.Sprintf("%s better than %s for %v (cost %v against %v, margin %v)", best.via(), cur.via(),
+				held.Round(time.Millisecond), best.cost.Round(time.Microsecond), cur.cost.Round(time.Microsecond),
+				s.margin(best, cur).Round(time.Microsecond)), SwitchBetter)
 		}
 		s.holds[dst] = st.betterSince.Add(s.cfg.Hold)
 		st.choice = s.choice(dst, cur, st, fmt.Sprintf("holding: %s better for %v of %v",

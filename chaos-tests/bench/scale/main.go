@@ -203,15 +203,18 @@ func runWeft(ctx context.Context, o options, n int) (r *result, err error) {
 	w := newWeftCluster(l)
 	defer teardown(o, l, w, "weft", &err)
 	mc := o.mc
-	if o.profile != "" {
-		// Host 1 is a Raft voter; the last host is a client, as most peers are.
-		mc.onIdle = func(ctx context.Context, window time.Duration) {
-			var wg sync.WaitGroup
+	var rmu sync.Mutex // guards r's switch figures, written alongside the window
+	mc.onIdle = func(ctx context.Context, window time.Duration) {
+		var wg sync.WaitGroup
+		// Every peer's path switches over the window: relay flapping, the cost #11 chased.
+		wg.Go(func() { switchesOver(ctx, l.Hosts(), window, r, &rmu) })
+		if o.profile != "" {
+			// Host 1 is a Raft voter; the last host is a client, as most peers are.
 			for _, i := range []int{1, n - 1} {
 				wg.Go(func() { profileHost(ctx, o.profile, l.Host(i), n, window) })
 			}
-			wg.Wait()
 		}
+		wg.Wait()
 	}
 	if err := measure(ctx, mc, l, w, r); err != nil {
 		return r, err

@@ -36,7 +36,12 @@ type result struct {
 	pingsOK    int
 	pingsTotal int
 	pingTook   time.Duration // from the attachments until the last pair answered
-	notes      []string      // what went wrong, in order
+
+	// Path switches (weft_path_switches_total) over the idle window, summed over the
+	// switchPeers peers scraped at both ends, by reason; weft only.
+	switchPeers int
+	switches    map[string]float64
+	notes       []string // what went wrong, in order
 }
 
 func (r *result) note(format string, args ...any) {
@@ -151,6 +156,9 @@ func writeDetail(w io.Writer, r *result) {
 			median(r.rss), maxOf(r.rss), median(r.rssAnon))
 	}
 	if r.system == "weft" {
+		if r.switches != nil {
+			fmt.Fprintf(w, "  path switches over the idle window: %s\n", r.switchesText())
+		}
 		if r.leader != "" {
 			fmt.Fprintf(w, "  raft leader %s, known %s after the see-all step\n", r.leader, secs(r.leaderTook))
 		}

@@ -150,3 +150,25 @@ func TestSummaryTargets(t *testing.T) {
 		t.Errorf("N=100 missed all four targets, got %q", t100)
 	}
 }
+
+func TestParseSwitches(t *testing.T) {
+	text := "# HELP weft_path_switches_total x\n# TYPE weft_path_switches_total counter\n" +
+		"weft_path_switches_total{reason=\"better\"} 3\nweft_path_switches_total{reason=\"broken\"} 1\n" +
+		"weft_path_switches_totalx{reason=\"better\"} 9\nweft_other 2\n"
+	got, err := parseSwitches(text)
+	if err != nil || len(got) != 2 || got["better"] != 3 || got["broken"] != 1 {
+		t.Fatalf("parseSwitches = %v, %v; want better 3, broken 1", got, err)
+	}
+	if got, err := parseSwitches("weft_other 1\n"); err != nil || len(got) != 0 {
+		t.Fatalf("no series: %v, %v; want none, no error", got, err)
+	}
+	for _, bad := range []string{"weft_path_switches_total{reason=\"x\"} y\n", "weft_path_switches_total{sla=\"x\"} 1\n"} {
+		if _, err := parseSwitches(bad); !errors.Is(err, errMetricFormat) {
+			t.Errorf("parseSwitches(%q) = %v, want errMetricFormat", bad, err)
+		}
+	}
+	r := &result{switchPeers: 4, switches: map[string]float64{"better": 2, "broken": 2}}
+	if s := r.switchesText(); !strings.Contains(s, "4 over 4 peers (1.00 per peer; better 2, broken 2)") {
+		t.Errorf("switchesText = %q", s)
+	}
+}

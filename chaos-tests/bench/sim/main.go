@@ -53,6 +53,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
 	"time"
@@ -230,6 +231,7 @@ type result struct {
 	pathRunsPerPeerSec float64
 	pathMedian         time.Duration
 	pathP99            time.Duration
+	switchesPerPeerMin float64 // path switches (Choice.Switch) per peer per minute in the window
 	minWithPath        int
 	maxRelayed         int
 	loadBefore         string
@@ -246,6 +248,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	fmt.Fprintf(os.Stderr, "sim: N=%d (%s): starting peers in batches of %d\n", n, label, o.batch)
 	slot := make(chan struct{}, 1)
 	paths := &durations{}
+	switches := &atomic.Int64{}
 	counters := make([]*counter, n)
 	nodes := make([]*node, 0, n)
 	defer func() {
@@ -296,7 +299,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin && !membershipOnly,
 			ProbeInterval: o.probeInterval, ProbeTargets: o.probeTargets, PathInterval: o.pathInterval,
 			LinkStateRetransmitMult: o.lsRetransmit, MembershipRetransmitMult: o.memberRetransmit, LogWarnings: o.logWarnings, Compress: o.compress,
-			PathSlot: slot, Paths: paths, Traffic: counters[i],
+			PathSlot: slot, Paths: paths, Switches: switches, Traffic: counters[i],
 		})
 		if err != nil {
 			return nil, fmt.Errorf("peer %d on %s: %w", i, a, err)
@@ -338,6 +341,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	before := sumCounters(counters)
 	cpu0 := processCPU()
 	paths.take()
+	switches0 := switches.Load()
 	start := time.Now()
 	select {
 	case <-time.After(o.window):
@@ -348,6 +352,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	cpu := processCPU() - cpu0
 	after := sumCounters(counters)
 	runs := paths.take()
+	r.switchesPerPeerMin = float64(switches.Load()-switches0) / float64(n) / elapsed.Minutes()
 	r.loadAfter = loadAverage()
 
 	perPeerSec := float64(n) * elapsed.Seconds()
@@ -526,6 +531,7 @@ func (r *result) print(w *os.File) {
 		fmt.Fprintf(w, "path compute:       median %v, p99 %v per run; %d runs in the window = %.2f runs/s/peer (the router wants %.1f)\n",
 			r.pathMedian.Round(time.Microsecond), r.pathP99.Round(time.Microsecond), r.pathRuns, r.pathRunsPerPeerSec, 1/r.pathInterval.Seconds())
 		fmt.Fprintf(w, "destinations with a path: min over peers %d of %d; most relayed at one peer %d\n", r.minWithPath, r.n-1, r.maxRelayed)
+		fmt.Fprintf(w, "path switches:      %.2f per peer per minute in the window\n", r.switchesPerPeerMin)
 	}
 	targets(w, r)
 }

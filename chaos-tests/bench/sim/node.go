@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/weftnet/weft/mesh"
@@ -85,6 +86,8 @@ type nodeConfig struct {
 	PathSlot chan struct{}
 	// Paths records each path computation's duration.
 	Paths *durations
+	// Switches counts every peer's moves between measured paths (Choice.Switch), shared.
+	Switches *atomic.Int64
 	// Traffic counts what this peer sends.
 	Traffic *counter
 }
@@ -450,6 +453,9 @@ func (n *node) updateLinks(ctx context.Context, now time.Time) (relaysChanged, c
 	changes := n.sel.Select(now)
 	choicesChanged = len(changes) > 0
 	for name, c := range changes {
+		if c.Switch != "" {
+			n.cfg.Switches.Add(1)
+		}
 		was, relayed := n.relays[name]
 		if len(c.Path) == 2 {
 			n.relays[name] = c.Path[0]
