@@ -249,12 +249,16 @@ func LossCrossCheck(sentDelta, recvDelta int64, minPackets int64) (ratio float64
 
 // Counters are one interface's counters as the kernel keeps them.
 type Counters struct {
-	RxPackets, TxPackets uint64
-	RxBytes, TxBytes     uint64
-	RxErrors, TxErrors   uint64
-	RxDropped, TxDropped uint64
+	RxPackets uint64 `json:"rx_packets"`
+	TxPackets uint64 `json:"tx_packets"`
+	RxBytes   uint64 `json:"rx_bytes"`
+	TxBytes   uint64 `json:"tx_bytes"`
+	RxErrors  uint64 `json:"rx_errors"`
+	TxErrors  uint64 `json:"tx_errors"`
+	RxDropped uint64 `json:"rx_dropped"`
+	TxDropped uint64 `json:"tx_dropped"`
 	// Overruns: the receive ring or FIFO overflowed (rx_over_errors + rx_fifo_errors).
-	Overruns uint64
+	Overruns uint64 `json:"overruns"`
 }
 
 // Add sums two interfaces' counters.
