@@ -23,6 +23,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/weftnet/weft/datapath/vxlan"
 	"github.com/weftnet/weft/ipam"
@@ -72,7 +74,9 @@ const (
 	maxIfaceRows        = 64                     // interface rows in metrics and /status
 	maxMeasureCount     = 20                     // echoes of one on-demand measurement
 	crossCheckWindow    = 5 * time.Minute        // the loss cross-check's interval restarts this often
-	crossCheckMin       = 100                    // packets sent before a cross-check ratio is given
+	crossCheckMinSpan   = time.Minute            // the shortest interval a ratio is given for
+	crossCheckReadings  = 8                      // our TX readings kept per peer (16 s)
+	crossCheckMin       = 1000                   // units (bytes) sent before a cross-check ratio is given
 )
 
 // SegmentFigure is one segment of a path: its current figure and its baseline.
@@ -171,7 +175,8 @@ type bridgeFig struct {
 	Samples int     `json:"c"`
 }
 
-// tunnelCount: packets this peer's tunnel sent to Peer and received from it.
+// tunnelCount: what this peer's tunnel sent to Peer and received from it, in the tunnel's
+// unit (bytes for WireGuard, which counts bytes per peer).
 type tunnelCount struct {
 	Peer string `json:"p"`
 	TX   uint64 `json:"tx"`
@@ -210,7 +215,7 @@ func (r segmentRecord) check() error {
 	return nil
 }
 
-// tunnelCounter reports, per remote peer, the packets this host's tunnel sent to it and
+// tunnelCounter reports, per remote peer, what this host's tunnel sent to it and
 // received from it. Called from the segments goroutine once a tick; must be safe for
 // concurrent use and cheap. nil: no per-peer counters (no cross-check).
 type tunnelCounter func() map[string]tunnelCount
@@ -259,6 +264,7 @@ type segmentsPart struct {
 	sentAt   time.Time
 	cross    map[string]crossStart // peer → start of the cross-check interval
 	ratio    map[string]float64
+	txHist   map[string][]txPoint // peer → our last TX readings
 }
 
 type crossStart struct {
@@ -282,7 +288,7 @@ func newSegments(cfg segmentsConfig, reg prometheus.Registerer) (*segmentsPart, 
 		bridgeRTT: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_segment_bridge_rtt_seconds",
 			Help: "Median RTT from this host to a sample of its containers, per network (the container↔bridge segment)."}, []string{"network"}),
 		windows: map[string]*segments.Window{}, hist: map[string]*segments.History{}, current: map[string]segments.Figure{},
-		records: map[string]segmentRecord{}, received: map[string]time.Time{}, cross: map[string]crossStart{}, ratio: map[string]float64{},
+		records: map[string]segmentRecord{}, received: map[string]time.Time{}, cross: map[string]crossStart{}, ratio: map[string]float64{}, txHist: map[string][]txPoint{},
 	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{s.refused, s.crossCheck, s.bridgeRTT, ifaceCollector{s}} {
@@ -562,9 +568,17 @@ func (s *segmentsPart) publish(rec segmentRecord) {
 }
 
 // crossCheckLocked updates the loss cross-check of every peer whose record carries its
-// tunnel's RX from us while ours carries our TX to it. Caller holds mu. O(k).
+// tunnel's RX from us while ours carries our TX to it. Its counters were read when it
+// published, about when its record reached us, so they are set against our TX reading
+// nearest to that moment (readings kept for the last few ticks): a skew of about a tick,
+// small against an interval of at least crossCheckMinSpan. Caller holds mu. O(k).
 func (s *segmentsPart) crossCheckLocked(now time.Time, tunnels map[string]tunnelCount) {
 	for peer, mine := range tunnels {
+		h := append(s.txHist[peer], txPoint{at: now, tx: mine.TX})
+		if len(h) > crossCheckReadings {
+			h = h[len(h)-crossCheckReadings:]
+		}
+		s.txHist[peer] = h
 		rec, ok := s.records[peer]
 		if !ok {
 			continue
@@ -573,24 +587,45 @@ func (s *segmentsPart) crossCheckLocked(now time.Time, tunnels map[string]tunnel
 		if i < 0 {
 			continue
 		}
-		theirs := rec.Tunnels[i]
+		theirs, at := rec.Tunnels[i], s.received[peer]
+		tx := txNear(h, at)
 		start, ok := s.cross[peer]
-		if !ok || now.Sub(start.at) > crossCheckWindow || mine.TX < start.tx || theirs.RX < start.rx {
-			s.cross[peer] = crossStart{at: now, tx: mine.TX, rx: theirs.RX}
+		if !ok || at.Sub(start.at) > crossCheckWindow || tx < start.tx || theirs.RX < start.rx {
+			s.cross[peer] = crossStart{at: at, tx: tx, rx: theirs.RX}
 			continue
 		}
-		if r, ok := segments.LossCrossCheck(int64(mine.TX-start.tx), int64(theirs.RX-start.rx), crossCheckMin); ok {
+		if at.Sub(start.at) < crossCheckMinSpan {
+			continue
+		}
+		if r, ok := segments.LossCrossCheck(int64(tx-start.tx), int64(theirs.RX-start.rx), crossCheckMin); ok {
 			s.ratio[peer] = r
 			s.crossCheck.WithLabelValues(peer).Set(r)
 		}
 	}
-	for peer := range s.ratio {
+	for peer := range s.txHist {
 		if _, ok := tunnels[peer]; !ok {
+			delete(s.txHist, peer)
 			delete(s.ratio, peer)
 			delete(s.cross, peer)
 			s.crossCheck.DeleteLabelValues(peer)
 		}
 	}
+}
+
+type txPoint struct {
+	at time.Time
+	tx uint64
+}
+
+// txNear is the reading of h nearest to at. h is not empty.
+func txNear(h []txPoint, at time.Time) uint64 {
+	best := h[0]
+	for _, p := range h[1:] {
+		if p.at.Sub(at).Abs() < best.at.Sub(at).Abs() {
+			best = p
+		}
+	}
+	return best.tx
 }
 
 // NotifyMsg takes one peer's record from gossip.
@@ -921,8 +956,9 @@ func (p *Peer) newPeerSegments(advertise netip.Addr) error {
 			}
 			return p.paths.link.All()
 		},
-		Owned:  func() map[string]string { return p.ownedDevices(advertise) },
-		Signer: p.identity, Keys: p.originKey,
+		Owned:   func() map[string]string { return p.ownedDevices(advertise) },
+		Tunnels: p.wireGuardCounters(),
+		Signer:  p.identity, Keys: p.originKey,
 		Broadcast: func(msg []byte) error {
 			if p.mesh == nil {
 				return nil
@@ -932,6 +968,51 @@ func (p *Peer) newPeerSegments(advertise netip.Addr) error {
 		Logger: p.log.With("component", "segments"),
 	}, p.reg)
 	return err
+}
+
+// wireGuardCounters reads the bytes WireGuard sent to and received from each peer (the
+// kernel and wireguard-go keep them per peer; VXLAN and direct routing keep no per-peer
+// counts, so their pairs get no cross-check). A client of its own, opened and closed each
+// call: the driver's is not safe to share with this goroutine. nil without WireGuard.
+// O(WireGuard peers + N).
+func (p *Peer) wireGuardCounters() tunnelCounter {
+	if p.links == nil || p.links.wg == nil {
+		return nil
+	}
+	name := p.links.wg.Name()
+	return func() map[string]tunnelCount {
+		if p.mesh == nil {
+			return nil
+		}
+		c, err := wgctrl.New()
+		if err != nil {
+			return nil
+		}
+		defer c.Close()
+		dev, err := c.Device(name)
+		if err != nil {
+			return nil
+		}
+		return wireGuardCounts(dev.Peers, p.mesh.Peers())
+	}
+}
+
+// wireGuardCounts names WireGuard's per-peer byte counters by the mesh peer whose gossiped
+// key they belong to; keys no peer announces are left out. Pure.
+func wireGuardCounts(wps []wgtypes.Peer, peers []mesh.Peer) map[string]tunnelCount {
+	byKey := map[[32]byte]string{}
+	for _, pr := range peers {
+		if pr.Meta.WireGuardKey != ([32]byte{}) && !pr.Self {
+			byKey[pr.Meta.WireGuardKey] = pr.Name
+		}
+	}
+	out := map[string]tunnelCount{}
+	for _, wp := range wps {
+		if name, ok := byKey[wp.PublicKey]; ok && wp.TransmitBytes >= 0 && wp.ReceiveBytes >= 0 {
+			out[name] = tunnelCount{TX: uint64(wp.TransmitBytes), RX: uint64(wp.ReceiveBytes)}
+		}
+	}
+	return out
 }
 
 // ownedDevices names the tunnel devices and the underlay NIC by kind. O(links) for the NIC.

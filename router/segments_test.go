@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
@@ -197,11 +198,16 @@ func TestSegmentsCrossCheck(t *testing.T) {
 		b, _ := json.Marshal(segmentRecord{Peer: "b", Version: v, Tunnels: []tunnelCount{{Peer: "a", RX: rx}}})
 		f.s.NotifyMsg(b)
 	}
-	tx = 1000
-	theirs(1, 990)
+	tx = 10000
+	theirs(1, 9900)
 	f.ticks(1)
-	tx = 2000
-	theirs(2, 1890) // 900 of 1000 arrived
+	// Our TX goes on after its record was read: the later readings must not count.
+	tx = 20000
+	f.ticks(int(crossCheckMinSpan / segmentTick))
+	if p := pathTo(t, f.s.status("b"), "b"); p.LossCrossCheck != nil {
+		t.Fatalf("a ratio before a new record came: %v", *p.LossCrossCheck)
+	}
+	theirs(2, 18900) // 9000 of 10000 arrived
 	f.ticks(1)
 	p := pathTo(t, f.s.status("b"), "b")
 	if p.LossCrossCheck == nil || *p.LossCrossCheck < 0.099 || *p.LossCrossCheck > 0.101 {
@@ -240,5 +246,19 @@ func TestEchoLoopback(t *testing.T) {
 	}
 	if icmpChecksum([]byte{8, 0, 0, 0, 0x10, 0x92, 0, 7}) == 0 {
 		t.Fatal("checksum")
+	}
+}
+
+func TestWireGuardCountsByPeer(t *testing.T) {
+	kb, kc, stranger := [32]byte{1}, [32]byte{2}, [32]byte{3}
+	peers := []mesh.Peer{{Name: "a", Self: true, Meta: mesh.Metadata{WireGuardKey: [32]byte{9}}},
+		{Name: "b", Meta: mesh.Metadata{WireGuardKey: kb}}, {Name: "c", Meta: mesh.Metadata{WireGuardKey: kc}}, {Name: "nokey"}}
+	got := wireGuardCounts([]wgtypes.Peer{
+		{PublicKey: wgtypes.Key(kb), TransmitBytes: 10, ReceiveBytes: 20},
+		{PublicKey: wgtypes.Key(stranger), TransmitBytes: 1},
+		{PublicKey: wgtypes.Key(kc), TransmitBytes: -1},
+	}, peers)
+	if len(got) != 1 || got["b"] != (tunnelCount{TX: 10, RX: 20}) {
+		t.Fatalf("counts %+v, want only b's", got)
 	}
 }
