@@ -342,9 +342,13 @@ func (s *segmentsPart) tick(ctx context.Context) {
 
 // sampleBridges pings up to segmentPingsPerTick containers of bridge networks (round robin).
 func (s *segmentsPart) sampleBridges(ctx context.Context) {
+	sriov := map[string]bool{} // their containers hold VFs: no bridge to measure
+	for _, n := range s.cfg.Networks() {
+		sriov[n.Name] = n.Mode == ipam.ModeSRIOV
+	}
 	var as []ipam.Attachment
 	for _, a := range s.cfg.Attachments() {
-		if a.Address.Is4() && a.HostIfName != "" {
+		if a.Address.Is4() && a.HostIfName != "" && !sriov[a.Network] {
 			as = append(as, a)
 		}
 	}
@@ -733,7 +737,7 @@ func (s *segmentsPart) interfaces() ([]segments.Iface, int) {
 		}
 	}
 	for _, a := range s.cfg.Attachments() {
-		if a.HostIfName != "" {
+		if _, bridged := kinds[bridgeName(a.Network)]; a.HostIfName != "" && bridged {
 			kinds[a.HostIfName] = segments.Iface{Kind: segments.KindVeth, Network: a.Network}
 		}
 	}
