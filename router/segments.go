@@ -73,7 +73,7 @@ const (
 	maxSegmentState     = 4 << 20                // bytes of one push/pull state
 	maxIfaceRows        = 64                     // interface rows in metrics and /status
 	maxMeasureCount     = 20                     // echoes of one on-demand measurement
-	crossCheckWindow    = 5 * time.Minute        // the loss cross-check's interval restarts this often
+	crossCheckWindow    = 2 * time.Minute        // the loss cross-check's sliding interval
 	crossCheckMinSpan   = time.Minute            // the shortest interval a ratio is given for
 	crossCheckReadings  = 8                      // our TX readings kept per peer (16 s)
 	crossCheckMin       = 1000                   // units (bytes) sent before a cross-check ratio is given
@@ -262,14 +262,14 @@ type segmentsPart struct {
 	version  uint64
 	sent     segmentRecord // last published, without Version and Sig
 	sentAt   time.Time
-	cross    map[string]crossStart // peer → start of the cross-check interval
+	cross    map[string][]crossReading // peer → the cross-check's readings, oldest first
 	ratio    map[string]float64
 	txHist   map[string][]txPoint // peer → our last TX readings
 }
 
-type crossStart struct {
+type crossReading struct {
 	at     time.Time
-	tx, rx uint64 // our TX to the peer, its RX from us, at the start
+	tx, rx uint64 // our TX to the peer, its RX from us, when its record came
 }
 
 func newSegments(cfg segmentsConfig, reg prometheus.Registerer) (*segmentsPart, error) {
@@ -288,7 +288,7 @@ func newSegments(cfg segmentsConfig, reg prometheus.Registerer) (*segmentsPart, 
 		bridgeRTT: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_segment_bridge_rtt_seconds",
 			Help: "Median RTT from this host to a sample of its containers, per network (the container↔bridge segment)."}, []string{"network"}),
 		windows: map[string]*segments.Window{}, hist: map[string]*segments.History{}, current: map[string]segments.Figure{},
-		records: map[string]segmentRecord{}, received: map[string]time.Time{}, cross: map[string]crossStart{}, ratio: map[string]float64{}, txHist: map[string][]txPoint{},
+		records: map[string]segmentRecord{}, received: map[string]time.Time{}, cross: map[string][]crossReading{}, ratio: map[string]float64{}, txHist: map[string][]txPoint{},
 	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{s.refused, s.crossCheck, s.bridgeRTT, ifaceCollector{s}} {
@@ -593,15 +593,24 @@ func (s *segmentsPart) crossCheckLocked(now time.Time, tunnels map[string]tunnel
 		}
 		theirs, at := rec.Tunnels[i], s.received[peer]
 		tx := txNear(h, at)
-		start, ok := s.cross[peer]
-		if !ok || at.Sub(start.at) > crossCheckWindow || tx < start.tx || theirs.RX < start.rx {
-			s.cross[peer] = crossStart{at: at, tx: tx, rx: theirs.RX}
+		w := s.cross[peer]
+		if n := len(w); n > 0 && (tx < w[n-1].tx || theirs.RX < w[n-1].rx) {
+			w = nil // a device recreated: its counters started again
+		}
+		if n := len(w); n == 0 || at.After(w[n-1].at) {
+			w = append(w, crossReading{at: at, tx: tx, rx: theirs.RX})
+		}
+		// A sliding window: the oldest reading kept is at most crossCheckWindow old, so a
+		// loss that starts shows in full within that time. O(window / publish interval).
+		for len(w) > 1 && at.Sub(w[1].at) >= crossCheckWindow {
+			w = w[1:]
+		}
+		s.cross[peer] = w
+		first := w[0]
+		if at.Sub(first.at) < crossCheckMinSpan {
 			continue
 		}
-		if at.Sub(start.at) < crossCheckMinSpan {
-			continue
-		}
-		if r, ok := segments.LossCrossCheck(int64(tx-start.tx), int64(theirs.RX-start.rx), crossCheckMin); ok {
+		if r, ok := segments.LossCrossCheck(int64(tx-first.tx), int64(theirs.RX-first.rx), crossCheckMin); ok {
 			s.ratio[peer] = r
 			s.crossCheck.WithLabelValues(peer).Set(r)
 		}

@@ -216,6 +216,16 @@ func TestSegmentsCrossCheck(t *testing.T) {
 	if v := testutil.ToFloat64(f.s.crossCheck.WithLabelValues("b")); v < 0.099 || v > 0.101 {
 		t.Fatalf("metric %v", v)
 	}
+	// The window slides: once the loss is over, within crossCheckWindow the ratio is clean.
+	rx, v := uint64(18900), uint64(3)
+	for range int(crossCheckWindow/(10*time.Second)) + 2 {
+		tx, rx, v = tx+10000, rx+10000, v+1
+		theirs(v, rx)
+		f.ticks(5)
+	}
+	if p := pathTo(t, f.s.status("b"), "b"); p.LossCrossCheck == nil || *p.LossCrossCheck > 0.001 {
+		t.Fatalf("cross-check after the loss ended: %v", p.LossCrossCheck)
+	}
 }
 
 func TestSegmentsMeasureRefusesBadInput(t *testing.T) {
