@@ -156,3 +156,69 @@ func TestSegments(t *testing.T) {
 		}
 	}
 }
+
+// Over WireGuard both ends count bytes per peer: each side's TX against the other's RX
+// gives the loss cross-check, near 0 on a clean underlay; the WireGuard device's counters
+// are listed with the others.
+func TestSegmentsCrossCheckWireGuard(t *testing.T) {
+	pw := passwordFile(t, "a long cluster password for the segments test")
+	l := newMeshLab(t, "wsgcc", 2, "--password-file", pw, "--encrypt", "always", "--probe-interval", "200ms")
+	ctx := testCtx(t, 8*time.Minute)
+	a, b := l.Host(0), l.Host(1)
+	cs := onePerHost(t, ctx, l)
+	pingAll(t, ctx, cs)
+	// crossCheck waits until from's cross-check to `to` lies in [lo, hi].
+	crossCheck := func(from, to *lab.Host, lo, hi float64, within time.Duration) {
+		waitFor(t, ctx, within, fmt.Sprintf("%s's loss cross-check to %s in [%.2f, %.2f]", from.Name, to.Name, lo, hi), func() error {
+			var st router.SegmentsStatus
+			if err := cliJSON(testCtx(t, 10*time.Second), from, &st, "status", "segments"); err != nil {
+				return err
+			}
+			wg := false
+			for _, f := range st.Interfaces {
+				wg = wg || f.Kind == segments.KindWireGuard && f.Counters.TxPackets > 0
+			}
+			if !wg {
+				return fmt.Errorf("no WireGuard device with traffic in %+v", st.Interfaces)
+			}
+			for _, p := range st.Paths {
+				if p.Peer != to.Name {
+					continue
+				}
+				if p.LossCrossCheck == nil {
+					return fmt.Errorf("no cross-check yet on %+v", p)
+				}
+				if r := *p.LossCrossCheck; r < lo || r > hi {
+					return fmt.Errorf("cross-check %.3f", r)
+				}
+				t.Logf("%s → %s: tunnel loss cross-check %.4f", from.Name, to.Name, *p.LossCrossCheck)
+				return nil
+			}
+			return fmt.Errorf("no path to %s", to.Name)
+		})
+	}
+	crossCheck(a, b, 0, 0.05, 150*time.Second)
+	crossCheck(b, a, 0, 0.05, 30*time.Second)
+
+	// 20 % loss each way on the underlay between A and B (the delay line, no delay): A's
+	// TX against B's RX shows it within the two-minute window.
+	gw := "198.18.0.1"
+	for _, cmd := range [][]string{
+		{"ip", "-n", l.UnderlayNetNS(), "addr", "add", gw + "/24", "dev", l.Prefix() + "br"},
+		{"ip", "netns", "exec", l.UnderlayNetNS(), "sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf." + l.Prefix() + "br.send_redirects=0"},
+		{"ip", "-n", a.Name, "route", "add", b.Addr.Addr().String() + "/32", "via", gw},
+		{"ip", "-n", b.Name, "route", "add", a.Addr.Addr().String() + "/32", "via", gw},
+	} {
+		if out, err := exec.CommandContext(ctx, cmd[0], cmd[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v %s", cmd, err, out)
+		}
+	}
+	dl, err := lab.NewDelayLine(lab.DelayConfig{NSPath: "/run/netns/" + l.UnderlayNetNS(), Name: l.Prefix() + "dl", Loss: 0.2, Seed: 1,
+		Routes: []netip.Prefix{netip.PrefixFrom(a.Addr.Addr(), 32), netip.PrefixFrom(b.Addr.Addr(), 32)}})
+	if err != nil {
+		t.Fatalf("delay line: %v", err)
+	}
+	t.Cleanup(func() { dl.Close() })
+	crossCheck(a, b, 0.12, 0.28, 200*time.Second)
+	t.Logf("delay line: %+v", dl.Stats())
+}
