@@ -272,3 +272,60 @@ func TestWireGuardCountsByPeer(t *testing.T) {
 		t.Fatalf("counts %+v, want only b's", got)
 	}
 }
+
+// The endpoints on a real peer: its container↔bridge segment measured by real ICMP from the
+// host, an on-demand echo from inside the container to its gateway, the segments section
+// of the status, and bad requests refused by name.
+func TestSegmentsAPI(t *testing.T) {
+	p := startPeer(t, t.TempDir())
+	ctx := context.Background()
+	ctr := newContainer(t)
+	if _, err := p.client.Add(ctx, addReq("seg1", ctr)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var st SegmentsStatus
+		if err := p.client.Get(ctx, "/v1/segments", &st); err != nil {
+			t.Fatal(err)
+		}
+		if len(st.Bridges) == 1 && st.Bridges[0].Network == DefaultNetwork && st.Bridges[0].Samples > 0 &&
+			st.Bridges[0].Loss == 0 && st.Bridges[0].RTTms < 50 && st.Self == "p1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no container↔bridge figure within 30s: %+v", st)
+		}
+		time.Sleep(200 * time.Millisecond) // polling with a deadline
+	}
+	var res MeasureResult
+	if err := p.client.Post(ctx, "/v1/segments/measure", MeasureRequest{Address: netip.MustParseAddr("10.40.0.1"), Count: 3}, &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.Sent != 3 || res.Lost != 0 || len(res.Samples) != 3 || res.MaxMs > 100 || res.From == "" {
+		t.Fatalf("measurement from the container to its gateway: %+v", res)
+	}
+	if st := p.status(); st.Segments == nil || len(st.Segments.Bridges) != 1 {
+		t.Fatalf("status segments %+v", st.Segments)
+	}
+	for _, bad := range []struct {
+		method, path string
+		body         any
+		code         uint
+	}{
+		{"GET", "/v1/segments?peer=nosuch", nil, 7},
+		{"POST", "/v1/segments/measure", MeasureRequest{Address: netip.MustParseAddr("10.40.0.1"), Count: 99}, 7},
+		{"POST", "/v1/segments/measure", MeasureRequest{Address: netip.MustParseAddr("10.40.0.1"), ContainerID: "nosuch"}, 7},
+		{"POST", "/v1/segments/measure", map[string]any{"bogus": 1}, 6},
+	} {
+		var err error
+		if bad.method == "GET" {
+			err = p.client.Get(ctx, bad.path, &SegmentsStatus{})
+		} else {
+			err = p.client.Post(ctx, bad.path, bad.body, &MeasureResult{})
+		}
+		if code := codeOf(err); code != bad.code {
+			t.Errorf("%s %s %+v: %v (code %d), want code %d", bad.method, bad.path, bad.body, err, code, bad.code)
+		}
+	}
+}
