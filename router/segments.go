@@ -824,7 +824,9 @@ func (s *segmentsPart) measure(ctx context.Context, req MeasureRequest) (Measure
 		if a.NetNS == "" || !a.Address.Is4() {
 			continue
 		}
-		if req.ContainerID != "" && a.ContainerID == req.ContainerID || req.ContainerID == "" && a.Network == network {
+		// A container named: any of its interfaces, or the one on the network named;
+		// none named: any container of the network (default when none is named either).
+		if (req.ContainerID == "" || a.ContainerID == req.ContainerID) && (req.ContainerID != "" && req.Network == "" || a.Network == network) {
 			from = &a
 			break
 		}
