@@ -181,6 +181,8 @@ func (p *Peer) apiHandler() http.Handler {
 	})
 	route("", "/v1/policies/{name}", "policy", p.policyEndpoint)
 	route(http.MethodGet, "/v1/policy/explain", "policy_explain", p.policyExplain) // router/netpol.go
+	route(http.MethodGet, "/v1/segments", "segments", p.segmentsEndpoint)
+	route(http.MethodPost, "/v1/segments/measure", "segments_measure", p.segmentsMeasure)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})

@@ -84,6 +84,11 @@ func (p *Peer) startMesh(ctx context.Context, advertise netip.Addr) (*mesh.Mesh,
 	if err := m.RegisterChannel(mesh.LinkStateChannelName, p.linkStateChannel(m)); err != nil {
 		return nil, err
 	}
+	if p.segs != nil { // segment figures and tunnel counters (router/segments.go)
+		if err := m.RegisterChannel(segmentsChannel, p.segs); err != nil {
+			return nil, err
+		}
+	}
 	if err := m.Start(ctx); err != nil {
 		m.Close()
 		return nil, err

@@ -69,8 +69,8 @@ func dialIn(path string, to netip.AddrPort, timeout time.Duration) (net.Conn, er
 	return c, err
 }
 
-// echo sends one line on c and reads it back.
-func echo(c net.Conn, msg string) error {
+// roundTrip sends one line on c and reads it back.
+func roundTrip(c net.Conn, msg string) error {
 	c.SetDeadline(time.Now().Add(2 * time.Second))
 	if _, err := c.Write([]byte(msg)); err != nil {
 		return err
@@ -175,7 +175,7 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 		c.Close()
 		t.Fatal("client→db connected under the policy")
 	}
-	if err := echo(open, "still open\n"); err != nil {
+	if err := roundTrip(open, "still open\n"); err != nil {
 		t.Fatalf("the connection opened before the policy: %v", err)
 	}
 	drops := func() float64 {
@@ -238,7 +238,7 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 			code, _ := apiCall(t, h, "POST", "/v1/policies", policyBody("other", f), nil)
 			return code == 200
 		})
-		if err := echo(open, fmt.Sprintf("update %d\n", i)); err != nil {
+		if err := roundTrip(open, fmt.Sprintf("update %d\n", i)); err != nil {
 			t.Fatalf("the open connection after update %d: %v", i, err)
 		}
 	}

@@ -66,6 +66,9 @@ type Peer struct {
 	policy     *policyPart
 	policyKick chan struct{} // wakes the policy loop on a table change
 
+	// Issue #16: per-segment measurement and interface counters (router/segments.go).
+	segs *segmentsPart
+
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.
 	keyLocks [64]sync.Mutex
@@ -175,6 +178,9 @@ func (p *Peer) Run(ctx context.Context) error {
 		return err
 	}
 	p.dnsServer.SetNearest(p.nearest)
+	if err := p.newPeerSegments(advertise); err != nil {
+		return err
+	}
 	stops = append(stops, p.stopDatapath)
 	meshCtx, stopMesh := context.WithCancel(ctx)
 	p.mesh, err = p.startMesh(meshCtx, advertise)
@@ -209,6 +215,12 @@ func (p *Peer) Run(ctx context.Context) error {
 	}()
 	stops = append(stops, func() { stopMesh(); <-polDone })
 	stops = append(stops, p.startHistory(meshCtx, advertise))
+	segDone := make(chan struct{})
+	go func() {
+		defer close(segDone)
+		p.segs.run(meshCtx)
+	}()
+	stops = append(stops, func() { stopMesh(); <-segDone })
 
 	api, err := p.listenAPI()
 	if err != nil {

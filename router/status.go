@@ -17,6 +17,9 @@ type Status struct {
 	DataDir     string             `json:"data_dir"`
 	Networks    []NetworkStatus    `json:"networks"`
 	Attachments []AttachmentStatus `json:"attachments"`
+	// Segments: per-segment figures and interface counters (#16); absent before the peer
+	// measures.
+	Segments *SegmentsStatus `json:"segments,omitempty"`
 }
 
 // NetworkStatus is one network as this peer serves it.
@@ -69,6 +72,7 @@ func (p *Peer) status() Status {
 			NetNS: a.NetNS, Created: a.Created, Labels: a.Labels,
 		})
 	}
+	st.Segments = p.segmentsStatus()
 	return st
 }
 

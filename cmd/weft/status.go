@@ -25,6 +25,8 @@ func newStatusCmd() *cobra.Command {
 			func() any { return &[]router.Connection{} }, func(out io.Writer, v any) { printConnections(out, *v.(*[]router.Connection)) }),
 		statusCommand("routes", "Show, per remote peer (and per SLA class when networks have classes of their own), the chosen path, the networks it serves, its measured RTT, jitter and loss, and whether the SLA holds", "/v1/routes",
 			func() any { return &[]router.Route{} }, func(out io.Writer, v any) { printRoutes(out, *v.(*[]router.Route)) }),
+		statusCommand("segments", "Show, per peer and network, each segment of the path (container↔bridge, underlay, link, remote container↔bridge, end to end) against its baseline and which one grew; and the counters of the interfaces weft owns", "/v1/segments",
+			func() any { return &router.SegmentsStatus{} }, func(out io.Writer, v any) { printSegments(out, *v.(*router.SegmentsStatus)) }),
 		statusCommand("ipam", "Show the address range, every peer's blocks, the Raft leader and voters", "/v1/ipam",
 			func() any { return &router.IPAMStatus{} }, func(out io.Writer, v any) { printIPAM(out, *v.(*router.IPAMStatus)) }),
 		newStatusRatesCmd(), // cmd/weft/rates.go
@@ -155,6 +157,58 @@ func printRoutes(out io.Writer, routes []router.Route) {
 		}
 	}
 	tw.Flush()
+}
+
+// printSegments: one row per segment of each path, marked when it grew against its
+// baseline, then the interface counters.
+func printSegments(out io.Writer, st router.SegmentsStatus) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tNETWORK\tSEGMENT\tRTT p50\tLOSS\tBASELINE\tGREW")
+	row := func(peer, network string, f router.SegmentFigure) {
+		rtt, base, grew := "?", "-", ""
+		if f.Samples > 0 {
+			rtt = fmt.Sprintf("%.3fms", f.RTTms)
+			if f.Estimated {
+				rtt = "~" + rtt + " (sum)"
+			}
+		}
+		if f.HasBaseline {
+			base = fmt.Sprintf("%.3fms %.1f%%", f.BaselineRTTms, f.BaselineLoss*100)
+		}
+		if f.Grew {
+			grew = fmt.Sprintf("GREW +%.3fms", f.RTTms-f.BaselineRTTms)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1f%%\t%s\t%s\n", peer, orDash(network), f.Segment, rtt, f.Loss*100, base, grew)
+	}
+	for _, b := range st.Bridges {
+		row("(local)", b.Network, b.SegmentFigure)
+	}
+	for _, p := range st.Paths {
+		for _, f := range p.Segments {
+			row(p.Peer, p.Network, f)
+		}
+		slow := "none grew"
+		if p.Slow != "" {
+			slow = "slow segment: " + p.Slow
+		}
+		if p.LossCrossCheck != nil {
+			slow += fmt.Sprintf("; tunnel loss (sender TX vs receiver RX) %.1f%%", *p.LossCrossCheck*100)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t→ %s\t\t\t\t\n", p.Peer, orDash(p.Network), slow)
+	}
+	tw.Flush()
+	fmt.Fprintln(out)
+	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "IFACE\tKIND\tRX PKTS\tTX PKTS\tRX BYTES\tTX BYTES\tERRORS rx/tx\tDROPS rx/tx\tOVERRUNS")
+	for _, f := range st.Interfaces {
+		c := f.Counters
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%d\t%d/%d\t%d/%d\t%d\n", f.Name, f.Kind, c.RxPackets, c.TxPackets, c.RxBytes, c.TxBytes,
+			c.RxErrors, c.TxErrors, c.RxDropped, c.TxDropped, c.Overruns)
+	}
+	tw.Flush()
+	if st.InterfacesDropped > 0 {
+		fmt.Fprintf(out, "(%d more interfaces not shown)\n", st.InterfacesDropped)
+	}
 }
 
 func printLink(tw io.Writer, what string, h router.Hop) {
