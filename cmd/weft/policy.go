@@ -36,7 +36,7 @@ func newPolicyApplyCmd() *cobra.Command {
 	var file string
 	cmd := &cobra.Command{
 		Use:   "apply -f FILE",
-		Short: "Create or replace a policy from a YAML or JSON file (its name from `name` or `metadata.name`; - reads stdin)",
+		Short: "Create or replace a policy from a YAML or JSON file (its name from the file's `name`; - reads stdin)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			data, err := readPolicyFile(cmd.InOrStdin(), file)
@@ -83,26 +83,21 @@ func readPolicyFile(in io.Reader, path string) ([]byte, error) {
 	return data, nil
 }
 
-// errNoPolicyName: the file names its policy neither at the top nor in metadata.
-var errNoPolicyName = errors.New(`the file has no "name" and no "metadata.name"`)
+// errNoPolicyName: the file does not name its policy.
+var errNoPolicyName = errors.New(`the file has no top-level "name"`)
 
-// policyName reads the policy's name from the file: the top-level `name`, else
-// `metadata.name` (as Kubernetes objects carry it). YAML is a superset of JSON, so one parser
-// reads both; the peer's validator reports anything else wrong with the file. Pure.
+// policyName reads the policy's name from the file's top-level `name` (the only place the
+// peer's parser reads it: a Kubernetes-style `metadata.name` is refused there as an unknown
+// field, so it is not accepted here either). YAML is a superset of JSON, so one parser reads
+// both; the peer's validator reports anything else wrong with the file. Pure.
 func policyName(data []byte) (string, error) {
 	var doc struct {
-		Name     any `yaml:"name"`
-		Metadata struct {
-			Name any `yaml:"name"`
-		} `yaml:"metadata"`
+		Name any `yaml:"name"`
 	}
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return "", fmt.Errorf("not YAML or JSON: %w", err)
 	}
 	name := doc.Name
-	if name == nil {
-		name = doc.Metadata.Name
-	}
 	switch s, ok := name.(string); {
 	case name == nil:
 		return "", errNoPolicyName

@@ -22,10 +22,9 @@ func TestPolicyName(t *testing.T) {
 	for _, tt := range []struct{ in, want, err string }{
 		{`{"name": "db", "network": "default"}`, "db", ""},
 		{"name: db\nnetwork: default\n", "db", ""},
-		{"apiVersion: weft/v1\nkind: Policy\nmetadata:\n  name: db-only\nspec: {}\n", "db-only", ""},
-		{`{"metadata": {"name": "m"}, "name": "top"}`, "top", ""},
-		{"network: default\n", "", `no "name"`},
-		{`{"name": ""}`, "", `no "name"`},
+		{"metadata:\n  name: db-only\n", "", `no top-level "name"`},
+		{"network: default\n", "", `no top-level "name"`},
+		{`{"name": ""}`, "", `no top-level "name"`},
 		{`{"name": 5}`, "", "not a string"},
 		{`{"name": ["a"]}`, "", "not a string"},
 		{"name: [unclosed\n", "", "not YAML or JSON"},
@@ -158,7 +157,7 @@ func TestPolicyCommands(t *testing.T) {
 	sock := fp.start(t)
 	dir := t.TempDir()
 	yamlFile := filepath.Join(dir, "db.yaml")
-	os.WriteFile(yamlFile, []byte("metadata:\n  name: db-only\nnetwork: default\n"), 0o600)
+	os.WriteFile(yamlFile, []byte("name: db-only\nnetwork: default\n"), 0o600)
 	jsonFile := filepath.Join(dir, "web.json")
 	os.WriteFile(jsonFile, []byte(`{"name": "web", "network": "default", "ingress": []}`), 0o600)
 	garbage := filepath.Join(dir, "bad.json")
@@ -177,7 +176,7 @@ func TestPolicyCommands(t *testing.T) {
 	if _, err = runWeft(t, "--socket", sock, "policy", "apply", "-f", garbage); err == nil || !strings.Contains(err.Error(), "not YAML or JSON") {
 		t.Fatalf("apply garbage: %v", err)
 	}
-	if _, err = runWeft(t, "--socket", sock, "policy", "apply", "-f", noName); err == nil || !strings.Contains(err.Error(), `no "name"`) {
+	if _, err = runWeft(t, "--socket", sock, "policy", "apply", "-f", noName); err == nil || !strings.Contains(err.Error(), `no top-level "name"`) {
 		t.Fatalf("apply without a name: %v", err)
 	}
 	if _, err = runWeft(t, "--socket", sock, "policy", "apply", "-f", filepath.Join(dir, "missing")); err == nil {
@@ -234,7 +233,7 @@ func TestPolicyCommands(t *testing.T) {
 	defer fp.mu.Unlock()
 	want := []string{"POST /v1/policies", "POST /v1/policies", "POST /v1/policies", "GET /v1/policies", "GET /v1/policies",
 		"GET /v1/policies/web", "GET /v1/policies/nope", "DELETE /v1/policies/web", "GET /v1/policies", "POST /v1/labels", "POST /v1/labels"}
-	if len(fp.policies) != 1 || fp.policies["db-only"].Network != "default" || !strings.Contains(string(fp.policies["db-only"].Spec), "metadata:") {
+	if len(fp.policies) != 1 || fp.policies["db-only"].Network != "default" || !strings.Contains(string(fp.policies["db-only"].Spec), "name: db-only") {
 		t.Fatalf("policies the peer holds: %+v", fp.policies)
 	}
 	if strings.Join(fp.reqs, "\n") != strings.Join(want, "\n") {
