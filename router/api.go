@@ -179,6 +179,8 @@ func (p *Peer) apiHandler() http.Handler {
 		return p.setLabels(req)
 	})
 	route("", "/v1/policies/{name}", "policy", p.policyEndpoint)
+	route("", "/v1/perf", "perf", p.perfAPI)                // router/perf.go
+	route(http.MethodGet, "/v1/trace", "trace", p.traceAPI) // router/trace.go
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})

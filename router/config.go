@@ -158,6 +158,9 @@ type Config struct {
 	SRIOVRescan time.Duration
 	// SRIOVPF overrides SRIOVPFConfig with a given configurator (tests).
 	SRIOVPF sriov.PFConfig
+	// PerfMaxRate caps `weft perf` tests from and to this peer, bits/s; 0 means
+	// DefaultPerfMaxRate (router/perf.go).
+	PerfMaxRate int64
 
 	// ValidatePolicy checks policy files (issue #15; the lead wires netpol.Parse); nil: this
 	// peer refuses `weft policy apply` with a 400 saying so.

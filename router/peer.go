@@ -60,6 +60,8 @@ type Peer struct {
 	labels   *labelStore
 	polWatch policyWatch
 
+	perf perfState // `weft perf`, its own lock (router/perf.go)
+
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.
 	keyLocks [64]sync.Mutex
@@ -258,6 +260,7 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 		DeadVoterGrace: p.cfg.VoterGrace,
 		ReclaimAfter:   p.cfg.ReclaimAfter,
 		ValidatePolicy: p.cfg.ValidatePolicy,
+		PeerRPC:        p.peerRPCHandler(), // weft perf between peers (router/perf.go)
 		Networks:       []ipam.Network{p.cfg.defaultNetwork()},
 		Logger:         p.log.With("component", "raft"),
 	})
