@@ -133,6 +133,9 @@ type perfSinkReport struct {
 
 // perfState is a peer's part in tests. mu guards every field.
 type perfState struct {
+	// nsPrefix names the endpoints' namespaces; "" means "weft-perf-" (tests set their own).
+	nsPrefix string
+
 	mu      sync.Mutex
 	busy    string // what this peer is doing, "" when idle
 	sink    *perfSink
@@ -197,7 +200,7 @@ func ParseRate(s string) (int64, error) {
 		}
 	}
 	v, err := strconv.ParseFloat(t, 64)
-	if err != nil || v <= 0 || v*mult > 1e12 {
+	if err != nil || !(v > 0) || !(v*mult <= 1e12) { // NaN fails both
 		return 0, fmt.Errorf("rate %q: want a positive number of bits per second up to 1000g, e.g. 100mbit", s)
 	}
 	return int64(v * mult), nil
@@ -305,7 +308,11 @@ func (p *Peer) newPerfEndpoint(ctx context.Context, id, network string) (*perfEn
 		return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig,
 			"perf: network %s is an sriov network; its containers hold VFs, and a test endpoint would take one", network)
 	}
-	ep := &perfEndpoint{id: "weft-perf-" + id, netns: "weft-perf-" + id}
+	prefix := p.perf.nsPrefix
+	if prefix == "" {
+		prefix = "weft-perf-"
+	}
+	ep := &perfEndpoint{id: "weft-perf-" + id, netns: prefix + id}
 	if ep.path, err = nslab.CreateNetNS(ep.netns); err != nil {
 		return nil, fmt.Errorf("perf endpoint: %w", err)
 	}
@@ -486,9 +493,14 @@ func (p *Peer) stopSink(id string) (*perfSinkReport, error) {
 	p.perf.sink = nil
 	p.perf.mu.Unlock()
 	s.timer.Stop()
-	select {
-	case <-s.done:
-	case <-time.After(5 * time.Second):
+	s.mu.Lock()
+	accepted := s.conn != nil
+	s.mu.Unlock()
+	if accepted { // the stream's last bytes may still be on the way
+		select {
+		case <-s.done:
+		case <-time.After(5 * time.Second):
+		}
 	}
 	s.tcp.Close()
 	s.udp.Close()
