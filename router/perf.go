@@ -50,8 +50,10 @@ const (
 	perfResultsKept = 20
 	// perfProbeEvery paces the UDP latency probes (50 a second).
 	perfProbeEvery = 20 * time.Millisecond
-	// perfChunk is one write of the TCP stream.
-	perfChunk = 64 << 10
+	// perfChunkMax and perfChunkMin bound one write of the TCP stream: 10 ms of the rate
+	// between the two (large writes cost less per byte; small ones keep a slow stream smooth).
+	perfChunkMax = 256 << 10
+	perfChunkMin = 16 << 10
 	// perfSinkGrace: a sink whose requester never says stop is removed this long after the
 	// test should have ended (a requester that died mid-test).
 	perfSinkGrace = 20 * time.Second
@@ -133,7 +135,7 @@ type perfSinkReport struct {
 
 // perfState is a peer's part in tests. mu guards every field.
 type perfState struct {
-	// nsPrefix names the endpoints' namespaces; "" means "weft-perf-" (tests set their own).
+	// nsPrefix names the endpoints' namespaces; "" means perfNetNSPrefix (tests set their own).
 	nsPrefix string
 
 	mu      sync.Mutex
@@ -310,7 +312,7 @@ func (p *Peer) newPerfEndpoint(ctx context.Context, id, network string) (*perfEn
 	}
 	prefix := p.perf.nsPrefix
 	if prefix == "" {
-		prefix = "weft-perf-"
+		prefix = perfNetNSPrefix(p.cfg.Name)
 	}
 	ep := &perfEndpoint{id: "weft-perf-" + id, netns: prefix + id}
 	if ep.path, err = nslab.CreateNetNS(ep.netns); err != nil {
@@ -340,6 +342,16 @@ func (p *Peer) closePerfEndpoint(ep *perfEndpoint) {
 	if err := nslab.DeleteNetNS(ep.netns); err != nil {
 		p.log.Warn("perf: endpoint namespace not removed", "netns", ep.netns, "err", err)
 	}
+}
+
+// perfNetNSPrefix names a peer's test namespaces "PEER-perf-ID" (`ip netns` shows whose they
+// are, and a lab's cleanup of its prefix finds them), or "weft-perf-ID" when the peer's name
+// would not make a plain file name.
+func perfNetNSPrefix(peer string) string {
+	if len(peer) == 0 || len(peer) > 64 || strings.Trim(peer, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") != "" || peer[0] == '.' || peer[0] == '-' {
+		return "weft-perf-"
+	}
+	return peer + "-perf-"
 }
 
 // inNetNS runs fn on a thread in the namespace at path: sockets made there stay there.
@@ -441,7 +453,7 @@ func (s *perfSink) receive() {
 		s.mu.Lock()
 		s.conn = c
 		s.mu.Unlock()
-		buf := make([]byte, 256<<10)
+		buf := make([]byte, 1<<20)
 		for {
 			n, err := c.Read(buf)
 			if n > 0 {
@@ -719,8 +731,9 @@ func (p *Peer) perfTest(ctx context.Context, req PerfRequest, res *PerfResult) e
 // perfSend writes a stream paced at rate bits/s for dur; the burst is 10 ms of the rate (at
 // least one write), so the receiver never sees more than rate plus that burst.
 func perfSend(ctx context.Context, c net.Conn, dur time.Duration, rate int64) (int64, error) {
-	buf := make([]byte, perfChunk)
-	burst := max(rate/8/100, perfChunk)
+	chunk := min(max(rate/8/100, perfChunkMin), perfChunkMax)
+	buf := make([]byte, chunk)
+	burst := max(rate/8/100, chunk)
 	start := time.Now()
 	end := start.Add(dur)
 	c.SetWriteDeadline(end.Add(time.Second))

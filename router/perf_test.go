@@ -32,6 +32,15 @@ func TestParseRate(t *testing.T) {
 	}
 }
 
+func TestPerfNetNSPrefix(t *testing.T) {
+	for peer, want := range map[string]string{"host-1.example": "host-1.example-perf-", "wpfperf-h0": "wpfperf-h0-perf-",
+		"": "weft-perf-", "a/b": "weft-perf-", "..": "weft-perf-", "-x": "weft-perf-", "h\u00e9": "weft-perf-", strings.Repeat("a", 65): "weft-perf-"} {
+		if got := perfNetNSPrefix(peer); got != want {
+			t.Errorf("perfNetNSPrefix(%q) = %q, want %q", peer, got, want)
+		}
+	}
+}
+
 func TestCheckPerf(t *testing.T) {
 	got, err := checkPerf(PerfRequest{Peer: "b"}, "a", 50e6)
 	if err != nil {
