@@ -191,6 +191,8 @@ func (p *Peer) Run(ctx context.Context) error {
 	}()
 	stops = append(stops, func() { stopMesh(); <-dpDone })
 
+	p.sweepPerfEndpoints() // test endpoints of a run stopped mid-test (router/perf.go)
+	stops = append(stops, p.stopPerf)
 	api, err := p.listenAPI()
 	if err != nil {
 		return err

@@ -23,6 +23,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -31,6 +32,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/weftnet/weft/cni"
 	"github.com/weftnet/weft/datapath/nslab"
@@ -137,6 +139,9 @@ type perfSinkReport struct {
 type perfState struct {
 	// nsPrefix names the endpoints' namespaces; "" means perfNetNSPrefix (tests set their own).
 	nsPrefix string
+	// tests counts tests by role (source, sink) and result (ok, error, refused); set once by
+	// peerRPCHandler, nil before (tests that build a peer in part).
+	tests *prometheus.CounterVec
 
 	mu      sync.Mutex
 	busy    string // what this peer is doing, "" when idle
@@ -178,6 +183,22 @@ func (s *perfState) list() []PerfResult {
 		out = []PerfResult{}
 	}
 	return out
+}
+
+// count records one test's outcome in the metrics.
+func (s *perfState) count(role string, err error) {
+	if s.tests == nil {
+		return
+	}
+	result := "ok"
+	if err != nil {
+		result = "error"
+		// Refused: busy (409) or bad input, answered before anything was made.
+		if ae := (*apiError)(nil); errors.As(err, &ae) && ae.status < 500 {
+			result = "refused"
+		}
+	}
+	s.tests.WithLabelValues(role, result).Inc()
 }
 
 // ParseRate reads a rate in bits per second: a number with an optional SI unit k, m or g
@@ -310,10 +331,7 @@ func (p *Peer) newPerfEndpoint(ctx context.Context, id, network string) (*perfEn
 		return nil, newAPIError(http.StatusBadRequest, types.ErrInvalidNetworkConfig,
 			"perf: network %s is an sriov network; its containers hold VFs, and a test endpoint would take one", network)
 	}
-	prefix := p.perf.nsPrefix
-	if prefix == "" {
-		prefix = perfNetNSPrefix(p.cfg.Name)
-	}
+	prefix := p.perfNSPrefix()
 	ep := &perfEndpoint{id: "weft-perf-" + id, netns: prefix + id}
 	if ep.path, err = nslab.CreateNetNS(ep.netns); err != nil {
 		return nil, fmt.Errorf("perf endpoint: %w", err)
@@ -339,9 +357,19 @@ func (p *Peer) closePerfEndpoint(ep *perfEndpoint) {
 	if err := p.cniDel(cni.AttachRequest{ContainerID: ep.id, IfName: perfIfName, NetNS: ep.path, CNINetwork: perfCNINetwork}); err != nil {
 		p.log.Warn("perf: endpoint not detached", "endpoint", ep.id, "err", err)
 	}
+	if ep.netns == "" {
+		return
+	}
 	if err := nslab.DeleteNetNS(ep.netns); err != nil {
 		p.log.Warn("perf: endpoint namespace not removed", "netns", ep.netns, "err", err)
 	}
+}
+
+func (p *Peer) perfNSPrefix() string {
+	if p.perf.nsPrefix != "" {
+		return p.perf.nsPrefix
+	}
+	return perfNetNSPrefix(p.cfg.Name)
 }
 
 // perfNetNSPrefix names a peer's test namespaces "PEER-perf-ID" (`ip netns` shows whose they
@@ -352,6 +380,32 @@ func perfNetNSPrefix(peer string) string {
 		return "weft-perf-"
 	}
 	return peer + "-perf-"
+}
+
+// sweepPerfEndpoints removes the test endpoints a peer stopped mid-test left: their
+// attachments (kept in the database like any other) and namespaces. Called at start.
+func (p *Peer) sweepPerfEndpoints() {
+	for _, a := range p.alloc.Attachments() {
+		if a.CNINetwork != perfCNINetwork || !strings.HasPrefix(a.ContainerID, "weft-perf-") {
+			continue
+		}
+		p.log.Info("perf: removing a test endpoint left by an earlier run", "endpoint", a.ContainerID, "address", a.Address)
+		ep := &perfEndpoint{id: a.ContainerID, path: a.NetNS}
+		if filepath.Dir(a.NetNS) == nslab.NetNSDir && strings.HasPrefix(filepath.Base(a.NetNS), p.perfNSPrefix()) {
+			ep.netns = filepath.Base(a.NetNS) // only a namespace this code made
+		}
+		p.closePerfEndpoint(ep)
+	}
+}
+
+// stopPerf removes a running sink when the peer stops (its requester gets an error).
+func (p *Peer) stopPerf() {
+	p.perf.mu.Lock()
+	s := p.perf.sink
+	p.perf.mu.Unlock()
+	if s != nil {
+		p.stopSink(s.id)
+	}
 }
 
 // inNetNS runs fn on a thread in the namespace at path: sockets made there stay there.
@@ -528,11 +582,18 @@ func (p *Peer) stopSink(id string) (*perfSinkReport, error) {
 	rep := s.report
 	s.mu.Unlock()
 	p.log.Info("perf: sink stopped", "test", id, "from", s.from, "bytes", rep.Bytes)
+	p.perf.count("sink", nil)
 	return &rep, nil
 }
 
 // peerRPCHandler serves other peers' requests on the authenticated peer transport.
 func (p *Peer) peerRPCHandler() http.Handler {
+	if p.perf.tests == nil {
+		p.perf.tests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_perf_tests_total",
+			Help: "weft perf tests this peer took part in, by role (source: it asked; sink: it received) and result (ok, error, refused: busy or bad input)."},
+			[]string{"role", "result"})
+		p.reg.MustRegister(p.perf.tests)
+	}
 	mux := http.NewServeMux()
 	serve := func(path string, h func(r *http.Request, from string) (any, error)) {
 		mux.HandleFunc("POST "+path, func(w http.ResponseWriter, r *http.Request) {
@@ -553,9 +614,14 @@ func (p *Peer) peerRPCHandler() http.Handler {
 	serve(perfRPCStart, func(r *http.Request, from string) (any, error) {
 		var req perfSinkRequest
 		if err := decode(r, &req); err != nil {
+			p.perf.count("sink", err)
 			return nil, err
 		}
-		return p.startSink(r.Context(), from, req)
+		ready, err := p.startSink(r.Context(), from, req)
+		if err != nil {
+			p.perf.count("sink", err)
+		}
+		return ready, err
 	})
 	serve(perfRPCStop, func(r *http.Request, _ string) (any, error) {
 		var req perfStopRequest
@@ -612,15 +678,20 @@ func (p *Peer) peerCall(ctx context.Context, peer, path string, in, out any) err
 // runPerf is POST /v1/perf: one test from this peer to req.Peer, recorded whatever its end.
 func (p *Peer) runPerf(ctx context.Context, req PerfRequest) (*PerfResult, error) {
 	req, err := checkPerf(req, p.cfg.Name, p.perfMaxRate())
-	if err != nil {
-		return nil, err
-	}
-	if pr, ok := p.mesh.Peer(req.Peer); !ok || !pr.Up() {
-		return nil, newAPIError(http.StatusNotFound, types.ErrInvalidNetworkConfig, "perf: peer %q is not a live member of the mesh", req.Peer)
+	if err == nil {
+		if pr, ok := p.mesh.Peer(req.Peer); !ok || !pr.Up() {
+			err = newAPIError(http.StatusNotFound, types.ErrInvalidNetworkConfig, "perf: peer %q is not a live member of the mesh", req.Peer)
+		}
 	}
 	id := newPerfID()
-	if err := p.perf.take(fmt.Sprintf("peer %s is running test %s to %s", p.cfg.Name, id, req.Peer)); err != nil {
-		return nil, newAPIError(http.StatusConflict, types.ErrTryAgainLater, "%v", err)
+	if err == nil {
+		if err = p.perf.take(fmt.Sprintf("peer %s is running test %s to %s", p.cfg.Name, id, req.Peer)); err != nil {
+			err = newAPIError(http.StatusConflict, types.ErrTryAgainLater, "%v", err)
+		}
+	}
+	if err != nil {
+		p.perf.count("source", err)
+		return nil, err
 	}
 	defer p.perf.release()
 	res := &PerfResult{ID: id, From: p.cfg.Name, To: req.Peer, Network: req.Network, Started: time.Now(), RateCap: req.Rate}
@@ -628,6 +699,7 @@ func (p *Peer) runPerf(ctx context.Context, req PerfRequest) (*PerfResult, error
 	if err != nil {
 		res.Error = err.Error()
 	}
+	p.perf.count("source", err)
 	p.perf.record(*res)
 	p.log.Info("perf: test done", "test", id, "to", req.Peer, "throughput", res.Throughput, "rtt_p50_ms", res.RTTP50ms, "err", err)
 	return res, err

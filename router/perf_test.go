@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weftnet/weft/datapath/nslab"
 )
@@ -261,6 +263,19 @@ func TestPerfSinkLifecycle(t *testing.T) {
 	if !errors.As(err, &ae) || ae.status != http.StatusConflict || ae.body.Code != types.ErrTryAgainLater || !strings.Contains(err.Error(), "from p0") {
 		t.Errorf("second sink = %v, want 409 naming the running test", err)
 	}
+	// Over the peer transport's handler: a busy sink and bad JSON are refused, and counted.
+	h := p.peerRPCHandler()
+	for body, want := range map[string]int{`{"id":"0000000e","network":"default","source":"10.0.0.1","seconds":1,"rate":1}`: http.StatusConflict,
+		`{"id":"0000000e","bogus":1}`: http.StatusBadRequest} {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, perfRPCStart, strings.NewReader(body)))
+		if rec.Code != want {
+			t.Errorf("POST %s %s = %d %s, want %d", perfRPCStart, body, rec.Code, rec.Body, want)
+		}
+	}
+	if got := testutil.ToFloat64(p.perf.tests.WithLabelValues("sink", "refused")); got != 2 {
+		t.Errorf("refused sinks counted %v, want 2", got)
+	}
 	// Bad input is refused before anything is made.
 	for _, bad := range []perfSinkRequest{{ID: "zz", Source: "10.0.0.1", Seconds: 1, Rate: 1}, {ID: "0000000d", Source: "nope", Seconds: 1, Rate: 1},
 		{ID: "0000000d", Source: "10.0.0.1", Seconds: 99, Rate: 1}, {ID: "0000000d", Source: "10.0.0.1", Seconds: 1, Rate: 2e9}} {
@@ -326,8 +341,37 @@ func TestPerfSinkLifecycle(t *testing.T) {
 	if _, err := p.stopSink(req.ID); err == nil {
 		t.Error("stopping a stopped sink succeeded")
 	}
+	if got := testutil.ToFloat64(p.perf.tests.WithLabelValues("sink", "ok")); got != 1 {
+		t.Errorf("sinks counted ok %v, want 1", got)
+	}
 	if err := p.perf.take("next"); err != nil {
 		t.Errorf("peer still busy after the sink stopped: %v", err)
+	}
+}
+
+// A peer stopped mid-test leaves its endpoint in the database and the kernel; the next start
+// removes both.
+func TestPerfEndpointsSweptAtStart(t *testing.T) {
+	dir := t.TempDir()
+	prefix := fmt.Sprintf("wpf-%d-", os.Getpid())
+	p := startWiredPeer(t, dir, nil, func(p *Peer) { p.perf.nsPrefix = prefix })
+	ep, err := p.newPerfEndpoint(context.Background(), "0000002a", DefaultNetwork)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nslab.DeleteNetNS(ep.netns) })
+	p.stop()
+	if _, err := os.Stat(ep.path); err != nil {
+		t.Fatalf("the endpoint's namespace should outlive the stopped peer: %v", err)
+	}
+	p = startWiredPeer(t, dir, nil, func(p *Peer) { p.perf.nsPrefix = prefix })
+	for _, a := range p.alloc.Attachments() {
+		if a.ContainerID == ep.id {
+			t.Errorf("attachment %s left after a restart", a.ContainerID)
+		}
+	}
+	if _, err := os.Stat(ep.path); !os.IsNotExist(err) {
+		t.Errorf("namespace %s left after a restart: %v", ep.path, err)
 	}
 }
 
