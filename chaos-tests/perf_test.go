@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -52,11 +53,13 @@ func iperf3Rate(t *testing.T, ctx context.Context, src, dst placed, secs int, ex
 	}()
 	waitFor(t, ctx, 20*time.Second, "an iperf3 run", func() error {
 		out, err := src.ctr.Exec(ctx, "iperf3", args...)
+		res.Error = "" // a failed attempt's error stays unless cleared: a good answer has none
 		if jerr := json.Unmarshal(out, &res); jerr != nil {
 			return fmt.Errorf("iperf3: %v, output %v: %s", err, jerr, out)
 		}
 		if res.Error != "" || res.End.SumReceived.BitsPerSecond <= 0 { // refused until the server listens
-			return fmt.Errorf("iperf3: %v: %s", err, res.Error)
+			ss, _ := dst.ctr.Exec(ctx, "ss", "-ltnp")
+			return fmt.Errorf("iperf3: %v: %s; listening in %s: %s", err, res.Error, dst.ctr.Name, ss)
 		}
 		return nil
 	})
@@ -100,24 +103,32 @@ func TestPerf(t *testing.T) {
 	waitPing(t, ctx, cs[0].ctr, cs[1].addr)
 
 	t.Run("throughput within 0.8-1.2x of iperf3 between the same containers", func(t *testing.T) {
-		const secs = 4
-		// iperf3, weft perf, iperf3 again: the noise of a shared machine hits both.
-		ip1 := iperf3Rate(t, ctx, cs[0], cs[1], secs)
-		// A cap far above what the path carries: the path limits both.
-		r, err := runPerf(ctx, a, b.Name, "--seconds", fmt.Sprint(secs), "--rate", "50gbit")
-		if err != nil {
-			t.Fatal(err)
+		const secs = 3
+		// iperf3 and weft perf in turn, each at its best of the runs: on a shared machine
+		// other work slows single runs of both, never speeds one up.
+		var ips, perfs []float64
+		var r router.PerfResult
+		for i := range 5 {
+			if i%2 == 0 {
+				ips = append(ips, iperf3Rate(t, ctx, cs[0], cs[1], secs))
+				continue
+			}
+			// A cap far above what the path carries: the path limits both.
+			var err error
+			if r, err = runPerf(ctx, a, b.Name, "--seconds", fmt.Sprint(secs), "--rate", "50gbit"); err != nil {
+				t.Fatal(err)
+			}
+			perfs = append(perfs, r.Throughput)
+			if r.From != a.Name || r.To != b.Name || r.Probes == 0 || r.RTTP50ms <= 0 || r.Received == 0 || r.Error != "" {
+				t.Errorf("result %+v", r)
+			}
 		}
-		ip2 := iperf3Rate(t, ctx, cs[0], cs[1], secs)
-		ref := (ip1 + ip2) / 2
-		ratio := r.Throughput / ref
-		t.Logf("iperf3 %.2f and %.2f Gbit/s, weft perf %.2f Gbit/s (ratio %.2f); rtt p50 %.3f ms p99 %.3f ms, jitter %.3f ms, loss %.1f%% of %d probes",
-			ip1/1e9, ip2/1e9, r.Throughput/1e9, ratio, r.RTTP50ms, r.RTTP99ms, r.JitterMs, r.Loss*100, r.Probes)
+		ref, got := slices.Max(ips), slices.Max(perfs)
+		ratio := got / ref
+		t.Logf("iperf3 %v Gbit/s, weft perf %v Gbit/s: best %.2f against %.2f, ratio %.2f; last rtt p50 %.3f ms p99 %.3f ms, jitter %.3f ms, loss %.1f%% of %d probes",
+			gbit(ips), gbit(perfs), got/1e9, ref/1e9, ratio, r.RTTP50ms, r.RTTP99ms, r.JitterMs, r.Loss*100, r.Probes)
 		if ratio < 0.8 || ratio > 1.2 {
-			t.Errorf("weft perf %.2f Gbit/s against iperf3 %.2f Gbit/s: ratio %.2f, want 0.8-1.2", r.Throughput/1e9, ref/1e9, ratio)
-		}
-		if r.From != a.Name || r.To != b.Name || r.Probes == 0 || r.RTTP50ms <= 0 || r.Received == 0 || r.Error != "" {
-			t.Errorf("result %+v", r)
+			t.Errorf("weft perf %.2f Gbit/s against iperf3 %.2f Gbit/s: ratio %.2f, want 0.8-1.2", got/1e9, ref/1e9, ratio)
 		}
 	})
 
@@ -191,6 +202,14 @@ func TestPerf(t *testing.T) {
 			}
 		}
 	})
+}
+
+func gbit(v []float64) string {
+	out := make([]string, len(v))
+	for i, x := range v {
+		out[i] = fmt.Sprintf("%.2f", x/1e9)
+	}
+	return strings.Join(out, " ")
 }
 
 func requireTool(t *testing.T, tool string) {

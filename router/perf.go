@@ -54,7 +54,7 @@ const (
 	perfProbeEvery = 20 * time.Millisecond
 	// perfChunkMax and perfChunkMin bound one write of the TCP stream: 10 ms of the rate
 	// between the two (large writes cost less per byte; small ones keep a slow stream smooth).
-	perfChunkMax = 256 << 10
+	perfChunkMax = 1 << 20
 	perfChunkMin = 16 << 10
 	// perfSinkGrace: a sink whose requester never says stop is removed this long after the
 	// test should have ended (a requester that died mid-test).
