@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -84,6 +85,9 @@ type ClusterConfig struct {
 	ValidatePolicy PolicyValidator
 	// Tune adjusts raft's configuration (tests shorten the timeouts).
 	Tune func(*raft.Config)
+	// PeerRPC, when set, serves PeerRPCPrefix on the authenticated RPC side (the router's
+	// peer-to-peer requests, e.g. `weft perf`); the caller is named by RequestPeerName.
+	PeerRPC http.Handler
 }
 
 // Cluster is this peer's Raft node for IPAM: a BlockOwner backed by the replicated log.

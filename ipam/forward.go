@@ -24,6 +24,9 @@ const forwardPath = "/v1/raft/apply"
 // tablePath serves a Raft member's block table to clients (see table.go).
 const tablePath = "/v1/raft/table"
 
+// PeerRPCPrefix is where ClusterConfig.PeerRPC is served.
+const PeerRPCPrefix = "/v1/peer/"
+
 // maxForwardBytes bounds a forwarded command; real ones are a few hundred bytes.
 const maxForwardBytes = 64 << 10
 
@@ -50,6 +53,9 @@ func (c *Cluster) ServeForwarded(ln net.Listener) (stop func()) {
 		w.Write(out)
 	})
 	mux.HandleFunc("GET "+tablePath, c.serveTable)
+	if c.cfg.PeerRPC != nil {
+		mux.Handle(PeerRPCPrefix, c.cfg.PeerRPC)
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 		ErrorLog: slog.NewLogLogger(c.log.Handler(), slog.LevelWarn)}
 	done := make(chan struct{})

@@ -183,6 +183,8 @@ func (p *Peer) apiHandler() http.Handler {
 	route(http.MethodGet, "/v1/policy/explain", "policy_explain", p.policyExplain) // router/netpol.go
 	route(http.MethodGet, "/v1/segments", "segments", p.segmentsEndpoint)
 	route(http.MethodPost, "/v1/segments/measure", "segments_measure", p.segmentsMeasure)
+	route("", "/v1/perf", "perf", p.perfAPI)                // router/perf.go
+	route(http.MethodGet, "/v1/trace", "trace", p.traceAPI) // router/trace.go
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, cni.Error{Code: types.ErrInvalidNetworkConfig, Message: fmt.Sprintf("no API endpoint %s %s", r.Method, r.URL.Path)})
 	})

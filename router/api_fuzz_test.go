@@ -38,6 +38,8 @@ var apiEndpoints = []struct{ method, path string }{
 	{http.MethodGet, "/v1/dns/lookup"},
 	{http.MethodPost, "/v1/rmpeer"},
 	{http.MethodPost, "/v1/nothing"},
+	{http.MethodPost, "/v1/perf"}, // after /v1/nothing: the seeds' indexes stay
+	{http.MethodGet, "/v1/trace"},
 }
 
 var cniVerb = map[string]bool{cni.PathAdd: true, cni.PathDel: true, cni.PathCheck: true, cni.PathGC: true, cni.PathStatus: true}
@@ -152,6 +154,10 @@ func FuzzControlAPI(f *testing.F) {
 		{16, `{"name":"ghost","force":true}`, ""},
 		{16, `{"name":"` + long + `"}`, ""},
 		{17, `{}`, ""},
+		{18, `{"peer":"ghost","seconds":30,"rate":1000000000}`, ""},
+		{18, `{"peer":"p1","network":"` + long + `","seconds":-1,"rate":-1}`, ""},
+		{19, "", "dst=10.40.0.1"},
+		{19, "", "dst=" + long},
 	}
 	for _, s := range seeds {
 		f.Add(uint8(s.ep), false, []byte(s.body), s.query)

@@ -158,6 +158,9 @@ type Config struct {
 	SRIOVRescan time.Duration
 	// SRIOVPF overrides SRIOVPFConfig with a given configurator (tests).
 	SRIOVPF sriov.PFConfig
+	// PerfMaxRate caps `weft perf` tests from and to this peer, bits/s; 0 means
+	// DefaultPerfMaxRate (router/perf.go).
+	PerfMaxRate int64
 
 	// ValidatePolicy checks policy files (issue #15); nil: netpol.Parse (New sets it), the
 	// validator whose specs the peer's enforcement reads (router/netpol.go).

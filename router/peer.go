@@ -69,6 +69,8 @@ type Peer struct {
 	// Issue #16: per-segment measurement and interface counters (router/segments.go).
 	segs *segmentsPart
 
+	perf perfState // `weft perf`, its own lock (router/perf.go)
+
 	// keyLocks serialise operations on one attachment (ADD racing DEL of the same container)
 	// without serialising different containers.
 	keyLocks [64]sync.Mutex
@@ -222,6 +224,8 @@ func (p *Peer) Run(ctx context.Context) error {
 	}()
 	stops = append(stops, func() { stopMesh(); <-segDone })
 
+	p.sweepPerfEndpoints() // test endpoints of a run stopped mid-test (router/perf.go)
+	stops = append(stops, p.stopPerf)
 	api, err := p.listenAPI()
 	if err != nil {
 		return err
@@ -291,6 +295,7 @@ func (p *Peer) startCluster(advertise netip.Addr, stops *[]func()) error {
 		DeadVoterGrace: p.cfg.VoterGrace,
 		ReclaimAfter:   p.cfg.ReclaimAfter,
 		ValidatePolicy: p.cfg.ValidatePolicy,
+		PeerRPC:        p.peerRPCHandler(), // weft perf between peers (router/perf.go)
 		Networks:       []ipam.Network{p.cfg.defaultNetwork()},
 		Logger:         p.log.With("component", "raft"),
 	})

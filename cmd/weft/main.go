@@ -39,7 +39,7 @@ func newRootCmd() *cobra.Command {
 		},
 	}
 	root.PersistentFlags().String("socket", "/run/weft/weft.sock", "control socket of the peer")
-	root.AddCommand(newPeerCmd(), newStatusCmd(), newConnectCmd(), newForgetCmd(), newRmpeerCmd(), newRotateKeyCmd(), newDNSCmd(), newNetworkCmd(), newCapacityCmd(), newPolicyCmd(), newLabelCmd(), newKeygenCmd(), newVersionCmd())
+	root.AddCommand(newPeerCmd(), newStatusCmd(), newConnectCmd(), newForgetCmd(), newRmpeerCmd(), newRotateKeyCmd(), newDNSCmd(), newNetworkCmd(), newCapacityCmd(), newPolicyCmd(), newLabelCmd(), newPerfCmd(), newTraceCmd(), newTopCmd(), newKeygenCmd(), newVersionCmd())
 	return root
 }
 

@@ -32,6 +32,7 @@ func newPeerCmd() *cobra.Command {
 		dnsPort                                               int
 		dnsTTL, dnsDownGrace                                  time.Duration
 		sysfsRoot, devInfoDir, pfConfig                       string
+		perfMaxRate                                           string
 	)
 	cmd := &cobra.Command{
 		Use:   "peer",
@@ -66,6 +67,9 @@ func newPeerCmd() *cobra.Command {
 			}
 			cfg.DNSDomain, cfg.DNSPort, cfg.DNSTTL, cfg.DNSUpstreams, cfg.DNSDownGrace = dnsDomain, dnsPort, dnsTTL, dnsUpstreams, dnsDownGrace
 			cfg.SysfsRoot, cfg.SRIOVDeviceInfoDir, cfg.SRIOVPFConfig = sysfsRoot, devInfoDir, pfConfig
+			if cfg.PerfMaxRate, err = router.ParseRate(perfMaxRate); err != nil {
+				return fmt.Errorf("--perf-max-rate: %w", err)
+			}
 			if advertise != "" {
 				if cfg.AdvertiseAddr, err = netip.ParseAddr(advertise); err != nil {
 					return fmt.Errorf("--advertise-addr %q: %w", advertise, err)
@@ -124,5 +128,6 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&sysfsRoot, "sysfs-root", def.SysfsRoot, "where to read SR-IOV PFs and their VFs (a test tree in the lab)")
 	f.StringVar(&devInfoDir, "sriov-device-info-dir", def.SRIOVDeviceInfoDir, "where DPDK attachments' device-info files are written (Network Plumbing WG format)")
 	f.StringVar(&pfConfig, "sriov-pf-config", def.SRIOVPFConfig, "what programs VF settings (VLAN, spoof check, trust, link state, rates) on the PF: netlink, or record, a stand-in that only logs and remembers them, for hosts without real VFs (the lab)")
+	f.StringVar(&perfMaxRate, "perf-max-rate", "1gbit", "the highest rate a `weft perf` test from or to this peer may use (bits/s: 100mbit, 1gbit)")
 	return cmd
 }
