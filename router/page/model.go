@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/weftnet/weft/mesh/pathsel"
+	"github.com/weftnet/weft/mesh/segments"
 )
 
 // Link modes as the page colours them. ModeRelay marks a pair whose traffic goes through a
@@ -353,12 +354,19 @@ type IfaceSample struct {
 	TxDrop uint64    `json:"tx_dropped"`
 }
 
-// Interface is one interface weft owns (or the underlay NIC) and its recent throughput.
+// Interface is one interface weft owns (or the underlay NIC), or a network's container
+// veths summed (Kind veth, Name "veths:NETWORK"), with its counters (the ones
+// weft_iface_* exports) and its recent throughput.
 type Interface struct {
-	Name    string        `json:"name"`
-	RxBytes uint64        `json:"rx_bytes"`
-	TxBytes uint64        `json:"tx_bytes"`
-	Samples []IfaceSample `json:"samples"`
+	Name    string `json:"name"`
+	Kind    string `json:"kind"`              // bridge, veth, vxlan, wireguard, underlay
+	Network string `json:"network,omitempty"` // a bridge's or a veth sum's network
+	Members int    `json:"members,omitempty"` // veths summed into a veth row
+	RxBytes uint64 `json:"rx_bytes"`
+	TxBytes uint64 `json:"tx_bytes"`
+	// Counters: packets, bytes, errors, drops and overruns as last read.
+	Counters segments.Counters `json:"counters"`
+	Samples  []IfaceSample     `json:"samples"`
 }
 
 // HistoryKey names one ring: a peer measured over the underlay, through the link in use,
