@@ -292,13 +292,24 @@ func TestPageOnPeer(t *testing.T) {
 		if w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &ifs) != nil {
 			t.Fatalf("GET /api/interfaces: %d %s", w.Code, w.Body.String())
 		}
-		if slices.ContainsFunc(ifs, func(i page.Interface) bool { return i.Name == "weft" }) {
+		// The row is the one weft_iface_* exports: kind and network from the segments part.
+		if slices.ContainsFunc(ifs, func(i page.Interface) bool {
+			return i.Name == "weft" && i.Kind == "bridge" && i.Network == DefaultNetwork
+		}) {
 			break
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the bridge weft is not among the interfaces: %+v", ifs)
 		}
 		time.Sleep(100 * time.Millisecond) // polling for the sampler, with a deadline
+	}
+	var segs page.SegmentsView
+	if w := get("/api/segments"); w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &segs) != nil ||
+		segs.Self != "p1" || segs.Paths == nil || len(segs.Order) != 5 {
+		t.Fatalf("GET /api/segments: %d %s", w.Code, w.Body.String())
+	}
+	if w := get("/api/segments?peer=p2"); w.Code != http.StatusNotFound {
+		t.Fatalf("segments of an unknown peer: %d", w.Code)
 	}
 	if w := get("/api/history?peer=p2&via=over-the-rainbow"); w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), "over-the-rainbow") {
 		t.Fatalf("bad via: %d %s", w.Code, w.Body.String())
