@@ -3,23 +3,20 @@ package router
 import (
 	"context"
 	"maps"
-	"net"
-	"net/netip"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/segments"
 	"github.com/weftnet/weft/router/page"
 )
 
 // History for the status page: every historyEvery the peer samples each probed link (per
 // peer, over the underlay and through the link in use), the end-to-end figures of its
 // chosen path to each measured peer (through a relay or not), and the byte counters of the
-// interfaces weft owns, into fixed rings of historyLen samples (15 minutes). Memory is
+// interfaces weft owns (as weft_iface_* reads them), into fixed rings of historyLen samples (15 minutes). Memory is
 // bounded: a link sample is 56 B, so a ring is 10 kB; only measured peers get rings
 // (--probe-targets, 16 by default, plus relays: ~50 rings, 0.5 MB), and never more than
 // historyMaxRings (10 MB) nor historyMaxIfaces interface rings (56 B a sample, 5 MB).
@@ -83,15 +80,10 @@ func (r *ring[T]) last() (T, bool) {
 	return r.buf[i], true
 }
 
-// ifaceCounters is one reading of an interface's statistics.
-type ifaceCounters struct {
-	rxBytes, txBytes, rxDropped, txDropped uint64
-}
-
 // ifaceHistory is one interface's ring and its previous reading (rates are differences).
 type ifaceHistory struct {
 	ring     *ring[page.IfaceSample]
-	prev     ifaceCounters
+	prev     segments.Iface
 	prevT    time.Time
 	lastSeen time.Time
 }
@@ -136,29 +128,34 @@ func (h *history) recordLinks(via string, stats map[string]mesh.LinkStats, now t
 	}
 }
 
-// recordIfaces adds one throughput sample per interface from a reading of their counters.
-// A counter that went backwards (the interface was recreated) restarts its rate. O(ifaces).
-func (h *history) recordIfaces(read map[string]ifaceCounters, now time.Time) {
+// recordIfaces adds one throughput sample per interface from a reading of their counters
+// (segmentsPart.interfaces: the rows weft_iface_* exports, veths summed per network). A
+// counter that went backwards (the interface was recreated, a container left its network's
+// veth sum) restarts its rate. O(ifaces).
+func (h *history) recordIfaces(read []segments.Iface, now time.Time) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for name, c := range read {
-		ih := h.ifaces[name]
+	seen := make(map[string]bool, len(read))
+	for _, f := range read {
+		seen[f.Name] = true
+		ih := h.ifaces[f.Name]
 		if ih == nil {
 			if len(h.ifaces) >= historyMaxIfaces {
 				continue
 			}
-			h.ifaces[name] = &ifaceHistory{ring: newRing[page.IfaceSample](historyLen), prev: c, prevT: now, lastSeen: now}
+			h.ifaces[f.Name] = &ifaceHistory{ring: newRing[page.IfaceSample](historyLen), prev: f, prevT: now, lastSeen: now}
 			continue
 		}
 		ih.lastSeen = now
 		if dt := now.Sub(ih.prevT).Seconds(); dt > 0 {
-			ih.ring.add(page.IfaceSample{T: now, RxBps: rate(ih.prev.rxBytes, c.rxBytes, dt), TxBps: rate(ih.prev.txBytes, c.txBytes, dt),
-				RxDrop: c.rxDropped, TxDrop: c.txDropped})
+			c, p := f.Counters, ih.prev.Counters
+			ih.ring.add(page.IfaceSample{T: now, RxBps: rate(p.RxBytes, c.RxBytes, dt), TxBps: rate(p.TxBytes, c.TxBytes, dt),
+				RxDrop: c.RxDropped, TxDrop: c.TxDropped})
 		}
-		ih.prev, ih.prevT = c, now
+		ih.prev, ih.prevT = f, now
 	}
 	for name, ih := range h.ifaces {
-		if _, ok := read[name]; !ok && now.Sub(ih.lastSeen) > historyWindow {
+		if !seen[name] && now.Sub(ih.lastSeen) > historyWindow {
 			delete(h.ifaces, name)
 		}
 	}
@@ -202,54 +199,11 @@ func (h *history) interfaces() []page.Interface {
 	out := make([]page.Interface, 0, len(h.ifaces))
 	for _, name := range slices.Sorted(maps.Keys(h.ifaces)) {
 		ih := h.ifaces[name]
-		out = append(out, page.Interface{Name: name, RxBytes: ih.prev.rxBytes, TxBytes: ih.prev.txBytes, Samples: ih.ring.items()})
+		f := ih.prev
+		out = append(out, page.Interface{Name: name, Kind: f.Kind, Network: f.Network, Members: f.Members,
+			RxBytes: f.Counters.RxBytes, TxBytes: f.Counters.TxBytes, Counters: f.Counters, Samples: ih.ring.items()})
 	}
 	return out
-}
-
-// ownedInterface says whether weft made the interface: its bridges ("weft", "weft-…"),
-// container veths ("weft" + hex), VXLAN ("weft-vxlan", "weftvx…") and WireGuard ("weftwg…")
-// devices all start with "weft".
-func ownedInterface(name string) bool { return strings.HasPrefix(name, "weft") }
-
-// ifaceCountersOf picks, from the links of this network namespace, those weft owns plus
-// the underlay NIC, with their kernel counters. Netlink rather than /sys/class/net: sysfs
-// shows the namespace of whoever mounted it, which for a peer started in a fresh namespace
-// without a remount is the host's. Issue #16 U2 builds per-segment counters in
-// router/segments.go; until the two meet, the page reads them here. O(interfaces).
-func ifaceCountersOf(links []netlink.Link, underlay string) map[string]ifaceCounters {
-	out := map[string]ifaceCounters{}
-	for _, l := range links {
-		a := l.Attrs()
-		if a == nil || a.Statistics == nil || !ownedInterface(a.Name) && a.Name != underlay {
-			continue
-		}
-		st := a.Statistics
-		out[a.Name] = ifaceCounters{rxBytes: st.RxBytes, txBytes: st.TxBytes, rxDropped: st.RxDropped, txDropped: st.TxDropped}
-	}
-	return out
-}
-
-// underlayInterface is the name of the interface holding addr ("" when none does).
-func underlayInterface(addr netip.Addr) string {
-	ifs, err := net.Interfaces()
-	if err != nil {
-		return ""
-	}
-	for _, i := range ifs {
-		addrs, err := i.Addrs()
-		if err != nil {
-			continue
-		}
-		for _, a := range addrs {
-			if n, ok := a.(*net.IPNet); ok {
-				if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == addr {
-					return i.Name
-				}
-			}
-		}
-	}
-	return ""
 }
 
 // pathStats is the end-to-end figures of the path this peer's class chose to each
@@ -271,16 +225,15 @@ func pathStats(pt *paths) map[string]mesh.LinkStats {
 // startHistory samples links and interfaces every historyEvery until ctx ends; the
 // returned stop waits for the sampler. A peer without probers (built in part by a test)
 // samples interfaces only.
-func (p *Peer) startHistory(ctx context.Context, advertise netip.Addr) func() {
+func (p *Peer) startHistory(ctx context.Context) func() {
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
-	underlay := underlayInterface(advertise)
 	go func() {
 		defer close(done)
 		t := time.NewTicker(historyEvery)
 		defer t.Stop()
 		for {
-			p.sampleHistory(underlay, time.Now())
+			p.sampleHistory(time.Now())
 			select {
 			case <-ctx.Done():
 				return
@@ -291,7 +244,9 @@ func (p *Peer) startHistory(ctx context.Context, advertise netip.Addr) func() {
 	return func() { cancel(); <-done }
 }
 
-func (p *Peer) sampleHistory(underlay string, now time.Time) {
+// sampleHistory reads the interface counters where weft_iface_* reads them
+// (segmentsPart.interfaces), so the page's throughput table and the metrics agree.
+func (p *Peer) sampleHistory(now time.Time) {
 	if pt := p.paths; pt != nil {
 		p.history.recordLinks(page.ViaUnderlay, pt.underlay.All(), now)
 		if pt.link != nil {
@@ -299,10 +254,8 @@ func (p *Peer) sampleHistory(underlay string, now time.Time) {
 		}
 		p.history.recordLinks(page.ViaPath, pathStats(pt), now)
 	}
-	links, err := netlink.LinkList()
-	if err != nil {
-		p.log.Debug("history: cannot list interfaces", "err", err)
-		return
+	if p.segs != nil {
+		rows, _ := p.segs.interfaces()
+		p.history.recordIfaces(rows, now)
 	}
-	p.history.recordIfaces(ifaceCountersOf(links, underlay), now)
 }

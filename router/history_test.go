@@ -1,14 +1,16 @@
 package router
 
 import (
-	"maps"
+	"log/slog"
 	"slices"
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
+	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/weftnet/weft/ipam"
 	"github.com/weftnet/weft/mesh"
+	"github.com/weftnet/weft/mesh/segments"
 	"github.com/weftnet/weft/router/page"
 )
 
@@ -90,10 +92,13 @@ func TestHistoryForgetsAndCaps(t *testing.T) {
 func TestHistoryInterfaces(t *testing.T) {
 	h := newHistory()
 	now := time.Unix(1e9, 0)
-	h.recordIfaces(map[string]ifaceCounters{"weft": {rxBytes: 1000, txBytes: 5000}}, now)
-	h.recordIfaces(map[string]ifaceCounters{"weft": {rxBytes: 6000, txBytes: 5000, rxDropped: 2}}, now.Add(5*time.Second))
+	row := func(name string, c segments.Counters) []segments.Iface {
+		return []segments.Iface{{Name: name, Kind: segments.KindBridge, Network: "default", Counters: c}}
+	}
+	h.recordIfaces(row("weft", segments.Counters{RxBytes: 1000, TxBytes: 5000}), now)
+	h.recordIfaces(row("weft", segments.Counters{RxBytes: 6000, TxBytes: 5000, RxDropped: 2, RxErrors: 3}), now.Add(5*time.Second))
 	// recreated: counters start again from zero, which is no negative rate
-	h.recordIfaces(map[string]ifaceCounters{"weft": {rxBytes: 10, txBytes: 10}}, now.Add(10*time.Second))
+	h.recordIfaces(row("weft", segments.Counters{RxBytes: 10, TxBytes: 10}), now.Add(10*time.Second))
 	ifs := h.interfaces()
 	if len(ifs) != 1 || len(ifs[0].Samples) != 2 {
 		t.Fatalf("interfaces %+v", ifs)
@@ -104,21 +109,59 @@ func TestHistoryInterfaces(t *testing.T) {
 	if s := ifs[0].Samples[1]; s.RxBps != 0 || s.TxBps != 0 {
 		t.Fatalf("rate after a restart %+v, want 0", s)
 	}
+	if i := ifs[0]; i.Kind != segments.KindBridge || i.Network != "default" || i.RxBytes != 10 || i.Counters.RxBytes != 10 {
+		t.Fatalf("interface %+v: want the last reading, with its kind and network", i)
+	}
+	// An interface gone is kept for a window (its history still shows), then dropped.
+	h.recordIfaces(nil, now.Add(10*time.Second+historyWindow))
+	if n := len(h.interfaces()); n != 1 {
+		t.Fatalf("%d interfaces right after the last reading, want 1", n)
+	}
+	h.recordIfaces(nil, now.Add(11*time.Second+historyWindow))
+	if n := len(h.interfaces()); n != 0 {
+		t.Fatalf("%d interfaces a window after the last reading, want 0", n)
+	}
 }
 
-// The counters of weft's interfaces and the underlay NIC, no others.
-func TestIfaceCountersOf(t *testing.T) {
-	link := func(name string, st *netlink.LinkStatistics) netlink.Link {
-		return &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: name, Statistics: st}}
+// The page's interface rows are the rows weft_iface_* exports: the sampler reads them
+// from the segments part, veths summed per network, so the two cannot disagree.
+func TestHistoryReadsSegmentCounters(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	s, err := newSegments(segmentsConfig{Self: "a",
+		Attachments: func() []ipam.Attachment { return nil },
+		Networks:    func() []ipam.NetworkStatus { return nil },
+		Owned:       func() map[string]string { return map[string]string{"lo": segments.KindUnderlay} },
+	}, reg)
+	if err != nil {
+		t.Fatal(err)
 	}
-	st := &netlink.LinkStatistics{RxBytes: 10, TxBytes: 20, RxDropped: 1, TxDropped: 2}
-	got := ifaceCountersOf([]netlink.Link{link("weft", st), link("weft-vxlan", st), link("eth0", st),
-		link("docker0", st), link("weftnostats", nil)}, "eth0")
-	names := slices.Sorted(maps.Keys(got))
-	if !slices.Equal(names, []string{"eth0", "weft", "weft-vxlan"}) {
-		t.Fatalf("read %v", names)
+	p := &Peer{history: newHistory(), segs: s, log: slog.New(slog.DiscardHandler)}
+	now := time.Now()
+	p.sampleHistory(now)
+	p.sampleHistory(now.Add(historyEvery))
+	ifs := p.history.interfaces()
+	if len(ifs) != 1 || ifs[0].Name != "lo" || ifs[0].Kind != segments.KindUnderlay || len(ifs[0].Samples) != 1 {
+		t.Fatalf("interfaces %+v, want lo as the underlay with one rate sample", ifs)
 	}
-	if c := got["weft"]; c != (ifaceCounters{10, 20, 1, 2}) {
-		t.Fatalf("counters %+v", c)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
 	}
+	for _, mf := range mfs {
+		if mf.GetName() != "weft_iface_rx_bytes_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if v := m.GetCounter().GetValue(); v < float64(ifs[0].RxBytes) {
+				t.Fatalf("weft_iface_rx_bytes_total %v below the page's reading %d taken before it", v, ifs[0].RxBytes)
+			}
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "iface" && l.GetValue() != "lo" {
+					t.Fatalf("metric for %q, page rows %+v", l.GetValue(), ifs)
+				}
+			}
+		}
+		return
+	}
+	t.Fatal("no weft_iface_rx_bytes_total gathered")
 }

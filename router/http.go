@@ -182,8 +182,9 @@ type pageSource struct{ p *Peer }
 
 // Snapshot is the mesh as this peer sees it: members, this peer's measured links (with the
 // mode each uses), every other peer's gossiped links (the mode inferred from both ends'
-// metadata, unless the link reports itself encrypted) and this peer's chosen paths.
-// O(N·D) for N peers of D links each (the link table's copy), plus routes' O(K·N).
+// metadata, unless the link reports itself encrypted), this peer's chosen paths and its
+// paths split into segments (router/segments.go). O(N·D) for N peers of D links each (the
+// link table's copy), plus routes' O(K·N), plus segments' O(k·M).
 func (s pageSource) Snapshot() page.Snapshot {
 	p := s.p
 	snap := page.Snapshot{Self: p.cfg.Name, Now: time.Now(), Peers: []page.Peer{}}
@@ -194,6 +195,9 @@ func (s pageSource) Snapshot() page.Snapshot {
 			snap.Peers = append(snap.Peers, page.Peer{Name: pr.Name, State: pr.State.String(),
 				Address: pr.Meta.Underlay.String(), Self: pr.Self, Since: pr.Since})
 		}
+	}
+	if p.segs != nil {
+		snap.Segments = pageSegments(p.segs.figures("").Paths)
 	}
 	pt := p.paths
 	if pt == nil || p.links == nil {
@@ -235,6 +239,22 @@ func (s pageSource) Snapshot() page.Snapshot {
 			Estimated: r.Estimated, Networks: r.Networks})
 	}
 	return snap
+}
+
+// pageSegments copies the segment paths into the page's types (the page cannot import
+// router). O(paths).
+func pageSegments(in []SegmentPath) []page.SegmentPath {
+	out := make([]page.SegmentPath, 0, len(in))
+	for _, sp := range in {
+		q := page.SegmentPath{Peer: sp.Peer, Network: sp.Network, Slow: sp.Slow, LossCrossCheck: sp.LossCrossCheck,
+			Segments: make([]page.SegmentFigure, 0, len(sp.Segments))}
+		for _, f := range sp.Segments {
+			q.Segments = append(q.Segments, page.SegmentFigure{Segment: f.Segment, RTTms: f.RTTms, Loss: f.Loss, Samples: f.Samples,
+				BaselineRTTms: f.BaselineRTTms, BaselineLoss: f.BaselineLoss, HasBaseline: f.HasBaseline, Grew: f.Grew, Estimated: f.Estimated})
+		}
+		out = append(out, q)
+	}
+	return out
 }
 
 func fromMs(v float64) time.Duration { return time.Duration(v * float64(time.Millisecond)) }

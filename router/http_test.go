@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -292,13 +293,24 @@ func TestPageOnPeer(t *testing.T) {
 		if w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &ifs) != nil {
 			t.Fatalf("GET /api/interfaces: %d %s", w.Code, w.Body.String())
 		}
-		if slices.ContainsFunc(ifs, func(i page.Interface) bool { return i.Name == "weft" }) {
+		// The row is the one weft_iface_* exports: kind and network from the segments part.
+		if slices.ContainsFunc(ifs, func(i page.Interface) bool {
+			return i.Name == "weft" && i.Kind == "bridge" && i.Network == DefaultNetwork
+		}) {
 			break
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the bridge weft is not among the interfaces: %+v", ifs)
 		}
 		time.Sleep(100 * time.Millisecond) // polling for the sampler, with a deadline
+	}
+	var segs page.SegmentsView
+	if w := get("/api/segments"); w.Code != http.StatusOK || json.Unmarshal(w.Body.Bytes(), &segs) != nil ||
+		segs.Self != "p1" || segs.Paths == nil || len(segs.Order) != 5 {
+		t.Fatalf("GET /api/segments: %d %s", w.Code, w.Body.String())
+	}
+	if w := get("/api/segments?peer=p2"); w.Code != http.StatusNotFound {
+		t.Fatalf("segments of an unknown peer: %d", w.Code)
 	}
 	if w := get("/api/history?peer=p2&via=over-the-rainbow"); w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), "over-the-rainbow") {
 		t.Fatalf("bad via: %d %s", w.Code, w.Body.String())
@@ -336,5 +348,25 @@ func TestInferMode(t *testing.T) {
 	}
 	if m := inferMode(pol, a, mesh.Metadata{Name: "d"}); m != "" {
 		t.Fatalf("unknown metadata: %q", m)
+	}
+}
+
+// The page's copy of a segment path keeps every field: decoding the router's JSON into the
+// page's types gives what pageSegments builds.
+func TestPageSegmentsKeepsEveryField(t *testing.T) {
+	ratio := 0.25
+	in := []SegmentPath{{Peer: "b", Network: "default", Slow: "underlay", LossCrossCheck: &ratio, Segments: []SegmentFigure{
+		{Segment: "underlay", RTTms: 30.5, Loss: 0.1, Samples: 16, BaselineRTTms: 0.5, BaselineLoss: 0.01, HasBaseline: true, Grew: true, Estimated: true},
+	}}}
+	b, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []page.SegmentPath
+	if err := json.Unmarshal(b, &want); err != nil {
+		t.Fatal(err)
+	}
+	if got := pageSegments(in); !reflect.DeepEqual(got, want) {
+		t.Fatalf("pageSegments:\n got %+v\nwant %+v", got, want)
 	}
 }

@@ -216,7 +216,7 @@ func (p *Peer) Run(ctx context.Context) error {
 		p.runPolicy(meshCtx)
 	}()
 	stops = append(stops, func() { stopMesh(); <-polDone })
-	stops = append(stops, p.startHistory(meshCtx, advertise))
+	stops = append(stops, p.startHistory(meshCtx))
 	segDone := make(chan struct{})
 	go func() {
 		defer close(segDone)

@@ -463,6 +463,17 @@ func (s *segmentsPart) figureLocked(now time.Time, name, key string) (SegmentFig
 
 // status is the segments section. O(k·M + interfaces).
 func (s *segmentsPart) status(peer string) SegmentsStatus {
+	st := s.figures(peer)
+	st.Interfaces, st.InterfacesDropped = s.interfaces()
+	if st.Interfaces == nil {
+		st.Interfaces = []segments.Iface{}
+	}
+	return st
+}
+
+// figures is the segments section without the interface counters (no netlink dump: the
+// status page asks for it at every poll). O(k·M).
+func (s *segmentsPart) figures(peer string) SegmentsStatus {
 	now := s.cfg.Now()
 	st := SegmentsStatus{Self: s.cfg.Self, At: now, Bridges: []BridgeSegment{}, Paths: []SegmentPath{}}
 	s.mu.Lock()
@@ -515,10 +526,6 @@ func (s *segmentsPart) status(peer string) SegmentsStatus {
 		}
 	}
 	s.mu.Unlock()
-	st.Interfaces, st.InterfacesDropped = s.interfaces()
-	if st.Interfaces == nil {
-		st.Interfaces = []segments.Iface{}
-	}
 	return st
 }
 

@@ -83,7 +83,7 @@ func New(cfg Config) (*Handler, error) {
 
 // Register adds the page's routes to mux, each wrapped by guard (the listener's Host
 // check): GET / (the page), /page/* (its assets), /api/topology, /api/sla,
-// /api/history and /api/interfaces.
+// /api/history, /api/interfaces and /api/segments.
 func (h *Handler) Register(mux *http.ServeMux, guard func(http.Handler) http.Handler) {
 	mux.Handle("GET /{$}", guard(http.HandlerFunc(h.index)))
 	mux.Handle("GET /page/", guard(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -102,6 +102,26 @@ func (h *Handler) Register(mux *http.ServeMux, guard func(http.Handler) http.Han
 	mux.Handle("GET /api/interfaces", guard(h.api("interfaces", func(*http.Request) (any, error) {
 		return h.cfg.Source.Interfaces(), nil
 	})))
+	mux.Handle("GET /api/segments", guard(h.api("segments", h.segments)))
+}
+
+// segments is GET /api/segments[?peer=P]: this peer's paths split into segments.
+func (h *Handler) segments(r *http.Request) (any, error) {
+	q := r.URL.Query()
+	for k := range q {
+		if k != "peer" {
+			return nil, fmt.Errorf("%w: unknown parameter %q (want peer)", ErrBadRequest, k)
+		}
+	}
+	peer := q.Get("peer")
+	if q.Has("peer") && (peer == "" || len(peer) > maxNameLen) {
+		return nil, fmt.Errorf("%w: peer must be a peer name of 1 to %d bytes", ErrBadRequest, maxNameLen)
+	}
+	v := BuildSegments(h.cfg.Source.Snapshot(), peer)
+	if peer != "" && len(v.Paths) == 0 {
+		return nil, fmt.Errorf("%w: %s has no measured segments", errUnknownPeer, peer)
+	}
+	return v, nil
 }
 
 func (h *Handler) index(w http.ResponseWriter, r *http.Request) {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/weftnet/weft/mesh/pathsel"
+	"github.com/weftnet/weft/mesh/segments"
 )
 
 // Link modes as the page colours them. ModeRelay marks a pair whose traffic goes through a
@@ -78,6 +79,8 @@ type Snapshot struct {
 	Peers  []Peer
 	Links  []Link
 	Routes []Route
+	// Segments: this peer's paths to the peers it measures, split into segments.
+	Segments []SegmentPath
 }
 
 // Topology is GET /api/topology.
@@ -108,6 +111,9 @@ type TopoLink struct {
 	Measured bool `json:"measured"`
 	// Estimated: not measured by either end; RTT estimated from coordinates.
 	Estimated bool `json:"estimated"`
+	// Slow: on this peer's own links, the segment of its path to the other end that grew
+	// the most (mesh/segments names; "" when none did).
+	Slow string `json:"slow"`
 }
 
 // TopoRelay is a path of this peer that goes through a relay.
@@ -181,6 +187,11 @@ func BuildTopology(s Snapshot) Topology {
 		}
 		p.Why = s.SLA.Check(time.Duration(p.RTTms*1e6), time.Duration(p.JitterMs*1e6), p.Loss)
 		p.SLAOK = p.Why == ""
+	}
+	for peer, seg := range slowSegments(s.Segments) {
+		if p := pairs[LinkID(s.Self, peer)]; p != nil {
+			p.Slow = seg
+		}
 	}
 	for _, r := range s.Routes {
 		if len(r.Path) < 2 {
@@ -353,12 +364,19 @@ type IfaceSample struct {
 	TxDrop uint64    `json:"tx_dropped"`
 }
 
-// Interface is one interface weft owns (or the underlay NIC) and its recent throughput.
+// Interface is one interface weft owns (or the underlay NIC), or a network's container
+// veths summed (Kind veth, Name "veths:NETWORK"), with its counters (the ones
+// weft_iface_* exports) and its recent throughput.
 type Interface struct {
-	Name    string        `json:"name"`
-	RxBytes uint64        `json:"rx_bytes"`
-	TxBytes uint64        `json:"tx_bytes"`
-	Samples []IfaceSample `json:"samples"`
+	Name    string `json:"name"`
+	Kind    string `json:"kind"`              // bridge, veth, vxlan, wireguard, underlay
+	Network string `json:"network,omitempty"` // a bridge's or a veth sum's network
+	Members int    `json:"members,omitempty"` // veths summed into a veth row
+	RxBytes uint64 `json:"rx_bytes"`
+	TxBytes uint64 `json:"tx_bytes"`
+	// Counters: packets, bytes, errors, drops and overruns as last read.
+	Counters segments.Counters `json:"counters"`
+	Samples  []IfaceSample     `json:"samples"`
 }
 
 // HistoryKey names one ring: a peer measured over the underlay, through the link in use,
@@ -381,4 +399,86 @@ func ValidVia(via string) error {
 		return fmt.Errorf("%w: via %q (want %s, %s or %s)", ErrBadRequest, via, ViaLink, ViaUnderlay, ViaPath)
 	}
 	return nil
+}
+
+// Segment names, as mesh/segments names them, in the order a path crosses them.
+var segmentOrder = []string{segments.Bridge, segments.Underlay, segments.Link, segments.RemoteBridge, segments.EndToEnd}
+
+// SegmentFigure is one segment of a path: its figure now and its baseline (the median of
+// the last minutes), as the peer's segment measurement (router/segments.go) holds them.
+type SegmentFigure struct {
+	Segment       string  `json:"segment"`
+	RTTms         float64 `json:"rtt_ms"`
+	Loss          float64 `json:"loss"`
+	Samples       int     `json:"samples"` // 0: not measured
+	BaselineRTTms float64 `json:"baseline_rtt_ms"`
+	BaselineLoss  float64 `json:"baseline_loss"`
+	HasBaseline   bool    `json:"has_baseline"`
+	Grew          bool    `json:"grew"`
+	Estimated     bool    `json:"estimated"` // summed from the other segments
+}
+
+// SegmentPath is this peer's containers to one peer's containers on one network ("" when
+// one side has no containers: host to host only), split into its segments.
+type SegmentPath struct {
+	Peer     string          `json:"peer"`
+	Network  string          `json:"network"`
+	Segments []SegmentFigure `json:"segments"`
+	// Slow names the segment that grew the most, "" when none did.
+	Slow string `json:"slow"`
+	// LossCrossCheck: sender TX against receiver RX on the tunnel, when both ends count.
+	LossCrossCheck *float64 `json:"loss_crosscheck,omitempty"`
+}
+
+// SegmentsView is GET /api/segments.
+type SegmentsView struct {
+	Self      string    `json:"self"`
+	Generated time.Time `json:"generated"`
+	// Order is the segments' order along a path, for the table's columns.
+	Order []string      `json:"order"`
+	Paths []SegmentPath `json:"paths"`
+}
+
+// BuildSegments lists the snapshot's segment paths by peer then network, each path's
+// segments in the order a packet crosses them (a segment the source did not report reads
+// Samples 0), only peer's when peer is not "". O(P log P) for P paths.
+func BuildSegments(s Snapshot, peer string) SegmentsView {
+	v := SegmentsView{Self: s.Self, Generated: s.Now, Order: slices.Clone(segmentOrder), Paths: []SegmentPath{}}
+	for _, p := range s.Segments {
+		if peer != "" && p.Peer != peer {
+			continue
+		}
+		byName := map[string]SegmentFigure{}
+		for _, f := range p.Segments {
+			byName[f.Segment] = f
+		}
+		q := p
+		q.Segments = make([]SegmentFigure, 0, len(segmentOrder))
+		for _, name := range segmentOrder {
+			f, ok := byName[name]
+			if !ok {
+				f = SegmentFigure{Segment: name}
+			}
+			q.Segments = append(q.Segments, f)
+		}
+		v.Paths = append(v.Paths, q)
+	}
+	slices.SortFunc(v.Paths, func(a, b SegmentPath) int {
+		return cmp.Or(cmp.Compare(a.Peer, b.Peer), cmp.Compare(a.Network, b.Network))
+	})
+	return v
+}
+
+// slowSegments names, per peer, the slow segment of this peer's paths to it: the first
+// network's (by name) that has one. O(P).
+func slowSegments(paths []SegmentPath) map[string]string {
+	out := map[string]string{}
+	sorted := slices.Clone(paths)
+	slices.SortFunc(sorted, func(a, b SegmentPath) int { return cmp.Compare(a.Network, b.Network) })
+	for _, p := range sorted {
+		if p.Slow != "" && out[p.Peer] == "" {
+			out[p.Peer] = p.Slow
+		}
+	}
+	return out
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weftnet/weft/mesh/pathsel"
+	"github.com/weftnet/weft/mesh/segments"
 )
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
@@ -43,6 +44,16 @@ func threePeers(t *testing.T) Snapshot {
 			{Peer: "c", Path: []string{"b", "c"}, SLA: "gold: rtt<=20ms,loss<=10%", SLAOK: false, Since: t0.Add(-5 * time.Second),
 				Reason: "no path meets SLA gold", RTT: 34 * time.Millisecond},
 		},
+		Segments: []SegmentPath{
+			{Peer: "c", Network: ""}, // host to host only, nothing measured yet
+			{Peer: "b", Network: "default", Slow: segments.Underlay, Segments: []SegmentFigure{ // the source's order, one missing
+				{Segment: segments.EndToEnd, RTTms: 31.2, BaselineRTTms: 1.2, HasBaseline: true, Grew: true, Estimated: true, Samples: 20},
+				{Segment: segments.Underlay, RTTms: 30.5, BaselineRTTms: 0.5, HasBaseline: true, Grew: true, Samples: 20},
+				{Segment: segments.Bridge, RTTms: 0.05, BaselineRTTms: 0.05, HasBaseline: true, Samples: 20},
+				{Segment: segments.RemoteBridge, RTTms: 0.06, BaselineRTTms: 0.05, HasBaseline: true, Samples: 20},
+			}},
+			{Peer: "b", Network: "blue"},
+		},
 	}
 }
 
@@ -71,6 +82,9 @@ func TestBuildTopology(t *testing.T) {
 	bc := byID["b--c"]
 	if bc.SLAOK || !strings.Contains(bc.Why, "rtt 31ms > 20ms") || !bc.ModeInferred || bc.Measured {
 		t.Fatalf("b--c breaks the rtt bound and its mode is inferred: %+v", bc)
+	}
+	if ab.Slow != segments.Underlay || ac.Slow != "" || bc.Slow != "" {
+		t.Fatalf("slow segments a--b %q a--c %q b--c %q, want the underlay on a--b only", ab.Slow, ac.Slow, bc.Slow)
 	}
 	if len(topo.Relays) != 1 {
 		t.Fatalf("relays %+v, want a>c via b", topo.Relays)
@@ -156,6 +170,39 @@ func TestBuildSLA(t *testing.T) {
 	}
 }
 
+// The segments view lists paths by peer and network, every path's segments in the order a
+// packet crosses them, a segment the source left out as unmeasured.
+func TestBuildSegments(t *testing.T) {
+	v := BuildSegments(threePeers(t), "")
+	var got []string
+	for _, p := range v.Paths {
+		got = append(got, p.Peer+"/"+p.Network)
+		var names []string
+		for _, f := range p.Segments {
+			names = append(names, f.Segment)
+		}
+		if !slices.Equal(names, v.Order) {
+			t.Fatalf("%s/%s segments %v, want %v", p.Peer, p.Network, names, v.Order)
+		}
+	}
+	if !slices.Equal(got, []string{"b/blue", "b/default", "c/"}) {
+		t.Fatalf("paths %v", got)
+	}
+	if !slices.Equal(v.Order, []string{segments.Bridge, segments.Underlay, segments.Link, segments.RemoteBridge, segments.EndToEnd}) {
+		t.Fatalf("order %v", v.Order)
+	}
+	bd := v.Paths[1]
+	if bd.Slow != segments.Underlay || bd.Segments[1].RTTms != 30.5 || bd.Segments[2].Samples != 0 || !bd.Segments[4].Estimated {
+		t.Fatalf("b/default %+v", bd)
+	}
+	if v := BuildSegments(threePeers(t), "c"); len(v.Paths) != 1 || v.Paths[0].Peer != "c" {
+		t.Fatalf("only c: %+v", v.Paths)
+	}
+	if v := BuildSegments(Snapshot{Self: "a"}, ""); v.Paths == nil || len(v.Paths) != 0 {
+		t.Fatalf("no segments should be an empty list: %+v", v)
+	}
+}
+
 func TestSummarize(t *testing.T) {
 	if s := Summarize(nil); s.Samples != 0 || s.RTTP50ms != 0 {
 		t.Fatalf("empty: %+v", s)
@@ -205,8 +252,8 @@ func testHandler(t *testing.T) (http.Handler, *prometheus.Registry) {
 	mux := http.NewServeMux()
 	guarded := 0
 	h.Register(mux, func(h http.Handler) http.Handler { guarded++; return h })
-	if guarded != 6 {
-		t.Fatalf("%d routes went through the guard, want all 6", guarded)
+	if guarded != 7 {
+		t.Fatalf("%d routes went through the guard, want all 7", guarded)
 	}
 	return mux, reg
 }
@@ -265,6 +312,29 @@ func TestEndpoints(t *testing.T) {
 		t.Fatalf("interfaces %+v", ifs)
 	}
 
+	var segs SegmentsView
+	decode(t, get(t, h, "/api/segments"), &segs)
+	if segs.Self != "a" || len(segs.Paths) != 3 || segs.Paths[1].Slow != segments.Underlay {
+		t.Fatalf("segments %+v", segs)
+	}
+	decode(t, get(t, h, "/api/segments?peer=b"), &segs)
+	if len(segs.Paths) != 2 || segs.Paths[0].Peer != "b" {
+		t.Fatalf("segments of b %+v", segs)
+	}
+	if w := get(t, h, "/api/segments?peer=nobody"); w.Code != 404 {
+		t.Fatalf("segments of an unmeasured peer: %d", w.Code)
+	}
+	for _, tc := range []struct{ q, want string }{
+		{"?peer=", "peer must be"},
+		{"?peer=" + strings.Repeat("x", 65), "peer must be"},
+		{"?network=default", `unknown parameter "network"`},
+	} {
+		w := get(t, h, "/api/segments"+tc.q)
+		if w.Code != 400 || !strings.Contains(w.Body.String(), tc.want) {
+			t.Fatalf("segments%s: %d %q, want 400 with %q", tc.q, w.Code, w.Body.String(), tc.want)
+		}
+	}
+
 	// Bad queries: 400 naming the problem, counted; an unknown ring is 404, not counted.
 	for _, tc := range []struct{ q, want string }{
 		{"?peer=b&via=sideways", `via "sideways"`},
@@ -281,7 +351,8 @@ func TestEndpoints(t *testing.T) {
 		t.Fatalf("unknown peer: %d", w.Code)
 	}
 	want := "# HELP weft_page_bad_requests_total Requests to the status page's JSON endpoints refused as malformed (bad or unknown parameters), by endpoint.\n" +
-		"# TYPE weft_page_bad_requests_total counter\nweft_page_bad_requests_total{endpoint=\"history\"} 4\n"
+		"# TYPE weft_page_bad_requests_total counter\nweft_page_bad_requests_total{endpoint=\"history\"} 4\n" +
+		"weft_page_bad_requests_total{endpoint=\"segments\"} 3\n"
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "weft_page_bad_requests_total"); err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,7 @@
   const SMALL_MESH = 12; // up to this many peers every link is drawn; above, only the focus peer's
   const MAX_LABELS = 16; // beyond this many drawn links, figures are in tooltips and the table only
   const byName = (a, b) => a.localeCompare(b, undefined, { numeric: true });
-  const state = { topo: null, sla: null, hist: [], ifaces: [], status: null, focus: "", filter: "", sel: null, polls: 0 };
+  const state = { topo: null, sla: null, hist: [], ifaces: [], segs: null, status: null, focus: "", filter: "", sel: null, polls: 0 };
 
   const $ = (id) => document.getElementById(id);
   function el(tag, attrs, text) {
@@ -58,10 +58,10 @@
 
   async function refresh() {
     try {
-      const [topo, sla, hist, ifaces, status] = await Promise.all([
+      const [topo, sla, hist, ifaces, segs, status] = await Promise.all([
         getJSON("/api/topology"), getJSON("/api/sla"), getJSON("/api/history"), getJSON("/api/interfaces"),
-        getJSON("/status").catch(() => null)]); // the peer's own tables are extra: the views work without them
-      Object.assign(state, { topo, sla, hist, ifaces, status });
+        getJSON("/api/segments"), getJSON("/status").catch(() => null)]); // the peer's own tables are extra: the views work without them
+      Object.assign(state, { topo, sla, hist, ifaces, segs, status });
       state.polls++;
       if (!state.focus) state.focus = topo.self;
       render();
@@ -83,6 +83,7 @@
     renderControls(t);
     renderTopology(t);
     renderLinks(t);
+    renderSegments();
     renderPerf();
     renderIfaces();
     renderSLA();
@@ -154,7 +155,7 @@
     const mode = (l.mode || "?") + (l.mode_inferred ? "?" : "");
     if (l.state === "down") return mode + " · down";
     if (l.estimated) return mode + " · ~" + fmtMs(l.rtt_ms) + " (est.)";
-    return mode + " · " + fmtMs(l.rtt_ms) + " · " + fmtPct(l.loss);
+    return mode + " · " + fmtMs(l.rtt_ms) + " · " + fmtPct(l.loss) + (l.slow ? " · slow: " + segName(l.slow) : "");
   }
   const linkBad = (l) => l.state === "down" || !l.sla_ok;
 
@@ -180,8 +181,9 @@
       if (l.state === "relayed") cls.push("relayed");
       if (l.mode_inferred) cls.push("inferred");
       if (l.estimated) cls.push("estimated");
+      if (l.slow) cls.push("slow");
       const attrs = { id: "link-" + l.id, class: cls.join(" "), x1: a.x, y1: a.y, x2: b.x, y2: b.y,
-        "data-link": l.id, "data-mode": l.mode, "data-state": l.state, "data-sla": linkBad(l) ? "violated" : "ok",
+        "data-link": l.id, "data-mode": l.mode, "data-state": l.state, "data-sla": linkBad(l) ? "violated" : "ok", "data-slow": l.slow || "",
         "data-rtt-ms": String(l.rtt_ms), "data-loss": String(l.loss) };
       const line = sv("line", attrs);
       line.appendChild(sv("title", {}, l.id + ": " + linkLabel(l) + (l.why ? " — " + l.why : "")));
@@ -244,8 +246,8 @@
       const bad = linkBad(l);
       tb.appendChild(row([l.a + " ↔ " + l.b, (l.mode || "?") + (l.mode_inferred ? " (inferred)" : ""), l.state,
         l.state === "down" ? "—" : (l.estimated ? "~" + fmtMs(l.rtt_ms) + " (est.)" : fmtMs(l.rtt_ms)), fmtMs(l.jitter_ms), fmtPct(l.loss), bad ? "violated" : "ok",
-        { attrs: { class: "why" }, text: l.why }],
-        { "data-link": l.id, "data-mode": l.mode, "data-state": l.state, "data-sla": bad ? "violated" : "ok",
+        { attrs: { class: "why" }, text: [l.why, l.slow ? "slow segment: " + segName(l.slow) : ""].filter(Boolean).join("; ") }],
+        { "data-link": l.id, "data-mode": l.mode, "data-state": l.state, "data-sla": bad ? "violated" : "ok", "data-slow": l.slow || "",
           "data-rtt-ms": String(l.rtt_ms), "data-estimated": String(!!l.estimated), class: bad ? "bad" : (l.state === "relayed" ? "relayed" : "") }));
     }
     const rb = $("relays-table").tBodies[0];
@@ -253,6 +255,36 @@
     for (const r of t.relays) {
       rb.appendChild(row([r.path.join(" → "), r.via, r.sla + (r.sla_ok ? " (holds)" : " (violated)")],
         { "data-relay": r.from + ">" + r.to, "data-via": r.via, "data-path": r.path.join(","), class: r.sla_ok ? "relayed" : "bad" }));
+    }
+  }
+
+  const SEG_NAMES = { "container-bridge": "container↔bridge", "underlay": "underlay", "link": "link",
+    "remote-container-bridge": "remote container↔bridge", "end-to-end": "end to end" };
+  const segName = (s) => SEG_NAMES[s] || s;
+
+  // renderSegments: one row per peer and network, a cell per segment (figure, baseline), the
+  // segment that grew the most highlighted, so a slow path says where to look.
+  function renderSegments() {
+    const tb = $("segments-table").tBodies[0];
+    tb.textContent = "";
+    if (!state.segs) return;
+    for (const p of state.segs.paths) {
+      if (!matches(p.peer)) continue;
+      const cells = [p.peer, p.network || "(host to host)"];
+      for (const f of p.segments) {
+        let text = "—", cls = "seg none";
+        if (f.samples > 0) {
+          text = (f.estimated ? "~" : "") + fmtMs(f.rtt_ms) + (f.loss > 0 ? " · " + fmtPct(f.loss) + " lost" : "") +
+            (f.has_baseline ? " (base " + fmtMs(f.baseline_rtt_ms) + ")" : " (no baseline)");
+          cls = "seg" + (f.grew ? " grew" : "") + (f.segment === p.slow ? " slow" : "");
+        }
+        cells.push({ attrs: { class: cls, "data-segment": f.segment, "data-rtt-ms": String(f.rtt_ms), "data-baseline-ms": String(f.baseline_rtt_ms),
+          "data-grew": String(!!f.grew), "data-samples": String(f.samples) }, text: text });
+      }
+      cells.push(p.slow ? segName(p.slow) + (p.loss_crosscheck !== undefined ? " · tunnel loss " + fmtPct(p.loss_crosscheck) : "") :
+        (p.loss_crosscheck !== undefined ? "none · tunnel loss " + fmtPct(p.loss_crosscheck) : "none"));
+      tb.appendChild(row(cells, { "data-segpath": p.peer + "/" + p.network, "data-peer": p.peer, "data-network": p.network,
+        "data-slow": p.slow, class: p.slow ? "bad" : "" }));
     }
   }
 
@@ -314,9 +346,13 @@
     const tb = $("iface-table").tBodies[0];
     tb.textContent = "";
     for (const i of state.ifaces) {
-      const last = i.samples.length ? i.samples[i.samples.length - 1] : { rx_bps: 0, tx_bps: 0, rx_dropped: 0, tx_dropped: 0 };
-      tb.appendChild(row([i.name, fmtRate(last.rx_bps), fmtRate(last.tx_bps), last.rx_dropped + " / " + last.tx_dropped, spark(i.samples)],
-        { "data-iface": i.name, "data-rx-bps": String(last.rx_bps), "data-tx-bps": String(last.tx_bps) }));
+      const last = i.samples.length ? i.samples[i.samples.length - 1] : { rx_bps: 0, tx_bps: 0 };
+      const c = i.counters || {};
+      const kind = (i.kind || "") + (i.members ? " (" + i.members + ")" : "");
+      tb.appendChild(row([i.name, kind, fmtRate(last.rx_bps), fmtRate(last.tx_bps), c.rx_packets + " / " + c.tx_packets,
+        c.rx_errors + " / " + c.tx_errors, c.rx_dropped + " / " + c.tx_dropped, String(c.overruns), spark(i.samples)],
+        { "data-iface": i.name, "data-kind": i.kind || "", "data-rx-bps": String(last.rx_bps), "data-tx-bps": String(last.tx_bps),
+          "data-rx-bytes": String(i.rx_bytes), "data-tx-bytes": String(i.tx_bytes) }));
     }
   }
 
