@@ -154,14 +154,21 @@ func TestHistoryReadsSegmentCounters(t *testing.T) {
 		if mf.GetName() != "weft_iface_rx_bytes_total" {
 			continue
 		}
+		// Every row the metrics export is a row of the page, and the counter read after the
+		// page's reading is not below it.
 		for _, m := range mf.GetMetric() {
-			if v := m.GetCounter().GetValue(); v < float64(ifs[0].RxBytes) {
-				t.Fatalf("weft_iface_rx_bytes_total %v below the page's reading %d taken before it", v, ifs[0].RxBytes)
-			}
+			var name string
 			for _, l := range m.GetLabel() {
-				if l.GetName() == "iface" && l.GetValue() != "lo" {
-					t.Fatalf("metric for %q, page rows %+v", l.GetValue(), ifs)
+				if l.GetName() == "iface" {
+					name = l.GetValue()
 				}
+			}
+			j := slices.IndexFunc(ifs, func(i page.Interface) bool { return i.Name == name })
+			if j < 0 {
+				t.Fatalf("metric for %q, not among the page rows %+v", name, ifs)
+			}
+			if v := m.GetCounter().GetValue(); v < float64(ifs[j].RxBytes) {
+				t.Fatalf("weft_iface_rx_bytes_total{iface=%q} %v below the page's reading %d taken before it", name, v, ifs[j].RxBytes)
 			}
 		}
 		return
