@@ -79,11 +79,24 @@ func testConfig(dataDir string) Config {
 
 func startPeer(t *testing.T, dataDir string) *testPeer {
 	t.Helper()
+	return startWiredPeer(t, dataDir, nil, nil)
+}
+
+// startWiredPeer is startPeer with the configuration changed by tune (if any) and the peer
+// wired by wire (if any) before it runs.
+func startWiredPeer(t *testing.T, dataDir string, tune func(*Config), wire func(*Peer)) *testPeer {
+	t.Helper()
 	cfg := testConfig(dataDir)
 	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	if tune != nil {
+		tune(&cfg)
+	}
 	p, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if wire != nil {
+		wire(p)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)

@@ -1,18 +1,15 @@
 package router
 
 import (
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/weftnet/weft/cni"
 	"github.com/weftnet/weft/ipam"
 )
 
@@ -39,47 +36,6 @@ func fakePolicyValidator(_ string, spec []byte) ([]byte, string, error) {
 func startPeerWith(t *testing.T, dataDir string, tune func(*Config)) *testPeer {
 	t.Helper()
 	return startWiredPeer(t, dataDir, tune, nil)
-}
-
-// startWiredPeer is startPeer with the configuration changed by tune (if any) and the peer
-// wired by wire (if any) before it runs.
-func startWiredPeer(t *testing.T, dataDir string, tune func(*Config), wire func(*Peer)) *testPeer {
-	t.Helper()
-	cfg := testConfig(dataDir)
-	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	if tune != nil {
-		tune(&cfg)
-	}
-	p, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if wire != nil {
-		wire(p)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- p.Run(ctx) }()
-	select {
-	case <-p.Ready():
-	case err := <-errc:
-		cancel()
-		t.Fatalf("peer did not start: %v", err)
-	case <-time.After(10 * time.Second):
-		cancel()
-		t.Fatal("peer not ready within 10s")
-	}
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			if err := <-errc; err != nil {
-				t.Errorf("peer stopped with %v", err)
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return &testPeer{Peer: p, client: cni.NewClient(cfg.Socket, 10*time.Second), stop: stop}
 }
 
 // waitFor polls cond every 10 ms until it holds or d passes.

@@ -70,36 +70,9 @@ type sriovLab struct {
 // startSRIOVPeer starts peer p1 on dataDir with the fixture's sysfs root and a recording PF.
 func startSRIOVPeer(t *testing.T, dataDir, root, devinfo string, pf sriov.PFConfig) *testPeer {
 	t.Helper()
-	cfg := testConfig(dataDir)
-	cfg.SysfsRoot, cfg.SRIOVDeviceInfoDir, cfg.SRIOVPF = root, devinfo, pf
-	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	p, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- p.Run(ctx) }()
-	select {
-	case <-p.Ready():
-	case err := <-errc:
-		cancel()
-		t.Fatalf("peer did not start: %v", err)
-	case <-time.After(10 * time.Second):
-		cancel()
-		t.Fatal("peer not ready within 10s")
-	}
-	var once sync.Once
-	stop := func() {
-		once.Do(func() {
-			cancel()
-			if err := <-errc; err != nil {
-				t.Errorf("peer stopped with %v", err)
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return &testPeer{Peer: p, client: cni.NewClient(cfg.Socket, 10*time.Second), stop: stop}
+	return startWiredPeer(t, dataDir, func(cfg *Config) {
+		cfg.SysfsRoot, cfg.SRIOVDeviceInfoDir, cfg.SRIOVPF = root, devinfo, pf
+	}, nil)
 }
 
 // newSRIOVLab lays out PF pf with n VFs (vfio ones bound to vfio-pci), starts the peer and
