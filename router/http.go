@@ -197,7 +197,7 @@ func (s pageSource) Snapshot() page.Snapshot {
 		}
 	}
 	if p.segs != nil {
-		snap.Segments = pageSegments(p.segs.figures("").Paths)
+		snap.Segments = p.segs.figures("").Paths
 	}
 	pt := p.paths
 	if pt == nil || p.links == nil {
@@ -239,22 +239,6 @@ func (s pageSource) Snapshot() page.Snapshot {
 			Estimated: r.Estimated, Networks: r.Networks})
 	}
 	return snap
-}
-
-// pageSegments copies the segment paths into the page's types (the page cannot import
-// router). O(paths).
-func pageSegments(in []SegmentPath) []page.SegmentPath {
-	out := make([]page.SegmentPath, 0, len(in))
-	for _, sp := range in {
-		q := page.SegmentPath{Peer: sp.Peer, Network: sp.Network, Slow: sp.Slow, LossCrossCheck: sp.LossCrossCheck,
-			Segments: make([]page.SegmentFigure, 0, len(sp.Segments))}
-		for _, f := range sp.Segments {
-			q.Segments = append(q.Segments, page.SegmentFigure{Segment: f.Segment, RTTms: f.RTTms, Loss: f.Loss, Samples: f.Samples,
-				BaselineRTTms: f.BaselineRTTms, BaselineLoss: f.BaselineLoss, HasBaseline: f.HasBaseline, Grew: f.Grew, Estimated: f.Estimated})
-		}
-		out = append(out, q)
-	}
-	return out
 }
 
 func fromMs(v float64) time.Duration { return time.Duration(v * float64(time.Millisecond)) }

@@ -13,7 +13,6 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"path/filepath"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -348,25 +347,5 @@ func TestInferMode(t *testing.T) {
 	}
 	if m := inferMode(pol, a, mesh.Metadata{Name: "d"}); m != "" {
 		t.Fatalf("unknown metadata: %q", m)
-	}
-}
-
-// The page's copy of a segment path keeps every field: decoding the router's JSON into the
-// page's types gives what pageSegments builds.
-func TestPageSegmentsKeepsEveryField(t *testing.T) {
-	ratio := 0.25
-	in := []SegmentPath{{Peer: "b", Network: "default", Slow: "underlay", LossCrossCheck: &ratio, Segments: []SegmentFigure{
-		{Segment: "underlay", RTTms: 30.5, Loss: 0.1, Samples: 16, BaselineRTTms: 0.5, BaselineLoss: 0.01, HasBaseline: true, Grew: true, Estimated: true},
-	}}}
-	b, err := json.Marshal(in)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var want []page.SegmentPath
-	if err := json.Unmarshal(b, &want); err != nil {
-		t.Fatal(err)
-	}
-	if got := pageSegments(in); !reflect.DeepEqual(got, want) {
-		t.Fatalf("pageSegments:\n got %+v\nwant %+v", got, want)
 	}
 }

@@ -79,25 +79,9 @@ const (
 	crossCheckMin       = 1000                   // units (bytes) sent before a cross-check ratio is given
 )
 
-// SegmentFigure is one segment of a path: its current figure and its baseline.
-type SegmentFigure struct {
-	// Segment: container-bridge, remote-container-bridge, underlay, link or end-to-end.
-	Segment string `json:"segment"`
-	// RTTms is the median RTT in ms (for underlay and link, the probers' smoothed RTT);
-	// Loss the fraction lost, 0..1; Samples how many samples the figure rests on (0: none).
-	RTTms   float64 `json:"rtt_ms"`
-	Loss    float64 `json:"loss"`
-	Samples int     `json:"samples"`
-	// BaselineRTTms and BaselineLoss are the median over the last minutes (segmentBaseline,
-	// leaving out the last segmentRecent); HasBaseline is false until there are enough.
-	BaselineRTTms float64 `json:"baseline_rtt_ms"`
-	BaselineLoss  float64 `json:"baseline_loss"`
-	HasBaseline   bool    `json:"has_baseline"`
-	// Grew: the figure rose beyond 2 ms or half its baseline, or its loss by 5 points.
-	Grew bool `json:"grew"`
-	// Estimated: an end-to-end figure summed from the other segments, not measured.
-	Estimated bool `json:"estimated,omitempty"`
-}
+// SegmentFigure is one segment's figure as /v1/segments and /status show it
+// (segments.Report; the page shows the same type).
+type SegmentFigure = segments.Report
 
 // BridgeSegment is this host's container↔bridge segment of one network.
 type BridgeSegment struct {
@@ -106,20 +90,8 @@ type BridgeSegment struct {
 }
 
 // SegmentPath is the path from this peer's containers to one peer's containers on one
-// network, split into its segments.
-type SegmentPath struct {
-	Peer    string `json:"peer"`
-	Network string `json:"network"`
-	// Segments: container-bridge, underlay, link, remote-container-bridge, end-to-end (the
-	// sum of the first, link and the remote bridge); absent figures read Samples 0.
-	Segments []SegmentFigure `json:"segments"`
-	// Slow names the segment that grew the most ("" when none did): where to look when the
-	// path is slow. A link that grew with the underlay is the underlay's doing.
-	Slow string `json:"slow"`
-	// LossCrossCheck is the loss between the two hosts' tunnel devices, sender TX against
-	// receiver RX over the last minutes; absent when either side has no per-peer counters.
-	LossCrossCheck *float64 `json:"loss_crosscheck,omitempty"`
-}
+// network, split into its segments (segments.PathReport; the page shows the same type).
+type SegmentPath = segments.PathReport
 
 // SegmentsStatus answers GET /v1/segments and is the segments section of /status.
 type SegmentsStatus struct {

@@ -386,7 +386,7 @@ func Diff(old, new Ruleset) Delta {
 			d.NewSets = append(d.NewSets, name)
 			continue
 		}
-		add, del := sortedDiff(os.Addrs, ns.Addrs)
+		add, del := DiffAddrs(os.Addrs, ns.Addrs)
 		if len(add) > 0 {
 			d.Add[name] = add
 		}
@@ -429,8 +429,9 @@ func Diff(old, new Ruleset) Delta {
 	return d
 }
 
-// sortedDiff returns what is in b and not a (add), and in a and not b (del); both sorted.
-func sortedDiff(a, b []netip.Addr) (add, del []netip.Addr) {
+// DiffAddrs returns what is in b and not a (add), and in a and not b (del), for two sorted
+// address lists; both results sorted. O(len(a)+len(b)).
+func DiffAddrs(a, b []netip.Addr) (add, del []netip.Addr) {
 	i, j := 0, 0
 	for i < len(a) || j < len(b) {
 		switch {

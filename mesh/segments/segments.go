@@ -325,3 +325,42 @@ func Aggregate(in []Iface, maxRows int) (out []Iface, dropped int) {
 	}
 	return out, dropped
 }
+
+// Reports: the JSON of a path split into segments, as /v1/segments, /status and the status
+// page show it.
+
+// Report is one segment of a path: its current figure and its baseline.
+type Report struct {
+	// Segment: container-bridge, remote-container-bridge, underlay, link or end-to-end.
+	Segment string `json:"segment"`
+	// RTTms is the median RTT in ms (for underlay and link, the probers' smoothed RTT);
+	// Loss the fraction lost, 0..1; Samples how many samples the figure rests on (0: none).
+	RTTms   float64 `json:"rtt_ms"`
+	Loss    float64 `json:"loss"`
+	Samples int     `json:"samples"`
+	// BaselineRTTms and BaselineLoss are the median over the last minutes (leaving out the
+	// most recent seconds); HasBaseline is false until there are enough.
+	BaselineRTTms float64 `json:"baseline_rtt_ms"`
+	BaselineLoss  float64 `json:"baseline_loss"`
+	HasBaseline   bool    `json:"has_baseline"`
+	// Grew: the figure rose beyond 2 ms or half its baseline, or its loss by 5 points.
+	Grew bool `json:"grew"`
+	// Estimated: an end-to-end figure summed from the other segments, not measured.
+	Estimated bool `json:"estimated,omitempty"`
+}
+
+// PathReport is the path from this peer's containers to one peer's containers on one
+// network, split into its segments.
+type PathReport struct {
+	Peer    string `json:"peer"`
+	Network string `json:"network"`
+	// Segments: container-bridge, underlay, link, remote-container-bridge, end-to-end (the
+	// sum of the first, link and the remote bridge); absent figures read Samples 0.
+	Segments []Report `json:"segments"`
+	// Slow names the segment that grew the most ("" when none did): where to look when the
+	// path is slow. A link that grew with the underlay is the underlay's doing.
+	Slow string `json:"slow"`
+	// LossCrossCheck is the loss between the two hosts' tunnel devices, sender TX against
+	// receiver RX over the last minutes; absent when either side has no per-peer counters.
+	LossCrossCheck *float64 `json:"loss_crosscheck,omitempty"`
+}

@@ -404,31 +404,12 @@ func ValidVia(via string) error {
 // Segment names, as mesh/segments names them, in the order a path crosses them.
 var segmentOrder = []string{segments.Bridge, segments.Underlay, segments.Link, segments.RemoteBridge, segments.EndToEnd}
 
-// SegmentFigure is one segment of a path: its figure now and its baseline (the median of
-// the last minutes), as the peer's segment measurement (router/segments.go) holds them.
-type SegmentFigure struct {
-	Segment       string  `json:"segment"`
-	RTTms         float64 `json:"rtt_ms"`
-	Loss          float64 `json:"loss"`
-	Samples       int     `json:"samples"` // 0: not measured
-	BaselineRTTms float64 `json:"baseline_rtt_ms"`
-	BaselineLoss  float64 `json:"baseline_loss"`
-	HasBaseline   bool    `json:"has_baseline"`
-	Grew          bool    `json:"grew"`
-	Estimated     bool    `json:"estimated"` // summed from the other segments
-}
+// SegmentFigure is one segment of a path (segments.Report, what /v1/segments shows).
+type SegmentFigure = segments.Report
 
-// SegmentPath is this peer's containers to one peer's containers on one network ("" when
-// one side has no containers: host to host only), split into its segments.
-type SegmentPath struct {
-	Peer     string          `json:"peer"`
-	Network  string          `json:"network"`
-	Segments []SegmentFigure `json:"segments"`
-	// Slow names the segment that grew the most, "" when none did.
-	Slow string `json:"slow"`
-	// LossCrossCheck: sender TX against receiver RX on the tunnel, when both ends count.
-	LossCrossCheck *float64 `json:"loss_crosscheck,omitempty"`
-}
+// SegmentPath is this peer's containers to one peer's containers on one network, split into
+// its segments (segments.PathReport).
+type SegmentPath = segments.PathReport
 
 // SegmentsView is GET /api/segments.
 type SegmentsView struct {

@@ -358,7 +358,7 @@ func ruleKeys(rules []*nftables.Rule) []string {
 // patchSet queues the element changes from have to want on s: only addresses change
 // under a set's name (its CIDRs come from the policy whose hash names it).
 func patchSet(c *nftables.Conn, s *nftables.Set, have, want netpol.AddrSet, st *Stats) error {
-	add, del := diffAddrs(have.Addrs, want.Addrs)
+	add, del := netpol.DiffAddrs(have.Addrs, want.Addrs)
 	if len(del) > 0 {
 		if err := c.SetDeleteElements(s, elements(s.Interval, del, nil)); err != nil {
 			return fmt.Errorf("%w: delete elements of %s: %w", ErrKernel, s.Name, err)
@@ -433,25 +433,6 @@ func patchChain(c *nftables.Conn, ch *nftables.Chain, have []nft.Rule, want []ne
 		st.RulesAdded++
 	}
 	return nil
-}
-
-// diffAddrs returns what is in b and not a (add), and in a and not b (del); both sorted.
-func diffAddrs(a, b []netip.Addr) (add, del []netip.Addr) {
-	i, j := 0, 0
-	for i < len(a) || j < len(b) {
-		switch {
-		case j == len(b) || (i < len(a) && a[i].Less(b[j])):
-			del = append(del, a[i])
-			i++
-		case i == len(a) || b[j].Less(a[i]):
-			add = append(add, b[j])
-			j++
-		default:
-			i++
-			j++
-		}
-	}
-	return add, del
 }
 
 // Remove deletes the enforcer's chains, sets and counters, and weft's table when nothing
