@@ -168,27 +168,10 @@ func order(s []*subject, i int) []*subject {
 	return []*subject{s[1], s[0]}
 }
 
-// timed runs one ADD or DEL for container i of s inside the host namespace and returns
-// the duration of the bare libcni call.
+// timed runs one ADD or DEL of eth0 for container i of s inside the host namespace and
+// returns the duration of the bare libcni call.
 func timed(h *lab.Host, s *subject, i int, add bool) (time.Duration, error) {
-	conf, list := s.cni.Libcni()
-	c := s.ctrs[i]
-	rt := &libcni.RuntimeConf{ContainerID: c.ID, NetNS: c.NSPath, IfName: "eth0"}
-	var d time.Duration
-	err := h.Do(func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		var err error
-		start := time.Now()
-		if add {
-			_, err = conf.AddNetworkList(ctx, list, rt)
-		} else {
-			err = conf.DelNetworkList(ctx, list, rt)
-		}
-		d = time.Since(start)
-		return err
-	})
-	return d, err
+	return timedIf(h, s, i, "eth0", add)
 }
 
 // pct returns the p-th percentile (nearest rank).

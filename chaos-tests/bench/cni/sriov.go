@@ -177,7 +177,8 @@ func verb(add bool) string {
 	return "DEL"
 }
 
-// timedIf is timed for interface ifname.
+// timedIf runs one ADD or DEL of interface ifname for container i of s inside the host
+// namespace and returns the duration of the bare libcni call.
 func timedIf(h *lab.Host, s *subject, i int, ifname string, add bool) (time.Duration, error) {
 	conf, list := s.cni.Libcni()
 	c := s.ctrs[i]
