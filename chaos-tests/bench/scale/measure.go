@@ -246,6 +246,7 @@ func idle(ctx context.Context, window time.Duration, hosts []*lab.Host, c cluste
 		r.cpu = append(r.cpu, float64(t-b.ticks)/userHZ/r.window.Seconds()*100)
 		r.rss = append(r.rss, float64(rss.rss)/(1<<20))
 		r.rssAnon = append(r.rssAnon, float64(rss.anon)/(1<<20))
+		r.pss = append(r.pss, float64(rss.pss)/(1<<20))
 	}
 	return nil
 }

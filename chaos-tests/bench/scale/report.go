@@ -28,6 +28,7 @@ type result struct {
 	cpu         []float64 // idle CPU per peer over window, % of one core
 	rss         []float64 // RSS per peer at the end of window, MB
 	rssAnon     []float64 // its anonymous part (heap, stacks; not the shared binary), MB
+	pss         []float64 // PSS per peer (shared pages divided among their users), MB
 	loadWindow  float64   // 1-minute load average at the end of window
 	machineBusy float64   // CPU the whole machine used over window, % of one core
 
@@ -131,6 +132,13 @@ func (r *result) cpuMedian() float64 {
 	return median(r.cpu)
 }
 
+func (r *result) pssMedian() float64 {
+	if r == nil {
+		return math.NaN()
+	}
+	return median(r.pss)
+}
+
 func (r *result) rssMedian() float64 {
 	if r == nil {
 		return math.NaN()
@@ -152,8 +160,8 @@ func writeDetail(w io.Writer, r *result) {
 	if len(r.cpu) > 0 {
 		fmt.Fprintf(w, "  idle CPU over %s, %% of one core: median %.2f%%, max %.2f%%, all %d together %.1f%% (the whole machine: %.0f%% of %d cores' %d%%; load average at the end %.1f)\n",
 			r.window, median(r.cpu), maxOf(r.cpu), len(r.cpu), sum(r.cpu), r.machineBusy, runtime.NumCPU(), 100*runtime.NumCPU(), r.loadWindow)
-		fmt.Fprintf(w, "  RSS: median %.1f MB, max %.1f MB; anonymous part (heap, stacks; the rest is the binary's pages, shared): median %.1f MB\n",
-			median(r.rss), maxOf(r.rss), median(r.rssAnon))
+		fmt.Fprintf(w, "  RSS: median %.1f MB, max %.1f MB; anonymous part (heap, stacks; the rest is the binary's pages, shared): median %.1f MB; PSS (shared pages divided among the %d): median %.1f MB\n",
+			median(r.rss), maxOf(r.rss), median(r.rssAnon), len(r.pss), median(r.pss))
 	}
 	if r.system == "weft" {
 		if r.switches != nil {
@@ -194,6 +202,10 @@ func writeSummary(w io.Writer, ns []int, weft, serf map[int]*result) {
 		fmt.Fprintf(&b, " | RSS weft %.0fMB", wr.rssMedian())
 		if sr != nil {
 			fmt.Fprintf(&b, " serf %.0fMB (%s)", sr.rssMedian(), ratio(wr.rssMedian(), sr.rssMedian()))
+		}
+		fmt.Fprintf(&b, " | PSS weft %.1fMB", wr.pssMedian())
+		if sr != nil {
+			fmt.Fprintf(&b, " serf %.1fMB (%s)", sr.pssMedian(), ratio(wr.pssMedian(), sr.pssMedian()))
 		}
 		if wr != nil {
 			fmt.Fprintf(&b, " | pings %d/%d | load %.1f", wr.pingsOK, wr.pingsTotal, wr.loadWindow)
