@@ -154,3 +154,29 @@ func TestInternedDecodeStillValidates(t *testing.T) {
 		t.Errorf("a→b changed by rejected messages: %+v", l)
 	}
 }
+
+// TestBatchRidesWithMovedFigures: a pending batch (an added link, within
+// BatchInterval) goes out in the publication of due moved figures, one
+// signature instead of two; alone, it still waits for BatchInterval.
+func TestBatchRidesWithMovedFigures(t *testing.T) {
+	t0 := time.Unix(1_700_000_000, 0)
+	now := t0
+	tab := newTable(t, LinkTableConfig{MinInterval: 20 * time.Second, BatchInterval: 10 * time.Second, Now: func() time.Time { return now }})
+	publish := func(at time.Duration, links map[string]LinkStats) ([][]byte, []LinkChange) {
+		now = t0.Add(at)
+		return tab.Publish("a", links)
+	}
+	if msgs, _ := publish(0, map[string]LinkStats{"b": up(ms(1), 0)}); len(msgs) != 1 {
+		t.Fatalf("first publication: %d messages", len(msgs))
+	}
+	if msgs, _ := publish(15*time.Second, map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(1), 0)}); len(msgs) != 1 {
+		t.Fatalf("added c after BatchInterval: %d messages, want 1", len(msgs))
+	}
+	if msgs, _ := publish(16*time.Second, map[string]LinkStats{"b": up(ms(1), 0), "c": up(ms(1), 0), "d": up(ms(1), 0)}); len(msgs) != 0 {
+		t.Fatalf("added d published 1s after the last batch: %d messages", len(msgs))
+	}
+	msgs, changed := publish(20*time.Second, map[string]LinkStats{"b": up(ms(5), 0), "c": up(ms(1), 0), "d": up(ms(1), 0)})
+	if len(msgs) != 1 || len(changed) != 2 {
+		t.Fatalf("moved b (due) and pending d: %d messages, changes %v; want one message with both", len(msgs), changed)
+	}
+}
