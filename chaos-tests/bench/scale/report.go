@@ -33,7 +33,9 @@ type result struct {
 	machineBusy float64   // CPU the whole machine used over window, % of one core
 
 	leader     string
-	leaderTook time.Duration // from convergence (or its timeout) until a leader was known
+	voters     []string           // Raft voters, as host 0 lists them
+	cpuByHost  map[string]float64 // idle CPU per peer by host name, % of one core
+	leaderTook time.Duration      // from convergence (or its timeout) until a leader was known
 	pingsOK    int
 	pingsTotal int
 	pingTook   time.Duration // from the attachments until the last pair answered
@@ -169,6 +171,7 @@ func writeDetail(w io.Writer, r *result) {
 		}
 		if r.leader != "" {
 			fmt.Fprintf(w, "  raft leader %s, known %s after the see-all step\n", r.leader, secs(r.leaderTook))
+			fmt.Fprintf(w, "  idle CPU by raft role: %s\n", r.rolesText())
 		}
 		if r.pingsTotal > 0 {
 			fmt.Fprintf(w, "  container pings between sampled hosts: %d/%d ok (last pair answered %s after the attachments)\n",
@@ -219,4 +222,31 @@ func writeSummary(w io.Writer, ns []int, weft, serf map[int]*result) {
 				metText(wr.pingsTotal > 0 && wr.pingsOK == wr.pingsTotal))
 		}
 	}
+}
+
+// rolesText gives the idle CPU of each Raft voter (the leader marked) and the median of
+// the other peers, to show what Raft costs the voters.
+func (r *result) rolesText() string {
+	var b strings.Builder
+	isVoter := map[string]bool{}
+	for _, v := range r.voters {
+		isVoter[v] = true
+		c, ok := r.cpuByHost[v]
+		if !ok {
+			continue
+		}
+		mark := ""
+		if v == r.leader {
+			mark = " (leader)"
+		}
+		fmt.Fprintf(&b, "voter %s%s %.2f%%, ", v, mark, c)
+	}
+	var others []float64
+	for h, c := range r.cpuByHost {
+		if !isVoter[h] {
+			others = append(others, c)
+		}
+	}
+	fmt.Fprintf(&b, "the other %d peers median %.2f%%", len(others), median(others))
+	return b.String()
 }
