@@ -94,7 +94,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"maps"
 	"math"
@@ -254,6 +253,14 @@ type LinkTable struct {
 	lastMoved time.Time // our last publication of moved figures (MinInterval)
 	lastBatch time.Time // our last publication of added, removed, up links (BatchInterval)
 	lastFull  time.Time // our last publication of every link (TombstoneTTL/2)
+
+	// names interns the peer names of stored entries, so that decoding a
+	// message about peers we know allocates no strings (most of what a
+	// peer receives repeats names it holds). Only names that passed
+	// decoding and were stored get in; cleared when it outgrows the
+	// bound on origins. Lock order: mu, then namesMu.
+	namesMu sync.Mutex // guards names
+	names   map[string]string
 }
 
 // origin is one origin's entries.
@@ -291,13 +298,32 @@ func satInc(v uint64) uint64 {
 	return v + 1
 }
 
+// entryHash is FNV-1a (64 bit) of nb followed by version in big endian,
+// written out so that it allocates nothing (it runs for every entry
+// stored). Peers compare these hashes: the function must not change.
 func entryHash(nb string, version uint64) uint64 {
-	h := fnv.New64a()
-	h.Write([]byte(nb))
-	var b [8]byte
-	binary.BigEndian.PutUint64(b[:], version)
-	h.Write(b[:])
-	return h.Sum64()
+	const offset64, prime64 = 14695981039346656037, 1099511628211
+	h := uint64(offset64)
+	for i := 0; i < len(nb); i++ {
+		h = (h ^ uint64(nb[i])) * prime64
+	}
+	for i := 56; i >= 0; i -= 8 {
+		h = (h ^ (version >> i & 0xff)) * prime64
+	}
+	return h
+}
+
+// internLocked records name (valid, stored) for the decoder. O(1).
+func (t *LinkTable) internLocked(name string) {
+	t.namesMu.Lock()
+	defer t.namesMu.Unlock()
+	if _, ok := t.names[name]; ok {
+		return
+	}
+	if t.names == nil || len(t.names) >= 4*t.cfg.MaxOrigins {
+		t.names = make(map[string]string)
+	}
+	t.names[name] = name
 }
 
 // NewLinkTable returns an empty table.
@@ -467,14 +493,18 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	if t.lastBatch.IsZero() {
 		t.lastBatch = now
 	}
-	if len(batch) > 0 && (len(ups) > 0 || t.cfg.BatchInterval < 0 || now.Sub(t.lastBatch) >= t.cfg.BatchInterval) {
-		ups = append(ups, batch...)
-		t.lastBatch = now
-	}
 	if t.lastMoved.IsZero() {
 		t.lastMoved = now // the first publication carries every link
 	}
-	if len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval {
+	movedDue := len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval
+	// The batch also rides with due moved figures: every peer verifies
+	// every publication (one ed25519 check each, the largest receive cost
+	// at N=100), so one publication instead of two.
+	if len(batch) > 0 && (len(ups) > 0 || movedDue || t.cfg.BatchInterval < 0 || now.Sub(t.lastBatch) >= t.cfg.BatchInterval) {
+		ups = append(ups, batch...)
+		t.lastBatch = now
+	}
+	if movedDue {
 		ups = append(ups, moved...)
 		t.lastMoved = now
 	}
@@ -567,6 +597,9 @@ func (t *LinkTable) setLocked(o *origin, from, nb string, e *lsEntry) (LinkChang
 	} else if !old.deleted {
 		o.live--
 		o.hash ^= entryHash(nb, old.version)
+	}
+	if old == nil {
+		t.internLocked(nb)
 	}
 	o.links[nb] = e
 	o.max = max(o.max, e.version)
@@ -725,6 +758,7 @@ func (t *LinkTable) Merge(msg []byte, keys identity.KeyLookup) ([]LinkChange, er
 		if o == nil {
 			o = &origin{links: map[string]*lsEntry{}}
 			t.origins[g.origin] = o
+			t.internLocked(g.origin)
 		}
 		for _, it := range g.items {
 			if !t.newer(o, o.links[it.nb], it.e) {
@@ -1126,7 +1160,9 @@ func appendEntry(b []byte, prev, n string, e *lsEntry) []byte {
 // decodeEntries parses an entries message, enforcing the per-message
 // bounds (origins, entries per origin).
 func (t *LinkTable) decodeEntries(b []byte) ([]encGroup, error) {
-	d := lsDecoder{b: b}
+	t.namesMu.Lock()
+	defer t.namesMu.Unlock()
+	d := lsDecoder{b: b, names: t.names}
 	if !d.header(linkStateEntries) {
 		return nil, d.err
 	}
@@ -1144,7 +1180,7 @@ func (t *LinkTable) decodeEntries(b []byte) ([]encGroup, error) {
 			break
 		}
 		g.signed = d.b[start:d.off]
-		g.sig = []byte(d.str(ed25519.SignatureSize, "signature"))
+		g.sig = d.bytes(ed25519.SignatureSize, "signature")
 		if d.err != nil {
 			break
 		}
@@ -1215,6 +1251,33 @@ type lsDecoder struct {
 	b   []byte
 	off int
 	err error
+	// names, if set, holds known valid names (LinkTable.names, its lock
+	// held): a name found there costs no allocation and no validation.
+	names   map[string]string
+	scratch [2 * maxNameLen]byte
+}
+
+// bytes reads n bytes, aliasing the message.
+func (d *lsDecoder) bytes(n int, what string) []byte {
+	if d.err != nil {
+		return nil
+	}
+	if len(d.b)-d.off < n {
+		d.fail("%s of %d bytes overruns the %d bytes left", what, n, len(d.b)-d.off)
+		return nil
+	}
+	s := d.b[d.off : d.off+n]
+	d.off += n
+	return s
+}
+
+// intern returns b as a string: the known one if b names a known peer
+// (no allocation), else a new one. known reports which.
+func (d *lsDecoder) intern(b []byte) (s string, known bool) {
+	if s, ok := d.names[string(b)]; ok {
+		return s, true
+	}
+	return string(b), false
 }
 
 func (d *lsDecoder) fail(format string, a ...any) error {
@@ -1252,24 +1315,15 @@ func (d *lsDecoder) u8(what string) byte {
 	return c
 }
 
-func (d *lsDecoder) str(n int, what string) string {
-	if d.err != nil {
-		return ""
-	}
-	if len(d.b)-d.off < n {
-		d.fail("%s of %d bytes overruns the %d bytes left", what, n, len(d.b)-d.off)
-		return ""
-	}
-	s := string(d.b[d.off : d.off+n])
-	d.off += n
-	return s
-}
-
 // name reads a length-prefixed peer name.
 func (d *lsDecoder) name(what string) string {
-	s := d.str(int(d.u8(what+" name length")), what+" name")
+	b := d.bytes(int(d.u8("name length")), "name") // constants: no allocation per call
 	if d.err != nil {
 		return ""
+	}
+	s, known := d.intern(b)
+	if known {
+		return s
 	}
 	if err := validName(s); err != nil {
 		d.fail("%s name %q: %v", what, s, err)
@@ -1309,21 +1363,32 @@ func (d *lsDecoder) readGroup(maxLinks int) encGroup {
 		return g
 	}
 	g.items = make([]encItem, 0, n)
+	// One allocation for the group's entries: they are stored together
+	// and share one publication, so they mostly go together too.
+	entries := make([]lsEntry, n)
 	prev := ""
-	for range n {
+	for i := range n {
 		pre := int(d.u8("shared prefix"))
 		suf := int(d.u8("shared suffix"))
 		if d.err == nil && pre+suf > len(prev) {
 			d.fail("origin %q: shared prefix %d and suffix %d longer than the previous name %q", g.origin, pre, suf, prev)
 		}
-		mid := d.str(int(d.u8("name length")), "neighbour name")
+		mid := d.bytes(int(d.u8("name length")), "neighbour name")
+		if d.err == nil && pre+len(mid)+suf > len(d.scratch) {
+			d.fail("origin %q: neighbour name of %d bytes", g.origin, pre+len(mid)+suf)
+		}
 		if d.err != nil {
 			return g
 		}
-		name := prev[:pre] + mid + prev[len(prev)-suf:]
-		switch err := validName(name); {
-		case err != nil:
-			d.fail("origin %q: neighbour name %q: %v", g.origin, name, err)
+		nb := append(append(append(d.scratch[:0], prev[:pre]...), mid...), prev[len(prev)-suf:]...)
+		name, known := d.intern(nb)
+		var nameErr error
+		if !known {
+			nameErr = validName(name)
+		}
+		switch {
+		case nameErr != nil:
+			d.fail("origin %q: neighbour name %q: %v", g.origin, name, nameErr)
 		case name <= prev:
 			d.fail("origin %q: neighbour %q not after %q (unsorted or repeated)", g.origin, name, prev)
 		case name == g.origin:
@@ -1333,7 +1398,8 @@ func (d *lsDecoder) readGroup(maxLinks int) encGroup {
 		if d.err == nil && (flags&^(flagUp|flagEncrypted|flagRemoved) != 0 || flags&flagRemoved != 0 && flags != flagRemoved) {
 			d.fail("origin %q: neighbour %q: bad flags %#x", g.origin, name, flags)
 		}
-		e := &lsEntry{version: d.uvarint("version"), deleted: flags&flagRemoved != 0}
+		e := &entries[i]
+		*e = lsEntry{version: d.uvarint("version"), deleted: flags&flagRemoved != 0}
 		if d.err == nil && e.version == 0 {
 			d.fail("origin %q: neighbour %q: version 0", g.origin, name)
 		}

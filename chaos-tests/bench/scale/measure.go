@@ -224,6 +224,7 @@ func idle(ctx context.Context, window time.Duration, hosts []*lab.Host, c cluste
 				r.machineBusy, runtime.NumCPU(), 100*runtime.NumCPU())
 		}
 	}
+	r.cpuByHost = map[string]float64{}
 	for i, h := range hosts {
 		b := before[i]
 		if b.pid == 0 {
@@ -244,8 +245,10 @@ func idle(ctx context.Context, window time.Duration, hosts []*lab.Host, c cluste
 			continue
 		}
 		r.cpu = append(r.cpu, float64(t-b.ticks)/userHZ/r.window.Seconds()*100)
+		r.cpuByHost[h.Name] = r.cpu[len(r.cpu)-1]
 		r.rss = append(r.rss, float64(rss.rss)/(1<<20))
 		r.rssAnon = append(r.rssAnon, float64(rss.anon)/(1<<20))
+		r.pss = append(r.pss, float64(rss.pss)/(1<<20))
 	}
 	return nil
 }

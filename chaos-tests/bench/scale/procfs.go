@@ -64,8 +64,10 @@ func parseStatusKB(status, key string) (uint64, error) {
 
 // memUse is a process's resident memory, in bytes: all of it, and the part that is
 // anonymous (heap, stacks: its own). The rest is file pages (the binary's text), which
-// all processes of one binary share although each one's VmRSS counts them.
-type memUse struct{ rss, anon uint64 }
+// all processes of one binary share although each one's VmRSS counts them. pss is the
+// proportional set size (/proc/<pid>/smaps_rollup): every shared page divided among the
+// processes mapping it, the fair per-process figure when N peers run one binary.
+type memUse struct{ rss, anon, pss uint64 }
 
 // cpuTicks returns the CPU time process pid has used so far, in USER_HZ ticks.
 func cpuTicks(pid int) (uint64, error) {
@@ -90,7 +92,16 @@ func rssBytes(pid int) (memUse, error) {
 	if err != nil {
 		return memUse{}, err
 	}
-	return memUse{rss: rss, anon: anon}, nil
+	// smaps_rollup has the same "Key:  N kB" lines as status.
+	rollup, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return memUse{}, err
+	}
+	pss, err := parseStatusKB(string(rollup), "Pss")
+	if err != nil {
+		return memUse{}, err
+	}
+	return memUse{rss: rss, anon: anon, pss: pss}, nil
 }
 
 // cpuTimes returns the machine's busy and total time from the first line of /proc/stat,

@@ -28,11 +28,14 @@ type result struct {
 	cpu         []float64 // idle CPU per peer over window, % of one core
 	rss         []float64 // RSS per peer at the end of window, MB
 	rssAnon     []float64 // its anonymous part (heap, stacks; not the shared binary), MB
+	pss         []float64 // PSS per peer (shared pages divided among their users), MB
 	loadWindow  float64   // 1-minute load average at the end of window
 	machineBusy float64   // CPU the whole machine used over window, % of one core
 
 	leader     string
-	leaderTook time.Duration // from convergence (or its timeout) until a leader was known
+	voters     []string           // Raft voters, as host 0 lists them
+	cpuByHost  map[string]float64 // idle CPU per peer by host name, % of one core
+	leaderTook time.Duration      // from convergence (or its timeout) until a leader was known
 	pingsOK    int
 	pingsTotal int
 	pingTook   time.Duration // from the attachments until the last pair answered
@@ -131,6 +134,13 @@ func (r *result) cpuMedian() float64 {
 	return median(r.cpu)
 }
 
+func (r *result) pssMedian() float64 {
+	if r == nil {
+		return math.NaN()
+	}
+	return median(r.pss)
+}
+
 func (r *result) rssMedian() float64 {
 	if r == nil {
 		return math.NaN()
@@ -152,8 +162,8 @@ func writeDetail(w io.Writer, r *result) {
 	if len(r.cpu) > 0 {
 		fmt.Fprintf(w, "  idle CPU over %s, %% of one core: median %.2f%%, max %.2f%%, all %d together %.1f%% (the whole machine: %.0f%% of %d cores' %d%%; load average at the end %.1f)\n",
 			r.window, median(r.cpu), maxOf(r.cpu), len(r.cpu), sum(r.cpu), r.machineBusy, runtime.NumCPU(), 100*runtime.NumCPU(), r.loadWindow)
-		fmt.Fprintf(w, "  RSS: median %.1f MB, max %.1f MB; anonymous part (heap, stacks; the rest is the binary's pages, shared): median %.1f MB\n",
-			median(r.rss), maxOf(r.rss), median(r.rssAnon))
+		fmt.Fprintf(w, "  RSS: median %.1f MB, max %.1f MB; anonymous part (heap, stacks; the rest is the binary's pages, shared): median %.1f MB; PSS (shared pages divided among the %d): median %.1f MB\n",
+			median(r.rss), maxOf(r.rss), median(r.rssAnon), len(r.pss), median(r.pss))
 	}
 	if r.system == "weft" {
 		if r.switches != nil {
@@ -161,6 +171,7 @@ func writeDetail(w io.Writer, r *result) {
 		}
 		if r.leader != "" {
 			fmt.Fprintf(w, "  raft leader %s, known %s after the see-all step\n", r.leader, secs(r.leaderTook))
+			fmt.Fprintf(w, "  idle CPU by raft role: %s\n", r.rolesText())
 		}
 		if r.pingsTotal > 0 {
 			fmt.Fprintf(w, "  container pings between sampled hosts: %d/%d ok (last pair answered %s after the attachments)\n",
@@ -195,6 +206,10 @@ func writeSummary(w io.Writer, ns []int, weft, serf map[int]*result) {
 		if sr != nil {
 			fmt.Fprintf(&b, " serf %.0fMB (%s)", sr.rssMedian(), ratio(wr.rssMedian(), sr.rssMedian()))
 		}
+		fmt.Fprintf(&b, " | PSS weft %.1fMB", wr.pssMedian())
+		if sr != nil {
+			fmt.Fprintf(&b, " serf %.1fMB (%s)", sr.pssMedian(), ratio(wr.pssMedian(), sr.pssMedian()))
+		}
 		if wr != nil {
 			fmt.Fprintf(&b, " | pings %d/%d | load %.1f", wr.pingsOK, wr.pingsTotal, wr.loadWindow)
 		}
@@ -207,4 +222,31 @@ func writeSummary(w io.Writer, ns []int, weft, serf map[int]*result) {
 				metText(wr.pingsTotal > 0 && wr.pingsOK == wr.pingsTotal))
 		}
 	}
+}
+
+// rolesText gives the idle CPU of each Raft voter (the leader marked) and the median of
+// the other peers, to show what Raft costs the voters.
+func (r *result) rolesText() string {
+	var b strings.Builder
+	isVoter := map[string]bool{}
+	for _, v := range r.voters {
+		isVoter[v] = true
+		c, ok := r.cpuByHost[v]
+		if !ok {
+			continue
+		}
+		mark := ""
+		if v == r.leader {
+			mark = " (leader)"
+		}
+		fmt.Fprintf(&b, "voter %s%s %.2f%%, ", v, mark, c)
+	}
+	var others []float64
+	for h, c := range r.cpuByHost {
+		if !isVoter[h] {
+			others = append(others, c)
+		}
+	}
+	fmt.Fprintf(&b, "the other %d peers median %.2f%%", len(others), median(others))
+	return b.String()
 }

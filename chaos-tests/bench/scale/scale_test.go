@@ -172,3 +172,10 @@ func TestParseSwitches(t *testing.T) {
 		t.Errorf("switchesText = %q", s)
 	}
 }
+
+func TestParsePss(t *testing.T) {
+	rollup := "55d0c0000000-7ffc00000000 ---p 00000000 00:00 0                          [rollup]\nRss:               29000 kB\nPss:                9800 kB\nPss_Anon:           9100 kB\nPss_File:            700 kB\n"
+	if pss, err := parseStatusKB(rollup, "Pss"); err != nil || pss != 9800<<10 {
+		t.Fatalf("Pss = %d, %v; want %d", pss, err, 9800<<10)
+	}
+}

@@ -106,17 +106,19 @@ func (w *weftCluster) alive(ctx context.Context, h *lab.Host) (int, error) {
 	return n, nil
 }
 
-func (w *weftCluster) leader(ctx context.Context, h *lab.Host) (string, error) {
+// leader returns the Raft leader h knows, and the voters.
+func (w *weftCluster) leader(ctx context.Context, h *lab.Host) (string, []string, error) {
 	var v struct {
-		Leader string `json:"leader"`
+		Leader string   `json:"leader"`
+		Voters []string `json:"voters"`
 	}
 	if err := w.client(h).Get(ctx, "/v1/ipam", &v); err != nil {
-		return "", err
+		return "", nil, err
 	}
 	if v.Leader == "" {
-		return "", errors.New("no raft leader known")
+		return "", nil, errors.New("no raft leader known")
 	}
-	return v.Leader, nil
+	return v.Leader, v.Voters, nil
 }
 
 // stopAll kills every peer at once: the measurements are taken, and a graceful stop of
@@ -182,7 +184,7 @@ func containerPings(ctx context.Context, l *lab.Lab, w *weftCluster, sample int,
 	lctx, cancel := context.WithTimeout(ctx, wait)
 	err := lab.Poll(lctx, 200*time.Millisecond, func() error {
 		var err error
-		r.leader, err = w.leader(lctx, l.Host(0))
+		r.leader, r.voters, err = w.leader(lctx, l.Host(0))
 		return err
 	})
 	cancel()
