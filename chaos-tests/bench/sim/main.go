@@ -158,6 +158,10 @@ func run() error {
 			return fmt.Errorf("-pprof: %w", err)
 		}
 		defer ln.Close()
+		// Lock waits are what starve a peer's packet loop without using CPU:
+		// record them for /debug/pprof/mutex and /debug/pprof/block.
+		runtime.SetMutexProfileFraction(10)
+		runtime.SetBlockProfileRate(int(time.Millisecond))
 		go http.Serve(ln, nil) // net/http/pprof registers on the default mux
 	}
 	if *cpuProfile != "" {
@@ -236,6 +240,10 @@ type result struct {
 	maxRelayed         int
 	loadBefore         string
 	loadAfter          string
+	// Mesh counters (events by type, suppressed notes, join attempts):
+	// per peer over the join phase, and per peer per second in the window.
+	joinCounters   map[string]float64
+	windowCounters map[string]float64
 }
 
 // simulate runs one N: start, converge, settle, measure, close.
@@ -329,6 +337,10 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 		}
 	}
 	r.joinBytesPerPeer = joinTotal / float64(n)
+	r.joinCounters = map[string]float64{}
+	for k, v := range meshCounters(nodes) {
+		r.joinCounters[k] = v / float64(n)
+	}
 	fmt.Fprintf(os.Stderr, "sim: N=%d: all see all: %v (%v after the last start); settling %v, then measuring %v\n",
 		n, converged, r.seeAllSinceLast.Round(time.Millisecond), o.settle, o.window)
 
@@ -339,6 +351,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	}
 	r.loadBefore = loadAverage()
 	before := sumCounters(counters)
+	mc0 := meshCounters(nodes)
 	cpu0 := processCPU()
 	paths.take()
 	switches0 := switches.Load()
@@ -351,11 +364,16 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	elapsed := time.Since(start)
 	cpu := processCPU() - cpu0
 	after := sumCounters(counters)
+	mc1 := meshCounters(nodes)
 	runs := paths.take()
 	r.switchesPerPeerMin = float64(switches.Load()-switches0) / float64(n) / elapsed.Minutes()
 	r.loadAfter = loadAverage()
 
 	perPeerSec := float64(n) * elapsed.Seconds()
+	r.windowCounters = map[string]float64{}
+	for k, v := range mc1 {
+		r.windowCounters[k] = (v - mc0[k]) / perPeerSec
+	}
 	for kind, a := range after {
 		b := before[kind]
 		rt := rate{bytes: (a.bytes - b.bytes) / perPeerSec, msgs: float64(a.msgs-b.msgs) / perPeerSec}
@@ -525,6 +543,8 @@ func (r *result) print(w *os.File) {
 	fmt.Fprintf(tw, "total\t%.0f\t\t\n", r.totalBytes)
 	fmt.Fprintf(tw, "gossip datagrams\t\t%.2f\t\n", r.udpPackets)
 	tw.Flush()
+	printCounters(w, "mesh counters per peer, join phase (start to all-see-all):", r.joinCounters, "%.1f")
+	printCounters(w, "mesh counters per peer per second, idle window:", r.windowCounters, "%.3f")
 	fmt.Fprintf(w, "CPU per peer:       %.3f %% of one core (the process: %.2f of %d cores)\n", r.cpuPct, r.cpuPct*float64(r.n)/100, runtime.NumCPU())
 	fmt.Fprintf(w, "heap per peer:      %.0f kB (HeapInuse after GC / N)\n", r.heapPerPeer/1000)
 	if !r.membershipOnly {
@@ -639,6 +659,16 @@ func summary(w *os.File, rs []*result, mo *result) {
 	tw.Flush()
 	fmt.Fprintf(w, "target per-peer traffic flat or sub-linear in N (exponent < 1): %s (N^%.2f)\n",
 		metTag(!math.IsNaN(trafficExp) && trafficExp < 1), trafficExp)
+}
+
+// printCounters prints the non-zero counters, sorted by name.
+func printCounters(w *os.File, title string, c map[string]float64, format string) {
+	fmt.Fprintln(w, title)
+	for _, k := range slices.Sorted(maps.Keys(c)) {
+		if c[k] != 0 {
+			fmt.Fprintf(w, "  %-62s "+format+"\n", k, c[k])
+		}
+	}
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -60,11 +60,11 @@ func TestClassifyPacket(t *testing.T) {
 		want []part
 	}{
 		{"ping", ping, []part{{kindSWIMProbe, len(ping)}}},
-		{"alive with crc", withCRC(alive), []part{{kindSWIMState, len(alive)}}},
-		{"compound", compound(alive, user, ping), []part{{kindSWIMState, len(alive)}, {"ch:linkstate", len(user)}, {kindSWIMProbe, len(ping)}}},
-		{"crc, compressed compound", withCRC(compressLikeMemberlist(t, compound(user, alive))), []part{{"ch:linkstate", len(user)}, {kindSWIMState, len(alive)}}},
+		{"alive with crc", withCRC(alive), []part{{kindSWIMAlive, len(alive)}}},
+		{"compound", compound(alive, user, ping), []part{{kindSWIMAlive, len(alive)}, {"ch:linkstate", len(user)}, {kindSWIMProbe, len(ping)}}},
+		{"crc, compressed compound", withCRC(compressLikeMemberlist(t, compound(user, alive))), []part{{"ch:linkstate", len(user)}, {kindSWIMAlive, len(alive)}}},
 		{"user without envelope", []byte{mlUser, 9}, []part{{kindUserOther, 2}}},
-		{"truncated compound keeps the whole parts", compound(alive, ping)[:2+4+len(alive)+3], []part{{kindSWIMState, len(alive)}}},
+		{"truncated compound keeps the whole parts", compound(alive, ping)[:2+4+len(alive)+3], []part{{kindSWIMAlive, len(alive)}}},
 		{"encrypted", []byte{mlEncrypt, 1, 2, 3}, []part{{kindEncrypted, 4}}},
 		{"garbage compression", []byte{mlCompress, 0xff, 0xff}, []part{{kindOther, 3}}},
 		{"empty", nil, []part{{kindOther, 0}}},
@@ -92,14 +92,14 @@ func TestCounterSharesWireBytesByPart(t *testing.T) {
 	c := newCounter()
 	c.addPacket(pkt)
 	s := c.snapshot()
-	sum := s[kindSWIMState].bytes + s["ch:dns"].bytes
+	sum := s[kindSWIMAlive].bytes + s["ch:dns"].bytes
 	if math.Abs(sum-float64(len(pkt))) > 1e-9 {
 		t.Fatalf("kinds add up to %v bytes, the packet has %d", sum, len(pkt))
 	}
-	if want := float64(len(pkt)) * 100 / 401; math.Abs(s[kindSWIMState].bytes-want) > 1e-9 {
-		t.Fatalf("alive share %v, want %v", s[kindSWIMState].bytes, want)
+	if want := float64(len(pkt)) * 100 / 401; math.Abs(s[kindSWIMAlive].bytes-want) > 1e-9 {
+		t.Fatalf("alive share %v, want %v", s[kindSWIMAlive].bytes, want)
 	}
-	if s[kindUDPPackets].msgs != 1 || s[kindSWIMState].msgs != 1 || s["ch:dns"].msgs != 1 {
+	if s[kindUDPPackets].msgs != 1 || s[kindSWIMAlive].msgs != 1 || s["ch:dns"].msgs != 1 {
 		t.Fatalf("counts: %+v", s)
 	}
 }

@@ -109,3 +109,30 @@ func metTag(ok bool) string {
 	}
 	return "MISSED"
 }
+
+// meshCounters sums the counters of every peer's mesh metrics by name and
+// labels ("weft_mesh_events_total{type=join}"): memberlist's alive, suspect
+// and dead decisions as each peer saw them, suppressed suspicion notes, join
+// attempts. O(N × metrics).
+func meshCounters(nodes []*node) map[string]float64 {
+	out := map[string]float64{}
+	for _, nd := range nodes {
+		mfs, err := nd.reg.Gather()
+		if err != nil {
+			continue // a half-registered peer: its counters are left out
+		}
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				if m.GetCounter() == nil {
+					continue
+				}
+				key := mf.GetName()
+				for _, l := range m.GetLabel() {
+					key += "{" + l.GetName() + "=" + l.GetValue() + "}"
+				}
+				out[key] += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return out
+}
