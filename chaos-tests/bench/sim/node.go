@@ -73,6 +73,8 @@ type nodeConfig struct {
 	ProbeTargets int
 	// Compress is mesh.Config's.
 	Compress bool
+	// SWIMProbeTimeout is mesh.Config's ProbeTimeout; 0 keeps the mesh default.
+	SWIMProbeTimeout time.Duration
 	// LogWarnings sends the mesh's warnings and errors to stderr.
 	LogWarnings bool
 	// LinkStateRetransmitMult is mesh.Config's; 0 keeps the mesh default.
@@ -168,6 +170,9 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	mc.WrapTransport = wrapTransport(cfg.Traffic)
 	mc.Compress = cfg.Compress
 	mc.Registerer = n.reg
+	if cfg.SWIMProbeTimeout > 0 {
+		mc.ProbeTimeout = cfg.SWIMProbeTimeout
+	}
 	if cfg.LogWarnings {
 		mc.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", cfg.Name)
 	}
