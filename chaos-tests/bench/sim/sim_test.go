@@ -210,3 +210,30 @@ func TestCountingTransportShutdownWithPendingStream(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The run-queue quantiles read only the waits recorded since the first
+// snapshot, report upper bucket bounds, and count waits at or over the bound.
+func TestSchedQuantilesSince(t *testing.T) {
+	buckets := []float64{0, 0.001, 0.01, 0.1, 1, math.Inf(1)}
+	before := schedHist{counts: []uint64{100, 0, 0, 0, 0}, buckets: buckets}
+	after := schedHist{counts: []uint64{100, 90, 5, 4, 1}, buckets: buckets}
+	q, over := after.quantilesSince(before, 0.1, 0.5, 0.95, 1)
+	want := []time.Duration{10 * time.Millisecond, 100 * time.Millisecond, time.Second}
+	for i := range want {
+		if q[i] != want[i] {
+			t.Errorf("quantile %d = %v, want %v (the 100 waits before must not count)", i, q[i], want[i])
+		}
+	}
+	if over != 5 {
+		t.Errorf("waits >= 100 ms = %d, want 5", over)
+	}
+	// The last bucket is open: its lower bound is reported.
+	open := schedHist{counts: []uint64{0, 0, 0, 0, 3}, buckets: buckets}
+	if q, _ := open.quantilesSince(schedHist{counts: make([]uint64, 5), buckets: buckets}, 1, 0.5); q[0] != time.Second {
+		t.Errorf("open bucket quantile = %v, want 1s", q[0])
+	}
+	// Mismatched snapshots give zeros, not a panic.
+	if q, n := after.quantilesSince(schedHist{}, 0.1, 0.5); q[0] != 0 || n != 0 {
+		t.Errorf("mismatched snapshots: %v, %d", q, n)
+	}
+}
