@@ -66,6 +66,7 @@ type options struct {
 	membershipOnlyN  int
 	window           time.Duration
 	settle           time.Duration
+	drainMax         time.Duration
 	convergeTimeout  time.Duration
 	batch            int
 	batchPause       time.Duration
@@ -81,6 +82,7 @@ type options struct {
 	memberRetransmit int
 	logWarnings      bool
 	compress         bool
+	swimTimeout      time.Duration
 }
 
 func main() {
@@ -98,9 +100,14 @@ func run() error {
 	flag.IntVar(&o.membershipOnlyN, "membership-only-n", 0, "also run the mesh alone (no probers, link state or paths) at this N; 0: no")
 	flag.Float64Var(&seconds, "seconds", 30, "idle measurement window after convergence, seconds")
 	flag.DurationVar(&o.settle, "settle", 5*time.Second, "wait after convergence before the window opens (join gossip dies down)")
+	flag.DurationVar(&o.drainMax, "drain-max", 3*time.Minute, "after -settle, wait at most this long for the join's alive messages to stop being retransmitted (0: do not wait); see waitDrained")
 	flag.DurationVar(&o.convergeTimeout, "converge-timeout", 3*time.Minute, "give up waiting for all-see-all after this (then measure anyway)")
-	flag.IntVar(&o.batch, "batch", 25, "peers started per batch")
-	flag.DurationVar(&o.batchPause, "batch-pause", 250*time.Millisecond, "pause between batches")
+	// 10 peers a second: the real-process lab starts 100 peers in 12-24 s. At
+	// 100 a second (the old 25 per 250 ms) the one process starves: goroutines
+	// waited up to 7.5 s for a CPU (p99 0.8 s) at N=200, memberlist declared
+	// live peers dead, and the mesh never converged.
+	flag.IntVar(&o.batch, "batch", 5, "peers started per batch")
+	flag.DurationVar(&o.batchPause, "batch-pause", 500*time.Millisecond, "pause between batches")
 	flag.StringVar(&base, "addr-base", "127.1.0.0", "peers get 127.B.x.y in this address's /16 (must be in 127.0.0.0/8)")
 	flag.IntVar(&o.meshPort, "mesh-port", 7946, "gossip port (tcp+udp) on every peer address")
 	flag.IntVar(&o.probePort, "probe-port", 7947, "underlay probe port (udp)")
@@ -111,6 +118,10 @@ func run() error {
 	flag.IntVar(&o.probeTargets, "probe-targets", 16, "peers each peer measures directly (weft peer's --probe-targets)")
 	flag.IntVar(&o.lsRetransmit, "ls-retransmit-mult", 0, "link-state retransmit multiplier per peer (mesh.Config.LinkStateRetransmitMult); 0: the mesh default")
 	flag.IntVar(&o.memberRetransmit, "membership-retransmit-mult", 0, "memberlist's own retransmit multiplier for alive/suspect/dead (mesh.Config.MembershipRetransmitMult); 0: the mesh default")
+	// 900 ms, not weft's 500 ms: N peers share two cores here, and a peer whose
+	// packet goroutine waits half a second for a CPU is not a lost packet. A
+	// real peer has its own CPU. -swim-probe-timeout 500ms measures weft's default.
+	flag.DurationVar(&o.swimTimeout, "swim-probe-timeout", 900*time.Millisecond, "memberlist's probe timeout (mesh.Config.ProbeTimeout; weft peer's is 500ms), below the 1 s probe interval")
 	flag.BoolVar(&o.compress, "compress", false, "memberlist compression on (mesh.Config.Compress; weft peer's default is off)")
 	flag.BoolVar(&o.logWarnings, "log-warnings", false, "print every peer's mesh warnings and errors (memberlist's too) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
@@ -137,6 +148,9 @@ func run() error {
 	if o.batch < 1 {
 		return fmt.Errorf("-batch %d must be at least 1", o.batch)
 	}
+	if o.swimTimeout < 0 || o.swimTimeout >= time.Second {
+		return fmt.Errorf("-swim-probe-timeout %v must be below the 1s SWIM probe interval", o.swimTimeout)
+	}
 	if o.pathInterval <= 0 || o.probeInterval < 50*time.Millisecond {
 		return fmt.Errorf("-path-interval must be positive and -probe-interval at least 50ms")
 	}
@@ -158,6 +172,10 @@ func run() error {
 			return fmt.Errorf("-pprof: %w", err)
 		}
 		defer ln.Close()
+		// Lock waits are what starve a peer's packet loop without using CPU:
+		// record them for /debug/pprof/mutex and /debug/pprof/block.
+		runtime.SetMutexProfileFraction(10)
+		runtime.SetBlockProfileRate(int(time.Millisecond))
 		go http.Serve(ln, nil) // net/http/pprof registers on the default mux
 	}
 	if *cpuProfile != "" {
@@ -175,8 +193,8 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	fmt.Printf("weft in-process scale simulation: GOMAXPROCS=%d, %d CPUs, gossip unencrypted, probe interval %v, link prober %v, path interval %v, sync on join %v, window %v\n",
-		runtime.GOMAXPROCS(0), runtime.NumCPU(), o.probeInterval, o.linkProbePort != 0, o.pathInterval, o.syncOnJoin, o.window)
+	fmt.Printf("weft in-process scale simulation: GOMAXPROCS=%d, %d CPUs, gossip unencrypted, probe interval %v, link prober %v, path interval %v, sync on join %v, window %v, start %d peers per %v, SWIM probe timeout %v\n",
+		runtime.GOMAXPROCS(0), runtime.NumCPU(), o.probeInterval, o.linkProbePort != 0, o.pathInterval, o.syncOnJoin, o.window, o.batch, o.batchPause, o.swimTimeout)
 	var results []*result
 	for _, n := range o.ns {
 		r, err := simulate(ctx, o, n, false)
@@ -236,6 +254,16 @@ type result struct {
 	maxRelayed         int
 	loadBefore         string
 	loadAfter          string
+	// Mesh counters (events by type, suppressed notes, join attempts):
+	// per peer over the join phase, and per peer per second in the window.
+	joinCPUCores float64 // process CPU from the first start to all-see-all, in cores
+	// Run-queue waits of goroutines (p50, p99, p99.99) and how many waited
+	// 100 ms or more: the one process's own starvation (see schedHist).
+	joinSched, windowSched         []time.Duration
+	joinSchedOver, windowSchedOver uint64
+	drained                        time.Duration // how long the join's alive retransmissions took to die down after -settle
+	joinCounters                   map[string]float64
+	windowCounters                 map[string]float64
 }
 
 // simulate runs one N: start, converge, settle, measure, close.
@@ -283,6 +311,8 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 		seeds = append(seeds, netip.AddrPortFrom(a, uint16(o.meshPort)).String())
 	}
 	first := time.Now()
+	cpuFirst := processCPU()
+	schedFirst := readSched()
 	var last time.Time
 	for i := range n {
 		if err := ctx.Err(); err != nil {
@@ -298,7 +328,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 			MeshPort: o.meshPort, ProbePort: o.probePort, LinkProbePort: o.linkProbePort,
 			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin && !membershipOnly,
 			ProbeInterval: o.probeInterval, ProbeTargets: o.probeTargets, PathInterval: o.pathInterval,
-			LinkStateRetransmitMult: o.lsRetransmit, MembershipRetransmitMult: o.memberRetransmit, LogWarnings: o.logWarnings, Compress: o.compress,
+			LinkStateRetransmitMult: o.lsRetransmit, MembershipRetransmitMult: o.memberRetransmit, LogWarnings: o.logWarnings, Compress: o.compress, SWIMProbeTimeout: o.swimTimeout,
 			PathSlot: slot, Paths: paths, Switches: switches, Traffic: counters[i],
 		})
 		if err != nil {
@@ -329,6 +359,12 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 		}
 	}
 	r.joinBytesPerPeer = joinTotal / float64(n)
+	r.joinCPUCores = (processCPU() - cpuFirst).Seconds() / now.Sub(first).Seconds()
+	r.joinSched, r.joinSchedOver = readSched().quantilesSince(schedFirst, 0.1, 0.5, 0.99, 0.9999)
+	r.joinCounters = map[string]float64{}
+	for k, v := range meshCounters(nodes) {
+		r.joinCounters[k] = v / float64(n)
+	}
 	fmt.Fprintf(os.Stderr, "sim: N=%d: all see all: %v (%v after the last start); settling %v, then measuring %v\n",
 		n, converged, r.seeAllSinceLast.Round(time.Millisecond), o.settle, o.window)
 
@@ -337,9 +373,14 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+	if r.drained, err = waitDrained(ctx, n, counters, o.drainMax); err != nil {
+		return nil, err
+	}
 	r.loadBefore = loadAverage()
 	before := sumCounters(counters)
+	mc0 := meshCounters(nodes)
 	cpu0 := processCPU()
+	sched0 := readSched()
 	paths.take()
 	switches0 := switches.Load()
 	start := time.Now()
@@ -350,12 +391,18 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	}
 	elapsed := time.Since(start)
 	cpu := processCPU() - cpu0
+	r.windowSched, r.windowSchedOver = readSched().quantilesSince(sched0, 0.1, 0.5, 0.99, 0.9999)
 	after := sumCounters(counters)
+	mc1 := meshCounters(nodes)
 	runs := paths.take()
 	r.switchesPerPeerMin = float64(switches.Load()-switches0) / float64(n) / elapsed.Minutes()
 	r.loadAfter = loadAverage()
 
 	perPeerSec := float64(n) * elapsed.Seconds()
+	r.windowCounters = map[string]float64{}
+	for k, v := range mc1 {
+		r.windowCounters[k] = (v - mc0[k]) / perPeerSec
+	}
 	for kind, a := range after {
 		b := before[kind]
 		rt := rate{bytes: (a.bytes - b.bytes) / perPeerSec, msgs: float64(a.msgs-b.msgs) / perPeerSec}
@@ -387,6 +434,31 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	r.heapPerPeer = float64(ms.HeapInuse) / float64(n)
 	r.print(os.Stdout) // before the peers close, should closing hang
 	return r, nil
+}
+
+// waitDrained waits until the peers send fewer than one alive message per
+// peer per second, or max. Every peer retransmits every alive message
+// RetransmitMult × ⌈log₁₀(N+1)⌉ times (18 at N=200) within memberlist's gossip
+// budget (3 packets per 200 ms), so a mass start of N peers keeps every
+// peer's gossip full for about N × 18 × 160 B / 21 kB/s ≈ 30 s at N=200 after
+// all see all; a window opened inside that measures the join, not idle.
+func waitDrained(ctx context.Context, n int, counters []*counter, max time.Duration) (time.Duration, error) {
+	start := time.Now()
+	const step = 2 * time.Second
+	prev := sumCounters(counters)[kindSWIMAlive].msgs
+	for time.Since(start) < max {
+		select {
+		case <-time.After(step):
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+		cur := sumCounters(counters)[kindSWIMAlive].msgs
+		if float64(cur-prev)/float64(n)/step.Seconds() < 1 {
+			return time.Since(start), nil
+		}
+		prev = cur
+	}
+	return time.Since(start), nil
 }
 
 // waitAllSeeAll polls until every peer sees all n alive, or the timeout. To
@@ -510,7 +582,10 @@ func (r *result) print(w *os.File) {
 		fmt.Fprintf(w, "all see all:        NOT within the deadline (%v after the last start); the worst peer saw %d of %d alive\n",
 			r.seeAllSinceLast.Round(time.Millisecond), r.minAlive, r.n)
 	}
-	fmt.Fprintf(w, "join phase:         %.0f kB sent per peer from the first start to all-see-all\n", r.joinBytesPerPeer/1000)
+	fmt.Fprintf(w, "join phase:         %.0f kB sent per peer from the first start to all-see-all; the process used %.2f of %d cores\n", r.joinBytesPerPeer/1000, r.joinCPUCores, runtime.NumCPU())
+	fmt.Fprintf(w, "run-queue waits:    join phase p50 %v p99 %v p99.99 %v, %d waits >= 100 ms; idle window p50 %v p99 %v p99.99 %v, %d >= 100 ms\n",
+		r.joinSched[0], r.joinSched[1], r.joinSched[2], r.joinSchedOver, r.windowSched[0], r.windowSched[1], r.windowSched[2], r.windowSchedOver)
+	fmt.Fprintf(w, "join backlog:       alive retransmissions died down %v after the settle\n", r.drained.Round(time.Second))
 	fmt.Fprintf(w, "idle window:        %v, load average %s -> %s\n", r.window, r.loadBefore, r.loadAfter)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "kind\tbytes/s/peer\tmsgs/s/peer\t")
@@ -525,6 +600,8 @@ func (r *result) print(w *os.File) {
 	fmt.Fprintf(tw, "total\t%.0f\t\t\n", r.totalBytes)
 	fmt.Fprintf(tw, "gossip datagrams\t\t%.2f\t\n", r.udpPackets)
 	tw.Flush()
+	printCounters(w, "mesh counters per peer, join phase (start to all-see-all):", r.joinCounters, "%.1f")
+	printCounters(w, "mesh counters per peer per second, idle window:", r.windowCounters, "%.3f")
 	fmt.Fprintf(w, "CPU per peer:       %.3f %% of one core (the process: %.2f of %d cores)\n", r.cpuPct, r.cpuPct*float64(r.n)/100, runtime.NumCPU())
 	fmt.Fprintf(w, "heap per peer:      %.0f kB (HeapInuse after GC / N)\n", r.heapPerPeer/1000)
 	if !r.membershipOnly {
@@ -639,6 +716,16 @@ func summary(w *os.File, rs []*result, mo *result) {
 	tw.Flush()
 	fmt.Fprintf(w, "target per-peer traffic flat or sub-linear in N (exponent < 1): %s (N^%.2f)\n",
 		metTag(!math.IsNaN(trafficExp) && trafficExp < 1), trafficExp)
+}
+
+// printCounters prints the non-zero counters, sorted by name.
+func printCounters(w *os.File, title string, c map[string]float64, format string) {
+	fmt.Fprintln(w, title)
+	for _, k := range slices.Sorted(maps.Keys(c)) {
+		if c[k] != 0 {
+			fmt.Fprintf(w, "  %-62s "+format+"\n", k, c[k])
+		}
+	}
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

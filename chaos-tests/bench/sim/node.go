@@ -22,6 +22,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/weftnet/weft/mesh"
 	"github.com/weftnet/weft/mesh/identity"
 	"github.com/weftnet/weft/mesh/pathsel"
@@ -71,6 +73,8 @@ type nodeConfig struct {
 	ProbeTargets int
 	// Compress is mesh.Config's.
 	Compress bool
+	// SWIMProbeTimeout is mesh.Config's ProbeTimeout; 0 keeps the mesh default.
+	SWIMProbeTimeout time.Duration
 	// LogWarnings sends the mesh's warnings and errors to stderr.
 	LogWarnings bool
 	// LinkStateRetransmitMult is mesh.Config's; 0 keeps the mesh default.
@@ -97,6 +101,7 @@ type node struct {
 	cfg  nodeConfig
 	mesh *mesh.Mesh
 	dp   *recorder
+	reg  *prometheus.Registry // this peer's mesh metrics (events by type, suppressed notes)
 
 	// Path state, owned by the path loop goroutine (as router.paths is
 	// owned by the datapath loop).
@@ -122,7 +127,7 @@ type node struct {
 // startNode starts one peer; on error everything it started is closed.
 func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	ctx, cancel := context.WithCancel(ctx)
-	n = &node{cfg: cfg, dp: newRecorder(), cancel: cancel, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+	n = &node{cfg: cfg, dp: newRecorder(), reg: prometheus.NewRegistry(), cancel: cancel, rnd: rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 		targets: map[string]netip.Addr{}, added: map[string]time.Time{}, dests: map[string]pathsel.Dest{},
 		live: map[string]struct{}{}, relays: map[string]string{}, own: map[string]mesh.LinkMetrics{}, mustUntil: map[string]time.Time{}}
 	defer func() {
@@ -164,6 +169,10 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	mc.Identity = id
 	mc.WrapTransport = wrapTransport(cfg.Traffic)
 	mc.Compress = cfg.Compress
+	mc.Registerer = n.reg
+	if cfg.SWIMProbeTimeout > 0 {
+		mc.ProbeTimeout = cfg.SWIMProbeTimeout
+	}
 	if cfg.LogWarnings {
 		mc.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", cfg.Name)
 	}

@@ -60,11 +60,11 @@ func TestClassifyPacket(t *testing.T) {
 		want []part
 	}{
 		{"ping", ping, []part{{kindSWIMProbe, len(ping)}}},
-		{"alive with crc", withCRC(alive), []part{{kindSWIMState, len(alive)}}},
-		{"compound", compound(alive, user, ping), []part{{kindSWIMState, len(alive)}, {"ch:linkstate", len(user)}, {kindSWIMProbe, len(ping)}}},
-		{"crc, compressed compound", withCRC(compressLikeMemberlist(t, compound(user, alive))), []part{{"ch:linkstate", len(user)}, {kindSWIMState, len(alive)}}},
+		{"alive with crc", withCRC(alive), []part{{kindSWIMAlive, len(alive)}}},
+		{"compound", compound(alive, user, ping), []part{{kindSWIMAlive, len(alive)}, {"ch:linkstate", len(user)}, {kindSWIMProbe, len(ping)}}},
+		{"crc, compressed compound", withCRC(compressLikeMemberlist(t, compound(user, alive))), []part{{"ch:linkstate", len(user)}, {kindSWIMAlive, len(alive)}}},
 		{"user without envelope", []byte{mlUser, 9}, []part{{kindUserOther, 2}}},
-		{"truncated compound keeps the whole parts", compound(alive, ping)[:2+4+len(alive)+3], []part{{kindSWIMState, len(alive)}}},
+		{"truncated compound keeps the whole parts", compound(alive, ping)[:2+4+len(alive)+3], []part{{kindSWIMAlive, len(alive)}}},
 		{"encrypted", []byte{mlEncrypt, 1, 2, 3}, []part{{kindEncrypted, 4}}},
 		{"garbage compression", []byte{mlCompress, 0xff, 0xff}, []part{{kindOther, 3}}},
 		{"empty", nil, []part{{kindOther, 0}}},
@@ -92,14 +92,14 @@ func TestCounterSharesWireBytesByPart(t *testing.T) {
 	c := newCounter()
 	c.addPacket(pkt)
 	s := c.snapshot()
-	sum := s[kindSWIMState].bytes + s["ch:dns"].bytes
+	sum := s[kindSWIMAlive].bytes + s["ch:dns"].bytes
 	if math.Abs(sum-float64(len(pkt))) > 1e-9 {
 		t.Fatalf("kinds add up to %v bytes, the packet has %d", sum, len(pkt))
 	}
-	if want := float64(len(pkt)) * 100 / 401; math.Abs(s[kindSWIMState].bytes-want) > 1e-9 {
-		t.Fatalf("alive share %v, want %v", s[kindSWIMState].bytes, want)
+	if want := float64(len(pkt)) * 100 / 401; math.Abs(s[kindSWIMAlive].bytes-want) > 1e-9 {
+		t.Fatalf("alive share %v, want %v", s[kindSWIMAlive].bytes, want)
 	}
-	if s[kindUDPPackets].msgs != 1 || s[kindSWIMState].msgs != 1 || s["ch:dns"].msgs != 1 {
+	if s[kindUDPPackets].msgs != 1 || s[kindSWIMAlive].msgs != 1 || s["ch:dns"].msgs != 1 {
 		t.Fatalf("counts: %+v", s)
 	}
 }
@@ -208,5 +208,32 @@ func TestCountingTransportShutdownWithPendingStream(t *testing.T) {
 	}
 	if err := tr.Shutdown(); err != nil { // twice is safe
 		t.Fatal(err)
+	}
+}
+
+// The run-queue quantiles read only the waits recorded since the first
+// snapshot, report upper bucket bounds, and count waits at or over the bound.
+func TestSchedQuantilesSince(t *testing.T) {
+	buckets := []float64{0, 0.001, 0.01, 0.1, 1, math.Inf(1)}
+	before := schedHist{counts: []uint64{100, 0, 0, 0, 0}, buckets: buckets}
+	after := schedHist{counts: []uint64{100, 90, 5, 4, 1}, buckets: buckets}
+	q, over := after.quantilesSince(before, 0.1, 0.5, 0.95, 1)
+	want := []time.Duration{10 * time.Millisecond, 100 * time.Millisecond, time.Second}
+	for i := range want {
+		if q[i] != want[i] {
+			t.Errorf("quantile %d = %v, want %v (the 100 waits before must not count)", i, q[i], want[i])
+		}
+	}
+	if over != 5 {
+		t.Errorf("waits >= 100 ms = %d, want 5", over)
+	}
+	// The last bucket is open: its lower bound is reported.
+	open := schedHist{counts: []uint64{0, 0, 0, 0, 3}, buckets: buckets}
+	if q, _ := open.quantilesSince(schedHist{counts: make([]uint64, 5), buckets: buckets}, 1, 0.5); q[0] != time.Second {
+		t.Errorf("open bucket quantile = %v, want 1s", q[0])
+	}
+	// Mismatched snapshots give zeros, not a panic.
+	if q, n := after.quantilesSince(schedHist{}, 0.1, 0.5); q[0] != 0 || n != 0 {
+		t.Errorf("mismatched snapshots: %v, %d", q, n)
 	}
 }

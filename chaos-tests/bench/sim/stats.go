@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"runtime/metrics"
 	"slices"
 	"sync"
 	"time"
@@ -108,4 +109,85 @@ func metTag(ok bool) string {
 		return "met"
 	}
 	return "MISSED"
+}
+
+// meshCounters sums the counters of every peer's mesh metrics by name and
+// labels ("weft_mesh_events_total{type=join}"): memberlist's alive, suspect
+// and dead decisions as each peer saw them, suppressed suspicion notes, join
+// attempts. O(N × metrics).
+func meshCounters(nodes []*node) map[string]float64 {
+	out := map[string]float64{}
+	for _, nd := range nodes {
+		mfs, err := nd.reg.Gather()
+		if err != nil {
+			continue // a half-registered peer: its counters are left out
+		}
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				if m.GetCounter() == nil {
+					continue
+				}
+				key := mf.GetName()
+				for _, l := range m.GetLabel() {
+					key += "{" + l.GetName() + "=" + l.GetValue() + "}"
+				}
+				out[key] += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return out
+}
+
+// schedHist is the Go runtime's histogram of how long goroutines waited in
+// the run queue before they ran (/sched/latencies:seconds). With all peers
+// in one process this is the simulation's own artefact: a peer that waits
+// half a second for a CPU misses memberlist's probe timeout (500 ms), which
+// a real peer with its own CPU would not.
+type schedHist struct {
+	counts  []uint64
+	buckets []float64
+}
+
+func readSched() schedHist {
+	s := []metrics.Sample{{Name: "/sched/latencies:seconds"}}
+	metrics.Read(s)
+	if s[0].Value.Kind() != metrics.KindFloat64Histogram {
+		return schedHist{}
+	}
+	h := s[0].Value.Float64Histogram()
+	return schedHist{counts: slices.Clone(h.Counts), buckets: slices.Clone(h.Buckets)}
+}
+
+// quantilesSince returns the q-quantiles (upper bucket bounds) of the waits
+// recorded since before, and how many waits exceeded over.
+func (h schedHist) quantilesSince(before schedHist, over float64, qs ...float64) (out []time.Duration, exceeded uint64) {
+	if len(h.counts) == 0 || len(before.counts) != len(h.counts) {
+		return make([]time.Duration, len(qs)), 0
+	}
+	d := make([]uint64, len(h.counts))
+	var total uint64
+	for i := range d {
+		d[i] = h.counts[i] - before.counts[i]
+		total += d[i]
+		if h.buckets[i] >= over {
+			exceeded += d[i]
+		}
+	}
+	out = make([]time.Duration, len(qs))
+	for j, q := range qs {
+		want := uint64(math.Ceil(q * float64(total)))
+		var acc uint64
+		for i, c := range d {
+			acc += c
+			if acc >= want && want > 0 {
+				hi := h.buckets[i+1]
+				if math.IsInf(hi, 1) {
+					hi = h.buckets[i]
+				}
+				out[j] = time.Duration(hi * float64(time.Second))
+				break
+			}
+		}
+	}
+	return out, exceeded
 }

@@ -32,7 +32,9 @@ import (
 // is the mesh's own channel: leave intents, suspicion notes).
 const (
 	kindSWIMProbe     = "swim.probe"   // ping, indirect ping, ack, nack (UDP)
-	kindSWIMState     = "swim.state"   // alive, suspect, dead (UDP gossip)
+	kindSWIMAlive     = "swim.alive"   // alive messages (UDP gossip): joins, refutations, metadata updates
+	kindSWIMSuspect   = "swim.suspect" // suspect messages (UDP gossip)
+	kindSWIMDead      = "swim.dead"    // dead messages (UDP gossip): failures and leaves
 	kindPushPull      = "pushpull"     // full state exchange (TCP): periodic, join, mesh.Sync
 	kindStreamOther   = "stream.other" // reliable user messages, anything else on TCP
 	kindUserOther     = "user.other"   // user message without the mesh's envelope
@@ -121,8 +123,12 @@ func classifyMessage(m []byte) string {
 	switch m[0] {
 	case mlPing, mlIndirectPing, mlAck, mlNack:
 		return kindSWIMProbe
-	case mlSuspect, mlAlive, mlDead:
-		return kindSWIMState
+	case mlAlive:
+		return kindSWIMAlive
+	case mlSuspect:
+		return kindSWIMSuspect
+	case mlDead:
+		return kindSWIMDead
 	case mlPushPull:
 		return kindPushPull
 	case mlUser:
