@@ -1,9 +1,11 @@
 package mesh
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -51,7 +53,26 @@ func (d delegate) MergeRemoteState(b []byte, join bool) { d.m.mergeRemoteState(b
 // NotifyAlive refuses peers whose metadata does not decode or names another
 // peer: they never become members. memberlist logs the refusal ("ignoring
 // alive message for 'x': <our error>") at warning level.
+//
+// memberlist calls it for every alive message, repeats included (each is
+// retransmitted 6·log₁₀N times), before it looks at the incarnation: a message
+// whose metadata is byte for byte the one last accepted from that peer, while
+// our own metadata (which AcceptPeer reads) is unchanged too, is accepted
+// without decoding and checking it again.
 func (d delegate) NotifyAlive(n *memberlist.Node) error {
+	local := d.m.localMetaBytes()
+	if d.m.accepted.repeat(n.Name, n.Meta, local) {
+		return nil
+	}
+	if err := d.checkAlive(n); err != nil {
+		return err
+	}
+	d.m.accepted.remember(n.Name, n.Meta, local)
+	return nil
+}
+
+// checkAlive is NotifyAlive's full check.
+func (d delegate) checkAlive(n *memberlist.Node) error {
 	md, err := DecodeMetadata(n.Meta)
 	if err == nil && md.Name != n.Name {
 		err = fmt.Errorf("%w: metadata names %q", ErrBadMetadata, md.Name)
@@ -122,6 +143,7 @@ func (d delegate) NotifyUpdate(n *memberlist.Node) {
 // So Leave first broadcasts a leave intent on the internal channel, like
 // Serf does, and a peer with a recent intent is recorded as left.
 func (d delegate) NotifyLeave(n *memberlist.Node) {
+	d.m.accepted.forget(n.Name)
 	d.m.observe(n.Name, nodeAddr(n), n.Meta, StateDead, EventDead)
 }
 
@@ -270,4 +292,39 @@ func (m *Mesh) prune(now time.Time) {
 	if pruned {
 		m.updateGaugeLocked()
 	}
+}
+
+// acceptedAlives remembers, per peer, the metadata of the last alive message
+// that passed every check and our own metadata at the time. Entries go when
+// the peer dies or leaves, or its key pin is cleared (so a new key is pinned
+// afresh), which bounds it by the members. Its lock is a leaf.
+type acceptedAlives struct {
+	mu   sync.Mutex
+	seen map[string]acceptedAlive
+}
+
+type acceptedAlive struct{ remote, local []byte }
+
+// repeat reports whether remote (from peer name) and local are what was last
+// accepted.
+func (a *acceptedAlives) repeat(name string, remote, local []byte) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e, ok := a.seen[name]
+	return ok && bytes.Equal(e.remote, remote) && bytes.Equal(e.local, local)
+}
+
+func (a *acceptedAlives) remember(name string, remote, local []byte) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.seen == nil {
+		a.seen = map[string]acceptedAlive{}
+	}
+	a.seen[name] = acceptedAlive{remote: bytes.Clone(remote), local: local}
+}
+
+func (a *acceptedAlives) forget(name string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	delete(a.seen, name)
 }

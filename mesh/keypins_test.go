@@ -108,3 +108,55 @@ func TestKeyPinsFileRefusedWhenCorrupt(t *testing.T) {
 		}
 	}
 }
+
+// A repeated alive message (memberlist delivers each one many times) is not checked again
+// while both its metadata and ours are unchanged; a change on either side, a death or a
+// cleared pin checks it afresh, and a refused message is never remembered.
+func TestRepeatedAliveCheckedOnce(t *testing.T) {
+	cfg, _ := testConfig(t, "rep-a")
+	accepts := 0
+	cfg.AcceptPeer = func(local, remote Metadata) error { accepts++; return nil }
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	node := func(name, id string, port uint16) *memberlist.Node {
+		md := Metadata{Name: name, Underlay: netip.MustParseAddr("127.0.0.9"), PublicKey: testIdentity(id).Public(),
+			RaftAddr: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.9"), port)}
+		b, err := md.Encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &memberlist.Node{Name: name, Meta: b}
+	}
+	d := delegate{m}
+	alive := func(n *memberlist.Node, want int) {
+		t.Helper()
+		if err := d.NotifyAlive(n); err != nil {
+			t.Fatalf("alive %s: %v", n.Name, err)
+		}
+		if accepts != want {
+			t.Fatalf("alive %s: %d full checks, want %d", n.Name, accepts, want)
+		}
+	}
+	alive(node("b", "b", 1), 1)
+	alive(node("b", "b", 1), 1) // a repeat
+	alive(node("b", "b", 2), 2) // its metadata changed
+	if err := m.UpdateMetadata(func(md *Metadata) { md.Version = "changed" }); err != nil {
+		t.Fatal(err)
+	}
+	alive(node("b", "b", 2), 3) // ours changed
+	d.NotifyLeave(node("b", "b", 2))
+	alive(node("b", "b", 2), 4) // after a death
+	if err := m.Unpin("b"); err != nil {
+		t.Fatal(err)
+	}
+	alive(node("b", "b", 2), 5) // after its pin was cleared
+	forged := node("b", "other-key", 2)
+	for range 2 {
+		if err := d.NotifyAlive(forged); !errors.Is(err, ErrKeyMismatch) {
+			t.Fatalf("forged key: %v, want a refusal each time", err)
+		}
+	}
+}

@@ -46,6 +46,8 @@ type Mesh struct {
 	meta      Metadata   // local metadata, always valid
 	metaBytes []byte     // meta encoded, what NodeMeta returns
 
+	accepted acceptedAlives // alive messages already checked (delegate.go)
+
 	chMu     sync.RWMutex // guards following
 	channels map[string]ChannelHandler
 
@@ -338,6 +340,7 @@ func (m *Mesh) Unpin(name string) error {
 	if m.pins.drop(name) {
 		m.log.Info("mesh: key pin cleared", "peer", name)
 	}
+	m.accepted.forget(name)
 	return m.pins.flush()
 }
 
@@ -349,6 +352,14 @@ func (m *Mesh) Pinned() []string { return m.pins.names() }
 func (m *Mesh) Sign(domain string, msg []byte) []byte { return m.cfg.Identity.Sign(domain, msg) }
 
 // localMeta returns a copy of the local metadata; safe under memberlist's node lock.
+// localMetaBytes is the local metadata as encoded. SetMetadata replaces the slice, never
+// writes into it, so the caller may keep it.
+func (m *Mesh) localMetaBytes() []byte {
+	m.metaMu.Lock()
+	defer m.metaMu.Unlock()
+	return m.metaBytes
+}
+
 func (m *Mesh) localMeta() Metadata {
 	m.metaMu.Lock()
 	defer m.metaMu.Unlock()
