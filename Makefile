@@ -59,7 +59,7 @@ fuzz:
 # quietly; run as another user, they simply run.
 # About 2 minutes on 2 cores, the race build included; .ci/run runs it.
 RACE_PKGS := ./chaos-tests/bench/scale ./chaos-tests/bench/sim ./cmd/weft ./cni ./datapath/plan \
-	./dns ./ipam ./mesh ./mesh/identity ./mesh/pathsel
+	./datapath/netpol ./dns ./ipam ./mesh ./mesh/identity ./mesh/pathsel ./mesh/segments ./router/page
 race:
 	$$([ "$$(id -u)" = 0 ] && command -v setpriv >/dev/null && echo setpriv --bounding-set -all --inh-caps -all) \
 		$(GO) test -race -count=1 -timeout 10m $(RACE_PKGS)
