@@ -35,7 +35,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/weftnet/weft/cni"
-	"github.com/weftnet/weft/datapath/nslab"
+	"github.com/weftnet/weft/datapath"
 	"github.com/weftnet/weft/ipam"
 )
 
@@ -333,13 +333,13 @@ func (p *Peer) newPerfEndpoint(ctx context.Context, id, network string) (*perfEn
 	}
 	prefix := p.perfNSPrefix()
 	ep := &perfEndpoint{id: "weft-perf-" + id, netns: prefix + id}
-	if ep.path, err = nslab.CreateNetNS(ep.netns); err != nil {
+	if ep.path, err = datapath.CreateNetNS(ep.netns); err != nil {
 		return nil, fmt.Errorf("perf endpoint: %w", err)
 	}
 	res, err := p.cniAdd(ctx, cni.AttachRequest{ContainerID: ep.id, IfName: perfIfName, NetNS: ep.path,
 		CNINetwork: perfCNINetwork, Network: network, Name: ep.id})
 	if err != nil {
-		nslab.DeleteNetNS(ep.netns)
+		datapath.DeleteNetNS(ep.netns)
 		return nil, fmt.Errorf("perf endpoint: attach: %w", err)
 	}
 	pfx, err := netip.ParsePrefix(res.Address)
@@ -360,7 +360,7 @@ func (p *Peer) closePerfEndpoint(ep *perfEndpoint) {
 	if ep.netns == "" {
 		return
 	}
-	if err := nslab.DeleteNetNS(ep.netns); err != nil {
+	if err := datapath.DeleteNetNS(ep.netns); err != nil {
 		p.log.Warn("perf: endpoint namespace not removed", "netns", ep.netns, "err", err)
 	}
 }
@@ -391,7 +391,7 @@ func (p *Peer) sweepPerfEndpoints() {
 		}
 		p.log.Info("perf: removing a test endpoint left by an earlier run", "endpoint", a.ContainerID, "address", a.Address)
 		ep := &perfEndpoint{id: a.ContainerID, path: a.NetNS}
-		if filepath.Dir(a.NetNS) == nslab.NetNSDir && strings.HasPrefix(filepath.Base(a.NetNS), p.perfNSPrefix()) {
+		if filepath.Dir(a.NetNS) == datapath.NetNSDir && strings.HasPrefix(filepath.Base(a.NetNS), p.perfNSPrefix()) {
 			ep.netns = filepath.Base(a.NetNS) // only a namespace this code made
 		}
 		p.closePerfEndpoint(ep)
