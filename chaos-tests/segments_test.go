@@ -139,6 +139,7 @@ func TestSegments(t *testing.T) {
 // are listed with the others. A 30 s cross-check window (2 min in production) so a ratio
 // shows after 15 s, not a minute.
 func TestSegmentsCrossCheckWireGuard(t *testing.T) {
+	mostlyWaiting(t) // the cross-check window
 	pw := passwordFile(t, "a long cluster password for the segments test")
 	l := newMeshLab(t, "wsgcc", 2, "--password-file", pw, "--encrypt", "always", "--probe-interval", "200ms",
 		"--loss-crosscheck-window", "30s")
