@@ -147,6 +147,7 @@ func TestCrossHostDirect(t *testing.T) {
 }
 
 func TestCrossHostVXLAN(t *testing.T) {
+	mostlyWaiting(t) // the stopped peer's kernel state leaves with failure detection
 	l := newMeshLab(t, "wvx", 3, "--no-direct")
 	ctx := testCtx(t, 3*time.Minute)
 	cs := onePerHost(t, ctx, l)

@@ -98,6 +98,7 @@ func delContainer(t *testing.T, ctx context.Context, h *lab.Host, ctr *lab.Conta
 }
 
 func TestServiceDNS(t *testing.T) {
+	mostlyWaiting(t) // a partition and a death wait for failure detection
 	// A local fake upstream inside host 0's namespace: weft forwards other names to it.
 	var l *lab.Lab
 	var upstream *mdns.Server

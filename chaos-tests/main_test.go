@@ -136,6 +136,16 @@ func newLab(t *testing.T, cfg lab.Config) *lab.Lab {
 	return l
 }
 
+// mostlyWaiting lets t run beside other such tests (t.Parallel; go test runs at most
+// -parallel of them at once, GOMAXPROCS by default: 2 on CI's two cores). Only for tests
+// whose time goes into waiting for peers' timers (failure detection, a measurement
+// window, a fixed downtime) and whose checks do not measure time, rate or latency closely:
+// never the relay, SLA, bandwidth, perf or segments tests. Parallel tests start after the
+// serial ones, two at a time.
+func mostlyWaiting(t *testing.T) {
+	t.Parallel()
+}
+
 func testCtx(t *testing.T, d time.Duration) context.Context {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)

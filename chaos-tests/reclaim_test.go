@@ -18,6 +18,7 @@ import (
 // the block is no longer its own: it stops allocating from it (its next container gets an
 // address elsewhere) and reports the attachment left inside it in `weft status ipam`.
 func TestReclaimWhilePartitioned(t *testing.T) {
+	mostlyWaiting(t) // death and --reclaim-after
 	const hosts = 3
 	var l *lab.Lab
 	l = newLab(t, lab.Config{Prefix: "wnc", Hosts: hosts, NoStart: true, PeerArgs: func(i int) []string {

@@ -26,6 +26,7 @@ import (
 // no route to another host's blocks may vanish from its kernel (nor host 1's routes) while
 // it is down and rejoining, and its containers keep talking to the others'.
 func TestFirstPeerRestartKeepsForwarding(t *testing.T) {
+	mostlyWaiting(t) // 10 s down, three times
 	for _, tc := range []struct {
 		name, prefix string
 		down         func(ctx context.Context, h *lab.Host) error

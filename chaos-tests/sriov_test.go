@@ -48,7 +48,9 @@ func newSRIOVLab(t *testing.T, prefix string, n int) *lab.Lab {
 	l = newLab(t, lab.Config{Prefix: prefix, Hosts: n, NoStart: true,
 		SRIOV: &lab.SRIOVConfig{VFs: sriovVFs, VFIO: 1},
 		PeerArgs: func(i int) []string {
-			args := []string{"--raft-voters", fmt.Sprint(min(n, 3))}
+			// A 2 s rescan (30 s in production) so a VF back in the host is found within
+			// seconds; it also runs discovery during the tests' ADDs and DELs, as it would.
+			args := []string{"--raft-voters", fmt.Sprint(min(n, 3)), "--sriov-rescan", "2s"}
 			if i > 0 {
 				args = append(args, "--peers", l.Host(0).Addr.Addr().String())
 			}
@@ -417,7 +419,7 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 	// DEL after the netns is gone: the stand-in dies with the namespace (a real VF would
 	// return to the host); DEL succeeds, the VF is quarantined, and when it shows up in the
 	// host again (Revive, under the name it had inside) the peer restores and frees it at its
-	// next rescan (router.DefaultSRIOVRescan, 30s).
+	// next rescan (--sriov-rescan, 2s in these labs).
 	vfB := 1
 	b := owner[vfB]
 	if err := b.Delete(); err != nil {
@@ -446,7 +448,7 @@ func TestSRIOVExhaustionAndDel(t *testing.T) {
 	if err := fix.Revive(vfB, "net1"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, ctx, 60*time.Second, "the quarantined vf restored once back in the host", func() error {
+	waitFor(t, ctx, 20*time.Second, "the quarantined vf restored once back in the host", func() error {
 		return assertHome(h, vfLinks(t, fix, namespaces(h)), vfB, mtu)
 	})
 	waitFor(t, ctx, 45*time.Second, "the found vf handed out again", func() error {

@@ -156,6 +156,11 @@ type Config struct {
 	// SRIOVRescan is how often the VFs of SR-IOV networks' PFs are rediscovered (besides on
 	// every change of the network table); 0 means DefaultSRIOVRescan.
 	SRIOVRescan time.Duration
+	// LossCrossCheckWindow is the sliding interval of the tunnel loss cross-check (TX here
+	// against RX there); a ratio is given once the readings span half of it. 0 means
+	// DefaultLossCrossCheckWindow. Short windows are for labs: they react faster but count
+	// fewer packets, so the ratio is noisier.
+	LossCrossCheckWindow time.Duration
 	// SRIOVPF overrides SRIOVPFConfig with a given configurator (tests).
 	SRIOVPF sriov.PFConfig
 	// PerfMaxRate caps `weft perf` tests from and to this peer, bits/s; 0 means
@@ -178,6 +183,13 @@ const (
 
 // DefaultSRIOVRescan is how often the peer rediscovers its SR-IOV VFs.
 const DefaultSRIOVRescan = 30 * time.Second
+
+// DefaultLossCrossCheckWindow is the loss cross-check's sliding interval.
+const DefaultLossCrossCheckWindow = 2 * time.Minute
+
+// minLossCrossCheckWindow: peers re-send a changed segments record at most every 10 s
+// (segmentMinPublish), so half a window must hold at least two of them.
+const minLossCrossCheckWindow = 20 * time.Second
 
 // DefaultConfig returns the documented defaults; Name must still be set.
 func DefaultConfig() Config {
@@ -211,6 +223,8 @@ func DefaultConfig() Config {
 		SRIOVDeviceInfoDir: sriov.DefaultDeviceInfoDir,
 		SRIOVPFConfig:      SRIOVPFNetlink,
 		SRIOVRescan:        DefaultSRIOVRescan,
+
+		LossCrossCheckWindow: DefaultLossCrossCheckWindow,
 	}
 }
 
@@ -272,7 +286,9 @@ func (c Config) Validate() error {
 	case c.SRIOVPFConfig != "" && c.SRIOVPFConfig != SRIOVPFNetlink && c.SRIOVPFConfig != SRIOVPFRecord:
 		return fmt.Errorf("%w: --sriov-pf-config %q must be %s or %s", ErrInvalidConfig, c.SRIOVPFConfig, SRIOVPFNetlink, SRIOVPFRecord)
 	case c.SRIOVRescan < 0:
-		return fmt.Errorf("%w: sriov rescan interval %s must not be negative", ErrInvalidConfig, c.SRIOVRescan)
+		return fmt.Errorf("%w: --sriov-rescan %s must not be negative", ErrInvalidConfig, c.SRIOVRescan)
+	case c.LossCrossCheckWindow != 0 && c.LossCrossCheckWindow < minLossCrossCheckWindow:
+		return fmt.Errorf("%w: --loss-crosscheck-window %s must be at least %s (0: %s)", ErrInvalidConfig, c.LossCrossCheckWindow, minLossCrossCheckWindow, DefaultLossCrossCheckWindow)
 	case c.AdvertiseAddr.IsValid() && (c.AdvertiseAddr.IsUnspecified()):
 		return fmt.Errorf("%w: --advertise-addr %s must be a specific address", ErrInvalidConfig, c.AdvertiseAddr)
 	case c.Insecure && len(c.ClusterKey) != 0:

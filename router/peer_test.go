@@ -394,17 +394,19 @@ func TestConfigValidate(t *testing.T) {
 	base.Name = "p"
 	base.ClusterKey = bytes.Repeat([]byte{1}, ClusterKeySize)
 	cases := map[string]func(*Config){
-		"weft keygen":       func(c *Config) { c.ClusterKey = nil },
-		"--insecure":        func(c *Config) { c.Insecure = true },
-		"want 32":           func(c *Config) { c.ClusterKey = c.ClusterKey[:16] },
-		"--encrypt=always":  func(c *Config) { c.ClusterKey, c.Insecure, c.Encrypt = nil, true, "always" },
-		"--name":            func(c *Config) { c.Name = "" },
-		"--data-dir":        func(c *Config) { c.DataDir = "relative" },
-		"--socket":          func(c *Config) { c.Socket = "weft.sock" },
-		"--mtu":             func(c *Config) { c.MTU = 100 },
-		"--ipalloc-range":   func(c *Config) { c.IPAllocRange = netip.MustParsePrefix("10.40.0.1/16") },
-		"--link-probe-port": func(c *Config) { c.LinkProbePort = c.ProbePort },
-		"--probe-timeout":   func(c *Config) { c.ProbeTimeout = time.Millisecond },
+		"weft keygen":              func(c *Config) { c.ClusterKey = nil },
+		"--insecure":               func(c *Config) { c.Insecure = true },
+		"want 32":                  func(c *Config) { c.ClusterKey = c.ClusterKey[:16] },
+		"--encrypt=always":         func(c *Config) { c.ClusterKey, c.Insecure, c.Encrypt = nil, true, "always" },
+		"--name":                   func(c *Config) { c.Name = "" },
+		"--data-dir":               func(c *Config) { c.DataDir = "relative" },
+		"--socket":                 func(c *Config) { c.Socket = "weft.sock" },
+		"--mtu":                    func(c *Config) { c.MTU = 100 },
+		"--ipalloc-range":          func(c *Config) { c.IPAllocRange = netip.MustParsePrefix("10.40.0.1/16") },
+		"--link-probe-port":        func(c *Config) { c.LinkProbePort = c.ProbePort },
+		"--probe-timeout":          func(c *Config) { c.ProbeTimeout = time.Millisecond },
+		"--sriov-rescan":           func(c *Config) { c.SRIOVRescan = -time.Second },
+		"--loss-crosscheck-window": func(c *Config) { c.LossCrossCheckWindow = 10 * time.Second },
 	}
 	for flag, mutate := range cases {
 		cfg := base

@@ -73,8 +73,6 @@ const (
 	maxSegmentState     = 4 << 20                // bytes of one push/pull state
 	maxIfaceRows        = 64                     // interface rows in metrics and /status
 	maxMeasureCount     = 20                     // echoes of one on-demand measurement
-	crossCheckWindow    = 2 * time.Minute        // the loss cross-check's sliding interval
-	crossCheckMinSpan   = time.Minute            // the shortest interval a ratio is given for
 	crossCheckReadings  = 8                      // our TX readings kept per peer (16 s)
 	crossCheckMin       = 1000                   // units (bytes) sent before a cross-check ratio is given
 )
@@ -208,7 +206,10 @@ type segmentsConfig struct {
 	Keys    func(peer string) (ed25519.PublicKey, bool) // nil: unchecked (tests)
 	// Broadcast sends a record on the segments channel; nil sends nothing.
 	Broadcast func(msg []byte) error
-	Logger    *slog.Logger
+	// CrossCheckWindow is the loss cross-check's sliding interval; a ratio is given once the
+	// readings span half of it. 0: DefaultLossCrossCheckWindow.
+	CrossCheckWindow time.Duration
+	Logger           *slog.Logger
 	// Pinger pings a local container from the host; nil: a raw ICMP socket.
 	Pinger func(ctx context.Context, dst netip.Addr) (time.Duration, error)
 	Now    func() time.Time
@@ -250,6 +251,9 @@ func newSegments(cfg segmentsConfig, reg prometheus.Registerer) (*segmentsPart, 
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.CrossCheckWindow <= 0 {
+		cfg.CrossCheckWindow = DefaultLossCrossCheckWindow
 	}
 	s := &segmentsPart{
 		cfg: cfg, th: segments.DefaultThreshold(),
@@ -554,7 +558,7 @@ func (s *segmentsPart) publish(rec segmentRecord) {
 // tunnel's RX from us while ours carries our TX to it. Its counters were read when it
 // published, about when its record reached us, so they are set against our TX reading
 // nearest to that moment (readings kept for the last few ticks): a skew of about a tick,
-// small against an interval of at least crossCheckMinSpan. Caller holds mu. O(k).
+// small against an interval of at least half of CrossCheckWindow. Caller holds mu. O(k).
 func (s *segmentsPart) crossCheckLocked(now time.Time, tunnels map[string]tunnelCount) {
 	for peer, mine := range tunnels {
 		h := append(s.txHist[peer], txPoint{at: now, tx: mine.TX})
@@ -579,14 +583,14 @@ func (s *segmentsPart) crossCheckLocked(now time.Time, tunnels map[string]tunnel
 		if n := len(w); n == 0 || at.After(w[n-1].at) {
 			w = append(w, crossReading{at: at, tx: tx, rx: theirs.RX})
 		}
-		// A sliding window: the oldest reading kept is at most crossCheckWindow old, so a
+		// A sliding window: the oldest reading kept is at most CrossCheckWindow old, so a
 		// loss that starts shows in full within that time. O(window / publish interval).
-		for len(w) > 1 && at.Sub(w[1].at) >= crossCheckWindow {
+		for len(w) > 1 && at.Sub(w[1].at) >= s.cfg.CrossCheckWindow {
 			w = w[1:]
 		}
 		s.cross[peer] = w
 		first := w[0]
-		if at.Sub(first.at) < crossCheckMinSpan {
+		if at.Sub(first.at) < s.cfg.CrossCheckWindow/2 {
 			continue
 		}
 		if r, ok := segments.LossCrossCheck(int64(tx-first.tx), int64(theirs.RX-first.rx), crossCheckMin); ok {
@@ -959,7 +963,8 @@ func (p *Peer) newPeerSegments(advertise netip.Addr) error {
 			}
 			return p.mesh.Broadcast(segmentsChannel, msg)
 		},
-		Logger: p.log.With("component", "segments"),
+		CrossCheckWindow: p.cfg.LossCrossCheckWindow,
+		Logger:           p.log.With("component", "segments"),
 	}, p.reg)
 	return err
 }

@@ -203,7 +203,7 @@ func TestSegmentsCrossCheck(t *testing.T) {
 	f.ticks(1)
 	// Our TX goes on after its record was read: the later readings must not count.
 	tx = 20000
-	f.ticks(int(crossCheckMinSpan / segmentTick))
+	f.ticks(int(DefaultLossCrossCheckWindow / 2 / segmentTick))
 	if p := pathTo(t, f.s.status("b"), "b"); p.LossCrossCheck != nil {
 		t.Fatalf("a ratio before a new record came: %v", *p.LossCrossCheck)
 	}
@@ -216,9 +216,9 @@ func TestSegmentsCrossCheck(t *testing.T) {
 	if v := testutil.ToFloat64(f.s.crossCheck.WithLabelValues("b")); v < 0.099 || v > 0.101 {
 		t.Fatalf("metric %v", v)
 	}
-	// The window slides: once the loss is over, within crossCheckWindow the ratio is clean.
+	// The window slides: once the loss is over, within DefaultLossCrossCheckWindow the ratio is clean.
 	rx, v := uint64(18900), uint64(3)
-	for range int(crossCheckWindow/(10*time.Second)) + 2 {
+	for range int(DefaultLossCrossCheckWindow/(10*time.Second)) + 2 {
 		tx, rx, v = tx+10000, rx+10000, v+1
 		theirs(v, rx)
 		f.ticks(5)

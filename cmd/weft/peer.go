@@ -28,6 +28,7 @@ func newPeerCmd() *cobra.Command {
 		wgPort, probePort, linkProbePort                      int
 		probeTargets                                          int
 		probeInterval, probeTimeout                           time.Duration
+		sriovRescan, crossCheckWindow                         time.Duration
 		sla                                                   string
 		dnsPort                                               int
 		dnsTTL, dnsDownGrace                                  time.Duration
@@ -66,7 +67,8 @@ func newPeerCmd() *cobra.Command {
 				cfg.TrustedSubnets = append(cfg.TrustedSubnets, p.Masked())
 			}
 			cfg.DNSDomain, cfg.DNSPort, cfg.DNSTTL, cfg.DNSUpstreams, cfg.DNSDownGrace = dnsDomain, dnsPort, dnsTTL, dnsUpstreams, dnsDownGrace
-			cfg.SysfsRoot, cfg.SRIOVDeviceInfoDir, cfg.SRIOVPFConfig = sysfsRoot, devInfoDir, pfConfig
+			cfg.SysfsRoot, cfg.SRIOVDeviceInfoDir, cfg.SRIOVPFConfig, cfg.SRIOVRescan = sysfsRoot, devInfoDir, pfConfig, sriovRescan
+			cfg.LossCrossCheckWindow = crossCheckWindow
 			if cfg.PerfMaxRate, err = router.ParseRate(perfMaxRate); err != nil {
 				return fmt.Errorf("--perf-max-rate: %w", err)
 			}
@@ -128,6 +130,8 @@ func newPeerCmd() *cobra.Command {
 	f.StringVar(&sysfsRoot, "sysfs-root", def.SysfsRoot, "where to read SR-IOV PFs and their VFs (a test tree in the lab)")
 	f.StringVar(&devInfoDir, "sriov-device-info-dir", def.SRIOVDeviceInfoDir, "where DPDK attachments' device-info files are written (Network Plumbing WG format)")
 	f.StringVar(&pfConfig, "sriov-pf-config", def.SRIOVPFConfig, "what programs VF settings (VLAN, spoof check, trust, link state, rates) on the PF: netlink, or record, a stand-in that only logs and remembers them, for hosts without real VFs (the lab)")
+	f.DurationVar(&sriovRescan, "sriov-rescan", def.SRIOVRescan, "how often the VFs of SR-IOV networks' PFs are rediscovered, besides on every change of the network table (0: the default)")
+	f.DurationVar(&crossCheckWindow, "loss-crosscheck-window", def.LossCrossCheckWindow, "sliding interval of the tunnel loss cross-check (TX here against RX there), at least 20s; a ratio is shown once readings span half of it (0: the default)")
 	f.StringVar(&perfMaxRate, "perf-max-rate", "1gbit", "the highest rate a `weft perf` test from or to this peer may use (bits/s: 100mbit, 1gbit)")
 	return cmd
 }
