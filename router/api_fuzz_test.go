@@ -48,6 +48,9 @@ var cniVerb = map[string]bool{cni.PathAdd: true, cni.PathDel: true, cni.PathChec
 // process, so whatever the fuzzer asks of it (connect to an address, attach into a namespace
 // path) cannot leave that namespace. It returns the peer and its stop function.
 func startFuzzPeer(dir string) (*testPeer, func() error, error) {
+	if err := settleHostVeths(); err != nil {
+		return nil, nil, err
+	}
 	cfg := testConfig(dir)
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	p, err := New(cfg)

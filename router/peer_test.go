@@ -172,6 +172,32 @@ func hostVeths(t *testing.T) []string {
 	return names
 }
 
+// settleHostVeths waits for the host ends of veths that earlier tests left to go: the kernel
+// removes a veth whose other end was in a deleted namespace asynchronously, so one can vanish
+// in the middle of a later test that compares the host's veths before and after a request.
+func settleHostVeths() error {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var left []string
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			if _, ok := l.(*netlink.Veth); ok {
+				left = append(left, l.Attrs().Name)
+			}
+		}
+		if len(left) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("host veths left by earlier tests still here after 20s: %v", left)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func TestAttachCheckDelete(t *testing.T) {
 	p := startPeer(t, t.TempDir())
 	ctx := context.Background()
@@ -236,6 +262,9 @@ func takeSnapshot(t *testing.T, p *testPeer) snapshot {
 }
 
 func TestBadRequestsChangeNothing(t *testing.T) {
+	if err := settleHostVeths(); err != nil {
+		t.Fatal(err)
+	}
 	p := startPeer(t, t.TempDir())
 	ctx := context.Background()
 	good := newContainer(t)
