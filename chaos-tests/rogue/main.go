@@ -175,7 +175,13 @@ func run(ctx context.Context, cfg config, attacks []string) error {
 		wg.Add(1)
 		go func() { defer wg.Done(); f(ctx, cfg) }()
 	}
-	// The claim goes first and the others wait for its first round: the silent connections
+	// The rogue joins the mesh first (forge does): the honest peers' transport lets in only
+	// a name whose key the mesh pinned, so a claim sent before the join is refused at the
+	// handshake and never reaches the leader's checks.
+	if slices.Contains(attacks, "forge") {
+		start(forgeGossip)
+	}
+	// The claim goes next and the others wait for its first round: the silent connections
 	// fill this host's per-source handshake slots on every honest peer, which would refuse
 	// the rogue's own claim before the leader ever judged it (one source address here).
 	if slices.Contains(attacks, "claim") {
@@ -194,9 +200,7 @@ func run(ctx context.Context, cfg config, attacks []string) error {
 			start(floodTCP)
 		case "silent":
 			start(holdSilent)
-		case "claim": // started above
-		case "forge":
-			start(forgeGossip)
+		case "claim", "forge": // started above
 		default:
 			return fmt.Errorf("unknown attack %q", a)
 		}
@@ -379,11 +383,16 @@ func holdSilent(ctx context.Context, cfg config) {
 // claimEverything forwards a claim for a network 0.0.0.0/0 with /1 blocks to every honest
 // peer's Raft address through the authenticated peer transport, as a follower forwards to
 // its leader, again every cfg.every: whoever leads gets it.
-// firstRound is closed once every peer has had both commands once.
+// firstRound is closed once every peer has had both commands once past the handshake (its
+// transport knows the rogue's key once the mesh has pinned it, a second or so after the
+// join), or after joinWait: until then the rounds repeat every half second.
 func claimEverything(ctx context.Context, cfg config, firstRound chan<- struct{}) {
+	const joinWait = 30 * time.Second
 	var once sync.Once
 	roundDone := func() { once.Do(func() { close(firstRound) }) }
 	defer roundDone()
+	started := time.Now()
+	first := true
 	tr, err := ipam.NewPeerTransport(ipam.TransportConfig{
 		BindAddr: netip.AddrPortFrom(cfg.addr, 0).String(),
 		Key:      ipam.DeriveKey(cfg.password),
@@ -410,6 +419,7 @@ func claimEverything(ctx context.Context, cfg config, firstRound chan<- struct{}
 	// whoever claims next.
 	remove, _ := json.Marshal(map[string]any{"op": "remove-peer", "peer": cfg.victim})
 	for {
+		refusedAtHandshake := false
 		for _, p := range cfg.peers {
 			for _, c := range [][]byte{cmd, remove} {
 				if cfg.victim == "" && bytes.Equal(c, remove) {
@@ -420,16 +430,24 @@ func claimEverything(ctx context.Context, cfg config, firstRound chan<- struct{}
 				cancel()
 				if err != nil {
 					report("claim", "target", p.String(), "err", err)
+					// The forwarder carries the transport's error as text.
+					refusedAtHandshake = refusedAtHandshake || errors.Is(err, ipam.ErrAuthFailed) || strings.Contains(err.Error(), ipam.ErrAuthFailed.Error())
 				} else {
 					report("claim", "target", p.String(), "answer", string(out))
 				}
 			}
 		}
-		roundDone()
+		every := cfg.every
+		if first && refusedAtHandshake && time.Since(started) < joinWait {
+			every = 500 * time.Millisecond // not pinned yet: try again soon
+		} else {
+			first = false
+			roundDone()
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(cfg.every):
+		case <-time.After(every):
 		}
 	}
 }
