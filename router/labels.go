@@ -73,13 +73,15 @@ type labelRecord struct {
 	Sig       []byte            `json:"s,omitempty"`
 }
 
-// signedBytes is what the owner signs: the record without its signature (encoding/json
-// sorts map keys, so the encoding is the same on every peer).
-func (r labelRecord) signedBytes() []byte {
+// seal is what signing and ordering need of r (signedrecord.go).
+func (r labelRecord) seal() recordSeal {
+	sig := r.Sig
 	r.Sig = nil
-	b, _ := json.Marshal(r)
-	return b
+	return recordSeal{peer: r.Peer, version: r.Version, sig: sig, body: r}
 }
+
+// signedBytes is what the owner signs: the record without its signature.
+func (r labelRecord) signedBytes() []byte { return r.seal().signedBytes() }
 
 // check says what is wrong with a record received from elsewhere. Pure.
 func (r labelRecord) check() error {
@@ -121,9 +123,8 @@ type labelMessage struct {
 // broadcast; a received record O(1) plus one signature check; push/pull O(records).
 type labelStore struct {
 	self      string
-	sign      func(msg []byte) []byte                     // nil: unsigned (tests)
-	keys      func(peer string) (ed25519.PublicKey, bool) // nil: signatures not checked (tests)
-	broadcast func(msg []byte) error                      // nil: nothing sent
+	signing   recordSigning          // signs ours, verifies the others'
+	broadcast func(msg []byte) error // nil: nothing sent
 	refusedC  *prometheus.CounterVec
 	log       *slog.Logger
 	now       func() time.Time
@@ -156,8 +157,9 @@ type labelStoreConfig struct {
 
 func newLabelStore(cfg labelStoreConfig) (*labelStore, error) {
 	s := &labelStore{
-		self: cfg.Self, keys: cfg.Keys, broadcast: cfg.Broadcast, now: time.Now, log: cfg.Logger,
-		recs: map[labelKey]labelRecord{}, deleted: map[labelKey]time.Time{}, perPeer: map[string]int{},
+		self: cfg.Self, broadcast: cfg.Broadcast, now: time.Now, log: cfg.Logger,
+		signing: recordSigning{domain: labelSignDomain, signer: cfg.Signer, keys: cfg.Keys},
+		recs:    map[labelKey]labelRecord{}, deleted: map[labelKey]time.Time{}, perPeer: map[string]int{},
 		changed: make(chan struct{}, 1), down: map[string]time.Time{}, downGrace: cfg.DownGrace,
 		refusedC: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_labels_refused_total",
@@ -169,9 +171,6 @@ func newLabelStore(cfg labelStoreConfig) (*labelStore, error) {
 	}
 	if s.downGrace <= 0 {
 		s.downGrace = 30 * time.Second
-	}
-	if cfg.Signer != nil {
-		s.sign = func(msg []byte) []byte { return cfg.Signer.Sign(labelSignDomain, msg) }
 	}
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(s.refusedC); err != nil {
@@ -204,9 +203,7 @@ func (s *labelStore) write(r labelRecord) {
 	}
 	s.mu.Lock()
 	r.Peer, r.Version = s.self, s.nextVersionLocked()
-	if s.sign != nil {
-		r.Sig = s.sign(r.signedBytes())
-	}
+	r.Sig = s.signing.sign(r.seal())
 	s.storeLocked(r)
 	s.mu.Unlock()
 	s.notify()
@@ -266,7 +263,7 @@ func (s *labelStore) merge(recs []labelRecord) int {
 		downAt, isDown := s.down[r.Peer]
 		expired := isDown && s.now().Sub(downAt) >= s.downGrace
 		s.mu.Unlock()
-		if have && cur.Version >= r.Version {
+		if !r.seal().supersedes(cur.seal(), have) {
 			continue // old news: not worth a signature check
 		}
 		if expired {
@@ -277,15 +274,12 @@ func (s *labelStore) merge(recs []labelRecord) int {
 			s.refuse("full", fmt.Errorf("peer %s has %d label records, at most %d", r.Peer, maxLabelRecordsPerPeer, maxLabelRecordsPerPeer))
 			continue
 		}
-		if s.keys != nil {
-			pub, ok := s.keys(r.Peer)
-			if !ok || !identity.Verify(pub, labelSignDomain, r.signedBytes(), r.Sig) {
-				s.refuse("signature", fmt.Errorf("record of %s for %s does not verify", r.Peer, r.Addr))
-				continue
-			}
+		if err := s.signing.verify(r.seal()); err != nil {
+			s.refuse("signature", fmt.Errorf("record for %s: %w", r.Addr, err))
+			continue
 		}
 		s.mu.Lock()
-		if cur, have := s.recs[k]; !have || cur.Version < r.Version {
+		if cur, have := s.recs[k]; r.seal().supersedes(cur.seal(), have) {
 			s.storeLocked(r)
 			changed++
 		}

@@ -153,10 +153,11 @@ type tunnelCount struct {
 	RX   uint64 `json:"rx"`
 }
 
-func (r segmentRecord) signedBytes() []byte {
+// seal is what signing and ordering need of r (signedrecord.go).
+func (r segmentRecord) seal() recordSeal {
+	sig := r.Sig
 	r.Sig = nil
-	b, _ := json.Marshal(r)
-	return b
+	return recordSeal{peer: r.Peer, version: r.Version, sig: sig, body: r}
 }
 
 // check says what is wrong with a record from gossip. Pure.
@@ -218,8 +219,9 @@ type segmentsConfig struct {
 // segmentsPart measures segments and holds the other peers' records. A mesh.ChannelHandler
 // (its methods are safe for memberlist's goroutines and never block).
 type segmentsPart struct {
-	cfg segmentsConfig
-	th  segments.Threshold
+	cfg     segmentsConfig
+	th      segments.Threshold
+	signing recordSigning // signs ours, verifies the others'
 
 	refused    *prometheus.CounterVec
 	crossCheck *prometheus.GaugeVec
@@ -257,6 +259,7 @@ func newSegments(cfg segmentsConfig, reg prometheus.Registerer) (*segmentsPart, 
 	}
 	s := &segmentsPart{
 		cfg: cfg, th: segments.DefaultThreshold(),
+		signing: recordSigning{domain: segmentSignDomain, signer: cfg.Signer, keys: cfg.Keys},
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_segments_refused_total",
 			Help: "Gossiped segment records refused (nothing changed), by reason."}, []string{"reason"}),
 		crossCheck: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_crosscheck_ratio",
@@ -538,9 +541,7 @@ func (s *segmentsPart) recordDueLocked(now time.Time, tunnels map[string]tunnelC
 }
 
 func (s *segmentsPart) publish(rec segmentRecord) {
-	if s.cfg.Signer != nil {
-		rec.Sig = s.cfg.Signer.Sign(segmentSignDomain, rec.signedBytes())
-	}
+	rec.Sig = s.signing.sign(rec.seal())
 	if s.cfg.Broadcast == nil {
 		return
 	}
@@ -674,17 +675,14 @@ func (s *segmentsPart) merge(recs []segmentRecord) {
 			s.refuse("invalid", err)
 			continue
 		}
-		if s.cfg.Keys != nil {
-			pub, ok := s.cfg.Keys(r.Peer)
-			if !ok || !identity.Verify(pub, segmentSignDomain, r.signedBytes(), r.Sig) {
-				s.refuse("signature", fmt.Errorf("record of %s: bad or unverifiable signature", r.Peer))
-				continue
-			}
+		if err := s.signing.verify(r.seal()); err != nil {
+			s.refuse("signature", err)
+			continue
 		}
 		s.mu.Lock()
 		cur, ok := s.records[r.Peer]
 		switch {
-		case ok && cur.Version >= r.Version:
+		case !r.seal().supersedes(cur.seal(), ok):
 		case !ok && len(s.records) >= maxSegmentRecords:
 			s.mu.Unlock()
 			s.refuse("full", fmt.Errorf("record of %s: %d records held", r.Peer, maxSegmentRecords))
