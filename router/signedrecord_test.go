@@ -12,15 +12,8 @@ import (
 
 func TestRecordSigning(t *testing.T) {
 	ida, idb := identity.Generate(), identity.Generate()
-	keys := func(peer string) (ed25519.PublicKey, bool) {
-		switch peer {
-		case "a":
-			return ida.Public(), true
-		case "b":
-			return idb.Public(), true
-		}
-		return nil, false
-	}
+	pinned := map[string]ed25519.PublicKey{"a": ida.Public(), "b": idb.Public()}
+	keys := func(peer string) (ed25519.PublicKey, bool) { k, ok := pinned[peer]; return k, ok }
 	signA := recordSigning{domain: labelSignDomain, signer: ida, keys: keys}
 	check := recordSigning{domain: labelSignDomain, keys: keys}
 
