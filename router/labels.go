@@ -293,13 +293,9 @@ func (s *labelStore) merge(recs []labelRecord) int {
 
 // NotifyMsg takes one broadcast record.
 func (s *labelStore) NotifyMsg(msg []byte) {
-	if len(msg) > maxLabelBroadcast*2 {
-		s.refuse("oversize", fmt.Errorf("broadcast of %d bytes", len(msg)))
-		return
-	}
-	var m labelMessage
-	if err := json.Unmarshal(msg, &m); err != nil {
-		s.refuse("malformed", err)
+	m, reason, err := decodeGossip[labelMessage]("broadcast", msg, maxLabelBroadcast*2)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge(m.Records)
@@ -364,13 +360,9 @@ func (s *labelStore) LocalState(bool) []byte {
 
 // MergeRemoteState merges another peer's LocalState.
 func (s *labelStore) MergeRemoteState(buf []byte, _ bool) {
-	if len(buf) > maxLabelStateBytes {
-		s.refuse("oversize", fmt.Errorf("state of %d bytes", len(buf)))
-		return
-	}
-	var m labelMessage
-	if err := json.Unmarshal(buf, &m); err != nil {
-		s.refuse("malformed", err)
+	m, reason, err := decodeGossip[labelMessage]("state", buf, maxLabelStateBytes)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge(m.Records)

@@ -627,13 +627,9 @@ func txNear(h []txPoint, at time.Time) uint64 {
 
 // NotifyMsg takes one peer's record from gossip.
 func (s *segmentsPart) NotifyMsg(msg []byte) {
-	if len(msg) > mesh.MaxBroadcastSize {
-		s.refuse("oversize", fmt.Errorf("broadcast of %d bytes", len(msg)))
-		return
-	}
-	var r segmentRecord
-	if err := json.Unmarshal(msg, &r); err != nil {
-		s.refuse("malformed", err)
+	r, reason, err := decodeGossip[segmentRecord]("broadcast", msg, mesh.MaxBroadcastSize)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge([]segmentRecord{r})
@@ -654,13 +650,9 @@ func (s *segmentsPart) LocalState(bool) []byte {
 
 // MergeRemoteState merges another peer's LocalState.
 func (s *segmentsPart) MergeRemoteState(buf []byte, _ bool) {
-	if len(buf) > maxSegmentState {
-		s.refuse("oversize", fmt.Errorf("state of %d bytes", len(buf)))
-		return
-	}
-	var recs []segmentRecord
-	if err := json.Unmarshal(buf, &recs); err != nil {
-		s.refuse("malformed", err)
+	recs, reason, err := decodeGossip[[]segmentRecord]("state", buf, maxSegmentState)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge(recs)

@@ -12,8 +12,9 @@ import (
 // Signed, versioned gossip records (labels, segments): a peer publishes records in its own
 // name, signed with its identity under a domain of their kind; a receiver keeps one only if
 // it verifies against the key the mesh pinned for that peer, and only a higher version
-// replaces the one it holds. This file is that shared part. Each kind keeps its own checks
-// of content and its own order of refusals (they are counted by reason).
+// replaces the one it holds. This file is that shared part, with the bounded decoding of
+// the gossip that carries them. Each kind keeps its own checks of content and its own order
+// of refusals (they are counted by reason).
 
 // errRecordSignature: a gossiped record's signature is missing, wrong, or its peer's key
 // is not known yet.
@@ -69,4 +70,17 @@ func (g recordSigning) verify(s recordSeal) error {
 		return fmt.Errorf("%w: bad signature in the name of %s", errRecordSignature, s.peer)
 	}
 	return nil
+}
+
+// decodeGossip decodes a gossiped message (what: "broadcast", "state") of at most limit
+// bytes. On failure it returns the reason to count the refusal under: "oversize" (not
+// decoded at all) or "malformed".
+func decodeGossip[T any](what string, msg []byte, limit int) (v T, reason string, err error) {
+	if len(msg) > limit {
+		return v, "oversize", fmt.Errorf("%s of %d bytes", what, len(msg))
+	}
+	if err := json.Unmarshal(msg, &v); err != nil {
+		return v, "malformed", err
+	}
+	return v, "", nil
 }

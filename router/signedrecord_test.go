@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/weftnet/weft/mesh/identity"
@@ -90,5 +91,23 @@ func TestRecordSignedBytesWire(t *testing.T) {
 	// The seal leaves the record itself alone: its signature still travels.
 	if b, _ := json.Marshal(sr); string(b) != `{"p":"b","v":4,"t":[{"p":"a","tx":1,"rx":2}],"s":"Aw=="}` {
 		t.Errorf("segment record travels as %s", b)
+	}
+}
+
+func TestDecodeGossip(t *testing.T) {
+	if r, reason, err := decodeGossip[segmentRecord]("broadcast", []byte(`{"p":"b","v":4}`), 64); err != nil || reason != "" || r.Peer != "b" || r.Version != 4 {
+		t.Errorf("a good record: %+v %q %v", r, reason, err)
+	}
+	for _, c := range []struct {
+		msg    string
+		reason string
+	}{
+		{`{"p":"b","v":4}` + strings.Repeat(" ", 64), "oversize"}, // refused before decoding
+		{`{"p":"b","v":`, "malformed"},
+		{`{"p":1}`, "malformed"},
+	} {
+		if _, reason, err := decodeGossip[segmentRecord]("broadcast", []byte(c.msg), 64); err == nil || reason != c.reason {
+			t.Errorf("%q: %q %v, want %s", c.msg, reason, err, c.reason)
+		}
 	}
 }
