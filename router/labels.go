@@ -73,14 +73,15 @@ type labelRecord struct {
 	Sig       []byte            `json:"s,omitempty"`
 }
 
-// seal is what signing and ordering need of r (signedrecord.go).
+// seal is what signing and verifying need of r (signedrecord.go).
 func (r labelRecord) seal() recordSeal {
 	sig := r.Sig
 	r.Sig = nil
-	return recordSeal{peer: r.Peer, version: r.Version, sig: sig, body: r}
+	return recordSeal{peer: r.Peer, sig: sig, body: r}
 }
 
-// signedBytes is what the owner signs: the record without its signature.
+// signedBytes is what the owner signs: the record without its signature (tests forge
+// records with it).
 func (r labelRecord) signedBytes() []byte { return r.seal().signedBytes() }
 
 // check says what is wrong with a record received from elsewhere. Pure.
@@ -263,7 +264,7 @@ func (s *labelStore) merge(recs []labelRecord) int {
 		downAt, isDown := s.down[r.Peer]
 		expired := isDown && s.now().Sub(downAt) >= s.downGrace
 		s.mu.Unlock()
-		if !r.seal().supersedes(cur.seal(), have) {
+		if !supersedes(r.Version, cur.Version, have) {
 			continue // old news: not worth a signature check
 		}
 		if expired {
@@ -279,7 +280,7 @@ func (s *labelStore) merge(recs []labelRecord) int {
 			continue
 		}
 		s.mu.Lock()
-		if cur, have := s.recs[k]; r.seal().supersedes(cur.seal(), have) {
+		if cur, have := s.recs[k]; supersedes(r.Version, cur.Version, have) {
 			s.storeLocked(r)
 			changed++
 		}

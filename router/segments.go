@@ -153,11 +153,11 @@ type tunnelCount struct {
 	RX   uint64 `json:"rx"`
 }
 
-// seal is what signing and ordering need of r (signedrecord.go).
+// seal is what signing and verifying need of r (signedrecord.go).
 func (r segmentRecord) seal() recordSeal {
 	sig := r.Sig
 	r.Sig = nil
-	return recordSeal{peer: r.Peer, version: r.Version, sig: sig, body: r}
+	return recordSeal{peer: r.Peer, sig: sig, body: r}
 }
 
 // check says what is wrong with a record from gossip. Pure.
@@ -674,7 +674,7 @@ func (s *segmentsPart) merge(recs []segmentRecord) {
 		s.mu.Lock()
 		cur, ok := s.records[r.Peer]
 		switch {
-		case !r.seal().supersedes(cur.seal(), ok):
+		case !supersedes(r.Version, cur.Version, ok):
 		case !ok && len(s.records) >= maxSegmentRecords:
 			s.mu.Unlock()
 			s.refuse("full", fmt.Errorf("record of %s: %d records held", r.Peer, maxSegmentRecords))

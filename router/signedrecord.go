@@ -20,12 +20,11 @@ import (
 // is not known yet.
 var errRecordSignature = errors.New("record does not verify")
 
-// recordSeal is what signing and ordering need of one record.
+// recordSeal is what signing and verifying need of one record.
 type recordSeal struct {
-	peer    string // who signed it, in whose name it speaks
-	version uint64
-	sig     []byte
-	body    any // the record with its signature cleared: what is signed
+	peer string // who signed it, in whose name it speaks
+	sig  []byte
+	body any // the record with its signature cleared: what is signed
 }
 
 // signedBytes is what the peer signs: the record without its signature, as JSON
@@ -35,10 +34,11 @@ func (s recordSeal) signedBytes() []byte {
 	return b
 }
 
-// supersedes says whether s replaces cur (have: a record is held, cur). Only a higher
-// version does, so a replayed record, or the same one again, changes nothing. Pure.
-func (s recordSeal) supersedes(cur recordSeal, have bool) bool {
-	return !have || cur.version < s.version
+// supersedes says whether a record at version next replaces the one held at version cur
+// (have: one is held). Only a higher version does, so a replayed record, or the same one
+// again, changes nothing. Pure; cheap, as it runs on every gossiped copy.
+func supersedes(next, cur uint64, have bool) bool {
+	return !have || cur < next
 }
 
 // recordSigning signs this peer's records of one kind and verifies the others'.

@@ -69,7 +69,7 @@ func TestRecordSigning(t *testing.T) {
 		{"same version again", rec, true, false},
 		{"newer version", bumped, true, true},
 	} {
-		if got := c.r.seal().supersedes(rec.seal(), c.have); got != c.supersede {
+		if got := supersedes(c.r.Version, rec.Version, c.have); got != c.supersede {
 			t.Errorf("%s: supersedes = %v, want %v", c.name, got, c.supersede)
 		}
 	}
