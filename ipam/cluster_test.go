@@ -336,8 +336,9 @@ func TestBootstrapVotersAndNonvoters(t *testing.T) {
 	tc := newTestCluster(t)
 	tc.bootstrap("p1", "p2", "p3", "p4", "p5")
 	st := tc.nodes["p1"].c.Status()
-	if st.Leader != "p1" || len(st.Voters) != 3 || len(st.Nonvoters) != 2 {
-		t.Fatalf("status %+v: want p1 leading 3 voters and 2 non-voters", st)
+	// p1 bootstrapped and led first; on a loaded machine another voter may lead by now.
+	if !slices.Contains(st.Voters, st.Leader) || len(st.Voters) != 3 || len(st.Nonvoters) != 2 {
+		t.Fatalf("status %+v: want a voter leading 3 voters and 2 non-voters", st)
 	}
 	// A node that sees a member already in a cluster never bootstraps its own.
 	late := tc.start("a0")
@@ -411,15 +412,16 @@ func TestMinorityCannotClaimMajorityCan(t *testing.T) {
 			t.Fatalf("minority %s claimed: %v, want ErrNoQuorum", name, err)
 		}
 	}
+	want := map[netip.Prefix]string{}
 	for _, name := range []string{"p2", "p3", "p5"} {
-		if _, err := tc.nodes[name].c.Claim(ctx, clusterNet, name); err != nil {
+		b, err := tc.nodes[name].c.Claim(ctx, clusterNet, name)
+		if err != nil {
 			t.Fatalf("majority %s: %v", name, err)
 		}
+		want[b] = name
 	}
 	tc.heal()
-	tc.reconcileUntil("the minority to catch up", func() bool {
-		return len(tc.nodes["p1"].c.Status().Blocks) == 3 && len(tc.nodes["p4"].c.Status().Blocks) == 3
-	})
+	tc.tablesAgree(tc.reconcileUntil, want) // the minority catches up
 	seen := map[netip.Prefix]bool{}
 	for _, row := range tc.nodes["p1"].c.Status().Blocks {
 		if seen[row.CIDR] {
@@ -447,20 +449,26 @@ func TestLeaderKilledNewLeaderAndRestartKeepsBlocks(t *testing.T) {
 	tc := newTestCluster(t)
 	tc.bootstrap("p1", "p2", "p3")
 	ctx := context.Background()
-	var mine []netip.Prefix
+	want := map[netip.Prefix]string{}
 	for i := 0; i < 3; i++ {
-		mine = append(mine, tc.claimEventually(ctx, "p1", "p1"))
+		want[tc.claimEventually(ctx, "p1", "p1")] = "p1"
 	}
 	tc.kill("p1")
 	tc.reconcileUntil("a new leader", func() bool { l := tc.leader(); return l == "p2" || l == "p3" })
-	tc.claimEventually(ctx, "p2", "p2")
-	// Restarted, p1 knows its blocks at once, before it has heard from the new leader.
+	want[tc.claimEventually(ctx, "p2", "p2")] = "p2"
+	// Restarted, p1 knows its blocks at once, before it has heard from the new leader (all
+	// it was told of; a claim retried through an election may have given it one more).
 	p1 := tc.start("p1")
 	owned, err := p1.c.Owned(clusterNet, "p1")
-	if err != nil || fmt.Sprint(owned) != fmt.Sprint(mine) {
-		t.Fatalf("restarted p1 owns %v (%v), want %v", owned, err, mine)
+	if err != nil {
+		t.Fatal(err)
 	}
-	tc.reconcileUntil("p1 to catch up", func() bool { return len(p1.c.Status().Blocks) == 4 })
+	for b, owner := range want {
+		if owner == "p1" && !slices.Contains(owned, b) {
+			t.Fatalf("restarted p1 owns %v, not its %s", owned, b)
+		}
+	}
+	tc.tablesAgree(tc.reconcileUntil, want) // p1 catches up
 }
 
 func TestRemovePeerIsRepeatable(t *testing.T) {
