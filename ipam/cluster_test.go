@@ -475,14 +475,18 @@ func TestRemovePeerIsRepeatable(t *testing.T) {
 	tc := newTestCluster(t)
 	tc.bootstrap("p1", "p2")
 	ctx := context.Background()
+	var claimed []netip.Prefix
 	for i := 0; i < 2; i++ {
-		if _, err := tc.nodes["p2"].c.Claim(ctx, clusterNet, "p2"); err != nil {
+		b, err := tc.nodes["p2"].c.Claim(ctx, clusterNet, "p2")
+		if err != nil {
 			t.Fatal(err)
 		}
+		claimed = append(claimed, b)
 	}
+	// Every block claimed comes back (and any a claim retried through an election added).
 	released, err := tc.nodes["p2"].c.RemovePeer(ctx, "p2") // from a follower
-	if err != nil || len(released) != 2 {
-		t.Fatalf("remove p2: %v, %v; want 2 blocks back", released, err)
+	if err != nil || len(released) < 2 || !slices.Contains(released, claimed[0]) || !slices.Contains(released, claimed[1]) {
+		t.Fatalf("remove p2: %v, %v; want its blocks %v back", released, err, claimed)
 	}
 	released, err = tc.nodes["p1"].c.RemovePeer(ctx, "p2") // again, from the leader
 	if err != nil || len(released) != 0 {
