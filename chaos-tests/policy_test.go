@@ -3,7 +3,6 @@ package chaostest
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -12,9 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-
 	"github.com/weftnet/weft/chaos-tests/lab"
+	"github.com/weftnet/weft/datapath/netpol/netpoltest"
 	"github.com/weftnet/weft/router"
 )
 
@@ -75,35 +73,11 @@ func attachLabelled(t *testing.T, ctx context.Context, h *lab.Host, labels strin
 }
 
 // listen opens an echo server on port inside c.
-func (c *policyCtr) listen(t *testing.T, port int) {
-	t.Helper()
-	var ln net.Listener
-	if err := ns.WithNetNSPath(c.NSPath, func(ns.NetNS) (err error) {
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer conn.Close(); io.Copy(conn, conn) }()
-		}
-	}()
-}
+func (c *policyCtr) listen(t *testing.T, port int) { netpoltest.ListenEcho(t, c.NSPath, port) }
 
 // dial connects from inside c (the socket is made in its namespace).
 func (c *policyCtr) dial(to netip.AddrPort, timeout time.Duration) (net.Conn, error) {
-	var conn net.Conn
-	err := ns.WithNetNSPath(c.NSPath, func(ns.NetNS) (err error) {
-		conn, err = net.DialTimeout("tcp4", to.String(), timeout)
-		return err
-	})
-	return conn, err
+	return netpoltest.Dial(c.NSPath, to, timeout)
 }
 
 // reach says whether c can open a connection to to and exchange a line on it.
@@ -116,20 +90,7 @@ func (c *policyCtr) reach(to netip.AddrPort, timeout time.Duration) error {
 	return echoLine(conn, "hello\n")
 }
 
-func echoLine(conn net.Conn, msg string) error {
-	conn.SetDeadline(time.Now().Add(3 * time.Second))
-	if _, err := io.WriteString(conn, msg); err != nil {
-		return err
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(conn, buf); err != nil {
-		return err
-	}
-	if string(buf) != msg {
-		return fmt.Errorf("echoed %q, sent %q", buf, msg)
-	}
-	return nil
-}
+func echoLine(conn net.Conn, msg string) error { return netpoltest.EchoLine(conn, msg, 3*time.Second) }
 
 // policyDrops is weft_policy_drops_total of policy on h (0 when not exported yet).
 func policyDrops(t *testing.T, h *lab.Host, policy string) float64 {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -296,8 +297,10 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 			t.Fatalf("%s given to %s and %s", b, prev, name)
 		}
 		want[b] = name
+		// Owned, not exactly [b]: a claim forwarded through an election may commit twice
+		// (tablesAgree).
 		owned, err := tc.nodes[name].c.Owned(clusterNet, name)
-		if err != nil || len(owned) != 1 || owned[0] != b {
+		if err != nil || !slices.Contains(owned, b) {
 			t.Fatalf("%s owns %v (%v) right after claiming %s", name, owned, err, b)
 		}
 	}
@@ -311,7 +314,7 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 		return fmt.Sprint(tc.nodes["c1"].c.Status().Voters) == fmt.Sprint(st.Voters)
 	})
 	// A client that cannot reach the leader (its underlay blocked) claims through a member.
-	leader := tc.leader()
+	leader := tc.leaderNode().name
 	tc.mu.Lock()
 	tc.blocked[[2]string{"c3", leader}] = true
 	tc.mu.Unlock()

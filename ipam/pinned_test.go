@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -183,7 +184,7 @@ func TestLeaderRefusesRogueClaim(t *testing.T) {
 	if _, err := tc.nodes["p2"].c.Claim(ctx, clusterNet, "p2"); err != nil {
 		t.Fatal(err)
 	}
-	leader := tc.nodes[tc.leader()].c
+	leader := tc.leaderNode().c
 	refusedBefore := counterVecSum(t, leader.metrics.refused)
 	// Forwarded, as a rogue member would send it (POST /v1/raft/apply).
 	out, err := leader.ApplyForwarded(mustJSON(command{Op: opClaim, Network: rogueNet, Peer: "p3"}))
@@ -277,8 +278,13 @@ func TestDeathTimeSurvivesLeaderChangeAndReclaimsLate(t *testing.T) {
 	tc := newTestCluster(t)
 	tc.bootstrap("p1", "p2", "p3", "p4")
 	ctx := context.Background()
-	if _, err := tc.nodes["p4"].c.Claim(ctx, clusterNet, "p4"); err != nil {
+	block, err := tc.nodes["p4"].c.Claim(ctx, clusterNet, "p4")
+	if err != nil {
 		t.Fatal(err)
+	}
+	// By its block, not by a count: a claim retried through an election may commit twice.
+	holds := func(c *Cluster) bool {
+		return slices.ContainsFunc(c.ownedByPeer("p4"), func(b BlockOwnership) bool { return b.CIDR == block })
 	}
 	tc.kill("p4")
 	var died time.Time
@@ -312,15 +318,15 @@ func TestDeathTimeSurvivesLeaderChangeAndReclaimsLate(t *testing.T) {
 		n.c.cfg.ReclaimAfter = 90 * time.Minute
 	}
 	tc.reconcileUntil("a new leader", func() bool { l := tc.leader(); return l != "" && l != old })
-	nl := tc.nodes[tc.leader()].c
+	nl := tc.leaderNode().c
 	if err := nl.Reconcile(ctx, without, later); err != nil {
 		t.Logf("reconcile: %v", err)
 	}
 	if _, dead := nl.deathRecords(); !dead["p4"].Equal(died) {
 		t.Fatalf("the new leader recorded p4's death at %s, want the original %s", dead["p4"], died)
 	}
-	if len(nl.ownedByPeer("p4")) != 1 {
-		t.Fatal("p4's block reclaimed before --reclaim-after")
+	if !holds(nl) {
+		t.Fatalf("p4's block %s reclaimed before --reclaim-after", block)
 	}
 	// Two hours after the death: well past memberlist's retention, and past reclaim-after.
 	deadline := time.Now().Add(10 * time.Second)
@@ -381,8 +387,14 @@ func TestOwnerStopsAllocatingFromLostBlock(t *testing.T) {
 	lost := netip.PrefixFrom(first.Address, clusterNet.BlockBits).Masked()
 	tc.partition([]string{"p3"}, []string{"p1", "p2"})
 	tc.reconcileUntil("a leader on the majority side", func() bool { l := tc.leader(); return l == "p1" || l == "p2" })
-	if released, err := tc.nodes["p1"].c.RemovePeer(ctx, "p3"); err != nil || len(released) != 1 {
-		t.Fatalf("rmpeer --force p3: %v %v", released, err)
+	// The fresh leader may lose its lease at once: retried, the removal answers that p3
+	// owns nothing; p1 claiming the freed block below shows it was done.
+	var released []netip.Prefix
+	if retried := retryOnElection(t, "rmpeer --force p3", func() (err error) {
+		released, err = tc.nodes["p1"].c.RemovePeer(ctx, "p3")
+		return err
+	}, nil); !retried && len(released) != 1 {
+		t.Fatalf("rmpeer --force p3 released %v, want p3's one block", released)
 	}
 	tc.heal()
 	tc.reconcileUntil("p3 to learn it was removed", func() bool {
@@ -397,8 +409,14 @@ func TestOwnerStopsAllocatingFromLostBlock(t *testing.T) {
 	if orphans := alloc.Orphaned(); len(orphans) != 1 || orphans[0].ContainerID != "c1" {
 		t.Fatalf("orphans after the removal %+v, want c1", orphans)
 	}
-	if b, err := tc.nodes["p1"].c.Claim(ctx, clusterNet, "p1"); err != nil || b != lost {
-		t.Fatalf("p1 claimed %v (%v), want the freed %v", b, err, lost)
+	// The lowest free block is the freed one (a claim retried through an election may
+	// commit twice: then p1 holds it and the next; p3 learning p1 owns it is the check).
+	var b netip.Prefix
+	if retried := retryOnElection(t, "p1's claim", func() (err error) {
+		b, err = tc.nodes["p1"].c.Claim(ctx, clusterNet, "p1")
+		return err
+	}, nil); !retried && b != lost {
+		t.Fatalf("p1 claimed %v, want the freed %v", b, lost)
 	}
 	tc.reconcileUntil("p3 to learn that p1 owns its old block", func() bool {
 		owner, ok := "", false
@@ -510,18 +528,32 @@ func TestLeaderRefusesToRemoveALivePeer(t *testing.T) {
 	if _, err := tc.nodes["p3"].c.Claim(ctx, clusterNet, "p3"); err != nil {
 		t.Fatal(err)
 	}
-	leader := tc.nodes[tc.leader()].c
+	// Every member sees what the mesh says, so that whichever leads (elections are frequent
+	// on a loaded machine) judges the removal by it.
+	observe := func(members []Member) {
+		for _, n := range tc.liveNodes() {
+			n.c.Observe(members)
+		}
+	}
+	leader := tc.leaderNode()
 	follower := tc.nodes["p2"].c
-	if tc.leader() == "p2" {
+	if leader.name == "p2" {
 		follower = tc.nodes["p1"].c
 	}
 	members := tc.members()
-	leader.Observe(members)
-	before := len(leader.Status().Blocks)
-	if _, err := follower.RemovePeer(ctx, "p3"); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "alive") {
-		t.Fatalf("remove-peer of a live peer through a follower: %v, want a conflict saying it is alive", err)
-	}
-	if got := len(leader.Status().Blocks); got != before {
+	observe(members)
+	before := len(leader.c.Status().Blocks)
+	retryOnElection(t, "remove-peer of a live peer through a follower", func() error {
+		_, err := follower.RemovePeer(ctx, "p3")
+		if errors.Is(err, ErrConflict) && strings.Contains(err.Error(), "alive") {
+			return nil // refused, as it must be
+		}
+		if err == nil {
+			return errors.New("removed it: want a conflict saying it is alive")
+		}
+		return err
+	}, nil)
+	if got := len(leader.c.Status().Blocks); got != before {
 		t.Fatalf("the refused removal changed the table: %d blocks, had %d", got, before)
 	}
 	for i := range members {
@@ -529,8 +561,13 @@ func TestLeaderRefusesToRemoveALivePeer(t *testing.T) {
 			members[i].Alive = false
 		}
 	}
-	leader.Observe(members)
-	if released, err := follower.RemovePeer(ctx, "p3"); err != nil || len(released) == 0 {
-		t.Fatalf("remove-peer of a dead peer: released %v, %v", released, err)
+	observe(members)
+	var released []netip.Prefix
+	if retried := retryOnElection(t, "remove-peer of a dead peer", func() (err error) {
+		released, err = follower.RemovePeer(ctx, "p3")
+		return err
+	}, nil); !retried && len(released) == 0 {
+		t.Fatal("remove-peer of a dead peer released nothing")
 	}
+	pollUntil(t, 10*time.Second, func() bool { return len(leader.c.ownedByPeer("p3")) == 0 }, "p3's block to be free")
 }

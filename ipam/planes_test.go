@@ -244,25 +244,7 @@ func TestReleaseThroughFollowerAndClientThenRemove(t *testing.T) {
 	tc.start("c1")
 	tc.converge("the client to know the cluster", func() bool { return tc.nodes["c1"].c.ClusterID() != "" })
 	ctx := context.Background()
-	// retry repeats a write that met an election (the machine may be loaded); a write retried
-	// after a commit its caller did not hear of answers done if done says so.
-	retry := func(what string, write func() error, done func(error) bool) {
-		t.Helper()
-		deadline := time.Now().Add(15 * time.Second)
-		retried := false
-		for {
-			err := write()
-			if err == nil || retried && done != nil && done(err) {
-				return
-			}
-			if !errors.Is(err, ErrNoQuorum) || time.Now().After(deadline) {
-				t.Fatalf("%s: %v", what, err)
-			}
-			retried = true
-			time.Sleep(50 * time.Millisecond) // an election takes a moment
-		}
-	}
-	retry("create media", func() error { return tc.nodes["p1"].c.CreateNetwork(ctx, mediaNet) }, nil)
+	retryOnElection(t, "create media", func() error { return tc.nodes["p1"].c.CreateNetwork(ctx, mediaNet) }, nil)
 	tc.converge("every node to know media", func() bool {
 		for _, n := range tc.liveNodes() {
 			if _, ok := n.c.Network("media"); !ok {
@@ -280,7 +262,7 @@ func TestReleaseThroughFollowerAndClientThenRemove(t *testing.T) {
 	}
 	blocks := map[string]netip.Prefix{}
 	for _, name := range []string{follower, "c1"} {
-		retry("claim by "+name, func() error {
+		retryOnElection(t, "claim by "+name, func() error {
 			b, err := tc.nodes[name].c.Claim(ctx, mediaNet, name)
 			blocks[name] = b
 			return err
@@ -293,7 +275,7 @@ func TestReleaseThroughFollowerAndClientThenRemove(t *testing.T) {
 		t.Fatalf("rm while blocks are held: %v", err)
 	}
 	for _, name := range []string{follower, "c1"} {
-		retry("release by "+name, func() error { return tc.nodes[name].c.ReleaseBlock(ctx, mediaNet, blocks[name], name) },
+		retryOnElection(t, "release by "+name, func() error { return tc.nodes[name].c.ReleaseBlock(ctx, mediaNet, blocks[name], name) },
 			func(err error) bool { return strings.Contains(err.Error(), "nobody owns") })
 	}
 	// Each node's table catches up (a follower applies after the leader commits; a client
@@ -306,7 +288,7 @@ func TestReleaseThroughFollowerAndClientThenRemove(t *testing.T) {
 		}
 		return true
 	})
-	retry("rm once every block is back", func() error { return tc.nodes["c1"].c.RemoveNetwork(ctx, "media") },
+	retryOnElection(t, "rm once every block is back", func() error { return tc.nodes["c1"].c.RemoveNetwork(ctx, "media") },
 		func(err error) bool { return errors.Is(err, ErrUnknownNetwork) })
 	tc.converge("every node to forget media", func() bool {
 		for _, n := range tc.liveNodes() {

@@ -10,25 +10,33 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/weftnet/weft/datapath/netpol"
 )
 
-// fakePolicy is a validator standing in for netpol.Parse: a JSON object with a "network";
-// its canonical form is the object re-encoded (sorted keys, compact); errors name the offset.
-func fakePolicy(name string, spec []byte) ([]byte, string, error) {
-	var m map[string]any
-	if err := json.Unmarshal(spec, &m); err != nil {
-		var se *json.SyntaxError
-		if errors.As(err, &se) {
-			return nil, "", fmt.Errorf("offset %d: %v", se.Offset, err)
-		}
+// netpolValidator is the validator the router wires in (router.validatePolicy): netpol's
+// parser, its policy re-encoded as the canonical form. (netpol imports nothing of ipam, so
+// the tests run the real parser rather than a fake of it.)
+func netpolValidator(name string, file []byte) ([]byte, string, error) {
+	p, err := netpol.Parse(name, file)
+	if err != nil {
 		return nil, "", err
 	}
-	network, _ := m["network"].(string)
-	if network == "" {
-		return nil, "", errors.New(`no "network"`)
+	canonical, err := json.Marshal(p)
+	return canonical, p.Network, err
+}
+
+// cidrPolicy is a valid policy file of about n bytes: its size is a /32 peer per 25 bytes.
+func cidrPolicy(name string, n int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "name: %s\nnetwork: default\ningress:\n", name)
+	for i := 0; b.Len() < n; i++ {
+		if i%netpol.MaxPeers == 0 {
+			b.WriteString("  - action: allow\n    peers:\n")
+		}
+		fmt.Fprintf(&b, "      - cidr: 10.%d.%d.%d/32\n", i>>16&255, i>>8&255, i&255)
 	}
-	out, err := json.Marshal(m)
-	return out, network, err
+	return b.String()
 }
 
 func policyObj(name, network, spec string) *PolicyObject {
@@ -205,7 +213,7 @@ func TestClusterPolicies(t *testing.T) {
 	tc := newTestCluster(t)
 	tc.bootstrap("a", "b", "c")
 	for _, n := range tc.liveNodes() {
-		n.c.cfg.ValidatePolicy = fakePolicy
+		n.c.cfg.ValidatePolicy = netpolValidator
 	}
 	ctx := context.Background()
 	var from string
@@ -215,16 +223,21 @@ func TestClusterPolicies(t *testing.T) {
 		}
 	}
 	c := tc.nodes[from].c
+	const file = `{"name": "db", "network": "default", "ingress": [{"action": "allow", "peers": [{"cidr": "10.1.0.0/16"}]}]}`
+	canonical, _, err := netpolValidator("db", []byte(file))
+	if err != nil {
+		t.Fatalf("the test's own policy: %v", err)
+	}
 	var p PolicyObject
 	tc.reconcileUntil("a policy put through a follower", func() bool {
 		var err error
-		p, err = c.PutPolicy(ctx, "db", []byte(`{"name": "db", "network": "default", "rules": [1, 2]}`))
+		p, err = c.PutPolicy(ctx, "db", []byte(file))
 		if err != nil && !errors.Is(err, ErrNoQuorum) {
 			t.Fatalf("put: %v", err)
 		}
 		return err == nil
 	})
-	if p.Version == 0 || string(p.Spec) != `{"name":"db","network":"default","rules":[1,2]}` {
+	if p.Version == 0 || string(p.Spec) != string(canonical) {
 		t.Fatalf("put answered %+v", p)
 	}
 	for _, n := range tc.liveNodes() {
@@ -238,10 +251,10 @@ func TestClusterPolicies(t *testing.T) {
 		want       error
 		msg        string
 	}{
-		{"db", `{"network": "default", "rules": [1, 2`, ErrInvalidPolicy, "offset"},
-		{"db", `{"rules": []}`, ErrInvalidPolicy, `no "network"`},
-		{"db", `{"network": "nope"}`, ErrUnknownNetwork, `"nope"`},
-		{"Bad", `{"network": "default"}`, ErrInvalidPolicy, "Bad"},
+		{"db", `{"name": "db", "network": "default", "ingress": [`, ErrInvalidPolicy, "line 1"},
+		{"db", `{"name": "db", "rules": []}`, ErrInvalidPolicy, `unknown field "rules"`},
+		{"db", `{"name": "db", "network": "nope"}`, ErrUnknownNetwork, `"nope"`},
+		{"Bad", `{"name": "Bad", "network": "default"}`, ErrInvalidPolicy, "Bad"},
 		{"db", `{"name": "other", "network": "default"}`, ErrInvalidPolicy, `names policy "other", not "db"`},
 	} {
 		_, err := c.PutPolicy(ctx, tt.name, []byte(tt.file))
@@ -281,7 +294,7 @@ func TestClientsLearnPolicies(t *testing.T) {
 	tc.nameCluster()
 	tc.start("c1")
 	for _, n := range tc.liveNodes() {
-		n.c.cfg.ValidatePolicy = fakePolicy
+		n.c.cfg.ValidatePolicy = netpolValidator
 	}
 	for i := 0; i < 5; i++ {
 		tc.gossip()
@@ -294,13 +307,16 @@ func TestClientsLearnPolicies(t *testing.T) {
 		t.Fatalf("c1 is a %s, want a client", r)
 	}
 	ctx := context.Background()
-	small, err := c1.PutPolicy(ctx, "small", []byte(`{"network":"default"}`))
+	small, err := c1.PutPolicy(ctx, "small", []byte(`{"name":"small","network":"default"}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	large, err := tc.nodes["p2"].c.PutPolicy(ctx, "large", []byte(`{"network":"default","pad":"`+strings.Repeat("x", 4000)+`"}`))
+	large, err := tc.nodes["p2"].c.PutPolicy(ctx, "large", []byte(cidrPolicy("large", 4000)))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if len(large.Spec) <= maxPolicyDeltaBytes {
+		t.Fatalf("the large policy's spec is %d bytes: small enough to gossip", len(large.Spec))
 	}
 	tc.converge("c1 to hold both policies", func() bool {
 		s, ok1 := c1.Policy("small")

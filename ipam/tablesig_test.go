@@ -293,7 +293,7 @@ func TestSignedTableReachesClients(t *testing.T) {
 		}
 		want[b] = name
 	}
-	tc.tablesAgree(tc.converge, want)
+	want = tc.tablesAgree(tc.converge, want)
 	for _, name := range []string{"c1", "c2", "c3"} {
 		c := tc.nodes[name].c
 		if r := c.Role(); r != RoleClient {
@@ -311,18 +311,18 @@ func TestSignedTableReachesClients(t *testing.T) {
 		t.Fatal(err)
 	}
 	want[b] = "c2"
-	msgs := tc.nodes[tc.leader()].c.TableBroadcasts()
+	msgs := tc.leaderNode().c.TableBroadcasts()
 	for _, name := range []string{"c1", "c3"} {
 		c := tc.nodes[name].c
 		applied := testutil.ToFloat64(c.metrics.tableDeltas)
 		for _, m := range msgs {
 			c.TableHandler().NotifyMsg(m)
 		}
-		if testutil.ToFloat64(c.metrics.tableDeltas) <= applied || len(c.Status().Blocks) != len(want) {
+		if testutil.ToFloat64(c.metrics.tableDeltas) <= applied || !slices.ContainsFunc(c.Status().Blocks, func(r BlockOwnership) bool { return r.CIDR == b }) {
 			t.Fatalf("%s did not apply the leader's signed delta: %+v", name, c.Status().Blocks)
 		}
 	}
-	tc.tablesAgree(tc.converge, want)
+	want = tc.tablesAgree(tc.converge, want)
 
 	// c3 holds the cluster key and its own identity; it forges the next delta.
 	c1 := tc.nodes["c1"].c
@@ -330,7 +330,7 @@ func TestSignedTableReachesClients(t *testing.T) {
 	next := c1.view.state.Version
 	c1.view.mu.Unlock()
 	steal := tableDelta{Prev: next, Index: next + 1, Op: opRemovePeer, Peer: "c1"}
-	leader := tc.leader()
+	leader := tc.leaderNode().name
 	for _, msg := range [][]byte{
 		signedBy(t, "c3", pins.ids["c3"], steal),
 		signedBy(t, leader, pins.ids["c3"], steal),

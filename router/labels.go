@@ -73,13 +73,16 @@ type labelRecord struct {
 	Sig       []byte            `json:"s,omitempty"`
 }
 
-// signedBytes is what the owner signs: the record without its signature (encoding/json
-// sorts map keys, so the encoding is the same on every peer).
-func (r labelRecord) signedBytes() []byte {
+// seal is what signing and verifying need of r (signedrecord.go).
+func (r labelRecord) seal() recordSeal {
+	sig := r.Sig
 	r.Sig = nil
-	b, _ := json.Marshal(r)
-	return b
+	return recordSeal{peer: r.Peer, sig: sig, body: r}
 }
+
+// signedBytes is what the owner signs: the record without its signature (tests forge
+// records with it).
+func (r labelRecord) signedBytes() []byte { return r.seal().signedBytes() }
 
 // check says what is wrong with a record received from elsewhere. Pure.
 func (r labelRecord) check() error {
@@ -121,9 +124,8 @@ type labelMessage struct {
 // broadcast; a received record O(1) plus one signature check; push/pull O(records).
 type labelStore struct {
 	self      string
-	sign      func(msg []byte) []byte                     // nil: unsigned (tests)
-	keys      func(peer string) (ed25519.PublicKey, bool) // nil: signatures not checked (tests)
-	broadcast func(msg []byte) error                      // nil: nothing sent
+	signing   recordSigning          // signs ours, verifies the others'
+	broadcast func(msg []byte) error // nil: nothing sent
 	refusedC  *prometheus.CounterVec
 	log       *slog.Logger
 	now       func() time.Time
@@ -156,8 +158,9 @@ type labelStoreConfig struct {
 
 func newLabelStore(cfg labelStoreConfig) (*labelStore, error) {
 	s := &labelStore{
-		self: cfg.Self, keys: cfg.Keys, broadcast: cfg.Broadcast, now: time.Now, log: cfg.Logger,
-		recs: map[labelKey]labelRecord{}, deleted: map[labelKey]time.Time{}, perPeer: map[string]int{},
+		self: cfg.Self, broadcast: cfg.Broadcast, now: time.Now, log: cfg.Logger,
+		signing: recordSigning{domain: labelSignDomain, signer: cfg.Signer, keys: cfg.Keys},
+		recs:    map[labelKey]labelRecord{}, deleted: map[labelKey]time.Time{}, perPeer: map[string]int{},
 		changed: make(chan struct{}, 1), down: map[string]time.Time{}, downGrace: cfg.DownGrace,
 		refusedC: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_labels_refused_total",
@@ -169,9 +172,6 @@ func newLabelStore(cfg labelStoreConfig) (*labelStore, error) {
 	}
 	if s.downGrace <= 0 {
 		s.downGrace = 30 * time.Second
-	}
-	if cfg.Signer != nil {
-		s.sign = func(msg []byte) []byte { return cfg.Signer.Sign(labelSignDomain, msg) }
 	}
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(s.refusedC); err != nil {
@@ -204,9 +204,7 @@ func (s *labelStore) write(r labelRecord) {
 	}
 	s.mu.Lock()
 	r.Peer, r.Version = s.self, s.nextVersionLocked()
-	if s.sign != nil {
-		r.Sig = s.sign(r.signedBytes())
-	}
+	r.Sig = s.signing.sign(r.seal())
 	s.storeLocked(r)
 	s.mu.Unlock()
 	s.notify()
@@ -266,7 +264,7 @@ func (s *labelStore) merge(recs []labelRecord) int {
 		downAt, isDown := s.down[r.Peer]
 		expired := isDown && s.now().Sub(downAt) >= s.downGrace
 		s.mu.Unlock()
-		if have && cur.Version >= r.Version {
+		if !supersedes(r.Version, cur.Version, have) {
 			continue // old news: not worth a signature check
 		}
 		if expired {
@@ -277,15 +275,12 @@ func (s *labelStore) merge(recs []labelRecord) int {
 			s.refuse("full", fmt.Errorf("peer %s has %d label records, at most %d", r.Peer, maxLabelRecordsPerPeer, maxLabelRecordsPerPeer))
 			continue
 		}
-		if s.keys != nil {
-			pub, ok := s.keys(r.Peer)
-			if !ok || !identity.Verify(pub, labelSignDomain, r.signedBytes(), r.Sig) {
-				s.refuse("signature", fmt.Errorf("record of %s for %s does not verify", r.Peer, r.Addr))
-				continue
-			}
+		if err := s.signing.verify(r.seal()); err != nil {
+			s.refuse("signature", fmt.Errorf("record for %s: %w", r.Addr, err))
+			continue
 		}
 		s.mu.Lock()
-		if cur, have := s.recs[k]; !have || cur.Version < r.Version {
+		if cur, have := s.recs[k]; supersedes(r.Version, cur.Version, have) {
 			s.storeLocked(r)
 			changed++
 		}
@@ -299,13 +294,9 @@ func (s *labelStore) merge(recs []labelRecord) int {
 
 // NotifyMsg takes one broadcast record.
 func (s *labelStore) NotifyMsg(msg []byte) {
-	if len(msg) > maxLabelBroadcast*2 {
-		s.refuse("oversize", fmt.Errorf("broadcast of %d bytes", len(msg)))
-		return
-	}
-	var m labelMessage
-	if err := json.Unmarshal(msg, &m); err != nil {
-		s.refuse("malformed", err)
+	m, reason, err := decodeGossip[labelMessage]("broadcast", msg, maxLabelBroadcast*2)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge(m.Records)
@@ -370,13 +361,9 @@ func (s *labelStore) LocalState(bool) []byte {
 
 // MergeRemoteState merges another peer's LocalState.
 func (s *labelStore) MergeRemoteState(buf []byte, _ bool) {
-	if len(buf) > maxLabelStateBytes {
-		s.refuse("oversize", fmt.Errorf("state of %d bytes", len(buf)))
-		return
-	}
-	var m labelMessage
-	if err := json.Unmarshal(buf, &m); err != nil {
-		s.refuse("malformed", err)
+	m, reason, err := decodeGossip[labelMessage]("state", buf, maxLabelStateBytes)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge(m.Records)

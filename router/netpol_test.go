@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -15,13 +13,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/weftnet/weft/datapath/netpol"
+	"github.com/weftnet/weft/datapath/netpol/netpoltest"
 	"github.com/weftnet/weft/datapath/netpol/nftpol"
 	"github.com/weftnet/weft/ipam"
 )
@@ -35,54 +33,6 @@ func wpwContainer(t *testing.T, n int) string {
 	}
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
 	return "/var/run/netns/" + name
-}
-
-// listenIn opens a TCP listener in the namespace at path that echoes what it reads.
-func listenIn(t *testing.T, path string, port int) {
-	t.Helper()
-	var ln net.Listener
-	if err := ns.WithNetNSPath(path, func(ns.NetNS) (err error) {
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); io.Copy(c, c) }()
-		}
-	}()
-}
-
-// dialIn connects from the namespace at path (the socket is made there).
-func dialIn(path string, to netip.AddrPort, timeout time.Duration) (net.Conn, error) {
-	var c net.Conn
-	err := ns.WithNetNSPath(path, func(ns.NetNS) (err error) {
-		c, err = net.DialTimeout("tcp4", to.String(), timeout)
-		return err
-	})
-	return c, err
-}
-
-// roundTrip sends one line on c and reads it back.
-func roundTrip(c net.Conn, msg string) error {
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	if _, err := c.Write([]byte(msg)); err != nil {
-		return err
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		return err
-	}
-	if string(buf) != msg {
-		return fmt.Errorf("echoed %q, sent %q", buf, msg)
-	}
-	return nil
 }
 
 const dbPolicy = `name: db-only-web
@@ -123,16 +73,16 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 	dbNS, dbAddr := add(1, "db", map[string]string{"app": "db"})
 	webNS, _ := add(2, "web", map[string]string{"app": "web"})
 	clientNS, clientAddr := add(3, "client", map[string]string{"app": "client"})
-	listenIn(t, dbNS, 5432)
+	netpoltest.ListenEcho(t, dbNS, 5432)
 	db := netip.AddrPortFrom(dbAddr, 5432)
 
 	// Before any policy: everyone reaches db; an established connection from the client too.
-	if c, err := dialIn(clientNS, db, 2*time.Second); err != nil {
+	if c, err := netpoltest.Dial(clientNS, db, 2*time.Second); err != nil {
 		t.Fatalf("client→db before any policy: %v", err)
 	} else {
 		c.Close()
 	}
-	open, err := dialIn(webNS, db, 2*time.Second)
+	open, err := netpoltest.Dial(webNS, db, 2*time.Second)
 	if err != nil {
 		t.Fatalf("web→db before any policy: %v", err)
 	}
@@ -166,16 +116,16 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 	if _, c := histogramCount(t, p.policy, "local"); c != 3 {
 		t.Errorf("local sync lag measured %d times, want 3 (the ADDs)", c)
 	}
-	if c, err := dialIn(webNS, db, 2*time.Second); err != nil {
+	if c, err := netpoltest.Dial(webNS, db, 2*time.Second); err != nil {
 		t.Fatalf("web→db under the policy: %v", err)
 	} else {
 		c.Close()
 	}
-	if c, err := dialIn(clientNS, db, 500*time.Millisecond); err == nil {
+	if c, err := netpoltest.Dial(clientNS, db, 500*time.Millisecond); err == nil {
 		c.Close()
 		t.Fatal("client→db connected under the policy")
 	}
-	if err := roundTrip(open, "still open\n"); err != nil {
+	if err := netpoltest.EchoLine(open, "still open\n", 2*time.Second); err != nil {
 		t.Fatalf("the connection opened before the policy: %v", err)
 	}
 	drops := func() float64 {
@@ -217,7 +167,7 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 	// A new client is blocked from its very first packet: dialled the moment ADD returns.
 	lateNS, _ := add(4, "late", map[string]string{"app": "client"})
 	before := drops()
-	if c, err := dialIn(lateNS, db, time.Second); err == nil {
+	if c, err := netpoltest.Dial(lateNS, db, time.Second); err == nil {
 		c.Close()
 		t.Fatal("a client added after the policy connected to db")
 	}
@@ -225,7 +175,7 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 	waitFor(t, 2*time.Second, "the late client's SYN to be counted as a policy drop", func() bool { return drops() > before })
 	// A new web reaches db at once.
 	lateWebNS, lateWebAddr := add(5, "lateweb", map[string]string{"app": "web"})
-	if c, err := dialIn(lateWebNS, db, 2*time.Second); err != nil {
+	if c, err := netpoltest.Dial(lateWebNS, db, 2*time.Second); err != nil {
 		t.Fatalf("a web added after the policy: %v", err)
 	} else {
 		c.Close()
@@ -238,7 +188,7 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 			code, _ := apiCall(t, h, "POST", "/v1/policies", policyBody("other", f), nil)
 			return code == 200
 		})
-		if err := roundTrip(open, fmt.Sprintf("update %d\n", i)); err != nil {
+		if err := netpoltest.EchoLine(open, fmt.Sprintf("update %d\n", i), 2*time.Second); err != nil {
 			t.Fatalf("the open connection after update %d: %v", i, err)
 		}
 	}
@@ -248,7 +198,7 @@ func TestPolicyWiredOnOnePeer(t *testing.T) {
 		t.Fatalf("label: %d %s", code, msg)
 	}
 	waitFor(t, 2*time.Second, "the relabelled client to reach db", func() bool {
-		c, err := dialIn(lateNS, db, 200*time.Millisecond)
+		c, err := netpoltest.Dial(lateNS, db, 200*time.Millisecond)
 		if err == nil {
 			c.Close()
 		}

@@ -2,8 +2,6 @@ package router
 
 import (
 	"encoding/base64"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -12,25 +10,6 @@ import (
 
 	"github.com/weftnet/weft/ipam"
 )
-
-// fakePolicyValidator stands in for netpol.Parse: a JSON object naming its "network"; the
-// canonical form is the object re-encoded; errors name the offset.
-func fakePolicyValidator(_ string, spec []byte) ([]byte, string, error) {
-	var m map[string]any
-	if err := json.Unmarshal(spec, &m); err != nil {
-		var se *json.SyntaxError
-		if errors.As(err, &se) {
-			return nil, "", fmt.Errorf("offset %d: %v", se.Offset, err)
-		}
-		return nil, "", err
-	}
-	network, _ := m["network"].(string)
-	if network == "" {
-		return nil, "", errors.New(`no "network"`)
-	}
-	out, err := json.Marshal(m)
-	return out, network, err
-}
 
 // startPeerWith is startPeer with the configuration changed by tune first.
 func startPeerWith(t *testing.T, dataDir string, tune func(*Config)) *testPeer {
@@ -57,8 +36,8 @@ func policyBody(name, file string) string {
 func TestPolicyAPI(t *testing.T) {
 	var mu sync.Mutex
 	var seen [][]ipam.PolicyObject
+	// No ValidatePolicy: the peer's own, netpol.Parse, as every real peer runs.
 	p := startPeerWith(t, t.TempDir(), func(c *Config) {
-		c.ValidatePolicy = fakePolicyValidator
 		c.OnPolicies = func(ps []ipam.PolicyObject) {
 			mu.Lock()
 			seen = append(seen, ps)
@@ -68,9 +47,15 @@ func TestPolicyAPI(t *testing.T) {
 	h := p.apiHandler()
 	waitFor(t, 10*time.Second, "the cluster to define its networks", func() bool { return len(p.cluster.Networks()) > 0 })
 
+	const file = "name: db\nnetwork: default\nselector: {matchLabels: {app: db}}\n" +
+		"ingress: [{action: allow, peers: [{selector: {matchLabels: {app: web}}}]}]\n"
+	canonical, _, err := validatePolicy("db", []byte(file))
+	if err != nil {
+		t.Fatalf("the test's own policy: %v", err)
+	}
 	var info PolicyInfo
 	waitFor(t, 10*time.Second, "a policy apply", func() bool {
-		code, msg := apiCall(t, h, "POST", "/v1/policies", policyBody("db", `{"network": "default", "allow": ["web"]}`), &info)
+		code, msg := apiCall(t, h, "POST", "/v1/policies", policyBody("db", file), &info)
 		if code != 200 && code != 503 {
 			t.Fatalf("apply: %d %s", code, msg)
 		}
@@ -84,7 +69,7 @@ func TestPolicyAPI(t *testing.T) {
 		t.Fatalf("list: %d %s %+v", code, msg, list)
 	}
 	var shown PolicyInfo
-	if code, msg := apiCall(t, h, "GET", "/v1/policies/db", "", &shown); code != 200 || string(shown.Spec) != `{"allow":["web"],"network":"default"}` {
+	if code, msg := apiCall(t, h, "GET", "/v1/policies/db", "", &shown); code != 200 || string(shown.Spec) != string(canonical) {
 		t.Fatalf("show: %d %s %+v", code, msg, shown)
 	}
 	waitFor(t, 5*time.Second, "OnPolicies to see the policy", func() bool {
@@ -99,10 +84,11 @@ func TestPolicyAPI(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{policyBody("db", `{"network": "default", "allow": [`), 400, "offset"},
-		{policyBody("db", `{"allow": []}`), 400, `no "network"`},
-		{policyBody("db", `{"network": "nope"}`), 400, `"nope"`},
-		{policyBody("Bad_Name", `{"network": "default"}`), 400, "Bad_Name"},
+		{policyBody("db", `{"name": "db", "network": "default", "ingress": [`), 400, "line 1"},
+		{policyBody("db", "name: db\nnetwork: default\nallow: [web]\n"), 400, `line 3 column 1: policy: unknown field "allow"`},
+		{policyBody("db", `{"name": "db", "network": "nope"}`), 400, `"nope"`},
+		{policyBody("db", `{"name": "other", "network": "default"}`), 400, `"other"`},
+		{policyBody("Bad_Name", `{"name": "Bad_Name", "network": "default"}`), 400, "Bad_Name"},
 		{policyBody("db", ``), 400, "empty file"},
 		{`{"name":"db","file":"not base64!"}`, 400, "decode"},
 		{`{"name":"db","file":"", "extra": 1}`, 400, "unknown field"},

@@ -153,10 +153,11 @@ type tunnelCount struct {
 	RX   uint64 `json:"rx"`
 }
 
-func (r segmentRecord) signedBytes() []byte {
+// seal is what signing and verifying need of r (signedrecord.go).
+func (r segmentRecord) seal() recordSeal {
+	sig := r.Sig
 	r.Sig = nil
-	b, _ := json.Marshal(r)
-	return b
+	return recordSeal{peer: r.Peer, sig: sig, body: r}
 }
 
 // check says what is wrong with a record from gossip. Pure.
@@ -218,8 +219,9 @@ type segmentsConfig struct {
 // segmentsPart measures segments and holds the other peers' records. A mesh.ChannelHandler
 // (its methods are safe for memberlist's goroutines and never block).
 type segmentsPart struct {
-	cfg segmentsConfig
-	th  segments.Threshold
+	cfg     segmentsConfig
+	th      segments.Threshold
+	signing recordSigning // signs ours, verifies the others'
 
 	refused    *prometheus.CounterVec
 	crossCheck *prometheus.GaugeVec
@@ -257,6 +259,7 @@ func newSegments(cfg segmentsConfig, reg prometheus.Registerer) (*segmentsPart, 
 	}
 	s := &segmentsPart{
 		cfg: cfg, th: segments.DefaultThreshold(),
+		signing: recordSigning{domain: segmentSignDomain, signer: cfg.Signer, keys: cfg.Keys},
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_segments_refused_total",
 			Help: "Gossiped segment records refused (nothing changed), by reason."}, []string{"reason"}),
 		crossCheck: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "weft_link_loss_crosscheck_ratio",
@@ -538,9 +541,7 @@ func (s *segmentsPart) recordDueLocked(now time.Time, tunnels map[string]tunnelC
 }
 
 func (s *segmentsPart) publish(rec segmentRecord) {
-	if s.cfg.Signer != nil {
-		rec.Sig = s.cfg.Signer.Sign(segmentSignDomain, rec.signedBytes())
-	}
+	rec.Sig = s.signing.sign(rec.seal())
 	if s.cfg.Broadcast == nil {
 		return
 	}
@@ -626,13 +627,9 @@ func txNear(h []txPoint, at time.Time) uint64 {
 
 // NotifyMsg takes one peer's record from gossip.
 func (s *segmentsPart) NotifyMsg(msg []byte) {
-	if len(msg) > mesh.MaxBroadcastSize {
-		s.refuse("oversize", fmt.Errorf("broadcast of %d bytes", len(msg)))
-		return
-	}
-	var r segmentRecord
-	if err := json.Unmarshal(msg, &r); err != nil {
-		s.refuse("malformed", err)
+	r, reason, err := decodeGossip[segmentRecord]("broadcast", msg, mesh.MaxBroadcastSize)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge([]segmentRecord{r})
@@ -653,13 +650,9 @@ func (s *segmentsPart) LocalState(bool) []byte {
 
 // MergeRemoteState merges another peer's LocalState.
 func (s *segmentsPart) MergeRemoteState(buf []byte, _ bool) {
-	if len(buf) > maxSegmentState {
-		s.refuse("oversize", fmt.Errorf("state of %d bytes", len(buf)))
-		return
-	}
-	var recs []segmentRecord
-	if err := json.Unmarshal(buf, &recs); err != nil {
-		s.refuse("malformed", err)
+	recs, reason, err := decodeGossip[[]segmentRecord]("state", buf, maxSegmentState)
+	if err != nil {
+		s.refuse(reason, err)
 		return
 	}
 	s.merge(recs)
@@ -674,17 +667,14 @@ func (s *segmentsPart) merge(recs []segmentRecord) {
 			s.refuse("invalid", err)
 			continue
 		}
-		if s.cfg.Keys != nil {
-			pub, ok := s.cfg.Keys(r.Peer)
-			if !ok || !identity.Verify(pub, segmentSignDomain, r.signedBytes(), r.Sig) {
-				s.refuse("signature", fmt.Errorf("record of %s: bad or unverifiable signature", r.Peer))
-				continue
-			}
+		if err := s.signing.verify(r.seal()); err != nil {
+			s.refuse("signature", err)
+			continue
 		}
 		s.mu.Lock()
 		cur, ok := s.records[r.Peer]
 		switch {
-		case ok && cur.Version >= r.Version:
+		case !supersedes(r.Version, cur.Version, ok):
 		case !ok && len(s.records) >= maxSegmentRecords:
 			s.mu.Unlock()
 			s.refuse("full", fmt.Errorf("record of %s: %d records held", r.Peer, maxSegmentRecords))

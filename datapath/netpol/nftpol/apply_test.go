@@ -1,11 +1,9 @@
 package nftpol
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -19,6 +17,7 @@ import (
 
 	"github.com/weftnet/weft/datapath/isolate"
 	"github.com/weftnet/weft/datapath/netpol"
+	"github.com/weftnet/weft/datapath/netpol/netpoltest"
 	"github.com/weftnet/weft/datapath/nslab"
 )
 
@@ -74,54 +73,9 @@ func (l *testLab) container(suffix string, a string, bridged bool) *nslab.NS {
 	return c
 }
 
-// listen starts a line echo server on port in n; it stops with the test.
-func listen(t *testing.T, n *nslab.NS, port int) {
-	var ln net.Listener
-	if err := n.Do(func() (err error) {
-		ln, err = net.Listen("tcp4", fmt.Sprintf(":%d", port))
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
-}
-
 // dial connects from n to a:port, giving up after a second.
 func dial(n *nslab.NS, a string, port int) (net.Conn, error) {
-	var c net.Conn
-	err := n.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp4", fmt.Sprintf("%s:%d", a, port), time.Second)
-		return err
-	})
-	return c, err
-}
-
-// echo sends one line on c and reads it back.
-func echo(c net.Conn, r *bufio.Reader, line string) error {
-	c.SetDeadline(time.Now().Add(2 * time.Second))
-	if _, err := fmt.Fprintln(c, line); err != nil {
-		return err
-	}
-	got, err := r.ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if strings.TrimSpace(got) != line {
-		return fmt.Errorf("echoed %q, want %q", got, line)
-	}
-	return nil
+	return netpoltest.Dial(n.Path(), netip.AddrPortFrom(netip.MustParseAddr(a), uint16(port)), time.Second)
 }
 
 func (l *testLab) mustConnect(from *nslab.NS, a string) {
@@ -132,7 +86,7 @@ func (l *testLab) mustConnect(from *nslab.NS, a string) {
 			return err
 		}
 		defer c.Close()
-		return echo(c, bufio.NewReader(c), "hello")
+		return netpoltest.EchoLine(c, "hello\n", 2*time.Second)
 	})
 }
 
@@ -193,7 +147,7 @@ func TestPolicyInNamespaces(t *testing.T) {
 	web := l.container("web", "10.32.0.2", true)
 	client := l.container("cl", "10.32.0.4", true)
 	rweb := l.container("rw", "10.33.0.2", false)
-	listen(t, db, 5432)
+	netpoltest.ListenEcho(t, db.Path(), 5432)
 
 	if err := l.r.Do(CheckBridged); err != nil {
 		t.Fatalf("same-bridge traffic would not be policed: %v", err)
@@ -241,7 +195,7 @@ func TestPolicyInNamespaces(t *testing.T) {
 
 	// Egress: web may reach only db on tcp/5432. Its allow returns to the ingress check
 	// (db's policy still decides); anything else web opens is its default deny.
-	listen(t, client, 5432)
+	netpoltest.ListenEcho(t, client.Path(), 5432)
 	webOut := parse(t, "web-out.yaml", `
 name: web-out
 network: default
@@ -277,7 +231,6 @@ egress:
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	rd := bufio.NewReader(conn)
 	before, err := e.Rules()
 	if err != nil {
 		t.Fatal(err)
@@ -292,7 +245,7 @@ egress:
 		if st.RulesAdded == 0 || st.RulesDeleted == 0 || st.ElementsAdded == 0 {
 			t.Fatalf("update %d applied as %+v: want the unrelated policy's rules replaced and an endpoint added", i, st)
 		}
-		if err := echo(conn, rd, fmt.Sprintf("update %d", i)); err != nil {
+		if err := netpoltest.EchoLine(conn, fmt.Sprintf("update %d\n", i), 2*time.Second); err != nil {
 			t.Fatalf("established connection broken by update %d: %v", i, err)
 		}
 	}
