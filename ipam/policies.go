@@ -267,7 +267,7 @@ func (c *Cluster) validatePolicy(name string, file []byte) (PolicyObject, error)
 	}
 	canonical, network, err := c.cfg.ValidatePolicy(name, file)
 	if err != nil {
-		return PolicyObject{}, fmt.Errorf("%w: %w", ErrInvalidPolicy, err)
+		return PolicyObject{}, invalidPolicy{err}
 	}
 	p := PolicyObject{Name: name, Network: network, Spec: canonical}
 	if err := p.checkShape(); err != nil {
@@ -369,3 +369,16 @@ func (c *Cluster) leaderCheckPolicy(cmd command) (res commandResult, refused boo
 	}
 	return commandResult{}, false, nil
 }
+
+// invalidPolicy is a validator's refusal as ErrInvalidPolicy, without saying "invalid policy"
+// twice when the validator's own error already starts with it (netpol's does).
+type invalidPolicy struct{ err error }
+
+func (e invalidPolicy) Error() string {
+	if msg := e.err.Error(); strings.HasPrefix(msg, ErrInvalidPolicy.Error()) {
+		return msg
+	}
+	return ErrInvalidPolicy.Error() + ": " + e.err.Error()
+}
+
+func (e invalidPolicy) Unwrap() []error { return []error{ErrInvalidPolicy, e.err} }

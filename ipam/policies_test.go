@@ -331,3 +331,19 @@ func TestClientsLearnPolicies(t *testing.T) {
 		return !ok && c1.PolicyIndex() > large.Version
 	})
 }
+
+// A validator's refusal is ErrInvalidPolicy and the validator's own error, and says
+// "invalid policy" once whether or not the validator's text already does.
+func TestInvalidPolicySaysItOnce(t *testing.T) {
+	own := errors.New("invalid policy: port 0")
+	for _, err := range []error{own, errors.New("port 0")} {
+		c := &Cluster{cfg: ClusterConfig{ValidatePolicy: func(string, []byte) ([]byte, string, error) { return nil, "", err }}}
+		_, got := c.validatePolicy("p", []byte("x"))
+		if !errors.Is(got, ErrInvalidPolicy) || !errors.Is(got, err) {
+			t.Fatalf("%v: not both ErrInvalidPolicy and the validator's error", got)
+		}
+		if got.Error() != "invalid policy: port 0" {
+			t.Fatalf("message %q, want %q", got.Error(), "invalid policy: port 0")
+		}
+	}
+}
