@@ -195,6 +195,16 @@ type LinkTableConfig struct {
 	// and each peer's share of relaying it, grows with N: this bounds it.
 	// 0: no bound.
 	MinInterval time.Duration
+	// MovedSpacing stretches MinInterval with the mesh: moved figures wait
+	// max(MinInterval, N × MovedSpacing), N the origins with live links in
+	// this table (this peer's view of the mesh, itself included). Every
+	// publication reaches every peer and each peer relays it
+	// mult·⌈log₁₀(N+1)⌉ times, so with a fixed interval each peer's share
+	// grows as N·log N; stretched, the mesh-wide rate of moved-figure
+	// publications stays at most 1/MovedSpacing whatever N, and a peer's
+	// share grows only as log N. Up/down, added and removed links do not
+	// wait for it. 0: no stretch.
+	MovedSpacing time.Duration
 	// BatchInterval: links that were added or removed go out together, at
 	// most this often (each publication costs a 64-byte signature, relayed
 	// to every peer; probe-target churn adds and removes links steadily). A
@@ -368,7 +378,7 @@ func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
 		return nil, fmt.Errorf("%w: link-state MaxDelta %d out of range 300..%d", ErrInvalidConfig, cfg.MaxDelta, MaxUnicastSize)
 	case cfg.MaxLinksPerOrigin < 1 || cfg.MaxOrigins < 1:
 		return nil, fmt.Errorf("%w: link-state bounds must be positive", ErrInvalidConfig)
-	case cfg.RTTChange < 0 || cfg.RTTMinChange < 0 || cfg.LossChange < 0 || cfg.MaxSkew < 0 || cfg.TombstoneTTL < 0:
+	case cfg.RTTChange < 0 || cfg.RTTMinChange < 0 || cfg.LossChange < 0 || cfg.MaxSkew < 0 || cfg.TombstoneTTL < 0 || cfg.MovedSpacing < 0:
 		return nil, fmt.Errorf("%w: link-state thresholds must not be negative", ErrInvalidConfig)
 	}
 	t := &LinkTable{cfg: cfg, origins: map[string]*origin{}, forged: map[string]bool{},
@@ -496,7 +506,10 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	if t.lastMoved.IsZero() {
 		t.lastMoved = now // the first publication carries every link
 	}
-	movedDue := len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval
+	// The stretched interval counts the live origins, O(N): only once the
+	// fixed floor has passed and something moved.
+	movedDue := len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval &&
+		now.Sub(t.lastMoved) >= MovedInterval(t.cfg.MinInterval, t.cfg.MovedSpacing, t.liveOriginsLocked())
 	// The batch also rides with due moved figures: every peer verifies
 	// every publication (one ed25519 check each, the largest receive cost
 	// at N=100), so one publication instead of two.
@@ -566,6 +579,26 @@ func (t *LinkTable) sealLocked(self string, items []encItem) [][]byte {
 		msgs = append(msgs, packPubs([]*signedPub{pub}, MaxUnicastSize)...)
 	}
 	return msgs
+}
+
+// MovedInterval is how long a peer's moved figures wait since its last
+// publication of moved figures in a mesh of n peers: minInterval, stretched
+// to n × spacing so that the mesh-wide rate of such publications stays at
+// most 1/spacing. Pure.
+func MovedInterval(minInterval, spacing time.Duration, n int) time.Duration {
+	return max(minInterval, time.Duration(max(n, 0))*spacing)
+}
+
+// liveOriginsLocked counts the origins with at least one live link (the
+// peers that publish, this one included). O(N).
+func (t *LinkTable) liveOriginsLocked() int {
+	n := 0
+	for _, o := range t.origins {
+		if o.live > 0 {
+			n++
+		}
+	}
+	return n
 }
 
 // Moved reports whether next differs from prev beyond the table's
