@@ -249,8 +249,9 @@ type Signer interface {
 // Concurrency: safe for concurrent use; mu guards everything.
 type LinkTable struct {
 	cfg     LinkTableConfig
-	rejects *prometheus.CounterVec
-	entries prometheus.Gauge
+	rejects   *prometheus.CounterVec
+	entries   prometheus.Gauge
+	published *prometheus.CounterVec // own publications, by what made them due
 
 	mu        sync.Mutex // guards following
 	origins   map[string]*origin
@@ -386,9 +387,11 @@ func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
 			Help: "Link-state messages rejected whole, by reason."}, []string{"reason"}),
 		entries: prometheus.NewGauge(prometheus.GaugeOpts{Name: "weft_linkstate_entries",
 			Help: "Link-state entries held, tombstones included."}),
+		published: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_linkstate_published_total",
+			Help: "Link-state publications of this peer (messages broadcast), by what made them due: full (the periodic or first republish of every link), updown (a link went up or down, or changed encryption), moved (moved figures, MinInterval stretched with N), batch (added or removed links)."}, []string{"reason"}),
 	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{t.rejects, t.entries} {
+		for _, c := range []prometheus.Collector{t.rejects, t.entries, t.published} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("link-state metrics: %w", err)
 			}
@@ -475,6 +478,7 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	// signature is paid anyway); moved within MinInterval, on their own
 	// timer (riding along would republish them at the rate of churn).
 	var ups, batch, moved []upd
+	full := t.republish
 	for nb, m := range links {
 		e := o.links[nb]
 		switch {
@@ -513,6 +517,7 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	// The batch also rides with due moved figures: every peer verifies
 	// every publication (one ed25519 check each, the largest receive cost
 	// at N=100), so one publication instead of two.
+	urgent := len(ups) > 0
 	if len(batch) > 0 && (len(ups) > 0 || movedDue || t.cfg.BatchInterval < 0 || now.Sub(t.lastBatch) >= t.cfg.BatchInterval) {
 		ups = append(ups, batch...)
 		t.lastBatch = now
@@ -546,7 +551,18 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 		items = append(items, encItem{origin: self, nb: u.nb, e: e})
 	}
 	t.entries.Set(float64(t.nEntries))
-	return t.sealLocked(self, items), changed
+	msgs = t.sealLocked(self, items)
+	reason := "batch"
+	switch {
+	case full:
+		reason = "full"
+	case urgent:
+		reason = "updown"
+	case movedDue:
+		reason = "moved"
+	}
+	t.published.WithLabelValues(reason).Add(float64(len(msgs)))
+	return msgs, changed
 }
 
 // sealLocked encodes our entries (one origin) in publications of at most

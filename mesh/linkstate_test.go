@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weftnet/weft/mesh/identity"
 )
@@ -239,6 +240,11 @@ func TestPublishMovedIntervalStretches(t *testing.T) {
 	msgs, changes := tab.Publish("a", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)})
 	if msgs == nil || len(changes) != 1 || changes[0].To != "b" || changes[0].Link.RTT != ms(20) {
 		t.Fatalf("b's move at 40 s: published %v, changes %+v; want b's 20 ms", msgs != nil, changes)
+	}
+	for reason, want := range map[string]float64{"full": 1, "updown": 2, "batch": 2, "moved": 1} {
+		if got := testutil.ToFloat64(tab.published.WithLabelValues(reason)); got != want {
+			t.Errorf("publications counted as %s: %v, want %v", reason, got, want)
+		}
 	}
 
 	// Few origins: the floor.

@@ -144,7 +144,7 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		// As router/paths.go startPaths: RTT moves under 20% or 1 ms and loss moves under
 		// 10 points are not republished, and moved figures at most every max(20 s, N × 0.4 s).
 		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1,
-			MinInterval: 20 * time.Second, MovedSpacing: cfg.MovedSpacing, Signer: id}); err != nil {
+			MinInterval: 20 * time.Second, MovedSpacing: cfg.MovedSpacing, Signer: id, Registerer: n.reg}); err != nil {
 			return n, err
 		}
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
