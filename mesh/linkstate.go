@@ -248,7 +248,7 @@ type Signer interface {
 //
 // Concurrency: safe for concurrent use; mu guards everything.
 type LinkTable struct {
-	cfg     LinkTableConfig
+	cfg       LinkTableConfig
 	rejects   *prometheus.CounterVec
 	entries   prometheus.Gauge
 	published *prometheus.CounterVec // own publications, by what made them due
