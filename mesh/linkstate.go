@@ -41,8 +41,9 @@ package mesh
 // refused (reason unknown_origin, the rest of the message is taken) and
 // comes again with the next push/pull; one whose signature does not verify
 // (a forged entry) refuses the whole message (bad_signature). Costs: one
-// ed25519 signature per publication (per peer: ≤ one per MinInterval for
-// moved figures, ≤ one per BatchInterval for added and removed
+// ed25519 signature per publication (per peer: ≤ one per
+// max(MinInterval, N × MovedSpacing) for moved figures, so the mesh-wide
+// rate of those is bounded whatever N; ≤ one per BatchInterval for added and removed
 // links, plus one per reconcile in which a link went down or came back up), one
 // verification per publication received new, 64 bytes per publication on
 // the wire; anti-entropy answers may carry entries
