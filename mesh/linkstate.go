@@ -61,7 +61,8 @@ package mesh
 // run by LinkStateChannel at most once a minute), so the origin count
 // follows the membership.
 //
-// Costs (N peers, D links per peer): Publish O(D); Merge O(entries in the
+// Costs (N peers, D links per peer): Publish O(D), plus O(N) to count the
+// origins once moved figures are past MinInterval; Merge O(entries in the
 // message); a digest O(N) bytes per push/pull;
 // answering one O(N + entries sent); memory O(N × D).
 //
@@ -415,7 +416,8 @@ func (t *LinkTable) Publish(self string, stats map[string]LinkStats) (msgs [][]b
 // Links that appeared, disappeared, flipped up/down or encrypted, or moved
 // beyond the thresholds since their last publication get a new version;
 // PublishLinks returns them encoded in messages that each fit MaxDelta (to
-// broadcast) and as changes (to feed path selection). O(D).
+// broadcast) and as changes (to feed path selection). O(D), plus O(N) once
+// moved figures wait past MinInterval (MovedSpacing counts the origins).
 func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (msgs [][]byte, changed []LinkChange) {
 	if err := validName(self); err != nil {
 		t.cfg.Logger.Warn("linkstate: publish with invalid self name", "self", self, "err", err)
