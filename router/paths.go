@@ -67,8 +67,8 @@ const linkStateRTTChange = 0.2
 const linkStateLossChange = 0.1
 
 // linkStateMinInterval: a link whose figures moved (but that did not go up or down) is
-// republished at most this often, which bounds the mesh-wide link-state rate to k·N/20 per
-// second whatever the noise. Up and down go out at once. This peer's own path choice is fed
+// republished at most this often (longer above 50 peers: linkStateMovedSpacing), which
+// bounds the mesh-wide rate of moved figures whatever the noise. Up and down go out at once. This peer's own path choice is fed
 // its links at once, not at this pace; but the other end of a link takes the worse of both
 // directions, so an RTT that fell back is used by the other end only once published: 30 s
 // made the SLA chaos test (back to the direct link within 30 s after a delay is removed)
