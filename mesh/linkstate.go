@@ -41,8 +41,9 @@ package mesh
 // refused (reason unknown_origin, the rest of the message is taken) and
 // comes again with the next push/pull; one whose signature does not verify
 // (a forged entry) refuses the whole message (bad_signature). Costs: one
-// ed25519 signature per publication (per peer: ≤ one per MinInterval for
-// moved figures, ≤ one per BatchInterval for added and removed
+// ed25519 signature per publication (per peer: ≤ one per
+// max(MinInterval, N × MovedSpacing) for moved figures, so the mesh-wide
+// rate of those is bounded whatever N; ≤ one per BatchInterval for added and removed
 // links, plus one per reconcile in which a link went down or came back up), one
 // verification per publication received new, 64 bytes per publication on
 // the wire; anti-entropy answers may carry entries
@@ -60,7 +61,8 @@ package mesh
 // run by LinkStateChannel at most once a minute), so the origin count
 // follows the membership.
 //
-// Costs (N peers, D links per peer): Publish O(D); Merge O(entries in the
+// Costs (N peers, D links per peer): Publish O(D), plus O(N) to count the
+// origins once moved figures are past MinInterval; Merge O(entries in the
 // message); a digest O(N) bytes per push/pull;
 // answering one O(N + entries sent); memory O(N × D).
 //
@@ -195,6 +197,16 @@ type LinkTableConfig struct {
 	// and each peer's share of relaying it, grows with N: this bounds it.
 	// 0: no bound.
 	MinInterval time.Duration
+	// MovedSpacing stretches MinInterval with the mesh: moved figures wait
+	// max(MinInterval, N × MovedSpacing), N the origins with live links in
+	// this table (this peer's view of the mesh, itself included). Every
+	// publication reaches every peer and each peer relays it
+	// mult·⌈log₁₀(N+1)⌉ times, so with a fixed interval each peer's share
+	// grows as N·log N; stretched, the mesh-wide rate of moved-figure
+	// publications stays at most 1/MovedSpacing whatever N, and a peer's
+	// share grows only as log N. Up/down, added and removed links do not
+	// wait for it. 0: no stretch.
+	MovedSpacing time.Duration
 	// BatchInterval: links that were added or removed go out together, at
 	// most this often (each publication costs a 64-byte signature, relayed
 	// to every peer; probe-target churn adds and removes links steadily). A
@@ -238,9 +250,10 @@ type Signer interface {
 //
 // Concurrency: safe for concurrent use; mu guards everything.
 type LinkTable struct {
-	cfg     LinkTableConfig
-	rejects *prometheus.CounterVec
-	entries prometheus.Gauge
+	cfg       LinkTableConfig
+	rejects   *prometheus.CounterVec
+	entries   prometheus.Gauge
+	published *prometheus.CounterVec // own publications, by what made them due
 
 	mu        sync.Mutex // guards following
 	origins   map[string]*origin
@@ -368,7 +381,7 @@ func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
 		return nil, fmt.Errorf("%w: link-state MaxDelta %d out of range 300..%d", ErrInvalidConfig, cfg.MaxDelta, MaxUnicastSize)
 	case cfg.MaxLinksPerOrigin < 1 || cfg.MaxOrigins < 1:
 		return nil, fmt.Errorf("%w: link-state bounds must be positive", ErrInvalidConfig)
-	case cfg.RTTChange < 0 || cfg.RTTMinChange < 0 || cfg.LossChange < 0 || cfg.MaxSkew < 0 || cfg.TombstoneTTL < 0:
+	case cfg.RTTChange < 0 || cfg.RTTMinChange < 0 || cfg.LossChange < 0 || cfg.MaxSkew < 0 || cfg.TombstoneTTL < 0 || cfg.MovedSpacing < 0:
 		return nil, fmt.Errorf("%w: link-state thresholds must not be negative", ErrInvalidConfig)
 	}
 	t := &LinkTable{cfg: cfg, origins: map[string]*origin{}, forged: map[string]bool{},
@@ -376,9 +389,11 @@ func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
 			Help: "Link-state messages rejected whole, by reason."}, []string{"reason"}),
 		entries: prometheus.NewGauge(prometheus.GaugeOpts{Name: "weft_linkstate_entries",
 			Help: "Link-state entries held, tombstones included."}),
+		published: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_linkstate_published_total",
+			Help: "Link-state publications of this peer (messages broadcast), by what made them due: full (the periodic or first republish of every link), updown (a link went up or down, or changed encryption), moved (moved figures, MinInterval stretched with N), batch (added or removed links)."}, []string{"reason"}),
 	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{t.rejects, t.entries} {
+		for _, c := range []prometheus.Collector{t.rejects, t.entries, t.published} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("link-state metrics: %w", err)
 			}
@@ -401,7 +416,8 @@ func (t *LinkTable) Publish(self string, stats map[string]LinkStats) (msgs [][]b
 // Links that appeared, disappeared, flipped up/down or encrypted, or moved
 // beyond the thresholds since their last publication get a new version;
 // PublishLinks returns them encoded in messages that each fit MaxDelta (to
-// broadcast) and as changes (to feed path selection). O(D).
+// broadcast) and as changes (to feed path selection). O(D), plus O(N) once
+// moved figures wait past MinInterval (MovedSpacing counts the origins).
 func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (msgs [][]byte, changed []LinkChange) {
 	if err := validName(self); err != nil {
 		t.cfg.Logger.Warn("linkstate: publish with invalid self name", "self", self, "err", err)
@@ -465,6 +481,7 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	// signature is paid anyway); moved within MinInterval, on their own
 	// timer (riding along would republish them at the rate of churn).
 	var ups, batch, moved []upd
+	full := t.republish
 	for nb, m := range links {
 		e := o.links[nb]
 		switch {
@@ -496,10 +513,14 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	if t.lastMoved.IsZero() {
 		t.lastMoved = now // the first publication carries every link
 	}
-	movedDue := len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval
+	// The stretched interval counts the live origins, O(N): only once the
+	// fixed floor has passed and something moved.
+	movedDue := len(moved) > 0 && now.Sub(t.lastMoved) >= t.cfg.MinInterval &&
+		now.Sub(t.lastMoved) >= MovedInterval(t.cfg.MinInterval, t.cfg.MovedSpacing, t.liveOriginsLocked())
 	// The batch also rides with due moved figures: every peer verifies
 	// every publication (one ed25519 check each, the largest receive cost
 	// at N=100), so one publication instead of two.
+	urgent := len(ups) > 0
 	if len(batch) > 0 && (len(ups) > 0 || movedDue || t.cfg.BatchInterval < 0 || now.Sub(t.lastBatch) >= t.cfg.BatchInterval) {
 		ups = append(ups, batch...)
 		t.lastBatch = now
@@ -533,7 +554,18 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 		items = append(items, encItem{origin: self, nb: u.nb, e: e})
 	}
 	t.entries.Set(float64(t.nEntries))
-	return t.sealLocked(self, items), changed
+	msgs = t.sealLocked(self, items)
+	reason := "batch"
+	switch {
+	case full:
+		reason = "full"
+	case urgent:
+		reason = "updown"
+	case movedDue:
+		reason = "moved"
+	}
+	t.published.WithLabelValues(reason).Add(float64(len(msgs)))
+	return msgs, changed
 }
 
 // sealLocked encodes our entries (one origin) in publications of at most
@@ -566,6 +598,26 @@ func (t *LinkTable) sealLocked(self string, items []encItem) [][]byte {
 		msgs = append(msgs, packPubs([]*signedPub{pub}, MaxUnicastSize)...)
 	}
 	return msgs
+}
+
+// MovedInterval is how long a peer's moved figures wait since its last
+// publication of moved figures in a mesh of n peers: minInterval, stretched
+// to n × spacing so that the mesh-wide rate of such publications stays at
+// most 1/spacing. Pure.
+func MovedInterval(minInterval, spacing time.Duration, n int) time.Duration {
+	return max(minInterval, time.Duration(max(n, 0))*spacing)
+}
+
+// liveOriginsLocked counts the origins with at least one live link (the
+// peers that publish, this one included). O(N).
+func (t *LinkTable) liveOriginsLocked() int {
+	n := 0
+	for _, o := range t.origins {
+		if o.live > 0 {
+			n++
+		}
+	}
+	return n
 }
 
 // Moved reports whether next differs from prev beyond the table's

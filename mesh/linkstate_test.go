@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/weftnet/weft/mesh/identity"
 )
@@ -176,6 +177,86 @@ func TestPublishMinInterval(t *testing.T) {
 	publish("b up at once", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, true)
 	now = now.Add(10 * time.Second)
 	publish("c's move after the interval", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(5), 0)}, true)
+}
+
+// TestMovedInterval: the moved-figures interval stretches to N × spacing above its floor,
+// so that the mesh-wide rate of moved-figure publications stays at 1/spacing.
+func TestMovedInterval(t *testing.T) {
+	for _, c := range []struct {
+		n       int
+		spacing time.Duration
+		want    time.Duration
+	}{
+		{10, 400 * time.Millisecond, 20 * time.Second}, // the floor
+		{50, 400 * time.Millisecond, 20 * time.Second},
+		{100, 400 * time.Millisecond, 40 * time.Second},
+		{200, 400 * time.Millisecond, 80 * time.Second},
+		{1000, 400 * time.Millisecond, 400 * time.Second},
+		{1000, 0, 20 * time.Second}, // no stretch
+		{0, 400 * time.Millisecond, 20 * time.Second},
+		{-1, 400 * time.Millisecond, 20 * time.Second},
+	} {
+		if got := MovedInterval(20*time.Second, c.spacing, c.n); got != c.want {
+			t.Errorf("MovedInterval(20s, %v, %d) = %v, want %v", c.spacing, c.n, got, c.want)
+		}
+	}
+	if rate := float64(1000) / MovedInterval(20*time.Second, 400*time.Millisecond, 1000).Seconds(); math.Abs(rate-2.5) > 1e-9 {
+		t.Errorf("mesh-wide rate at N=1000: %v publications/s, want 2.5", rate)
+	}
+}
+
+// TestPublishMovedIntervalStretches: in a table holding 40 live origins (this peer and 39
+// others), moved figures wait 40 × MovedSpacing, not MinInterval; up/down, added and
+// removed links still go out at once; with few origins the floor applies.
+func TestPublishMovedIntervalStretches(t *testing.T) {
+	now := time.Unix(1000, 0)
+	clock := func() time.Time { return now }
+	tab := newTable(t, LinkTableConfig{MinInterval: 10 * time.Second, MovedSpacing: time.Second, Now: clock})
+	src := newTable(t, LinkTableConfig{Now: clock})
+	for i := range 39 {
+		msgs, _ := src.Publish(fmt.Sprintf("o%02d", i), map[string]LinkStats{"x": up(ms(5), 0)})
+		mergeAll(t, tab, msgs)
+	}
+	publish := func(what string, stats map[string]LinkStats, want bool) {
+		t.Helper()
+		if msgs, _ := tab.Publish("a", stats); (msgs != nil) != want {
+			t.Fatalf("%s (t=%v): published %v, want %v", what, now.Sub(time.Unix(1000, 0)), msgs != nil, want)
+		}
+	}
+	publish("first publication", map[string]LinkStats{"b": up(ms(10), 0), "c": up(ms(1), 0)}, true)
+	now = now.Add(11 * time.Second)
+	publish("rtt doubled after MinInterval, N=40", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, false)
+	now = now.Add(time.Second)
+	publish("c down at once", map[string]LinkStats{"b": up(ms(20), 0), "c": {RTT: ms(1)}}, true)
+	now = now.Add(time.Second)
+	publish("c back up at once", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, true)
+	now = now.Add(time.Second)
+	publish("a new link at once", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0), "d": up(ms(3), 0)}, true)
+	now = now.Add(time.Second)
+	publish("a removed link at once", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, true)
+	now = now.Add(24 * time.Second) // 39 s since the first publication
+	publish("b's move before 40 s", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, false)
+	now = now.Add(time.Second)
+	msgs, changes := tab.Publish("a", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)})
+	if msgs == nil || len(changes) != 1 || changes[0].To != "b" || changes[0].Link.RTT != ms(20) {
+		t.Fatalf("b's move at 40 s: published %v, changes %+v; want b's 20 ms", msgs != nil, changes)
+	}
+	for reason, want := range map[string]float64{"full": 1, "updown": 2, "batch": 2, "moved": 1} {
+		if got := testutil.ToFloat64(tab.published.WithLabelValues(reason)); got != want {
+			t.Errorf("publications counted as %s: %v, want %v", reason, got, want)
+		}
+	}
+
+	// Few origins: the floor.
+	now = time.Unix(1000, 0)
+	small := newTable(t, LinkTableConfig{MinInterval: 10 * time.Second, MovedSpacing: time.Second, Now: clock})
+	if msgs, _ := small.Publish("a", map[string]LinkStats{"b": up(ms(10), 0)}); msgs == nil {
+		t.Fatal("first publication: nothing")
+	}
+	now = now.Add(10 * time.Second)
+	if msgs, _ := small.Publish("a", map[string]LinkStats{"b": up(ms(20), 0)}); msgs == nil {
+		t.Fatal("one origin: a move after MinInterval not published")
+	}
 }
 
 func TestPublishSplits(t *testing.T) {

@@ -67,13 +67,22 @@ const linkStateRTTChange = 0.2
 const linkStateLossChange = 0.1
 
 // linkStateMinInterval: a link whose figures moved (but that did not go up or down) is
-// republished at most this often, which bounds the mesh-wide link-state rate to k·N/20 per
-// second whatever the noise. Up and down go out at once. This peer's own path choice is fed
+// republished at most this often (longer above 50 peers: linkStateMovedSpacing), which
+// bounds the mesh-wide rate of moved figures whatever the noise. Up and down go out at once. This peer's own path choice is fed
 // its links at once, not at this pace; but the other end of a link takes the worse of both
 // directions, so an RTT that fell back is used by the other end only once published: 30 s
 // made the SLA chaos test (back to the direct link within 30 s after a delay is removed)
 // fail under load.
 const linkStateMinInterval = 20 * time.Second
+
+// linkStateMovedSpacing stretches linkStateMinInterval with the mesh: moved figures wait
+// max(20 s, N × 0.4 s) (mesh.MovedInterval), so that the whole mesh publishes moved figures
+// at most 2.5 times a second whatever N. With the fixed 20 s, each peer relayed N/20
+// publications a second, each about 9 times: per-peer link-state traffic grew as N^1.9
+// (3.3 kB/s at N=50, 11.9 kB/s at N=100, SCALING.md). Up to N=50 nothing changes (20 s);
+// at N=200 the other end of a link learns an RTT that fell back within 80 s instead of 20 s,
+// which only delays a switch back to the direct link (its own end switches at once: feedOwn).
+const linkStateMovedSpacing = 400 * time.Millisecond
 
 // paths holds the measuring and path-choice state. The datapath loop is its only writer,
 // except for the link-state channel feeding the selectors (under classMu; each selector is
@@ -150,7 +159,8 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 		}
 	}
 	table, err := mesh.NewLinkTable(mesh.LinkTableConfig{Logger: p.log.With("component", "linkstate"), Registerer: p.reg,
-		RTTChange: linkStateRTTChange, RTTMinChange: linkStateMinChange, LossChange: linkStateLossChange, MinInterval: linkStateMinInterval, Signer: p.identity})
+		RTTChange: linkStateRTTChange, RTTMinChange: linkStateMinChange, LossChange: linkStateLossChange, MinInterval: linkStateMinInterval,
+		MovedSpacing: linkStateMovedSpacing, Signer: p.identity})
 	if err != nil {
 		return err
 	}

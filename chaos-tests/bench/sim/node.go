@@ -79,6 +79,9 @@ type nodeConfig struct {
 	LogWarnings bool
 	// LinkStateRetransmitMult is mesh.Config's; 0 keeps the mesh default.
 	LinkStateRetransmitMult int
+	// MovedSpacing is mesh.LinkTableConfig's (router/paths.go linkStateMovedSpacing);
+	// 0: moved figures every 20 s whatever N (before issue 11's link-state round).
+	MovedSpacing time.Duration
 	// MembershipRetransmitMult is mesh.Config's; 0 keeps the mesh default.
 	MembershipRetransmitMult int
 	// PathInterval is the router's datapath loop period (datapathTick); a
@@ -139,8 +142,9 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	id := identity.Generate() // as the router's identity.LoadOrCreate, in memory
 	if !cfg.MembershipOnly {
 		// As router/paths.go startPaths: RTT moves under 20% or 1 ms and loss moves under
-		// 10 points are not republished, and moved figures at most every 20 s.
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1, MinInterval: 20 * time.Second, Signer: id}); err != nil {
+		// 10 points are not republished, and moved figures at most every max(20 s, N × 0.4 s).
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1,
+			MinInterval: 20 * time.Second, MovedSpacing: cfg.MovedSpacing, Signer: id, Registerer: n.reg}); err != nil {
 			return n, err
 		}
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
