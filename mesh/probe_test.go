@@ -797,3 +797,40 @@ func TestProberLateReply(t *testing.T) {
 		t.Fatalf("reply past lateFor: counters %+v, before %+v", c, before)
 	}
 }
+
+// TestProberSendsDueProbesTogether: a tick sends the probes due within Interval/4 along with
+// the one that woke it (one wake-up, not one per target), schedules an early one from when
+// it was due (the rate is unchanged), and leaves later ones for their own time.
+func TestProberSendsDueProbesTogether(t *testing.T) {
+	const every = time.Second
+	p, _ := accountingProber(t, func(c *ProberConfig) { c.Interval, c.IdleInterval = every, every })
+	self := p.cfg.Conn.LocalAddr().(*net.UDPAddr).AddrPort()
+	if err := p.SetTargets(map[string]netip.AddrPort{"b": self, "c": self, "d": self}); err != nil {
+		t.Fatal(err)
+	}
+	now := p.cfg.Now()
+	p.mu.Lock()
+	p.targets["b"].next = now
+	p.targets["c"].next = now.Add(every / 8) // within Interval/4: goes now
+	p.targets["d"].next = now.Add(every / 2) // not within: waits
+	p.mu.Unlock()
+	var sc tickScratch
+	wait := p.tick(&sc)
+	if got := p.Counters().Sent; got != 2 {
+		t.Fatalf("sent %d probes, want 2 (b, and c due within Interval/4)", got)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d := p.targets["d"]; !d.sent.IsZero() || !d.next.Equal(now.Add(every/2)) {
+		t.Fatalf("d (due in Interval/2) was sent or rescheduled: sent %v, next in %v", d.sent, d.next.Sub(now))
+	}
+	if wait != every/2 {
+		t.Fatalf("next wake in %v, want %v (d's time)", wait, every/2)
+	}
+	if c := p.targets["c"].next.Sub(now); c < every/8+every*4/5 || c > every/8+every*6/5 {
+		t.Fatalf("c, sent early, is next due in %v, want Interval ±20%% after when it was due (%v)", c, every/8)
+	}
+	if b := p.targets["b"].next.Sub(now); b < every*4/5 || b > every*6/5 {
+		t.Fatalf("b next due in %v, want Interval ±20%%", b)
+	}
+}
