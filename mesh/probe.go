@@ -562,6 +562,11 @@ func (p *Prober) Changed() <-chan struct{} { return p.changed }
 // targets are kept, and apply once they become targets. O(len(names)).
 func (p *Prober) SetActive(names []string) {
 	p.mu.Lock()
+	if p.sameActiveLocked(names) {
+		// Callers set it every round; an unchanged set must not wake the send loop.
+		p.mu.Unlock()
+		return
+	}
 	clear(p.active)
 	for _, n := range names {
 		p.active[n] = struct{}{}
@@ -575,6 +580,28 @@ func (p *Prober) SetActive(names []string) {
 	}
 	p.mu.Unlock()
 	p.wake()
+}
+
+// sameActiveLocked says whether names (duplicates allowed) is the active set already.
+func (p *Prober) sameActiveLocked(names []string) bool {
+	if len(names) == 0 {
+		return len(p.active) == 0
+	}
+	for _, n := range names {
+		if _, ok := p.active[n]; !ok {
+			return false
+		}
+	}
+	// Every name is in the set; it is the same set if the set holds no other.
+	distinct := 0
+	seen := make(map[string]struct{}, len(names))
+	for _, n := range names {
+		if _, ok := seen[n]; !ok {
+			seen[n] = struct{}{}
+			distinct++
+		}
+	}
+	return distinct == len(p.active)
 }
 
 func (p *Prober) wake() {

@@ -834,3 +834,41 @@ func TestProberSendsDueProbesTogether(t *testing.T) {
 		t.Fatalf("b next due in %v, want Interval ±20%%", b)
 	}
 }
+
+// TestProberSetActiveUnchanged: setting the same active set again (the datapath does it every
+// round) does not wake the send loop; a changed one does.
+func TestProberSetActiveUnchanged(t *testing.T) {
+	p, _ := accountingProber(t)
+	woken := func() bool {
+		select {
+		case <-p.kick:
+			return true
+		default:
+			return false
+		}
+	}
+	woken() // SetTargets woke it
+	p.SetActive(nil)
+	if woken() {
+		t.Fatal("an unchanged empty set woke the send loop")
+	}
+	p.SetActive([]string{"b", "c", "b"})
+	if !woken() {
+		t.Fatal("a changed set did not wake the send loop")
+	}
+	p.SetActive([]string{"c", "b"})
+	if woken() {
+		t.Fatal("the same set in another order woke the send loop")
+	}
+	p.SetActive([]string{"b"})
+	if !woken() {
+		t.Fatal("a smaller set did not wake the send loop")
+	}
+	p.mu.Lock()
+	_, b := p.active["b"]
+	_, c := p.active["c"]
+	p.mu.Unlock()
+	if !b || c {
+		t.Fatalf("active set after the change: b %v c %v, want b only", b, c)
+	}
+}

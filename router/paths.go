@@ -38,9 +38,10 @@ import (
 // first handshake is lost when the other end has not configured us yet).
 const unknownGrace = 10 * time.Second
 
-// underlayProbeSlowdown: underlay probes run this many times slower than link probes when
-// both are on (see startPaths).
-const underlayProbeSlowdown = 5
+// underlayProbeSlowdown: with link probes on, the underlay probes of a link whose link probe
+// is healthy run this many times slower than --probe-interval; a link that is down or lost a
+// probe in its window gets them at the full rate (see startPaths and underlayActive).
+const underlayProbeSlowdown = 60
 
 // idleProbeSlowdown: a quiet, healthy link (settled, up, no recent loss, not a relay or a
 // relayed destination) is probed this many times slower than --probe-interval. Probe packets
@@ -161,13 +162,14 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	}
 	pt.log = p.log.With("component", "paths")
 	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
-	// whether a broken link is the tunnel or the underlay, so they run at a fifth of the rate
-	// (probe packets are most of an idle peer's CPU).
-	underlayEvery := p.cfg.ProbeInterval
+	// whether a broken link is the tunnel or the underlay, which matters when the link probe
+	// fails. So they run at the full rate for those links only (updateLinks marks them
+	// active) and once a minute for the others (probe packets are most of an idle peer's CPU).
+	underlayIdle := idleProbeSlowdown * p.cfg.ProbeInterval
 	if p.cfg.LinkProbePort != 0 {
-		underlayEvery *= underlayProbeSlowdown
+		underlayIdle = underlayProbeSlowdown * p.cfg.ProbeInterval
 	}
-	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, idleProbeSlowdown*underlayEvery, "--probe-port", stops); err != nil {
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, p.cfg.ProbeInterval, underlayIdle, "--probe-port", stops); err != nil {
 		return err
 	}
 	if p.cfg.LinkProbePort != 0 {
@@ -425,9 +427,10 @@ func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 		pt.targets = targets
 	}
-	pt.underlay.SetActive(active)
 	if pt.link != nil {
-		pt.link.SetActive(active)
+		pt.link.SetActive(active) // the underlay's active links are those failing (updateLinks)
+	} else {
+		pt.underlay.SetActive(active)
 	}
 	// Destinations: every live peer, encrypted when its direct link runs over WireGuard (a
 	// pair that must be encrypted is relayed only along encrypted links, every hop included).
@@ -515,6 +518,9 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: pt.enc[name]}
 	}
+	if pt.link != nil {
+		pt.underlay.SetActive(underlayActive(links)) // a no-op unless the set changed
+	}
 	msgs, _ := pt.table.PublishLinks(p.cfg.Name, links)
 	for _, msg := range msgs {
 		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, msg); err != nil {
@@ -527,6 +533,19 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 		pt.exportLinks("link", measured)
 	}
 	return pt.selectAll(now)
+}
+
+// underlayActive: the links whose underlay is probed at the full rate when link probes are
+// on, those down or with a loss in their link probes' window: there the underlay tells
+// whether the tunnel or the network broke. O(k).
+func underlayActive(links map[string]mesh.LinkMetrics) []string {
+	var out []string
+	for name, lm := range links {
+		if !lm.Up || lm.Loss > 0 {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // ownLink is this peer's link to dest as measured now: the table holds what was published,
