@@ -481,13 +481,14 @@ func (pt *paths) pending(name string, now time.Time) bool {
 
 // updateLinks is the measuring half of path upkeep, run every datapath tick: it publishes
 // this peer's links when they moved, feeds every change into path selection and
-// re-evaluates only the destinations it affected, in every SLA class's selector. It
+// re-evaluates only the destinations it affected, in every SLA class's selector; with export
+// it also sets the link gauges (see linkExportDue). It
 // returns, for each destination that goes through a relay in this peer's own class, the
 // relay's name, and whether any class's relays changed since the last call (the networks
 // with a class of their own take theirs from paths.netRelays). O(k) for k probe targets
 // plus O(K × changed × D) path search for K classes; nothing in it grows with N except a
 // copy of the destinations when a new target settles (O(N), rare).
-func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
+func (p *Peer) updateLinks(now time.Time, export bool) (map[string]string, bool) {
 	pt := p.paths
 	// Targets still in their grace: their pending flag ends when they settle or it expires.
 	var dests map[string]pathsel.Dest
@@ -528,9 +529,11 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 		}
 	}
 	pt.feedOwn(p.log, links)
-	pt.exportLinks("underlay", pt.underlay.All())
-	if pt.link != nil {
-		pt.exportLinks("link", measured)
+	if export {
+		pt.exportLinks("underlay", pt.underlay.All())
+		if pt.link != nil {
+			pt.exportLinks("link", measured)
+		}
 	}
 	return pt.selectAll(now)
 }
