@@ -38,10 +38,14 @@ import (
 // first handshake is lost when the other end has not configured us yet).
 const unknownGrace = 10 * time.Second
 
-// underlayProbeSlowdown: with link probes on, the underlay probes of a link whose link probe
-// is healthy run this many times slower than --probe-interval; a link that is down or lost a
-// probe in its window gets them at the full rate (see startPaths and underlayActive).
-const underlayProbeSlowdown = 60
+// With link probes on, underlay probes run underlayProbeSlowdown times slower than
+// --probe-interval for a link that is settling, or whose link probe is down or lost a probe in
+// its window (see startPaths and underlayActive), and underlayIdleSlowdown times slower for a
+// healthy one.
+const (
+	underlayProbeSlowdown = 5
+	underlayIdleSlowdown  = 60
+)
 
 // idleProbeSlowdown: a quiet, healthy link (settled, up, no recent loss, not a relay or a
 // relayed destination) is probed this many times slower than --probe-interval. Probe packets
@@ -163,13 +167,13 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	pt.log = p.log.With("component", "paths")
 	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
 	// whether a broken link is the tunnel or the underlay, which matters when the link probe
-	// fails. So they run at the full rate for those links only (updateLinks marks them
+	// fails. So they run at a fifth of the rate for those links (updateLinks marks them
 	// active) and once a minute for the others (probe packets are most of an idle peer's CPU).
-	underlayIdle := idleProbeSlowdown * p.cfg.ProbeInterval
+	underlayEvery, underlayIdle := p.cfg.ProbeInterval, idleProbeSlowdown*p.cfg.ProbeInterval
 	if p.cfg.LinkProbePort != 0 {
-		underlayIdle = underlayProbeSlowdown * p.cfg.ProbeInterval
+		underlayEvery, underlayIdle = underlayProbeSlowdown*p.cfg.ProbeInterval, underlayIdleSlowdown*p.cfg.ProbeInterval
 	}
-	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, p.cfg.ProbeInterval, underlayIdle, "--probe-port", stops); err != nil {
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, underlayIdle, "--probe-port", stops); err != nil {
 		return err
 	}
 	if p.cfg.LinkProbePort != 0 {
