@@ -562,6 +562,11 @@ func (p *Prober) Changed() <-chan struct{} { return p.changed }
 // targets are kept, and apply once they become targets. O(len(names)).
 func (p *Prober) SetActive(names []string) {
 	p.mu.Lock()
+	if p.sameActiveLocked(names) {
+		// Callers set it every round; an unchanged set must not wake the send loop.
+		p.mu.Unlock()
+		return
+	}
 	clear(p.active)
 	for _, n := range names {
 		p.active[n] = struct{}{}
@@ -575,6 +580,28 @@ func (p *Prober) SetActive(names []string) {
 	}
 	p.mu.Unlock()
 	p.wake()
+}
+
+// sameActiveLocked says whether names (duplicates allowed) is the active set already.
+func (p *Prober) sameActiveLocked(names []string) bool {
+	if len(names) == 0 {
+		return len(p.active) == 0
+	}
+	for _, n := range names {
+		if _, ok := p.active[n]; !ok {
+			return false
+		}
+	}
+	// Every name is in the set; it is the same set if the set holds no other.
+	distinct := 0
+	seen := make(map[string]struct{}, len(names))
+	for _, n := range names {
+		if _, ok := seen[n]; !ok {
+			seen[n] = struct{}{}
+			distinct++
+		}
+	}
+	return distinct == len(p.active)
 }
 
 func (p *Prober) wake() {
@@ -797,8 +824,12 @@ func (p *Prober) tick(sc *tickScratch) time.Duration {
 			delete(p.late, seq)
 		}
 	}
+	// Probes due within sendAhead go now with the one that woke the loop: each wake-up of an
+	// idle process costs about as much as the packet it sends, and 16 targets with their own
+	// jittered times woke it once per probe.
+	ahead := now.Add(p.cfg.Interval / sendAheadDiv)
 	for name, t := range p.targets {
-		if !now.Before(t.next) {
+		if t.next.Before(ahead) {
 			p.seq++
 			start := len(sc.buf)
 			var err error
@@ -809,8 +840,9 @@ func (p *Prober) tick(sc *tickScratch) time.Duration {
 			} else {
 				sc.buf = sc.buf[:start]
 			}
+			// A probe sent early is scheduled from when it was due, so the rate is unchanged.
 			t.sent = now
-			t.next = now.Add(jittered(p.intervalLocked(name, t)))
+			t.next = maxTime(t.next, now).Add(jittered(p.intervalLocked(name, t)))
 		}
 		if t.next.Before(next) {
 			next = t.next
@@ -827,6 +859,9 @@ func (p *Prober) tick(sc *tickScratch) time.Duration {
 	}
 	return max(next.Sub(now), time.Millisecond)
 }
+
+// sendAheadDiv: a tick also sends the probes due within Interval/sendAheadDiv (see tick).
+const sendAheadDiv = 4
 
 // tickScratch is the send loop's reused memory.
 type tickScratch struct {

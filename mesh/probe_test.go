@@ -797,3 +797,78 @@ func TestProberLateReply(t *testing.T) {
 		t.Fatalf("reply past lateFor: counters %+v, before %+v", c, before)
 	}
 }
+
+// TestProberSendsDueProbesTogether: a tick sends the probes due within Interval/4 along with
+// the one that woke it (one wake-up, not one per target), schedules an early one from when
+// it was due (the rate is unchanged), and leaves later ones for their own time.
+func TestProberSendsDueProbesTogether(t *testing.T) {
+	const every = time.Second
+	p, _ := accountingProber(t, func(c *ProberConfig) { c.Interval, c.IdleInterval = every, every })
+	self := p.cfg.Conn.LocalAddr().(*net.UDPAddr).AddrPort()
+	if err := p.SetTargets(map[string]netip.AddrPort{"b": self, "c": self, "d": self}); err != nil {
+		t.Fatal(err)
+	}
+	now := p.cfg.Now()
+	p.mu.Lock()
+	p.targets["b"].next = now
+	p.targets["c"].next = now.Add(every / 8) // within Interval/4: goes now
+	p.targets["d"].next = now.Add(every / 2) // not within: waits
+	p.mu.Unlock()
+	var sc tickScratch
+	wait := p.tick(&sc)
+	if got := p.Counters().Sent; got != 2 {
+		t.Fatalf("sent %d probes, want 2 (b, and c due within Interval/4)", got)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if d := p.targets["d"]; !d.sent.IsZero() || !d.next.Equal(now.Add(every/2)) {
+		t.Fatalf("d (due in Interval/2) was sent or rescheduled: sent %v, next in %v", d.sent, d.next.Sub(now))
+	}
+	if wait != every/2 {
+		t.Fatalf("next wake in %v, want %v (d's time)", wait, every/2)
+	}
+	if c := p.targets["c"].next.Sub(now); c < every/8+every*4/5 || c > every/8+every*6/5 {
+		t.Fatalf("c, sent early, is next due in %v, want Interval ±20%% after when it was due (%v)", c, every/8)
+	}
+	if b := p.targets["b"].next.Sub(now); b < every*4/5 || b > every*6/5 {
+		t.Fatalf("b next due in %v, want Interval ±20%%", b)
+	}
+}
+
+// TestProberSetActiveUnchanged: setting the same active set again (the datapath does it every
+// round) does not wake the send loop; a changed one does.
+func TestProberSetActiveUnchanged(t *testing.T) {
+	p, _ := accountingProber(t)
+	woken := func() bool {
+		select {
+		case <-p.kick:
+			return true
+		default:
+			return false
+		}
+	}
+	woken() // SetTargets woke it
+	p.SetActive(nil)
+	if woken() {
+		t.Fatal("an unchanged empty set woke the send loop")
+	}
+	p.SetActive([]string{"b", "c", "b"})
+	if !woken() {
+		t.Fatal("a changed set did not wake the send loop")
+	}
+	p.SetActive([]string{"c", "b"})
+	if woken() {
+		t.Fatal("the same set in another order woke the send loop")
+	}
+	p.SetActive([]string{"b"})
+	if !woken() {
+		t.Fatal("a smaller set did not wake the send loop")
+	}
+	p.mu.Lock()
+	_, b := p.active["b"]
+	_, c := p.active["c"]
+	p.mu.Unlock()
+	if !b || c {
+		t.Fatalf("active set after the change: b %v c %v, want b only", b, c)
+	}
+}

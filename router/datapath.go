@@ -53,7 +53,17 @@ const (
 	// a link going up or down wakes it at once (mesh.Prober.Changed), so the tick only
 	// paces RTT and loss moves, which path choice acts on after holds of seconds anyway.
 	datapathTick = time.Second
+	// linkExportEvery paces the per-link gauges (weft_link_rtt_seconds and the others): set
+	// every tick they were a sixth of the loop's CPU, for scrapes that come every 15 s or
+	// more. A link going up or down sets them at once (linkExportDue).
+	linkExportEvery = 5 * time.Second
 )
+
+// linkExportDue says whether a datapath round sets the link gauges: when a probed link went
+// up, down or settled (linkEvent), and otherwise every linkExportEvery.
+func linkExportDue(now, last time.Time, linkEvent bool) bool {
+	return linkEvent || now.Sub(last) >= linkExportEvery
+}
 
 // links is the datapath side of the peer: the link drivers and what was last applied.
 type links struct {
@@ -226,6 +236,8 @@ func (p *Peer) runDatapath(ctx context.Context) {
 		dirty       = true                // the desired state must be computed again
 		graceEnds   time.Time             // a dead peer's routes go then (zero: none pending)
 		networks    []ipam.Network        // the definitions DNS was last told of
+		linkEvent   bool                  // this round was woken by a link going up or down
+		lastExport  time.Time             // when the link gauges were last set
 	)
 	for {
 		select {
@@ -241,6 +253,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			dirty, why = true, cmp.Or(why, "key")
 			continue
 		case <-linkChanged:
+			linkEvent = true
 		case <-tick.C:
 		}
 		now := time.Now()
@@ -261,7 +274,12 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			p.updatePeers(peers, now)
 			targetDirty = false
 		}
-		relays, relaysChanged := p.updateLinks(now)
+		export := linkExportDue(now, lastExport, linkEvent)
+		if export {
+			lastExport = now
+		}
+		linkEvent = false
+		relays, relaysChanged := p.updateLinks(now, export)
 		if relaysChanged {
 			targetDirty, dirty, why = true, true, cmp.Or(why, "relays") // relays are probed at the full rate
 		}

@@ -148,3 +148,27 @@ func TestUnionPeersKeepsNetworksApart(t *testing.T) {
 		t.Errorf("b's probes must stay on its pair link alone: %v %+v", m, got)
 	}
 }
+
+// TestLinkExportDue: the link gauges are set at once when a link went up or down, otherwise
+// only every linkExportEvery.
+func TestLinkExportDue(t *testing.T) {
+	last := time.Unix(1000, 0)
+	for _, c := range []struct {
+		after time.Duration
+		event bool
+		want  bool
+	}{
+		{time.Second, false, false},
+		{linkExportEvery - time.Millisecond, false, false},
+		{linkExportEvery, false, true},
+		{time.Second, true, true},
+		{0, true, true},
+	} {
+		if got := linkExportDue(last.Add(c.after), last, c.event); got != c.want {
+			t.Errorf("linkExportDue(+%v, event %v) = %v, want %v", c.after, c.event, got, c.want)
+		}
+	}
+	if !linkExportDue(last, time.Time{}, false) {
+		t.Error("the first round does not set the gauges")
+	}
+}

@@ -38,9 +38,14 @@ import (
 // first handshake is lost when the other end has not configured us yet).
 const unknownGrace = 10 * time.Second
 
-// underlayProbeSlowdown: underlay probes run this many times slower than link probes when
-// both are on (see startPaths).
-const underlayProbeSlowdown = 5
+// With link probes on, underlay probes run underlayProbeSlowdown times slower than
+// --probe-interval for a link that is settling, or whose link probe is down or lost a probe in
+// its window (see startPaths and underlayActive), and underlayIdleSlowdown times slower for a
+// healthy one.
+const (
+	underlayProbeSlowdown = 5
+	underlayIdleSlowdown  = 60
+)
 
 // idleProbeSlowdown: a quiet, healthy link (settled, up, no recent loss, not a relay or a
 // relayed destination) is probed this many times slower than --probe-interval. Probe packets
@@ -171,13 +176,14 @@ func (p *Peer) startPaths(ctx context.Context, advertise netip.Addr, stops *[]fu
 	}
 	pt.log = p.log.With("component", "paths")
 	// With link probes on, paths are chosen on them; the underlay probes only tell an operator
-	// whether a broken link is the tunnel or the underlay, so they run at a fifth of the rate
-	// (probe packets are most of an idle peer's CPU).
-	underlayEvery := p.cfg.ProbeInterval
+	// whether a broken link is the tunnel or the underlay, which matters when the link probe
+	// fails. So they run at a fifth of the rate for those links (updateLinks marks them
+	// active) and once a minute for the others (probe packets are most of an idle peer's CPU).
+	underlayEvery, underlayIdle := p.cfg.ProbeInterval, idleProbeSlowdown*p.cfg.ProbeInterval
 	if p.cfg.LinkProbePort != 0 {
-		underlayEvery *= underlayProbeSlowdown
+		underlayEvery, underlayIdle = underlayProbeSlowdown*p.cfg.ProbeInterval, underlayIdleSlowdown*p.cfg.ProbeInterval
 	}
-	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, idleProbeSlowdown*underlayEvery, "--probe-port", stops); err != nil {
+	if pt.underlay, err = p.startProber(ctx, advertise, p.cfg.ProbePort, underlayEvery, underlayIdle, "--probe-port", stops); err != nil {
 		return err
 	}
 	if p.cfg.LinkProbePort != 0 {
@@ -435,9 +441,10 @@ func (p *Peer) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 		pt.targets = targets
 	}
-	pt.underlay.SetActive(active)
 	if pt.link != nil {
-		pt.link.SetActive(active)
+		pt.link.SetActive(active) // the underlay's active links are those failing (updateLinks)
+	} else {
+		pt.underlay.SetActive(active)
 	}
 	// Destinations: every live peer, encrypted when its direct link runs over WireGuard (a
 	// pair that must be encrypted is relayed only along encrypted links, every hop included).
@@ -488,13 +495,14 @@ func (pt *paths) pending(name string, now time.Time) bool {
 
 // updateLinks is the measuring half of path upkeep, run every datapath tick: it publishes
 // this peer's links when they moved, feeds every change into path selection and
-// re-evaluates only the destinations it affected, in every SLA class's selector. It
+// re-evaluates only the destinations it affected, in every SLA class's selector; with export
+// it also sets the link gauges (see linkExportDue). It
 // returns, for each destination that goes through a relay in this peer's own class, the
 // relay's name, and whether any class's relays changed since the last call (the networks
 // with a class of their own take theirs from paths.netRelays). O(k) for k probe targets
 // plus O(K × changed × D) path search for K classes; nothing in it grows with N except a
 // copy of the destinations when a new target settles (O(N), rare).
-func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
+func (p *Peer) updateLinks(now time.Time, export bool) (map[string]string, bool) {
 	pt := p.paths
 	// Targets still in their grace: their pending flag ends when they settle or it expires.
 	var dests map[string]pathsel.Dest
@@ -525,6 +533,9 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: pt.enc[name]}
 	}
+	if pt.link != nil {
+		pt.underlay.SetActive(underlayActive(links)) // a no-op unless the set changed
+	}
 	msgs, _ := pt.table.PublishLinks(p.cfg.Name, links)
 	for _, msg := range msgs {
 		if err := p.mesh.Broadcast(mesh.LinkStateChannelName, msg); err != nil {
@@ -532,11 +543,26 @@ func (p *Peer) updateLinks(now time.Time) (map[string]string, bool) {
 		}
 	}
 	pt.feedOwn(p.log, links)
-	pt.exportLinks("underlay", pt.underlay.All())
-	if pt.link != nil {
-		pt.exportLinks("link", measured)
+	if export {
+		pt.exportLinks("underlay", pt.underlay.All())
+		if pt.link != nil {
+			pt.exportLinks("link", measured)
+		}
 	}
 	return pt.selectAll(now)
+}
+
+// underlayActive: the links whose underlay is probed at the full rate when link probes are
+// on, those down or with a loss in their link probes' window: there the underlay tells
+// whether the tunnel or the network broke. O(k).
+func underlayActive(links map[string]mesh.LinkMetrics) []string {
+	var out []string
+	for name, lm := range links {
+		if !lm.Up || lm.Loss > 0 {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // ownLink is this peer's link to dest as measured now: the table holds what was published,

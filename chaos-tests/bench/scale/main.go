@@ -66,6 +66,7 @@ type options struct {
 	serfPrefix string
 	keepLogs   string
 	profile    string   // directory for CPU and allocation profiles of host 1 and the last host
+	profiles   int      // how many hosts are profiled (host 1, then clients from the last one down)
 	weftArgs   []string // extra `weft peer` flags for every host
 	mc         measureConfig
 	pingWait   time.Duration
@@ -106,6 +107,7 @@ func run() error {
 	flag.StringVar(&o.serfPrefix, "serf-prefix", "wsrf", "namespace prefix of the serf labs")
 	flag.StringVar(&o.keepLogs, "keep-logs", "", "copy every peer's log into this directory before teardown")
 	flag.StringVar(&o.profile, "profile", "", "take a CPU profile (over the idle window) and a heap profile of weft host 1 (a Raft voter) and the last host (a client) into this directory (adds --pprof)")
+	flag.IntVar(&o.profiles, "profile-hosts", 2, "with -profile: how many hosts to profile (host 1, then clients from the last one down); an idle peer gives a few samples a second, so merging many (go tool pprof a b c) is what ranks its parts")
 	weftArgs := flag.String("weft-args", "", "extra weft peer flags for every host, space-separated (e.g. \"--log-level warn\")")
 	flag.IntVar(&o.mc.batch, "batch", 10, "processes started together after the three seeds")
 	flag.DurationVar(&o.mc.startTimeout, "start-timeout", 60*time.Second, "longest wait for one batch to answer")
@@ -209,8 +211,7 @@ func runWeft(ctx context.Context, o options, n int) (r *result, err error) {
 		// Every peer's path switches over the window: relay flapping, the cost #11 chased.
 		wg.Go(func() { switchesOver(ctx, l.Hosts(), window, r, &rmu) })
 		if o.profile != "" {
-			// Host 1 is a Raft voter; the last host is a client, as most peers are.
-			for _, i := range []int{1, n - 1} {
+			for _, i := range profiledHosts(n, o.profiles) {
 				wg.Go(func() { profileHost(ctx, o.profile, l.Host(i), n, window) })
 			}
 		}
@@ -232,6 +233,16 @@ func runSerf(ctx context.Context, o options, n int) (r *result, err error) {
 	s := newSerfCluster(o.serfBin, l)
 	defer teardown(o, l, s, "serf", &err)
 	return r, measure(ctx, o.mc, l, s, r)
+}
+
+// profiledHosts: host 1, a Raft voter, then clients (as most peers are) from the last host
+// down, count in all (at least 1, at most n-1).
+func profiledHosts(n, count int) []int {
+	out := []int{1}
+	for i := n - 1; i > 1 && len(out) < count; i-- {
+		out = append(out, i)
+	}
+	return out
 }
 
 // profileHost saves a CPU profile of h's peer over most of window, then its heap profile

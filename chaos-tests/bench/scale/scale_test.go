@@ -179,3 +179,19 @@ func TestParsePss(t *testing.T) {
 		t.Fatalf("Pss = %d, %v; want %d", pss, err, 9800<<10)
 	}
 }
+
+func TestProfiledHosts(t *testing.T) {
+	for _, c := range []struct {
+		n, count int
+		want     []int
+	}{
+		{50, 2, []int{1, 49}},
+		{50, 4, []int{1, 49, 48, 47}},
+		{3, 10, []int{1, 2}},
+		{50, 0, []int{1}},
+	} {
+		if got := profiledHosts(c.n, c.count); !slices.Equal(got, c.want) {
+			t.Errorf("profiledHosts(%d, %d) = %v, want %v", c.n, c.count, got, c.want)
+		}
+	}
+}
