@@ -333,7 +333,10 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 			return false
 		}
 		s := tc.nodes[l].c.Status()
-		return len(s.Voters) == 3 && len(s.Nonvoters) == 1 && !strings.Contains(fmt.Sprint(s.Voters), "p1") &&
+		// Under load two leaders' rounds can cross (a promotion that timed out, then a voter
+		// added by the next leader): the extra voter is demoted (newestVoter), which can
+		// leave one spare more than --raft-nonvoters, never more voters.
+		return len(s.Voters) == 3 && len(s.Nonvoters) >= 1 && len(s.Nonvoters) <= 2 && !strings.Contains(fmt.Sprint(s.Voters), "p1") &&
 			(tc.nodes["c1"].c.Role() != RoleClient || tc.nodes["c1"].c.Status().Leader == l) // a client names the new leader
 	})
 	if _, err := tc.nodes["c2"].c.Claim(ctx, clusterNet, "c2"); err != nil {
@@ -466,4 +469,37 @@ func counterValue(c prometheus.Counter) float64 {
 		panic(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+// newestVoter picks the voter to demote when there are too many: one the mesh does not list,
+// else the one that came alive last; never the leader itself, never a non-voter.
+func TestNewestVoter(t *testing.T) {
+	conf := func(nonvoter string, voters ...string) raft.Configuration {
+		var c raft.Configuration
+		for _, v := range voters {
+			c.Servers = append(c.Servers, raft.Server{ID: raft.ServerID(v), Suffrage: raft.Voter})
+		}
+		if nonvoter != "" {
+			c.Servers = append(c.Servers, raft.Server{ID: raft.ServerID(nonvoter), Suffrage: raft.Nonvoter})
+		}
+		return c
+	}
+	members := []Member{{Name: "p2"}, {Name: "p3"}, {Name: "p4"}, {Name: "c1"}, {Name: "c2"}} // oldest first
+	for _, tt := range []struct {
+		conf raft.Configuration
+		self string
+		want raft.ServerID
+		ok   bool
+	}{
+		{conf("", "c1", "p2", "p3", "p4"), "p2", "c1", true},
+		{conf("", "c1", "p2", "p3", "p4"), "c1", "p4", true}, // never the leader itself
+		{conf("", "p2", "p3", "p4", "p9"), "p2", "p9", true}, // a voter the mesh does not list goes first
+		{conf("c2", "p2", "p3"), "p2", "p3", true},           // c2 came alive last but is no voter
+		{conf("", "p2"), "p2", "", false},
+	} {
+		got, ok := newestVoter(tt.conf, members, tt.self)
+		if got != tt.want || ok != tt.ok {
+			t.Errorf("newestVoter(%v, self %s) = %s, %v; want %s, %v", tt.conf.Servers, tt.self, got, ok, tt.want, tt.ok)
+		}
+	}
 }

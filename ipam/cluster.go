@@ -418,6 +418,16 @@ func (c *Cluster) Reconcile(ctx context.Context, members []Member, now time.Time
 			c.log.Info("promoted raft non-voter", "peer", spare.ID)
 		}
 	}
+	// More voters than wanted (seen under load: a promotion that timed out on one leader and
+	// a voter added on the next, whose configuration did not show it yet): demote the voter
+	// that came alive last, never this leader, one per round. It stays a non-voter, still
+	// replicated, so nothing it holds goes stale.
+	if len(dead) == 0 && voters > c.cfg.Voters {
+		if extra, ok := newestVoter(conf, members, c.cfg.Name); ok {
+			errs = append(errs, c.raft.DemoteVoter(extra, 0, c.cfg.ApplyTimeout).Error())
+			c.log.Info("demoted a raft voter beyond --raft-voters", "peer", extra, "voters", voters, "want", c.cfg.Voters)
+		}
+	}
 	errs = append(errs, c.recordLiveness(byName, now))
 	if c.cfg.ReclaimAfter > 0 {
 		owners, dead := c.deathRecords()
@@ -530,6 +540,33 @@ func (c *Cluster) refuseForeign(m Member, ourID string) {
 		c.log.Warn("not adding a peer of another raft cluster", "peer", m.Name, "its_cluster", m.ClusterID,
 			"says_in_cluster", m.InCluster, "our_cluster", ourID)
 	}
+}
+
+// newestVoter is the voter of conf other than self that came alive last among members
+// (sorted oldest first); voters not among members come first (nothing says they are alive).
+// Pure.
+func newestVoter(conf raft.Configuration, members []Member, self string) (raft.ServerID, bool) {
+	voter := map[raft.ServerID]bool{}
+	for _, s := range conf.Servers {
+		if s.Suffrage == raft.Voter && s.ID != raft.ServerID(self) {
+			voter[s.ID] = true
+		}
+	}
+	for _, m := range members {
+		delete(voter, raft.ServerID(m.Name)) // left: voters the mesh does not list
+	}
+	for id := range voter {
+		return id, true
+	}
+	for i := len(members) - 1; i >= 0; i-- {
+		id := raft.ServerID(members[i].Name)
+		for _, s := range conf.Servers {
+			if s.ID == id && s.Suffrage == raft.Voter && id != raft.ServerID(self) {
+				return id, true
+			}
+		}
+	}
+	return "", false
 }
 
 func (c *Cluster) healthyNonvoter(conf raft.Configuration, byName map[string]Member) (raft.Server, bool) {
