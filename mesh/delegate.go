@@ -97,10 +97,17 @@ func (m *Mesh) checkKey(md Metadata) error {
 		m.log.Warn("mesh: peer refused", "peer", md.Name, "err", err)
 		return err
 	}
+	_, had := m.pins.get(md.Name)
 	if err := m.pins.check(md.Name, md.PublicKey); err != nil {
 		m.metrics.keyRejected.WithLabelValues("mismatch").Inc()
 		m.log.Error("mesh: peer refused", "peer", md.Name, "err", err)
 		return err
+	}
+	if !had {
+		select { // the state loop saves the new pin now, not at its next tick
+		case m.pinned <- struct{}{}:
+		default:
+		}
 	}
 	return nil
 }
@@ -257,21 +264,36 @@ func (m *Mesh) updateGaugeLocked() {
 	m.nodes.Store(int64(n[StateAlive] + n[StateSuspect]))
 }
 
-// stateLoop prunes dead and left peers past Config.DeadPeerRetention.
+// stateLoop prunes dead and left peers past Config.DeadPeerRetention, at
+// stateLoopEvery, and saves the key pins when a name was pinned (and at each
+// tick, which retries a failed save).
 func (m *Mesh) stateLoop(ctx context.Context) {
-	tick := time.NewTicker(max(m.cfg.ProbeInterval, 10*time.Millisecond))
+	tick := time.NewTicker(stateLoopEvery(m.cfg.ProbeInterval, m.cfg.DeadPeerRetention))
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-m.pinned:
 		case <-tick.C:
 			m.prune(time.Now())
-			if err := m.pins.flush(); err != nil {
-				m.log.Error("mesh: key pins not saved", "err", err)
-			}
+		}
+		if err := m.pins.flush(); err != nil {
+			m.log.Error("mesh: key pins not saved", "err", err)
 		}
 	}
+}
+
+// stateLoopEvery is the state loop's period: a tenth of the retention, so a dead
+// peer goes at most 10 % late, but at most a minute and never faster than the
+// probe interval (the old period). An idle peer need not wake every second to
+// prune peers kept for an hour (the default).
+func stateLoopEvery(probe, retention time.Duration) time.Duration {
+	every := time.Minute
+	if retention > 0 {
+		every = min(every, retention/10)
+	}
+	return max(every, probe, 10*time.Millisecond)
 }
 
 func (m *Mesh) prune(now time.Time) {
