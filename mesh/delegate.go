@@ -226,6 +226,13 @@ func (m *Mesh) emitLocked(t EventType, p *Peer, prev State) {
 		return
 	}
 	switch t {
+	case EventDead, EventLeave:
+		select { // a member to retry (deadRetryLoop)
+		case m.downed <- struct{}{}:
+		default:
+		}
+	}
+	switch t {
 	case EventJoin, EventDead, EventLeave:
 		m.log.Info("mesh: peer "+t.String(), "peer", p.Name, "addr", p.Addr, "prev", prev)
 	case EventSuspect, EventAlive:

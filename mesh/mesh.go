@@ -35,6 +35,7 @@ type Mesh struct {
 	nodes   atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
 	pins    *keyPins                              // public keys pinned to names; own leaf lock
 	pinned  chan struct{}                         // cap 1: a name was pinned, the state loop saves the pins
+	downed  chan struct{}                         // cap 1: a peer died or left, the dead-retry loop wakes
 
 	lifeMu   sync.Mutex // serializes Start, Leave and Close; guards following
 	started  bool
@@ -119,6 +120,7 @@ func New(cfg Config) (*Mesh, error) {
 		log:       cfg.Logger,
 		wake:      make(chan struct{}, 1),
 		pinned:    make(chan struct{}, 1),
+		downed:    make(chan struct{}, 1),
 		meta:      md,
 		metaBytes: enc,
 		channels:  make(map[string]ChannelHandler),
