@@ -272,24 +272,49 @@ func (m *Mesh) updateGaugeLocked() {
 }
 
 // stateLoop prunes dead and left peers past Config.DeadPeerRetention, at
-// stateLoopEvery, and saves the key pins when a name was pinned (and at each
-// tick, which retries a failed save).
+// stateLoopEvery, and saves the key pins after a name was pinned: at once, or
+// pinsFlushGap after the last save, so a join of many peers costs a few
+// writes (each fsyncs), as when the pins were saved every second. Each tick
+// also saves, which retries a failed save.
 func (m *Mesh) stateLoop(ctx context.Context) {
 	tick := time.NewTicker(stateLoopEvery(m.cfg.ProbeInterval, m.cfg.DeadPeerRetention))
 	defer tick.Stop()
+	flush := time.NewTimer(0)
+	<-flush.C
+	defer flush.Stop()
+	var lastFlush time.Time
+	armed := false // flush is running
+	save := func() {
+		lastFlush, armed = time.Now(), false
+		if err := m.pins.flush(); err != nil {
+			m.log.Error("mesh: key pins not saved", "err", err)
+		}
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-m.pinned:
+			if armed {
+				continue // the save due takes this pin too
+			}
+			if wait := pinsFlushGap - time.Since(lastFlush); wait > 0 {
+				flush.Reset(wait)
+				armed = true
+				continue
+			}
+			save()
+		case <-flush.C:
+			save()
 		case <-tick.C:
 			m.prune(time.Now())
-		}
-		if err := m.pins.flush(); err != nil {
-			m.log.Error("mesh: key pins not saved", "err", err)
+			save()
 		}
 	}
 }
+
+// pinsFlushGap is the least time between two saves of the key pins caused by new pins.
+const pinsFlushGap = time.Second
 
 // stateLoopEvery is the state loop's period: a tenth of the retention, so a dead
 // peer goes at most 10 % late, but at most a minute and never faster than the
