@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -61,6 +62,15 @@ type Replicator struct {
 	log       *slog.Logger
 	m         *replMetrics
 
+	// idleSweep paces Run's sweeps while no peer is down (tombstones only).
+	idleSweep time.Duration
+
+	// down holds the peers reported down and not yet up or expired: while it
+	// is non-empty Run sweeps at the fast rate. wake tells Run a peer went down.
+	mu   sync.Mutex
+	down map[string]bool
+	wake chan struct{}
+
 	// afterSweep, when set (tests), is called after every sweep of Run.
 	afterSweep func()
 }
@@ -77,6 +87,10 @@ type ReplicatorConfig struct {
 	Logger *slog.Logger
 	// Registry for the replication metrics; nil keeps them unexported.
 	Registry prometheus.Registerer
+	// IdleSweep is how often Run drops old tombstones while no peer is down
+	// (default DefaultIdleSweep). Dropping a tombstone late is safe: it only
+	// keeps a removal alive longer.
+	IdleSweep time.Duration
 	// MaxMessage bounds one broadcast payload in bytes (default
 	// DefaultMaxMessage, at least MinMaxMessage).
 	MaxMessage int
@@ -92,6 +106,10 @@ const DefaultMaxMessage = 1024 - 32 - 10
 // entry a delta can hold (255-byte peer, 200-byte name, 63-byte service,
 // 9-byte version, 64-byte signature) plus the message header, rounded up.
 const MinMaxMessage = 640
+
+// DefaultIdleSweep is the default ReplicatorConfig.IdleSweep: an idle peer
+// need not wake every second to look for tombstones that live ten minutes.
+const DefaultIdleSweep = time.Minute
 
 // ErrReplicatorConfig is wrapped by NewReplicator's errors.
 var ErrReplicatorConfig = errors.New("invalid dns replicator config")
@@ -119,7 +137,11 @@ func NewReplicator(cfg ReplicatorConfig) (*Replicator, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Replicator{records: cfg.Records, broadcast: cfg.Broadcast, max: cfg.MaxMessage, log: log, m: m}, nil
+	if cfg.IdleSweep <= 0 {
+		cfg.IdleSweep = DefaultIdleSweep
+	}
+	return &Replicator{records: cfg.Records, broadcast: cfg.Broadcast, max: cfg.MaxMessage, log: log, m: m,
+		idleSweep: cfg.IdleSweep, down: map[string]bool{}, wake: make(chan struct{}, 1)}, nil
 }
 
 // Records returns the replicated store.
@@ -323,20 +345,59 @@ func joinEntries(entries []Entry) *Delta {
 // PeerUp is the membership hook for a peer that joined or came back
 // (Records.PeerUp). It reports whether entries of the peer were refused while
 // it was forgotten.
-func (r *Replicator) PeerUp(name string) bool { return r.records.PeerUp(name) }
+func (r *Replicator) PeerUp(name string) bool {
+	r.mu.Lock()
+	delete(r.down, name)
+	r.mu.Unlock()
+	return r.records.PeerUp(name)
+}
 
 // PeerDown is the membership hook for a peer reported dead
 // (Records.PeerDown); its records go at the first sweep of Run past grace.
-func (r *Replicator) PeerDown(name string) { r.records.PeerDown(name) }
+func (r *Replicator) PeerDown(name string) {
+	r.records.PeerDown(name)
+	if name == r.records.Self() {
+		return // the store ignores it too
+	}
+	r.mu.Lock()
+	r.down[name] = true
+	r.mu.Unlock()
+	select {
+	case r.wake <- struct{}{}:
+	default: // Run is woken already
+	}
+}
+
+// pendingDown reports whether a peer reported down is still waiting for its
+// grace, after forgetting those in gone (just expired).
+func (r *Replicator) pendingDown(gone []string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, p := range gone {
+		delete(r.down, p)
+	}
+	return len(r.down) > 0
+}
+
+// sweepEvery is Run's pause before the next sweep: the fast rate while a down
+// peer waits for its grace, the idle rate otherwise (never slower than fast).
+func sweepEvery(fast, idle time.Duration, pending bool) time.Duration {
+	if pending {
+		return fast
+	}
+	return max(fast, idle)
+}
 
 // ErrRunArgs is returned by Run for a non-positive grace or tombstone TTL.
 var ErrRunArgs = errors.New("dns replicator: grace and tombstone ttl must be positive")
 
-// Run sweeps the store until ctx ends: every min(grace/4, 1s) it forgets the
-// peers down for at least grace (Records.ExpirePeers) and drops tombstones
-// older than tombstoneTTL (Records.ExpireTombstones). Time is the store's
-// clock; the ticker paces the sweeps only. A dead peer's records thus leave
-// every answer within grace plus one interval. tombstoneTTL must exceed
+// Run sweeps the store until ctx ends: every min(grace/4, 1s) while a peer
+// reported down (PeerDown) has not expired or come up, it forgets the peers
+// down for at least grace (Records.ExpirePeers); it drops tombstones older
+// than tombstoneTTL (Records.ExpireTombstones) at the same sweeps, and every
+// IdleSweep when no peer is down, so an idle peer is not woken every second.
+// Time is the store's clock; the timer paces the sweeps only. A dead peer's
+// records thus leave every answer within grace plus one interval. tombstoneTTL must exceed
 // the longest partition whose removals must survive it (a live entry that
 // comes back after its tombstone was dropped is answered by its owner with
 // a new tombstone, or goes with its peer). Run returns nil when ctx ends.
@@ -344,18 +405,31 @@ func (r *Replicator) Run(ctx context.Context, grace, tombstoneTTL time.Duration)
 	if grace <= 0 || tombstoneTTL <= 0 {
 		return fmt.Errorf("%w: grace %v, tombstone ttl %v", ErrRunArgs, grace, tombstoneTTL)
 	}
-	t := time.NewTicker(min(grace/4, time.Second))
+	fast := min(grace/4, time.Second)
+	pending := r.pendingDown(nil)
+	t := time.NewTimer(sweepEvery(fast, r.idleSweep, pending))
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-r.wake:
+			// A peer went down: sweep at the fast rate from now (no sweep yet, its grace
+			// has just started).
+			if !pending {
+				pending = true
+				t.Reset(fast)
+			}
+			continue
 		case <-t.C:
 		}
-		if gone := r.records.ExpirePeers(grace); len(gone) > 0 {
+		gone := r.records.ExpirePeers(grace)
+		if len(gone) > 0 {
 			r.m.peersExpired.Add(float64(len(gone)))
 			r.log.Info("dns: forgot the records of dead peers", "peers", gone, "grace", grace)
 		}
+		pending = r.pendingDown(gone)
+		t.Reset(sweepEvery(fast, r.idleSweep, pending))
 		if n := r.records.ExpireTombstones(tombstoneTTL); n > 0 {
 			r.m.tombstonesExpired.Add(float64(n))
 			r.log.Debug("dns: dropped old tombstones", "count", n)

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -436,6 +437,7 @@ func TestReplicatorTombstonesExpire(t *testing.T) {
 	fm.Flush()
 	a.RemoveContainer("web", nil)
 	fm.Flush()
+	b.idleSweep = 20 * time.Millisecond // no peer is down: tombstones go at the idle sweeps
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() { done <- b.Run(ctx, 20*time.Millisecond, time.Minute) }()
@@ -637,4 +639,58 @@ func FuzzReplicatorNotifyMsg(f *testing.F) {
 			t.Fatal("undecodable input changed the store")
 		}
 	})
+}
+
+func TestSweepEvery(t *testing.T) {
+	for _, tc := range []struct {
+		fast, idle time.Duration
+		pending    bool
+		want       time.Duration
+	}{
+		{time.Second, time.Minute, true, time.Second},
+		{time.Second, time.Minute, false, time.Minute},
+		{time.Second, time.Millisecond, false, time.Second}, // never slower... nor faster than fast
+	} {
+		if got := sweepEvery(tc.fast, tc.idle, tc.pending); got != tc.want {
+			t.Errorf("sweepEvery(%v, %v, %v) = %v, want %v", tc.fast, tc.idle, tc.pending, got, tc.want)
+		}
+	}
+}
+
+// An idle replicator does not sweep at the fast rate; a peer going down switches it to the
+// fast rate until the peer has expired, then it goes idle again.
+func TestReplicatorSweepsFastOnlyWhilePeerDown(t *testing.T) {
+	clk := newFakeClock()
+	fm, a, b, _ := threePeers(t, clk.Now)
+	b.AddContainer("web", addrs(t, "10.40.1.2"))
+	fm.Flush()
+	var sweeps atomic.Int64
+	a.afterSweep = func() { sweeps.Add(1) }
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	const grace = 40 * time.Millisecond // fast sweeps every 10 ms; idle every minute
+	go func() { done <- a.Run(ctx, grace, time.Hour) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	time.Sleep(150 * time.Millisecond)
+	if n := sweeps.Load(); n != 0 {
+		t.Fatalf("idle replicator swept %d times in 150 ms", n)
+	}
+	a.PeerDown("b")
+	waitFor(t, 5*time.Second, "fast sweeps after a peer went down", func() bool { return sweeps.Load() >= 3 })
+	clk.Advance(grace)
+	waitFor(t, 5*time.Second, "b's records to expire", func() bool {
+		_, known := a.Records().LookupName("web")
+		return !known
+	})
+	time.Sleep(30 * time.Millisecond) // the sweep that expired b may still be finishing
+	n := sweeps.Load()
+	time.Sleep(150 * time.Millisecond)
+	if m := sweeps.Load(); m != n {
+		t.Fatalf("replicator kept sweeping after the down peer expired: %d then %d", n, m)
+	}
 }

@@ -97,10 +97,17 @@ func (m *Mesh) checkKey(md Metadata) error {
 		m.log.Warn("mesh: peer refused", "peer", md.Name, "err", err)
 		return err
 	}
+	_, had := m.pins.get(md.Name)
 	if err := m.pins.check(md.Name, md.PublicKey); err != nil {
 		m.metrics.keyRejected.WithLabelValues("mismatch").Inc()
 		m.log.Error("mesh: peer refused", "peer", md.Name, "err", err)
 		return err
+	}
+	if !had {
+		select { // the state loop saves the new pin now, not at its next tick
+		case m.pinned <- struct{}{}:
+		default:
+		}
 	}
 	return nil
 }
@@ -219,6 +226,13 @@ func (m *Mesh) emitLocked(t EventType, p *Peer, prev State) {
 		return
 	}
 	switch t {
+	case EventDead, EventLeave:
+		select { // a member to retry (deadRetryLoop)
+		case m.downed <- struct{}{}:
+		default:
+		}
+	}
+	switch t {
 	case EventJoin, EventDead, EventLeave:
 		m.log.Info("mesh: peer "+t.String(), "peer", p.Name, "addr", p.Addr, "prev", prev)
 	case EventSuspect, EventAlive:
@@ -257,21 +271,61 @@ func (m *Mesh) updateGaugeLocked() {
 	m.nodes.Store(int64(n[StateAlive] + n[StateSuspect]))
 }
 
-// stateLoop prunes dead and left peers past Config.DeadPeerRetention.
+// stateLoop prunes dead and left peers past Config.DeadPeerRetention, at
+// stateLoopEvery, and saves the key pins after a name was pinned: at once, or
+// pinsFlushGap after the last save, so a join of many peers costs a few
+// writes (each fsyncs), as when the pins were saved every second. Each tick
+// also saves, which retries a failed save.
 func (m *Mesh) stateLoop(ctx context.Context) {
-	tick := time.NewTicker(max(m.cfg.ProbeInterval, 10*time.Millisecond))
+	tick := time.NewTicker(stateLoopEvery(m.cfg.ProbeInterval, m.cfg.DeadPeerRetention))
 	defer tick.Stop()
+	flush := time.NewTimer(0)
+	<-flush.C
+	defer flush.Stop()
+	var lastFlush time.Time
+	armed := false // flush is running
+	save := func() {
+		lastFlush, armed = time.Now(), false
+		if err := m.pins.flush(); err != nil {
+			m.log.Error("mesh: key pins not saved", "err", err)
+		}
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-m.pinned:
+			if armed {
+				continue // the save due takes this pin too
+			}
+			if wait := pinsFlushGap - time.Since(lastFlush); wait > 0 {
+				flush.Reset(wait)
+				armed = true
+				continue
+			}
+			save()
+		case <-flush.C:
+			save()
 		case <-tick.C:
 			m.prune(time.Now())
-			if err := m.pins.flush(); err != nil {
-				m.log.Error("mesh: key pins not saved", "err", err)
-			}
+			save()
 		}
 	}
+}
+
+// pinsFlushGap is the least time between two saves of the key pins caused by new pins.
+const pinsFlushGap = time.Second
+
+// stateLoopEvery is the state loop's period: a tenth of the retention, so a dead
+// peer goes at most 10 % late, but at most a minute and never faster than the
+// probe interval (the old period). An idle peer need not wake every second to
+// prune peers kept for an hour (the default).
+func stateLoopEvery(probe, retention time.Duration) time.Duration {
+	every := time.Minute
+	if retention > 0 {
+		every = min(every, retention/10)
+	}
+	return max(every, probe, 10*time.Millisecond)
 }
 
 func (m *Mesh) prune(now time.Time) {

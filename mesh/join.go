@@ -264,7 +264,8 @@ func deadRetryCount(dead, alive int, u float64) int {
 // deadRetryLoop tries, every DeadRetryInterval (jittered ±50%), a few members that died or
 // left less than DeadRetryFor ago. Attempts run in the background, at most deadRetryMax at
 // a time: an address that swallows packets holds a slot for memberlist's TCP timeout but
-// does not delay the rounds.
+// does not delay the rounds. While no member is a candidate (the usual idle mesh) it sleeps
+// until one dies or leaves (Mesh.downed), not waking every second to find nobody.
 func (m *Mesh) deadRetryLoop(ctx context.Context, rm *rejoinMetrics) {
 	if m.cfg.DeadRetryFor <= 0 {
 		return
@@ -272,7 +273,15 @@ func (m *Mesh) deadRetryLoop(ctx context.Context, rm *rejoinMetrics) {
 	slots := make(chan struct{}, deadRetryMax)
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	idle := false // the last round found no candidate
 	for {
+		if idle {
+			select {
+			case <-ctx.Done():
+				return
+			case <-m.downed:
+			}
+		}
 		d := m.cfg.DeadRetryInterval
 		timer := time.NewTimer(d/2 + rand.N(d+1))
 		select {
@@ -281,7 +290,9 @@ func (m *Mesh) deadRetryLoop(ctx context.Context, rm *rejoinMetrics) {
 			return
 		case <-timer.C:
 		}
-		for _, p := range m.deadRetryPicks(time.Now()) {
+		picks, pending := m.deadRetryPicks(time.Now())
+		idle = !pending
+		for _, p := range picks {
 			select {
 			case slots <- struct{}{}:
 			default:
@@ -298,12 +309,13 @@ func (m *Mesh) deadRetryLoop(ctx context.Context, rm *rejoinMetrics) {
 }
 
 // deadRetryPicks chooses this round's dead members at random among those dead or left for
-// less than DeadRetryFor. O(N) scan of the peer table, O(1) picks.
-func (m *Mesh) deadRetryPicks(now time.Time) []Peer {
+// less than DeadRetryFor, and reports whether there is any such candidate (picked or not).
+// O(N) scan of the peer table, O(1) picks.
+func (m *Mesh) deadRetryPicks(now time.Time) (picks []Peer, pending bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.left || m.shut {
-		return nil
+		return nil, false
 	}
 	var dead []*Peer
 	alive := 1 // this peer
@@ -323,7 +335,7 @@ func (m *Mesh) deadRetryPicks(now time.Time) []Peer {
 		dead[i], dead[j] = dead[j], dead[i]
 		out = append(out, dead[i].clone())
 	}
-	return out
+	return out, len(dead) > 0
 }
 
 // retryDead makes one join attempt to a dead member's last address.

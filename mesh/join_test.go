@@ -199,14 +199,21 @@ func TestDeadRetryStopsAfterDeadRetryFor(t *testing.T) {
 	m.peers["old"] = &Peer{Name: "old", Addr: netip.MustParseAddrPort("127.0.0.1:2"), State: StateLeft, Since: now.Add(-2 * time.Minute)}
 	m.mu.Unlock()
 	for range 50 {
-		for _, p := range m.deadRetryPicks(now) {
+		picks, pending := m.deadRetryPicks(now)
+		if !pending {
+			t.Fatal("a recently dead member, yet no candidate pending")
+		}
+		for _, p := range picks {
 			if p.Name != "recent" {
 				t.Fatalf("picked %s, dead for longer than DeadRetryFor", p.Name)
 			}
 		}
 	}
-	if picks := m.deadRetryPicks(now); len(picks) != 1 {
+	if picks, _ := m.deadRetryPicks(now); len(picks) != 1 {
 		t.Fatalf("alone with one recently dead member: picked %d, want it every round", len(picks))
+	}
+	if _, pending := m.deadRetryPicks(now.Add(time.Minute)); pending {
+		t.Fatal("members dead for longer than DeadRetryFor still pending: the retry loop would not sleep")
 	}
 }
 

@@ -34,6 +34,8 @@ type Mesh struct {
 	notes   suspicionNotes                        // which suspect and alive notes go out (suspicion.go)
 	nodes   atomic.Int64                          // alive and suspect peers, set by updateGaugeLocked; see numNodes
 	pins    *keyPins                              // public keys pinned to names; own leaf lock
+	pinned  chan struct{}                         // cap 1: a name was pinned, the state loop saves the pins
+	downed  chan struct{}                         // cap 1: a peer died or left, the dead-retry loop wakes
 
 	lifeMu   sync.Mutex // serializes Start, Leave and Close; guards following
 	started  bool
@@ -117,6 +119,8 @@ func New(cfg Config) (*Mesh, error) {
 		cfg:       cfg,
 		log:       cfg.Logger,
 		wake:      make(chan struct{}, 1),
+		pinned:    make(chan struct{}, 1),
+		downed:    make(chan struct{}, 1),
 		meta:      md,
 		metaBytes: enc,
 		channels:  make(map[string]ChannelHandler),

@@ -290,6 +290,7 @@ func (p *Peer) runDatapath(ctx context.Context) {
 			networks = nets
 			p.paths.syncClasses(p.log, nets) // a selector per SLA class in use (slaclass.go)
 			p.dnsNetworksChanged()
+			p.sriov.networksChanged() // PFs of new SR-IOV networks are scanned now
 			l.notePolicies(p.log, nets)
 			devicesOK = false
 			dirty, why = true, cmp.Or(why, "networks")

@@ -36,10 +36,6 @@ type SRIOVCapacity struct {
 	FreeDPDK int
 }
 
-// sriovPollEvery is how often the rescan loop looks for a change of the SR-IOV networks'
-// PFs (O(networks), no I/O); discovery itself runs on a change and every SRIOVRescan.
-const sriovPollEvery = 2 * time.Second
-
 // sriovPart is the peer's SR-IOV state: the pool, what programs the PF, where device-info
 // files go, and the last discovery of each PF.
 type sriovPart struct {
@@ -57,6 +53,21 @@ type sriovPart struct {
 	// otherwise record that name after the move finished, and the next ADD would not find
 	// the VF's netdev until the following scan.
 	moving sync.RWMutex
+
+	// kick (cap 1) tells the rescan loop the network table changed (networksChanged).
+	kick chan struct{}
+}
+
+// networksChanged wakes the rescan loop to look for PFs new networks name; nil-safe for
+// peers built without SR-IOV.
+func (s *sriovPart) networksChanged() {
+	if s == nil || s.kick == nil {
+		return
+	}
+	select {
+	case s.kick <- struct{}{}:
+	default: // already woken
+	}
 }
 
 // recordPF is --sriov-pf-config=record: a stand-in for hosts whose "VFs" have no PF to
@@ -127,7 +138,7 @@ func (p *Peer) startSRIOV(ctx context.Context, stops *[]func()) error {
 		root = sriov.DefaultSysfsRoot
 	}
 	s := &sriovPart{pool: pool, pf: p.cfg.pfConfig(log), devinfo: sriov.DeviceInfoFiles{Dir: p.cfg.SRIOVDeviceInfoDir},
-		root: root, log: log, pfs: map[string]sriov.PFInfo{}}
+		root: root, log: log, pfs: map[string]sriov.PFInfo{}, kick: make(chan struct{}, 1)}
 	if p.cfg.SRIOVPFConfig == SRIOVPFRecord && p.cfg.SRIOVPF == nil {
 		log.Warn("sriov: --sriov-pf-config=record: VF settings (vlan, spoof check, trust, link state, rates) are only logged, no NIC is programmed")
 	}
@@ -166,30 +177,39 @@ func (p *Peer) sriovPFs() []string {
 
 // runSRIOV rediscovers the PFs' VFs when the set of PFs changes and every SRIOVRescan, so
 // VFs enabled, rebound or renamed after start reach the pool, and quarantined VFs seen back
-// in the host are restored and freed.
+// in the host are restored and freed. The set is read again when the datapath loop sees the
+// network table change (sriovPart.networksChanged) and at each rescan, not polled: an idle
+// peer is not woken every two seconds.
 func (p *Peer) runSRIOV(ctx context.Context, last []string) {
 	every := p.cfg.SRIOVRescan
 	if every <= 0 {
 		every = DefaultSRIOVRescan
 	}
-	poll := time.NewTicker(min(sriovPollEvery, every))
-	defer poll.Stop()
-	lastFull := time.Now()
+	rescan := time.NewTicker(every)
+	defer rescan.Stop()
 	for {
+		periodic := false
 		select {
 		case <-ctx.Done():
 			return
-		case <-poll.C:
+		case <-p.sriov.kick:
+		case <-rescan.C:
+			periodic = true
 		}
 		pfs := p.sriovPFs()
-		if slices.Equal(pfs, last) && time.Since(lastFull) < every {
+		if !sriovScanDue(pfs, last, periodic) {
 			continue
 		}
-		last, lastFull = pfs, time.Now()
+		last = pfs
 		for _, pf := range pfs {
 			p.sriov.scan(pf)
 		}
 	}
+}
+
+// sriovScanDue: the PFs are scanned at every periodic rescan and when their set changed.
+func sriovScanDue(pfs, last []string, periodic bool) bool {
+	return periodic || !slices.Equal(pfs, last)
 }
 
 // scan discovers pf's VFs, merges them into the pool and restores the quarantined VFs that

@@ -554,3 +554,46 @@ func TestSRIOVConfig(t *testing.T) {
 		t.Fatalf("record pf remembers %+v %v", s, err)
 	}
 }
+
+func TestSRIOVScanDue(t *testing.T) {
+	for _, tc := range []struct {
+		pfs, last []string
+		periodic  bool
+		want      bool
+	}{
+		{[]string{"a"}, []string{"a"}, false, false}, // a kick with no new PF: nothing to scan
+		{[]string{"a", "b"}, []string{"a"}, false, true},
+		{nil, []string{"a"}, false, true},
+		{[]string{"a"}, []string{"a"}, true, true}, // the periodic rescan always scans
+	} {
+		if got := sriovScanDue(tc.pfs, tc.last, tc.periodic); got != tc.want {
+			t.Errorf("sriovScanDue(%v, %v, %v) = %v, want %v", tc.pfs, tc.last, tc.periodic, got, tc.want)
+		}
+	}
+	var none *sriovPart
+	none.networksChanged() // a peer without SR-IOV: no panic
+	s := &sriovPart{kick: make(chan struct{}, 1)}
+	s.networksChanged()
+	s.networksChanged() // does not block when a kick is pending
+	if len(s.kick) != 1 {
+		t.Fatalf("kicks pending = %d, want 1", len(s.kick))
+	}
+}
+
+// A network created after start gets its PF scanned when the datapath loop sees the network
+// table change, without waiting for the periodic rescan (30 s) or a container.
+func TestSRIOVNewNetworkScannedAtOnce(t *testing.T) {
+	l := newSRIOVLab(t, "wtmpf0", 0x3a, 2, nil, `{"name":"fast","subnet":"10.89.0.0/16","mode":"sriov","pf":"wtmpf0"}`)
+	start := time.Now()
+	waitUntil(t, "the new network's PF to be scanned", 10*time.Second, func() error {
+		l.sriov.mu.Lock()
+		defer l.sriov.mu.Unlock()
+		if _, ok := l.sriov.pfs["wtmpf0"]; !ok {
+			return fmt.Errorf("not scanned")
+		}
+		return nil
+	})
+	if d := time.Since(start); d >= DefaultSRIOVRescan/2 {
+		t.Fatalf("scanned after %v", d)
+	}
+}
