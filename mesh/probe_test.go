@@ -711,6 +711,9 @@ func TestProberLateReply(t *testing.T) {
 		defer p.mu.Unlock()
 		return p.targets["b"].next.Sub(p.targets["b"].sent)
 	}
+	// The full rate: Interval ± 20 %, and a probe sent up to Interval/4 early (sent with
+	// others due) is scheduled from when it was due.
+	const fullRate = fast*6/5 + fast/4
 	for range 8 { // settled, a full window of answers, idle
 		probe(time.Millisecond, 0)
 	}
@@ -718,7 +721,7 @@ func TestProberLateReply(t *testing.T) {
 	if s, _ := p.Stats("b"); s.Loss != 0.25 || !s.Up {
 		t.Fatalf("after a timeout: %+v, want loss 0.25", s)
 	}
-	if n := nextIn(); n > fast*6/5 {
+	if n := nextIn(); n > fullRate {
 		t.Fatalf("after a timeout the next probe is in %v, want the full rate", n)
 	}
 	advance(300 * time.Millisecond)
@@ -744,7 +747,7 @@ func TestProberLateReply(t *testing.T) {
 	if s, _ := p.Stats("b"); s.Loss != 0.25 || !s.Up {
 		t.Fatalf("late reply to the first of two losses: %+v, want loss 0.25", s)
 	}
-	if n := nextIn(); n > fast*6/5 {
+	if n := nextIn(); n > fullRate {
 		t.Fatalf("a loss still unanswered, yet the next probe is in %v", n)
 	}
 	lose()
