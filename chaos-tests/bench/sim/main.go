@@ -14,7 +14,10 @@
 // use after GC ÷ N; path-compute time per run (median, p99) and the
 // destinations with a path (min over peers, should be N−1); and across the
 // Ns the exponent of each cost in N (least-squares slope of log(cost) over
-// log(N)). With -membership-only-n it also runs the mesh alone (no probers,
+// log(N)). The window opens only after the join's alive messages and then
+// its link-state backlog have drained (-drain-max, -ls-drain-max), and after
+// it -publish-probes peers in turn publish a link going down, timed until
+// every peer's table holds it. With -membership-only-n it also runs the mesh alone (no probers,
 // link state or paths, and no router behaviour: no push/pull with every
 // joiner) at that N, the memberlist baseline.
 //
