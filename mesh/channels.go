@@ -207,6 +207,12 @@ func (m *Mesh) queueChannelBroadcast(name string, b memberlist.Broadcast) {
 	}
 }
 
+// LinkStateQueued is how many link-state broadcasts wait in this peer's
+// queue to be sent (again); 0 once every one has had its retransmissions.
+// The simulation reads it to open its idle window after the join's
+// link-state backlog, not inside it.
+func (m *Mesh) LinkStateQueued() int { return m.lsQueue.NumQueued() }
+
 // getBroadcasts fills one gossip packet (memberlist's
 // Delegate.GetBroadcasts): the main queue first (membership, block table,
 // DNS: small and rare), then link state in the bytes left.

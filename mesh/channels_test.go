@@ -254,3 +254,43 @@ func TestBroadcastsAreUnique(t *testing.T) {
 		t.Fatalf("%d of 3 equal broadcasts queued, want 3", n)
 	}
 }
+
+// LinkStateQueued counts the link-state queue only, and falls to 0 once each
+// message has had its LinkStateRetransmitMult × ⌈log₁₀(N+1)⌉ sends (2 here).
+func TestLinkStateQueued(t *testing.T) {
+	cfg, _ := testConfig(t, "lsq")
+	cfg.LinkStateRetransmitMult = 2
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	nop := rawMeta("")
+	for _, name := range []string{LinkStateChannelName, "dns"} {
+		if err := m.RegisterChannel(name, nop); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := m.LinkStateQueued(); n != 0 {
+		t.Fatalf("a new mesh has %d link-state broadcasts queued", n)
+	}
+	for _, b := range []string{"l1", "l2"} {
+		if err := m.Broadcast(LinkStateChannelName, []byte(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.Broadcast("dns", []byte("d")); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.LinkStateQueued(); n != 2 {
+		t.Fatalf("LinkStateQueued %d with two link-state messages and one other queued, want 2", n)
+	}
+	m.getBroadcasts(2, 1400)
+	if n := m.LinkStateQueued(); n != 2 {
+		t.Fatalf("LinkStateQueued %d after one of two sends, want 2", n)
+	}
+	m.getBroadcasts(2, 1400)
+	if n := m.LinkStateQueued(); n != 0 {
+		t.Fatalf("LinkStateQueued %d after both sends, want 0", n)
+	}
+}

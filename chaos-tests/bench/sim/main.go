@@ -14,7 +14,10 @@
 // use after GC ÷ N; path-compute time per run (median, p99) and the
 // destinations with a path (min over peers, should be N−1); and across the
 // Ns the exponent of each cost in N (least-squares slope of log(cost) over
-// log(N)). With -membership-only-n it also runs the mesh alone (no probers,
+// log(N)). The window opens only after the join's alive messages and then
+// its link-state backlog have drained (-drain-max, -ls-drain-max), and after
+// it -publish-probes peers in turn publish a link going down, timed until
+// every peer's table holds it. With -membership-only-n it also runs the mesh alone (no probers,
 // link state or paths, and no router behaviour: no push/pull with every
 // joiner) at that N, the memberlist baseline.
 //
@@ -67,6 +70,10 @@ type options struct {
 	window           time.Duration
 	settle           time.Duration
 	drainMax         time.Duration
+	lsDrainMax       time.Duration
+	lsDrainBelow     int
+	publishProbes    int
+	publishTimeout   time.Duration
 	convergeTimeout  time.Duration
 	batch            int
 	batchPause       time.Duration
@@ -102,6 +109,10 @@ func run() error {
 	flag.Float64Var(&seconds, "seconds", 30, "idle measurement window after convergence, seconds")
 	flag.DurationVar(&o.settle, "settle", 5*time.Second, "wait after convergence before the window opens (join gossip dies down)")
 	flag.DurationVar(&o.drainMax, "drain-max", 3*time.Minute, "after -settle, wait at most this long for the join's alive messages to stop being retransmitted (0: do not wait); see waitDrained")
+	flag.DurationVar(&o.lsDrainMax, "ls-drain-max", 3*time.Minute, "after the alive drain, wait at most this long for every peer's link-state queue to hold at most -ls-drain-below broadcasts (0: do not wait); see waitLinkStateDrained")
+	flag.IntVar(&o.lsDrainBelow, "ls-drain-below", 5, "the link-state queue length (largest over peers) at which the join's link-state backlog counts as drained")
+	flag.IntVar(&o.publishProbes, "publish-probes", 3, "full runs: after the window, this many peers in turn publish one of their links as down; the time until every peer's table holds that publication is reported (0: none)")
+	flag.DurationVar(&o.publishTimeout, "publish-timeout", 30*time.Second, "a publish probe that has not reached every peer after this counts as not reaching all")
 	flag.DurationVar(&o.convergeTimeout, "converge-timeout", 3*time.Minute, "give up waiting for all-see-all after this (then measure anyway)")
 	// 10 peers a second: the real-process lab starts 100 peers in 12-24 s. At
 	// 100 a second (the old 25 per 250 ms) the one process starves: goroutines
@@ -147,6 +158,9 @@ func run() error {
 		return fmt.Errorf("-seconds %v out of range (0, 3600]", seconds)
 	}
 	o.window = time.Duration(seconds * float64(time.Second))
+	if o.lsDrainBelow < 0 || o.publishProbes < 0 {
+		return fmt.Errorf("-ls-drain-below and -publish-probes must not be negative")
+	}
 	if o.batch < 1 {
 		return fmt.Errorf("-batch %d must be at least 1", o.batch)
 	}
@@ -264,13 +278,19 @@ type result struct {
 	joinSched, windowSched         []time.Duration
 	joinSchedOver, windowSchedOver uint64
 	drained                        time.Duration // how long the join's alive retransmissions took to die down after -settle
+	lsDrained                      time.Duration // then how long until every link-state queue held at most -ls-drain-below
+	lsQueuedMax                    int           // the largest link-state queue when the window opened
+	lsQueuedMean                   float64
+	pubToHalf, pubToAll            []time.Duration // per publish probe; a timed-out probe is missing from pubToAll
+	pubTimedOut                    int
+	publishTimeout                 time.Duration
 	joinCounters                   map[string]float64
 	windowCounters                 map[string]float64
 }
 
 // simulate runs one N: start, converge, settle, measure, close.
 func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*result, error) {
-	r := &result{n: n, membershipOnly: membershipOnly, window: o.window, pathInterval: o.pathInterval, traffic: map[string]rate{}}
+	r := &result{n: n, membershipOnly: membershipOnly, window: o.window, publishTimeout: o.publishTimeout, pathInterval: o.pathInterval, traffic: map[string]rate{}}
 	label := "full"
 	if membershipOnly {
 		label = "membership only"
@@ -378,6 +398,13 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	if r.drained, err = waitDrained(ctx, n, counters, o.drainMax); err != nil {
 		return nil, err
 	}
+	if !membershipOnly {
+		if r.lsDrained, err = waitLinkStateDrained(ctx, nodes, o.lsDrainBelow, o.lsDrainMax); err != nil {
+			return nil, err
+		}
+		r.lsQueuedMax, r.lsQueuedMean = linkStateQueued(nodes)
+		fmt.Fprintf(os.Stderr, "sim: N=%d: link-state queues drained to max %d (mean %.1f) in %v\n", n, r.lsQueuedMax, r.lsQueuedMean, r.lsDrained.Round(time.Second))
+	}
 	r.loadBefore = loadAverage()
 	before := sumCounters(counters)
 	mc0 := meshCounters(nodes)
@@ -399,6 +426,21 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 	runs := paths.take()
 	r.switchesPerPeerMin = float64(switches.Load()-switches0) / float64(n) / elapsed.Minutes()
 	r.loadAfter = loadAverage()
+	if !membershipOnly {
+		// After the window's figures are taken: the probes' publications are not idle traffic.
+		for i := range o.publishProbes {
+			half, all, ok, err := publishProbe(ctx, nodes, (i*n)/max(1, o.publishProbes), o.publishTimeout)
+			if err != nil {
+				return nil, err
+			}
+			r.pubToHalf = append(r.pubToHalf, half)
+			if ok {
+				r.pubToAll = append(r.pubToAll, all)
+			} else {
+				r.pubTimedOut++
+			}
+		}
+	}
 
 	perPeerSec := float64(n) * elapsed.Seconds()
 	r.windowCounters = map[string]float64{}
@@ -461,6 +503,120 @@ func waitDrained(ctx context.Context, n int, counters []*counter, max time.Durat
 		prev = cur
 	}
 	return time.Since(start), nil
+}
+
+// waitLinkStateDrained waits until no peer holds more than below link-state
+// broadcasts in its queue, or max. At the join every peer's first
+// publication (all its links) reaches every peer and is relayed
+// LinkStateRetransmitMult × ⌈log₁₀(N+1)⌉ times, and memberlist fills its
+// gossip budget while anything is queued; a window opened before the queues
+// empty measures that backlog, not steady state.
+func waitLinkStateDrained(ctx context.Context, nodes []*node, below int, max time.Duration) (time.Duration, error) {
+	start := time.Now()
+	const step = time.Second
+	for time.Since(start) < max {
+		if most, _ := linkStateQueued(nodes); most <= below {
+			return time.Since(start), nil
+		}
+		select {
+		case <-time.After(step):
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	return time.Since(start), nil
+}
+
+// linkStateQueued is the largest and the mean link-state queue over the peers.
+func linkStateQueued(nodes []*node) (most int, mean float64) {
+	sum := 0
+	for _, nd := range nodes {
+		q := nd.mesh.LinkStateQueued()
+		most = max(most, q)
+		sum += q
+	}
+	return most, float64(sum) / float64(max(1, len(nodes)))
+}
+
+// publishProbe has peer i publish one of its live links as down, as its path
+// loop does when a link fails (an up/down flip goes out at once), and times
+// until half and then every other peer has merged that link as down. Its
+// path loop puts the link back up within a path interval; a peer that missed
+// the down and gets the up counts as missed, so this measures the down
+// publication's own spread. ok is false when not every peer had it within
+// timeout; all is then the timeout.
+func publishProbe(ctx context.Context, nodes []*node, i int, timeout time.Duration) (half, all time.Duration, ok bool, err error) {
+	// Peer i, or the next one with a link up (a peer may have none published yet).
+	var nd *node
+	var links map[string]mesh.LinkMetrics
+	var victim string
+	for k := range nodes {
+		nd = nodes[(i+k)%len(nodes)]
+		links = nd.table.Graph()[nd.cfg.Name]
+		for _, name := range slices.Sorted(maps.Keys(links)) {
+			if links[name].Up {
+				victim = name
+				break
+			}
+		}
+		if victim != "" {
+			break
+		}
+	}
+	if victim == "" {
+		return 0, 0, false, fmt.Errorf("publish probe: no peer has a live link up to take down")
+	}
+	m := links[victim]
+	m.Up = false
+	links[victim] = m
+	start := time.Now()
+	msgs, _ := nd.table.PublishLinks(nd.cfg.Name, links)
+	for _, msg := range msgs {
+		nd.mesh.Broadcast(mesh.LinkStateChannelName, msg)
+	}
+	if len(msgs) == 0 {
+		return 0, 0, false, fmt.Errorf("publish probe: %s published nothing for %s going down", nd.cfg.Name, victim)
+	}
+	pending := map[*node]bool{}
+	for _, o := range nodes {
+		if o != nd {
+			pending[o] = true
+		}
+	}
+	others := len(pending)
+	for len(pending) > 0 {
+		if time.Since(start) > timeout {
+			if half == 0 {
+				half = timeout
+			}
+			return half, timeout, false, nil
+		}
+		for o := range pending {
+			if o.sawDown(nd.cfg.Name, victim, start) {
+				delete(pending, o)
+			}
+		}
+		if half == 0 && 2*len(pending) <= others {
+			half = time.Since(start)
+		}
+		if len(pending) == 0 {
+			break
+		}
+		select {
+		case <-time.After(10 * time.Millisecond):
+		case <-ctx.Done():
+			return 0, 0, false, ctx.Err()
+		}
+	}
+	return half, time.Since(start), true, nil
+}
+
+func roundAll(ds []time.Duration) []time.Duration {
+	out := make([]time.Duration, len(ds))
+	for i, d := range ds {
+		out[i] = d.Round(time.Millisecond)
+	}
+	return out
 }
 
 // waitAllSeeAll polls until every peer sees all n alive, or the timeout. To
@@ -588,6 +744,9 @@ func (r *result) print(w *os.File) {
 	fmt.Fprintf(w, "run-queue waits:    join phase p50 %v p99 %v p99.99 %v, %d waits >= 100 ms; idle window p50 %v p99 %v p99.99 %v, %d >= 100 ms\n",
 		r.joinSched[0], r.joinSched[1], r.joinSched[2], r.joinSchedOver, r.windowSched[0], r.windowSched[1], r.windowSched[2], r.windowSchedOver)
 	fmt.Fprintf(w, "join backlog:       alive retransmissions died down %v after the settle\n", r.drained.Round(time.Second))
+	if !r.membershipOnly {
+		fmt.Fprintf(w, "link-state backlog: queues at most %d (largest over peers; mean %.1f) %v after the alive drain\n", r.lsQueuedMax, r.lsQueuedMean, r.lsDrained.Round(time.Second))
+	}
 	fmt.Fprintf(w, "idle window:        %v, load average %s -> %s\n", r.window, r.loadBefore, r.loadAfter)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "kind\tbytes/s/peer\tmsgs/s/peer\t")
@@ -611,6 +770,10 @@ func (r *result) print(w *os.File) {
 			r.pathMedian.Round(time.Microsecond), r.pathP99.Round(time.Microsecond), r.pathRuns, r.pathRunsPerPeerSec, 1/r.pathInterval.Seconds())
 		fmt.Fprintf(w, "destinations with a path: min over peers %d of %d; most relayed at one peer %d\n", r.minWithPath, r.n-1, r.maxRelayed)
 		fmt.Fprintf(w, "path switches:      %.2f per peer per minute in the window\n", r.switchesPerPeerMin)
+		if len(r.pubToHalf) > 0 {
+			fmt.Fprintf(w, "publication reach:  a link going down reached half the peers in %v, all in %v (each probe; median to all %v); %d of %d probes did not reach all within %v\n",
+				roundAll(r.pubToHalf), roundAll(r.pubToAll), quantile(r.pubToAll, 0.5).Round(time.Millisecond), r.pubTimedOut, len(r.pubToHalf), r.publishTimeout)
+		}
 	}
 	targets(w, r)
 }
@@ -627,7 +790,7 @@ func targets(w *os.File, r *result) {
 func summary(w *os.File, rs []*result, mo *result) {
 	fmt.Fprintln(w, "\n== summary")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "N\tsee-all s\tbytes/s/peer\tgossip B/s/peer\tprobe B/s/peer\tdgrams/s/peer\tCPU %/peer\theap kB/peer\tpath med ms\tpath p99 ms\twith path\t")
+	fmt.Fprintln(tw, "N\tsee-all s\tls drain s\tbytes/s/peer\tgossip B/s/peer\tlink state B/s/peer\tprobe B/s/peer\tdgrams/s/peer\tCPU %/peer\theap kB/peer\tpath med ms\tpath p99 ms\twith path\tpub to all ms (median)\t")
 	row := func(r *result, label string) {
 		seeAll := "-"
 		if r.converged {
@@ -638,9 +801,19 @@ func summary(w *os.File, rs []*result, mo *result) {
 		if !r.membershipOnly {
 			withPath = fmt.Sprintf("%d/%d", r.minWithPath, r.n-1)
 		}
-		fmt.Fprintf(tw, "%d%s\t%s\t%.0f\t%.0f\t%.0f\t%.2f\t%.3f\t%.0f\t%.2f\t%.2f\t%s\t\n", r.n, label, seeAll, r.totalBytes,
-			r.gossipBytes, probe, r.udpPackets+r.traffic[kindProbeUnderlay].msgs+r.traffic[kindProbeLink].msgs,
-			r.cpuPct, r.heapPerPeer/1000, ms(r.pathMedian), ms(r.pathP99), withPath)
+		lsDrain, pub := "-", "-"
+		if !r.membershipOnly {
+			lsDrain = fmt.Sprintf("%.0f", r.lsDrained.Seconds())
+		}
+		if len(r.pubToAll) > 0 {
+			pub = fmt.Sprintf("%.0f", ms(quantile(r.pubToAll, 0.5)))
+		}
+		if r.pubTimedOut > 0 {
+			pub += fmt.Sprintf(" (%d timed out)", r.pubTimedOut)
+		}
+		fmt.Fprintf(tw, "%d%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.0f\t%.2f\t%.3f\t%.0f\t%.2f\t%.2f\t%s\t%s\t\n", r.n, label, seeAll, lsDrain, r.totalBytes,
+			r.gossipBytes, r.traffic["ch:"+mesh.LinkStateChannelName].bytes, probe, r.udpPackets+r.traffic[kindProbeUnderlay].msgs+r.traffic[kindProbeLink].msgs,
+			r.cpuPct, r.heapPerPeer/1000, ms(r.pathMedian), ms(r.pathP99), withPath, pub)
 	}
 	for _, r := range rs {
 		row(r, "")

@@ -121,6 +121,11 @@ type node struct {
 	own            map[string]mesh.LinkMetrics
 	mustUntil      map[string]time.Time
 
+	// Down links heard of from others (from, to) → when first merged, for
+	// the publish probes; OnChange runs on the mesh's goroutines.
+	downMu sync.Mutex
+	downs  map[[2]string]time.Time
+
 	cancel context.CancelFunc
 	loops  sync.WaitGroup // membership and path loops, probers
 	syncs  sync.WaitGroup // mesh.Sync calls in flight
@@ -512,12 +517,35 @@ func (n *node) feed(changes []mesh.LinkChange) {
 		if c.From == n.cfg.Name {
 			continue
 		}
+		if !c.Removed && !c.Link.Up {
+			n.noteDown(c.From, c.To)
+		}
 		if c.Removed {
 			n.sel.RemoveLink(c.From, c.To)
 			continue
 		}
 		n.sel.SetLink(c.From, c.To, pathsel.Link{RTT: c.Link.RTT, Jitter: c.Link.Jitter, Loss: c.Link.Loss, Up: c.Link.Up, Encrypted: c.Link.Encrypted})
 	}
+}
+
+// noteDown records when this peer first merged from→to as down.
+func (n *node) noteDown(from, to string) {
+	n.downMu.Lock()
+	defer n.downMu.Unlock()
+	if n.downs == nil {
+		n.downs = map[[2]string]time.Time{}
+	}
+	if _, ok := n.downs[[2]string{from, to}]; !ok {
+		n.downs[[2]string{from, to}] = time.Now()
+	}
+}
+
+// sawDown reports whether this peer merged from→to as down at or after since.
+func (n *node) sawDown(from, to string, since time.Time) bool {
+	n.downMu.Lock()
+	defer n.downMu.Unlock()
+	t, ok := n.downs[[2]string{from, to}]
+	return ok && !t.Before(since)
 }
 
 // feedOwn gives path selection this peer's links when they moved (router/paths.go feedOwn).
