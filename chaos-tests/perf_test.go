@@ -105,10 +105,12 @@ func TestPerf(t *testing.T) {
 	t.Run("throughput within 0.8-1.2x of iperf3 between the same containers", func(t *testing.T) {
 		const secs = 3
 		// iperf3 and weft perf in turn, each at its best of the runs: on a shared machine
-		// other work slows single runs of both, never speeds one up.
+		// other work slows single runs of both, never speeds one up. Four and three runs:
+		// with three and two, one busy stretch of the machine over iperf3's runs once put
+		// weft perf at 1.33×.
 		var ips, perfs []float64
 		var r router.PerfResult
-		for i := range 5 {
+		for i := range 7 {
 			if i%2 == 0 {
 				ips = append(ips, iperf3Rate(t, ctx, cs[0], cs[1], secs))
 				continue
