@@ -258,19 +258,7 @@ func TestBroadcastsAreUnique(t *testing.T) {
 // LinkStateQueued counts the link-state queue only, and falls to 0 once each
 // message has had its LinkStateRetransmitMult × ⌈log₁₀(N+1)⌉ sends (2 here).
 func TestLinkStateQueued(t *testing.T) {
-	cfg, _ := testConfig(t, "lsq")
-	cfg.LinkStateRetransmitMult = 2
-	m, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	nop := rawMeta("")
-	for _, name := range []string{LinkStateChannelName, "dns"} {
-		if err := m.RegisterChannel(name, nop); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m := meshWithQueues(t, "lsq", 2)
 	if n := m.LinkStateQueued(); n != 0 {
 		t.Fatalf("a new mesh has %d link-state broadcasts queued", n)
 	}

@@ -236,3 +236,23 @@ func metricValue(m prometheus.Metric) float64 {
 	}
 	panic("not a counter or gauge")
 }
+
+// meshWithQueues is a mesh alone with the link-state channel and one other ("dns")
+// registered, its link-state retransmit multiplier set: for the queue tests.
+func meshWithQueues(t *testing.T, name string, lsMult int) *Mesh {
+	t.Helper()
+	cfg, _ := testConfig(t, name)
+	cfg.LinkStateRetransmitMult = lsMult
+	m, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	nop := rawMeta("")
+	for _, ch := range []string{LinkStateChannelName, "dns"} {
+		if err := m.RegisterChannel(ch, nop); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return m
+}

@@ -108,19 +108,7 @@ func TestPacketTransportShutdownWithPendingPacket(t *testing.T) {
 // Link state goes on its own queue, sent fewer times; a gossip packet takes the
 // main queue (membership, block table) first and link state in the bytes left.
 func TestLinkStateQueueSeparateAndSecond(t *testing.T) {
-	cfg, _ := testConfig(t, "q")
-	cfg.LinkStateRetransmitMult = 1
-	m, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
-	nop := rawMeta("")
-	for _, name := range []string{LinkStateChannelName, "dns"} {
-		if err := m.RegisterChannel(name, nop); err != nil {
-			t.Fatal(err)
-		}
-	}
+	m := meshWithQueues(t, "q", 1)
 	ls, other := bytes.Repeat([]byte{'l'}, 100), bytes.Repeat([]byte{'d'}, 100)
 	if err := m.Broadcast(LinkStateChannelName, ls); err != nil {
 		t.Fatal(err)
@@ -144,6 +132,7 @@ func TestLinkStateQueueSeparateAndSecond(t *testing.T) {
 	if n := m.lsQueue.NumQueued(); n != 0 {
 		t.Fatalf("link state still queued %d times after its one transmit", n)
 	}
+	cfg, _ := testConfig(t, "q0")
 	cfg.LinkStateRetransmitMult = 0
 	if _, err := New(cfg); err == nil {
 		t.Fatal("a link-state retransmit multiplier of 0 was accepted")
