@@ -46,13 +46,36 @@ const udpReadBufSize = 65536
 // (2 MB), so bursts of gossip are not dropped by the kernel.
 const udpRecvBufSize = 2 * 1024 * 1024
 
+// pickPortTries is how many kernel-picked TCP ports are tried before giving
+// up: the same port may already be taken for UDP (memberlist's own
+// transport retries likewise).
+const pickPortTries = 10
+
 // newPacketTransport binds TCP and UDP on addr:port (port 0: the kernel picks
 // the TCP port and UDP takes the same one) and starts both listeners.
 func newPacketTransport(addr netip.Addr, port int, logger *log.Logger) (*packetTransport, error) {
+	tries := 1
+	if port == 0 {
+		tries = pickPortTries
+	}
+	var err error
+	for range tries {
+		var tcp *net.TCPListener
+		var udp *net.UDPConn
+		tcp, udp, err = listenPair(addr, port)
+		if err == nil {
+			return startPacketTransport(tcp, udp, logger), nil
+		}
+	}
+	return nil, err
+}
+
+// listenPair binds TCP, then UDP on the same port.
+func listenPair(addr netip.Addr, port int) (*net.TCPListener, *net.UDPConn, error) {
 	ip := net.IP(addr.AsSlice())
 	tcp, err := net.ListenTCP("tcp", &net.TCPAddr{IP: ip, Port: port})
 	if err != nil {
-		return nil, fmt.Errorf("mesh: tcp listener on %s port %d: %w", addr, port, err)
+		return nil, nil, fmt.Errorf("mesh: tcp listener on %s port %d: %w", addr, port, err)
 	}
 	if port == 0 {
 		port = tcp.Addr().(*net.TCPAddr).Port
@@ -60,8 +83,12 @@ func newPacketTransport(addr netip.Addr, port int, logger *log.Logger) (*packetT
 	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: ip, Port: port})
 	if err != nil {
 		tcp.Close()
-		return nil, fmt.Errorf("mesh: udp listener on %s port %d: %w", addr, port, err)
+		return nil, nil, fmt.Errorf("mesh: udp listener on %s port %d: %w", addr, port, err)
 	}
+	return tcp, udp, nil
+}
+
+func startPacketTransport(tcp *net.TCPListener, udp *net.UDPConn, logger *log.Logger) *packetTransport {
 	// Best effort, halving until the kernel accepts, as NetTransport does.
 	for size := udpRecvBufSize; size > 0; size /= 2 {
 		if udp.SetReadBuffer(size) == nil {
@@ -79,7 +106,7 @@ func newPacketTransport(addr netip.Addr, port int, logger *log.Logger) (*packetT
 	t.wg.Add(2)
 	go t.tcpListen()
 	go t.udpListen()
-	return t, nil
+	return t
 }
 
 // Port returns the bound port (the one the kernel picked for port 0).
