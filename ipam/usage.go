@@ -117,7 +117,15 @@ type UsageConfig struct {
 	// MaxReports bounds the reports held and listed in one state (default
 	// DefaultMaxUsageReports).
 	MaxReports int
+	// ResendAfter: once this peer's usage has stayed the same this long after a change,
+	// Publish returns the last report once more (default DefaultUsageResendAfter). A burst of
+	// attachments publishes many reports; if the last one is lost, only push/pull (30 s
+	// and more) would correct every other peer's count.
+	ResendAfter time.Duration
 }
+
+// DefaultUsageResendAfter is UsageConfig.ResendAfter's default.
+const DefaultUsageResendAfter = 3 * time.Second
 
 // UsageTable holds the latest report of every peer. It implements mesh.ChannelHandler
 // (structurally: ipam does not import mesh); safe for concurrent use.
@@ -127,6 +135,7 @@ type UsageTable struct {
 	signer     UsageSigner
 	keys       identity.KeyLookup
 	maxReports int
+	resend     time.Duration
 	rejected   *prometheus.CounterVec
 
 	mu      sync.Mutex // guards the fields below
@@ -136,6 +145,11 @@ type UsageTable struct {
 	self     string
 	lastSent map[string]int
 	clock    int64
+	// lastMsg is the last report published and changedAt when; resent says it went out
+	// again after ResendAfter.
+	lastMsg   []byte
+	changedAt time.Time
+	resent    bool
 }
 
 // NewUsageTable makes an empty table.
@@ -152,7 +166,11 @@ func NewUsageTable(cfg UsageConfig) *UsageTable {
 	if cfg.MaxReports <= 0 {
 		cfg.MaxReports = DefaultMaxUsageReports
 	}
+	if cfg.ResendAfter <= 0 {
+		cfg.ResendAfter = DefaultUsageResendAfter
+	}
 	u := &UsageTable{log: cfg.Logger, now: cfg.Now, signer: cfg.Signer, keys: cfg.Keys, maxReports: cfg.MaxReports,
+		resend: cfg.ResendAfter,
 		reports: map[string]UsageReport{},
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_ipam_usage_rejected_total", Help: "Gossiped block-usage reports rejected, by reason.",
@@ -278,27 +296,34 @@ func (u *UsageTable) Used(peer, cidr string) (int, bool) {
 }
 
 // Publish records this peer's usage and returns the message to broadcast, or nil when it did
-// not change since the last call. Its version is the clock in ns, above every version used
-// (or seen from an older session of this peer) before.
+// not change since the last call, except that the last report goes out once more when it
+// has stood for ResendAfter. Its version is the clock in ns, above every version used (or
+// seen from an older session of this peer) before.
 func (u *UsageTable) Publish(peer string, used map[string]int) []byte {
 	u.mu.Lock()
+	now := u.now()
 	if u.self == peer && u.lastSent != nil && maps.Equal(u.lastSent, used) {
-		u.mu.Unlock()
-		return nil
+		defer u.mu.Unlock()
+		if u.resent || now.Sub(u.changedAt) < u.resend {
+			return nil
+		}
+		u.resent = true
+		return u.lastMsg
 	}
 	u.self = peer
 	u.lastSent = maps.Clone(used)
 	if cur, ok := u.reports[peer]; ok {
 		u.clock = max(u.clock, cur.Version) // one of ours kept before we knew our name
 	}
-	u.clock = max(u.now().UnixNano(), u.clock+1)
+	u.clock = max(now.UnixNano(), u.clock+1)
 	r := UsageReport{Peer: peer, Version: u.clock, Used: maps.Clone(used)}
 	if u.signer != nil {
 		r.Sig = u.signer.Sign(UsageDomain, r.signedBytes())
 	}
 	u.reports[peer] = r
-	u.mu.Unlock()
 	b, _ := json.Marshal(r)
+	u.lastMsg, u.changedAt, u.resent = b, now, false
+	u.mu.Unlock()
 	return b
 }
 

@@ -1,6 +1,7 @@
 package ipam
 
 import (
+	"bytes"
 	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
@@ -78,8 +79,22 @@ func TestUsageTableKeepsOneReportPerPeerAndRejectsBadOnes(t *testing.T) {
 	if other.Publish("me", map[string]int{"10.40.1.0/26": 1}) != nil {
 		t.Fatal("unchanged usage published again")
 	}
-	if other.Publish("me", map[string]int{"10.40.1.0/26": 2}) == nil {
+	sent := other.Publish("me", map[string]int{"10.40.1.0/26": 2})
+	if sent == nil {
 		t.Fatal("changed usage not published")
+	}
+	// Once settled, the last report goes out once more (the last of a burst may be lost).
+	now = now.Add(DefaultUsageResendAfter - time.Millisecond)
+	if other.Publish("me", map[string]int{"10.40.1.0/26": 2}) != nil {
+		t.Fatal("resent before ResendAfter")
+	}
+	now = now.Add(time.Millisecond)
+	if again := other.Publish("me", map[string]int{"10.40.1.0/26": 2}); !bytes.Equal(again, sent) {
+		t.Fatalf("after ResendAfter got %q, want the last report again %q", again, sent)
+	}
+	now = now.Add(time.Hour)
+	if other.Publish("me", map[string]int{"10.40.1.0/26": 2}) != nil {
+		t.Fatal("resent more than once")
 	}
 }
 

@@ -404,7 +404,8 @@ func toMembers(peers []mesh.Peer) []ipam.Member {
 	return out
 }
 
-// publishUsage broadcasts this peer's block usage if it changed since the last broadcast.
+// publishUsage broadcasts this peer's block usage if it changed since the last broadcast
+// (and the last report once more when it has stood a few seconds: ipam.UsageConfig.ResendAfter).
 func (p *Peer) publishUsage() {
 	used := map[string]int{}
 	for _, n := range p.alloc.Networks() {
