@@ -158,6 +158,18 @@ func (m LinkMetrics) quantize() LinkMetrics {
 	return m
 }
 
+// FailingLinks names the links down or with a loss in their window: those whose underlay
+// the router probes at the full rate, to tell a broken tunnel from a broken network. O(k).
+func FailingLinks(links map[string]LinkMetrics) []string {
+	var out []string
+	for name, lm := range links {
+		if !lm.Up || lm.Loss > 0 {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
 // LinkChange is one link that changed in the table: set to Link, or
 // Removed.
 type LinkChange struct {

@@ -40,7 +40,7 @@ const unknownGrace = 10 * time.Second
 
 // With link probes on, underlay probes run underlayProbeSlowdown times slower than
 // --probe-interval for a link that is settling, or whose link probe is down or lost a probe in
-// its window (see startPaths and underlayActive), and underlayIdleSlowdown times slower for a
+// its window (see startPaths and mesh.FailingLinks), and underlayIdleSlowdown times slower for a
 // healthy one: every 20 s at the default 1 s, as before round 6. Not slower: the segments
 // view names the underlay slow by comparing its figure with the link's, and a link that
 // only got slower stays "healthy" here; with one underlay probe a minute the view named the
@@ -537,7 +537,7 @@ func (p *Peer) updateLinks(now time.Time, export bool) (map[string]string, bool)
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up, Encrypted: pt.enc[name]}
 	}
 	if pt.link != nil {
-		pt.underlay.SetActive(underlayActive(links)) // a no-op unless the set changed
+		pt.underlay.SetActive(mesh.FailingLinks(links)) // a no-op unless the set changed
 	}
 	msgs, _ := pt.table.PublishLinks(p.cfg.Name, links)
 	for _, msg := range msgs {
@@ -553,19 +553,6 @@ func (p *Peer) updateLinks(now time.Time, export bool) (map[string]string, bool)
 		}
 	}
 	return pt.selectAll(now)
-}
-
-// underlayActive: the links whose underlay is probed at the full rate when link probes are
-// on, those down or with a loss in their link probes' window: there the underlay tells
-// whether the tunnel or the network broke. O(k).
-func underlayActive(links map[string]mesh.LinkMetrics) []string {
-	var out []string
-	for name, lm := range links {
-		if !lm.Up || lm.Loss > 0 {
-			out = append(out, name)
-		}
-	}
-	return out
 }
 
 // ownLink is this peer's link to dest as measured now: the table holds what was published,

@@ -41,6 +41,14 @@ const (
 	mustLinger        = 2 * time.Minute
 )
 
+// underlayProbeSlowdown and underlayIdleSlowdown mirror router/paths.go: with link probes
+// on, the underlay of a failing or settling link is probed 5× slower than the interval, a
+// healthy one 20× slower (the active set is mesh.FailingLinks).
+const (
+	underlayProbeSlowdown = 5
+	underlayIdleSlowdown  = underlayProbeSlowdown * idleProbeSlowdown
+)
+
 // ownMoved mirrors router/paths.go ownMoved: own links are fed to path
 // choice on finer moves than they are published.
 func ownMoved(prev, next mesh.LinkMetrics) bool {
@@ -155,11 +163,11 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		if n.sel, err = pathsel.New(pathsel.Config{Self: cfg.Name, SLA: pathsel.DefaultSLA(), Estimator: (*meshEstimator)(n)}); err != nil {
 			return n, err
 		}
-		underlayEvery := cfg.ProbeInterval
+		underlayEvery, underlayIdle := cfg.ProbeInterval, idleProbeSlowdown*cfg.ProbeInterval
 		if cfg.LinkProbePort != 0 {
-			underlayEvery *= 5
+			underlayEvery, underlayIdle = underlayProbeSlowdown*cfg.ProbeInterval, underlayIdleSlowdown*cfg.ProbeInterval
 		}
-		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, idleProbeSlowdown*underlayEvery, kindProbeUnderlay); err != nil {
+		if n.underlay, err = n.startProber(ctx, cfg.ProbePort, underlayEvery, underlayIdle, kindProbeUnderlay); err != nil {
 			return n, err
 		}
 		if cfg.LinkProbePort != 0 {
@@ -383,9 +391,10 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 		}
 		n.targets = targets
 	}
-	n.underlay.SetActive(active)
 	if n.link != nil {
-		n.link.SetActive(active)
+		n.link.SetActive(active) // the underlay's active links are the failing ones (updateLinks)
+	} else {
+		n.underlay.SetActive(active)
 	}
 	dests := make(map[string]pathsel.Dest, len(live))
 	for name := range live {
@@ -451,6 +460,9 @@ func (n *node) updateLinks(ctx context.Context, now time.Time) (relaysChanged, c
 			continue
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
+	}
+	if n.link != nil {
+		n.underlay.SetActive(mesh.FailingLinks(links)) // a no-op unless the set changed
 	}
 	msgs, _ := n.table.PublishLinks(n.cfg.Name, links)
 	for _, msg := range msgs {
