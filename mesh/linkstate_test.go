@@ -259,6 +259,42 @@ func TestPublishMovedIntervalStretches(t *testing.T) {
 	}
 }
 
+// TestPublishBatchIntervalStretches: with 40 live origins, added and removed links wait
+// max(BatchInterval, 40 × MovedSpacing) since the last batch, unless an up/down change
+// goes out first and takes them along.
+func TestPublishBatchIntervalStretches(t *testing.T) {
+	now := time.Unix(1000, 0)
+	clock := func() time.Time { return now }
+	tab := newTable(t, LinkTableConfig{MinInterval: 10 * time.Second, BatchInterval: 10 * time.Second, MovedSpacing: time.Second, Now: clock})
+	src := newTable(t, LinkTableConfig{Now: clock})
+	for i := range 39 {
+		msgs, _ := src.Publish(fmt.Sprintf("o%02d", i), map[string]LinkStats{"x": up(ms(5), 0)})
+		mergeAll(t, tab, msgs)
+	}
+	publish := func(what string, stats map[string]LinkStats, want bool) {
+		t.Helper()
+		if msgs, _ := tab.Publish("a", stats); (msgs != nil) != want {
+			t.Fatalf("%s (t=%v): published %v, want %v", what, now.Sub(time.Unix(1000, 0)), msgs != nil, want)
+		}
+	}
+	b := map[string]LinkStats{"b": up(ms(10), 0)}
+	bc := map[string]LinkStats{"b": up(ms(10), 0), "c": up(ms(1), 0)}
+	publish("first publication", b, true)
+	now = now.Add(11 * time.Second)
+	publish("c added after BatchInterval, N=40", bc, false)
+	now = now.Add(28 * time.Second) // 39 s
+	publish("c added before 40 s", bc, false)
+	now = now.Add(time.Second)
+	publish("c added at 40 s", bc, true)
+	now = now.Add(time.Second)
+	publish("c removed a second later", b, false)
+	now = now.Add(time.Second)
+	publish("b down: at once, c's removal with it", map[string]LinkStats{"b": {RTT: ms(10)}}, true)
+	if _, ok := tab.Link("a", "c"); ok {
+		t.Fatal("c's removal did not ride with b's down")
+	}
+}
+
 func TestPublishSplits(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for _, c := range []struct {

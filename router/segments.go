@@ -46,8 +46,10 @@ import (
 // records O(k + M) figures for k probed peers and M networks; histories hold
 // segmentHistory points each, O((k + M)·k) in all at most. Gossip: one record per peer of at
 // most maxSegmentNetworks networks and maxSegmentTunnels tunnel counters (fits one
-// broadcast), sent when it changed and at least every segmentRepublish: N/30 records a
-// second mesh-wide; push/pull carries all, O(N).
+// broadcast), sent when it changed and at least every max(30 s, N × 0.6 s)
+// (segmentRepublishEvery): at most 1.7 records a second mesh-wide when nothing changes,
+// whatever N (with a fixed 30 s, N/30: at N=100 a third of the broadcasts a peer relayed);
+// push/pull carries all, O(N).
 
 // ErrBadSegmentRequest: a /v1/segments request names no known peer, container or address.
 var ErrBadSegmentRequest = errors.New("bad segments request")
@@ -64,9 +66,10 @@ const (
 	segmentBaseline     = 5 * time.Minute        // the baseline is the median over this long…
 	segmentRecent       = 20 * time.Second       // …leaving out the last moments (the change itself)
 	segmentMinBaseline  = 5                      // figures needed for a baseline
-	segmentRepublish    = 30 * time.Second       // a record unchanged is re-sent this often
+	segmentRepublish    = 30 * time.Second       // a record unchanged is re-sent this often…
+	segmentSpacing      = 600 * time.Millisecond // …or every N × this in a mesh of N (segmentRepublishEvery)
 	segmentMinPublish   = 10 * time.Second       // a changed record is sent at most this often
-	segmentRecordTTL    = 2 * time.Minute        // a peer's record not refreshed is dropped
+	segmentRecordTTLs   = 4                      // a peer's record not refreshed for this many republish periods is dropped
 	maxSegmentNetworks  = 8                      // networks a record carries (bounded broadcast)
 	maxSegmentTunnels   = 8                      // tunnel counters a record carries
 	maxSegmentRecords   = 4096                   // records held (peers)
@@ -509,7 +512,7 @@ func (s *segmentsPart) figures(peer string) SegmentsStatus {
 }
 
 // recordDueLocked builds this peer's record and says whether to send it: when it changed
-// (at most every segmentMinPublish) or every segmentRepublish. Caller holds mu.
+// (at most every segmentMinPublish) or every segmentRepublishEvery. Caller holds mu.
 func (s *segmentsPart) recordDueLocked(now time.Time, tunnels map[string]tunnelCount) (segmentRecord, bool) {
 	rec := segmentRecord{Peer: s.cfg.Self}
 	for _, n := range slices.Sorted(maps.Keys(s.windows)) {
@@ -531,7 +534,7 @@ func (s *segmentsPart) recordDueLocked(now time.Time, tunnels map[string]tunnelC
 	}
 	changed := !slices.Equal(rec.Bridges, s.sent.Bridges) || !slices.Equal(rec.Tunnels, s.sent.Tunnels)
 	since := now.Sub(s.sentAt)
-	if !(changed && since >= segmentMinPublish || since >= segmentRepublish) {
+	if !(changed && since >= segmentMinPublish || since >= segmentRepublishEvery(len(s.records))) {
 		return segmentRecord{}, false
 	}
 	s.sent, s.sentAt = rec, now
@@ -667,12 +670,18 @@ func (s *segmentsPart) merge(recs []segmentRecord) {
 			s.refuse("invalid", err)
 			continue
 		}
+		s.mu.Lock()
+		cur, ok := s.records[r.Peer]
+		s.mu.Unlock()
+		if !supersedes(r.Version, cur.Version, ok) {
+			continue // what we hold, or older: no signature check (push/pull lists every record)
+		}
 		if err := s.signing.verify(r.seal()); err != nil {
 			s.refuse("signature", err)
 			continue
 		}
 		s.mu.Lock()
-		cur, ok := s.records[r.Peer]
+		cur, ok = s.records[r.Peer]
 		switch {
 		case !supersedes(r.Version, cur.Version, ok):
 		case !ok && len(s.records) >= maxSegmentRecords:
@@ -687,12 +696,20 @@ func (s *segmentsPart) merge(recs []segmentRecord) {
 	}
 }
 
-// sweepLocked drops the records of peers not heard of for segmentRecordTTL (gone or
-// partitioned: their figures would be stale). Caller holds mu. O(N).
+// segmentRepublishEvery is how often an unchanged record is re-sent in a mesh of n peers
+// (the records held): the mesh-wide rate of such records stays at most 1/segmentSpacing.
+// Pure.
+func segmentRepublishEvery(n int) time.Duration {
+	return max(segmentRepublish, time.Duration(n)*segmentSpacing)
+}
+
+// sweepLocked drops the records of peers not heard of for segmentRecordTTLs republish
+// periods (gone or partitioned: their figures would be stale). Caller holds mu. O(N).
 func (s *segmentsPart) sweepLocked() {
 	now := s.cfg.Now()
+	ttl := segmentRecordTTLs * segmentRepublishEvery(len(s.records))
 	for p, at := range s.received {
-		if p != s.cfg.Self && now.Sub(at) > segmentRecordTTL {
+		if p != s.cfg.Self && now.Sub(at) > ttl {
 			delete(s.records, p)
 			delete(s.received, p)
 		}

@@ -180,12 +180,25 @@ func TestSegmentRecordsPublishedAndRefused(t *testing.T) {
 		t.Fatalf("b's bridge %dµs (want the newer 2000), own version %d", got, own)
 	}
 	// A peer not heard from is forgotten.
-	f.clock.t = f.clock.t.Add(segmentRecordTTL + time.Second)
+	f.clock.t = f.clock.t.Add(segmentRecordTTLs*segmentRepublish + time.Second) // two records held: the 30 s floor
 	var recs []segmentRecord
 	json.Unmarshal(f.s.LocalState(false), &recs)
 	for _, r := range recs {
 		if r.Peer == "b" {
 			t.Fatal("a stale record kept")
+		}
+	}
+}
+
+// TestSegmentRepublishEvery: an unchanged record waits max(30 s, N × 0.6 s), so the
+// mesh-wide rate of such records is at most 1/0.6 s whatever N.
+func TestSegmentRepublishEvery(t *testing.T) {
+	for _, c := range []struct {
+		n    int
+		want time.Duration
+	}{{0, 30 * time.Second}, {5, 30 * time.Second}, {50, 30 * time.Second}, {100, time.Minute}, {1000, 10 * time.Minute}} {
+		if got := segmentRepublishEvery(c.n); got != c.want {
+			t.Errorf("segmentRepublishEvery(%d) = %v, want %v", c.n, got, c.want)
 		}
 	}
 }
