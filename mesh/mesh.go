@@ -58,8 +58,10 @@ type Mesh struct {
 	subs    map[*subscriber]struct{}
 	targets []*target           // seeds and Connect targets, in the order added
 	leaving map[string]struct{} // peers that announced they leave
-	left    bool                // Leave was called: stop joining
-	shut    bool                // Close began: no more events
+	// suspects: when each suspicion held here expires unless renewed (suspicion.go).
+	suspects map[string]*suspicion
+	left     bool // Leave was called: stop joining
+	shut     bool // Close began: no more events
 }
 
 type subscriber struct {
@@ -127,6 +129,7 @@ func New(cfg Config) (*Mesh, error) {
 		peers:     make(map[string]*Peer),
 		subs:      make(map[*subscriber]struct{}),
 		leaving:   make(map[string]struct{}),
+		suspects:  make(map[string]*suspicion),
 		coords:    newCoords(),
 	}
 	m.queue = &memberlist.TransmitLimitedQueue{NumNodes: m.numNodes, RetransmitMult: 4}
@@ -521,6 +524,10 @@ func (m *Mesh) Close() error {
 	}
 	m.mu.Lock()
 	m.shut = true
+	for _, s := range m.suspects {
+		s.timer.Stop()
+	}
+	clear(m.suspects)
 	for s := range m.subs {
 		close(s.ch)
 	}

@@ -712,3 +712,46 @@ func TestSuspicionStormBounded(t *testing.T) {
 		t.Fatal("the end of a suspicion another peer published would not be published")
 	}
 }
+
+// A suspicion that nothing renews expires after memberlist's shortest suspicion timeout
+// (the peer stays alive in memberlist); failed probes renew it. Without the expiry a
+// private suspicion lasted until this peer probed that one again, ~N probe intervals.
+// The suspected peer is a row of the table that memberlist does not probe, so no direct
+// ack ends the suspicion first.
+func TestSuspicionExpires(t *testing.T) {
+	t.Parallel()
+	cfg, _ := testConfig(t, "expire0")
+	m := startMesh(t, cfg)
+	m.mu.Lock()
+	m.peers["ghost"] = &Peer{Name: "ghost", State: StateAlive, Since: time.Now()}
+	m.mu.Unlock()
+	expiry := m.suspicionExpiry() // SuspicionMult × ProbeInterval below N=10
+	if want := time.Duration(cfg.SuspicionMult) * cfg.ProbeInterval; expiry != want {
+		t.Fatalf("suspicionExpiry = %v, want %v", expiry, want)
+	}
+	m.onDirectProbeFailed("ghost")
+	if got := peerState(m, "ghost"); got != StateSuspect.String() {
+		t.Fatalf("after a failed probe ghost is %s, want suspect", got)
+	}
+	// Renewed by a failed probe every half expiry: still suspect after twice the expiry.
+	for end := time.Now().Add(2 * expiry); time.Now().Before(end); {
+		time.Sleep(expiry / 2)
+		if got := peerState(m, "ghost"); got != StateSuspect.String() {
+			t.Fatalf("renewed suspicion ended: ghost is %s", got)
+		}
+		m.onDirectProbeFailed("ghost")
+	}
+	start := time.Now()
+	waitFor(t, 5*expiry, func() string {
+		if got := peerState(m, "ghost"); got != StateAlive.String() {
+			return "ghost is " + got
+		}
+		return ""
+	})
+	if took := time.Since(start); took < expiry*9/10 {
+		t.Fatalf("suspicion ended %v after the last renewal, before the expiry %v", took, expiry)
+	}
+	if got := metricValue(m.metrics.suspicionExpired); got != 1 {
+		t.Fatalf("suspicions expired = %v, want 1", got)
+	}
+}

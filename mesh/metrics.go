@@ -28,6 +28,7 @@ type metrics struct {
 	coordRejected       *prometheus.CounterVec // reason
 	keyRejected         *prometheus.CounterVec // reason
 	suspicionSuppressed *prometheus.CounterVec // kind (suspect, alive)
+	suspicionExpired    prometheus.Counter     //
 }
 
 // Join failure reasons (label values of weft_mesh_join_failures_total).
@@ -103,6 +104,10 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	for _, k := range []string{"suspect", "alive"} {
 		m.suspicionSuppressed.WithLabelValues(k)
 	}
+	m.suspicionExpired = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "weft_mesh_suspicions_expired_total",
+		Help: "Peers this peer held suspect that went back to alive because nothing renewed the suspicion within memberlist's shortest suspicion timeout (memberlist kept them alive).",
+	})
 	queue := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "weft_mesh_broadcast_queue_messages",
 		Help: "Broadcasts waiting in the gossip queue.",
@@ -110,7 +115,7 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	m.collectors = []prometheus.Collector{
 		m.members, m.joinAttempts, m.joinFailures, m.events, m.eventsDropped,
 		m.messagesReceived, m.messagesRejected, m.broadcasts, m.broadcastsDropped,
-		m.metadataRejected, m.coordUpdates, m.coordRejected, m.keyRejected, m.suspicionSuppressed, queue,
+		m.metadataRejected, m.coordUpdates, m.coordRejected, m.keyRejected, m.suspicionSuppressed, m.suspicionExpired, queue,
 	}
 	for _, s := range []State{StateAlive, StateSuspect, StateDead, StateLeft} {
 		m.members.WithLabelValues(s.String()).Set(0)

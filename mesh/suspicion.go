@@ -2,6 +2,7 @@ package mesh
 
 import (
 	"fmt"
+	"math"
 	"sync"
 	"time"
 
@@ -46,9 +47,13 @@ import (
 // indirect probes too), and ends at the next direct ack by any peer, which
 // comes within about one probe interval for a healthy peer, since the N
 // probers each probe one of N peers per interval. Messages can be lost or
-// reordered; a later ack corrects the state. A peer that answers only
-// indirect or TCP probes (its UDP path from the probers is broken) stays
-// suspect while memberlist keeps it alive: still up, and worth showing.
+// reordered; a later ack corrects the state. A suspicion also expires
+// (suspicionExpiry): one nobody else heard of (its note was suppressed), or
+// whose alive note was lost, would otherwise last until this peer probes
+// that one again, about N probe intervals (at N=100 on 2 cores, peers
+// stayed suspect in others' views for minutes after a loaded start, and
+// "every peer sees all alive" never held). A peer whose UDP path from the
+// probers is broken keeps failing direct probes, which renew it.
 
 // internalChannel carries the mesh's own messages. RegisterChannel refuses
 // names starting with "_".
@@ -70,6 +75,7 @@ const leaveIntentWindow = 30 * time.Second
 // name got no ack. It marks the peer suspect, tells the others, and keeps
 // the TCP fallback ping on (returns false).
 func (m *Mesh) onDirectProbeFailed(name string) bool {
+	defer m.renewSuspicion(name)
 	if m.markSuspect(name) {
 		per := time.Duration(m.numNodes()) * m.cfg.ProbeInterval
 		if m.notes.publish(name, time.Now(), per) {
@@ -152,6 +158,13 @@ func (n *suspicionNotes) cleared(name string) bool {
 	return !private
 }
 
+// forget drops name's private suspicion (it expired).
+func (n *suspicionNotes) forget(name string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.private, name)
+}
+
 // maxPrivateSuspicions bounds suspicionNotes.private.
 const maxPrivateSuspicions = 4096
 
@@ -205,6 +218,7 @@ func (m *Mesh) handleInternal(b []byte) error {
 	switch b[0] {
 	case msgSuspect:
 		m.markSuspect(name)
+		m.renewSuspicion(name)
 		m.notes.heard(name)
 	case msgAlive:
 		m.markAlive(name)
@@ -240,6 +254,63 @@ func (m *Mesh) transition(name string, from, to State, ev EventType) bool {
 	p.State, p.Since = to, time.Now()
 	m.emitLocked(ev, p, from)
 	return true
+}
+
+// suspicion is the expiry of one suspicion held here.
+type suspicion struct {
+	until time.Time
+	timer *time.Timer
+}
+
+// suspicionExpiry is memberlist's shortest suspicion timeout at the current
+// size (its suspicionTimeout: SuspicionMult × max(1, log10 N) × ProbeInterval):
+// by then memberlist has either started declaring the peer dead, and the
+// failed probes of the others renew the suspicion, or kept it alive.
+func (m *Mesh) suspicionExpiry() time.Duration {
+	scale := max(1, math.Log10(float64(m.numNodes())))
+	return time.Duration(float64(m.cfg.SuspicionMult) * scale * float64(m.cfg.ProbeInterval))
+}
+
+// renewSuspicion sets the expiry of name's suspicion, if it is suspect here,
+// to suspicionExpiry from now. O(1).
+func (m *Mesh) renewSuspicion(name string) {
+	wait := m.suspicionExpiry()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p, ok := m.peers[name]
+	if m.shut || !ok || p.State != StateSuspect {
+		return
+	}
+	until := time.Now().Add(wait)
+	if s, ok := m.suspects[name]; ok {
+		s.until = until // the timer, due earlier, re-arms itself
+		return
+	}
+	m.suspects[name] = &suspicion{until: until, timer: time.AfterFunc(wait, func() { m.expireSuspicion(name) })}
+}
+
+// expireSuspicion turns name back to alive here if its suspicion was not
+// renewed; no note goes out (each peer's suspicions expire on their own).
+func (m *Mesh) expireSuspicion(name string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	s, ok := m.suspects[name]
+	if !ok || m.shut {
+		return
+	}
+	if wait := time.Until(s.until); wait > 0 {
+		s.timer.Reset(wait)
+		return
+	}
+	delete(m.suspects, name)
+	p, ok := m.peers[name]
+	if !ok || p.State != StateSuspect {
+		return
+	}
+	p.State, p.Since = StateAlive, time.Now()
+	m.emitLocked(EventAlive, p, StateSuspect)
+	m.notes.forget(name)
+	m.metrics.suspicionExpired.Inc()
 }
 
 // markLeaving records a leave intent; a peer already declared dead a short while ago is turned into left.
