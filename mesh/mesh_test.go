@@ -755,3 +755,38 @@ func TestSuspicionExpires(t *testing.T) {
 		t.Fatalf("suspicions expired = %v, want 1", got)
 	}
 }
+
+// A private suspicion (its note suppressed: nobody else holds it, so no alive note will
+// end it) expires after privateSuspicionExpiry probe intervals, a published one later.
+func TestPrivateSuspicionExpiresSooner(t *testing.T) {
+	t.Parallel()
+	cfg, _ := testConfig(t, "private0")
+	cfg.SuspicionMult = 30 // published: 3 s, private: 200 ms; a wide margin on a loaded machine
+	m := startMesh(t, cfg)
+	m.mu.Lock()
+	for _, name := range []string{"public", "private"} {
+		m.peers[name] = &Peer{Name: name, State: StateAlive, Since: time.Now()}
+	}
+	m.mu.Unlock()
+	m.onDirectProbeFailed("public")  // takes the budget's one note
+	m.onDirectProbeFailed("private") // suppressed
+	if !m.notes.isPrivate("private") || m.notes.isPrivate("public") {
+		t.Fatal("want private's suspicion private and public's published")
+	}
+	short := privateSuspicionExpiry * cfg.ProbeInterval
+	if short >= m.suspicionExpiry() {
+		t.Fatalf("private expiry %v not below the published one %v", short, m.suspicionExpiry())
+	}
+	waitFor(t, 5*short, func() string {
+		if got := peerState(m, "private"); got != StateAlive.String() {
+			return "private is " + got
+		}
+		return ""
+	})
+	if got := peerState(m, "public"); got != StateSuspect.String() {
+		t.Fatalf("public is %s once private's suspicion expired, want still suspect", got)
+	}
+	if m.notes.isPrivate("private") {
+		t.Fatal("an expired private suspicion is still remembered")
+	}
+}

@@ -75,7 +75,7 @@ const leaveIntentWindow = 30 * time.Second
 // name got no ack. It marks the peer suspect, tells the others, and keeps
 // the TCP fallback ping on (returns false).
 func (m *Mesh) onDirectProbeFailed(name string) bool {
-	defer m.renewSuspicion(name)
+	defer func() { m.renewSuspicion(name, m.notes.isPrivate(name)) }()
 	if m.markSuspect(name) {
 		per := time.Duration(m.numNodes()) * m.cfg.ProbeInterval
 		if m.notes.publish(name, time.Now(), per) {
@@ -158,6 +158,14 @@ func (n *suspicionNotes) cleared(name string) bool {
 	return !private
 }
 
+// isPrivate reports whether name's suspicion here was never published.
+func (n *suspicionNotes) isPrivate(name string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	_, ok := n.private[name]
+	return ok
+}
+
 // forget drops name's private suspicion (it expired).
 func (n *suspicionNotes) forget(name string) {
 	n.mu.Lock()
@@ -218,8 +226,8 @@ func (m *Mesh) handleInternal(b []byte) error {
 	switch b[0] {
 	case msgSuspect:
 		m.markSuspect(name)
-		m.renewSuspicion(name)
 		m.notes.heard(name)
+		m.renewSuspicion(name, false)
 	case msgAlive:
 		m.markAlive(name)
 	case msgLeaving:
@@ -271,10 +279,20 @@ func (m *Mesh) suspicionExpiry() time.Duration {
 	return time.Duration(float64(m.cfg.SuspicionMult) * scale * float64(m.cfg.ProbeInterval))
 }
 
-// renewSuspicion sets the expiry of name's suspicion, if it is suspect here,
-// to suspicionExpiry from now. O(1).
-func (m *Mesh) renewSuspicion(name string) {
+// privateSuspicionExpiry is how long a suspicion nobody else heard of lasts
+// (its note was suppressed), in probe intervals: memberlist's indirect and
+// TCP probes end within one, and if they failed too, memberlist's own
+// suspicion takes over. Nobody else holds it, so no alive note would end it.
+const privateSuspicionExpiry = 2
+
+// renewSuspicion extends the expiry of name's suspicion, if it is suspect
+// here, to suspicionExpiry from now, or privateSuspicionExpiry probe
+// intervals for a private one. O(1).
+func (m *Mesh) renewSuspicion(name string, private bool) {
 	wait := m.suspicionExpiry()
+	if private {
+		wait = privateSuspicionExpiry * m.cfg.ProbeInterval
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	p, ok := m.peers[name]
@@ -283,7 +301,9 @@ func (m *Mesh) renewSuspicion(name string) {
 	}
 	until := time.Now().Add(wait)
 	if s, ok := m.suspects[name]; ok {
-		s.until = until // the timer, due earlier, re-arms itself
+		if until.After(s.until) {
+			s.until = until // the timer, due earlier, re-arms itself
+		}
 		return
 	}
 	m.suspects[name] = &suspicion{until: until, timer: time.AfterFunc(wait, func() { m.expireSuspicion(name) })}
