@@ -170,7 +170,7 @@ func NewUsageTable(cfg UsageConfig) *UsageTable {
 		cfg.ResendAfter = DefaultUsageResendAfter
 	}
 	u := &UsageTable{log: cfg.Logger, now: cfg.Now, signer: cfg.Signer, keys: cfg.Keys, maxReports: cfg.MaxReports,
-		resend: cfg.ResendAfter,
+		resend:  cfg.ResendAfter,
 		reports: map[string]UsageReport{},
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_ipam_usage_rejected_total", Help: "Gossiped block-usage reports rejected, by reason.",
