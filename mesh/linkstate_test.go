@@ -205,24 +205,33 @@ func TestMovedInterval(t *testing.T) {
 	}
 }
 
+// withOrigins is a table (cfg) holding the links of n other live origins, and a publish
+// that fails the test unless peer "a" publishing stats sends something exactly when want
+// (what names the step; cfg.Now's time since the first call is in the message).
+func withOrigins(t *testing.T, cfg LinkTableConfig, n int) (*LinkTable, func(what string, stats map[string]LinkStats, want bool)) {
+	t.Helper()
+	tab := newTable(t, cfg)
+	src := newTable(t, LinkTableConfig{Now: cfg.Now})
+	for i := range n {
+		msgs, _ := src.Publish(fmt.Sprintf("o%02d", i), map[string]LinkStats{"x": up(ms(5), 0)})
+		mergeAll(t, tab, msgs)
+	}
+	start := cfg.Now()
+	return tab, func(what string, stats map[string]LinkStats, want bool) {
+		t.Helper()
+		if msgs, _ := tab.Publish("a", stats); (msgs != nil) != want {
+			t.Fatalf("%s (t=%v): published %v, want %v", what, cfg.Now().Sub(start), msgs != nil, want)
+		}
+	}
+}
+
 // TestPublishMovedIntervalStretches: in a table holding 40 live origins (this peer and 39
 // others), moved figures wait 40 × MovedSpacing, not MinInterval; up/down, added and
 // removed links still go out at once; with few origins the floor applies.
 func TestPublishMovedIntervalStretches(t *testing.T) {
 	now := time.Unix(1000, 0)
 	clock := func() time.Time { return now }
-	tab := newTable(t, LinkTableConfig{MinInterval: 10 * time.Second, MovedSpacing: time.Second, Now: clock})
-	src := newTable(t, LinkTableConfig{Now: clock})
-	for i := range 39 {
-		msgs, _ := src.Publish(fmt.Sprintf("o%02d", i), map[string]LinkStats{"x": up(ms(5), 0)})
-		mergeAll(t, tab, msgs)
-	}
-	publish := func(what string, stats map[string]LinkStats, want bool) {
-		t.Helper()
-		if msgs, _ := tab.Publish("a", stats); (msgs != nil) != want {
-			t.Fatalf("%s (t=%v): published %v, want %v", what, now.Sub(time.Unix(1000, 0)), msgs != nil, want)
-		}
-	}
+	tab, publish := withOrigins(t, LinkTableConfig{MinInterval: 10 * time.Second, MovedSpacing: time.Second, Now: clock}, 39)
 	publish("first publication", map[string]LinkStats{"b": up(ms(10), 0), "c": up(ms(1), 0)}, true)
 	now = now.Add(11 * time.Second)
 	publish("rtt doubled after MinInterval, N=40", map[string]LinkStats{"b": up(ms(20), 0), "c": up(ms(1), 0)}, false)
@@ -265,18 +274,7 @@ func TestPublishMovedIntervalStretches(t *testing.T) {
 func TestPublishBatchIntervalStretches(t *testing.T) {
 	now := time.Unix(1000, 0)
 	clock := func() time.Time { return now }
-	tab := newTable(t, LinkTableConfig{MinInterval: 10 * time.Second, BatchInterval: 10 * time.Second, MovedSpacing: time.Second, Now: clock})
-	src := newTable(t, LinkTableConfig{Now: clock})
-	for i := range 39 {
-		msgs, _ := src.Publish(fmt.Sprintf("o%02d", i), map[string]LinkStats{"x": up(ms(5), 0)})
-		mergeAll(t, tab, msgs)
-	}
-	publish := func(what string, stats map[string]LinkStats, want bool) {
-		t.Helper()
-		if msgs, _ := tab.Publish("a", stats); (msgs != nil) != want {
-			t.Fatalf("%s (t=%v): published %v, want %v", what, now.Sub(time.Unix(1000, 0)), msgs != nil, want)
-		}
-	}
+	tab, publish := withOrigins(t, LinkTableConfig{MinInterval: 10 * time.Second, BatchInterval: 10 * time.Second, MovedSpacing: time.Second, Now: clock}, 39)
 	b := map[string]LinkStats{"b": up(ms(10), 0)}
 	bc := map[string]LinkStats{"b": up(ms(10), 0), "c": up(ms(1), 0)}
 	publish("first publication", b, true)
