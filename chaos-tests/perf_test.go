@@ -104,13 +104,12 @@ func TestPerf(t *testing.T) {
 
 	t.Run("throughput within 0.8-1.2x of iperf3 between the same containers", func(t *testing.T) {
 		const secs = 3
-		// iperf3 and weft perf in turn, each at its best of the runs: on a shared machine
-		// other work slows single runs of both, never speeds one up. Four and three runs:
-		// with three and two, one busy stretch of the machine over iperf3's runs once put
-		// weft perf at 1.33×.
+		// iperf3 and weft perf in turn, five runs each, compared by their medians: on a shared
+		// machine single runs of both swing by ±10 %, and best against best was decided by
+		// one outlier (a weft perf run 15 % above its other two put the ratio at 1.22).
 		var ips, perfs []float64
 		var r router.PerfResult
-		for i := range 7 {
+		for i := range 10 {
 			if i%2 == 0 {
 				ips = append(ips, iperf3Rate(t, ctx, cs[0], cs[1], secs))
 				continue
@@ -125,9 +124,9 @@ func TestPerf(t *testing.T) {
 				t.Errorf("result %+v", r)
 			}
 		}
-		ref, got := slices.Max(ips), slices.Max(perfs)
+		ref, got := median(ips), median(perfs)
 		ratio := got / ref
-		t.Logf("iperf3 %v Gbit/s, weft perf %v Gbit/s: best %.2f against %.2f, ratio %.2f; last rtt p50 %.3f ms p99 %.3f ms, jitter %.3f ms, loss %.1f%% of %d probes",
+		t.Logf("iperf3 %v Gbit/s, weft perf %v Gbit/s: median %.2f against %.2f, ratio %.2f; last rtt p50 %.3f ms p99 %.3f ms, jitter %.3f ms, loss %.1f%% of %d probes",
 			gbit(ips), gbit(perfs), got/1e9, ref/1e9, ratio, r.RTTP50ms, r.RTTP99ms, r.JitterMs, r.Loss*100, r.Probes)
 		if ratio < 0.8 || ratio > 1.2 {
 			t.Errorf("weft perf %.2f Gbit/s against iperf3 %.2f Gbit/s: ratio %.2f, want 0.8-1.2", got/1e9, ref/1e9, ratio)
@@ -219,4 +218,10 @@ func requireTool(t *testing.T, tool string) {
 	if _, err := exec.LookPath(tool); err != nil {
 		t.Fatalf("this test needs %s (Debian package %s; make bench-deps installs it): %v", tool, tool, err)
 	}
+}
+
+// median of an odd number of figures.
+func median(xs []float64) float64 {
+	s := slices.Sorted(slices.Values(xs))
+	return s[len(s)/2]
 }
