@@ -221,7 +221,8 @@ type LinkTableConfig struct {
 	// with an earlier publication). 0: no stretch.
 	MovedSpacing time.Duration
 	// BatchInterval: links that were added or removed go out together, at
-	// most this often (each publication costs a 64-byte signature, relayed
+	// most this often, or every N × MovedSpacing if that is longer (each
+	// publication costs a 64-byte signature, relayed
 	// to every peer; probe-target churn adds and removes links steadily). A
 	// link going down or coming back up, or changing encryption, goes out
 	// at once: others must route around it, and a recovered link must not
