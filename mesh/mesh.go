@@ -60,8 +60,12 @@ type Mesh struct {
 	leaving map[string]struct{} // peers that announced they leave
 	// suspects: when each suspicion held here expires unless renewed (suspicion.go).
 	suspects map[string]*suspicion
-	left     bool // Leave was called: stop joining
-	shut     bool // Close began: no more events
+	// confirming: failed direct probes waiting for their confirming ping (suspicion.go);
+	// confirms counts the pings under way, for Close.
+	confirming map[string]*time.Timer
+	confirms   sync.WaitGroup
+	left       bool // Leave was called: stop joining
+	shut       bool // Close began: no more events
 }
 
 type subscriber struct {
@@ -117,20 +121,21 @@ func New(cfg Config) (*Mesh, error) {
 	}
 
 	m := &Mesh{
-		pins:      pins,
-		cfg:       cfg,
-		log:       cfg.Logger,
-		wake:      make(chan struct{}, 1),
-		pinned:    make(chan struct{}, 1),
-		downed:    make(chan struct{}, 1),
-		meta:      md,
-		metaBytes: enc,
-		channels:  make(map[string]ChannelHandler),
-		peers:     make(map[string]*Peer),
-		subs:      make(map[*subscriber]struct{}),
-		leaving:   make(map[string]struct{}),
-		suspects:  make(map[string]*suspicion),
-		coords:    newCoords(),
+		pins:       pins,
+		cfg:        cfg,
+		log:        cfg.Logger,
+		wake:       make(chan struct{}, 1),
+		pinned:     make(chan struct{}, 1),
+		downed:     make(chan struct{}, 1),
+		meta:       md,
+		metaBytes:  enc,
+		channels:   make(map[string]ChannelHandler),
+		peers:      make(map[string]*Peer),
+		subs:       make(map[*subscriber]struct{}),
+		leaving:    make(map[string]struct{}),
+		suspects:   make(map[string]*suspicion),
+		confirming: make(map[string]*time.Timer),
+		coords:     newCoords(),
 	}
 	m.queue = &memberlist.TransmitLimitedQueue{NumNodes: m.numNodes, RetransmitMult: 4}
 	m.lsQueue = &memberlist.TransmitLimitedQueue{NumNodes: m.numNodes, RetransmitMult: cfg.LinkStateRetransmitMult}
@@ -528,11 +533,16 @@ func (m *Mesh) Close() error {
 		s.timer.Stop()
 	}
 	clear(m.suspects)
+	for _, t := range m.confirming {
+		t.Stop()
+	}
+	clear(m.confirming)
 	for s := range m.subs {
 		close(s.ch)
 	}
 	m.subs = nil
 	m.mu.Unlock()
+	m.confirms.Wait()
 	m.metrics.unregister()
 	return m.closeErr
 }

@@ -626,9 +626,7 @@ func TestFalseSuspicionClears(t *testing.T) {
 	meshes := startChain(t, 4, "false", nil)
 	allSee(t, converge, meshes, StateAlive, names(meshes)...)
 	events := subscribe(t, meshes[3])
-	if meshes[0].onDirectProbeFailed("false1") {
-		t.Fatal("the failed-probe hook turned TCP fallback pings off")
-	}
+	meshes[0].suspectAfterFailedPing("false1")
 	waitFor(t, converge, func() string {
 		if got := events.types("false1"); !slices.Contains(got, EventSuspect) || !slices.Contains(got, EventAlive) {
 			return fmt.Sprintf("false3 saw events %v for false1, want suspect and alive", got)
@@ -636,6 +634,40 @@ func TestFalseSuspicionClears(t *testing.T) {
 		return ""
 	})
 	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+}
+
+// One failed direct probe is not suspicion: a healthy peer answers the confirming ping a
+// probe interval later and is never marked suspect; a peer that cannot answer it is.
+func TestFailedProbeNeedsConfirmation(t *testing.T) {
+	t.Parallel()
+	meshes := startChain(t, 3, "confirm", nil)
+	allSee(t, converge, meshes, StateAlive, names(meshes)...)
+	m := meshes[0]
+	events := subscribe(t, m)
+	m.mu.Lock()
+	m.peers["ghost"] = &Peer{Name: "ghost", State: StateAlive, Since: time.Now()} // no address: no answer
+	m.mu.Unlock()
+	if m.onDirectProbeFailed("confirm1") || m.onDirectProbeFailed("ghost") {
+		t.Fatal("the failed-probe hook turned TCP fallback pings off")
+	}
+	if got := peerState(m, "ghost"); got != StateAlive.String() {
+		t.Fatalf("ghost is %s at once after one failed probe, want alive until the confirming ping", got)
+	}
+	waitFor(t, converge, func() string {
+		if got := peerState(m, "ghost"); got != StateSuspect.String() {
+			return "ghost, which cannot answer the confirming ping, is " + got
+		}
+		return ""
+	})
+	waitFor(t, converge, func() string {
+		if got := metricValue(m.metrics.suspicionRefuted); got != 1 {
+			return fmt.Sprintf("unconfirmed suspicions = %v, want 1 (confirm1 answered)", got)
+		}
+		return ""
+	})
+	if got := events.types("confirm1"); slices.Contains(got, EventSuspect) {
+		t.Fatalf("confirm1 answered the confirming ping but was suspected: events %v", got)
+	}
 }
 
 func TestPeerUp(t *testing.T) {
@@ -694,7 +726,7 @@ func TestSuspicionStormBounded(t *testing.T) {
 	m := meshes[0]
 	for range 20 {
 		for _, name := range []string{"storm1", "storm2"} {
-			m.onDirectProbeFailed(name)
+			m.suspectAfterFailedPing(name)
 			m.markAlive(name) // so that the next failure is a transition again
 		}
 	}
@@ -729,7 +761,7 @@ func TestSuspicionExpires(t *testing.T) {
 	if want := time.Duration(cfg.SuspicionMult) * cfg.ProbeInterval; expiry != want {
 		t.Fatalf("suspicionExpiry = %v, want %v", expiry, want)
 	}
-	m.onDirectProbeFailed("ghost")
+	m.suspectAfterFailedPing("ghost")
 	if got := peerState(m, "ghost"); got != StateSuspect.String() {
 		t.Fatalf("after a failed probe ghost is %s, want suspect", got)
 	}
@@ -768,8 +800,8 @@ func TestPrivateSuspicionExpiresSooner(t *testing.T) {
 		m.peers[name] = &Peer{Name: name, State: StateAlive, Since: time.Now()}
 	}
 	m.mu.Unlock()
-	m.onDirectProbeFailed("public")  // takes the budget's one note
-	m.onDirectProbeFailed("private") // suppressed
+	m.suspectAfterFailedPing("public")  // takes the budget's one note
+	m.suspectAfterFailedPing("private") // suppressed
 	if !m.notes.isPrivate("private") || m.notes.isPrivate("public") {
 		t.Fatal("want private's suspicion private and public's published")
 	}

@@ -3,6 +3,8 @@ package mesh
 import (
 	"fmt"
 	"math"
+	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -25,7 +27,8 @@ import (
 //     fallback ping (memberlist's DisableTcpPings documents that fallback
 //     as "attempted if the direct UDP ping fails"). We answer false, the
 //     default, and take the call as the failed probe that precedes
-//     memberlist's own suspicion;
+//     memberlist's own suspicion; a second direct ping a probe interval
+//     later confirms it;
 //   - PingDelegate.NotifyPingComplete, when a direct probe was answered.
 //
 // The mesh turns those into gossip of its own on an internal channel
@@ -35,16 +38,17 @@ import (
 // <name>", and Leave broadcasts "leaving <name>" before memberlist's leave
 // message. The peer table then is:
 //
-//	alive → suspect   on a local failed direct probe or a "suspect" message
+//	alive → suspect   on a local failed direct probe confirmed by a failed
+//	                  ping a probe interval later, or a "suspect" message
 //	suspect → alive   on a direct ack or an "alive" message
 //	→ dead / left     on NotifyLeave: left if a leave intent arrived,
 //	                  else dead (a late intent turns dead into left)
 //	→ alive (join)    on NotifyJoin
 //
 // Alive, dead, left and join are memberlist's decisions. Suspect is
-// advisory (Peer.Up counts it as up): it starts at a failed direct probe,
-// a little earlier than memberlist's suspicion (which waits for the
-// indirect probes too), and ends at the next direct ack by any peer, which
+// advisory (Peer.Up counts it as up): it starts at a failed direct probe
+// and a failed confirming ping, about when memberlist's suspicion starts
+// (it waits for the indirect probes), and ends at the next direct ack by any peer, which
 // comes within about one probe interval for a healthy peer, since the N
 // probers each probe one of N peers per interval. Messages can be lost or
 // reordered; a later ack corrects the state. A suspicion also expires
@@ -72,9 +76,65 @@ const leaveIntentWindow = 30 * time.Second
 
 // onDirectProbeFailed is memberlist's DisableTcpPingsForNode: called from
 // its probe goroutine (not under its node lock) when a direct UDP probe of
-// name got no ack. It marks the peer suspect, tells the others, and keeps
-// the TCP fallback ping on (returns false).
+// name got no ack. It keeps the TCP fallback ping on (returns false). A
+// peer already suspect has its suspicion renewed. An alive one is not
+// suspected yet: one lost probe is most often a stall (a loaded or
+// starting peer, a GC pause) or one lost packet, and memberlist itself
+// suspects only after its indirect probes failed too. So the peer is pinged
+// once more a probe interval later (confirmSuspicion) and marked suspect
+// only if that fails as well. At N=100 on 2 cores a starting peer that
+// missed one probe was held suspect by every peer for the 7–8 s of the
+// expiry; its ping a second later was answered. O(1).
 func (m *Mesh) onDirectProbeFailed(name string) bool {
+	m.mu.Lock()
+	p, ok := m.peers[name]
+	switch {
+	case m.shut || !ok || p.Self:
+	case p.State == StateSuspect:
+		m.mu.Unlock()
+		m.renewSuspicion(name, m.notes.isPrivate(name))
+		return false
+	case p.State == StateAlive && m.confirming[name] == nil:
+		m.confirming[name] = time.AfterFunc(m.cfg.ProbeInterval, func() { m.confirmSuspicion(name) })
+	}
+	m.mu.Unlock()
+	return false
+}
+
+// confirmSuspicion pings name once (memberlist's Ping: one UDP ping, ProbeTimeout)
+// and suspects it if that gets no answer either. Runs on its own timer goroutine.
+func (m *Mesh) confirmSuspicion(name string) {
+	m.mu.Lock()
+	delete(m.confirming, name)
+	p, ok := m.peers[name]
+	if m.shut || !ok || p.State != StateAlive {
+		m.mu.Unlock()
+		return
+	}
+	addr := p.Addr
+	m.confirms.Add(1) // under mu while not shut: Close waits only after shut is set
+	m.mu.Unlock()
+	defer m.confirms.Done()
+	if m.pingOnce(name, addr) {
+		m.metrics.suspicionRefuted.Inc()
+		return
+	}
+	m.suspectAfterFailedPing(name)
+}
+
+// pingOnce reports whether name answered one direct ping at addr.
+func (m *Mesh) pingOnce(name string, addr netip.AddrPort) bool {
+	ml := m.ml.Load()
+	if ml == nil || !addr.IsValid() {
+		return false
+	}
+	_, err := ml.Ping(name, net.UDPAddrFromAddrPort(addr))
+	return err == nil
+}
+
+// suspectAfterFailedPing marks name suspect, tells the others (within the
+// notes' budget) and starts or renews the suspicion's expiry.
+func (m *Mesh) suspectAfterFailedPing(name string) {
 	defer func() { m.renewSuspicion(name, m.notes.isPrivate(name)) }()
 	if m.markSuspect(name) {
 		per := time.Duration(m.numNodes()) * m.cfg.ProbeInterval
@@ -84,7 +144,6 @@ func (m *Mesh) onDirectProbeFailed(name string) bool {
 			m.metrics.suspicionSuppressed.WithLabelValues("suspect").Inc()
 		}
 	}
-	return false
 }
 
 // onDirectAck handles a direct probe's ack: a peer we held suspect is alive,
