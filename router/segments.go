@@ -46,10 +46,11 @@ import (
 // records O(k + M) figures for k probed peers and M networks; histories hold
 // segmentHistory points each, O((k + M)·k) in all at most. Gossip: one record per peer of at
 // most maxSegmentNetworks networks and maxSegmentTunnels tunnel counters (fits one
-// broadcast), sent when it changed and at least every max(30 s, N × 0.6 s)
-// (segmentRepublishEvery): at most 1.7 records a second mesh-wide when nothing changes,
-// whatever N (with a fixed 30 s, N/30: at N=100 a third of the broadcasts a peer relayed);
-// push/pull carries all, O(N).
+// broadcast), sent when it changed and at least every max(2 min, N × 2.4 s)
+// (segmentRepublishEvery): at most 0.42 records a second mesh-wide when nothing changes,
+// whatever N; push/pull carries all, O(N), and repairs a lost one. (With 30 s and 0.6 s
+// an idle N=50 mesh relayed 1.6 unchanged records a second, 40 % of every peer's
+// gossip messages, each verified by every peer: SCALING.md round 9.)
 
 // ErrBadSegmentRequest: a /v1/segments request names no known peer, container or address.
 var ErrBadSegmentRequest = errors.New("bad segments request")
@@ -59,25 +60,25 @@ const (
 	segmentSignDomain = "weft segments v1"
 
 	segmentTick         = 2 * time.Second
-	segmentPingsPerTick = 4                      // containers pinged per tick, all networks together
-	segmentPingTimeout  = 500 * time.Millisecond // a container↔bridge echo later than this is lost
-	segmentWindow       = 20                     // samples per network's container↔bridge window
-	segmentHistory      = 150                    // figures kept per segment: 5 min at one per tick
-	segmentBaseline     = 5 * time.Minute        // the baseline is the median over this long…
-	segmentRecent       = 20 * time.Second       // …leaving out the last moments (the change itself)
-	segmentMinBaseline  = 5                      // figures needed for a baseline
-	segmentRepublish    = 30 * time.Second       // a record unchanged is re-sent this often…
-	segmentSpacing      = 600 * time.Millisecond // …or every N × this in a mesh of N (segmentRepublishEvery)
-	segmentMinPublish   = 10 * time.Second       // a changed record is sent at most this often
-	segmentRecordTTLs   = 4                      // a peer's record not refreshed for this many republish periods is dropped
-	maxSegmentNetworks  = 8                      // networks a record carries (bounded broadcast)
-	maxSegmentTunnels   = 8                      // tunnel counters a record carries
-	maxSegmentRecords   = 4096                   // records held (peers)
-	maxSegmentState     = 4 << 20                // bytes of one push/pull state
-	maxIfaceRows        = 64                     // interface rows in metrics and /status
-	maxMeasureCount     = 20                     // echoes of one on-demand measurement
-	crossCheckReadings  = 8                      // our TX readings kept per peer (16 s)
-	crossCheckMin       = 1000                   // units (bytes) sent before a cross-check ratio is given
+	segmentPingsPerTick = 4                       // containers pinged per tick, all networks together
+	segmentPingTimeout  = 500 * time.Millisecond  // a container↔bridge echo later than this is lost
+	segmentWindow       = 20                      // samples per network's container↔bridge window
+	segmentHistory      = 150                     // figures kept per segment: 5 min at one per tick
+	segmentBaseline     = 5 * time.Minute         // the baseline is the median over this long…
+	segmentRecent       = 20 * time.Second        // …leaving out the last moments (the change itself)
+	segmentMinBaseline  = 5                       // figures needed for a baseline
+	segmentRepublish    = 2 * time.Minute         // a record unchanged is re-sent this often…
+	segmentSpacing      = 2400 * time.Millisecond // …or every N × this in a mesh of N (segmentRepublishEvery)
+	segmentMinPublish   = 10 * time.Second        // a changed record is sent at most this often
+	segmentRecordTTLs   = 4                       // a peer's record not refreshed for this many republish periods is dropped
+	maxSegmentNetworks  = 8                       // networks a record carries (bounded broadcast)
+	maxSegmentTunnels   = 8                       // tunnel counters a record carries
+	maxSegmentRecords   = 4096                    // records held (peers)
+	maxSegmentState     = 4 << 20                 // bytes of one push/pull state
+	maxIfaceRows        = 64                      // interface rows in metrics and /status
+	maxMeasureCount     = 20                      // echoes of one on-demand measurement
+	crossCheckReadings  = 8                       // our TX readings kept per peer (16 s)
+	crossCheckMin       = 1000                    // units (bytes) sent before a cross-check ratio is given
 )
 
 // SegmentFigure is one segment's figure as /v1/segments and /status show it

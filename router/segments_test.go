@@ -180,7 +180,7 @@ func TestSegmentRecordsPublishedAndRefused(t *testing.T) {
 		t.Fatalf("b's bridge %dµs (want the newer 2000), own version %d", got, own)
 	}
 	// A peer not heard from is forgotten.
-	f.clock.t = f.clock.t.Add(segmentRecordTTLs*segmentRepublish + time.Second) // two records held: the 30 s floor
+	f.clock.t = f.clock.t.Add(segmentRecordTTLs*segmentRepublish + time.Second) // two records held: the 2 min floor
 	var recs []segmentRecord
 	json.Unmarshal(f.s.LocalState(false), &recs)
 	for _, r := range recs {
@@ -196,7 +196,7 @@ func TestSegmentRepublishEvery(t *testing.T) {
 	for _, c := range []struct {
 		n    int
 		want time.Duration
-	}{{0, 30 * time.Second}, {5, 30 * time.Second}, {50, 30 * time.Second}, {100, time.Minute}, {1000, 10 * time.Minute}} {
+	}{{0, 2 * time.Minute}, {5, 2 * time.Minute}, {50, 2 * time.Minute}, {100, 4 * time.Minute}, {1000, 40 * time.Minute}} {
 		if got := segmentRepublishEvery(c.n); got != c.want {
 			t.Errorf("segmentRepublishEvery(%d) = %v, want %v", c.n, got, c.want)
 		}
