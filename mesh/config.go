@@ -74,6 +74,12 @@ type Config struct {
 	ProbeInterval    time.Duration
 	ProbeTimeout     time.Duration
 	PushPullInterval time.Duration
+	// GossipNodes is how many random peers each gossip round sends to
+	// (memberlist's GossipNodes; its LAN default is 3). A message is sent a
+	// fixed number of times in all (the retransmit multipliers), so more
+	// nodes a round spread it in fewer rounds for the same packets: a join
+	// reaches N peers in about log_GossipNodes(N) rounds.
+	GossipNodes int
 	// SuspicionMult scales how long a peer stays suspect before it is
 	// declared dead: SuspicionMult * log10(N+1) * ProbeInterval at least.
 	SuspicionMult int
@@ -155,6 +161,9 @@ type Config struct {
 	DeadRetryFor time.Duration
 }
 
+// maxGossipNodes bounds Config.GossipNodes: each round sends a packet to each.
+const maxGossipNodes = 16
+
 // DefaultConfig returns production defaults. Name, Identity, Seeds and
 // Password are left for the caller.
 func DefaultConfig() Config {
@@ -164,6 +173,7 @@ func DefaultConfig() Config {
 		JoinBackoffMax:      30 * time.Second,
 		RejoinInterval:      60 * time.Second,
 		GossipInterval:      200 * time.Millisecond,
+		GossipNodes:         4,
 		ProbeInterval:       time.Second,
 		ProbeTimeout:        500 * time.Millisecond,
 		PushPullInterval:    30 * time.Second,
@@ -235,6 +245,9 @@ func (c *Config) Validate() error {
 	}
 	if c.ProbeTimeout >= c.ProbeInterval {
 		return bad("probe timeout %v must be shorter than probe interval %v", c.ProbeTimeout, c.ProbeInterval)
+	}
+	if c.GossipNodes < 1 || c.GossipNodes > maxGossipNodes {
+		return bad("gossip nodes %d must be 1..%d", c.GossipNodes, maxGossipNodes)
 	}
 	if c.SuspicionMult < 1 {
 		return bad("suspicion multiplier %d must be at least 1", c.SuspicionMult)

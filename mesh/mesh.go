@@ -175,6 +175,7 @@ func (m *Mesh) memberlistConfig() (*memberlist.Config, error) {
 		mc.AdvertisePort = c.BindPort
 	}
 	mc.GossipInterval = c.GossipInterval
+	mc.GossipNodes = c.GossipNodes
 	mc.ProbeInterval = c.ProbeInterval
 	mc.ProbeTimeout = c.ProbeTimeout
 	mc.PushPullInterval = c.PushPullInterval
