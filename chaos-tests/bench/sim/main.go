@@ -540,11 +540,13 @@ func linkStateQueued(nodes []*node) (most int, mean float64) {
 
 // publishProbe has peer i publish one of its live links as down, as its path
 // loop does when a link fails (an up/down flip goes out at once), and times
-// until half and then every other peer has merged that link as down. Its
-// path loop puts the link back up within a path interval; a peer that missed
-// the down and gets the up counts as missed, so this measures the down
-// publication's own spread. ok is false when not every peer had it within
-// timeout; all is then the timeout.
+// until half and then every other peer has merged that link as down. The
+// link is held down (holdDown) until every peer has it or the timeout, as a
+// failure that lasts: without the hold its path loop published it up again
+// within a path interval, and a peer that got the up first never relayed the
+// older down, so the probe timed a race (at N=100, 2 of 3 probes "reached"
+// fewer than half the peers in 30 s, all of which held the newer up). ok is
+// false when not every peer had it within timeout; all is then the timeout.
 func publishProbe(ctx context.Context, nodes []*node, i int, timeout time.Duration) (half, all time.Duration, ok bool, err error) {
 	// Peer i, or the next one with a link up (a peer may have none published yet).
 	var nd *node
@@ -570,6 +572,8 @@ func publishProbe(ctx context.Context, nodes []*node, i int, timeout time.Durati
 	m.Up = false
 	links[victim] = m
 	start := time.Now()
+	nd.holdDown(victim, start.Add(timeout))
+	defer nd.holdDown(victim, time.Time{})
 	msgs, _ := nd.table.PublishLinks(nd.cfg.Name, links)
 	for _, msg := range msgs {
 		nd.mesh.Broadcast(mesh.LinkStateChannelName, msg)

@@ -134,6 +134,11 @@ type node struct {
 	downMu sync.Mutex
 	downs  map[[2]string]time.Time
 
+	// Links a publish probe holds down until the given time, as a failure
+	// that lasts: updateLinks publishes them down whatever the prober says.
+	heldMu sync.Mutex
+	held   map[string]time.Time
+
 	cancel context.CancelFunc
 	loops  sync.WaitGroup // membership and path loops, probers
 	syncs  sync.WaitGroup // mesh.Sync calls in flight
@@ -461,6 +466,7 @@ func (n *node) updateLinks(ctx context.Context, now time.Time) (relaysChanged, c
 		}
 		links[name] = mesh.LinkMetrics{RTT: st.RTT, Jitter: st.Jitter, Loss: st.Loss, Up: st.Up}
 	}
+	n.applyHeld(links, now)
 	if n.link != nil {
 		n.underlay.SetActive(mesh.FailingLinks(links)) // a no-op unless the set changed
 	}
@@ -540,15 +546,44 @@ func (n *node) feed(changes []mesh.LinkChange) {
 	}
 }
 
-// noteDown records when this peer first merged from→to as down.
+// noteDown records when this peer last merged from→to as down (a link that was
+// down before a probe must not hide the probe's own publication).
 func (n *node) noteDown(from, to string) {
 	n.downMu.Lock()
 	defer n.downMu.Unlock()
 	if n.downs == nil {
 		n.downs = map[[2]string]time.Time{}
 	}
-	if _, ok := n.downs[[2]string{from, to}]; !ok {
-		n.downs[[2]string{from, to}] = time.Now()
+	n.downs[[2]string{from, to}] = time.Now()
+}
+
+// holdDown makes updateLinks publish the link to peer as down until until (zero: release).
+func (n *node) holdDown(peer string, until time.Time) {
+	n.heldMu.Lock()
+	defer n.heldMu.Unlock()
+	if n.held == nil {
+		n.held = map[string]time.Time{}
+	}
+	if until.IsZero() {
+		delete(n.held, peer)
+		return
+	}
+	n.held[peer] = until
+}
+
+// applyHeld turns the links held down (holdDown) down in links. O(held).
+func (n *node) applyHeld(links map[string]mesh.LinkMetrics, now time.Time) {
+	n.heldMu.Lock()
+	defer n.heldMu.Unlock()
+	for peer, until := range n.held {
+		if !now.Before(until) {
+			delete(n.held, peer)
+			continue
+		}
+		if m, ok := links[peer]; ok {
+			m.Up = false
+			links[peer] = m
+		}
 	}
 }
 
