@@ -38,6 +38,7 @@ func TestChooseProbeTargets(t *testing.T) {
 		name      string
 		live      []string
 		est       func(string) (time.Duration, bool)
+		measured  func(string) (time.Duration, bool) // nil: none
 		must      []string
 		current   ProbeTargets
 		now       time.Time
@@ -100,6 +101,24 @@ func TestChooseProbeTargets(t *testing.T) {
 			wantDrawn: t0,
 		},
 		{
+			// p040's estimate is 40 ms but it measures 0.5 ms: estimate noise, not a far peer.
+			name:    "a current target is ranked by what it measures, not by its estimate",
+			live:    peerNames(100),
+			est:     byIndex(),
+			current: ProbeTargets{Nearest: []string{"p001", "p002", "p003", "p004", "p005", "p040"}, Random: []string{"p070", "p080"}, Drawn: t0},
+			measured: func(p string) (time.Duration, bool) {
+				if p == "p040" {
+					return 500 * time.Microsecond, true
+				}
+				return 0, false
+			},
+			now:       t0.Add(time.Second),
+			wantNear:  []string{"p040", "p001", "p002", "p003", "p004", "p005"},
+			wantRand:  2,
+			keepRand:  []string{"p070", "p080"},
+			wantDrawn: t0,
+		},
+		{
 			name:      "a dead random pick is replaced, the other kept",
 			live:      slices.DeleteFunc(peerNames(100), func(p string) bool { return p == "p080" }),
 			est:       byIndex(),
@@ -148,7 +167,7 @@ func TestChooseProbeTargets(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			in := ProbeTargetInput{
-				Self: "p000", Live: tc.live, Estimate: tc.est, Must: tc.must,
+				Self: "p000", Live: tc.live, Estimate: tc.est, Measured: tc.measured, Must: tc.must,
 				Current: tc.current, Now: tc.now, Rand: rand.New(rand.NewPCG(7, 7)),
 			}
 			got := ChooseProbeTargets(in, cfg)

@@ -344,7 +344,7 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 	}
 	must := mesh.Lingering(needed, pt.mustUntil, now, mustLinger)
 	pt.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
-		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Must: must,
+		Self: p.cfg.Name, Live: live, Estimate: p.coords.estimateFromSelf, Measured: pt.measuredRTT, Must: must,
 		Current: pt.probeSet, Now: now, Rand: pt.rnd,
 	}, mesh.ProbeTargetConfig{K: p.cfg.ProbeTargets})
 	targets := make(map[string]netip.Addr, p.cfg.ProbeTargets+len(must))
@@ -354,6 +354,16 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 		}
 	}
 	return targets, active
+}
+
+// measuredRTT is the RTT the link prober measures to peer, once settled and up (probe-target
+// choice ranks current targets by it).
+func (pt *paths) measuredRTT(peer string) (time.Duration, bool) {
+	st, ok := pt.measured().Stats(peer)
+	if !ok || !st.Settled || !st.Up {
+		return 0, false
+	}
+	return st.RTT, true
 }
 
 // mustLinger: how long a relay or relayed destination stays a must-probe target after it

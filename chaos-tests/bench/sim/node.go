@@ -370,7 +370,7 @@ func (n *node) updatePeers(peers []mesh.Peer, now time.Time) {
 	}
 	must := mesh.Lingering(needed, n.mustUntil, now, mustLinger)
 	n.probeSet = mesh.ChooseProbeTargets(mesh.ProbeTargetInput{
-		Self: n.cfg.Name, Live: names, Estimate: n.mesh.EstimateRTT, Must: must,
+		Self: n.cfg.Name, Live: names, Estimate: n.mesh.EstimateRTT, Measured: n.measuredRTT, Must: must,
 		Current: n.probeSet, Now: now, Rand: n.rnd,
 	}, mesh.ProbeTargetConfig{K: n.cfg.ProbeTargets})
 	targets := map[string]netip.Addr{}
@@ -555,6 +555,15 @@ func (n *node) noteDown(from, to string) {
 		n.downs = map[[2]string]time.Time{}
 	}
 	n.downs[[2]string{from, to}] = time.Now()
+}
+
+// measuredRTT mirrors router/paths.go measuredRTT.
+func (n *node) measuredRTT(peer string) (time.Duration, bool) {
+	st, ok := n.prober().Stats(peer)
+	if !ok || !st.Settled || !st.Up {
+		return 0, false
+	}
+	return st.RTT, true
 }
 
 // holdDown makes updateLinks publish the link to peer as down until until (zero: release).
