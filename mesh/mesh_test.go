@@ -660,7 +660,7 @@ func TestFailedProbeNeedsConfirmation(t *testing.T) {
 		return ""
 	})
 	waitFor(t, converge, func() string {
-		if got := metricValue(m.metrics.suspicionRefuted); got != 1 {
+		if got := metricValue(m.metrics.suspicionUnconfirmed); got != 1 {
 			return fmt.Sprintf("unconfirmed suspicions = %v, want 1 (confirm1 answered)", got)
 		}
 		return ""

@@ -14,22 +14,22 @@ type metrics struct {
 	reg        prometheus.Registerer
 	collectors []prometheus.Collector
 
-	members             *prometheus.GaugeVec   // state
-	joinAttempts        prometheus.Counter     //
-	joinFailures        *prometheus.CounterVec // reason
-	events              *prometheus.CounterVec // type
-	eventsDropped       prometheus.Counter     //
-	messagesReceived    *prometheus.CounterVec // channel (registered channels only)
-	messagesRejected    *prometheus.CounterVec // reason
-	broadcasts          *prometheus.CounterVec // channel (registered channels only)
-	broadcastsDropped   prometheus.Counter     //
-	metadataRejected    prometheus.Counter     //
-	coordUpdates        prometheus.Counter     //
-	coordRejected       *prometheus.CounterVec // reason
-	keyRejected         *prometheus.CounterVec // reason
-	suspicionSuppressed *prometheus.CounterVec // kind (suspect, alive)
-	suspicionExpired    prometheus.Counter     //
-	suspicionRefuted    prometheus.Counter     // a failed direct probe whose confirming ping was answered
+	members              *prometheus.GaugeVec   // state
+	joinAttempts         prometheus.Counter     //
+	joinFailures         *prometheus.CounterVec // reason
+	events               *prometheus.CounterVec // type
+	eventsDropped        prometheus.Counter     //
+	messagesReceived     *prometheus.CounterVec // channel (registered channels only)
+	messagesRejected     *prometheus.CounterVec // reason
+	broadcasts           *prometheus.CounterVec // channel (registered channels only)
+	broadcastsDropped    prometheus.Counter     //
+	metadataRejected     prometheus.Counter     //
+	coordUpdates         prometheus.Counter     //
+	coordRejected        *prometheus.CounterVec // reason
+	keyRejected          *prometheus.CounterVec // reason
+	suspicionSuppressed  *prometheus.CounterVec // kind (suspect, alive)
+	suspicionExpired     prometheus.Counter     //
+	suspicionUnconfirmed prometheus.Counter     // a failed direct probe whose confirming ping was answered
 }
 
 // Join failure reasons (label values of weft_mesh_join_failures_total).
@@ -109,7 +109,7 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 		Name: "weft_mesh_suspicions_expired_total",
 		Help: "Peers this peer held suspect that went back to alive because nothing renewed the suspicion within memberlist's shortest suspicion timeout (memberlist kept them alive).",
 	})
-	m.suspicionRefuted = prometheus.NewCounter(prometheus.CounterOpts{
+	m.suspicionUnconfirmed = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "weft_mesh_suspicions_unconfirmed_total",
 		Help: "Failed direct probes not taken as suspicion: the ping that confirms one, a probe interval later, was answered (a stall or one lost packet, not a failed peer).",
 	})
@@ -120,7 +120,7 @@ func newMetrics(reg prometheus.Registerer, queued func() float64) (*metrics, err
 	m.collectors = []prometheus.Collector{
 		m.members, m.joinAttempts, m.joinFailures, m.events, m.eventsDropped,
 		m.messagesReceived, m.messagesRejected, m.broadcasts, m.broadcastsDropped,
-		m.metadataRejected, m.coordUpdates, m.coordRejected, m.keyRejected, m.suspicionSuppressed, m.suspicionExpired, m.suspicionRefuted, queue,
+		m.metadataRejected, m.coordUpdates, m.coordRejected, m.keyRejected, m.suspicionSuppressed, m.suspicionExpired, m.suspicionUnconfirmed, queue,
 	}
 	for _, s := range []State{StateAlive, StateSuspect, StateDead, StateLeft} {
 		m.members.WithLabelValues(s.String()).Set(0)

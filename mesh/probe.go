@@ -401,6 +401,18 @@ type LinkStats struct {
 	Settled bool
 }
 
+// SettledMinRTT is the smallest RTT of the window once the target is settled and up, false
+// otherwise. It is what ranks a current probe target (ProbeTargetInput.Measured): the
+// smallest, not the average, because on a loaded host the average carries the scheduling
+// delay of the start, and ranked by it the current targets looked far and were swapped out
+// (N=100: all see all in 14.6 and 15.6 s instead of 2–5 s).
+func (s LinkStats) SettledMinRTT() (time.Duration, bool) {
+	if !s.Settled || !s.Up || s.MinRTT <= 0 {
+		return 0, false
+	}
+	return s.MinRTT, true
+}
+
 // ProberCounters count a Prober's packets since it was created.
 type ProberCounters struct {
 	Sent       uint64 // requests sent

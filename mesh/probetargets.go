@@ -104,9 +104,11 @@ type ProbeTargetInput struct {
 	// unknown (Mesh.EstimateRTT). Peers without an estimate are never
 	// "nearest" but can be random picks.
 	Estimate func(peer string) (time.Duration, bool)
-	// Measured returns the RTT measured to a peer this one probes, false
-	// when it has none yet (nil: none). A current nearest target is ranked
-	// by it rather than by its estimate: a candidate replaces it only when
+	// Measured returns the smallest RTT measured to a peer this one probes
+	// over the prober's window (LinkStats.SettledMinRTT), false when it has
+	// none yet (nil: none). The smallest, because a loaded host's average
+	// carries its scheduling delay. A current nearest target is ranked by
+	// it rather than by its estimate: a candidate replaces it only when
 	// its estimate is clearly below what the target really measures, so
 	// estimate noise alone cannot swap two equally near peers.
 	Measured func(peer string) (time.Duration, bool)
@@ -199,14 +201,17 @@ func ChooseProbeTargets(in ProbeTargetInput, cfg ProbeTargetConfig) ProbeTargets
 	// a LAN where every RTT is below 1 ms: each replacement is a
 	// link-state publication every peer receives.
 	current := func(p string) (time.Duration, bool) {
-		if in.Measured != nil {
-			if _, ok := live[p]; ok {
-				if _, dup := taken[p]; !dup {
-					if d, ok := in.Measured(p); ok {
-						return d, true
-					}
-				}
-			}
+		if in.Measured == nil {
+			return eligible(p)
+		}
+		if _, ok := live[p]; !ok {
+			return eligible(p)
+		}
+		if _, dup := taken[p]; dup {
+			return eligible(p)
+		}
+		if d, ok := in.Measured(p); ok {
+			return d, true
 		}
 		return eligible(p)
 	}

@@ -116,7 +116,7 @@ func (m *Mesh) confirmSuspicion(name string) {
 	m.mu.Unlock()
 	defer m.confirms.Done()
 	if m.pingOnce(name, addr) {
-		m.metrics.suspicionRefuted.Inc()
+		m.metrics.suspicionUnconfirmed.Inc()
 		return
 	}
 	m.suspectAfterFailedPing(name)

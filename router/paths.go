@@ -356,17 +356,14 @@ func (p *Peer) probeTargets(peers []mesh.Peer, now time.Time) (map[string]netip.
 	return targets, active
 }
 
-// measuredRTT is the smallest RTT the link prober measured to peer over its window, once
-// settled and up (probe-target choice ranks current targets by it). The smallest, not the
-// average: on a loaded host the average carries the scheduling delay of the start, and
-// ranked by it the current targets looked far and were swapped out (N=100: all see all in
-// 14.6 and 15.6 s instead of 2–5 s).
+// measuredRTT is the smallest RTT the link prober measured to peer over its window
+// (mesh.LinkStats.SettledMinRTT).
 func (pt *paths) measuredRTT(peer string) (time.Duration, bool) {
 	st, ok := pt.measured().Stats(peer)
-	if !ok || !st.Settled || !st.Up || st.MinRTT <= 0 {
+	if !ok {
 		return 0, false
 	}
-	return st.MinRTT, true
+	return st.SettledMinRTT()
 }
 
 // mustLinger: how long a relay or relayed destination stays a must-probe target after it

@@ -560,10 +560,10 @@ func (n *node) noteDown(from, to string) {
 // measuredRTT mirrors router/paths.go measuredRTT.
 func (n *node) measuredRTT(peer string) (time.Duration, bool) {
 	st, ok := n.prober().Stats(peer)
-	if !ok || !st.Settled || !st.Up || st.MinRTT <= 0 {
+	if !ok {
 		return 0, false
 	}
-	return st.MinRTT, true
+	return st.SettledMinRTT()
 }
 
 // holdDown makes updateLinks publish the link to peer as down until until (zero: release).
