@@ -246,8 +246,7 @@ func TestLogIsCompactedAndNewMemberInstallsSnapshot(t *testing.T) {
 		return snap > 0 && first > 1
 	}, "a snapshot and a compacted log on p1")
 	p4 := tc.start("p4")
-	// A claim retried through an election may have committed twice, so the table can hold
-	// a few more blocks than claims: p4 must hold what p1 holds.
+	// p4 must hold what p1 holds.
 	tc.reconcileUntil("p4 to hold the whole table", func() bool {
 		want := len(p1.Status().Blocks)
 		return want >= claims && len(p4.c.Status().Blocks) == want
@@ -297,8 +296,7 @@ func TestBoundedMembershipAndClients(t *testing.T) {
 			t.Fatalf("%s given to %s and %s", b, prev, name)
 		}
 		want[b] = name
-		// Owned, not exactly [b]: a claim forwarded through an election may commit twice
-		// (tablesAgree).
+		// Contains, then tablesAgree checks that nothing else was given.
 		owned, err := tc.nodes[name].c.Owned(clusterNet, name)
 		if err != nil || !slices.Contains(owned, b) {
 			t.Fatalf("%s owns %v (%v) right after claiming %s", name, owned, err, b)

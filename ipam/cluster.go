@@ -130,6 +130,12 @@ type Cluster struct {
 	// lost holds the blocks ("network/block") this peer claimed and the table took away,
 	// already logged. Bounded by the blocks this peer ever claimed.
 	lost map[string]bool
+	// unanswered holds, per network and claimer ("network/peer"), the names of claims that
+	// failed (their answer lost, the leader gone): the next claim takes one, so it is the same
+	// request and cannot commit a second block (see command.Request). A name is dropped once
+	// its claim succeeds; concurrent claims each hold their own. Bounded by the claims that
+	// failed at once (the allocator makes one at a time).
+	unanswered map[string][]string
 }
 
 // NewCluster opens the Raft stores under cfg.Dir and starts the node. A node with no state
@@ -211,6 +217,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		metrics.refused.WithLabelValues(reason).Inc()
 		cfg.Logger.Error("raft state machine refused a command; nothing changed", "reason", reason, "err", err)
 	}
+	f.claimsRepeated = metrics.claimsRepeated
 	r, err := raft.NewRaft(rc, f, store, store, snaps, cfg.Transport)
 	if err != nil {
 		store.Close()
@@ -223,7 +230,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		return nil, err
 	}
 	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState,
-		view: newTableView(), metrics: metrics, refused: map[string]string{}, savedID: savedID, lost: map[string]bool{}}, nil
+		view: newTableView(), metrics: metrics, refused: map[string]string{}, savedID: savedID, lost: map[string]bool{}, unanswered: map[string][]string{}}, nil
 }
 
 // Close stops the node and closes its stores. A leader first hands leadership to another
@@ -725,6 +732,9 @@ func (c *Cluster) leaderApply(cmd command) (commandResult, error) {
 		c.fsm.mu.RLock()
 		err = c.fsm.state.checkClaim(cmd.Peer, cmd.Network)
 		c.fsm.mu.RUnlock()
+		if err == nil {
+			err = checkRequest(cmd.Request)
+		}
 		if err != nil {
 			c.refuseCommand("claim", err)
 			return commandResult{Err: err.Error(), Conflict: true}, nil
@@ -839,11 +849,22 @@ func (c *Cluster) noteLost(network string, b netip.Prefix, owner string, version
 // Claim implements BlockOwner through the log. Without a reachable leader it fails with
 // ErrNoQuorum.
 func (c *Cluster) Claim(ctx context.Context, n Network, peer string) (netip.Prefix, error) {
-	res, err := c.apply(ctx, command{Op: opClaim, Network: n, Peer: peer})
-	if err != nil {
-		return netip.Prefix{}, err
+	key := n.Name + "/" + peer
+	request := rand.Text()
+	c.mu.Lock()
+	if names := c.unanswered[key]; len(names) > 0 {
+		request = names[len(names)-1]
+		c.unanswered[key] = names[:len(names)-1]
 	}
-	if err := res.err(); err != nil {
+	c.mu.Unlock()
+	res, err := c.apply(ctx, command{Op: opClaim, Network: n, Peer: peer, Request: request})
+	if err == nil {
+		err = res.err()
+	}
+	if err != nil {
+		c.mu.Lock()
+		c.unanswered[key] = append(c.unanswered[key], request)
+		c.mu.Unlock()
 		return netip.Prefix{}, err
 	}
 	if peer == c.cfg.Name {

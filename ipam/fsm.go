@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // The replicated state machine: which peer owns which block of which network. Every change
@@ -77,6 +78,22 @@ type command struct {
 	Policy *PolicyObject `json:"policy,omitempty"`
 	// Hops counts how often the command was passed on between members (at most once).
 	Hops int `json:"hops,omitempty"`
+	// Request names one claim however often it is sent: a claimer whose answer was lost (the
+	// leader committed, then stepped down or the forward timed out) sends the same claim again
+	// under the same name, and the FSM answers with the block it already gave, instead of a
+	// second one. Empty (older peers): every claim is new.
+	Request string `json:"request,omitempty"`
+}
+
+// maxRequestLen bounds command.Request (a claimer sends 26 characters: crypto/rand.Text).
+const maxRequestLen = 64
+
+// claimRecord is the last claim a peer made in a network: its request name, the block it got
+// and the log index that gave it.
+type claimRecord struct {
+	Request string       `json:"request"`
+	Block   netip.Prefix `json:"block"`
+	Index   uint64       `json:"index"`
 }
 
 // commandResult is what applying a command answers; Err is a string so it can cross the
@@ -152,6 +169,11 @@ type fsmState struct {
 	// PolicyIndex the Raft index of the last policy change (watchers compare it).
 	Policies    map[string]PolicyObject `json:"policies,omitempty"`
 	PolicyIndex uint64                  `json:"policy_index,omitempty"`
+	// Claims holds each peer's last claim per network (network → peer → record), so that a
+	// claim sent again after its answer was lost gets the same block (command.Request). Only
+	// Raft members need it: the table served to clients leaves it out (clone). One record per
+	// peer and network that claimed; rmpeer and network removal drop theirs.
+	Claims map[string]map[string]claimRecord `json:"claims,omitempty"`
 }
 
 func newFSMState() fsmState {
@@ -171,13 +193,17 @@ type fsm struct {
 	changed chan struct{}
 	// refused counts and logs a command the FSM refused (set before raft starts; never nil).
 	refused func(reason string, err error)
+	// claimsRepeated counts claims answered with the block an earlier send of the same
+	// request got (set before raft starts; never nil).
+	claimsRepeated prometheus.Counter
 }
 
 // maxRecentDeltas bounds the deltas kept for gossip; a client further behind fetches the table.
 const maxRecentDeltas = 256
 
 func newFSM() *fsm {
-	return &fsm{state: newFSMState(), changed: make(chan struct{}, 1), refused: func(string, error) {}}
+	return &fsm{state: newFSMState(), changed: make(chan struct{}, 1), refused: func(string, error) {},
+		claimsRepeated: prometheus.NewCounter(prometheus.CounterOpts{Name: "unregistered"})}
 }
 
 // Apply implements raft.FSM.
@@ -194,14 +220,18 @@ func (f *fsm) Apply(l *raft.Log) any {
 	d := tableDelta{Prev: f.state.Version, Index: l.Index, Op: cmd.Op, Peer: cmd.Peer, ClusterID: f.state.ClusterID}
 	switch cmd.Op {
 	case opClaim:
-		res = f.claim(cmd)
+		var again bool
+		res, again = f.claim(cmd, l.Index)
 		if !res.Block.IsValid() {
 			if !res.Full {
 				f.refused("claim", errors.New(res.Err))
 			}
 			return res // refused: nothing changed
 		}
-		res.Index = l.Index
+		if again {
+			f.claimsRepeated.Inc()
+			return res // the same claim sent again: its block, nothing changed
+		}
 		d.Network, d.Block = &cmd.Network, res.Block
 	case opRemovePeer:
 		if err := checkPeerName(cmd.Peer); err != nil {
@@ -297,12 +327,23 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return res
 }
 
-// claim gives cmd.Peer the lowest block nobody owns. The FSM picks the block, so it is
-// always one of the network's, of its block size. Caller holds mu. O(blocks of the network).
-func (f *fsm) claim(cmd command) commandResult {
+// claim gives cmd.Peer the lowest block nobody owns, at log index. The FSM picks the block,
+// so it is always one of the network's, of its block size. A claim whose request the peer's
+// last claim in the network already carried gets that claim's block and index again, with
+// again set, as long as the peer still owns the block. Caller holds mu. O(blocks of the
+// network).
+func (f *fsm) claim(cmd command, index uint64) (res commandResult, again bool) {
 	n := cmd.Network
 	if err := f.state.checkClaim(cmd.Peer, n); err != nil {
-		return commandResult{Err: err.Error(), Conflict: true}
+		return commandResult{Err: err.Error(), Conflict: true}, false
+	}
+	if err := checkRequest(cmd.Request); err != nil {
+		return commandResult{Err: err.Error(), Conflict: true}, false
+	}
+	if rec, ok := f.state.Claims[n.Name][cmd.Peer]; ok && cmd.Request != "" && rec.Request == cmd.Request {
+		if owner, _ := f.state.ownerOf(n.Name, rec.Block); owner == cmd.Peer {
+			return commandResult{Block: rec.Block, Index: rec.Index}, true
+		}
 	}
 	if _, ok := f.state.Networks[n.Name]; !ok {
 		f.state.Networks[n.Name] = n // an unpinned (pre-pinning) cluster's first claim
@@ -318,10 +359,32 @@ func (f *fsm) claim(cmd command) commandResult {
 		b := n.Block(i)
 		if _, taken := owners[b]; !taken {
 			owners[b] = cmd.Peer
-			return commandResult{Block: b}
+			if cmd.Request != "" {
+				f.state.recordClaim(n.Name, cmd.Peer, claimRecord{Request: cmd.Request, Block: b, Index: index})
+			}
+			return commandResult{Block: b, Index: index}, false
 		}
 	}
-	return commandResult{Full: true, Err: fmt.Sprintf("every block of %s (%s) is owned", n.Name, n.Subnet)}
+	return commandResult{Full: true, Err: fmt.Sprintf("every block of %s (%s) is owned", n.Name, n.Subnet)}, false
+}
+
+// checkRequest refuses a claim request name longer than maxRequestLen.
+func checkRequest(request string) error {
+	if len(request) > maxRequestLen {
+		return fmt.Errorf("%w: claim request name of %d bytes, at most %d", ErrConflict, len(request), maxRequestLen)
+	}
+	return nil
+}
+
+// recordClaim keeps rec as peer's last claim in network. Caller holds the state's lock.
+func (st *fsmState) recordClaim(network, peer string, rec claimRecord) {
+	if st.Claims == nil {
+		st.Claims = map[string]map[string]claimRecord{}
+	}
+	if st.Claims[network] == nil {
+		st.Claims[network] = map[string]claimRecord{}
+	}
+	st.Claims[network][peer] = rec
 }
 
 // removePeer returns every block of peer to the pool. Removing a peer that owns nothing is
@@ -337,6 +400,12 @@ func (f *fsm) removePeer(peer string) commandResult {
 		}
 	}
 	sort.Slice(released, func(i, j int) bool { return released[i].Addr().Less(released[j].Addr()) })
+	for network, recs := range f.state.Claims {
+		delete(recs, peer)
+		if len(recs) == 0 {
+			delete(f.state.Claims, network)
+		}
+	}
 	f.state.Removed[peer] = true
 	delete(f.state.Dead, peer)
 	return commandResult{Released: released}

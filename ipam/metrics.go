@@ -70,6 +70,7 @@ type clusterMetrics struct {
 	tableFetches   prometheus.Counter
 	tableDeltas    prometheus.Counter
 	forwardHops    prometheus.Counter
+	claimsRepeated prometheus.Counter
 	refused        *prometheus.CounterVec
 	mismatch       prometheus.Gauge
 }
@@ -91,6 +92,9 @@ func newClusterMetrics(reg prometheus.Registerer) *clusterMetrics {
 		forwardHops: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "weft_ipam_forward_hops_total", Help: "Client commands this member passed on to its leader.",
 		}),
+		claimsRepeated: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "weft_ipam_claims_repeated_total", Help: "Claims sent again after a lost answer and given the block their first send got (not a second one).",
+		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weft_ipam_commands_refused_total", Help: "Raft commands refused by the leader or the state machine (nothing changed), by reason.",
 		}, []string{"reason"}),
@@ -99,7 +103,7 @@ func newClusterMetrics(reg prometheus.Registerer) *clusterMetrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.foreignRefused, m.tableRejected, m.tableFetches, m.tableDeltas, m.forwardHops, m.refused, m.mismatch)
+		reg.MustRegister(m.foreignRefused, m.tableRejected, m.tableFetches, m.tableDeltas, m.forwardHops, m.claimsRepeated, m.refused, m.mismatch)
 	}
 	return m
 }

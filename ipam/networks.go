@@ -117,6 +117,7 @@ func (st *fsmState) removeNetwork(name string) error {
 	}
 	delete(st.Networks, name)
 	delete(st.Owners, name)
+	delete(st.Claims, name)
 	return nil
 }
 

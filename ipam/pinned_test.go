@@ -282,7 +282,7 @@ func TestDeathTimeSurvivesLeaderChangeAndReclaimsLate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// By its block, not by a count: a claim retried through an election may commit twice.
+	// By its block.
 	holds := func(c *Cluster) bool {
 		return slices.ContainsFunc(c.ownedByPeer("p4"), func(b BlockOwnership) bool { return b.CIDR == block })
 	}
@@ -409,8 +409,7 @@ func TestOwnerStopsAllocatingFromLostBlock(t *testing.T) {
 	if orphans := alloc.Orphaned(); len(orphans) != 1 || orphans[0].ContainerID != "c1" {
 		t.Fatalf("orphans after the removal %+v, want c1", orphans)
 	}
-	// The lowest free block is the freed one (a claim retried through an election may
-	// commit twice: then p1 holds it and the next; p3 learning p1 owns it is the check).
+	// The lowest free block is the freed one (p3 learning p1 owns it is the check).
 	var b netip.Prefix
 	if retried := retryOnElection(t, "p1's claim", func() (err error) {
 		b, err = tc.nodes["p1"].c.Claim(ctx, clusterNet, "p1")

@@ -206,6 +206,17 @@ func (st *fsmState) validate() error {
 			}
 		}
 	}
+	for name, recs := range st.Claims {
+		n, ok := st.Networks[name]
+		if !ok {
+			return fmt.Errorf("%w: claim records of undefined network %q", ErrBadTable, name)
+		}
+		for peer, rec := range recs {
+			if checkPeerName(peer) != nil || rec.Request == "" || len(rec.Request) > maxRequestLen || !n.ContainsBlock(rec.Block) {
+				return fmt.Errorf("%w: claim record of peer %q in %s: request %q, block %s", ErrBadTable, peer, name, rec.Request, rec.Block)
+			}
+		}
+	}
 	return nil
 }
 
