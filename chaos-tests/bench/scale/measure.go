@@ -103,6 +103,10 @@ func measure(ctx context.Context, cfg measureConfig, l *lab.Lab, c cluster, r *r
 	n := len(hosts)
 	done := make([]bool, n)
 	seen := make([]int, n)
+	r.seeAllEach = make([]time.Duration, n)
+	for i := range r.seeAllEach {
+		r.seeAllEach[i] = -1
+	}
 	sctx, cancel := context.WithTimeout(ctx, cfg.seeAllWait)
 	defer cancel()
 	tick := time.NewTicker(cfg.poll)
@@ -131,6 +135,7 @@ func measure(ctx context.Context, cfg measureConfig, l *lab.Lab, c cluster, r *r
 			if k == n && !done[h.Index] {
 				done[h.Index] = true
 				r.seeAll = time.Since(lastStart)
+				r.seeAllEach[h.Index], r.last = r.seeAll, h.Name
 			}
 			mu.Unlock()
 		})

@@ -23,6 +23,11 @@ type result struct {
 	seeAllOK bool
 	reached  int // peers that saw all n alive (== n when seeAllOK)
 	minSeen  int // the fewest alive members any peer saw at its last poll
+	// seeAllEach: when each peer first saw all n alive, from the last start, in host order
+	// (-1: never); last names the peer that got there last. One straggler (a peer held
+	// suspect for a while) and a slow spread look the same in seeAll, not here.
+	seeAllEach []time.Duration
+	last       string
 
 	window      time.Duration
 	cpu         []float64 // idle CPU per peer over window, % of one core
@@ -109,6 +114,23 @@ func ratio(a, b float64) string {
 
 func secs(d time.Duration) string { return fmt.Sprintf("%.2fs", d.Seconds()) }
 
+// seeAllQuantiles returns the median, 90th percentile and largest of the peers' own see-all
+// times that were reached (negative ones never were); false when none was. Pure.
+func seeAllQuantiles(each []time.Duration) ([3]time.Duration, bool) {
+	var got []time.Duration
+	for _, d := range each {
+		if d >= 0 {
+			got = append(got, d)
+		}
+	}
+	if len(got) == 0 {
+		return [3]time.Duration{}, false
+	}
+	slices.Sort(got)
+	at := func(q float64) time.Duration { return got[min(len(got)-1, int(q*float64(len(got))))] }
+	return [3]time.Duration{at(0.5), at(0.9), got[len(got)-1]}, true
+}
+
 // seeAllText is the see-all time, or what was reached when it timed out.
 func (r *result) seeAllText() string {
 	if r == nil {
@@ -159,6 +181,9 @@ func metText(ok bool) string {
 func writeDetail(w io.Writer, r *result) {
 	fmt.Fprintf(w, "%s N=%d: %d/%d started in %s (load average before %.1f)\n", r.system, r.n, r.started, r.n, secs(r.startTook), r.loadStart)
 	fmt.Fprintf(w, "  all see all %d alive: %s after the last start\n", r.n, r.seeAllText())
+	if q, ok := seeAllQuantiles(r.seeAllEach); ok {
+		fmt.Fprintf(w, "  each peer's own see-all: median %s, 90th percentile %s, last %s (%s)\n", secs(q[0]), secs(q[1]), secs(q[2]), r.last)
+	}
 	if len(r.cpu) > 0 {
 		fmt.Fprintf(w, "  idle CPU over %s, %% of one core: median %.2f%%, max %.2f%%, all %d together %.1f%% (the whole machine: %.0f%% of %d cores' %d%%; load average at the end %.1f)\n",
 			r.window, median(r.cpu), maxOf(r.cpu), len(r.cpu), sum(r.cpu), r.machineBusy, runtime.NumCPU(), 100*runtime.NumCPU(), r.loadWindow)

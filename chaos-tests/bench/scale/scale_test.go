@@ -195,3 +195,17 @@ func TestProfiledHosts(t *testing.T) {
 		}
 	}
 }
+
+func TestSeeAllQuantiles(t *testing.T) {
+	if _, ok := seeAllQuantiles([]time.Duration{-1, -1}); ok {
+		t.Fatal("no peer got there, but quantiles were reported")
+	}
+	each := []time.Duration{-1}
+	for i := 1; i <= 10; i++ {
+		each = append(each, time.Duration(i)*time.Second)
+	}
+	q, ok := seeAllQuantiles(each)
+	if !ok || q[0] != 6*time.Second || q[1] != 10*time.Second || q[2] != 10*time.Second {
+		t.Fatalf("quantiles %v, %v; want 6s, 10s, 10s (the peer that never got there left out)", q, ok)
+	}
+}
