@@ -268,6 +268,7 @@ type LinkTable struct {
 	rejects   *prometheus.CounterVec
 	entries   prometheus.Gauge
 	published *prometheus.CounterVec // own publications, by what made them due
+	movedBy   *prometheus.CounterVec // own links republished for moved figures, by figure
 
 	mu        sync.Mutex // guards following
 	origins   map[string]*origin
@@ -405,9 +406,11 @@ func NewLinkTable(cfg LinkTableConfig) (*LinkTable, error) {
 			Help: "Link-state entries held, tombstones included."}),
 		published: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_linkstate_published_total",
 			Help: "Link-state publications of this peer (messages broadcast), by what made them due: full (the periodic or first republish of every link), updown (a link went up or down, or changed encryption), moved (moved figures, MinInterval stretched with N), batch (added or removed links)."}, []string{"reason"}),
+		movedBy: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "weft_linkstate_moved_links_total",
+			Help: "This peer's links republished because their figures moved beyond the thresholds, by the figure that moved (rtt, jitter, loss; a link counts once per figure)."}, []string{"figure"}),
 	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{t.rejects, t.entries, t.published} {
+		for _, c := range []prometheus.Collector{t.rejects, t.entries, t.published, t.movedBy} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("link-state metrics: %w", err)
 			}
@@ -547,6 +550,18 @@ func (t *LinkTable) PublishLinks(self string, metrics map[string]LinkMetrics) (m
 	if movedDue {
 		ups = append(ups, moved...)
 		t.lastMoved = now
+		for _, u := range moved {
+			prev := o.links[u.nb].m
+			if t.durMoved(prev.RTT, u.m.RTT) {
+				t.movedBy.WithLabelValues("rtt").Inc()
+			}
+			if t.durMoved(prev.Jitter, u.m.Jitter) {
+				t.movedBy.WithLabelValues("jitter").Inc()
+			}
+			if t.lossMoved(prev.Loss, u.m.Loss) {
+				t.movedBy.WithLabelValues("loss").Inc()
+			}
+		}
 	}
 	t.republish = false
 	clear(t.forged)
@@ -647,8 +662,11 @@ func (t *LinkTable) Moved(prev, next LinkMetrics) bool { return t.moved(prev, ne
 // thresholds.
 func (t *LinkTable) moved(prev, next LinkMetrics) bool {
 	return prev.Up != next.Up || prev.Encrypted != next.Encrypted ||
-		t.durMoved(prev.RTT, next.RTT) || t.durMoved(prev.Jitter, next.Jitter) ||
-		math.Abs(prev.Loss-next.Loss) >= t.cfg.LossChange-1e-9
+		t.durMoved(prev.RTT, next.RTT) || t.durMoved(prev.Jitter, next.Jitter) || t.lossMoved(prev.Loss, next.Loss)
+}
+
+func (t *LinkTable) lossMoved(prev, next float64) bool {
+	return math.Abs(prev-next) >= t.cfg.LossChange-1e-9
 }
 
 func (t *LinkTable) durMoved(prev, next time.Duration) bool {

@@ -255,6 +255,12 @@ func TestPublishMovedIntervalStretches(t *testing.T) {
 			t.Errorf("publications counted as %s: %v, want %v", reason, got, want)
 		}
 	}
+	// The moved publication carried b for its RTT and its jitter (up gives a tenth of the RTT).
+	for figure, want := range map[string]float64{"rtt": 1, "jitter": 1, "loss": 0} {
+		if got := testutil.ToFloat64(tab.movedBy.WithLabelValues(figure)); got != want {
+			t.Errorf("links moved by %s: %v, want %v", figure, got, want)
+		}
+	}
 
 	// Few origins: the floor.
 	now = time.Unix(1000, 0)

@@ -87,6 +87,7 @@ type options struct {
 	syncOnJoin       bool
 	lsRetransmit     int
 	movedSpacing     time.Duration
+	rttMinChange     time.Duration
 	memberRetransmit int
 	logWarnings      bool
 	compress         bool
@@ -130,6 +131,7 @@ func run() error {
 	flag.IntVar(&o.probeTargets, "probe-targets", 16, "peers each peer measures directly (weft peer's --probe-targets)")
 	flag.IntVar(&o.lsRetransmit, "ls-retransmit-mult", 0, "link-state retransmit multiplier per peer (mesh.Config.LinkStateRetransmitMult); 0: the mesh default")
 	flag.DurationVar(&o.movedSpacing, "ls-moved-spacing", 400*time.Millisecond, "moved link figures wait max(20s, N × this) (router/paths.go linkStateMovedSpacing); 0: every 20 s whatever N")
+	flag.DurationVar(&o.rttMinChange, "ls-rtt-min-change", time.Millisecond, "an RTT or jitter moving by less is not republished (router/paths.go linkStateMinChange)")
 	flag.IntVar(&o.memberRetransmit, "membership-retransmit-mult", 0, "memberlist's own retransmit multiplier for alive/suspect/dead (mesh.Config.MembershipRetransmitMult); 0: the mesh default")
 	// 900 ms, not weft's 500 ms: N peers share two cores here, and a peer whose
 	// packet goroutine waits half a second for a CPU is not a lost packet. A
@@ -350,7 +352,7 @@ func simulate(ctx context.Context, o options, n int, membershipOnly bool) (*resu
 			MeshPort: o.meshPort, ProbePort: o.probePort, LinkProbePort: o.linkProbePort,
 			Seeds: seeds, MembershipOnly: membershipOnly, SyncOnJoin: o.syncOnJoin && !membershipOnly,
 			ProbeInterval: o.probeInterval, ProbeTargets: o.probeTargets, PathInterval: o.pathInterval,
-			LinkStateRetransmitMult: o.lsRetransmit, MovedSpacing: o.movedSpacing, MembershipRetransmitMult: o.memberRetransmit, LogWarnings: o.logWarnings, Compress: o.compress, SWIMProbeTimeout: o.swimTimeout,
+			LinkStateRetransmitMult: o.lsRetransmit, MovedSpacing: o.movedSpacing, RTTMinChange: o.rttMinChange, MembershipRetransmitMult: o.memberRetransmit, LogWarnings: o.logWarnings, Compress: o.compress, SWIMProbeTimeout: o.swimTimeout,
 			PathSlot: slot, Paths: paths, Switches: switches, Traffic: counters[i],
 		})
 		if err != nil {

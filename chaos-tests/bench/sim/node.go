@@ -90,6 +90,9 @@ type nodeConfig struct {
 	// MovedSpacing is mesh.LinkTableConfig's (router/paths.go linkStateMovedSpacing);
 	// 0: moved figures every 20 s whatever N (before issue 11's link-state round).
 	MovedSpacing time.Duration
+	// RTTMinChange is mesh.LinkTableConfig's (router/paths.go linkStateMinChange): an RTT or
+	// jitter moving by less is not republished.
+	RTTMinChange time.Duration
 	// MembershipRetransmitMult is mesh.Config's; 0 keeps the mesh default.
 	MembershipRetransmitMult int
 	// PathInterval is the router's datapath loop period (datapathTick); a
@@ -159,9 +162,10 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 	}()
 	id := identity.Generate() // as the router's identity.LoadOrCreate, in memory
 	if !cfg.MembershipOnly {
-		// As router/paths.go startPaths: RTT moves under 20% or 1 ms and loss moves under
-		// 10 points are not republished, and moved figures at most every max(20 s, N × 0.4 s).
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: time.Millisecond, LossChange: 0.1,
+		// As router/paths.go startPaths: RTT moves under 20% or RTTMinChange and loss moves
+		// under 10 points are not republished, and moved figures at most every max(20 s, N ×
+		// 0.4 s).
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: cfg.RTTMinChange, LossChange: 0.1,
 			MinInterval: 20 * time.Second, MovedSpacing: cfg.MovedSpacing, Signer: id, Registerer: n.reg}); err != nil {
 			return n, err
 		}
