@@ -59,18 +59,7 @@ func TestRepeatedClaimRequestGetsTheSameBlock(t *testing.T) {
 	}
 
 	// The record travels in the snapshot: restored, the repeat still gets r2's block.
-	snap, err := f.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sink bufSink
-	if err := snap.Persist(&sink); err != nil {
-		t.Fatal(err)
-	}
-	g := newFSM()
-	if err := g.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
-		t.Fatal(err)
-	}
+	g := snapshotRoundTrip(t, f)
 	if res := applyCmd(g, 8, command{Op: opClaim, Network: clusterNet, Peer: "p1", Request: "r2"}); res.Block != second.Block {
 		t.Fatalf("after a restore, the repeat got %+v, want %s", res, second.Block)
 	}

@@ -157,6 +157,24 @@ func (*bufSink) Close() error  { return nil }
 
 var _ raft.SnapshotSink = (*bufSink)(nil)
 
+// snapshotRoundTrip snapshots f, persists it and restores it into a new FSM.
+func snapshotRoundTrip(t *testing.T, f *fsm) *fsm {
+	t.Helper()
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sink bufSink
+	if err := snap.Persist(&sink); err != nil {
+		t.Fatal(err)
+	}
+	restored := newFSM()
+	if err := restored.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
+		t.Fatal(err)
+	}
+	return restored
+}
+
 // A snapshot round-trips the networks; a log replayed from the start (or from the snapshot
 // plus the rest) reaches the same state, and a client's view fed the gossiped deltas too.
 func TestNetworksSnapshotReplayAndDeltas(t *testing.T) {
@@ -199,18 +217,7 @@ func TestNetworksSnapshotReplayAndDeltas(t *testing.T) {
 	if stateJSON(replay) != stateJSON(f) {
 		t.Fatal("a replayed log reached another state")
 	}
-	snap, err := f.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sink bufSink
-	if err := snap.Persist(&sink); err != nil {
-		t.Fatal(err)
-	}
-	restored := newFSM()
-	if err := restored.Restore(io.NopCloser(bytes.NewReader(sink.Bytes()))); err != nil {
-		t.Fatal(err)
-	}
+	restored := snapshotRoundTrip(t, f)
 	if stateJSON(restored) != stateJSON(f) {
 		t.Fatalf("snapshot round trip:\n%s\n%s", stateJSON(restored), stateJSON(f))
 	}
