@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net/netip"
 	"io"
 	"strings"
 	"testing"
@@ -154,4 +155,48 @@ func claimRecords(f *fsm) map[string]map[string]claimRecord {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	return f.state.Claims
+}
+
+// A claim that got no answer at all (every answer lost until it gave up) and whose claimer
+// then restarted is sent again under its old name, kept in the claimer's database: the
+// restarted peer gets the block the lost answers carried, not a second one.
+func TestUnansweredClaimSurvivesARestart(t *testing.T) {
+	tc := newTestCluster(t)
+	tc.nonvoters = 0
+	tc.bootstrap("p1", "p2", "p3")
+	var name string
+	for _, n := range tc.liveNodes() {
+		if n != tc.leaderNode() {
+			name = n.name
+			break
+		}
+	}
+	tc.mu.Lock()
+	tc.loseAnswers = map[string]int{name: 1 << 20}
+	tc.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := tc.nodes[name].c.Claim(ctx, clusterNet, name); err == nil {
+		t.Fatal("a claim whose every answer was lost succeeded")
+	}
+	leader := tc.leaderNode()
+	var committed []netip.Prefix
+	tc.reconcileUntil("the leader to hold the claim", func() bool {
+		committed, _ = leader.c.Owned(clusterNet, name)
+		return len(committed) > 0
+	})
+	tc.kill(name)
+	tc.mu.Lock()
+	tc.loseAnswers = nil
+	tc.mu.Unlock()
+	restarted := tc.start(name)
+	var b netip.Prefix
+	retryOnElection(t, "the claim after the restart", func() (err error) {
+		b, err = restarted.c.Claim(ctx, clusterNet, name)
+		return err
+	}, func(err error) bool { return err == nil })
+	owned, _ := tc.leaderNode().c.Owned(clusterNet, name)
+	if len(committed) != 1 || b != committed[0] || len(owned) != 1 {
+		t.Fatalf("after the restart %s got %s and owns %v; before it, the lost answers gave it %v: want one block", name, b, owned, committed)
+	}
 }

@@ -131,10 +131,11 @@ type Cluster struct {
 	// already logged. Bounded by the blocks this peer ever claimed.
 	lost map[string]bool
 	// unanswered holds, per network and claimer ("network/peer"), the names of claims that
-	// failed (their answer lost, the leader gone): the next claim takes one, so it is the same
-	// request and cannot commit a second block (see command.Request). A name is dropped once
-	// its claim succeeds; concurrent claims each hold their own. Bounded by the claims that
-	// failed at once (the allocator makes one at a time).
+	// failed (their answer lost, the leader gone), as kept in the database (claimnames.go):
+	// the next claim takes one, so it is the same request and cannot commit a second block
+	// (see command.Request), even after a restart. A name is dropped once its claim is
+	// answered; concurrent claims each hold their own. Bounded by the claims that failed at
+	// once (the allocator makes one at a time).
 	unanswered map[string][]string
 }
 
@@ -224,13 +225,17 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		return nil, fmt.Errorf("start raft: %w", err)
 	}
 	savedID, err := loadClusterID(cfg.DB)
+	var unanswered map[string][]string
+	if err == nil {
+		unanswered, err = loadClaimNames(cfg.DB)
+	}
 	if err != nil {
 		r.Shutdown()
 		store.Close()
 		return nil, err
 	}
 	return &Cluster{cfg: cfg, log: cfg.Logger, raft: r, fsm: f, store: store, cache: cache, hadState: hadState,
-		view: newTableView(), metrics: metrics, refused: map[string]string{}, savedID: savedID, lost: map[string]bool{}, unanswered: map[string][]string{}}, nil
+		view: newTableView(), metrics: metrics, refused: map[string]string{}, savedID: savedID, lost: map[string]bool{}, unanswered: unanswered}, nil
 }
 
 // Close stops the node and closes its stores. A leader first hands leadership to another
@@ -850,13 +855,10 @@ func (c *Cluster) noteLost(network string, b netip.Prefix, owner string, version
 // ErrNoQuorum.
 func (c *Cluster) Claim(ctx context.Context, n Network, peer string) (netip.Prefix, error) {
 	key := n.Name + "/" + peer
-	request := rand.Text()
-	c.mu.Lock()
-	if names := c.unanswered[key]; len(names) > 0 {
-		request = names[len(names)-1]
-		c.unanswered[key] = names[:len(names)-1]
+	request, err := c.takeClaimName(key)
+	if err != nil {
+		return netip.Prefix{}, err
 	}
-	c.mu.Unlock()
 	res, err := c.apply(ctx, command{Op: opClaim, Network: n, Peer: peer, Request: request})
 	if err == nil {
 		err = res.err()
@@ -867,12 +869,35 @@ func (c *Cluster) Claim(ctx context.Context, n Network, peer string) (netip.Pref
 		c.mu.Unlock()
 		return netip.Prefix{}, err
 	}
+	if err := dropClaimName(c.cfg.DB, key, request); err != nil {
+		// Left behind, the name only makes a later claim get a block this peer already owns;
+		// the allocator then claims once more.
+		c.log.Warn("could not forget an answered claim's name", "network", n.Name, "err", err)
+	}
 	if peer == c.cfg.Name {
 		if err := c.cache.record(n.Name, res.Block, peer, res.Index); err != nil {
 			return netip.Prefix{}, err
 		}
 	}
 	return res.Block, nil
+}
+
+// takeClaimName returns the name for the next claim of key ("network/peer"): one that went
+// unanswered, or a new one, written to the database before the claim is sent.
+func (c *Cluster) takeClaimName(key string) (string, error) {
+	c.mu.Lock()
+	if names := c.unanswered[key]; len(names) > 0 {
+		name := names[len(names)-1]
+		c.unanswered[key] = names[:len(names)-1]
+		c.mu.Unlock()
+		return name, nil
+	}
+	c.mu.Unlock()
+	name := rand.Text()
+	if err := saveClaimName(c.cfg.DB, key, name); err != nil {
+		return "", fmt.Errorf("record the claim's name: %w", err)
+	}
+	return name, nil
 }
 
 // RemovePeer returns every block of peer to the pool. Removing a peer that owns nothing
