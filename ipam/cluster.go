@@ -888,7 +888,11 @@ func (c *Cluster) takeClaimName(key string) (string, error) {
 	c.mu.Lock()
 	if names := c.unanswered[key]; len(names) > 0 {
 		name := names[len(names)-1]
-		c.unanswered[key] = names[:len(names)-1]
+		if len(names) == 1 {
+			delete(c.unanswered, key)
+		} else {
+			c.unanswered[key] = names[:len(names)-1]
+		}
 		c.mu.Unlock()
 		return name, nil
 	}

@@ -91,7 +91,7 @@ type nodeConfig struct {
 	// 0: moved figures every 20 s whatever N (before issue 11's link-state round).
 	MovedSpacing time.Duration
 	// RTTMinChange is mesh.LinkTableConfig's (router/paths.go linkStateMinChange): an RTT or
-	// jitter moving by less is not republished.
+	// jitter moving by less is not republished. 0: 1 ms, the router's.
 	RTTMinChange time.Duration
 	// MembershipRetransmitMult is mesh.Config's; 0 keeps the mesh default.
 	MembershipRetransmitMult int
@@ -165,7 +165,11 @@ func startNode(ctx context.Context, cfg nodeConfig) (n *node, err error) {
 		// As router/paths.go startPaths: RTT moves under 20% or RTTMinChange and loss moves
 		// under 10 points are not republished, and moved figures at most every max(20 s, N ×
 		// 0.4 s).
-		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: cfg.RTTMinChange, LossChange: 0.1,
+		rttMinChange := cfg.RTTMinChange
+		if rttMinChange == 0 {
+			rttMinChange = time.Millisecond
+		}
+		if n.table, err = mesh.NewLinkTable(mesh.LinkTableConfig{RTTChange: 0.2, RTTMinChange: rttMinChange, LossChange: 0.1,
 			MinInterval: 20 * time.Second, MovedSpacing: cfg.MovedSpacing, Signer: id, Registerer: n.reg}); err != nil {
 			return n, err
 		}
