@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -16,12 +18,18 @@ import (
 	"github.com/weftnet/weft/router"
 )
 
-// iperf3Rate runs one iperf3 TCP test from src to an iperf3 server at dst (port 5201) and
-// returns the receiver's rate in bits/s. The server (-1: one test) is started here, in dst's
-// namespace, and killed by its PID if it outlives the test.
-func iperf3Rate(t *testing.T, ctx context.Context, src, dst placed, secs int, extra ...string) float64 {
+// cpuPair places the two ends of a throughput test: the sender on one CPU, the receiver on
+// another (the same one on a single-CPU machine).
+type cpuPair struct{ sender, receiver int }
+
+func newCPUPair() cpuPair { return cpuPair{sender: 0, receiver: min(1, runtime.NumCPU()-1)} }
+
+// iperf3Rate runs one iperf3 TCP test from src to an iperf3 server at dst (port 5201), its
+// client and server on cpus, and returns the receiver's rate in bits/s. The server (-1: one
+// test) is started here, in dst's namespace, and killed by its PID if it outlives the test.
+func iperf3Rate(t *testing.T, ctx context.Context, src, dst placed, secs int, cpus cpuPair) float64 {
 	t.Helper()
-	srv := exec.Command("ip", "netns", "exec", dst.ctr.Name, "iperf3", "-s", "-1", "-p", "5201")
+	srv := exec.Command("ip", "netns", "exec", dst.ctr.Name, "taskset", "-c", strconv.Itoa(cpus.receiver), "iperf3", "-s", "-1", "-p", "5201")
 	var srvOut strings.Builder
 	srv.Stdout, srv.Stderr = &srvOut, &srvOut
 	if err := srv.Start(); err != nil {
@@ -45,14 +53,14 @@ func iperf3Rate(t *testing.T, ctx context.Context, src, dst placed, secs int, ex
 		} `json:"end"`
 		Error string `json:"error"`
 	}
-	args := append([]string{"-c", dst.addr.String(), "-p", "5201", "-t", fmt.Sprint(secs), "-J"}, extra...)
+	args := []string{"-c", strconv.Itoa(cpus.sender), "iperf3", "-c", dst.addr.String(), "-p", "5201", "-t", fmt.Sprint(secs), "-J", "-N"}
 	defer func() {
 		if t.Failed() {
 			t.Logf("iperf3 server: %s", srvOut.String())
 		}
 	}()
 	waitFor(t, ctx, 20*time.Second, "an iperf3 run", func() error {
-		out, err := src.ctr.Exec(ctx, "iperf3", args...)
+		out, err := src.ctr.Exec(ctx, "taskset", args...)
 		res.Error = "" // a failed attempt's error stays unless cleared: a good answer has none
 		if jerr := json.Unmarshal(out, &res); jerr != nil {
 			return fmt.Errorf("iperf3: %v, output %v: %s", err, jerr, out)
@@ -64,6 +72,16 @@ func iperf3Rate(t *testing.T, ctx context.Context, src, dst placed, secs int, ex
 		return nil
 	})
 	return res.End.SumReceived.BitsPerSecond
+}
+
+// pinPeer runs every thread of h's peer process on cpus (a taskset list such as "0" or
+// "0-1"); threads it starts later inherit it.
+func pinPeer(ctx context.Context, h *lab.Host, cpus string) error {
+	out, err := exec.CommandContext(ctx, "taskset", "-a", "-p", "-c", cpus, strconv.Itoa(h.PID())).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("taskset %s on %s (pid %d): %v: %s", cpus, h.Name, h.PID(), err, out)
+	}
+	return nil
 }
 
 func runPerf(ctx context.Context, h *lab.Host, args ...string) (router.PerfResult, error) {
@@ -102,16 +120,41 @@ func TestPerf(t *testing.T) {
 	cs := onePerHost(t, ctx, l)
 	waitPing(t, ctx, cs[0].ctr, cs[1].addr)
 
-	t.Run("throughput within 0.8-1.2x of iperf3 between the same containers", func(t *testing.T) {
+	t.Run("throughput within 0.7-1.2x of iperf3 between the same containers", func(t *testing.T) {
 		const secs = 3
 		// iperf3 and weft perf in turn, five runs each, compared by their medians: on a shared
 		// machine single runs of both swing by ±10 %, and best against best was decided by
 		// one outlier (a weft perf run 15 % above its other two put the ratio at 1.22).
+		// Both tools run their sender on one CPU and their receiver on the other (weft perf's
+		// ends are peers a and b themselves): unpinned, each run's rate depended on where the
+		// scheduler put the two ends, iperf3's runs fell in two groups (10.7-10.9 and
+		// 12.9-13.8 Gbit/s) and the medians of the two tools could come from different
+		// groups (ratio 1.33 in CI). iperf3 runs with -N, TCP_NODELAY, as Go sets it on every
+		// TCP socket: with Nagle on iperf3 was the slower tool (ratio 1.17-1.22 pinned), with
+		// it off the faster (0.82-0.91 in six pinned runs). What is left is weft's own cost
+		// (a Go sender inside a running peer against a C program doing nothing else), hence
+		// 0.7 below; above, 1.2 still catches a count or a clock that inflates the rate (a
+		// late first-read stamp once gave 1.33).
+		cpus := newCPUPair()
+		all := fmt.Sprintf("0-%d", runtime.NumCPU()-1)
+		for _, pin := range []struct {
+			h   *lab.Host
+			cpu int
+		}{{a, cpus.sender}, {b, cpus.receiver}} {
+			if err := pinPeer(ctx, pin.h, strconv.Itoa(pin.cpu)); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if err := pinPeer(context.Background(), pin.h, all); err != nil {
+					t.Error(err)
+				}
+			})
+		}
 		var ips, perfs []float64
 		var r router.PerfResult
 		for i := range 10 {
 			if i%2 == 0 {
-				ips = append(ips, iperf3Rate(t, ctx, cs[0], cs[1], secs))
+				ips = append(ips, iperf3Rate(t, ctx, cs[0], cs[1], secs, cpus))
 				continue
 			}
 			// A cap far above what the path carries: the path limits both.
@@ -128,8 +171,8 @@ func TestPerf(t *testing.T) {
 		ratio := got / ref
 		t.Logf("iperf3 %v Gbit/s, weft perf %v Gbit/s: median %.2f against %.2f, ratio %.2f; last rtt p50 %.3f ms p99 %.3f ms, jitter %.3f ms, loss %.1f%% of %d probes",
 			gbit(ips), gbit(perfs), got/1e9, ref/1e9, ratio, r.RTTP50ms, r.RTTP99ms, r.JitterMs, r.Loss*100, r.Probes)
-		if ratio < 0.8 || ratio > 1.2 {
-			t.Errorf("weft perf %.2f Gbit/s against iperf3 %.2f Gbit/s: ratio %.2f, want 0.8-1.2", got/1e9, ref/1e9, ratio)
+		if ratio < 0.7 || ratio > 1.2 {
+			t.Errorf("weft perf %.2f Gbit/s against iperf3 %.2f Gbit/s: ratio %.2f, want 0.7-1.2", got/1e9, ref/1e9, ratio)
 		}
 	})
 
