@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,13 +15,46 @@ import (
 
 	"github.com/weftnet/weft/chaos-tests/lab"
 	"github.com/weftnet/weft/router"
+	"golang.org/x/sys/unix"
 )
 
 // cpuPair places the two ends of a throughput test: the sender on one CPU, the receiver on
-// another (the same one on a single-CPU machine).
-type cpuPair struct{ sender, receiver int }
+// another (the same one when only one is allowed). all is the test's own CPU list, which the
+// peers it started inherited: what they are given back.
+type cpuPair struct {
+	sender, receiver int
+	all              string
+}
 
-func newCPUPair() cpuPair { return cpuPair{sender: 0, receiver: min(1, runtime.NumCPU()-1)} }
+// newCPUPair takes the first two CPUs this process may run on (a cpuset need not start at 0).
+func newCPUPair() (cpuPair, error) {
+	var set unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &set); err != nil {
+		return cpuPair{}, fmt.Errorf("sched_getaffinity: %w", err)
+	}
+	var cpus []string
+	p := cpuPair{sender: -1, receiver: -1}
+	for cpu := range len(set) * 64 {
+		if !set.IsSet(cpu) {
+			continue
+		}
+		cpus = append(cpus, strconv.Itoa(cpu))
+		switch {
+		case p.sender < 0:
+			p.sender = cpu
+		case p.receiver < 0:
+			p.receiver = cpu
+		}
+	}
+	if p.sender < 0 {
+		return cpuPair{}, fmt.Errorf("no CPU in this process's affinity mask")
+	}
+	if p.receiver < 0 {
+		p.receiver = p.sender
+	}
+	p.all = strings.Join(cpus, ",")
+	return p, nil
+}
 
 // iperf3Rate runs one iperf3 TCP test from src to an iperf3 server at dst (port 5201), its
 // client and server on cpus, and returns the receiver's rate in bits/s. The server (-1: one
@@ -77,9 +109,10 @@ func iperf3Rate(t *testing.T, ctx context.Context, src, dst placed, secs int, cp
 // pinPeer runs every thread of h's peer process on cpus (a taskset list such as "0" or
 // "0-1"); threads it starts later inherit it.
 func pinPeer(ctx context.Context, h *lab.Host, cpus string) error {
-	out, err := exec.CommandContext(ctx, "taskset", "-a", "-p", "-c", cpus, strconv.Itoa(h.PID())).CombinedOutput()
+	pid := h.PID()
+	out, err := exec.CommandContext(ctx, "taskset", "-a", "-p", "-c", cpus, strconv.Itoa(pid)).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("taskset %s on %s (pid %d): %v: %s", cpus, h.Name, h.PID(), err, out)
+		return fmt.Errorf("taskset %s on %s (pid %d): %v: %s", cpus, h.Name, pid, err, out)
 	}
 	return nil
 }
@@ -135,8 +168,10 @@ func TestPerf(t *testing.T) {
 		// (a Go sender inside a running peer against a C program doing nothing else), hence
 		// 0.7 below; above, 1.2 still catches a count or a clock that inflates the rate (a
 		// late first-read stamp once gave 1.33).
-		cpus := newCPUPair()
-		all := fmt.Sprintf("0-%d", runtime.NumCPU()-1)
+		cpus, err := newCPUPair()
+		if err != nil {
+			t.Fatal(err)
+		}
 		for _, pin := range []struct {
 			h   *lab.Host
 			cpu int
@@ -145,7 +180,7 @@ func TestPerf(t *testing.T) {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() {
-				if err := pinPeer(context.Background(), pin.h, all); err != nil {
+				if err := pinPeer(context.Background(), pin.h, cpus.all); err != nil {
 					t.Error(err)
 				}
 			})
